@@ -1,0 +1,274 @@
+//! Server configuration: every limit lives here, with its unit and default.
+//!
+//! Field names put the unit last (`frame_bytes_max`, `idle_timeout_ms`) so the
+//! memory and time budget of a deployment can be read in one place. The
+//! relations between limits are checked by [`Config::validate`] at start-up,
+//! so a bad combination fails at boot rather than under load.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The token secret used when none is configured. Anyone can mint tokens for
+/// it, so the server logs a loud warning when it runs with this value.
+pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-production";
+
+/// Effective server configuration (TOML file, then command-line flags).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client listener address. Default `127.0.0.1:5222`. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Number of shards (event-loop threads). Default 0: one per available core.
+    pub shards: usize,
+    /// Pin shard N to core N. Default false.
+    pub pin_cores: bool,
+    /// Path of the stats Unix socket. Default `./tern.sock`.
+    pub stats_socket: PathBuf,
+    /// Optional `ADDR` serving Prometheus metrics over HTTP at `/metrics`. Default none.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Secret for HMAC-SHA256 login tokens. Default: a development secret (warned about).
+    pub token_secret: String,
+    /// Largest frame a client may send, in bytes (length prefix excluded). Default 65536.
+    pub frame_bytes_max: usize,
+    /// Largest message body, in bytes. Default 65000; must leave room for the
+    /// other SEND/DELIVER fields within `frame_bytes_max`.
+    pub body_bytes_max: usize,
+    /// Messages held per user (offline plus not yet acknowledged by the device). Default 1000.
+    pub queue_len_max: usize,
+    /// Bytes of unsent output a connection may hold before it is closed with
+    /// `BYE(slow)`. Default 262144 (256 KiB).
+    pub conn_out_bytes_max: usize,
+    /// DELIVER frames sent to a device and not yet answered with DELIVERED;
+    /// further messages wait in the queue. Default 128.
+    pub deliver_inflight_max: usize,
+    /// A logged-in connection that sends nothing for this long is closed with
+    /// `BYE(idle)`. Clients keep it open with PING. Default 300000 (5 min).
+    pub idle_timeout_ms: u64,
+    /// A connection that has not completed LOGIN within this time is closed. Default 10000.
+    pub login_timeout_ms: u64,
+    /// Slots in each cross-shard SPSC ring (one ring per ordered pair of shards). Default 4096.
+    pub ring_slots: usize,
+    /// Most connections the whole process holds; further accepts are closed at
+    /// once. Default 1000000.
+    pub conns_max: usize,
+    /// New connections accepted per second per shard; the excess is closed at
+    /// once. 0 means no limit. Default 20000.
+    pub accept_rate_per_s_max: u32,
+    /// Listen backlog passed to listen(2). Default 4096.
+    pub listen_backlog: u32,
+    /// On SIGTERM/SIGINT, how long shards keep flushing output before exiting. Default 2000.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5222)),
+            shards: 0,
+            pin_cores: false,
+            stats_socket: PathBuf::from("tern.sock"),
+            metrics_listen: None,
+            token_secret: DEV_TOKEN_SECRET.to_string(),
+            frame_bytes_max: 65536,
+            body_bytes_max: 65000,
+            queue_len_max: 1000,
+            conn_out_bytes_max: 256 * 1024,
+            deliver_inflight_max: 128,
+            idle_timeout_ms: 300_000,
+            login_timeout_ms: 10_000,
+            ring_slots: 4096,
+            conns_max: 1_000_000,
+            accept_rate_per_s_max: 20_000,
+            listen_backlog: 4096,
+            shutdown_grace_ms: 2000,
+        }
+    }
+}
+
+/// A configuration that cannot run, naming the offending key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The key at fault (as written in TOML), or `""` for a file-level error.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Bytes a SEND or DELIVER frame needs besides its body: type byte plus the
+/// largest varints for message id, user id and time (10 bytes each).
+pub const FRAME_OVERHEAD_BYTES_MAX: usize = 1 + 3 * 10;
+
+impl Config {
+    /// Parses TOML text; unknown keys and wrong types are errors naming the key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml reports the key path in its message; keep it whole.
+            bad("", e.message().to_string() + &span_hint(text, e.span()))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad("", format!("cannot read {}: {e}", path.display())))?;
+        Config::from_toml(&text).map_err(|mut e| {
+            e.message = format!("{}: {}", path.display(), e.message);
+            e
+        })
+    }
+
+    /// Renders the configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config always serialises")
+    }
+
+    /// Checks each limit and the relations between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.shards > 1024 {
+            return Err(bad("shards", "at most 1024 shards"));
+        }
+        if self.token_secret.len() < 16 {
+            return Err(bad("token_secret", "must be at least 16 bytes"));
+        }
+        if self.frame_bytes_max < 64 || self.frame_bytes_max > 16 * 1024 * 1024 {
+            return Err(bad("frame_bytes_max", "must be between 64 and 16777216"));
+        }
+        if self.body_bytes_max == 0 {
+            return Err(bad("body_bytes_max", "must be at least 1"));
+        }
+        if self.body_bytes_max + FRAME_OVERHEAD_BYTES_MAX > self.frame_bytes_max {
+            return Err(bad(
+                "body_bytes_max",
+                format!(
+                    "must be at most frame_bytes_max - {FRAME_OVERHEAD_BYTES_MAX} = {} so a DELIVER of it fits in a frame",
+                    self.frame_bytes_max.saturating_sub(FRAME_OVERHEAD_BYTES_MAX)
+                ),
+            ));
+        }
+        if self.queue_len_max == 0 {
+            return Err(bad("queue_len_max", "must be at least 1"));
+        }
+        if self.conn_out_bytes_max < self.frame_bytes_max + 16 {
+            return Err(bad(
+                "conn_out_bytes_max",
+                "must hold at least one largest frame (frame_bytes_max + 16)",
+            ));
+        }
+        if self.deliver_inflight_max == 0 {
+            return Err(bad("deliver_inflight_max", "must be at least 1"));
+        }
+        if self.idle_timeout_ms < 1000 {
+            return Err(bad("idle_timeout_ms", "must be at least 1000"));
+        }
+        if self.login_timeout_ms < 100 {
+            return Err(bad("login_timeout_ms", "must be at least 100"));
+        }
+        if self.ring_slots < 2 {
+            return Err(bad("ring_slots", "must be at least 2"));
+        }
+        if self.conns_max == 0 {
+            return Err(bad("conns_max", "must be at least 1"));
+        }
+        if self.listen_backlog == 0 {
+            return Err(bad("listen_backlog", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Shard count after resolving 0 to the number of available cores.
+    pub fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.shards
+        }
+    }
+
+    /// `idle_timeout_ms` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `login_timeout_ms` as a duration.
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+
+    /// True when the token secret is the public development one.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.token_secret == DEV_TOKEN_SECRET
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_round_trips() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("listn = \"127.0.0.1:1\"").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = Config::from_toml("queue_len_max = \"lots\"").unwrap_err();
+        assert!(e.to_string().contains("queue_len_max"), "{e}");
+    }
+
+    #[test]
+    fn relation_body_within_frame() {
+        let e = Config::from_toml(
+            "frame_bytes_max = 1000\nbody_bytes_max = 990\nconn_out_bytes_max = 100000",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "body_bytes_max");
+    }
+
+    #[test]
+    fn out_cap_holds_a_frame() {
+        let e = Config::from_toml("conn_out_bytes_max = 100").unwrap_err();
+        assert_eq!(e.key, "conn_out_bytes_max");
+    }
+}

@@ -1,0 +1,376 @@
+//! Readiness backend: epoll on Linux, kqueue on FreeBSD and macOS, through mio.
+//!
+//! mio registrations are edge-triggered, so an idle connection costs one
+//! kernel registration and no syscalls. Readiness is turned into completions
+//! here: a readable connection is read once per [`Io::next`] call into the
+//! shard's scratch buffer; one that filled the buffer is read again on the
+//! next loop iteration (so one busy peer cannot starve the others).
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use super::{Completion, ConnId};
+
+/// Backend name for `show info`.
+#[cfg(target_os = "linux")]
+pub const BACKEND_NAME: &str = "poll (epoll)";
+/// Backend name for `show info`.
+#[cfg(not(target_os = "linux"))]
+pub const BACKEND_NAME: &str = "poll (kqueue)";
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+/// Connections accepted per loop iteration at most, so a connection storm
+/// cannot starve established connections.
+const ACCEPT_BATCH_MAX: usize = 256;
+/// mio events handled per `wait` at most.
+const EVENTS_MAX: usize = 1024;
+/// After EMFILE/ENFILE/ENOMEM on accept, wait this long before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Connection state kept by the backend: the socket and three flags.
+struct Conn {
+    stream: TcpStream,
+    /// The kernel said readable and we have not yet seen `WouldBlock`.
+    readable: bool,
+    /// The shard asked us not to read (back-pressure).
+    paused: bool,
+    /// A send came up short; report the next writable edge.
+    want_write: bool,
+    /// Queued in `ready` or `ready_next`.
+    queued: bool,
+}
+
+/// A connection taken out of one shard's [`Io`], on its way to another.
+#[derive(Debug)]
+pub struct Detached {
+    stream: TcpStream,
+}
+
+/// Wakes a shard's [`Io::wait`] from another thread.
+#[derive(Clone, Debug)]
+pub struct WakeHandle(Arc<Waker>);
+
+impl WakeHandle {
+    /// Interrupts the owner's `wait`. Errors are logged: a lost wake-up is
+    /// recovered by the owner's next timer tick.
+    pub fn wake(&self) {
+        if let Err(e) = self.0.wake() {
+            log::warn!("wake failed: {e}");
+        }
+    }
+}
+
+/// One shard's event loop backend.
+pub struct Io {
+    poll: Poll,
+    events: Events,
+    waker: WakeHandle,
+    listener: Option<TcpListener>,
+    /// The listener has connections waiting.
+    accept_ready: bool,
+    /// Accepting failed for lack of resources; retry after a pause.
+    accept_backoff: bool,
+    conns: Slab<Conn>,
+    /// Connections to read in this iteration.
+    ready: VecDeque<ConnId>,
+    /// Connections that filled the scratch buffer: read again next iteration.
+    ready_next: Vec<ConnId>,
+    /// Completions waiting to be handed out.
+    pending: VecDeque<Completion>,
+    accepted_this_round: usize,
+}
+
+impl Io {
+    /// Creates the backend around an already bound, listening socket.
+    pub fn new(listener: std::net::TcpListener) -> io::Result<Io> {
+        let poll = Poll::new()?;
+        let waker = WakeHandle(Arc::new(Waker::new(poll.registry(), WAKER)?));
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Io {
+            poll,
+            events: Events::with_capacity(EVENTS_MAX),
+            waker,
+            listener: Some(listener),
+            accept_ready: true,
+            accept_backoff: false,
+            conns: Slab::new(),
+            ready: VecDeque::new(),
+            ready_next: Vec::new(),
+            pending: VecDeque::new(),
+            accepted_this_round: 0,
+        })
+    }
+
+    /// A handle other threads use to wake this backend.
+    pub fn wake_handle(&self) -> WakeHandle {
+        self.waker.clone()
+    }
+
+    /// Blocks until there is work or `timeout` passes. With work already
+    /// queued it only collects new events.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.ready.extend(self.ready_next.drain(..));
+        self.accepted_this_round = 0;
+        let mut timeout = if self.has_work() {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
+        if self.accept_backoff {
+            timeout = Some(timeout.map_or(ACCEPT_RETRY, |t| t.min(ACCEPT_RETRY)));
+        }
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if self.accept_backoff {
+            self.accept_backoff = false;
+            self.accept_ready = true;
+        }
+        for event in self.events.iter() {
+            match event.token() {
+                LISTENER => self.accept_ready = true,
+                WAKER => self.pending.push_back(Completion::Woken),
+                Token(key) => {
+                    let Some(conn) = self.conns.get_mut(key) else {
+                        continue;
+                    };
+                    let id = ConnId(key as u32);
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        conn.readable = true;
+                        if !conn.paused && !conn.queued {
+                            conn.queued = true;
+                            self.ready.push_back(id);
+                        }
+                    }
+                    if event.is_writable() && conn.want_write {
+                        conn.want_write = false;
+                        self.pending.push_back(Completion::Writable(id));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn has_work(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.ready.is_empty()
+            || (self.accept_ready && self.listener.is_some())
+    }
+
+    /// Hands out the next completion, reading into `scratch` for
+    /// [`Completion::Recv`]. `None` when this iteration's work is done.
+    pub fn next(&mut self, scratch: &mut [u8]) -> Option<Completion> {
+        if let Some(c) = self.pending.pop_front() {
+            return Some(c);
+        }
+        if let Some(c) = self.accept() {
+            return Some(c);
+        }
+        while let Some(id) = self.ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(id.index()) else {
+                continue;
+            };
+            conn.queued = false;
+            if conn.paused || !conn.readable {
+                continue;
+            }
+            loop {
+                match conn.stream.read(scratch) {
+                    Ok(0) => {
+                        conn.readable = false;
+                        return Some(Completion::Closed(id));
+                    }
+                    Ok(n) => {
+                        if n == scratch.len() {
+                            // Probably more waiting: read again next iteration.
+                            conn.queued = true;
+                            self.ready_next.push(id);
+                        } else {
+                            // A short read on a stream socket means the
+                            // receive queue is drained; the next edge re-arms.
+                            conn.readable = false;
+                        }
+                        return Some(Completion::Recv(id, n));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        conn.readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // ECONNRESET, ETIMEDOUT, ...: the connection is gone.
+                    Err(_) => {
+                        conn.readable = false;
+                        return Some(Completion::Closed(id));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn accept(&mut self) -> Option<Completion> {
+        if !self.accept_ready || self.accepted_this_round >= ACCEPT_BATCH_MAX {
+            return None;
+        }
+        let listener = self.listener.as_ref()?;
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _peer)) => {
+                    self.accepted_this_round += 1;
+                    // Small frames, latency matters more than packet count.
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        log::warn!("register accepted connection: {e}");
+                        continue;
+                    }
+                    entry.insert(Conn {
+                        stream,
+                        readable: true,
+                        paused: false,
+                        want_write: false,
+                        queued: true,
+                    });
+                    let id = ConnId(key as u32);
+                    // Data may have arrived with the handshake (login in the first packet).
+                    self.ready.push_back(id);
+                    return Some(Completion::Accepted(id));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_ready = false;
+                    return None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ECONNABORTED: the peer gave up while in the backlog.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // EMFILE/ENFILE/ENOBUFS/ENOMEM: out of a resource. The
+                    // connection stays in the backlog; pause and retry.
+                    log::warn!("accept: {e}; pausing accepts for {ACCEPT_RETRY:?}");
+                    self.accept_ready = false;
+                    self.accept_backoff = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Writes as much of `bytes` as the connection takes now. A short count
+    /// arms [`Completion::Writable`]. Errors mean the connection is broken.
+    pub fn send(&mut self, id: ConnId, bytes: &[u8]) -> io::Result<usize> {
+        let conn = self
+            .conns
+            .get_mut(id.index())
+            .expect("send on a closed connection");
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match conn.stream.write(&bytes[sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.want_write = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Stops (`false`) or resumes (`true`) reading from a connection.
+    pub fn set_recv(&mut self, id: ConnId, on: bool) {
+        let Some(conn) = self.conns.get_mut(id.index()) else {
+            return;
+        };
+        conn.paused = !on;
+        if on && conn.readable && !conn.queued {
+            conn.queued = true;
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Half-closes the sending side (FIN after queued bytes); reads go on.
+    pub fn shutdown_write(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get(id.index()) {
+            let _ = conn.stream.shutdown(Shutdown::Write);
+        }
+    }
+
+    /// Closes the connection and frees its id.
+    pub fn close(&mut self, id: ConnId) {
+        if self.conns.contains(id.index()) {
+            let mut conn = self.conns.remove(id.index());
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+    }
+
+    /// Takes a connection out of this backend to hand it to another shard.
+    pub fn detach(&mut self, id: ConnId) -> io::Result<Detached> {
+        let mut conn = self.conns.remove(id.index());
+        self.poll.registry().deregister(&mut conn.stream)?;
+        Ok(Detached {
+            stream: conn.stream,
+        })
+    }
+
+    /// Adopts a connection detached from another shard. It is read at once,
+    /// since bytes may have arrived while it moved.
+    pub fn attach(&mut self, detached: Detached) -> io::Result<ConnId> {
+        let mut stream = detached.stream;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        entry.insert(Conn {
+            stream,
+            readable: true,
+            paused: false,
+            want_write: false,
+            queued: true,
+        });
+        let id = ConnId(key as u32);
+        self.ready.push_back(id);
+        Ok(id)
+    }
+
+    /// Stops accepting: the listener is closed (for graceful shutdown).
+    pub fn stop_accepting(&mut self) {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.accept_ready = false;
+    }
+
+    /// Open connections held by this backend.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}

@@ -1,0 +1,20 @@
+//! Tern: a messaging edge server built to hold millions of mostly idle connections.
+//!
+//! The layout follows the architecture: [`proto`] is the pure codec,
+//! [`token`] the login credentials, [`config`] every limit, [`io`] the one
+//! boundary to the operating system, [`ring`] the cross-shard SPSC mesh,
+//! [`shard`] a core's event loop and its sessions, [`store`] the
+//! store-and-forward queues, [`stats`] the counters and the stats socket, and
+//! [`server`] ties them together.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod io;
+pub mod proto;
+pub mod ring;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod store;
+pub mod timer;
+pub mod token;

@@ -1,0 +1,269 @@
+//! The `tern` binary: `serve`, `token`, `stats`, `check-config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tern::config::Config;
+use tern::server::Server;
+
+mod demo;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tern: a messaging edge server for millions of mostly idle connections.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server. With no arguments it uses the embedded defaults:
+    /// listen on 127.0.0.1:5222, stats socket ./tern.sock, development token secret.
+    Serve(Box<ServeArgs>),
+    /// Mint a login token for a user with the configured secret.
+    Token(TokenArgs),
+    /// Ask a running server's stats socket (default command: `show info`).
+    Stats(StatsArgs),
+    /// Validate a configuration file; exits non-zero naming the bad key.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Read the configuration from this TOML file; flags override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// After start-up, run two built-in clients through a message exchange
+    /// and print the ticks, to show the server working. It keeps serving.
+    #[arg(long)]
+    demo: bool,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+/// One flag per configuration key (see `--print-config` for the defaults).
+#[derive(Args)]
+struct Overrides {
+    /// Client listener address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Shards (event-loop threads); 0 = one per core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Pin shard N to core N (Linux).
+    #[arg(long)]
+    pin_cores: bool,
+    /// Stats socket path.
+    #[arg(long)]
+    stats_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP at ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Token secret (prefer the environment variable).
+    #[arg(long, env = "TERN_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Largest client frame, bytes.
+    #[arg(long)]
+    frame_bytes_max: Option<usize>,
+    /// Largest message body, bytes.
+    #[arg(long)]
+    body_bytes_max: Option<usize>,
+    /// Messages held per user (offline and unacknowledged).
+    #[arg(long)]
+    queue_len_max: Option<usize>,
+    /// Unsent output bytes per connection before BYE(slow).
+    #[arg(long)]
+    conn_out_bytes_max: Option<usize>,
+    /// DELIVERs outstanding per connection before the rest wait in the queue.
+    #[arg(long)]
+    deliver_inflight_max: Option<usize>,
+    /// Close a logged-in connection silent this long, ms.
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Close a connection that has not logged in within this time, ms.
+    #[arg(long)]
+    login_timeout_ms: Option<u64>,
+    /// Slots per cross-shard ring.
+    #[arg(long)]
+    ring_slots: Option<usize>,
+    /// Connections per process at most.
+    #[arg(long)]
+    conns_max: Option<usize>,
+    /// New connections per second per shard at most (0 = no limit).
+    #[arg(long)]
+    accept_rate_per_s_max: Option<u32>,
+    /// listen(2) backlog.
+    #[arg(long)]
+    listen_backlog: Option<u32>,
+    /// Graceful shutdown flush time, ms.
+    #[arg(long)]
+    shutdown_grace_ms: Option<u64>,
+}
+
+impl Overrides {
+    fn apply(self, c: &mut Config) {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            listen,
+            shards,
+            stats_socket,
+            token_secret,
+            frame_bytes_max,
+            body_bytes_max,
+            queue_len_max,
+            conn_out_bytes_max,
+            deliver_inflight_max,
+            idle_timeout_ms,
+            login_timeout_ms,
+            ring_slots,
+            conns_max,
+            accept_rate_per_s_max,
+            listen_backlog,
+            shutdown_grace_ms
+        );
+        if self.metrics_listen.is_some() {
+            c.metrics_listen = self.metrics_listen;
+        }
+        c.pin_cores |= self.pin_cores;
+    }
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// User id (a positive integer).
+    #[arg(long)]
+    user: u64,
+    /// Lifetime: 90s, 15m, 24h, 7d or plain seconds.
+    #[arg(long, default_value = "24h", value_parser = tern::token::parse_ttl)]
+    ttl: std::time::Duration,
+    /// Take the secret from this configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The secret (prefer the environment variable).
+    #[arg(long, env = "TERN_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    /// Stats socket path.
+    #[arg(long, short, default_value = "tern.sock")]
+    socket: PathBuf,
+    /// Command: `show info`, `show shards`, `show metrics`, `help`.
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Token(args) => token(args),
+        Command::Stats(args) => stats(args),
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn load(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    })
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let mut config = load(args.config.as_deref())?;
+    args.overrides.apply(&mut config);
+    config.validate()?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    if config.uses_dev_secret() {
+        log::warn!(
+            "USING THE PUBLIC DEVELOPMENT TOKEN SECRET: anyone can log in as anyone. \
+             Set token_secret in the config or TERN_TOKEN_SECRET for any real use."
+        );
+    }
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    let secret = config.token_secret.clone();
+    let server = Server::start(config)?;
+    if args.demo {
+        let addr = server.local_addr();
+        std::thread::spawn(move || demo::run(addr, secret.as_bytes()));
+    }
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal}: shutting down");
+    }
+    server.shutdown();
+    server.join();
+    log::info!("stopped");
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> Result<()> {
+    let secret = match args.token_secret {
+        Some(s) => s,
+        None => load(args.config.as_deref())?.token_secret,
+    };
+    if secret == tern::config::DEV_TOKEN_SECRET {
+        eprintln!("tern: warning: minting with the public development secret");
+    }
+    if args.user == 0 {
+        return Err("user id 0 is reserved".into());
+    }
+    let expires = tern::token::now_unix_s() + args.ttl.as_secs();
+    println!(
+        "{}",
+        tern::token::mint(secret.as_bytes(), args.user, expires)
+    );
+    Ok(())
+}
+
+fn stats(args: StatsArgs) -> Result<()> {
+    let command = if args.command.is_empty() {
+        "show info".to_string()
+    } else {
+        args.command.join(" ")
+    };
+    let answer = tern::stats::query(&args.socket, &command).map_err(|e| {
+        format!(
+            "cannot query {}: {e} (is tern serving there?)",
+            args.socket.display()
+        )
+    })?;
+    print!("{answer}");
+    Ok(())
+}
+
+fn check_config(file: &Path) -> Result<()> {
+    Config::from_file(file)?;
+    println!("{}: ok", file.display());
+    Ok(())
+}

@@ -1,0 +1,1902 @@
+//! Protocol v1 codec: bytes in, frames out. No I/O, no state, no allocation
+//! on the decode path.
+//!
+//! Every frame is a LEB128 length prefix `L` followed by `L` bytes: one type
+//! byte, then the fields. Integer fields are minimal LEB128 varints (`u64`);
+//! the last bytes field of a frame (body, token or text) takes the rest of the
+//! frame and carries no length of its own. `docs/PROTOCOL.md` is the full
+//! wire reference, with byte layouts and hex examples.
+//!
+//! [`decode`] keeps "need more bytes" (`Ok(None)`) apart from "these bytes are
+//! bad" (`Err`), checks the length prefix against [`Limits`] before it looks
+//! at anything else, and borrows the variable-length fields from the input, so
+//! it can be fed arbitrary bytes (fuzzed) and never holds half-decoded state.
+//!
+//! ```
+//! use tern::proto::{decode, encode, Frame, Limits};
+//!
+//! let mut wire = Vec::new();
+//! encode(&Frame::Send { client_id: 7, to: 42, body: b"hello" }, &mut wire);
+//! assert_eq!(wire, [0x08, 0x04, 0x07, 0x2a, b'h', b'e', b'l', b'l', b'o']);
+//!
+//! let limits = Limits::default();
+//! // A strict prefix is incomplete, not an error: keep the bytes, read more.
+//! assert_eq!(decode(&wire[..4], &limits), Ok(None));
+//! let (frame, consumed) = decode(&wire, &limits).unwrap().unwrap();
+//! assert_eq!(frame, Frame::Send { client_id: 7, to: 42, body: b"hello" });
+//! assert_eq!(consumed, wire.len());
+//! ```
+
+use std::fmt;
+
+/// Protocol version a client puts in LOGIN. The codec decodes any version
+/// byte; rejecting other versions (`bad_version`) is the session's job.
+pub const VERSION: u8 = 1;
+
+/// Most bytes a LEB128 varint may take: `ceil(64 / 7)`. This bounds both the
+/// frame length prefix and every integer field.
+pub const LEN_PREFIX_BYTES_MAX: usize = 10;
+
+// Type bytes; values are part of the wire format (docs/PROTOCOL.md).
+const TYPE_LOGIN: u8 = 0x01;
+const TYPE_LOGIN_OK: u8 = 0x02;
+const TYPE_LOGIN_ERR: u8 = 0x03;
+const TYPE_SEND: u8 = 0x04;
+const TYPE_ACK: u8 = 0x05;
+const TYPE_DELIVER: u8 = 0x06;
+const TYPE_DELIVERED: u8 = 0x07;
+const TYPE_READ: u8 = 0x08;
+const TYPE_RECEIPT: u8 = 0x09;
+const TYPE_PING: u8 = 0x0A;
+const TYPE_PONG: u8 = 0x0B;
+const TYPE_ERROR: u8 = 0x0C;
+const TYPE_BYE: u8 = 0x0D;
+
+/// Size limits the decoder enforces. Built from `Config`, which checks at
+/// start-up that a largest body plus its fields fits in a largest frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame accepted, in bytes, length prefix excluded (the value of
+    /// the prefix, `L`). Default 65536.
+    pub frame_bytes_max: usize,
+    /// Largest SEND or DELIVER body accepted, in bytes. Default 65000.
+    pub body_bytes_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            frame_bytes_max: 65536,
+            body_bytes_max: 65000,
+        }
+    }
+}
+
+/// Error codes carried by LOGIN_ERR and ERROR. The numbers are part of the
+/// wire format and never change; new codes only get new numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// 1: a frame broke the wire format (bad varint, trailing bytes, ...).
+    Malformed = 1,
+    /// 2: a frame had a type byte this version does not know.
+    UnknownType = 2,
+    /// 3: a frame exceeded `frame_bytes_max` or a body `body_bytes_max`.
+    TooLarge = 3,
+    /// 4: a frame other than LOGIN arrived before LOGIN_OK.
+    NotLoggedIn = 4,
+    /// 5: the recipient's queue is full; the SEND was not accepted.
+    QueueFull = 5,
+    /// 6: LOGIN carried a protocol version the server does not speak.
+    BadVersion = 6,
+    /// 7: the login token is malformed or its MAC does not verify.
+    BadToken = 7,
+    /// 8: the login token verified but its expiry has passed.
+    TokenExpired = 8,
+    /// 9: the client is sending faster than allowed.
+    RateLimited = 9,
+    /// 10: the server failed; not the client's fault.
+    Internal = 10,
+    /// 11: a second LOGIN arrived on a logged-in connection.
+    AlreadyLoggedIn = 11,
+    /// 12: the SEND names a user id that cannot receive messages.
+    BadRecipient = 12,
+    /// 13: the server holds as many sessions as it may.
+    ServerFull = 13,
+    /// 14: the frame is valid but not allowed in the connection's current
+    /// state or direction.
+    BadState = 14,
+}
+
+impl ErrorCode {
+    /// The code for wire number `v`, or `None` if `v` names no code.
+    pub fn from_u64(v: u64) -> Option<ErrorCode> {
+        Some(match v {
+            1 => ErrorCode::Malformed,
+            2 => ErrorCode::UnknownType,
+            3 => ErrorCode::TooLarge,
+            4 => ErrorCode::NotLoggedIn,
+            5 => ErrorCode::QueueFull,
+            6 => ErrorCode::BadVersion,
+            7 => ErrorCode::BadToken,
+            8 => ErrorCode::TokenExpired,
+            9 => ErrorCode::RateLimited,
+            10 => ErrorCode::Internal,
+            11 => ErrorCode::AlreadyLoggedIn,
+            12 => ErrorCode::BadRecipient,
+            13 => ErrorCode::ServerFull,
+            14 => ErrorCode::BadState,
+            _ => return None,
+        })
+    }
+
+    /// The snake_case name, e.g. `"queue_full"`; stable, used in logs and stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotLoggedIn => "not_logged_in",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::BadVersion => "bad_version",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Internal => "internal",
+            ErrorCode::AlreadyLoggedIn => "already_logged_in",
+            ErrorCode::BadRecipient => "bad_recipient",
+            ErrorCode::ServerFull => "server_full",
+            ErrorCode::BadState => "bad_state",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a RECEIPT reports. The numbers are part of the wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ReceiptKind {
+    /// 1: the recipient's device acknowledged the DELIVER (DELIVERED).
+    Delivered = 1,
+    /// 2: the recipient marked the message read (READ).
+    Read = 2,
+}
+
+impl ReceiptKind {
+    /// The kind for wire number `v`, or `None` if `v` names no kind.
+    pub fn from_u64(v: u64) -> Option<ReceiptKind> {
+        match v {
+            1 => Some(ReceiptKind::Delivered),
+            2 => Some(ReceiptKind::Read),
+            _ => None,
+        }
+    }
+
+    /// The snake_case name: `"delivered"` or `"read"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptKind::Delivered => "delivered",
+            ReceiptKind::Read => "read",
+        }
+    }
+}
+
+impl fmt::Display for ReceiptKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the server ends a connection with BYE. The numbers are part of the
+/// wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ByeReason {
+    /// 1: the server is shutting down; reconnect later.
+    Shutdown = 1,
+    /// 2: the same user logged in on a newer connection.
+    Replaced = 2,
+    /// 3: the client read too slowly; its unsent output passed the limit.
+    Slow = 3,
+    /// 4: the connection sent nothing for the idle timeout.
+    Idle = 4,
+    /// 5: the connection is closed because of a protocol error.
+    Error = 5,
+}
+
+impl ByeReason {
+    /// The reason for wire number `v`, or `None` if `v` names no reason.
+    pub fn from_u64(v: u64) -> Option<ByeReason> {
+        match v {
+            1 => Some(ByeReason::Shutdown),
+            2 => Some(ByeReason::Replaced),
+            3 => Some(ByeReason::Slow),
+            4 => Some(ByeReason::Idle),
+            5 => Some(ByeReason::Error),
+            _ => None,
+        }
+    }
+
+    /// The snake_case name, e.g. `"shutdown"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ByeReason::Shutdown => "shutdown",
+            ByeReason::Replaced => "replaced",
+            ByeReason::Slow => "slow",
+            ByeReason::Idle => "idle",
+            ByeReason::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for ByeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One decoded frame. Byte and text fields borrow from the decode buffer, so
+/// decoding never allocates; use [`Frame::to_owned`] to keep a frame past
+/// the buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// 0x01, client to server, must be the first frame of a connection.
+    Login {
+        /// Protocol version, one raw byte; [`VERSION`] today.
+        version: u8,
+        /// Login token (rest of the frame), see docs/PROTOCOL.md.
+        token: &'a [u8],
+    },
+    /// 0x02, server to client: the login succeeded.
+    LoginOk {
+        /// Server wall clock, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// Messages waiting for this user, delivered next as DELIVER frames.
+        offline_count: u64,
+    },
+    /// 0x03, server to client: the login failed; the server closes.
+    LoginErr {
+        /// Why.
+        code: ErrorCode,
+        /// Human-readable detail (rest of the frame), may be empty.
+        text: &'a str,
+    },
+    /// 0x04, client to server: a message for another user.
+    Send {
+        /// Client-chosen message id, echoed in ACK and ERROR.
+        client_id: u64,
+        /// Recipient user id.
+        to: u64,
+        /// Message body (rest of the frame), at most `body_bytes_max`.
+        body: &'a [u8],
+    },
+    /// 0x05, server to client: the server took responsibility for a SEND.
+    Ack {
+        /// The SEND's `client_id`.
+        client_id: u64,
+        /// Server-assigned message id, unique per recipient.
+        server_id: u64,
+        /// When the server accepted it, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+    },
+    /// 0x06, server to client: a message for this user.
+    Deliver {
+        /// Server-assigned message id; duplicates carry the same id.
+        server_id: u64,
+        /// Sender user id.
+        from: u64,
+        /// When the server accepted it, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// Message body (rest of the frame), at most `body_bytes_max`.
+        body: &'a [u8],
+    },
+    /// 0x07, client to server: the device stored the DELIVERed message.
+    Delivered {
+        /// The DELIVER's `server_id`.
+        server_id: u64,
+    },
+    /// 0x08, client to server: the user read a message.
+    Read {
+        /// The DELIVER's `server_id`.
+        server_id: u64,
+        /// The original sender's user id (the DELIVER's `from`).
+        from: u64,
+    },
+    /// 0x09, server to client: a message this user sent was delivered or read.
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The message's `server_id` (as in the sender's ACK).
+        server_id: u64,
+        /// The user who received or read it.
+        peer: u64,
+    },
+    /// 0x0A, either direction: keepalive; the peer answers PONG.
+    Ping {
+        /// Opaque value echoed in the PONG.
+        nonce: u64,
+    },
+    /// 0x0B, either direction: answer to PING.
+    Pong {
+        /// The PING's nonce.
+        nonce: u64,
+    },
+    /// 0x0C, server to client: a request failed.
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// The `client_id` of the SEND it refers to; 0 = none.
+        client_id: u64,
+        /// Human-readable detail (rest of the frame), may be empty.
+        text: &'a str,
+    },
+    /// 0x0D, server to client: the server is closing the connection.
+    Bye {
+        /// Why.
+        reason: ByeReason,
+    },
+}
+
+impl Frame<'_> {
+    /// Copies the borrowed fields into an [`OwnedFrame`].
+    // Inherent methods win method resolution, so `frame.to_owned()` calls
+    // this rather than the blanket `ToOwned::to_owned` (which, `Frame` being
+    // `Clone`, would only return another borrowed `Frame`).
+    pub fn to_owned(&self) -> OwnedFrame {
+        match *self {
+            Frame::Login { version, token } => OwnedFrame::Login {
+                version,
+                token: token.to_vec(),
+            },
+            Frame::LoginOk {
+                server_time_ms,
+                offline_count,
+            } => OwnedFrame::LoginOk {
+                server_time_ms,
+                offline_count,
+            },
+            Frame::LoginErr { code, text } => OwnedFrame::LoginErr {
+                code,
+                text: text.to_string(),
+            },
+            Frame::Send {
+                client_id,
+                to,
+                body,
+            } => OwnedFrame::Send {
+                client_id,
+                to,
+                body: body.to_vec(),
+            },
+            Frame::Ack {
+                client_id,
+                server_id,
+                server_time_ms,
+            } => OwnedFrame::Ack {
+                client_id,
+                server_id,
+                server_time_ms,
+            },
+            Frame::Deliver {
+                server_id,
+                from,
+                server_time_ms,
+                body,
+            } => OwnedFrame::Deliver {
+                server_id,
+                from,
+                server_time_ms,
+                body: body.to_vec(),
+            },
+            Frame::Delivered { server_id } => OwnedFrame::Delivered { server_id },
+            Frame::Read { server_id, from } => OwnedFrame::Read { server_id, from },
+            Frame::Receipt {
+                kind,
+                server_id,
+                peer,
+            } => OwnedFrame::Receipt {
+                kind,
+                server_id,
+                peer,
+            },
+            Frame::Ping { nonce } => OwnedFrame::Ping { nonce },
+            Frame::Pong { nonce } => OwnedFrame::Pong { nonce },
+            Frame::Error {
+                code,
+                client_id,
+                text,
+            } => OwnedFrame::Error {
+                code,
+                client_id,
+                text: text.to_string(),
+            },
+            Frame::Bye { reason } => OwnedFrame::Bye { reason },
+        }
+    }
+
+    /// The frame type's wire name, e.g. `"SEND"`, `"LOGIN_OK"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Login { .. } => "LOGIN",
+            Frame::LoginOk { .. } => "LOGIN_OK",
+            Frame::LoginErr { .. } => "LOGIN_ERR",
+            Frame::Send { .. } => "SEND",
+            Frame::Ack { .. } => "ACK",
+            Frame::Deliver { .. } => "DELIVER",
+            Frame::Delivered { .. } => "DELIVERED",
+            Frame::Read { .. } => "READ",
+            Frame::Receipt { .. } => "RECEIPT",
+            Frame::Ping { .. } => "PING",
+            Frame::Pong { .. } => "PONG",
+            Frame::Error { .. } => "ERROR",
+            Frame::Bye { .. } => "BYE",
+        }
+    }
+
+    /// The type byte that starts the frame's payload.
+    fn type_byte(&self) -> u8 {
+        match self {
+            Frame::Login { .. } => TYPE_LOGIN,
+            Frame::LoginOk { .. } => TYPE_LOGIN_OK,
+            Frame::LoginErr { .. } => TYPE_LOGIN_ERR,
+            Frame::Send { .. } => TYPE_SEND,
+            Frame::Ack { .. } => TYPE_ACK,
+            Frame::Deliver { .. } => TYPE_DELIVER,
+            Frame::Delivered { .. } => TYPE_DELIVERED,
+            Frame::Read { .. } => TYPE_READ,
+            Frame::Receipt { .. } => TYPE_RECEIPT,
+            Frame::Ping { .. } => TYPE_PING,
+            Frame::Pong { .. } => TYPE_PONG,
+            Frame::Error { .. } => TYPE_ERROR,
+            Frame::Bye { .. } => TYPE_BYE,
+        }
+    }
+
+    /// `L`: type byte plus fields, the value of the length prefix.
+    fn payload_len(&self) -> usize {
+        let fields = match *self {
+            Frame::Login { token, .. } => 1 + token.len(),
+            Frame::LoginOk {
+                server_time_ms,
+                offline_count,
+            } => varint_len(server_time_ms) + varint_len(offline_count),
+            Frame::LoginErr { code, text } => varint_len(code as u64) + text.len(),
+            Frame::Send {
+                client_id,
+                to,
+                body,
+            } => varint_len(client_id) + varint_len(to) + body.len(),
+            Frame::Ack {
+                client_id,
+                server_id,
+                server_time_ms,
+            } => varint_len(client_id) + varint_len(server_id) + varint_len(server_time_ms),
+            Frame::Deliver {
+                server_id,
+                from,
+                server_time_ms,
+                body,
+            } => varint_len(server_id) + varint_len(from) + varint_len(server_time_ms) + body.len(),
+            Frame::Delivered { server_id } => varint_len(server_id),
+            Frame::Read { server_id, from } => varint_len(server_id) + varint_len(from),
+            Frame::Receipt {
+                kind,
+                server_id,
+                peer,
+            } => varint_len(kind as u64) + varint_len(server_id) + varint_len(peer),
+            Frame::Ping { nonce } | Frame::Pong { nonce } => varint_len(nonce),
+            Frame::Error {
+                code,
+                client_id,
+                text,
+            } => varint_len(code as u64) + varint_len(client_id) + text.len(),
+            Frame::Bye { reason } => varint_len(reason as u64),
+        };
+        1 + fields
+    }
+}
+
+/// A [`Frame`] that owns its byte and text fields, for keeping past the
+/// decode buffer (queues, tests, the client library).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OwnedFrame {
+    /// See [`Frame::Login`].
+    Login {
+        /// Protocol version.
+        version: u8,
+        /// Login token.
+        token: Vec<u8>,
+    },
+    /// See [`Frame::LoginOk`].
+    LoginOk {
+        /// Server wall clock, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// Messages waiting for this user.
+        offline_count: u64,
+    },
+    /// See [`Frame::LoginErr`].
+    LoginErr {
+        /// Why.
+        code: ErrorCode,
+        /// Human-readable detail.
+        text: String,
+    },
+    /// See [`Frame::Send`].
+    Send {
+        /// Client-chosen message id.
+        client_id: u64,
+        /// Recipient user id.
+        to: u64,
+        /// Message body.
+        body: Vec<u8>,
+    },
+    /// See [`Frame::Ack`].
+    Ack {
+        /// The SEND's `client_id`.
+        client_id: u64,
+        /// Server-assigned message id.
+        server_id: u64,
+        /// Acceptance time, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+    },
+    /// See [`Frame::Deliver`].
+    Deliver {
+        /// Server-assigned message id.
+        server_id: u64,
+        /// Sender user id.
+        from: u64,
+        /// Acceptance time, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// Message body.
+        body: Vec<u8>,
+    },
+    /// See [`Frame::Delivered`].
+    Delivered {
+        /// The DELIVER's `server_id`.
+        server_id: u64,
+    },
+    /// See [`Frame::Read`].
+    Read {
+        /// The DELIVER's `server_id`.
+        server_id: u64,
+        /// The original sender's user id.
+        from: u64,
+    },
+    /// See [`Frame::Receipt`].
+    Receipt {
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The message's `server_id`.
+        server_id: u64,
+        /// The user who received or read it.
+        peer: u64,
+    },
+    /// See [`Frame::Ping`].
+    Ping {
+        /// Opaque value echoed in the PONG.
+        nonce: u64,
+    },
+    /// See [`Frame::Pong`].
+    Pong {
+        /// The PING's nonce.
+        nonce: u64,
+    },
+    /// See [`Frame::Error`].
+    Error {
+        /// Why.
+        code: ErrorCode,
+        /// The SEND's `client_id`; 0 = none.
+        client_id: u64,
+        /// Human-readable detail.
+        text: String,
+    },
+    /// See [`Frame::Bye`].
+    Bye {
+        /// Why.
+        reason: ByeReason,
+    },
+}
+
+impl OwnedFrame {
+    /// Borrows this frame as a [`Frame`], e.g. to [`encode`] it.
+    pub fn as_frame(&self) -> Frame<'_> {
+        match *self {
+            OwnedFrame::Login { version, ref token } => Frame::Login { version, token },
+            OwnedFrame::LoginOk {
+                server_time_ms,
+                offline_count,
+            } => Frame::LoginOk {
+                server_time_ms,
+                offline_count,
+            },
+            OwnedFrame::LoginErr { code, ref text } => Frame::LoginErr { code, text },
+            OwnedFrame::Send {
+                client_id,
+                to,
+                ref body,
+            } => Frame::Send {
+                client_id,
+                to,
+                body,
+            },
+            OwnedFrame::Ack {
+                client_id,
+                server_id,
+                server_time_ms,
+            } => Frame::Ack {
+                client_id,
+                server_id,
+                server_time_ms,
+            },
+            OwnedFrame::Deliver {
+                server_id,
+                from,
+                server_time_ms,
+                ref body,
+            } => Frame::Deliver {
+                server_id,
+                from,
+                server_time_ms,
+                body,
+            },
+            OwnedFrame::Delivered { server_id } => Frame::Delivered { server_id },
+            OwnedFrame::Read { server_id, from } => Frame::Read { server_id, from },
+            OwnedFrame::Receipt {
+                kind,
+                server_id,
+                peer,
+            } => Frame::Receipt {
+                kind,
+                server_id,
+                peer,
+            },
+            OwnedFrame::Ping { nonce } => Frame::Ping { nonce },
+            OwnedFrame::Pong { nonce } => Frame::Pong { nonce },
+            OwnedFrame::Error {
+                code,
+                client_id,
+                ref text,
+            } => Frame::Error {
+                code,
+                client_id,
+                text,
+            },
+            OwnedFrame::Bye { reason } => Frame::Bye { reason },
+        }
+    }
+}
+
+/// Why bytes could not be decoded. Every variant is fatal for the
+/// connection: the stream position after a bad frame cannot be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The length prefix exceeds `frame_bytes_max`. Reported as soon as the
+    /// prefix bytes seen so far force that, before the frame's bytes arrive.
+    TooLarge {
+        /// The declared frame length; if the prefix was still incomplete, the
+        /// smallest length its minimal completion could declare.
+        len: u64,
+    },
+    /// A SEND or DELIVER body exceeds `body_bytes_max`.
+    BodyTooLarge {
+        /// The body's length in bytes.
+        len: usize,
+    },
+    /// The type byte names no frame type of this version.
+    UnknownType(u8),
+    /// The frame breaks the wire format; the reason is a static phrase such
+    /// as `"non-minimal varint"`, `"trailing bytes"` or `"invalid utf-8"`.
+    Malformed(&'static str),
+}
+
+impl DecodeError {
+    /// The [`ErrorCode`] to report to the peer.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } | DecodeError::BodyTooLarge { .. } => ErrorCode::TooLarge,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+            DecodeError::Malformed(_) => ErrorCode::Malformed,
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::TooLarge { len } => {
+                write!(f, "frame of {len} bytes exceeds frame_bytes_max")
+            }
+            DecodeError::BodyTooLarge { len } => {
+                write!(f, "message body of {len} bytes exceeds body_bytes_max")
+            }
+            DecodeError::UnknownType(t) => write!(f, "unknown frame type 0x{t:02x}"),
+            DecodeError::Malformed(reason) => write!(f, "malformed frame: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Decodes the first frame in `buf`.
+///
+/// - `Ok(None)`: `buf` holds only part of a frame (possibly part of the
+///   length prefix). Nothing is consumed; keep the bytes and call again with
+///   more appended.
+/// - `Ok(Some((frame, consumed)))`: `consumed` = prefix bytes + `L`; the
+///   bytes after that are the next frame and are not looked at.
+/// - `Err(_)`: the stream is bad; report [`DecodeError::code`] and close.
+///
+/// The length prefix is checked against `limits.frame_bytes_max` byte by byte,
+/// before anything else: a prefix that cannot end at or below the limit is
+/// [`DecodeError::TooLarge`] at once, without waiting for the frame's bytes.
+/// Never panics and never allocates, whatever the input.
+pub fn decode<'a>(
+    buf: &'a [u8],
+    limits: &Limits,
+) -> Result<Option<(Frame<'a>, usize)>, DecodeError> {
+    let frame_bytes_max = u64::try_from(limits.frame_bytes_max).unwrap_or(u64::MAX);
+    let (len, prefix_len) = match read_varint(buf, frame_bytes_max) {
+        Varint::Done { value, len } => (value, len),
+        Varint::Incomplete => return Ok(None),
+        Varint::TooLarge { value_min } => return Err(DecodeError::TooLarge { len: value_min }),
+        Varint::Malformed(reason) => return Err(DecodeError::Malformed(reason)),
+    };
+    if len == 0 {
+        return Err(DecodeError::Malformed("empty frame"));
+    }
+    // Lossless: read_varint checked len <= frame_bytes_max, a usize.
+    let len = len as usize;
+    let after_prefix = &buf[prefix_len..];
+    if after_prefix.len() < len {
+        return Ok(None);
+    }
+    let frame = decode_payload(&after_prefix[..len], limits)?;
+    debug_assert_eq!(encoded_len(&frame), prefix_len + len);
+    Ok(Some((frame, prefix_len + len)))
+}
+
+/// Decodes one complete payload (type byte and fields, `payload.len() >= 1`).
+fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, DecodeError> {
+    debug_assert!(!payload.is_empty());
+    let Some((&type_byte, fields)) = payload.split_first() else {
+        return Err(DecodeError::Malformed("empty frame"));
+    };
+    let mut r = Fields { buf: fields };
+    let frame = match type_byte {
+        TYPE_LOGIN => {
+            let version = r
+                .byte()
+                .ok_or(DecodeError::Malformed("missing version byte"))?;
+            Frame::Login {
+                version,
+                token: r.rest(),
+            }
+        }
+        TYPE_LOGIN_OK => Frame::LoginOk {
+            server_time_ms: r.varint()?,
+            offline_count: r.varint()?,
+        },
+        TYPE_LOGIN_ERR => Frame::LoginErr {
+            code: r.error_code()?,
+            text: r.text()?,
+        },
+        TYPE_SEND => Frame::Send {
+            client_id: r.varint()?,
+            to: r.varint()?,
+            body: r.body(limits)?,
+        },
+        TYPE_ACK => Frame::Ack {
+            client_id: r.varint()?,
+            server_id: r.varint()?,
+            server_time_ms: r.varint()?,
+        },
+        TYPE_DELIVER => Frame::Deliver {
+            server_id: r.varint()?,
+            from: r.varint()?,
+            server_time_ms: r.varint()?,
+            body: r.body(limits)?,
+        },
+        TYPE_DELIVERED => Frame::Delivered {
+            server_id: r.varint()?,
+        },
+        TYPE_READ => Frame::Read {
+            server_id: r.varint()?,
+            from: r.varint()?,
+        },
+        TYPE_RECEIPT => Frame::Receipt {
+            kind: ReceiptKind::from_u64(r.varint()?)
+                .ok_or(DecodeError::Malformed("unknown receipt kind"))?,
+            server_id: r.varint()?,
+            peer: r.varint()?,
+        },
+        TYPE_PING => Frame::Ping { nonce: r.varint()? },
+        TYPE_PONG => Frame::Pong { nonce: r.varint()? },
+        TYPE_ERROR => Frame::Error {
+            code: r.error_code()?,
+            client_id: r.varint()?,
+            text: r.text()?,
+        },
+        TYPE_BYE => Frame::Bye {
+            reason: ByeReason::from_u64(r.varint()?)
+                .ok_or(DecodeError::Malformed("unknown bye reason"))?,
+        },
+        other => return Err(DecodeError::UnknownType(other)),
+    };
+    // Frames ending in a rest field have consumed everything already.
+    if !r.buf.is_empty() {
+        return Err(DecodeError::Malformed("trailing bytes"));
+    }
+    Ok(frame)
+}
+
+/// Cursor over the fields of one complete payload. Running out of bytes here
+/// is Malformed, never incomplete: the length prefix said the frame ends.
+struct Fields<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.buf.split_first()?;
+        self.buf = rest;
+        Some(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        match read_varint(self.buf, u64::MAX) {
+            Varint::Done { value, len } => {
+                self.buf = &self.buf[len..];
+                Ok(value)
+            }
+            Varint::Incomplete => Err(DecodeError::Malformed("truncated field")),
+            // Cannot happen with a bound of u64::MAX; mapped rather than
+            // asserted so no input can panic the decoder.
+            Varint::TooLarge { .. } => Err(DecodeError::Malformed("varint overflows u64")),
+            Varint::Malformed(reason) => Err(DecodeError::Malformed(reason)),
+        }
+    }
+
+    fn error_code(&mut self) -> Result<ErrorCode, DecodeError> {
+        ErrorCode::from_u64(self.varint()?).ok_or(DecodeError::Malformed("unknown error code"))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+
+    fn text(&mut self) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.rest()).map_err(|_| DecodeError::Malformed("invalid utf-8"))
+    }
+
+    fn body(&mut self, limits: &Limits) -> Result<&'a [u8], DecodeError> {
+        let body = self.rest();
+        if body.len() > limits.body_bytes_max {
+            return Err(DecodeError::BodyTooLarge { len: body.len() });
+        }
+        Ok(body)
+    }
+}
+
+/// Outcome of reading one varint from the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+enum Varint {
+    /// A minimal encoding of `value`, `len` bytes long.
+    Done { value: u64, len: usize },
+    /// The buffer ends inside the varint.
+    Incomplete,
+    /// Any minimal completion of the bytes seen is at least `value_min`,
+    /// which exceeds the caller's bound.
+    TooLarge { value_min: u64 },
+    /// Non-minimal, longer than 10 bytes, or above `u64::MAX`.
+    Malformed(&'static str),
+}
+
+/// Reads a LEB128 varint, rejecting values above `value_max` as early as the
+/// bytes seen allow.
+fn read_varint(buf: &[u8], value_max: u64) -> Varint {
+    let mut value: u64 = 0;
+    for i in 0..LEN_PREFIX_BYTES_MAX {
+        let Some(&byte) = buf.get(i) else {
+            return Varint::Incomplete;
+        };
+        let more = byte & 0x80 != 0;
+        let bits = u64::from(byte & 0x7f);
+        if i == LEN_PREFIX_BYTES_MAX - 1 {
+            // The tenth byte holds bit 63 only.
+            if more {
+                break;
+            }
+            if bits > 1 {
+                return Varint::Malformed("varint overflows u64");
+            }
+        }
+        value |= bits << (7 * i);
+        if !more {
+            // A zero final byte adds nothing: a shorter encoding exists.
+            if byte == 0 && i > 0 {
+                return Varint::Malformed("non-minimal varint");
+            }
+            if value > value_max {
+                return Varint::TooLarge { value_min: value };
+            }
+            return Varint::Done { value, len: i + 1 };
+        }
+        // More bytes follow, and a minimal encoding ends in a non-zero byte,
+        // so the value is at least this. No overflow: i <= 8 here, so
+        // value < 2^63 and the shift is at most 63.
+        let value_min = value + (1u64 << (7 * (i + 1)));
+        if value_min > value_max {
+            return Varint::TooLarge { value_min };
+        }
+    }
+    Varint::Malformed("varint longer than 10 bytes")
+}
+
+/// Appends the encoded frame, length prefix included, to `out`. Never fails
+/// and checks no [`Limits`]: the sender is responsible for staying within the
+/// peer's limits (a body within `body_bytes_max` always fits).
+pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
+    let payload_len = frame.payload_len();
+    let start = out.len();
+    out.reserve(varint_len(payload_len as u64) + payload_len);
+    put_varint(payload_len as u64, out);
+    out.push(frame.type_byte());
+    match *frame {
+        Frame::Login { version, token } => {
+            out.push(version);
+            out.extend_from_slice(token);
+        }
+        Frame::LoginOk {
+            server_time_ms,
+            offline_count,
+        } => {
+            put_varint(server_time_ms, out);
+            put_varint(offline_count, out);
+        }
+        Frame::LoginErr { code, text } => {
+            put_varint(code as u64, out);
+            out.extend_from_slice(text.as_bytes());
+        }
+        Frame::Send {
+            client_id,
+            to,
+            body,
+        } => {
+            put_varint(client_id, out);
+            put_varint(to, out);
+            out.extend_from_slice(body);
+        }
+        Frame::Ack {
+            client_id,
+            server_id,
+            server_time_ms,
+        } => {
+            put_varint(client_id, out);
+            put_varint(server_id, out);
+            put_varint(server_time_ms, out);
+        }
+        Frame::Deliver {
+            server_id,
+            from,
+            server_time_ms,
+            body,
+        } => {
+            put_varint(server_id, out);
+            put_varint(from, out);
+            put_varint(server_time_ms, out);
+            out.extend_from_slice(body);
+        }
+        Frame::Delivered { server_id } => put_varint(server_id, out),
+        Frame::Read { server_id, from } => {
+            put_varint(server_id, out);
+            put_varint(from, out);
+        }
+        Frame::Receipt {
+            kind,
+            server_id,
+            peer,
+        } => {
+            put_varint(kind as u64, out);
+            put_varint(server_id, out);
+            put_varint(peer, out);
+        }
+        Frame::Ping { nonce } | Frame::Pong { nonce } => put_varint(nonce, out),
+        Frame::Error {
+            code,
+            client_id,
+            text,
+        } => {
+            put_varint(code as u64, out);
+            put_varint(client_id, out);
+            out.extend_from_slice(text.as_bytes());
+        }
+        Frame::Bye { reason } => put_varint(reason as u64, out),
+    }
+    debug_assert_eq!(out.len() - start, encoded_len(frame));
+}
+
+/// Exact number of bytes [`encode`] appends for `frame`: the length prefix
+/// plus `L`.
+pub fn encoded_len(frame: &Frame<'_>) -> usize {
+    let payload_len = frame.payload_len();
+    varint_len(payload_len as u64) + payload_len
+}
+
+/// Appends the minimal LEB128 encoding of `v` (1 to 10 bytes) to `out`.
+pub fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    // Bounded: each round drops 7 bits, so at most 10 rounds.
+    for _ in 0..LEN_PREFIX_BYTES_MAX {
+        if v < 0x80 {
+            out.push(v as u8);
+            return;
+        }
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    unreachable!("a u64 needs at most {LEN_PREFIX_BYTES_MAX} varint bytes");
+}
+
+/// Number of bytes [`put_varint`] appends for `v`: 1 for `v < 128`, up to 10.
+pub fn varint_len(v: u64) -> usize {
+    // Significant bits, at least 1 so that 0 takes one byte.
+    let bits = 64 - (v | 1).leading_zeros() as usize;
+    bits.div_ceil(7)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DOC: &str = include_str!("../docs/PROTOCOL.md");
+
+    fn enc(frame: &Frame<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(frame, &mut out);
+        out
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        let parts: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        parts.join(" ")
+    }
+
+    fn dec(bytes: &[u8]) -> Result<Option<(Frame<'_>, usize)>, DecodeError> {
+        decode(bytes, &Limits::default())
+    }
+
+    /// Builds a frame from a payload (type byte and fields) with a correct prefix.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint(payload.len() as u64, &mut out);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn malformed(payload: &[u8]) -> &'static str {
+        match dec(&framed(payload)) {
+            Err(DecodeError::Malformed(reason)) => reason,
+            other => panic!("payload {payload:02x?}: expected Malformed, got {other:?}"),
+        }
+    }
+
+    const ALL_ERROR_CODES: [ErrorCode; 14] = [
+        ErrorCode::Malformed,
+        ErrorCode::UnknownType,
+        ErrorCode::TooLarge,
+        ErrorCode::NotLoggedIn,
+        ErrorCode::QueueFull,
+        ErrorCode::BadVersion,
+        ErrorCode::BadToken,
+        ErrorCode::TokenExpired,
+        ErrorCode::RateLimited,
+        ErrorCode::Internal,
+        ErrorCode::AlreadyLoggedIn,
+        ErrorCode::BadRecipient,
+        ErrorCode::ServerFull,
+        ErrorCode::BadState,
+    ];
+    const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
+    const ALL_BYE_REASONS: [ByeReason; 5] = [
+        ByeReason::Shutdown,
+        ByeReason::Replaced,
+        ByeReason::Slow,
+        ByeReason::Idle,
+        ByeReason::Error,
+    ];
+
+    /// The examples in docs/PROTOCOL.md, one per frame type.
+    fn doc_examples() -> Vec<Frame<'static>> {
+        vec![
+            Frame::Login {
+                version: VERSION,
+                token: b"v1.42.1767225600.MAC",
+            },
+            Frame::LoginOk {
+                server_time_ms: 1_767_225_600_000,
+                offline_count: 3,
+            },
+            Frame::LoginErr {
+                code: ErrorCode::TokenExpired,
+                text: "expired",
+            },
+            Frame::Send {
+                client_id: 7,
+                to: 42,
+                body: b"hello",
+            },
+            Frame::Ack {
+                client_id: 7,
+                server_id: 1001,
+                server_time_ms: 1_767_225_600_123,
+            },
+            Frame::Deliver {
+                server_id: 1001,
+                from: 17,
+                server_time_ms: 1_767_225_600_123,
+                body: b"hello",
+            },
+            Frame::Delivered { server_id: 1001 },
+            Frame::Read {
+                server_id: 1001,
+                from: 17,
+            },
+            Frame::Receipt {
+                kind: ReceiptKind::Read,
+                server_id: 1001,
+                peer: 42,
+            },
+            Frame::Ping { nonce: 300 },
+            Frame::Pong { nonce: 300 },
+            Frame::Error {
+                code: ErrorCode::QueueFull,
+                client_id: 7,
+                text: "queue full",
+            },
+            Frame::Bye {
+                reason: ByeReason::Idle,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_frame_type_round_trips() {
+        let names = [
+            "LOGIN",
+            "LOGIN_OK",
+            "LOGIN_ERR",
+            "SEND",
+            "ACK",
+            "DELIVER",
+            "DELIVERED",
+            "READ",
+            "RECEIPT",
+            "PING",
+            "PONG",
+            "ERROR",
+            "BYE",
+        ];
+        let frames = doc_examples();
+        assert_eq!(frames.len(), names.len());
+        for (i, frame) in frames.iter().enumerate() {
+            let bytes = enc(frame);
+            assert_eq!(bytes.len(), encoded_len(frame));
+            // Type bytes are 0x01..=0x0D in declaration order.
+            assert_eq!(usize::from(bytes[1]), i + 1, "{}", frame.name());
+            assert_eq!(frame.name(), names[i]);
+            assert_eq!(dec(&bytes), Ok(Some((*frame, bytes.len()))));
+            let owned = frame.to_owned();
+            assert_eq!(owned.as_frame(), *frame);
+            assert_eq!(enc(&owned.as_frame()), bytes);
+        }
+    }
+
+    #[test]
+    fn exact_bytes() {
+        assert_eq!(enc(&Frame::Ping { nonce: 0 }), [0x02, 0x0a, 0x00]);
+        assert_eq!(
+            enc(&Frame::Bye {
+                reason: ByeReason::Slow
+            }),
+            [0x02, 0x0d, 0x03]
+        );
+        assert_eq!(
+            enc(&Frame::Login {
+                version: 1,
+                token: b"t"
+            }),
+            [0x03, 0x01, 0x01, b't']
+        );
+        assert_eq!(
+            enc(&Frame::Send {
+                client_id: 1,
+                to: 2,
+                body: b"hi"
+            }),
+            [0x05, 0x04, 0x01, 0x02, b'h', b'i']
+        );
+        // Multi-byte varints: 300 = ac 02, 2^14 = 80 80 01.
+        assert_eq!(
+            enc(&Frame::Ack {
+                client_id: 300,
+                server_id: 1 << 14,
+                server_time_ms: 0
+            }),
+            [0x07, 0x05, 0xac, 0x02, 0x80, 0x80, 0x01, 0x00]
+        );
+        assert_eq!(
+            enc(&Frame::Error {
+                code: ErrorCode::Malformed,
+                client_id: 0,
+                text: ""
+            }),
+            [0x03, 0x0c, 0x01, 0x00]
+        );
+        // Empty rest fields are allowed.
+        assert_eq!(
+            dec(&[0x02, 0x01, 0x01]),
+            Ok(Some((
+                Frame::Login {
+                    version: 1,
+                    token: b""
+                },
+                3
+            )))
+        );
+    }
+
+    #[test]
+    fn doc_examples_match_protocol_md() {
+        for frame in doc_examples() {
+            let h = hex(&enc(&frame));
+            assert!(
+                DOC.contains(&h),
+                "docs/PROTOCOL.md lacks the {} example `{h}`",
+                frame.name()
+            );
+        }
+        let send20 = Frame::Send {
+            client_id: 1000,
+            to: 123_456_789,
+            body: b"twenty bytes of text",
+        };
+        assert!(DOC.contains(&hex(&enc(&send20))));
+    }
+
+    #[test]
+    fn varint_known_values() {
+        let cases: [(u64, &[u8]); 8] = [
+            (0, &[0x00]),
+            (1, &[0x01]),
+            (127, &[0x7f]),
+            (128, &[0x80, 0x01]),
+            (300, &[0xac, 0x02]),
+            (16_383, &[0xff, 0x7f]),
+            (16_384, &[0x80, 0x80, 0x01]),
+            (
+                u64::MAX,
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+            ),
+        ];
+        for (v, bytes) in cases {
+            let mut out = Vec::new();
+            put_varint(v, &mut out);
+            assert_eq!(out, bytes, "{v}");
+            assert_eq!(varint_len(v), bytes.len(), "{v}");
+            assert_eq!(
+                read_varint(bytes, u64::MAX),
+                Varint::Done {
+                    value: v,
+                    len: bytes.len()
+                }
+            );
+        }
+        // Every length boundary.
+        for k in 1..64 {
+            let v = 1u64 << k;
+            assert_eq!(varint_len(v - 1), (k as usize).div_ceil(7));
+            assert_eq!(varint_len(v), (k as usize + 1).div_ceil(7));
+        }
+    }
+
+    #[test]
+    fn empty_input_and_partial_prefix_are_incomplete() {
+        assert_eq!(dec(&[]), Ok(None));
+        assert_eq!(dec(&[0x80]), Ok(None));
+        // 80 80 could still become 2^14 = 16384 <= 65536.
+        assert_eq!(dec(&[0x80, 0x80]), Ok(None));
+        // Prefix says 5 bytes, 4 present.
+        assert_eq!(dec(&[0x05, 0x04, 0x01, 0x02, b'h']), Ok(None));
+    }
+
+    #[test]
+    fn empty_frame_is_malformed() {
+        assert_eq!(dec(&[0x00]), Err(DecodeError::Malformed("empty frame")));
+        // Even with bytes after it, and even with a zero limit.
+        let zero = Limits {
+            frame_bytes_max: 0,
+            body_bytes_max: 0,
+        };
+        assert_eq!(
+            decode(&[0x00, 0x0a], &zero),
+            Err(DecodeError::Malformed("empty frame"))
+        );
+    }
+
+    #[test]
+    fn unknown_type() {
+        for t in [0x00, 0x0e, 0x7f, 0xff] {
+            assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
+            assert_eq!(
+                dec(&framed(&[t, 1, 2, 3])),
+                Err(DecodeError::UnknownType(t))
+            );
+        }
+        assert_eq!(
+            DecodeError::UnknownType(0x0e).code(),
+            ErrorCode::UnknownType
+        );
+    }
+
+    #[test]
+    fn bad_varints() {
+        // Longer than 10 bytes.
+        let mut p = vec![TYPE_PING];
+        p.extend_from_slice(&[0xff; 10]);
+        p.push(0x01);
+        assert_eq!(malformed(&p), "varint longer than 10 bytes");
+        // Ten bytes but above u64::MAX (tenth byte > 1).
+        let mut p = vec![TYPE_PING];
+        p.extend_from_slice(&[0xff; 9]);
+        p.push(0x02);
+        assert_eq!(malformed(&p), "varint overflows u64");
+        // Ten bytes with tenth byte 1 is u64::MAX, fine.
+        let mut p = vec![TYPE_PING];
+        p.extend_from_slice(&[0xff; 9]);
+        p.push(0x01);
+        assert_eq!(
+            dec(&framed(&p)),
+            Ok(Some((Frame::Ping { nonce: u64::MAX }, 12)))
+        );
+        // In the length prefix, with a limit that lets it get that far.
+        let huge = Limits {
+            frame_bytes_max: usize::MAX,
+            body_bytes_max: usize::MAX,
+        };
+        let mut b = vec![0xff; 10];
+        b.push(0x01);
+        assert_eq!(
+            decode(&b, &huge),
+            Err(DecodeError::Malformed("varint longer than 10 bytes"))
+        );
+        let mut b = vec![0xff; 9];
+        b.push(0x02);
+        assert_eq!(
+            decode(&b, &huge),
+            Err(DecodeError::Malformed("varint overflows u64"))
+        );
+    }
+
+    #[test]
+    fn non_minimal_varints() {
+        assert_eq!(malformed(&[TYPE_PING, 0x80, 0x00]), "non-minimal varint");
+        assert_eq!(
+            malformed(&[TYPE_PING, 0x81, 0x80, 0x00]),
+            "non-minimal varint"
+        );
+        assert_eq!(
+            malformed(&[TYPE_READ, 0x01, 0xff, 0x00]),
+            "non-minimal varint"
+        );
+        let mut p = vec![TYPE_PING];
+        p.extend_from_slice(&[0x80; 9]);
+        p.push(0x00);
+        assert_eq!(malformed(&p), "non-minimal varint");
+        // In the length prefix: 81 00 would mean 1.
+        assert_eq!(
+            dec(&[0x81, 0x00, TYPE_PING]),
+            Err(DecodeError::Malformed("non-minimal varint"))
+        );
+        // A lone 0x00 prefix is minimal (and an empty frame).
+        assert_eq!(dec(&[0x00]), Err(DecodeError::Malformed("empty frame")));
+    }
+
+    #[test]
+    fn trailing_bytes() {
+        assert_eq!(malformed(&[TYPE_PING, 0x01, 0x00]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_PONG, 0x01, 0x01]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_DELIVERED, 0x05, 0x05]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_LOGIN_OK, 1, 2, 3]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_ACK, 1, 2, 3, 4]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_READ, 1, 2, 3]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_RECEIPT, 1, 2, 3, 4]), "trailing bytes");
+        assert_eq!(malformed(&[TYPE_BYE, 1, 0]), "trailing bytes");
+    }
+
+    #[test]
+    fn truncated_fields() {
+        let cases: [&[u8]; 12] = [
+            &[TYPE_LOGIN_OK],
+            &[TYPE_LOGIN_OK, 0x01],
+            &[TYPE_LOGIN_ERR],
+            &[TYPE_SEND, 0x01],
+            &[TYPE_ACK, 0x01, 0x02],
+            &[TYPE_DELIVER, 0x01, 0x02],
+            &[TYPE_DELIVERED],
+            &[TYPE_READ, 0x01],
+            &[TYPE_RECEIPT, 0x01, 0x02],
+            &[TYPE_PING],
+            &[TYPE_ERROR, 0x01],
+            &[TYPE_BYE],
+        ];
+        for p in cases {
+            assert_eq!(malformed(p), "truncated field", "{p:02x?}");
+        }
+        // A varint cut off by the end of the frame, not of the buffer: the
+        // bytes after the frame must not be read as part of it.
+        assert_eq!(
+            dec(&[0x02, TYPE_PING, 0x80, 0x01]),
+            Err(DecodeError::Malformed("truncated field"))
+        );
+    }
+
+    #[test]
+    fn version_byte_missing() {
+        assert_eq!(malformed(&[TYPE_LOGIN]), "missing version byte");
+        // Any version byte decodes; checking it is the session's job.
+        assert_eq!(
+            dec(&framed(&[TYPE_LOGIN, 0xff, b'x'])),
+            Ok(Some((
+                Frame::Login {
+                    version: 0xff,
+                    token: b"x"
+                },
+                4
+            )))
+        );
+    }
+
+    #[test]
+    fn invalid_utf8() {
+        assert_eq!(malformed(&[TYPE_LOGIN_ERR, 0x07, 0xff]), "invalid utf-8");
+        assert_eq!(
+            malformed(&[TYPE_ERROR, 0x05, 0x00, b'o', b'k', 0xc3]),
+            "invalid utf-8"
+        );
+        // Non-ASCII but valid: fine.
+        let frame = Frame::Error {
+            code: ErrorCode::Internal,
+            client_id: 0,
+            text: "ça va ✓",
+        };
+        assert_eq!(dec(&enc(&frame)).unwrap().unwrap().0, frame);
+        // Tokens and bodies are raw bytes, not text.
+        assert!(dec(&framed(&[TYPE_LOGIN, 1, 0xff])).unwrap().is_some());
+        assert!(dec(&framed(&[TYPE_SEND, 1, 2, 0xff])).unwrap().is_some());
+    }
+
+    #[test]
+    fn unknown_code_kind_reason() {
+        for v in [0u8, 15, 0x7f] {
+            assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
+            assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
+        }
+        for v in [0u8, 3, 0x7f] {
+            assert_eq!(malformed(&[TYPE_RECEIPT, v, 1, 1]), "unknown receipt kind");
+        }
+        for v in [0u8, 6, 0x7f] {
+            assert_eq!(malformed(&[TYPE_BYE, v]), "unknown bye reason");
+        }
+        // A large code number is still just unknown.
+        assert_eq!(malformed(&[TYPE_BYE, 0x80, 0x01]), "unknown bye reason");
+    }
+
+    #[test]
+    fn too_large_prefix_reported_before_body_arrives() {
+        let limits = Limits::default();
+        // 70000 = f0 a2 04; only the prefix is here, not the 70000 bytes.
+        let mut b = Vec::new();
+        put_varint(70_000, &mut b);
+        assert_eq!(b, [0xf0, 0xa2, 0x04]);
+        assert_eq!(
+            decode(&b, &limits),
+            Err(DecodeError::TooLarge { len: 70_000 })
+        );
+        // The first two bytes could still be <= 65536: incomplete.
+        assert_eq!(decode(&b[..2], &limits), Ok(None));
+        // 80 80 80 can only complete to >= 2^21: rejected without waiting.
+        assert_eq!(
+            decode(&[0x80, 0x80, 0x80], &limits),
+            Err(DecodeError::TooLarge { len: 1 << 21 })
+        );
+        // Limit + 1 rejected, limit accepted (waits for the bytes).
+        let mut b = Vec::new();
+        put_varint(65_537, &mut b);
+        assert_eq!(
+            decode(&b, &limits),
+            Err(DecodeError::TooLarge { len: 65_537 })
+        );
+        let mut b = Vec::new();
+        put_varint(65_536, &mut b);
+        assert_eq!(decode(&b, &limits), Ok(None));
+        let err = DecodeError::TooLarge { len: 70_000 };
+        assert_eq!(err.code(), ErrorCode::TooLarge);
+        assert_eq!(
+            err.to_string(),
+            "frame of 70000 bytes exceeds frame_bytes_max"
+        );
+    }
+
+    #[test]
+    fn frame_limit_edges() {
+        // A frame of exactly frame_bytes_max decodes; one more byte does not.
+        let limits = Limits {
+            frame_bytes_max: 3,
+            body_bytes_max: 3,
+        };
+        let ok = enc(&Frame::Ping { nonce: 300 }); // L = 3
+        assert_eq!(
+            decode(&ok, &limits),
+            Ok(Some((Frame::Ping { nonce: 300 }, 4)))
+        );
+        let big = enc(&Frame::Ping { nonce: 1 << 14 }); // L = 4
+        assert_eq!(decode(&big, &limits), Err(DecodeError::TooLarge { len: 4 }));
+        // frame_bytes_max 0: every non-empty frame is too large.
+        let zero = Limits {
+            frame_bytes_max: 0,
+            body_bytes_max: 0,
+        };
+        assert_eq!(
+            decode(&[0x01], &zero),
+            Err(DecodeError::TooLarge { len: 1 })
+        );
+        // A lone continuation byte can only mean >= 128.
+        assert_eq!(
+            decode(&[0x80], &zero),
+            Err(DecodeError::TooLarge { len: 128 })
+        );
+        // frame_bytes_max 1: no frame type fits, but the size check passes
+        // and the payload is judged on its own.
+        let one = Limits {
+            frame_bytes_max: 1,
+            body_bytes_max: 0,
+        };
+        assert_eq!(
+            decode(&[0x01, TYPE_PING], &one),
+            Err(DecodeError::Malformed("truncated field"))
+        );
+    }
+
+    #[test]
+    fn body_too_large() {
+        let limits = Limits::default();
+        let body = vec![0xab; limits.body_bytes_max + 1];
+        for frame in [
+            Frame::Send {
+                client_id: 1,
+                to: 2,
+                body: &body,
+            },
+            Frame::Deliver {
+                server_id: 1,
+                from: 2,
+                server_time_ms: 3,
+                body: &body,
+            },
+        ] {
+            let bytes = enc(&frame);
+            assert_eq!(
+                decode(&bytes, &limits),
+                Err(DecodeError::BodyTooLarge { len: 65_001 })
+            );
+        }
+        // Exactly body_bytes_max is fine, even with the largest other fields.
+        let body = &body[..limits.body_bytes_max];
+        let frame = Frame::Deliver {
+            server_id: u64::MAX,
+            from: u64::MAX,
+            server_time_ms: u64::MAX,
+            body,
+        };
+        let bytes = enc(&frame);
+        assert_eq!(decode(&bytes, &limits), Ok(Some((frame, bytes.len()))));
+        // Tokens and texts are bounded by the frame limit only.
+        let token = vec![b'a'; 65_000];
+        let frame = Frame::Login {
+            version: 1,
+            token: &token,
+        };
+        assert!(decode(&enc(&frame), &limits).unwrap().is_some());
+        let err = DecodeError::BodyTooLarge { len: 65_001 };
+        assert_eq!(err.code(), ErrorCode::TooLarge);
+        assert_eq!(
+            err.to_string(),
+            "message body of 65001 bytes exceeds body_bytes_max"
+        );
+    }
+
+    #[test]
+    fn send_overhead_of_20_byte_body() {
+        let body = [b'x'; 20];
+        for client_id in [0, 1, 127, 128, (1 << 14) - 1] {
+            for to in [1, 127, 1 << 21, (1u64 << 35) - 1] {
+                let frame = Frame::Send {
+                    client_id,
+                    to,
+                    body: &body,
+                };
+                let overhead = encoded_len(&frame) - body.len();
+                assert!(overhead <= 16, "{client_id} {to}: {overhead}");
+            }
+        }
+        // The worst case of that range is 1 + 1 + 2 + 5 = 9 bytes.
+        let worst = Frame::Send {
+            client_id: (1 << 14) - 1,
+            to: (1 << 35) - 1,
+            body: &body,
+        };
+        assert_eq!(encoded_len(&worst) - body.len(), 9);
+    }
+
+    #[test]
+    fn stream_fed_one_byte_at_a_time() {
+        let frames = doc_examples();
+        let mut wire = Vec::new();
+        for f in &frames {
+            encode(f, &mut wire);
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        let mut got = Vec::new();
+        for &b in &wire {
+            buf.push(b);
+            if let Some((frame, consumed)) = dec(&buf).unwrap() {
+                assert_eq!(consumed, buf.len());
+                got.push(frame.to_owned());
+                buf.clear();
+            }
+        }
+        assert!(buf.is_empty());
+        let got: Vec<Frame<'_>> = got.iter().map(OwnedFrame::as_frame).collect();
+        assert_eq!(got, frames);
+    }
+
+    #[test]
+    fn enums_from_u64_as_str_display() {
+        for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
+            assert_eq!(*code as u64, i as u64 + 1);
+            assert_eq!(ErrorCode::from_u64(*code as u64), Some(*code));
+            assert_eq!(code.to_string(), code.as_str());
+        }
+        assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
+        assert_eq!(ErrorCode::from_u64(0), None);
+        assert_eq!(ErrorCode::from_u64(15), None);
+        assert_eq!(ErrorCode::from_u64(u64::MAX), None);
+        for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
+            assert_eq!(*kind as u64, i as u64 + 1);
+            assert_eq!(ReceiptKind::from_u64(*kind as u64), Some(*kind));
+            assert_eq!(kind.to_string(), kind.as_str());
+        }
+        assert_eq!(ReceiptKind::from_u64(0), None);
+        assert_eq!(ReceiptKind::from_u64(3), None);
+        for (i, reason) in ALL_BYE_REASONS.iter().enumerate() {
+            assert_eq!(*reason as u64, i as u64 + 1);
+            assert_eq!(ByeReason::from_u64(*reason as u64), Some(*reason));
+            assert_eq!(reason.to_string(), reason.as_str());
+        }
+        assert_eq!(ByeReason::from_u64(0), None);
+        assert_eq!(ByeReason::from_u64(6), None);
+        // Names are unique and snake_case.
+        let mut names: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL_ERROR_CODES.len());
+        for n in names {
+            assert!(
+                n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{n}"
+            );
+        }
+        // Every name appears in the documentation.
+        for code in ALL_ERROR_CODES {
+            assert!(DOC.contains(&format!("`{}`", code.as_str())), "{code}");
+        }
+        for reason in ALL_BYE_REASONS {
+            assert!(DOC.contains(&format!("`{}`", reason.as_str())), "{reason}");
+        }
+    }
+
+    #[test]
+    fn decode_error_codes_and_text() {
+        assert_eq!(
+            DecodeError::Malformed("trailing bytes").code(),
+            ErrorCode::Malformed
+        );
+        assert_eq!(
+            DecodeError::Malformed("trailing bytes").to_string(),
+            "malformed frame: trailing bytes"
+        );
+        assert_eq!(
+            DecodeError::UnknownType(0x0e).to_string(),
+            "unknown frame type 0x0e"
+        );
+        let boxed: Box<dyn std::error::Error> = Box::new(DecodeError::UnknownType(1));
+        assert!(!boxed.to_string().is_empty());
+    }
+
+    // ---- property tests ----
+
+    fn arb_error_code() -> impl Strategy<Value = ErrorCode> {
+        proptest::sample::select(ALL_ERROR_CODES.to_vec())
+    }
+
+    fn arb_bytes() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..300)
+    }
+
+    /// Integers biased towards varint length boundaries.
+    fn arb_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            (0u32..64).prop_map(|k| 1u64 << k),
+            (1u32..64).prop_map(|k| (1u64 << k) - 1),
+            0u64..300,
+        ]
+    }
+
+    fn arb_frame() -> impl Strategy<Value = OwnedFrame> {
+        prop_oneof![
+            (any::<u8>(), arb_bytes())
+                .prop_map(|(version, token)| OwnedFrame::Login { version, token }),
+            (arb_u64(), arb_u64()).prop_map(|(server_time_ms, offline_count)| {
+                OwnedFrame::LoginOk {
+                    server_time_ms,
+                    offline_count,
+                }
+            }),
+            (arb_error_code(), any::<String>())
+                .prop_map(|(code, text)| OwnedFrame::LoginErr { code, text }),
+            (arb_u64(), arb_u64(), arb_bytes()).prop_map(|(client_id, to, body)| {
+                OwnedFrame::Send {
+                    client_id,
+                    to,
+                    body,
+                }
+            }),
+            (arb_u64(), arb_u64(), arb_u64()).prop_map(|(client_id, server_id, server_time_ms)| {
+                OwnedFrame::Ack {
+                    client_id,
+                    server_id,
+                    server_time_ms,
+                }
+            }),
+            (arb_u64(), arb_u64(), arb_u64(), arb_bytes()).prop_map(
+                |(server_id, from, server_time_ms, body)| OwnedFrame::Deliver {
+                    server_id,
+                    from,
+                    server_time_ms,
+                    body,
+                }
+            ),
+            arb_u64().prop_map(|server_id| OwnedFrame::Delivered { server_id }),
+            (arb_u64(), arb_u64())
+                .prop_map(|(server_id, from)| OwnedFrame::Read { server_id, from }),
+            (
+                proptest::sample::select(ALL_RECEIPT_KINDS.to_vec()),
+                arb_u64(),
+                arb_u64()
+            )
+                .prop_map(|(kind, server_id, peer)| OwnedFrame::Receipt {
+                    kind,
+                    server_id,
+                    peer,
+                }),
+            arb_u64().prop_map(|nonce| OwnedFrame::Ping { nonce }),
+            arb_u64().prop_map(|nonce| OwnedFrame::Pong { nonce }),
+            (arb_error_code(), arb_u64(), any::<String>()).prop_map(|(code, client_id, text)| {
+                OwnedFrame::Error {
+                    code,
+                    client_id,
+                    text,
+                }
+            }),
+            proptest::sample::select(ALL_BYE_REASONS.to_vec())
+                .prop_map(|reason| OwnedFrame::Bye { reason }),
+        ]
+    }
+
+    fn arb_limits() -> impl Strategy<Value = Limits> {
+        prop_oneof![
+            Just(Limits::default()),
+            (0usize..400, 0usize..400).prop_map(|(frame_bytes_max, body_bytes_max)| Limits {
+                frame_bytes_max,
+                body_bytes_max,
+            }),
+            Just(Limits {
+                frame_bytes_max: usize::MAX,
+                body_bytes_max: usize::MAX,
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(owned in arb_frame()) {
+            let frame = owned.as_frame();
+            let bytes = enc(&frame);
+            prop_assert_eq!(bytes.len(), encoded_len(&frame));
+            let (got, consumed) = dec(&bytes).unwrap().unwrap();
+            prop_assert_eq!(got, frame);
+            prop_assert_eq!(consumed, encoded_len(&frame));
+            prop_assert_eq!(got.to_owned(), owned);
+        }
+
+        #[test]
+        fn prop_random_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            limits in arb_limits(),
+        ) {
+            check_decode_result(&bytes, &limits)?;
+        }
+
+        #[test]
+        fn prop_random_payload_never_panics(
+            type_byte in 0u8..16,
+            fields in proptest::collection::vec(any::<u8>(), 0..40),
+            limits in arb_limits(),
+        ) {
+            // A valid prefix and type, so the field decoders see random input.
+            let mut payload = vec![type_byte];
+            payload.extend_from_slice(&fields);
+            check_decode_result(&framed(&payload), &limits)?;
+        }
+
+        #[test]
+        fn prop_strict_prefix_is_incomplete(owned in arb_frame(), cut in any::<prop::sample::Index>()) {
+            let bytes = enc(&owned.as_frame());
+            let cut = cut.index(bytes.len());
+            prop_assert_eq!(dec(&bytes[..cut]), Ok(None));
+        }
+
+        #[test]
+        fn prop_two_frames_back_to_back(a in arb_frame(), b in arb_frame()) {
+            let mut bytes = enc(&a.as_frame());
+            let a_len = bytes.len();
+            encode(&b.as_frame(), &mut bytes);
+            let (first, consumed) = dec(&bytes).unwrap().unwrap();
+            prop_assert_eq!(first, a.as_frame());
+            prop_assert_eq!(consumed, a_len);
+            let (second, consumed) = dec(&bytes[a_len..]).unwrap().unwrap();
+            prop_assert_eq!(second, b.as_frame());
+            prop_assert_eq!(consumed, bytes.len() - a_len);
+        }
+    }
+
+    /// Whatever `decode` returns for arbitrary input must be self-consistent.
+    fn check_decode_result(bytes: &[u8], limits: &Limits) -> Result<(), TestCaseError> {
+        match decode(bytes, limits) {
+            Ok(Some((frame, consumed))) => {
+                prop_assert!(consumed <= bytes.len());
+                prop_assert_eq!(consumed, encoded_len(&frame));
+                // Minimal varints make the encoding canonical.
+                prop_assert_eq!(enc(&frame), &bytes[..consumed]);
+            }
+            Ok(None) => {}
+            Err(DecodeError::TooLarge { len }) => {
+                prop_assert!(len > limits.frame_bytes_max as u64);
+            }
+            Err(DecodeError::BodyTooLarge { len }) => {
+                prop_assert!(len > limits.body_bytes_max);
+            }
+            Err(DecodeError::UnknownType(t)) => {
+                prop_assert!(t == 0 || t > TYPE_BYE);
+            }
+            Err(DecodeError::Malformed(reason)) => prop_assert!(!reason.is_empty()),
+        }
+        Ok(())
+    }
+}

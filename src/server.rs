@@ -1,0 +1,190 @@
+//! Starting and stopping a whole server: listeners, the ring mesh, one thread
+//! per shard, and the stats socket.
+//!
+//! Accepting: every shard has its own listening socket on the same address
+//! (`SO_REUSEPORT` on Linux, `SO_REUSEPORT_LB` on FreeBSD), so the kernel
+//! spreads new connections over the shards and no acceptor thread is a
+//! bottleneck or a single point of failure. A connection lands on any shard,
+//! and moves to its user's home shard after LOGIN.
+
+use std::io::Result as IoResult;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::io::{self, Io};
+use crate::ring;
+use crate::shard::{Shard, ShardParts};
+use crate::stats::{ShardStats, StatsServer, StatsView};
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    stats_socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    wakers: Vec<io::WakeHandle>,
+    threads: Vec<JoinHandle<()>>,
+    stats: Option<StatsServer>,
+}
+
+impl Server {
+    /// Validates `config`, binds the listeners and the stats socket, and
+    /// starts the shards. Returns once the server accepts connections.
+    pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let shards = config.shard_count();
+
+        let first = listen(config.listen, config.listen_backlog)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..shards {
+            listeners.push(
+                listen(addr, config.listen_backlog)
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+            );
+        }
+        let ios = listeners
+            .into_iter()
+            .map(Io::new)
+            .collect::<IoResult<Vec<_>>>()?;
+        let wakers: Vec<_> = ios.iter().map(Io::wake_handle).collect();
+        let links = ring::mesh(config.ring_slots, wakers.clone());
+        let shard_stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::default()).collect();
+
+        let view = Arc::new(StatsView {
+            version: env!("CARGO_PKG_VERSION"),
+            backend: io::BACKEND_NAME,
+            started: Instant::now(),
+            conns_max: config.conns_max,
+            shards: shard_stats.clone(),
+        });
+        let stats = StatsServer::spawn(&config.stats_socket, config.metrics_listen, view)
+            .map_err(|e| format!("stats socket {}: {e}", config.stats_socket.display()))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(shards);
+        for (id, (io, links)) in ios.into_iter().zip(links).enumerate() {
+            let parts = ShardParts {
+                io,
+                links,
+                stats: shard_stats[id].clone(),
+                stop: stop.clone(),
+                config: config.clone(),
+            };
+            let pin = config.pin_cores;
+            let thread = std::thread::Builder::new()
+                .name(format!("tern-shard-{id}"))
+                .spawn(move || {
+                    if pin {
+                        pin_to_core(id);
+                    }
+                    match Shard::new(parts).run() {
+                        Ok(()) => log::debug!("shard {id} stopped"),
+                        Err(e) => log::error!("shard {id} failed: {e}"),
+                    }
+                })?;
+            threads.push(thread);
+        }
+        log::info!(
+            "tern {} listening on {addr}: {shards} shards, backend {}, stats at {}",
+            env!("CARGO_PKG_VERSION"),
+            io::BACKEND_NAME,
+            config.stats_socket.display()
+        );
+        Ok(Server {
+            addr,
+            stats_socket: config.stats_socket.clone(),
+            stop,
+            wakers,
+            threads,
+            stats: Some(stats),
+        })
+    }
+
+    /// The client listener's address (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Path of the stats socket.
+    pub fn stats_socket(&self) -> &Path {
+        &self.stats_socket
+    }
+
+    /// The HTTP metrics address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.stats.as_ref().and_then(StatsServer::metrics_addr)
+    }
+
+    /// Begins graceful shutdown: stop accepting, BYE(shutdown) to everyone,
+    /// flush for up to `shutdown_grace_ms`. Returns at once; see [`Server::join`].
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in &self.wakers {
+            w.wake();
+        }
+    }
+
+    /// Waits for every shard to finish, then closes the stats socket.
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a shard thread panicked");
+            }
+        }
+        if let Some(stats) = self.stats.take() {
+            stats.stop();
+        }
+    }
+}
+
+/// A listening socket that other shards can bind beside.
+fn listen(addr: SocketAddr, backlog: u32) -> IoResult<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    reuse_port(&socket)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+#[cfg(target_os = "freebsd")]
+fn reuse_port(socket: &Socket) -> IoResult<()> {
+    // SO_REUSEPORT_LB: the kernel load-balances connections over the listeners.
+    socket.set_reuse_port_lb(true)
+}
+
+#[cfg(not(target_os = "freebsd"))]
+fn reuse_port(socket: &Socket) -> IoResult<()> {
+    socket.set_reuse_port(true)
+}
+
+#[cfg(target_os = "linux")]
+fn pin_to_core(core: usize) {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set, and the call
+    // only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core % libc::CPU_SETSIZE as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            log::warn!(
+                "cannot pin shard to core {core}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_to_core(core: usize) {
+    log::warn!("pin_cores is only supported on Linux; shard {core} is not pinned");
+}

@@ -1,0 +1,1185 @@
+//! One core's event loop: its connections, its users and their queues.
+//!
+//! A shard owns everything it touches. Other shards reach it only through the
+//! SPSC rings of [`crate::ring`], carrying [`Msg`]s. A user lives on its home
+//! shard ([`home_shard`]); after LOGIN the connection moves there, so a
+//! message crosses at most one ring on its way to the recipient (and its
+//! ACK and receipts at most one on the way back).
+//!
+//! Session handling never reads or writes a socket: frames are decoded from
+//! bytes the [`Io`] handed out, and answers are appended to the connection's
+//! output buffer, which the loop flushes once per iteration.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+
+use crate::config::Config;
+use crate::io::{Completion, ConnId, Detached, Io};
+use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
+use crate::ring::Links;
+use crate::stats::ShardStats;
+use crate::store::{MemStore, Store, Stored};
+use crate::timer::{self, Entry, Tick, Wheel};
+use crate::token;
+
+/// Bytes read from a socket at once into the shard's scratch buffer.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// After an error or BYE, how long a closing connection may take to read
+/// what we sent before it is closed anyway.
+const LINGER: Duration = Duration::from_secs(2);
+/// How often loop-time percentiles and gauges are published to the stats.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// Poll timeout while an outbox waits for ring space.
+const OUTBOX_RETRY: Duration = Duration::from_millis(1);
+
+/// In debug builds, a SEND to this user panics inside the session handler, so
+/// tests can check that a panic closes only that connection.
+#[cfg(debug_assertions)]
+pub const PANIC_USER: u64 = u64::MAX;
+
+/// The shard that owns `user`: a fixed hash of the id, so every shard agrees.
+pub fn home_shard(user: u64, shards: usize) -> usize {
+    // splitmix64 finaliser: sequential ids spread evenly.
+    let mut z = user.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z % shards as u64) as usize
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A connection on a given shard, valid while its generation matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRef {
+    shard: u16,
+    conn: ConnId,
+    gen: u32,
+}
+
+/// What travels between shards.
+#[derive(Debug)]
+pub enum Msg {
+    /// A connection whose LOGIN was verified, moving to its user's home shard
+    /// with the bytes that followed the LOGIN frame.
+    Handoff {
+        /// The socket.
+        conn: Detached,
+        /// The user its token proved.
+        user: u64,
+        /// Input after the LOGIN frame, not yet decoded.
+        leftover: Vec<u8>,
+    },
+    /// A message for a user homed on the receiving shard.
+    Send {
+        /// Sender's user id.
+        from: u64,
+        /// The sender's connection, for the ACK.
+        reply: ConnRef,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// Recipient's user id.
+        to: u64,
+        /// Message body.
+        body: Box<[u8]>,
+    },
+    /// The recipient's shard took the message: one tick for the sender.
+    Ack {
+        /// The sender's connection.
+        reply: ConnRef,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// Server id of the stored message.
+        server_id: u64,
+        /// When it was stored.
+        time_ms: u64,
+    },
+    /// The recipient's shard refused the message.
+    Reject {
+        /// The sender's connection.
+        reply: ConnRef,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// A delivery or read receipt for `user`, homed on the receiving shard.
+    Receipt {
+        /// Who gets the receipt (the original sender).
+        user: u64,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The message it is about.
+        server_id: u64,
+        /// Who received or read it.
+        peer: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+enum State {
+    /// Slot unused.
+    #[default]
+    Free,
+    /// Connected, LOGIN not seen yet.
+    Login,
+    /// Logged in, on its home shard.
+    Active,
+    /// Flushing a last ERROR or BYE; input is discarded.
+    Closing,
+}
+
+/// Buffers of one connection; allocated only while a frame is partial or
+/// output is pending, freed when drained.
+#[derive(Default)]
+struct Bufs {
+    inp: Vec<u8>,
+    out: Vec<u8>,
+    /// Bytes of `out` already sent.
+    out_sent: usize,
+}
+
+/// The fixed per-connection slot. Kept small: an idle connection is this
+/// plus one timer entry plus (when logged in) one `online` map entry.
+#[derive(Default)]
+struct Session {
+    /// Generation of the connection in this slot; 0 when free.
+    gen: u32,
+    state: State,
+    /// Set when the write side was shut down after the last output.
+    write_closed: bool,
+    /// Queued in `Shard::dirty`.
+    dirty: bool,
+    /// Logged-in user, 0 before LOGIN.
+    user: u64,
+    /// Tick of the last frame received (for Closing: when closing began).
+    last_rx: Tick,
+    bufs: Option<Box<Bufs>>,
+}
+
+impl Session {
+    fn out_pending(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.out.len() - b.out_sent)
+    }
+}
+
+/// A logged-in user on its home shard.
+struct Online {
+    conn: ConnId,
+    /// Highest server id already sent as DELIVER on this connection.
+    sent_upto: u64,
+    /// DELIVERs sent on this connection and not yet answered.
+    inflight: u32,
+}
+
+/// Result of handling one frame.
+enum Flow {
+    /// Go on with the next frame.
+    Next,
+    /// Back-pressure: keep this frame and the rest, stop reading.
+    Blocked,
+    /// Stop: the connection was closed or moved, or the rest of the input
+    /// was already handled by a nested call.
+    Stop,
+}
+
+/// Everything a shard needs at start.
+pub struct ShardParts {
+    /// The shard's I/O backend, with its listener.
+    pub io: Io,
+    /// Its ends of the ring mesh.
+    pub links: Links<Msg>,
+    /// Its counters.
+    pub stats: Arc<ShardStats>,
+    /// Set to begin graceful shutdown.
+    pub stop: Arc<AtomicBool>,
+    /// The configuration.
+    pub config: Arc<Config>,
+}
+
+/// A shard's state. Created on, and used by, its own thread.
+pub struct Shard {
+    id: usize,
+    shards: usize,
+    config: Arc<Config>,
+    limits: proto::Limits,
+    io: Io,
+    links: Links<Msg>,
+    /// Messages waiting for ring space, per destination shard.
+    outbox: Vec<VecDeque<Msg>>,
+    sessions: Vec<Session>,
+    online: HashMap<u64, Online>,
+    store: Box<dyn Store + Send>,
+    wheel: Wheel,
+    /// Connections with output to flush this iteration.
+    dirty: Vec<ConnId>,
+    /// Connections stopped by back-pressure, retried each iteration.
+    blocked: Vec<ConnId>,
+    next_gen: u32,
+    next_seq: u64,
+    stats: Arc<ShardStats>,
+    stop: Arc<AtomicBool>,
+    /// When graceful shutdown must end, once begun.
+    stop_deadline: Option<Instant>,
+    scratch: Vec<u8>,
+    frame_buf: Vec<u8>,
+    conns_max: usize,
+    accept_window: (Instant, u32),
+    loop_time: Histogram<u64>,
+    published: Instant,
+    idle_ticks: Tick,
+    login_ticks: Tick,
+    linger_ticks: Tick,
+}
+
+impl Shard {
+    /// Builds shard `links.id()` from its parts.
+    pub fn new(parts: ShardParts) -> Shard {
+        let ShardParts {
+            io,
+            links,
+            stats,
+            stop,
+            config,
+        } = parts;
+        let id = links.id();
+        let shards = links.shards();
+        Shard {
+            id,
+            shards,
+            limits: proto::Limits {
+                frame_bytes_max: config.frame_bytes_max,
+                body_bytes_max: config.body_bytes_max,
+            },
+            io,
+            links,
+            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+            sessions: Vec::new(),
+            online: HashMap::new(),
+            store: Box::new(MemStore::new(config.queue_len_max)),
+            wheel: Wheel::new(),
+            dirty: Vec::new(),
+            blocked: Vec::new(),
+            next_gen: 1,
+            next_seq: 1,
+            stats,
+            stop,
+            stop_deadline: None,
+            scratch: vec![0; SCRATCH_BYTES],
+            frame_buf: Vec::new(),
+            conns_max: config.conns_max.div_ceil(shards),
+            accept_window: (Instant::now(), 0),
+            loop_time: Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"),
+            published: Instant::now(),
+            idle_ticks: timer::ticks(config.idle_timeout()),
+            login_ticks: timer::ticks(config.login_timeout()),
+            linger_ticks: timer::ticks(LINGER),
+            config,
+        }
+    }
+
+    /// Runs the event loop until graceful shutdown completes.
+    pub fn run(mut self) -> std::io::Result<()> {
+        let mut fired = Vec::new();
+        loop {
+            if self.stop.load(Ordering::Relaxed) && self.stop_deadline.is_none() {
+                self.begin_shutdown();
+            }
+            if let Some(deadline) = self.stop_deadline {
+                if self.io.is_empty() || Instant::now() >= deadline {
+                    self.close_all();
+                    return Ok(());
+                }
+            }
+            let mut timeout = self.wheel.until_next_tick();
+            if self.outbox.iter().any(|o| !o.is_empty()) {
+                timeout = timeout.min(OUTBOX_RETRY);
+            }
+            if !self.links.prepare_sleep() {
+                timeout = Duration::ZERO;
+            }
+            let waited = self.io.wait(Some(timeout));
+            self.links.awake();
+            waited?;
+            let started = Instant::now();
+
+            self.drain_io();
+            self.drain_rings();
+            self.wheel.expire(&mut fired);
+            for entry in fired.drain(..) {
+                self.on_timer(entry);
+            }
+            self.retry_blocked();
+            self.flush_outboxes();
+            self.flush_output();
+
+            self.stats.loop_iterations.inc();
+            let _ = self
+                .loop_time
+                .record(started.elapsed().as_micros().max(1) as u64);
+            if self.published.elapsed() >= PUBLISH_EVERY {
+                self.publish();
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.published = Instant::now();
+        let s = &self.stats;
+        s.loop_p50_us.set(self.loop_time.value_at_quantile(0.5));
+        s.loop_p99_us.set(self.loop_time.value_at_quantile(0.99));
+        self.loop_time.reset();
+        s.queued.set(self.store.total() as u64);
+        s.ring_in_depth.set(self.links.in_depth() as u64);
+        s.ring_out_depth
+            .set(self.outbox.iter().map(VecDeque::len).sum::<usize>() as u64);
+    }
+
+    // ---- I/O completions -------------------------------------------------
+
+    fn drain_io(&mut self) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(c) = self.io.next(&mut scratch) {
+            match c {
+                Completion::Accepted(conn) => self.on_accept(conn),
+                Completion::Recv(conn, len) => {
+                    self.stats.bytes_in.add(len as u64);
+                    self.guarded(conn, |shard| shard.on_bytes(conn, &scratch[..len]));
+                }
+                Completion::Writable(conn) => self.flush_conn(conn),
+                Completion::Closed(conn) => self.close_now(conn),
+                Completion::Woken => {}
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Runs one connection's handling; a panic closes that connection only.
+    fn guarded(&mut self, conn: ConnId, f: impl FnOnce(&mut Shard)) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(self))) {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            log::error!(
+                "shard {}: panic handling connection {}: {what}",
+                self.id,
+                conn.0
+            );
+            self.stats.panics.inc();
+            if self.sessions.get(conn.index()).is_some_and(|s| s.gen != 0) {
+                self.close_now(conn);
+            }
+        }
+    }
+
+    fn on_accept(&mut self, conn: ConnId) {
+        self.stats.accepted.inc();
+        let now = Instant::now();
+        if now.duration_since(self.accept_window.0) >= Duration::from_secs(1) {
+            self.accept_window = (now, 0);
+        }
+        self.accept_window.1 += 1;
+        let rate_max = self.config.accept_rate_per_s_max;
+        let refuse = if self.io.len() > self.conns_max {
+            Some((ErrorCode::ServerFull, "server is at its connection limit"))
+        } else if rate_max != 0 && self.accept_window.1 > rate_max {
+            Some((
+                ErrorCode::RateLimited,
+                "too many new connections, retry later",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, text)) = refuse {
+            self.stats.rejected.inc();
+            self.frame_buf.clear();
+            proto::encode(
+                &Frame::Error {
+                    code,
+                    client_id: 0,
+                    text,
+                },
+                &mut self.frame_buf,
+            );
+            let _ = self.io.send(conn, &self.frame_buf);
+            self.io.close(conn);
+            return;
+        }
+        self.open_session(conn, State::Login);
+    }
+
+    fn open_session(&mut self, conn: ConnId, state: State) {
+        if self.sessions.len() <= conn.index() {
+            self.sessions
+                .resize_with(conn.index() + 1, Session::default);
+        }
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.checked_add(1).unwrap_or(1);
+        let now = self.wheel.now();
+        let s = &mut self.sessions[conn.index()];
+        debug_assert_eq!(s.gen, 0, "slot reused while open");
+        *s = Session {
+            gen,
+            state,
+            last_rx: now,
+            ..Session::default()
+        };
+        let deadline = now + self.login_ticks;
+        self.wheel.insert(Entry { key: conn.0, gen }, deadline);
+        self.stats.conns.inc();
+    }
+
+    /// Bytes arrived for `conn`.
+    fn on_bytes(&mut self, conn: ConnId, data: &[u8]) {
+        let now = self.wheel.now();
+        let s = &mut self.sessions[conn.index()];
+        match s.state {
+            State::Free => return,
+            // Read and drop what a closing peer still sends.
+            State::Closing => return,
+            // The login timeout runs from the accept: trickling bytes does not extend it.
+            State::Login => {}
+            State::Active => s.last_rx = now,
+        }
+        let gen = s.gen;
+        match s.bufs.as_mut() {
+            Some(b) if !b.inp.is_empty() => {
+                b.inp.extend_from_slice(data);
+                self.process_buffered(conn);
+            }
+            _ => {
+                let consumed = match self.process(conn, gen, data) {
+                    Some(n) => n,
+                    None => return,
+                };
+                if consumed < data.len() {
+                    let s = &mut self.sessions[conn.index()];
+                    s.bufs
+                        .get_or_insert_with(Box::default)
+                        .inp
+                        .extend_from_slice(&data[consumed..]);
+                }
+            }
+        }
+    }
+
+    /// Decodes what is in the connection's input buffer.
+    fn process_buffered(&mut self, conn: ConnId) {
+        let s = &mut self.sessions[conn.index()];
+        let gen = s.gen;
+        let Some(bufs) = s.bufs.as_mut() else {
+            return;
+        };
+        let inp = std::mem::take(&mut bufs.inp);
+        let consumed = self.process(conn, gen, &inp);
+        if let Some(consumed) = consumed {
+            let s = &mut self.sessions[conn.index()];
+            let bufs = s.bufs.get_or_insert_with(Box::default);
+            debug_assert!(bufs.inp.is_empty());
+            bufs.inp = inp;
+            bufs.inp.drain(..consumed);
+        }
+    }
+
+    /// Handles the frames in `data`; returns how many bytes were consumed, or
+    /// `None` when the connection is gone.
+    fn process(&mut self, conn: ConnId, gen: u32, data: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        loop {
+            let frame = match proto::decode(&data[at..], &self.limits) {
+                Ok(None) => return Some(at),
+                Ok(Some((frame, used))) => (frame, used),
+                Err(e) => {
+                    self.stats.protocol_errors.inc();
+                    let text = e.to_string();
+                    self.fail(conn, e.code(), 0, &text);
+                    return None;
+                }
+            };
+            let (frame, used) = frame;
+            match self.on_frame(conn, frame, &data[at + used..]) {
+                Flow::Next => at += used,
+                Flow::Blocked => {
+                    self.io.set_recv(conn, false);
+                    self.blocked.push(conn);
+                    return Some(at);
+                }
+                Flow::Stop => return None,
+            }
+            let s = &self.sessions[conn.index()];
+            if s.gen != gen || s.state == State::Closing {
+                return None;
+            }
+        }
+    }
+
+    fn on_frame(&mut self, conn: ConnId, frame: Frame<'_>, rest: &[u8]) -> Flow {
+        let s = &self.sessions[conn.index()];
+        let (state, user) = (s.state, s.user);
+        match (state, frame) {
+            (State::Login, Frame::Login { version, token }) => {
+                self.on_login(conn, version, token, rest)
+            }
+            (State::Login, other) => {
+                self.stats.protocol_errors.inc();
+                let text = format!("{} before LOGIN", other.name());
+                self.fail(conn, ErrorCode::NotLoggedIn, 0, &text);
+                Flow::Stop
+            }
+            (
+                State::Active,
+                Frame::Send {
+                    client_id,
+                    to,
+                    body,
+                },
+            ) => self.on_send(conn, client_id, to, body),
+            (State::Active, Frame::Delivered { server_id }) => {
+                self.on_delivered(user, server_id);
+                Flow::Next
+            }
+            (State::Active, Frame::Read { server_id, from }) => {
+                let peer = user;
+                if from != 0 {
+                    self.route(
+                        home_shard(from, self.shards),
+                        Msg::Receipt {
+                            user: from,
+                            kind: ReceiptKind::Read,
+                            server_id,
+                            peer,
+                        },
+                    );
+                }
+                Flow::Next
+            }
+            (State::Active, Frame::Ping { nonce }) => {
+                self.write(conn, &Frame::Pong { nonce });
+                Flow::Next
+            }
+            (State::Active, Frame::Pong { .. }) => Flow::Next,
+            (State::Active, Frame::Bye { .. }) => {
+                self.close_now(conn);
+                Flow::Stop
+            }
+            (_, other) => {
+                self.stats.protocol_errors.inc();
+                let text = format!("{} is not valid here", other.name());
+                self.fail(conn, ErrorCode::BadState, 0, &text);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn on_login(&mut self, conn: ConnId, version: u8, token: &[u8], rest: &[u8]) -> Flow {
+        if version != proto::VERSION {
+            self.stats.logins_failed.inc();
+            let text = format!(
+                "protocol version {version} not supported, this server speaks {}",
+                proto::VERSION
+            );
+            self.login_err(conn, ErrorCode::BadVersion, &text);
+            return Flow::Stop;
+        }
+        let user = match token::verify(
+            self.config.token_secret.as_bytes(),
+            token,
+            token::now_unix_s(),
+        ) {
+            Ok(user) => user,
+            Err(e) => {
+                self.stats.logins_failed.inc();
+                let code = match e {
+                    token::TokenError::Expired => ErrorCode::TokenExpired,
+                    _ => ErrorCode::BadToken,
+                };
+                self.login_err(conn, code, &e.to_string());
+                return Flow::Stop;
+            }
+        };
+        let home = home_shard(user, self.shards);
+        if home == self.id {
+            let leftover = rest.to_vec();
+            self.install(conn, user);
+            if !leftover.is_empty() {
+                self.on_bytes(conn, &leftover);
+            }
+            return Flow::Stop;
+        }
+        // The socket moves home with whatever followed the LOGIN frame.
+        let leftover = rest.to_vec();
+        let s = std::mem::take(&mut self.sessions[conn.index()]);
+        debug_assert!(s.out_pending() == 0, "nothing is written before LOGIN_OK");
+        self.stats.conns.sub(1);
+        self.stats.handoffs_out.inc();
+        match self.io.detach(conn) {
+            Ok(detached) => self.route(
+                home,
+                Msg::Handoff {
+                    conn: detached,
+                    user,
+                    leftover,
+                },
+            ),
+            Err(e) => log::warn!("shard {}: detach for handoff failed: {e}", self.id),
+        }
+        Flow::Stop
+    }
+
+    /// Makes `conn` the session of `user` on this, its home shard.
+    fn install(&mut self, conn: ConnId, user: u64) {
+        if let Some(old) = self.online.get(&user).map(|o| o.conn) {
+            self.write(
+                old,
+                &Frame::Bye {
+                    reason: ByeReason::Replaced,
+                },
+            );
+            self.close_after_flush(old);
+        }
+        self.stats.logins_ok.inc();
+        let s = &mut self.sessions[conn.index()];
+        s.user = user;
+        s.state = State::Active;
+        self.online.insert(
+            user,
+            Online {
+                conn,
+                sent_upto: 0,
+                inflight: 0,
+            },
+        );
+        self.stats.users_online.set(self.online.len() as u64);
+        let offline_count = self.store.len(user) as u64;
+        self.write(
+            conn,
+            &Frame::LoginOk {
+                server_time_ms: now_ms(),
+                offline_count,
+            },
+        );
+        self.pump(user);
+    }
+
+    fn on_send(&mut self, conn: ConnId, client_id: u64, to: u64, body: &[u8]) -> Flow {
+        #[cfg(debug_assertions)]
+        if to == PANIC_USER {
+            panic!("injected panic: SEND to PANIC_USER");
+        }
+        if to == 0 {
+            self.write(
+                conn,
+                &Frame::Error {
+                    code: ErrorCode::BadRecipient,
+                    client_id,
+                    text: "user 0 does not exist",
+                },
+            );
+            return Flow::Next;
+        }
+        let dst = home_shard(to, self.shards);
+        if dst != self.id && self.outbox[dst].len() >= self.config.ring_slots {
+            // The ring and the outbox are full: stop reading this sender.
+            return Flow::Blocked;
+        }
+        let s = &self.sessions[conn.index()];
+        let msg = Msg::Send {
+            from: s.user,
+            reply: ConnRef {
+                shard: self.id as u16,
+                conn,
+                gen: s.gen,
+            },
+            client_id,
+            to,
+            body: body.into(),
+        };
+        self.stats.msgs_in.inc();
+        self.route(dst, msg);
+        Flow::Next
+    }
+
+    fn on_delivered(&mut self, user: u64, server_id: u64) {
+        let Some(msg) = self.store.remove(user, server_id) else {
+            return; // a duplicate or unknown id: DELIVERED is idempotent
+        };
+        if let Some(on) = self.online.get_mut(&user) {
+            if server_id <= on.sent_upto {
+                on.inflight = on.inflight.saturating_sub(1);
+            }
+        }
+        self.route(
+            home_shard(msg.from, self.shards),
+            Msg::Receipt {
+                user: msg.from,
+                kind: ReceiptKind::Delivered,
+                server_id,
+                peer: user,
+            },
+        );
+        self.pump(user);
+    }
+
+    /// Sends queued messages to `user`'s connection, up to the in-flight cap.
+    fn pump(&mut self, user: u64) {
+        let Some(on) = self.online.get_mut(&user) else {
+            return;
+        };
+        let mut out = std::mem::take(&mut self.frame_buf);
+        out.clear();
+        let mut sent = 0;
+        while (on.inflight as usize) < self.config.deliver_inflight_max {
+            let Some(m) = self.store.next_after(user, on.sent_upto) else {
+                break;
+            };
+            proto::encode(
+                &Frame::Deliver {
+                    server_id: m.server_id,
+                    from: m.from,
+                    server_time_ms: m.time_ms,
+                    body: &m.body,
+                },
+                &mut out,
+            );
+            on.sent_upto = m.server_id;
+            on.inflight += 1;
+            sent += 1;
+        }
+        let conn = on.conn;
+        if sent > 0 {
+            self.stats.msgs_out.add(sent);
+            self.write_bytes(conn, &out);
+        }
+        self.frame_buf = out;
+    }
+
+    // ---- cross-shard messages --------------------------------------------
+
+    /// Delivers `msg` to shard `dst`: handled at once when local, else queued
+    /// for the ring.
+    fn route(&mut self, dst: usize, msg: Msg) {
+        if dst == self.id {
+            self.on_msg(msg);
+        } else {
+            self.outbox[dst].push_back(msg);
+        }
+    }
+
+    fn drain_rings(&mut self) {
+        for src in 0..self.shards {
+            if src == self.id {
+                continue;
+            }
+            // At most one ring's worth per source per iteration.
+            for _ in 0..self.config.ring_slots {
+                match self.links.pop(src) {
+                    Some(msg) => self.on_msg(msg),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    fn on_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Handoff {
+                conn,
+                user,
+                leftover,
+            } => match self.io.attach(conn) {
+                Ok(id) => {
+                    self.stats.handoffs_in.inc();
+                    self.open_session(id, State::Login);
+                    self.guarded(id, |shard| {
+                        shard.install(id, user);
+                        if !leftover.is_empty() {
+                            shard.on_bytes(id, &leftover);
+                        }
+                    });
+                    if self.stop_deadline.is_some() {
+                        self.bye(id, ByeReason::Shutdown);
+                    }
+                }
+                Err(e) => log::warn!("shard {}: attach failed: {e}", self.id),
+            },
+            Msg::Send {
+                from,
+                reply,
+                client_id,
+                to,
+                body,
+            } => {
+                let server_id = (self.next_seq << 10) | self.id as u64;
+                let time_ms = now_ms();
+                let stored = Stored {
+                    server_id,
+                    from,
+                    time_ms,
+                    body,
+                };
+                let answer = match self.store.push(to, stored) {
+                    Ok(()) => {
+                        self.next_seq += 1;
+                        self.pump(to);
+                        Msg::Ack {
+                            reply,
+                            client_id,
+                            server_id,
+                            time_ms,
+                        }
+                    }
+                    Err(_) => {
+                        self.stats.queue_full.inc();
+                        Msg::Reject {
+                            reply,
+                            client_id,
+                            code: ErrorCode::QueueFull,
+                        }
+                    }
+                };
+                self.route(reply.shard as usize, answer);
+            }
+            Msg::Ack {
+                reply,
+                client_id,
+                server_id,
+                time_ms,
+            } => {
+                if let Some(conn) = self.live(reply) {
+                    self.stats.acks.inc();
+                    self.write(
+                        conn,
+                        &Frame::Ack {
+                            client_id,
+                            server_id,
+                            server_time_ms: time_ms,
+                        },
+                    );
+                }
+            }
+            Msg::Reject {
+                reply,
+                client_id,
+                code,
+            } => {
+                if let Some(conn) = self.live(reply) {
+                    let text = match code {
+                        ErrorCode::QueueFull => "recipient's queue is full, retry later",
+                        _ => "message refused",
+                    };
+                    self.write(
+                        conn,
+                        &Frame::Error {
+                            code,
+                            client_id,
+                            text,
+                        },
+                    );
+                }
+            }
+            Msg::Receipt {
+                user,
+                kind,
+                server_id,
+                peer,
+            } => {
+                // Receipts for an offline sender are not kept in v1.
+                if let Some(conn) = self.online.get(&user).map(|o| o.conn) {
+                    self.stats.receipts.inc();
+                    self.write(
+                        conn,
+                        &Frame::Receipt {
+                            kind,
+                            server_id,
+                            peer,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The connection `r` names, if it is still the same one and open.
+    fn live(&self, r: ConnRef) -> Option<ConnId> {
+        debug_assert_eq!(r.shard as usize, self.id);
+        let s = self.sessions.get(r.conn.index())?;
+        (s.gen == r.gen && s.state == State::Active).then_some(r.conn)
+    }
+
+    fn flush_outboxes(&mut self) {
+        for dst in 0..self.shards {
+            while let Some(msg) = self.outbox[dst].pop_front() {
+                if let Err(msg) = self.links.try_push(dst, msg) {
+                    self.outbox[dst].push_front(msg);
+                    self.stats.ring_full.inc();
+                    break;
+                }
+            }
+        }
+        self.links.notify();
+    }
+
+    fn retry_blocked(&mut self) {
+        if self.blocked.is_empty() {
+            return;
+        }
+        for conn in std::mem::take(&mut self.blocked) {
+            if self
+                .sessions
+                .get(conn.index())
+                .is_some_and(|s| s.state == State::Active)
+            {
+                self.io.set_recv(conn, true);
+                self.guarded(conn, |shard| shard.process_buffered(conn));
+            }
+        }
+    }
+
+    // ---- output ------------------------------------------------------------
+
+    fn write(&mut self, conn: ConnId, frame: &Frame<'_>) {
+        let mut buf = std::mem::take(&mut self.frame_buf);
+        buf.clear();
+        proto::encode(frame, &mut buf);
+        self.write_bytes(conn, &buf);
+        self.frame_buf = buf;
+    }
+
+    fn write_bytes(&mut self, conn: ConnId, bytes: &[u8]) {
+        let s = &mut self.sessions[conn.index()];
+        if s.state == State::Free || s.write_closed {
+            return;
+        }
+        s.bufs
+            .get_or_insert_with(Box::default)
+            .out
+            .extend_from_slice(bytes);
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty.push(conn);
+        }
+    }
+
+    fn flush_output(&mut self) {
+        for conn in std::mem::take(&mut self.dirty) {
+            if let Some(s) = self.sessions.get_mut(conn.index()) {
+                s.dirty = false;
+            }
+            self.flush_conn(conn);
+        }
+    }
+
+    /// Sends what the connection has pending; closes it when it will not
+    /// drain (slow reader) or failed.
+    fn flush_conn(&mut self, conn: ConnId) {
+        let Some(s) = self.sessions.get_mut(conn.index()) else {
+            return;
+        };
+        if s.state == State::Free {
+            return;
+        }
+        let Some(bufs) = s.bufs.as_mut() else {
+            return;
+        };
+        if bufs.out_sent < bufs.out.len() {
+            match self.io.send(conn, &bufs.out[bufs.out_sent..]) {
+                Ok(n) => {
+                    bufs.out_sent += n;
+                    self.stats.bytes_out.add(n as u64);
+                }
+                Err(_) => {
+                    self.close_now(conn);
+                    return;
+                }
+            }
+        }
+        let pending = bufs.out.len() - bufs.out_sent;
+        if pending == 0 {
+            bufs.out.clear();
+            bufs.out_sent = 0;
+            if bufs.inp.is_empty() {
+                s.bufs = None; // idle again: no buffers
+            }
+            if s.state == State::Closing && !s.write_closed {
+                s.write_closed = true;
+                self.io.shutdown_write(conn);
+            }
+        } else if bufs.out_sent > bufs.out.len() / 2 {
+            bufs.out.drain(..bufs.out_sent);
+            bufs.out_sent = 0;
+        }
+        if pending > self.config.conn_out_bytes_max && s.state == State::Active {
+            // Undelivered messages stay queued; nothing more is written here.
+            self.stats.slow_closes.inc();
+            log::info!("shard {}: closing slow reader (user {})", self.id, s.user);
+            self.bye(conn, ByeReason::Slow);
+        }
+    }
+
+    // ---- closing -----------------------------------------------------------
+
+    /// Sends ERROR and closes once it is flushed.
+    fn fail(&mut self, conn: ConnId, code: ErrorCode, client_id: u64, text: &str) {
+        self.write(
+            conn,
+            &Frame::Error {
+                code,
+                client_id,
+                text,
+            },
+        );
+        self.close_after_flush(conn);
+    }
+
+    fn login_err(&mut self, conn: ConnId, code: ErrorCode, text: &str) {
+        self.write(conn, &Frame::LoginErr { code, text });
+        self.close_after_flush(conn);
+    }
+
+    fn bye(&mut self, conn: ConnId, reason: ByeReason) {
+        self.write(conn, &Frame::Bye { reason });
+        self.close_after_flush(conn);
+    }
+
+    /// Leaves the session: no more frames are handled or messages delivered;
+    /// pending output is flushed, then the write side is shut down and the
+    /// peer gets `LINGER` to close before we do.
+    fn close_after_flush(&mut self, conn: ConnId) {
+        self.go_offline(conn);
+        let now = self.wheel.now();
+        let s = &mut self.sessions[conn.index()];
+        if s.state == State::Free || s.state == State::Closing {
+            return;
+        }
+        s.state = State::Closing;
+        s.last_rx = now;
+        if let Some(b) = s.bufs.as_mut() {
+            b.inp = Vec::new();
+        }
+        let gen = s.gen;
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty.push(conn);
+        }
+        self.io.set_recv(conn, true);
+        self.wheel
+            .insert(Entry { key: conn.0, gen }, now + self.linger_ticks);
+    }
+
+    /// Removes `conn`'s user from the online map if `conn` is its session.
+    fn go_offline(&mut self, conn: ConnId) {
+        let user = self.sessions[conn.index()].user;
+        if user != 0 && self.online.get(&user).is_some_and(|o| o.conn == conn) {
+            self.online.remove(&user);
+            self.stats.users_online.set(self.online.len() as u64);
+        }
+    }
+
+    /// Closes at once and frees the slot.
+    fn close_now(&mut self, conn: ConnId) {
+        if self
+            .sessions
+            .get(conn.index())
+            .is_none_or(|s| s.state == State::Free)
+        {
+            return;
+        }
+        self.go_offline(conn);
+        self.sessions[conn.index()] = Session::default();
+        self.io.close(conn);
+        self.stats.conns.sub(1);
+        self.stats.closed.inc();
+    }
+
+    fn on_timer(&mut self, entry: Entry) {
+        let conn = ConnId(entry.key);
+        let Some(s) = self.sessions.get(conn.index()) else {
+            return;
+        };
+        if s.gen != entry.gen {
+            return; // the connection is gone; its slot may be reused
+        }
+        let (ticks, state) = match s.state {
+            State::Free => return,
+            State::Login => (self.login_ticks, State::Login),
+            State::Active => (self.idle_ticks, State::Active),
+            State::Closing => (self.linger_ticks, State::Closing),
+        };
+        let deadline = s.last_rx + ticks;
+        if deadline > self.wheel.now() {
+            self.wheel.insert(entry, deadline);
+            return;
+        }
+        match state {
+            State::Active => {
+                self.stats.idle_closes.inc();
+                self.bye(conn, ByeReason::Idle);
+            }
+            _ => self.close_now(conn),
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        log::info!(
+            "shard {}: shutting down, {} connections",
+            self.id,
+            self.io.len()
+        );
+        self.stop_deadline =
+            Some(Instant::now() + Duration::from_millis(self.config.shutdown_grace_ms));
+        self.io.stop_accepting();
+        for i in 0..self.sessions.len() {
+            match self.sessions[i].state {
+                State::Login | State::Active => self.bye(ConnId(i as u32), ByeReason::Shutdown),
+                State::Free | State::Closing => {}
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        self.flush_output();
+        for i in 0..self.sessions.len() {
+            self.close_now(ConnId(i as u32));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_shard_is_stable_and_spread() {
+        let mut counts = [0usize; 4];
+        for user in 1..=10_000u64 {
+            let h = home_shard(user, 4);
+            assert_eq!(h, home_shard(user, 4));
+            counts[h] += 1;
+        }
+        for c in counts {
+            assert!(c > 2000, "{counts:?}");
+        }
+        assert_eq!(home_shard(12345, 1), 0);
+    }
+
+    #[test]
+    fn session_slot_is_small() {
+        // The per-connection budget is 256 bytes, all structures included.
+        assert!(
+            std::mem::size_of::<Session>() <= 40,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+    }
+}

@@ -1,0 +1,363 @@
+//! Per-shard counters: single-writer atomics, one cache-line-aligned block per shard.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// One value written by a single thread (its shard) and read by the stats thread.
+///
+/// Writes are a relaxed load plus a relaxed store, never a lock-prefixed
+/// read-modify-write: the owning shard is the only writer, so no update can
+/// be lost, and the hot path pays for a plain `mov`. A second writer thread
+/// *would* lose updates; that is a bug in the caller.
+///
+/// Readers see each value whole (no torn reads) but possibly a little stale,
+/// and values of different counters are not a consistent snapshot.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one. Wraps at `u64::MAX` (centuries away at any real rate).
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Adds `n`. Wraps at `u64::MAX`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Subtracts `n`, stopping at 0. Meant for gauges; a gauge that would go
+    /// below zero is a miscount, asserted in debug builds.
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        debug_assert!(v >= n, "gauge would go negative: {v} - {n}");
+        self.0.store(v.saturating_sub(n), Ordering::Relaxed);
+    }
+
+    /// Replaces the value (sampled gauges such as ring depths).
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The current value, as last written by the owning thread.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Counter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.get())
+    }
+}
+
+/// Whether a [`ShardStats`] field only grows or goes up and down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A level (connections open, queue depth): rendered as a Prometheus `gauge`.
+    Gauge,
+    /// A running total of events: a Prometheus `counter`, named with `_total`.
+    Counter,
+}
+
+/// Description of one [`ShardStats`] field, so renderers can list every field
+/// without naming each one (and cannot forget a new one).
+#[derive(Clone, Copy, Debug)]
+pub struct Field {
+    /// The field's name in Rust, e.g. `msgs_in`.
+    pub name: &'static str,
+    /// Gauge or counter.
+    pub kind: Kind,
+    /// One-line description: the field's doc comment.
+    pub help: &'static str,
+    /// Reads the field from one shard's block.
+    pub get: fn(&ShardStats) -> &Counter,
+}
+
+/// Declares [`ShardStats`] and its [`ShardStats::FIELDS`] table from one list,
+/// so the doc comment of each field is also its Prometheus `# HELP` text.
+macro_rules! shard_stats {
+    (
+        $(#[$meta:meta])*
+        pub struct $ty:ident {
+            $( #[doc = $doc:literal] $kind:ident $name:ident, )+
+        }
+    ) => {
+        $(#[$meta])*
+        pub struct $ty {
+            $( #[doc = $doc] pub $name: Counter, )+
+        }
+
+        impl $ty {
+            /// Every field, in declaration order: gauges first, then counters.
+            pub const FIELDS: &'static [Field] = &[
+                $( Field {
+                    name: stringify!($name),
+                    kind: Kind::$kind,
+                    help: $doc.trim_ascii(),
+                    get: |s| &s.$name,
+                }, )+
+            ];
+        }
+    };
+}
+
+shard_stats! {
+    /// Counters of one shard. Aligned to 128 bytes so two shards never share
+    /// a cache line (128 rather than 64: adjacent-line prefetch pulls pairs).
+    ///
+    /// Every field is written only by the owning shard thread and read by the
+    /// stats thread. Gauges are levels; counters only grow.
+    #[repr(align(128))]
+    #[derive(Default, Debug)]
+    pub struct ShardStats {
+        /// Open client connections on this shard (logged in or not).
+        Gauge conns,
+        /// Logged-in sessions homed on this shard.
+        Gauge users_online,
+        /// Messages held in this shard's store-and-forward queues.
+        Gauge queued,
+        /// Items waiting in the rings into this shard (sampled each loop).
+        Gauge ring_in_depth,
+        /// Items waiting in this shard's outboxes to other shards (not yet in a ring).
+        Gauge ring_out_depth,
+        /// Median event-loop iteration time over the last window, in microseconds.
+        Gauge loop_p50_us,
+        /// 99th percentile event-loop iteration time over the last window, in microseconds.
+        Gauge loop_p99_us,
+        /// Client connections accepted.
+        Counter accepted,
+        /// Client connections closed, for any reason.
+        Counter closed,
+        /// Connections refused at accept (over the connection limit or the accept rate).
+        Counter rejected,
+        /// Successful logins.
+        Counter logins_ok,
+        /// Failed logins (bad, expired or malformed token).
+        Counter logins_failed,
+        /// SEND frames accepted.
+        Counter msgs_in,
+        /// DELIVER frames written.
+        Counter msgs_out,
+        /// Acknowledgements received from devices.
+        Counter acks,
+        /// Receipts sent back to senders.
+        Counter receipts,
+        /// Messages refused because the recipient's queue was full.
+        Counter queue_full,
+        /// Pushes that found a cross-shard ring full (back-pressure).
+        Counter ring_full,
+        /// Items received from other shards.
+        Counter handoffs_in,
+        /// Items sent to other shards.
+        Counter handoffs_out,
+        /// Connections closed because their unsent output grew too large.
+        Counter slow_closes,
+        /// Connections closed for idleness or a login timeout.
+        Counter idle_closes,
+        /// Connections closed for a protocol violation.
+        Counter protocol_errors,
+        /// Panics caught on this shard.
+        Counter panics,
+        /// Bytes read from client sockets.
+        Counter bytes_in,
+        /// Bytes written to client sockets.
+        Counter bytes_out,
+        /// Event-loop iterations.
+        Counter loop_iterations,
+    }
+}
+
+/// How often [`LoopTimer`] publishes `loop_p50_us` and `loop_p99_us`.
+pub const LOOP_WINDOW: Duration = Duration::from_secs(1);
+
+/// Longest loop iteration [`LoopTimer`] tells apart, in microseconds (60 s).
+/// Longer iterations are recorded as this value.
+pub const LOOP_US_MAX: u64 = 60_000_000;
+
+/// Significant decimal digits kept by [`LoopTimer`]: values are exact to 1 %,
+/// which is plenty for a latency gauge and keeps the histogram small.
+const LOOP_SIGFIG: u8 = 2;
+
+/// Event-loop iteration times of one shard, published to
+/// [`ShardStats::loop_p50_us`] and [`ShardStats::loop_p99_us`] once per
+/// [`LOOP_WINDOW`]. Owned by the shard thread; never shared.
+///
+/// It does not count iterations: that is [`ShardStats::loop_iterations`].
+pub struct LoopTimer {
+    histogram: Histogram<u64>,
+    /// When the current window began (the last publication, or creation).
+    window_start: Instant,
+}
+
+impl LoopTimer {
+    /// A timer whose first window starts at `now`.
+    pub fn new(now: Instant) -> LoopTimer {
+        let histogram = Histogram::new_with_bounds(1, LOOP_US_MAX, LOOP_SIGFIG)
+            .expect("constant histogram bounds are valid");
+        LoopTimer {
+            histogram,
+            window_start: now,
+        }
+    }
+
+    /// Records one iteration that took `elapsed`. When `now` is at least
+    /// [`LOOP_WINDOW`] past the start of the window, publishes the window's
+    /// p50 and p99 to `stats`, starts a new window and returns true.
+    ///
+    /// A window with no iterations publishes nothing (the gauges keep their
+    /// last values); one cannot happen here since this call records one.
+    pub fn record(&mut self, elapsed: Duration, now: Instant, stats: &ShardStats) -> bool {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.histogram.saturating_record(us.min(LOOP_US_MAX));
+        if now.saturating_duration_since(self.window_start) < LOOP_WINDOW {
+            return false;
+        }
+        debug_assert!(!self.histogram.is_empty());
+        stats
+            .loop_p50_us
+            .set(self.histogram.value_at_quantile(0.50));
+        stats
+            .loop_p99_us
+            .set(self.histogram.value_at_quantile(0.99));
+        self.histogram.reset();
+        self.window_start = now;
+        true
+    }
+}
+
+impl fmt::Debug for LoopTimer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoopTimer")
+            .field("samples", &self.histogram.len())
+            .field("window_start", &self.window_start)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    #[test]
+    fn counter_ops() {
+        let c = Counter::default();
+        assert_eq!(c.get(), 0);
+        c.inc();
+        c.add(10);
+        assert_eq!(c.get(), 11);
+        c.sub(1);
+        assert_eq!(c.get(), 10);
+        c.set(u64::MAX);
+        c.inc();
+        assert_eq!(c.get(), 0, "add wraps");
+        assert_eq!(format!("{c:?}"), "0");
+    }
+
+    #[test]
+    #[cfg_attr(debug_assertions, should_panic(expected = "gauge would go negative"))]
+    fn counter_sub_saturates() {
+        let c = Counter::default();
+        c.set(2);
+        c.sub(5);
+        assert_eq!(c.get(), 0);
+    }
+
+    #[test]
+    fn shard_stats_layout() {
+        assert_eq!(std::mem::align_of::<ShardStats>(), 128);
+        assert_eq!(std::mem::size_of::<ShardStats>() % 128, 0);
+        // Every field is in the table: the struct holds nothing but counters.
+        let fields = ShardStats::FIELDS.len();
+        let lines = std::mem::size_of::<ShardStats>() / 128;
+        assert!(fields * 8 <= lines * 128 && fields * 8 > (lines - 1) * 128);
+    }
+
+    #[test]
+    fn fields_table_is_complete_and_distinct() {
+        let s = ShardStats::default();
+        let mut names = HashSet::new();
+        for (i, f) in ShardStats::FIELDS.iter().enumerate() {
+            assert!(names.insert(f.name), "duplicate {}", f.name);
+            assert!(!f.help.is_empty() && !f.help.contains('\n'), "{}", f.name);
+            (f.get)(&s).set(i as u64 + 1);
+        }
+        // Each accessor reaches its own field: all values are still distinct.
+        let values: HashSet<u64> = ShardStats::FIELDS
+            .iter()
+            .map(|f| (f.get)(&s).get())
+            .collect();
+        assert_eq!(values.len(), ShardStats::FIELDS.len());
+        assert_eq!(s.conns.get(), 1);
+        assert_eq!(s.loop_iterations.get(), ShardStats::FIELDS.len() as u64);
+        assert_eq!(
+            ShardStats::FIELDS[0].help,
+            "Open client connections on this shard (logged in or not)."
+        );
+    }
+
+    #[test]
+    fn single_writer_is_seen_by_reader() {
+        const N: u64 = 100_000;
+        let s = Arc::new(ShardStats::default());
+        let writer = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                for _ in 0..N {
+                    s.msgs_in.inc();
+                }
+            })
+        };
+        let mut last = 0;
+        while last < N {
+            let v = s.msgs_in.get();
+            assert!(v >= last, "went backwards: {v} < {last}");
+            last = v;
+            if writer.is_finished() {
+                last = s.msgs_in.get();
+                break;
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(s.msgs_in.get(), N);
+        assert!(last <= N);
+    }
+
+    #[test]
+    fn loop_timer_publishes_once_per_window() {
+        let stats = ShardStats::default();
+        let t0 = Instant::now();
+        let mut timer = LoopTimer::new(t0);
+        for i in 0..99 {
+            let now = t0 + Duration::from_millis(i);
+            assert!(!timer.record(Duration::from_micros(100), now, &stats));
+        }
+        assert_eq!(
+            stats.loop_p50_us.get(),
+            0,
+            "nothing published inside the window"
+        );
+        // One slow iteration closes the window: 100 samples, 1 % of them slow.
+        assert!(timer.record(Duration::from_secs(120), t0 + LOOP_WINDOW, &stats));
+        let p50 = stats.loop_p50_us.get();
+        assert!((99..=101).contains(&p50), "p50 {p50}");
+        let p99 = stats.loop_p99_us.get();
+        assert!((99..=101).contains(&p99), "p99 {p99}");
+        // The next window starts empty: a lone slow iteration is its p99.
+        assert!(!timer.record(Duration::from_secs(120), t0 + LOOP_WINDOW, &stats));
+        assert!(timer.record(Duration::ZERO, t0 + 2 * LOOP_WINDOW, &stats));
+        assert!(stats.loop_p99_us.get() >= LOOP_US_MAX * 99 / 100);
+        assert_eq!(stats.loop_p50_us.get(), 0);
+    }
+}

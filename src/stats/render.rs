@@ -1,0 +1,556 @@
+//! The shared [`StatsView`] and the text answers to stats commands.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::counters::{Counter, Kind, ShardStats};
+
+/// What the stats socket can see: process facts plus every shard's counters.
+/// Built once at start-up and shared read-only with the stats thread.
+#[derive(Debug)]
+pub struct StatsView {
+    /// Crate version, `env!("CARGO_PKG_VERSION")`.
+    pub version: &'static str,
+    /// I/O backend in use, e.g. `"poll (epoll)"`.
+    pub backend: &'static str,
+    /// When the server started; uptime is measured from here.
+    pub started: Instant,
+    /// Most connections the process holds (`Config::conns_max`).
+    pub conns_max: usize,
+    /// One block per shard, indexed by shard id.
+    pub shards: Vec<Arc<ShardStats>>,
+}
+
+impl StatsView {
+    /// A view with this crate's version, started now, with `shard_count`
+    /// zeroed shard blocks.
+    pub fn new(backend: &'static str, conns_max: usize, shard_count: usize) -> StatsView {
+        StatsView {
+            version: env!("CARGO_PKG_VERSION"),
+            backend,
+            started: Instant::now(),
+            conns_max,
+            shards: (0..shard_count).map(|_| Arc::default()).collect(),
+        }
+    }
+
+    /// Sum of one field over every shard. Shards are read one after another,
+    /// so the sum is not a snapshot of a single instant.
+    fn sum(&self, get: Getter) -> u64 {
+        self.shards
+            .iter()
+            .fold(0u64, |acc, s| acc.wrapping_add(get(s).get()))
+    }
+}
+
+/// The commands, with their one-line descriptions, as `help` lists them.
+const COMMANDS: &[(&str, &str)] = &[
+    ("help", "this message"),
+    (
+        "show info",
+        "process totals: version, uptime, connections, users, messages, memory",
+    ),
+    (
+        "show shards",
+        "one row per shard: connections, users, messages, queues, rings, loop latency",
+    ),
+    (
+        "show metrics",
+        "every counter of every shard in Prometheus text format 0.0.4",
+    ),
+];
+
+/// Facts about the process that are read from the OS at render time; tests
+/// pass fixed ones.
+#[derive(Clone, Copy, Debug)]
+struct Process {
+    uptime: Duration,
+    rss_bytes: u64,
+}
+
+/// Renders the answer to one command line. Pure except for reading the
+/// resident memory from the OS (for `show info` and `show metrics`).
+///
+/// The line is trimmed and split on whitespace, so `show  info` works;
+/// words are case-sensitive. Every answer ends with a newline.
+pub fn render(view: &StatsView, command: &str) -> String {
+    render_with(view, command, || Process {
+        uptime: view.started.elapsed(),
+        rss_bytes: rss_bytes(),
+    })
+}
+
+fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Process) -> String {
+    let command = command.trim();
+    let words: Vec<&str> = command.split_whitespace().collect();
+    match words.as_slice() {
+        ["help"] => render_help(),
+        ["show", "info"] => render_info(view, process()),
+        ["show", "shards"] => render_shards(view),
+        ["show", "metrics"] => render_metrics(view, process()),
+        _ => format!("Unknown command: '{command}'. Try 'help'.\n"),
+    }
+}
+
+fn render_help() -> String {
+    let width = COMMANDS.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
+    let mut out = String::from("The following commands are valid:\n");
+    for (command, description) in COMMANDS {
+        // `write!` to a String cannot fail.
+        let _ = writeln!(out, "  {command:<width$} : {description}");
+    }
+    out
+}
+
+fn render_info(view: &StatsView, process: Process) -> String {
+    let conns = view.sum(|s| &s.conns);
+    let bytes_per_conn = process.rss_bytes.checked_div(conns).unwrap_or(0);
+    let lines: [(&str, String); 13] = [
+        ("Version", view.version.to_string()),
+        ("Backend", view.backend.to_string()),
+        ("Uptime_sec", process.uptime.as_secs().to_string()),
+        ("Shards", view.shards.len().to_string()),
+        ("Conns", conns.to_string()),
+        ("Conns_max", view.conns_max.to_string()),
+        ("Users_online", view.sum(|s| &s.users_online).to_string()),
+        ("Queued", view.sum(|s| &s.queued).to_string()),
+        ("Msgs_in", view.sum(|s| &s.msgs_in).to_string()),
+        ("Msgs_out", view.sum(|s| &s.msgs_out).to_string()),
+        ("Panics", view.sum(|s| &s.panics).to_string()),
+        ("Rss_bytes", process.rss_bytes.to_string()),
+        ("Bytes_per_conn", bytes_per_conn.to_string()),
+    ];
+    let mut out = String::new();
+    for (key, value) in lines {
+        let _ = writeln!(out, "{key}: {value}");
+    }
+    out
+}
+
+/// Reads one field of a shard's block.
+type Getter = fn(&ShardStats) -> &Counter;
+
+/// Columns of `show shards`, after the leading `shard` column.
+const SHARD_COLUMNS: &[(&str, Getter)] = &[
+    ("conns", |s| &s.conns),
+    ("users", |s| &s.users_online),
+    ("msgs_in", |s| &s.msgs_in),
+    ("msgs_out", |s| &s.msgs_out),
+    ("queued", |s| &s.queued),
+    ("ring_in", |s| &s.ring_in_depth),
+    ("ring_out", |s| &s.ring_out_depth),
+    ("ring_full", |s| &s.ring_full),
+    ("loop_p50_us", |s| &s.loop_p50_us),
+    ("loop_p99_us", |s| &s.loop_p99_us),
+];
+
+/// A table: header row, then one row per shard. Cells are separated by
+/// single spaces and padded to the column width (the shard id on the left,
+/// numbers on the right), so both eyes and `split_whitespace` can read it.
+fn render_shards(view: &StatsView) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::with_capacity(view.shards.len() + 1);
+    let mut header = vec!["shard".to_string()];
+    header.extend(SHARD_COLUMNS.iter().map(|(name, _)| name.to_string()));
+    rows.push(header);
+    for (id, shard) in view.shards.iter().enumerate() {
+        let mut row = vec![id.to_string()];
+        row.extend(
+            SHARD_COLUMNS
+                .iter()
+                .map(|(_, get)| get(shard).get().to_string()),
+        );
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..=SHARD_COLUMNS.len())
+        .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        for (col, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            let _ = match col {
+                0 => write!(out, "{cell:<width$}"),
+                _ => write!(out, " {cell:>width$}"),
+            };
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Prometheus text exposition format 0.0.4: every family has `# HELP` and
+/// `# TYPE`, then one sample per shard labelled `shard="N"`. Summing across
+/// shards is left to the scraper.
+fn render_metrics(view: &StatsView, process: Process) -> String {
+    let mut out = String::new();
+    for field in ShardStats::FIELDS {
+        let (name, kind) = match field.kind {
+            Kind::Gauge => (format!("tern_{}", field.name), "gauge"),
+            Kind::Counter => (format!("tern_{}_total", field.name), "counter"),
+        };
+        let _ = writeln!(out, "# HELP {name} {}", escape_help(field.help));
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (id, shard) in view.shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{id}\"}} {}", (field.get)(shard).get());
+        }
+    }
+    let process_gauges: [(&str, &str, String); 3] = [
+        (
+            "tern_uptime_seconds",
+            "Seconds since the server started.",
+            format!("{:.3}", process.uptime.as_secs_f64()),
+        ),
+        (
+            "tern_resident_memory_bytes",
+            "Resident memory of the process in bytes (peak on systems without /proc).",
+            process.rss_bytes.to_string(),
+        ),
+        (
+            "tern_conns_max",
+            "Most client connections the process holds.",
+            view.conns_max.to_string(),
+        ),
+    ];
+    for (name, help, value) in process_gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tern_build_info Version and I/O backend; always 1."
+    );
+    let _ = writeln!(out, "# TYPE tern_build_info gauge");
+    let _ = writeln!(
+        out,
+        "tern_build_info{{version=\"{}\",backend=\"{}\"}} 1",
+        escape_label(view.version),
+        escape_label(view.backend),
+    );
+    out
+}
+
+/// `# HELP` text escapes backslash and newline (format 0.0.4).
+fn escape_help(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Label values also escape the double quote (format 0.0.4).
+fn escape_label(s: &str) -> String {
+    escape_help(s).replace('"', "\\\"")
+}
+
+/// Resident memory of this process in bytes, 0 if the OS will not say.
+///
+/// Linux: resident pages from `/proc/self/statm` times the page size.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn rss_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    // Fields: size resident shared text lib data dt, all in pages.
+    let Some(pages) = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+    else {
+        return 0;
+    };
+    // SAFETY: sysconf only reads a system constant; it has no preconditions.
+    let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    // -1 means the value is unknown.
+    u64::try_from(page_bytes).map_or(0, |b| pages.saturating_mul(b))
+}
+
+/// Resident memory of this process in bytes, 0 if the OS will not say.
+///
+/// Without `/proc` this is `getrusage`'s `ru_maxrss`: the *peak* resident
+/// size, in bytes on Apple systems and in KiB on the BSDs.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) fn rss_bytes() -> u64 {
+    // SAFETY: `rusage` is plain old data, so all-zero bytes are a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable `rusage` for the call to fill in.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if rc != 0 {
+        // EFAULT/EINVAL cannot happen with these arguments; report unknown.
+        return 0;
+    }
+    let max_rss = u64::try_from(usage.ru_maxrss).unwrap_or(0);
+    if cfg!(any(target_os = "macos", target_os = "ios")) {
+        max_rss
+    } else {
+        max_rss.saturating_mul(1024)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::{HashMap, HashSet};
+
+    /// Two shards with distinct, recognisable values.
+    pub(crate) fn fake_view() -> StatsView {
+        let view = StatsView {
+            version: "9.8.7",
+            backend: "fake \"backend\"",
+            started: Instant::now(),
+            conns_max: 1000,
+            shards: vec![Arc::default(), Arc::default()],
+        };
+        let (a, b) = (&view.shards[0], &view.shards[1]);
+        a.conns.set(3);
+        b.conns.set(4);
+        a.users_online.set(2);
+        b.users_online.set(1);
+        a.queued.set(10);
+        b.queued.set(20);
+        a.msgs_in.add(100);
+        b.msgs_in.add(200);
+        a.msgs_out.add(1000);
+        b.msgs_out.add(2000);
+        b.panics.inc();
+        a.ring_in_depth.set(5);
+        b.ring_out_depth.set(6);
+        b.ring_full.add(7);
+        a.loop_p50_us.set(12);
+        a.loop_p99_us.set(345);
+        view
+    }
+
+    fn fixed() -> Process {
+        Process {
+            uptime: Duration::from_millis(61_500),
+            rss_bytes: 7_000,
+        }
+    }
+
+    fn info_map(text: &str) -> HashMap<String, String> {
+        text.lines()
+            .map(|l| {
+                let (k, v) = l.split_once(": ").expect("Key: value");
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn help_lists_every_command() {
+        let out = render(&fake_view(), "help");
+        assert!(out.ends_with('\n'));
+        for (command, _) in COMMANDS {
+            assert!(out.contains(command), "{command} missing from {out}");
+        }
+    }
+
+    #[test]
+    fn info_sums_shards() {
+        let out = render_with(&fake_view(), "  show info \n", fixed);
+        assert!(out.ends_with('\n'));
+        let info = info_map(&out);
+        let expect = [
+            ("Version", "9.8.7"),
+            ("Backend", "fake \"backend\""),
+            ("Uptime_sec", "61"),
+            ("Shards", "2"),
+            ("Conns", "7"),
+            ("Conns_max", "1000"),
+            ("Users_online", "3"),
+            ("Queued", "30"),
+            ("Msgs_in", "300"),
+            ("Msgs_out", "3000"),
+            ("Panics", "1"),
+            ("Rss_bytes", "7000"),
+            ("Bytes_per_conn", "1000"),
+        ];
+        assert_eq!(info.len(), expect.len(), "{out}");
+        for (k, v) in expect {
+            assert_eq!(info.get(k).map(String::as_str), Some(v), "{k}");
+        }
+    }
+
+    #[test]
+    fn info_with_no_connections() {
+        let view = StatsView::new("none", 10, 0);
+        let info = info_map(&render_with(&view, "show info", fixed));
+        assert_eq!(info["Conns"], "0");
+        assert_eq!(info["Bytes_per_conn"], "0");
+        assert_eq!(info["Version"], env!("CARGO_PKG_VERSION"));
+    }
+
+    #[test]
+    fn info_reads_real_rss() {
+        let info = info_map(&render(&fake_view(), "show info"));
+        let rss: u64 = info["Rss_bytes"].parse().unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(rss > 0);
+        }
+        let per_conn: u64 = info["Bytes_per_conn"].parse().unwrap();
+        assert_eq!(per_conn, rss / 7);
+    }
+
+    #[test]
+    fn shards_table() {
+        let out = render(&fake_view(), "show shards");
+        assert!(out.ends_with('\n'));
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            [
+                "shard",
+                "conns",
+                "users",
+                "msgs_in",
+                "msgs_out",
+                "queued",
+                "ring_in",
+                "ring_out",
+                "ring_full",
+                "loop_p50_us",
+                "loop_p99_us"
+            ]
+        );
+        assert_eq!(
+            rows[1],
+            ["0", "3", "2", "100", "1000", "10", "5", "0", "0", "12", "345"]
+        );
+        assert_eq!(
+            rows[2],
+            ["1", "4", "1", "200", "2000", "20", "0", "6", "7", "0", "0"]
+        );
+        assert_eq!(rows.len(), 3);
+        // Aligned: every line has the same width, and no trailing space.
+        let widths: HashSet<usize> = out.lines().map(str::len).collect();
+        assert_eq!(widths.len(), 1, "{out}");
+        assert!(out.lines().all(|l| !l.ends_with(' ')));
+    }
+
+    #[test]
+    fn shards_table_without_shards_is_a_header() {
+        let out = render(&StatsView::new("none", 10, 0), "show shards");
+        assert_eq!(out.lines().count(), 1);
+        assert!(out.starts_with("shard "));
+    }
+
+    /// A parsed sample line: `name{labels} value` or `name value`.
+    fn parse_sample(line: &str) -> (String, HashMap<String, String>, f64) {
+        let (series, value) = line.rsplit_once(' ').expect("name value");
+        let value: f64 = value.parse().expect("numeric value");
+        let (name, labels) = match series.split_once('{') {
+            None => (series, HashMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("closing brace");
+                let mut labels = HashMap::new();
+                // Values here hold no commas or escaped quotes except build_info's.
+                let mut rest = body;
+                while !rest.is_empty() {
+                    let (key, after) = rest.split_once("=\"").expect("key=\"");
+                    let mut end = 0;
+                    let bytes = after.as_bytes();
+                    while bytes[end] != b'"' {
+                        end += if bytes[end] == b'\\' { 2 } else { 1 };
+                    }
+                    labels.insert(key.to_string(), after[..end].to_string());
+                    rest = after[end + 1..].trim_start_matches(',');
+                }
+                (name, labels)
+            }
+        };
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && name.starts_with("tern_"),
+            "bad name {name}"
+        );
+        (name.to_string(), labels, value)
+    }
+
+    #[test]
+    fn metrics_parse_and_are_described() {
+        let out = render_with(&fake_view(), "show metrics", fixed);
+        assert!(out.ends_with('\n'));
+        let mut help = HashSet::new();
+        let mut types = HashMap::new();
+        let mut samples = Vec::new();
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, text) = rest.split_once(' ').unwrap();
+                assert!(!text.is_empty());
+                assert!(help.insert(name.to_string()), "HELP twice for {name}");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(kind == "counter" || kind == "gauge", "{line}");
+                assert!(help.contains(name), "TYPE before HELP for {name}");
+                assert!(types.insert(name.to_string(), kind.to_string()).is_none());
+                continue;
+            }
+            assert!(!line.starts_with('#'), "{line}");
+            let (name, labels, value) = parse_sample(line);
+            assert!(types.contains_key(&name), "sample before TYPE: {line}");
+            samples.push((name, labels, value));
+        }
+        // Every described metric has samples; counters and only counters end in _total.
+        for (name, kind) in &types {
+            assert!(
+                samples.iter().any(|(n, _, _)| n == name),
+                "{name} has no sample"
+            );
+            assert_eq!(name.ends_with("_total"), kind == "counter", "{name}");
+        }
+        assert_eq!(types.len(), ShardStats::FIELDS.len() + 4);
+        let get = |name: &str, shard: &str| {
+            samples
+                .iter()
+                .find(|(n, l, _)| n == name && l.get("shard").map(String::as_str) == Some(shard))
+                .map(|s| s.2)
+        };
+        assert_eq!(get("tern_msgs_in_total", "0"), Some(100.0));
+        assert_eq!(get("tern_msgs_in_total", "1"), Some(200.0));
+        assert_eq!(get("tern_conns", "1"), Some(4.0));
+        assert_eq!(get("tern_ring_full_total", "1"), Some(7.0));
+        assert_eq!(get("tern_loop_p99_us", "0"), Some(345.0));
+        assert_eq!(get("tern_conns", "2"), None);
+        let per_shard = samples
+            .iter()
+            .filter(|(_, l, _)| l.contains_key("shard"))
+            .count();
+        assert_eq!(per_shard, ShardStats::FIELDS.len() * 2);
+        let find = |name: &str| samples.iter().find(|(n, _, _)| n == name).unwrap();
+        assert_eq!(find("tern_uptime_seconds").2, 61.5);
+        assert_eq!(find("tern_resident_memory_bytes").2, 7000.0);
+        assert_eq!(find("tern_conns_max").2, 1000.0);
+        let build = find("tern_build_info");
+        assert_eq!(build.2, 1.0);
+        assert_eq!(build.1["version"], "9.8.7");
+        assert_eq!(build.1["backend"], "fake \\\"backend\\\"");
+    }
+
+    #[test]
+    fn unknown_commands() {
+        let view = fake_view();
+        assert_eq!(
+            render(&view, "show bogus"),
+            "Unknown command: 'show bogus'. Try 'help'.\n"
+        );
+        assert_eq!(
+            render(&view, "SHOW INFO"),
+            "Unknown command: 'SHOW INFO'. Try 'help'.\n"
+        );
+        assert_eq!(
+            render(&view, "show info extra"),
+            "Unknown command: 'show info extra'. Try 'help'.\n"
+        );
+        assert_eq!(render(&view, " \r\n"), "Unknown command: ''. Try 'help'.\n");
+        assert!(render(&view, "show   shards").starts_with("shard "));
+    }
+
+    #[test]
+    fn label_escaping() {
+        assert_eq!(escape_label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert_eq!(escape_help("a\\b\"c\nd"), "a\\\\b\"c\\nd");
+    }
+}
