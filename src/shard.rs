@@ -16,13 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hdrhistogram::Histogram;
-
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Detached, Io};
 use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 use crate::ring::Links;
-use crate::stats::ShardStats;
+use crate::stats::{LoopTimer, ShardStats};
 use crate::store::{MemStore, Store, Stored};
 use crate::timer::{self, Entry, Tick, Wheel};
 use crate::token;
@@ -32,8 +30,6 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// After an error or BYE, how long a closing connection may take to read
 /// what we sent before it is closed anyway.
 const LINGER: Duration = Duration::from_secs(2);
-/// How often loop-time percentiles and gauges are published to the stats.
-const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// Poll timeout while an outbox waits for ring space.
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
@@ -234,8 +230,7 @@ pub struct Shard {
     frame_buf: Vec<u8>,
     conns_max: usize,
     accept_window: (Instant, u32),
-    loop_time: Histogram<u64>,
-    published: Instant,
+    loop_timer: LoopTimer,
     idle_ticks: Tick,
     login_ticks: Tick,
     linger_ticks: Tick,
@@ -278,8 +273,7 @@ impl Shard {
             frame_buf: Vec::new(),
             conns_max: config.conns_max.div_ceil(shards),
             accept_window: (Instant::now(), 0),
-            loop_time: Histogram::new_with_bounds(1, 60_000_000, 2).expect("histogram bounds"),
-            published: Instant::now(),
+            loop_timer: LoopTimer::new(Instant::now()),
             idle_ticks: timer::ticks(config.idle_timeout()),
             login_ticks: timer::ticks(config.login_timeout()),
             linger_ticks: timer::ticks(LINGER),
@@ -323,21 +317,16 @@ impl Shard {
             self.flush_output();
 
             self.stats.loop_iterations.inc();
-            let _ = self
-                .loop_time
-                .record(started.elapsed().as_micros().max(1) as u64);
-            if self.published.elapsed() >= PUBLISH_EVERY {
-                self.publish();
+            let now = Instant::now();
+            if self.loop_timer.record(now - started, now, &self.stats) {
+                self.publish_gauges();
             }
         }
     }
 
-    fn publish(&mut self) {
-        self.published = Instant::now();
+    /// Gauges that are cheaper to sample than to track (once a second).
+    fn publish_gauges(&self) {
         let s = &self.stats;
-        s.loop_p50_us.set(self.loop_time.value_at_quantile(0.5));
-        s.loop_p99_us.set(self.loop_time.value_at_quantile(0.99));
-        self.loop_time.reset();
         s.queued.set(self.store.total() as u64);
         s.ring_in_depth.set(self.links.in_depth() as u64);
         s.ring_out_depth
