@@ -424,7 +424,11 @@ impl Shard {
             last_rx: now,
             ..Session::default()
         };
-        let deadline = now + self.login_ticks;
+        // The one timer entry must fire by whichever deadline can come
+        // first: the login deadline now, or the idle deadline if the LOGIN
+        // succeeds. `on_timer` re-arms it at the real deadline of the state
+        // it finds, so firing early is harmless but firing late is not.
+        let deadline = now + self.login_ticks.min(self.idle_ticks);
         self.wheel.insert(Entry { key: conn.0, gen }, deadline);
         self.stats.conns.inc();
     }

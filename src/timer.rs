@@ -15,6 +15,10 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// earlier slot and are re-inserted when it fires.
 const SLOTS: usize = 1024;
 
+/// Capacity an emptied slot keeps (entries), so steady traffic does not
+/// reallocate every tick.
+const SLOT_KEEP_CAPACITY: usize = 64;
+
 /// Time in ticks since the shard started. `u32` ticks of 100 ms cover 13 years.
 pub type Tick = u32;
 
@@ -65,7 +69,13 @@ impl Wheel {
 
     fn expire_until(&mut self, now: Tick, fired: &mut Vec<Entry>) {
         while self.next <= now {
-            fired.append(&mut self.slots[self.next as usize % SLOTS]);
+            let slot = &mut self.slots[self.next as usize % SLOTS];
+            fired.append(slot);
+            // A burst of connections must not leave every slot holding its
+            // peak capacity for ever.
+            if slot.capacity() > SLOT_KEEP_CAPACITY {
+                slot.shrink_to(SLOT_KEEP_CAPACITY);
+            }
             self.next += 1;
         }
     }
