@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::io::Backend;
+
 /// The token secret used when none is configured. Anyone can mint tokens for
 /// it, so the server logs a loud warning when it runs with this value.
 pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-production";
@@ -23,6 +25,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Number of shards (event-loop threads). Default 0: one per available core.
     pub shards: usize,
+    /// I/O backend: `auto` (io_uring where the kernel supports it, else
+    /// poll), `uring`, or `poll` (epoll/kqueue). Default `auto`.
+    pub io: Backend,
     /// Pin shard N to core N. Default false.
     pub pin_cores: bool,
     /// Path of the stats Unix socket. Default `./tern.sock`.
@@ -68,6 +73,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 5222)),
             shards: 0,
+            io: Backend::Auto,
             pin_cores: false,
             stats_socket: PathBuf::from("tern.sock"),
             metrics_listen: None,

@@ -62,6 +62,9 @@ struct Overrides {
     /// Shards (event-loop threads); 0 = one per core.
     #[arg(long)]
     shards: Option<usize>,
+    /// I/O backend: auto, uring or poll.
+    #[arg(long)]
+    io: Option<tern::io::Backend>,
     /// Pin shard N to core N (Linux).
     #[arg(long)]
     pin_cores: bool,
@@ -120,6 +123,7 @@ impl Overrides {
         set!(
             listen,
             shards,
+            io,
             stats_socket,
             token_secret,
             frame_bytes_max,

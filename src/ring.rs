@@ -164,7 +164,12 @@ mod tests {
         let ios: Vec<_> = (0..n)
             .map(|_| {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-                crate::io::Io::new(l).unwrap()
+                let options = crate::io::IoOptions {
+                    backend: crate::io::Backend::Poll,
+                    shard: 0,
+                    conns_max: 1,
+                };
+                crate::io::Io::new(l, &options).unwrap()
             })
             .collect();
         let w = ios.iter().map(|io| io.wake_handle()).collect();

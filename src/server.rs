@@ -11,16 +11,16 @@ use std::io::Result as IoResult;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::io::{self, Io};
-use crate::ring;
-use crate::shard::{Shard, ShardParts};
+use crate::io::{Io, IoOptions, PeerInfo, WakeHandle};
+use crate::ring::{self, Links};
+use crate::shard::{Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, StatsServer, StatsView};
 
 /// A running server.
@@ -28,7 +28,7 @@ pub struct Server {
     addr: SocketAddr,
     stats_socket: PathBuf,
     stop: Arc<AtomicBool>,
-    wakers: Vec<io::WakeHandle>,
+    wakers: Vec<WakeHandle>,
     threads: Vec<JoinHandle<()>>,
     stats: Option<StatsServer>,
 }
@@ -51,41 +51,51 @@ impl Server {
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
             );
         }
-        let ios = listeners
-            .into_iter()
-            .map(Io::new)
-            .collect::<IoResult<Vec<_>>>()?;
-        let wakers: Vec<_> = ios.iter().map(Io::wake_handle).collect();
-        let links = ring::mesh(config.ring_slots, wakers.clone());
-        let shard_stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::default()).collect();
-
-        let view = Arc::new(StatsView {
-            version: env!("CARGO_PKG_VERSION"),
-            backend: io::BACKEND_NAME,
-            started: Instant::now(),
-            conns_max: config.conns_max,
-            shards: shard_stats.clone(),
-        });
-        let stats = StatsServer::spawn(&config.stats_socket, config.metrics_listen, view)
-            .map_err(|e| format!("stats socket {}: {e}", config.stats_socket.display()))?;
-
+        // Each shard builds its backend on its own thread (an io_uring ring
+        // belongs to the thread that submits to it), reports how to wake it,
+        // then waits for its ends of the ring mesh.
         let stop = Arc::new(AtomicBool::new(false));
+        let shard_stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::default()).collect();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
-        for (id, (io, links)) in ios.into_iter().zip(links).enumerate() {
-            let parts = ShardParts {
-                io,
-                links,
-                stats: shard_stats[id].clone(),
-                stop: stop.clone(),
-                config: config.clone(),
+        for (id, listener) in listeners.into_iter().enumerate() {
+            let (start_tx, start_rx) = mpsc::channel::<Option<(Links<Msg>, Vec<PeerInfo>)>>();
+            start_txs.push(start_tx);
+            let ready_tx = ready_tx.clone();
+            let options = IoOptions {
+                backend: config.io,
+                shard: id,
+                conns_max: config.conns_max.div_ceil(shards),
             };
-            let pin = config.pin_cores;
+            let stats = shard_stats[id].clone();
+            let stop = stop.clone();
+            let config = config.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
-                    if pin {
+                    if config.pin_cores {
                         pin_to_core(id);
                     }
+                    let mut io = match Io::new(listener, &options) {
+                        Ok(io) => io,
+                        Err(e) => {
+                            let _ = ready_tx.send((id, Err(e)));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send((id, Ok((io.wake_handle(), io.peer_info(), io.name()))));
+                    let Ok(Some((links, peers))) = start_rx.recv() else {
+                        return; // another shard failed to start
+                    };
+                    io.set_peers(peers);
+                    let parts = ShardParts {
+                        io,
+                        links,
+                        stats,
+                        stop,
+                        config,
+                    };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
                         Err(e) => log::error!("shard {id} failed: {e}"),
@@ -93,10 +103,63 @@ impl Server {
                 })?;
             threads.push(thread);
         }
+        drop(ready_tx);
+        let mut wakers = vec![None; shards];
+        let mut peers = vec![None; shards];
+        let mut backend = "";
+        let mut failure = None;
+        for (id, ready) in ready_rx.iter().take(shards) {
+            match ready {
+                Ok((wake, peer, name)) => {
+                    wakers[id] = Some(wake);
+                    peers[id] = Some(peer);
+                    backend = name;
+                }
+                Err(e) => failure = Some(format!("shard {id}: {e}")),
+            }
+        }
+        if let Some(failure) = failure {
+            for tx in &start_txs {
+                let _ = tx.send(None);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(failure.into());
+        }
+        let wakers: Vec<WakeHandle> = wakers
+            .into_iter()
+            .map(|w| w.expect("every shard reported"))
+            .collect();
+        let peers: Vec<PeerInfo> = peers
+            .into_iter()
+            .map(|p| p.expect("every shard reported"))
+            .collect();
+
+        let view = Arc::new(StatsView {
+            version: env!("CARGO_PKG_VERSION"),
+            backend,
+            started: Instant::now(),
+            conns_max: config.conns_max,
+            shards: shard_stats.clone(),
+        });
+        let stats = match StatsServer::spawn(&config.stats_socket, config.metrics_listen, view) {
+            Ok(stats) => stats,
+            Err(e) => {
+                for tx in &start_txs {
+                    let _ = tx.send(None);
+                }
+                return Err(format!("stats socket {}: {e}", config.stats_socket.display()).into());
+            }
+        };
+        let links = ring::mesh(config.ring_slots, wakers.clone());
+        for (tx, links) in start_txs.iter().zip(links) {
+            let _ = tx.send(Some((links, peers.clone())));
+        }
         log::info!(
             "tern {} listening on {addr}: {shards} shards, backend {}, stats at {}",
             env!("CARGO_PKG_VERSION"),
-            io::BACKEND_NAME,
+            backend,
             config.stats_socket.display()
         );
         Ok(Server {

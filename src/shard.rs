@@ -562,6 +562,11 @@ impl Shard {
                 Flow::Next
             }
             (State::Active, Frame::Pong { .. }) => Flow::Next,
+            (State::Active, Frame::Login { .. }) => {
+                self.stats.protocol_errors.inc();
+                self.fail(conn, ErrorCode::AlreadyLoggedIn, 0, "already logged in");
+                Flow::Stop
+            }
             (State::Active, Frame::Bye { .. }) => {
                 self.close_now(conn);
                 Flow::Stop
@@ -616,7 +621,7 @@ impl Shard {
         debug_assert!(s.out_pending() == 0, "nothing is written before LOGIN_OK");
         self.stats.conns.sub(1);
         self.stats.handoffs_out.inc();
-        match self.io.detach(conn) {
+        match self.io.detach(conn, home) {
             Ok(detached) => self.route(
                 home,
                 Msg::Handoff {
@@ -642,6 +647,7 @@ impl Shard {
             self.close_after_flush(old);
         }
         self.stats.logins_ok.inc();
+        self.io.established(conn);
         let s = &mut self.sessions[conn.index()];
         s.user = user;
         s.state = State::Active;

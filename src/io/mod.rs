@@ -14,7 +14,9 @@
 //!   [`Completion::Writable`].
 //! - [`Io::close`] releases a connection. A [`ConnId`] stays valid (and is not
 //!   reused) until the shard closes it, even after [`Completion::Closed`].
-//! - [`Io::detach`] / [`Io::attach`] move a connection to another shard.
+//! - [`Io::detach`] / [`Io::attach`] move a connection to another shard;
+//!   [`Io::established`] says a connection stays on this shard for good (a
+//!   completion backend may then arm long-lived receives on it).
 //!
 //! The readiness backend ([`poll`], epoll/kqueue through mio) reads and
 //! retries `WouldBlock` itself, so it looks like a completion backend. A
@@ -23,8 +25,14 @@
 //! the kernel at once.
 
 pub mod poll;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
-pub use poll::{Detached, Io, WakeHandle};
+use std::io;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// A connection slot in one shard's [`Io`]. Dense: ids are reused after close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,5 +60,250 @@ pub enum Completion {
     Woken,
 }
 
-/// Name of the backend compiled for this OS, for `show info`.
-pub const BACKEND_NAME: &str = poll::BACKEND_NAME;
+/// Which backend a shard runs (config key `io`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// io_uring where the kernel has what we need, otherwise poll.
+    #[default]
+    Auto,
+    /// io_uring (Linux only).
+    Uring,
+    /// epoll (Linux) or kqueue (FreeBSD) through mio.
+    Poll,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "uring" => Ok(Backend::Uring),
+            "poll" => Ok(Backend::Poll),
+            _ => Err(format!(
+                "unknown backend `{s}` (expected auto, uring or poll)"
+            )),
+        }
+    }
+}
+
+/// What a backend needs to know at creation.
+#[derive(Clone, Debug)]
+pub struct IoOptions {
+    /// Which backend to run.
+    pub backend: Backend,
+    /// This shard's id.
+    pub shard: usize,
+    /// Connections this shard may hold (sizes io_uring's fixed-file tables).
+    pub conns_max: usize,
+}
+
+/// One shard's event loop backend; see the module docs for the contract.
+// One per shard: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Io {
+    /// epoll/kqueue.
+    Poll(poll::Io),
+    /// io_uring.
+    #[cfg(target_os = "linux")]
+    Uring(uring::Io),
+}
+
+/// A connection on its way from one shard to another.
+#[derive(Debug)]
+pub enum Detached {
+    /// The socket itself.
+    Poll(poll::Detached),
+    /// A fixed file sent with MSG_RING; the id pairs it with its arrival.
+    #[cfg(target_os = "linux")]
+    Uring(uring::Detached),
+}
+
+/// Wakes a shard's [`Io::wait`] from another thread.
+#[derive(Clone, Debug)]
+pub enum WakeHandle {
+    /// mio's waker.
+    Poll(poll::WakeHandle),
+    /// An eventfd the ring reads.
+    #[cfg(target_os = "linux")]
+    Uring(uring::WakeHandle),
+}
+
+impl WakeHandle {
+    /// Interrupts the owner's `wait`. A lost wake-up is recovered by the
+    /// owner's next timer tick.
+    pub fn wake(&self) {
+        match self {
+            WakeHandle::Poll(w) => w.wake(),
+            #[cfg(target_os = "linux")]
+            WakeHandle::Uring(w) => w.wake(),
+        }
+    }
+}
+
+/// What other shards need to know of this shard's backend (io_uring: the
+/// ring that receives handed-off connections).
+#[derive(Clone, Debug)]
+pub enum PeerInfo {
+    /// Nothing: sockets travel by value.
+    Poll,
+    /// The ring file descriptor handoffs are sent to.
+    #[cfg(target_os = "linux")]
+    Uring(uring::PeerInfo),
+}
+
+macro_rules! each {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self {
+            Io::Poll($io) => $e,
+            #[cfg(target_os = "linux")]
+            Io::Uring($io) => $e,
+        }
+    };
+}
+
+impl Io {
+    /// Creates the backend chosen by `options` around a bound, listening
+    /// socket. Call it on the shard's own thread.
+    pub fn new(listener: TcpListener, options: &IoOptions) -> io::Result<Io> {
+        match options.backend {
+            Backend::Poll => Ok(Io::Poll(poll::Io::new(listener)?)),
+            #[cfg(target_os = "linux")]
+            Backend::Uring => Ok(Io::Uring(uring::Io::new(listener, options)?)),
+            #[cfg(target_os = "linux")]
+            Backend::Auto => match uring::Io::new(listener.try_clone()?, options) {
+                Ok(io) => Ok(Io::Uring(io)),
+                Err(e) => {
+                    if options.shard == 0 {
+                        log::warn!("io_uring unavailable ({e}); using the poll backend");
+                    }
+                    Ok(Io::Poll(poll::Io::new(listener)?))
+                }
+            },
+            #[cfg(not(target_os = "linux"))]
+            Backend::Uring => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring exists only on Linux; use io = \"poll\"",
+            )),
+            #[cfg(not(target_os = "linux"))]
+            Backend::Auto => Ok(Io::Poll(poll::Io::new(listener)?)),
+        }
+    }
+
+    /// The backend's name, for `show info`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Io::Poll(_) => poll::BACKEND_NAME,
+            #[cfg(target_os = "linux")]
+            Io::Uring(_) => uring::BACKEND_NAME,
+        }
+    }
+
+    /// A handle other threads use to wake this backend.
+    pub fn wake_handle(&self) -> WakeHandle {
+        match self {
+            Io::Poll(io) => WakeHandle::Poll(io.wake_handle()),
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => WakeHandle::Uring(io.wake_handle()),
+        }
+    }
+
+    /// What other shards need to hand connections to this one.
+    pub fn peer_info(&self) -> PeerInfo {
+        match self {
+            Io::Poll(_) => PeerInfo::Poll,
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => PeerInfo::Uring(io.peer_info()),
+        }
+    }
+
+    /// Tells the backend every shard's [`PeerInfo`] (index = shard id).
+    pub fn set_peers(&mut self, peers: Vec<PeerInfo>) {
+        #[cfg(target_os = "linux")]
+        if let Io::Uring(io) = self {
+            io.set_peers(
+                peers
+                    .into_iter()
+                    .map(|p| match p {
+                        PeerInfo::Uring(p) => p,
+                        PeerInfo::Poll => unreachable!("all shards run one backend"),
+                    })
+                    .collect(),
+            );
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = peers;
+    }
+
+    /// Blocks until there is work or `timeout` passes.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        each!(self, io => io.wait(timeout))
+    }
+
+    /// Hands out the next completion, filling `scratch` for
+    /// [`Completion::Recv`]. `None` when this iteration's work is done.
+    pub fn next(&mut self, scratch: &mut [u8]) -> Option<Completion> {
+        each!(self, io => io.next(scratch))
+    }
+
+    /// Takes as much of `bytes` as the connection accepts now; a short count
+    /// arms [`Completion::Writable`]. An error means the connection is broken.
+    pub fn send(&mut self, conn: ConnId, bytes: &[u8]) -> io::Result<usize> {
+        each!(self, io => io.send(conn, bytes))
+    }
+
+    /// Stops (`false`) or resumes (`true`) handing out bytes of a connection.
+    pub fn set_recv(&mut self, conn: ConnId, on: bool) {
+        each!(self, io => io.set_recv(conn, on))
+    }
+
+    /// The connection stays on this shard (logged in on its home shard).
+    pub fn established(&mut self, conn: ConnId) {
+        each!(self, io => io.established(conn))
+    }
+
+    /// Half-closes the sending side once queued output is out; reads go on.
+    pub fn shutdown_write(&mut self, conn: ConnId) {
+        each!(self, io => io.shutdown_write(conn))
+    }
+
+    /// Closes the connection and frees its id.
+    pub fn close(&mut self, conn: ConnId) {
+        each!(self, io => io.close(conn))
+    }
+
+    /// Takes a connection out of this backend to hand it to shard `dst`.
+    pub fn detach(&mut self, conn: ConnId, dst: usize) -> io::Result<Detached> {
+        match self {
+            Io::Poll(io) => io.detach(conn).map(Detached::Poll),
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => io.detach(conn, dst).map(Detached::Uring),
+        }
+    }
+
+    /// Adopts a connection detached by another shard.
+    pub fn attach(&mut self, detached: Detached) -> io::Result<ConnId> {
+        match (self, detached) {
+            (Io::Poll(io), Detached::Poll(d)) => io.attach(d),
+            #[cfg(target_os = "linux")]
+            (Io::Uring(io), Detached::Uring(d)) => io.attach(d),
+            #[cfg(target_os = "linux")]
+            _ => unreachable!("all shards run one backend"),
+        }
+    }
+
+    /// Stops accepting: the listener is closed (graceful shutdown).
+    pub fn stop_accepting(&mut self) {
+        each!(self, io => io.stop_accepting())
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        each!(self, io => io.conn_count())
+    }
+
+    /// True when no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

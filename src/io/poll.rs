@@ -365,12 +365,10 @@ impl Io {
     }
 
     /// Open connections held by this backend.
-    pub fn len(&self) -> usize {
+    pub fn conn_count(&self) -> usize {
         self.conns.len()
     }
 
-    /// True when no connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
+    /// Nothing to do: a readiness backend arms nothing per connection.
+    pub fn established(&mut self, _conn: ConnId) {}
 }
