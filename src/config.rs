@@ -130,8 +130,9 @@ impl Config {
     /// Parses TOML text; unknown keys and wrong types are errors naming the key.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            // toml reports the key path in its message; keep it whole.
-            bad("", e.message().to_string() + &span_hint(text, e.span()))
+            let key = e.span().and_then(|span| key_at(text, span.start));
+            let message = e.message().to_string() + &span_hint(text, e.span());
+            bad(key.unwrap_or(""), message)
         })?;
         config.validate()?;
         Ok(config)
@@ -228,6 +229,15 @@ impl Config {
     pub fn uses_dev_secret(&self) -> bool {
         self.token_secret == DEV_TOKEN_SECRET
     }
+}
+
+/// The key of the `key = value` line containing byte `at`, if it has one.
+fn key_at(text: &str, at: usize) -> Option<&str> {
+    let at = at.min(text.len());
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    (!key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(key)
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {

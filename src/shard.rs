@@ -175,6 +175,9 @@ struct Online {
     sent_upto: u64,
     /// DELIVERs sent on this connection and not yet answered.
     inflight: u32,
+    /// Queued messages were left unsent by the last pump (in-flight cap or
+    /// output budget): the connection is catching up on a backlog.
+    held: bool,
 }
 
 /// Result of handling one frame.
@@ -657,6 +660,7 @@ impl Shard {
                 conn,
                 sent_upto: 0,
                 inflight: 0,
+                held: false,
             },
         );
         self.stats.users_online.set(self.online.len() as u64);
@@ -668,7 +672,7 @@ impl Shard {
                 offline_count,
             },
         );
-        self.pump(user);
+        self.pump(user, false);
     }
 
     fn on_send(&mut self, conn: ConnId, client_id: u64, to: u64, body: &[u8]) -> Flow {
@@ -727,14 +731,25 @@ impl Shard {
                 peer: user,
             },
         );
-        self.pump(user);
+        self.pump(user, false);
     }
 
     /// Sends queued messages to `user`'s connection, up to the in-flight cap.
-    fn pump(&mut self, user: u64) {
+    ///
+    /// A backlog (at login, or while catching up) is sent only as far as the
+    /// output budget `conn_out_bytes_max`, and continued as DELIVEREDs come
+    /// back. The burst is the server's own doing: judged as a slow reader, a
+    /// client with more backlog than one socket write takes would get
+    /// BYE(slow) at every login before it could answer a single DELIVER, and
+    /// never catch up. `live` (a message just arrived) to a caught-up
+    /// connection is sent regardless, so a reader that cannot keep up with
+    /// live traffic still passes the budget and is closed as slow.
+    fn pump(&mut self, user: u64, live: bool) {
         let Some(on) = self.online.get_mut(&user) else {
             return;
         };
+        let budget = !live || on.held;
+        let pending = self.sessions[on.conn.index()].out_pending();
         let mut out = std::mem::take(&mut self.frame_buf);
         out.clear();
         let mut sent = 0;
@@ -742,19 +757,26 @@ impl Shard {
             let Some(m) = self.store.next_after(user, on.sent_upto) else {
                 break;
             };
-            proto::encode(
-                &Frame::Deliver {
-                    server_id: m.server_id,
-                    from: m.from,
-                    server_time_ms: m.time_ms,
-                    body: &m.body,
-                },
-                &mut out,
-            );
+            let frame = Frame::Deliver {
+                server_id: m.server_id,
+                from: m.from,
+                server_time_ms: m.time_ms,
+                body: &m.body,
+            };
+            // With nothing in flight one DELIVER always goes, so a DELIVERED
+            // will come back to continue.
+            if budget
+                && on.inflight > 0
+                && pending + out.len() + proto::encoded_len(&frame) > self.config.conn_out_bytes_max
+            {
+                break;
+            }
+            proto::encode(&frame, &mut out);
             on.sent_upto = m.server_id;
             on.inflight += 1;
             sent += 1;
         }
+        on.held = self.store.next_after(user, on.sent_upto).is_some();
         let conn = on.conn;
         if sent > 0 {
             self.stats.msgs_out.add(sent);
@@ -830,7 +852,7 @@ impl Shard {
                 let answer = match self.store.push(to, stored) {
                     Ok(()) => {
                         self.next_seq += 1;
-                        self.pump(to);
+                        self.pump(to, true);
                         Msg::Ack {
                             reply,
                             client_id,
@@ -989,6 +1011,10 @@ impl Shard {
             return;
         }
         let Some(bufs) = s.bufs.as_mut() else {
+            if s.state == State::Closing && !s.write_closed {
+                s.write_closed = true;
+                self.io.shutdown_write(conn);
+            }
             return;
         };
         if bufs.out_sent < bufs.out.len() {
