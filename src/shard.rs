@@ -180,6 +180,14 @@ struct Online {
     held: bool,
 }
 
+/// A delivery or read receipt waiting for its (offline) recipient.
+#[derive(Clone, Copy, Debug)]
+struct PendingReceipt {
+    kind: ReceiptKind,
+    server_id: u64,
+    peer: u64,
+}
+
 /// Result of handling one frame.
 enum Flow {
     /// Go on with the next frame.
@@ -217,6 +225,8 @@ pub struct Shard {
     outbox: Vec<VecDeque<Msg>>,
     sessions: Vec<Session>,
     online: HashMap<u64, Online>,
+    /// Receipts for users who were offline when they came, sent at login.
+    receipts: HashMap<u64, Vec<PendingReceipt>>,
     store: Box<dyn Store + Send>,
     wheel: Wheel,
     /// Connections with output to flush this iteration.
@@ -263,6 +273,7 @@ impl Shard {
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
             sessions: Vec::new(),
             online: HashMap::new(),
+            receipts: HashMap::new(),
             store: Box::new(MemStore::new(config.queue_len_max)),
             wheel: Wheel::new(),
             dirty: Vec::new(),
@@ -672,6 +683,9 @@ impl Shard {
                 offline_count,
             },
         );
+        for receipt in self.receipts.remove(&user).unwrap_or_default() {
+            self.write_receipt(conn, receipt);
+        }
         self.pump(user, false);
     }
 
@@ -915,20 +929,37 @@ impl Shard {
                 server_id,
                 peer,
             } => {
-                // Receipts for an offline sender are not kept in v1.
-                if let Some(conn) = self.online.get(&user).map(|o| o.conn) {
-                    self.stats.receipts.inc();
-                    self.write(
-                        conn,
-                        &Frame::Receipt {
-                            kind,
-                            server_id,
-                            peer,
-                        },
-                    );
+                let receipt = PendingReceipt {
+                    kind,
+                    server_id,
+                    peer,
+                };
+                match self.online.get(&user).map(|o| o.conn) {
+                    Some(conn) => self.write_receipt(conn, receipt),
+                    None => {
+                        // Kept for the sender's next login, within the queue limit.
+                        let pending = self.receipts.entry(user).or_default();
+                        if pending.len() < self.config.queue_len_max {
+                            pending.push(receipt);
+                        } else {
+                            self.stats.receipts_dropped.inc();
+                        }
+                    }
                 }
             }
         }
+    }
+
+    fn write_receipt(&mut self, conn: ConnId, r: PendingReceipt) {
+        self.stats.receipts.inc();
+        self.write(
+            conn,
+            &Frame::Receipt {
+                kind: r.kind,
+                server_id: r.server_id,
+                peer: r.peer,
+            },
+        );
     }
 
     /// The connection `r` names, if it is still the same one and open.

@@ -291,3 +291,41 @@ fn tiny_rings_apply_back_pressure_without_losing_order() {
         .sum();
     assert!(shown > 0, "show shards ring_full is 0:\n{table}");
 }
+
+/// Receipts for a sender who went offline wait for its next login.
+#[test]
+fn receipts_wait_for_an_offline_sender() {
+    let srv = TestServer::start();
+    let (a, b) = cross_pair();
+    let mut alice = srv.login(a);
+    let mut bob = srv.login(b);
+    alice.send_msg(7, b, b"see you later").unwrap();
+    let server_id = recv_ack(&mut alice, 7);
+    drop(alice);
+    // Alice's session is gone before Bob answers.
+    assert!(wait_for(|| srv.info_u64("Users_online") == 1));
+
+    let d = recv_deliver(&mut bob);
+    assert_eq!(d.server_id, server_id);
+    bob.send_delivered(server_id).unwrap();
+    bob.send_read(server_id, a).unwrap();
+    // Bob's frames are handled in order: a PONG means both were.
+    assert_eq!(bob.ping(1).ok(), Some(()), "bob still connected");
+
+    let mut alice = srv.login(a);
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        match alice.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
+            Ok(OwnedFrame::Receipt {
+                kind,
+                server_id: sid,
+                peer,
+            }) => {
+                assert_eq!((sid, peer), (server_id, b));
+                kinds.push(kind);
+            }
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+    assert_eq!(kinds, vec![ReceiptKind::Delivered, ReceiptKind::Read]);
+}

@@ -147,17 +147,19 @@ shard_stats! {
         Counter msgs_in,
         /// DELIVER frames written.
         Counter msgs_out,
-        /// Acknowledgements received from devices.
+        /// ACK frames sent to senders (the server took responsibility).
         Counter acks,
-        /// Receipts sent back to senders.
+        /// Delivery and read receipts written to senders.
         Counter receipts,
+        /// Receipts for an offline sender dropped because its pending list was full.
+        Counter receipts_dropped,
         /// Messages refused because the recipient's queue was full.
         Counter queue_full,
         /// Pushes that found a cross-shard ring full (back-pressure).
         Counter ring_full,
-        /// Items received from other shards.
+        /// Logged-in connections moved here from the shard that accepted them.
         Counter handoffs_in,
-        /// Items sent to other shards.
+        /// Logged-in connections moved from here to their user's home shard.
         Counter handoffs_out,
         /// Connections closed because their unsent output grew too large.
         Counter slow_closes,
