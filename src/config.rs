@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::io::Backend;
+use crate::store::{Durability, LogOptions};
 
 /// The token secret used when none is configured. Anyone can mint tokens for
 /// it, so the server logs a loud warning when it runs with this value.
@@ -66,6 +67,32 @@ pub struct Config {
     pub listen_backlog: u32,
     /// On SIGTERM/SIGINT, how long shards keep flushing output before exiting. Default 2000.
     pub shutdown_grace_ms: u64,
+    /// Directory of the store-and-forward logs (one `shard-N` directory per
+    /// shard). Default `./tern-data`. Not touched with `durability = "memory"`.
+    pub data_dir: PathBuf,
+    /// When a message counts as stored, i.e. when its sender gets the ACK:
+    /// `fsync` (on disk: survives power loss; one fdatasync per loop
+    /// iteration that stored anything), `os` (written to the kernel: survives
+    /// a crash of Tern, not of the machine), `memory` (survives nothing; no
+    /// disk). Default `fsync`.
+    pub durability: Durability,
+    /// Size at which a log segment is sealed and a new one started, bytes. Default 67108864 (64 MiB).
+    pub segment_bytes_max: u64,
+    /// Disk budget of each shard's log, bytes; past it SENDs to queued users
+    /// get ERROR(storage_full). 0 = unlimited (default).
+    pub disk_bytes_max: u64,
+    /// Share of dead bytes (0.0-1.0) past which a sealed segment is
+    /// rewritten. Default 0.5.
+    pub compact_dead_ratio: f64,
+    /// Skip corrupt records in the middle of a log at start-up instead of
+    /// refusing to start (the `--repair` flag). Default false.
+    pub repair: bool,
+    /// Test knob, not a config key: slots per io_uring fixed-file table at
+    /// most (0, the default: RLIMIT_NOFILE). A small value forces several
+    /// rings per shard with few connections.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub uring_ring_slots_max: usize,
 }
 
 impl Default for Config {
@@ -90,6 +117,13 @@ impl Default for Config {
             accept_rate_per_s_max: 20_000,
             listen_backlog: 4096,
             shutdown_grace_ms: 2000,
+            data_dir: PathBuf::from("tern-data"),
+            durability: Durability::Fsync,
+            segment_bytes_max: 64 * 1024 * 1024,
+            disk_bytes_max: 0,
+            compact_dead_ratio: 0.5,
+            repair: false,
+            uring_ring_slots_max: 0,
         }
     }
 }
@@ -203,7 +237,33 @@ impl Config {
         if self.listen_backlog == 0 {
             return Err(bad("listen_backlog", "must be at least 1"));
         }
+        if self.body_bytes_max > crate::store::BODY_BYTES_MAX {
+            return Err(bad(
+                "body_bytes_max",
+                format!(
+                    "the store takes bodies of at most {} bytes",
+                    crate::store::BODY_BYTES_MAX
+                ),
+            ));
+        }
+        if let Err(crate::store::StoreError::Options { field, reason }) =
+            self.log_options().validate()
+        {
+            return Err(bad(field, reason));
+        }
         Ok(())
+    }
+
+    /// The store options this configuration implies.
+    pub fn log_options(&self) -> LogOptions {
+        LogOptions {
+            durability: self.durability,
+            queue_len_max: self.queue_len_max,
+            segment_bytes_max: self.segment_bytes_max,
+            disk_bytes_max: self.disk_bytes_max,
+            compact_dead_ratio: self.compact_dead_ratio,
+            repair: self.repair,
+        }
     }
 
     /// Shard count after resolving 0 to the number of available cores.

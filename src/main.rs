@@ -113,6 +113,24 @@ struct Overrides {
     /// Graceful shutdown flush time, ms.
     #[arg(long)]
     shutdown_grace_ms: Option<u64>,
+    /// Directory of the message logs.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// fsync (default), os or memory: when a message counts as stored.
+    #[arg(long)]
+    durability: Option<tern::store::Durability>,
+    /// Log segment size, bytes.
+    #[arg(long)]
+    segment_bytes_max: Option<u64>,
+    /// Disk budget per shard log, bytes (0 = unlimited).
+    #[arg(long)]
+    disk_bytes_max: Option<u64>,
+    /// Dead share past which a segment is rewritten (0.0-1.0).
+    #[arg(long)]
+    compact_dead_ratio: Option<f64>,
+    /// Skip corrupt records in the middle of a log instead of refusing to start.
+    #[arg(long)]
+    repair: bool,
 }
 
 impl Overrides {
@@ -137,8 +155,14 @@ impl Overrides {
             conns_max,
             accept_rate_per_s_max,
             listen_backlog,
-            shutdown_grace_ms
+            shutdown_grace_ms,
+            data_dir,
+            durability,
+            segment_bytes_max,
+            disk_bytes_max,
+            compact_dead_ratio
         );
+        c.repair |= self.repair;
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
         }

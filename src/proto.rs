@@ -106,6 +106,8 @@ pub enum ErrorCode {
     /// 14: the frame is valid but not allowed in the connection's current
     /// state or direction.
     BadState = 14,
+    /// The server's message store is out of its disk budget; retry later.
+    StorageFull = 15,
 }
 
 impl ErrorCode {
@@ -126,6 +128,7 @@ impl ErrorCode {
             12 => ErrorCode::BadRecipient,
             13 => ErrorCode::ServerFull,
             14 => ErrorCode::BadState,
+            15 => ErrorCode::StorageFull,
             _ => return None,
         })
     }
@@ -147,6 +150,7 @@ impl ErrorCode {
             ErrorCode::BadRecipient => "bad_recipient",
             ErrorCode::ServerFull => "server_full",
             ErrorCode::BadState => "bad_state",
+            ErrorCode::StorageFull => "storage_full",
         }
     }
 }
@@ -1085,7 +1089,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 14] = [
+    const ALL_ERROR_CODES: [ErrorCode; 15] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1100,6 +1104,7 @@ mod tests {
         ErrorCode::BadRecipient,
         ErrorCode::ServerFull,
         ErrorCode::BadState,
+        ErrorCode::StorageFull,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
     const ALL_BYE_REASONS: [ByeReason; 5] = [
@@ -1482,7 +1487,7 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 15, 0x7f] {
+        for v in [0u8, 16, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
@@ -1674,7 +1679,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(15), None);
+        assert_eq!(ErrorCode::from_u64(16), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);

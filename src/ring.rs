@@ -168,6 +168,7 @@ mod tests {
                     backend: crate::io::Backend::Poll,
                     shard: 0,
                     conns_max: 1,
+                    ring_slots_max: 0,
                 };
                 crate::io::Io::new(l, &options).unwrap()
             })

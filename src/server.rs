@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::Config;
 use crate::io::{Io, IoOptions, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
-use crate::shard::{Msg, Shard, ShardParts};
+use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, StatsServer, StatsView};
 
 /// A running server.
@@ -31,6 +31,8 @@ pub struct Server {
     wakers: Vec<WakeHandle>,
     threads: Vec<JoinHandle<()>>,
     stats: Option<StatsServer>,
+    /// Held for the server's life: one process per data directory.
+    _data_lock: Option<std::fs::File>,
 }
 
 impl Server {
@@ -38,6 +40,7 @@ impl Server {
     /// starts the shards. Returns once the server accepts connections.
     pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
         config.validate()?;
+        let data_lock = lock_data_dir(&config)?;
         let config = Arc::new(config);
         let shards = config.shard_count();
 
@@ -67,6 +70,7 @@ impl Server {
                 backend: config.io,
                 shard: id,
                 conns_max: config.conns_max.div_ceil(shards),
+                ring_slots_max: config.uring_ring_slots_max,
             };
             let stats = shard_stats[id].clone();
             let stop = stop.clone();
@@ -84,6 +88,13 @@ impl Server {
                             return;
                         }
                     };
+                    let store = match open_store(&config, id) {
+                        Ok(store) => store,
+                        Err(e) => {
+                            let _ = ready_tx.send((id, Err(std::io::Error::other(e))));
+                            return;
+                        }
+                    };
                     let _ = ready_tx.send((id, Ok((io.wake_handle(), io.peer_info(), io.name()))));
                     let Ok(Some((links, peers))) = start_rx.recv() else {
                         return; // another shard failed to start
@@ -95,6 +106,7 @@ impl Server {
                         stats,
                         stop,
                         config,
+                        store,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -169,6 +181,7 @@ impl Server {
             wakers,
             threads,
             stats: Some(stats),
+            _data_lock: data_lock,
         })
     }
 
@@ -207,6 +220,28 @@ impl Server {
             stats.stop();
         }
     }
+}
+
+/// Takes an exclusive lock on the data directory (creating it), so two
+/// processes never append to the same logs. None with in-memory storage.
+fn lock_data_dir(config: &Config) -> Result<Option<std::fs::File>, String> {
+    use std::os::fd::AsRawFd;
+    if config.durability == crate::store::Durability::Memory {
+        return Ok(None);
+    }
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir).map_err(|e| format!("data_dir {}: {e}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "data_dir {} is in use by another tern process ({})",
+            dir.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(Some(file))
 }
 
 /// A listening socket that other shards can bind beside.

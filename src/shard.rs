@@ -21,7 +21,7 @@ use crate::io::{Completion, ConnId, Detached, Io};
 use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::{LoopTimer, ShardStats};
-use crate::store::{MemStore, Store, Stored};
+use crate::store::{shard_dir, Durability, LogStore, PushError, Store, StoreError, Stored};
 use crate::timer::{self, Entry, Tick, Wheel};
 use crate::token;
 
@@ -38,6 +38,23 @@ const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 #[cfg(debug_assertions)]
 pub const PANIC_USER: u64 = u64::MAX;
 
+/// In debug builds, a SEND to this user crashes the whole shard (outside any
+/// one connection's handling), so tests can check the supervisor: the shard
+/// restarts, replays its log, and the other shards go on.
+#[cfg(debug_assertions)]
+pub const CRASH_USER: u64 = u64::MAX - 1;
+
+/// Opens shard `shard`'s store under the configured data directory,
+/// replaying its log.
+pub fn open_store(config: &Config, shard: usize) -> Result<Box<dyn Store + Send>, StoreError> {
+    let (store, recovery) =
+        LogStore::open(shard_dir(&config.data_dir, shard), config.log_options())?;
+    if config.durability != Durability::Memory {
+        log::info!("shard {shard}: store recovered: {recovery}");
+    }
+    Ok(Box::new(store))
+}
+
 /// The shard that owns `user`: a fixed hash of the id, so every shard agrees.
 pub fn home_shard(user: u64, shards: usize) -> usize {
     // splitmix64 finaliser: sequential ids spread evenly.
@@ -46,6 +63,15 @@ pub fn home_shard(user: u64, shards: usize) -> usize {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
     (z % shards as u64) as usize
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 fn now_ms() -> u64 {
@@ -211,6 +237,8 @@ pub struct ShardParts {
     pub stop: Arc<AtomicBool>,
     /// The configuration.
     pub config: Arc<Config>,
+    /// Its message store, already recovered.
+    pub store: Box<dyn Store + Send>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -228,6 +256,11 @@ pub struct Shard {
     /// Receipts for users who were offline when they came, sent at login.
     receipts: HashMap<u64, Vec<PendingReceipt>>,
     store: Box<dyn Store + Send>,
+    /// Answers (ACK, refusals) to messages stored in this iteration: they
+    /// leave only once the store committed them.
+    replies: Vec<(usize, Msg)>,
+    /// Set by the debug crash hook; the loop panics outside connection handling.
+    crash: bool,
     wheel: Wheel,
     /// Connections with output to flush this iteration.
     dirty: Vec<ConnId>,
@@ -258,6 +291,7 @@ impl Shard {
             stats,
             stop,
             config,
+            store,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -274,12 +308,14 @@ impl Shard {
             sessions: Vec::new(),
             online: HashMap::new(),
             receipts: HashMap::new(),
-            store: Box::new(MemStore::new(config.queue_len_max)),
+            replies: Vec::new(),
+            crash: false,
             wheel: Wheel::new(),
             dirty: Vec::new(),
             blocked: Vec::new(),
             next_gen: 1,
-            next_seq: 1,
+            next_seq: (store.max_server_id() >> 10) + 1,
+            store,
             stats,
             stop,
             stop_deadline: None,
@@ -296,7 +332,56 @@ impl Shard {
     }
 
     /// Runs the event loop until graceful shutdown completes.
+    ///
+    /// Let it crash: a panic outside one connection's handling (a bug, or a
+    /// store that cannot commit) restarts the shard in place. Its connections
+    /// drop (clients reconnect), its store is reopened and its log replayed,
+    /// so nothing acknowledged is lost; other shards go on, and the rings and
+    /// listener stay as they are.
     pub fn run(mut self) -> std::io::Result<()> {
+        loop {
+            match catch_unwind(AssertUnwindSafe(|| self.serve())) {
+                Ok(result) => return result,
+                Err(panic) => {
+                    log::error!(
+                        "shard {} crashed: {}; restarting",
+                        self.id,
+                        panic_text(&*panic)
+                    );
+                    self.stats.restarts.inc();
+                    self.restart()?;
+                }
+            }
+        }
+    }
+
+    /// Drops every connection and per-connection state and reopens the store.
+    fn restart(&mut self) -> std::io::Result<()> {
+        for i in 0..self.sessions.len() {
+            if self.sessions[i].state != State::Free {
+                self.io.close(ConnId(i as u32));
+            }
+        }
+        self.sessions.clear();
+        self.online.clear();
+        self.receipts.clear();
+        self.blocked.clear();
+        self.dirty.clear();
+        // Not committed, so not acknowledged: the senders will resend.
+        self.replies.clear();
+        self.crash = false;
+        self.wheel = Wheel::new();
+        self.stats.conns.set(0);
+        self.stats.users_online.set(0);
+        // An in-memory store has nothing to replay: keep it as it is.
+        if self.config.durability != Durability::Memory {
+            self.store = open_store(&self.config, self.id).map_err(std::io::Error::other)?;
+            self.next_seq = self.next_seq.max((self.store.max_server_id() >> 10) + 1);
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self) -> std::io::Result<()> {
         let mut fired = Vec::new();
         loop {
             if self.stop.load(Ordering::Relaxed) && self.stop_deadline.is_none() {
@@ -327,6 +412,10 @@ impl Shard {
                 self.on_timer(entry);
             }
             self.retry_blocked();
+            if self.crash {
+                panic!("injected shard crash (debug hook)");
+            }
+            self.commit();
             self.flush_outboxes();
             self.flush_output();
 
@@ -335,6 +424,18 @@ impl Shard {
             if self.loop_timer.record(now - started, now, &self.stats) {
                 self.publish_gauges();
             }
+        }
+    }
+
+    /// Makes this iteration's stores durable (one write and one fdatasync for
+    /// all of them), then lets their answers go. A store that cannot commit
+    /// crashes the shard: the restart replays what is really on disk.
+    fn commit(&mut self) {
+        if let Err(e) = self.store.commit() {
+            panic!("store commit failed: {e}");
+        }
+        for (dst, msg) in std::mem::take(&mut self.replies) {
+            self.route(dst, msg);
         }
     }
 
@@ -369,11 +470,7 @@ impl Shard {
     /// Runs one connection's handling; a panic closes that connection only.
     fn guarded(&mut self, conn: ConnId, f: impl FnOnce(&mut Shard)) {
         if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(self))) {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = panic_text(&*panic);
             log::error!(
                 "shard {}: panic handling connection {}: {what}",
                 self.id,
@@ -694,6 +791,11 @@ impl Shard {
         if to == PANIC_USER {
             panic!("injected panic: SEND to PANIC_USER");
         }
+        #[cfg(debug_assertions)]
+        if to == CRASH_USER {
+            self.crash = true;
+            return Flow::Next;
+        }
         if to == 0 {
             self.write(
                 conn,
@@ -874,7 +976,7 @@ impl Shard {
                             time_ms,
                         }
                     }
-                    Err(_) => {
+                    Err(PushError::QueueFull(_)) => {
                         self.stats.queue_full.inc();
                         Msg::Reject {
                             reply,
@@ -882,8 +984,17 @@ impl Shard {
                             code: ErrorCode::QueueFull,
                         }
                     }
+                    Err(PushError::StorageFull(_)) => {
+                        self.stats.storage_full.inc();
+                        Msg::Reject {
+                            reply,
+                            client_id,
+                            code: ErrorCode::StorageFull,
+                        }
+                    }
                 };
-                self.route(reply.shard as usize, answer);
+                // Answers keep their order and wait for the commit.
+                self.replies.push((reply.shard as usize, answer));
             }
             Msg::Ack {
                 reply,
@@ -911,6 +1022,7 @@ impl Shard {
                 if let Some(conn) = self.live(reply) {
                     let text = match code {
                         ErrorCode::QueueFull => "recipient's queue is full, retry later",
+                        ErrorCode::StorageFull => "server storage is full, retry later",
                         _ => "message refused",
                     };
                     self.write(

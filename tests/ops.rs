@@ -46,6 +46,8 @@ impl Serve {
             .args(["serve", "--listen", "127.0.0.1:0", "--shards", "2"])
             .arg("--stats-socket")
             .arg(stats_socket)
+            .arg("--data-dir")
+            .arg(stats_socket.with_file_name("data"))
             .args(["--token-secret", SECRET, "--shutdown-grace-ms", "5000"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

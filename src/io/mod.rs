@@ -96,6 +96,9 @@ pub struct IoOptions {
     pub shard: usize,
     /// Connections this shard may hold (sizes io_uring's fixed-file tables).
     pub conns_max: usize,
+    /// io_uring: slots per fixed-file table at most; 0 means RLIMIT_NOFILE
+    /// (the kernel's own cap). Tests set it low to force several rings.
+    pub ring_slots_max: usize,
 }
 
 /// One shard's event loop backend; see the module docs for the contract.

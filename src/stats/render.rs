@@ -106,7 +106,7 @@ fn render_help() -> String {
 fn render_info(view: &StatsView, process: Process) -> String {
     let conns = view.sum(|s| &s.conns);
     let bytes_per_conn = process.rss_bytes.checked_div(conns).unwrap_or(0);
-    let lines: [(&str, String); 13] = [
+    let lines: [(&str, String); 14] = [
         ("Version", view.version.to_string()),
         ("Backend", view.backend.to_string()),
         ("Uptime_sec", process.uptime.as_secs().to_string()),
@@ -118,6 +118,7 @@ fn render_info(view: &StatsView, process: Process) -> String {
         ("Msgs_in", view.sum(|s| &s.msgs_in).to_string()),
         ("Msgs_out", view.sum(|s| &s.msgs_out).to_string()),
         ("Panics", view.sum(|s| &s.panics).to_string()),
+        ("Restarts", view.sum(|s| &s.restarts).to_string()),
         ("Rss_bytes", process.rss_bytes.to_string()),
         ("Bytes_per_conn", bytes_per_conn.to_string()),
     ];
@@ -360,6 +361,7 @@ pub(crate) mod tests {
             ("Msgs_in", "300"),
             ("Msgs_out", "3000"),
             ("Panics", "1"),
+            ("Restarts", "0"),
             ("Rss_bytes", "7000"),
             ("Bytes_per_conn", "1000"),
         ];

@@ -60,6 +60,7 @@ pub fn test_config(dir: &Path) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: SHARDS,
         stats_socket: dir.join("tern.sock"),
+        data_dir: dir.join("data"),
         token_secret: SECRET.into(),
         shutdown_grace_ms: 1000,
         ..Config::default()

@@ -7,10 +7,28 @@
 //! before acknowledging leaves the message queued for the next login.
 //!
 //! [`Store`] is the interface a shard uses; [`MemStore`] keeps the queues in
-//! memory. A durable store (an append-only log per shard) implements the same
-//! trait.
+//! memory, [`LogStore`] keeps the same queues and also appends every change to
+//! a per-shard log on disk, so that a restart replays them (see [`log`]).
+//!
+//! The contract, for any implementation:
+//! - `push` and `remove` change the in-memory queues at once and only *stage*
+//!   the change; [`Store::commit`] makes every staged change durable (as far
+//!   as the store's durability setting goes). The shard sends the ACK of a
+//!   pushed message only after the `commit` that follows the push returned
+//!   `Ok`.
+//! - `next_after`, `len` and `total` see staged changes.
+//! - A push refused with [`PushError`] changed nothing.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io;
+
+pub mod log;
+mod record;
+mod segment;
+
+pub use self::log::{shard_dir, Durability, LogOptions, LogStore, Recovery, Skipped, StoreError};
+pub use self::record::BODY_BYTES_MAX;
 
 /// A message held for its recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,12 +43,45 @@ pub struct Stored {
     pub body: Box<[u8]>,
 }
 
+/// Why [`Store::push`] refused a message; each variant hands the message
+/// back, and nothing was stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// The recipient's queue holds `queue_len_max` messages already.
+    QueueFull(Stored),
+    /// Storing it would take the log past `disk_bytes_max`. Messages already
+    /// stored are kept; the space comes back as they are delivered.
+    StorageFull(Stored),
+}
+
+impl PushError {
+    /// The refused message.
+    pub fn into_inner(self) -> Stored {
+        match self {
+            PushError::QueueFull(msg) | PushError::StorageFull(msg) => msg,
+        }
+    }
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PushError::QueueFull(_) => f.write_str("recipient's queue is full"),
+            PushError::StorageFull(_) => f.write_str("message storage is full"),
+        }
+    }
+}
+
+impl std::error::Error for PushError {}
+
 /// The queues of the users homed on one shard.
 pub trait Store {
-    /// Appends `msg` to `user`'s queue; hands it back when the queue is full.
-    /// Ids must increase within a queue.
-    fn push(&mut self, user: u64, msg: Stored) -> Result<(), Stored>;
-    /// Removes the message `server_id` from `user`'s queue (DELIVERED).
+    /// Appends `msg` to `user`'s queue and stages it for the next
+    /// [`commit`](Store::commit). Hands it back when the queue is full or the
+    /// disk budget is spent. Ids must increase within a queue.
+    fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError>;
+    /// Removes the message `server_id` from `user`'s queue (DELIVERED) and
+    /// stages the removal.
     fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored>;
     /// The first message of `user` with an id greater than `after`.
     fn next_after(&self, user: u64, after: u64) -> Option<&Stored>;
@@ -38,6 +89,15 @@ pub trait Store {
     fn len(&self, user: u64) -> usize;
     /// Messages queued on this shard.
     fn total(&self) -> usize;
+    /// Makes every staged push and remove durable. ACKs for the pushes staged
+    /// before this call may be sent once it returned `Ok`. Cheap when nothing
+    /// is staged; call it once per loop iteration.
+    fn commit(&mut self) -> io::Result<()>;
+    /// Whether a [`commit`](Store::commit) has anything to make durable.
+    fn has_uncommitted(&self) -> bool;
+    /// No server id this store has accepted, now or before a restart, is
+    /// greater than this. The shard continues its id sequence after it.
+    fn max_server_id(&self) -> u64;
 }
 
 /// In-memory queues. A user with an empty queue has no entry at all.
@@ -45,6 +105,8 @@ pub struct MemStore {
     queues: HashMap<u64, VecDeque<Stored>>,
     len_max: usize,
     total: usize,
+    /// Highest id pushed so far; 0 = none.
+    server_id_max: u64,
 }
 
 impl MemStore {
@@ -55,19 +117,22 @@ impl MemStore {
             queues: HashMap::new(),
             len_max,
             total: 0,
+            server_id_max: 0,
         }
     }
 }
 
 impl Store for MemStore {
-    fn push(&mut self, user: u64, msg: Stored) -> Result<(), Stored> {
+    fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError> {
         let queue = self.queues.entry(user).or_default();
         if queue.len() >= self.len_max {
-            return Err(msg);
+            // Not empty (len_max >= 1), so no empty entry is left behind.
+            return Err(PushError::QueueFull(msg));
         }
         debug_assert!(queue
             .back()
             .is_none_or(|last| last.server_id < msg.server_id));
+        self.server_id_max = self.server_id_max.max(msg.server_id);
         queue.push_back(msg);
         self.total += 1;
         Ok(())
@@ -99,6 +164,20 @@ impl Store for MemStore {
     fn total(&self) -> usize {
         self.total
     }
+
+    /// Nothing to make durable: the queues live and die with the process.
+    fn commit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn has_uncommitted(&self) -> bool {
+        false
+    }
+
+    /// The highest id pushed since this store was created (0 = none).
+    fn max_server_id(&self) -> u64 {
+        self.server_id_max
+    }
 }
 
 #[cfg(test)]
@@ -118,7 +197,7 @@ mod tests {
     fn full_queue_hands_message_back() {
         let mut s = MemStore::new(1);
         s.push(1, msg(1)).unwrap();
-        assert_eq!(s.push(1, msg(2)), Err(msg(2)));
+        assert_eq!(s.push(1, msg(2)), Err(PushError::QueueFull(msg(2))));
         // Other users are not affected.
         s.push(2, msg(3)).unwrap();
         assert_eq!(s.total(), 2);
@@ -143,6 +222,22 @@ mod tests {
         assert_eq!(s.len(7), 0);
         assert_eq!(s.total(), 0);
         assert!(s.queues.is_empty(), "empty queues are dropped");
+    }
+
+    #[test]
+    fn commit_is_a_no_op_and_ids_are_tracked() {
+        let mut s = MemStore::new(10);
+        assert_eq!(s.max_server_id(), 0);
+        s.push(1, msg(4)).unwrap();
+        s.push(2, msg(2)).unwrap();
+        assert!(!s.has_uncommitted());
+        s.commit().unwrap();
+        assert_eq!(s.max_server_id(), 4);
+        assert_eq!(
+            PushError::StorageFull(msg(3)).into_inner(),
+            msg(3),
+            "both variants hand the message back"
+        );
     }
 
     #[test]

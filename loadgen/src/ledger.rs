@@ -1,0 +1,319 @@
+//! Every message's fate: sent, acknowledged, delivered (how often, in what
+//! order), receipted. The loss, duplicate and order counts of the report
+//! come from here.
+//!
+//! Message `n` of a run is the n-th entry of the send schedule; its sender
+//! and recipient are functions of `n` (see `plan`), and its body carries `n`,
+//! so no per-message table is needed beyond two bytes of state here. The
+//! ledger is shared by all workers: the sender's worker marks sent and ACKed,
+//! the recipient's worker counts deliveries.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The send was attempted (a SEND frame went out).
+pub const SENT: u8 = 1 << 0;
+/// The server ACKed it: it took responsibility.
+pub const ACKED: u8 = 1 << 1;
+/// The server refused it with ERROR (e.g. `queue_full`); it is not owed.
+pub const REFUSED: u8 = 1 << 2;
+/// A delivered RECEIPT came back to the sender.
+pub const RECEIPTED: u8 = 1 << 3;
+/// It was not sent because the sender was not logged in at its time.
+pub const SKIPPED: u8 = 1 << 4;
+
+/// Per-message state, `total` messages.
+pub struct Ledger {
+    /// Bit set of `SENT | ACKED | ...` per message.
+    state: Box<[AtomicU8]>,
+    /// Deliveries seen per message, saturating at 255.
+    deliveries: Box<[AtomicU8]>,
+}
+
+/// What a delivery was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The first delivery of this message.
+    First,
+    /// A repeat: it was delivered before.
+    Duplicate,
+    /// `n` is outside the schedule (a corrupt or foreign body).
+    Unknown,
+}
+
+/// The outcome of a run, from the ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    /// Messages in the schedule.
+    pub scheduled: u64,
+    /// SEND frames written.
+    pub sent: u64,
+    /// Not sent: the sender was down at the message's time.
+    pub skipped: u64,
+    /// ACKed by the server.
+    pub acked: u64,
+    /// Refused by the server (ERROR in answer to the SEND).
+    pub refused: u64,
+    /// Sent but neither ACKed nor refused by the end.
+    pub unanswered: u64,
+    /// Delivered at least once.
+    pub delivered: u64,
+    /// ACKed, recipient online at the end, never delivered: lost.
+    pub lost: u64,
+    /// ACKed, never delivered, recipient not logged in at the end: still
+    /// queued on the server (not a loss).
+    pub undelivered_offline: u64,
+    /// Deliveries beyond the first of a message.
+    pub duplicates: u64,
+    /// Delivered without having been ACKed (allowed: the ACK may be in flight).
+    pub delivered_unacked: u64,
+    /// ACKed messages whose delivered RECEIPT came back.
+    pub receipted: u64,
+}
+
+impl Ledger {
+    /// A ledger for messages `0..total`.
+    pub fn new(total: u64) -> Ledger {
+        let n = usize::try_from(total).expect("message count fits in memory");
+        Ledger {
+            state: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            deliveries: (0..n).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    /// Messages in the ledger.
+    pub fn len(&self) -> u64 {
+        self.state.len() as u64
+    }
+
+    /// Sets `flag` on message `n`; returns whether it was already set.
+    pub fn mark(&self, n: u64, flag: u8) -> bool {
+        match self.state.get(n as usize) {
+            Some(s) => s.fetch_or(flag, Ordering::Relaxed) & flag != 0,
+            None => false,
+        }
+    }
+
+    /// The flags of message `n` (0 when out of range).
+    pub fn flags(&self, n: u64) -> u8 {
+        self.state
+            .get(n as usize)
+            .map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
+    /// Counts one delivery of message `n`.
+    pub fn delivered(&self, n: u64) -> Delivery {
+        let Some(d) = self.deliveries.get(n as usize) else {
+            return Delivery::Unknown;
+        };
+        let before = d
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add(1))
+            })
+            .expect("closure always returns Some");
+        if before == 0 {
+            Delivery::First
+        } else {
+            Delivery::Duplicate
+        }
+    }
+
+    /// Deliveries of message `n` so far.
+    pub fn deliveries(&self, n: u64) -> u8 {
+        self.deliveries
+            .get(n as usize)
+            .map_or(0, |d| d.load(Ordering::Relaxed))
+    }
+
+    /// Counts every message's fate. `recipient_online(n)` says whether the
+    /// recipient of message `n` was logged in at the end, which decides
+    /// whether an undelivered ACKed message is lost or still queued.
+    pub fn tally(&self, mut recipient_online: impl FnMut(u64) -> bool) -> Tally {
+        let mut t = Tally {
+            scheduled: self.len(),
+            ..Tally::default()
+        };
+        for n in 0..self.len() {
+            let f = self.flags(n);
+            let d = self.deliveries(n) as u64;
+            if f & SENT != 0 {
+                t.sent += 1;
+            }
+            if f & SKIPPED != 0 {
+                t.skipped += 1;
+            }
+            if f & ACKED != 0 {
+                t.acked += 1;
+            }
+            if f & REFUSED != 0 {
+                t.refused += 1;
+            }
+            if f & SENT != 0 && f & (ACKED | REFUSED) == 0 {
+                t.unanswered += 1;
+            }
+            if f & RECEIPTED != 0 {
+                t.receipted += 1;
+            }
+            if d > 0 {
+                t.delivered += 1;
+                t.duplicates += d - 1;
+                if f & ACKED == 0 {
+                    t.delivered_unacked += 1;
+                }
+            } else if f & ACKED != 0 {
+                if recipient_online(n) {
+                    t.lost += 1;
+                } else {
+                    t.undelivered_offline += 1;
+                }
+            }
+        }
+        t
+    }
+}
+
+/// Checks that messages from one sender reach one recipient in the order they
+/// were sent (the server's ordering guarantee). Message numbers of one sender
+/// increase with send time, so a delivery with a smaller `n` than the last one
+/// seen on that (recipient, sender) pair is out of order. Duplicates must be
+/// filtered out before (a redelivery after a reconnect legitimately repeats an
+/// old `n`).
+#[derive(Default)]
+pub struct OrderCheck {
+    /// Highest `n` delivered per (recipient, sender).
+    last: HashMap<(u64, u64), u64>,
+    /// Deliveries that came after a later message of the same pair.
+    pub out_of_order: u64,
+}
+
+impl OrderCheck {
+    /// Records first delivery of `n` from `sender` to `recipient`; returns
+    /// false if it is out of order.
+    pub fn observe(&mut self, recipient: u64, sender: u64, n: u64) -> bool {
+        match self.last.entry((recipient, sender)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(n);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                if n > *o.get() {
+                    o.insert(n);
+                    true
+                } else {
+                    self.out_of_order += 1;
+                    false
+                }
+            }
+        }
+    }
+
+    /// Pairs tracked.
+    pub fn pairs(&self) -> usize {
+        self.last.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_run_has_no_loss() {
+        let l = Ledger::new(3);
+        for n in 0..3 {
+            l.mark(n, SENT);
+            l.mark(n, ACKED);
+            assert_eq!(l.delivered(n), Delivery::First);
+            l.mark(n, RECEIPTED);
+        }
+        let t = l.tally(|_| true);
+        assert_eq!(
+            t,
+            Tally {
+                scheduled: 3,
+                sent: 3,
+                acked: 3,
+                delivered: 3,
+                receipted: 3,
+                ..Tally::default()
+            }
+        );
+    }
+
+    #[test]
+    fn loss_duplicates_and_offline_are_told_apart() {
+        let l = Ledger::new(6);
+        for n in 0..5 {
+            l.mark(n, SENT);
+        }
+        l.mark(5, SKIPPED);
+        // 0: acked, delivered twice -> one duplicate.
+        l.mark(0, ACKED);
+        assert_eq!(l.delivered(0), Delivery::First);
+        assert_eq!(l.delivered(0), Delivery::Duplicate);
+        // 1: acked, never delivered, recipient online -> lost.
+        l.mark(1, ACKED);
+        // 2: acked, never delivered, recipient offline -> still queued.
+        l.mark(2, ACKED);
+        // 3: refused by the server -> not owed.
+        l.mark(3, REFUSED);
+        // 4: sent, no answer at all; delivered anyway (ACK still in flight).
+        assert_eq!(l.delivered(4), Delivery::First);
+        let t = l.tally(|n| n != 2);
+        assert_eq!(t.scheduled, 6);
+        assert_eq!(t.sent, 5);
+        assert_eq!(t.skipped, 1);
+        assert_eq!(t.acked, 3);
+        assert_eq!(t.refused, 1);
+        assert_eq!(t.unanswered, 1);
+        assert_eq!(t.delivered, 2);
+        assert_eq!(t.duplicates, 1);
+        assert_eq!(t.lost, 1);
+        assert_eq!(t.undelivered_offline, 1);
+        assert_eq!(t.delivered_unacked, 1);
+    }
+
+    #[test]
+    fn out_of_range_is_unknown_not_a_panic() {
+        let l = Ledger::new(1);
+        assert_eq!(l.delivered(1), Delivery::Unknown);
+        assert_eq!(l.delivered(u64::MAX), Delivery::Unknown);
+        assert!(!l.mark(7, SENT));
+        assert_eq!(l.flags(7), 0);
+        let empty = Ledger::new(0);
+        assert_eq!(empty.tally(|_| true), Tally::default());
+    }
+
+    #[test]
+    fn deliveries_saturate() {
+        let l = Ledger::new(1);
+        for _ in 0..300 {
+            l.delivered(0);
+        }
+        assert_eq!(l.deliveries(0), 255);
+        assert_eq!(l.tally(|_| true).duplicates, 254);
+    }
+
+    #[test]
+    fn mark_reports_repeat() {
+        let l = Ledger::new(1);
+        assert!(!l.mark(0, ACKED));
+        assert!(l.mark(0, ACKED));
+    }
+
+    #[test]
+    fn order_per_pair() {
+        let mut o = OrderCheck::default();
+        assert!(o.observe(10, 1, 5));
+        assert!(o.observe(10, 1, 7));
+        // Another sender's older message is not a violation.
+        assert!(o.observe(10, 2, 3));
+        // Another recipient neither.
+        assert!(o.observe(11, 1, 1));
+        assert!(!o.observe(10, 1, 6));
+        assert_eq!(o.out_of_order, 1);
+        // After a violation the pair keeps its highest mark.
+        assert!(o.observe(10, 1, 8));
+        assert_eq!(o.pairs(), 3);
+    }
+}
