@@ -48,6 +48,8 @@ impl Serve {
             .arg(stats_socket)
             .arg("--data-dir")
             .arg(stats_socket.with_file_name("data"))
+            .arg("--io")
+            .arg(format!("{:?}", test_backend()).to_lowercase())
             .args(["--token-secret", SECRET, "--shutdown-grace-ms", "5000"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -226,34 +226,16 @@ impl Io {
         if !self.accept_ready || self.accepted_this_round >= ACCEPT_BATCH_MAX {
             return None;
         }
-        let listener = self.listener.as_ref()?;
         loop {
-            match listener.accept() {
-                Ok((mut stream, _peer)) => {
+            match self.listener.as_ref()?.accept() {
+                Ok((stream, _peer)) => {
                     self.accepted_this_round += 1;
                     // Small frames, latency matters more than packet count.
                     let _ = stream.set_nodelay(true);
-                    let entry = self.conns.vacant_entry();
-                    let key = entry.key();
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        Token(key),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        log::warn!("register accepted connection: {e}");
-                        continue;
+                    match self.insert(stream) {
+                        Ok(id) => return Some(Completion::Accepted(id)),
+                        Err(e) => log::warn!("register accepted connection: {e}"),
                     }
-                    entry.insert(Conn {
-                        stream,
-                        readable: true,
-                        paused: false,
-                        want_write: false,
-                        queued: true,
-                    });
-                    let id = ConnId(key as u32);
-                    // Data may have arrived with the handshake (login in the first packet).
-                    self.ready.push_back(id);
-                    return Some(Completion::Accepted(id));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.accept_ready = false;
@@ -336,7 +318,12 @@ impl Io {
     /// Adopts a connection detached from another shard. It is read at once,
     /// since bytes may have arrived while it moved.
     pub fn attach(&mut self, detached: Detached) -> io::Result<ConnId> {
-        let mut stream = detached.stream;
+        self.insert(detached.stream)
+    }
+
+    /// Registers a new connection and queues it for reading: bytes may
+    /// already be there (a login in the first packet, or sent while it moved).
+    fn insert(&mut self, mut stream: TcpStream) -> io::Result<ConnId> {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         self.poll.registry().register(

@@ -53,6 +53,15 @@ pub fn same_pair() -> (u64, u64) {
     (users[0], users[1])
 }
 
+/// The I/O backend the suite runs on: `TERN_TEST_IO=auto|uring|poll`
+/// (default auto). CI runs the suite once with the default and once with poll.
+pub fn test_backend() -> tern::io::Backend {
+    match std::env::var("TERN_TEST_IO") {
+        Ok(v) => v.parse().unwrap_or_else(|e| panic!("TERN_TEST_IO: {e}")),
+        Err(_) => tern::io::Backend::default(),
+    }
+}
+
 /// The configuration of a test server: 2 shards, port 0, the stats socket in
 /// `dir`, the test secret and a short shutdown grace.
 pub fn test_config(dir: &Path) -> Config {
@@ -61,6 +70,7 @@ pub fn test_config(dir: &Path) -> Config {
         shards: SHARDS,
         stats_socket: dir.join("tern.sock"),
         data_dir: dir.join("data"),
+        io: test_backend(),
         token_secret: SECRET.into(),
         shutdown_grace_ms: 1000,
         ..Config::default()
