@@ -371,6 +371,8 @@ impl Shard {
         self.replies.clear();
         self.crash = false;
         self.wheel = Wheel::new();
+        // The panic may have unwound while the scratch buffer was lent out.
+        self.scratch.resize(SCRATCH_BYTES, 0);
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
         // An in-memory store has nothing to replay: keep it as it is.
