@@ -367,8 +367,29 @@ impl Shard {
         self.receipts.clear();
         self.blocked.clear();
         self.dirty.clear();
-        // Not committed, so not acknowledged: the senders will resend.
-        self.replies.clear();
+        // Answers that waited for a commit that never came: not stored, so
+        // not acknowledged. Senders on this shard lose their connection and
+        // resend anyway; senders on other shards keep theirs and would wait
+        // forever, so they hear it was not stored: ERROR(internal), resend
+        // (a duplicate if a failed commit did write it). An in-memory store
+        // is kept below, pushes and all, so its answers stand.
+        let kept = self.config.durability == Durability::Memory;
+        for (dst, msg) in std::mem::take(&mut self.replies) {
+            if dst == self.id {
+                continue;
+            }
+            let msg = match msg {
+                Msg::Ack {
+                    reply, client_id, ..
+                } if !kept => Msg::Reject {
+                    reply,
+                    client_id,
+                    code: ErrorCode::Internal,
+                },
+                other => other,
+            };
+            self.route(dst, msg);
+        }
         self.crash = false;
         self.wheel = Wheel::new();
         // The panic may have unwound while the scratch buffer was lent out.
@@ -1025,6 +1046,9 @@ impl Shard {
                     let text = match code {
                         ErrorCode::QueueFull => "recipient's queue is full, retry later",
                         ErrorCode::StorageFull => "server storage is full, retry later",
+                        ErrorCode::Internal => {
+                            "the recipient's shard restarted before storing it, resend"
+                        }
                         _ => "message refused",
                     };
                     self.write(

@@ -508,7 +508,12 @@ impl Io {
         if !self.retry.is_empty() {
             clamp(self.retry_at.or(Some(now)));
         }
-        let ready = !self.events.is_empty() || self.rings.iter_mut().any(|r| r.has_completions());
+        // Sleep only with nothing to hand out, reap or submit.
+        let ready = !self.events.is_empty()
+            || self
+                .rings
+                .iter_mut()
+                .any(|r| r.has_completions() || r.unqueued_len() > 0);
         if ready {
             timeout = Some(Duration::ZERO);
         }
@@ -1049,9 +1054,15 @@ impl Io {
         self.push_conn_op(key, entry, Op::Shutdown);
     }
 
-    /// Cancels everything on the connection's slot, then CLOSEs it. The
-    /// cancel goes first in the same ring's order, while the slot still
-    /// names the file; the slot may be reused only after the CLOSE.
+    /// Cancels the connection's receive and send, then CLOSEs its slot; the
+    /// cancels go first in the ring's order. The slot is reused only after
+    /// the CLOSE. A SHUTDOWN in flight is left to finish (it runs in the
+    /// kernel's worker pool and completes by itself).
+    ///
+    /// Cancels name the operations by user_data, not the slot: the kernel
+    /// matches a cancel by file by walking every armed request of the ring,
+    /// which made closing n idle connections cost O(n^2) (33k connections
+    /// took 20 s to close at shutdown).
     fn start_close(&mut self, key: u32) {
         let c = &mut self.conns[key as usize];
         c.state = State::Closing;
@@ -1060,12 +1071,17 @@ impl Io {
             self.maybe_free(key);
             return;
         }
-        let slot = c.slot;
-        if c.ops > 0 {
-            let cancel =
-                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fixed(slot)).all())
-                    .build();
-            self.push_conn_op(key, cancel, Op::Cancel);
+        let (ring, gen, slot) = (c.ring as usize, c.gen, c.slot);
+        let mut cancels = Vec::new();
+        if c.has(flag::RECV_ARMED) && !c.has(flag::RECV_CANCELLING) {
+            c.set(flag::RECV_CANCELLING);
+            cancels.push(Tag::new(Op::Recv, ring, key, gen).encode());
+        }
+        if c.has(flag::SEND_INFLIGHT) {
+            cancels.push(Tag::new(Op::Send, ring, key, gen).encode());
+        }
+        for target in cancels {
+            self.push_conn_op(key, opcode::AsyncCancel::new(target).build(), Op::Cancel);
         }
         self.push_conn_op(
             key,
@@ -1772,13 +1788,34 @@ impl Io {
     /// Cancels everything and waits (bounded) until no operation is in
     /// flight, so the kernel never writes a freed receive buffer or reads a
     /// freed send buffer. True when quiet.
+    ///
+    /// Each cancel names one operation by user_data. A cancel-any (or
+    /// cancel-by-file) makes the kernel rescan every armed request from the
+    /// start for each one it cancels: O(n^2), 3.3 s for 16.7k connections.
     fn quiesce(&mut self) -> bool {
-        for r in 0..self.rings.len() {
-            let entry = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+        let mut targets: Vec<(usize, u64)> = Vec::new();
+        for (key, c) in self.conns.iter_mut() {
+            let (ring, key) = (c.ring as usize, key as u32);
+            if c.has(flag::RECV_ARMED) && !c.has(flag::RECV_CANCELLING) {
+                c.set(flag::RECV_CANCELLING);
+                targets.push((ring, Tag::new(Op::Recv, ring, key, c.gen).encode()));
+            }
+            if c.has(flag::SEND_INFLIGHT) {
+                targets.push((ring, Tag::new(Op::Send, ring, key, c.gen).encode()));
+            }
+        }
+        if self.accept.armed && !self.accept.cancelling {
+            targets.push((0, Tag::ring(Op::Accept, 0).encode()));
+        }
+        if self.wake_armed {
+            targets.push((0, Tag::ring(Op::WakeRead, 0).encode()));
+        }
+        for (ring, target) in targets {
+            let entry = opcode::AsyncCancel::new(target)
                 .build()
-                .user_data(Tag::ring(Op::Misc, r).encode());
+                .user_data(Tag::ring(Op::Misc, ring).encode());
             // SAFETY: a cancel names no memory.
-            unsafe { self.rings[r].push(Chain::One(entry)) };
+            unsafe { self.rings[ring].push(Chain::One(entry)) };
         }
         let mut cqes = Vec::new();
         for _ in 0..DROP_ROUNDS_MAX {
@@ -1791,7 +1828,7 @@ impl Io {
                 let _ = ring.submit();
                 cqes.clear();
                 let _ = ring.reap(&mut cqes);
-                for &(user_data, _res, flags) in &cqes {
+                for &(user_data, _, flags) in &cqes {
                     let here = tag::op_of(user_data).is_some_and(|op| op.submitted_here());
                     if here && !cqueue::more(flags) {
                         ring.ops_inflight = ring.ops_inflight.saturating_sub(1);
@@ -1809,7 +1846,18 @@ impl Io {
 
 impl Drop for Io {
     fn drop(&mut self) {
-        if self.quiesce() {
+        let t0 = Instant::now();
+        let quiet = self.quiesce();
+        log::debug!(
+            "shard {}: io_uring quiesced={quiet} in {:?}, ops left {:?}",
+            self.shard,
+            t0.elapsed(),
+            self.rings
+                .iter()
+                .map(|r| r.ops_inflight)
+                .collect::<Vec<_>>()
+        );
+        if quiet {
             for ring in &mut self.rings {
                 if let Some(mut bufs) = ring.bufs.take() {
                     bufs.unregister(&ring.submitter());

@@ -189,6 +189,40 @@ fn accept_pauses_before_the_table_fills() {
     drop(clients);
 }
 
+/// With established, idle connections and nothing to do, `wait` sleeps
+/// for its timeout instead of returning at once (a loop that never sleeps
+/// burns a core while holding idle connections).
+#[test]
+fn idle_wait_sleeps() {
+    let Some((mut io, addr)) = backend(100, 16) else {
+        return;
+    };
+    let mut seen = Seen::default();
+    let mut clients: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    run_until(&mut io, &mut seen, |s| s.accepted.len() == 40);
+    for id in seen.accepted.clone() {
+        io.established(id);
+    }
+    for c in clients.iter_mut() {
+        c.write_all(b"x").unwrap();
+    }
+    run_until(&mut io, &mut seen, |s| s.bytes.len() == 40);
+    for _ in 0..5 {
+        step(&mut io, &mut seen);
+    }
+    let mut scratch = vec![0u8; 1024];
+    let mut slept = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        io.wait(Some(Duration::from_millis(50))).unwrap();
+        while io.next(&mut scratch).is_some() {}
+        if t.elapsed() >= Duration::from_millis(40) {
+            slept += 1;
+        }
+    }
+    assert!(slept >= 4, "wait returned early {} times of 5", 5 - slept);
+}
+
 #[test]
 fn wake_from_another_thread() {
     let Some((mut io, _addr)) = backend(10, 0) else {
