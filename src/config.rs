@@ -33,6 +33,15 @@ pub struct Config {
     pub pin_cores: bool,
     /// Path of the stats Unix socket. Default `./tern.sock`.
     pub stats_socket: PathBuf,
+    /// Optional TLS listener address (TLS 1.3, rustls), beside the plaintext
+    /// one. Port 0 picks a free port. Default none: no TLS.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM file with the server's certificate chain (leaf first). Required
+    /// with `tls_listen`; re-read by `reload tls` and SIGHUP. Default empty.
+    pub tls_cert: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    /// Required with `tls_listen`; re-read with `tls_cert`. Default empty.
+    pub tls_key: PathBuf,
     /// Optional `ADDR` serving Prometheus metrics over HTTP at `/metrics`. Default none.
     pub metrics_listen: Option<SocketAddr>,
     /// Secret for HMAC-SHA256 login tokens. Default: a development secret (warned about).
@@ -55,7 +64,7 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// A connection that has not completed LOGIN within this time is closed. Default 10000.
     pub login_timeout_ms: u64,
-    /// Slots in each cross-shard SPSC ring (one ring per ordered pair of shards). Default 4096.
+    /// Slots in each cross-shard SPSC ring (one ring per ordered pair of shards). Default 1024 (80 bytes each).
     pub ring_slots: usize,
     /// Most connections the whole process holds; further accepts are closed at
     /// once. Default 1000000.
@@ -104,6 +113,9 @@ impl Default for Config {
             pin_cores: false,
             stats_socket: PathBuf::from("tern.sock"),
             metrics_listen: None,
+            tls_listen: None,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
             token_secret: DEV_TOKEN_SECRET.to_string(),
             frame_bytes_max: 65536,
             body_bytes_max: 65000,
@@ -112,7 +124,7 @@ impl Default for Config {
             deliver_inflight_max: 128,
             idle_timeout_ms: 300_000,
             login_timeout_ms: 10_000,
-            ring_slots: 4096,
+            ring_slots: 1024,
             conns_max: 1_000_000,
             accept_rate_per_s_max: 20_000,
             listen_backlog: 4096,
@@ -237,6 +249,19 @@ impl Config {
         if self.listen_backlog == 0 {
             return Err(bad("listen_backlog", "must be at least 1"));
         }
+        if let Some(tls) = self.tls_listen {
+            // With SO_REUSEPORT both would bind, and the kernel would mix
+            // TLS and plaintext clients on one port.
+            if tls == self.listen && tls.port() != 0 {
+                return Err(bad("tls_listen", "must differ from listen"));
+            }
+            if self.tls_cert.as_os_str().is_empty() {
+                return Err(bad("tls_cert", "is required with tls_listen"));
+            }
+            if self.tls_key.as_os_str().is_empty() {
+                return Err(bad("tls_key", "is required with tls_listen"));
+            }
+        }
         if self.body_bytes_max > crate::store::BODY_BYTES_MAX {
             return Err(bad(
                 "body_bytes_max",
@@ -340,6 +365,20 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "body_bytes_max");
+    }
+
+    #[test]
+    fn tls_listen_needs_cert_and_key() {
+        let e = Config::from_toml("tls_listen = \"127.0.0.1:0\"").unwrap_err();
+        assert_eq!(e.key, "tls_cert");
+        let e =
+            Config::from_toml("tls_listen = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"").unwrap_err();
+        assert_eq!(e.key, "tls_key");
+        let e = Config::from_toml(
+            "listen = \"127.0.0.1:5222\"\ntls_listen = \"127.0.0.1:5222\"\ntls_cert = \"c\"\ntls_key = \"k\"",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "tls_listen");
     }
 
     #[test]

@@ -17,4 +17,5 @@ pub mod shard;
 pub mod stats;
 pub mod store;
 pub mod timer;
+pub mod tls;
 pub mod token;

@@ -74,6 +74,15 @@ struct Overrides {
     /// Serve Prometheus metrics over HTTP at ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// TLS listener address (needs --tls-cert and --tls-key).
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listener.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listener.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Token secret (prefer the environment variable).
     #[arg(long, env = "TERN_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
@@ -166,6 +175,15 @@ impl Overrides {
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
         }
+        if self.tls_listen.is_some() {
+            c.tls_listen = self.tls_listen;
+        }
+        if let Some(path) = &self.tls_cert {
+            c.tls_cert = path.clone();
+        }
+        if let Some(path) = &self.tls_key {
+            c.tls_key = path.clone();
+        }
         c.pin_cores |= self.pin_cores;
     }
 }
@@ -239,6 +257,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])?;
     let secret = config.token_secret.clone();
     let server = Server::start(config)?;
@@ -246,8 +265,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         let addr = server.local_addr();
         std::thread::spawn(move || demo::run(addr, secret.as_bytes()));
     }
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == signal_hook::consts::SIGHUP {
+            // Reload the TLS certificate; a bad file keeps the old one.
+            match server.reload_tls() {
+                Ok(what) => log::info!("SIGHUP: {what}"),
+                Err(e) => {
+                    log::error!("SIGHUP: TLS reload failed, keeping the old certificate: {e}")
+                }
+            }
+            continue;
+        }
         log::info!("signal {signal}: shutting down");
+        break;
     }
     server.shutdown();
     server.join();

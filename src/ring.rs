@@ -170,7 +170,7 @@ mod tests {
                     conns_max: 1,
                     ring_slots_max: 0,
                 };
-                crate::io::Io::new(l, &options).unwrap()
+                crate::io::Io::new(crate::io::Listeners::plain(l), &options).unwrap()
             })
             .collect();
         let w = ios.iter().map(|io| io.wake_handle()).collect();

@@ -5,7 +5,8 @@
 //! (`SO_REUSEPORT` on Linux, `SO_REUSEPORT_LB` on FreeBSD), so the kernel
 //! spreads new connections over the shards and no acceptor thread is a
 //! bottleneck or a single point of failure. A connection lands on any shard,
-//! and moves to its user's home shard after LOGIN.
+//! and moves to its user's home shard after LOGIN. The TLS listener
+//! (`tls_listen`) is bound the same way, once per shard.
 
 use std::io::Result as IoResult;
 use std::net::{SocketAddr, TcpListener};
@@ -18,14 +19,17 @@ use std::time::Instant;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::io::{Io, IoOptions, PeerInfo, WakeHandle};
+use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, StatsServer, StatsView};
+use crate::tls::TlsContext;
 
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    tls: Option<Arc<TlsContext>>,
     stats_socket: PathBuf,
     stop: Arc<AtomicBool>,
     wakers: Vec<WakeHandle>,
@@ -47,13 +51,42 @@ impl Server {
         let first = listen(config.listen, config.listen_backlog)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = first.local_addr()?;
-        let mut listeners = vec![first];
+        let mut plain = vec![first];
         for _ in 1..shards {
-            listeners.push(
+            plain.push(
                 listen(addr, config.listen_backlog)
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
             );
         }
+        // TLS: the certificate is read before anything listens, so a bad
+        // file fails the start with an error naming it.
+        let tls = match config.tls_listen {
+            Some(_) => Some(Arc::new(TlsContext::load(
+                &config.tls_cert,
+                &config.tls_key,
+            )?)),
+            None => None,
+        };
+        let mut tls_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
+        let mut tls_addr = None;
+        if let Some(want) = config.tls_listen {
+            let first = listen(want, config.listen_backlog)
+                .map_err(|e| format!("cannot listen on {want} (tls_listen): {e}"))?;
+            let bound = first.local_addr()?;
+            tls_addr = Some(bound);
+            tls_listeners[0] = Some(first);
+            for slot in tls_listeners.iter_mut().skip(1) {
+                *slot = Some(
+                    listen(bound, config.listen_backlog)
+                        .map_err(|e| format!("cannot listen on {bound} (tls_listen): {e}"))?,
+                );
+            }
+        }
+        let listeners: Vec<Listeners> = plain
+            .into_iter()
+            .zip(tls_listeners)
+            .map(|(plain, tls)| Listeners { plain, tls })
+            .collect();
         // Each shard builds its backend on its own thread (an io_uring ring
         // belongs to the thread that submits to it), reports how to wake it,
         // then waits for its ends of the ring mesh.
@@ -75,6 +108,7 @@ impl Server {
             let stats = shard_stats[id].clone();
             let stop = stop.clone();
             let config = config.clone();
+            let tls = tls.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
@@ -107,6 +141,7 @@ impl Server {
                         stop,
                         config,
                         store,
+                        tls,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -154,6 +189,7 @@ impl Server {
             started: Instant::now(),
             conns_max: config.conns_max,
             shards: shard_stats.clone(),
+            tls: tls.clone(),
         });
         let stats = match StatsServer::spawn(&config.stats_socket, config.metrics_listen, view) {
             Ok(stats) => stats,
@@ -174,8 +210,13 @@ impl Server {
             backend,
             config.stats_socket.display()
         );
+        if let Some(tls_addr) = tls_addr {
+            log::info!("TLS 1.3 listening on {tls_addr}");
+        }
         Ok(Server {
             addr,
+            tls_addr,
+            tls,
             stats_socket: config.stats_socket.clone(),
             stop,
             wakers,
@@ -188,6 +229,20 @@ impl Server {
     /// The client listener's address (with the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS listener's address, when `tls_listen` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// Re-reads the TLS certificate and key (SIGHUP, `reload tls`). New
+    /// handshakes use them; on error the old ones stay.
+    pub fn reload_tls(&self) -> Result<String, String> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Err("TLS is not configured (no tls_listen)".to_string()),
+        }
     }
 
     /// Path of the stats socket.

@@ -9,6 +9,11 @@
 //! Session handling never reads or writes a socket: frames are decoded from
 //! bytes the [`Io`] handed out, and answers are appended to the connection's
 //! output buffer, which the loop flushes once per iteration.
+//!
+//! A connection from the TLS listener carries a boxed [`TlsConn`]: its
+//! ciphertext is decrypted before the frame processing, and its output is
+//! written as plaintext and encrypted at flush (one batch of records per
+//! iteration). Plaintext connections pay 8 bytes for the empty box.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,12 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
-use crate::io::{Completion, ConnId, Detached, Io};
+use crate::io::{Completion, ConnId, Detached, Io, Listener};
 use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::{LoopTimer, ShardStats};
 use crate::store::{shard_dir, Durability, LogStore, PushError, Store, StoreError, Stored};
 use crate::timer::{self, Entry, Tick, Wheel};
+use crate::tls::{TlsConn, TlsContext};
 use crate::token;
 
 /// Bytes read from a socket at once into the shard's scratch buffer.
@@ -30,6 +36,10 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// After an error or BYE, how long a closing connection may take to read
 /// what we sent before it is closed anyway.
 const LINGER: Duration = Duration::from_secs(2);
+/// Messages an emptied outbox keeps room for.
+const OUTBOX_KEEP_CAPACITY: usize = 1024;
+/// Session slots added at least when the table grows.
+const SESSIONS_GROWTH_MIN: usize = 1024;
 /// Poll timeout while an outbox waits for ring space.
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
@@ -100,6 +110,11 @@ pub enum Msg {
         user: u64,
         /// Input after the LOGIN frame, not yet decoded.
         leftover: Vec<u8>,
+        /// TLS connections: their TLS state.
+        tls: Option<Box<TlsConn>>,
+        /// TLS connections: records not yet sent (e.g. session tickets
+        /// that rode with the LOGIN's handshake flight).
+        out: Vec<u8>,
     },
     /// A message for a user homed on the receiving shard.
     Send {
@@ -166,6 +181,9 @@ enum State {
 struct Bufs {
     inp: Vec<u8>,
     out: Vec<u8>,
+    /// TLS connections: plaintext written since the last flush; encrypted
+    /// into `out` by the flush. Always empty on plaintext connections.
+    plain: Vec<u8>,
     /// Bytes of `out` already sent.
     out_sent: usize,
 }
@@ -186,11 +204,15 @@ struct Session {
     /// Tick of the last frame received (for Closing: when closing began).
     last_rx: Tick,
     bufs: Option<Box<Bufs>>,
+    /// TLS state of a connection from the TLS listener.
+    tls: Option<Box<TlsConn>>,
 }
 
 impl Session {
     fn out_pending(&self) -> usize {
-        self.bufs.as_ref().map_or(0, |b| b.out.len() - b.out_sent)
+        self.bufs
+            .as_ref()
+            .map_or(0, |b| b.out.len() - b.out_sent + b.plain.len())
     }
 }
 
@@ -239,6 +261,8 @@ pub struct ShardParts {
     pub config: Arc<Config>,
     /// Its message store, already recovered.
     pub store: Box<dyn Store + Send>,
+    /// TLS settings, when the server has a TLS listener.
+    pub tls: Option<Arc<TlsContext>>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -274,6 +298,9 @@ pub struct Shard {
     stop_deadline: Option<Instant>,
     scratch: Vec<u8>,
     frame_buf: Vec<u8>,
+    /// TLS: decrypted input of one read (reused).
+    tls_plain: Vec<u8>,
+    tls: Option<Arc<TlsContext>>,
     conns_max: usize,
     accept_window: (Instant, u32),
     loop_timer: LoopTimer,
@@ -292,6 +319,7 @@ impl Shard {
             stop,
             config,
             store,
+            tls,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -321,6 +349,8 @@ impl Shard {
             stop_deadline: None,
             scratch: vec![0; SCRATCH_BYTES],
             frame_buf: Vec::new(),
+            tls_plain: Vec::new(),
+            tls,
             conns_max: config.conns_max.div_ceil(shards),
             accept_window: (Instant::now(), 0),
             loop_timer: LoopTimer::new(Instant::now()),
@@ -477,10 +507,10 @@ impl Shard {
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(c) = self.io.next(&mut scratch) {
             match c {
-                Completion::Accepted(conn) => self.on_accept(conn),
+                Completion::Accepted(conn, which) => self.on_accept(conn, which),
                 Completion::Recv(conn, len) => {
                     self.stats.bytes_in.add(len as u64);
-                    self.guarded(conn, |shard| shard.on_bytes(conn, &scratch[..len]));
+                    self.guarded(conn, |shard| shard.on_recv(conn, &scratch[..len]));
                 }
                 Completion::Writable(conn) => self.flush_conn(conn),
                 Completion::Closed(conn) => self.close_now(conn),
@@ -506,7 +536,7 @@ impl Shard {
         }
     }
 
-    fn on_accept(&mut self, conn: ConnId) {
+    fn on_accept(&mut self, conn: ConnId, which: Listener) {
         self.stats.accepted.inc();
         let now = Instant::now();
         if now.duration_since(self.accept_window.0) >= Duration::from_secs(1) {
@@ -526,6 +556,11 @@ impl Shard {
         };
         if let Some((code, text)) = refuse {
             self.stats.rejected.inc();
+            if which == Listener::Tls {
+                // A plaintext ERROR means nothing to a TLS client.
+                self.io.close(conn);
+                return;
+            }
             self.frame_buf.clear();
             proto::encode(
                 &Frame::Error {
@@ -539,13 +574,105 @@ impl Shard {
             self.io.close(conn);
             return;
         }
+        let tls = match which {
+            Listener::Plain => None,
+            Listener::Tls => match self.tls.as_ref().map(|t| t.accept()) {
+                Some(Ok(tls)) => Some(Box::new(tls)),
+                other => {
+                    log::warn!(
+                        "shard {}: TLS connection refused: {:?}",
+                        self.id,
+                        other.map(|r| r.err())
+                    );
+                    self.stats.tls_failures.inc();
+                    self.io.close(conn);
+                    return;
+                }
+            },
+        };
         self.open_session(conn, State::Login);
+        self.sessions[conn.index()].tls = tls;
+    }
+
+    /// Bytes arrived for `conn`: TLS connections decrypt them first.
+    fn on_recv(&mut self, conn: ConnId, data: &[u8]) {
+        let tls = self
+            .sessions
+            .get_mut(conn.index())
+            .and_then(|s| s.tls.take());
+        match tls {
+            None => self.on_bytes(conn, data),
+            Some(tls) => self.on_tls_bytes(conn, tls, data),
+        }
+    }
+
+    /// Ciphertext arrived on a TLS connection: handshake records are
+    /// answered, application data goes to [`Shard::on_bytes`]. The TLS state
+    /// is back in the session before any frame is handled (a LOGIN may hand
+    /// the connection, TLS state and all, to another shard).
+    fn on_tls_bytes(&mut self, conn: ConnId, mut tls: Box<TlsConn>, data: &[u8]) {
+        let s = &mut self.sessions[conn.index()];
+        if s.state == State::Closing || s.state == State::Free {
+            s.tls = Some(tls);
+            return; // read and drop what a closing peer still sends
+        }
+        let gen = s.gen;
+        let was_handshaken = tls.is_handshaken();
+        let mut plain = std::mem::take(&mut self.tls_plain);
+        plain.clear();
+        let mut records = Vec::new();
+        let result = tls.read(data, &mut plain, &mut records);
+        self.sessions[conn.index()].tls = Some(tls);
+        if !records.is_empty() {
+            self.write_records(conn, &records);
+        }
+        match result {
+            Err(e) => {
+                self.stats.protocol_errors.inc();
+                self.stats.tls_failures.inc();
+                log::debug!(
+                    "shard {}: TLS error on connection {} ({}): {e}",
+                    self.id,
+                    conn.0,
+                    if was_handshaken {
+                        "after the handshake"
+                    } else {
+                        "handshake"
+                    }
+                );
+                // Whatever rustls queued (an alert) goes out, then FIN.
+                self.close_after_flush(conn);
+            }
+            Ok(outcome) => {
+                if outcome.handshake_done {
+                    self.stats.tls_handshakes.inc();
+                }
+                if !plain.is_empty() {
+                    self.on_bytes(conn, &plain);
+                }
+                if outcome.peer_closed {
+                    let s = &self.sessions[conn.index()];
+                    if s.gen == gen && s.state != State::Free {
+                        self.close_now(conn);
+                    }
+                }
+            }
+        }
+        self.tls_plain = plain;
     }
 
     fn open_session(&mut self, conn: ConnId, state: State) {
         if self.sessions.len() <= conn.index() {
-            self.sessions
-                .resize_with(conn.index() + 1, Session::default);
+            // Grow by an eighth rather than doubling: the slot table is most
+            // of an idle connection's cost, and doubling leaves up to half of
+            // it unused.
+            let want = conn.index() + 1;
+            if want > self.sessions.capacity() {
+                let extra = (want / 8).max(SESSIONS_GROWTH_MIN);
+                self.sessions
+                    .reserve_exact(want - self.sessions.len() + extra);
+            }
+            self.sessions.resize_with(want, Session::default);
         }
         let gen = self.next_gen;
         self.next_gen = self.next_gen.checked_add(1).unwrap_or(1);
@@ -751,8 +878,19 @@ impl Shard {
         }
         // The socket moves home with whatever followed the LOGIN frame.
         let leftover = rest.to_vec();
-        let s = std::mem::take(&mut self.sessions[conn.index()]);
-        debug_assert!(s.out_pending() == 0, "nothing is written before LOGIN_OK");
+        let mut s = std::mem::take(&mut self.sessions[conn.index()]);
+        // TLS records (session tickets) may wait to be sent; frames may not.
+        debug_assert!(
+            s.bufs.as_ref().is_none_or(|b| b.plain.is_empty()),
+            "nothing is written before LOGIN_OK"
+        );
+        debug_assert!(s.tls.is_some() || s.out_pending() == 0);
+        let out = s
+            .bufs
+            .take()
+            .map(|b| b.out[b.out_sent..].to_vec())
+            .unwrap_or_default();
+        let tls = s.tls.take();
         self.stats.conns.sub(1);
         self.stats.handoffs_out.inc();
         match self.io.detach(conn, home) {
@@ -762,6 +900,8 @@ impl Shard {
                     conn: detached,
                     user,
                     leftover,
+                    tls,
+                    out,
                 },
             ),
             Err(e) => log::warn!("shard {}: detach for handoff failed: {e}", self.id),
@@ -957,10 +1097,16 @@ impl Shard {
                 conn,
                 user,
                 leftover,
+                tls,
+                out,
             } => match self.io.attach(conn) {
                 Ok(id) => {
                     self.stats.handoffs_in.inc();
                     self.open_session(id, State::Login);
+                    self.sessions[id.index()].tls = tls;
+                    if !out.is_empty() {
+                        self.write_records(id, &out);
+                    }
                     self.guarded(id, |shard| {
                         shard.install(id, user);
                         if !leftover.is_empty() {
@@ -1116,6 +1262,12 @@ impl Shard {
                     break;
                 }
             }
+            // A login storm can leave an outbox holding a large allocation
+            // for ever; give it back once drained.
+            let outbox = &mut self.outbox[dst];
+            if outbox.is_empty() && outbox.capacity() > OUTBOX_KEEP_CAPACITY {
+                outbox.shrink_to(OUTBOX_KEEP_CAPACITY);
+            }
         }
         self.links.notify();
     }
@@ -1146,7 +1298,26 @@ impl Shard {
         self.frame_buf = buf;
     }
 
+    /// Queues encoded frames; on a TLS connection they are encrypted at flush.
     fn write_bytes(&mut self, conn: ConnId, bytes: &[u8]) {
+        let s = &mut self.sessions[conn.index()];
+        if s.state == State::Free || s.write_closed {
+            return;
+        }
+        let bufs = s.bufs.get_or_insert_with(Box::default);
+        if s.tls.is_some() {
+            bufs.plain.extend_from_slice(bytes);
+        } else {
+            bufs.out.extend_from_slice(bytes);
+        }
+        if !s.dirty {
+            s.dirty = true;
+            self.dirty.push(conn);
+        }
+    }
+
+    /// Queues TLS records (handshake, tickets, alerts) as they are.
+    fn write_records(&mut self, conn: ConnId, records: &[u8]) {
         let s = &mut self.sessions[conn.index()];
         if s.state == State::Free || s.write_closed {
             return;
@@ -1154,7 +1325,7 @@ impl Shard {
         s.bufs
             .get_or_insert_with(Box::default)
             .out
-            .extend_from_slice(bytes);
+            .extend_from_slice(records);
         if !s.dirty {
             s.dirty = true;
             self.dirty.push(conn);
@@ -1186,6 +1357,29 @@ impl Shard {
             }
             return;
         };
+        if !bufs.plain.is_empty() {
+            match s.tls.as_mut() {
+                Some(tls) if tls.is_handshaken() => {
+                    let Bufs { plain, out, .. } = &mut **bufs;
+                    if let Err(e) = tls.encrypt(plain, out) {
+                        log::debug!("shard {}: TLS encrypt: {e}", self.id);
+                        self.stats.tls_failures.inc();
+                        self.close_now(conn);
+                        return;
+                    }
+                }
+                // Frames for a TLS connection whose handshake did not finish
+                // (a BYE at shutdown): nothing can carry them.
+                _ => {}
+            }
+            bufs.plain.clear();
+        }
+        if s.state == State::Closing && !s.write_closed {
+            // Last frames are encrypted above; the TLS stream ends before the FIN.
+            if let Some(tls) = s.tls.as_mut() {
+                tls.close_notify(&mut bufs.out);
+            }
+        }
         if bufs.out_sent < bufs.out.len() {
             match self.io.send(conn, &bufs.out[bufs.out_sent..]) {
                 Ok(n) => {

@@ -31,7 +31,7 @@ fn uring_available() -> bool {
         conns_max: 16,
         ring_slots_max: 0,
     };
-    match tern::io::Io::new(listener, &options) {
+    match tern::io::Io::new(tern::io::Listeners::plain(listener), &options) {
         Ok(_) => true,
         Err(e) => {
             eprintln!("skipping: io_uring unavailable: {e}");

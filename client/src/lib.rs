@@ -25,13 +25,25 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! TLS: [`Client::login_tls`] speaks TLS 1.3 (rustls, buffered client) to
+//! the server's `tls_listen` port, with roots from [`tls_config`]. Reuse one
+//! `ClientConfig` across connections and reconnects resume the session
+//! ([`Client::tls_handshake_kind`] says `Resumed`).
 #![deny(missing_docs)]
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+pub use rustls;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use tern::proto::{self, DecodeError, ErrorCode, Frame, Limits, OwnedFrame};
 
@@ -144,6 +156,9 @@ pub struct LoginInfo {
 /// empties first.
 pub struct Client {
     stream: TcpStream,
+    /// TLS state when connected with [`Client::connect_tls`]; reads and
+    /// writes then go through it.
+    tls: Option<Box<ClientConnection>>,
     /// Received bytes; `read_buf[read_start..]` is not decoded yet and holds
     /// no complete frame whenever a read is issued.
     read_buf: Vec<u8>,
@@ -192,6 +207,7 @@ impl Client {
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Client {
             stream,
+            tls: None,
             read_buf: Vec::new(),
             read_start: 0,
             backlog: VecDeque::new(),
@@ -213,6 +229,71 @@ impl Client {
         let mut client = Client::connect(addr)?;
         let info = client.login_here(token)?;
         Ok((client, info))
+    }
+
+    /// Opens a TCP connection to a TLS listener and completes the TLS 1.3
+    /// handshake for `server_name` (checked against the certificate) with
+    /// `config` (see [`tls_config`]). A refused certificate is an
+    /// [`ClientError::Io`] of kind `InvalidData` naming the reason.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        config: &Arc<ClientConfig>,
+    ) -> Result<Client, ClientError> {
+        let name = ServerName::try_from(server_name.to_string()).map_err(|e| {
+            ClientError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("server name {server_name:?}: {e}"),
+            ))
+        })?;
+        let conn = ClientConnection::new(config.clone(), name)
+            .map_err(|e| ClientError::Io(io::Error::other(e)))?;
+        let mut client = Client::connect(addr)?;
+        let mut conn = Box::new(conn);
+        // Bounded by the socket's read and write timeouts.
+        while conn.is_handshaking() {
+            conn.complete_io(&mut client.stream)?;
+        }
+        client.tls = Some(conn);
+        Ok(client)
+    }
+
+    /// [`connect_tls`](Client::connect_tls), then LOGIN like
+    /// [`login`](Client::login).
+    pub fn login_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        config: &Arc<ClientConfig>,
+        token: &str,
+    ) -> Result<(Client, LoginInfo), ClientError> {
+        let mut client = Client::connect_tls(addr, server_name, config)?;
+        let info = client.login_here(token)?;
+        Ok((client, info))
+    }
+
+    /// TLS connections: whether the handshake was full or resumed.
+    pub fn tls_handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.tls.as_ref().and_then(|t| t.handshake_kind())
+    }
+
+    /// TLS connections: the server's certificate chain, leaf first.
+    pub fn tls_peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.tls
+            .as_ref()
+            .and_then(|t| t.peer_certificates())
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+    }
+
+    /// Writes `bytes` through TLS when the connection has it.
+    fn write_all_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.tls.as_mut() {
+            None => self.stream.write_all(bytes),
+            Some(tls) => {
+                let mut s = rustls::Stream::new(&mut **tls, &mut self.stream);
+                s.write_all(bytes)?;
+                s.flush()
+            }
+        }
     }
 
     /// Sends LOGIN on this connection and waits for LOGIN_OK, like
@@ -239,13 +320,16 @@ impl Client {
     pub fn send_frame(&mut self, frame: &Frame<'_>) -> io::Result<()> {
         self.write_buf.clear();
         proto::encode(frame, &mut self.write_buf);
-        self.stream.write_all(&self.write_buf)
+        let buf = std::mem::take(&mut self.write_buf);
+        let result = self.write_all_bytes(&buf);
+        self.write_buf = buf;
+        result
     }
 
     /// Writes `bytes` as they are, for tests that feed the server malformed
     /// or split input.
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
+        self.write_all_bytes(bytes)
     }
 
     /// Sends SEND{client_id, to, body}. The server answers with
@@ -421,13 +505,15 @@ impl Client {
 
     /// A second handle to the same socket, e.g. for a writer thread while
     /// this client keeps reading. Frames written through both handles at
-    /// once may interleave; serialise the writers.
+    /// once may interleave; serialise the writers. On a TLS connection the
+    /// handle carries ciphertext: it is only good for socket options.
     pub fn try_clone_stream(&self) -> io::Result<TcpStream> {
         self.stream.try_clone()
     }
 
     /// Gives up the client and returns its stream. Bytes already read but
-    /// not yet returned as frames, and the backlog, are dropped.
+    /// not yet returned as frames, and the backlog, are dropped (and the TLS
+    /// state, on a TLS connection).
     pub fn into_stream(self) -> TcpStream {
         self.stream
     }
@@ -492,7 +578,12 @@ impl Client {
         self.stream.set_read_timeout(wait)?;
         let len = self.read_buf.len();
         self.read_buf.resize(len + READ_CHUNK_BYTES, 0);
-        let result = self.stream.read(&mut self.read_buf[len..]);
+        let result = match self.tls.as_mut() {
+            None => self.stream.read(&mut self.read_buf[len..]),
+            Some(tls) => {
+                rustls::Stream::new(&mut **tls, &mut self.stream).read(&mut self.read_buf[len..])
+            }
+        };
         let got = *result.as_ref().unwrap_or(&0);
         self.read_buf.truncate(len + got);
         match result {
@@ -512,7 +603,10 @@ impl Client {
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        // TLS: the server closed without close_notify.
+                        | io::ErrorKind::UnexpectedEof
                 ) =>
             {
                 self.eof = true
@@ -521,6 +615,37 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// A TLS 1.3 client configuration trusting the CA certificates in the PEM
+/// file `ca_pem`. Share it between connections: it holds the session cache
+/// that lets reconnects resume.
+pub fn tls_config(ca_pem: &Path) -> Result<Arc<ClientConfig>, ClientError> {
+    let bad = |e: &dyn fmt::Display| {
+        ClientError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("CA file {}: {e}", ca_pem.display()),
+        ))
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).map_err(|e| bad(&e))? {
+        roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&"no CERTIFICATE in the file"));
+    }
+    tls_config_with_roots(roots)
+}
+
+/// A TLS 1.3 client configuration trusting `roots`.
+pub fn tls_config_with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Io(io::Error::other(e)))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// `now + t`, or `None` (wait forever) when that is beyond what `Instant`

@@ -124,6 +124,19 @@ pub struct Common {
     /// Stop opening connections when MemAvailable falls below this.
     #[arg(long, default_value = "3GiB", value_parser = bytes)]
     pub mem_floor: u64,
+    /// Speak TLS 1.3 to the server (its `tls_listen` port); needs --tls-ca
+    /// or --tls-insecure.
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM file of the CA that signed the server's certificate.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Accept any server certificate (tests and benchmarks only).
+    #[arg(long)]
+    pub tls_insecure: bool,
+    /// Name the server's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
     /// Token secret (default: the server's development secret).
     #[arg(long, default_value = tern::config::DEV_TOKEN_SECRET, env = "TERN_TOKEN_SECRET")]
     pub secret: String,

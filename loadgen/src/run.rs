@@ -168,6 +168,15 @@ impl Run {
             signal_hook::flag::register(sig, stop_signal.clone())?;
         }
 
+        let tls = if common.tls {
+            let config =
+                crate::engine::tls::client_config(common.tls_ca.as_deref(), common.tls_insecure)?;
+            let name = rustls::pki_types::ServerName::try_from(common.tls_server_name.clone())
+                .map_err(|e| format!("--tls-server-name: {e}"))?;
+            Some((config, name))
+        } else {
+            None
+        };
         let mut txs = Vec::new();
         let mut handles = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -186,9 +195,10 @@ impl Run {
                 sq_entries: 1024,
             };
             let (plan, shared, ready) = (plan.clone(), shared.clone(), ready_tx.clone());
+            let tls = tls.clone();
             let h = std::thread::Builder::new()
                 .name(format!("loadgen-{w}"))
-                .spawn(move || worker_main(w, engine, cfg, plan, shared, rx, ready))?;
+                .spawn(move || worker_main(w, engine, cfg, tls, plan, shared, rx, ready))?;
             handles.push(h);
         }
         drop(ready_tx);
@@ -666,21 +676,37 @@ impl Finished {
     }
 }
 
+/// TLS settings of a `--tls` run: client config and the server's name.
+type TlsSettings = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+#[allow(clippy::too_many_arguments)]
 fn worker_main(
     w: usize,
     engine: EngineKind,
     cfg: EngineConfig,
+    tls: Option<TlsSettings>,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Cmd>,
     ready: Sender<Result<(), String>>,
 ) -> WorkerResult {
+    let conns = cfg.conns;
     macro_rules! go {
         ($e:expr) => {
             match $e {
                 Ok(engine) => {
                     let _ = ready.send(Ok(()));
-                    Worker::new(w, plan, shared, rx, engine).run()
+                    match tls {
+                        Some((config, name)) => {
+                            let engine =
+                                crate::engine::tls::TlsEngine::new(engine, conns, config, name);
+                            Worker::new(w, plan, shared, rx, engine).run()
+                        }
+                        None => Worker::new(w, plan, shared, rx, engine).run(),
+                    }
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e.to_string()));

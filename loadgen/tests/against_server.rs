@@ -239,3 +239,91 @@ fn connect_fails_cleanly_without_a_server() {
         20
     );
 }
+
+/// `--tls`: the same chat over TLS 1.3, both engines, with a CA made here.
+#[test]
+fn chat_over_tls_loses_nothing() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "loadgen test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let (cert_path, key_path, ca_path) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let server = Server::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls_listen: Some("127.0.0.1:0".parse().unwrap()),
+        tls_cert: cert_path,
+        tls_key: key_path,
+        shards: 2,
+        stats_socket: dir.path().join("tern.sock"),
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    })
+    .expect("server starts");
+    let tls_addr = server.tls_addr().unwrap().to_string();
+    let ca_arg = ca_path.to_str().unwrap().to_string();
+    for (i, engine) in engines().into_iter().enumerate() {
+        let json = dir.path().join(format!("chat-tls-{engine}.json"));
+        let base = (20_000_000 + i * 1_000_000).to_string();
+        let (status, r) = loadgen(
+            &[
+                "chat",
+                "--server",
+                &tls_addr,
+                "--tls",
+                "--tls-ca",
+                &ca_arg,
+                "--engine",
+                engine,
+                "--conns",
+                "100",
+                "--rate",
+                "2000/s",
+                "--msg-rate",
+                "200/s",
+                "--duration",
+                "1000ms",
+                "--drain",
+                "20s",
+                "--user-base",
+                &base,
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "{engine}: exit status");
+        assert_eq!(u(&r, &["connections", "failed"]), 0, "{engine}: {r:#}");
+        assert_eq!(u(&r, &["counters", "login_ok"]), 100);
+        let scheduled = u(&r, &["messages", "scheduled"]);
+        assert!(scheduled > 0);
+        assert_eq!(u(&r, &["messages", "delivered"]), scheduled);
+        assert_eq!(u(&r, &["messages", "receipted"]), scheduled);
+        assert_eq!(u(&r, &["messages", "lost"]), 0);
+        assert_eq!(u(&r, &["messages", "out_of_order"]), 0);
+    }
+    // Without --tls-ca or --tls-insecure the run refuses to start.
+    let json = dir.path().join("bad.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
+        .args(["chat", "--server", &tls_addr, "--tls", "--conns", "1"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    server.shutdown();
+    server.join();
+}

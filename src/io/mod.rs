@@ -5,7 +5,8 @@
 //!
 //! - [`Io::wait`] blocks until something happened (or the timeout passed).
 //! - [`Io::next`] hands out one [`Completion`] at a time: a connection was
-//!   accepted, bytes arrived (copied into the caller's scratch buffer), a
+//!   accepted (saying from which [`Listener`]: plaintext or TLS; a shard
+//!   may have both), bytes arrived (copied into the caller's scratch buffer), a
 //!   connection can take more output, a connection was closed by the peer, or
 //!   another shard woke us. It never calls back into the shard: the shard
 //!   drains completions in its own loop (no re-entrancy, bounded stack).
@@ -45,11 +46,65 @@ impl ConnId {
     }
 }
 
+/// Which listening socket a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Listener {
+    /// The plaintext listener (`listen`).
+    Plain,
+    /// The TLS listener (`tls_listen`): the shard runs a TLS handshake first.
+    Tls,
+}
+
+impl Listener {
+    /// Both kinds, in index order (`Plain` = 0, `Tls` = 1).
+    pub const ALL: [Listener; 2] = [Listener::Plain, Listener::Tls];
+
+    /// The listener's index in per-listener arrays, `0..2`.
+    pub fn index(self) -> usize {
+        match self {
+            Listener::Plain => 0,
+            Listener::Tls => 1,
+        }
+    }
+}
+
+/// The bound, listening sockets a shard accepts from.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The plaintext listener.
+    pub plain: TcpListener,
+    /// The TLS listener, when `tls_listen` is configured.
+    pub tls: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Only a plaintext listener.
+    pub fn plain(listener: TcpListener) -> Listeners {
+        Listeners {
+            plain: listener,
+            tls: None,
+        }
+    }
+
+    /// Duplicates the descriptors (the `auto` backend may fall back).
+    pub fn try_clone(&self) -> io::Result<Listeners> {
+        Ok(Listeners {
+            plain: self.plain.try_clone()?,
+            tls: self.tls.as_ref().map(TcpListener::try_clone).transpose()?,
+        })
+    }
+
+    /// As an array indexed by [`Listener::index`].
+    pub fn into_array(self) -> [Option<TcpListener>; 2] {
+        [Some(self.plain), self.tls]
+    }
+}
+
 /// Something that happened, handed out by [`Io::next`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completion {
-    /// A new connection from the listener.
-    Accepted(ConnId),
+    /// A new connection from the given listener.
+    Accepted(ConnId, Listener),
     /// `len` bytes from the connection are in the scratch buffer, `scratch[..len]`.
     Recv(ConnId, usize),
     /// The connection can take more output after a short [`Io::send`].
@@ -166,9 +221,9 @@ macro_rules! each {
 }
 
 impl Io {
-    /// Creates the backend chosen by `options` around a bound, listening
-    /// socket. Call it on the shard's own thread.
-    pub fn new(listener: TcpListener, options: &IoOptions) -> io::Result<Io> {
+    /// Creates the backend chosen by `options` around bound, listening
+    /// sockets. Call it on the shard's own thread.
+    pub fn new(listener: Listeners, options: &IoOptions) -> io::Result<Io> {
         match options.backend {
             Backend::Poll => Ok(Io::Poll(poll::Io::new(listener)?)),
             #[cfg(target_os = "linux")]
@@ -295,7 +350,7 @@ impl Io {
         }
     }
 
-    /// Stops accepting: the listener is closed (graceful shutdown).
+    /// Stops accepting: the listeners are closed (graceful shutdown).
     pub fn stop_accepting(&mut self) {
         each!(self, io => io.stop_accepting())
     }

@@ -16,7 +16,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::{Completion, ConnId};
+use super::{Completion, ConnId, Listener, Listeners};
 
 /// Backend name for `show info`.
 #[cfg(target_os = "linux")]
@@ -27,9 +27,14 @@ pub const BACKEND_NAME: &str = "poll (kqueue)";
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+const TLS_LISTENER: Token = Token(usize::MAX - 3);
+/// The token of each listener, by [`Listener::index`].
+const LISTENER_TOKENS: [Token; 2] = [LISTENER, TLS_LISTENER];
 /// Connections accepted per loop iteration at most, so a connection storm
 /// cannot starve established connections.
 const ACCEPT_BATCH_MAX: usize = 256;
+/// Connection slots added at least when the table grows.
+const CONNS_GROWTH_MIN: usize = 1024;
 /// mio events handled per `wait` at most.
 const EVENTS_MAX: usize = 1024;
 /// After EMFILE/ENFILE/ENOMEM on accept, wait this long before trying again.
@@ -73,9 +78,11 @@ pub struct Io {
     poll: Poll,
     events: Events,
     waker: WakeHandle,
-    listener: Option<TcpListener>,
-    /// The listener has connections waiting.
-    accept_ready: bool,
+    /// The listeners by [`Listener::index`]; `None` when not configured or
+    /// after `stop_accepting`.
+    listeners: [Option<TcpListener>; 2],
+    /// The listener has connections waiting, by [`Listener::index`].
+    accept_ready: [bool; 2],
     /// Accepting failed for lack of resources; retry after a pause.
     accept_backoff: bool,
     conns: Slab<Conn>,
@@ -89,20 +96,25 @@ pub struct Io {
 }
 
 impl Io {
-    /// Creates the backend around an already bound, listening socket.
-    pub fn new(listener: std::net::TcpListener) -> io::Result<Io> {
+    /// Creates the backend around already bound, listening sockets.
+    pub fn new(listeners: Listeners) -> io::Result<Io> {
         let poll = Poll::new()?;
         let waker = WakeHandle(Arc::new(Waker::new(poll.registry(), WAKER)?));
-        listener.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut registered: [Option<TcpListener>; 2] = [None, None];
+        for (i, listener) in listeners.into_array().into_iter().enumerate() {
+            let Some(listener) = listener else { continue };
+            listener.set_nonblocking(true)?;
+            let mut listener = TcpListener::from_std(listener);
+            poll.registry()
+                .register(&mut listener, LISTENER_TOKENS[i], Interest::READABLE)?;
+            registered[i] = Some(listener);
+        }
         Ok(Io {
             poll,
             events: Events::with_capacity(EVENTS_MAX),
             waker,
-            listener: Some(listener),
-            accept_ready: true,
+            accept_ready: [registered[0].is_some(), registered[1].is_some()],
+            listeners: registered,
             accept_backoff: false,
             conns: Slab::new(),
             ready: VecDeque::new(),
@@ -137,11 +149,12 @@ impl Io {
         }
         if self.accept_backoff {
             self.accept_backoff = false;
-            self.accept_ready = true;
+            self.accept_ready = [true; 2];
         }
         for event in self.events.iter() {
             match event.token() {
-                LISTENER => self.accept_ready = true,
+                LISTENER => self.accept_ready[0] = true,
+                TLS_LISTENER => self.accept_ready[1] = true,
                 WAKER => self.pending.push_back(Completion::Woken),
                 Token(key) => {
                     let Some(conn) = self.conns.get_mut(key) else {
@@ -168,7 +181,7 @@ impl Io {
     fn has_work(&self) -> bool {
         !self.pending.is_empty()
             || !self.ready.is_empty()
-            || (self.accept_ready && self.listener.is_some())
+            || (0..2).any(|i| self.accept_ready[i] && self.listeners[i].is_some())
     }
 
     /// Hands out the next completion, reading into `scratch` for
@@ -222,23 +235,35 @@ impl Io {
         None
     }
 
+    /// Accepts from the first listener with connections waiting (plain
+    /// first; the batch limit is shared).
     fn accept(&mut self) -> Option<Completion> {
-        if !self.accept_ready || self.accepted_this_round >= ACCEPT_BATCH_MAX {
+        for which in Listener::ALL {
+            if let Some(c) = self.accept_from(which) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn accept_from(&mut self, which: Listener) -> Option<Completion> {
+        let i = which.index();
+        if !self.accept_ready[i] || self.accepted_this_round >= ACCEPT_BATCH_MAX {
             return None;
         }
         loop {
-            match self.listener.as_ref()?.accept() {
+            match self.listeners[i].as_ref()?.accept() {
                 Ok((stream, _peer)) => {
                     self.accepted_this_round += 1;
                     // Small frames, latency matters more than packet count.
                     let _ = stream.set_nodelay(true);
                     match self.insert(stream) {
-                        Ok(id) => return Some(Completion::Accepted(id)),
+                        Ok(id) => return Some(Completion::Accepted(id, which)),
                         Err(e) => log::warn!("register accepted connection: {e}"),
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.accept_ready = false;
+                    self.accept_ready[i] = false;
                     return None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -248,7 +273,7 @@ impl Io {
                     // EMFILE/ENFILE/ENOBUFS/ENOMEM: out of a resource. The
                     // connection stays in the backlog; pause and retry.
                     log::warn!("accept: {e}; pausing accepts for {ACCEPT_RETRY:?}");
-                    self.accept_ready = false;
+                    self.accept_ready = [false; 2];
                     self.accept_backoff = true;
                     return None;
                 }
@@ -324,6 +349,11 @@ impl Io {
     /// Registers a new connection and queues it for reading: bytes may
     /// already be there (a login in the first packet, or sent while it moved).
     fn insert(&mut self, mut stream: TcpStream) -> io::Result<ConnId> {
+        if self.conns.len() == self.conns.capacity() {
+            // Grow by an eighth, not double: see the shard's session table.
+            self.conns
+                .reserve_exact((self.conns.len() / 8).max(CONNS_GROWTH_MIN));
+        }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         self.poll.registry().register(
@@ -343,12 +373,14 @@ impl Io {
         Ok(id)
     }
 
-    /// Stops accepting: the listener is closed (for graceful shutdown).
+    /// Stops accepting: the listeners are closed (for graceful shutdown).
     pub fn stop_accepting(&mut self) {
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
+        for slot in &mut self.listeners {
+            if let Some(mut listener) = slot.take() {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
         }
-        self.accept_ready = false;
+        self.accept_ready = [false; 2];
     }
 
     /// Open connections held by this backend.

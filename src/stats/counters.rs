@@ -173,6 +173,10 @@ shard_stats! {
         Counter idle_closes,
         /// Connections closed for a protocol violation.
         Counter protocol_errors,
+        /// TLS handshakes completed (full or resumed).
+        Counter tls_handshakes,
+        /// TLS connections that failed: bad handshake, not TLS at all, or a record that does not decrypt.
+        Counter tls_failures,
         /// Panics caught on this shard.
         Counter panics,
         /// Bytes read from client sockets.

@@ -20,6 +20,8 @@ pub struct StatsView {
     pub conns_max: usize,
     /// One block per shard, indexed by shard id.
     pub shards: Vec<Arc<ShardStats>>,
+    /// The TLS settings `reload tls` re-reads; `None` without `tls_listen`.
+    pub tls: Option<Arc<crate::tls::TlsContext>>,
 }
 
 impl StatsView {
@@ -32,6 +34,7 @@ impl StatsView {
             started: Instant::now(),
             conns_max,
             shards: (0..shard_count).map(|_| Arc::default()).collect(),
+            tls: None,
         }
     }
 
@@ -58,6 +61,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "show metrics",
         "every counter of every shard in Prometheus text format 0.0.4",
+    ),
+    (
+        "reload tls",
+        "re-read tls_cert and tls_key; new TLS handshakes use them",
     ),
 ];
 
@@ -89,6 +96,13 @@ fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Proces
         ["show", "info"] => render_info(view, process()),
         ["show", "shards"] => render_shards(view),
         ["show", "metrics"] => render_metrics(view, process()),
+        ["reload", "tls"] => match &view.tls {
+            Some(tls) => match tls.reload() {
+                Ok(done) => format!("{done}\n"),
+                Err(e) => format!("TLS reload failed, the old certificate stays: {e}\n"),
+            },
+            None => "TLS is not configured (no tls_listen).\n".to_string(),
+        },
         _ => format!("Unknown command: '{command}'. Try 'help'.\n"),
     }
 }
@@ -298,6 +312,7 @@ pub(crate) mod tests {
             started: Instant::now(),
             conns_max: 1000,
             shards: vec![Arc::default(), Arc::default()],
+            tls: None,
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);

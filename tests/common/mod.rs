@@ -85,6 +85,8 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
     /// The client listener.
     pub addr: SocketAddr,
+    /// The TLS listener, when the config has `tls_listen`.
+    pub tls_addr: Option<SocketAddr>,
     /// The stats socket.
     pub stats: PathBuf,
 }
@@ -103,6 +105,7 @@ impl TestServer {
         let server = Server::start(config).expect("server starts");
         TestServer {
             addr: server.local_addr(),
+            tls_addr: server.tls_addr(),
             stats: server.stats_socket().to_path_buf(),
             server: Some(server),
             _dir: dir,

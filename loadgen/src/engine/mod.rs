@@ -32,6 +32,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 pub mod poll;
+pub mod tls;
 #[cfg(target_os = "linux")]
 pub mod uring;
 

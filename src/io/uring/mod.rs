@@ -6,8 +6,9 @@
 //! table (at most RLIMIT_NOFILE slots), which is the case on a tuned box.
 //! Otherwise it owns a control ring (ring 0) plus data rings, created on
 //! demand up to `ceil(conns_max / slots) + 1`, each with its own table.
-//! Ring 0 holds the listener's one multishot accept (direct descriptors,
-//! kernel-allocated slots), the READ of the shard's eventfd, and receives
+//! Ring 0 holds each listener's one multishot accept (direct descriptors,
+//! kernel-allocated slots; the plaintext listener and, when configured, the
+//! TLS one, told apart by the tag's key), the READ of the shard's eventfd, and receives
 //! handoffs from other shards. In the several-rings layout every connection
 //! that lands in ring 0 is moved at once with MSG_RING to the data ring with
 //! the most free slots (linked with a CLOSE of its ring-0 slot), before
@@ -62,7 +63,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::{Completion, ConnId, IoOptions};
+use super::{Completion, ConnId, IoOptions, Listener, Listeners};
 use ring::{Chain, Cqe, Ring};
 use tag::{Op, Tag};
 
@@ -230,6 +231,8 @@ mod flag {
     pub const CLOSE_REQUESTED: u32 = 1 << 13;
     /// A send failed: further sends fail.
     pub const BROKEN: u32 = 1 << 14;
+    /// Accepted from the TLS listener (kept for the connection's life).
+    pub const FROM_TLS: u32 = 1 << 15;
 }
 
 /// Bytes taken by `send`, owned here while the kernel reads them.
@@ -315,7 +318,7 @@ struct HandoffOut {
     id: u64,
 }
 
-/// The listener's multishot accept.
+/// One listener's multishot accept.
 #[derive(Default)]
 struct Accept {
     armed: bool,
@@ -333,10 +336,14 @@ pub struct Io {
     data_rings_max: usize,
     /// Slots in each ring's fixed-file table.
     slots_per_ring: u32,
-    /// Ring 0 arms the accept only with at least this many free slots.
+    /// Ring 0 arms the accepts only with at least this many free slots
+    /// (one burst per listener).
     accept_margin_slots: u32,
-    listener: Option<TcpListener>,
-    accept: Accept,
+    /// The listeners by [`Listener::index`]; `None` when not configured or
+    /// after `stop_accepting`.
+    listeners: [Option<TcpListener>; 2],
+    /// Each listener's multishot accept, by [`Listener::index`].
+    accept: [Accept; 2],
     wake: WakeHandle,
     /// The eventfd READ lands here (kept at a stable address while in flight).
     wake_buf: Box<u64>,
@@ -365,7 +372,7 @@ impl Io {
     /// Creates the backend around a bound, listening socket. Call it on the
     /// shard's thread: the rings are single-issuer. Fails with a clear error
     /// when the kernel lacks something we need.
-    pub fn new(listener: TcpListener, options: &IoOptions) -> io::Result<Io> {
+    pub fn new(listeners: Listeners, options: &IoOptions) -> io::Result<Io> {
         check_kernel()?;
         let mut slots = nofile_limit()?.min(SLOTS_PER_RING_KERNEL_MAX);
         if options.ring_slots_max > 0 {
@@ -378,10 +385,19 @@ impl Io {
                 format!("fixed-file tables of {slots} slots are too small (RLIMIT_NOFILE?)"),
             ));
         }
-        // Ring 0's CQ bounds one accept burst; keep it at most half the table.
-        let control_cq =
-            prev_power_of_two(slots / 2).clamp(CONTROL_CQ_ENTRIES_MIN, CONTROL_CQ_ENTRIES_MAX);
-        let accept_margin_slots = control_cq + 1;
+        let listeners = listeners.into_array();
+        let listener_count = listeners.iter().flatten().count() as u32;
+        // Ring 0's CQ bounds one accept burst; the bursts of all listeners
+        // together take at most half the table.
+        let control_cq = prev_power_of_two(slots / (2 * listener_count))
+            .clamp(CONTROL_CQ_ENTRIES_MIN, CONTROL_CQ_ENTRIES_MAX);
+        let accept_margin_slots = listener_count * (control_cq + 1);
+        if accept_margin_slots > slots {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("fixed-file tables of {slots} slots are too small for {listener_count} listeners (RLIMIT_NOFILE?)"),
+            ));
+        }
         let conns_max = options.conns_max.max(1) as u64;
         let one_ring = conns_max + accept_margin_slots as u64 <= slots as u64;
         let data_rings_max = if one_ring {
@@ -409,7 +425,9 @@ impl Io {
             None,
         )?;
         probe(&ring0)?;
-        set_nodelay(&listener);
+        for listener in listeners.iter().flatten() {
+            set_nodelay(listener);
+        }
         // SAFETY: plain syscall on the ring's live descriptor; checked below.
         let dup = unsafe { libc::fcntl(ring0.fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if dup < 0 {
@@ -438,8 +456,8 @@ impl Io {
             data_rings_max,
             slots_per_ring: slots,
             accept_margin_slots,
-            listener: Some(listener),
-            accept: Accept::default(),
+            listeners,
+            accept: Default::default(),
             wake: WakeHandle(Arc::new(efd)),
             wake_buf: Box::new(0),
             wake_armed: false,
@@ -502,8 +520,10 @@ impl Io {
                 timeout = Some(timeout.map_or(left, |t| t.min(left)));
             }
         };
-        if self.listener.is_some() && !self.accept.armed {
-            clamp(self.accept.retry_at);
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].is_some() && !self.accept[i].armed {
+                clamp(self.accept[i].retry_at);
+            }
         }
         if !self.retry.is_empty() {
             clamp(self.retry_at.or(Some(now)));
@@ -580,8 +600,13 @@ impl Io {
             match event {
                 Event::Woken => return Some(Completion::Woken),
                 Event::Accepted(key, gen) => {
-                    if self.visible_conn(key, gen).is_some() {
-                        return Some(Completion::Accepted(ConnId(key)));
+                    if let Some(c) = self.visible_conn(key, gen) {
+                        let which = if c.has(flag::FROM_TLS) {
+                            Listener::Tls
+                        } else {
+                            Listener::Plain
+                        };
+                        return Some(Completion::Accepted(ConnId(key), which));
                     }
                 }
                 Event::Writable(key, gen) => {
@@ -922,10 +947,15 @@ impl Io {
         }
     }
 
-    /// Stops accepting: cancels the accept and closes the listener.
+    /// Stops accepting: cancels the accepts and closes the listeners.
     pub fn stop_accepting(&mut self) {
-        if self.listener.take().is_some() && self.accept.armed && !self.accept.cancelling {
-            self.cancel_accept();
+        for i in 0..self.listeners.len() {
+            if self.listeners[i].take().is_some()
+                && self.accept[i].armed
+                && !self.accept[i].cancelling
+            {
+                self.cancel_accept(i);
+            }
         }
     }
 
@@ -957,41 +987,48 @@ impl Io {
         self.wake_armed = true;
     }
 
-    /// Arms, pauses (by cancelling) or leaves the multishot accept, by ring
-    /// 0's free slots: one arming may accept up to a CQ-full of connections.
+    /// Arms, pauses (by cancelling) or leaves each listener's multishot
+    /// accept, by ring 0's free slots: one arming may accept up to a CQ-full
+    /// of connections, and the margin holds one such burst per listener.
     fn check_accept(&mut self) {
-        let Some(listener) = self.listener.as_ref() else {
+        for i in 0..self.listeners.len() {
+            self.check_accept_of(i);
+        }
+    }
+
+    fn check_accept_of(&mut self, i: usize) {
+        let Some(listener) = self.listeners[i].as_ref() else {
             return;
         };
         let free = self.rings[0].slots_free();
-        if self.accept.armed {
-            if free < self.accept_margin_slots && !self.accept.cancelling {
-                self.cancel_accept();
+        let accept = &mut self.accept[i];
+        if accept.armed {
+            if free < self.accept_margin_slots && !accept.cancelling {
+                self.cancel_accept(i);
             }
             return;
         }
-        if free < self.accept_margin_slots
-            || self.accept.retry_at.is_some_and(|at| Instant::now() < at)
+        if free < self.accept_margin_slots || accept.retry_at.is_some_and(|at| Instant::now() < at)
         {
             return;
         }
-        self.accept.retry_at = None;
+        accept.retry_at = None;
         let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .allocate_file_index(true)
             .build()
-            .user_data(Tag::ring(Op::Accept, 0).encode());
+            .user_data(accept_tag(i));
         // SAFETY: the accept names no memory (no address out-parameters).
         unsafe { self.rings[0].push(Chain::One(entry)) };
-        self.accept.armed = true;
+        self.accept[i].armed = true;
     }
 
-    fn cancel_accept(&mut self) {
-        let entry = opcode::AsyncCancel::new(Tag::ring(Op::Accept, 0).encode())
+    fn cancel_accept(&mut self, i: usize) {
+        let entry = opcode::AsyncCancel::new(accept_tag(i))
             .build()
             .user_data(Tag::ring(Op::Misc, 0).encode());
         // SAFETY: a cancel names no memory.
         unsafe { self.rings[0].push(Chain::One(entry)) };
-        self.accept.cancelling = true;
+        self.accept[i].cancelling = true;
     }
 
     /// Arms the connection's receive: multishot once established, else one
@@ -1308,7 +1345,7 @@ impl Io {
         }
         let t = Tag::decode(user_data).expect("conn tag");
         match t.op {
-            Op::Accept => self.on_accept(res, flags),
+            Op::Accept => self.on_accept(t.key as usize, res, flags),
             Op::WakeRead => self.on_wake_read(res),
             Op::Recv => self.on_recv(ring, t, res, flags),
             Op::Send => self.on_send(t, res),
@@ -1377,26 +1414,34 @@ impl Io {
         }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32) {
+    /// A completion of listener `i`'s multishot accept.
+    fn on_accept(&mut self, i: usize, res: i32, flags: u32) {
+        debug_assert!(i < self.listeners.len(), "accept tag names listener {i}");
         if !cqueue::more(flags) {
-            self.accept.armed = false;
-            self.accept.cancelling = false;
+            self.accept[i].armed = false;
+            self.accept[i].cancelling = false;
         }
         if res >= 0 {
             let slot = res as u32;
             self.rings[0].slots_used += 1;
-            if self.listener.is_none() {
+            if self.listeners[i].is_none() {
                 self.close_raw(0, slot); // accepted while stop_accepting's cancel was on its way
                 return;
             }
-            let key = self.new_conn(0, slot, flag::FROM_ACCEPT, State::Live);
+            let mut flags = flag::FROM_ACCEPT;
+            if i == Listener::Tls.index() {
+                flags |= flag::FROM_TLS;
+            }
+            let key = self.new_conn(0, slot, flags, State::Live);
             self.make_home(key);
             // React within the burst if ring 0 runs low.
-            if self.accept.armed
-                && !self.accept.cancelling
-                && self.rings[0].slots_free() < self.accept_margin_slots
-            {
-                self.cancel_accept();
+            for j in 0..self.accept.len() {
+                if self.accept[j].armed
+                    && !self.accept[j].cancelling
+                    && self.rings[0].slots_free() < self.accept_margin_slots
+                {
+                    self.cancel_accept(j);
+                }
             }
             return;
         }
@@ -1418,7 +1463,7 @@ impl Io {
                     self.shard,
                     -res
                 );
-                self.accept.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                self.accept[i].retry_at = Some(Instant::now() + ACCEPT_RETRY);
             }
             // The listener is unusable: stop accepting on this shard.
             libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP => {
@@ -1427,11 +1472,11 @@ impl Io {
                     self.shard,
                     -res
                 );
-                self.listener = None;
+                self.listeners[i] = None;
             }
             e => {
                 log::warn!("shard {}: accept: errno {e}; retrying", self.shard);
-                self.accept.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+                self.accept[i].retry_at = Some(Instant::now() + ACCEPT_RETRY);
             }
         }
     }
@@ -1804,8 +1849,10 @@ impl Io {
                 targets.push((ring, Tag::new(Op::Send, ring, key, c.gen).encode()));
             }
         }
-        if self.accept.armed && !self.accept.cancelling {
-            targets.push((0, Tag::ring(Op::Accept, 0).encode()));
+        for (i, accept) in self.accept.iter().enumerate() {
+            if accept.armed && !accept.cancelling {
+                targets.push((0, accept_tag(i)));
+            }
         }
         if self.wake_armed {
             targets.push((0, Tag::ring(Op::WakeRead, 0).encode()));
@@ -1876,6 +1923,11 @@ impl Drop for Io {
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
         }
     }
+}
+
+/// The `user_data` of listener `i`'s multishot accept: the key says which.
+fn accept_tag(i: usize) -> u64 {
+    Tag::new(Op::Accept, 0, i as u32, 0).encode()
 }
 
 #[cfg(test)]

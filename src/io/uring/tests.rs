@@ -26,7 +26,10 @@ fn backend(conns_max: usize, ring_slots_max: usize) -> Option<(Io, SocketAddr)> 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
-    match Io::new(listener, &options(conns_max, ring_slots_max)) {
+    match Io::new(
+        Listeners::plain(listener),
+        &options(conns_max, ring_slots_max),
+    ) {
         Ok(io) => Some((io, addr)),
         Err(e) => {
             eprintln!("skipping: io_uring unavailable: {e}");
@@ -39,6 +42,8 @@ fn backend(conns_max: usize, ring_slots_max: usize) -> Option<(Io, SocketAddr)> 
 #[derive(Default)]
 struct Seen {
     accepted: Vec<ConnId>,
+    /// The accepted connections that came from the TLS listener.
+    accepted_tls: Vec<ConnId>,
     bytes: HashMap<ConnId, Vec<u8>>,
     writable: Vec<ConnId>,
     closed: Vec<ConnId>,
@@ -51,7 +56,12 @@ fn step(io: &mut Io, seen: &mut Seen) {
     io.wait(Some(Duration::from_millis(5))).unwrap();
     while let Some(c) = io.next(&mut scratch) {
         match c {
-            Completion::Accepted(id) => seen.accepted.push(id),
+            Completion::Accepted(id, which) => {
+                seen.accepted.push(id);
+                if which == Listener::Tls {
+                    seen.accepted_tls.push(id);
+                }
+            }
             Completion::Recv(id, n) => {
                 assert!(n > 0);
                 seen.bytes
@@ -80,6 +90,41 @@ fn read_exact_timeout(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     s.read_exact(&mut buf).unwrap();
     buf
+}
+
+/// With a second (TLS) listener, each accept says which listener it came
+/// from, on one ring and with the several-rings layout.
+#[test]
+fn two_listeners_tag_their_accepts() {
+    for ring_slots_max in [0, 64] {
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tls = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (plain_addr, tls_addr) = (plain.local_addr().unwrap(), tls.local_addr().unwrap());
+        let listeners = Listeners {
+            plain,
+            tls: Some(tls),
+        };
+        let mut io = match Io::new(listeners, &options(200, ring_slots_max)) {
+            Ok(io) => io,
+            Err(e) => {
+                eprintln!("skipping: io_uring unavailable: {e}");
+                return;
+            }
+        };
+        let mut seen = Seen::default();
+        let _p: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(plain_addr).unwrap())
+            .collect();
+        let _t: Vec<TcpStream> = (0..2)
+            .map(|_| TcpStream::connect(tls_addr).unwrap())
+            .collect();
+        run_until(&mut io, &mut seen, |s| s.accepted.len() == 5);
+        assert_eq!(seen.accepted_tls.len(), 2, "slots {ring_slots_max}");
+        io.stop_accepting();
+        for id in seen.accepted.clone() {
+            io.close(id);
+        }
+    }
 }
 
 /// Accept, receive, send, peer close, close: one ring and several rings.
