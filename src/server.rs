@@ -48,7 +48,8 @@ impl Server {
         let config = Arc::new(config);
         let shards = config.shard_count();
 
-        let first = listen(config.listen, config.listen_backlog)
+        let first = claim(config.listen)
+            .and_then(|addr| listen(addr, config.listen_backlog))
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = first.local_addr()?;
         let mut plain = vec![first];
@@ -70,7 +71,8 @@ impl Server {
         let mut tls_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
         let mut tls_addr = None;
         if let Some(want) = config.tls_listen {
-            let first = listen(want, config.listen_backlog)
+            let first = claim(want)
+                .and_then(|addr| listen(addr, config.listen_backlog))
                 .map_err(|e| format!("cannot listen on {want} (tls_listen): {e}"))?;
             let bound = first.local_addr()?;
             tls_addr = Some(bound);
@@ -297,6 +299,19 @@ fn lock_data_dir(config: &Config) -> Result<Option<std::fs::File>, String> {
         ));
     }
     Ok(Some(file))
+}
+
+/// Checks that nobody listens on `addr` and resolves port 0. Our shards
+/// share the port through SO_REUSEPORT, which would also let a second tern
+/// (or anything else of the same user) join silently and take half of the
+/// connections; a plain bind first refuses that with EADDRINUSE.
+fn claim(addr: SocketAddr) -> IoResult<SocketAddr> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // TIME_WAIT leftovers of an earlier run are fine; a listener is not.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())?;
+    let bound = probe.local_addr()?.as_socket();
+    bound.ok_or_else(|| std::io::Error::other("not an IP address"))
 }
 
 /// A listening socket that other shards can bind beside.

@@ -387,3 +387,24 @@ fn print_config_prints_toml_that_parses_back() {
         text(&out.stderr)
     );
 }
+
+/// A second server on a port already served is refused: SO_REUSEPORT must
+/// not let it silently take half of the first one's connections.
+#[test]
+fn second_server_on_the_same_port_is_refused() {
+    let first = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.listen = first.addr;
+    let err = match tern::server::Server::start(config) {
+        Ok(_) => panic!("a second server started on {}", first.addr),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("cannot listen on"), "{err}");
+    // The first one still serves.
+    let (a, b) = cross_pair();
+    let mut alice = first.login(a);
+    let _bob = first.login(b);
+    alice.send_msg(1, b, b"still here").unwrap();
+    recv_ack(&mut alice, 1);
+}

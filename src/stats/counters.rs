@@ -157,8 +157,6 @@ shard_stats! {
         Counter storage_full,
         /// Times the shard crashed and was restarted by its supervisor.
         Counter restarts,
-        /// Group commits that wrote to the log (one write, one fdatasync each in fsync mode).
-        Counter store_syncs,
         /// Messages refused because the recipient's queue was full.
         Counter queue_full,
         /// Pushes that found a cross-shard ring full (back-pressure).
