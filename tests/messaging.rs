@@ -204,14 +204,7 @@ fn undelivered_message_is_sent_again_after_reconnect() {
     let again = recv_deliver(&mut bob);
     assert_eq!(again, first, "redelivery must carry the same message");
     bob.send_delivered(server_id).unwrap();
-    match alice.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
-        Ok(OwnedFrame::Receipt {
-            kind: ReceiptKind::Delivered,
-            server_id: sid,
-            peer,
-        }) => assert_eq!((sid, peer), (server_id, b)),
-        other => panic!("expected RECEIPT(delivered), got {other:?}"),
-    }
+    expect_receipt(&mut alice, ReceiptKind::Delivered, server_id, b);
 }
 
 #[test]

@@ -66,23 +66,9 @@ fn exchange(srv: &TestServer) {
     assert_eq!(d.from, a);
     assert_eq!(d.body, b"hello over uring");
     bob.send_delivered(server_id).unwrap();
-    match alice.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
-        Ok(OwnedFrame::Receipt {
-            kind: ReceiptKind::Delivered,
-            server_id: sid,
-            peer,
-        }) => assert_eq!((sid, peer), (server_id, b)),
-        other => panic!("expected RECEIPT(delivered), got {other:?}"),
-    }
+    expect_receipt(&mut alice, ReceiptKind::Delivered, server_id, b);
     bob.send_read(server_id, a).unwrap();
-    match alice.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
-        Ok(OwnedFrame::Receipt {
-            kind: ReceiptKind::Read,
-            server_id: sid,
-            peer,
-        }) => assert_eq!((sid, peer), (server_id, b)),
-        other => panic!("expected RECEIPT(read), got {other:?}"),
-    }
+    expect_receipt(&mut alice, ReceiptKind::Read, server_id, b);
 }
 
 #[test]

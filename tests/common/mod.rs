@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tern::config::Config;
-use tern::proto::{ByeReason, ErrorCode, OwnedFrame};
+use tern::proto::{ByeReason, ErrorCode, OwnedFrame, ReceiptKind};
 use tern::server::Server;
 use tern_client::Client;
 
@@ -321,4 +321,16 @@ pub fn encode_all(frames: &[tern::proto::Frame<'_>]) -> Vec<u8> {
         tern::proto::encode(f, &mut out);
     }
     out
+}
+
+/// Waits for the next RECEIPT and checks its kind, message and peer.
+pub fn expect_receipt(client: &mut Client, kind: ReceiptKind, server_id: u64, peer: u64) {
+    match client.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
+        Ok(OwnedFrame::Receipt {
+            kind: k,
+            server_id: sid,
+            peer: p,
+        }) => assert_eq!((k, sid, p), (kind, server_id, peer)),
+        other => panic!("expected RECEIPT({kind:?}), got {other:?}"),
+    }
 }
