@@ -128,6 +128,9 @@ host=$(hostname -s 2>/dev/null || hostname)
 [ -n "$out" ] || out="$root/results/$(date -u +%Y-%m-%d)-$host-$io"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# A rerun into the same directory replaces the previous run's files, never mixes them.
+rm -f "$out"/step-* "$out"/summary.md "$out"/*.svg "$out"/commands.txt "$out"/run.env \
+    "$out"/run.log "$out"/server.log
 report_py="$root/scripts/capacity_report.py"
 t_start=$(date +%s)
 log() { printf '[capacity %s] %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$out/run.log" >&2; }

@@ -19,6 +19,19 @@ import sys
 from pathlib import Path
 
 PAGE_BYTES = 4096
+# Why the default targets are what they are on the development box (shared/BOX-FACTS.md).
+TARGET_WHY = {
+    "poll": "Why this target: the poll backend keeps one file descriptor per connection, and "
+            "RLIMIT_NOFILE is 20,000 per process here (soft and hard, not raisable without "
+            "CAP_SYS_RESOURCE), so the server stops at about 19,990 connections (EMFILE). 19,000 "
+            "leaves room for its own files. The box had memory and ports to spare.",
+    "uring": "Why this target: io_uring direct descriptors take the server past the open-files "
+             "limit, so memory and the kernel's file count bound it. Both ends live on this box: "
+             "2 sockets, 2 open files and ~9.2 KB of kernel memory per connection. Past ~1.2M pairs "
+             "the system-wide open files (2 per pair) pass fs.file-max (2,466,170), which only root "
+             "processes may exceed, and BOX-FACTS asks runs to stay at or below ~1.2M pairs unless "
+             "they raise file-max and restore it. Memory was not the limit (see MemAvailable).",
+}
 USERSPACE_TARGET_BYTES = 256  # issue 3: server userspace bytes per idle connection
 
 
@@ -177,6 +190,7 @@ def step_figures(path: Path, rss0_kb: int) -> dict:
         f["tcp_mem_b"] = (s["tcp_mem_pages"] - s["tcp_mem_pages_before"]) * PAGE_BYTES / held if held else None
         used = (s["mem_available_before_kb"] - s["mem_available_held_kb"]) * 1024
         f["all_in_b"] = used / held if held else None
+        f["mem_available_held_b"] = s["mem_available_held_kb"] * 1024
         f["tcp_inuse_delta"] = s.get("tcp_inuse_delta")
         f["conns_after_idle"] = s.get("conns_after_idle")
         f["loadgen_rss_bytes"] = s.get("loadgen_rss_kb", 0) * 1024
@@ -402,6 +416,8 @@ def render(d: Path) -> None:
     L.append("")
     L.append("## Why the run stopped where it did\n")
     L.append(f"{one.get('stop_reason', 'unknown (the run did not finish)')}\n")
+    if one.get("stop_reason", "").startswith("target"):
+        L.append(TARGET_WHY.get(one.get("io", ""), "") + "\n")
     L.append("## Box and settings\n")
     L.append(f"- Kernel {one.get('kernel')}, {one.get('cpus')} cores, MemTotal "
              f"{fmt_bytes(int(one.get('mem_total_kb', 0)) * 1024)}, RLIMIT_NOFILE {one.get('nofile')}; "
@@ -410,6 +426,10 @@ def render(d: Path) -> None:
     L.append(f"- MemAvailable {fmt_bytes(int(one.get('mem_available_start_kb', 0)) * 1024)} at the start, "
              f"{fmt_bytes(int(one.get('mem_available_end_kb', 0)) * 1024) if one.get('mem_available_end_kb') else '?'} "
              f"at the end; load average at the start {one.get('loadavg_start')}.")
+    holds = [(f["mem_available_held_b"], f["held"]) for f in measured if f.get("mem_available_held_b")]
+    if holds:
+        low, at = min(holds)
+        L.append(f"- Lowest MemAvailable sampled while holding: {fmt_bytes(low)} (with {fmt_int(at)} held).")
     others = env.get("other_process", [])
     L.append("- Other processes over 256 MiB RSS at the start: " + (", ".join(others) if others else "none") + ".")
     L.append(f"- Server: `--io {one.get('io')}` (reports `{backend}`), shards {one.get('shards')} "
@@ -509,6 +529,8 @@ def render(d: Path) -> None:
     L.append("## How each figure is measured\n")
     L.append("- *held*: the server's `Conns` (`tern stats show info`) 3 s after the load generator "
              "reports its ramp done; *users* its `Users_online` (logged in).")
+    L.append("- At small N the per-connection figures are dominated by fixed costs and by noise "
+             "from the rest of the box; read the largest steps.")
     L.append("- *server RSS*: VmRSS of the server process (/proc/PID/status), the larger of the samples "
              "before and after the idle window. *userspace B/conn* = (RSS − RSS with 0 connections) / held.")
     L.append("- *kernel B/conn pair*: growth of the bytes in live slab objects over all caches "
@@ -525,7 +547,8 @@ def render(d: Path) -> None:
     L.append("- *server CPU* during a chat run: the server's utime+stime over the whole load-generator "
              "run (ramp, chat, drain, close) as % of one core. *others' CPU*: busy time of the whole box "
              "minus server and load generator, as % of all cores: work of other people on the box that "
-             "competes with the run. The script waits (bounded) for the box to be quiet before each "
+             "competes with the run, plus kernel threads and softirq time not charged to any process "
+             "(loopback packet processing, RCU freeing of closed sockets: partly the run's own). The script waits (bounded) for the box to be quiet before each "
              "idle window and chat run.")
     L.append("- *login rate*: the load generator's ramp phase (`up_at_end / seconds`) and the best "
              "one-second increase of connections up in its timeline, with `--rate "
