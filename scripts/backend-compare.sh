@@ -143,6 +143,8 @@ for meta_path in sorted(glob.glob(os.path.join(raw, "rep*", "*", "rate-*.meta.js
     box_total = meta["box_ticks_after"][0] - meta["box_ticks_before"][0]
     box_idle = meta["box_ticks_after"][1] - meta["box_ticks_before"][1]
     srv_run = meta["server_ticks_after"] - meta["server_ticks_before"]
+    if "server_stime_after" in meta and srv_run > 0:   # share of the server's CPU spent in the kernel
+        s["srv_sys_pct"] = 100.0 * (meta["server_stime_after"] - meta["server_stime_before"]) / srv_run
     lg_run = meta["loadgen_ticks"]
     s["box_busy_pct"] = 100.0 * (box_total - box_idle) / box_total if box_total else None
     s["others_pct"] = (100.0 * max(0, box_total - box_idle - srv_run - lg_run) / box_total
@@ -219,7 +221,7 @@ def table(b):
         row = dict(rate=rate, runs=len(ss), ok_runs=sum(1 for s in ss if s["ok"]))
         for k in ("achieved", "ack_p50", "ack_p99", "deliver_p50", "deliver_p99",
                   "srv_us_per_msg", "srv_us_per_msg_whole_run", "srv_cores",
-                  "lg_us_per_msg", "box_busy_pct", "others_during_pct_core"):
+                  "lg_us_per_msg", "box_busy_pct", "others_during_pct_core", "srv_sys_pct"):
             row[k] = med([s.get(k) for s in ss])
         row["lost"] = sum(s.get("lost", 0) or 0 for s in ss)
         row["contended_runs"] = sum(1 for s in ss if s["contended"] or s["polluted"])
@@ -305,7 +307,8 @@ L.append("- Latency is the load generator's, from each message's *intended* send
          "ACK = send->ACK from the server, DELIVER = send->DELIVER at the recipient.")
 L.append("- Achieved = messages delivered / (sending phase + drain) seconds. Server CPU µs/msg = server utime+stime "
          "over the sending phase and drain (from a 0.1 s sampler of /proc/PID/stat, interpolated) / messages delivered; "
-         "`whole run` also counts the 2000-connection ramp and the close (before/after the load-generator run). "
+         "`whole run` also counts the 2000-connection ramp and the close (before/after the load-generator run); "
+         "`server in kernel` is the stime share of that (recorded since the second version of the script). "
          "LG = the load generator's own CPU per message.")
 L.append("")
 L.append("## Exact commands\n")
@@ -357,12 +360,12 @@ for b in backends:
     B = summary["backends"][b]
     L.append(f"## {b}\n")
     L.append("| offered msgs/s | achieved msgs/s | ACK p50 | ACK p99 | DELIVER p50 | DELIVER p99 | server µs/msg | "
-             "(whole run) | server cores | LG µs/msg | box busy | others (% of a core) | runs ok |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+             "(whole run) | server in kernel | server cores | LG µs/msg | box busy | others (% of a core) | runs ok |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in B["table"]:
         L.append(f"| {f(r['rate'])} | {f(r['achieved'])} | {us(r['ack_p50'])} | {us(r['ack_p99'])} | "
                  f"{us(r['deliver_p50'])} | {us(r['deliver_p99'])} | {f(r['srv_us_per_msg'], 1)} | "
-                 f"{f(r['srv_us_per_msg_whole_run'], 1)} | {f(r['srv_cores'], 2)} | {f(r['lg_us_per_msg'], 1)} | "
+                 f"{f(r['srv_us_per_msg_whole_run'], 1)} | {f(r.get('srv_sys_pct'), 0, '%')} | {f(r['srv_cores'], 2)} | {f(r['lg_us_per_msg'], 1)} | "
                  f"{f(r['box_busy_pct'], 0, '%')} | {f(r['others_during_pct_core'], 1)} | "
                  f"{r['ok_runs']}/{r['runs']}{'' if r['complete'] else ' (not every sweep got here)'}"
                  f"{' lost ' + str(r['lost']) if r['lost'] else ''}"
@@ -460,6 +463,7 @@ trap 'on_signal HUP' HUP
 clk_tck=$(getconf CLK_TCK)
 # utime+stime of a process (all its threads); fields 14 and 15 of /proc/PID/stat
 proc_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+proc_stime() { awk '{ sub(/^.*\) /, ""); print $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }   # kernel part
 # cutime+cstime of this shell: CPU of the children it has waited for
 children_ticks() { awk '{ sub(/^.*\) /, ""); print $14 + $15 }' "/proc/$$/stat"; }
 # "total idle" ticks of the whole box (idle + iowait)
@@ -677,6 +681,7 @@ for ((rep = 1; rep <= reps; rep++)); do
                 sampler_pid=$!
                 others_snapshot >"$tmp/step-a"
                 s0=$(proc_ticks "$server_pid"); k0=$(children_ticks); read -r bt0 bi0 < <(box_ticks)
+                y0=$(proc_stime "$server_pid")
                 w0=$EPOCHREALTIME
                 rc=0
                 timeout --kill-after=15 "$((lg_max_s + 30))" "$lg" "${lg_args[@]}" --max-time "${lg_max_s}s" \
@@ -684,6 +689,7 @@ for ((rep = 1; rep <= reps; rep++)); do
                 lg_pid=$!
                 wait "$lg_pid" || rc=$?
                 s1=$(proc_ticks "$server_pid"); k1=$(children_ticks); read -r bt1 bi1 < <(box_ticks)
+                y1=$(proc_stime "$server_pid")
                 w1=$EPOCHREALTIME
                 others_snapshot >"$tmp/step-b"
                 lg_pid=""
@@ -696,6 +702,7 @@ for ((rep = 1; rep <= reps; rep++)); do
 {"rep": $rep, "backend": "$b", "rate": $rate, "conns": $conns, "duration_s": $duration,
  "clk_tck": $clk_tck, "server_pid": $server_pid, "wall_s": $wall, "attempt": $attempt,
  "server_ticks_before": $s0, "server_ticks_after": $s1, "loadgen_ticks": $((k1 - k0)),
+ "server_stime_before": $y0, "server_stime_after": $y1,
  "box_ticks_before": [$bt0, $bi0], "box_ticks_after": [$bt1, $bi1],
  "waited_s": $waited_s, "contended": $([ "$contended" = 1 ] && echo true || echo false),
  "others_before_pct_core": $others_before,
