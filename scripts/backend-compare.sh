@@ -44,6 +44,9 @@ Usage: scripts/backend-compare.sh [OPTIONS]
   --shards N             server shards (default 2)
   --port P               server port (default 17222)
   --lg-workers N         load generator worker threads (default 0 = one per core)
+  --uring-batch-wait-us N
+                         pass --uring-batch-wait-us N to the uring server
+                         (completion batching; default 0 = off)
   --busy-pct P           CPU of all other user processes, in % of one
                          core, above which a step waits (default 25)
   --busy-poll-secs S     re-check interval while waiting (default 30)
@@ -60,7 +63,7 @@ EOF
 # ---- options --------------------------------------------------------------------------
 backends_csv=poll,uring conns=2000
 rates_csv=1000,2500,5000,10000,20000,30000,40000,60000,80000,100000,120000
-duration=10 reps=3 shards=2 port=17222 lg_workers=0
+duration=10 reps=3 shards=2 port=17222 lg_workers=0 uring_batch_wait_us=0
 busy_pct=25 busy_poll_secs=30 busy_wait_secs=1800
 out="" build=1 report_only=0
 readonly STEPS_MAX=12 REPS_MAX=9
@@ -78,6 +81,7 @@ while [ "$#" -gt 0 ]; do
         --shards) need_arg "$@"; shards=$2; shift ;;
         --port) need_arg "$@"; port=$2; shift ;;
         --lg-workers) need_arg "$@"; lg_workers=$2; shift ;;
+        --uring-batch-wait-us) need_arg "$@"; uring_batch_wait_us=$2; shift ;;
         --busy-pct) need_arg "$@"; busy_pct=$2; shift ;;
         --busy-poll-secs) need_arg "$@"; busy_poll_secs=$2; shift ;;
         --busy-wait-secs) need_arg "$@"; busy_wait_secs=$2; shift ;;
@@ -92,7 +96,7 @@ done
 
 die() { echo "backend-compare.sh: $*" >&2; exit 2; }
 is_uint() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
-for v in conns duration reps shards port lg_workers busy_pct busy_poll_secs busy_wait_secs; do
+for v in conns duration reps shards port lg_workers busy_pct busy_poll_secs busy_wait_secs uring_batch_wait_us; do
     is_uint "${!v}" || die "--${v//_/-} must be a whole number"
 done
 [ "$conns" -ge 2 ] || die "--conns must be at least 2"
@@ -300,6 +304,8 @@ L.append(f"- Server: `--shards {env.get('shards', '?')} --durability memory`, on
          f"Load generator on the same box, same 2 cores, `--engine uring` (its default) for both backends, "
          f"`--workers {env.get('lg_workers', '0')}` (0 = one per core), {env.get('conns', '?')} connections, "
          f"{env.get('duration', '?')} s of sending per step, 32-byte bodies, random sender/recipient pairs.")
+if env.get("uring_batch_wait_us", "0") != "0":
+    L.append(f"- The uring server ran with `--uring-batch-wait-us {env['uring_batch_wait_us']}` (completion batching).")
 L.append(f"- {len(reps)} repetitions of the whole sweep; backend order alternates "
          f"({env.get('backends', '?')} first in odd repetitions). Figures are medians over repetitions. "
          "A sweep stops at its first saturated step (achieved < 90% of offered, a loss, or deliver p99 > 1 s).")
@@ -345,7 +351,17 @@ if U and P:
         L.append("- **Target (uring >= 1.5x poll's msgs/s at p99 < 1 ms): not measurable here** -- at least one "
                  "backend never held deliver p99 under 1 ms on this box at the steps tried.")
     elif t >= 1.5:
-        L.append(f"- **Target (uring >= 1.5x poll at p99 < 1 ms): met on this box ({t:.2f}x).**")
+        # A ratio of medians on a coarse step grid can come from one noisy
+        # repetition; call it met only if every uring repetition beat every poll one.
+        u_reps = [v or 0 for v in U["per_rep_ceiling_1ms"].values()]
+        p_reps = [v or 0 for v in P["per_rep_ceiling_1ms"].values()]
+        if u_reps and p_reps and min(u_reps) >= 1.5 * max(p_reps):
+            L.append(f"- **Target (uring >= 1.5x poll at p99 < 1 ms): met on this box ({t:.2f}x), "
+                     "in every pairing of repetitions.**")
+        else:
+            L.append(f"- **Target (uring >= 1.5x poll at p99 < 1 ms): NOT shown.** The ratio of medians is "
+                     f"{t:.2f}x, but the per-repetition ceilings overlap (uring's lowest {f(min(u_reps))} "
+                     f"< 1.5 x poll's highest {f(max(p_reps))}): noise on this step grid, not a difference.")
     else:
         L.append(f"- **Target (uring >= 1.5x poll at p99 < 1 ms): NOT met on this box ({t:.2f}x).** See the notes below.")
     if same:
@@ -605,6 +621,9 @@ server_cmd_for() {   # server_cmd_for BACKEND DIR: sets server_cmd
     server_cmd=("$tern" serve --io "$1" --shards "$shards" --durability memory
         --listen "127.0.0.1:$port" --stats-socket "$2/s.sock" --data-dir "$2/d"
         --accept-rate-per-s-max 0)
+    if [ "$1" = uring ] && [ "$uring_batch_wait_us" != 0 ]; then
+        server_cmd+=(--uring-batch-wait-us "$uring_batch_wait_us")
+    fi
 }
 lg_args_for() {   # lg_args_for RATE: sets lg_args (without --json and --max-time)
     lg_args=(chat --server "127.0.0.1:$port" --conns "$conns" --rate 0 --workers "$lg_workers"
@@ -625,6 +644,7 @@ server_cmd_for BACKEND "<tmp>"; lg_args_for RATE
     echo "reps=$reps"
     echo "shards=$shards"
     echo "lg_workers=$lg_workers"
+    echo "uring_batch_wait_us=$uring_batch_wait_us"
     echo "busy_pct=$busy_pct"
     echo "busy_poll_secs=$busy_poll_secs"
     echo "busy_wait_secs=$busy_wait_secs"

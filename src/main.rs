@@ -68,6 +68,9 @@ struct Overrides {
     /// Pin shard N to core N (Linux).
     #[arg(long)]
     pin_cores: bool,
+    /// io_uring: let completions gather up to this many µs on a busy shard (0 = off).
+    #[arg(long)]
+    uring_batch_wait_us: Option<u32>,
     /// Stats socket path.
     #[arg(long)]
     stats_socket: Option<PathBuf>,
@@ -151,6 +154,7 @@ impl Overrides {
             listen,
             shards,
             io,
+            uring_batch_wait_us,
             stats_socket,
             token_secret,
             frame_bytes_max,

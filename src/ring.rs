@@ -169,6 +169,7 @@ mod tests {
                     shard: 0,
                     conns_max: 1,
                     ring_slots_max: 0,
+                    batch_wait: std::time::Duration::ZERO,
                 };
                 crate::io::Io::new(crate::io::Listeners::plain(l), &options).unwrap()
             })

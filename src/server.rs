@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -106,6 +106,7 @@ impl Server {
                 shard: id,
                 conns_max: config.conns_max.div_ceil(shards),
                 ring_slots_max: config.uring_ring_slots_max,
+                batch_wait: Duration::from_micros(config.uring_batch_wait_us.into()),
             };
             let stats = shard_stats[id].clone();
             let stop = stop.clone();

@@ -154,6 +154,9 @@ pub struct IoOptions {
     /// io_uring: slots per fixed-file table at most; 0 means RLIMIT_NOFILE
     /// (the kernel's own cap). Tests set it low to force several rings.
     pub ring_slots_max: usize,
+    /// io_uring: how long completions may gather on a busy shard before its
+    /// thread wakes (`uring_batch_wait_us`); zero = wake on the first.
+    pub batch_wait: Duration,
 }
 
 /// One shard's event loop backend; see the module docs for the contract.

@@ -332,6 +332,8 @@ pub struct Io {
     shard: usize,
     /// `[0]` is the control ring (the only one in the one-ring layout).
     rings: Vec<Ring>,
+    /// How long completions may gather before a busy wait returns (zero: off).
+    batch_wait: Duration,
     /// Data rings this shard may create; 0 in the one-ring layout.
     data_rings_max: usize,
     /// Slots in each ring's fixed-file table.
@@ -425,6 +427,14 @@ impl Io {
             None,
         )?;
         probe(&ring0)?;
+        let batch_wait = if options.batch_wait.is_zero() || ring0.has_min_wait() {
+            options.batch_wait
+        } else {
+            if options.shard == 0 {
+                log::warn!("uring_batch_wait_us ignored: this kernel has no io_uring min-wait (Linux 6.12+)");
+            }
+            Duration::ZERO
+        };
         for listener in listeners.iter().flatten() {
             set_nodelay(listener);
         }
@@ -453,6 +463,7 @@ impl Io {
         let mut io = Io {
             shard: options.shard,
             rings: vec![ring0],
+            batch_wait,
             data_rings_max,
             slots_per_ring: slots,
             accept_margin_slots,
@@ -537,7 +548,7 @@ impl Io {
         if ready {
             timeout = Some(Duration::ZERO);
         }
-        self.rings[0].submit_and_wait(timeout)?;
+        self.rings[0].submit_and_wait(timeout, self.batch_wait)?;
         for r in 0..self.rings.len() {
             self.reap(r)?;
         }

@@ -48,6 +48,10 @@ const BGID: u16 = 0;
 /// Deferred completions the kernel runs per GETEVENTS enter that asks
 /// for none (IO_LOCAL_TW_DEFAULT_MAX); asking for more runs more.
 const LOCAL_WORK_PER_ENTER: usize = 20;
+/// Completions that end a batching wait early ([`Ring::submit_and_wait`]).
+const BATCH_WAKE_CQES: usize = 32;
+/// The general timeout of a batching wait that was given none.
+const BATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Enter rounds spent making room in a full SQ before queueing in `unqueued`.
 const FLUSH_ROUNDS_MAX: usize = 4;
 
@@ -209,20 +213,47 @@ impl Ring {
 
     /// Submits everything queued and waits up to `timeout` (None: forever)
     /// for at least one completion.
-    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+    ///
+    /// With a non-zero `batch` shorter than the timeout, the kernel's
+    /// min-wait gathers completions: the thread sleeps until
+    /// [`BATCH_WAKE_CQES`] of them are ready or `batch` has passed since the
+    /// call, and after that returns on the first one. A shard that slept
+    /// longer than `batch` before anything came still wakes at once; a busy
+    /// one wakes once per batch instead of once per completion.
+    pub fn submit_and_wait(
+        &mut self,
+        timeout: Option<Duration>,
+        batch: Duration,
+    ) -> io::Result<()> {
         self.flush_unqueued();
+        let batching = !batch.is_zero() && timeout.is_none_or(|t| t > batch);
         let result = match timeout {
             Some(t) if t.is_zero() => self.uring.submit(),
+            Some(_) | None if batching => {
+                // Without a general timeout the kernel would end the wait
+                // when `batch` ran out, even with nothing to report.
+                let t = timeout.unwrap_or(BATCH_IDLE_TIMEOUT);
+                let ts = timespec(t);
+                let args = types::SubmitArgs::new()
+                    .timespec(&ts)
+                    .min_wait_usec(batch.as_micros().min(u32::MAX.into()) as u32);
+                self.uring
+                    .submitter()
+                    .submit_with_args(BATCH_WAKE_CQES, &args)
+            }
             Some(t) => {
-                let ts = types::Timespec::new()
-                    .sec(t.as_secs())
-                    .nsec(t.subsec_nanos());
+                let ts = timespec(t);
                 let args = types::SubmitArgs::new().timespec(&ts);
                 self.uring.submitter().submit_with_args(1, &args)
             }
             None => self.uring.submit_and_wait(1),
         };
         tolerate(result.map(drop))
+    }
+
+    /// True when the kernel has min-wait (6.12), which `batch` needs.
+    pub fn has_min_wait(&self) -> bool {
+        self.uring.params().is_feature_min_timeout()
     }
 
     /// True when reaping would find something: completions in the CQ,
@@ -294,6 +325,12 @@ impl Ring {
         self.maybe_more = self.uring.completion().is_full();
         tolerate(bulk.map(drop))
     }
+}
+
+fn timespec(t: Duration) -> types::Timespec {
+    types::Timespec::new()
+        .sec(t.as_secs())
+        .nsec(t.subsec_nanos())
 }
 
 /// Copies `chain` into the SQ if it fits whole (a linked pair never
@@ -383,7 +420,7 @@ mod tests {
     fn drain(ring: &mut Ring, want: usize) -> Vec<Cqe> {
         let mut out = Vec::new();
         for _ in 0..1000 {
-            ring.submit_and_wait(Some(Duration::from_millis(10)))
+            ring.submit_and_wait(Some(Duration::from_millis(10)), Duration::ZERO)
                 .unwrap();
             ring.reap(&mut out).unwrap();
             if out.len() >= want {

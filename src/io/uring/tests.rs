@@ -18,6 +18,7 @@ fn options(conns_max: usize, ring_slots_max: usize) -> IoOptions {
         shard: 0,
         conns_max,
         ring_slots_max,
+        batch_wait: Duration::ZERO,
     }
 }
 
@@ -496,4 +497,56 @@ fn conn_slot_is_small() {
         "{}",
         std::mem::size_of::<Conn>()
     );
+}
+
+/// With batching on, a wait is still ended by one lone completion: the
+/// kernel's min-wait must not hold it until a whole batch has gathered (here
+/// that would be the 60 s timeout, for each of the steps).
+#[test]
+fn batching_wait_returns_for_one_completion() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut options = options(16, 0);
+    options.batch_wait = Duration::from_millis(2);
+    let mut io = match Io::new(Listeners::plain(listener), &options) {
+        Ok(io) => io,
+        Err(e) => return eprintln!("skipping: io_uring unavailable: {e}"),
+    };
+    if io.batch_wait.is_zero() {
+        return eprintln!("skipping: this kernel has no io_uring min-wait");
+    }
+    let started = Instant::now();
+    let mut client = TcpStream::connect(addr).unwrap();
+    let mut seen = Seen::default();
+    let mut scratch = vec![0u8; 4096];
+    let mut wait_one = |io: &mut Io, seen: &mut Seen| {
+        io.wait(Some(Duration::from_secs(60))).unwrap();
+        while let Some(c) = io.next(&mut scratch) {
+            match c {
+                Completion::Accepted(id, _) => seen.accepted.push(id),
+                Completion::Recv(id, n) => seen
+                    .bytes
+                    .entry(id)
+                    .or_default()
+                    .extend_from_slice(&scratch[..n]),
+                _ => {}
+            }
+        }
+    };
+    while seen.accepted.is_empty() {
+        wait_one(&mut io, &mut seen);
+    }
+    let id = seen.accepted[0];
+    for round in 0..3u8 {
+        client.write_all(&[round]).unwrap();
+        while seen.bytes.get(&id).map_or(0, Vec::len) <= round as usize {
+            wait_one(&mut io, &mut seen);
+        }
+    }
+    assert!(
+        started.elapsed() < WAIT,
+        "a lone completion waited for a batch"
+    );
+    io.close(id);
 }
