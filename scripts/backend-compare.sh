@@ -44,6 +44,9 @@ Usage: scripts/backend-compare.sh [OPTIONS]
   --shards N             server shards (default 2)
   --port P               server port (default 17222)
   --lg-workers N         load generator worker threads (default 0 = one per core)
+  --pin                  server on core 0, load generator on core 1 (taskset);
+                         use with --shards 1 --lg-workers 1 so that neither
+                         steals the other's core
   --uring-batch-wait-us N
                          pass --uring-batch-wait-us N to the uring server
                          (completion batching; default 0 = off)
@@ -63,7 +66,7 @@ EOF
 # ---- options --------------------------------------------------------------------------
 backends_csv=poll,uring conns=2000
 rates_csv=1000,2500,5000,10000,20000,30000,40000,60000,80000,100000,120000
-duration=10 reps=3 shards=2 port=17222 lg_workers=0 uring_batch_wait_us=0
+duration=10 reps=3 shards=2 port=17222 lg_workers=0 uring_batch_wait_us=0 pin=0
 busy_pct=25 busy_poll_secs=30 busy_wait_secs=1800
 out="" build=1 report_only=0
 readonly STEPS_MAX=12 REPS_MAX=9
@@ -81,6 +84,7 @@ while [ "$#" -gt 0 ]; do
         --shards) need_arg "$@"; shards=$2; shift ;;
         --port) need_arg "$@"; port=$2; shift ;;
         --lg-workers) need_arg "$@"; lg_workers=$2; shift ;;
+        --pin) pin=1 ;;
         --uring-batch-wait-us) need_arg "$@"; uring_batch_wait_us=$2; shift ;;
         --busy-pct) need_arg "$@"; busy_pct=$2; shift ;;
         --busy-poll-secs) need_arg "$@"; busy_poll_secs=$2; shift ;;
@@ -304,6 +308,9 @@ L.append(f"- Server: `--shards {env.get('shards', '?')} --durability memory`, on
          f"Load generator on the same box, same 2 cores, `--engine uring` (its default) for both backends, "
          f"`--workers {env.get('lg_workers', '0')}` (0 = one per core), {env.get('conns', '?')} connections, "
          f"{env.get('duration', '?')} s of sending per step, 32-byte bodies, random sender/recipient pairs.")
+if env.get("pin", "0") == "1":
+    L.append("- Pinned: the server on core 0, the load generator on core 1 (`taskset`), so the two do not "
+             "compete for a core; other processes and the kernel's own work still run anywhere.")
 if env.get("uring_batch_wait_us", "0") != "0":
     L.append(f"- The uring server ran with `--uring-batch-wait-us {env['uring_batch_wait_us']}` (completion batching).")
 L.append(f"- {len(reps)} repetitions of the whole sweep; backend order alternates "
@@ -617,8 +624,13 @@ mkdir -p "$out/raw"
 export TERN_TOKEN_SECRET
 TERN_TOKEN_SECRET=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')   # per-run secret, shared with the load generator
 
+pin_server=() pin_lg=()
+if [ "$pin" = 1 ]; then
+    command -v taskset >/dev/null || die "--pin needs taskset (util-linux)"
+    pin_server=(taskset -c 0) pin_lg=(taskset -c 1)
+fi
 server_cmd_for() {   # server_cmd_for BACKEND DIR: sets server_cmd
-    server_cmd=("$tern" serve --io "$1" --shards "$shards" --durability memory
+    server_cmd=("${pin_server[@]}" "$tern" serve --io "$1" --shards "$shards" --durability memory
         --listen "127.0.0.1:$port" --stats-socket "$2/s.sock" --data-dir "$2/d"
         --accept-rate-per-s-max 0)
     if [ "$1" = uring ] && [ "$uring_batch_wait_us" != 0 ]; then
@@ -645,13 +657,14 @@ server_cmd_for BACKEND "<tmp>"; lg_args_for RATE
     echo "shards=$shards"
     echo "lg_workers=$lg_workers"
     echo "uring_batch_wait_us=$uring_batch_wait_us"
+    echo "pin=$pin"
     echo "busy_pct=$busy_pct"
     echo "busy_poll_secs=$busy_poll_secs"
     echo "busy_wait_secs=$busy_wait_secs"
     echo "tern_sha256=$(sha256sum "$tern" | cut -c1-16)"
     echo "loadgen_sha256=$(sha256sum "$lg" | cut -c1-16)"
-    echo "server_cmd_example=target/release/tern ${server_cmd[*]:1}"
-    echo "loadgen_cmd_example=target/release/tern-loadgen ${lg_args[*]} --max-time <duration+60s> --json raw/rep<K>/<backend>/rate-<RATE>.json"
+    echo "server_cmd_example=${pin_server[*]}${pin_server[*]:+ }target/release/tern ${server_cmd[*]:$((${#pin_server[@]} + 1))}"
+    echo "loadgen_cmd_example=${pin_lg[*]}${pin_lg[*]:+ }target/release/tern-loadgen ${lg_args[*]} --max-time <duration+60s> --json raw/rep<K>/<backend>/rate-<RATE>.json"
 } >"$out/run.env"
 echo "# every command as run (binaries are private copies of target/release/*)" >"$out/commands.txt"
 echo "cargo build --release -p tern -p tern-loadgen" >>"$out/commands.txt"
@@ -704,7 +717,7 @@ for ((rep = 1; rep <= reps; rep++)); do
                 y0=$(proc_stime "$server_pid")
                 w0=$EPOCHREALTIME
                 rc=0
-                timeout --kill-after=15 "$((lg_max_s + 30))" "$lg" "${lg_args[@]}" --max-time "${lg_max_s}s" \
+                timeout --kill-after=15 "$((lg_max_s + 30))" "${pin_lg[@]}" "$lg" "${lg_args[@]}" --max-time "${lg_max_s}s" \
                     --json "$name.json" >"$name.out" 2>"$name.err" &
                 lg_pid=$!
                 wait "$lg_pid" || rc=$?

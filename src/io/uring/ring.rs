@@ -262,8 +262,8 @@ impl Ring {
     /// The kernel's TASKRUN flag is not used here: it was seen to stay set
     /// with no work that posts completions, and trusting it kept the loop
     /// from ever sleeping (two cores busy holding 200k idle connections).
-    /// Work added after a reap wakes us anyway: ring 0's own work ends the
-    /// wait, and a data ring's signals the eventfd ring 0 reads.
+    /// Work added after a reap wakes us anyway: the wait ring's own work ends
+    /// the wait, and another ring's signals the eventfd the wait ring reads.
     pub fn has_completions(&mut self) -> bool {
         self.maybe_more
             || !self.uring.completion().is_empty()

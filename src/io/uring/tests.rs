@@ -539,6 +539,8 @@ fn batching_wait_returns_for_one_completion() {
     }
     let id = seen.accepted[0];
     for round in 0..3u8 {
+        // As after a busy wake, so that this wait batches.
+        io.last_reaped = BATCH_BUSY_CQES;
         client.write_all(&[round]).unwrap();
         while seen.bytes.get(&id).map_or(0, Vec::len) <= round as usize {
             wait_one(&mut io, &mut seen);
