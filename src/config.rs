@@ -32,11 +32,11 @@ pub struct Config {
     /// Pin shard N to core N. Default false.
     pub pin_cores: bool,
     /// io_uring only: a busy shard lets completions gather for up to this
-    /// many microseconds before its thread wakes (at most 32 per wake; the
-    /// kernel's min-wait, Linux 6.12+, ignored with one log line on older
-    /// kernels). Fewer wake-ups and less CPU per message under load, at up to
-    /// this much more latency per hop; an idle shard still wakes on the first
-    /// completion. 0 = off (default).
+    /// many microseconds before its thread wakes (sooner once 32 have come;
+    /// the kernel's min-wait, Linux 6.12+, ignored with one log line on
+    /// older kernels). Fewer wake-ups and less CPU per message under load, at
+    /// up to this much more latency per hop; a shard that is not busy still
+    /// wakes on the first completion. 0 = off (default).
     pub uring_batch_wait_us: u32,
     /// Path of the stats Unix socket. Default `./tern.sock`.
     pub stats_socket: PathBuf,

@@ -17,8 +17,8 @@
 //! data ring, which carries the traffic of a small shard. The wait ring holds
 //! the READ of the shard's eventfd; every other ring has the eventfd
 //! registered, so a completion on any ring wakes the thread. (Blocking on
-//! ring 0 instead put an eventfd signal, a READ and its re-arm on the path of
-//! every wake-up: about 1.15x poll's CPU per message at moderate rates.)
+//! ring 0 put an eventfd signal, a READ and its re-arm on the path of every
+//! wake-up of a small shard.)
 //!
 //! A table must never fill: the kernel closes the connection being accepted
 //! when it does (ENFILE). Slot counts are exact (incremented by the
@@ -1011,14 +1011,14 @@ impl Io {
     }
 
     fn arm_wake_read(&mut self) {
+        let w = self.wait_ring();
         let entry = opcode::Read::new(
             types::Fd(self.wake.0.as_raw_fd()),
             (&mut *self.wake_buf as *mut u64).cast(),
             std::mem::size_of::<u64>() as u32,
         )
         .build()
-        .user_data(Tag::ring(Op::WakeRead, self.wait_ring()).encode());
-        let w = self.wait_ring();
+        .user_data(Tag::ring(Op::WakeRead, w).encode());
         // SAFETY: `wake_buf` is a Box owned by `self`, not read while the
         // READ is in flight, and freed only after `Drop` quiesced the rings.
         unsafe { self.rings[w].push(Chain::One(entry)) };

@@ -229,7 +229,7 @@ impl Ring {
         let batching = !batch.is_zero() && timeout.is_none_or(|t| t > batch);
         let result = match timeout {
             Some(t) if t.is_zero() => self.uring.submit(),
-            Some(_) | None if batching => {
+            _ if batching => {
                 // Without a general timeout the kernel would end the wait
                 // when `batch` ran out, even with nothing to report.
                 let t = timeout.unwrap_or(BATCH_IDLE_TIMEOUT);
