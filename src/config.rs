@@ -18,6 +18,9 @@ use crate::store::{Durability, LogOptions};
 /// it, so the server logs a loud warning when it runs with this value.
 pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-production";
 
+/// Largest `uring_batch_wait_us`: batching is for microseconds, not a delay.
+const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
+
 /// Effective server configuration (TOML file, then command-line flags).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -36,7 +39,7 @@ pub struct Config {
     /// the kernel's min-wait, Linux 6.12+, ignored with one log line on
     /// older kernels). Fewer wake-ups and less CPU per message under load, at
     /// up to this much more latency per hop; a shard that is not busy still
-    /// wakes on the first completion. 0 = off (default).
+    /// wakes on the first completion. 0 = off (default); at most 10000.
     pub uring_batch_wait_us: u32,
     /// Path of the stats Unix socket. Default `./tern.sock`.
     pub stats_socket: PathBuf,
@@ -251,6 +254,12 @@ impl Config {
         if self.ring_slots < 2 {
             return Err(bad("ring_slots", "must be at least 2"));
         }
+        if self.uring_batch_wait_us > URING_BATCH_WAIT_US_MAX {
+            return Err(bad(
+                "uring_batch_wait_us",
+                format!("must be at most {URING_BATCH_WAIT_US_MAX}: every hop of a busy shard may wait this long"),
+            ));
+        }
         if self.conns_max == 0 {
             return Err(bad("conns_max", "must be at least 1"));
         }
@@ -387,6 +396,13 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "tls_listen");
+    }
+
+    #[test]
+    fn batch_wait_is_bounded() {
+        Config::from_toml("uring_batch_wait_us = 10000").unwrap();
+        let e = Config::from_toml("uring_batch_wait_us = 10001").unwrap_err();
+        assert_eq!(e.key, "uring_batch_wait_us");
     }
 
     #[test]
