@@ -499,6 +499,12 @@ impl Shard {
         s.ring_in_depth.set(self.links.in_depth() as u64);
         s.ring_out_depth
             .set(self.outbox.iter().map(VecDeque::len).sum::<usize>() as u64);
+        let io = self.io.gauges();
+        s.io_rings.set(io.rings);
+        s.io_slots_used.set(io.slots_used);
+        s.io_slots.set(io.slots_total);
+        // A running total kept by the backend, which outlives shard restarts.
+        s.io_recv_no_buffers.set(io.recv_no_buffers);
     }
 
     // ---- I/O completions -------------------------------------------------

@@ -408,3 +408,28 @@ fn second_server_on_the_same_port_is_refused() {
     alice.send_msg(1, b, b"still here").unwrap();
     recv_ack(&mut alice, 1);
 }
+
+/// The backend's own gauges: io_uring reports its rings and the fixed-file
+/// slots its connections hold (and gives them back on close); poll reports
+/// none of them.
+#[test]
+fn stats_socket_reports_the_backends_rings_and_slots() {
+    let srv = TestServer::start();
+    let users: Vec<u64> = (1..=10).map(|u| 90_000 + u).collect();
+    let clients: Vec<_> = users.iter().map(|&u| srv.login(u)).collect();
+    srv.wait_info("Users_online", |n| n == 10);
+    let backend = srv.info().get("Backend").cloned().unwrap_or_default();
+    if backend == "uring" {
+        srv.wait_metric("tern_io_slots_used", |n| n >= 10);
+        assert!(srv.metric_sum("tern_io_rings") >= SHARDS as u64);
+        assert!(srv.metric_sum("tern_io_slots") >= srv.metric_sum("tern_io_slots_used"));
+        drop(clients);
+        srv.wait_metric("tern_io_slots_used", |n| n == 0);
+    } else {
+        assert!(backend.starts_with("poll"), "{backend}");
+        for name in ["tern_io_rings", "tern_io_slots_used", "tern_io_slots"] {
+            assert_eq!(srv.metric_sum(name), 0, "{name}");
+        }
+        assert_eq!(srv.metric_sum("tern_io_recv_no_buffers_total"), 0);
+    }
+}

@@ -367,4 +367,27 @@ impl Io {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// What the backend itself holds, for the stats socket (all zero on poll).
+    pub fn gauges(&self) -> IoGauges {
+        match self {
+            Io::Poll(_) => IoGauges::default(),
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => io.gauges(),
+        }
+    }
+}
+
+/// Backend-level levels and totals of one shard ([`Io::gauges`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoGauges {
+    /// io_uring instances the shard runs.
+    pub rings: u64,
+    /// Fixed-file slots holding a descriptor, over all rings.
+    pub slots_used: u64,
+    /// Fixed-file slots, over all rings.
+    pub slots_total: u64,
+    /// Multishot receives ended because the provided buffers ran dry (each
+    /// re-armed once buffers are back), since the backend started.
+    pub recv_no_buffers: u64,
 }

@@ -133,6 +133,12 @@ shard_stats! {
         Gauge loop_p50_us,
         /// 99th percentile event-loop iteration time over the last window, in microseconds.
         Gauge loop_p99_us,
+        /// io_uring instances this shard runs (0 on the poll backend).
+        Gauge io_rings,
+        /// io_uring fixed-file slots holding a descriptor, over this shard's rings.
+        Gauge io_slots_used,
+        /// io_uring fixed-file slots over this shard's rings; new connections are refused before they run out.
+        Gauge io_slots,
         /// Client connections accepted.
         Counter accepted,
         /// Client connections closed, for any reason.
@@ -181,6 +187,8 @@ shard_stats! {
         Counter bytes_in,
         /// Bytes written to client sockets.
         Counter bytes_out,
+        /// io_uring multishot receives ended because the provided buffers ran dry (re-armed; nothing lost).
+        Counter io_recv_no_buffers,
         /// Event-loop iterations.
         Counter loop_iterations,
     }

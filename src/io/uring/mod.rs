@@ -68,7 +68,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::{Completion, ConnId, IoOptions, Listener, Listeners};
+use super::{Completion, ConnId, IoGauges, IoOptions, Listener, Listeners};
 use ring::{Chain, Cqe, Ring};
 use tag::{Op, Tag};
 
@@ -381,6 +381,8 @@ pub struct Io {
     handoff_seq: u64,
     cqes: Vec<Cqe>,
     refused: u64,
+    /// Multishot receives ended by ENOBUFS (for [`Io::gauges`]).
+    recv_no_buffers: u64,
 }
 
 impl Io {
@@ -500,6 +502,7 @@ impl Io {
             handoff_seq: 0,
             cqes: Vec::new(),
             refused: 0,
+            recv_no_buffers: 0,
         };
         if !one_ring {
             // One data ring up front: fail now rather than on the first accept.
@@ -521,6 +524,16 @@ impl Io {
     /// Every shard's [`PeerInfo`], index = shard id.
     pub fn set_peers(&mut self, peers: Vec<PeerInfo>) {
         self.peers = peers;
+    }
+
+    /// Rings, fixed-file slots and receive-buffer shortages, for the stats socket.
+    pub fn gauges(&self) -> IoGauges {
+        IoGauges {
+            rings: self.rings.len() as u64,
+            slots_used: self.rings.iter().map(|r| u64::from(r.slots_used)).sum(),
+            slots_total: self.rings.iter().map(|r| u64::from(r.slots_total)).sum(),
+            recv_no_buffers: self.recv_no_buffers,
+        }
     }
 
     /// Open connections the shard holds.
@@ -1575,7 +1588,10 @@ impl Io {
             0 => true,
             // The buffer ring ran dry: by the next `wait` the buffers handed
             // out in `next` are back; arm again then.
-            libc::ENOBUFS => false,
+            libc::ENOBUFS => {
+                self.recv_no_buffers += 1;
+                false
+            }
             // Our cancel (pause or close); if resumed meanwhile, arm again.
             libc::ECANCELED => false,
             // Transient: arm again.
