@@ -27,7 +27,11 @@ const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 pub struct Config {
     /// Client listener address. Default `127.0.0.1:5222`. Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Number of shards (event-loop threads). Default 0: one per available core.
+    /// Number of shards (event-loop threads). Default 0: the count recorded
+    /// in the data directory (`tern.meta`), or one per available core when
+    /// none is recorded. An explicit count other than the recorded one
+    /// starts only on a data directory without queued messages; see
+    /// `tern store reshard`.
     pub shards: usize,
     /// I/O backend: `auto` (io_uring where the kernel supports it, else
     /// poll), `uring`, or `poll` (epoll/kqueue). Default `auto`.

@@ -1,4 +1,4 @@
-//! The `tern` binary: `serve`, `token`, `stats`, `check-config`.
+//! The `tern` binary: `serve`, `token`, `stats`, `check-config`, `store reshard`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,43 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Offline maintenance of a data directory (the server must be stopped).
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Re-home every queued message for another shard count.
+    ///
+    /// A data directory records the shard count its messages are homed for
+    /// (DATA_DIR/tern.meta). `tern serve` refuses an explicit --shards that
+    /// differs from it while messages are queued; run this, with the server
+    /// stopped, to move every queued message to its home shard under the
+    /// new count (server ids, senders, times, bodies and each user's order
+    /// are kept), then start with the new --shards (or --shards 0).
+    ///
+    /// Crash-safe: the new layout is built beside the old one and switched
+    /// in atomically; if the command is killed, run it again with the same
+    /// arguments and it finishes the job, losing and duplicating nothing.
+    /// Refused while a server holds the data directory's lock. Progress goes
+    /// to stderr; exit status 0 on success (also when there is nothing to do),
+    /// 1 with a message on error.
+    Reshard(ReshardArgs),
+}
+
+#[derive(Args)]
+struct ReshardArgs {
+    /// The data directory (`data_dir` of the server).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The new shard count (1 to 1024).
+    #[arg(long)]
+    shards: usize,
+    /// Skip corrupt records in the old logs instead of stopping (their
+    /// messages are lost), as `tern serve --repair` does.
+    #[arg(long)]
+    repair: bool,
 }
 
 #[derive(Args)]
@@ -59,7 +96,8 @@ struct Overrides {
     /// Client listener address.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Shards (event-loop threads); 0 = one per core.
+    /// Shards (event-loop threads); 0 = the count recorded in the data
+    /// directory, else one per core.
     #[arg(long)]
     shards: Option<usize>,
     /// I/O backend: auto, uring or poll.
@@ -225,6 +263,7 @@ fn main() -> ExitCode {
         Command::Token(args) => token(args),
         Command::Stats(args) => stats(args),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Store(StoreCommand::Reshard(args)) => reshard(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -327,5 +366,11 @@ fn stats(args: StatsArgs) -> Result<()> {
 fn check_config(file: &Path) -> Result<()> {
     Config::from_file(file)?;
     println!("{}: ok", file.display());
+    Ok(())
+}
+
+fn reshard(args: ReshardArgs) -> Result<()> {
+    let report = tern::reshard::reshard(&args.data_dir, args.shards, args.repair)?;
+    println!("{}: {report}", args.data_dir.display());
     Ok(())
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
+use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
@@ -36,15 +37,16 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
     stats: Option<StatsServer>,
     /// Held for the server's life: one process per data directory.
-    _data_lock: Option<std::fs::File>,
+    _data_dir: Option<DataDir>,
 }
 
 impl Server {
     /// Validates `config`, binds the listeners and the stats socket, and
     /// starts the shards. Returns once the server accepts connections.
-    pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
+    pub fn start(mut config: Config) -> Result<Server, Box<dyn std::error::Error>> {
         config.validate()?;
-        let data_lock = lock_data_dir(&config)?;
+        // Settles `shards = 0` to the recorded count, so it comes first.
+        let data_dir = DataDir::start(&mut config)?;
         let config = Arc::new(config);
         let shards = config.shard_count();
 
@@ -225,7 +227,7 @@ impl Server {
             wakers,
             threads,
             stats: Some(stats),
-            _data_lock: data_lock,
+            _data_dir: data_dir,
         })
     }
 
@@ -278,28 +280,6 @@ impl Server {
             stats.stop();
         }
     }
-}
-
-/// Takes an exclusive lock on the data directory (creating it), so two
-/// processes never append to the same logs. None with in-memory storage.
-fn lock_data_dir(config: &Config) -> Result<Option<std::fs::File>, String> {
-    use std::os::fd::AsRawFd;
-    if config.durability == crate::store::Durability::Memory {
-        return Ok(None);
-    }
-    let dir = &config.data_dir;
-    std::fs::create_dir_all(dir).map_err(|e| format!("data_dir {}: {e}", dir.display()))?;
-    let path = dir.join("lock");
-    let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "data_dir {} is in use by another tern process ({})",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(Some(file))
 }
 
 /// Checks that nobody listens on `addr` and resolves port 0. Our shards

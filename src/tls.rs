@@ -130,6 +130,7 @@ fn build_config(
             cert_path.display()
         ));
     }
+    crate::privacy::check_file(key_path, "tls_key")?;
     let key = PrivateKeyDer::from_pem_file(key_path)
         .map_err(|e| format!("tls_key {}: {e}", key_path.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());

@@ -70,6 +70,9 @@ impl Files {
     fn write(&self, cert_pem: &str, key_pem: &str) {
         std::fs::write(&self.cert, cert_pem).unwrap();
         std::fs::write(&self.key, key_pem).unwrap();
+        // The server refuses a private key others can read.
+        let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        std::fs::set_permissions(&self.key, private).unwrap();
     }
 
     fn client_config(&self) -> Arc<ClientConfig> {

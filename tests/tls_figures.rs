@@ -127,6 +127,9 @@ fn certs(dir: &Path) -> std::path::PathBuf {
     let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    // The server refuses a private key others can read.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(dir.join("key.pem"), private).unwrap();
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
     dir.join("ca.pem")
 }

@@ -75,6 +75,9 @@ fn idle_tls_connection_heap_is_bounded() {
         .unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    // The server refuses a private key others can read.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(dir.path().join("key.pem"), private).unwrap();
     let ctx = TlsContext::load(&dir.path().join("cert.pem"), &dir.path().join("key.pem")).unwrap();
 
     let mut roots = RootCertStore::empty();

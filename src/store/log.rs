@@ -130,6 +130,8 @@ use super::record::{Record, BODY_BYTES_MAX};
 use super::segment::{self, Scanner, Step};
 use super::{PushError, Store, Stored};
 
+mod bulk;
+
 /// On-disk format version written to and expected in `meta`.
 pub const FORMAT_VERSION: u32 = 1;
 /// Default for [`LogOptions::segment_bytes_max`]: 64 MiB.

@@ -1,0 +1,90 @@
+//! What offline tools (`tern store reshard`) need from a [`LogStore`] beyond
+//! the [`Store`](crate::store::Store) trait: reading every queued message,
+//! and continuing the id sequence after ids handed out elsewhere.
+
+use super::{LogStore, Stored};
+
+impl LogStore {
+    /// Every queued message (staged pushes included) with its recipient:
+    /// each user's messages together and in queue (id) order; users in no
+    /// particular order.
+    pub fn queued(&self) -> impl Iterator<Item = (u64, &Stored)> + '_ {
+        self.queues
+            .iter()
+            .flat_map(|(&user, queue)| queue.iter().map(move |entry| (user, &entry.msg)))
+    }
+
+    /// Makes [`max_server_id`](crate::store::Store::max_server_id) at least
+    /// `floor`, so the shard owning this log numbers new messages above
+    /// every id in `floor`'s range. Durable from the next `commit` on (it
+    /// raises the watermark in `meta`).
+    pub fn raise_server_id(&mut self, floor: u64) {
+        if floor > self.server_id_max {
+            self.server_id_max = floor;
+            // The next commit looks at the watermark even with nothing staged.
+            self.maintenance = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LogOptions, Store};
+
+    fn msg(server_id: u64) -> Stored {
+        Stored {
+            server_id,
+            from: 7,
+            time_ms: 1000 + server_id,
+            body: vec![server_id as u8; 3].into(),
+        }
+    }
+
+    #[test]
+    fn queued_lists_every_message_by_user_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = LogStore::open(tmp.path(), LogOptions::default()).unwrap();
+        for id in 1..=9 {
+            log.push(id % 3, msg(id)).unwrap();
+        }
+        log.remove(1, 4).unwrap();
+        log.commit().unwrap();
+        drop(log);
+        let (log, _) = LogStore::open(tmp.path(), LogOptions::default()).unwrap();
+        let mut seen: Vec<(u64, u64)> = log.queued().map(|(u, m)| (u, m.server_id)).collect();
+        // Each user's messages are together and in order.
+        let mut users: Vec<u64> = seen.iter().map(|&(u, _)| u).collect();
+        users.dedup();
+        assert_eq!(users.len(), 3, "{seen:?}");
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            [
+                (0, 3),
+                (0, 6),
+                (0, 9),
+                (1, 1),
+                (1, 7),
+                (2, 2),
+                (2, 5),
+                (2, 8)
+            ]
+        );
+        assert!(log.queued().all(|(_, m)| *m == msg(m.server_id)));
+    }
+
+    #[test]
+    fn raised_id_floor_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = LogStore::open(tmp.path(), LogOptions::default()).unwrap();
+        log.raise_server_id(1 << 40);
+        log.raise_server_id(5); // never lowers
+        assert_eq!(log.max_server_id(), 1 << 40);
+        assert!(log.has_uncommitted());
+        log.commit().unwrap();
+        drop(log);
+        let (log, _) = LogStore::open(tmp.path(), LogOptions::default()).unwrap();
+        assert!(log.max_server_id() >= 1 << 40);
+    }
+}
