@@ -172,7 +172,7 @@ impl DataDir {
                 path.display()
             ));
         }
-        dir.remove_leftovers()?;
+        dir.remove_leftovers(true)?;
         if meta.store_format != store::log::FORMAT_VERSION {
             return Err(format!(
                 "data_dir {}: {META_FILE} records message log format {}, this build reads \
@@ -325,16 +325,19 @@ impl DataDir {
     }
 
     /// Removes what a finished or abandoned reshard left behind (only when
-    /// no reshard is switching; see [`crate::reshard`]).
-    pub(crate) fn remove_leftovers(&self) -> Result<(), String> {
+    /// no reshard is switching; see [`crate::reshard`]), with a log line
+    /// for each when `announce`.
+    pub(crate) fn remove_leftovers(&self, announce: bool) -> Result<(), String> {
         debug_assert!(self.meta.is_none_or(|m| m.reshard.is_none()));
         for name in [STAGING_DIR, RETIRED_DIR] {
             let leftover = self.path.join(name);
             if leftover.exists() {
-                log::info!(
-                    "removing {}, left by an interrupted or finished reshard",
-                    leftover.display()
-                );
+                if announce {
+                    log::info!(
+                        "removing {}, left by an interrupted or finished reshard",
+                        leftover.display()
+                    );
+                }
                 std::fs::remove_dir_all(&leftover)
                     .map_err(|e| format!("remove {}: {e}", leftover.display()))?;
             }

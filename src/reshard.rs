@@ -113,7 +113,7 @@ pub fn reshard(data_dir: &Path, shards: usize, repair: bool) -> Result<Report, S
         switch(&mut dir, from, to)?;
         report.finished_interrupted = true;
     }
-    dir.remove_leftovers()?;
+    dir.remove_leftovers(true)?;
     let Some(meta) = dir.meta() else {
         // No log at all: nothing is homed, just record the count.
         let path = dir.path().to_path_buf();
@@ -145,7 +145,7 @@ pub fn reshard(data_dir: &Path, shards: usize, repair: bool) -> Result<Report, S
     })?;
     crash_point("committed");
     switch(&mut dir, meta.shards, shards)?;
-    dir.remove_leftovers()?;
+    dir.remove_leftovers(false)?;
     Ok(report)
 }
 

@@ -620,6 +620,20 @@ fn reshard_killed_at_every_step_then_rerun_loses_and_duplicates_nothing() {
                     "{err}"
                 );
             }
+            if !meta.contains("reshard") {
+                // Before the commit point the old layout still serves, after
+                // the last record the new one; leftovers are removed.
+                let recorded = if meta.contains("\nshards 2\n") {
+                    "2"
+                } else {
+                    "3"
+                };
+                let server = start_on(dir.path(), &data, 0, |_| {}).unwrap();
+                assert_eq!(info(&server, "Shards"), recorded, "step {step}");
+                assert!(!data.join("reshard.new").exists(), "step {step}: leftover");
+                assert!(!data.join("reshard.old").exists(), "step {step}: leftover");
+                stop(server);
+            }
             reshard_ok(&data, 3);
         } else {
             assert!(status.success(), "step {step}: reshard failed");
