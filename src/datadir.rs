@@ -426,11 +426,11 @@ fn memory_fs(path: &Path) -> Option<&'static str> {
     if unsafe { libc::statfs(c_path.as_ptr(), &mut buf) } != 0 {
         return None;
     }
-    // f_type's width differs between architectures.
+    // f_type and the magic constants differ in width between architectures.
     #[allow(clippy::unnecessary_cast)]
-    let kind = buf.f_type as i64;
+    let (kind, tmpfs) = (buf.f_type as i64, libc::TMPFS_MAGIC as i64);
     match kind {
-        k if k == libc::TMPFS_MAGIC as i64 => Some("tmpfs"),
+        k if k == tmpfs => Some("tmpfs"),
         RAMFS_MAGIC => Some("ramfs"),
         _ => None,
     }
