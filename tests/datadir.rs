@@ -214,6 +214,11 @@ impl Serve {
             .env_remove("TERN_TOKEN_SECRET")
             .env("RUST_LOG", "info")
             .args(["serve", "--listen", "127.0.0.1:0", "--token-secret", SECRET])
+            // The suite's backend (TERN_TEST_IO), as the in-process servers.
+            .args([
+                "--io",
+                &std::env::var("TERN_TEST_IO").unwrap_or("auto".into()),
+            ])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
