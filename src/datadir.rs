@@ -116,10 +116,10 @@ impl Meta {
                 _ => return Err(format!("unknown line {line:?}")),
             }
         }
-        if format != Some(META_FORMAT as usize) {
-            return Err(format!(
-                "format {format:?}, this build reads format {META_FORMAT}"
-            ));
+        match format {
+            Some(f) if f == META_FORMAT as usize => {}
+            Some(f) => return Err(format!("format {f}, this build reads format {META_FORMAT}")),
+            None => return Err("no format line".to_string()),
         }
         let shards = shards.filter(|&n| n >= 1).ok_or("no valid shards line")?;
         let store_format = store_format.ok_or("no store_format line")? as u32;
@@ -193,7 +193,7 @@ impl DataDir {
             }
             config.shards = recorded;
         } else if config.shards != recorded {
-            let queued = dir.queued_messages(config)?;
+            let (queued, id_max) = dir.scan_logs(config)?;
             if queued > 0 {
                 return Err(format!(
                     "data_dir {} holds {queued} queued messages homed for {recorded} shards \
@@ -213,6 +213,7 @@ impl DataDir {
                 path.display(),
                 config.shards
             );
+            dir.raise_ids(config, id_max)?;
             dir.write_meta(Meta::new(config.shards))?;
         }
         dir.create_shard_dirs(config.shards)?;
@@ -345,16 +346,35 @@ impl DataDir {
         Ok(())
     }
 
-    /// Messages queued in every shard log present (a full replay of each).
-    fn queued_messages(&self, config: &Config) -> Result<usize, String> {
-        let mut queued = 0;
+    /// Messages queued in every shard log present, and the highest id any
+    /// of them handed out (a full replay of each).
+    fn scan_logs(&self, config: &Config) -> Result<(usize, u64), String> {
+        let (mut queued, mut id_max) = (0, 0);
         for shard in self.shard_dirs()? {
             let (log, _) =
                 LogStore::open(store::shard_dir(&self.path, shard), config.log_options())
                     .map_err(|e| e.to_string())?;
             queued += log.total();
+            id_max = id_max.max(log.max_server_id());
         }
-        Ok(queued)
+        Ok((queued, id_max))
+    }
+
+    /// Makes the logs of shards `0..config.shards` (created if missing, as
+    /// after a reshard to fewer shards) number new messages above `id_max`:
+    /// users move between shards with the count, and must never get an id
+    /// they got before.
+    fn raise_ids(&self, config: &Config, id_max: u64) -> Result<(), String> {
+        self.create_shard_dirs(config.shards)?;
+        for shard in 0..config.shards {
+            let path = store::shard_dir(&self.path, shard);
+            let (mut log, _) =
+                LogStore::open(&path, config.log_options()).map_err(|e| e.to_string())?;
+            log.raise_server_id(id_max);
+            log.commit()
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
     }
 }
 

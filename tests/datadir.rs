@@ -480,12 +480,30 @@ fn shards_0_on_one_core_uses_the_recorded_count() {
 fn empty_data_dir_takes_a_new_explicit_count() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    stop(start_on(dir.path(), &data, 2, |_| {}).unwrap());
-    let server = start_on(dir.path(), &data, 3, |_| {}).expect("nothing queued: 3 is fine");
-    assert_eq!(info(&server, "Shards"), "3");
+    // Users of shard 1 get and acknowledge messages; then a reshard to one
+    // shard retires shard 1's log, nothing being queued.
+    let users = users_on(1, 2, 2);
+    let server = start_on(dir.path(), &data, 2, |_| {}).unwrap();
+    let before = queue_messages(server.local_addr(), &users, 2, 0);
+    deliver_exactly(&server, &before);
     stop(server);
+    reshard_ok(&data, 1);
+
+    let server = start_on(dir.path(), &data, 2, |_| {}).expect("nothing queued: 2 is fine");
+    assert_eq!(info(&server, "Shards"), "2");
     let meta = std::fs::read_to_string(data.join("tern.meta")).unwrap();
-    assert!(meta.contains("\nshards 3\n"), "{meta}");
+    assert!(meta.contains("\nshards 2\n"), "{meta}");
+    // Shard 1 starts a new log, and still never repeats an id.
+    let after = queue_messages(server.local_addr(), &users, 2, 1);
+    for m in &after {
+        assert!(
+            before.iter().all(|b| b.server_id != m.server_id),
+            "id {} handed out twice",
+            m.server_id
+        );
+    }
+    deliver_exactly(&server, &after);
+    stop(server);
 }
 
 #[test]
