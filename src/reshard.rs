@@ -218,6 +218,9 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         log.commit()
             .map_err(|e| format!("new log {}: {e}", path.display()))?;
         assert_eq!(log.total(), messages.len(), "every message pushed once");
+        // The log's own files are synced by its commits; make sure of their
+        // directory entries too before the commit point.
+        datadir::sync_dir(&path)?;
         crash_point("shard built");
     }
     datadir::sync_dir(&staging)?;
