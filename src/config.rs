@@ -18,6 +18,9 @@ use crate::store::{Durability, LogOptions};
 /// it, so the server logs a loud warning when it runs with this value.
 pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-production";
 
+/// Longest delay before a shard restart, ms (also the cap of the doubling).
+pub const SHARD_RESTART_BACKOFF_MS_MAX: u64 = 10_000;
+
 /// Largest `uring_batch_wait_us`: batching is for microseconds, not a delay.
 const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 
@@ -110,6 +113,22 @@ pub struct Config {
     /// Skip corrupt records in the middle of a log at start-up instead of
     /// refusing to start (the `--repair` flag). Default false.
     pub repair: bool,
+    /// Free space to leave on the data dir's filesystem, bytes: SENDs that
+    /// would take it lower get ERROR(storage_full) (deliveries and receipts
+    /// go on, and SENDs are taken again once space is back). The space under
+    /// it is kept for delivery records and compaction, which free space.
+    /// Default 0 = auto: 5% of the filesystem, at most 64 MiB.
+    pub disk_free_bytes_min: u64,
+    /// Restarts of one shard allowed within `shard_restart_period_ms`
+    /// (OTP's restart intensity); one more and the process exits with status
+    /// 70 so the service manager restarts it or pages someone. Default 5.
+    pub shard_restarts_max: u32,
+    /// The window of `shard_restarts_max`, in milliseconds. Default 60000.
+    pub shard_restart_period_ms: u64,
+    /// Delay before a crashed shard restarts, in milliseconds, doubled for
+    /// each earlier restart within the period (at most 10 s); a reopen of its
+    /// store that fails is retried after the same delay. Default 100.
+    pub shard_restart_backoff_ms: u64,
     /// Test knob, not a config key: slots per io_uring fixed-file table at
     /// most (0, the default: RLIMIT_NOFILE). A small value forces several
     /// rings per shard with few connections.
@@ -150,6 +169,10 @@ impl Default for Config {
             disk_bytes_max: 0,
             compact_dead_ratio: 0.5,
             repair: false,
+            disk_free_bytes_min: 0,
+            shard_restarts_max: 5,
+            shard_restart_period_ms: 60_000,
+            shard_restart_backoff_ms: 100,
             uring_ring_slots_max: 0,
         }
     }
@@ -267,6 +290,15 @@ impl Config {
         if self.conns_max == 0 {
             return Err(bad("conns_max", "must be at least 1"));
         }
+        if self.shard_restart_period_ms == 0 {
+            return Err(bad("shard_restart_period_ms", "must be at least 1"));
+        }
+        if self.shard_restart_backoff_ms > SHARD_RESTART_BACKOFF_MS_MAX {
+            return Err(bad(
+                "shard_restart_backoff_ms",
+                format!("must be at most {SHARD_RESTART_BACKOFF_MS_MAX}"),
+            ));
+        }
         if self.listen_backlog == 0 {
             return Err(bad("listen_backlog", "must be at least 1"));
         }
@@ -307,6 +339,7 @@ impl Config {
             queue_len_max: self.queue_len_max,
             segment_bytes_max: self.segment_bytes_max,
             disk_bytes_max: self.disk_bytes_max,
+            disk_free_bytes_min: self.disk_free_bytes_min,
             compact_dead_ratio: self.compact_dead_ratio,
             repair: self.repair,
         }
@@ -319,6 +352,16 @@ impl Config {
         } else {
             self.shards
         }
+    }
+
+    /// How long to wait before restart number `n` (1-based) of a shard
+    /// within the restart period: the backoff, doubled per earlier restart.
+    pub fn shard_restart_delay(&self, n: u32) -> Duration {
+        let ms = self
+            .shard_restart_backoff_ms
+            .saturating_mul(1u64 << n.saturating_sub(1).min(20))
+            .min(SHARD_RESTART_BACKOFF_MS_MAX);
+        Duration::from_millis(ms)
     }
 
     /// `idle_timeout_ms` as a duration.

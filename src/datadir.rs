@@ -371,8 +371,16 @@ impl DataDir {
             let (mut log, _) =
                 LogStore::open(&path, config.log_options()).map_err(|e| e.to_string())?;
             log.raise_server_id(id_max);
-            log.commit()
+            // Nothing is staged, so nothing can be refused; but a full disk
+            // can leave the new watermark unwritten.
+            log.commit(&mut Vec::new())
                 .map_err(|e| format!("{}: {e}", path.display()))?;
+            if log.has_uncommitted() {
+                return Err(format!(
+                    "{}: cannot record the id watermark (is the disk full?)",
+                    path.display()
+                ));
+            }
         }
         Ok(())
     }

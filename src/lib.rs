@@ -4,10 +4,11 @@
 //! [`token`] the login credentials, [`config`] every limit, [`io`] the one
 //! boundary to the operating system, [`ring`] the cross-shard SPSC mesh,
 //! [`shard`] a core's event loop and its sessions, [`store`] the
-//! store-and-forward queues, [`datadir`] the data directory as a whole (lock,
-//! privacy, recorded shard count), [`reshard`] re-homing its messages for
-//! another shard count, [`privacy`] the mode checks on private files, [`stats`]
-//! the counters and the stats socket, and [`server`] ties them together.
+//! store-and-forward queues, [`supervisor`] the restart rules of a crashed
+//! shard, [`datadir`] the data directory as a whole (lock, privacy, recorded
+//! shard count), [`reshard`] re-homing its messages for another shard count,
+//! [`privacy`] the mode checks on private files, [`stats`] the counters and
+//! the stats socket, and [`server`] ties them together.
 #![deny(missing_docs)]
 
 pub mod config;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod store;
+pub mod supervisor;
 pub mod timer;
 pub mod tls;
 pub mod token;

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use crate::datadir::{self, DataDir, Meta, RETIRED_DIR, STAGING_DIR};
 use crate::privacy;
 use crate::shard::home_shard;
-use crate::store::{self, Durability, LogOptions, LogStore, Store, Stored};
+use crate::store::{self, Durability, LogOptions, LogStore, PushError, Store, Stored};
 
 /// Messages pushed into a new log per `commit` (one fsync each).
 const COMMIT_EVERY_MESSAGES: usize = 4096;
@@ -193,8 +193,7 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         messages.sort_unstable_by_key(|(user, msg)| (*user, msg.server_id));
         let path = store::shard_dir(&staging, j);
         privacy::create_dir(&path).map_err(|e| format!("create {}: {e}", path.display()))?;
-        let (mut log, _) = LogStore::open(&path, options.clone())
-            .map_err(|e| format!("new log {}: {e}", path.display()))?;
+        let (mut log, _) = LogStore::open(&path, options.clone()).map_err(|e| failed(&path, e))?;
         log.raise_server_id(id_floor);
         let mut previous = None;
         for (i, (user, msg)) in messages.iter().enumerate() {
@@ -202,21 +201,21 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
                 users += 1;
                 previous = Some(*user);
             }
-            log.push(*user, (*msg).clone())
-                .map_err(|e| format!("new log {}: {e}", path.display()))?;
+            log.push(*user, (*msg).clone()).map_err(|e| match e {
+                PushError::StorageFull(_) => disk_full(&path, "no room for another message"),
+                e => failed(&path, e),
+            })?;
             copied += 1;
             crash_point("message");
             if (i + 1) % COMMIT_EVERY_MESSAGES == 0 {
-                log.commit()
-                    .map_err(|e| format!("new log {}: {e}", path.display()))?;
+                commit(&mut log, &path)?;
             }
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 log::info!("reshard: {copied} of {total} messages copied");
             }
         }
-        log.commit()
-            .map_err(|e| format!("new log {}: {e}", path.display()))?;
+        commit(&mut log, &path)?;
         assert_eq!(log.total(), messages.len(), "every message pushed once");
         // The log's own files are synced by its commits; make sure of their
         // directory entries too before the commit point.
@@ -231,6 +230,41 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         started.elapsed().as_millis()
     );
     Ok((copied, users))
+}
+
+/// Commits a new log; a write that found the disk full (the log rolled its
+/// batch back) fails the build like any other error.
+fn commit(log: &mut LogStore, path: &Path) -> Result<(), String> {
+    let mut refused = Vec::new();
+    log.commit(&mut refused).map_err(|e| failed(path, e))?;
+    if !refused.is_empty() {
+        return Err(disk_full(
+            path,
+            &format!("{} messages not written", refused.len()),
+        ));
+    }
+    if log.has_uncommitted() {
+        // Its id watermark could not be written.
+        return Err(disk_full(path, "meta not written"));
+    }
+    Ok(())
+}
+
+/// The error of a build that failed writing the new log in `path`.
+fn failed(path: &Path, e: impl std::fmt::Display) -> String {
+    format!(
+        "new log {}: {e}. The old layout is untouched; fix the cause and run the reshard again",
+        path.display()
+    )
+}
+
+/// The error of a build that ran out of disk space in `path`.
+fn disk_full(path: &Path, detail: &str) -> String {
+    format!(
+        "new log {}: the disk is full ({detail}). The old layout is untouched; make room for one \
+         more copy of the queued messages and run the reshard again",
+        path.display()
+    )
 }
 
 /// Phase 3: moves the old layout out and the new one in (idempotent; see

@@ -592,6 +592,58 @@ fn reshard_is_refused_while_a_server_runs() {
     stop(server);
 }
 
+/// A full disk (ENOSPC on a write of the new layout) and a failing fsync
+/// (EIO) stop the reshard with an error that says what to do, leave the old
+/// layout serving, and a rerun once the fault is gone finishes the job.
+#[test]
+fn reshard_that_finds_the_disk_full_or_failing_stops_and_reruns() {
+    use tern::store::fault::{self, Op, Rule};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sent = queued_under_two_shards(dir.path(), &data, 2);
+    let staging = format!("{}/reshard.new", data.display());
+    for (op, errno, says) in [
+        (Op::Write, libc::ENOSPC, "the disk is full"),
+        (Op::Sync, libc::EIO, "Input/output error"),
+    ] {
+        fault::inject(Rule {
+            path_contains: staging.clone(),
+            op,
+            skip: 0,
+            times: u32::MAX,
+            errno,
+        });
+        let err = tern::reshard::reshard(&data, 3, false).unwrap_err();
+        fault::clear(&staging);
+        assert!(err.contains(says), "{err}");
+        assert!(err.contains("The old layout is untouched"), "{err}");
+        assert!(err.contains("run the reshard again"), "{err}");
+        let meta = std::fs::read_to_string(data.join("tern.meta")).unwrap();
+        assert!(
+            meta.contains("\nshards 2\n") && !meta.contains("reshard"),
+            "{meta}"
+        );
+        // The old layout still serves everything.
+        let server = start_on(dir.path(), &data, 0, |_| {}).unwrap();
+        assert_eq!(info(&server, "Shards"), "2");
+        for user in recipients() {
+            let (_, login) = Client::login(server.local_addr(), &token(user)).unwrap();
+            let want = sent.iter().filter(|s| s.to == user).count() as u64;
+            assert_eq!(login.offline_count, want, "user {user}");
+        }
+        stop(server);
+    }
+    let report = tern::reshard::reshard(&data, 3, false).expect("rerun without the fault");
+    assert_eq!(
+        (report.from, report.to, report.messages),
+        (2, 3, sent.len())
+    );
+    let server = start_on(dir.path(), &data, 0, |_| {}).unwrap();
+    assert_eq!(info(&server, "Shards"), "3");
+    deliver_exactly(&server, &sent);
+    stop(server);
+}
+
 /// Kills `tern store reshard` with SIGKILL at each of its steps in turn
 /// (every message copied, every shard built, the commit point, every
 /// rename, the final record), then runs it again: every message is

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::counters::{Counter, Kind, ShardStats};
+use crate::supervisor::ShardState;
 
 /// What the stats socket can see: process facts plus every shard's counters.
 /// Built once at start-up and shared read-only with the stats thread.
@@ -167,17 +168,20 @@ fn render_shards(view: &StatsView) -> String {
     let mut rows: Vec<Vec<String>> = Vec::with_capacity(view.shards.len() + 1);
     let mut header = vec!["shard".to_string()];
     header.extend(SHARD_COLUMNS.iter().map(|(name, _)| name.to_string()));
+    header.push("state".to_string());
     rows.push(header);
     for (id, shard) in view.shards.iter().enumerate() {
+        let state = ShardState::from_u64(shard.state.get());
         let mut row = vec![id.to_string()];
         row.extend(
             SHARD_COLUMNS
                 .iter()
                 .map(|(_, get)| get(shard).get().to_string()),
         );
+        row.push(state.as_str().to_string());
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..=SHARD_COLUMNS.len())
+    let widths: Vec<usize> = (0..SHARD_COLUMNS.len() + 2)
         .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -427,16 +431,17 @@ pub(crate) mod tests {
                 "ring_out",
                 "ring_full",
                 "loop_p50_us",
-                "loop_p99_us"
+                "loop_p99_us",
+                "state"
             ]
         );
         assert_eq!(
             rows[1],
-            ["0", "3", "2", "100", "1000", "10", "5", "0", "0", "12", "345"]
+            ["0", "3", "2", "100", "1000", "10", "5", "0", "0", "12", "345", "up"]
         );
         assert_eq!(
             rows[2],
-            ["1", "4", "1", "200", "2000", "20", "0", "6", "7", "0", "0"]
+            ["1", "4", "1", "200", "2000", "20", "0", "6", "7", "0", "0", "up"]
         );
         assert_eq!(rows.len(), 3);
         // Aligned: every line has the same width, and no trailing space.

@@ -49,7 +49,7 @@ mod tests {
             log.push(id % 3, msg(id)).unwrap();
         }
         log.remove(1, 4).unwrap();
-        log.commit().unwrap();
+        log.commit(&mut Vec::new()).unwrap();
         drop(log);
         let (log, _) = LogStore::open(tmp.path(), LogOptions::default()).unwrap();
         let mut seen: Vec<(u64, u64)> = log.queued().map(|(u, m)| (u, m.server_id)).collect();
@@ -82,7 +82,7 @@ mod tests {
         log.raise_server_id(5); // never lowers
         assert_eq!(log.max_server_id(), 1 << 40);
         assert!(log.has_uncommitted());
-        log.commit().unwrap();
+        log.commit(&mut Vec::new()).unwrap();
         drop(log);
         let (log, _) = LogStore::open(tmp.path(), LogOptions::default()).unwrap();
         assert!(log.max_server_id() >= 1 << 40);
