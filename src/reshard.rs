@@ -298,12 +298,20 @@ fn switch(dir: &mut DataDir, from: usize, to: usize) -> Result<(), String> {
     if staging.is_dir() {
         datadir::sync_dir(&staging)?;
     }
+    // Only a hand-made change of the directories during the switch can
+    // leave anything else in place.
     let present = dir.shard_dirs()?;
-    assert_eq!(
-        present,
-        (0..to).collect::<Vec<_>>(),
-        "after the switch exactly the new logs are in place"
-    );
+    if present != (0..to).collect::<Vec<_>>() {
+        return Err(format!(
+            "{}: after switching to {to} shards the shard directories present are {present:?}, \
+             not 0 to {}: the data directory was changed while a reshard was switching. The old \
+             logs are in {}, the new ones were in {}; restore one layout by hand",
+            root.display(),
+            to - 1,
+            retired.display(),
+            staging.display()
+        ));
+    }
     dir.write_meta(Meta {
         shards: to,
         store_format: store::log::FORMAT_VERSION,

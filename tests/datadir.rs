@@ -198,6 +198,41 @@ fn reshard_ok(data: &Path, shards: usize) -> String {
     stdout
 }
 
+/// Runs `tern store reshard` with the debug knob that pauses it at crash
+/// point `step`, and SIGKILLs it there. Returns the pause line, or `None`
+/// when the job finished (successfully) before that step.
+fn reshard_killed_at(data: &Path, shards: usize, step: usize) -> Option<String> {
+    let mut child = Command::new(TERN)
+        .args([
+            "store",
+            "reshard",
+            "--shards",
+            &shards.to_string(),
+            "--data-dir",
+        ])
+        .arg(data)
+        .env("TERN_RESHARD_PAUSE_AT", step.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut paused = None;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.contains(&format!("paused at crash point {step} ")) {
+            child.kill().unwrap(); // SIGKILL
+            paused = Some(line);
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    if paused.is_none() {
+        assert!(status.success(), "step {step}: reshard failed");
+    }
+    paused
+}
+
 /// `tern serve` as a child process; the stderr lines are collected.
 struct Serve {
     child: Child,
@@ -658,25 +693,7 @@ fn reshard_killed_at_every_step_then_rerun_loses_and_duplicates_nothing() {
     for step in 1..=STEPS_MAX {
         let data = dir.path().join(format!("data-{step}"));
         copy_dir(&template, &data);
-        let mut child = Command::new(TERN)
-            .args(["store", "reshard", "--shards", "3", "--data-dir"])
-            .arg(&data)
-            .env("TERN_RESHARD_PAUSE_AT", step.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut paused = false;
-        for line in stderr.lines() {
-            let line = line.unwrap();
-            if line.contains(&format!("paused at crash point {step} ")) {
-                paused = true;
-                child.kill().unwrap(); // SIGKILL
-                break;
-            }
-        }
-        let status = child.wait().unwrap();
+        let paused = reshard_killed_at(&data, 3, step).is_some();
         if paused {
             killed += 1;
             let meta = std::fs::read_to_string(data.join("tern.meta")).unwrap();
@@ -710,8 +727,6 @@ fn reshard_killed_at_every_step_then_rerun_loses_and_duplicates_nothing() {
                 stop(server);
             }
             reshard_ok(&data, 3);
-        } else {
-            assert!(status.success(), "step {step}: reshard failed");
         }
         let server = start_on(dir.path(), &data, 0, |_| {}).unwrap();
         assert_eq!(info(&server, "Shards"), "3", "step {step}");
@@ -766,4 +781,26 @@ fn data_dir_on_tmpfs_is_warned_about() {
     assert!(warning.contains("on tmpfs"), "{warning}");
     assert!(warning.contains("/var/lib/tern"), "{warning}");
     drop(serve);
+}
+
+/// A data directory changed by hand in the middle of the switch is not
+/// "finished" into something wrong: the rerun stops and says so.
+#[test]
+fn reshard_rerun_refuses_a_layout_changed_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sent = queued_under_two_shards(dir.path(), &data, 1);
+    // Steps: each message, each of 3 new logs built, staged, committed, the
+    // 2 old logs moved out, then the first new log moved in.
+    let step = sent.len() + 3 + 2 + 2 + 1;
+    let line = reshard_killed_at(&data, 3, step).expect("paused");
+    assert!(line.contains("(new log moved in)"), "{line}");
+    std::fs::remove_dir_all(data.join("reshard.new/shard-2")).unwrap();
+    let (ok, _, stderr) = reshard(&data, 3);
+    assert!(!ok);
+    assert!(
+        stderr.contains("was changed while a reshard was switching")
+            && stderr.contains("reshard.old"),
+        "{stderr}"
+    );
 }
