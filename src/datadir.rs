@@ -64,7 +64,7 @@ pub struct Meta {
     /// Message log format version ([`store::log::FORMAT_VERSION`]).
     pub store_format: u32,
     /// `(from, to)` while a reshard switches from `from` to `to` shards:
-    /// the new layout is complete in [`STAGING_DIR`] and must be moved in.
+    /// the new layout is complete in `reshard.new` and must be moved in.
     pub reshard: Option<(usize, usize)>,
 }
 
