@@ -198,6 +198,33 @@ has "stop names the pidfile" "$work/out" "tern not running? (check /var/run/tern
 n=$(grep -c '^daemon ' "$R/log")
 if [ "$n" -eq 1 ]; then ok "daemon(8) ran once in all"; else bad "daemon(8) ran $n times"; fi
 
+# The command line daemon(8) would exec, parsed by the real tern (when one is
+# built: $TERN_BIN, else target/debug or target/release of this checkout).
+# --print-config makes it print the effective config and exit.
+tern_real=${TERN_BIN:-}
+for b in "$here/../../../target/debug/tern" "$here/../../../target/release/tern"; do
+    [ -n "$tern_real" ] || [ ! -x "$b" ] || tern_real=$b
+done
+# real_argv ROOT: the server's argv from the process table, runnable here
+real_argv() {
+    awk 'NR == 1 { $1 = ""; $2 = ""; print }' "$work/$1/proctable" |
+        sed "s|--config /usr/local/etc/tern.toml|--config $work/$1/usr/local/etc/tern.toml|"
+}
+if [ -n "$tern_real" ]; then
+    rc a start
+    # shellcheck disable=SC2046 # the argv is split into words on purpose
+    if "$tern_real" $(real_argv a) --print-config > "$work/printed" 2>&1; then
+        ok "the real tern accepts the rc.d command line ($tern_real)"
+    else
+        bad "the real tern refuses the rc.d command line:"; sed 's/^/     | /' "$work/printed"
+    fi
+    has "tern stores in /var/db/tern" "$work/printed" 'data_dir = "/var/db/tern"'
+    has "tern's stats socket is /var/run/tern/tern.sock" "$work/printed" 'stats_socket = "/var/run/tern/tern.sock"'
+    rc a stop
+else
+    echo "skip the real tern's parse of the command line (no binary; set TERN_BIN or cargo build)"
+fi
+
 # ---- not enabled: only onestart ------------------------------------------------
 new_root b
 R=$work/b
