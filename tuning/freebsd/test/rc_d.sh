@@ -249,11 +249,13 @@ tern_bin="/opt/tern/bin/tern"
 tern_runas="chat"
 tern_dbdir="/srv/tern"
 tern_flags="--shards 4"
+tern_chdir="/srv/tern"
 EOF
 expect c start 0 "start with rc.conf settings"
 has "settings reach daemon(8) and tern; tern_flags go to tern" "$R/log" \
     "daemon as=root -f -S -T tern -p /var/run/tern.pid -u chat /opt/tern/bin/tern serve --config /usr/local/etc/tern.toml --data-dir /srv/tern --stats-socket /var/run/tern/tern.sock --shards 4"
 has "tern_dbdir made 0700 for tern_runas" "$R/log" "install -d -o chat -m 0700 /srv/tern"
+has "an operator's tern_chdir is entered (after the precmd made it)" "$R/log" "chdir: /srv/tern"
 has "warns when the user's login class is not tern" "$work/out" \
     "$work/tern: WARNING: user chat has login class 'default', not 'tern': daemon(8) -u applies the user's class (pw usermod chat -L tern)"
 expect c status 0 "status finds the server by tern_bin"
