@@ -21,6 +21,17 @@ pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-produc
 /// Longest delay before a shard restart, ms (also the cap of the doubling).
 pub const SHARD_RESTART_BACKOFF_MS_MAX: u64 = 10_000;
 
+/// Most listening sockets the kernel balances new connections over on one
+/// address and port, if it has such a cap. Every shard binds its own. On
+/// FreeBSD an `SO_REUSEPORT_LB` group holds at most 256 sockets
+/// (`INPCBLBGROUP_SIZMAX` in sys/netinet/in_pcb.c): a later bind succeeds,
+/// but that socket never gets a connection.
+#[cfg(target_os = "freebsd")]
+const SHARDS_PER_PORT_MAX: Option<usize> = Some(256);
+/// Linux's `SO_REUSEPORT` groups have no cap below our own 1024.
+#[cfg(not(target_os = "freebsd"))]
+const SHARDS_PER_PORT_MAX: Option<usize> = None;
+
 /// Largest `uring_batch_wait_us`: batching is for microseconds, not a delay.
 const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 
@@ -34,7 +45,11 @@ pub struct Config {
     /// in the data directory (`tern.meta`), or one per available core when
     /// none is recorded. An explicit count other than the recorded one
     /// starts only on a data directory without queued messages; see
-    /// `tern store reshard`.
+    /// `tern store reshard`. At most 1024; on FreeBSD at most 256, because
+    /// every shard has its own listening socket on the port and an
+    /// `SO_REUSEPORT_LB` group holds at most 256 (a shard past that would
+    /// bind but never accept). The limit applies to the resolved count, so
+    /// `shards = 0` on a box with more than 256 cores needs an explicit value.
     pub shards: usize,
     /// I/O backend: `auto` (io_uring where the kernel supports it, else
     /// poll), `uring`, or `poll` (epoll/kqueue). Default `auto`.
@@ -242,6 +257,7 @@ impl Config {
         if self.shards > 1024 {
             return Err(bad("shards", "at most 1024 shards"));
         }
+        check_shards_per_port(self.shards, self.shard_count(), SHARDS_PER_PORT_MAX)?;
         if self.token_secret.len() < 16 {
             return Err(bad("token_secret", "must be at least 16 bytes"));
         }
@@ -380,6 +396,31 @@ impl Config {
     }
 }
 
+/// Refuses more shards than one port's load-balancing group can hold
+/// (`max`, see [`SHARDS_PER_PORT_MAX`]). `shards` is the configured value,
+/// `resolved` what 0 turns into on this box.
+fn check_shards_per_port(
+    shards: usize,
+    resolved: usize,
+    max: Option<usize>,
+) -> Result<(), ConfigError> {
+    let Some(max) = max else { return Ok(()) };
+    if resolved <= max {
+        return Ok(());
+    }
+    let what = if shards == 0 {
+        format!("shards = 0 means one per core, {resolved} here")
+    } else {
+        format!("{resolved} shards")
+    };
+    Err(bad(
+        "shards",
+        format!(
+            "{what}, but SO_REUSEPORT_LB spreads connections over at most {max} listening sockets per address and port (one per shard); shards past {max} would never accept. Set shards = {max} or less"
+        ),
+    ))
+}
+
 /// The key of the `key = value` line containing byte `at`, if it has one.
 fn key_at(text: &str, at: usize) -> Option<&str> {
     let at = at.min(text.len());
@@ -450,6 +491,37 @@ mod tests {
         Config::from_toml("uring_batch_wait_us = 10000").unwrap();
         let e = Config::from_toml("uring_batch_wait_us = 10001").unwrap_err();
         assert_eq!(e.key, "uring_batch_wait_us");
+    }
+
+    #[test]
+    fn shards_capped_by_the_port_group() {
+        check_shards_per_port(256, 256, Some(256)).unwrap();
+        check_shards_per_port(0, 256, Some(256)).unwrap();
+        check_shards_per_port(1024, 1024, None).unwrap();
+        let e = check_shards_per_port(257, 257, Some(256)).unwrap_err();
+        assert_eq!(e.key, "shards");
+        assert!(e.message.contains("SO_REUSEPORT_LB"), "{e}");
+        assert!(e.message.contains("Set shards = 256 or less"), "{e}");
+        let e = check_shards_per_port(0, 300, Some(256)).unwrap_err();
+        assert!(e.message.contains("one per core, 300 here"), "{e}");
+    }
+
+    /// The cap is enforced by `validate` on FreeBSD only.
+    #[test]
+    fn shards_257_on_this_os() {
+        let result = Config::from_toml("shards = 257");
+        if cfg!(target_os = "freebsd") {
+            let e = result.unwrap_err();
+            assert_eq!(e.key, "shards");
+            assert!(
+                e.to_string()
+                    .starts_with("`shards`: 257 shards, but SO_REUSEPORT_LB"),
+                "{e}"
+            );
+        } else {
+            result.unwrap();
+        }
+        Config::from_toml("shards = 256").unwrap();
     }
 
     #[test]

@@ -48,8 +48,10 @@ impl Server {
     /// starts the shards. Returns once the server accepts connections.
     pub fn start(mut config: Config) -> Result<Server, Box<dyn std::error::Error>> {
         config.validate()?;
-        // Settles `shards = 0` to the recorded count, so it comes first.
+        // Settles `shards = 0` to the recorded count, so it comes first; the
+        // limits are checked again against the count it settled on.
         let data_dir = DataDir::start(&mut config)?;
+        config.validate()?;
         let config = Arc::new(config);
         let shards = config.shard_count();
 
