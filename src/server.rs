@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
-use crate::stats::{ShardStats, StatsServer, StatsView};
+use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::tls::TlsContext;
 
 /// A running server.
@@ -44,6 +44,7 @@ impl Server {
     /// starts the shards. Returns once the server accepts connections.
     pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
         config.validate()?;
+        let stats_access = SocketAccess::from_config(&config)?;
         let data_lock = lock_data_dir(&config)?;
         let config = Arc::new(config);
         let shards = config.shard_count();
@@ -194,7 +195,12 @@ impl Server {
             shards: shard_stats.clone(),
             tls: tls.clone(),
         });
-        let stats = match StatsServer::spawn(&config.stats_socket, config.metrics_listen, view) {
+        let stats = match StatsServer::spawn(
+            &config.stats_socket,
+            stats_access,
+            config.metrics_listen,
+            view,
+        ) {
             Ok(stats) => stats,
             Err(e) => {
                 for tx in &start_txs {

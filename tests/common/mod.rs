@@ -8,6 +8,8 @@
 // Each test file compiles this module separately and uses a different part.
 #![allow(dead_code)]
 
+pub mod child;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
