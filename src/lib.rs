@@ -5,9 +5,10 @@
 //! boundary to the operating system, [`ring`] the cross-shard SPSC mesh,
 //! [`shard`] a core's event loop and its sessions, [`store`] the
 //! store-and-forward queues, [`stats`] the counters and the stats socket, and
-//! [`server`] ties them together.
+//! [`server`] ties them together ([`claim`] checks its listen addresses).
 #![deny(missing_docs)]
 
+pub mod claim;
 pub mod config;
 pub mod io;
 pub mod proto;

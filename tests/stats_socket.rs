@@ -27,7 +27,14 @@ fn mode_of(path: &std::path::Path) -> u32 {
 fn stats_socket_is_0600_under_a_permissive_umask() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("tern.sock");
-    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "1", "--io", &io_flag()]);
+    let mut cmd = serve_command(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--io",
+        &io_flag(),
+    ]);
     cmd.arg("--stats-socket")
         .arg(&sock)
         .arg("--data-dir")

@@ -402,7 +402,9 @@ pub const REQUIRE_URING_ENV: &str = "TERN_REQUIRE_URING";
 #[doc(hidden)]
 pub fn uring_unavailable(why: &dyn std::fmt::Display) {
     if std::env::var_os(REQUIRE_URING_ENV).is_some_and(|v| v == "1") {
-        panic!("io_uring unavailable ({why}) and {REQUIRE_URING_ENV}=1: failing instead of skipping");
+        panic!(
+            "io_uring unavailable ({why}) and {REQUIRE_URING_ENV}=1: failing instead of skipping"
+        );
     }
     eprintln!("skipping: io_uring unavailable: {why}");
 }
@@ -436,11 +438,17 @@ mod tests {
             let out = cmd.output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string()
                 + &String::from_utf8_lossy(&out.stderr);
-            assert!(text.contains("1 passed") || text.contains("1 failed"), "{text}");
+            assert!(
+                text.contains("1 passed") || text.contains("1 failed"),
+                "{text}"
+            );
             (out.status.success(), text)
         };
         let (ok, text) = run(None);
-        assert!(ok && text.contains("skipping: io_uring unavailable"), "{text}");
+        assert!(
+            ok && text.contains("skipping: io_uring unavailable"),
+            "{text}"
+        );
         let (ok, text) = run(Some("0"));
         assert!(ok, "{text}");
         let (ok, text) = run(Some("1"));

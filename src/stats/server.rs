@@ -290,9 +290,7 @@ fn group_id(group: &Group) -> Result<u32, String> {
         Group::Name(name) => name,
     };
     if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
-        return name
-            .parse()
-            .map_err(|_| format!("{name}: not a valid gid"));
+        return name.parse().map_err(|_| format!("{name}: not a valid gid"));
     }
     let c_name = std::ffi::CString::new(name.as_str())
         .map_err(|_| format!("{name:?}: a group name has no NUL byte"))?;
@@ -729,7 +727,8 @@ mod tests {
 
     fn spawn_fake(path: &Path, metrics: bool) -> StatsServer {
         let listen = metrics.then(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-        StatsServer::spawn(path, SocketAccess::PRIVATE, listen, Arc::new(fake_view())).expect("spawn")
+        StatsServer::spawn(path, SocketAccess::PRIVATE, listen, Arc::new(fake_view()))
+            .expect("spawn")
     }
 
     fn http_get(addr: SocketAddr, request: &str) -> String {
@@ -856,7 +855,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tern.sock");
         let first = spawn_fake(&path, false);
-        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, None, Arc::new(fake_view())).unwrap_err();
+        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, None, Arc::new(fake_view()))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         assert_eq!(
             err.to_string(),
@@ -873,7 +873,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tern.sock");
         fs::write(&path, b"precious").unwrap();
-        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, None, Arc::new(fake_view())).unwrap_err();
+        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, None, Arc::new(fake_view()))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"precious");
     }
@@ -884,7 +885,13 @@ mod tests {
         let path = dir.path().join("tern.sock");
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, Some(addr), Arc::new(fake_view())).unwrap_err();
+        let err = StatsServer::spawn(
+            &path,
+            SocketAccess::PRIVATE,
+            Some(addr),
+            Arc::new(fake_view()),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         assert!(err.to_string().contains("metrics listener"), "{err}");
         assert!(!path.exists());
