@@ -21,6 +21,12 @@ pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-produc
 /// Largest `uring_batch_wait_us`: batching is for microseconds, not a delay.
 const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 
+/// Largest `deliver_inflight_bytes_max` (counted in 32 bits per user).
+const DELIVER_INFLIGHT_BYTES_MAX: usize = 1 << 30;
+
+/// Largest `deliver_inflight_max` (counted in 32 bits per user).
+const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
+
 /// Effective server configuration (TOML file, then command-line flags).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -391,10 +397,18 @@ impl Config {
         if matches!(&self.stats_socket_group, Some(Group::Name(name)) if name.is_empty()) {
             return Err(bad("stats_socket_group", "must not be empty"));
         }
-        if self.deliver_inflight_bytes_max < self.frame_bytes_max {
+        if self.deliver_inflight_bytes_max < self.frame_bytes_max
+            || self.deliver_inflight_bytes_max > DELIVER_INFLIGHT_BYTES_MAX
+        {
             return Err(bad(
                 "deliver_inflight_bytes_max",
-                "must be at least frame_bytes_max (one largest DELIVER)",
+                format!("must be between frame_bytes_max (one largest DELIVER) and {DELIVER_INFLIGHT_BYTES_MAX}"),
+            ));
+        }
+        if self.deliver_inflight_max > DELIVER_INFLIGHT_MAX {
+            return Err(bad(
+                "deliver_inflight_max",
+                format!("must be at most {DELIVER_INFLIGHT_MAX}"),
             ));
         }
         if let Err(crate::store::StoreError::Options { field, reason }) =

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
