@@ -73,7 +73,9 @@ pub struct Config {
     /// `BYE(slow)`. Default 262144 (256 KiB).
     pub conn_out_bytes_max: usize,
     /// DELIVER frames sent to a device and not yet answered with DELIVERED;
-    /// further messages wait in the queue. Default 128.
+    /// further messages wait in the queue. Default 4096: a backlog drains at
+    /// about one window per round trip (10,000 messages in about 1 s at
+    /// 300 ms). At most 1048576.
     pub deliver_inflight_max: usize,
     /// A logged-in connection that sends nothing for this long is closed with
     /// `BYE(idle)`. Clients keep it open with PING. Default 300000 (5 min).
@@ -227,7 +229,7 @@ impl Default for Config {
             body_bytes_max: 65000,
             queue_len_max: 1000,
             conn_out_bytes_max: 256 * 1024,
-            deliver_inflight_max: 128,
+            deliver_inflight_max: 4096,
             idle_timeout_ms: 300_000,
             login_timeout_ms: 10_000,
             ring_slots: 1024,
