@@ -144,25 +144,31 @@ pub struct Config {
 /// Unix permission bits of a file the server creates (`stats_socket_mode`).
 /// In TOML an octal string (`"0660"`, `"660"` or `"0o660"`) or an integer
 /// (`0o660`); printed as a 4-digit octal string.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "ModeRepr", into = "String")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub struct FileMode(pub u32);
 
-/// What `stats_socket_mode` may be written as.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ModeRepr {
-    Int(u32),
-    Text(String),
-}
-
-impl TryFrom<ModeRepr> for FileMode {
-    type Error = String;
-    fn try_from(repr: ModeRepr) -> Result<FileMode, String> {
-        match repr {
-            ModeRepr::Int(bits) => Ok(FileMode(bits)),
-            ModeRepr::Text(text) => text.parse(),
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FileMode, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FileMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an octal mode such as \"0600\" or 0o600")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileMode, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FileMode, E> {
+                u32::try_from(v)
+                    .map(FileMode)
+                    .map_err(|_| E::custom(format!("{v} is not a file mode")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FileMode, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
         }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -186,13 +192,37 @@ impl From<FileMode> for String {
 
 /// A Unix group: a name looked up at start-up, or a numeric gid (an integer,
 /// or a string of digits).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Group {
     /// A numeric group id.
     Id(u32),
     /// A group name (a string of digits means that gid).
     Name(String),
+}
+
+impl<'de> Deserialize<'de> for Group {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Group;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a group name or a numeric gid")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Group, E> {
+                Ok(Group::Name(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Group, E> {
+                u32::try_from(v)
+                    .map(Group::Id)
+                    .map_err(|_| E::custom(format!("{v} is not a gid (0 to 4294967295)")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Group, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl std::str::FromStr for Group {
@@ -543,7 +573,9 @@ mod tests {
             assert_eq!(c.stats_socket_mode, FileMode(0o660), "{text}");
             assert!(c.to_toml().contains("stats_socket_mode = \"0660\""));
         }
-        for bad in ["\"0680\"", "\"rw\"", "\"\"", "0o1600", "0o400", "0o060"] {
+        for bad in [
+            "\"0680\"", "\"rw\"", "\"\"", "0o1600", "0o400", "0o060", "-1", "true",
+        ] {
             let e = Config::from_toml(&format!("stats_socket_mode = {bad}")).unwrap_err();
             assert_eq!(e.key, "stats_socket_mode", "{bad}: {e}");
         }
@@ -556,8 +588,10 @@ mod tests {
         let c = Config::from_toml("stats_socket_group = 1001").unwrap();
         assert_eq!(c.stats_socket_group, Some(Group::Id(1001)));
         assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
-        let e = Config::from_toml("stats_socket_group = \"\"").unwrap_err();
-        assert_eq!(e.key, "stats_socket_group");
+        for bad in ["\"\"", "-1", "true"] {
+            let e = Config::from_toml(&format!("stats_socket_group = {bad}")).unwrap_err();
+            assert_eq!(e.key, "stats_socket_group", "{bad}: {e}");
+        }
     }
 
     #[test]
