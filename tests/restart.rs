@@ -131,6 +131,43 @@ fn a_live_listener_is_refused_at_once() {
     first.login(1).ping(1).unwrap();
 }
 
+/// A server started as another user cannot look into our processes: our
+/// live listener is refused at once all the same (not retried as dying).
+#[test]
+fn another_users_listener_is_refused_at_once() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return eprintln!("skipping: needs root to start a server as another user");
+    }
+    let first = TestServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let listen = first.addr.to_string();
+    let mut cmd = serve_command(&["--listen", &listen, "--shards", "1", "--io", "poll"]);
+    cmd.args(["--listen-retry-ms", "3600000"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(dir.path().join("tern.sock"))
+        // nobody
+        .uid(65534)
+        .gid(65534);
+    let (status, log) = match TernChild::start(cmd) {
+        Ok(second) => panic!("a second server started:\n{}", second.log_text()),
+        Err(exit) => exit,
+    };
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "cannot listen on {listen}: Address already in use (os error 98): another user's process listens there"
+        )),
+        "{log}"
+    );
+    first.login(1).ping(1).unwrap();
+}
+
 /// `tern serve` on io_uring with fsync durability, SIGKILLed with messages
 /// queued, and started again at once on the same port: it comes up and
 /// delivers every ACKed message. A second server on the live port is still
