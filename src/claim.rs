@@ -146,6 +146,7 @@ pub fn holder(_port: u16) -> Holder {
 }
 
 /// A listening socket from `/proc/net/tcp{,6}`.
+#[cfg(any(target_os = "linux", test))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Listening {
     uid: u32,
@@ -154,6 +155,7 @@ struct Listening {
 
 /// The sockets in LISTEN state on `port` in a `/proc/net/tcp` or `tcp6`
 /// table (any local address: all of them conflict with some bind).
+#[cfg(any(target_os = "linux", test))]
 fn listening_on(table: &str, port: u16) -> Vec<Listening> {
     /// `st` of a listening socket (`TCP_LISTEN`).
     const LISTEN: &str = "0A";
