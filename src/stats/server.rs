@@ -107,8 +107,8 @@ impl StatsServer {
         };
         let metrics_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
         let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-        socket
-            .bind(&SockAddr::unix(path)?)
+        SockAddr::unix(path)
+            .and_then(|addr| socket.bind(&addr))
             .map_err(|e| context(e, format_args!("binding stats socket {}", path.display())))?;
         let socket_file = match fs::symlink_metadata(path) {
             Ok(meta) => SocketFile {
