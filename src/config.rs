@@ -18,6 +18,20 @@ use crate::store::{Durability, LogOptions};
 /// it, so the server logs a loud warning when it runs with this value.
 pub const DEV_TOKEN_SECRET: &str = "tern-development-secret-do-not-use-in-production";
 
+/// Longest delay before a shard restart, ms (also the cap of the doubling).
+pub const SHARD_RESTART_BACKOFF_MS_MAX: u64 = 10_000;
+
+/// Most listening sockets the kernel balances new connections over on one
+/// address and port, if it has such a cap. Every shard binds its own. On
+/// FreeBSD an `SO_REUSEPORT_LB` group holds at most 256 sockets
+/// (`INPCBLBGROUP_SIZMAX` in sys/netinet/in_pcb.c): a later bind succeeds,
+/// but that socket never gets a connection.
+#[cfg(target_os = "freebsd")]
+const SHARDS_PER_PORT_MAX: Option<usize> = Some(256);
+/// Linux's `SO_REUSEPORT` groups have no cap below our own 1024.
+#[cfg(not(target_os = "freebsd"))]
+const SHARDS_PER_PORT_MAX: Option<usize> = None;
+
 /// Largest `uring_batch_wait_us`: batching is for microseconds, not a delay.
 const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 
@@ -33,7 +47,12 @@ const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
 pub struct Config {
     /// Client listener address. Default `127.0.0.1:5222`. Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Number of shards (event-loop threads). Default 0: one per available core.
+    /// Number of shards (event-loop threads). Default 0: one per available
+    /// core. At most 1024; on FreeBSD at most 256, because every shard has
+    /// its own listening socket on the port and an `SO_REUSEPORT_LB` group
+    /// holds at most 256 (a shard past that would bind but never accept).
+    /// The limit applies to the resolved count, so `shards = 0` on a box with
+    /// more than 256 cores needs an explicit value.
     pub shards: usize,
     /// I/O backend: `auto` (io_uring where the kernel supports it, else
     /// poll), `uring`, or `poll` (epoll/kqueue). Default `auto`.
@@ -114,6 +133,22 @@ pub struct Config {
     /// Skip corrupt records in the middle of a log at start-up instead of
     /// refusing to start (the `--repair` flag). Default false.
     pub repair: bool,
+    /// Free space to leave on the data dir's filesystem, bytes: SENDs that
+    /// would take it lower get ERROR(storage_full) (deliveries and receipts
+    /// go on, and SENDs are taken again once space is back). The space under
+    /// it is kept for delivery records and compaction, which free space.
+    /// Default 0 = auto: 5% of the filesystem, at most 64 MiB.
+    pub disk_free_bytes_min: u64,
+    /// Restarts of one shard allowed within `shard_restart_period_ms`
+    /// (OTP's restart intensity); one more and the process exits with status
+    /// 70 so the service manager restarts it or pages someone. Default 5.
+    pub shard_restarts_max: u32,
+    /// The window of `shard_restarts_max`, in milliseconds. Default 60000.
+    pub shard_restart_period_ms: u64,
+    /// Delay before a crashed shard restarts, in milliseconds, doubled for
+    /// each earlier restart within the period (at most 10 s); a reopen of its
+    /// store that fails is retried after the same delay. Default 100.
+    pub shard_restart_backoff_ms: u64,
     /// Test knob, not a config key: slots per io_uring fixed-file table at
     /// most (0, the default: RLIMIT_NOFILE). A small value forces several
     /// rings per shard with few connections.
@@ -273,6 +308,10 @@ impl Default for Config {
             disk_bytes_max: 0,
             compact_dead_ratio: 0.5,
             repair: false,
+            disk_free_bytes_min: 0,
+            shard_restarts_max: 5,
+            shard_restart_period_ms: 60_000,
+            shard_restart_backoff_ms: 100,
             uring_ring_slots_max: 0,
             stats_socket_mode: FileMode(0o600),
             stats_socket_group: None,
@@ -346,6 +385,7 @@ impl Config {
         if self.shards > 1024 {
             return Err(bad("shards", "at most 1024 shards"));
         }
+        check_shards_per_port(self.shards, self.shard_count(), SHARDS_PER_PORT_MAX)?;
         if self.token_secret.len() < 16 {
             return Err(bad("token_secret", "must be at least 16 bytes"));
         }
@@ -393,6 +433,15 @@ impl Config {
         }
         if self.conns_max == 0 {
             return Err(bad("conns_max", "must be at least 1"));
+        }
+        if self.shard_restart_period_ms == 0 {
+            return Err(bad("shard_restart_period_ms", "must be at least 1"));
+        }
+        if self.shard_restart_backoff_ms > SHARD_RESTART_BACKOFF_MS_MAX {
+            return Err(bad(
+                "shard_restart_backoff_ms",
+                format!("must be at most {SHARD_RESTART_BACKOFF_MS_MAX}"),
+            ));
         }
         if self.listen_backlog == 0 {
             return Err(bad("listen_backlog", "must be at least 1"));
@@ -458,6 +507,7 @@ impl Config {
             queue_len_max: self.queue_len_max,
             segment_bytes_max: self.segment_bytes_max,
             disk_bytes_max: self.disk_bytes_max,
+            disk_free_bytes_min: self.disk_free_bytes_min,
             compact_dead_ratio: self.compact_dead_ratio,
             repair: self.repair,
         }
@@ -470,6 +520,16 @@ impl Config {
         } else {
             self.shards
         }
+    }
+
+    /// How long to wait before restart number `n` (1-based) of a shard
+    /// within the restart period: the backoff, doubled per earlier restart.
+    pub fn shard_restart_delay(&self, n: u32) -> Duration {
+        let ms = self
+            .shard_restart_backoff_ms
+            .saturating_mul(1u64 << n.saturating_sub(1).min(20))
+            .min(SHARD_RESTART_BACKOFF_MS_MAX);
+        Duration::from_millis(ms)
     }
 
     /// `idle_timeout_ms` as a duration.
@@ -486,6 +546,31 @@ impl Config {
     pub fn uses_dev_secret(&self) -> bool {
         self.token_secret == DEV_TOKEN_SECRET
     }
+}
+
+/// Refuses more shards than one port's load-balancing group can hold
+/// (`max`, see [`SHARDS_PER_PORT_MAX`]). `shards` is the configured value,
+/// `resolved` what 0 turns into on this box.
+fn check_shards_per_port(
+    shards: usize,
+    resolved: usize,
+    max: Option<usize>,
+) -> Result<(), ConfigError> {
+    let Some(max) = max else { return Ok(()) };
+    if resolved <= max {
+        return Ok(());
+    }
+    let what = if shards == 0 {
+        format!("shards = 0 means one per core, {resolved} here")
+    } else {
+        format!("{resolved} shards")
+    };
+    Err(bad(
+        "shards",
+        format!(
+            "{what}, but SO_REUSEPORT_LB spreads connections over at most {max} listening sockets per address and port (one per shard); shards past {max} would never accept. Set shards = {max} or less"
+        ),
+    ))
 }
 
 /// The key of the `key = value` line containing byte `at`, if it has one.
@@ -598,6 +683,37 @@ mod tests {
     fn inflight_bytes_hold_a_frame() {
         let e = Config::from_toml("deliver_inflight_bytes_max = 1000").unwrap_err();
         assert_eq!(e.key, "deliver_inflight_bytes_max");
+    }
+
+    #[test]
+    fn shards_capped_by_the_port_group() {
+        check_shards_per_port(256, 256, Some(256)).unwrap();
+        check_shards_per_port(0, 256, Some(256)).unwrap();
+        check_shards_per_port(1024, 1024, None).unwrap();
+        let e = check_shards_per_port(257, 257, Some(256)).unwrap_err();
+        assert_eq!(e.key, "shards");
+        assert!(e.message.contains("SO_REUSEPORT_LB"), "{e}");
+        assert!(e.message.contains("Set shards = 256 or less"), "{e}");
+        let e = check_shards_per_port(0, 300, Some(256)).unwrap_err();
+        assert!(e.message.contains("one per core, 300 here"), "{e}");
+    }
+
+    /// The cap is enforced by `validate` on FreeBSD only.
+    #[test]
+    fn shards_257_on_this_os() {
+        let result = Config::from_toml("shards = 257");
+        if cfg!(target_os = "freebsd") {
+            let e = result.unwrap_err();
+            assert_eq!(e.key, "shards");
+            assert!(
+                e.to_string()
+                    .starts_with("`shards`: 257 shards, but SO_REUSEPORT_LB"),
+                "{e}"
+            );
+        } else {
+            result.unwrap();
+        }
+        Config::from_toml("shards = 256").unwrap();
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! [`token`] the login credentials, [`config`] every limit, [`io`] the one
 //! boundary to the operating system, [`ring`] the cross-shard SPSC mesh,
 //! [`shard`] a core's event loop and its sessions, [`store`] the
-//! store-and-forward queues, [`stats`] the counters and the stats socket, and
-//! [`server`] ties them together ([`claim`] checks its listen addresses).
+//! store-and-forward queues, [`supervisor`] the restart rules of a crashed
+//! shard, [`stats`] the counters and the stats socket, and [`server`] ties
+//! them together ([`claim`] checks its listen addresses).
 #![deny(missing_docs)]
 
 pub mod claim;
@@ -17,6 +18,7 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod store;
+pub mod supervisor;
 pub mod timer;
 pub mod tls;
 pub mod token;

@@ -155,6 +155,20 @@ struct Overrides {
     /// Bytes of DELIVERs outstanding per connection before the rest wait in the queue.
     #[arg(long)]
     deliver_inflight_bytes_max: Option<usize>,
+    /// Free space to leave on the data dir's filesystem, bytes; SENDs past it
+    /// get storage_full (0 = auto: 5% of the filesystem, at most 64 MiB).
+    #[arg(long)]
+    disk_free_bytes_min: Option<u64>,
+    /// Restarts of one shard within --shard-restart-period-ms before the
+    /// process exits with status 70.
+    #[arg(long)]
+    shard_restarts_max: Option<u32>,
+    /// Window of --shard-restarts-max, ms.
+    #[arg(long)]
+    shard_restart_period_ms: Option<u64>,
+    /// First delay before a shard restart, ms (doubles per restart, at most 10 s).
+    #[arg(long)]
+    shard_restart_backoff_ms: Option<u64>,
 }
 
 impl Overrides {
@@ -188,7 +202,11 @@ impl Overrides {
             compact_dead_ratio,
             stats_socket_mode,
             listen_retry_ms,
-            deliver_inflight_bytes_max
+            deliver_inflight_bytes_max,
+            disk_free_bytes_min,
+            shard_restarts_max,
+            shard_restart_period_ms,
+            shard_restart_backoff_ms
         );
         if self.stats_socket_group.is_some() {
             c.stats_socket_group = self.stats_socket_group;
@@ -282,7 +300,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGHUP,
     ])?;
     let secret = config.token_secret.clone();
+    let faults = tern::store::fault::inject_from_env()?;
+    if faults > 0 {
+        log::warn!("TERN_FAILPOINTS: {faults} injected store faults (testing only)");
+    }
     let server = Server::start(config)?;
+    // A shard that gives up past its restart intensity ends the wait below.
+    let handle = signals.handle();
+    server.on_fatal(move || handle.close());
     if args.demo {
         let addr = server.local_addr();
         std::thread::spawn(move || demo::run(addr, secret.as_bytes()));
@@ -302,7 +327,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         break;
     }
     server.shutdown();
+    let fatal = server.fatal();
     server.join();
+    if let Some(reason) = fatal {
+        log::error!("stopped: {reason}");
+        std::process::exit(tern::supervisor::EXIT_SHARD_DOWN.into());
+    }
     log::info!("stopped");
     Ok(())
 }

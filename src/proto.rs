@@ -108,6 +108,9 @@ pub enum ErrorCode {
     BadState = 14,
     /// The server's message store is out of its disk budget; retry later.
     StorageFull = 15,
+    /// 16: the shard that serves this user (the recipient of a SEND, or the
+    /// user logging in) is restarting or down; retry later.
+    Unavailable = 16,
 }
 
 impl ErrorCode {
@@ -129,6 +132,7 @@ impl ErrorCode {
             13 => ErrorCode::ServerFull,
             14 => ErrorCode::BadState,
             15 => ErrorCode::StorageFull,
+            16 => ErrorCode::Unavailable,
             _ => return None,
         })
     }
@@ -151,6 +155,7 @@ impl ErrorCode {
             ErrorCode::ServerFull => "server_full",
             ErrorCode::BadState => "bad_state",
             ErrorCode::StorageFull => "storage_full",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -1089,7 +1094,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 15] = [
+    const ALL_ERROR_CODES: [ErrorCode; 16] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1105,6 +1110,7 @@ mod tests {
         ErrorCode::ServerFull,
         ErrorCode::BadState,
         ErrorCode::StorageFull,
+        ErrorCode::Unavailable,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
     const ALL_BYE_REASONS: [ByeReason; 5] = [
@@ -1487,7 +1493,7 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 16, 0x7f] {
+        for v in [0u8, 17, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
@@ -1679,7 +1685,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(16), None);
+        assert_eq!(ErrorCode::from_u64(17), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);

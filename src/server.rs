@@ -24,6 +24,7 @@ use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
+use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
 
 /// A running server.
@@ -36,6 +37,8 @@ pub struct Server {
     wakers: Vec<WakeHandle>,
     threads: Vec<JoinHandle<()>>,
     stats: Option<StatsServer>,
+    /// Set when a shard gave up past its restart intensity.
+    fatal: Arc<Fatal>,
     /// Held for the server's life: one process per data directory.
     _data_lock: Option<std::fs::File>,
 }
@@ -97,6 +100,8 @@ impl Server {
         // then waits for its ends of the ring mesh.
         let stop = Arc::new(AtomicBool::new(false));
         let shard_stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::default()).collect();
+        let all_stats: Arc<[Arc<ShardStats>]> = shard_stats.clone().into();
+        let fatal = Fatal::new();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -112,6 +117,8 @@ impl Server {
                 batch_wait: Duration::from_micros(config.uring_batch_wait_us.into()),
             };
             let stats = shard_stats[id].clone();
+            let all_stats = all_stats.clone();
+            let fatal = fatal.clone();
             let stop = stop.clone();
             let config = config.clone();
             let tls = tls.clone();
@@ -148,6 +155,8 @@ impl Server {
                         config,
                         store,
                         tls,
+                        peers: all_stats,
+                        fatal,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -233,6 +242,7 @@ impl Server {
             wakers,
             threads,
             stats: Some(stats),
+            fatal,
             _data_lock: data_lock,
         })
     }
@@ -264,6 +274,19 @@ impl Server {
     /// The HTTP metrics address, when `metrics_listen` is set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.stats.as_ref().and_then(StatsServer::metrics_addr)
+    }
+
+    /// Why the server must stop, once a shard gave up past its restart
+    /// intensity; `None` while every shard is up or restarting.
+    pub fn fatal(&self) -> Option<String> {
+        self.fatal.reason()
+    }
+
+    /// Calls `notify` (from a shard thread) when a shard gives up, so the
+    /// owner can shut down and exit with
+    /// [`EXIT_SHARD_DOWN`](crate::supervisor::EXIT_SHARD_DOWN).
+    pub fn on_fatal(&self, notify: impl Fn() + Send + 'static) {
+        self.fatal.on_set(notify);
     }
 
     /// Begins graceful shutdown: stop accepting, BYE(shutdown) to everyone,

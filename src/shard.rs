@@ -27,6 +27,7 @@ use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::{LoopTimer, ShardStats};
 use crate::store::{shard_dir, Durability, LogStore, PushError, Store, StoreError, Stored};
+use crate::supervisor::{Fatal, Intensity, ShardState, EXIT_SHARD_DOWN};
 use crate::timer::{self, Entry, Tick, Wheel};
 use crate::tls::{TlsConn, TlsContext};
 use crate::token;
@@ -269,6 +270,11 @@ pub struct ShardParts {
     pub store: Box<dyn Store + Send>,
     /// TLS settings, when the server has a TLS listener.
     pub tls: Option<Arc<TlsContext>>,
+    /// Every shard's counters, by shard id: their `state` says whether a
+    /// peer takes messages.
+    pub peers: Arc<[Arc<ShardStats>]>,
+    /// Set when a shard gives up past its restart intensity.
+    pub fatal: Arc<Fatal>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -286,9 +292,17 @@ pub struct Shard {
     /// Receipts for users who were offline when they came, sent at login.
     receipts: HashMap<u64, Vec<PendingReceipt>>,
     store: Box<dyn Store + Send>,
-    /// Answers (ACK, refusals) to messages stored in this iteration: they
-    /// leave only once the store committed them.
+    /// Answers (ACK, refusals) to messages stored in this iteration, and
+    /// receipts for messages removed in it: they leave only once the store
+    /// committed them.
     replies: Vec<(usize, Msg)>,
+    /// Users who got new messages this iteration: their connections are
+    /// sent them once the commit made them durable.
+    fresh: Vec<u64>,
+    /// Server ids of pushes a commit rolled back (disk full); reused.
+    refused: Vec<u64>,
+    peers: Arc<[Arc<ShardStats>]>,
+    fatal: Arc<Fatal>,
     /// Set by the debug crash hook; the loop panics outside connection handling.
     crash: bool,
     wheel: Wheel,
@@ -326,6 +340,8 @@ impl Shard {
             config,
             store,
             tls,
+            peers,
+            fatal,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -343,6 +359,10 @@ impl Shard {
             online: HashMap::new(),
             receipts: HashMap::new(),
             replies: Vec::new(),
+            fresh: Vec::new(),
+            refused: Vec::new(),
+            peers,
+            fatal,
             crash: false,
             wheel: Wheel::new(),
             dirty: Vec::new(),
@@ -370,29 +390,86 @@ impl Shard {
     /// Runs the event loop until graceful shutdown completes.
     ///
     /// Let it crash: a panic outside one connection's handling (a bug, or a
-    /// store that cannot commit) restarts the shard in place. Its connections
-    /// drop (clients reconnect), its store is reopened and its log replayed,
-    /// so nothing acknowledged is lost; other shards go on, and the rings and
-    /// listener stay as they are.
+    /// store that cannot commit) restarts the shard in place, supervised as
+    /// in OTP (see [`crate::supervisor`]). Its connections drop (clients
+    /// reconnect), and after a backoff its store is reopened and its log
+    /// replayed, so nothing acknowledged is lost; other shards go on, and the
+    /// rings and listener stay as they are. A reopen that fails is retried
+    /// after the next backoff. Past `shard_restarts_max` restarts within
+    /// `shard_restart_period_ms` the shard gives up: its state becomes down,
+    /// the process-wide [`Fatal`] is set, and this returns an error.
     pub fn run(mut self) -> std::io::Result<()> {
+        let mut intensity = Intensity::new(
+            self.config.shard_restarts_max,
+            Duration::from_millis(self.config.shard_restart_period_ms),
+        );
         loop {
-            match catch_unwind(AssertUnwindSafe(|| self.serve())) {
+            let panic = match catch_unwind(AssertUnwindSafe(|| self.serve())) {
                 Ok(result) => return result,
-                Err(panic) => {
-                    log::error!(
-                        "shard {} crashed: {}; restarting",
-                        self.id,
-                        panic_text(&*panic)
-                    );
-                    self.stats.restarts.inc();
-                    self.restart()?;
+                Err(panic) => panic,
+            };
+            self.stats.restarts.inc();
+            self.set_state(ShardState::Restarting);
+            self.reset();
+            let mut why = format!("crashed: {}", panic_text(&*panic));
+            loop {
+                let Some(n) = intensity.record(Instant::now()) else {
+                    return Err(self.give_up(&why));
+                };
+                let delay = self.config.shard_restart_delay(n);
+                log::error!(
+                    "shard {} {why}; restart {n} of at most {} within {} ms, in {} ms",
+                    self.id,
+                    self.config.shard_restarts_max,
+                    self.config.shard_restart_period_ms,
+                    delay.as_millis()
+                );
+                std::thread::sleep(delay);
+                match self.reopen() {
+                    Ok(()) => break,
+                    Err(e) => why = format!("cannot reopen its store: {e}"),
                 }
             }
+            self.set_state(ShardState::Up);
+            log::info!("shard {} restarted", self.id);
         }
     }
 
-    /// Drops every connection and per-connection state and reopens the store.
-    fn restart(&mut self) -> std::io::Result<()> {
+    fn set_state(&self, state: ShardState) {
+        self.stats.state.set(state as u64);
+    }
+
+    /// Whether shard `dst` takes messages (it is this one, or up).
+    fn peer_up(&self, dst: usize) -> bool {
+        dst == self.id || ShardState::from_u64(self.peers[dst].state.get()) == ShardState::Up
+    }
+
+    /// Past the restart intensity: marks the shard down and tells the
+    /// process to exit non-zero.
+    fn give_up(&mut self, why: &str) -> std::io::Error {
+        self.set_state(ShardState::Down);
+        let reason = format!(
+            "shard {} {why}; more than {} restarts within {} ms (shard_restarts_max): giving \
+             up, the process exits with status {EXIT_SHARD_DOWN} so the service manager can act",
+            self.id, self.config.shard_restarts_max, self.config.shard_restart_period_ms
+        );
+        log::error!("{reason}");
+        self.fatal.set(reason.clone());
+        std::io::Error::other(reason)
+    }
+
+    /// Reopens the store (replaying its log) after a crash.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        // An in-memory store has nothing to replay: keep it as it is.
+        if self.config.durability != Durability::Memory {
+            self.store = open_store(&self.config, self.id)?;
+            self.next_seq = self.next_seq.max((self.store.max_server_id() >> 10) + 1);
+        }
+        Ok(())
+    }
+
+    /// Drops every connection and per-connection state after a crash.
+    fn reset(&mut self) {
         for i in 0..self.sessions.len() {
             if self.sessions[i].state != State::Free {
                 self.io.close(ConnId(i as u32));
@@ -432,12 +509,7 @@ impl Shard {
         self.scratch.resize(SCRATCH_BYTES, 0);
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
-        // An in-memory store has nothing to replay: keep it as it is.
-        if self.config.durability != Durability::Memory {
-            self.store = open_store(&self.config, self.id).map_err(std::io::Error::other)?;
-            self.next_seq = self.next_seq.max((self.store.max_server_id() >> 10) + 1);
-        }
-        Ok(())
+        self.fresh.clear();
     }
 
     fn serve(&mut self) -> std::io::Result<()> {
@@ -487,21 +559,56 @@ impl Shard {
     }
 
     /// Makes this iteration's stores durable (one write and one fdatasync for
-    /// all of them), then lets their answers go. A store that cannot commit
-    /// crashes the shard: the restart replays what is really on disk.
+    /// all of them), then lets their answers go and sends the new messages
+    /// to their recipients' connections. Pushes the commit rolled back (disk
+    /// full) are answered `storage_full` instead of ACK. A store that cannot
+    /// commit otherwise crashes the shard: the restart replays what is
+    /// really on disk.
     fn commit(&mut self) {
-        if let Err(e) = self.store.commit() {
+        let mut refused = std::mem::take(&mut self.refused);
+        if let Err(e) = self.store.commit(&mut refused) {
             panic!("store commit failed: {e}");
         }
-        for (dst, msg) in std::mem::take(&mut self.replies) {
+        if !refused.is_empty() {
+            self.stats.store_rollbacks.inc();
+        }
+        for (dst, mut msg) in std::mem::take(&mut self.replies) {
+            if let Msg::Ack {
+                reply,
+                client_id,
+                server_id,
+                ..
+            } = msg
+            {
+                if refused.contains(&server_id) {
+                    self.stats.storage_full.inc();
+                    msg = Msg::Reject {
+                        reply,
+                        client_id,
+                        code: ErrorCode::StorageFull,
+                    };
+                }
+            }
             self.route(dst, msg);
         }
+        refused.clear();
+        self.refused = refused;
+        let mut fresh = std::mem::take(&mut self.fresh);
+        fresh.sort_unstable();
+        fresh.dedup();
+        for user in fresh.drain(..) {
+            self.pump(user, true);
+        }
+        self.fresh = fresh;
     }
 
     /// Gauges that are cheaper to sample than to track (once a second).
     fn publish_gauges(&self) {
         let s = &self.stats;
         s.queued.set(self.store.total() as u64);
+        let space = self.store.space();
+        s.disk_free_bytes.set(space.free_bytes.unwrap_or(0));
+        s.disk_short.set(space.short.into());
         s.ring_in_depth.set(self.links.in_depth() as u64);
         s.ring_out_depth
             .set(self.outbox.iter().map(VecDeque::len).sum::<usize>() as u64);
@@ -818,7 +925,8 @@ impl Shard {
             (State::Active, Frame::Read { server_id, from }) => {
                 let peer = user;
                 if from != 0 {
-                    self.route(
+                    // Behind the delivery receipt, which waits for a commit.
+                    self.replies.push((
                         home_shard(from, self.shards),
                         Msg::Receipt {
                             user: from,
@@ -826,7 +934,7 @@ impl Shard {
                             server_id,
                             peer,
                         },
-                    );
+                    ));
                 }
                 Flow::Next
             }
@@ -880,6 +988,15 @@ impl Shard {
             }
         };
         let home = home_shard(user, self.shards);
+        if !self.peer_up(home) {
+            self.stats.unavailable.inc();
+            self.login_err(
+                conn,
+                ErrorCode::Unavailable,
+                "your home shard is restarting, retry later",
+            );
+            return Flow::Stop;
+        }
         if home == self.id {
             let leftover = rest.to_vec();
             self.install(conn, user);
@@ -984,6 +1101,18 @@ impl Shard {
             return Flow::Next;
         }
         let dst = home_shard(to, self.shards);
+        if !self.peer_up(dst) {
+            self.stats.unavailable.inc();
+            self.write(
+                conn,
+                &Frame::Error {
+                    code: ErrorCode::Unavailable,
+                    client_id,
+                    text: "the recipient's shard is restarting, retry later",
+                },
+            );
+            return Flow::Next;
+        }
         if dst != self.id && self.outbox[dst].len() >= self.config.ring_slots {
             // The ring and the outbox are full: stop reading this sender.
             return Flow::Blocked;
@@ -1023,7 +1152,8 @@ impl Shard {
                     .saturating_sub(proto::encoded_len(&frame) as u32);
             }
         }
-        self.route(
+        // The receipt waits for the commit that holds the tombstone.
+        self.replies.push((
             home_shard(msg.from, self.shards),
             Msg::Receipt {
                 user: msg.from,
@@ -1031,7 +1161,7 @@ impl Shard {
                 server_id,
                 peer: user,
             },
-        );
+        ));
         self.pump(user, false);
     }
 
@@ -1097,8 +1227,13 @@ impl Shard {
     fn route(&mut self, dst: usize, msg: Msg) {
         if dst == self.id {
             self.on_msg(msg);
-        } else {
+        } else if self.peer_up(dst) || matches!(msg, Msg::Handoff { .. } | Msg::Send { .. }) {
+            // Handoffs and SENDs to a shard that is not up are refused
+            // before they get here (those queued earlier wait, bounded);
+            // the rest would pile up for connections that are gone.
             self.outbox[dst].push_back(msg);
+        } else if matches!(msg, Msg::Receipt { .. }) {
+            self.stats.receipts_dropped.inc();
         }
     }
 
@@ -1163,7 +1298,8 @@ impl Shard {
                 let answer = match self.store.push(to, stored) {
                     Ok(()) => {
                         self.next_seq += 1;
-                        self.pump(to, true);
+                        // Sent once durable: see `commit`.
+                        self.fresh.push(to);
                         Msg::Ack {
                             reply,
                             client_id,

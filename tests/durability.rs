@@ -814,7 +814,9 @@ fn crashed_shard_restarts_replays_its_log_and_spares_the_other() {
     assert_eq!(srv.info_u64("Restarts"), 1);
 }
 
-/// The answers a sender got: ACKs and ERROR(internal), nothing else.
+/// The answers a sender got: ACKs, ERROR(internal) (taken but not stored
+/// when the shard crashed) and ERROR(unavailable) (sent while it was
+/// restarting), nothing else.
 #[derive(Default)]
 struct Tally {
     /// Client ids answered this round.
@@ -837,14 +839,14 @@ impl Tally {
                 client_id
             }
             Ok(OwnedFrame::Error {
-                code: ErrorCode::Internal,
+                code: ErrorCode::Internal | ErrorCode::Unavailable,
                 client_id,
                 ..
             }) => {
                 self.refused += 1;
                 client_id
             }
-            other => panic!("expected ACK or ERROR(internal), got {other:?}"),
+            other => panic!("expected ACK or ERROR(internal|unavailable), got {other:?}"),
         };
         assert!(
             self.answered.insert(client_id),
@@ -1275,7 +1277,7 @@ fn fill_data_dir_for_recovery_figure() {
                     store.remove(user, id).unwrap();
                 }
             }
-            store.commit().unwrap();
+            store.commit(&mut Vec::new()).unwrap();
         }
         println!(
             "shard {shard}: {} MiB in {} segments, {} messages queued",

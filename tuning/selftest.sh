@@ -32,11 +32,11 @@ snapshot() { (cd "$1" && find . -type f | LC_ALL=C sort | xargs cksum); }
 # ---- shellcheck ---------------------------------------------------------------------
 if command -v shellcheck >/dev/null 2>&1; then
     expect_rc 0 "shellcheck, all scripts" shellcheck -x "$here"/linux/*.sh "$here"/freebsd/*.sh \
-        "$here"/freebsd/rc.d/tern "$here"/selftest.sh
+        "$here"/freebsd/rc.d/tern "$here"/freebsd/test/*.sh "$here"/selftest.sh
 else
     echo "skip shellcheck (not installed)"
 fi
-for f in "$here"/freebsd/*.sh "$here"/freebsd/rc.d/tern; do
+for f in "$here"/freebsd/*.sh "$here"/freebsd/rc.d/tern "$here"/freebsd/test/*.sh; do
     if command -v dash >/dev/null 2>&1; then
         expect_rc 0 "dash -n $(basename "$f")" dash -n "$f"
     fi
@@ -104,10 +104,28 @@ F=$here/freebsd
 mkdir -p "$work/bin"
 cat > "$work/bin/sysctl" <<'EOF'
 #!/bin/sh
-# stub: answers `sysctl -n KEY` from the KEY=VALUE file $FAKE_SYSCTL
-[ "$1" = -n ] || { echo "stub sysctl: only -n" >&2; exit 2; }
-awk -F= -v k="$2" '$1 == k { sub(/^[^=]*=/, ""); print; found = 1 }
-    END { if (!found) { print "sysctl: unknown oid" > "/dev/stderr"; exit 1 } }' "$FAKE_SYSCTL"
+# stub: `sysctl -n KEY` answers from the KEY=VALUE file $FAKE_SYSCTL (a key
+# not in it is an unknown oid); `sysctl KEY=VALUE` changes that file the way
+# FreeBSD would, by the key's flags in $FAKE_SYSCTL_OIDS: a read-only tunable
+# is refused (it can only be set from loader.conf).
+if [ "$1" = -n ]; then
+    awk -F= -v k="$2" '$1 == k { sub(/^[^=]*=/, ""); print; found = 1 }
+        END { if (!found) { print "sysctl: unknown oid '\''" k "'\''" > "/dev/stderr"; exit 1 } }' "$FAKE_SYSCTL"
+    exit
+fi
+case $1 in *=*) ;; *) echo "stub sysctl: only -n KEY and KEY=VALUE" >&2; exit 2 ;; esac
+key=${1%%=*} val=${1#*=}
+old=$(awk -F= -v k="$key" '$1 == k { sub(/^[^=]*=/, ""); print }' "$FAKE_SYSCTL")
+[ -n "$old" ] || { echo "sysctl: unknown oid '$key'" >&2; exit 1; }
+flags=$(awk -v k="$key" '$1 == k { print $2 }' "$FAKE_SYSCTL_OIDS")
+case $flags in
+    rdtun) printf "sysctl: oid '%s' is a read only tunable\nsysctl: Tunable values are set in /boot/loader.conf\n" "$key" >&2; exit 1 ;;
+    rw | rwtun) ;;
+    *) echo "stub sysctl: $key is not classified in $FAKE_SYSCTL_OIDS" >&2; exit 3 ;;
+esac
+awk -F= -v k="$key" -v v="$val" 'BEGIN { OFS = "=" } $1 == k { print k, v; next } { print }' "$FAKE_SYSCTL" > "$FAKE_SYSCTL.new"
+mv "$FAKE_SYSCTL.new" "$FAKE_SYSCTL"
+echo "$key: $old -> $val"
 EOF
 chmod +x "$work/bin/sysctl"
 cat > "$work/fbsd-default" <<'EOF'
@@ -132,7 +150,7 @@ net.inet.tcp.msl=30000
 net.inet.tcp.fast_finwait2_recycle=0
 net.inet.tcp.finwait2_timeout=60000
 EOF
-fb() { env PATH="$work/bin:$PATH" FAKE_SYSCTL="$work/$1" "${@:2}"; }
+fb() { env PATH="$work/bin:$PATH" FAKE_SYSCTL="$work/$1" FAKE_SYSCTL_OIDS="$F/test/sysctl-oids" "${@:2}"; }
 sh_="sh"
 if command -v dash >/dev/null 2>&1; then sh_="dash"; fi
 
@@ -148,7 +166,11 @@ printf 'default:\\\n\t:openfiles=unlimited:\n\ndaemon:\\\n\t:tc=default:\n' > "$
 expect_rc 0 "freebsd dry run, scratch root" fb fbsd-default $sh_ "$F/apply.sh" --root "$r"
 if [ ! -e "$r/etc/sysctl.conf.local" ]; then ok "freebsd dry run wrote nothing"; else bad "freebsd dry run wrote a file"; fi
 expect_rc 0 "freebsd apply.sh --apply --root, 1st run" fb fbsd-default $sh_ "$F/apply.sh" --apply --root "$r"
-expect_grep "freebsd 1st run wrote 4 files" "Done: 4 file(s) changed" "$work/out"
+# loader.conf.local, sysctl.conf.local, login.conf, rc.d/tern, and the sample
+# tern.toml once there is one
+n_first=4
+if [ -f "$F/tern.toml" ]; then n_first=5; fi
+expect_grep "freebsd 1st run wrote $n_first files" "Done: $n_first file(s) changed" "$work/out"
 snapshot "$r" > "$work/snap1"
 expect_rc 0 "freebsd apply.sh --apply --root, 2nd run" fb fbsd-default $sh_ "$F/apply.sh" --apply --root "$r"
 expect_grep "freebsd 2nd run changed nothing" "Done: 0 file(s) changed" "$work/out"
@@ -160,6 +182,19 @@ expect_grep "freebsd comments out an absent key" '^#net.inet.tcp.maxtcptw=104857
 expect_grep "freebsd login class installed" '^tern:\\$' "$r/etc/login.conf"
 if [ "$(stat -c %a "$r/usr/local/etc/rc.d/tern" 2>/dev/null || stat -f %Lp "$r/usr/local/etc/rc.d/tern")" = 555 ]; then
     ok "freebsd rc.d script installed 0555"; else bad "freebsd rc.d script mode"; fi
+if [ -f "$F/tern.toml" ]; then
+    if cmp -s "$F/tern.toml" "$r/usr/local/etc/tern.toml"; then ok "freebsd sample tern.toml installed"; else bad "freebsd sample tern.toml not installed"; fi
+else
+    expect_grep "freebsd says there is no sample tern.toml" "tern.toml: not installed, no sample" "$work/out"
+fi
+# an operator's tern.toml is never replaced
+r2=$work/root-fbsd-conf
+mkdir -p "$r2/usr/local/etc"
+printf 'listen = "0.0.0.0:5222"\n' > "$r2/usr/local/etc/tern.toml"
+cp "$r2/usr/local/etc/tern.toml" "$work/tern.toml.mine"
+expect_rc 0 "freebsd apply.sh --apply, root with a tern.toml" fb fbsd-default $sh_ "$F/apply.sh" --apply --root "$r2"
+if cmp -s "$work/tern.toml.mine" "$r2/usr/local/etc/tern.toml"; then ok "freebsd keeps the operator's tern.toml"; else bad "freebsd replaced tern.toml"; fi
+expect_grep "freebsd says it left tern.toml alone" "tern.toml: exists, left as it is" "$work/out"
 
 # after the runtime change and a reboot the box reports the installed values
 grep -h '^[a-z]' "$r/boot/loader.conf.local" "$r/etc/sysctl.conf.local" | grep -v '^zfs_load=' | tr -d '"' > "$work/fbsd-tuned"
@@ -171,6 +206,70 @@ expect_grep "freebsd tuned box: nothing to change" "Done: 0 file(s) changed" "$w
 # a damaged managed block is refused, not guessed at
 printf '# >>> tern tuning: managed by tuning/freebsd/apply.sh; edit the fragment there, not this block\n' >> "$r/etc/sysctl.conf.local"
 expect_rc 1 "freebsd refuses a file with an unterminated block" fb fbsd-default $sh_ "$F/apply.sh" --root "$r"
+
+# ---- FreeBSD: loader.conf or sysctl.conf, for every key ----------------------------
+# A read-only tunable in sysctl.conf fails at boot; a runtime-only sysctl in
+# loader.conf is ignored. test/sysctl-oids says which is which (with sources).
+# shellcheck disable=SC1091 # FreeBSD's lib.sh has its own tern_records
+( . "$F/lib.sh"; tern_records "$F/loader.conf" loader; tern_records "$F/sysctl.conf" sysctl ) > "$work/fbsd-records"
+n_keys=0
+while IFS=$'\t' read -r key mode _rec src; do
+    [ "$mode" != info ] || continue
+    n_keys=$((n_keys + 1))
+    flags=$(awk -v k="$key" '$1 == k { print $2 }' "$F/test/sysctl-oids")
+    case $src:$flags in
+        loader:rdtun | loader:rwtun | sysctl:rw | sysctl:rwtun) ok "freebsd $key ($flags) belongs in $src.conf" ;;
+        *:) bad "freebsd $key is not classified in test/sysctl-oids" ;;
+        *) bad "freebsd $key ($flags) must not be in $src.conf" ;;
+    esac
+done < "$work/fbsd-records"
+if [ "$n_keys" -ge 15 ]; then ok "freebsd split checked for $n_keys keys"; else bad "freebsd only $n_keys keys read"; fi
+
+# `sysctl key=value`, as apply.sh sets runtime values (tern_sysctl_set), against
+# the stub on a default box: every sysctl.conf key takes its value, except one
+# this kernel lacks (maxtcptw: 14.x); a loader.conf read-only tunable is refused.
+cp "$work/fbsd-default" "$work/fbsd-live"
+while IFS=$'\t' read -r key mode rec src; do
+    [ "$mode" != info ] || continue
+    # shellcheck disable=SC1091
+    (
+        export PATH="$work/bin:$PATH" FAKE_SYSCTL="$work/fbsd-live" FAKE_SYSCTL_OIDS="$F/test/sysctl-oids"
+        . "$F/lib.sh"
+        tern_sysctl_set "$key" "$rec"
+    ) > "$work/out" 2>&1
+    set_rc=$?
+    now=$(fb fbsd-live sysctl -n "$key" 2>/dev/null)
+    flags=$(awk -v k="$key" '$1 == k { print $2 }' "$F/test/sysctl-oids")
+    if [ "$src" = sysctl ] && [ "$key" = net.inet.tcp.maxtcptw ]; then
+        if [ "$set_rc" -ne 0 ] && grep -q "unknown oid" "$work/out"; then ok "freebsd sysctl $key=$rec: unknown oid on 14.x"; else bad "freebsd sysctl $key=$rec: rc $set_rc"; fi
+    elif [ "$src" = sysctl ]; then
+        if [ "$set_rc" -eq 0 ] && [ "$now" = "$rec" ]; then ok "freebsd sysctl $key=$rec"; else bad "freebsd sysctl $key=$rec: rc $set_rc, now $now"; sed 's/^/     | /' "$work/out"; fi
+    elif [ "$flags" = rdtun ]; then
+        if [ "$set_rc" -ne 0 ] && grep -q "read only tunable" "$work/out"; then ok "freebsd sysctl $key=...: refused, loader.conf only"; else bad "freebsd sysctl $key=$rec was not refused"; fi
+    fi
+done < "$work/fbsd-records"
+cp "$work/fbsd-default" "$work/fbsd-live"
+
+# ---- FreeBSD: the numbers leave room for TIME_WAIT --------------------------------
+# 13.x: sockets with a descriptor (at most kern.maxfiles) and TIME_WAIT entries
+# (at most net.inet.tcp.maxtcptw) each hold an inpcb from the zone capped at
+# kern.ipc.maxsockets (sys/netinet/in_pcb.c, tcp_timewait.c).
+val() { awk -F'\t' -v k="$1" '$1 == k { print $3 }' "$work/fbsd-records"; }
+maxsockets=$(val kern.ipc.maxsockets) maxfiles=$(val kern.maxfiles)
+maxtcptw=$(val net.inet.tcp.maxtcptw) perproc=$(val kern.maxfilesperproc)
+# shellcheck disable=SC1091
+openfiles=$( . "$F/lib.sh"; tern_class_openfiles "$F/login.conf.tern")
+if [ "$maxsockets" -ge $((maxfiles + maxtcptw)) ]; then
+    ok "freebsd maxsockets $maxsockets >= maxfiles $maxfiles + maxtcptw $maxtcptw"
+else
+    bad "freebsd maxsockets $maxsockets < maxfiles $maxfiles + maxtcptw $maxtcptw: TIME_WAIT after a restart exhausts the inpcb zone"
+fi
+if [ "$perproc" -ge 2500000 ] && [ "$perproc" -lt "$maxfiles" ]; then ok "freebsd 2.5M < maxfilesperproc $perproc < maxfiles $maxfiles"; else bad "freebsd maxfilesperproc $perproc vs 2.5M and maxfiles $maxfiles"; fi
+if [ "$openfiles" = "$perproc" ]; then ok "freebsd login class openfiles = maxfilesperproc"; else bad "freebsd openfiles $openfiles != maxfilesperproc $perproc"; fi
+
+# ---- FreeBSD: rc.d/tern against the rc.subr stand-in -------------------------------
+expect_rc 0 "freebsd rc.d/tern start/status/stop against the rc.subr stand-in" $sh_ "$F/test/rc_d.sh"
+tail -n 1 "$work/out" | sed 's/^/     /'
 
 # refusing to write / on the wrong OS
 if [ "$(uname -s)" != FreeBSD ]; then

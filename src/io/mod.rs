@@ -335,6 +335,9 @@ impl Io {
 
     /// Takes a connection out of this backend to hand it to shard `dst`.
     pub fn detach(&mut self, conn: ConnId, dst: usize) -> io::Result<Detached> {
+        // Only io_uring sends to a ring; sockets travel by value.
+        #[cfg(not(target_os = "linux"))]
+        let _ = dst;
         match self {
             Io::Poll(io) => io.detach(conn).map(Detached::Poll),
             #[cfg(target_os = "linux")]

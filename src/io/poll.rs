@@ -1,7 +1,13 @@
 //! Readiness backend: epoll on Linux, kqueue on FreeBSD and macOS, through mio.
 //!
 //! mio registrations are edge-triggered, so an idle connection costs one
-//! kernel registration and no syscalls. Readiness is turned into completions
+//! kernel registration and no syscalls. A connection is registered for
+//! reading only; write interest is added when a send comes up short and
+//! removed once a send drains the backlog. On kqueue each interest is its own
+//! knote (~150 bytes of kernel memory), so an idle connection holds one, not
+//! two; on epoll it is one registration either way, and the cost is one
+//! `epoll_ctl` when a connection starts and stops being congested.
+//! Readiness is turned into completions
 //! here: a readable connection is read once per [`Io::next`] call into the
 //! shard's scratch buffer; one that filled the buffer is read again on the
 //! next loop iteration (so one busy peer cannot starve the others).
@@ -49,6 +55,9 @@ struct Conn {
     paused: bool,
     /// A send came up short; report the next writable edge.
     want_write: bool,
+    /// Write interest is registered: set by a short send, cleared (and the
+    /// interest removed) by the next send that writes everything.
+    write_armed: bool,
     /// Queued in `ready` or `ready_next`.
     queued: bool,
 }
@@ -301,7 +310,28 @@ impl Io {
                 Err(e) => return Err(e),
             }
         }
+        // Registering write interest on a socket that is already writable
+        // reports it at once (epoll_ctl and kevent both check the state), so
+        // adding it after the WouldBlock loses no edge.
+        let want = conn.want_write;
+        if want != conn.write_armed {
+            let interest = if want {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            self.poll
+                .registry()
+                .reregister(&mut conn.stream, Token(id.index()), interest)?;
+            conn.write_armed = want;
+        }
         Ok(sent)
+    }
+
+    /// Write interest is registered for the connection (tests).
+    #[cfg(test)]
+    fn write_armed(&self, id: ConnId) -> bool {
+        self.conns[id.index()].write_armed
     }
 
     /// Stops (`false`) or resumes (`true`) reading from a connection.
@@ -356,16 +386,16 @@ impl Io {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        self.poll.registry().register(
-            &mut stream,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        // Read interest only: write interest comes with the first short send.
+        self.poll
+            .registry()
+            .register(&mut stream, Token(key), Interest::READABLE)?;
         entry.insert(Conn {
             stream,
             readable: true,
             paused: false,
             want_write: false,
+            write_armed: false,
             queued: true,
         });
         let id = ConnId(key as u32);
@@ -390,4 +420,78 @@ impl Io {
 
     /// Nothing to do: a readiness backend arms nothing per connection.
     pub fn established(&mut self, _conn: ConnId) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A bound, listening, non-blocking socket on loopback.
+    fn listener() -> std::net::TcpListener {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    }
+
+    /// Waits (bounded) for the next completion other than `Recv`/`Woken`.
+    fn next_event(io: &mut Io, scratch: &mut [u8]) -> Completion {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "no completion within 10 s");
+            io.wait(Some(Duration::from_millis(100))).unwrap();
+            while let Some(c) = io.next(scratch) {
+                match c {
+                    Completion::Recv(..) | Completion::Woken => {}
+                    other => return other,
+                }
+            }
+        }
+    }
+
+    /// Write interest appears with a short send and goes once a send drains
+    /// the backlog; the writable edge in between is reported.
+    #[test]
+    fn write_interest_only_while_congested() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let mut io = Io::new(Listeners::plain(l)).unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let mut scratch = vec![0u8; 4096];
+        let Completion::Accepted(id, Listener::Plain) = next_event(&mut io, &mut scratch) else {
+            panic!("expected an accept");
+        };
+        assert!(!io.write_armed(id), "registered for reading only");
+
+        // Nobody reads: fill the send buffer and the peer's receive buffer.
+        let chunk = vec![7u8; 1 << 20];
+        let mut queued = 0usize;
+        let mut short = false;
+        for _ in 0..256 {
+            let n = io.send(id, &chunk).unwrap();
+            queued += n;
+            if n < chunk.len() {
+                short = true;
+                break;
+            }
+        }
+        assert!(short, "256 MiB went out without a short send");
+        assert!(io.write_armed(id), "a short send adds write interest");
+
+        // The peer drains everything; the backend reports the writable edge.
+        let reader = std::thread::spawn(move || {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < queued {
+                let n = client.read(&mut buf).unwrap();
+                assert!(n > 0, "closed after {got} of {queued} bytes");
+                got += n;
+            }
+            client
+        });
+        assert_eq!(next_event(&mut io, &mut scratch), Completion::Writable(id));
+        let _client = reader.join().unwrap();
+        assert_eq!(io.send(id, b"drained").unwrap(), 7);
+        assert!(!io.write_armed(id), "a full send removes write interest");
+    }
 }

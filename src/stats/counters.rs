@@ -123,6 +123,8 @@ shard_stats! {
         Gauge conns,
         /// Logged-in sessions homed on this shard.
         Gauge users_online,
+        /// Supervisor state of the shard: 0 = up, 1 = restarting (crashed; waiting out its backoff or reopening its store), 2 = down (gave up past the restart intensity; the process exits).
+        Gauge state,
         /// Messages held in this shard's store-and-forward queues.
         Gauge queued,
         /// Items waiting in the rings into this shard (sampled each loop).
@@ -159,8 +161,16 @@ shard_stats! {
         Counter receipts,
         /// Receipts for an offline sender dropped because its pending list was full.
         Counter receipts_dropped,
-        /// Messages refused because the store's disk budget was used up.
+        /// Free bytes on the filesystem of the shard's store, as last seen (0 with durability memory).
+        Gauge disk_free_bytes,
+        /// 1 while the shard refuses SENDs for lack of disk space (free space under disk_free_bytes_min, or a write found the disk full), else 0.
+        Gauge disk_short,
+        /// Messages refused because the store's disk budget was used up or the disk was full.
         Counter storage_full,
+        /// Store writes that found the disk full (ENOSPC, EDQUOT) and were rolled back.
+        Counter store_rollbacks,
+        /// SENDs and logins refused with unavailable because the target shard was restarting or down.
+        Counter unavailable,
         /// Times the shard crashed and was restarted by its supervisor.
         Counter restarts,
         /// Messages refused because the recipient's queue was full.

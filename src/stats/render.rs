@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::counters::{Counter, Kind, ShardStats};
+use crate::supervisor::ShardState;
 
 /// What the stats socket can see: process facts plus every shard's counters.
 /// Built once at start-up and shared read-only with the stats thread.
@@ -167,17 +168,20 @@ fn render_shards(view: &StatsView) -> String {
     let mut rows: Vec<Vec<String>> = Vec::with_capacity(view.shards.len() + 1);
     let mut header = vec!["shard".to_string()];
     header.extend(SHARD_COLUMNS.iter().map(|(name, _)| name.to_string()));
+    header.push("state".to_string());
     rows.push(header);
     for (id, shard) in view.shards.iter().enumerate() {
+        let state = ShardState::from_u64(shard.state.get());
         let mut row = vec![id.to_string()];
         row.extend(
             SHARD_COLUMNS
                 .iter()
                 .map(|(_, get)| get(shard).get().to_string()),
         );
+        row.push(state.as_str().to_string());
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..=SHARD_COLUMNS.len())
+    let widths: Vec<usize> = (0..SHARD_COLUMNS.len() + 2)
         .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -279,9 +283,50 @@ pub(crate) fn rss_bytes() -> u64 {
 
 /// Resident memory of this process in bytes, 0 if the OS will not say.
 ///
-/// Without `/proc` this is `getrusage`'s `ru_maxrss`: the *peak* resident
-/// size, in bytes on Apple systems and in KiB on the BSDs.
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
+/// FreeBSD: the current resident size, `ki_rssize` (pages) of the process's
+/// `kinfo_proc` from sysctl `kern.proc.pid.<pid>` (as procstat(1) and ps(1)
+/// read it), times the page size. Not `ru_maxrss`, which is the peak and
+/// would make `Bytes_per_conn` never go down after a busy hour.
+#[cfg(target_os = "freebsd")]
+pub(crate) fn rss_bytes() -> u64 {
+    let Ok(pid) = libc::pid_t::try_from(std::process::id()) else {
+        return 0;
+    };
+    let mib = [libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid];
+    // SAFETY: `kinfo_proc` is plain old data, so all-zero bytes are a valid value.
+    let mut info: libc::kinfo_proc = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::kinfo_proc>();
+    // SAFETY: `mib` holds 4 ints; `info` is a writable buffer of `len`
+    // bytes, and the kernel writes at most `len` bytes and stores the count
+    // in `len`; no new value is set (null, 0).
+    let rc = unsafe {
+        libc::sysctl(
+            mib.as_ptr(),
+            mib.len() as libc::c_uint,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+            std::ptr::null(),
+            0,
+        )
+    };
+    // ENOMEM would mean a kernel whose kinfo_proc is larger than ours; a
+    // short answer, one we cannot read. Report unknown rather than guess.
+    if rc != 0 || len != std::mem::size_of::<libc::kinfo_proc>() {
+        return 0;
+    }
+    let pages = u64::try_from(info.ki_rssize).unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant; it has no preconditions.
+    let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    // -1 means the value is unknown.
+    u64::try_from(page_bytes).map_or(0, |b| pages.saturating_mul(b))
+}
+
+/// Resident memory of this process in bytes, 0 if the OS will not say.
+///
+/// Elsewhere (macOS, other BSDs: development only) this is `getrusage`'s
+/// `ru_maxrss`: the *peak* resident size, in bytes on Apple systems and in
+/// KiB on the BSDs.
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
 pub(crate) fn rss_bytes() -> u64 {
     // SAFETY: `rusage` is plain old data, so all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -399,11 +444,50 @@ pub(crate) mod tests {
     fn info_reads_real_rss() {
         let info = info_map(&render(&fake_view(), "show info"));
         let rss: u64 = info["Rss_bytes"].parse().unwrap();
-        if cfg!(target_os = "linux") {
+        if cfg!(any(target_os = "linux", target_os = "freebsd")) {
             assert!(rss > 0);
         }
         let per_conn: u64 = info["Bytes_per_conn"].parse().unwrap();
         assert_eq!(per_conn, rss / 7);
+    }
+
+    /// The figure is the current resident size, not the peak: it rises
+    /// while 256 MiB are touched and falls once they are unmapped (the peak,
+    /// `ru_maxrss`, would stay up). Half the size as margin keeps other tests
+    /// of this process from mattering.
+    #[cfg(any(target_os = "linux", target_os = "freebsd"))]
+    #[test]
+    fn rss_is_current_not_peak() {
+        const LEN: usize = 256 << 20;
+        const MARGIN: u64 = (LEN / 2) as u64;
+        let before = rss_bytes();
+        // SAFETY: a fresh private anonymous mapping; no existing memory is
+        // touched, and the result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANON,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap of 256 MiB failed");
+        // SAFETY: `p` is a writable mapping of LEN bytes, ours alone.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 1, LEN) };
+        let touched = rss_bytes();
+        // SAFETY: unmaps exactly the mapping made above, no longer used.
+        assert_eq!(unsafe { libc::munmap(p, LEN) }, 0);
+        let after = rss_bytes();
+        assert!(
+            touched >= before + MARGIN,
+            "before {before}, touched {touched}"
+        );
+        assert!(
+            after + MARGIN <= touched,
+            "touched {touched}, after unmap {after}"
+        );
     }
 
     #[test]
@@ -427,16 +511,17 @@ pub(crate) mod tests {
                 "ring_out",
                 "ring_full",
                 "loop_p50_us",
-                "loop_p99_us"
+                "loop_p99_us",
+                "state"
             ]
         );
         assert_eq!(
             rows[1],
-            ["0", "3", "2", "100", "1000", "10", "5", "0", "0", "12", "345"]
+            ["0", "3", "2", "100", "1000", "10", "5", "0", "0", "12", "345", "up"]
         );
         assert_eq!(
             rows[2],
-            ["1", "4", "1", "200", "2000", "20", "0", "6", "7", "0", "0"]
+            ["1", "4", "1", "200", "2000", "20", "0", "6", "7", "0", "0", "up"]
         );
         assert_eq!(rows.len(), 3);
         // Aligned: every line has the same width, and no trailing space.

@@ -107,28 +107,64 @@
 //! tombstones of one batch and by one segment being compacted; the bound
 //! must leave room for two segments.
 //!
+//! # Free-space floor
+//!
+//! Whatever the budget, the filesystem itself can fill (other files, other
+//! shards, a small disk). The store keeps the free space of its filesystem
+//! (`statvfs`, re-read at least once a second, every 100 ms while short, and
+//! whenever the bytes written since the last look could have used up half
+//! of the margin) and refuses pushes with [`PushError::StorageFull`] once
+//! they would take it below `disk_free_bytes_min`. The space under the floor
+//! is kept for what frees space: tombstones, and compaction copies (a
+//! segment is compacted only when its live bytes fit in the free space).
+//! While the free space is under twice the floor, a mostly dead *active*
+//! segment is sealed too, so that it can be compacted and deleted. And a
+//! segment is sealed at 1/64 of the filesystem's size at most (whatever
+//! `segment_bytes_max` says, and not below 64 KiB): on a small disk, a
+//! 64 MiB segment would hold every message, and compacting it would need as
+//! much free space as its live messages take. Pushes are taken again by
+//! themselves once space is back above the floor.
+//!
+//! # Disk full
+//!
+//! A write or file creation that fails with ENOSPC or EDQUOT (the floor is
+//! an estimate, and other processes share the disk) is the world's error,
+//! not a reason to crash: the partial write is truncated away, the batch's
+//! pushes are rolled back (taken out of their queues, their ids handed back
+//! to the caller so the senders hear `storage_full` instead of an ACK), its
+//! tombstones stay staged for the next commit, and its compaction copies are
+//! dropped. A `meta` rewrite that finds the disk full is retried later; while
+//! the watermark on disk is not above a new id, pushes are refused (so a
+//! start on a full disk serves the backlog and takes nothing new).
+//!
 //! # Errors
 //!
-//! An error from `commit` leaves the store *failed*: it never writes again and
-//! every later `commit` returns an error. After a failed `write` or `fsync`
-//! the state of the file is unknown (the page cache may have dropped the
-//! dirty pages), so the only safe way on is to drop the store and open it
-//! again, which replays what really is on disk. The shard does that by
-//! crashing.
+//! Any other error from `commit` leaves the store *failed*: it never writes
+//! again and every later `commit` returns an error. After a failed `write`
+//! or `fsync` the state of the file is unknown (the page cache may have
+//! dropped the dirty pages), so the only safe way on is to drop the store and
+//! open it again, which replays what really is on disk. The shard does that
+//! by crashing.
+//!
+//! Files are created with mode 0600 and directories with 0700: queued
+//! messages are private. Every file operation passes through
+//! [`fault::hit`](super::fault::hit), where tests inject errors.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::fault;
+use super::files;
 use super::record::{Record, BODY_BYTES_MAX};
 use super::segment::{self, Scanner, Step};
-use super::{PushError, Store, Stored};
+use super::{PushError, Space, Store, Stored};
 
 /// On-disk format version written to and expected in `meta`.
 pub const FORMAT_VERSION: u32 = 1;
@@ -146,6 +182,20 @@ pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
 /// Most fully-dead segments one `commit` deletes besides its compaction
 /// victim (each costs an `unlink` and, with `fsync`, a directory sync).
 pub const DELETES_PER_COMMIT: usize = 4;
+/// The free-space floor when `disk_free_bytes_min` is 0 (auto): this
+/// percentage of the filesystem's size, at most [`AUTO_FLOOR_BYTES_MAX`].
+pub const AUTO_FLOOR_PERCENT: u64 = 5;
+/// Cap of the automatic free-space floor: 64 MiB.
+pub const AUTO_FLOOR_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// A segment is sealed at 1/64 of its filesystem at most, so that
+/// compacting one never needs more free space than the floor keeps.
+const SEGMENT_FS_SHARE: u64 = 64;
+/// ... but not below 64 KiB.
+const SEGMENT_FS_BYTES_MIN: u64 = 64 * 1024;
+/// How often the free space is re-read at least, normally.
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often it is re-read while space is short.
+const SPACE_CHECK_SHORT_EVERY: Duration = Duration::from_millis(100);
 /// How far the id watermark in `meta` runs ahead of the ids accepted:
 /// 2^30 ids = 2^20 sequence numbers of one shard (ids are `seq << 10 | shard`).
 pub const ID_RESERVE: u64 = 1 << 30;
@@ -225,6 +275,10 @@ pub struct LogOptions {
     /// Default 0 = unlimited; otherwise at least `2 * segment_bytes_max`
     /// (compaction copies a segment before deleting it).
     pub disk_bytes_max: u64,
+    /// Free space to leave on the filesystem, in bytes: pushes that would
+    /// take it lower are refused. 0 = auto ([`AUTO_FLOOR_PERCENT`] of the
+    /// filesystem, at most [`AUTO_FLOOR_BYTES_MAX`]). Default 0.
+    pub disk_free_bytes_min: u64,
     /// Dead share of a sealed segment's bytes (0.0 to 1.0) past which it is
     /// compacted. Default 0.5: at most half of the log is garbage, and a
     /// compaction copies at most as many bytes as it frees. 1.0 = only
@@ -242,6 +296,7 @@ impl Default for LogOptions {
             queue_len_max: 1000,
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
             disk_bytes_max: 0,
+            disk_free_bytes_min: 0,
             compact_dead_ratio: 0.5,
             repair: false,
         }
@@ -338,6 +393,14 @@ impl fmt::Display for StoreError {
             }
             StoreError::Options { field, reason } => write!(f, "store option {field}: {reason}"),
         }
+    }
+}
+
+impl StoreError {
+    /// Whether this is the filesystem being full (ENOSPC, EDQUOT): refused
+    /// work, not a failed store.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if fault::is_no_space(source))
     }
 }
 
@@ -597,6 +660,27 @@ pub struct LogStore {
     compact_bytes_per_commit: u64,
     /// A commit failed; nothing is written any more.
     failed: bool,
+    /// Free bytes of the filesystem at the last look (`statvfs`, for an
+    /// unprivileged process); `u64::MAX` when unknown or `Memory`.
+    free_bytes: u64,
+    /// Bytes appended since that look: the estimate is `free_bytes` minus
+    /// this.
+    written_since_check: u64,
+    /// When the free space was last read; `None` = read it at the next
+    /// chance.
+    space_checked: Option<Instant>,
+    /// A `meta` rewrite found the disk full: when to try again.
+    meta_retry_at: Option<Instant>,
+    /// The free-space floor in bytes (`disk_free_bytes_min`, or auto).
+    floor: u64,
+    /// Size at which the active segment is sealed: `segment_bytes_max`, at
+    /// most 1/64 of the filesystem (see "Free-space floor").
+    segment_bytes: u64,
+    /// Pushes are being refused for lack of space (for the log lines on
+    /// each change and for stats).
+    short: bool,
+    /// Batches rolled back because the disk was full.
+    rollbacks: u64,
 }
 
 impl fmt::Debug for LogStore {
@@ -643,11 +727,20 @@ impl LogStore {
             rewritten_bytes: 0,
             compact_bytes_per_commit: COMPACT_BYTES_PER_COMMIT,
             failed: false,
+            free_bytes: u64::MAX,
+            written_since_check: 0,
+            space_checked: None,
+            meta_retry_at: None,
+            floor: options.disk_free_bytes_min,
+            segment_bytes: options.segment_bytes_max,
+            short: false,
+            rollbacks: 0,
             opts: options,
         };
         let mut recovery = Recovery::default();
         if store.opts.durability != Durability::Memory {
             store.recover(&mut recovery)?;
+            store.check_space(Instant::now());
         }
         recovery.messages = store.total;
         recovery.max_server_id = store.server_id_max;
@@ -685,6 +778,93 @@ impl LogStore {
         self.failed
     }
 
+    /// Free bytes of the filesystem as last seen, less what was written
+    /// since; `None` with `Memory` or when `statvfs` failed.
+    pub fn free_bytes(&self) -> Option<u64> {
+        (self.free_bytes != u64::MAX)
+            .then(|| self.free_bytes.saturating_sub(self.written_since_check))
+    }
+
+    /// The free-space floor in bytes (configured, or the automatic one).
+    pub fn floor_bytes(&self) -> u64 {
+        self.floor
+    }
+
+    /// Whether pushes are being refused for lack of disk space right now.
+    pub fn space_short(&self) -> bool {
+        self.short
+    }
+
+    /// Batches rolled back since open because the disk was full.
+    pub fn rollbacks(&self) -> u64 {
+        self.rollbacks
+    }
+
+    /// Re-reads the filesystem's free space if it is due (see "Free-space
+    /// floor" in the module docs), and logs when pushes stop or resume.
+    fn check_space(&mut self, now: Instant) {
+        let every = if self.short {
+            SPACE_CHECK_SHORT_EVERY
+        } else {
+            SPACE_CHECK_EVERY
+        };
+        let margin = self.free_bytes.saturating_sub(self.floor);
+        let due = match self.space_checked {
+            None => true,
+            Some(at) => now.duration_since(at) >= every || self.written_since_check > margin / 2,
+        };
+        if !due {
+            return;
+        }
+        self.space_checked = Some(now);
+        self.written_since_check = 0;
+        let Some((free, size)) = files::space(&self.dir) else {
+            self.free_bytes = u64::MAX;
+            return;
+        };
+        self.free_bytes = free;
+        self.segment_bytes = self
+            .opts
+            .segment_bytes_max
+            .min((size / SEGMENT_FS_SHARE).max(SEGMENT_FS_BYTES_MIN));
+        if self.opts.disk_free_bytes_min == 0 {
+            self.floor = (size / 100 * AUTO_FLOOR_PERCENT).min(AUTO_FLOOR_BYTES_MAX);
+        }
+        self.set_short(free < self.floor);
+    }
+
+    fn set_short(&mut self, short: bool) {
+        if short == self.short {
+            return;
+        }
+        self.short = short;
+        let free = self.free_bytes().unwrap_or(0);
+        if short {
+            log::warn!(
+                "store {}: disk space short ({free} bytes free, floor {} bytes): new messages \
+                 are refused with storage_full; deliveries go on and free space",
+                self.dir.display(),
+                self.floor
+            );
+        } else {
+            log::info!(
+                "store {}: disk space back ({free} bytes free, floor {} bytes): taking new \
+                 messages again",
+                self.dir.display(),
+                self.floor
+            );
+        }
+    }
+
+    /// Whether the free space, less `extra` bytes about to be written, stays
+    /// at or above the floor.
+    fn fits_above_floor(&self, extra: u64) -> bool {
+        match self.free_bytes() {
+            None => true,
+            Some(free) => free >= extra.saturating_add(self.floor),
+        }
+    }
+
     fn fsync(&self) -> bool {
         self.opts.durability == Durability::Fsync
     }
@@ -701,9 +881,7 @@ impl LogStore {
     /// durable.
     fn sync_dir(&mut self, dir: &Path) -> Result<(), StoreError> {
         if self.fsync() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_at(dir, "sync directory"))?;
+            files::sync_dir(dir).map_err(io_at(dir, "sync directory"))?;
             self.syncs += 1;
         }
         Ok(())
@@ -714,7 +892,7 @@ impl LogStore {
         match fs::metadata(&dir) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&dir).map_err(io_at(&dir, "create directory"))?;
+                files::create_dir(&dir).map_err(io_at(&dir, "create directory"))?;
                 let parent = match dir.parent() {
                     Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                     _ => PathBuf::from("."),
@@ -735,7 +913,7 @@ impl LogStore {
             } else if name == META_TMP || name.ends_with(TMP_SUFFIX) {
                 // Left by a crash before its rename; the original is intact.
                 let path = entry.path();
-                fs::remove_file(&path).map_err(io_at(&path, "remove leftover"))?;
+                files::remove(&path).map_err(io_at(&path, "remove leftover"))?;
             } else if let Some(n) = segment::parse_file_name(name) {
                 numbers.push(n);
             }
@@ -771,16 +949,27 @@ impl LogStore {
             })?;
             if self.segments[&last].bytes < self.opts.segment_bytes_max {
                 let path = self.segment_path(last);
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .map_err(io_at(&path, "open segment"))?;
+                let file = files::open_append(&path).map_err(io_at(&path, "open segment"))?;
                 self.active = Some((last, file));
             }
         }
 
         self.server_id_max = self.server_id_max.max(watermark);
-        self.write_meta(self.server_id_max.saturating_add(ID_RESERVE))?;
+        // New ids continue after the old watermark; until a higher one is on
+        // disk, pushes are refused (see "Disk full").
+        self.id_watermark = watermark;
+        match self.write_meta(self.server_id_max.saturating_add(ID_RESERVE)) {
+            Ok(()) => {}
+            Err(e) if e.is_no_space() => {
+                log::warn!(
+                    "store {}: {e}: starting on a full disk; queued messages are served, new \
+                     ones are refused until space is freed",
+                    self.dir.display()
+                );
+                self.meta_retry_at = Some(Instant::now() + SPACE_CHECK_SHORT_EVERY);
+            }
+            Err(e) => return Err(e),
+        }
         self.maintenance = true;
         Ok(())
     }
@@ -846,13 +1035,13 @@ impl LogStore {
                 clean.extend_from_slice(&data[from..to]);
             }
             let tmp = self.dir.join(format!("{}.tmp", segment::file_name(n)));
-            let mut file = File::create(&tmp).map_err(io_at(&tmp, "create"))?;
-            file.write_all(&clean).map_err(io_at(&tmp, "write"))?;
+            let mut file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
+            files::write(&mut file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
             if self.fsync() {
-                file.sync_data().map_err(io_at(&tmp, "sync"))?;
+                files::sync(&file, &tmp, true).map_err(io_at(&tmp, "sync"))?;
                 self.syncs += 1;
             }
-            fs::rename(&tmp, &path).map_err(io_at(&path, "replace segment"))?;
+            files::rename(&tmp, &path).map_err(io_at(&path, "replace segment"))?;
             let dir = self.dir.clone();
             self.sync_dir(&dir)?;
             clean.len()
@@ -861,11 +1050,11 @@ impl LogStore {
                 .write(true)
                 .open(&path)
                 .map_err(io_at(&path, "open segment"))?;
-            file.set_len(offset as u64)
+            files::truncate(&file, &path, offset as u64)
                 .map_err(io_at(&path, "truncate torn tail"))?;
             // The cut must be durable before new records follow it.
             if self.fsync() {
-                file.sync_all().map_err(io_at(&path, "sync"))?;
+                files::sync(&file, &path, false).map_err(io_at(&path, "sync"))?;
                 self.syncs += 1;
             }
             offset
@@ -960,15 +1149,23 @@ impl LogStore {
     fn write_meta(&mut self, watermark: u64) -> Result<(), StoreError> {
         let tmp = self.dir.join(META_TMP);
         let text = format!("{META_MAGIC}\nversion {FORMAT_VERSION}\nserver_id_max {watermark}\n");
-        let mut file = File::create(&tmp).map_err(io_at(&tmp, "create"))?;
-        file.write_all(text.as_bytes())
-            .map_err(io_at(&tmp, "write"))?;
+        let written = files::create(&tmp).and_then(|mut file| {
+            files::write(&mut file, &tmp, text.as_bytes())?;
+            if self.fsync() {
+                files::sync(&file, &tmp, false)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            // A partial meta.tmp would only take space; the old meta stands.
+            let _ = fs::remove_file(&tmp);
+            return Err(io_at(&tmp, "write")(e));
+        }
         if self.fsync() {
-            file.sync_all().map_err(io_at(&tmp, "sync"))?;
             self.syncs += 1;
         }
         let path = self.dir.join(META);
-        fs::rename(&tmp, &path).map_err(io_at(&path, "replace"))?;
+        files::rename(&tmp, &path).map_err(io_at(&path, "replace"))?;
         let dir = self.dir.clone();
         self.sync_dir(&dir)?;
         self.id_watermark = watermark;
@@ -979,9 +1176,25 @@ impl LogStore {
         self.server_id_max.saturating_add(ID_RESERVE / 2) > self.id_watermark
     }
 
-    fn commit_inner(&mut self) -> Result<(), StoreError> {
-        if self.watermark_due() {
-            self.write_meta(self.server_id_max.saturating_add(ID_RESERVE))?;
+    fn commit_inner(&mut self, refused: &mut Vec<u64>, now: Instant) -> Result<(), StoreError> {
+        if self.watermark_due() && self.meta_retry_at.is_none_or(|at| now >= at) {
+            // The batch's ids are all below the watermark on disk (pushes
+            // past it are refused), so a full disk here only delays it.
+            match self.write_meta(self.server_id_max.saturating_add(ID_RESERVE)) {
+                Ok(()) => self.meta_retry_at = None,
+                Err(e) if e.is_no_space() => {
+                    self.meta_retry_at = Some(now + SPACE_CHECK_SHORT_EVERY);
+                    let watermark = self.id_watermark;
+                    let beyond = self.staged.iter().any(|s| {
+                        matches!(s, Staged::Queued { server_id, .. } if *server_id >= watermark)
+                    });
+                    if beyond {
+                        self.roll_back(refused, &e);
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
 
         // 1. The batch: staged records, encoded from the queues.
@@ -1014,7 +1227,13 @@ impl LogStore {
 
         // 3. One write, one sync.
         if !self.buf.is_empty() {
-            self.append()?;
+            if let Err(e) = self.append() {
+                if !e.is_no_space() {
+                    return Err(e);
+                }
+                self.roll_back(refused, &e);
+                return Ok(());
+            }
         }
 
         // 4. The records are durable: update where things are.
@@ -1023,7 +1242,16 @@ impl LogStore {
             self.apply_moves(cursor)?;
         }
         if let Some(n) = self.active_number() {
-            if self.segments[&n].bytes >= self.opts.segment_bytes_max {
+            let seg = &self.segments[&n];
+            // Short of space, a mostly dead active segment is sealed so it
+            // can be compacted and deleted (see "Free-space floor"); not
+            // before it holds a quarter of the floor, so that one of
+            // tombstones alone does not roll at every commit.
+            let reclaim = !self.fits_above_floor(self.floor)
+                && seg.bytes >= (self.floor / 4).max(4096)
+                && seg.dead_ratio() > self.opts.compact_dead_ratio
+                && seg.live_bytes <= self.compact_budget();
+            if seg.bytes >= self.segment_bytes || reclaim {
                 self.active = None; // sealed; the next write starts a new one
                 self.maintenance = true;
             }
@@ -1034,11 +1262,67 @@ impl LogStore {
         Ok(())
     }
 
+    /// Takes the pushes of the batch that found the disk full back out of
+    /// their queues (their ids go to `refused`), keeps its tombstones staged
+    /// for the next commit and drops its compaction copies.
+    fn roll_back(&mut self, refused: &mut Vec<u64>, cause: &StoreError) {
+        self.rollbacks += 1;
+        let before = refused.len();
+        for staged in std::mem::take(&mut self.staged) {
+            match staged {
+                Staged::Queued { user, server_id } => {
+                    let queue = self.queues.get_mut(&user).expect("a staged push is queued");
+                    let at = find(queue, server_id).expect("a staged push is queued");
+                    let entry = queue.remove(at).expect("found");
+                    debug_assert!(matches!(entry.loc, Loc::Staged(_)));
+                    if queue.is_empty() {
+                        self.queues.remove(&user);
+                    }
+                    self.total -= 1;
+                    refused.push(server_id);
+                }
+                Staged::Delivered { .. } => self.staged.push(staged),
+                Staged::Cancelled => {}
+            }
+        }
+        self.staged_records = self.staged.len();
+        self.staged_bytes = self.staged.len() as u64 * Record::delivered_bytes() as u64;
+        self.moves.clear();
+        self.buf.clear();
+        // The disk is full whatever the last look said: refuse pushes until
+        // the next look (due at once) finds space above the floor.
+        self.free_bytes = 0;
+        self.written_since_check = 0;
+        self.space_checked = None;
+        self.set_short(true);
+        log::warn!(
+            "store {}: {cause}: rolled back {} new messages (refused with storage_full) and \
+             kept {} delivery records for the next write",
+            self.dir.display(),
+            refused.len() - before,
+            self.staged.len()
+        );
+    }
+
+    /// Bytes a compaction may copy now: the free space less half the floor
+    /// (the other half stays for tombstones). Unlimited when unknown.
+    fn compact_budget(&self) -> u64 {
+        self.free_bytes()
+            .map_or(u64::MAX, |free| free.saturating_sub(self.floor / 2))
+    }
+
     /// The next segment to compact (or just delete, if it has no live
     /// message): a reclaimable sealed segment without pins, fully dead ones
     /// first, oldest first; else the oldest segment a pinned reclaimable one
-    /// waits for.
+    /// waits for. Segments whose live bytes do not fit in the free space
+    /// wait (see "Free-space floor").
     fn pick_victim(&self) -> Option<u32> {
+        let budget = self.compact_budget();
+        let pick = self.pick_victim_unbounded()?;
+        (self.segments[&pick].live_bytes <= budget).then_some(pick)
+    }
+
+    fn pick_victim_unbounded(&self) -> Option<u32> {
         let active = self.active_number();
         let sealed = || {
             self.segments
@@ -1101,11 +1385,7 @@ impl LogStore {
                 path: path.clone(),
                 reason: "segment numbers are used up".to_string(),
             })?;
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)
-                .map_err(io_at(&path, "create segment"))?;
+            let file = files::create_new_append(&path).map_err(io_at(&path, "create segment"))?;
             let dir = self.dir.clone();
             self.sync_dir(&dir)?;
             self.segments.insert(n, Segment::default());
@@ -1114,14 +1394,24 @@ impl LogStore {
         let fsync = self.fsync();
         let (n, file) = self.active.as_mut().expect("created above");
         let n = *n;
-        file.write_all(&self.buf)
-            .map_err(|e| io_at(&self.dir.join(segment::file_name(n)), "append to segment")(e))?;
+        let path = self.dir.join(segment::file_name(n));
+        if let Err(e) = files::write(file, &path, &self.buf) {
+            if !fault::is_no_space(&e) {
+                return Err(io_at(&path, "append to segment")(e));
+            }
+            // Cut what part of the batch made it, so the next batch follows
+            // the last good record. If that fails too, the file's end is
+            // unknown: a failed store, replayed at restart.
+            let good = self.segments[&n].bytes;
+            files::truncate(file, &path, good).map_err(io_at(&path, "truncate a partial write"))?;
+            return Err(io_at(&path, "append to segment")(e));
+        }
         if fsync {
-            file.sync_data()
-                .map_err(|e| io_at(&self.dir.join(segment::file_name(n)), "sync segment")(e))?;
+            files::sync(file, &path, true).map_err(io_at(&path, "sync segment"))?;
             self.syncs += 1;
         }
         let len = self.buf.len() as u64;
+        self.written_since_check += len;
         self.segments.get_mut(&n).expect("active").bytes += len;
         self.disk_bytes += len;
         Ok(())
@@ -1227,7 +1517,7 @@ impl LogStore {
         debug_assert_eq!(self.segments[&n].live, 0);
         debug_assert!(self.segments[&n].pins.is_empty());
         let path = self.segment_path(n);
-        fs::remove_file(&path).map_err(io_at(&path, "delete segment"))?;
+        files::remove(&path).map_err(io_at(&path, "delete segment"))?;
         // Durable before any segment it pinned may go: otherwise a crash
         // could keep this file and lose the tombstones that cancel it.
         let dir = self.dir.clone();
@@ -1290,6 +1580,20 @@ impl Store for LogStore {
             && self.opts.disk_bytes_max > 0
             && self.disk_bytes + self.staged_bytes + bytes > self.opts.disk_bytes_max
         {
+            return Err(PushError::StorageFull(msg));
+        }
+        if durable && !self.fits_above_floor(self.staged_bytes + bytes) {
+            // The estimate may be stale: look again (at most every 100 ms
+            // while short) before refusing.
+            self.check_space(Instant::now());
+            if !self.fits_above_floor(self.staged_bytes + bytes) {
+                self.set_short(true);
+                return Err(PushError::StorageFull(msg));
+            }
+        }
+        if durable && self.meta_retry_at.is_some() && msg.server_id >= self.id_watermark {
+            // The watermark could not be raised (disk full): an id past it
+            // could be handed out again after a restart.
             return Err(PushError::StorageFull(msg));
         }
         let queue = self.queues.entry(user).or_default();
@@ -1356,7 +1660,11 @@ impl Store for LogStore {
     fn next_after(&self, user: u64, after: u64) -> Option<&Stored> {
         let queue = self.queues.get(&user)?;
         let at = queue.partition_point(|e| e.msg.server_id <= after);
-        queue.get(at).map(|e| &e.msg)
+        // Staged pushes are the newest of a queue; they are not durable yet.
+        queue
+            .get(at)
+            .filter(|e| !matches!(e.loc, Loc::Staged(_)))
+            .map(|e| &e.msg)
     }
 
     fn len(&self, user: u64) -> usize {
@@ -1367,21 +1675,26 @@ impl Store for LogStore {
         self.total
     }
 
-    fn commit(&mut self) -> io::Result<()> {
+    fn commit(&mut self, refused: &mut Vec<u64>) -> io::Result<()> {
         if self.opts.durability == Durability::Memory {
             return Ok(());
         }
+        let now = Instant::now();
+        self.check_space(now);
         if self.failed {
             return Err(io::Error::other(format!(
                 "message log in {} failed earlier; reopen it to replay what is on disk",
                 self.dir.display()
             )));
         }
-        if self.staged.is_empty() && !self.maintenance && self.compacting.is_none() {
-            debug_assert!(!self.watermark_due());
+        if self.staged.is_empty()
+            && !self.maintenance
+            && self.compacting.is_none()
+            && (!self.watermark_due() || self.meta_retry_at.is_some_and(|at| now < at))
+        {
             return Ok(());
         }
-        self.commit_inner().map_err(|e| {
+        self.commit_inner(refused, now).map_err(|e| {
             self.failed = true;
             io::Error::from(e)
         })
@@ -1394,6 +1707,13 @@ impl Store for LogStore {
 
     fn max_server_id(&self) -> u64 {
         self.server_id_max
+    }
+
+    fn space(&self) -> Space {
+        Space {
+            free_bytes: self.free_bytes(),
+            short: self.short,
+        }
     }
 }
 
@@ -1539,7 +1859,7 @@ mod tests {
             s.push(id % 3, msg(id << 10, id as usize * 10)).unwrap();
         }
         assert!(s.has_uncommitted());
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert!(!s.has_uncommitted());
         s.check();
         let before = snapshot(&s);
@@ -1561,11 +1881,11 @@ mod tests {
         for id in 1..=6 {
             s.push(7, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.remove(7, 2), Some(msg(2, 200)));
         assert_eq!(s.remove(7, 5), Some(msg(5, 200)));
         assert_eq!(s.remove(7, 5), None);
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         drop(s);
         let (s, r) = open(tmp.path(), &o);
@@ -1580,7 +1900,7 @@ mod tests {
         let o = opts(Durability::Fsync);
         let mut s = reopen(tmp.path(), &o);
         s.push(1, msg(1, 200)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         let size = files(tmp.path());
         let syncs = s.syncs();
         // Delivered and acknowledged within one loop iteration.
@@ -1589,7 +1909,7 @@ mod tests {
         assert_eq!(s.remove(2, 2), Some(msg(2, 200)));
         assert_eq!(s.remove(2, 3), Some(msg(3, 200)));
         assert!(!s.has_uncommitted(), "nothing left to make durable");
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(files(tmp.path()), size, "file size unchanged");
         assert_eq!(s.syncs(), syncs, "no write, no sync");
         s.check();
@@ -1607,11 +1927,11 @@ mod tests {
         for id in 1..=4 {
             s.push(1, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.remove(1, 2).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.push(1, msg(5, 200)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         drop(s);
         let path = seg_path(tmp.path(), 1);
         let full = fs::read(&path).unwrap();
@@ -1632,7 +1952,7 @@ mod tests {
         // The cut file takes appends again.
         let mut s = reopen(tmp.path(), &o);
         s.push(1, msg(9, 10)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         drop(s);
         assert_eq!(reopen(tmp.path(), &o).len(1), 4);
     }
@@ -1645,12 +1965,12 @@ mod tests {
         for id in 1..=3 {
             s.push(1, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         let batch = files(tmp.path())[0].1 as usize;
         for id in 4..=30 {
             s.push(2, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         drop(s);
         // A page of the last, unsynced write never reached the disk: it
         // reads back as zeros while later pages did land.
@@ -1673,7 +1993,7 @@ mod tests {
         for id in 1..=5 {
             s.push(1, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         seg_path(dir, 1)
     }
 
@@ -1747,7 +2067,7 @@ mod tests {
         let mut s = reopen(tmp.path(), &o);
         for id in 1..=4 {
             s.push(1, msg(id, 200)).unwrap();
-            s.commit().unwrap();
+            s.commit(&mut Vec::new()).unwrap();
         }
         assert_eq!(files(tmp.path()), [(1, 3 * REC), (2, REC)]);
         drop(s);
@@ -1779,7 +2099,7 @@ mod tests {
         let mut s = reopen(tmp.path(), &o);
         for id in 1..=7 {
             s.push(1, msg(id, 200)).unwrap();
-            s.commit().unwrap();
+            s.commit(&mut Vec::new()).unwrap();
             s.check();
         }
         // Sealed once past 500 bytes: three 241-byte records each.
@@ -1790,7 +2110,7 @@ mod tests {
         for id in 8..=12 {
             s.push(1, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(files(tmp.path())[2], (3, 6 * REC));
         drop(s);
         let (s, r) = open(tmp.path(), &o);
@@ -1806,15 +2126,15 @@ mod tests {
         let mut s = reopen(tmp.path(), &o);
         for id in 1..=3 {
             s.push(1, msg(id, 200)).unwrap();
-            s.commit().unwrap();
+            s.commit(&mut Vec::new()).unwrap();
         }
         s.push(2, msg(4, 200)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.segments(), 2);
         for id in 1..=3 {
             s.remove(1, id).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         assert!(!seg_path(tmp.path(), 1).exists());
         assert_eq!(files(tmp.path()), [(2, REC + 3 * 25)]);
@@ -1833,7 +2153,7 @@ mod tests {
         for id in 1..=9 {
             s.push(id % 3, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.segments(), 1);
         assert!(s.active.is_none(), "2169 bytes: sealed");
         // Deliver 6 of 9: dead share 2/3 > 0.5. Keep 2, 5 and 8 (user 2).
@@ -1844,11 +2164,11 @@ mod tests {
         assert_eq!(want.len(), 1);
         // One copy per commit, to see the work spread over commits.
         s.compact_bytes_per_commit = 1;
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         assert_eq!(s.rewritten_bytes(), REC);
         assert!(seg_path(tmp.path(), 1).exists(), "not drained yet");
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.rewritten_bytes(), 2 * REC);
         assert!(seg_path(tmp.path(), 1).exists());
         // A restart now sees originals and copies of 2 and 5: one each.
@@ -1858,7 +2178,7 @@ mod tests {
         assert_eq!(r.messages, 3);
         assert_eq!(s.segments[&1].live, 1, "only 8 is current in segment 1");
         s.compact_bytes_per_commit = 1;
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         assert!(!seg_path(tmp.path(), 1).exists(), "drained and deleted");
         assert_eq!(files(tmp.path()).len(), 1);
@@ -1880,22 +2200,22 @@ mod tests {
         // Segment 1: A(1), B(2), C(3).
         for id in 1..=3 {
             s.push(id, msg(id, 200)).unwrap();
-            s.commit().unwrap();
+            s.commit(&mut Vec::new()).unwrap();
         }
         // Segment 2: tombstone of B, D(4), E(5).
         s.remove(2, 2).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.push(4, msg(4, 200)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.push(5, msg(5, 200)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(files(tmp.path()).len(), 2);
         assert_eq!(s.segments[&2].pins, BTreeSet::from([1]));
         // Segment 2 dies, but its tombstone still cancels B in segment 1.
         s.remove(4, 4).unwrap();
         s.remove(5, 5).unwrap();
         s.compact_bytes_per_commit = 1;
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         // Segment 1 is being compacted to free it (one copy so far), and
         // segment 2 must wait for it.
@@ -1909,7 +2229,7 @@ mod tests {
         assert_eq!(s.total(), 2);
         assert_eq!(s.len(2), 0, "B stays delivered");
         for _ in 0..4 {
-            s.commit().unwrap();
+            s.commit(&mut Vec::new()).unwrap();
             s.check();
         }
         assert_eq!(files(tmp.path()).len(), 1, "both freed in order");
@@ -1926,12 +2246,12 @@ mod tests {
         for id in 1..=5 {
             s.push(1, msg(id, 200)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         let original = fs::read(seg_path(tmp.path(), 1)).unwrap();
         for id in [1, 2, 4] {
             s.remove(1, id).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert!(!seg_path(tmp.path(), 1).exists(), "compacted");
         drop(s);
         // The crash lost the unlink: the old segment is back.
@@ -1942,8 +2262,8 @@ mod tests {
         assert_eq!(s.segments[&2].pins, BTreeSet::from([1]));
         s.remove(1, 3).unwrap();
         s.remove(1, 5).unwrap();
-        s.commit().unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         drop(s);
         assert_eq!(reopen(tmp.path(), &o).total(), 0);
@@ -1965,7 +2285,7 @@ mod tests {
             s.push(1, msg(5, 200)),
             Err(PushError::StorageFull(msg(5, 200)))
         );
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(
             s.push(2, msg(6, 200)),
             Err(PushError::StorageFull(msg(6, 200)))
@@ -1973,7 +2293,7 @@ mod tests {
         assert!(!s.queues.contains_key(&2), "no empty queue left behind");
         // A small one still fits: 4 * 241 + 41 <= 1010.
         s.push(2, msg(7, 0)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         drop(s);
         let mut s = reopen(tmp.path(), &o);
@@ -1982,12 +2302,12 @@ mod tests {
         for id in 1..=4 {
             s.remove(1, id).unwrap();
         }
-        s.commit().unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         assert!(s.disk_bytes() < 500, "{}", s.disk_bytes());
         s.push(1, msg(8, 200)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
     }
 
     #[test]
@@ -2001,7 +2321,7 @@ mod tests {
         s.push(1, msg(1, 5)).unwrap();
         assert_eq!(s.push(1, msg(2, 5)), Err(PushError::QueueFull(msg(2, 5))));
         s.push(2, msg(3, 5)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         drop(s);
         // A longer limit, then a shorter one: recovered queues keep every
         // message and refuse pushes.
@@ -2012,7 +2332,7 @@ mod tests {
         let mut s = reopen(tmp.path(), &long);
         s.push(1, msg(4, 5)).unwrap();
         s.push(1, msg(5, 5)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         drop(s);
         let mut s = reopen(tmp.path(), &o);
         assert_eq!(s.len(1), 3);
@@ -2026,11 +2346,11 @@ mod tests {
         let (mut s, r) = open(tmp.path(), &o);
         assert_eq!(r.max_server_id, 0);
         s.push(1, msg(5000, 1)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         // Delivered within the batch: never on disk.
         s.push(1, msg(7000, 1)).unwrap();
         s.remove(1, 7000).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         // Handed out, never committed.
         s.push(1, msg(9000, 1)).unwrap();
         drop(s);
@@ -2042,7 +2362,7 @@ mod tests {
         s.push(2, msg(far, 1)).unwrap();
         s.remove(2, far).unwrap();
         assert!(s.has_uncommitted(), "the watermark must move first");
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert!(!s.has_uncommitted());
         drop(s);
         assert!(reopen(tmp.path(), &o).max_server_id() >= far);
@@ -2060,7 +2380,7 @@ mod tests {
         }
         s.remove(1, 2).unwrap();
         assert!(!s.has_uncommitted());
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.check();
         assert_eq!(s.len(1), 4);
         assert_eq!(s.max_server_id(), 5);
@@ -2079,9 +2399,9 @@ mod tests {
         for id in 1..=3 {
             s.push(9, msg(id, 30)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         s.remove(9, 1).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.syncs(), 0);
         // In the file already, while the store is still open.
         let data = fs::read(seg_path(tmp.path(), 1)).unwrap();
@@ -2122,7 +2442,7 @@ mod tests {
         for id in 1..=100 {
             s.push(id % 10, msg(id, 50)).unwrap();
         }
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(
             s.syncs(),
             at_open + 2,
@@ -2132,9 +2452,9 @@ mod tests {
             s.push(id % 10, msg(id, 50)).unwrap();
         }
         s.remove(1, 1).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.syncs(), at_open + 3, "100 pushes and a remove: one sync");
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.syncs(), at_open + 3, "nothing staged: no sync");
     }
 
@@ -2255,18 +2575,18 @@ mod tests {
         let o = opts(Durability::Fsync);
         let mut s = reopen(tmp.path(), &o);
         s.push(1, msg(1, 10)).unwrap();
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         // Swap the active file for a read-only handle: the write fails.
         let path = seg_path(tmp.path(), 1);
         s.active.as_mut().unwrap().1 = File::open(&path).unwrap();
         s.push(1, msg(2, 10)).unwrap();
-        let e = s.commit().unwrap_err();
+        let e = s.commit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("append to segment"), "{e}");
         assert!(s.failed());
         assert!(s.has_uncommitted());
         s.push(1, msg(3, 10)).unwrap();
         assert!(s
-            .commit()
+            .commit(&mut Vec::new())
             .unwrap_err()
             .to_string()
             .contains("failed earlier"));
@@ -2315,6 +2635,7 @@ mod tests {
                 queue_len_max: 4,
                 segment_bytes_max,
                 disk_bytes_max: 0,
+                disk_free_bytes_min: 0,
                 compact_dead_ratio: ratio,
                 repair: false,
             };
@@ -2351,12 +2672,12 @@ mod tests {
                         }
                     }
                     Op::Commit => {
-                        s.commit().unwrap();
+                        s.commit(&mut Vec::new()).unwrap();
                         committed = model.clone();
                     }
                     Op::Reopen | Op::Crash => {
                         if matches!(op, Op::Reopen) {
-                            s.commit().unwrap();
+                            s.commit(&mut Vec::new()).unwrap();
                             committed = model.clone();
                         }
                         drop(s);
@@ -2423,7 +2744,7 @@ mod bench {
                 };
                 s.push(id % users, msg).unwrap();
             }
-            s.commit().unwrap();
+            s.commit(&mut Vec::new()).unwrap();
         }
         let bytes = s.disk_bytes();
         let write_s = started.elapsed().as_secs_f64();

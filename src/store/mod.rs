@@ -16,13 +16,22 @@
 //!   as the store's durability setting goes). The shard sends the ACK of a
 //!   pushed message only after the `commit` that follows the push returned
 //!   `Ok`.
-//! - `next_after`, `len` and `total` see staged changes.
+//! - `len` and `total` see staged changes; `next_after` sees staged
+//!   removals but not staged pushes: a message is handed to a device only
+//!   once it is durable, so no DELIVER can leave before the commit that
+//!   holds it (and a push the commit rolls back was never shown to anyone).
 //! - A push refused with [`PushError`] changed nothing.
+//! - A commit that finds the disk full (ENOSPC, EDQUOT) is not an error: it
+//!   rolls back the pushes of its batch (their ids are handed back, their
+//!   SENDs are refused with `storage_full`) and keeps the removals for the
+//!   next commit.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 
+pub mod fault;
+mod files;
 pub mod log;
 mod record;
 mod segment;
@@ -74,6 +83,16 @@ impl fmt::Display for PushError {
 
 impl std::error::Error for PushError {}
 
+/// Disk space as a store sees it (for the stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    /// Free bytes on the store's filesystem as last seen; `None` when the
+    /// store keeps nothing on disk or could not tell.
+    pub free_bytes: Option<u64>,
+    /// Pushes are refused for lack of space right now.
+    pub short: bool,
+}
+
 /// The queues of the users homed on one shard.
 pub trait Store {
     /// Appends `msg` to `user`'s queue and stages it for the next
@@ -90,14 +109,22 @@ pub trait Store {
     /// Messages queued on this shard.
     fn total(&self) -> usize;
     /// Makes every staged push and remove durable. ACKs for the pushes staged
-    /// before this call may be sent once it returned `Ok`. Cheap when nothing
-    /// is staged; call it once per loop iteration.
-    fn commit(&mut self) -> io::Result<()>;
+    /// before this call may be sent once it returned `Ok`, except for the
+    /// pushes whose server ids it appended to `refused`: the disk was full,
+    /// those messages were taken out of their queues again, and their senders
+    /// must hear `storage_full`. Cheap when nothing is staged; call it once
+    /// per loop iteration. An `Err` means the files are in an unknown state:
+    /// drop the store and open it again.
+    fn commit(&mut self, refused: &mut Vec<u64>) -> io::Result<()>;
     /// Whether a [`commit`](Store::commit) has anything to make durable.
     fn has_uncommitted(&self) -> bool;
     /// No server id this store has accepted, now or before a restart, is
     /// greater than this. The shard continues its id sequence after it.
     fn max_server_id(&self) -> u64;
+    /// Disk space as last seen. Default: nothing on disk.
+    fn space(&self) -> Space {
+        Space::default()
+    }
 }
 
 /// In-memory queues. A user with an empty queue has no entry at all.
@@ -166,7 +193,7 @@ impl Store for MemStore {
     }
 
     /// Nothing to make durable: the queues live and die with the process.
-    fn commit(&mut self) -> io::Result<()> {
+    fn commit(&mut self, _refused: &mut Vec<u64>) -> io::Result<()> {
         Ok(())
     }
 
@@ -231,7 +258,7 @@ mod tests {
         s.push(1, msg(4)).unwrap();
         s.push(2, msg(2)).unwrap();
         assert!(!s.has_uncommitted());
-        s.commit().unwrap();
+        s.commit(&mut Vec::new()).unwrap();
         assert_eq!(s.max_server_id(), 4);
         assert_eq!(
             PushError::StorageFull(msg(3)).into_inner(),

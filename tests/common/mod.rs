@@ -124,6 +124,16 @@ impl TestServer {
         }
     }
 
+    /// The server itself.
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    /// The temporary directory holding the stats socket and the data dir.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     /// Connects and logs in as `user`; panics unless LOGIN_OK comes back.
     pub fn login(&self, user: u64) -> Client {
         self.login_info(user).0

@@ -16,6 +16,8 @@
 #   etc/sysctl.conf.local     managed block from sysctl.conf
 #   etc/login.conf            managed block from login.conf.tern (if the file exists)
 #   usr/local/etc/rc.d/tern   from rc.d/tern (not enabled: sysrc tern_enable=YES)
+#   usr/local/etc/tern.toml   the sample tern.toml, only when there is none yet
+#                             (never overwritten; mode 0640: it holds token_secret)
 # A managed block starts and ends with a "tern tuning" marker line; it is
 # replaced in place on later runs and appended at the end the first time, so
 # the rest of the file is left as it was.
@@ -222,6 +224,16 @@ else
     echo "  $login_target: not found; login class not installed (see login.conf.tern)"
 fi
 put_file "$here/rc.d/tern" "$rcd_target" 0555
+# The sample config is a starting point the operator edits: installed once,
+# never replaced.
+conf_target=$prefix/usr/local/etc/tern.toml
+if [ -f "$conf_target" ]; then
+    echo "  $conf_target: exists, left as it is (sample: $here/tern.toml)"
+elif [ ! -f "$here/tern.toml" ]; then
+    echo "  $conf_target: not installed, no sample at $here/tern.toml"
+else
+    put_file "$here/tern.toml" "$conf_target" 0640
+fi
 echo
 
 # Same keys set outside our block: the assignment read last wins (loader.conf is
@@ -256,7 +268,7 @@ else
     echo "Runtime:"
     while IFS="$TAB" read -r key _mode _rec src _cur status merged; do
         if [ "$src" != sysctl ] || [ "$status" != short ]; then continue; fi
-        if sysctl "$key=$merged" >/dev/null 2>&1; then
+        if tern_sysctl_set "$key" "$merged" >/dev/null 2>&1; then
             echo "  $key = $merged"
         else
             echo "  $key: could not set now (e.g. inside a jail); the file applies it at boot"
@@ -272,7 +284,11 @@ fi
 if ! grep -q '^tern:' "$prefix/etc/passwd" 2>/dev/null; then
     echo "hint: no user 'tern': pw useradd tern -L tern -d /nonexistent -s /usr/sbin/nologin"
 fi
-[ -f "$prefix/usr/local/etc/tern.toml" ] || echo "hint: rc.d/tern expects $prefix/usr/local/etc/tern.toml"
+if [ -f "$prefix/usr/local/etc/tern.toml" ]; then
+    echo "hint: the server reads $prefix/usr/local/etc/tern.toml as user tern: chgrp tern it (mode 0640), set token_secret"
+else
+    echo "hint: rc.d/tern expects $prefix/usr/local/etc/tern.toml"
+fi
 echo "hint: enable with: sysrc tern_enable=YES"
 echo
 if [ "$do_apply" -eq 1 ]; then

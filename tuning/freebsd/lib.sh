@@ -38,6 +38,13 @@ tern_records() {
         }' "$1"
 }
 
+# tern_sysctl_set KEY VALUE: set a runtime sysctl now (apply.sh --apply on /).
+# Fails for a read-only tunable (loader.conf only), an unknown oid, or inside a
+# jail; the caller says so and the file applies it at the next boot.
+tern_sysctl_set() {
+    sysctl "$1=$2"
+}
+
 # Current value of a sysctl, whitespace-normalised; fails when the oid is absent.
 tern_current() {
     _v=$(sysctl -n "$1" 2>/dev/null) || return 1

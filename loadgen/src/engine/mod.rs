@@ -52,6 +52,9 @@ pub enum Event {
 }
 
 /// What an engine is built with.
+// `recv` and the ring sizes are read by the io_uring engine only, which
+// exists on Linux only.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Connection slots, `0..conns`.
