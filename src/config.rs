@@ -94,7 +94,7 @@ pub struct Config {
     /// DELIVER frames sent to a device and not yet answered with DELIVERED;
     /// further messages wait in the queue. Default 4096: a backlog drains at
     /// about one window per round trip (results/slow-link: 10,000 messages
-    /// in 1.55 s at 300 ms). At most 1048576.
+    /// in 1.54 s at 300 ms). At most 1048576.
     pub deliver_inflight_max: usize,
     /// A logged-in connection that sends nothing for this long is closed with
     /// `BYE(idle)`. Clients keep it open with PING. Default 300000 (5 min).
