@@ -141,3 +141,44 @@ fn stats_socket_mode_must_let_the_owner_in() {
     assert!(err.to_string().contains("`stats_socket_mode`"), "{err}");
     assert!(!dir.path().join("tern.sock").exists());
 }
+
+/// A server that may not give the socket to the group (not root, not a
+/// member) stops at start-up naming the key, and leaves no socket behind.
+#[test]
+fn a_group_the_server_may_not_use_is_a_start_up_error() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return eprintln!("skipping: needs root to start a server as another user");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("tern.sock");
+    let mut cmd = serve_command(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--io",
+        &io_flag(),
+        "--stats-socket-group",
+        "0",
+    ]);
+    cmd.arg("--stats-socket")
+        .arg(&sock)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        // nobody, who is not in group 0
+        .uid(65534)
+        .gid(65534);
+    let (status, log) = match TernChild::start(cmd) {
+        Ok(child) => panic!("started:\n{}", child.log_text()),
+        Err(exit) => exit,
+    };
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("`stats_socket_group`: giving") && log.contains("Operation not permitted"),
+        "{log}"
+    );
+    assert!(!sock.exists());
+}
