@@ -6,9 +6,10 @@
 //! [`shard`] a core's event loop and its sessions, [`store`] the
 //! store-and-forward queues, [`supervisor`] the restart rules of a crashed
 //! shard, [`stats`] the counters and the stats socket, and [`server`] ties
-//! them together.
+//! them together ([`claim`] checks its listen addresses).
 #![deny(missing_docs)]
 
+pub mod claim;
 pub mod config;
 pub mod io;
 pub mod proto;
