@@ -35,6 +35,12 @@ const SHARDS_PER_PORT_MAX: Option<usize> = None;
 /// Largest `uring_batch_wait_us`: batching is for microseconds, not a delay.
 const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 
+/// Largest `deliver_inflight_bytes_max` (counted in 32 bits per user).
+const DELIVER_INFLIGHT_BYTES_MAX: usize = 1 << 30;
+
+/// Largest `deliver_inflight_max` (counted in 32 bits per user).
+const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
+
 /// Effective server configuration (TOML file, then command-line flags).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,7 +95,9 @@ pub struct Config {
     /// `BYE(slow)`. Default 262144 (256 KiB).
     pub conn_out_bytes_max: usize,
     /// DELIVER frames sent to a device and not yet answered with DELIVERED;
-    /// further messages wait in the queue. Default 128.
+    /// further messages wait in the queue. Default 4096: a backlog drains at
+    /// about one window per round trip (results/slow-link: 10,000 messages
+    /// in 1.54 s at 300 ms). At most 1048576.
     pub deliver_inflight_max: usize,
     /// A logged-in connection that sends nothing for this long is closed with
     /// `BYE(idle)`. Clients keep it open with PING. Default 300000 (5 min).
@@ -150,6 +158,125 @@ pub struct Config {
     #[serde(skip)]
     #[doc(hidden)]
     pub uring_ring_slots_max: usize,
+    /// Permission bits of the stats socket, set before it accepts anyone:
+    /// an octal string (`"0660"`) or an integer (`0o660`). Default `"0600"`
+    /// (owner only, whatever the umask). Must include `0600`, at most `0777`.
+    pub stats_socket_mode: FileMode,
+    /// Group of the stats socket: a group name, or a numeric gid. Default
+    /// none: the server process's group. Pair it with `stats_socket_mode =
+    /// "0660"` to let that group run `tern stats`.
+    pub stats_socket_group: Option<Group>,
+    /// At start-up, how long a listen address that is busy but has nobody
+    /// accepting on it (a killed server's sockets still being released, as
+    /// io_uring does for up to a second after kill -9) is retried before the
+    /// start fails. A live listener is refused at once. Default 5000; 0 = no
+    /// retry.
+    pub listen_retry_ms: u64,
+    /// Bytes of DELIVER frames sent to a device and not yet answered with
+    /// DELIVERED (besides the `deliver_inflight_max` count); further messages
+    /// wait in the queue. One DELIVER always goes when none is in flight.
+    /// Default 1048576 (1 MiB); at least `frame_bytes_max`.
+    pub deliver_inflight_bytes_max: usize,
+}
+
+/// Unix permission bits of a file the server creates (`stats_socket_mode`).
+/// In TOML an octal string (`"0660"`, `"660"` or `"0o660"`) or an integer
+/// (`0o660`); printed as a 4-digit octal string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub struct FileMode(pub u32);
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FileMode, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = FileMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an octal mode such as \"0600\" or 0o600")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileMode, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<FileMode, E> {
+                u32::try_from(v)
+                    .map(FileMode)
+                    .map_err(|_| E::custom(format!("{v} is not a file mode")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<FileMode, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl std::str::FromStr for FileMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<FileMode, String> {
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|_| !digits.is_empty())
+            .map(FileMode)
+            .ok_or_else(|| format!("{text:?} is not an octal mode such as \"0600\""))
+    }
+}
+
+impl From<FileMode> for String {
+    fn from(mode: FileMode) -> String {
+        format!("{:04o}", mode.0)
+    }
+}
+
+/// A Unix group: a name looked up at start-up, or a numeric gid (an integer,
+/// or a string of digits).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Group {
+    /// A numeric group id.
+    Id(u32),
+    /// A group name (a string of digits means that gid).
+    Name(String),
+}
+
+impl<'de> Deserialize<'de> for Group {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Group;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a group name or a numeric gid")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Group, E> {
+                Ok(Group::Name(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Group, E> {
+                u32::try_from(v)
+                    .map(Group::Id)
+                    .map_err(|_| E::custom(format!("{v} is not a gid (0 to 4294967295)")))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Group, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl std::str::FromStr for Group {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Group, Self::Err> {
+        Ok(Group::Name(text.to_string()))
+    }
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Group::Id(gid) => write!(f, "{gid}"),
+            Group::Name(name) => write!(f, "{name}"),
+        }
+    }
 }
 
 impl Default for Config {
@@ -170,7 +297,7 @@ impl Default for Config {
             body_bytes_max: 65000,
             queue_len_max: 1000,
             conn_out_bytes_max: 256 * 1024,
-            deliver_inflight_max: 128,
+            deliver_inflight_max: 4096,
             idle_timeout_ms: 300_000,
             login_timeout_ms: 10_000,
             ring_slots: 1024,
@@ -189,6 +316,10 @@ impl Default for Config {
             shard_restart_period_ms: 60_000,
             shard_restart_backoff_ms: 100,
             uring_ring_slots_max: 0,
+            stats_socket_mode: FileMode(0o600),
+            stats_socket_group: None,
+            listen_retry_ms: 5000,
+            deliver_inflight_bytes_max: 1024 * 1024,
         }
     }
 }
@@ -338,6 +469,30 @@ impl Config {
                     "the store takes bodies of at most {} bytes",
                     crate::store::BODY_BYTES_MAX
                 ),
+            ));
+        }
+        let mode = self.stats_socket_mode.0;
+        if mode > 0o777 || mode & 0o600 != 0o600 {
+            return Err(bad(
+                "stats_socket_mode",
+                format!("{mode:04o}: must be between 0600 and 0777 and include 0600 (the owner reads and writes)"),
+            ));
+        }
+        if matches!(&self.stats_socket_group, Some(Group::Name(name)) if name.is_empty()) {
+            return Err(bad("stats_socket_group", "must not be empty"));
+        }
+        if self.deliver_inflight_bytes_max < self.frame_bytes_max
+            || self.deliver_inflight_bytes_max > DELIVER_INFLIGHT_BYTES_MAX
+        {
+            return Err(bad(
+                "deliver_inflight_bytes_max",
+                format!("must be between frame_bytes_max (one largest DELIVER) and {DELIVER_INFLIGHT_BYTES_MAX}"),
+            ));
+        }
+        if self.deliver_inflight_max > DELIVER_INFLIGHT_MAX {
+            return Err(bad(
+                "deliver_inflight_max",
+                format!("must be at most {DELIVER_INFLIGHT_MAX}"),
             ));
         }
         if let Err(crate::store::StoreError::Options { field, reason }) =
@@ -491,6 +646,46 @@ mod tests {
         Config::from_toml("uring_batch_wait_us = 10000").unwrap();
         let e = Config::from_toml("uring_batch_wait_us = 10001").unwrap_err();
         assert_eq!(e.key, "uring_batch_wait_us");
+    }
+
+    #[test]
+    fn stats_socket_mode_is_octal_text_or_integer() {
+        for text in [
+            "stats_socket_mode = \"0660\"",
+            "stats_socket_mode = \"660\"",
+            "stats_socket_mode = \"0o660\"",
+            "stats_socket_mode = 0o660",
+            "stats_socket_mode = 432",
+        ] {
+            let c = Config::from_toml(text).unwrap();
+            assert_eq!(c.stats_socket_mode, FileMode(0o660), "{text}");
+            assert!(c.to_toml().contains("stats_socket_mode = \"0660\""));
+        }
+        for bad in [
+            "\"0680\"", "\"rw\"", "\"\"", "0o1600", "0o400", "0o060", "-1", "true",
+        ] {
+            let e = Config::from_toml(&format!("stats_socket_mode = {bad}")).unwrap_err();
+            assert_eq!(e.key, "stats_socket_mode", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn stats_socket_group_is_a_name_or_a_gid() {
+        let c = Config::from_toml("stats_socket_group = \"tern\"").unwrap();
+        assert_eq!(c.stats_socket_group, Some(Group::Name("tern".into())));
+        let c = Config::from_toml("stats_socket_group = 1001").unwrap();
+        assert_eq!(c.stats_socket_group, Some(Group::Id(1001)));
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        for bad in ["\"\"", "-1", "true"] {
+            let e = Config::from_toml(&format!("stats_socket_group = {bad}")).unwrap_err();
+            assert_eq!(e.key, "stats_socket_group", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn inflight_bytes_hold_a_frame() {
+        let e = Config::from_toml("deliver_inflight_bytes_max = 1000").unwrap_err();
+        assert_eq!(e.key, "deliver_inflight_bytes_max");
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! shard, [`datadir`] the data directory as a whole (lock, privacy, recorded
 //! shard count), [`reshard`] re-homing its messages for another shard count,
 //! [`privacy`] the mode checks on private files, [`stats`] the counters and
-//! the stats socket, and [`server`] ties them together.
+//! the stats socket, and [`server`] ties them together ([`claim`] checks its
+//! listen addresses).
 #![deny(missing_docs)]
 
+pub mod claim;
 pub mod config;
 pub mod datadir;
 pub mod io;

@@ -181,6 +181,18 @@ struct Overrides {
     /// Skip corrupt records in the middle of a log instead of refusing to start.
     #[arg(long)]
     repair: bool,
+    /// Stats socket permission bits, octal (default 0600).
+    #[arg(long)]
+    stats_socket_mode: Option<tern::config::FileMode>,
+    /// Stats socket group: a name or a gid (default: the process's group).
+    #[arg(long)]
+    stats_socket_group: Option<tern::config::Group>,
+    /// Retry a listen address held by nobody accepting (a killed server's) this long, ms.
+    #[arg(long)]
+    listen_retry_ms: Option<u64>,
+    /// Bytes of DELIVERs outstanding per connection before the rest wait in the queue.
+    #[arg(long)]
+    deliver_inflight_bytes_max: Option<usize>,
     /// Free space to leave on the data dir's filesystem, bytes; SENDs past it
     /// get storage_full (0 = auto: 5% of the filesystem, at most 64 MiB).
     #[arg(long)]
@@ -226,11 +238,17 @@ impl Overrides {
             segment_bytes_max,
             disk_bytes_max,
             compact_dead_ratio,
+            stats_socket_mode,
+            listen_retry_ms,
+            deliver_inflight_bytes_max,
             disk_free_bytes_min,
             shard_restarts_max,
             shard_restart_period_ms,
             shard_restart_backoff_ms
         );
+        if self.stats_socket_group.is_some() {
+            c.stats_socket_group = self.stats_socket_group;
+        }
         c.repair |= self.repair;
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::claim::claim;
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
-use crate::stats::{ShardStats, StatsServer, StatsView};
+use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
 
@@ -52,10 +53,12 @@ impl Server {
         // limits are checked again against the count it settled on.
         let data_dir = DataDir::start(&mut config)?;
         config.validate()?;
+        let stats_access = SocketAccess::from_config(&config)?;
         let config = Arc::new(config);
         let shards = config.shard_count();
 
-        let first = claim(config.listen)
+        let retry = Duration::from_millis(config.listen_retry_ms);
+        let first = claim(config.listen, retry, "listen")
             .and_then(|addr| listen(addr, config.listen_backlog))
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let addr = first.local_addr()?;
@@ -78,7 +81,7 @@ impl Server {
         let mut tls_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
         let mut tls_addr = None;
         if let Some(want) = config.tls_listen {
-            let first = claim(want)
+            let first = claim(want, retry, "tls_listen")
                 .and_then(|addr| listen(addr, config.listen_backlog))
                 .map_err(|e| format!("cannot listen on {want} (tls_listen): {e}"))?;
             let bound = first.local_addr()?;
@@ -207,7 +210,12 @@ impl Server {
             shards: shard_stats.clone(),
             tls: tls.clone(),
         });
-        let stats = match StatsServer::spawn(&config.stats_socket, config.metrics_listen, view) {
+        let stats = match StatsServer::spawn(
+            &config.stats_socket,
+            stats_access,
+            config.metrics_listen,
+            view,
+        ) {
             Ok(stats) => stats,
             Err(e) => {
                 for tx in &start_txs {
@@ -305,19 +313,6 @@ impl Server {
             stats.stop();
         }
     }
-}
-
-/// Checks that nobody listens on `addr` and resolves port 0. Our shards
-/// share the port through SO_REUSEPORT, which would also let a second tern
-/// (or anything else of the same user) join silently and take half of the
-/// connections; a plain bind first refuses that with EADDRINUSE.
-fn claim(addr: SocketAddr) -> IoResult<SocketAddr> {
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // TIME_WAIT leftovers of an earlier run are fine; a listener is not.
-    probe.set_reuse_address(true)?;
-    probe.bind(&addr.into())?;
-    let bound = probe.local_addr()?.as_socket();
-    bound.ok_or_else(|| std::io::Error::other("not an IP address"))
 }
 
 /// A listening socket that other shards can bind beside.

@@ -224,10 +224,16 @@ struct Online {
     sent_upto: u64,
     /// DELIVERs sent on this connection and not yet answered.
     inflight: u32,
+    /// Their encoded bytes, at most `deliver_inflight_bytes_max` (but one
+    /// DELIVER always goes). Sits in `Online`'s padding: no idle cost.
+    inflight_bytes: u32,
     /// Queued messages were left unsent by the last pump (in-flight cap or
     /// output budget): the connection is catching up on a backlog.
     held: bool,
 }
+
+// The delivery window's counters fit in what an online user cost before.
+const _: () = assert!(std::mem::size_of::<Online>() <= 24);
 
 /// A delivery or read receipt waiting for its (offline) recipient.
 #[derive(Clone, Copy, Debug)]
@@ -1054,6 +1060,7 @@ impl Shard {
                 conn,
                 sent_upto: 0,
                 inflight: 0,
+                inflight_bytes: 0,
                 held: false,
             },
         );
@@ -1133,7 +1140,16 @@ impl Shard {
         };
         if let Some(on) = self.online.get_mut(&user) {
             if server_id <= on.sent_upto {
+                let frame = Frame::Deliver {
+                    server_id,
+                    from: msg.from,
+                    server_time_ms: msg.time_ms,
+                    body: &msg.body,
+                };
                 on.inflight = on.inflight.saturating_sub(1);
+                on.inflight_bytes = on
+                    .inflight_bytes
+                    .saturating_sub(proto::encoded_len(&frame) as u32);
             }
         }
         // The receipt waits for the commit that holds the tombstone.
@@ -1149,7 +1165,9 @@ impl Shard {
         self.pump(user, false);
     }
 
-    /// Sends queued messages to `user`'s connection, up to the in-flight cap.
+    /// Sends queued messages to `user`'s connection, up to the delivery
+    /// window: `deliver_inflight_max` DELIVERs and
+    /// `deliver_inflight_bytes_max` bytes unanswered.
     ///
     /// A backlog (at login, or while catching up) is sent only as far as the
     /// output budget `conn_out_bytes_max`, and continued as DELIVEREDs come
@@ -1178,17 +1196,19 @@ impl Shard {
                 server_time_ms: m.time_ms,
                 body: &m.body,
             };
+            let len = proto::encoded_len(&frame);
             // With nothing in flight one DELIVER always goes, so a DELIVERED
             // will come back to continue.
-            if budget
-                && on.inflight > 0
-                && pending + out.len() + proto::encoded_len(&frame) > self.config.conn_out_bytes_max
+            if on.inflight > 0
+                && (on.inflight_bytes as usize + len > self.config.deliver_inflight_bytes_max
+                    || budget && pending + out.len() + len > self.config.conn_out_bytes_max)
             {
                 break;
             }
             proto::encode(&frame, &mut out);
             on.sent_upto = m.server_id;
             on.inflight += 1;
+            on.inflight_bytes += len as u32;
             sent += 1;
         }
         on.held = self.store.next_after(user, on.sent_upto).is_some();

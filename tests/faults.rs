@@ -444,12 +444,17 @@ fn a_real_disk_fills_refuses_drains_and_takes_sends_again() {
     }
 
     // Someone else fills the disk to the last byte; the server starts on it
-    // and serves the whole backlog.
+    // and takes nothing new, serves the whole backlog, and the deliveries
+    // (written into its reserve) free enough space to take SENDs again,
+    // filler and all.
     let filler = fill(fs.path());
     let srv = TestServer::start_with(|c| {
         c.data_dir = data.clone();
         c.queue_len_max = 10_000;
     });
+    let mut sc = srv.login(senders[0]);
+    sc.send_msg(1, recipients[0], b"x").unwrap();
+    assert_eq!(ack_or_error(&mut sc, 1), Err(ErrorCode::StorageFull));
     for &r in &recipients {
         let (mut rc, info) = srv.login_info(r);
         let mine: Vec<&(u64, u64, u64)> = acked.iter().filter(|a| a.0 == r).collect();
@@ -460,9 +465,15 @@ fn a_real_disk_fills_refuses_drains_and_takes_sends_again() {
             rc.send_delivered(d.server_id).unwrap();
         }
     }
-    // Nothing new is taken while the disk is full.
-    let mut sc = srv.login(senders[0]);
-    sc.send_msg(1, recipients[0], b"x").unwrap();
-    assert_eq!(ack_or_error(&mut sc, 1), Err(ErrorCode::StorageFull));
-    drop(filler);
+    let mut n = 1;
+    let accepted = wait_for(|| {
+        n += 1;
+        sc.send_msg(n, recipients[0], b"after the drain").unwrap();
+        ack_or_error(&mut sc, n).is_ok()
+    });
+    assert!(
+        accepted,
+        "delivering the backlog never freed space on the full disk"
+    );
+    assert!(filler.exists());
 }

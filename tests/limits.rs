@@ -256,7 +256,9 @@ fn slow_reader_is_closed_and_loses_nothing() {
         c.body_bytes_max = BODY;
         c.conn_out_bytes_max = 8192;
         c.queue_len_max = 100_000;
+        // No delivery window: the output budget is what stops Bob.
         c.deliver_inflight_max = 100_000;
+        c.deliver_inflight_bytes_max = 1 << 30;
     });
     let (a, b) = cross_pair();
     let mut alice = srv.login(a);

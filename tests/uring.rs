@@ -3,7 +3,8 @@
 //! receive-buffer ring running dry, handoffs between shards, and shutdown
 //! with connections open.
 //!
-//! Every test skips (printing why) when io_uring is unavailable here.
+//! Every test skips (printing why) when io_uring is unavailable here, or
+//! fails when `TERN_REQUIRE_URING=1` (as in CI).
 
 mod common;
 
@@ -35,7 +36,7 @@ fn uring_available() -> bool {
     match tern::io::Io::new(tern::io::Listeners::plain(listener), &options) {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipping: io_uring unavailable: {e}");
+            tern::io::uring_unavailable(&e);
             false
         }
     }

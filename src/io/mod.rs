@@ -394,3 +394,67 @@ pub struct IoGauges {
     /// re-armed once buffers are back), since the backend started.
     pub recv_no_buffers: u64,
 }
+
+/// Environment variable that turns io_uring test skips into failures (CI sets
+/// it to `1`, so a runner without io_uring cannot pass the suite silently).
+pub const REQUIRE_URING_ENV: &str = "TERN_REQUIRE_URING";
+
+/// Test support, called by a test that needs io_uring where the kernel
+/// refused it: prints why and returns (the test then skips), or panics when
+/// [`REQUIRE_URING_ENV`] is `1`.
+#[doc(hidden)]
+pub fn uring_unavailable(why: &dyn std::fmt::Display) {
+    if std::env::var_os(REQUIRE_URING_ENV).is_some_and(|v| v == "1") {
+        panic!(
+            "io_uring unavailable ({why}) and {REQUIRE_URING_ENV}=1: failing instead of skipping"
+        );
+    }
+    eprintln!("skipping: io_uring unavailable: {why}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Not run on its own: [`skip_becomes_failure_when_required`] runs it in a
+    /// child process with and without the variable.
+    #[test]
+    #[ignore]
+    fn uring_unavailable_child() {
+        uring_unavailable(&"injected for the test");
+    }
+
+    #[test]
+    fn skip_becomes_failure_when_required() {
+        let run = |required: Option<&str>| {
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            cmd.args([
+                "--exact",
+                "io::tests::uring_unavailable_child",
+                "--ignored",
+                "--nocapture",
+            ]);
+            match required {
+                Some(v) => cmd.env(REQUIRE_URING_ENV, v),
+                None => cmd.env_remove(REQUIRE_URING_ENV),
+            };
+            let out = cmd.output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                text.contains("1 passed") || text.contains("1 failed"),
+                "{text}"
+            );
+            (out.status.success(), text)
+        };
+        let (ok, text) = run(None);
+        assert!(
+            ok && text.contains("skipping: io_uring unavailable"),
+            "{text}"
+        );
+        let (ok, text) = run(Some("0"));
+        assert!(ok, "{text}");
+        let (ok, text) = run(Some("1"));
+        assert!(!ok && text.contains("TERN_REQUIRE_URING=1"), "{text}");
+    }
+}

@@ -22,6 +22,6 @@ mod server;
 pub use counters::{Counter, Field, Kind, LoopTimer, ShardStats, LOOP_US_MAX, LOOP_WINDOW};
 pub use render::{render, StatsView};
 pub use server::{
-    query, StatsServer, CLIENT_TIME_MAX, COMMAND_BYTES_MAX, HTTP_HEAD_BYTES_MAX, POLL_INTERVAL,
-    QUERY_TIMEOUT,
+    query, SocketAccess, StatsServer, CLIENT_TIME_MAX, COMMAND_BYTES_MAX, HTTP_HEAD_BYTES_MAX,
+    POLL_INTERVAL, QUERY_TIMEOUT,
 };

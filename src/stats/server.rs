@@ -12,7 +12,7 @@ use std::fmt;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,10 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use socket2::{Domain, SockAddr, Socket, Type};
+
 use super::render::{render, StatsView};
+use crate::config::{Config, ConfigError, Group};
 
 /// How often the stats thread checks its listeners (and the stop flag) when
 /// nothing is happening. Also the slowest `stop` can be.
@@ -83,8 +86,12 @@ impl StatsServer {
     /// The cases above; binding either listener (the error names which);
     /// spawning the thread. On error nothing is left bound and no socket
     /// file of ours remains.
+    ///
+    /// The socket gets `access`'s mode and group before it listens, so no
+    /// client connects under wider permissions (the umask's) in between.
     pub fn spawn(
         path: &Path,
+        access: SocketAccess,
         metrics_listen: Option<SocketAddr>,
         view: Arc<StatsView>,
     ) -> io::Result<StatsServer> {
@@ -99,7 +106,9 @@ impl StatsServer {
             }
         };
         let metrics_addr = tcp.as_ref().map(TcpListener::local_addr).transpose()?;
-        let unix = UnixListener::bind(path)
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        SockAddr::unix(path)
+            .and_then(|addr| socket.bind(&addr))
             .map_err(|e| context(e, format_args!("binding stats socket {}", path.display())))?;
         let socket_file = match fs::symlink_metadata(path) {
             Ok(meta) => SocketFile {
@@ -114,6 +123,10 @@ impl StatsServer {
             }
         };
         // From here on, an early return drops `socket_file` and removes it.
+        // Not listening yet: a connect is refused until the bits are right.
+        access.apply(path)?;
+        socket.listen(STATS_BACKLOG)?;
+        let unix = UnixListener::from(std::os::fd::OwnedFd::from(socket));
         unix.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
@@ -203,6 +216,122 @@ pub fn query(path: &Path, command: &str) -> io::Result<String> {
     stream.read_to_string(&mut answer)?;
     Ok(answer)
 }
+
+/// listen(2) backlog of the stats socket: clients are served one at a time.
+const STATS_BACKLOG: i32 = 128;
+
+/// Who may connect to the stats socket (`stats_socket_mode`,
+/// `stats_socket_group`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits, e.g. `0o600`.
+    pub mode: u32,
+    /// Group given the socket; `None` keeps the process's.
+    pub gid: Option<u32>,
+}
+
+impl SocketAccess {
+    /// Owner only, the process's group: the default.
+    pub const PRIVATE: SocketAccess = SocketAccess {
+        mode: 0o600,
+        gid: None,
+    };
+
+    /// The access `config` asks for, looking its group name up.
+    ///
+    /// # Errors
+    ///
+    /// A group name this system does not know, or a failed lookup, naming
+    /// the key `stats_socket_group`.
+    pub fn from_config(config: &Config) -> Result<SocketAccess, ConfigError> {
+        let gid = match &config.stats_socket_group {
+            None => None,
+            Some(group) => Some(group_id(group).map_err(|message| ConfigError {
+                key: "stats_socket_group".to_string(),
+                message,
+            })?),
+        };
+        Ok(SocketAccess {
+            mode: config.stats_socket_mode.0,
+            gid,
+        })
+    }
+
+    /// Gives the file at `path` this group and mode; errors name the key.
+    fn apply(&self, path: &Path) -> io::Result<()> {
+        if let Some(gid) = self.gid {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+                context(
+                    e,
+                    format_args!(
+                        "`stats_socket_group`: giving {} to group {gid} (the server must run as root or as a member of that group)",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
+        fs::set_permissions(path, fs::Permissions::from_mode(self.mode)).map_err(|e| {
+            context(
+                e,
+                format_args!(
+                    "`stats_socket_mode`: setting {} to {:04o}",
+                    path.display(),
+                    self.mode
+                ),
+            )
+        })
+    }
+}
+
+/// The gid of `group`: a number as it is, a name from the group database.
+fn group_id(group: &Group) -> Result<u32, String> {
+    let name = match group {
+        Group::Id(gid) => return Ok(*gid),
+        Group::Name(name) => name,
+    };
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return name.parse().map_err(|_| format!("{name}: not a valid gid"));
+    }
+    let c_name = std::ffi::CString::new(name.as_str())
+        .map_err(|_| format!("{name:?}: a group name has no NUL byte"))?;
+    let mut buf = vec![0u8; 4096];
+    // getgrnam_r says ERANGE while the buffer is too small for the entry
+    // (a group with many members); grow it, up to a bound.
+    loop {
+        // SAFETY: all-zero bytes are a valid `group` (null pointers, zero ids).
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: the NUL-terminated
+        // name, our entry, `buf` with its true length, and `found`.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if found.is_null() => {
+                return Err(format!(
+                    "no group named {name:?} on this system (create it, or give an existing group or a numeric gid)"
+                ))
+            }
+            0 => return Ok(entry.gr_gid),
+            libc::ERANGE if buf.len() < GROUP_ENTRY_BYTES_MAX => buf.resize(buf.len() * 2, 0),
+            rc => {
+                return Err(format!(
+                    "looking up group {name:?}: {}",
+                    io::Error::from_raw_os_error(rc)
+                ))
+            }
+        }
+    }
+}
+
+/// Largest group database entry [`group_id`] makes room for.
+const GROUP_ENTRY_BYTES_MAX: usize = 1 << 20;
 
 /// Makes `path` free to bind, or explains why it is not.
 fn claim_path(path: &Path) -> io::Result<()> {
@@ -598,7 +727,8 @@ mod tests {
 
     fn spawn_fake(path: &Path, metrics: bool) -> StatsServer {
         let listen = metrics.then(|| SocketAddr::from(([127, 0, 0, 1], 0)));
-        StatsServer::spawn(path, listen, Arc::new(fake_view())).expect("spawn")
+        StatsServer::spawn(path, SocketAccess::PRIVATE, listen, Arc::new(fake_view()))
+            .expect("spawn")
     }
 
     fn http_get(addr: SocketAddr, request: &str) -> String {
@@ -725,7 +855,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tern.sock");
         let first = spawn_fake(&path, false);
-        let err = StatsServer::spawn(&path, None, Arc::new(fake_view())).unwrap_err();
+        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, None, Arc::new(fake_view()))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         assert_eq!(
             err.to_string(),
@@ -742,7 +873,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tern.sock");
         fs::write(&path, b"precious").unwrap();
-        let err = StatsServer::spawn(&path, None, Arc::new(fake_view())).unwrap_err();
+        let err = StatsServer::spawn(&path, SocketAccess::PRIVATE, None, Arc::new(fake_view()))
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"precious");
     }
@@ -753,7 +885,13 @@ mod tests {
         let path = dir.path().join("tern.sock");
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = StatsServer::spawn(&path, Some(addr), Arc::new(fake_view())).unwrap_err();
+        let err = StatsServer::spawn(
+            &path,
+            SocketAccess::PRIVATE,
+            Some(addr),
+            Arc::new(fake_view()),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
         assert!(err.to_string().contains("metrics listener"), "{err}");
         assert!(!path.exists());

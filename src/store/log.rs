@@ -137,6 +137,14 @@
 //! the watermark on disk is not above a new id, pushes are refused (so a
 //! start on a full disk serves the backlog and takes nothing new).
 //!
+//! So that delivering can free space even when something else filled the
+//! disk to the last byte, each store keeps a `reserve` file (a quarter of the
+//! floor, at most 1 MiB), written while there is room above the floor. The
+//! first write or `meta` rewrite that finds the disk full deletes it: its
+//! space takes the delivery records, whose commits let fully delivered
+//! segments be deleted. It is written again once free space is back above
+//! the floor plus its size.
+//!
 //! # Errors
 //!
 //! Any other error from `commit` leaves the store *failed*: it never writes
@@ -203,6 +211,11 @@ const SPACE_CHECK_SHORT_EVERY: Duration = Duration::from_millis(100);
 pub const ID_RESERVE: u64 = 1 << 30;
 
 const META: &str = "meta";
+/// Space set aside for a full disk (see "Disk full" in the module docs).
+const RESERVE: &str = "reserve";
+/// The reserve file is a quarter of the floor, at most this: 1 MiB (room
+/// for some 30,000 delivery records).
+const RESERVE_BYTES_MAX: u64 = 1024 * 1024;
 const META_TMP: &str = "meta.tmp";
 const META_MAGIC: &str = "tern store log";
 const TMP_SUFFIX: &str = ".log.tmp";
@@ -683,6 +696,8 @@ pub struct LogStore {
     short: bool,
     /// Batches rolled back because the disk was full.
     rollbacks: u64,
+    /// Bytes of the `reserve` file on disk; 0 = none.
+    reserve_bytes: u64,
 }
 
 impl fmt::Debug for LogStore {
@@ -737,12 +752,14 @@ impl LogStore {
             segment_bytes: options.segment_bytes_max,
             short: false,
             rollbacks: 0,
+            reserve_bytes: 0,
             opts: options,
         };
         let mut recovery = Recovery::default();
         if store.opts.durability != Durability::Memory {
             store.recover(&mut recovery)?;
             store.check_space(Instant::now());
+            store.keep_reserve();
         }
         recovery.messages = store.total;
         recovery.max_server_id = store.server_id_max;
@@ -833,6 +850,68 @@ impl LogStore {
             self.floor = (size / 100 * AUTO_FLOOR_PERCENT).min(AUTO_FLOOR_BYTES_MAX);
         }
         self.set_short(free < self.floor);
+        self.keep_reserve();
+    }
+
+    /// Writes the reserve file when it is missing and there is room for it
+    /// above the floor.
+    fn keep_reserve(&mut self) {
+        let want = (self.floor / 4).min(RESERVE_BYTES_MAX);
+        if self.reserve_bytes > 0 || self.short || want == 0 || !self.fits_above_floor(want) {
+            return;
+        }
+        let path = self.dir.join(RESERVE);
+        let written = files::create(&path).and_then(|mut file| {
+            // A pattern, not zeros: a compressing filesystem (ZFS) would
+            // keep zeros in no space at all.
+            let chunk = [0x5au8; 64 * 1024];
+            let mut left = want;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                files::write(&mut file, &path, &chunk[..n])?;
+                left -= n as u64;
+            }
+            if self.fsync() {
+                files::sync(&file, &path, true)?;
+            }
+            Ok(())
+        });
+        match written {
+            Ok(()) => {
+                self.reserve_bytes = want;
+                self.written_since_check += want;
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                log::debug!("store {}: no reserve file: {e}", self.dir.display());
+            }
+        }
+    }
+
+    /// Deletes the reserve file (the disk is full): its space goes to
+    /// delivery records and compaction copies, which free more. Whether
+    /// there was one.
+    fn release_reserve(&mut self) -> bool {
+        if self.reserve_bytes == 0 {
+            return false;
+        }
+        let path = self.dir.join(RESERVE);
+        if let Err(e) = files::remove(&path) {
+            log::warn!(
+                "store {}: cannot release the reserve: {e}",
+                self.dir.display()
+            );
+            return false;
+        }
+        log::warn!(
+            "store {}: disk full: released the {}-byte reserve for delivery records and \
+             compaction; it is written again once space is back",
+            self.dir.display(),
+            self.reserve_bytes
+        );
+        self.reserve_bytes = 0;
+        self.space_checked = None;
+        true
     }
 
     fn set_short(&mut self, short: bool) {
@@ -960,7 +1039,12 @@ impl LogStore {
         // New ids continue after the old watermark; until a higher one is on
         // disk, pushes are refused (see "Disk full").
         self.id_watermark = watermark;
-        match self.write_meta(self.server_id_max.saturating_add(ID_RESERVE)) {
+        self.reserve_bytes = fs::metadata(dir.join(RESERVE)).map_or(0, |m| m.len());
+        let mut meta = self.write_meta(self.server_id_max.saturating_add(ID_RESERVE));
+        if meta.as_ref().is_err_and(StoreError::is_no_space) && self.release_reserve() {
+            meta = self.write_meta(self.server_id_max.saturating_add(ID_RESERVE));
+        }
+        match meta {
             Ok(()) => {}
             Err(e) if e.is_no_space() => {
                 log::warn!(
@@ -1234,6 +1318,9 @@ impl LogStore {
                     return Err(e);
                 }
                 self.roll_back(refused, &e);
+                // The delivery records go again at the next commit, into
+                // the reserve's space.
+                self.release_reserve();
                 return Ok(());
             }
         }

@@ -8,6 +8,9 @@
 // Each test file compiles this module separately and uses a different part.
 #![allow(dead_code)]
 
+pub mod child;
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -55,10 +58,19 @@ pub fn same_pair() -> (u64, u64) {
 
 /// The I/O backend the suite runs on: `TERN_TEST_IO=auto|uring|poll`
 /// (default auto). CI runs the suite once with the default and once with poll.
+/// With `TERN_REQUIRE_URING=1` (set by CI), auto means uring, so a kernel
+/// without it fails the suite instead of quietly testing poll twice.
 pub fn test_backend() -> tern::io::Backend {
-    match std::env::var("TERN_TEST_IO") {
+    let backend = match std::env::var("TERN_TEST_IO") {
         Ok(v) => v.parse().unwrap_or_else(|e| panic!("TERN_TEST_IO: {e}")),
         Err(_) => tern::io::Backend::default(),
+    };
+    let required = std::env::var_os(tern::io::REQUIRE_URING_ENV).is_some_and(|v| v == "1");
+    match backend {
+        tern::io::Backend::Auto if required && cfg!(target_os = "linux") => {
+            tern::io::Backend::Uring
+        }
+        other => other,
     }
 }
 

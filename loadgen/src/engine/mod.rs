@@ -308,7 +308,7 @@ mod tests {
     #[test]
     fn uring_engine_contract() {
         if let Err(e) = uring::probe() {
-            eprintln!("skipping: io_uring unavailable ({e})");
+            tern::io::uring_unavailable(&e);
             return;
         }
         let mut e = uring::UringEngine::new(config(40, vec![echo_server(150)])).unwrap();

@@ -411,7 +411,7 @@ mod tests {
         match Ring::new(sq, cq, 16, 4, 256, None) {
             Ok(r) => Some(r),
             Err(e) => {
-                eprintln!("skipping: io_uring unavailable: {e}");
+                crate::io::uring_unavailable(&e);
                 None
             }
         }

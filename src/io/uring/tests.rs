@@ -1,6 +1,6 @@
 //! Backend tests without a shard: a plain TCP client on one side, the `Io`
 //! driven by hand on the other. Each skips (with a printed reason) where
-//! io_uring is unavailable.
+//! io_uring is unavailable, or fails there when `TERN_REQUIRE_URING=1`.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -33,7 +33,7 @@ fn backend(conns_max: usize, ring_slots_max: usize) -> Option<(Io, SocketAddr)> 
     ) {
         Ok(io) => Some((io, addr)),
         Err(e) => {
-            eprintln!("skipping: io_uring unavailable: {e}");
+            crate::io::uring_unavailable(&e);
             None
         }
     }
@@ -108,7 +108,7 @@ fn two_listeners_tag_their_accepts() {
         let mut io = match Io::new(listeners, &options(200, ring_slots_max)) {
             Ok(io) => io,
             Err(e) => {
-                eprintln!("skipping: io_uring unavailable: {e}");
+                crate::io::uring_unavailable(&e);
                 return;
             }
         };
@@ -511,7 +511,7 @@ fn batching_wait_returns_for_one_completion() {
     options.batch_wait = Duration::from_millis(2);
     let mut io = match Io::new(Listeners::plain(listener), &options) {
         Ok(io) => io,
-        Err(e) => return eprintln!("skipping: io_uring unavailable: {e}"),
+        Err(e) => return crate::io::uring_unavailable(&e),
     };
     if io.batch_wait.is_zero() {
         return eprintln!("skipping: this kernel has no io_uring min-wait");
