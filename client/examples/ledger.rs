@@ -268,9 +268,12 @@ fn check(args: &Args) -> Result<bool, Box<dyn Error>> {
             );
             faults += 1;
         }
+        // The server announces how many follow; wait for those, then listen
+        // a little longer so that a miscount cannot hide an extra one.
+        let announced = usize::try_from(info.offline_count).unwrap_or(usize::MAX);
         let deadline = Instant::now() + ANSWER_WAIT;
         let mut got = Vec::new();
-        while got.len() < want.len() {
+        while got.len() < announced {
             let left = deadline.saturating_duration_since(Instant::now());
             match client.recv_timeout(left)? {
                 Some(OwnedFrame::Deliver {
@@ -280,7 +283,6 @@ fn check(args: &Args) -> Result<bool, Box<dyn Error>> {
                 None => break,
             }
         }
-        // Anything after the expected messages is a duplicate or a stranger.
         while let Some(frame) = client.recv_timeout(EXTRA_WAIT)? {
             if let OwnedFrame::Deliver {
                 server_id, body, ..
@@ -318,6 +320,7 @@ fn check(args: &Args) -> Result<bool, Box<dyn Error>> {
                 }
             }
         }
+        // Anything after the expected messages is a duplicate or a stranger.
         for (id, body) in got.iter().skip(want.len()) {
             eprintln!(
                 "ledger check: user {user}: unexpected extra DELIVER id {id} {:?}",
