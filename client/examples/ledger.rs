@@ -93,6 +93,7 @@ fn main() -> ExitCode {
     }
 }
 
+/// Parses `COMMAND --flag value ...`; every flag is required unless noted.
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Error>> {
     let command = it.next().ok_or("missing command")?;
     if command != "send" && command != "check" {
@@ -154,6 +155,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, Box<dyn Erro
     })
 }
 
+/// A login token for `user`, valid for [`TOKEN_TTL_S`].
 fn token(args: &Args, user: u64) -> String {
     tern::token::mint(
         args.secret.as_bytes(),

@@ -316,9 +316,11 @@ check_running "after reboot (unit enabled)"
 deliver reboot
 deliver kept
 
-step "3. systemctl stop"
+step "3. systemctl stop (with a client connection open)"
+exec 4<> "/dev/tcp/127.0.0.1/$port" || fail "cannot connect to $addr before the stop"
 start_ns=$(date +%s%N)
 in_ct timeout "$((stop_timeout_s + 30))" systemctl stop tern || fail "systemctl stop tern failed"
+exec 4>&-
 elapsed_ms=$((($(date +%s%N) - start_ns) / 1000000))
 [ "$elapsed_ms" -lt "$((stop_timeout_s * 1000))" ] \
     || fail "systemctl stop took $elapsed_ms ms, TimeoutStopSec is $stop_timeout_s s"
