@@ -408,8 +408,9 @@ impl Shard {
                 Ok(result) => return result,
                 Err(panic) => panic,
             };
-            self.stats.restarts.inc();
+            // The state first: whoever sees the restart counted sees it too.
             self.set_state(ShardState::Restarting);
+            self.stats.restarts.inc();
             self.reset();
             let mut why = format!("crashed: {}", panic_text(&*panic));
             loop {

@@ -794,6 +794,10 @@ fn crashed_shard_restarts_replays_its_log_and_spares_the_other() {
         "the crash is not a connection panic"
     );
 
+    // The restart follows a backoff, during which logins get unavailable.
+    assert!(wait_for(|| !srv
+        .query("show shards")
+        .contains("restarting")));
     // The replayed log gives `offline` the same messages, ids and order.
     let (mut oc, info) = srv.login_info(offline);
     assert_eq!(info.offline_count, 5);
@@ -879,6 +883,10 @@ fn sends_caught_in_a_shard_crash_are_refused_not_forgotten() {
     let mut tally = Tally::default();
     let mut first = 1;
     for round in 1..=ROUNDS_MAX {
+        // Logins wait for the restart's backoff (they get unavailable meanwhile).
+        assert!(wait_for(|| !srv
+            .query("show shards")
+            .contains("restarting")));
         let mut cc = srv.login(crasher);
         let stop = Arc::new(AtomicBool::new(false));
         let mut writer = xc.try_clone_stream().unwrap();
@@ -927,6 +935,9 @@ fn sends_caught_in_a_shard_crash_are_refused_not_forgotten() {
     );
 
     // Exactly the ACKed messages are stored, in the order of their ACKs.
+    assert!(wait_for(|| !srv
+        .query("show shards")
+        .contains("restarting")));
     let (mut oc, info) = srv.login_info(offline);
     assert_eq!(info.offline_count, acked.len() as u64);
     // More than `deliver_inflight_max`: answer as they come.

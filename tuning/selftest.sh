@@ -73,7 +73,8 @@ for t in tuned mixed; do
     r=$work/root-linux-$t
     mkdir -p "$r"
     expect_rc 0 "linux apply.sh --apply --root, $t, 1st run" env TERN_PROC_SYS="$work/proc-$t" "$L/apply.sh" --apply --root "$r"
-    expect_grep "linux 1st run wrote 3 files ($t)" "Done: 3 file(s) changed" "$work/out"
+    expect_grep "linux 1st run wrote 4 files ($t)" "Done: 4 file(s) changed" "$work/out"
+    expect_grep "linux root without passwd: user not created, command shown ($t)" "useradd --system" "$work/out"
     snapshot "$r" > "$work/snap1"
     expect_rc 0 "linux apply.sh --apply --root, $t, 2nd run" env TERN_PROC_SYS="$work/proc-$t" "$L/apply.sh" --apply --root "$r"
     expect_grep "linux 2nd run changed nothing ($t)" "Done: 0 file(s) changed" "$work/out"
@@ -87,6 +88,16 @@ expect_grep "linux keeps a larger fs.file-max" "^fs.file-max = 92233720368547758
 expect_grep "linux keeps the larger parts of tcp_mem" "^net.ipv4.tcp_mem = 3000000 1572864 9000000$" "$r"
 expect_grep "linux comments out an absent key" "^#net.ipv4.tcp_max_tw_buckets = 1048576$" "$r"
 expect_grep "linux keeps optional absent keys" "^-net.netfilter.nf_conntrack_max = 4194304$" "$r"
+r=$work/root-linux-tuned/etc/tern/tern.toml
+if cmp -s "$L/tern.toml" "$r"; then ok "linux sample config installed verbatim"; else bad "linux sample config not installed"; fi
+if [ "$(stat -c %a "$r" 2>/dev/null || stat -f %Lp "$r")" = 640 ]; then ok "linux sample config is 0640"; else bad "linux sample config mode"; fi
+# an operator's config is never replaced, not even by a newer sample
+r=$work/root-linux-own
+mkdir -p "$r/etc/tern"
+printf 'listen = "0.0.0.0:5222"\n' > "$r/etc/tern/tern.toml"
+expect_rc 0 "linux apply.sh --apply --root with an existing tern.toml" env TERN_PROC_SYS="$tuned" "$L/apply.sh" --apply --root "$r"
+expect_grep "linux says the existing tern.toml is left alone" "tern.toml: exists, left alone" "$work/out"
+expect_grep "linux existing tern.toml kept" '^listen = "0.0.0.0:5222"$' "$r/etc/tern/tern.toml"
 
 # an older installed fragment is updated once, with a backup
 r=$work/root-linux-tuned

@@ -14,6 +14,10 @@
 #   etc/sysctl.d/99-tern.conf              from 99-tern.conf
 #   etc/security/limits.d/99-tern.conf     from limits.conf
 #   etc/systemd/system/tern.service        from tern.service (not enabled)
+#   etc/tern/tern.toml                     from tern.toml, only if absent (never
+#                                          overwritten), mode 0640, group tern
+# and the system user "tern" if missing (useradd --system; on --root DIR only
+# when DIR/etc/passwd exists, with useradd --root DIR).
 #
 # Idempotent: a second run finds nothing to change. A value already better than
 # the recommendation (larger for "min" keys, smaller for "max" keys) is kept,
@@ -26,7 +30,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 
 do_apply=0 root=/ runtime=1
-usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,27s/^# \{0,1\}//p' "$0"; }
 while [ $# -gt 0 ]; do
     case $1 in
         --apply) do_apply=1 ;;
@@ -129,7 +133,27 @@ awk -v plan="$tmp/plan.tsv" '
         }
     }' "$fragment" > "$tmp/99-tern.conf"
 
-# ---- 3. files ----------------------------------------------------------------------
+# ---- 3. the service user -------------------------------------------------------------
+# Created before the files so the config can be given to its group.
+echo "User:"
+if grep -q '^tern:' "$prefix/etc/passwd" 2>/dev/null; then
+    echo "  tern: exists"
+elif [ "$do_apply" -eq 0 ]; then
+    echo "  tern: would create (useradd --system --user-group, no home, no login shell)"
+elif [ "$(id -u)" -eq 0 ] && command -v useradd >/dev/null 2>&1 \
+    && { [ "$live" -eq 1 ] || [ -f "$prefix/etc/passwd" ]; }; then
+    root_opt=()
+    [ "$live" -eq 1 ] || root_opt=(--root "$root_abs")
+    useradd "${root_opt[@]}" --system --user-group --no-create-home \
+        --home-dir /var/lib/tern --shell /usr/sbin/nologin tern
+    echo "  tern: created"
+else
+    echo "  tern: not created (needs root, useradd and $prefix/etc/passwd); create it with:"
+    echo "      useradd --system --user-group --no-create-home --home-dir /var/lib/tern --shell /usr/sbin/nologin tern"
+fi
+echo
+
+# ---- 4. files ----------------------------------------------------------------------
 changed=0
 # put_file NEW TARGET MODE
 put_file() {
@@ -169,6 +193,22 @@ put_file "$here/limits.conf" "$prefix/etc/security/limits.d/99-tern.conf" 0644
 unit_target=$prefix/etc/systemd/system/tern.service
 unit_before=$(cat "$unit_target" 2>/dev/null || true)
 put_file "$here/tern.service" "$unit_target" 0644
+# The sample configuration is the operator's to edit: installed once, never
+# replaced, readable by root and the tern group only (it holds token_secret).
+conf_target=$prefix/etc/tern/tern.toml
+if [ -e "$conf_target" ]; then
+    echo "  $conf_target: exists, left alone (sample: $here/tern.toml)"
+elif [ "$do_apply" -eq 0 ]; then
+    echo "  $conf_target: would create from the sample tern.toml (mode 0640, group tern)"
+else
+    mkdir -p "$(dirname "$conf_target")"
+    cp "$here/tern.toml" "$conf_target"
+    chmod 0640 "$conf_target"
+    gid=$(awk -F: '$1 == "tern" { print $3 }' "$prefix/etc/group" 2>/dev/null || true)
+    if [ -n "$gid" ]; then chgrp "$gid" "$conf_target"; fi
+    echo "  $conf_target: created from the sample; set token_secret and listen in it"
+    changed=$((changed + 1))
+fi
 echo
 
 # Other sysctl files that set the same keys: the file read last wins.
@@ -189,7 +229,7 @@ if [ "${#others[@]}" -gt 0 ]; then
         }' "${others[@]}"
 fi
 
-# ---- 4. running kernel ---------------------------------------------------------------
+# ---- 5. running kernel ---------------------------------------------------------------
 n_short=$(awk -F'\t' '$6 == "short"' "$tmp/plan.tsv" | wc -l | tr -d ' ')
 if [ "$runtime" -eq 0 ] && [ "$live" -eq 0 ]; then
     echo "Runtime: root is not /, running kernel left alone."
@@ -212,7 +252,7 @@ else
     done < "$tmp/plan.tsv"
 fi
 
-# ---- 5. reminders ----------------------------------------------------------------------
+# ---- 6. reminders ----------------------------------------------------------------------
 # limits.d and LimitNOFILE ask for more than fs.nr_open allows: logins as tern are
 # refused and the service does not start until the kernel value is raised.
 if [ "$live" -eq 1 ] && [ "$do_apply" -eq 1 ]; then
@@ -227,10 +267,6 @@ if [ "$do_apply" -eq 1 ] && [ "$live" -eq 1 ] && [ "$unit_before" != "$(cat "$un
     && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
     systemctl daemon-reload && echo "systemd: daemon-reload done (tern.service not enabled or started)"
 fi
-if ! grep -q '^tern:' "$prefix/etc/passwd" 2>/dev/null; then
-    echo "hint: no user 'tern' in $prefix/etc/passwd: useradd --system --no-create-home --shell /usr/sbin/nologin tern"
-fi
-[ -f "$prefix/etc/tern/tern.toml" ] || echo "hint: tern.service expects $prefix/etc/tern/tern.toml"
 echo
 if [ "$do_apply" -eq 1 ]; then
     echo "Done: $changed file(s) changed. Verify with: $here/check.sh"
