@@ -67,6 +67,8 @@ fn no_space_write_is_rolled_back(errno: i32) {
     let d = recv_deliver(&mut yc);
     assert_eq!((d.server_id, d.body.as_slice()), (first, &b"first"[..]));
     yc.send_delivered(first).unwrap();
+    // Its tombstone is committed before the fault is armed (PONG follows).
+    yc.ping(1).unwrap();
 
     // y's shard finds its disk full at the next write.
     let data = data_dir(&srv);
