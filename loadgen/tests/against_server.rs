@@ -263,6 +263,12 @@ fn chat_over_tls_loses_nothing() {
     );
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    // The server refuses a private key others can read.
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     std::fs::write(&ca_path, ca_cert.pem()).unwrap();
     let server = Server::start(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
