@@ -81,17 +81,6 @@ fn start_on(
     Server::start(config)
 }
 
-/// Waits for ACK or ERROR of `client_id`: `Ok(server_id)` or `Err(code)`.
-fn ack_or_error(client: &mut Client, client_id: u64) -> Result<u64, ErrorCode> {
-    match client.recv_until(|f| {
-        matches!(f, OwnedFrame::Ack { client_id: c, .. } | OwnedFrame::Error { client_id: c, .. } if *c == client_id)
-    }) {
-        Ok(OwnedFrame::Ack { server_id, .. }) => Ok(server_id),
-        Ok(OwnedFrame::Error { code, .. }) => Err(code),
-        other => panic!("expected ACK or ERROR for client_id {client_id}, got {other:?}"),
-    }
-}
-
 /// Sends `count` indexed messages (`first..`) from `client` to `to`, each
 /// waited for; returns their server ids.
 fn send_acked(client: &mut Client, to: u64, first: u64, count: u64, body_len: usize) -> Vec<u64> {

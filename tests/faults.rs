@@ -23,22 +23,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tern::proto::{ErrorCode, OwnedFrame};
+use tern::proto::ErrorCode;
 use tern::store::fault::{self, Op, Rule};
 use tern_client::{Client, ClientError};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
-
-/// Waits for ACK or ERROR of `client_id`: `Ok(server_id)` or `Err(code)`.
-fn ack_or_error(client: &mut Client, client_id: u64) -> Result<u64, ErrorCode> {
-    match client.recv_until(|f| {
-        matches!(f, OwnedFrame::Ack { client_id: c, .. } | OwnedFrame::Error { client_id: c, .. } if *c == client_id)
-    }) {
-        Ok(OwnedFrame::Ack { server_id, .. }) => Ok(server_id),
-        Ok(OwnedFrame::Error { code, .. }) => Err(code),
-        other => panic!("expected ACK or ERROR for client_id {client_id}, got {other:?}"),
-    }
-}
 
 /// A fault rule on `op` for paths containing `dir`'s shard `shard`.
 fn rule(dir: &Path, shard: usize, op: Op, skip: u32, times: u32, errno: i32) -> Rule {

@@ -277,6 +277,17 @@ pub fn expect_bye_then_close(client: &mut Client, reason: ByeReason) -> Vec<Owne
     }
 }
 
+/// Waits for ACK or ERROR of `client_id`: `Ok(server_id)` or `Err(code)`.
+pub fn ack_or_error(client: &mut Client, client_id: u64) -> Result<u64, ErrorCode> {
+    match client.recv_until(|f| {
+        matches!(f, OwnedFrame::Ack { client_id: c, .. } | OwnedFrame::Error { client_id: c, .. } if *c == client_id)
+    }) {
+        Ok(OwnedFrame::Ack { server_id, .. }) => Ok(server_id),
+        Ok(OwnedFrame::Error { code, .. }) => Err(code),
+        other => panic!("expected ACK or ERROR for client_id {client_id}, got {other:?}"),
+    }
+}
+
 /// Waits for the ACK of `client_id` and returns its server id.
 pub fn recv_ack(client: &mut Client, client_id: u64) -> u64 {
     match client.recv_until(|f| {
