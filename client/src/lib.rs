@@ -26,6 +26,10 @@
 //! # }
 //! ```
 //!
+//! For an app, [`session::Session`] adds what a real client needs on top:
+//! reconnect with backoff, an outbox resent until ACKed, a duplicate filter,
+//! DELIVERED once the app accepted a message, keepalive.
+//!
 //! TLS: [`Client::login_tls`] speaks TLS 1.3 (rustls, buffered client) to
 //! the server's `tls_listen` port, with roots from [`tls_config`]. Reuse one
 //! `ClientConfig` across connections and reconnects resume the session
@@ -653,6 +657,8 @@ pub fn tls_config_with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, 
 fn deadline_after(t: Duration) -> Option<Instant> {
     Instant::now().checked_add(t)
 }
+
+pub mod session;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,295 @@
+//! `Session` against a real server over real sockets: an outbox that waits
+//! out a server that is down, and a link that a proxy cuts at random points
+//! (before, in the middle of, and after frames) many times over.
+//!
+//! Every wait is bounded; nothing asserts how fast anything happened.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tern::config::Config;
+use tern::server::Server;
+use tern_client::session::{Event, Session, SessionConfig};
+
+const SECRET: &str = "session-test-secret-0123456789";
+/// Upper bound for anything a test waits for.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn token(user: u64) -> String {
+    tern::token::mint(SECRET.as_bytes(), user, tern::token::now_unix_s() + 3600)
+}
+
+fn config(dir: &std::path::Path, listen: SocketAddr) -> Config {
+    Config {
+        listen,
+        shards: 2,
+        stats_socket: dir.join("tern.sock"),
+        data_dir: dir.join("data"),
+        token_secret: SECRET.into(),
+        shutdown_grace_ms: 200,
+        ..Config::default()
+    }
+}
+
+fn session(addr: SocketAddr, user: u64) -> Session {
+    let mut c = SessionConfig::new(addr, &token(user));
+    c.backoff_min = Duration::from_millis(5);
+    c.backoff_max = Duration::from_millis(50);
+    Session::new(c)
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn outbox_waits_for_a_server_that_is_down_then_delivers_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let mut alice = session(addr, 1);
+    // No server yet: the messages wait in the outbox.
+    let ids: Vec<u64> = (0..10)
+        .map(|i| alice.send(2, format!("m{i}").as_bytes()).unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "client ids increase");
+    let ev = alice.poll(Duration::from_millis(50)).unwrap();
+    assert!(
+        matches!(ev, Some(Event::Disconnected { .. })),
+        "connect to a closed port: {ev:?}"
+    );
+    assert_eq!(alice.outbox_len(), 10);
+
+    let server = Server::start(config(dir.path(), addr)).unwrap();
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while acked.len() < 10 && Instant::now() < deadline {
+        if let Some(Event::Acked { client_id, .. }) =
+            alice.poll(Duration::from_millis(100)).unwrap()
+        {
+            acked.push(client_id);
+        }
+    }
+    assert_eq!(acked, ids, "every message ACKed once, in order");
+    assert_eq!(alice.outbox_len(), 0);
+
+    let mut bob = session(addr, 2);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while got.len() < 10 && Instant::now() < deadline {
+        if let Some(Event::Message {
+            server_id, body, ..
+        }) = bob.poll(Duration::from_millis(100)).unwrap()
+        {
+            got.push(String::from_utf8(body).unwrap());
+            bob.accept(server_id).unwrap();
+        }
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+    drop((alice, bob));
+    server.shutdown();
+    server.join();
+}
+
+/// A proxy that forwards both ways and cuts each connection after a random
+/// number of bytes in either direction (so cuts fall before, inside and
+/// after frames, including between the server's commit and the ACK reaching
+/// the client). Stops after `cuts_max` cuts: then it only forwards.
+struct CuttingProxy {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    cuts: Arc<AtomicU64>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: SocketAddr, seed: u64, cuts_max: u64) -> CuttingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), cuts.clone());
+        let acceptor = std::thread::spawn(move || {
+            let mut rng = seed;
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                rng = splitmix(rng);
+                // Cut after 1..400 bytes of either direction (a login is
+                // ~70, a message ~25), while cuts remain to be made.
+                let budget = if c.load(Ordering::Relaxed) < cuts_max {
+                    1 + rng % 400
+                } else {
+                    u64::MAX
+                };
+                let left = Arc::new(AtomicU64::new(budget));
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    let (left, c, s) = (left.clone(), c.clone(), s.clone());
+                    std::thread::spawn(move || pump(from, to, &left, &c, &s));
+                }
+            }
+        });
+        CuttingProxy {
+            addr,
+            stop,
+            cuts,
+            acceptor: Some(acceptor),
+        }
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Copies `from` to `to` until either closes or the shared byte budget of
+/// the connection runs out; then cuts both ways.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    left: &AtomicU64,
+    cuts: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    from.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        let budget = left.load(Ordering::Relaxed);
+        if budget != u64::MAX {
+            let take = (n as u64).min(budget) as usize;
+            left.fetch_sub(take as u64, Ordering::Relaxed);
+            let _ = to.write_all(&buf[..take]);
+            if take < n || budget == take as u64 {
+                cuts.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn random_cuts_lose_nothing_and_no_server_id_is_shown_twice() {
+    const MESSAGES: u64 = 1000;
+    const CUTS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path(), "127.0.0.1:0".parse().unwrap())).unwrap();
+    let seed = std::env::var("TERN_CUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("TERN_CUT_SEED={seed}");
+    let proxy = CuttingProxy::start(server.local_addr(), seed, CUTS);
+    let mut alice = session(proxy.addr, 11);
+    let mut bob = session(proxy.addr, 12);
+
+    let mut sent = 0u64;
+    let mut acked = HashSet::new();
+    let mut shown_ids = HashSet::new();
+    let mut first_seen: Vec<u64> = Vec::new();
+    let mut seen_bodies: HashMap<u64, u32> = HashMap::new();
+    let deadline = Instant::now() + WAIT * 4;
+    while (acked.len() as u64) < MESSAGES || (seen_bodies.len() as u64) < MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "stuck: {} sent, {} ACKed, {} received, {} cuts (seed {seed})",
+            sent,
+            acked.len(),
+            seen_bodies.len(),
+            proxy.cuts.load(Ordering::Relaxed)
+        );
+        if sent < MESSAGES && alice.outbox_len() < 20 {
+            alice.send(12, &sent.to_le_bytes()).unwrap();
+            sent += 1;
+        }
+        if let Some(Event::Acked { client_id, .. }) = alice.poll(Duration::from_millis(1)).unwrap()
+        {
+            acked.insert(client_id);
+        }
+        if let Some(Event::Message {
+            server_id, body, ..
+        }) = bob.poll(Duration::from_millis(1)).unwrap()
+        {
+            assert!(
+                shown_ids.insert(server_id),
+                "server id {server_id} shown twice"
+            );
+            let i = u64::from_le_bytes(body.try_into().unwrap());
+            let n = seen_bodies.entry(i).or_default();
+            if *n == 0 {
+                first_seen.push(i);
+            }
+            *n += 1;
+            bob.accept(server_id).unwrap();
+        }
+    }
+    // Nothing lost, and in order per sender by first appearance.
+    assert_eq!(first_seen, (0..MESSAGES).collect::<Vec<_>>(), "seed {seed}");
+    assert!(
+        proxy.cuts.load(Ordering::Relaxed) >= CUTS / 2,
+        "too few cuts to mean anything"
+    );
+    let resent_twice = seen_bodies.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "{MESSAGES} messages, {} cuts, {} server-side duplicates of a resent SEND (lost ACKs)",
+        proxy.cuts.load(Ordering::Relaxed),
+        resent_twice
+    );
+    drop((alice, bob, proxy));
+    server.shutdown();
+    server.join();
+}
