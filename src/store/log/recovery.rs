@@ -39,8 +39,7 @@ pub struct Recovery {
     pub records: u64,
     /// Messages queued after replay.
     pub messages: usize,
-    /// What [`Store::max_server_id`](crate::store::Store::max_server_id)
-    /// returns: continue the ids after it.
+    /// What [`Store::max_server_id`] returns: continue the ids after it.
     pub max_server_id: u64,
     /// Bytes of torn tail cut from the last segment.
     pub bytes_cut: u64,
