@@ -1,3 +1,4 @@
+// Kept whole past 800 lines: one worker's state machine; every handler acts on `Worker`'s state.
 //! One worker thread: its share of the connections, the protocol spoken on
 //! them, and the commands of the main thread (open, send, storm, close).
 //!

@@ -1,3 +1,4 @@
+// Kept whole past 800 lines: phases, progress, summary and report all read one `Run`'s totals.
 //! The main thread of a client run: starts the workers, walks the scenario's
 //! phases, prints one progress line per second, enforces the memory floor and
 //! the time limits, and writes the summary and the JSON report.

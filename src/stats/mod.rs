@@ -18,10 +18,12 @@
 mod counters;
 mod render;
 mod server;
+mod socket;
 
 pub use counters::{Counter, Field, Kind, LoopTimer, ShardStats, LOOP_US_MAX, LOOP_WINDOW};
 pub use render::{render, StatsView};
 pub use server::{
-    query, SocketAccess, StatsServer, CLIENT_TIME_MAX, COMMAND_BYTES_MAX, HTTP_HEAD_BYTES_MAX,
-    POLL_INTERVAL, QUERY_TIMEOUT,
+    query, StatsServer, CLIENT_TIME_MAX, COMMAND_BYTES_MAX, HTTP_HEAD_BYTES_MAX, POLL_INTERVAL,
+    QUERY_TIMEOUT,
 };
+pub use socket::SocketAccess;

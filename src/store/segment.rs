@@ -1,5 +1,5 @@
 //! Segment files: their names and the scan that recovery runs over their
-//! bytes. Pure functions over byte slices; the file I/O is in `log.rs`.
+//! bytes. Pure functions over byte slices; the file I/O is in `log/`.
 
 use super::record::{decode, Decoded, Record};
 

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use super::setup::prev_power_of_two;
 use super::*;
 use crate::io::Backend;
 

@@ -1,0 +1,220 @@
+//! The commit path: one batch encoded, written with one `write` and synced
+//! once, then applied to the bookkeeping; a batch that finds the disk full
+//! is rolled back (see "Group commit" and "Disk full" in the module docs).
+
+use std::time::Instant;
+
+use super::*;
+use crate::store::fault;
+use crate::store::files;
+use crate::store::record::Record;
+use crate::store::segment;
+
+impl LogStore {
+    pub(super) fn commit_inner(
+        &mut self,
+        refused: &mut Vec<u64>,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        if self.watermark_due() && self.meta_retry_at.is_none_or(|at| now >= at) {
+            // The batch's ids are all below the watermark on disk (pushes
+            // past it are refused), so a full disk here only delays it.
+            match self.write_meta(self.server_id_max.saturating_add(ID_RESERVE)) {
+                Ok(()) => self.meta_retry_at = None,
+                Err(e) if e.is_no_space() => {
+                    self.meta_retry_at = Some(now + SPACE_CHECK_SHORT_EVERY);
+                    let watermark = self.id_watermark;
+                    let beyond = self.staged.iter().any(|s| {
+                        matches!(s, Staged::Queued { server_id, .. } if *server_id >= watermark)
+                    });
+                    if beyond {
+                        self.roll_back(refused, &e);
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+
+        // 1. The batch: staged records, encoded from the queues.
+        self.buf.clear();
+        for staged in &self.staged {
+            match *staged {
+                Staged::Queued { user, server_id } => {
+                    let entry = lookup(&self.queues, user, server_id)
+                        .expect("a staged message is still queued (else it was cancelled)");
+                    queued_record(user, &entry.msg).encode(&mut self.buf);
+                }
+                Staged::Delivered {
+                    user, server_id, ..
+                } => Record::Delivered { user, server_id }.encode(&mut self.buf),
+                Staged::Cancelled => {}
+            }
+        }
+        debug_assert_eq!(self.buf.len() as u64, self.staged_bytes);
+
+        // 2. Compaction copies, in the same write.
+        if self.compacting.is_none() && self.maintenance {
+            self.compacting = self
+                .pick_victim()
+                .map(|segment| Compaction { segment, cursor: 0 });
+            if self.compacting.is_none() {
+                self.maintenance = false;
+            }
+        }
+        let cursor = self.plan_moves();
+
+        // 3. One write, one sync.
+        if !self.buf.is_empty() {
+            if let Err(e) = self.append() {
+                if !e.is_no_space() {
+                    return Err(e);
+                }
+                self.roll_back(refused, &e);
+                // The delivery records go again at the next commit, into
+                // the reserve's space.
+                self.release_reserve();
+                return Ok(());
+            }
+        }
+
+        // 4. The records are durable: update where things are.
+        self.apply_staged();
+        if let Some(cursor) = cursor {
+            self.apply_moves(cursor)?;
+        }
+        if let Some(n) = self.active_number() {
+            let seg = &self.segments[&n];
+            // Short of space, a mostly dead active segment is sealed so it
+            // can be compacted and deleted (see "Free-space floor"); not
+            // before it holds a quarter of the floor, so that one of
+            // tombstones alone does not roll at every commit.
+            let reclaim = !self.fits_above_floor(self.floor)
+                && seg.bytes >= (self.floor / 4).max(4096)
+                && seg.dead_ratio() > self.opts.compact_dead_ratio
+                && seg.live_bytes <= self.compact_budget();
+            if seg.bytes >= self.segment_bytes || reclaim {
+                self.active = None; // sealed; the next write starts a new one
+                self.maintenance = true;
+            }
+        }
+        if self.maintenance {
+            self.delete_dead()?;
+        }
+        Ok(())
+    }
+
+    /// Takes the pushes of the batch that found the disk full back out of
+    /// their queues (their ids go to `refused`), keeps its tombstones staged
+    /// for the next commit and drops its compaction copies.
+    fn roll_back(&mut self, refused: &mut Vec<u64>, cause: &StoreError) {
+        self.rollbacks += 1;
+        let before = refused.len();
+        for staged in std::mem::take(&mut self.staged) {
+            match staged {
+                Staged::Queued { user, server_id } => {
+                    let queue = self.queues.get_mut(&user).expect("a staged push is queued");
+                    let at = find(queue, server_id).expect("a staged push is queued");
+                    let entry = queue.remove(at).expect("found");
+                    debug_assert!(matches!(entry.loc, Loc::Staged(_)));
+                    if queue.is_empty() {
+                        self.queues.remove(&user);
+                    }
+                    self.total -= 1;
+                    refused.push(server_id);
+                }
+                Staged::Delivered { .. } => self.staged.push(staged),
+                Staged::Cancelled => {}
+            }
+        }
+        self.staged_records = self.staged.len();
+        self.staged_bytes = self.staged.len() as u64 * Record::delivered_bytes() as u64;
+        self.moves.clear();
+        self.buf.clear();
+        // The disk is full whatever the last look said: refuse pushes until
+        // the next look (due at once) finds space above the floor.
+        self.free_bytes = 0;
+        self.written_since_check = 0;
+        self.space_checked = None;
+        self.set_short(true);
+        log::warn!(
+            "store {}: {cause}: rolled back {} new messages (refused with storage_full) and \
+             kept {} delivery records for the next write",
+            self.dir.display(),
+            refused.len() - before,
+            self.staged.len()
+        );
+    }
+
+    fn append(&mut self) -> Result<(), StoreError> {
+        if self.active.is_none() {
+            let n = self.next_segment;
+            let path = self.segment_path(n);
+            self.next_segment = n.checked_add(1).ok_or_else(|| StoreError::Meta {
+                path: path.clone(),
+                reason: "segment numbers are used up".to_string(),
+            })?;
+            let file = files::create_new_append(&path).map_err(io_at(&path, "create segment"))?;
+            let dir = self.dir.clone();
+            self.sync_dir(&dir)?;
+            self.segments.insert(n, Segment::default());
+            self.active = Some((n, file));
+        }
+        let fsync = self.fsync();
+        let (n, file) = self.active.as_mut().expect("created above");
+        let n = *n;
+        let path = self.dir.join(segment::file_name(n));
+        if let Err(e) = files::write(file, &path, &self.buf) {
+            if !fault::is_no_space(&e) {
+                return Err(io_at(&path, "append to segment")(e));
+            }
+            // Cut what part of the batch made it, so the next batch follows
+            // the last good record. If that fails too, the file's end is
+            // unknown: a failed store, replayed at restart.
+            let good = self.segments[&n].bytes;
+            files::truncate(file, &path, good).map_err(io_at(&path, "truncate a partial write"))?;
+            return Err(io_at(&path, "append to segment")(e));
+        }
+        if fsync {
+            files::sync(file, &path, true).map_err(io_at(&path, "sync segment"))?;
+            self.syncs += 1;
+        }
+        let len = self.buf.len() as u64;
+        self.written_since_check += len;
+        self.segments.get_mut(&n).expect("active").bytes += len;
+        self.disk_bytes += len;
+        Ok(())
+    }
+
+    fn apply_staged(&mut self) {
+        if self.staged_records == 0 {
+            self.staged.clear();
+            return;
+        }
+        let n = self.active_number().expect("a batch was written");
+        for i in 0..self.staged.len() {
+            match self.staged[i] {
+                Staged::Queued { user, server_id } => {
+                    let entry = lookup_mut(&mut self.queues, user, server_id).expect("staged");
+                    debug_assert_eq!(entry.loc, Loc::Staged(i as u32));
+                    entry.loc = Loc::Segment(n);
+                    let bytes = queued_bytes(&entry.msg);
+                    let seg = self.segments.get_mut(&n).expect("active");
+                    seg.live += 1;
+                    seg.live_bytes += bytes;
+                    seg.index.push((user, server_id));
+                }
+                Staged::Delivered { target, .. } => {
+                    if target != n && self.segments.contains_key(&target) {
+                        let seg = self.segments.get_mut(&n).expect("active");
+                        seg.pins.insert(target);
+                    }
+                }
+                Staged::Cancelled => {}
+            }
+        }
+        self.staged.clear();
+        self.staged_records = 0;
+        self.staged_bytes = 0;
+    }
+}

@@ -1,0 +1,166 @@
+//! Compaction and deletion: picking a victim (pins first), copying its live
+//! messages over a few commits, and deleting segments nothing needs any
+//! more (see "Segments, deletion and compaction" in the module docs).
+
+use super::*;
+use crate::store::files;
+
+impl LogStore {
+    /// Bytes a compaction may copy now: the free space less half the floor
+    /// (the other half stays for tombstones). Unlimited when unknown.
+    pub(super) fn compact_budget(&self) -> u64 {
+        self.free_bytes()
+            .map_or(u64::MAX, |free| free.saturating_sub(self.floor / 2))
+    }
+
+    /// The next segment to compact (or just delete, if it has no live
+    /// message): a reclaimable sealed segment without pins, fully dead ones
+    /// first, oldest first; else the oldest segment a pinned reclaimable one
+    /// waits for. Segments whose live bytes do not fit in the free space
+    /// wait (see "Free-space floor").
+    pub(super) fn pick_victim(&self) -> Option<u32> {
+        let budget = self.compact_budget();
+        let pick = self.pick_victim_unbounded()?;
+        (self.segments[&pick].live_bytes <= budget).then_some(pick)
+    }
+
+    fn pick_victim_unbounded(&self) -> Option<u32> {
+        let active = self.active_number();
+        let sealed = || {
+            self.segments
+                .iter()
+                .filter(move |(n, _)| Some(**n) != active)
+        };
+        let over = |s: &Segment| s.dead_ratio() > self.opts.compact_dead_ratio;
+        if let Some((&n, _)) = sealed().find(|(_, s)| s.live == 0 && s.pins.is_empty()) {
+            return Some(n);
+        }
+        if let Some((&n, _)) = sealed().find(|(_, s)| over(s) && s.pins.is_empty()) {
+            return Some(n);
+        }
+        let (&blocked, _) = sealed().find(|(_, s)| s.live == 0 || over(s))?;
+        // Pins point strictly to older segments, so this ends, at a segment
+        // without pins (the oldest has none).
+        let mut at = blocked;
+        for _ in 0..self.segments.len() {
+            match self.segments[&at].pins.first() {
+                Some(&older) => at = older,
+                None => return Some(at),
+            }
+        }
+        unreachable!("pins form a cycle at segment {blocked}")
+    }
+
+    /// Encodes the next slice of the victim's live messages into `buf` and
+    /// lists them in `moves`. Returns the cursor to store once written.
+    pub(super) fn plan_moves(&mut self) -> Option<usize> {
+        self.moves.clear();
+        let c = self.compacting?;
+        let seg = &self.segments[&c.segment];
+        if seg.live == 0 {
+            return Some(seg.index.len());
+        }
+        let end = seg.index.len().min(c.cursor + COMPACT_ENTRIES_PER_COMMIT);
+        let mut cursor = c.cursor;
+        let mut copied = 0;
+        while cursor < end && copied < self.compact_bytes_per_commit {
+            let (user, server_id) = seg.index[cursor];
+            cursor += 1;
+            let Some(entry) = lookup(&self.queues, user, server_id) else {
+                continue; // delivered
+            };
+            if entry.loc != Loc::Segment(c.segment) {
+                continue; // a later copy is the current one
+            }
+            queued_record(user, &entry.msg).encode(&mut self.buf);
+            copied += queued_bytes(&entry.msg);
+            self.moves.push((user, server_id));
+        }
+        Some(cursor)
+    }
+
+    pub(super) fn apply_moves(&mut self, cursor: usize) -> Result<(), StoreError> {
+        let c = self.compacting.expect("planned");
+        if !self.moves.is_empty() {
+            let n = self.active_number().expect("copies were written");
+            let mut moved_bytes = 0;
+            for &(user, server_id) in &self.moves {
+                let entry = lookup_mut(&mut self.queues, user, server_id).expect("planned");
+                debug_assert_eq!(entry.loc, Loc::Segment(c.segment));
+                entry.loc = Loc::Segment(n);
+                moved_bytes += queued_bytes(&entry.msg);
+                self.segments
+                    .get_mut(&n)
+                    .expect("active")
+                    .index
+                    .push((user, server_id));
+            }
+            let moved = self.moves.len() as u64;
+            let victim = self.segments.get_mut(&c.segment).expect("victim");
+            victim.live -= moved;
+            victim.live_bytes -= moved_bytes;
+            let seg = self.segments.get_mut(&n).expect("active");
+            seg.live += moved;
+            seg.live_bytes += moved_bytes;
+            seg.pins.insert(c.segment);
+            self.rewritten_bytes += moved_bytes;
+        }
+        let victim = &self.segments[&c.segment];
+        if victim.live == 0 {
+            debug_assert!(victim.pins.is_empty());
+            self.delete_segment(c.segment)?;
+        } else {
+            debug_assert!(cursor < victim.index.len());
+            self.compacting = Some(Compaction {
+                segment: c.segment,
+                cursor,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes up to [`DELETES_PER_COMMIT`] sealed segments that have no
+    /// live message and no pins, oldest first.
+    pub(super) fn delete_dead(&mut self) -> Result<(), StoreError> {
+        let active = self.active_number();
+        let mut deleted = 0;
+        let mut at = 0;
+        while deleted < DELETES_PER_COMMIT {
+            // Re-find each time: a deletion may unpin a newer segment.
+            let Some(n) = self
+                .segments
+                .range(at..)
+                .find(|(n, s)| Some(**n) != active && s.live == 0 && s.pins.is_empty())
+                .map(|(n, _)| *n)
+            else {
+                break;
+            };
+            self.delete_segment(n)?;
+            deleted += 1;
+            at = n;
+        }
+        Ok(())
+    }
+
+    fn delete_segment(&mut self, n: u32) -> Result<(), StoreError> {
+        debug_assert_ne!(Some(n), self.active_number());
+        debug_assert_eq!(self.segments[&n].live, 0);
+        debug_assert!(self.segments[&n].pins.is_empty());
+        let path = self.segment_path(n);
+        files::remove(&path).map_err(io_at(&path, "delete segment"))?;
+        // Durable before any segment it pinned may go: otherwise a crash
+        // could keep this file and lose the tombstones that cancel it.
+        let dir = self.dir.clone();
+        self.sync_dir(&dir)?;
+        let seg = self.segments.remove(&n).expect("exists");
+        self.disk_bytes -= seg.bytes;
+        for other in self.segments.values_mut() {
+            other.pins.remove(&n);
+        }
+        if self.compacting.is_some_and(|c| c.segment == n) {
+            self.compacting = None;
+        }
+        self.maintenance = true;
+        Ok(())
+    }
+}

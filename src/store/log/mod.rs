@@ -1,0 +1,728 @@
+//! The durable store: one append-only log per shard, replayed at start.
+//!
+//! [`LogStore`] keeps the same in-memory queues as [`MemStore`](super::MemStore)
+//! and also records every change in segment files under the shard's own
+//! directory (`<data_dir>/shard-<N>/`, see [`shard_dir`]). Only the shard's
+//! thread touches it, so there are no locks.
+//!
+//! # On disk
+//!
+//! ```text
+//! <dir>/meta           "tern store log\nversion 1\nserver_id_max <n>\n"
+//! <dir>/00000001.log   records, appended; the highest number is the active one
+//! <dir>/00000002.log
+//! ```
+//!
+//! A segment is a plain sequence of records (format in `record.rs`: `len` u32
+//! LE, `crc32c` u32 LE over the rest, `kind` u8, fixed-width LE fields, body).
+//! Two kinds: `Queued { user, server_id, from, time_ms, body }` when a message
+//! is stored, and `Delivered { user, server_id }`, its tombstone. `meta` holds
+//! the format version and the id watermark (below); it is replaced atomically
+//! (write `meta.tmp`, rename).
+//!
+//! # Group commit
+//!
+//! `push` and `remove` change the queues at once and only *stage* a record.
+//! [`commit`](Store::commit) encodes the whole batch, writes it to the active
+//! segment with one `write`, then (with [`Durability::Fsync`]) calls
+//! `fdatasync` once. The shard sends the ACKs of the batch after `commit`
+//! returned `Ok`, so an ACK always means "durable".
+//!
+//! **The skip rule:** a message pushed and then removed before the next
+//! `commit` (delivered to an online recipient and acknowledged by its device
+//! within one loop iteration) writes nothing at all: its staged `Queued`
+//! record is cancelled and no tombstone is needed. Such a message never
+//! touches the disk. This is safe because the sender's ACK waits for the
+//! commit anyway, and a message that is already delivered needs no
+//! persistence.
+//!
+//! # Segments, deletion and compaction
+//!
+//! The active segment rolls (the next `commit` starts `000000NN+1.log`) once
+//! it holds `segment_bytes_max` bytes; a batch is never split, so a segment
+//! may end up to one batch longer. Every segment counts its *live* messages
+//! (messages whose current `Queued` record is in it) and their bytes.
+//!
+//! - A sealed segment with no live message is deleted.
+//! - A sealed segment whose dead share (`1 - live_bytes / bytes`) passes
+//!   `compact_dead_ratio` is compacted: its live messages are appended again
+//!   to the active segment (same ids, same fields), and the old file is
+//!   deleted once those copies are durable. The work is spread over commits,
+//!   about [`COMPACT_BYTES_PER_COMMIT`] of copies per commit (the last copy
+//!   may pass it by one message), so a loop iteration stays short.
+//!
+//! **Pins.** A tombstone only matters while the `Queued` record it cancels is
+//! still on disk: if the segment holding the tombstone went first, the next
+//! replay would bring the message back. So each segment keeps the set of
+//! older segments it must outlive: the segments its tombstones point into,
+//! and the segments its compaction copies came from (while both the original
+//! and the copy exist, the copy must not go first, or a later tombstone
+//! aimed at the copy would be lost with it). A segment is deleted only once
+//! that set is empty. When a reclaimable segment is held up by pins, the
+//! oldest segment it waits for is compacted, whatever its dead share. The
+//! oldest segment never has pins, so this always makes progress.
+//!
+//! # Recovery
+//!
+//! [`LogStore::open`] replays the segments in order: `Queued` inserts (a
+//! second copy of an id left by a compaction that was cut short replaces the
+//! first), `Delivered` removes. Then:
+//!
+//! - **The tail of the last segment** may be torn by a crash during a write.
+//!   Everything from the first bad record on is cut (the file is truncated)
+//!   when either no valid record follows it, or the damaged stretch holds an
+//!   aligned all-zero 512-byte sector: the mark of a write that a power loss
+//!   cut short, whose later pages may have landed while earlier ones did not.
+//!   That write was never synced, so nothing in it was acknowledged.
+//!   [`Recovery`] says how many bytes were cut.
+//! - **Any other bad record** (in a sealed segment, or followed by valid
+//!   records without such a zero sector) is damage to acknowledged data:
+//!   `open` fails with [`StoreError::Corrupt`], naming the file and offset.
+//!   With `repair`, it skips to the next valid record instead (found by
+//!   trying every byte offset), reports what it skipped, and rewrites the
+//!   damaged file without the bad bytes so the next start is clean. Messages
+//!   in skipped bytes are lost, and tombstones in them may bring delivered
+//!   messages back (delivered twice).
+//!
+//! Recovery reads one segment at a time into memory.
+//!
+//! # Server ids
+//!
+//! The shard numbers its messages and continues after
+//! [`max_server_id`](Store::max_server_id) on restart. Because a message
+//! delivered within its batch never reaches a segment, and segments are
+//! deleted, the ids on disk do not show how far the sequence went. So `meta`
+//! keeps a watermark that is always at least [`ID_RESERVE`]` / 2` above every
+//! id accepted so far: `open` raises it to the recovered maximum plus
+//! [`ID_RESERVE`], and `commit` raises it again before it could be passed.
+//! Each restart skips at most `ID_RESERVE` ids (2^20 sequence numbers of a
+//! shard); an id is never handed out twice.
+//!
+//! # Disk bound
+//!
+//! With `disk_bytes_max > 0`, a push that would take the segment bytes
+//! (written plus staged) past it is refused with
+//! [`PushError::StorageFull`]; nothing stored is dropped. Tombstones and
+//! compaction copies are never refused, so the files may pass the bound by the
+//! tombstones of one batch and by one segment being compacted; the bound
+//! must leave room for two segments.
+//!
+//! # Free-space floor
+//!
+//! Whatever the budget, the filesystem itself can fill (other files, other
+//! shards, a small disk). The store keeps the free space of its filesystem
+//! (`statvfs`, re-read at least once a second, every 100 ms while short, and
+//! whenever the bytes written since the last look could have used up half
+//! of the margin) and refuses pushes with [`PushError::StorageFull`] once
+//! they would take it below `disk_free_bytes_min`. The space under the floor
+//! is kept for what frees space: tombstones, and compaction copies (a
+//! segment is compacted only when its live bytes fit in the free space).
+//! While the free space is under twice the floor, a mostly dead *active*
+//! segment is sealed too, so that it can be compacted and deleted. And a
+//! segment is sealed at 1/64 of the filesystem's size at most (whatever
+//! `segment_bytes_max` says, and not below 64 KiB): on a small disk, a
+//! 64 MiB segment would hold every message, and compacting it would need as
+//! much free space as its live messages take. Pushes are taken again by
+//! themselves once space is back above the floor.
+//!
+//! # Disk full
+//!
+//! A write or file creation that fails with ENOSPC or EDQUOT (the floor is
+//! an estimate, and other processes share the disk) is the world's error,
+//! not a reason to crash: the partial write is truncated away, the batch's
+//! pushes are rolled back (taken out of their queues, their ids handed back
+//! to the caller so the senders hear `storage_full` instead of an ACK), its
+//! tombstones stay staged for the next commit, and its compaction copies are
+//! dropped. A `meta` rewrite that finds the disk full is retried later; while
+//! the watermark on disk is not above a new id, pushes are refused (so a
+//! start on a full disk serves the backlog and takes nothing new).
+//!
+//! So that delivering can free space even when something else filled the
+//! disk to the last byte, each store keeps a `reserve` file (a quarter of the
+//! floor, at most 1 MiB), written while there is room above the floor. The
+//! first write or `meta` rewrite that finds the disk full deletes it: its
+//! space takes the delivery records, whose commits let fully delivered
+//! segments be deleted. It is written again once free space is back above
+//! the floor plus its size.
+//!
+//! # Errors
+//!
+//! Any other error from `commit` leaves the store *failed*: it never writes
+//! again and every later `commit` returns an error. After a failed `write`
+//! or `fsync` the state of the file is unknown (the page cache may have
+//! dropped the dirty pages), so the only safe way on is to drop the store and
+//! open it again, which replays what really is on disk. The shard does that
+//! by crashing.
+//!
+//! Files are created with mode 0600 and directories with 0700: queued
+//! messages are private. Every file operation passes through
+//! [`fault::hit`](super::fault::hit), where tests inject errors.
+//!
+//! # Code layout
+//!
+//! This file holds the types, [`LogStore::open`] and the [`Store`] face
+//! (staging pushes and removals); the rest is split by concept: `options`
+//! ([`LogOptions`], [`Durability`]), `error` ([`StoreError`]), `recovery`
+//! (replay, torn tail, repair), `commit` (the batch, its write, roll back on
+//! a full disk), `compact` (victims, pins, copies, deletion), `space` (the
+//! free-space floor and the reserve file), `meta` (the `meta` file) and
+//! `bulk` (what offline tools need).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::files;
+use super::record::{Record, BODY_BYTES_MAX};
+use super::segment;
+use super::{PushError, Space, Store, Stored};
+
+mod bulk;
+mod commit;
+mod compact;
+mod error;
+mod meta;
+mod options;
+mod recovery;
+mod space;
+
+use self::error::io_at;
+pub use self::error::StoreError;
+pub use self::options::{Durability, LogOptions};
+pub use self::recovery::{Recovery, Skipped};
+
+/// On-disk format version written to and expected in `meta`.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default for [`LogOptions::segment_bytes_max`]: 64 MiB.
+pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Largest [`LogOptions::segment_bytes_max`]: 1 GiB, because recovery reads
+/// one segment at a time into memory.
+pub const SEGMENT_BYTES_MAX_LIMIT: u64 = 1024 * 1024 * 1024;
+/// Most bytes of compaction copies one `commit` writes: 1 MiB, a few
+/// milliseconds of disk bandwidth added to one loop iteration.
+pub const COMPACT_BYTES_PER_COMMIT: u64 = 1024 * 1024;
+/// Most index entries (live or dead `Queued` records of the segment being
+/// compacted) one `commit` looks at, bounding the CPU part of the same work.
+pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
+/// Most fully-dead segments one `commit` deletes besides its compaction
+/// victim (each costs an `unlink` and, with `fsync`, a directory sync).
+pub const DELETES_PER_COMMIT: usize = 4;
+/// The free-space floor when `disk_free_bytes_min` is 0 (auto): this
+/// percentage of the filesystem's size, at most [`AUTO_FLOOR_BYTES_MAX`].
+pub const AUTO_FLOOR_PERCENT: u64 = 5;
+/// Cap of the automatic free-space floor: 64 MiB.
+pub const AUTO_FLOOR_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// A segment is sealed at 1/64 of its filesystem at most, so that
+/// compacting one never needs more free space than the floor keeps.
+const SEGMENT_FS_SHARE: u64 = 64;
+/// ... but not below 64 KiB.
+const SEGMENT_FS_BYTES_MIN: u64 = 64 * 1024;
+/// How often the free space is re-read at least, normally.
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often it is re-read while space is short.
+const SPACE_CHECK_SHORT_EVERY: Duration = Duration::from_millis(100);
+/// How far the id watermark in `meta` runs ahead of the ids accepted:
+/// 2^30 ids = 2^20 sequence numbers of one shard (ids are `seq << 10 | shard`).
+pub const ID_RESERVE: u64 = 1 << 30;
+
+const META: &str = "meta";
+/// Space set aside for a full disk (see "Disk full" in the module docs).
+const RESERVE: &str = "reserve";
+/// The reserve file is a quarter of the floor, at most this: 1 MiB (room
+/// for some 30,000 delivery records).
+const RESERVE_BYTES_MAX: u64 = 1024 * 1024;
+const META_TMP: &str = "meta.tmp";
+const META_MAGIC: &str = "tern store log";
+const TMP_SUFFIX: &str = ".log.tmp";
+
+/// The directory of shard `shard`'s log: `<data_dir>/shard-<shard>`.
+pub fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+/// Where a queued message's current `Queued` record is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loc {
+    /// `Durability::Memory`: nowhere.
+    Memory,
+    /// Not written yet: index into `LogStore::staged`.
+    Staged(u32),
+    /// In this segment.
+    Segment(u32),
+}
+
+#[derive(Debug)]
+struct Entry {
+    msg: Stored,
+    loc: Loc,
+}
+
+/// A record waiting for the next commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Staged {
+    /// Encoded from the queue entry at commit time.
+    Queued { user: u64, server_id: u64 },
+    /// The tombstone of a message whose `Queued` record is in `target`.
+    Delivered {
+        user: u64,
+        server_id: u64,
+        target: u32,
+    },
+    /// A `Queued` record whose message was removed before the commit: the
+    /// skip rule, nothing is written.
+    Cancelled,
+}
+
+#[derive(Debug, Default)]
+struct Segment {
+    /// File length.
+    bytes: u64,
+    /// Messages whose current `Queued` record is here.
+    live: u64,
+    /// Encoded bytes of those records; `<= bytes`.
+    live_bytes: u64,
+    /// `(user, server_id)` of every `Queued` record in the file, in file
+    /// order, live or not: what compaction walks. 16 bytes per record, freed
+    /// with the segment.
+    index: Vec<(u64, u64)>,
+    /// Older segments that must be deleted before this one (see the module
+    /// docs). Never contains this segment's own number.
+    pins: BTreeSet<u32>,
+}
+
+impl Segment {
+    fn dead_ratio(&self) -> f64 {
+        if self.bytes == 0 {
+            return 0.0;
+        }
+        1.0 - self.live_bytes as f64 / self.bytes as f64
+    }
+}
+
+/// The segment being compacted and how far its index has been walked.
+#[derive(Clone, Copy, Debug)]
+struct Compaction {
+    segment: u32,
+    /// Index entries before this one are done; `0..=index.len()`.
+    cursor: usize,
+}
+
+/// Encoded size of the `Queued` record of `msg`.
+fn queued_bytes(msg: &Stored) -> u64 {
+    Record::queued_bytes(msg.body.len()) as u64
+}
+
+fn queued_record(user: u64, msg: &Stored) -> Record<'_> {
+    Record::Queued {
+        user,
+        server_id: msg.server_id,
+        from: msg.from,
+        time_ms: msg.time_ms,
+        body: &msg.body,
+    }
+}
+
+fn find(queue: &VecDeque<Entry>, server_id: u64) -> Result<usize, usize> {
+    // Most lookups are for the newest message (a replayed or staged push);
+    // check it before bisecting.
+    match queue.back() {
+        Some(last) if last.msg.server_id < server_id => Err(queue.len()),
+        Some(last) if last.msg.server_id == server_id => Ok(queue.len() - 1),
+        _ => queue.binary_search_by_key(&server_id, |e| e.msg.server_id),
+    }
+}
+
+fn lookup(queues: &HashMap<u64, VecDeque<Entry>>, user: u64, server_id: u64) -> Option<&Entry> {
+    let queue = queues.get(&user)?;
+    queue.get(find(queue, server_id).ok()?)
+}
+
+fn lookup_mut(
+    queues: &mut HashMap<u64, VecDeque<Entry>>,
+    user: u64,
+    server_id: u64,
+) -> Option<&mut Entry> {
+    let queue = queues.get_mut(&user)?;
+    let at = find(queue, server_id).ok()?;
+    queue.get_mut(at)
+}
+
+/// The durable per-shard store. See the module docs.
+pub struct LogStore {
+    opts: LogOptions,
+    dir: PathBuf,
+    queues: HashMap<u64, VecDeque<Entry>>,
+    /// Messages in `queues`.
+    total: usize,
+    /// Every segment file, by number.
+    segments: BTreeMap<u32, Segment>,
+    /// The segment appended to, opened for append; `None` before the first
+    /// write and right after a roll (the next write creates one).
+    active: Option<(u32, File)>,
+    /// Number for the next segment file; above every number ever used.
+    next_segment: u32,
+    /// Bytes of all segment files.
+    disk_bytes: u64,
+    /// Records for the next commit, in order.
+    staged: Vec<Staged>,
+    /// `staged` entries other than `Cancelled`.
+    staged_records: usize,
+    /// Encoded bytes of those.
+    staged_bytes: u64,
+    /// The batch being written; kept for its capacity.
+    buf: Vec<u8>,
+    /// Messages copied by the current commit's compaction step.
+    moves: Vec<(u64, u64)>,
+    compacting: Option<Compaction>,
+    /// Something may have become deletable or compactable since the last
+    /// look (a sealed segment lost a live message, a roll, a deletion).
+    maintenance: bool,
+    /// Highest server id accepted or replayed (or the recovered watermark).
+    server_id_max: u64,
+    /// The watermark `meta` holds on disk.
+    id_watermark: u64,
+    /// `fdatasync`/`fsync` calls, data and directories.
+    syncs: u64,
+    /// Bytes of compaction copies written.
+    rewritten_bytes: u64,
+    /// Copy budget of one commit; [`COMPACT_BYTES_PER_COMMIT`] except in
+    /// tests.
+    compact_bytes_per_commit: u64,
+    /// A commit failed; nothing is written any more.
+    failed: bool,
+    /// Free bytes of the filesystem at the last look (`statvfs`, for an
+    /// unprivileged process); `u64::MAX` when unknown or `Memory`.
+    free_bytes: u64,
+    /// Bytes appended since that look: the estimate is `free_bytes` minus
+    /// this.
+    written_since_check: u64,
+    /// When the free space was last read; `None` = read it at the next
+    /// chance.
+    space_checked: Option<Instant>,
+    /// A `meta` rewrite found the disk full: when to try again.
+    meta_retry_at: Option<Instant>,
+    /// The free-space floor in bytes (`disk_free_bytes_min`, or auto).
+    floor: u64,
+    /// Size at which the active segment is sealed: `segment_bytes_max`, at
+    /// most 1/64 of the filesystem (see "Free-space floor").
+    segment_bytes: u64,
+    /// Pushes are being refused for lack of space (for the log lines on
+    /// each change and for stats).
+    short: bool,
+    /// Batches rolled back because the disk was full.
+    rollbacks: u64,
+    /// Bytes of the `reserve` file on disk; 0 = none.
+    reserve_bytes: u64,
+}
+
+impl fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.dir)
+            .field("durability", &self.opts.durability)
+            .field("messages", &self.total)
+            .field("segments", &self.segments.len())
+            .field("disk_bytes", &self.disk_bytes)
+            .field("staged_records", &self.staged_records)
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens (creating if missing) the log in `dir` and replays it. With
+    /// [`Durability::Memory`] the directory is not touched.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        options: LogOptions,
+    ) -> Result<(LogStore, Recovery), StoreError> {
+        options.validate()?;
+        let started = Instant::now();
+        let mut store = LogStore {
+            dir: dir.as_ref().to_path_buf(),
+            queues: HashMap::new(),
+            total: 0,
+            segments: BTreeMap::new(),
+            active: None,
+            next_segment: 1,
+            disk_bytes: 0,
+            staged: Vec::new(),
+            staged_records: 0,
+            staged_bytes: 0,
+            buf: Vec::new(),
+            moves: Vec::new(),
+            compacting: None,
+            maintenance: true,
+            server_id_max: 0,
+            id_watermark: 0,
+            syncs: 0,
+            rewritten_bytes: 0,
+            compact_bytes_per_commit: COMPACT_BYTES_PER_COMMIT,
+            failed: false,
+            free_bytes: u64::MAX,
+            written_since_check: 0,
+            space_checked: None,
+            meta_retry_at: None,
+            floor: options.disk_free_bytes_min,
+            segment_bytes: options.segment_bytes_max,
+            short: false,
+            rollbacks: 0,
+            reserve_bytes: 0,
+            opts: options,
+        };
+        let mut recovery = Recovery::default();
+        if store.opts.durability != Durability::Memory {
+            store.recover(&mut recovery)?;
+            store.check_space(Instant::now());
+            store.keep_reserve();
+        }
+        recovery.messages = store.total;
+        recovery.max_server_id = store.server_id_max;
+        recovery.elapsed = started.elapsed();
+        Ok((store, recovery))
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &LogOptions {
+        &self.opts
+    }
+
+    /// Bytes of all segment files (not counting what is staged).
+    pub fn disk_bytes(&self) -> u64 {
+        self.disk_bytes
+    }
+
+    /// Segment files.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// `fdatasync`/`fsync` calls made since open, on data and directories.
+    pub fn syncs(&self) -> u64 {
+        self.syncs
+    }
+
+    /// Bytes of compaction copies written since open (write amplification).
+    pub fn rewritten_bytes(&self) -> u64 {
+        self.rewritten_bytes
+    }
+
+    /// Whether a commit failed; see "Errors" in the module docs.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Free bytes of the filesystem as last seen, less what was written
+    /// since; `None` with `Memory` or when `statvfs` failed.
+    pub fn free_bytes(&self) -> Option<u64> {
+        (self.free_bytes != u64::MAX)
+            .then(|| self.free_bytes.saturating_sub(self.written_since_check))
+    }
+
+    /// The free-space floor in bytes (configured, or the automatic one).
+    pub fn floor_bytes(&self) -> u64 {
+        self.floor
+    }
+
+    /// Whether pushes are being refused for lack of disk space right now.
+    pub fn space_short(&self) -> bool {
+        self.short
+    }
+
+    /// Batches rolled back since open because the disk was full.
+    pub fn rollbacks(&self) -> u64 {
+        self.rollbacks
+    }
+
+    fn fsync(&self) -> bool {
+        self.opts.durability == Durability::Fsync
+    }
+
+    fn segment_path(&self, number: u32) -> PathBuf {
+        self.dir.join(segment::file_name(number))
+    }
+
+    fn active_number(&self) -> Option<u32> {
+        self.active.as_ref().map(|(n, _)| *n)
+    }
+
+    /// Makes the directory entries (created, renamed or removed files)
+    /// durable.
+    fn sync_dir(&mut self, dir: &Path) -> Result<(), StoreError> {
+        if self.fsync() {
+            files::sync_dir(dir).map_err(io_at(dir, "sync directory"))?;
+            self.syncs += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Store for LogStore {
+    fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError> {
+        if self.queues.get(&user).map_or(0, VecDeque::len) >= self.opts.queue_len_max {
+            return Err(PushError::QueueFull(msg));
+        }
+        // The config keeps bodies far below this; a bigger one could be
+        // written but never read back.
+        assert!(
+            msg.body.len() <= BODY_BYTES_MAX,
+            "body of {} bytes exceeds the store's {BODY_BYTES_MAX}",
+            msg.body.len()
+        );
+        let durable = self.opts.durability != Durability::Memory;
+        let bytes = queued_bytes(&msg);
+        if durable
+            && self.opts.disk_bytes_max > 0
+            && self.disk_bytes + self.staged_bytes + bytes > self.opts.disk_bytes_max
+        {
+            return Err(PushError::StorageFull(msg));
+        }
+        if durable && !self.fits_above_floor(self.staged_bytes + bytes) {
+            // The estimate may be stale: look again (at most every 100 ms
+            // while short) before refusing.
+            self.check_space(Instant::now());
+            if !self.fits_above_floor(self.staged_bytes + bytes) {
+                self.set_short(true);
+                return Err(PushError::StorageFull(msg));
+            }
+        }
+        if durable && self.meta_retry_at.is_some() && msg.server_id >= self.id_watermark {
+            // The watermark could not be raised (disk full): an id past it
+            // could be handed out again after a restart.
+            return Err(PushError::StorageFull(msg));
+        }
+        let queue = self.queues.entry(user).or_default();
+        debug_assert!(queue
+            .back()
+            .is_none_or(|last| last.msg.server_id < msg.server_id));
+        debug_assert!(queued_record(user, &msg).is_valid());
+        self.server_id_max = self.server_id_max.max(msg.server_id);
+        let loc = if durable {
+            let at = u32::try_from(self.staged.len()).expect("a batch under 2^32 records");
+            self.staged.push(Staged::Queued {
+                user,
+                server_id: msg.server_id,
+            });
+            self.staged_records += 1;
+            self.staged_bytes += bytes;
+            Loc::Staged(at)
+        } else {
+            Loc::Memory
+        };
+        queue.push_back(Entry { msg, loc });
+        self.total += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored> {
+        let queue = self.queues.get_mut(&user)?;
+        let at = find(queue, server_id).ok()?;
+        let entry = queue.remove(at)?;
+        self.total -= 1;
+        if queue.is_empty() {
+            self.queues.remove(&user);
+        }
+        let bytes = queued_bytes(&entry.msg);
+        match entry.loc {
+            Loc::Memory => {}
+            Loc::Staged(i) => {
+                // The skip rule: never written, so nothing to write now.
+                let slot = &mut self.staged[i as usize];
+                debug_assert_eq!(*slot, Staged::Queued { user, server_id });
+                *slot = Staged::Cancelled;
+                self.staged_records -= 1;
+                self.staged_bytes -= bytes;
+            }
+            Loc::Segment(n) => {
+                let seg = self.segments.get_mut(&n).expect("a live message's segment");
+                seg.live -= 1;
+                seg.live_bytes -= bytes;
+                if self.active_number() != Some(n) {
+                    self.maintenance = true;
+                }
+                self.staged.push(Staged::Delivered {
+                    user,
+                    server_id,
+                    target: n,
+                });
+                self.staged_records += 1;
+                self.staged_bytes += Record::delivered_bytes() as u64;
+            }
+        }
+        Some(entry.msg)
+    }
+
+    fn next_after(&self, user: u64, after: u64) -> Option<&Stored> {
+        let queue = self.queues.get(&user)?;
+        let at = queue.partition_point(|e| e.msg.server_id <= after);
+        // Staged pushes are the newest of a queue; they are not durable yet.
+        queue
+            .get(at)
+            .filter(|e| !matches!(e.loc, Loc::Staged(_)))
+            .map(|e| &e.msg)
+    }
+
+    fn len(&self, user: u64) -> usize {
+        self.queues.get(&user).map_or(0, VecDeque::len)
+    }
+
+    fn total(&self) -> usize {
+        self.total
+    }
+
+    fn commit(&mut self, refused: &mut Vec<u64>) -> io::Result<()> {
+        if self.opts.durability == Durability::Memory {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.check_space(now);
+        if self.failed {
+            return Err(io::Error::other(format!(
+                "message log in {} failed earlier; reopen it to replay what is on disk",
+                self.dir.display()
+            )));
+        }
+        if self.staged.is_empty()
+            && !self.maintenance
+            && self.compacting.is_none()
+            && (!self.watermark_due() || self.meta_retry_at.is_some_and(|at| now < at))
+        {
+            return Ok(());
+        }
+        self.commit_inner(refused, now).map_err(|e| {
+            self.failed = true;
+            io::Error::from(e)
+        })
+    }
+
+    fn has_uncommitted(&self) -> bool {
+        self.opts.durability != Durability::Memory
+            && (self.staged_records > 0 || self.watermark_due())
+    }
+
+    fn max_server_id(&self) -> u64 {
+        self.server_id_max
+    }
+
+    fn space(&self) -> Space {
+        Space {
+            free_bytes: self.free_bytes(),
+            short: self.short,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Recovery speed. Run with
+/// `cargo test --release -p tern --lib store::log::bench -- --ignored --nocapture`;
+/// `TERN_BENCH_MIB` sets the log size (default 512), `TERN_BENCH_DIR` where
+/// it goes (default the system temp dir), `TERN_BENCH_RUNS` how often the
+/// warm recovery is timed (default 1), and `TERN_BENCH_DROP_CACHES=1` also
+/// measures a cold page cache (needs root).
+#[cfg(test)]
+mod bench;

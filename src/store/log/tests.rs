@@ -1,0 +1,983 @@
+//! Unit tests of the log, in one file: they share the invariant checker
+//! (`LogStore::check`) and the helpers, and each test crosses several of
+//! the parts (commit, recovery, compaction, free space).
+
+use std::fs;
+
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::store::segment::{Scanner, Step};
+
+/// A 200-byte body gives a 241-byte record.
+const REC: u64 = 241;
+
+fn opts(durability: Durability) -> LogOptions {
+    LogOptions {
+        durability,
+        ..LogOptions::default()
+    }
+}
+
+fn tiny(segment_bytes_max: u64) -> LogOptions {
+    LogOptions {
+        segment_bytes_max,
+        ..opts(Durability::Fsync)
+    }
+}
+
+fn msg(id: u64, body_len: usize) -> Stored {
+    Stored {
+        server_id: id,
+        from: 100 + id % 7,
+        time_ms: 1_700_000_000_000 + id,
+        body: vec![(id % 251) as u8; body_len].into(),
+    }
+}
+
+fn open(dir: &Path, o: &LogOptions) -> (LogStore, Recovery) {
+    let (s, r) = LogStore::open(dir, o.clone()).unwrap();
+    s.check();
+    (s, r)
+}
+
+fn reopen(dir: &Path, o: &LogOptions) -> LogStore {
+    open(dir, o).0
+}
+
+fn snapshot(s: &LogStore) -> BTreeMap<u64, Vec<Stored>> {
+    s.queues
+        .iter()
+        .map(|(u, q)| (*u, q.iter().map(|e| e.msg.clone()).collect()))
+        .collect()
+}
+
+/// `(number, bytes)` of the segment files in `dir`.
+fn files(dir: &Path) -> Vec<(u32, u64)> {
+    let mut v: Vec<(u32, u64)> = fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let n = segment::parse_file_name(e.file_name().to_str()?)?;
+            Some((n, e.metadata().unwrap().len()))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn seg_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(segment::file_name(n))
+}
+
+impl LogStore {
+    /// Every invariant the bookkeeping relies on, recomputed from scratch.
+    fn check(&self) {
+        let mut total = 0;
+        let mut live: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for (user, q) in &self.queues {
+            assert!(!q.is_empty(), "user {user} has an empty queue");
+            total += q.len();
+            for pair in q.iter().collect::<Vec<_>>().windows(2) {
+                assert!(pair[0].msg.server_id < pair[1].msg.server_id);
+            }
+            for e in q {
+                match e.loc {
+                    Loc::Memory => assert_eq!(self.opts.durability, Durability::Memory),
+                    Loc::Staged(i) => assert_eq!(
+                        self.staged[i as usize],
+                        Staged::Queued {
+                            user: *user,
+                            server_id: e.msg.server_id
+                        }
+                    ),
+                    Loc::Segment(n) => {
+                        let l = live.entry(n).or_default();
+                        l.0 += 1;
+                        l.1 += queued_bytes(&e.msg);
+                    }
+                }
+            }
+        }
+        assert_eq!(total, self.total);
+        let records = self
+            .staged
+            .iter()
+            .filter(|s| **s != Staged::Cancelled)
+            .count();
+        assert_eq!(records, self.staged_records);
+        for (n, seg) in &self.segments {
+            assert_eq!(
+                (seg.live, seg.live_bytes),
+                live.remove(n).unwrap_or_default(),
+                "live count of segment {n}"
+            );
+            assert!(seg.live_bytes <= seg.bytes);
+            for p in &seg.pins {
+                assert!(p < n && self.segments.contains_key(p), "pin {p} of {n}");
+            }
+        }
+        assert!(live.is_empty(), "messages in unknown segments: {live:?}");
+        assert_eq!(
+            self.disk_bytes,
+            self.segments.values().map(|s| s.bytes).sum::<u64>()
+        );
+        if let Some(n) = self.active_number() {
+            assert_eq!(self.segments.keys().last(), Some(&n));
+        }
+        if self.opts.durability != Durability::Memory && !self.failed {
+            let on_disk: Vec<(u32, u64)> =
+                self.segments.iter().map(|(n, s)| (*n, s.bytes)).collect();
+            assert_eq!(files(&self.dir), on_disk);
+            assert!(self.id_watermark >= self.server_id_max);
+        }
+    }
+}
+
+#[test]
+fn push_commit_reopen_keeps_messages_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shard-3");
+    let o = opts(Durability::Fsync);
+    let (mut s, r) = open(&dir, &o);
+    assert_eq!((r.segments, r.records, r.messages), (0, 0, 0));
+    for id in 1..=20 {
+        s.push(id % 3, msg(id << 10, id as usize * 10)).unwrap();
+    }
+    assert!(s.has_uncommitted());
+    s.commit(&mut Vec::new()).unwrap();
+    assert!(!s.has_uncommitted());
+    s.check();
+    let before = snapshot(&s);
+    drop(s);
+    let (s, r) = open(&dir, &o);
+    assert_eq!(snapshot(&s), before);
+    assert_eq!((r.segments, r.records, r.messages), (1, 20, 20));
+    assert_eq!(r.bytes_cut, 0);
+    assert_eq!(s.total(), 20);
+    assert_eq!(s.next_after(1, 0).unwrap().server_id, 1 << 10);
+    assert_eq!(s.next_after(1, 1 << 10).unwrap().server_id, 4 << 10);
+}
+
+#[test]
+fn remove_commit_reopen_drops_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=6 {
+        s.push(7, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.remove(7, 2), Some(msg(2, 200)));
+    assert_eq!(s.remove(7, 5), Some(msg(5, 200)));
+    assert_eq!(s.remove(7, 5), None);
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    drop(s);
+    let (s, r) = open(tmp.path(), &o);
+    let ids: Vec<u64> = snapshot(&s)[&7].iter().map(|m| m.server_id).collect();
+    assert_eq!(ids, [1, 3, 4, 6]);
+    assert_eq!(r.records, 8, "6 queued + 2 tombstones");
+}
+
+#[test]
+fn push_then_remove_in_one_batch_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let mut s = reopen(tmp.path(), &o);
+    s.push(1, msg(1, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    let size = files(tmp.path());
+    let syncs = s.syncs();
+    // Delivered and acknowledged within one loop iteration.
+    s.push(2, msg(2, 200)).unwrap();
+    s.push(2, msg(3, 200)).unwrap();
+    assert_eq!(s.remove(2, 2), Some(msg(2, 200)));
+    assert_eq!(s.remove(2, 3), Some(msg(3, 200)));
+    assert!(!s.has_uncommitted(), "nothing left to make durable");
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(files(tmp.path()), size, "file size unchanged");
+    assert_eq!(s.syncs(), syncs, "no write, no sync");
+    s.check();
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(s.total(), 1);
+    assert_eq!(s.len(2), 0);
+}
+
+#[test]
+fn torn_tail_at_every_offset_inside_the_last_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Os);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=4 {
+        s.push(1, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.remove(1, 2).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.push(1, msg(5, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    drop(s);
+    let path = seg_path(tmp.path(), 1);
+    let full = fs::read(&path).unwrap();
+    let last = full.len() - REC as usize;
+    for cut in last..full.len() {
+        fs::write(&path, &full[..cut]).unwrap();
+        let (s, r) = open(tmp.path(), &o);
+        let ids: Vec<u64> = snapshot(&s)[&1].iter().map(|m| m.server_id).collect();
+        assert_eq!(ids, [1, 3, 4], "cut at {cut}");
+        assert_eq!(r.bytes_cut, (cut - last) as u64);
+        if cut > last {
+            assert_eq!(r.cut_at, Some((path.clone(), last as u64)));
+            assert!(r.to_string().contains("cut a torn tail"), "{r}");
+        }
+        assert_eq!(fs::metadata(&path).unwrap().len(), last as u64);
+        drop(s);
+    }
+    // The cut file takes appends again.
+    let mut s = reopen(tmp.path(), &o);
+    s.push(1, msg(9, 10)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    drop(s);
+    assert_eq!(reopen(tmp.path(), &o).len(1), 4);
+}
+
+#[test]
+fn power_loss_hole_in_the_last_batch_is_cut_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=3 {
+        s.push(1, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    let batch = files(tmp.path())[0].1 as usize;
+    for id in 4..=30 {
+        s.push(2, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    drop(s);
+    // A page of the last, unsynced write never reached the disk: it
+    // reads back as zeros while later pages did land.
+    let path = seg_path(tmp.path(), 1);
+    let mut data = fs::read(&path).unwrap();
+    let hole = 2048;
+    assert!(hole > batch && hole + 2048 < data.len());
+    data[hole..hole + 512].fill(0);
+    fs::write(&path, &data).unwrap();
+    let first_bad = batch + (hole - batch) / REC as usize * REC as usize;
+    let (s, r) = open(tmp.path(), &o);
+    assert_eq!(r.cut_at, Some((path, first_bad as u64)));
+    assert_eq!(r.bytes_cut, (data.len() - first_bad) as u64);
+    assert_eq!(s.len(1), 3, "the synced batch is intact");
+    assert_eq!(s.len(2), (first_bad - batch) / REC as usize);
+}
+
+fn five_records(dir: &Path, o: &LogOptions) -> PathBuf {
+    let mut s = reopen(dir, o);
+    for id in 1..=5 {
+        s.push(1, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    seg_path(dir, 1)
+}
+
+#[test]
+fn corrupt_record_in_the_middle_names_file_and_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let path = five_records(tmp.path(), &o);
+    let mut data = fs::read(&path).unwrap();
+    data[2 * REC as usize + 100] ^= 0x10; // the body of the third record
+    fs::write(&path, &data).unwrap();
+    let err = LogStore::open(tmp.path(), o.clone()).unwrap_err();
+    let StoreError::Corrupt {
+        file,
+        offset,
+        reason,
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(file, &path);
+    assert_eq!(*offset, 2 * REC);
+    assert_eq!(*reason, "checksum mismatch");
+    let text = err.to_string();
+    assert!(text.contains("00000001.log"), "{text}");
+    assert!(text.contains("offset 482"), "{text}");
+    assert!(text.contains("--repair"), "{text}");
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        data,
+        "a failed open changes nothing"
+    );
+}
+
+#[test]
+fn repair_skips_the_corrupt_record_and_cleans_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let path = five_records(tmp.path(), &o);
+    let mut data = fs::read(&path).unwrap();
+    data[2 * REC as usize + 100] ^= 0x10;
+    fs::write(&path, &data).unwrap();
+    let repair = LogOptions {
+        repair: true,
+        ..o.clone()
+    };
+    let (s, r) = open(tmp.path(), &repair);
+    let ids: Vec<u64> = snapshot(&s)[&1].iter().map(|m| m.server_id).collect();
+    assert_eq!(ids, [1, 2, 4, 5]);
+    assert_eq!(
+        r.skipped,
+        [Skipped {
+            file: path.clone(),
+            offset: 2 * REC,
+            bytes: REC,
+            reason: "checksum mismatch",
+        }]
+    );
+    assert!(r.to_string().contains("repair skipped 241 bytes"), "{r}");
+    drop(s);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 4 * REC);
+    // Clean now: no repair needed.
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(s.len(1), 4);
+}
+
+#[test]
+fn damaged_end_of_a_sealed_segment_is_not_a_torn_tail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tiny(500);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=4 {
+        s.push(1, msg(id, 200)).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+    }
+    assert_eq!(files(tmp.path()), [(1, 3 * REC), (2, REC)]);
+    drop(s);
+    let path = seg_path(tmp.path(), 1);
+    let data = fs::read(&path).unwrap();
+    fs::write(&path, &data[..data.len() - 3]).unwrap();
+    match LogStore::open(tmp.path(), o.clone()) {
+        Err(StoreError::Corrupt {
+            file,
+            offset,
+            reason,
+        }) => {
+            assert_eq!(file, path);
+            assert_eq!(offset, 2 * REC);
+            assert_eq!(reason, "record runs past the end of the file");
+        }
+        other => panic!("{other:?}"),
+    }
+    let repair = LogOptions { repair: true, ..o };
+    let (s, r) = open(tmp.path(), &repair);
+    assert_eq!(r.skipped.len(), 1);
+    assert_eq!(s.len(1), 3);
+}
+
+#[test]
+fn segments_roll_at_a_tiny_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tiny(500);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=7 {
+        s.push(1, msg(id, 200)).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+        s.check();
+    }
+    // Sealed once past 500 bytes: three 241-byte records each.
+    assert_eq!(files(tmp.path()), [(1, 723), (2, 723), (3, 241)]);
+    assert_eq!(s.segments(), 3);
+    assert_eq!(s.disk_bytes(), 7 * REC);
+    // A batch is never split across segments.
+    for id in 8..=12 {
+        s.push(1, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(files(tmp.path())[2], (3, 6 * REC));
+    drop(s);
+    let (s, r) = open(tmp.path(), &o);
+    assert_eq!(r.segments, 3);
+    assert_eq!(s.len(1), 12);
+    assert!(s.active.is_none(), "the last segment is full: sealed");
+}
+
+#[test]
+fn fully_dead_sealed_segment_is_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tiny(500);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=3 {
+        s.push(1, msg(id, 200)).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+    }
+    s.push(2, msg(4, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.segments(), 2);
+    for id in 1..=3 {
+        s.remove(1, id).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert!(!seg_path(tmp.path(), 1).exists());
+    assert_eq!(files(tmp.path()), [(2, REC + 3 * 25)]);
+    assert_eq!(s.disk_bytes(), REC + 75);
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(s.total(), 1);
+    assert_eq!(s.len(2), 1);
+}
+
+#[test]
+fn compaction_keeps_live_messages_ids_and_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tiny(2000);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=9 {
+        s.push(id % 3, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.segments(), 1);
+    assert!(s.active.is_none(), "2169 bytes: sealed");
+    // Deliver 6 of 9: dead share 2/3 > 0.5. Keep 2, 5 and 8 (user 2).
+    for id in [1, 3, 4, 6, 7, 9] {
+        s.remove(id % 3, id).unwrap();
+    }
+    let want = snapshot(&s);
+    assert_eq!(want.len(), 1);
+    // One copy per commit, to see the work spread over commits.
+    s.compact_bytes_per_commit = 1;
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert_eq!(s.rewritten_bytes(), REC);
+    assert!(seg_path(tmp.path(), 1).exists(), "not drained yet");
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.rewritten_bytes(), 2 * REC);
+    assert!(seg_path(tmp.path(), 1).exists());
+    // A restart now sees originals and copies of 2 and 5: one each.
+    drop(s);
+    let (mut s, r) = open(tmp.path(), &o);
+    assert_eq!(snapshot(&s), want);
+    assert_eq!(r.messages, 3);
+    assert_eq!(s.segments[&1].live, 1, "only 8 is current in segment 1");
+    s.compact_bytes_per_commit = 1;
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert!(!seg_path(tmp.path(), 1).exists(), "drained and deleted");
+    assert_eq!(files(tmp.path()).len(), 1);
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(snapshot(&s), want);
+    let ids: Vec<u64> = want[&2].iter().map(|m| m.server_id).collect();
+    assert_eq!(ids, [2, 5, 8]);
+}
+
+#[test]
+fn tombstones_keep_their_target_segment_from_coming_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        compact_dead_ratio: 1.0, // never by ratio: only the pin rule moves
+        ..tiny(500)
+    };
+    let mut s = reopen(tmp.path(), &o);
+    // Segment 1: A(1), B(2), C(3).
+    for id in 1..=3 {
+        s.push(id, msg(id, 200)).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+    }
+    // Segment 2: tombstone of B, D(4), E(5).
+    s.remove(2, 2).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.push(4, msg(4, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.push(5, msg(5, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(files(tmp.path()).len(), 2);
+    assert_eq!(s.segments[&2].pins, BTreeSet::from([1]));
+    // Segment 2 dies, but its tombstone still cancels B in segment 1.
+    s.remove(4, 4).unwrap();
+    s.remove(5, 5).unwrap();
+    s.compact_bytes_per_commit = 1;
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    // Segment 1 is being compacted to free it (one copy so far), and
+    // segment 2 must wait for it.
+    assert!(seg_path(tmp.path(), 1).exists());
+    assert!(
+        seg_path(tmp.path(), 2).exists(),
+        "deleted before its target"
+    );
+    drop(s); // a crash here must not bring B back
+    let mut s = reopen(tmp.path(), &o);
+    assert_eq!(s.total(), 2);
+    assert_eq!(s.len(2), 0, "B stays delivered");
+    for _ in 0..4 {
+        s.commit(&mut Vec::new()).unwrap();
+        s.check();
+    }
+    assert_eq!(files(tmp.path()).len(), 1, "both freed in order");
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!((s.len(1), s.len(2), s.len(3)), (1, 0, 1));
+}
+
+#[test]
+fn lost_unlink_after_compaction_is_harmless() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tiny(1000);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=5 {
+        s.push(1, msg(id, 200)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    let original = fs::read(seg_path(tmp.path(), 1)).unwrap();
+    for id in [1, 2, 4] {
+        s.remove(1, id).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    assert!(!seg_path(tmp.path(), 1).exists(), "compacted");
+    drop(s);
+    // The crash lost the unlink: the old segment is back.
+    fs::write(seg_path(tmp.path(), 1), &original).unwrap();
+    let mut s = reopen(tmp.path(), &o);
+    let ids: Vec<u64> = snapshot(&s)[&1].iter().map(|m| m.server_id).collect();
+    assert_eq!(ids, [3, 5], "no duplicates, delivered ones stay gone");
+    assert_eq!(s.segments[&2].pins, BTreeSet::from([1]));
+    s.remove(1, 3).unwrap();
+    s.remove(1, 5).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    drop(s);
+    assert_eq!(reopen(tmp.path(), &o).total(), 0);
+}
+
+#[test]
+fn disk_bound_refuses_with_storage_full_and_drops_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        disk_bytes_max: 1010,
+        ..tiny(500)
+    };
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=4 {
+        s.push(1, msg(id, 200)).unwrap();
+    }
+    // Staged bytes count: 5 * 241 > 1010.
+    assert_eq!(
+        s.push(1, msg(5, 200)),
+        Err(PushError::StorageFull(msg(5, 200)))
+    );
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(
+        s.push(2, msg(6, 200)),
+        Err(PushError::StorageFull(msg(6, 200)))
+    );
+    assert!(!s.queues.contains_key(&2), "no empty queue left behind");
+    // A small one still fits: 4 * 241 + 41 <= 1010.
+    s.push(2, msg(7, 0)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    drop(s);
+    let mut s = reopen(tmp.path(), &o);
+    assert_eq!((s.len(1), s.len(2)), (4, 1), "nothing lost");
+    // Deliveries free the space again.
+    for id in 1..=4 {
+        s.remove(1, id).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert!(s.disk_bytes() < 500, "{}", s.disk_bytes());
+    s.push(1, msg(8, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+}
+
+#[test]
+fn queue_limit_gives_queue_full() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        queue_len_max: 1,
+        ..opts(Durability::Fsync)
+    };
+    let mut s = reopen(tmp.path(), &o);
+    s.push(1, msg(1, 5)).unwrap();
+    assert_eq!(s.push(1, msg(2, 5)), Err(PushError::QueueFull(msg(2, 5))));
+    s.push(2, msg(3, 5)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    drop(s);
+    // A longer limit, then a shorter one: recovered queues keep every
+    // message and refuse pushes.
+    let long = LogOptions {
+        queue_len_max: 3,
+        ..o.clone()
+    };
+    let mut s = reopen(tmp.path(), &long);
+    s.push(1, msg(4, 5)).unwrap();
+    s.push(1, msg(5, 5)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    drop(s);
+    let mut s = reopen(tmp.path(), &o);
+    assert_eq!(s.len(1), 3);
+    assert!(matches!(s.push(1, msg(6, 5)), Err(PushError::QueueFull(_))));
+}
+
+#[test]
+fn max_server_id_survives_reopen_even_for_skipped_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let (mut s, r) = open(tmp.path(), &o);
+    assert_eq!(r.max_server_id, 0);
+    s.push(1, msg(5000, 1)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    // Delivered within the batch: never on disk.
+    s.push(1, msg(7000, 1)).unwrap();
+    s.remove(1, 7000).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    // Handed out, never committed.
+    s.push(1, msg(9000, 1)).unwrap();
+    drop(s);
+    let (mut s, r) = open(tmp.path(), &o);
+    assert!(r.max_server_id >= 9000);
+    assert_eq!(s.max_server_id(), r.max_server_id);
+    // A jump past the reserve is made durable by the next commit.
+    let far = r.max_server_id + ID_RESERVE;
+    s.push(2, msg(far, 1)).unwrap();
+    s.remove(2, far).unwrap();
+    assert!(s.has_uncommitted(), "the watermark must move first");
+    s.commit(&mut Vec::new()).unwrap();
+    assert!(!s.has_uncommitted());
+    drop(s);
+    assert!(reopen(tmp.path(), &o).max_server_id() >= far);
+}
+
+#[test]
+fn memory_durability_writes_no_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shard-0");
+    let o = opts(Durability::Memory);
+    let (mut s, r) = open(&dir, &o);
+    assert_eq!(r.records, 0);
+    for id in 1..=5 {
+        s.push(1, msg(id, 10)).unwrap();
+    }
+    s.remove(1, 2).unwrap();
+    assert!(!s.has_uncommitted());
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert_eq!(s.len(1), 4);
+    assert_eq!(s.max_server_id(), 5);
+    assert_eq!((s.syncs(), s.disk_bytes(), s.segments()), (0, 0, 0));
+    assert!(!dir.exists());
+    drop(s);
+    assert_eq!(reopen(&dir, &o).total(), 0);
+    assert!(!dir.exists());
+}
+
+#[test]
+fn os_durability_writes_without_fsync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Os);
+    let mut s = reopen(tmp.path(), &o);
+    for id in 1..=3 {
+        s.push(9, msg(id, 30)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.remove(9, 1).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.syncs(), 0);
+    // In the file already, while the store is still open.
+    let data = fs::read(seg_path(tmp.path(), 1)).unwrap();
+    let records: Vec<Record> = Scanner::new(&data)
+        .map(|step| match step {
+            Step::Record { record, .. } => record,
+            bad => panic!("{bad:?}"),
+        })
+        .collect();
+    let m = msg(2, 30);
+    assert_eq!(records.len(), 4);
+    assert_eq!(
+        records[1],
+        Record::Queued {
+            user: 9,
+            server_id: 2,
+            from: m.from,
+            time_ms: m.time_ms,
+            body: &m.body
+        }
+    );
+    assert_eq!(
+        records[3],
+        Record::Delivered {
+            user: 9,
+            server_id: 1
+        }
+    );
+    drop(s);
+}
+
+#[test]
+fn fsync_durability_syncs_once_per_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = reopen(tmp.path(), &opts(Durability::Fsync));
+    let at_open = s.syncs();
+    assert!(at_open >= 2, "meta and its directory");
+    for id in 1..=100 {
+        s.push(id % 10, msg(id, 50)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(
+        s.syncs(),
+        at_open + 2,
+        "the new segment's directory entry + one data sync"
+    );
+    for id in 101..=200 {
+        s.push(id % 10, msg(id, 50)).unwrap();
+    }
+    s.remove(1, 1).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.syncs(), at_open + 3, "100 pushes and a remove: one sync");
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(s.syncs(), at_open + 3, "nothing staged: no sync");
+}
+
+#[test]
+fn options_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            LogOptions {
+                queue_len_max: 0,
+                ..LogOptions::default()
+            },
+            "queue_len_max",
+        ),
+        (
+            LogOptions {
+                segment_bytes_max: 0,
+                ..LogOptions::default()
+            },
+            "segment_bytes_max",
+        ),
+        (
+            LogOptions {
+                segment_bytes_max: SEGMENT_BYTES_MAX_LIMIT + 1,
+                ..LogOptions::default()
+            },
+            "segment_bytes_max",
+        ),
+        (
+            LogOptions {
+                disk_bytes_max: 2 * SEGMENT_BYTES_MAX_DEFAULT - 1,
+                ..LogOptions::default()
+            },
+            "disk_bytes_max",
+        ),
+        (
+            LogOptions {
+                compact_dead_ratio: f64::NAN,
+                ..LogOptions::default()
+            },
+            "compact_dead_ratio",
+        ),
+        (
+            LogOptions {
+                compact_dead_ratio: 1.5,
+                ..LogOptions::default()
+            },
+            "compact_dead_ratio",
+        ),
+    ];
+    for (o, field) in cases {
+        match LogStore::open(tmp.path(), o) {
+            Err(e @ StoreError::Options { .. }) => {
+                assert!(e.to_string().contains(field), "{e}")
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    assert!(LogOptions::default().validate().is_ok());
+    let edge = LogOptions {
+        segment_bytes_max: 1,
+        disk_bytes_max: 2,
+        compact_dead_ratio: 0.0,
+        ..LogOptions::default()
+    };
+    assert!(edge.validate().is_ok());
+}
+
+#[test]
+fn durability_names() {
+    #[derive(Deserialize, Serialize)]
+    struct C {
+        durability: Durability,
+    }
+    for d in [Durability::Fsync, Durability::Os, Durability::Memory] {
+        let text = toml::to_string(&C { durability: d }).unwrap();
+        assert_eq!(text.trim(), format!("durability = \"{d}\""));
+        assert_eq!(toml::from_str::<C>(&text).unwrap().durability, d);
+        assert_eq!(d.as_str().parse::<Durability>(), Ok(d));
+    }
+    assert_eq!(Durability::default(), Durability::Fsync);
+    assert!(toml::from_str::<C>("durability = \"FSYNC\"").is_err());
+    assert!("sometimes".parse::<Durability>().is_err());
+}
+
+#[test]
+fn meta_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    five_records(tmp.path(), &o);
+    let meta = tmp.path().join(META);
+    let good = fs::read_to_string(&meta).unwrap();
+    fs::write(&meta, good.replace("version 1", "version 2")).unwrap();
+    let e = LogStore::open(tmp.path(), o.clone()).unwrap_err();
+    assert!(
+        matches!(e, StoreError::Meta { .. }) && e.to_string().contains("version 2"),
+        "{e}"
+    );
+    fs::remove_file(&meta).unwrap();
+    let e = LogStore::open(tmp.path(), o.clone()).unwrap_err();
+    assert!(e.to_string().contains("--repair"), "{e}");
+    let repair = LogOptions { repair: true, ..o };
+    let (s, r) = open(tmp.path(), &repair);
+    assert!(r.meta_recreated);
+    assert_eq!(s.total(), 5);
+    assert!(s.max_server_id() >= 5);
+    // Leftovers of an interrupted replace are cleaned up.
+    fs::write(tmp.path().join(META_TMP), "junk").unwrap();
+    fs::write(tmp.path().join("00000001.log.tmp"), "junk").unwrap();
+    drop(s);
+    let _ = reopen(tmp.path(), &repair);
+    assert!(!tmp.path().join("00000001.log.tmp").exists());
+}
+
+#[test]
+fn a_failed_commit_fails_every_later_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let mut s = reopen(tmp.path(), &o);
+    s.push(1, msg(1, 10)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    // Swap the active file for a read-only handle: the write fails.
+    let path = seg_path(tmp.path(), 1);
+    s.active.as_mut().unwrap().1 = File::open(&path).unwrap();
+    s.push(1, msg(2, 10)).unwrap();
+    let e = s.commit(&mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("append to segment"), "{e}");
+    assert!(s.failed());
+    assert!(s.has_uncommitted());
+    s.push(1, msg(3, 10)).unwrap();
+    assert!(s
+        .commit(&mut Vec::new())
+        .unwrap_err()
+        .to_string()
+        .contains("failed earlier"));
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(s.len(1), 1, "only what was committed");
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Push(u8, u8),
+    Remove(u8, u8),
+    Commit,
+    /// Commit, drop, open.
+    Reopen,
+    /// Drop without committing, open.
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u8..4, any::<u8>()).prop_map(|(u, b)| Op::Push(u, b)),
+        4 => (0u8..4, any::<u8>()).prop_map(|(u, n)| Op::Remove(u, n)),
+        3 => Just(Op::Commit),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random pushes, removes, commits, restarts and crashes against a
+    /// plain model, with segments small enough to roll, delete and
+    /// compact all the time.
+    #[test]
+    fn behaves_like_the_model(
+        ops in prop::collection::vec(op(), 1..250),
+        ratio in 0.0f64..=1.0,
+        budget in 1u64..800,
+        segment_bytes_max in 150u64..700,
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = LogOptions {
+            durability: Durability::Os,
+            queue_len_max: 4,
+            segment_bytes_max,
+            disk_bytes_max: 0,
+            disk_free_bytes_min: 0,
+            compact_dead_ratio: ratio,
+            repair: false,
+        };
+        let mut s = reopen(tmp.path(), &o);
+        s.compact_bytes_per_commit = budget;
+        let mut model: BTreeMap<u64, Vec<Stored>> = BTreeMap::new();
+        let mut committed = model.clone();
+        let mut next_id = 1;
+        for op in ops {
+            match op {
+                Op::Push(u, b) => {
+                    let user = u as u64;
+                    let m = msg(next_id, b as usize % 60);
+                    next_id += 1;
+                    let result = s.push(user, m.clone());
+                    if model.get(&user).map_or(0, Vec::len) >= 4 {
+                        prop_assert_eq!(result, Err(PushError::QueueFull(m)));
+                    } else {
+                        prop_assert_eq!(result, Ok(()));
+                        model.entry(user).or_default().push(m);
+                    }
+                }
+                Op::Remove(u, n) => {
+                    let user = u as u64;
+                    match model.get_mut(&user) {
+                        Some(q) => {
+                            let m = q.remove(n as usize % q.len());
+                            if q.is_empty() {
+                                model.remove(&user);
+                            }
+                            prop_assert_eq!(s.remove(user, m.server_id), Some(m));
+                        }
+                        None => prop_assert_eq!(s.remove(user, 1), None),
+                    }
+                }
+                Op::Commit => {
+                    s.commit(&mut Vec::new()).unwrap();
+                    committed = model.clone();
+                }
+                Op::Reopen | Op::Crash => {
+                    if matches!(op, Op::Reopen) {
+                        s.commit(&mut Vec::new()).unwrap();
+                        committed = model.clone();
+                    }
+                    drop(s);
+                    s = reopen(tmp.path(), &o);
+                    s.compact_bytes_per_commit = budget;
+                    model = committed.clone();
+                    // No id is ever handed out twice.
+                    prop_assert!(s.max_server_id() >= next_id - 1);
+                    next_id = s.max_server_id() + 1;
+                }
+            }
+            s.check();
+            prop_assert_eq!(&snapshot(&s), &model);
+        }
+    }
+}
