@@ -485,7 +485,11 @@ impl Run {
         let drained = results
             .iter()
             .enumerate()
-            .flat_map(|(w, r)| r.drained.iter().map(move |&l| l as u64 * workers + w as u64))
+            .flat_map(|(w, r)| {
+                r.drained
+                    .iter()
+                    .map(move |&l| l as u64 * workers + w as u64)
+            })
             .collect();
         Finished {
             drained,
@@ -1005,7 +1009,11 @@ pub fn offline(a: OfflineArgs, argv: &[String]) -> Res<i32> {
         {
             let t1 = Instant::now();
             let d = drain(&mut run, &p, a.drain, true);
-            run.phase("deliver-backlog", t1, json!({"complete": d == Waited::Done}));
+            run.phase(
+                "deliver-backlog",
+                t1,
+                json!({"complete": d == Waited::Done}),
+            );
             if d != Waited::Aborted {
                 final_drain(&mut run, &p, a.final_drain);
             }
