@@ -21,6 +21,7 @@ impl TestServer {
             shards: 2,
             stats_socket: dir.path().join("tern.sock"),
             data_dir: dir.path().join("data"),
+            io: test_backend(),
             ..Default::default()
         })
         .expect("server starts");
@@ -42,6 +43,14 @@ impl Drop for TestServer {
             s.join();
         }
     }
+}
+
+/// The server's I/O backend: `TERN_TEST_IO=auto|uring|poll` (default auto),
+/// as in the server's own suite.
+fn test_backend() -> tern::io::Backend {
+    std::env::var("TERN_TEST_IO").map_or(tern::io::Backend::Auto, |v| {
+        v.parse().unwrap_or_else(|e| panic!("TERN_TEST_IO: {e}"))
+    })
 }
 
 /// Runs the load generator with `args` plus a JSON path; returns the exit
@@ -339,6 +348,7 @@ fn chat_over_tls_loses_nothing() {
         shards: 2,
         stats_socket: dir.path().join("tern.sock"),
         data_dir: dir.path().join("data"),
+        io: test_backend(),
         ..Default::default()
     })
     .expect("server starts");
@@ -695,4 +705,191 @@ fn messages_acked_and_forgotten_are_lost() {
     assert_eq!(u(m, &["late"]), 0);
     assert_eq!(u(&r, &["exit_status"]), 1);
     assert!(out.contains("LOST: 20 messages"), "{out}");
+}
+
+/// Environment of [`memory_server_child`]: the address to listen on.
+const CHILD_LISTEN_ENV: &str = "LOADGEN_TEST_CHILD_LISTEN";
+/// Environment of [`memory_server_child`]: the directory for its stats socket.
+const CHILD_DIR_ENV: &str = "LOADGEN_TEST_CHILD_DIR";
+
+/// Not a test: the server process of
+/// [`kill_9_of_a_memory_server_after_its_acks_is_reported_as_loss`], which
+/// runs this test binary again with only this function. It starts a server
+/// with `durability = "memory"`, prints its address and waits to be killed.
+#[test]
+#[ignore = "helper process, started by kill_9_of_a_memory_server_after_its_acks_is_reported_as_loss"]
+fn memory_server_child() {
+    let (Ok(listen), Some(dir)) = (
+        std::env::var(CHILD_LISTEN_ENV),
+        std::env::var_os(CHILD_DIR_ENV),
+    ) else {
+        eprintln!("memory_server_child runs only as the child of the kill -9 test");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let server = Server::start(Config {
+        listen: listen.parse().unwrap(),
+        shards: 2,
+        stats_socket: dir.join(format!("tern-{}.sock", std::process::id())),
+        data_dir: dir.join("data"),
+        durability: tern::store::Durability::Memory,
+        io: test_backend(),
+        ..Default::default()
+    })
+    .expect("server starts");
+    println!("LISTENING {}", server.local_addr());
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    // The parent kills this process; if it never does, end anyway.
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// A [`memory_server_child`] process; SIGKILLed when dropped.
+struct ChildServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ChildServer {
+    /// Starts one listening on `listen` and waits (bounded) for its address.
+    fn start(listen: &str, dir: &Path) -> ChildServer {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "memory_server_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_LISTEN_ENV, listen)
+            .env(CHILD_DIR_ENV, dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the test binary runs again");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                // The harness may print "test NAME ... " on the same line.
+                if let Some((_, a)) = line.split_once("LISTENING ") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        });
+        let mut server = ChildServer {
+            child,
+            addr: String::new(),
+        };
+        server.addr = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the child server starts listening");
+        server
+    }
+
+    /// SIGKILL, then reap.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Real loss: a server with `durability = "memory"` ACKs messages for
+/// offline receivers and is then killed with SIGKILL and restarted on the
+/// same port. The receivers log in to it in the final drain, are told their
+/// queue is empty, and every ACKed message is reported lost (exit status 1),
+/// not as merely late.
+#[test]
+fn kill_9_of_a_memory_server_after_its_acks_is_reported_as_loss() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start("127.0.0.1:0", dir.path());
+    let addr = server.addr.clone();
+    let json = dir.path().join("kill9.json");
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
+        .args([
+            "offline",
+            "--server",
+            &addr,
+            "--conns",
+            "10",
+            "--per-user",
+            "3",
+            "--msg-rate",
+            "1000/s",
+            "--login-receivers",
+            "0",
+            // The window in which the server is killed and restarted.
+            "--drain",
+            "5s",
+            "--final-drain",
+            "30s",
+            "--max-time",
+            "90s",
+            "--user-base",
+            "50000000",
+            "--secret",
+            DEV_TOKEN_SECRET,
+            "--source",
+            "127.0.0.1",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern-loadgen runs");
+    let stdout = lg.stdout.take().unwrap();
+    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let stderr = lg.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // Printed once every SEND is answered, before the drain window.
+            if line.contains("receivers stay offline") {
+                let _ = tx.send(());
+            }
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    let acked = rx.recv_timeout(std::time::Duration::from_secs(60));
+    if acked.is_ok() {
+        server.kill9();
+        server = ChildServer::start(&addr, dir.path());
+        assert_eq!(server.addr, addr);
+    }
+    let status = lg.wait().unwrap().code().unwrap_or(-1);
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        acked.is_ok(),
+        "the loadgen never got its ACKs:\n{out}\n{err}"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(status, 1, "lost messages give exit status 1:\n{out}\n{err}");
+    let m = &r["messages"];
+    assert_eq!(u(m, &["acked"]), 30, "{r:#}");
+    assert_eq!(u(m, &["lost"]), 30, "{out}\n{err}\n{r:#}");
+    assert_eq!(u(m, &["late"]), 0);
+    assert_eq!(u(m, &["unverified"]), 0);
+    assert_eq!(u(m, &["delivered"]), 0);
+    assert_eq!(u(&r, &["counters", "final_drain_drained"]), 10);
+    assert!(out.contains("LOST: 30 messages"), "{out}");
+    drop(server);
 }
