@@ -497,9 +497,8 @@ impl<E: Engine> Worker<E> {
     /// connection left unanswered.
     fn final_drain(&mut self, slots: Vec<u32>, now: u64) {
         for l in slots {
-            if l as usize >= self.conns.len() || self.recheck.contains_key(&l) {
-                continue;
-            }
+            assert!((l as usize) < self.conns.len(), "final drain of slot {l}");
+            debug_assert!(!self.recheck.contains_key(&l), "slot {l} drained twice");
             self.conns[l as usize].flags &= !F_REOPEN;
             match self.conns[l as usize].state {
                 S_IDLE => {

@@ -139,17 +139,20 @@ impl Ledger {
     }
 
     /// Marks every message that is ACKed and not yet delivered [`OVERDUE`]
-    /// (called when the drain window closes) and returns their numbers.
-    /// Messages whose ACK has not arrived yet are not marked: their recipient
-    /// may log in again before the server queued them, so the final drain
-    /// cannot judge them.
-    pub fn mark_overdue(&self) -> Vec<u64> {
-        (0..self.len())
-            .filter(|&n| self.flags(n) & ACKED != 0 && self.deliveries(n) == 0)
-            .inspect(|&n| {
+    /// (called when the drain window closes), calls `each` with its number
+    /// and returns how many there are. Messages whose ACK has not arrived yet
+    /// are not marked: their recipient may log in again before the server
+    /// queued them, so the final drain cannot judge them.
+    pub fn mark_overdue(&self, mut each: impl FnMut(u64)) -> u64 {
+        let mut count = 0;
+        for n in 0..self.len() {
+            if self.flags(n) & ACKED != 0 && self.deliveries(n) == 0 {
                 self.mark(n, OVERDUE);
-            })
-            .collect()
+                each(n);
+                count += 1;
+            }
+        }
+        count
     }
 
     /// Counts every message's fate. `recipient_drained(n)` says whether the
@@ -301,7 +304,9 @@ mod tests {
         // 5: acked, delivered only after the window closed -> late.
         l.mark(5, ACKED);
         // The drain window closes here.
-        assert_eq!(l.mark_overdue(), vec![1, 2, 5]);
+        let mut overdue = Vec::new();
+        assert_eq!(l.mark_overdue(|n| overdue.push(n)), 3);
+        assert_eq!(overdue, [1, 2, 5]);
         assert_eq!(l.delivered(5), Delivery::First);
         // 6: ACKed only after the window closed, never delivered: its
         // recipient may have drained before the server queued it, so it is
@@ -333,7 +338,7 @@ mod tests {
             l.mark(n, ACKED);
         }
         assert_eq!(l.delivered(0), Delivery::First);
-        assert_eq!(l.mark_overdue(), vec![1]);
+        assert_eq!(l.mark_overdue(|n| assert_eq!(n, 1)), 1);
         let t = l.tally(|_| false);
         assert_eq!((t.lost, t.unverified, t.late), (0, 1, 0));
         // Never marked overdue (the run was aborted before the window

@@ -684,7 +684,7 @@ impl Finished {
                 "messages": messages.map(|(t, drain)| json!({
                     "scheduled": t.scheduled, "sent": t.sent, "skipped": t.skipped,
                     "acked": t.acked, "refused": t.refused, "unanswered": t.unanswered,
-                    "delivered": t.delivered, "late": t.late, "lost": t.lost,
+                    "delivered": t.delivered, "delivered_late": t.late, "lost": t.lost,
                     "unverified": t.unverified,
                     "not_delivered_within_drain": t.not_delivered_within_drain(),
                     "drain_s": drain.as_secs_f64(),
@@ -863,21 +863,20 @@ fn drain(run: &mut Run, plan: &SendPlan, timeout: Duration, deliveries: bool) ->
 /// recipient has drained are lost; the rest are unverified.
 fn final_drain(run: &mut Run, plan: &SendPlan, timeout: Duration) {
     let t0 = Instant::now();
-    let overdue = plan.ledger.mark_overdue();
-    if overdue.is_empty() {
-        return;
-    }
     let workers = run.plan.workers as u64;
+    // Local slots per worker: memory bounded by the connections, not the messages.
     let mut slots = vec![BTreeSet::new(); run.plan.workers];
-    for &n in &overdue {
+    let overdue = plan.ledger.mark_overdue(|n| {
         let g = plan.recipient(n);
         slots[(g % workers) as usize].insert((g / workers) as u32);
+    });
+    if overdue == 0 {
+        return;
     }
     let recipients: u64 = slots.iter().map(|s| s.len() as u64).sum();
     eprintln!(
-        "final drain: {} ACKed messages not delivered within the drain window; their {recipients} \
-         recipients log in again and drain their queues (--final-drain {:.1}s)",
-        overdue.len(),
+        "final drain: {overdue} ACKed messages not delivered within the drain window; their \
+         {recipients} recipients log in again and drain their queues (--final-drain {:.1}s)",
         timeout.as_secs_f64(),
     );
     let mut complete = false;
@@ -894,7 +893,7 @@ fn final_drain(run: &mut Run, plan: &SendPlan, timeout: Duration) {
     run.phase(
         "final-drain",
         t0,
-        json!({"overdue": overdue.len(), "recipients": recipients, "complete": complete}),
+        json!({"overdue": overdue, "recipients": recipients, "complete": complete}),
     );
 }
 
