@@ -8,8 +8,10 @@
 # CPU (utime+stime from /proc/PID/stat: over the whole load-generator run, and
 # over the chat phase alone from a 0.1 s sampler), the load generator's CPU and
 # the whole box's CPU. The sweep of a backend stops at the first saturated step
-# (achieved below 90% of the offered rate, a message lost, or deliver p99 over
-# 1 s). Backends alternate order between repetitions.
+# (achieved below 90% of the offered rate, a message lost or not delivered
+# within the drain window, or deliver p99 over 1 s). Achieved counts only
+# messages delivered within the drain window (not the load generator's
+# `delivered_late`, which arrive only in its final drain). Backends alternate order between repetitions.
 #
 # Before every step it checks that other people's processes (tern, tern-loadgen,
 # cargo, rustc, test binaries: every user process not started by this script)
@@ -177,10 +179,13 @@ for meta_path in sorted(glob.glob(os.path.join(raw, "rep*", "*", "rate-*.meta.js
         continue
     drain_s = ph.get("drain", {}).get("seconds", 0.0)
     send_s = chat["seconds"]
-    s["achieved"] = m["delivered"] / (send_s + drain_s) if send_s + drain_s > 0 else None
+    # Messages that arrived only in the final drain (after the window) do not count.
+    in_window = m["delivered"] - m.get("delivered_late", 0)
+    s["achieved"] = in_window / (send_s + drain_s) if send_s + drain_s > 0 else None
     s["sent_per_s"] = m["sent"] / send_s if send_s > 0 else None
     s["delivered"] = m["delivered"]
     s["lost"] = m["lost"]
+    s["not_delivered_within_drain"] = m.get("not_delivered_within_drain", 0)
     s["refused"] = m["refused"]
     for k in ("ack", "deliver"):
         h = lat.get(k, {})
@@ -212,7 +217,7 @@ for meta_path in sorted(glob.glob(os.path.join(raw, "rep*", "*", "rate-*.meta.js
         s["srv_us_per_msg"] = s["srv_cores"] = None
     s["srv_us_per_msg_whole_run"] = srv_run / hz * 1e6 / n if n else None
     s["lg_us_per_msg"] = lg_run / hz * 1e6 / n if n else None
-    s["ok"] = (m["lost"] == 0 and s["achieved"] is not None
+    s["ok"] = (m["lost"] == 0 and s["not_delivered_within_drain"] == 0 and s["achieved"] is not None
                and s["achieved"] >= 0.9 * s["rate"])
     steps.append(s)
 
@@ -742,13 +747,15 @@ for ((rep = 1; rep <= reps; rep++)); do
  "others_during_pct_core": ${during%% *}, "others_during_top": "${during#*| }",
  "polluted": $polluted, "loadgen_exit": $rc}
 JSON
-                line=$(jq -r '[(.messages.delivered // 0), (.messages.lost // 0), (.latency_us.deliver.p50_us // 0),
-                    (.latency_us.deliver.p99_us // 0),
-                    ([.phases[] | select(.phase == "chat" or .phase == "drain") | .seconds] | add // 0)] | @tsv' \
+                # Delivered within the drain window: late ones arrived only in the final drain.
+                line=$(jq -r '[((.messages.delivered // 0) - (.messages.delivered_late // 0)), (.messages.lost // 0),
+                    (.latency_us.deliver.p50_us // 0), (.latency_us.deliver.p99_us // 0),
+                    ([.phases[] | select(.phase == "chat" or .phase == "drain") | .seconds] | add // 0),
+                    (.messages.not_delivered_within_drain // 0)] | @tsv' \
                     "$name.json" 2>/dev/null || echo "")
-                read -r delivered lost dp50 dp99 secs <<<"${line:-0 0 0 0 0}"
+                read -r delivered lost dp50 dp99 secs overdue <<<"${line:-0 0 0 0 0 0}"
                 ach=$(awk -v n="${delivered:-0}" -v s="${secs:-0}" 'BEGIN { printf "%d", ((s > 0) ? n / s : 0) }')
-                log "rep $rep $b $rate/s (try $attempt): exit $rc, achieved $ach/s, deliver p50 ${dp50}us p99 ${dp99}us, lost $lost, server $(((s1 - s0) * 1000 / clk_tck)) ms CPU; others during: ${during%% *}% of a core (biggest:${during#*|})"
+                log "rep $rep $b $rate/s (try $attempt): exit $rc, achieved $ach/s, deliver p50 ${dp50}us p99 ${dp99}us, lost $lost, not delivered within the drain window $overdue, server $(((s1 - s0) * 1000 / clk_tck)) ms CPU; others during: ${during%% *}% of a core (biggest:${during#*|})"
                 if [ "$polluted" = true ] && [ "$attempt" -lt "$ATTEMPTS_MAX" ]; then
                     # Someone else's work overlapped this step: keep the files aside, measure again.
                     mkdir -p "$out/raw/discarded/rep$rep/$b"
@@ -765,10 +772,11 @@ JSON
             if [ "$rc" -ne 0 ] && [ "$rc" -ne 1 ]; then
                 log "load generator exit $rc (see ${name#"$out"/}.err); stopping this sweep"; break
             fi
-            # Saturated: not delivered at 90% of the offered rate, a loss, or deliver
-            # p99 above 1 s at two steps in a row (one alone can be a stall of the box).
+            # Saturated: not delivered at 90% of the offered rate, a loss, messages
+            # not delivered within the drain window, or deliver p99 above 1 s at two
+            # steps in a row (one alone can be a stall of the box).
             if [ "${dp99:-0}" -gt "$SAT_P99_US" ]; then high_p99=$((high_p99 + 1)); else high_p99=0; fi
-            if [ "${lost:-0}" != 0 ] || [ "$ach" -lt $((rate * SAT_ACHIEVED_PCT / 100)) ] || [ "$high_p99" -ge 2 ]; then
+            if [ "${lost:-0}" != 0 ] || [ "${overdue:-0}" != 0 ] || [ "$ach" -lt $((rate * SAT_ACHIEVED_PCT / 100)) ] || [ "$high_p99" -ge 2 ]; then
                 log "rep $rep $b: saturated at $rate/s; sweep ends here"; break
             fi
         done

@@ -487,7 +487,8 @@ EOF
  "server_ticks": $((c1 - c0)), "loadgen_ticks": $((k1 - k0)), "exit": $rc}
 EOF
         lost=$(python3 "$report_py" get "$out/$name.json" messages.lost 2>/dev/null || echo "?")
-        log "step $n: chat run $k exit $rc, lost $lost"
+        overdue=$(python3 "$report_py" get "$out/$name.json" messages.not_delivered_within_drain 2>/dev/null || echo "?")
+        log "step $n: chat run $k exit $rc, lost $lost, not delivered within the drain window $overdue"
         chat_list="$chat_list${chat_list:+, }\"$name.json\""
         wait_server_drained || true
         server_alive || break

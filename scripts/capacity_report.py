@@ -163,6 +163,8 @@ def chat_figures(chat: dict | None, cpu: dict | None = None) -> dict | None:
         "failed": chat.get("connections", {}).get("failed"),
         "sent": msgs.get("sent"),
         "lost": msgs.get("lost"),
+        # ACKed, not delivered within the drain window, not lost (late or unverified).
+        "not_in_window": msgs.get("not_delivered_within_drain"),
         "duplicates": msgs.get("duplicates"),
         "out_of_order": msgs.get("out_of_order"),
         "late": chat.get("counters", {}).get("msgs_late"),
@@ -219,6 +221,7 @@ def step_figures(path: Path, rss0_kb: int) -> dict:
     for key in ("deliver_p50", "deliver_p99", "deliver_p999", "ack_p50", "ack_p99", "ack_p999"):
         f[key] = median([c[key] for c in f["chats"]])
     f["lost"] = sum(c["lost"] or 0 for c in f["chats"]) if f["chats"] else None
+    f["not_in_window"] = sum(c["not_in_window"] or 0 for c in f["chats"]) if f["chats"] else None
     return f
 
 
@@ -412,7 +415,8 @@ def render(d: Path) -> None:
         L.append(f"- Chat at {one.get('msg_rate')} between random pairs with {fmt_int(f['held'])} held "
                  f"(median of {len(f['chats'])} runs): send→DELIVER p50 **{fmt_us(f['deliver_p50'])}**, "
                  f"p99 **{fmt_us(f['deliver_p99'])}**, p99.9 **{fmt_us(f['deliver_p999'])}**; "
-                 f"send→ACK p99 {fmt_us(f['ack_p99'])}; messages lost: {f['lost']}.")
+                 f"send→ACK p99 {fmt_us(f['ack_p99'])}; messages lost: {f['lost']}; "
+                 f"not delivered within the drain window (not lost): {f['not_in_window']}.")
     L.append("")
     L.append("## Why the run stopped where it did\n")
     L.append(f"{one.get('stop_reason', 'unknown (the run did not finish)')}\n")
@@ -498,14 +502,15 @@ def render(d: Path) -> None:
     L.append("Median over the runs; each run ramps its own N connections and sends between random "
              "pairs of them. Latency from each message's intended send time (no coordinated omission).\n")
     L.append("| connections | runs | deliver p50 | deliver p99 | deliver p99.9 | ack p50 | ack p99 | ack p99.9 "
-             "| sent (per run) | lost | dup | out of order | server CPU | others' CPU (max) |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+             "| sent (per run) | lost | not in window | dup | out of order | server CPU | others' CPU (max) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for f in chatted:
         c = f["chats"]
         L.append(f"| {fmt_int(f['held'])} | {len(c)} | {fmt_us(f['deliver_p50'])} | {fmt_us(f['deliver_p99'])} "
                  f"| {fmt_us(f['deliver_p999'])} | {fmt_us(f['ack_p50'])} | {fmt_us(f['ack_p99'])} "
                  f"| {fmt_us(f['ack_p999'])} | {fmt_int(median([x['sent'] for x in c]))} "
-                 f"| {sum(x['lost'] or 0 for x in c)} | {sum(x['duplicates'] or 0 for x in c)} "
+                 f"| {sum(x['lost'] or 0 for x in c)} | {sum(x['not_in_window'] or 0 for x in c)} "
+                 f"| {sum(x['duplicates'] or 0 for x in c)} "
                  f"| {sum(x['out_of_order'] or 0 for x in c)} "
                  f"| {fmt_pct(median([x.get('server_cpu_pct') for x in c]))} "
                  f"| {fmt_pct(max((x['others_box_pct'] for x in c if x.get('others_box_pct') is not None), default=None))} |")
@@ -544,6 +549,10 @@ def render(d: Path) -> None:
     L.append("- *server idle CPU*: utime+stime of the server (/proc/PID/stat) over the idle window, "
              "as % of one core; no PINGs are sent during it (`--ping-every 0`, server idle timeout "
              "raised to 15 min). *box busy*: all cores, everything on the box, from /proc/stat.")
+    L.append("- *lost*: ACKed and never delivered although the recipient logged in again and drained its "
+             "queue to empty (the load generator's final drain). *not in window*: ACKed and not delivered "
+             "within the load generator's drain window, not lost (delivered late in the final drain, or "
+             "unverified); a rerun with a longer `--drain` shows them delivered.")
     L.append("- *server CPU* during a chat run: the server's utime+stime over the whole load-generator "
              "run (ramp, chat, drain, close) as % of one core. *others' CPU*: busy time of the whole box "
              "minus server and load generator, as % of all cores: work of other people on the box that "

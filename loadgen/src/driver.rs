@@ -203,6 +203,14 @@ pub enum Cmd {
         /// Largest reconnect delay.
         jitter_ns: u64,
     },
+    /// The final drain: log these local slots (recipients of overdue
+    /// messages) in again on a fresh connection and take their whole queue.
+    /// A slot is drained once it has received as many DELIVERs as its
+    /// LOGIN_OK's `offline_count` announced.
+    FinalDrain {
+        /// Local slots, each at most once.
+        slots: Vec<u32>,
+    },
     /// Close every connection; stop opening and reconnecting.
     CloseAll,
     /// Close everything and exit once all slots are idle (or at `deadline_ns`).
@@ -216,9 +224,9 @@ pub enum Cmd {
 pub struct WorkerResult {
     /// All latencies it recorded.
     pub hists: Hists,
-    /// Which local slots were logged in when the last send plan's drain ended
-    /// (snapshot taken at `CloseAll`/`Stop`).
-    pub up_at_end: Vec<bool>,
+    /// Local slots that logged in again in the final drain and received their
+    /// whole queue.
+    pub drained: Vec<u32>,
     /// The engine's counters.
     pub engine: EngineStats,
     /// (recipient, sender) pairs the order check tracked.
@@ -236,6 +244,26 @@ struct Conn {
     t_open_us: u32,
     state: u8,
     flags: u8,
+}
+
+/// Where a slot of the final drain is ([`Cmd::FinalDrain`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recheck {
+    /// Its old connection is closing; it reopens once released.
+    Closing,
+    /// Connecting or logging in again.
+    Opening,
+    /// Logged in; `got` of the `expected` queued DELIVERs have arrived.
+    Draining {
+        /// LOGIN_OK's `offline_count`.
+        expected: u64,
+        /// DELIVERs received on this connection.
+        got: u64,
+    },
+    /// Received its whole queue.
+    Drained,
+    /// The connect or login failed, or the server closed it while draining.
+    Failed,
 }
 
 /// One worker.
@@ -268,6 +296,8 @@ pub struct Worker<E: Engine> {
     /// (peer user, server_id) of receipts that beat their ACK.
     early_receipts: HashMap<(u64, u64), u64>,
     order: OrderCheck,
+    /// Slots of the final drain (at most this worker's connections).
+    recheck: HashMap<u32, Recheck>,
     // Keepalive.
     ping_cursor: u32,
     ping_next_ns: u64,
@@ -279,7 +309,6 @@ pub struct Worker<E: Engine> {
     hists: Hists,
     ivl: Hists,
     publish_next_ns: u64,
-    up_at_end: Option<Vec<bool>>,
     stop_deadline_ns: Option<u64>,
     wbuf: Vec<u8>,
     body: Vec<u8>,
@@ -325,6 +354,7 @@ impl<E: Engine> Worker<E> {
             awaiting_receipt: HashMap::new(),
             early_receipts: HashMap::new(),
             order: OrderCheck::default(),
+            recheck: HashMap::new(),
             ping_cursor: 0,
             ping_next_ns: 0,
             ping_last_ns: 0,
@@ -333,7 +363,6 @@ impl<E: Engine> Worker<E> {
             hists: Hists::new(),
             ivl: Hists::new(),
             publish_next_ns: 0,
-            up_at_end: None,
             stop_deadline_ns: None,
             wbuf: Vec::with_capacity(256),
             body: Vec::new(),
@@ -390,13 +419,15 @@ impl<E: Engine> Worker<E> {
         for l in 0..self.conns.len() as u32 {
             self.set_state(l, S_IDLE);
         }
-        let up_at_end = self
-            .up_at_end
-            .take()
-            .unwrap_or_else(|| vec![false; self.conns.len()]);
+        let drained = self
+            .recheck
+            .iter()
+            .filter(|(_, r)| **r == Recheck::Drained)
+            .map(|(&l, _)| l)
+            .collect();
         WorkerResult {
             hists: self.hists,
-            up_at_end,
+            drained,
             engine: self.engine.stats(),
             order_pairs: self.order.pairs(),
         }
@@ -452,6 +483,7 @@ impl<E: Engine> Worker<E> {
                     }
                 }
             }
+            Cmd::FinalDrain { slots } => self.final_drain(slots, now),
             Cmd::CloseAll => self.close_all(),
             Cmd::Stop { deadline_ns } => {
                 self.close_all();
@@ -460,10 +492,50 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    fn close_all(&mut self) {
-        if self.up_at_end.is_none() {
-            self.up_at_end = Some(self.conns.iter().map(|c| c.state == S_UP).collect());
+    /// Starts the final drain of `slots`: each one's current connection (if
+    /// any) is closed first, so the login that follows is new and its
+    /// LOGIN_OK counts the whole queue, including DELIVERs the old
+    /// connection left unanswered.
+    fn final_drain(&mut self, slots: Vec<u32>, now: u64) {
+        for l in slots {
+            assert!((l as usize) < self.conns.len(), "final drain of slot {l}");
+            debug_assert!(!self.recheck.contains_key(&l), "slot {l} drained twice");
+            self.conns[l as usize].flags &= !F_REOPEN;
+            match self.conns[l as usize].state {
+                S_IDLE => {
+                    self.recheck.insert(l, Recheck::Opening);
+                    self.reopen.push(Reverse((now, l)));
+                }
+                S_CLOSING => {
+                    self.recheck.insert(l, Recheck::Closing);
+                }
+                _ => {
+                    self.recheck.insert(l, Recheck::Closing);
+                    self.close(l);
+                }
+            }
         }
+    }
+
+    /// Slot `l`'s final drain ends as `to` (drained or failed), if it is in one
+    /// and has not ended yet.
+    fn recheck_end(&mut self, l: u32, to: Recheck) {
+        debug_assert!(to == Recheck::Drained || to == Recheck::Failed);
+        let Some(r) = self.recheck.get_mut(&l) else {
+            return;
+        };
+        if matches!(*r, Recheck::Opening | Recheck::Draining { .. }) {
+            *r = to;
+            let c = if to == Recheck::Drained {
+                C::final_drain_drained
+            } else {
+                C::final_drain_failed
+            };
+            self.shared.add(c, 1);
+        }
+    }
+
+    fn close_all(&mut self) {
         self.reconnect = false;
         self.reopen.clear();
         self.send = None;
@@ -735,6 +807,9 @@ impl<E: Engine> Worker<E> {
                     self.shared.fail(&format!("connect:{}", errno_name(errno)));
                 }
                 self.set_state(l, S_IDLE);
+                if st == S_CONNECTING {
+                    self.recheck_end(l, Recheck::Failed);
+                }
                 if self.reconnect && st == S_CONNECTING {
                     self.schedule_reopen(l, now, RETRY_NS);
                 }
@@ -752,6 +827,12 @@ impl<E: Engine> Worker<E> {
                 self.set_state(l, S_IDLE);
                 if reopen && self.reconnect {
                     self.schedule_reopen(l, now, 0);
+                }
+                // A slot still opening or draining here was closed by us at
+                // the end: it stays not drained (unverified), not failed.
+                if self.recheck.get(&l) == Some(&Recheck::Closing) {
+                    self.recheck.insert(l, Recheck::Opening);
+                    self.reopen.push(Reverse((now, l)));
                 }
             }
         }
@@ -789,6 +870,7 @@ impl<E: Engine> Worker<E> {
             }
             _ => return,
         }
+        self.recheck_end(l, Recheck::Failed);
         if self.reconnect {
             self.conns[l as usize].flags |= F_REOPEN;
         }
@@ -852,10 +934,25 @@ impl<E: Engine> Worker<E> {
                     return;
                 }
                 self.shared.add(C::login_ok, 1);
-                self.shared.add(C::offline_expected, offline_count);
                 let us = self.since_open_us(l, now);
                 record(&mut self.ivl.login, us);
                 self.set_state(l, S_UP);
+                if self.recheck.get(&l) == Some(&Recheck::Opening) {
+                    self.shared.add(C::final_drain_logins, 1);
+                    self.shared.add(C::final_drain_backlog, offline_count);
+                    self.recheck.insert(
+                        l,
+                        Recheck::Draining {
+                            expected: offline_count,
+                            got: 0,
+                        },
+                    );
+                    if offline_count == 0 {
+                        self.recheck_end(l, Recheck::Drained);
+                    }
+                } else {
+                    self.shared.add(C::offline_expected, offline_count);
+                }
             }
             Frame::LoginErr { code, .. } => {
                 self.shared.add(C::login_failed, 1);
@@ -912,6 +1009,15 @@ impl<E: Engine> Worker<E> {
                 proto::encode(&Frame::Delivered { server_id }, &mut self.wbuf);
                 self.engine.send(l, &self.wbuf);
                 self.on_deliver(l, from, body, now);
+                // The queue at login is delivered first, in order, so the
+                // first `expected` DELIVERs (whatever they carry) are all of
+                // it; anything later was queued after the login.
+                if let Some(Recheck::Draining { expected, got }) = self.recheck.get_mut(&l) {
+                    *got += 1;
+                    if *got >= *expected {
+                        self.recheck_end(l, Recheck::Drained);
+                    }
+                }
             }
             Frame::Receipt {
                 kind: ReceiptKind::Delivered,

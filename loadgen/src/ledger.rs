@@ -2,6 +2,11 @@
 //! order), receipted. The loss, duplicate and order counts of the report
 //! come from here.
 //!
+//! A message not delivered when the drain window closes is not lost yet: it
+//! may still wait in its recipient's queue on the server. It is marked
+//! [`OVERDUE`], its recipient logs in again and drains its queue to empty
+//! (the final drain, `run.rs`), and only then does the tally call it lost.
+//!
 //! Message `n` of a run is the n-th entry of the send schedule; its sender
 //! and recipient are functions of `n` (see `plan`), and its body carries `n`,
 //! so no per-message table is needed beyond two bytes of state here. The
@@ -21,6 +26,9 @@ pub const REFUSED: u8 = 1 << 2;
 pub const RECEIPTED: u8 = 1 << 3;
 /// It was not sent because the sender was not logged in at its time.
 pub const SKIPPED: u8 = 1 << 4;
+/// ACKed but not delivered when the drain window closed (set by
+/// [`Ledger::mark_overdue`]); its recipient is checked in the final drain.
+pub const OVERDUE: u8 = 1 << 5;
 
 /// Per-message state, `total` messages.
 pub struct Ledger {
@@ -56,13 +64,18 @@ pub struct Tally {
     pub refused: u64,
     /// Sent but neither ACKed nor refused by the end.
     pub unanswered: u64,
-    /// Delivered at least once.
+    /// Delivered at least once (within the drain window or in the final drain).
     pub delivered: u64,
-    /// ACKed, recipient online at the end, never delivered: lost.
+    /// Of `delivered`: overdue when the drain window closed, delivered only in
+    /// the final drain (late, not lost).
+    pub late: u64,
+    /// ACKed and never delivered although its recipient logged in again after
+    /// the ACK and drained its queue to empty: lost.
     pub lost: u64,
-    /// ACKed, never delivered, recipient not logged in at the end: still
-    /// queued on the server (not a loss).
-    pub undelivered_offline: u64,
+    /// ACKed and never delivered, but its recipient's queue was not drained
+    /// to empty (the final drain timed out, failed, or was skipped): not
+    /// delivered within the drain window, fate unknown, not counted as lost.
+    pub unverified: u64,
     /// Deliveries beyond the first of a message.
     pub duplicates: u64,
     /// Delivered without having been ACKed (allowed: the ACK may be in flight).
@@ -125,10 +138,28 @@ impl Ledger {
             .map_or(0, |d| d.load(Ordering::Relaxed))
     }
 
-    /// Counts every message's fate. `recipient_online(n)` says whether the
-    /// recipient of message `n` was logged in at the end, which decides
-    /// whether an undelivered ACKed message is lost or still queued.
-    pub fn tally(&self, mut recipient_online: impl FnMut(u64) -> bool) -> Tally {
+    /// Marks every message that is ACKed and not yet delivered [`OVERDUE`]
+    /// (called when the drain window closes), calls `each` with its number
+    /// and returns how many there are. Messages whose ACK has not arrived yet
+    /// are not marked: their recipient may log in again before the server
+    /// queued them, so the final drain cannot judge them.
+    pub fn mark_overdue(&self, mut each: impl FnMut(u64)) -> u64 {
+        let mut count = 0;
+        for n in 0..self.len() {
+            if self.flags(n) & ACKED != 0 && self.deliveries(n) == 0 {
+                self.mark(n, OVERDUE);
+                each(n);
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Counts every message's fate. `recipient_drained(n)` says whether the
+    /// recipient of message `n` logged in again after the drain window and
+    /// received its whole queue (the final drain), which decides whether an
+    /// overdue message that never arrived is lost or unverified.
+    pub fn tally(&self, mut recipient_drained: impl FnMut(u64) -> bool) -> Tally {
         let mut t = Tally {
             scheduled: self.len(),
             ..Tally::default()
@@ -160,15 +191,26 @@ impl Ledger {
                 if f & ACKED == 0 {
                     t.delivered_unacked += 1;
                 }
+                if f & OVERDUE != 0 {
+                    t.late += 1;
+                }
             } else if f & ACKED != 0 {
-                if recipient_online(n) {
+                if f & OVERDUE != 0 && recipient_drained(n) {
                     t.lost += 1;
                 } else {
-                    t.undelivered_offline += 1;
+                    t.unverified += 1;
                 }
             }
         }
         t
+    }
+}
+
+impl Tally {
+    /// ACKed messages not delivered within the drain window: late ones and
+    /// unverified ones (not the lost ones).
+    pub fn not_delivered_within_drain(&self) -> u64 {
+        self.late + self.unverified
     }
 }
 
@@ -241,36 +283,71 @@ mod tests {
     }
 
     #[test]
-    fn loss_duplicates_and_offline_are_told_apart() {
-        let l = Ledger::new(6);
-        for n in 0..5 {
+    fn loss_late_unverified_and_duplicates_are_told_apart() {
+        let l = Ledger::new(8);
+        for n in 0..7 {
             l.mark(n, SENT);
         }
-        l.mark(5, SKIPPED);
-        // 0: acked, delivered twice -> one duplicate.
+        l.mark(7, SKIPPED);
+        // 0: acked, delivered twice within the window -> one duplicate.
         l.mark(0, ACKED);
         assert_eq!(l.delivered(0), Delivery::First);
         assert_eq!(l.delivered(0), Delivery::Duplicate);
-        // 1: acked, never delivered, recipient online -> lost.
+        // 1: acked, never delivered, recipient drained its queue -> lost.
         l.mark(1, ACKED);
-        // 2: acked, never delivered, recipient offline -> still queued.
+        // 2: acked, never delivered, recipient's final drain incomplete -> unverified.
         l.mark(2, ACKED);
         // 3: refused by the server -> not owed.
         l.mark(3, REFUSED);
         // 4: sent, no answer at all; delivered anyway (ACK still in flight).
         assert_eq!(l.delivered(4), Delivery::First);
+        // 5: acked, delivered only after the window closed -> late.
+        l.mark(5, ACKED);
+        // The drain window closes here.
+        let mut overdue = Vec::new();
+        assert_eq!(l.mark_overdue(|n| overdue.push(n)), 3);
+        assert_eq!(overdue, [1, 2, 5]);
+        assert_eq!(l.delivered(5), Delivery::First);
+        // 6: ACKed only after the window closed, never delivered: its
+        // recipient may have drained before the server queued it, so it is
+        // unverified even when that recipient drained.
+        l.mark(6, ACKED);
         let t = l.tally(|n| n != 2);
-        assert_eq!(t.scheduled, 6);
-        assert_eq!(t.sent, 5);
+        assert_eq!(t.scheduled, 8);
+        assert_eq!(t.sent, 7);
         assert_eq!(t.skipped, 1);
-        assert_eq!(t.acked, 3);
+        assert_eq!(t.acked, 5);
         assert_eq!(t.refused, 1);
         assert_eq!(t.unanswered, 1);
-        assert_eq!(t.delivered, 2);
+        assert_eq!(t.delivered, 3);
         assert_eq!(t.duplicates, 1);
+        assert_eq!(t.late, 1);
         assert_eq!(t.lost, 1);
-        assert_eq!(t.undelivered_offline, 1);
+        assert_eq!(t.unverified, 2);
+        assert_eq!(t.not_delivered_within_drain(), 3);
         assert_eq!(t.delivered_unacked, 1);
+    }
+
+    #[test]
+    fn undelivered_without_a_final_drain_is_never_lost() {
+        // The window closed with a message missing and nobody drained (e.g.
+        // --final-drain 0): not delivered within the window, not lost.
+        let l = Ledger::new(2);
+        for n in 0..2 {
+            l.mark(n, SENT);
+            l.mark(n, ACKED);
+        }
+        assert_eq!(l.delivered(0), Delivery::First);
+        assert_eq!(l.mark_overdue(|n| assert_eq!(n, 1)), 1);
+        let t = l.tally(|_| false);
+        assert_eq!((t.lost, t.unverified, t.late), (0, 1, 0));
+        // Never marked overdue (the run was aborted before the window
+        // closed): unverified too, whatever the drained answer.
+        let l = Ledger::new(1);
+        l.mark(0, SENT);
+        l.mark(0, ACKED);
+        let t = l.tally(|_| true);
+        assert_eq!((t.lost, t.unverified), (0, 1));
     }
 
     #[test]

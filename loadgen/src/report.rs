@@ -49,7 +49,11 @@ counters! {
     out_of_order: "First deliveries that came after a later message of the same sender.",
     receipts: "Delivered RECEIPTs matched to a message.",
     receipts_unmatched: "Delivered RECEIPTs for no known message.",
-    offline_expected: "Sum of LOGIN_OK offline_count.",
+    offline_expected: "Sum of LOGIN_OK offline_count (final-drain logins not included).",
+    final_drain_logins: "Recipients of overdue messages logged in again for the final drain.",
+    final_drain_backlog: "Sum of LOGIN_OK offline_count of the final-drain logins.",
+    final_drain_drained: "Final-drain recipients that received their whole queue.",
+    final_drain_failed: "Final-drain recipients whose connect or login failed or that were dropped.",
 }
 
 /// State shared by the main thread and the workers.

@@ -3,7 +3,7 @@
 //! phases, prints one progress line per second, enforces the memory floor and
 //! the time limits, and writes the summary and the JSON report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -482,8 +482,18 @@ impl Run {
             engine.send_retries += r.engine.send_retries;
             order_pairs += r.order_pairs;
         }
+        let workers = self.plan.workers as u64;
+        let drained = results
+            .iter()
+            .enumerate()
+            .flat_map(|(w, r)| {
+                r.drained
+                    .iter()
+                    .map(move |&l| l as u64 * workers + w as u64)
+            })
+            .collect();
         Finished {
-            up_at_end: results.into_iter().map(|r| r.up_at_end).collect(),
+            drained,
             hists,
             engine,
             order_pairs,
@@ -494,29 +504,32 @@ impl Run {
 
 struct Finished {
     run: Run,
-    /// Per worker, which local slots were logged in when closing began.
-    up_at_end: Vec<Vec<bool>>,
+    /// Connections (global indices) that received their whole queue in the
+    /// final drain.
+    drained: HashSet<u64>,
     hists: Hists,
     engine: EngineStats,
     order_pairs: usize,
 }
 
 impl Finished {
-    fn online(&self, g: u64) -> bool {
-        let w = self.run.plan.workers as u64;
-        self.up_at_end
-            .get((g % w) as usize)
-            .and_then(|v| v.get((g / w) as usize))
-            .copied()
-            .unwrap_or(false)
+    /// Whether connection `g` received its whole queue in the final drain.
+    fn drained(&self, g: u64) -> bool {
+        self.drained.contains(&g)
+    }
+
+    /// The message tally of `plan` (`None` if sending never started).
+    fn tally(&self, plan: Option<&Arc<SendPlan>>) -> Option<Tally> {
+        plan.map(|p| p.ledger.tally(|n| self.drained(p.recipient(n))))
     }
 
     /// Prints the summary, writes the JSON, returns the exit status.
+    /// `messages` is the tally and the drain window it was taken with.
     fn report(
         &self,
         scenario: &str,
         argv: &[String],
-        messages: Option<&Tally>,
+        messages: Option<(&Tally, Duration)>,
         extra: Value,
     ) -> i32 {
         let run = &self.run;
@@ -524,7 +537,7 @@ impl Finished {
         let failures = s.failures();
         let failed: u64 = failures.values().sum();
         let elapsed = run.started.elapsed().as_secs_f64();
-        let lost = messages.map_or(0, |t| t.lost);
+        let lost = messages.map_or(0, |(t, _)| t.lost);
         let ooo = s.get(C::out_of_order);
         let foreign = s.get(C::delivers_foreign);
 
@@ -551,10 +564,10 @@ impl Finished {
                 fmt_bytes(run.common.mem_floor)
             );
         }
-        if let Some(t) = messages {
+        if let Some((t, drain)) = messages {
             println!(
                 "messages: scheduled {} sent {} skipped {} acked {} refused {} unanswered {} | \
-                 delivered {} lost {} duplicates {} out-of-order {ooo} | receipts {} | still queued for offline users {}",
+                 delivered {} (late {}) lost {} duplicates {} out-of-order {ooo} | receipts {}",
                 t.scheduled,
                 t.sent,
                 t.skipped,
@@ -562,11 +575,29 @@ impl Finished {
                 t.refused,
                 t.unanswered,
                 t.delivered,
+                t.late,
                 t.lost,
                 t.duplicates,
                 t.receipted,
-                t.undelivered_offline
             );
+            if t.not_delivered_within_drain() > 0 {
+                println!(
+                    "not delivered within the drain window ({}): {} ({} late: delivered in the \
+                     final drain; {} unverified: the final drain did not finish for their \
+                     recipients); these are not lost. Rerun with a longer --drain.",
+                    fmt_us(drain.as_micros() as u64),
+                    t.not_delivered_within_drain(),
+                    t.late,
+                    t.unverified,
+                );
+            }
+            if t.lost > 0 {
+                println!(
+                    "LOST: {} messages were ACKed and never delivered, although their \
+                     recipients logged in again and drained their queues to empty",
+                    t.lost
+                );
+            }
             if foreign > 0 {
                 println!(
                     "  {foreign} deliveries were not from this run (foreign or corrupt bodies)"
@@ -651,13 +682,16 @@ impl Finished {
                     "mem_available_min_bytes": run.mem_available_min,
                 },
                 "counters": s.counters(),
-                "messages": messages.map(|t| json!({
+                "messages": messages.map(|(t, drain)| json!({
                     "scheduled": t.scheduled, "sent": t.sent, "skipped": t.skipped,
                     "acked": t.acked, "refused": t.refused, "unanswered": t.unanswered,
-                    "delivered": t.delivered, "lost": t.lost, "duplicates": t.duplicates,
+                    "delivered": t.delivered, "delivered_late": t.late, "lost": t.lost,
+                    "unverified": t.unverified,
+                    "not_delivered_within_drain": t.not_delivered_within_drain(),
+                    "drain_s": drain.as_secs_f64(),
+                    "duplicates": t.duplicates,
                     "out_of_order": ooo, "foreign": foreign,
                     "delivered_before_ack": t.delivered_unacked, "receipted": t.receipted,
-                    "undelivered_offline": t.undelivered_offline,
                     "order_pairs_checked": self.order_pairs,
                 })),
                 "latency_us": latency,
@@ -713,7 +747,7 @@ fn worker_main(
                     let _ = ready.send(Err(e.to_string()));
                     WorkerResult {
                         hists: Hists::new(),
-                        up_at_end: Vec::new(),
+                        drained: Vec::new(),
                         engine: EngineStats::default(),
                         order_pairs: 0,
                     }
@@ -822,6 +856,48 @@ fn drain(run: &mut Run, plan: &SendPlan, timeout: Duration, deliveries: bool) ->
     })
 }
 
+/// The final drain, once the drain window has closed: marks every ACKed and
+/// undelivered message overdue, and has each of their recipients log in again
+/// on a fresh connection and take its whole queue (as many DELIVERs as its
+/// LOGIN_OK announces), for at most `timeout` (zero: skipped). Overdue
+/// messages that arrive now are late; those still missing once their
+/// recipient has drained are lost; the rest are unverified.
+fn final_drain(run: &mut Run, plan: &SendPlan, timeout: Duration) {
+    let t0 = Instant::now();
+    let workers = run.plan.workers as u64;
+    // Local slots per worker: memory bounded by the connections, not the messages.
+    let mut slots = vec![BTreeSet::new(); run.plan.workers];
+    let overdue = plan.ledger.mark_overdue(|n| {
+        let g = plan.recipient(n);
+        slots[(g % workers) as usize].insert((g / workers) as u32);
+    });
+    if overdue == 0 {
+        return;
+    }
+    let recipients: u64 = slots.iter().map(|s| s.len() as u64).sum();
+    eprintln!(
+        "final drain: {overdue} ACKed messages not delivered within the drain window; their \
+         {recipients} recipients log in again and drain their queues (--final-drain {:.1}s)",
+        timeout.as_secs_f64(),
+    );
+    let mut complete = false;
+    if !timeout.is_zero() {
+        for (tx, s) in run.txs.iter().zip(slots) {
+            let _ = tx.send(Cmd::FinalDrain {
+                slots: s.into_iter().collect(),
+            });
+        }
+        complete = run.wait(timeout, |s| {
+            s.get(C::final_drain_drained) + s.get(C::final_drain_failed) >= recipients
+        }) == Waited::Done;
+    }
+    run.phase(
+        "final-drain",
+        t0,
+        json!({"overdue": overdue, "recipients": recipients, "complete": complete}),
+    );
+}
+
 /// `chat`: ramp, then messages between random pairs on a fixed schedule.
 pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
     check_body(a.body_bytes)?;
@@ -865,17 +941,18 @@ pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
             let t1 = Instant::now();
             let d = drain(&mut run, &p, a.drain, true);
             run.phase("drain", t1, json!({"complete": d == Waited::Done}));
+            if d != Waited::Aborted {
+                final_drain(&mut run, &p, a.final_drain);
+            }
         }
         plan = Some(p);
     }
     let fin = run.finish();
-    let tally = plan
-        .as_ref()
-        .map(|p| p.ledger.tally(|m| fin.online(p.recipient(m))));
+    let tally = fin.tally(plan.as_ref());
     Ok(fin.report(
         "chat",
         argv,
-        tally.as_ref(),
+        tally.as_ref().map(|t| (t, a.drain)),
         json!({"chat": {"msg_rate_per_s": rate, "duration_s": a.duration.as_secs_f64(),
                         "body_bytes": a.body_bytes}}),
     ))
@@ -920,24 +997,36 @@ pub fn offline(a: OfflineArgs, argv: &[String]) -> Res<i32> {
             t0,
             json!({"messages": total, "acked": expected_offline}),
         );
+        let online = a.login_receivers.unwrap_or(senders).min(senders);
+        if online < senders {
+            eprintln!(
+                "offline: {} receivers stay offline; their messages wait for the final drain",
+                senders - online
+            );
+        }
         if w != Waited::Aborted
-            && run.ramp("login-receivers", senders, 2 * senders) != Waited::Aborted
+            && run.ramp("login-receivers", senders, senders + online) != Waited::Aborted
         {
             let t1 = Instant::now();
-            drain(&mut run, &p, a.drain, true);
-            run.phase("deliver-backlog", t1, json!({}));
+            let d = drain(&mut run, &p, a.drain, true);
+            run.phase(
+                "deliver-backlog",
+                t1,
+                json!({"complete": d == Waited::Done}),
+            );
+            if d != Waited::Aborted {
+                final_drain(&mut run, &p, a.final_drain);
+            }
         }
         plan = Some(p);
     }
     let fin = run.finish();
-    let tally = plan
-        .as_ref()
-        .map(|p| p.ledger.tally(|m| fin.online(p.recipient(m))));
+    let tally = fin.tally(plan.as_ref());
     let announced = fin.run.shared.get(C::offline_expected);
     Ok(fin.report(
         "offline",
         argv,
-        tally.as_ref(),
+        tally.as_ref().map(|t| (t, a.drain)),
         json!({"offline": {"senders": senders, "per_user": a.per_user,
                            "acked_while_offline": expected_offline,
                            "login_ok_offline_count_sum": announced}}),

@@ -21,6 +21,7 @@ impl TestServer {
             shards: 2,
             stats_socket: dir.path().join("tern.sock"),
             data_dir: dir.path().join("data"),
+            io: test_backend(),
             ..Default::default()
         })
         .expect("server starts");
@@ -44,9 +45,23 @@ impl Drop for TestServer {
     }
 }
 
+/// The server's I/O backend: `TERN_TEST_IO=auto|uring|poll` (default auto),
+/// as in the server's own suite.
+fn test_backend() -> tern::io::Backend {
+    std::env::var("TERN_TEST_IO").map_or(tern::io::Backend::Auto, |v| {
+        v.parse().unwrap_or_else(|e| panic!("TERN_TEST_IO: {e}"))
+    })
+}
+
 /// Runs the load generator with `args` plus a JSON path; returns the exit
 /// status and the parsed report.
 fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
+    let (status, r, _) = loadgen_out(args, json);
+    (status, r)
+}
+
+/// Like [`loadgen`], also returning the summary it printed.
+fn loadgen_out(args: &[&str], json: &Path) -> (i32, Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
         .args(args)
         .args([
@@ -69,7 +84,7 @@ fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
     if status != 0 {
         eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
     }
-    (status, v)
+    (status, v, stdout.into_owned())
 }
 
 fn engines() -> Vec<&'static str> {
@@ -181,6 +196,67 @@ fn offline_messages_arrive_in_order() {
     assert_eq!(u(&r, &["offline", "login_ok_offline_count_sum"]), 200);
 }
 
+/// Receivers that stay offline for the whole run: no message can arrive
+/// within the drain window. They are reported as not delivered within it
+/// (late: the final drain logs the receivers in and takes them), never as
+/// lost, and the exit status is 0. With the final drain skipped they are
+/// unverified, still not lost.
+#[test]
+fn messages_missing_when_the_drain_window_closes_are_not_lost() {
+    let server = TestServer::start();
+    let addr = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    for (final_drain, base) in [("30s", "31000000"), ("0", "32000000")] {
+        let json = dir.path().join(format!("late-{base}.json"));
+        let (status, r, out) = loadgen_out(
+            &[
+                "offline",
+                "--server",
+                &addr,
+                "--conns",
+                "20",
+                "--per-user",
+                "5",
+                "--msg-rate",
+                "1000/s",
+                "--login-receivers",
+                "0",
+                "--drain",
+                "1s",
+                "--final-drain",
+                final_drain,
+                "--user-base",
+                base,
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "--final-drain {final_drain}: {out}\n{r:#}");
+        let m = &r["messages"];
+        assert_eq!(u(m, &["acked"]), 100, "{r:#}");
+        assert_eq!(u(m, &["lost"]), 0, "{r:#}");
+        assert_eq!(u(m, &["not_delivered_within_drain"]), 100, "{r:#}");
+        assert!(
+            out.contains("not delivered within the drain window"),
+            "{out}"
+        );
+        assert!(out.contains("Rerun with a longer --drain."), "{out}");
+        if final_drain == "0" {
+            assert_eq!(u(m, &["unverified"]), 100, "{r:#}");
+            assert_eq!(u(m, &["delivered_late"]), 0);
+            assert_eq!(u(m, &["delivered"]), 0);
+            assert_eq!(u(&r, &["counters", "final_drain_logins"]), 0);
+        } else {
+            assert_eq!(u(m, &["delivered_late"]), 100, "{r:#}");
+            assert_eq!(u(m, &["unverified"]), 0, "{r:#}");
+            assert_eq!(u(m, &["delivered"]), 100);
+            assert_eq!(u(m, &["out_of_order"]), 0);
+            assert_eq!(u(&r, &["counters", "final_drain_logins"]), 20);
+            assert_eq!(u(&r, &["counters", "final_drain_drained"]), 20);
+            assert_eq!(u(&r, &["counters", "final_drain_backlog"]), 100);
+        }
+    }
+}
+
 #[test]
 fn storm_recovers_and_closes_cleanly() {
     let server = TestServer::start();
@@ -263,7 +339,7 @@ fn chat_over_tls_loses_nothing() {
     );
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    // The server refuses a private key others can read.
+    // The server refuses a private key that group or others can read.
     std::fs::set_permissions(
         &key_path,
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
@@ -278,6 +354,7 @@ fn chat_over_tls_loses_nothing() {
         shards: 2,
         stats_socket: dir.path().join("tern.sock"),
         data_dir: dir.path().join("data"),
+        io: test_backend(),
         ..Default::default()
     })
     .expect("server starts");
@@ -332,4 +409,493 @@ fn chat_over_tls_loses_nothing() {
     assert_ne!(out.status.code(), Some(0));
     server.shutdown();
     server.join();
+}
+
+/// What the scripted server ([`FakeServer`]) does with the messages it ACKs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fake {
+    /// Queues them and delivers nothing to a logged-in recipient; a login
+    /// announces the queue and delivers it (a server slower than the window).
+    DeliverOnLogin,
+    /// Queues them; a login announces the queue but delivers nothing (a
+    /// final drain that cannot finish).
+    Stall,
+    /// Forgets them: a login announces an empty queue (real loss).
+    Forget,
+}
+
+/// A scripted server on a loopback port, speaking Tern's protocol with the
+/// real codec: it accepts any token, ACKs every SEND and treats the message
+/// as [`Fake`] says. It stops when dropped (every loop is bounded in time).
+struct FakeServer {
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Messages queued per user: (server_id, from, body).
+type Queues = std::collections::HashMap<u64, Vec<(u64, u64, Vec<u8>)>>;
+
+/// Longest a fake server or one of its connections lives.
+const FAKE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl FakeServer {
+    fn start(mode: Fake) -> FakeServer {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let queues = Arc::new(Mutex::new(Queues::new()));
+        let next_id = Arc::new(AtomicU64::new(1));
+        let stop2 = stop.clone();
+        let accept = std::thread::spawn(move || {
+            let until = std::time::Instant::now() + FAKE_LIFETIME;
+            let mut conns = Vec::new();
+            while !stop2.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+                match listener.accept() {
+                    Ok((sock, _)) => {
+                        let (stop, queues, next_id) =
+                            (stop2.clone(), queues.clone(), next_id.clone());
+                        conns.push(std::thread::spawn(move || {
+                            fake_conn(sock, mode, &stop, &queues, &next_id)
+                        }));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("fake server accept: {e}"),
+                }
+            }
+            stop2.store(true, Ordering::Relaxed);
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        FakeServer {
+            addr,
+            stop,
+            accept: Some(accept),
+        }
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(a) = self.accept.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// One connection of the fake server, until EOF, an error, or stop.
+fn fake_conn(
+    mut sock: std::net::TcpStream,
+    mode: Fake,
+    stop: &std::sync::atomic::AtomicBool,
+    queues: &std::sync::Mutex<Queues>,
+    next_id: &std::sync::atomic::AtomicU64,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    use tern::proto::{self, Frame, Limits};
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    let until = std::time::Instant::now() + FAKE_LIFETIME;
+    let limits = Limits::default();
+    let mut user = 0u64;
+    let mut inbuf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+        match sock.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => inbuf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                continue
+            }
+            Err(_) => return,
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some((frame, used)) = proto::decode(&inbuf[at..], &limits).expect("valid frames")
+        {
+            at += used;
+            match frame {
+                Frame::Login { token, .. } => {
+                    // "v1.<user>.<expiry>.<mac>": the user is all we need.
+                    let token = std::str::from_utf8(token).unwrap();
+                    user = token.split('.').nth(1).unwrap().parse().unwrap();
+                    let queued = match mode {
+                        Fake::DeliverOnLogin => {
+                            queues.lock().unwrap().remove(&user).unwrap_or_default()
+                        }
+                        Fake::Stall | Fake::Forget => Vec::new(),
+                    };
+                    let offline_count = match mode {
+                        Fake::Stall => queues.lock().unwrap().get(&user).map_or(0, |q| q.len()),
+                        _ => queued.len(),
+                    } as u64;
+                    proto::encode(
+                        &Frame::LoginOk {
+                            server_time_ms: 0,
+                            offline_count,
+                        },
+                        &mut out,
+                    );
+                    for (server_id, from, body) in &queued {
+                        proto::encode(
+                            &Frame::Deliver {
+                                server_id: *server_id,
+                                from: *from,
+                                server_time_ms: 0,
+                                body,
+                            },
+                            &mut out,
+                        );
+                    }
+                }
+                Frame::Send {
+                    client_id,
+                    to,
+                    body,
+                } => {
+                    let server_id = next_id.fetch_add(1, Ordering::Relaxed);
+                    if mode != Fake::Forget {
+                        queues.lock().unwrap().entry(to).or_default().push((
+                            server_id,
+                            user,
+                            body.to_vec(),
+                        ));
+                    }
+                    proto::encode(
+                        &Frame::Ack {
+                            client_id,
+                            server_id,
+                            server_time_ms: 0,
+                        },
+                        &mut out,
+                    );
+                }
+                Frame::Ping { nonce } => proto::encode(&Frame::Pong { nonce }, &mut out),
+                _ => {}
+            }
+        }
+        inbuf.drain(..at);
+        if sock.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// A chat whose messages the server holds back until their recipients log in
+/// again: every one is missing when the drain window closes, the final drain
+/// (recipients close their connection, log in again, take their queue)
+/// delivers them all: late, not lost, exit status 0. Both engines.
+#[test]
+fn chat_messages_held_past_the_window_arrive_late_in_the_final_drain() {
+    let server = FakeServer::start(Fake::DeliverOnLogin);
+    let dir = tempfile::tempdir().unwrap();
+    for engine in engines() {
+        let json = dir.path().join(format!("held-{engine}.json"));
+        let (status, r, out) = loadgen_out(
+            &[
+                "chat",
+                "--server",
+                &server.addr,
+                "--engine",
+                engine,
+                "--conns",
+                "6",
+                "--msg-rate",
+                "100/s",
+                "--duration",
+                "300ms",
+                "--drain",
+                "300ms",
+                "--final-drain",
+                "30s",
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "{engine}: {out}\n{r:#}");
+        let m = &r["messages"];
+        let acked = u(m, &["acked"]);
+        assert_eq!(acked, 30, "{engine}: {r:#}");
+        assert_eq!(u(m, &["delivered_late"]), acked, "{engine}: {r:#}");
+        assert_eq!(u(m, &["delivered"]), acked);
+        assert_eq!(u(m, &["lost"]), 0);
+        assert_eq!(u(m, &["unverified"]), 0);
+        assert_eq!(u(m, &["not_delivered_within_drain"]), acked);
+        assert_eq!(u(m, &["out_of_order"]), 0);
+        assert_eq!(u(&r, &["counters", "final_drain_backlog"]), acked);
+        assert!(out.contains("Rerun with a longer --drain."), "{out}");
+        assert!(!out.contains("LOST"), "{out}");
+    }
+}
+
+/// A final drain that cannot finish (the server announces a backlog and
+/// never delivers it) leaves the messages unverified, not lost: exit 0.
+#[test]
+fn a_final_drain_that_times_out_leaves_messages_unverified() {
+    let server = FakeServer::start(Fake::Stall);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stall.json");
+    let (status, r, out) = loadgen_out(
+        &[
+            "chat",
+            "--server",
+            &server.addr,
+            "--engine",
+            "poll",
+            "--conns",
+            "4",
+            "--msg-rate",
+            "100/s",
+            "--duration",
+            "200ms",
+            "--drain",
+            "200ms",
+            "--final-drain",
+            "500ms",
+        ],
+        &json,
+    );
+    assert_eq!(status, 0, "{out}\n{r:#}");
+    let m = &r["messages"];
+    assert_eq!(u(m, &["acked"]), 20, "{r:#}");
+    assert_eq!(u(m, &["unverified"]), 20, "{r:#}");
+    assert_eq!(u(m, &["lost"]), 0);
+    assert_eq!(u(m, &["delivered_late"]), 0);
+    assert_eq!(u(&r, &["counters", "final_drain_drained"]), 0);
+    assert!(out.contains("20 unverified"), "{out}");
+}
+
+/// A server that ACKs and then forgets: the recipients log in again, are told
+/// their queue is empty, and the messages are reported lost (exit status 1).
+#[test]
+fn messages_acked_and_forgotten_are_lost() {
+    let server = FakeServer::start(Fake::Forget);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("forget.json");
+    let (status, r, out) = loadgen_out(
+        &[
+            "chat",
+            "--server",
+            &server.addr,
+            "--engine",
+            "poll",
+            "--conns",
+            "4",
+            "--msg-rate",
+            "100/s",
+            "--duration",
+            "200ms",
+            "--drain",
+            "200ms",
+            "--final-drain",
+            "30s",
+        ],
+        &json,
+    );
+    assert_eq!(status, 1, "{out}\n{r:#}");
+    let m = &r["messages"];
+    assert_eq!(u(m, &["acked"]), 20, "{r:#}");
+    assert_eq!(u(m, &["lost"]), 20, "{r:#}");
+    assert_eq!(u(m, &["unverified"]), 0);
+    assert_eq!(u(m, &["delivered_late"]), 0);
+    assert_eq!(u(&r, &["exit_status"]), 1);
+    assert!(out.contains("LOST: 20 messages"), "{out}");
+}
+
+/// Environment of [`memory_server_child`]: the address to listen on.
+const CHILD_LISTEN_ENV: &str = "LOADGEN_TEST_CHILD_LISTEN";
+/// Environment of [`memory_server_child`]: the directory for its stats socket.
+const CHILD_DIR_ENV: &str = "LOADGEN_TEST_CHILD_DIR";
+
+/// Not a test: the server process of
+/// [`kill_9_of_a_memory_server_after_its_acks_is_reported_as_loss`], which
+/// runs this test binary again with only this function. It starts a server
+/// with `durability = "memory"`, prints its address and waits to be killed.
+#[test]
+#[ignore = "helper process, started by kill_9_of_a_memory_server_after_its_acks_is_reported_as_loss"]
+fn memory_server_child() {
+    let (Ok(listen), Some(dir)) = (
+        std::env::var(CHILD_LISTEN_ENV),
+        std::env::var_os(CHILD_DIR_ENV),
+    ) else {
+        eprintln!("memory_server_child runs only as the child of the kill -9 test");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let server = Server::start(Config {
+        listen: listen.parse().unwrap(),
+        shards: 2,
+        stats_socket: dir.join(format!("tern-{}.sock", std::process::id())),
+        data_dir: dir.join("data"),
+        durability: tern::store::Durability::Memory,
+        io: test_backend(),
+        ..Default::default()
+    })
+    .expect("server starts");
+    println!("LISTENING {}", server.local_addr());
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    // The parent kills this process; if it never does, end anyway.
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// A [`memory_server_child`] process; SIGKILLed when dropped.
+struct ChildServer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl ChildServer {
+    /// Starts one listening on `listen` and waits (bounded) for its address.
+    fn start(listen: &str, dir: &Path) -> ChildServer {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "memory_server_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_LISTEN_ENV, listen)
+            .env(CHILD_DIR_ENV, dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the test binary runs again");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                // The harness may print "test NAME ... " on the same line.
+                if let Some((_, a)) = line.split_once("LISTENING ") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+            }
+        });
+        let mut server = ChildServer {
+            child,
+            addr: String::new(),
+        };
+        server.addr = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the child server starts listening");
+        server
+    }
+
+    /// SIGKILL, then reap.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Real loss: a server with `durability = "memory"` ACKs messages for
+/// offline receivers and is then killed with SIGKILL and restarted on the
+/// same port. The receivers log in to it in the final drain, are told their
+/// queue is empty, and every ACKed message is reported lost (exit status 1),
+/// not as merely late.
+#[test]
+fn kill_9_of_a_memory_server_after_its_acks_is_reported_as_loss() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start("127.0.0.1:0", dir.path());
+    let addr = server.addr.clone();
+    let json = dir.path().join("kill9.json");
+    let mut lg = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
+        .args([
+            "offline",
+            "--server",
+            &addr,
+            "--conns",
+            "10",
+            "--per-user",
+            "3",
+            "--msg-rate",
+            "1000/s",
+            "--login-receivers",
+            "0",
+            // The window in which the server is killed and restarted.
+            "--drain",
+            "5s",
+            "--final-drain",
+            "30s",
+            "--max-time",
+            "90s",
+            "--user-base",
+            "50000000",
+            "--secret",
+            DEV_TOKEN_SECRET,
+            "--source",
+            "127.0.0.1",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tern-loadgen runs");
+    let stdout = lg.stdout.take().unwrap();
+    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let stderr = lg.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            // Printed once every SEND is answered, before the drain window.
+            if line.contains("receivers stay offline") {
+                let _ = tx.send(());
+            }
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
+    let acked = rx.recv_timeout(std::time::Duration::from_secs(60));
+    if acked.is_ok() {
+        server.kill9();
+        server = ChildServer::start(&addr, dir.path());
+        assert_eq!(server.addr, addr);
+    }
+    let status = lg.wait().unwrap().code().unwrap_or(-1);
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    assert!(
+        acked.is_ok(),
+        "the loadgen never got its ACKs:\n{out}\n{err}"
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(status, 1, "lost messages give exit status 1:\n{out}\n{err}");
+    let m = &r["messages"];
+    assert_eq!(u(m, &["acked"]), 30, "{r:#}");
+    assert_eq!(u(m, &["lost"]), 30, "{out}\n{err}\n{r:#}");
+    assert_eq!(u(m, &["delivered_late"]), 0);
+    assert_eq!(u(m, &["unverified"]), 0);
+    assert_eq!(u(m, &["delivered"]), 0);
+    assert_eq!(u(&r, &["counters", "final_drain_drained"]), 10);
+    assert!(out.contains("LOST: 30 messages"), "{out}");
+    drop(server);
 }
