@@ -16,6 +16,7 @@ pub mod claim;
 pub mod config;
 pub mod datadir;
 pub mod io;
+pub mod limit;
 pub mod privacy;
 pub mod proto;
 pub mod reshard;
