@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
-use crate::io::{Completion, ConnId, Detached, Io, Listener};
+use crate::io::{Completion, ConnId, Io, Listener};
 use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::{LoopTimer, ShardStats};
@@ -31,6 +31,10 @@ use crate::supervisor::{Fatal, Intensity, ShardState, EXIT_SHARD_DOWN};
 use crate::timer::{self, Entry, Tick, Wheel};
 use crate::tls::{TlsConn, TlsContext};
 use crate::token;
+
+mod route;
+
+pub use route::{home_shard, ConnRef, Msg};
 
 /// Bytes read from a socket at once into the shard's scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -66,15 +70,6 @@ pub fn open_store(config: &Config, shard: usize) -> Result<Box<dyn Store + Send>
     Ok(Box::new(store))
 }
 
-/// The shard that owns `user`: a fixed hash of the id, so every shard agrees.
-pub fn home_shard(user: u64, shards: usize) -> usize {
-    // splitmix64 finaliser: sequential ids spread evenly.
-    let mut z = user.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    (z % shards as u64) as usize
-}
 
 /// The message of a caught panic.
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
@@ -91,77 +86,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A connection on a given shard, valid while its generation matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConnRef {
-    shard: u16,
-    conn: ConnId,
-    gen: u32,
-}
 
-/// What travels between shards.
-#[derive(Debug)]
-pub enum Msg {
-    /// A connection whose LOGIN was verified, moving to its user's home shard
-    /// with the bytes that followed the LOGIN frame.
-    Handoff {
-        /// The socket.
-        conn: Detached,
-        /// The user its token proved.
-        user: u64,
-        /// Input after the LOGIN frame, not yet decoded.
-        leftover: Vec<u8>,
-        /// TLS connections: their TLS state.
-        tls: Option<Box<TlsConn>>,
-        /// TLS connections: records not yet sent (e.g. session tickets
-        /// that rode with the LOGIN's handshake flight).
-        out: Vec<u8>,
-    },
-    /// A message for a user homed on the receiving shard.
-    Send {
-        /// Sender's user id.
-        from: u64,
-        /// The sender's connection, for the ACK.
-        reply: ConnRef,
-        /// The sender's id for the message.
-        client_id: u64,
-        /// Recipient's user id.
-        to: u64,
-        /// Message body.
-        body: Box<[u8]>,
-    },
-    /// The recipient's shard took the message: one tick for the sender.
-    Ack {
-        /// The sender's connection.
-        reply: ConnRef,
-        /// The sender's id for the message.
-        client_id: u64,
-        /// Server id of the stored message.
-        server_id: u64,
-        /// When it was stored.
-        time_ms: u64,
-    },
-    /// The recipient's shard refused the message.
-    Reject {
-        /// The sender's connection.
-        reply: ConnRef,
-        /// The sender's id for the message.
-        client_id: u64,
-        /// Why.
-        code: ErrorCode,
-    },
-    /// A delivery or read receipt for `user`, homed on the receiving shard.
-    Receipt {
-        /// Who gets the receipt (the original sender).
-        user: u64,
-        /// Delivered or read.
-        kind: ReceiptKind,
-        /// The message it is about.
-        server_id: u64,
-        /// Who received or read it.
-        peer: u64,
-    },
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 enum State {
@@ -1710,19 +1635,6 @@ impl Shard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn home_shard_is_stable_and_spread() {
-        let mut counts = [0usize; 4];
-        for user in 1..=10_000u64 {
-            let h = home_shard(user, 4);
-            assert_eq!(h, home_shard(user, 4));
-            counts[h] += 1;
-        }
-        for c in counts {
-            assert!(c > 2000, "{counts:?}");
-        }
-        assert_eq!(home_shard(12345, 1), 0);
-    }
 
     #[test]
     fn session_slot_is_small() {
