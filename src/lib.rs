@@ -21,6 +21,7 @@ pub mod proto;
 pub mod reshard;
 pub mod ring;
 pub mod server;
+pub mod session;
 pub mod shard;
 pub mod stats;
 pub mod store;

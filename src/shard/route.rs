@@ -1,9 +1,20 @@
 //! Routing between shards: what travels ([`Msg`]), where a user lives
-//! ([`home_shard`]), and how a reply finds its connection ([`ConnRef`]).
+//! ([`home_shard`]), how a reply finds its connection ([`ConnRef`]), the
+//! outboxes that hold messages a full ring did not take, and whether a peer
+//! shard is up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::io::{ConnId, Detached};
 use crate::proto::{ErrorCode, ReceiptKind};
+use crate::ring::Links;
+use crate::stats::ShardStats;
+use crate::supervisor::ShardState;
 use crate::tls::TlsConn;
+
+/// Messages an emptied outbox keeps room for.
+const OUTBOX_KEEP_CAPACITY: usize = 1024;
 
 /// The shard that owns `user`: a fixed hash of the id, so every shard agrees.
 pub fn home_shard(user: u64, shards: usize) -> usize {
@@ -85,6 +96,79 @@ pub enum Msg {
         /// Who received or read it.
         peer: u64,
     },
+}
+
+/// Messages waiting for ring space, per destination shard.
+pub(super) struct Outboxes {
+    queues: Vec<VecDeque<Msg>>,
+}
+
+impl Outboxes {
+    /// Empty outboxes towards `shards` shards.
+    pub(super) fn new(shards: usize) -> Outboxes {
+        Outboxes {
+            queues: (0..shards).map(|_| VecDeque::new()).collect(),
+        }
+    }
+
+    /// Queues `msg` for shard `dst`, after those already waiting.
+    pub(super) fn push(&mut self, dst: usize, msg: Msg) {
+        self.queues[dst].push_back(msg);
+    }
+
+    /// Messages waiting for shard `dst`.
+    pub(super) fn len(&self, dst: usize) -> usize {
+        self.queues[dst].len()
+    }
+
+    /// Messages waiting, all destinations.
+    pub(super) fn depth(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// Whether any message waits for ring space.
+    pub(super) fn waiting(&self) -> bool {
+        self.queues.iter().any(|o| !o.is_empty())
+    }
+
+    /// Moves what fits into the rings, in order, then wakes the
+    /// destinations.
+    pub(super) fn flush(&mut self, links: &mut Links<Msg>, stats: &ShardStats) {
+        for (dst, outbox) in self.queues.iter_mut().enumerate() {
+            while let Some(msg) = outbox.pop_front() {
+                if let Err(msg) = links.try_push(dst, msg) {
+                    outbox.push_front(msg);
+                    stats.ring_full.inc();
+                    break;
+                }
+            }
+            // A login storm can leave an outbox holding a large allocation
+            // for ever; give it back once drained.
+            if outbox.is_empty() && outbox.capacity() > OUTBOX_KEEP_CAPACITY {
+                outbox.shrink_to(OUTBOX_KEEP_CAPACITY);
+            }
+        }
+        links.notify();
+    }
+}
+
+/// Whether the other shards take messages, read from their counters.
+pub(super) struct Peers {
+    id: usize,
+    /// Every shard's counters, by shard id.
+    stats: Arc<[Arc<ShardStats>]>,
+}
+
+impl Peers {
+    /// The peers of shard `id`.
+    pub(super) fn new(id: usize, stats: Arc<[Arc<ShardStats>]>) -> Peers {
+        Peers { id, stats }
+    }
+
+    /// Whether shard `dst` takes messages (it is this one, or up).
+    pub(super) fn up(&self, dst: usize) -> bool {
+        dst == self.id || ShardState::from_u64(self.stats[dst].state.get()) == ShardState::Up
+    }
 }
 
 #[cfg(test)]
