@@ -491,6 +491,7 @@ fn the_delivery_window_holds_by_count_and_by_bytes() {
     );
     let sent = deliver_ids(&out.to(B));
     assert_eq!(sent.len(), 2, "{out:?}");
+    assert!(matches!(h.s.window(2), Some((2, bytes)) if bytes > 0));
     let out = h.frame(B, Frame::Delivered { server_id: sent[0] });
     assert_eq!(deliver_ids(&out.to(B)).len(), 1, "one answered, one more");
 
@@ -788,4 +789,21 @@ fn the_panic_hook_panics_in_the_handler() {
     let mut h = Harness::one();
     h.login(0, 7);
     h.send(0, 1, PANIC_USER, b"x");
+}
+
+#[test]
+fn events_for_connections_never_opened_do_nothing() {
+    let mut h = Harness::one();
+    let ghost = ConnId(77);
+    for out in [
+        h.frame(ghost, Frame::Ping { nonce: 1 }),
+        h.step(Event::Received(ghost)),
+        h.step(Event::Closed(ghost)),
+        h.step(Event::Slow(ghost)),
+        h.step(Event::Failed(ghost)),
+        h.step(Event::Timer(Entry { key: 77, gen: 1 })),
+    ] {
+        assert!(out.frames.is_empty() && out.others.is_empty(), "{out:?}");
+    }
+    assert_eq!(h.s.state(ghost), State::Free);
 }

@@ -79,6 +79,13 @@ impl Users {
         false
     }
 
+    /// `user`'s DELIVERs in flight and their bytes, if online.
+    pub(super) fn window(&self, user: u64) -> Option<(u32, u32)> {
+        self.online
+            .get(&user)
+            .map(|o| (o.inflight, o.inflight_bytes))
+    }
+
     /// Users online.
     pub(super) fn len(&self) -> usize {
         self.online.len()
