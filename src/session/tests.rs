@@ -1,6 +1,10 @@
 //! Unit tests of the session layer: no sockets, no clock, no rings. Each
 //! test drives [`Sessions`] with events and checks the actions it returns
 //! (frames decoded back from the wire bytes) and its state.
+//!
+//! Over 800 lines for a reason: one short test per protocol path, all on
+//! the one harness below; split by topic (login, delivery, routing) when
+//! new features add theirs.
 
 use std::cell::Cell;
 
