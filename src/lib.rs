@@ -3,8 +3,9 @@
 //! The layout follows the architecture: [`proto`] is the pure codec,
 //! [`token`] the login credentials, [`config`] every limit, [`io`] the one
 //! boundary to the operating system, [`ring`] the cross-shard SPSC mesh,
-//! [`shard`] a core's event loop and its sessions, [`store`] the
-//! store-and-forward queues, [`supervisor`] the restart rules of a crashed
+//! [`session`] the pure protocol logic of a shard's connections and users
+//! (events in, actions out), [`shard`] a core's event loop executing it,
+//! [`store`] the store-and-forward queues, [`supervisor`] the restart rules of a crashed
 //! shard, [`datadir`] the data directory as a whole (lock, privacy, recorded
 //! shard count), [`reshard`] re-homing its messages for another shard count,
 //! [`privacy`] the mode checks on private files, [`stats`] the counters and
@@ -22,6 +23,7 @@ pub mod proto;
 pub mod reshard;
 pub mod ring;
 pub mod server;
+pub mod session;
 pub mod shard;
 pub mod stats;
 pub mod store;

@@ -1,0 +1,391 @@
+//! A message's way through the session layer: SEND, storing it on the
+//! recipient's home shard, the ACK, DELIVER within the delivery window,
+//! DELIVERED, and the receipts; and what the commit lets go.
+
+use std::collections::HashMap;
+
+use crate::io::ConnId;
+use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
+use crate::shard::{home_shard, ConnRef, Msg};
+use crate::store::{PushError, Stored};
+
+use super::users::PendingReceipt;
+use super::{Action, Env, Flow, Now, Sessions};
+
+impl Sessions {
+    pub(super) fn on_send(
+        &mut self,
+        now: Now,
+        env: &dyn Env,
+        conn: ConnId,
+        client_id: u64,
+        to: u64,
+        body: &[u8],
+    ) -> Flow {
+        #[cfg(debug_assertions)]
+        if to == super::PANIC_USER {
+            panic!("injected panic: SEND to PANIC_USER");
+        }
+        #[cfg(debug_assertions)]
+        if to == super::CRASH_USER {
+            self.crash = true;
+            return Flow::Next;
+        }
+        if to == 0 {
+            self.write(
+                conn,
+                &Frame::Error {
+                    code: ErrorCode::BadRecipient,
+                    client_id,
+                    text: "user 0 does not exist",
+                },
+            );
+            return Flow::Next;
+        }
+        let dst = home_shard(to, self.shards);
+        if !env.up(dst) {
+            self.stats.unavailable.inc();
+            self.write(
+                conn,
+                &Frame::Error {
+                    code: ErrorCode::Unavailable,
+                    client_id,
+                    text: "the recipient's shard is restarting, retry later",
+                },
+            );
+            return Flow::Next;
+        }
+        if dst != self.id && !env.has_room(dst) {
+            // The ring and the outbox are full: stop reading this sender.
+            return Flow::Blocked;
+        }
+        let s = &self.slots[conn.index()];
+        let msg = Msg::Send {
+            from: s.user,
+            reply: ConnRef {
+                shard: self.id as u16,
+                conn,
+                gen: s.gen,
+            },
+            client_id,
+            to,
+            body: body.into(),
+        };
+        self.stats.msgs_in.inc();
+        self.route(now, env, dst, msg);
+        Flow::Next
+    }
+
+    /// READ from `user`: relayed to the sender as a read receipt.
+    pub(super) fn on_read(&mut self, user: u64, server_id: u64, from: u64) {
+        if from != 0 {
+            // Behind the delivery receipt, which waits for a commit.
+            self.replies.push((
+                home_shard(from, self.shards),
+                Msg::Receipt {
+                    user: from,
+                    kind: ReceiptKind::Read,
+                    server_id,
+                    peer: user,
+                },
+            ));
+        }
+    }
+
+    pub(super) fn on_delivered(&mut self, env: &dyn Env, user: u64, server_id: u64) {
+        let Some(msg) = self.store.remove(user, server_id) else {
+            return; // a duplicate or unknown id: DELIVERED is idempotent
+        };
+        if let Some(on) = self.users.get_mut(user) {
+            if server_id <= on.sent_upto {
+                let frame = Frame::Deliver {
+                    server_id,
+                    from: msg.from,
+                    server_time_ms: msg.time_ms,
+                    body: &msg.body,
+                };
+                on.inflight = on.inflight.saturating_sub(1);
+                on.inflight_bytes = on
+                    .inflight_bytes
+                    .saturating_sub(proto::encoded_len(&frame) as u32);
+            }
+        }
+        // The receipt waits for the commit that holds the tombstone.
+        self.replies.push((
+            home_shard(msg.from, self.shards),
+            Msg::Receipt {
+                user: msg.from,
+                kind: ReceiptKind::Delivered,
+                server_id,
+                peer: user,
+            },
+        ));
+        self.pump(env, user, false, None);
+    }
+
+    /// Sends queued messages to `user`'s connection, up to the delivery
+    /// window: `deliver_inflight_max` DELIVERs and
+    /// `deliver_inflight_bytes_max` bytes unanswered.
+    ///
+    /// A backlog (at login, or while catching up) is sent only as far as the
+    /// output budget `conn_out_bytes_max`, and continued as DELIVEREDs come
+    /// back. The burst is the server's own doing: judged as a slow reader, a
+    /// client with more backlog than one socket write takes would get
+    /// BYE(slow) at every login before it could answer a single DELIVER, and
+    /// never catch up. `live` (a message just arrived) to a caught-up
+    /// connection is sent regardless, so a reader that cannot keep up with
+    /// live traffic still passes the budget and is closed as slow.
+    ///
+    /// Only committed messages are sent: the store's `next_after` skips
+    /// staged pushes, which are pumped after the commit (`fresh`).
+    ///
+    /// `written`: what this event already wrote to the connection, when the
+    /// caller knows it (else the event's actions are counted).
+    pub(super) fn pump(&mut self, env: &dyn Env, user: u64, live: bool, written: Option<usize>) {
+        let Some(conn) = self.users.conn_of(user) else {
+            return;
+        };
+        let written = written.unwrap_or_else(|| self.written(conn));
+        let pending = env.out_pending(conn) + written;
+        let Some(on) = self.users.get_mut(user) else {
+            return;
+        };
+        let budget = !live || on.held;
+        let at = self.wire.len();
+        let mut sent = 0;
+        while (on.inflight as usize) < self.config.deliver_inflight_max {
+            let Some(m) = self.store.next_after(user, on.sent_upto) else {
+                break;
+            };
+            let frame = Frame::Deliver {
+                server_id: m.server_id,
+                from: m.from,
+                server_time_ms: m.time_ms,
+                body: &m.body,
+            };
+            let len = proto::encoded_len(&frame);
+            // With nothing in flight one DELIVER always goes, so a DELIVERED
+            // will come back to continue.
+            let out = self.wire.len() - at;
+            if on.inflight > 0
+                && (on.inflight_bytes as usize + len > self.config.deliver_inflight_bytes_max
+                    || budget && pending + out + len > self.config.conn_out_bytes_max)
+            {
+                break;
+            }
+            proto::encode(&frame, &mut self.wire);
+            on.sent_upto = m.server_id;
+            on.inflight += 1;
+            on.inflight_bytes += len as u32;
+            sent += 1;
+        }
+        on.held = self.store.next_after(user, on.sent_upto).is_some();
+        if sent > 0 {
+            self.stats.msgs_out.add(sent);
+            self.actions.push(Action::Write {
+                conn,
+                bytes: at..self.wire.len(),
+            });
+        }
+    }
+
+    /// Delivers `msg` to shard `dst`: handled at once when local, else
+    /// left as an [`Action::Route`].
+    pub(super) fn route(&mut self, now: Now, env: &dyn Env, dst: usize, msg: Msg) {
+        debug_assert!(!matches!(msg, Msg::Handoff { .. }));
+        if dst == self.id {
+            self.on_msg(now, msg);
+        } else if env.up(dst) || matches!(msg, Msg::Send { .. }) {
+            // SENDs to a shard that is not up are refused before they get
+            // here (those queued earlier wait, bounded); the rest would pile
+            // up for connections that are gone.
+            self.actions.push(Action::Route { dst, msg });
+        } else if matches!(msg, Msg::Receipt { .. }) {
+            self.stats.receipts_dropped.inc();
+        }
+    }
+
+    pub(super) fn on_msg(&mut self, now: Now, msg: Msg) {
+        match msg {
+            Msg::Handoff { .. } => {
+                panic!("a handoff is the shard's to attach, not a session event")
+            }
+            Msg::Send {
+                from,
+                reply,
+                client_id,
+                to,
+                body,
+            } => {
+                let server_id = (self.next_seq << 10) | self.id as u64;
+                let time_ms = now.unix_ms;
+                let stored = Stored {
+                    server_id,
+                    from,
+                    time_ms,
+                    body,
+                };
+                let answer = match self.store.push(to, stored) {
+                    Ok(()) => {
+                        self.next_seq += 1;
+                        // Sent once durable: see `on_committed`.
+                        self.fresh.push(to);
+                        Msg::Ack {
+                            reply,
+                            client_id,
+                            server_id,
+                            time_ms,
+                        }
+                    }
+                    Err(PushError::QueueFull(_)) => {
+                        self.stats.queue_full.inc();
+                        Msg::Reject {
+                            reply,
+                            client_id,
+                            code: ErrorCode::QueueFull,
+                        }
+                    }
+                    Err(PushError::StorageFull(_)) => {
+                        self.stats.storage_full.inc();
+                        Msg::Reject {
+                            reply,
+                            client_id,
+                            code: ErrorCode::StorageFull,
+                        }
+                    }
+                };
+                // Answers keep their order and wait for the commit.
+                self.replies.push((reply.shard as usize, answer));
+            }
+            Msg::Ack {
+                reply,
+                client_id,
+                server_id,
+                time_ms,
+            } => {
+                if let Some(conn) = self.live(reply) {
+                    self.stats.acks.inc();
+                    self.write(
+                        conn,
+                        &Frame::Ack {
+                            client_id,
+                            server_id,
+                            server_time_ms: time_ms,
+                        },
+                    );
+                }
+            }
+            Msg::Reject {
+                reply,
+                client_id,
+                code,
+            } => {
+                if let Some(conn) = self.live(reply) {
+                    let text = match code {
+                        ErrorCode::QueueFull => "recipient's queue is full, retry later",
+                        ErrorCode::StorageFull => "server storage is full, retry later",
+                        ErrorCode::Internal => {
+                            "the recipient's shard restarted before storing it, resend"
+                        }
+                        _ => "message refused",
+                    };
+                    self.write(
+                        conn,
+                        &Frame::Error {
+                            code,
+                            client_id,
+                            text,
+                        },
+                    );
+                }
+            }
+            Msg::Receipt {
+                user,
+                kind,
+                server_id,
+                peer,
+            } => {
+                let receipt = PendingReceipt {
+                    kind,
+                    server_id,
+                    peer,
+                };
+                match self.users.conn_of(user) {
+                    Some(conn) => self.write_receipt(conn, receipt),
+                    None => {
+                        // Kept for the sender's next login, within the queue limit.
+                        if !self
+                            .users
+                            .keep_receipt(user, receipt, self.config.queue_len_max)
+                        {
+                            self.stats.receipts_dropped.inc();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn write_receipt(&mut self, conn: ConnId, r: PendingReceipt) {
+        self.stats.receipts.inc();
+        self.write(
+            conn,
+            &Frame::Receipt {
+                kind: r.kind,
+                server_id: r.server_id,
+                peer: r.peer,
+            },
+        );
+    }
+
+    /// The connection `r` names, if it is still the same one and logged in.
+    fn live(&self, r: ConnRef) -> Option<ConnId> {
+        debug_assert_eq!(r.shard as usize, self.id);
+        let s = self.slots.get(r.conn.index())?;
+        (s.gen == r.gen && s.state == super::State::Active).then_some(r.conn)
+    }
+
+    /// The store made this iteration's records durable: their answers go
+    /// (pushes it rolled back answered `storage_full` instead of ACK), and
+    /// the new messages are sent to their recipients' connections.
+    pub(super) fn on_committed(&mut self, now: Now, env: &dyn Env, refused: &[u64]) {
+        for (dst, mut msg) in std::mem::take(&mut self.replies) {
+            if let Msg::Ack {
+                reply,
+                client_id,
+                server_id,
+                ..
+            } = msg
+            {
+                if refused.contains(&server_id) {
+                    self.stats.storage_full.inc();
+                    msg = Msg::Reject {
+                        reply,
+                        client_id,
+                        code: ErrorCode::StorageFull,
+                    };
+                }
+            }
+            self.route(now, env, dst, msg);
+        }
+        let mut fresh = std::mem::take(&mut self.fresh);
+        fresh.sort_unstable();
+        fresh.dedup();
+        // What the answers above wrote, per connection (counted once, not
+        // per pump; each user's pump writes only to its own connection).
+        let mut written: HashMap<ConnId, usize> = HashMap::new();
+        if !fresh.is_empty() {
+            for a in &self.actions {
+                if let Action::Write { conn, bytes } = a {
+                    *written.entry(*conn).or_default() += bytes.len();
+                }
+            }
+        }
+        for user in fresh.drain(..) {
+            let conn = self.users.conn_of(user);
+            let w = conn.map_or(0, |c| written.get(&c).copied().unwrap_or(0));
+            self.pump(env, user, true, Some(w));
+        }
+        self.fresh = fresh;
+    }
+}

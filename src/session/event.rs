@@ -1,0 +1,159 @@
+//! The session layer's vocabulary: the time it is given, what it may ask
+//! ([`Env`]), the [`Event`]s it takes and the [`Action`]s it returns.
+
+use crate::io::ConnId;
+use crate::proto::{self, Frame};
+use crate::shard::Msg;
+use crate::timer::{Entry, Tick};
+
+/// The time of an event, passed in by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// The timer wheel's tick (see [`crate::timer`]).
+    pub tick: Tick,
+    /// Wall-clock milliseconds since the Unix epoch (server times, token
+    /// expiry).
+    pub unix_ms: u64,
+}
+
+/// What the session layer may ask about the rest of the server.
+pub trait Env {
+    /// Whether shard `shard` takes messages (it is this one, or it is up).
+    fn up(&self, shard: usize) -> bool;
+    /// Whether the outbox towards `shard` (never this one) has room for a
+    /// SEND; when not, the sender is not read until it has.
+    fn has_room(&self, shard: usize) -> bool;
+    /// Bytes written to `conn` that it has not sent yet.
+    fn out_pending(&self, conn: ConnId) -> usize;
+}
+
+/// An [`Env`] where every shard is up, every outbox has room and output
+/// leaves at once: for tests and fuzzing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenEnv;
+
+impl Env for OpenEnv {
+    fn up(&self, _shard: usize) -> bool {
+        true
+    }
+    fn has_room(&self, _shard: usize) -> bool {
+        true
+    }
+    fn out_pending(&self, _conn: ConnId) -> usize {
+        0
+    }
+}
+
+/// Something that happened to this shard's connections or users.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A connection was accepted (or attached after a handoff): it waits
+    /// for its LOGIN. Its slot must be free.
+    Opened(ConnId),
+    /// `conn`, just opened, is a handoff: another shard verified its LOGIN
+    /// as `user`, whose home is here.
+    HandedOver {
+        /// The connection.
+        conn: ConnId,
+        /// The user its token proved.
+        user: u64,
+    },
+    /// Bytes arrived for `conn` (before they are decoded): marks activity.
+    /// [`Flow::Stop`] means drop them (the connection is closing or gone).
+    Received(ConnId),
+    /// A frame decoded from `conn`'s input; `rest` is the input after it
+    /// (what a LOGIN that moves the connection takes along).
+    Frame {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: Frame<'a>,
+        /// Undecoded input after the frame.
+        rest: &'a [u8],
+    },
+    /// `conn`'s input cannot be decoded.
+    Undecodable {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        error: proto::DecodeError,
+    },
+    /// A message from another shard (or this one), never a handoff.
+    Msg(Msg),
+    /// A connection's timer fired.
+    Timer(Entry),
+    /// `conn`'s unsent output passed `conn_out_bytes_max` after a flush.
+    Slow(ConnId),
+    /// `conn` failed below the protocol (TLS): flush what it has, close.
+    Failed(ConnId),
+    /// `conn` is gone (peer closed, send failed) or must go now.
+    Closed(ConnId),
+    /// A closing `conn`'s output is flushed and its write side shut.
+    WriteShut(ConnId),
+    /// The store committed this iteration's records; `refused` holds the
+    /// server ids of pushes it rolled back (disk full).
+    Committed {
+        /// Pushes rolled back.
+        refused: &'a [u64],
+    },
+    /// Graceful shutdown: BYE(shutdown) to `Some(conn)`, or to every
+    /// connection not already closing.
+    Shutdown(Option<ConnId>),
+}
+
+/// What the caller does with the rest of a connection's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on with the next frame.
+    Next,
+    /// Back-pressure: keep this frame and the rest, stop reading until
+    /// retried.
+    Blocked,
+    /// Stop: the connection was closed or moved.
+    Stop,
+}
+
+/// What the shard must do, in order, after an event.
+#[derive(Debug)]
+pub enum Action {
+    /// Write `bytes` of [`Sessions::wire`](super::Sessions::wire) (encoded frames) to `conn`.
+    Write {
+        /// The connection.
+        conn: ConnId,
+        /// Range of the wire buffer.
+        bytes: std::ops::Range<usize>,
+    },
+    /// Queue `msg` for shard `dst` (never this one).
+    Route {
+        /// Destination shard.
+        dst: usize,
+        /// The message.
+        msg: Msg,
+    },
+    /// `conn`'s LOGIN proved `user`, whose home is shard `home`: move the
+    /// socket there with the input after the LOGIN frame. Its session slot
+    /// is already free.
+    Handoff {
+        /// The connection.
+        conn: ConnId,
+        /// The user.
+        user: u64,
+        /// The user's home shard.
+        home: usize,
+    },
+    /// (Re-)arm `conn`'s timer entry to fire at `deadline`.
+    Arm {
+        /// The timer entry (slot index and generation).
+        entry: Entry,
+        /// When.
+        deadline: Tick,
+    },
+    /// `conn` is logged in on its home shard (the backend may read it
+    /// differently from now on).
+    Established(ConnId),
+    /// Drop `conn`'s unread input, flush its output, shut its write side,
+    /// and read (and drop) until it closes or its linger timer fires.
+    CloseAfterFlush(ConnId),
+    /// Close `conn` now; its session slot is already free.
+    CloseNow(ConnId),
+}

@@ -1,0 +1,709 @@
+//! The pure protocol layer of a shard: events in, actions out.
+//!
+//! [`Sessions`] holds what the protocol needs of every connection on one
+//! shard (a 24-byte slot), the users homed here who are online
+//! (`users.rs`), receipts waiting for users who are offline, and the shard's
+//! [`Store`]. Its one entry point, [`Sessions::on_event`], takes the time
+//! (never read here), an [`Env`] (the few questions it may ask about the
+//! rest of the server) and one [`Event`]; it returns a [`Flow`] and leaves
+//! [`Action`]s for the caller to execute in order. It never touches a socket,
+//! the I/O backend, a ring, TLS or the clock, so it is tested (and fuzzed)
+//! with no sockets at all. The shard (`crate::shard`) executes the actions.
+//!
+//! Store pushes and removals go through the [`Store`] trait: a `LogStore`
+//! only stages them, and the shard commits them once per loop iteration,
+//! then reports [`Event::Committed`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::io::ConnId;
+use crate::proto::{self, ByeReason, ErrorCode, Frame};
+use crate::shard::{home_shard, Msg};
+use crate::stats::ShardStats;
+use crate::store::Store;
+use crate::timer::{self, Entry, Tick};
+use crate::token;
+
+mod deliver;
+mod event;
+#[cfg(test)]
+mod tests;
+mod users;
+
+pub use event::{Action, Env, Event, Flow, Now, OpenEnv};
+use users::Users;
+
+/// In debug builds, a SEND to this user panics inside the session handler, so
+/// tests can check that a panic closes only that connection.
+#[cfg(debug_assertions)]
+pub const PANIC_USER: u64 = u64::MAX;
+
+/// In debug builds, a SEND to this user crashes the whole shard (outside any
+/// one connection's handling), so tests can check the supervisor: the shard
+/// restarts, replays its log, and the other shards go on.
+#[cfg(debug_assertions)]
+pub const CRASH_USER: u64 = u64::MAX - 1;
+
+/// After an error or BYE, how long a closing connection may take to read
+/// what we sent before it is closed anyway.
+const LINGER: Duration = Duration::from_secs(2);
+/// Slots added at least when the slot table grows.
+const SLOTS_GROWTH_MIN: usize = 1024;
+
+/// A connection's protocol state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum State {
+    /// Slot unused.
+    #[default]
+    Free,
+    /// Connected, LOGIN not seen yet.
+    Login,
+    /// Logged in, on its home shard.
+    Active,
+    /// Flushing a last ERROR or BYE; input is discarded.
+    Closing,
+    /// Closing, output flushed and the write side shut: lingering until the
+    /// peer closes or the linger timer fires.
+    Shut,
+}
+
+impl State {
+    /// Closing or shut: input is dropped.
+    pub fn is_closing(self) -> bool {
+        matches!(self, State::Closing | State::Shut)
+    }
+}
+
+/// The session layer's part of one connection. Kept small: with the
+/// shard's slot and a timer entry, it is what an idle connection costs.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    /// Generation of the connection in this slot; 0 when free.
+    gen: u32,
+    /// Tick of the last input (Login: of the accept; closing: when closing
+    /// began).
+    last_rx: Tick,
+    /// Logged-in user, 0 before LOGIN.
+    user: u64,
+    state: State,
+}
+
+/// The session layer of one shard: every connection's protocol state, the
+/// users online here, and their queues.
+pub struct Sessions {
+    id: usize,
+    shards: usize,
+    config: Arc<Config>,
+    limits: proto::Limits,
+    slots: Vec<Slot>,
+    users: Users,
+    store: Box<dyn Store + Send>,
+    /// Answers (ACK, refusals) to messages stored in this iteration, and
+    /// receipts for messages removed in it: they leave only once the store
+    /// committed them.
+    replies: Vec<(usize, Msg)>,
+    /// Users who got new messages this iteration: their connections are
+    /// sent them once the commit made them durable.
+    fresh: Vec<u64>,
+    next_gen: u32,
+    next_seq: u64,
+    /// Set by the debug crash hook; the shard panics outside connection
+    /// handling.
+    crash: bool,
+    stats: Arc<ShardStats>,
+    /// Encoded frames of `actions`' writes.
+    wire: Vec<u8>,
+    actions: Vec<Action>,
+    idle_ticks: Tick,
+    login_ticks: Tick,
+    linger_ticks: Tick,
+}
+
+/// Bytes of the session layer's per-connection slot (24): with the shard's
+/// slot, what every connection costs, idle or not.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+
+// The session layer's share of the 256-byte budget per connection.
+const _: () = assert!(SLOT_BYTES <= 24);
+
+impl Sessions {
+    /// The session layer of shard `id` of `shards`, over `store` (already
+    /// recovered), counting into `stats`.
+    pub fn new(
+        config: Arc<Config>,
+        id: usize,
+        shards: usize,
+        store: Box<dyn Store + Send>,
+        stats: Arc<ShardStats>,
+    ) -> Sessions {
+        assert!(id < shards, "shard {id} of {shards}");
+        Sessions {
+            id,
+            shards,
+            limits: proto::Limits {
+                frame_bytes_max: config.frame_bytes_max,
+                body_bytes_max: config.body_bytes_max,
+            },
+            slots: Vec::new(),
+            users: Users::default(),
+            next_seq: (store.max_server_id() >> 10) + 1,
+            store,
+            replies: Vec::new(),
+            fresh: Vec::new(),
+            next_gen: 1,
+            crash: false,
+            stats,
+            wire: Vec::new(),
+            actions: Vec::new(),
+            idle_ticks: timer::ticks(config.idle_timeout()),
+            login_ticks: timer::ticks(config.login_timeout()),
+            linger_ticks: timer::ticks(LINGER),
+            config,
+        }
+    }
+
+    /// Handles one event. The actions it leads to are in [`Sessions::actions`]
+    /// (replacing those of the previous event) until the next call.
+    pub fn on_event(&mut self, now: Now, env: &dyn Env, event: Event<'_>) -> Flow {
+        self.actions.clear();
+        self.wire.clear();
+        match event {
+            Event::Opened(conn) => {
+                self.open(now, conn);
+                Flow::Next
+            }
+            Event::HandedOver { conn, user } => {
+                if self.state(conn) != State::Login {
+                    debug_assert!(false, "handoff into slot {} not just opened", conn.0);
+                    return Flow::Stop;
+                }
+                self.install(now, env, conn, user);
+                Flow::Next
+            }
+            Event::Received(conn) => self.on_received(now, conn),
+            Event::Frame { conn, frame, rest } => self.on_frame(now, env, conn, frame, rest),
+            Event::Undecodable { conn, error } => {
+                self.stats.protocol_errors.inc();
+                let text = error.to_string();
+                self.fail(now, conn, error.code(), 0, &text);
+                Flow::Stop
+            }
+            Event::Msg(msg) => {
+                self.on_msg(now, msg);
+                Flow::Next
+            }
+            Event::Timer(entry) => {
+                self.on_timer(now, entry);
+                Flow::Next
+            }
+            Event::Slow(conn) => {
+                if self.state(conn) == State::Active {
+                    // Undelivered messages stay queued; nothing more is written here.
+                    self.stats.slow_closes.inc();
+                    log::info!(
+                        "shard {}: closing slow reader (user {})",
+                        self.id,
+                        self.slots[conn.index()].user
+                    );
+                    self.bye(now, conn, ByeReason::Slow);
+                }
+                Flow::Stop
+            }
+            Event::Failed(conn) => {
+                self.close_after_flush(now, conn);
+                Flow::Stop
+            }
+            Event::Closed(conn) => {
+                self.close_now(conn);
+                Flow::Stop
+            }
+            Event::WriteShut(conn) => {
+                if let Some(s) = self.slots.get_mut(conn.index()) {
+                    if s.state == State::Closing {
+                        s.state = State::Shut;
+                    }
+                }
+                Flow::Stop
+            }
+            Event::Committed { refused } => {
+                self.on_committed(now, env, refused);
+                Flow::Next
+            }
+            Event::Shutdown(Some(conn)) => {
+                self.bye(now, conn, ByeReason::Shutdown);
+                Flow::Stop
+            }
+            Event::Shutdown(None) => {
+                for i in 0..self.slots.len() {
+                    if matches!(self.slots[i].state, State::Login | State::Active) {
+                        self.bye(now, ConnId(i as u32), ByeReason::Shutdown);
+                    }
+                }
+                Flow::Next
+            }
+        }
+    }
+
+    /// The actions of the last event, to execute in order.
+    pub fn actions(&self) -> &[Action] {
+        &self.actions
+    }
+
+    /// The encoded frames the last event's [`Action::Write`]s point into.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// Moves the last event's actions and frames out (swapping in `actions`
+    /// and `wire`, emptied, so their allocations are reused).
+    pub fn take_actions(&mut self, actions: &mut Vec<Action>, wire: &mut Vec<u8>) {
+        actions.clear();
+        wire.clear();
+        std::mem::swap(actions, &mut self.actions);
+        std::mem::swap(wire, &mut self.wire);
+    }
+
+    // ---- state, for the shard and for invariant checks -------------------
+
+    /// `conn`'s protocol state ([`State::Free`] for a slot never used).
+    pub fn state(&self, conn: ConnId) -> State {
+        self.slots
+            .get(conn.index())
+            .map_or(State::Free, |s| s.state)
+    }
+
+    /// The generation of the connection in `conn`'s slot (0: free).
+    pub fn gen(&self, conn: ConnId) -> u32 {
+        self.slots.get(conn.index()).map_or(0, |s| s.gen)
+    }
+
+    /// The user `conn` is logged in as, if it is.
+    pub fn user_of(&self, conn: ConnId) -> Option<u64> {
+        let s = self.slots.get(conn.index())?;
+        (s.state == State::Active).then_some(s.user)
+    }
+
+    /// The connection `user` is online on here, if any.
+    pub fn conn_of(&self, user: u64) -> Option<ConnId> {
+        self.users.conn_of(user)
+    }
+
+    /// `user`'s delivery window, if online: DELIVERs unanswered and their
+    /// bytes.
+    pub fn window(&self, user: u64) -> Option<(u32, u32)> {
+        self.users.window(user)
+    }
+
+    /// Users online on this shard.
+    pub fn users_online(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Receipts kept for `user` while it is offline.
+    pub fn receipts_kept(&self, user: u64) -> usize {
+        self.users.receipts_of(user)
+    }
+
+    /// Slots in the table (free or not).
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The decoder's limits.
+    pub fn limits(&self) -> &proto::Limits {
+        &self.limits
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// The store, to commit it.
+    pub fn store_mut(&mut self) -> &mut dyn Store {
+        &mut *self.store
+    }
+
+    /// Replaces the store with one reopened (replayed) after a crash; server
+    /// ids go on above both.
+    pub fn replace_store(&mut self, store: Box<dyn Store + Send>) {
+        self.next_seq = self.next_seq.max((store.max_server_id() >> 10) + 1);
+        self.store = store;
+    }
+
+    /// Whether the debug crash hook fired since the last [`Sessions::reset`].
+    pub fn crash_requested(&self) -> bool {
+        self.crash
+    }
+
+    /// Forgets every connection and user after a crash. Answers that waited
+    /// for a commit that never came are routed anyway (left as actions):
+    /// with `kept_store` (an in-memory store, kept as it is) as they are,
+    /// else ACKs become `ERROR(internal)`: not stored, so not acknowledged.
+    pub fn reset(&mut self, now: Now, env: &dyn Env, kept_store: bool) {
+        self.actions.clear();
+        self.wire.clear();
+        self.slots.clear();
+        self.users.clear();
+        // Senders on this shard lose their connection and resend anyway;
+        // senders on other shards keep theirs and would wait forever, so
+        // they hear it was not stored: ERROR(internal), resend (a duplicate
+        // if a failed commit did write it).
+        for (dst, msg) in std::mem::take(&mut self.replies) {
+            if dst == self.id {
+                continue;
+            }
+            let msg = match msg {
+                Msg::Ack {
+                    reply, client_id, ..
+                } if !kept_store => Msg::Reject {
+                    reply,
+                    client_id,
+                    code: ErrorCode::Internal,
+                },
+                other => other,
+            };
+            self.route(now, env, dst, msg);
+        }
+        self.crash = false;
+        self.fresh.clear();
+        self.stats.conns.set(0);
+        self.stats.users_online.set(0);
+    }
+
+    // ---- connections -------------------------------------------------------
+
+    fn open(&mut self, now: Now, conn: ConnId) {
+        grow_slots(&mut self.slots, conn.index());
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.checked_add(1).unwrap_or(1);
+        let s = &mut self.slots[conn.index()];
+        debug_assert_eq!(s.gen, 0, "slot {} reused while open", conn.0);
+        *s = Slot {
+            gen,
+            state: State::Login,
+            last_rx: now.tick,
+            user: 0,
+        };
+        // The one timer entry must fire by whichever deadline can come
+        // first: the login deadline now, or the idle deadline if the LOGIN
+        // succeeds. `on_timer` re-arms it at the real deadline of the state
+        // it finds, so firing early is harmless but firing late is not.
+        let deadline = now.tick + self.login_ticks.min(self.idle_ticks);
+        self.actions.push(Action::Arm {
+            entry: Entry { key: conn.0, gen },
+            deadline,
+        });
+        self.stats.conns.inc();
+    }
+
+    fn on_received(&mut self, now: Now, conn: ConnId) -> Flow {
+        let Some(s) = self.slots.get_mut(conn.index()) else {
+            return Flow::Stop;
+        };
+        match s.state {
+            // Read and drop what a closing peer still sends.
+            State::Free | State::Closing | State::Shut => Flow::Stop,
+            // The login timeout runs from the accept: trickling bytes does
+            // not extend it.
+            State::Login => Flow::Next,
+            State::Active => {
+                s.last_rx = now.tick;
+                Flow::Next
+            }
+        }
+    }
+
+    fn on_frame(
+        &mut self,
+        now: Now,
+        env: &dyn Env,
+        conn: ConnId,
+        frame: Frame<'_>,
+        rest: &[u8],
+    ) -> Flow {
+        let Some(&s) = self.slots.get(conn.index()) else {
+            return Flow::Stop; // never opened: nothing to answer
+        };
+        match (s.state, frame) {
+            (State::Login, Frame::Login { version, token }) => {
+                self.on_login(now, env, conn, version, token, rest)
+            }
+            (State::Login, other) => {
+                self.stats.protocol_errors.inc();
+                let text = format!("{} before LOGIN", other.name());
+                self.fail(now, conn, ErrorCode::NotLoggedIn, 0, &text);
+                Flow::Stop
+            }
+            (
+                State::Active,
+                Frame::Send {
+                    client_id,
+                    to,
+                    body,
+                },
+            ) => self.on_send(now, env, conn, client_id, to, body),
+            (State::Active, Frame::Delivered { server_id }) => {
+                self.on_delivered(env, s.user, server_id);
+                Flow::Next
+            }
+            (State::Active, Frame::Read { server_id, from }) => {
+                self.on_read(s.user, server_id, from);
+                Flow::Next
+            }
+            (State::Active, Frame::Ping { nonce }) => {
+                self.write(conn, &Frame::Pong { nonce });
+                Flow::Next
+            }
+            (State::Active, Frame::Pong { .. }) => Flow::Next,
+            (State::Active, Frame::Login { .. }) => {
+                self.stats.protocol_errors.inc();
+                self.fail(
+                    now,
+                    conn,
+                    ErrorCode::AlreadyLoggedIn,
+                    0,
+                    "already logged in",
+                );
+                Flow::Stop
+            }
+            (State::Active, Frame::Bye { .. }) => {
+                self.close_now(conn);
+                Flow::Stop
+            }
+            (State::Free | State::Closing | State::Shut, _) => Flow::Stop,
+            (_, other) => {
+                self.stats.protocol_errors.inc();
+                let text = format!("{} is not valid here", other.name());
+                self.fail(now, conn, ErrorCode::BadState, 0, &text);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn on_login(
+        &mut self,
+        now: Now,
+        env: &dyn Env,
+        conn: ConnId,
+        version: u8,
+        token: &[u8],
+        rest: &[u8],
+    ) -> Flow {
+        if version != proto::VERSION {
+            self.stats.logins_failed.inc();
+            let text = format!(
+                "protocol version {version} not supported, this server speaks {}",
+                proto::VERSION
+            );
+            self.login_err(now, conn, ErrorCode::BadVersion, &text);
+            return Flow::Stop;
+        }
+        let user = match token::verify(
+            self.config.token_secret.as_bytes(),
+            token,
+            now.unix_ms / 1000,
+        ) {
+            Ok(user) => user,
+            Err(e) => {
+                self.stats.logins_failed.inc();
+                let code = match e {
+                    token::TokenError::Expired => ErrorCode::TokenExpired,
+                    _ => ErrorCode::BadToken,
+                };
+                self.login_err(now, conn, code, &e.to_string());
+                return Flow::Stop;
+            }
+        };
+        let home = home_shard(user, self.shards);
+        if !env.up(home) {
+            self.stats.unavailable.inc();
+            self.login_err(
+                now,
+                conn,
+                ErrorCode::Unavailable,
+                "your home shard is restarting, retry later",
+            );
+            return Flow::Stop;
+        }
+        if home == self.id {
+            self.install(now, env, conn, user);
+            if !rest.is_empty() {
+                // What followed the LOGIN is the logged-in session's input.
+                self.slots[conn.index()].last_rx = now.tick;
+            }
+            return Flow::Next;
+        }
+        // The socket moves home with whatever followed the LOGIN frame.
+        self.slots[conn.index()] = Slot::default();
+        self.stats.conns.sub(1);
+        self.stats.handoffs_out.inc();
+        self.actions.push(Action::Handoff { conn, user, home });
+        Flow::Stop
+    }
+
+    /// Makes `conn` the session of `user` on this, its home shard.
+    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, user: u64) {
+        if let Some(old) = self.users.conn_of(user) {
+            self.write(
+                old,
+                &Frame::Bye {
+                    reason: ByeReason::Replaced,
+                },
+            );
+            self.close_after_flush(now, old);
+        }
+        self.stats.logins_ok.inc();
+        self.actions.push(Action::Established(conn));
+        let s = &mut self.slots[conn.index()];
+        s.user = user;
+        s.state = State::Active;
+        self.users.go_online(user, conn);
+        self.stats.users_online.set(self.users.len() as u64);
+        let offline_count = self.store.len(user) as u64;
+        self.write(
+            conn,
+            &Frame::LoginOk {
+                server_time_ms: now.unix_ms,
+                offline_count,
+            },
+        );
+        for receipt in self.users.take_receipts(user) {
+            self.write_receipt(conn, receipt);
+        }
+        self.pump(env, user, false, None);
+    }
+
+    fn on_timer(&mut self, now: Now, entry: Entry) {
+        let conn = ConnId(entry.key);
+        let Some(s) = self.slots.get(conn.index()) else {
+            return;
+        };
+        if s.gen != entry.gen {
+            return; // the connection is gone; its slot may be reused
+        }
+        let ticks = match s.state {
+            State::Free => return,
+            State::Login => self.login_ticks,
+            State::Active => self.idle_ticks,
+            State::Closing | State::Shut => self.linger_ticks,
+        };
+        let deadline = s.last_rx + ticks;
+        if deadline > now.tick {
+            self.actions.push(Action::Arm { entry, deadline });
+            return;
+        }
+        if s.state == State::Active {
+            self.stats.idle_closes.inc();
+            self.bye(now, conn, ByeReason::Idle);
+        } else {
+            self.close_now(conn);
+        }
+    }
+
+    // ---- output and closing -------------------------------------------------
+
+    /// Writes `frame` to `conn`.
+    fn write(&mut self, conn: ConnId, frame: &Frame<'_>) {
+        let at = self.wire.len();
+        proto::encode(frame, &mut self.wire);
+        self.actions.push(Action::Write {
+            conn,
+            bytes: at..self.wire.len(),
+        });
+    }
+
+    /// Bytes this event wrote to `conn` so far (not yet in its output).
+    fn written(&self, conn: ConnId) -> usize {
+        self.actions
+            .iter()
+            .map(|a| match a {
+                Action::Write { conn: c, bytes } if *c == conn => bytes.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Sends ERROR and closes once it is flushed.
+    fn fail(&mut self, now: Now, conn: ConnId, code: ErrorCode, client_id: u64, text: &str) {
+        self.write(
+            conn,
+            &Frame::Error {
+                code,
+                client_id,
+                text,
+            },
+        );
+        self.close_after_flush(now, conn);
+    }
+
+    fn login_err(&mut self, now: Now, conn: ConnId, code: ErrorCode, text: &str) {
+        self.write(conn, &Frame::LoginErr { code, text });
+        self.close_after_flush(now, conn);
+    }
+
+    fn bye(&mut self, now: Now, conn: ConnId, reason: ByeReason) {
+        self.write(conn, &Frame::Bye { reason });
+        self.close_after_flush(now, conn);
+    }
+
+    /// Leaves the session: no more frames are handled or messages delivered;
+    /// pending output is flushed, then the write side is shut down and the
+    /// peer gets `LINGER` to close before we do.
+    fn close_after_flush(&mut self, now: Now, conn: ConnId) {
+        self.go_offline(conn);
+        let Some(s) = self.slots.get_mut(conn.index()) else {
+            return;
+        };
+        if s.state == State::Free || s.state.is_closing() {
+            return;
+        }
+        s.state = State::Closing;
+        s.last_rx = now.tick;
+        let gen = s.gen;
+        self.actions.push(Action::CloseAfterFlush(conn));
+        self.actions.push(Action::Arm {
+            entry: Entry { key: conn.0, gen },
+            deadline: now.tick + self.linger_ticks,
+        });
+    }
+
+    /// Removes `conn`'s user from the online map if `conn` is its session.
+    fn go_offline(&mut self, conn: ConnId) {
+        let Some(s) = self.slots.get(conn.index()) else {
+            return;
+        };
+        if s.user != 0 && self.users.go_offline(s.user, conn) {
+            self.stats.users_online.set(self.users.len() as u64);
+        }
+    }
+
+    /// Closes at once and frees the slot.
+    fn close_now(&mut self, conn: ConnId) {
+        if self.state(conn) == State::Free {
+            return;
+        }
+        self.go_offline(conn);
+        self.slots[conn.index()] = Slot::default();
+        self.actions.push(Action::CloseNow(conn));
+        self.stats.conns.sub(1);
+        self.stats.closed.inc();
+    }
+}
+
+/// Makes `slots` hold index `index`, growing by an eighth rather than
+/// doubling: the slot tables are most of an idle connection's cost, and
+/// doubling leaves up to half of them unused. The shard grows its own slot
+/// table the same way.
+pub(crate) fn grow_slots<T: Default>(slots: &mut Vec<T>, index: usize) {
+    if slots.len() <= index {
+        let want = index + 1;
+        if want > slots.capacity() {
+            let extra = (want / 8).max(SLOTS_GROWTH_MIN);
+            slots.reserve_exact(want - slots.len() + extra);
+        }
+        slots.resize_with(want, T::default);
+    }
+}

@@ -1,0 +1,476 @@
+//! Connection bookkeeping: the shard's half of every connection (buffers,
+//! TLS), accepting, decoding frames from the bytes the backend handed out,
+//! writing and flushing output, back-pressure and lingering close. The
+//! protocol half of a connection lives in [`crate::session`].
+
+use std::time::{Duration, Instant};
+
+use crate::io::{ConnId, Listener};
+use crate::proto::{self, ErrorCode, Frame};
+use crate::session::{self, Event, Flow, State};
+use crate::tls::TlsConn;
+
+use super::{Msg, Shard};
+
+/// Buffers of one connection; allocated only while a frame is partial or
+/// output is pending, freed when drained.
+#[derive(Default)]
+struct Bufs {
+    inp: Vec<u8>,
+    out: Vec<u8>,
+    /// TLS connections: plaintext written since the last flush; encrypted
+    /// into `out` by the flush. Always empty on plaintext connections.
+    plain: Vec<u8>,
+    /// Bytes of `out` already sent.
+    out_sent: usize,
+}
+
+/// The shard's per-connection slot. Kept small: an idle connection is this
+/// plus the session layer's slot, one timer entry and (when logged in) one
+/// entry in the online map.
+#[derive(Default)]
+pub(super) struct Slot {
+    bufs: Option<Box<Bufs>>,
+    /// TLS state of a connection from the TLS listener.
+    tls: Option<Box<TlsConn>>,
+}
+
+/// Bytes of the shard's per-connection slot (16).
+pub(super) const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+
+// Two pointers: with the session layer's 24-byte slot, the 40 bytes the
+// single slot took before the layers were split.
+const _: () = assert!(SLOT_BYTES <= 16);
+const _: () = assert!(SLOT_BYTES + crate::session::SLOT_BYTES <= 40);
+
+impl Slot {
+    fn out_pending(&self) -> usize {
+        self.bufs
+            .as_ref()
+            .map_or(0, |b| b.out.len() - b.out_sent + b.plain.len())
+    }
+}
+
+/// Every connection's slot, and the connections the loop must revisit.
+#[derive(Default)]
+pub(super) struct Conns {
+    slots: Vec<Slot>,
+    /// Connections with output to flush this iteration (may repeat; the
+    /// flush sorts them and drops repeats).
+    dirty: Vec<ConnId>,
+    /// Connections stopped by back-pressure, retried each iteration.
+    blocked: Vec<ConnId>,
+}
+
+impl Conns {
+    /// Bytes written to `conn` and not yet sent.
+    pub(super) fn out_pending(&self, conn: ConnId) -> usize {
+        self.slots.get(conn.index()).map_or(0, Slot::out_pending)
+    }
+
+    fn mark_dirty(&mut self, conn: ConnId) {
+        if self.dirty.last() != Some(&conn) {
+            self.dirty.push(conn);
+        }
+    }
+
+    /// Forgets every connection (after a crash).
+    pub(super) fn clear(&mut self) {
+        self.slots.clear();
+        self.dirty.clear();
+        self.blocked.clear();
+    }
+}
+
+impl Shard {
+    pub(super) fn on_accept(&mut self, conn: ConnId, which: Listener) {
+        self.stats.accepted.inc();
+        let now = Instant::now();
+        if now.duration_since(self.accept_window.0) >= Duration::from_secs(1) {
+            self.accept_window = (now, 0);
+        }
+        self.accept_window.1 += 1;
+        let rate_max = self.config.accept_rate_per_s_max;
+        let refuse = if self.io.len() > self.conns_max {
+            Some((ErrorCode::ServerFull, "server is at its connection limit"))
+        } else if rate_max != 0 && self.accept_window.1 > rate_max {
+            Some((
+                ErrorCode::RateLimited,
+                "too many new connections, retry later",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, text)) = refuse {
+            self.stats.rejected.inc();
+            if which == Listener::Tls {
+                // A plaintext ERROR means nothing to a TLS client.
+                self.io.close(conn);
+                return;
+            }
+            self.frame_buf.clear();
+            proto::encode(
+                &Frame::Error {
+                    code,
+                    client_id: 0,
+                    text,
+                },
+                &mut self.frame_buf,
+            );
+            let _ = self.io.send(conn, &self.frame_buf);
+            self.io.close(conn);
+            return;
+        }
+        let tls = match which {
+            Listener::Plain => None,
+            Listener::Tls => match self.tls.as_ref().map(|t| t.accept()) {
+                Some(Ok(tls)) => Some(Box::new(tls)),
+                other => {
+                    log::warn!(
+                        "shard {}: TLS connection refused: {:?}",
+                        self.id,
+                        other.map(|r| r.err())
+                    );
+                    self.stats.tls_failures.inc();
+                    self.io.close(conn);
+                    return;
+                }
+            },
+        };
+        self.open_conn(conn, tls);
+    }
+
+    /// Takes `conn` (accepted or attached) into a fresh slot, waiting for
+    /// its LOGIN.
+    pub(super) fn open_conn(&mut self, conn: ConnId, tls: Option<Box<TlsConn>>) {
+        session::grow_slots(&mut self.conns.slots, conn.index());
+        self.conns.slots[conn.index()] = Slot { bufs: None, tls };
+        self.event(Event::Opened(conn));
+    }
+
+    /// Bytes arrived for `conn`: TLS connections decrypt them first.
+    pub(super) fn on_recv(&mut self, conn: ConnId, data: &[u8]) {
+        let tls = self
+            .conns
+            .slots
+            .get_mut(conn.index())
+            .and_then(|s| s.tls.take());
+        match tls {
+            None => self.on_bytes(conn, data),
+            Some(tls) => self.on_tls_bytes(conn, tls, data),
+        }
+    }
+
+    /// Ciphertext arrived on a TLS connection: handshake records are
+    /// answered, application data goes to [`Shard::on_bytes`]. The TLS state
+    /// is back in the slot before any frame is handled (a LOGIN may hand
+    /// the connection, TLS state and all, to another shard).
+    fn on_tls_bytes(&mut self, conn: ConnId, mut tls: Box<TlsConn>, data: &[u8]) {
+        let state = self.sessions.state(conn);
+        if state == State::Free || state.is_closing() {
+            self.conns.slots[conn.index()].tls = Some(tls);
+            return; // read and drop what a closing peer still sends
+        }
+        let gen = self.sessions.gen(conn);
+        let was_handshaken = tls.is_handshaken();
+        let mut plain = std::mem::take(&mut self.tls_plain);
+        plain.clear();
+        let mut records = Vec::new();
+        let result = tls.read(data, &mut plain, &mut records);
+        self.conns.slots[conn.index()].tls = Some(tls);
+        if !records.is_empty() {
+            self.write_records(conn, &records);
+        }
+        match result {
+            Err(e) => {
+                self.stats.protocol_errors.inc();
+                self.stats.tls_failures.inc();
+                log::debug!(
+                    "shard {}: TLS error on connection {} ({}): {e}",
+                    self.id,
+                    conn.0,
+                    if was_handshaken {
+                        "after the handshake"
+                    } else {
+                        "handshake"
+                    }
+                );
+                // Whatever rustls queued (an alert) goes out, then FIN.
+                self.event(Event::Failed(conn));
+            }
+            Ok(outcome) => {
+                if outcome.handshake_done {
+                    self.stats.tls_handshakes.inc();
+                }
+                if !plain.is_empty() {
+                    self.on_bytes(conn, &plain);
+                }
+                if outcome.peer_closed
+                    && self.sessions.gen(conn) == gen
+                    && self.sessions.state(conn) != State::Free
+                {
+                    self.event(Event::Closed(conn));
+                }
+            }
+        }
+        self.tls_plain = plain;
+    }
+
+    /// Bytes arrived for `conn`.
+    pub(super) fn on_bytes(&mut self, conn: ConnId, data: &[u8]) {
+        if self.event(Event::Received(conn)) == Flow::Stop {
+            return; // closing or gone: read and drop
+        }
+        let gen = self.sessions.gen(conn);
+        match self.conns.slots[conn.index()].bufs.as_mut() {
+            Some(b) if !b.inp.is_empty() => {
+                b.inp.extend_from_slice(data);
+                self.process_buffered(conn);
+            }
+            _ => {
+                let Some(consumed) = self.process(conn, gen, data) else {
+                    return;
+                };
+                if consumed < data.len() {
+                    self.conns.slots[conn.index()]
+                        .bufs
+                        .get_or_insert_with(Box::default)
+                        .inp
+                        .extend_from_slice(&data[consumed..]);
+                }
+            }
+        }
+    }
+
+    /// Decodes what is in the connection's input buffer.
+    fn process_buffered(&mut self, conn: ConnId) {
+        let gen = self.sessions.gen(conn);
+        let Some(bufs) = self.conns.slots[conn.index()].bufs.as_mut() else {
+            return;
+        };
+        let inp = std::mem::take(&mut bufs.inp);
+        if let Some(consumed) = self.process(conn, gen, &inp) {
+            let bufs = self.conns.slots[conn.index()]
+                .bufs
+                .get_or_insert_with(Box::default);
+            debug_assert!(bufs.inp.is_empty());
+            bufs.inp = inp;
+            bufs.inp.drain(..consumed);
+        }
+    }
+
+    /// Hands the frames in `data` to the session layer; returns how many
+    /// bytes were consumed, or `None` when the connection is closing or gone.
+    fn process(&mut self, conn: ConnId, gen: u32, data: &[u8]) -> Option<usize> {
+        let limits = *self.sessions.limits();
+        let mut at = 0;
+        loop {
+            let (frame, used) = match proto::decode(&data[at..], &limits) {
+                Ok(None) => return Some(at),
+                Ok(Some(frame)) => frame,
+                Err(error) => {
+                    self.event(Event::Undecodable { conn, error });
+                    return None;
+                }
+            };
+            let rest = &data[at + used..];
+            match self.event_with_rest(Event::Frame { conn, frame, rest }, rest) {
+                Flow::Next => at += used,
+                Flow::Blocked => {
+                    self.io.set_recv(conn, false);
+                    self.conns.blocked.push(conn);
+                    return Some(at);
+                }
+                Flow::Stop => return None,
+            }
+            if self.sessions.gen(conn) != gen || self.sessions.state(conn).is_closing() {
+                return None;
+            }
+        }
+    }
+
+    /// Reads again from connections stopped by back-pressure.
+    pub(super) fn retry_blocked(&mut self) {
+        if self.conns.blocked.is_empty() {
+            return;
+        }
+        for conn in std::mem::take(&mut self.conns.blocked) {
+            if self.sessions.state(conn) == State::Active {
+                self.io.set_recv(conn, true);
+                self.guarded(conn, |shard| shard.process_buffered(conn));
+            }
+        }
+    }
+
+    /// Moves `conn` to shard `home`, where `user` lives, with `leftover`
+    /// (the input after its LOGIN frame). The session layer already freed
+    /// its session slot.
+    pub(super) fn hand_off(&mut self, conn: ConnId, user: u64, home: usize, leftover: &[u8]) {
+        let leftover = leftover.to_vec();
+        let mut slot = std::mem::take(&mut self.conns.slots[conn.index()]);
+        // TLS records (session tickets) may wait to be sent; frames may not.
+        debug_assert!(
+            slot.bufs.as_ref().is_none_or(|b| b.plain.is_empty()),
+            "nothing is written before LOGIN_OK"
+        );
+        debug_assert!(slot.tls.is_some() || slot.out_pending() == 0);
+        let out = slot
+            .bufs
+            .take()
+            .map(|b| b.out[b.out_sent..].to_vec())
+            .unwrap_or_default();
+        let tls = slot.tls.take();
+        match self.io.detach(conn, home) {
+            Ok(detached) => self.outboxes.push(
+                home,
+                Msg::Handoff {
+                    conn: detached,
+                    user,
+                    leftover,
+                    tls,
+                    out,
+                },
+            ),
+            Err(e) => log::warn!("shard {}: detach for handoff failed: {e}", self.id),
+        }
+    }
+
+    // ---- output ------------------------------------------------------------
+
+    /// Queues encoded frames; on a TLS connection they are encrypted at flush.
+    pub(super) fn write_bytes(&mut self, conn: ConnId, bytes: &[u8]) {
+        let state = self.sessions.state(conn);
+        if state == State::Free || state == State::Shut {
+            return;
+        }
+        let s = &mut self.conns.slots[conn.index()];
+        let bufs = s.bufs.get_or_insert_with(Box::default);
+        if s.tls.is_some() {
+            bufs.plain.extend_from_slice(bytes);
+        } else {
+            bufs.out.extend_from_slice(bytes);
+        }
+        self.conns.mark_dirty(conn);
+    }
+
+    /// Queues TLS records (handshake, tickets, alerts) as they are.
+    pub(super) fn write_records(&mut self, conn: ConnId, records: &[u8]) {
+        let state = self.sessions.state(conn);
+        if state == State::Free || state == State::Shut {
+            return;
+        }
+        self.conns.slots[conn.index()]
+            .bufs
+            .get_or_insert_with(Box::default)
+            .out
+            .extend_from_slice(records);
+        self.conns.mark_dirty(conn);
+    }
+
+    /// The session layer closes `conn` after its output: unread input is
+    /// dropped, the flush shuts the write side, and reading goes on (to
+    /// notice the peer's close).
+    pub(super) fn closing(&mut self, conn: ConnId) {
+        if let Some(b) = self.conns.slots[conn.index()].bufs.as_mut() {
+            b.inp = Vec::new();
+        }
+        self.conns.mark_dirty(conn);
+        self.io.set_recv(conn, true);
+    }
+
+    /// Closes `conn` at once; its session slot is already free.
+    pub(super) fn close_conn(&mut self, conn: ConnId) {
+        if let Some(s) = self.conns.slots.get_mut(conn.index()) {
+            *s = Slot::default();
+        }
+        self.io.close(conn);
+    }
+
+    pub(super) fn flush_output(&mut self) {
+        let mut dirty = std::mem::take(&mut self.conns.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for conn in dirty.drain(..) {
+            self.flush_conn(conn);
+        }
+        if self.conns.dirty.is_empty() {
+            self.conns.dirty = dirty; // keep the allocation
+        }
+    }
+
+    /// Sends what the connection has pending; closes it when it will not
+    /// drain (slow reader) or failed.
+    pub(super) fn flush_conn(&mut self, conn: ConnId) {
+        let state = self.sessions.state(conn);
+        if state == State::Free {
+            return;
+        }
+        let Some(s) = self.conns.slots.get_mut(conn.index()) else {
+            return;
+        };
+        let Some(bufs) = s.bufs.as_mut() else {
+            if state == State::Closing {
+                self.io.shutdown_write(conn);
+                self.event(Event::WriteShut(conn));
+            }
+            return;
+        };
+        if !bufs.plain.is_empty() {
+            match s.tls.as_mut() {
+                Some(tls) if tls.is_handshaken() => {
+                    let Bufs { plain, out, .. } = &mut **bufs;
+                    if let Err(e) = tls.encrypt(plain, out) {
+                        log::debug!("shard {}: TLS encrypt: {e}", self.id);
+                        self.stats.tls_failures.inc();
+                        self.event(Event::Closed(conn));
+                        return;
+                    }
+                }
+                // Frames for a TLS connection whose handshake did not finish
+                // (a BYE at shutdown): nothing can carry them.
+                _ => {}
+            }
+            bufs.plain.clear();
+        }
+        if state == State::Closing {
+            // Last frames are encrypted above; the TLS stream ends before the FIN.
+            if let Some(tls) = s.tls.as_mut() {
+                tls.close_notify(&mut bufs.out);
+            }
+        }
+        if bufs.out_sent < bufs.out.len() {
+            match self.io.send(conn, &bufs.out[bufs.out_sent..]) {
+                Ok(n) => {
+                    bufs.out_sent += n;
+                    self.stats.bytes_out.add(n as u64);
+                }
+                Err(_) => {
+                    self.event(Event::Closed(conn));
+                    return;
+                }
+            }
+        }
+        let pending = bufs.out.len() - bufs.out_sent;
+        let mut shut = false;
+        if pending == 0 {
+            bufs.out.clear();
+            bufs.out_sent = 0;
+            if bufs.inp.is_empty() {
+                s.bufs = None; // idle again: no buffers
+            }
+            if state == State::Closing {
+                shut = true;
+                self.io.shutdown_write(conn);
+            }
+        } else if bufs.out_sent > bufs.out.len() / 2 {
+            bufs.out.drain(..bufs.out_sent);
+            bufs.out_sent = 0;
+        }
+        if shut {
+            self.event(Event::WriteShut(conn));
+        }
+        if pending > self.config.conn_out_bytes_max && state == State::Active {
+            self.event(Event::Slow(conn));
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! One core's event loop, executing what the session layer decides.
+//!
+//! A shard owns everything it touches. Other shards reach it only through the
+//! SPSC rings of [`crate::ring`], carrying [`Msg`]s. A user lives on its home
+//! shard ([`home_shard`]); after LOGIN the connection moves there, so a
+//! message crosses at most one ring on its way to the recipient (and its
+//! ACK and receipts at most one on the way back).
+//!
+//! The protocol is decided by the pure session layer ([`crate::session`]):
+//! the shard turns I/O completions, ring messages, timers and commits into
+//! its [`Event`]s and executes the [`Action`]s it returns. This module holds
+//! the loop, the commit and the supervisor; `conns.rs` the connections'
+//! buffers, TLS, decoding and flushing; `route.rs` the messages between
+//! shards and their outboxes.
+//!
+//! A connection from the TLS listener carries a boxed [`crate::tls::TlsConn`]: its
+//! ciphertext is decrypted before the frame processing, and its output is
+//! written as plaintext and encrypted at flush (one batch of records per
+//! iteration). Plaintext connections pay 8 bytes for the empty box.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::io::{Completion, ConnId, Io};
+use crate::ring::Links;
+use crate::session::{Action, Env, Event, Flow, Now, Sessions, State};
+use crate::stats::{LoopTimer, ShardStats};
+use crate::store::{shard_dir, Durability, LogStore, Store, StoreError};
+use crate::supervisor::{Fatal, Intensity, ShardState, EXIT_SHARD_DOWN};
+use crate::timer::Wheel;
+use crate::tls::TlsContext;
+
+mod conns;
+mod route;
+
+#[cfg(debug_assertions)]
+pub use crate::session::{CRASH_USER, PANIC_USER};
+pub use route::{home_shard, ConnRef, Msg};
+
+use conns::Conns;
+use route::{Outboxes, Peers};
+
+/// Bytes read from a socket at once into the shard's scratch buffer.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Poll timeout while an outbox waits for ring space.
+const OUTBOX_RETRY: Duration = Duration::from_millis(1);
+
+/// Opens shard `shard`'s store under the configured data directory,
+/// replaying its log.
+pub fn open_store(config: &Config, shard: usize) -> Result<Box<dyn Store + Send>, StoreError> {
+    let (store, recovery) =
+        LogStore::open(shard_dir(&config.data_dir, shard), config.log_options())?;
+    if config.durability != Durability::Memory {
+        log::info!("shard {shard}: store recovered: {recovery}");
+    }
+    Ok(Box::new(store))
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything a shard needs at start.
+pub struct ShardParts {
+    /// The shard's I/O backend, with its listener.
+    pub io: Io,
+    /// Its ends of the ring mesh.
+    pub links: Links<Msg>,
+    /// Its counters.
+    pub stats: Arc<ShardStats>,
+    /// Set to begin graceful shutdown.
+    pub stop: Arc<AtomicBool>,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Its message store, already recovered.
+    pub store: Box<dyn Store + Send>,
+    /// TLS settings, when the server has a TLS listener.
+    pub tls: Option<Arc<TlsContext>>,
+    /// Every shard's counters, by shard id: their `state` says whether a
+    /// peer takes messages.
+    pub peers: Arc<[Arc<ShardStats>]>,
+    /// Set when a shard gives up past its restart intensity.
+    pub fatal: Arc<Fatal>,
+}
+
+/// A shard's state. Created on, and used by, its own thread.
+pub struct Shard {
+    id: usize,
+    config: Arc<Config>,
+    io: Io,
+    links: Links<Msg>,
+    /// Messages waiting for ring space, per destination shard.
+    outboxes: Outboxes,
+    /// Whether the other shards are up.
+    peers: Peers,
+    /// The protocol state of connections and users, and the store.
+    sessions: Sessions,
+    /// The connections' buffers and TLS state.
+    conns: Conns,
+    /// Server ids of pushes a commit rolled back (disk full); reused.
+    refused: Vec<u64>,
+    /// Actions being executed, and their frames (reused).
+    actions: Vec<Action>,
+    wire: Vec<u8>,
+    /// The time handed to the session layer, read once per loop phase.
+    now: Now,
+    fatal: Arc<Fatal>,
+    wheel: Wheel,
+    stats: Arc<ShardStats>,
+    stop: Arc<AtomicBool>,
+    /// When graceful shutdown must end, once begun.
+    stop_deadline: Option<Instant>,
+    scratch: Vec<u8>,
+    frame_buf: Vec<u8>,
+    /// TLS: decrypted input of one read (reused).
+    tls_plain: Vec<u8>,
+    tls: Option<Arc<TlsContext>>,
+    conns_max: usize,
+    accept_window: (Instant, u32),
+    loop_timer: LoopTimer,
+}
+
+/// What the session layer may ask of this shard.
+struct View<'a> {
+    peers: &'a Peers,
+    outboxes: &'a Outboxes,
+    conns: &'a Conns,
+    ring_slots: usize,
+}
+
+impl Env for View<'_> {
+    fn up(&self, shard: usize) -> bool {
+        self.peers.up(shard)
+    }
+    fn has_room(&self, shard: usize) -> bool {
+        self.outboxes.len(shard) < self.ring_slots
+    }
+    fn out_pending(&self, conn: ConnId) -> usize {
+        self.conns.out_pending(conn)
+    }
+}
+
+impl Shard {
+    /// Builds shard `links.id()` from its parts.
+    pub fn new(parts: ShardParts) -> Shard {
+        let ShardParts {
+            io,
+            links,
+            stats,
+            stop,
+            config,
+            store,
+            tls,
+            peers,
+            fatal,
+        } = parts;
+        let id = links.id();
+        let shards = links.shards();
+        let wheel = Wheel::new();
+        Shard {
+            id,
+            io,
+            links,
+            outboxes: Outboxes::new(shards),
+            peers: Peers::new(id, peers),
+            sessions: Sessions::new(config.clone(), id, shards, store, stats.clone()),
+            conns: Conns::default(),
+            refused: Vec::new(),
+            actions: Vec::new(),
+            wire: Vec::new(),
+            now: Now {
+                tick: wheel.now(),
+                unix_ms: now_ms(),
+            },
+            fatal,
+            wheel,
+            stats,
+            stop,
+            stop_deadline: None,
+            scratch: vec![0; SCRATCH_BYTES],
+            frame_buf: Vec::new(),
+            tls_plain: Vec::new(),
+            tls,
+            conns_max: config.conns_max.div_ceil(shards),
+            accept_window: (Instant::now(), 0),
+            loop_timer: LoopTimer::new(Instant::now()),
+            config,
+        }
+    }
+
+    /// Runs the event loop until graceful shutdown completes.
+    ///
+    /// Let it crash: a panic outside one connection's handling (a bug, or a
+    /// store that cannot commit) restarts the shard in place, supervised as
+    /// in OTP (see [`crate::supervisor`]). Its connections drop (clients
+    /// reconnect), and after a backoff its store is reopened and its log
+    /// replayed, so nothing acknowledged is lost; other shards go on, and the
+    /// rings and listener stay as they are. A reopen that fails is retried
+    /// after the next backoff. Past `shard_restarts_max` restarts within
+    /// `shard_restart_period_ms` the shard gives up: its state becomes down,
+    /// the process-wide [`Fatal`] is set, and this returns an error.
+    pub fn run(mut self) -> std::io::Result<()> {
+        let mut intensity = Intensity::new(
+            self.config.shard_restarts_max,
+            Duration::from_millis(self.config.shard_restart_period_ms),
+        );
+        loop {
+            let panic = match catch_unwind(AssertUnwindSafe(|| self.serve())) {
+                Ok(result) => return result,
+                Err(panic) => panic,
+            };
+            // The state first: whoever sees the restart counted sees it too.
+            self.set_state(ShardState::Restarting);
+            self.stats.restarts.inc();
+            self.reset();
+            let mut why = format!("crashed: {}", panic_text(&*panic));
+            loop {
+                let Some(n) = intensity.record(Instant::now()) else {
+                    return Err(self.give_up(&why));
+                };
+                let delay = self.config.shard_restart_delay(n);
+                log::error!(
+                    "shard {} {why}; restart {n} of at most {} within {} ms, in {} ms",
+                    self.id,
+                    self.config.shard_restarts_max,
+                    self.config.shard_restart_period_ms,
+                    delay.as_millis()
+                );
+                std::thread::sleep(delay);
+                match self.reopen() {
+                    Ok(()) => break,
+                    Err(e) => why = format!("cannot reopen its store: {e}"),
+                }
+            }
+            self.set_state(ShardState::Up);
+            log::info!("shard {} restarted", self.id);
+        }
+    }
+
+    fn set_state(&self, state: ShardState) {
+        self.stats.state.set(state as u64);
+    }
+
+    /// Past the restart intensity: marks the shard down and tells the
+    /// process to exit non-zero.
+    fn give_up(&mut self, why: &str) -> std::io::Error {
+        self.set_state(ShardState::Down);
+        let reason = format!(
+            "shard {} {why}; more than {} restarts within {} ms (shard_restarts_max): giving \
+             up, the process exits with status {EXIT_SHARD_DOWN} so the service manager can act",
+            self.id, self.config.shard_restarts_max, self.config.shard_restart_period_ms
+        );
+        log::error!("{reason}");
+        self.fatal.set(reason.clone());
+        std::io::Error::other(reason)
+    }
+
+    /// Reopens the store (replaying its log) after a crash.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        // An in-memory store has nothing to replay: keep it as it is.
+        if self.config.durability != Durability::Memory {
+            let store = open_store(&self.config, self.id)?;
+            self.sessions.replace_store(store);
+        }
+        Ok(())
+    }
+
+    /// Drops every connection and per-connection state after a crash.
+    fn reset(&mut self) {
+        for i in 0..self.sessions.slots() {
+            let conn = ConnId(i as u32);
+            if self.sessions.state(conn) != State::Free {
+                self.io.close(conn);
+            }
+        }
+        self.conns.clear();
+        // Answers that waited for a commit that never came go anyway (see
+        // `Sessions::reset`). An in-memory store is kept below, pushes and
+        // all, so its answers stand.
+        let kept = self.config.durability == Durability::Memory;
+        self.tick();
+        let env = View {
+            peers: &self.peers,
+            outboxes: &self.outboxes,
+            conns: &self.conns,
+            ring_slots: self.config.ring_slots,
+        };
+        self.sessions.reset(self.now, &env, kept);
+        self.execute(&[]);
+        self.wheel = Wheel::new();
+        // The panic may have unwound while the scratch buffer was lent out.
+        self.scratch.resize(SCRATCH_BYTES, 0);
+    }
+
+    fn serve(&mut self) -> std::io::Result<()> {
+        let mut fired = Vec::new();
+        loop {
+            self.tick();
+            if self.stop.load(Ordering::Relaxed) && self.stop_deadline.is_none() {
+                self.begin_shutdown();
+            }
+            if let Some(deadline) = self.stop_deadline {
+                if self.io.is_empty() || Instant::now() >= deadline {
+                    self.close_all();
+                    return Ok(());
+                }
+            }
+            let mut timeout = self.wheel.until_next_tick();
+            if self.outboxes.waiting() {
+                timeout = timeout.min(OUTBOX_RETRY);
+            }
+            if !self.links.prepare_sleep() {
+                timeout = Duration::ZERO;
+            }
+            let waited = self.io.wait(Some(timeout));
+            self.links.awake();
+            waited?;
+            let started = Instant::now();
+
+            self.tick();
+            self.drain_io();
+            self.drain_rings();
+            self.wheel.expire(&mut fired);
+            self.tick();
+            for entry in fired.drain(..) {
+                self.event(Event::Timer(entry));
+            }
+            self.retry_blocked();
+            if self.sessions.crash_requested() {
+                panic!("injected shard crash (debug hook)");
+            }
+            self.commit();
+            self.outboxes.flush(&mut self.links, &self.stats);
+            self.flush_output();
+
+            self.stats.loop_iterations.inc();
+            let now = Instant::now();
+            if self.loop_timer.record(now - started, now, &self.stats) {
+                self.publish_gauges();
+            }
+        }
+    }
+
+    /// Reads the time the session layer is given next (once per loop
+    /// phase, not per event: the wheel's tick is 100 ms).
+    fn tick(&mut self) {
+        self.now = Now {
+            tick: self.wheel.now(),
+            unix_ms: now_ms(),
+        };
+    }
+
+    /// Hands `event` to the session layer and executes what it decides.
+    fn event(&mut self, event: Event<'_>) -> Flow {
+        self.event_with_rest(event, &[])
+    }
+
+    /// [`Shard::event`] for a frame followed by `rest` (what a handoff
+    /// takes along).
+    fn event_with_rest(&mut self, event: Event<'_>, rest: &[u8]) -> Flow {
+        let env = View {
+            peers: &self.peers,
+            outboxes: &self.outboxes,
+            conns: &self.conns,
+            ring_slots: self.config.ring_slots,
+        };
+        let flow = self.sessions.on_event(self.now, &env, event);
+        self.execute(rest);
+        flow
+    }
+
+    /// Executes the session layer's last actions, in order.
+    fn execute(&mut self, rest: &[u8]) {
+        let mut actions = std::mem::take(&mut self.actions);
+        let mut wire = std::mem::take(&mut self.wire);
+        self.sessions.take_actions(&mut actions, &mut wire);
+        for action in actions.drain(..) {
+            match action {
+                Action::Write { conn, bytes } => self.write_bytes(conn, &wire[bytes]),
+                Action::Route { dst, msg } => self.outboxes.push(dst, msg),
+                Action::Handoff { conn, user, home } => self.hand_off(conn, user, home, rest),
+                Action::Arm { entry, deadline } => self.wheel.insert(entry, deadline),
+                Action::Established(conn) => self.io.established(conn),
+                Action::CloseAfterFlush(conn) => self.closing(conn),
+                Action::CloseNow(conn) => self.close_conn(conn),
+            }
+        }
+        self.actions = actions;
+        self.wire = wire;
+    }
+
+    /// Makes this iteration's stores durable (one write and one fdatasync for
+    /// all of them), then lets their answers go and sends the new messages
+    /// to their recipients' connections. Pushes the commit rolled back (disk
+    /// full) are answered `storage_full` instead of ACK. A store that cannot
+    /// commit otherwise crashes the shard: the restart replays what is
+    /// really on disk.
+    fn commit(&mut self) {
+        let mut refused = std::mem::take(&mut self.refused);
+        if let Err(e) = self.sessions.store_mut().commit(&mut refused) {
+            panic!("store commit failed: {e}");
+        }
+        if !refused.is_empty() {
+            self.stats.store_rollbacks.inc();
+        }
+        self.tick();
+        self.event(Event::Committed { refused: &refused });
+        refused.clear();
+        self.refused = refused;
+    }
+
+    /// Gauges that are cheaper to sample than to track (once a second).
+    fn publish_gauges(&self) {
+        let s = &self.stats;
+        s.queued.set(self.sessions.store().total() as u64);
+        let space = self.sessions.store().space();
+        s.disk_free_bytes.set(space.free_bytes.unwrap_or(0));
+        s.disk_short.set(space.short.into());
+        s.ring_in_depth.set(self.links.in_depth() as u64);
+        s.ring_out_depth.set(self.outboxes.depth() as u64);
+        let io = self.io.gauges();
+        s.io_rings.set(io.rings);
+        s.io_slots_used.set(io.slots_used);
+        s.io_slots.set(io.slots_total);
+        // A running total kept by the backend, which outlives shard restarts.
+        s.io_recv_no_buffers.set(io.recv_no_buffers);
+    }
+
+    // ---- I/O completions -------------------------------------------------
+
+    fn drain_io(&mut self) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(c) = self.io.next(&mut scratch) {
+            match c {
+                Completion::Accepted(conn, which) => self.on_accept(conn, which),
+                Completion::Recv(conn, len) => {
+                    self.stats.bytes_in.add(len as u64);
+                    self.guarded(conn, |shard| shard.on_recv(conn, &scratch[..len]));
+                }
+                Completion::Writable(conn) => self.flush_conn(conn),
+                Completion::Closed(conn) => {
+                    self.event(Event::Closed(conn));
+                }
+                Completion::Woken => {}
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Runs one connection's handling; a panic closes that connection only.
+    fn guarded(&mut self, conn: ConnId, f: impl FnOnce(&mut Shard)) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| f(self))) {
+            let what = panic_text(&*panic);
+            log::error!(
+                "shard {}: panic handling connection {}: {what}",
+                self.id,
+                conn.0
+            );
+            self.stats.panics.inc();
+            // What the session layer decided before the panic still happens,
+            // as when its effects were immediate.
+            self.execute(&[]);
+            if self.sessions.gen(conn) != 0 {
+                self.event(Event::Closed(conn));
+            }
+        }
+    }
+
+    // ---- cross-shard messages --------------------------------------------
+
+    fn drain_rings(&mut self) {
+        for src in 0..self.links.shards() {
+            if src == self.id {
+                continue;
+            }
+            // At most one ring's worth per source per iteration.
+            for _ in 0..self.config.ring_slots {
+                match self.links.pop(src) {
+                    Some(msg) => self.on_msg(msg),
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// A message from another shard: a handoff is attached here, the rest
+    /// go to the session layer.
+    fn on_msg(&mut self, msg: Msg) {
+        let Msg::Handoff {
+            conn,
+            user,
+            leftover,
+            tls,
+            out,
+        } = msg
+        else {
+            self.event(Event::Msg(msg));
+            return;
+        };
+        match self.io.attach(conn) {
+            Ok(id) => {
+                self.stats.handoffs_in.inc();
+                self.open_conn(id, tls);
+                if !out.is_empty() {
+                    self.write_records(id, &out);
+                }
+                self.guarded(id, |shard| {
+                    shard.event(Event::HandedOver { conn: id, user });
+                    if !leftover.is_empty() {
+                        shard.on_bytes(id, &leftover);
+                    }
+                });
+                if self.stop_deadline.is_some() {
+                    self.event(Event::Shutdown(Some(id)));
+                }
+            }
+            Err(e) => log::warn!("shard {}: attach failed: {e}", self.id),
+        }
+    }
+
+    // ---- shutdown ----------------------------------------------------------
+
+    fn begin_shutdown(&mut self) {
+        log::info!(
+            "shard {}: shutting down, {} connections",
+            self.id,
+            self.io.len()
+        );
+        self.stop_deadline =
+            Some(Instant::now() + Duration::from_millis(self.config.shutdown_grace_ms));
+        self.io.stop_accepting();
+        self.event(Event::Shutdown(None));
+    }
+
+    fn close_all(&mut self) {
+        self.flush_output();
+        for i in 0..self.sessions.slots() {
+            self.event(Event::Closed(ConnId(i as u32)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn session_slot_is_small() {
+        // The per-connection budget is 256 bytes, all structures included;
+        // the two slots together cost what the one slot did (40 bytes).
+        let bytes = super::conns::SLOT_BYTES + crate::session::SLOT_BYTES;
+        assert!(bytes <= 40, "{bytes}");
+        eprintln!(
+            "per-connection slots: session {} + shard {} = {bytes} bytes",
+            crate::session::SLOT_BYTES,
+            super::conns::SLOT_BYTES
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! Routing between shards: what travels ([`Msg`]), where a user lives
+//! ([`home_shard`]), how a reply finds its connection ([`ConnRef`]), the
+//! outboxes that hold messages a full ring did not take, and whether a peer
+//! shard is up.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::io::{ConnId, Detached};
+use crate::proto::{ErrorCode, ReceiptKind};
+use crate::ring::Links;
+use crate::stats::ShardStats;
+use crate::supervisor::ShardState;
+use crate::tls::TlsConn;
+
+/// Messages an emptied outbox keeps room for.
+const OUTBOX_KEEP_CAPACITY: usize = 1024;
+
+/// The shard that owns `user`: a fixed hash of the id, so every shard agrees.
+pub fn home_shard(user: u64, shards: usize) -> usize {
+    // splitmix64 finaliser: sequential ids spread evenly.
+    let mut z = user.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z % shards as u64) as usize
+}
+
+/// A connection on a given shard, valid while its generation matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRef {
+    pub(crate) shard: u16,
+    pub(crate) conn: ConnId,
+    pub(crate) gen: u32,
+}
+
+/// What travels between shards.
+#[derive(Debug)]
+pub enum Msg {
+    /// A connection whose LOGIN was verified, moving to its user's home shard
+    /// with the bytes that followed the LOGIN frame.
+    Handoff {
+        /// The socket.
+        conn: Detached,
+        /// The user its token proved.
+        user: u64,
+        /// Input after the LOGIN frame, not yet decoded.
+        leftover: Vec<u8>,
+        /// TLS connections: their TLS state.
+        tls: Option<Box<TlsConn>>,
+        /// TLS connections: records not yet sent (e.g. session tickets
+        /// that rode with the LOGIN's handshake flight).
+        out: Vec<u8>,
+    },
+    /// A message for a user homed on the receiving shard.
+    Send {
+        /// Sender's user id.
+        from: u64,
+        /// The sender's connection, for the ACK.
+        reply: ConnRef,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// Recipient's user id.
+        to: u64,
+        /// Message body.
+        body: Box<[u8]>,
+    },
+    /// The recipient's shard took the message: one tick for the sender.
+    Ack {
+        /// The sender's connection.
+        reply: ConnRef,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// Server id of the stored message.
+        server_id: u64,
+        /// When it was stored.
+        time_ms: u64,
+    },
+    /// The recipient's shard refused the message.
+    Reject {
+        /// The sender's connection.
+        reply: ConnRef,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// Why.
+        code: ErrorCode,
+    },
+    /// A delivery or read receipt for `user`, homed on the receiving shard.
+    Receipt {
+        /// Who gets the receipt (the original sender).
+        user: u64,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The message it is about.
+        server_id: u64,
+        /// Who received or read it.
+        peer: u64,
+    },
+}
+
+/// Messages waiting for ring space, per destination shard.
+pub(super) struct Outboxes {
+    queues: Vec<VecDeque<Msg>>,
+}
+
+impl Outboxes {
+    /// Empty outboxes towards `shards` shards.
+    pub(super) fn new(shards: usize) -> Outboxes {
+        Outboxes {
+            queues: (0..shards).map(|_| VecDeque::new()).collect(),
+        }
+    }
+
+    /// Queues `msg` for shard `dst`, after those already waiting.
+    pub(super) fn push(&mut self, dst: usize, msg: Msg) {
+        self.queues[dst].push_back(msg);
+    }
+
+    /// Messages waiting for shard `dst`.
+    pub(super) fn len(&self, dst: usize) -> usize {
+        self.queues[dst].len()
+    }
+
+    /// Messages waiting, all destinations.
+    pub(super) fn depth(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// Whether any message waits for ring space.
+    pub(super) fn waiting(&self) -> bool {
+        self.queues.iter().any(|o| !o.is_empty())
+    }
+
+    /// Moves what fits into the rings, in order, then wakes the
+    /// destinations.
+    pub(super) fn flush(&mut self, links: &mut Links<Msg>, stats: &ShardStats) {
+        for (dst, outbox) in self.queues.iter_mut().enumerate() {
+            while let Some(msg) = outbox.pop_front() {
+                if let Err(msg) = links.try_push(dst, msg) {
+                    outbox.push_front(msg);
+                    stats.ring_full.inc();
+                    break;
+                }
+            }
+            // A login storm can leave an outbox holding a large allocation
+            // for ever; give it back once drained.
+            if outbox.is_empty() && outbox.capacity() > OUTBOX_KEEP_CAPACITY {
+                outbox.shrink_to(OUTBOX_KEEP_CAPACITY);
+            }
+        }
+        links.notify();
+    }
+}
+
+/// Whether the other shards take messages, read from their counters.
+pub(super) struct Peers {
+    id: usize,
+    /// Every shard's counters, by shard id.
+    stats: Arc<[Arc<ShardStats>]>,
+}
+
+impl Peers {
+    /// The peers of shard `id`.
+    pub(super) fn new(id: usize, stats: Arc<[Arc<ShardStats>]>) -> Peers {
+        Peers { id, stats }
+    }
+
+    /// Whether shard `dst` takes messages (it is this one, or up).
+    pub(super) fn up(&self, dst: usize) -> bool {
+        dst == self.id || ShardState::from_u64(self.stats[dst].state.get()) == ShardState::Up
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_shard_is_stable_and_spread() {
+        let mut counts = [0usize; 4];
+        for user in 1..=10_000u64 {
+            let h = home_shard(user, 4);
+            assert_eq!(h, home_shard(user, 4));
+            counts[h] += 1;
+        }
+        for c in counts {
+            assert!(c > 2000, "{counts:?}");
+        }
+        assert_eq!(home_shard(12345, 1), 0);
+    }
+}
