@@ -15,6 +15,8 @@
 pub mod claim;
 pub mod config;
 pub mod datadir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod privacy;
 pub mod proto;
