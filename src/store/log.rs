@@ -1169,16 +1169,26 @@ impl LogStore {
                     Ok(at) => {
                         // A compaction copy whose original was not deleted
                         // yet (a crash in between): the later copy is the
-                        // current one, and must outlive the original.
-                        let old = std::mem::replace(&mut queue[at].loc, Loc::Segment(n));
+                        // current one, and must outlive the original. Only
+                        // a damaged log holds copies that differ, or two in
+                        // one file: each segment gives up the bytes it held.
+                        let entry = &mut queue[at];
+                        let old_bytes = queued_bytes(&entry.msg);
+                        entry.msg = Stored {
+                            server_id,
+                            from,
+                            time_ms,
+                            body: body.into(),
+                        };
+                        let old = std::mem::replace(&mut entry.loc, Loc::Segment(n));
                         if let Loc::Segment(o) = old {
+                            let from_seg = self.segments.get_mut(&o).expect("replayed");
+                            from_seg.live -= 1;
+                            from_seg.live_bytes -= old_bytes;
+                            let seg = self.segments.get_mut(&n).expect("replaying");
+                            seg.live += 1;
+                            seg.live_bytes += len;
                             if o != n {
-                                let from_seg = self.segments.get_mut(&o).expect("replayed");
-                                from_seg.live -= 1;
-                                from_seg.live_bytes -= len;
-                                let seg = self.segments.get_mut(&n).expect("replaying");
-                                seg.live += 1;
-                                seg.live_bytes += len;
                                 seg.pins.insert(o);
                             }
                         }
@@ -1543,10 +1553,18 @@ impl LogStore {
         if !self.moves.is_empty() {
             let n = self.active_number().expect("copies were written");
             let mut moved_bytes = 0;
+            let mut moved = 0;
             for &(user, server_id) in &self.moves {
                 let entry = lookup_mut(&mut self.queues, user, server_id).expect("planned");
-                debug_assert_eq!(entry.loc, Loc::Segment(c.segment));
+                if entry.loc != Loc::Segment(c.segment) {
+                    // Moved already: the victim's index lists it twice,
+                    // which only the replay of a damaged log (two Queued
+                    // records of one message in one file) does. The extra
+                    // copy written is dead bytes.
+                    continue;
+                }
                 entry.loc = Loc::Segment(n);
+                moved += 1;
                 moved_bytes += queued_bytes(&entry.msg);
                 self.segments
                     .get_mut(&n)
@@ -1554,7 +1572,6 @@ impl LogStore {
                     .index
                     .push((user, server_id));
             }
-            let moved = self.moves.len() as u64;
             let victim = self.segments.get_mut(&c.segment).expect("victim");
             victim.live -= moved;
             victim.live_bytes -= moved_bytes;
