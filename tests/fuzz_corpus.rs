@@ -11,8 +11,9 @@
 //! TERN_FUZZ_SEEDS=write cargo test -p tern --test fuzz_corpus capture_seeds
 //! ```
 //!
-//! `committed_seeds_pass_the_oracles` runs every committed seed through
-//! `tern::fuzzing`, the same checks the fuzz targets run.
+//! `committed_seeds_pass_the_oracles` runs every committed seed, and every
+//! crash input in `fuzz/regressions/`, through `tern::fuzzing`, the same
+//! checks the fuzz targets run.
 
 mod common;
 
@@ -446,4 +447,12 @@ fn committed_seeds_pass_the_oracles() {
         }
         assert!(n >= 2, "{}: {n} seeds", dir.display());
     }
+    // Every crash found so far (minimized); each also has a unit test.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/recovery");
+    let mut n = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        tern::fuzzing::recovery(&fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n >= 1, "{}: no regression inputs", dir.display());
 }
