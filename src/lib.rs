@@ -16,6 +16,8 @@
 pub mod claim;
 pub mod config;
 pub mod datadir;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod limit;
 pub mod privacy;

@@ -33,8 +33,9 @@ use std::io;
 pub mod fault;
 mod files;
 pub mod log;
-mod record;
-mod segment;
+// Crate-visible for the fuzzing oracles (src/fuzzing.rs).
+pub(crate) mod record;
+pub(crate) mod segment;
 
 pub use self::log::{shard_dir, Durability, LogOptions, LogStore, Recovery, Skipped, StoreError};
 pub use self::record::BODY_BYTES_MAX;

@@ -84,10 +84,18 @@ impl LogStore {
         if !self.moves.is_empty() {
             let n = self.active_number().expect("copies were written");
             let mut moved_bytes = 0;
+            let mut moved = 0;
             for &(user, server_id) in &self.moves {
                 let entry = lookup_mut(&mut self.queues, user, server_id).expect("planned");
-                debug_assert_eq!(entry.loc, Loc::Segment(c.segment));
+                if entry.loc != Loc::Segment(c.segment) {
+                    // Moved already: the victim's index lists it twice,
+                    // which only the replay of a damaged log (two Queued
+                    // records of one message in one file) does. The extra
+                    // copy written is dead bytes.
+                    continue;
+                }
                 entry.loc = Loc::Segment(n);
+                moved += 1;
                 moved_bytes += queued_bytes(&entry.msg);
                 self.segments
                     .get_mut(&n)
@@ -95,7 +103,6 @@ impl LogStore {
                     .index
                     .push((user, server_id));
             }
-            let moved = self.moves.len() as u64;
             let victim = self.segments.get_mut(&c.segment).expect("victim");
             victim.live -= moved;
             victim.live_bytes -= moved_bytes;

@@ -293,16 +293,26 @@ impl LogStore {
                     Ok(at) => {
                         // A compaction copy whose original was not deleted
                         // yet (a crash in between): the later copy is the
-                        // current one, and must outlive the original.
-                        let old = std::mem::replace(&mut queue[at].loc, Loc::Segment(n));
+                        // current one, and must outlive the original. Only
+                        // a damaged log holds copies that differ, or two in
+                        // one file: each segment gives up the bytes it held.
+                        let entry = &mut queue[at];
+                        let old_bytes = queued_bytes(&entry.msg);
+                        entry.msg = Stored {
+                            server_id,
+                            from,
+                            time_ms,
+                            body: body.into(),
+                        };
+                        let old = std::mem::replace(&mut entry.loc, Loc::Segment(n));
                         if let Loc::Segment(o) = old {
+                            let from_seg = self.segments.get_mut(&o).expect("replayed");
+                            from_seg.live -= 1;
+                            from_seg.live_bytes -= old_bytes;
+                            let seg = self.segments.get_mut(&n).expect("replaying");
+                            seg.live += 1;
+                            seg.live_bytes += len;
                             if o != n {
-                                let from_seg = self.segments.get_mut(&o).expect("replayed");
-                                from_seg.live -= 1;
-                                from_seg.live_bytes -= len;
-                                let seg = self.segments.get_mut(&n).expect("replaying");
-                                seg.live += 1;
-                                seg.live_bytes += len;
                                 seg.pins.insert(o);
                             }
                         }
