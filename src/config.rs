@@ -38,6 +38,13 @@ const URING_BATCH_WAIT_US_MAX: u32 = 10_000;
 /// Largest `deliver_inflight_bytes_max` (counted in 32 bits per user).
 const DELIVER_INFLIGHT_BYTES_MAX: usize = 1 << 30;
 
+/// Largest burst of a per-user rate (`sends_burst_max`, ...): a bucket
+/// counts thousandths of a token in 32 bits.
+const RATE_BURST_MAX: u32 = 4_000_000;
+
+/// Largest `delivered_recent_max`.
+const DELIVERED_RECENT_MAX: usize = 1 << 16;
+
 /// Largest `deliver_inflight_max` (counted in 32 bits per user).
 const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
 
@@ -177,6 +184,62 @@ pub struct Config {
     /// wait in the queue. One DELIVER always goes when none is in flight.
     /// Default 1048576 (1 MiB); at least `frame_bytes_max`.
     pub deliver_inflight_bytes_max: usize,
+    /// SENDs a logged-in user may make per second (token bucket refill);
+    /// past it a SEND gets `ERROR(rate_limited, client_id)` and is not
+    /// taken. 0 = no limit. Default 1000.
+    pub sends_per_s_max: u32,
+    /// SENDs a user may make at once before `sends_per_s_max` applies (the
+    /// bucket's size). At least 1 when the rate is on. Default 10000.
+    pub sends_burst_max: u32,
+    /// READ and DELIVERED frames (the ones that make receipts) a user may
+    /// send per second; past it the frame gets `ERROR(rate_limited, 0)` and
+    /// is not taken. 0 = no limit. Default 2000.
+    pub receipts_per_s_max: u32,
+    /// READ and DELIVERED frames at once before `receipts_per_s_max`
+    /// applies. At least 1 when the rate is on. Default 20000.
+    pub receipts_burst_max: u32,
+    /// PINGs a user may send per second; past it a PING gets
+    /// `ERROR(rate_limited, 0)` and no PONG. 0 = no limit. Default 10.
+    pub pings_per_s_max: u32,
+    /// PINGs at once before `pings_per_s_max` applies. At least 1 when the
+    /// rate is on. Default 100.
+    pub pings_burst_max: u32,
+    /// A connection whose frames are refused as `rate_limited` more than
+    /// this many times within `rate_refusals_window_ms` is closed with
+    /// `BYE(rate_limited)`. 0 = never closed for it. Default 100.
+    pub rate_refusals_max: u32,
+    /// The window of `rate_refusals_max`, ms. Default 10000.
+    pub rate_refusals_window_ms: u64,
+    /// Messages remembered per logged-in user as delivered to it in this
+    /// login (server id and sender, 16 bytes each): READ is accepted only
+    /// for one of them, and a repeated DELIVERED for one of them is
+    /// ignored; other READs and DELIVEREDs get `ERROR(unknown_message)`.
+    /// 0 = no check (any READ is relayed, as before). Default 1024.
+    pub delivered_recent_max: usize,
+    /// Failed logins (bad or expired token) from one address within a
+    /// minute, per shard, past which the address is refused for
+    /// `addr_ban_ms`. 0 = no limit. Default 20.
+    pub addr_logins_failed_max: u32,
+    /// How long an address stays refused after too many failed logins, ms.
+    /// Default 60000.
+    pub addr_ban_ms: u64,
+    /// New connections per second from one address, per shard; the excess
+    /// is refused at accept. 0 = no limit. Default 1000.
+    pub addr_conns_per_s_max: u32,
+    /// Connections from one address that have not logged in yet, per
+    /// shard; further ones are refused at accept. 0 = no limit.
+    /// Default 1000.
+    pub addr_pending_max: u32,
+    /// Addresses each shard tracks for the per-address limits; while full,
+    /// connections from addresses not in it are refused. At least 1.
+    /// Default 65536 (about 64 bytes each).
+    pub addr_table_max: usize,
+    /// Connections not logged in yet, whole process (each shard takes an
+    /// equal share, rounded up). At the cap a new connection closes the
+    /// oldest one not logged in on its shard, so a swarm of silent
+    /// connections cannot keep real clients from logging in. 0 = no limit.
+    /// Default 100000.
+    pub pending_max: usize,
 }
 
 /// Unix permission bits of a file the server creates (`stats_socket_mode`).
@@ -320,6 +383,21 @@ impl Default for Config {
             stats_socket_group: None,
             listen_retry_ms: 5000,
             deliver_inflight_bytes_max: 1024 * 1024,
+            sends_per_s_max: 1000,
+            sends_burst_max: 10_000,
+            receipts_per_s_max: 2000,
+            receipts_burst_max: 20_000,
+            pings_per_s_max: 10,
+            pings_burst_max: 100,
+            rate_refusals_max: 100,
+            rate_refusals_window_ms: 10_000,
+            delivered_recent_max: 1024,
+            addr_logins_failed_max: 20,
+            addr_ban_ms: 60_000,
+            addr_conns_per_s_max: 1000,
+            addr_pending_max: 1000,
+            addr_table_max: 65_536,
+            pending_max: 100_000,
         }
     }
 }
@@ -495,6 +573,43 @@ impl Config {
                 format!("must be at most {DELIVER_INFLIGHT_MAX}"),
             ));
         }
+        for (key, per_s, burst) in [
+            (
+                "sends_burst_max",
+                self.sends_per_s_max,
+                self.sends_burst_max,
+            ),
+            (
+                "receipts_burst_max",
+                self.receipts_per_s_max,
+                self.receipts_burst_max,
+            ),
+            (
+                "pings_burst_max",
+                self.pings_per_s_max,
+                self.pings_burst_max,
+            ),
+        ] {
+            // Milli-tokens are counted in 32 bits.
+            if per_s > 0 && !(1..=RATE_BURST_MAX).contains(&burst) {
+                return Err(bad(
+                    key,
+                    format!("must be between 1 and {RATE_BURST_MAX} while its rate is on"),
+                ));
+            }
+        }
+        if self.rate_refusals_max > 0 && self.rate_refusals_window_ms == 0 {
+            return Err(bad("rate_refusals_window_ms", "must be at least 1"));
+        }
+        if self.delivered_recent_max > DELIVERED_RECENT_MAX {
+            return Err(bad(
+                "delivered_recent_max",
+                format!("must be at most {DELIVERED_RECENT_MAX}"),
+            ));
+        }
+        if self.addr_table_max == 0 {
+            return Err(bad("addr_table_max", "must be at least 1"));
+        }
         if let Err(crate::store::StoreError::Options { field, reason }) =
             self.log_options().validate()
         {
@@ -538,6 +653,17 @@ impl Config {
     /// `idle_timeout_ms` as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// The per-address limits of each shard's table.
+    pub fn addr_limits(&self) -> crate::limit::addr::AddrLimits {
+        crate::limit::addr::AddrLimits {
+            logins_failed_max: self.addr_logins_failed_max,
+            ban_ms: self.addr_ban_ms,
+            conns_per_s_max: self.addr_conns_per_s_max,
+            pending_max: self.addr_pending_max,
+            addrs_max: self.addr_table_max,
+        }
     }
 
     /// `login_timeout_ms` as a duration.

@@ -112,6 +112,9 @@ pub enum ErrorCode {
     /// 16: the shard that serves this user (the recipient of a SEND, or the
     /// user logging in) is restarting or down; retry later.
     Unavailable = 16,
+    /// 17: a READ or DELIVERED names a message that was not delivered to
+    /// this connection (in this login); nothing is done with it.
+    UnknownMessage = 17,
 }
 
 impl ErrorCode {
@@ -134,6 +137,7 @@ impl ErrorCode {
             14 => ErrorCode::BadState,
             15 => ErrorCode::StorageFull,
             16 => ErrorCode::Unavailable,
+            17 => ErrorCode::UnknownMessage,
             _ => return None,
         })
     }
@@ -157,6 +161,7 @@ impl ErrorCode {
             ErrorCode::BadState => "bad_state",
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::UnknownMessage => "unknown_message",
         }
     }
 }
@@ -217,6 +222,9 @@ pub enum ByeReason {
     Idle = 4,
     /// 5: the connection is closed because of a protocol error.
     Error = 5,
+    /// 6: the connection kept sending past its rate limits
+    /// (`rate_refusals_max` refusals within `rate_refusals_window_ms`).
+    RateLimited = 6,
 }
 
 impl ByeReason {
@@ -228,6 +236,7 @@ impl ByeReason {
             3 => Some(ByeReason::Slow),
             4 => Some(ByeReason::Idle),
             5 => Some(ByeReason::Error),
+            6 => Some(ByeReason::RateLimited),
             _ => None,
         }
     }
@@ -240,6 +249,7 @@ impl ByeReason {
             ByeReason::Slow => "slow",
             ByeReason::Idle => "idle",
             ByeReason::Error => "error",
+            ByeReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -1095,7 +1105,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 16] = [
+    const ALL_ERROR_CODES: [ErrorCode; 17] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1112,14 +1122,16 @@ mod tests {
         ErrorCode::BadState,
         ErrorCode::StorageFull,
         ErrorCode::Unavailable,
+        ErrorCode::UnknownMessage,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
-    const ALL_BYE_REASONS: [ByeReason; 5] = [
+    const ALL_BYE_REASONS: [ByeReason; 6] = [
         ByeReason::Shutdown,
         ByeReason::Replaced,
         ByeReason::Slow,
         ByeReason::Idle,
         ByeReason::Error,
+        ByeReason::RateLimited,
     ];
 
     /// The examples in docs/PROTOCOL.md, one per frame type.
@@ -1494,14 +1506,14 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 17, 0x7f] {
+        for v in [0u8, 18, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
         for v in [0u8, 3, 0x7f] {
             assert_eq!(malformed(&[TYPE_RECEIPT, v, 1, 1]), "unknown receipt kind");
         }
-        for v in [0u8, 6, 0x7f] {
+        for v in [0u8, 7, 0x7f] {
             assert_eq!(malformed(&[TYPE_BYE, v]), "unknown bye reason");
         }
         // A large code number is still just unknown.
@@ -1686,7 +1698,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(17), None);
+        assert_eq!(ErrorCode::from_u64(18), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
@@ -1701,7 +1713,7 @@ mod tests {
             assert_eq!(reason.to_string(), reason.as_str());
         }
         assert_eq!(ByeReason::from_u64(0), None);
-        assert_eq!(ByeReason::from_u64(6), None);
+        assert_eq!(ByeReason::from_u64(7), None);
         // Names are unique and snake_case.
         let mut names: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();
         names.sort_unstable();

@@ -30,7 +30,7 @@ pub mod poll;
 pub mod uring;
 
 use std::io;
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -316,6 +316,14 @@ impl Io {
     /// Stops (`false`) or resumes (`true`) handing out bytes of a connection.
     pub fn set_recv(&mut self, conn: ConnId, on: bool) {
         each!(self, io => io.set_recv(conn, on))
+    }
+
+    /// The source address of `conn`, just handed out as
+    /// [`Completion::Accepted`], for the per-address limits. Asked once per
+    /// accepted connection, before the next [`Io::next`]; `None` when the
+    /// backend cannot tell (the limits then skip the connection).
+    pub fn peer_ip(&mut self, conn: ConnId) -> Option<IpAddr> {
+        each!(self, io => io.peer_ip(conn))
     }
 
     /// The connection stays on this shard (logged in on its home shard).

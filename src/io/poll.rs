@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -420,6 +420,12 @@ impl Io {
 
     /// Nothing to do: a readiness backend arms nothing per connection.
     pub fn established(&mut self, _conn: ConnId) {}
+
+    /// The source address of `id` (IPv4-mapped addresses as IPv4).
+    pub fn peer_ip(&mut self, id: ConnId) -> Option<IpAddr> {
+        let conn = self.conns.get(id.index())?;
+        conn.stream.peer_addr().ok().map(|a| a.ip().to_canonical())
+    }
 }
 
 #[cfg(test)]

@@ -76,8 +76,13 @@ impl Sessions {
         Flow::Next
     }
 
-    /// READ from `user`: relayed to the sender as a read receipt.
-    pub(super) fn on_read(&mut self, user: u64, server_id: u64, from: u64) {
+    /// READ from `user`: relayed to the sender as a read receipt, if the
+    /// message was delivered to this connection (see `guard.rs`).
+    pub(super) fn on_read(&mut self, conn: ConnId, user: u64, server_id: u64, from: u64) {
+        if !self.guard.was_delivered(user, server_id, Some(from)) {
+            self.unknown_message(conn, "READ");
+            return;
+        }
         if from != 0 {
             // Behind the delivery receipt, which waits for a commit.
             self.replies.push((
@@ -92,9 +97,25 @@ impl Sessions {
         }
     }
 
-    pub(super) fn on_delivered(&mut self, env: &dyn Env, user: u64, server_id: u64) {
-        let Some(msg) = self.store.remove(user, server_id) else {
-            return; // a duplicate or unknown id: DELIVERED is idempotent
+    /// DELIVERED from `user`: removes the message from its queue and
+    /// relays a delivery receipt, if it was sent to this connection. A
+    /// repeat for a message delivered recently is ignored (idempotent);
+    /// anything else is refused and removes nothing.
+    pub(super) fn on_delivered(&mut self, env: &dyn Env, conn: ConnId, user: u64, server_id: u64) {
+        let sent = self
+            .users
+            .get_mut(user)
+            .is_some_and(|on| server_id <= on.sent_upto);
+        let removed = if sent {
+            self.store.remove(user, server_id)
+        } else {
+            None
+        };
+        let Some(msg) = removed else {
+            if !self.guard.was_delivered(user, server_id, None) {
+                self.unknown_message(conn, "DELIVERED");
+            }
+            return;
         };
         if let Some(on) = self.users.get_mut(user) {
             if server_id <= on.sent_upto {
@@ -174,6 +195,7 @@ impl Sessions {
                 break;
             }
             proto::encode(&frame, &mut self.wire);
+            self.guard.delivered(user, m.server_id, m.from);
             on.sent_upto = m.server_id;
             on.inflight += 1;
             on.inflight_bytes += len as u32;

@@ -156,4 +156,7 @@ pub enum Action {
     CloseAfterFlush(ConnId),
     /// Close `conn` now; its session slot is already free.
     CloseNow(ConnId),
+    /// A LOGIN on `conn` failed (bad or expired token): count it against
+    /// the connection's source address. The connection is already closing.
+    LoginFailed(ConnId),
 }

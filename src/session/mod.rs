@@ -28,6 +28,7 @@ use crate::token;
 
 mod deliver;
 mod event;
+mod guard;
 #[cfg(test)]
 mod tests;
 mod users;
@@ -99,6 +100,8 @@ pub struct Sessions {
     limits: proto::Limits,
     slots: Vec<Slot>,
     users: Users,
+    /// Rate limits and the delivered messages READs may name.
+    guard: guard::Guard,
     store: Box<dyn Store + Send>,
     /// Answers (ACK, refusals) to messages stored in this iteration, and
     /// receipts for messages removed in it: they leave only once the store
@@ -148,6 +151,7 @@ impl Sessions {
             },
             slots: Vec::new(),
             users: Users::default(),
+            guard: guard::Guard::new(&config),
             next_seq: (store.max_server_id() >> 10) + 1,
             store,
             replies: Vec::new(),
@@ -306,6 +310,12 @@ impl Sessions {
         self.users.receipts_of(user)
     }
 
+    /// Users with rate buckets, and online users with delivered messages
+    /// remembered for READ checks: what the abuse guard holds.
+    pub fn guard_sizes(&self) -> (usize, usize) {
+        self.guard.sizes()
+    }
+
     /// Slots in the table (free or not).
     pub fn slots(&self) -> usize {
         self.slots.len()
@@ -347,6 +357,7 @@ impl Sessions {
         self.wire.clear();
         self.slots.clear();
         self.users.clear();
+        self.guard.clear();
         // Senders on this shard lose their connection and resend anyway;
         // senders on other shards keep theirs and would wait forever, so
         // they hear it was not stored: ERROR(internal), resend (a duplicate
@@ -427,6 +438,11 @@ impl Sessions {
         let Some(&s) = self.slots.get(conn.index()) else {
             return Flow::Stop; // never opened: nothing to answer
         };
+        if s.state == State::Active {
+            if let Some(flow) = self.limit(now, conn, s.user, &frame) {
+                return flow;
+            }
+        }
         match (s.state, frame) {
             (State::Login, Frame::Login { version, token }) => {
                 self.on_login(now, env, conn, version, token, rest)
@@ -446,11 +462,11 @@ impl Sessions {
                 },
             ) => self.on_send(now, env, conn, client_id, to, body),
             (State::Active, Frame::Delivered { server_id }) => {
-                self.on_delivered(env, s.user, server_id);
+                self.on_delivered(env, conn, s.user, server_id);
                 Flow::Next
             }
             (State::Active, Frame::Read { server_id, from }) => {
-                self.on_read(s.user, server_id, from);
+                self.on_read(conn, s.user, server_id, from);
                 Flow::Next
             }
             (State::Active, Frame::Ping { nonce }) => {
@@ -513,6 +529,8 @@ impl Sessions {
                     token::TokenError::Expired => ErrorCode::TokenExpired,
                     _ => ErrorCode::BadToken,
                 };
+                // Counted against the source address by the shard.
+                self.actions.push(Action::LoginFailed(conn));
                 self.login_err(now, conn, code, &e.to_string());
                 return Flow::Stop;
             }
@@ -591,6 +609,9 @@ impl Sessions {
             State::Closing | State::Shut => self.linger_ticks,
         };
         let deadline = s.last_rx + ticks;
+        if s.state == State::Active {
+            self.guard.settle(s.user, now.unix_ms);
+        }
         if deadline > now.tick {
             self.actions.push(Action::Arm { entry, deadline });
             return;
@@ -676,6 +697,7 @@ impl Sessions {
             return;
         };
         if s.user != 0 && self.users.go_offline(s.user, conn) {
+            self.guard.offline(s.user);
             self.stats.users_online.set(self.users.len() as u64);
         }
     }

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::io::{ConnId, Listener};
+use crate::limit::addr::Refusal;
 use crate::proto::{self, ErrorCode, Frame};
 use crate::session::{self, Event, Flow, State};
 use crate::tls::TlsConn;
@@ -103,22 +104,37 @@ impl Shard {
         };
         if let Some((code, text)) = refuse {
             self.stats.rejected.inc();
-            if which == Listener::Tls {
-                // A plaintext ERROR means nothing to a TLS client.
-                self.io.close(conn);
-                return;
-            }
-            self.frame_buf.clear();
-            proto::encode(
-                &Frame::Error {
-                    code,
-                    client_id: 0,
-                    text,
-                },
-                &mut self.frame_buf,
+            self.refuse(conn, which, code, text);
+            return;
+        }
+        let ip = self.io.peer_ip(conn);
+        if let Err(why) = self.admission.check(ip, self.now.unix_ms) {
+            let (counter, text) = match why {
+                Refusal::Banned => (
+                    &self.stats.addr_refused_banned,
+                    "too many failed logins from your address, retry later",
+                ),
+                Refusal::Rate => (
+                    &self.stats.addr_refused_rate,
+                    "too many new connections from your address, retry later",
+                ),
+                Refusal::Pending => (
+                    &self.stats.addr_refused_pending,
+                    "too many connections from your address not logged in",
+                ),
+                Refusal::Table => (
+                    &self.stats.addr_refused_table,
+                    "too many addresses connecting, retry later",
+                ),
+            };
+            counter.inc();
+            self.stats.rejected.inc();
+            log::debug!(
+                "shard {}: connection from {ip:?} refused: {}",
+                self.id,
+                why.as_str()
             );
-            let _ = self.io.send(conn, &self.frame_buf);
-            self.io.close(conn);
+            self.refuse(conn, which, ErrorCode::RateLimited, text);
             return;
         }
         let tls = match which {
@@ -137,7 +153,59 @@ impl Shard {
                 }
             },
         };
+        if let Some(old) = self.admission.evict(self.now.unix_ms) {
+            self.evict(old);
+        }
         self.open_conn(conn, tls);
+        self.admission.pending(conn, ip);
+        self.stats.pending.set(self.admission.len() as u64);
+    }
+
+    /// Refuses a connection at accept: `ERROR(code, 0, text)` and close
+    /// (TLS connections are closed without a word: a plaintext ERROR means
+    /// nothing to a TLS client).
+    fn refuse(&mut self, conn: ConnId, which: Listener, code: ErrorCode, text: &str) {
+        if which == Listener::Plain {
+            self.frame_buf.clear();
+            proto::encode(
+                &Frame::Error {
+                    code,
+                    client_id: 0,
+                    text,
+                },
+                &mut self.frame_buf,
+            );
+            let _ = self.io.send(conn, &self.frame_buf);
+        }
+        self.io.close(conn);
+    }
+
+    /// Closes `conn`, not logged in, to make room for a new connection
+    /// under `pending_max`: `ERROR(server_full)` on plaintext, then close.
+    fn evict(&mut self, conn: ConnId) {
+        self.stats.pending_evicted.inc();
+        let plain = self.conns.slots[conn.index()].tls.is_none();
+        if plain && self.sessions.state(conn) == State::Login {
+            self.frame_buf.clear();
+            proto::encode(
+                &Frame::Error {
+                    code: ErrorCode::ServerFull,
+                    client_id: 0,
+                    text: "too many connections waiting to log in; yours waited longest",
+                },
+                &mut self.frame_buf,
+            );
+            let frame = std::mem::take(&mut self.frame_buf);
+            self.write_bytes(conn, &frame);
+            self.frame_buf = frame;
+        }
+        self.event(Event::Failed(conn));
+    }
+
+    /// `conn` no longer waits for its LOGIN (logged in, moved, or closed).
+    pub(super) fn pending_end(&mut self, conn: ConnId) {
+        self.admission.end(conn, self.now.unix_ms);
+        self.stats.pending.set(self.admission.len() as u64);
     }
 
     /// Takes `conn` (accepted or attached) into a fresh slot, waiting for
@@ -380,6 +448,7 @@ impl Shard {
 
     /// Closes `conn` at once; its session slot is already free.
     pub(super) fn close_conn(&mut self, conn: ConnId) {
+        self.pending_end(conn);
         if let Some(s) = self.conns.slots.get_mut(conn.index()) {
             *s = Slot::default();
         }

@@ -33,6 +33,7 @@ use crate::supervisor::{Fatal, Intensity, ShardState, EXIT_SHARD_DOWN};
 use crate::timer::Wheel;
 use crate::tls::TlsContext;
 
+mod admit;
 mod conns;
 mod route;
 
@@ -40,6 +41,7 @@ mod route;
 pub use crate::session::{CRASH_USER, PANIC_USER};
 pub use route::{home_shard, ConnRef, Msg};
 
+use admit::Admission;
 use conns::Conns;
 use route::{Outboxes, Peers};
 
@@ -111,6 +113,8 @@ pub struct Shard {
     sessions: Sessions,
     /// The connections' buffers and TLS state.
     conns: Conns,
+    /// Per-address limits and the connections not logged in yet.
+    admission: Admission,
     /// Server ids of pushes a commit rolled back (disk full); reused.
     refused: Vec<u64>,
     /// Actions being executed, and their frames (reused).
@@ -179,6 +183,7 @@ impl Shard {
             peers: Peers::new(id, peers),
             sessions: Sessions::new(config.clone(), id, shards, store, stats.clone()),
             conns: Conns::default(),
+            admission: Admission::new(&config, shards),
             refused: Vec::new(),
             actions: Vec::new(),
             wire: Vec::new(),
@@ -288,6 +293,8 @@ impl Shard {
             }
         }
         self.conns.clear();
+        self.admission.clear(self.now.unix_ms);
+        self.stats.pending.set(0);
         // Answers that waited for a commit that never came go anyway (see
         // `Sessions::reset`). An in-memory store is kept below, pushes and
         // all, so its answers stand.
@@ -350,6 +357,7 @@ impl Shard {
             self.stats.loop_iterations.inc();
             let now = Instant::now();
             if self.loop_timer.record(now - started, now, &self.stats) {
+                self.admission.sweep(self.now.unix_ms);
                 self.publish_gauges();
             }
         }
@@ -392,11 +400,29 @@ impl Shard {
             match action {
                 Action::Write { conn, bytes } => self.write_bytes(conn, &wire[bytes]),
                 Action::Route { dst, msg } => self.outboxes.push(dst, msg),
-                Action::Handoff { conn, user, home } => self.hand_off(conn, user, home, rest),
+                Action::Handoff { conn, user, home } => {
+                    self.pending_end(conn);
+                    self.hand_off(conn, user, home, rest)
+                }
                 Action::Arm { entry, deadline } => self.wheel.insert(entry, deadline),
-                Action::Established(conn) => self.io.established(conn),
+                Action::Established(conn) => {
+                    self.pending_end(conn);
+                    self.io.established(conn)
+                }
                 Action::CloseAfterFlush(conn) => self.closing(conn),
                 Action::CloseNow(conn) => self.close_conn(conn),
+                Action::LoginFailed(conn) => {
+                    if let Some(ip) = self.admission.login_failed(conn, self.now.unix_ms) {
+                        self.stats.addr_bans.inc();
+                        log::info!(
+                            "shard {}: {ip} refused for {} ms after more than {} failed logins \
+                             within a minute",
+                            self.id,
+                            self.config.addr_ban_ms,
+                            self.config.addr_logins_failed_max
+                        );
+                    }
+                }
             }
         }
         self.actions = actions;
@@ -427,6 +453,7 @@ impl Shard {
     fn publish_gauges(&self) {
         let s = &self.stats;
         s.queued.set(self.sessions.store().total() as u64);
+        s.addrs_tracked.set(self.admission.addrs() as u64);
         let space = self.sessions.store().space();
         s.disk_free_bytes.set(space.free_bytes.unwrap_or(0));
         s.disk_short.set(space.short.into());

@@ -127,6 +127,10 @@ shard_stats! {
         Gauge state,
         /// Messages held in this shard's store-and-forward queues.
         Gauge queued,
+        /// Connections accepted here that have not logged in yet.
+        Gauge pending,
+        /// Addresses in this shard's per-address table (sampled each second).
+        Gauge addrs_tracked,
         /// Items waiting in the rings into this shard (sampled each loop).
         Gauge ring_in_depth,
         /// Items waiting in this shard's outboxes to other shards (not yet in a ring).
@@ -193,6 +197,28 @@ shard_stats! {
         Counter tls_failures,
         /// Panics caught on this shard.
         Counter panics,
+        /// SENDs refused with rate_limited (over sends_per_s_max); not taken.
+        Counter limited_sends,
+        /// READ and DELIVERED frames refused with rate_limited (over receipts_per_s_max); not taken.
+        Counter limited_receipts,
+        /// PINGs refused with rate_limited (over pings_per_s_max); no PONG.
+        Counter limited_pings,
+        /// Connections closed with BYE(rate_limited): more than rate_refusals_max refusals within rate_refusals_window_ms.
+        Counter limited_closes,
+        /// READ and DELIVERED frames refused with unknown_message: the message was not delivered to that connection in this login; nothing relayed or removed.
+        Counter unknown_message_refusals,
+        /// Connections refused at accept because their address is banned after too many failed logins.
+        Counter addr_refused_banned,
+        /// Connections refused at accept because their address opened more than addr_conns_per_s_max this second.
+        Counter addr_refused_rate,
+        /// Connections refused at accept because their address holds addr_pending_max connections not logged in.
+        Counter addr_refused_pending,
+        /// Connections refused at accept because the address table (addr_table_max) is full.
+        Counter addr_refused_table,
+        /// Addresses banned after more than addr_logins_failed_max failed logins within a minute.
+        Counter addr_bans,
+        /// Connections not logged in closed to make room for a new one (the shard's share of pending_max was reached).
+        Counter pending_evicted,
         /// Bytes read from client sockets.
         Counter bytes_in,
         /// Bytes written to client sockets.
