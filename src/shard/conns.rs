@@ -86,6 +86,8 @@ impl Conns {
 impl Shard {
     pub(super) fn on_accept(&mut self, conn: ConnId, which: Listener) {
         self.stats.accepted.inc();
+        // Taken first: the backend keeps it only until asked.
+        let ip = self.io.peer_ip(conn);
         let now = Instant::now();
         if now.duration_since(self.accept_window.0) >= Duration::from_secs(1) {
             self.accept_window = (now, 0);
@@ -107,7 +109,6 @@ impl Shard {
             self.refuse(conn, which, code, text);
             return;
         }
-        let ip = self.io.peer_ip(conn);
         if let Err(why) = self.admission.check(ip, self.now.unix_ms) {
             let (counter, text) = match why {
                 Refusal::Banned => (

@@ -9,6 +9,7 @@ impl Io {
     /// Closes the connection: its ConnId is the shard's no more.
     pub fn close(&mut self, conn: ConnId) {
         let key = conn.0;
+        self.peer_ips.remove(&key);
         let Some(c) = self
             .conns
             .get_mut(key as usize)

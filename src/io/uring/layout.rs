@@ -111,13 +111,16 @@ impl Io {
             self.start_close(key);
             return;
         }
-        let gen = c.gen;
         if c.has(flag::FROM_ACCEPT) {
-            c.clear(flag::FROM_ACCEPT);
-            c.set(flag::VISIBLE);
-            self.visible += 1;
-            self.events.push_back(Event::Accepted(key, gen));
+            if self.peer_query {
+                // Reported once its source address is known (`peer.rs`).
+                self.submit_peer(key);
+                return;
+            }
+            self.report_accepted(key);
         }
+        let c = &mut self.conns[key as usize];
+        let gen = c.gen;
         if c.has(flag::WANT_WRITE) {
             c.clear(flag::WANT_WRITE);
             self.events.push_back(Event::Writable(key, gen));

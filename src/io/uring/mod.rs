@@ -70,6 +70,7 @@ mod bufs;
 mod close;
 mod handoff;
 mod layout;
+mod peer;
 mod recv;
 mod ring;
 mod send;
@@ -319,6 +320,15 @@ pub struct Io {
     handoff_seq: u64,
     cqes: Vec<Cqe>,
     refused: u64,
+    /// Whether accepted connections' source addresses are asked for (off
+    /// after the kernel refused once: older than Linux 6.7).
+    peer_query: bool,
+    /// Bytes of the listener's socket address, by [`Listener::index`]: what
+    /// getsockopt(SO_PEERNAME) is asked for.
+    peer_lens: [u32; 2],
+    /// Source addresses of accepted connections, until [`Io::peer_ip`]
+    /// takes them (right after Accepted).
+    peer_ips: HashMap<u32, std::net::IpAddr>,
     /// Multishot receives ended by ENOBUFS (for [`Io::gauges`]).
     recv_no_buffers: u64,
 }
@@ -616,6 +626,7 @@ impl Io {
                 }
             }
             Op::Misc => {}
+            Op::Peer => self.on_peer(t, res),
             Op::HandoffIn | Op::HandoffFail => unreachable!(),
         }
     }

@@ -140,12 +140,6 @@ impl Io {
         }
     }
 
-    /// The source address of `conn`, just accepted (taken once).
-    pub fn peer_ip(&mut self, conn: ConnId) -> Option<std::net::IpAddr> {
-        let _ = conn;
-        None
-    }
-
     /// `conn` is logged in here and stays: from now on its receive is multishot.
     pub fn established(&mut self, conn: ConnId) {
         let key = conn.0;

@@ -11,6 +11,27 @@ pub(super) struct SendBuf {
     sent: usize,
 }
 
+impl SendBuf {
+    /// A zeroed buffer of `len` bytes for the kernel to fill (the source
+    /// address of a connection not reported yet: no SEND can use `out`).
+    pub(super) fn zeroed(len: usize) -> SendBuf {
+        SendBuf {
+            bytes: vec![0; len],
+            sent: 0,
+        }
+    }
+
+    /// The bytes.
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Where the kernel may write them.
+    pub(super) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.bytes.as_mut_ptr()
+    }
+}
+
 impl Io {
     /// Takes up to [`SEND_BYTES_MAX`] of `bytes` into a SEND; 0 while one is
     /// already in flight or the descriptor has not arrived (Writable follows).

@@ -96,6 +96,7 @@ impl Io {
                 }
             );
         }
+        let peer_lens = peer::lens(&listeners);
         let mut io = Io {
             shard: options.shard,
             rings: vec![ring0],
@@ -123,6 +124,9 @@ impl Io {
             handoff_seq: 0,
             cqes: Vec::new(),
             refused: 0,
+            peer_query: true,
+            peer_lens,
+            peer_ips: HashMap::new(),
             recv_no_buffers: 0,
         };
         if !one_ring {

@@ -5,31 +5,32 @@
 //!
 //! | bits    | field | range                                  |
 //! |---------|-------|----------------------------------------|
-//! | 63..60  | op    | [`Op`], 1..=15 (0 is never used)       |
-//! | 59..50  | ring  | `0..RINGS_MAX`                         |
+//! | 63..59  | op    | [`Op`], 1..=16 (0 is never used)       |
+//! | 58..50  | ring  | `0..RINGS_MAX`                         |
 //! | 49..32  | gen   | `0..=GEN_MASK` (wraps; 0 is skipped)   |
 //! | 31..0   | key   | the connection's slab key, or a slot   |
 //!
-//! Handoff tags ([`Op::HandoffIn`], [`Op::HandoffFail`]) carry a 60-bit
+//! Handoff tags ([`Op::HandoffIn`], [`Op::HandoffFail`]) carry a 59-bit
 //! handoff id instead of ring, gen and key: they are written by another
 //! shard's MSG_RING and name the connection by that id.
 
-/// Rings one shard can have at most (10 bits of `user_data`).
+/// Rings one shard can have at most (9 bits of `user_data`: 512 rings of
+/// RLIMIT_NOFILE slots, millions of connections per shard).
 pub(super) const RINGS_MAX: usize = 1 << RING_BITS;
 /// Generations wrap at this mask (18 bits of `user_data`). A stale CQE is
 /// only mistaken for a live one if its slot key was reused `GEN_MASK` times
 /// while it was in flight, which the zombie rule (a key is reused only after
 /// all its operations completed) makes impossible.
 pub(super) const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
-/// Handoff ids are below this (60 bits).
+/// Handoff ids are below this (59 bits).
 pub(super) const HANDOFF_ID_LIMIT: u64 = 1 << ID_BITS;
 
-const OP_SHIFT: u32 = 60;
-const RING_BITS: u32 = 10;
+const OP_SHIFT: u32 = 59;
+const RING_BITS: u32 = 9;
 const RING_SHIFT: u32 = 50;
 const GEN_BITS: u32 = 18;
 const GEN_SHIFT: u32 = 32;
-const ID_BITS: u32 = 60;
+const ID_BITS: u32 = 59;
 
 /// What a completion belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +67,9 @@ pub(super) enum Op {
     /// Ring-level operations whose completion needs no handling (cancels of
     /// the accept, drop-time cancels, failure notices sent to peers).
     Misc = 15,
+    /// getsockopt(SO_PEERNAME) of a just-accepted connection (its source
+    /// address, for the per-address limits).
+    Peer = 16,
 }
 
 impl Op {
@@ -86,6 +90,7 @@ impl Op {
             13 => Op::HandoffFail,
             14 => Op::CloseRaw,
             15 => Op::Misc,
+            16 => Op::Peer,
             _ => return None,
         })
     }
@@ -179,7 +184,14 @@ mod tests {
 
     #[test]
     fn round_trips_at_the_edges() {
-        for op in [Op::Accept, Op::Recv, Op::Close, Op::CloseRaw, Op::Misc] {
+        for op in [
+            Op::Accept,
+            Op::Recv,
+            Op::Close,
+            Op::CloseRaw,
+            Op::Misc,
+            Op::Peer,
+        ] {
             for ring in [0, 1, RINGS_MAX - 1] {
                 for gen in [0, 1, GEN_MASK] {
                     for key in [0, 1, u32::MAX - 1, u32::MAX] {
