@@ -637,7 +637,11 @@ fi
 server_cmd_for() {   # server_cmd_for BACKEND DIR: sets server_cmd
     server_cmd=("${pin_server[@]}" "$tern" serve --io "$1" --shards "$shards" --durability memory
         --listen "127.0.0.1:$port" --stats-socket "$2/s.sock" --data-dir "$2/d"
-        --accept-rate-per-s-max 0)
+        --accept-rate-per-s-max 0
+        # The abuse limits (docs/HARDENING.md) are off: this measures the
+        # backends at rates one user and one address would not be allowed.
+        --sends-per-s-max 0 --receipts-per-s-max 0 --addr-conns-per-s-max 0
+        --addr-pending-max 0 --pending-max 0)
     if [ "$1" = uring ] && [ "$uring_batch_wait_us" != 0 ]; then
         server_cmd+=(--uring-batch-wait-us "$uring_batch_wait_us")
     fi

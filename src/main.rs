@@ -207,6 +207,51 @@ struct Overrides {
     /// First delay before a shard restart, ms (doubles per restart, at most 10 s).
     #[arg(long)]
     shard_restart_backoff_ms: Option<u64>,
+    /// SENDs per second per user (0 = no limit).
+    #[arg(long)]
+    sends_per_s_max: Option<u32>,
+    /// SENDs at once per user before the rate applies.
+    #[arg(long)]
+    sends_burst_max: Option<u32>,
+    /// READ and DELIVERED frames per second per user (0 = no limit).
+    #[arg(long)]
+    receipts_per_s_max: Option<u32>,
+    /// READ and DELIVERED frames at once per user before the rate applies.
+    #[arg(long)]
+    receipts_burst_max: Option<u32>,
+    /// PINGs per second per user (0 = no limit).
+    #[arg(long)]
+    pings_per_s_max: Option<u32>,
+    /// PINGs at once per user before the rate applies.
+    #[arg(long)]
+    pings_burst_max: Option<u32>,
+    /// Rate refusals within --rate-refusals-window-ms before BYE(rate_limited) (0 = never).
+    #[arg(long)]
+    rate_refusals_max: Option<u32>,
+    /// Window of --rate-refusals-max, ms.
+    #[arg(long)]
+    rate_refusals_window_ms: Option<u64>,
+    /// Messages remembered per user as delivered in this login, for READ checks (0 = no check).
+    #[arg(long)]
+    delivered_recent_max: Option<usize>,
+    /// Failed logins per address per minute per shard before a ban (0 = no limit).
+    #[arg(long)]
+    addr_logins_failed_max: Option<u32>,
+    /// How long a banned address is refused, ms.
+    #[arg(long)]
+    addr_ban_ms: Option<u64>,
+    /// New connections per second per address per shard (0 = no limit).
+    #[arg(long)]
+    addr_conns_per_s_max: Option<u32>,
+    /// Connections not logged in per address per shard (0 = no limit).
+    #[arg(long)]
+    addr_pending_max: Option<u32>,
+    /// Addresses tracked per shard for the per-address limits.
+    #[arg(long)]
+    addr_table_max: Option<usize>,
+    /// Connections not logged in, whole process (0 = no limit).
+    #[arg(long)]
+    pending_max: Option<usize>,
 }
 
 impl Overrides {
@@ -244,7 +289,22 @@ impl Overrides {
             disk_free_bytes_min,
             shard_restarts_max,
             shard_restart_period_ms,
-            shard_restart_backoff_ms
+            shard_restart_backoff_ms,
+            sends_per_s_max,
+            sends_burst_max,
+            receipts_per_s_max,
+            receipts_burst_max,
+            pings_per_s_max,
+            pings_burst_max,
+            rate_refusals_max,
+            rate_refusals_window_ms,
+            delivered_recent_max,
+            addr_logins_failed_max,
+            addr_ban_ms,
+            addr_conns_per_s_max,
+            addr_pending_max,
+            addr_table_max,
+            pending_max
         );
         if self.stats_socket_group.is_some() {
             c.stats_socket_group = self.stats_socket_group;

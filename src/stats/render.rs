@@ -60,6 +60,10 @@ const COMMANDS: &[(&str, &str)] = &[
         "one row per shard: connections, users, messages, queues, rings, loop latency",
     ),
     (
+        "show limits",
+        "one row per shard: what the abuse limits refused, banned and closed",
+    ),
+    (
         "show metrics",
         "every counter of every shard in Prometheus text format 0.0.4",
     ),
@@ -95,7 +99,8 @@ fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Proces
     match words.as_slice() {
         ["help"] => render_help(),
         ["show", "info"] => render_info(view, process()),
-        ["show", "shards"] => render_shards(view),
+        ["show", "shards"] => render_table(view, SHARD_COLUMNS, true),
+        ["show", "limits"] => render_table(view, LIMIT_COLUMNS, false),
         ["show", "metrics"] => render_metrics(view, process()),
         ["reload", "tls"] => match &view.tls {
             Some(tls) => match tls.reload() {
@@ -161,27 +166,44 @@ const SHARD_COLUMNS: &[(&str, Getter)] = &[
     ("loop_p99_us", |s| &s.loop_p99_us),
 ];
 
-/// A table: header row, then one row per shard. Cells are separated by
-/// single spaces and padded to the column width (the shard id on the left,
-/// numbers on the right), so both eyes and `split_whitespace` can read it.
-fn render_shards(view: &StatsView) -> String {
+/// Columns of `show limits` (docs/HARDENING.md), after the `shard` column.
+const LIMIT_COLUMNS: &[(&str, Getter)] = &[
+    ("pending", |s| &s.pending),
+    ("addrs", |s| &s.addrs_tracked),
+    ("limited_sends", |s| &s.limited_sends),
+    ("limited_receipts", |s| &s.limited_receipts),
+    ("limited_pings", |s| &s.limited_pings),
+    ("limited_closes", |s| &s.limited_closes),
+    ("unknown_message", |s| &s.unknown_message_refusals),
+    ("refused_banned", |s| &s.addr_refused_banned),
+    ("refused_rate", |s| &s.addr_refused_rate),
+    ("refused_pending", |s| &s.addr_refused_pending),
+    ("refused_table", |s| &s.addr_refused_table),
+    ("bans", |s| &s.addr_bans),
+    ("pending_evicted", |s| &s.pending_evicted),
+];
+
+/// A table: header row, then one row per shard (with a last `state` column
+/// when `state`). Cells are separated by single spaces and padded to the
+/// column width (the shard id on the left, numbers on the right), so both
+/// eyes and `split_whitespace` can read it.
+fn render_table(view: &StatsView, columns: &[(&str, Getter)], state: bool) -> String {
     let mut rows: Vec<Vec<String>> = Vec::with_capacity(view.shards.len() + 1);
     let mut header = vec!["shard".to_string()];
-    header.extend(SHARD_COLUMNS.iter().map(|(name, _)| name.to_string()));
-    header.push("state".to_string());
+    header.extend(columns.iter().map(|(name, _)| name.to_string()));
+    if state {
+        header.push("state".to_string());
+    }
     rows.push(header);
     for (id, shard) in view.shards.iter().enumerate() {
-        let state = ShardState::from_u64(shard.state.get());
         let mut row = vec![id.to_string()];
-        row.extend(
-            SHARD_COLUMNS
-                .iter()
-                .map(|(_, get)| get(shard).get().to_string()),
-        );
-        row.push(state.as_str().to_string());
+        row.extend(columns.iter().map(|(_, get)| get(shard).get().to_string()));
+        if state {
+            row.push(ShardState::from_u64(shard.state.get()).as_str().to_string());
+        }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..SHARD_COLUMNS.len() + 2)
+    let widths: Vec<usize> = (0..rows[0].len())
         .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -528,6 +550,21 @@ pub(crate) mod tests {
         let widths: HashSet<usize> = out.lines().map(str::len).collect();
         assert_eq!(widths.len(), 1, "{out}");
         assert!(out.lines().all(|l| !l.ends_with(' ')));
+    }
+
+    #[test]
+    fn limits_table() {
+        let view = fake_view();
+        view.shards[1].addr_bans.add(3);
+        let out = render(&view, "show limits");
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].len(), LIMIT_COLUMNS.len() + 1);
+        let bans = rows[0].iter().position(|c| *c == "bans").unwrap();
+        assert_eq!((rows[1][bans], rows[2][bans]), ("0", "3"));
     }
 
     #[test]
