@@ -59,7 +59,8 @@
 //! This file holds the limits, the state ([`Io`], its connections and their
 //! flags), the loop ([`Io::wait`], [`Io::next`]) and the completion
 //! dispatch; the rest is split by concept: `setup` (kernel checks, table
-//! sizes, building the rings), `wake` (the eventfd), `accept`, `recv`,
+//! sizes, building the rings), `wake` (the eventfd), `accept`, `peer` (the
+//! source address of an accepted connection), `recv`,
 //! `send`, `close` (and teardown at drop), `layout` (data rings, moving
 //! connections between rings, MSG_RING retries), `handoff` (to and from
 //! other shards), over `ring` (one io_uring instance), `bufs` (its provided
