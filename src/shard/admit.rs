@@ -50,6 +50,13 @@ impl Admission {
         }
     }
 
+    /// A connection taken by [`Admission::check`] was not opened after all.
+    pub(super) fn cancel(&mut self, ip: Option<IpAddr>, now_ms: u64) {
+        if let Some(ip) = ip {
+            self.table.on_pending_end(ip, now_ms);
+        }
+    }
+
     /// The oldest connection not logged in, to close when the shard's
     /// share of `pending_max` is reached; it is no longer pending.
     pub(super) fn evict(&mut self, now_ms: u64) -> Option<ConnId> {

@@ -149,6 +149,7 @@ impl Shard {
                         other.map(|r| r.err())
                     );
                     self.stats.tls_failures.inc();
+                    self.admission.cancel(ip, self.now.unix_ms);
                     self.io.close(conn);
                     return;
                 }
