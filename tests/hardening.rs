@@ -256,6 +256,15 @@ fn failed_logins_get_the_address_refused_for_a_while() {
     let frames = c.wait_closed(WAIT).expect("closed at once");
     assert!(is_error(&frames, ErrorCode::RateLimited), "{frames:?}");
     assert_eq!(srv.metric_sum("tern_addr_refused_banned_total"), 1);
+    // The same counts on the stats socket, per shard.
+    let limits = srv.query("show limits");
+    let rows: Vec<Vec<&str>> = limits
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let col = |name: &str| rows[0].iter().position(|c| *c == name).unwrap();
+    assert_eq!(rows[1][col("bans")], "1", "{limits}");
+    assert_eq!(rows[1][col("refused_banned")], "1", "{limits}");
     // Another address is not affected.
     let mut ok = connect_from([127, 0, 0, 6], srv.addr);
     assert!(try_login(&mut ok, &token(42)).is_none());

@@ -270,6 +270,12 @@ pub fn is_retryable(code: ErrorCode) -> bool {
     )
 }
 
+/// Whether an ERROR with `client_id` 0 refused one frame and left the
+/// connection open (docs/HARDENING.md), rather than ending it.
+pub fn is_frame_refusal(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::RateLimited | ErrorCode::UnknownMessage)
+}
+
 /// The server ids the app has been shown, oldest first, bounded.
 #[derive(Debug)]
 struct Dedupe {
@@ -646,6 +652,10 @@ impl<O: Outbox> Session<O> {
                     });
                 }
             }
+            // A READ, DELIVERED or PING the server did not take (over its
+            // rate, or naming a message not delivered on this connection):
+            // the connection stays, and so does the message on the server.
+            OwnedFrame::Error { code, .. } if is_frame_refusal(code) => {}
             OwnedFrame::Error { code, text, .. } => {
                 self.drop_conn(format!("server error {code}: {text}"));
             }
@@ -755,5 +765,12 @@ mod tests {
         assert!(is_retryable(ErrorCode::Unavailable));
         assert!(!is_retryable(ErrorCode::BadRecipient));
         assert!(!is_retryable(ErrorCode::TooLarge));
+    }
+
+    #[test]
+    fn frame_refusals_keep_the_connection() {
+        assert!(is_frame_refusal(ErrorCode::RateLimited));
+        assert!(is_frame_refusal(ErrorCode::UnknownMessage));
+        assert!(!is_frame_refusal(ErrorCode::Malformed));
     }
 }
