@@ -189,32 +189,34 @@ pub struct Config {
     /// taken. 0 = no limit. Default 1000.
     pub sends_per_s_max: u32,
     /// SENDs a user may make at once before `sends_per_s_max` applies (the
-    /// bucket's size). At least 1 when the rate is on. Default 10000.
+    /// bucket's size). 1 to 4000000 while the rate is on. Default 10000.
     pub sends_burst_max: u32,
     /// READ and DELIVERED frames (the ones that make receipts) a user may
     /// send per second; past it the frame gets `ERROR(rate_limited, 0)` and
     /// is not taken. 0 = no limit. Default 2000.
     pub receipts_per_s_max: u32,
     /// READ and DELIVERED frames at once before `receipts_per_s_max`
-    /// applies. At least 1 when the rate is on. Default 20000.
+    /// applies. 1 to 4000000 while the rate is on. Default 20000.
     pub receipts_burst_max: u32,
     /// PINGs a user may send per second; past it a PING gets
     /// `ERROR(rate_limited, 0)` and no PONG. 0 = no limit. Default 10.
     pub pings_per_s_max: u32,
     /// PINGs at once before `pings_per_s_max` applies. At least 1 when the
-    /// rate is on. Default 100.
+    /// rate is on (at most 4000000). Default 100.
     pub pings_burst_max: u32,
     /// A connection whose frames are refused as `rate_limited` more than
     /// this many times within `rate_refusals_window_ms` is closed with
     /// `BYE(rate_limited)`. 0 = never closed for it. Default 100.
     pub rate_refusals_max: u32,
-    /// The window of `rate_refusals_max`, ms. Default 10000.
+    /// The window of `rate_refusals_max`, ms. Default 10000; at least 1
+    /// while `rate_refusals_max` is on.
     pub rate_refusals_window_ms: u64,
     /// Messages remembered per logged-in user as delivered to it in this
     /// login (server id and sender, 16 bytes each): READ is accepted only
     /// for one of them, and a repeated DELIVERED for one of them is
     /// ignored; other READs and DELIVEREDs get `ERROR(unknown_message)`.
-    /// 0 = no check (any READ is relayed, as before). Default 1024.
+    /// 0 = no check (any READ is relayed, as before). Default 1024; at most
+    /// 65536.
     pub delivered_recent_max: usize,
     /// Failed logins (bad or expired token) from one address within a
     /// minute, per shard, past which the address is refused for
@@ -806,6 +808,26 @@ mod tests {
             let e = Config::from_toml(&format!("stats_socket_group = {bad}")).unwrap_err();
             assert_eq!(e.key, "stats_socket_group", "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn abuse_limits_are_checked_and_zero_is_off() {
+        let e = Config::from_toml("sends_per_s_max = 5\nsends_burst_max = 0").unwrap_err();
+        assert_eq!(e.key, "sends_burst_max");
+        let e = Config::from_toml("pings_burst_max = 4000001").unwrap_err();
+        assert_eq!(e.key, "pings_burst_max");
+        let e = Config::from_toml("rate_refusals_window_ms = 0").unwrap_err();
+        assert_eq!(e.key, "rate_refusals_window_ms");
+        let e = Config::from_toml("addr_table_max = 0").unwrap_err();
+        assert_eq!(e.key, "addr_table_max");
+        let e = Config::from_toml("delivered_recent_max = 65537").unwrap_err();
+        assert_eq!(e.key, "delivered_recent_max");
+        let off = "sends_per_s_max = 0\nsends_burst_max = 0\nreceipts_per_s_max = 0\n\
+                   receipts_burst_max = 0\npings_per_s_max = 0\npings_burst_max = 0\n\
+                   rate_refusals_max = 0\nrate_refusals_window_ms = 0\n\
+                   delivered_recent_max = 0\naddr_logins_failed_max = 0\naddr_ban_ms = 0\n\
+                   addr_conns_per_s_max = 0\naddr_pending_max = 0\npending_max = 0";
+        Config::from_toml(off).expect("0 turns each limit off");
     }
 
     #[test]
