@@ -55,7 +55,7 @@ impl Sessions {
             );
             return Flow::Next;
         }
-        if dst != self.id && !env.has_room(dst) {
+        if self.send_blocks(env, to) {
             // The ring and the outbox are full: stop reading this sender.
             return Flow::Blocked;
         }
@@ -74,6 +74,13 @@ impl Sessions {
         self.stats.msgs_in.inc();
         self.route(now, env, dst, msg);
         Flow::Next
+    }
+
+    /// Whether a SEND to `to` must wait: its home is another shard, which is
+    /// up, and the ring and outbox towards it are full.
+    pub(super) fn send_blocks(&self, env: &dyn Env, to: u64) -> bool {
+        let dst = home_shard(to, self.shards);
+        dst != self.id && env.up(dst) && !env.has_room(dst)
     }
 
     /// READ from `user`: relayed to the sender as a read receipt, if the

@@ -27,7 +27,7 @@ use crate::io::ConnId;
 use crate::limit::bucket::{Bucket, Rate};
 use crate::proto::{ByeReason, ErrorCode, Frame};
 
-use super::{Flow, Now, Sessions};
+use super::{Env, Flow, Now, Sessions};
 
 /// Entries a table holds before its first sweep.
 const SWEEP_MIN: usize = 1024;
@@ -230,11 +230,15 @@ impl Sessions {
     pub(super) fn limit(
         &mut self,
         now: Now,
+        env: &dyn Env,
         conn: ConnId,
         user: u64,
         frame: &Frame<'_>,
     ) -> Option<Flow> {
         let (kind, client_id) = match *frame {
+            // A SEND that will wait for ring space comes back later: it is
+            // counted then, not at every try.
+            Frame::Send { to, .. } if self.send_blocks(env, to) => return None,
             Frame::Send { client_id, .. } => (Kind::Send, client_id),
             Frame::Read { .. } | Frame::Delivered { .. } => (Kind::Receipt, 0),
             Frame::Ping { .. } => (Kind::Ping, 0),

@@ -439,7 +439,7 @@ impl Sessions {
             return Flow::Stop; // never opened: nothing to answer
         };
         if s.state == State::Active {
-            if let Some(flow) = self.limit(now, conn, s.user, &frame) {
+            if let Some(flow) = self.limit(now, env, conn, s.user, &frame) {
                 return flow;
             }
         }

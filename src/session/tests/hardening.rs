@@ -236,3 +236,26 @@ fn idle_connections_keep_nothing_in_the_guard() {
     h.step(Event::Timer(Entry { key: A.0, gen }));
     assert_eq!(h.s.guard_sizes().0, 0);
 }
+
+#[test]
+fn a_send_waiting_for_ring_space_is_counted_once() {
+    let c = Config {
+        sends_per_s_max: 1,
+        sends_burst_max: 1,
+        ..Config::default()
+    };
+    let mut h = Harness::new(c, 0, 2);
+    let me = (1..).find(|&u| home_shard(u, 2) == 0).unwrap();
+    let them = (1..).find(|&u| home_shard(u, 2) == 1).unwrap();
+    h.login(0, me);
+    h.env.room.set(false);
+    for _ in 0..10 {
+        let out = h.send(0, 1, them, b"m");
+        assert_eq!(out.flow, Some(Flow::Blocked), "{out:?}");
+    }
+    h.env.room.set(true);
+    let out = h.send(0, 1, them, b"m");
+    assert_eq!(out.routes().len(), 1, "taken: {out:?}");
+    let out = h.send(0, 2, them, b"m");
+    assert_eq!(error_codes(&out.to(A)), [(ErrorCode::RateLimited, 2)]);
+}
