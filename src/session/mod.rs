@@ -2,11 +2,13 @@
 //!
 //! [`Sessions`] holds what the protocol needs of every connection on one
 //! shard (a 24-byte slot), the users homed here who are online
-//! (`users.rs`), receipts waiting for users who are offline, and the shard's
-//! [`Store`]. Its one entry point, [`Sessions::on_event`], takes the time
-//! (never read here), an [`Env`] (the few questions it may ask about the
-//! rest of the server) and one [`Event`]; it returns a [`Flow`] and leaves
-//! [`Action`]s for the caller to execute in order. It never touches a socket,
+//! (`users.rs`), receipts waiting for users who are offline, the abuse
+//! limits (`guard.rs`: per-user rates, receipts only for delivered
+//! messages), and the shard's [`Store`]. Its one entry point,
+//! [`Sessions::on_event`], takes the time (never read here), an [`Env`]
+//! (the few questions it may ask about the rest of the server) and one
+//! [`Event`]; it returns a [`Flow`] and leaves [`Action`]s for the caller to
+//! execute in order. It never touches a socket,
 //! the I/O backend, a ring, TLS or the clock, so it is tested (and fuzzed)
 //! with no sockets at all. The shard (`crate::shard`) executes the actions.
 //!
