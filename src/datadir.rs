@@ -51,6 +51,10 @@ pub const META_FORMAT: u32 = 1;
 const META_TMP: &str = "tern.meta.tmp";
 const META_MAGIC: &str = "tern data directory";
 const LOCK_FILE: &str = "lock";
+/// How long a start waits for the data directory's lock before refusing:
+/// long enough for a stopping process (or a forked child about to exec) to
+/// let go; a second server on a directory in use is refused after it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// `tern store reshard` builds the new layout here.
 pub(crate) const STAGING_DIR: &str = "reshard.new";
 /// `tern store reshard` moves the old layout here before deleting it.
@@ -243,13 +247,25 @@ impl DataDir {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| format!("{}: {e}", lock_path.display()))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(format!(
-                "data_dir {} is in use by another tern process ({}); stop it first",
-                path.display(),
-                std::io::Error::last_os_error()
-            ));
+        // A process that is exiting, or a child forked by one that has not
+        // yet exec'd, holds the lock for a moment: wait a little before
+        // calling the directory taken.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let error = std::io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EWOULDBLOCK)
+                || std::time::Instant::now() >= deadline
+            {
+                return Err(format!(
+                    "data_dir {} is in use by another tern process ({error}); stop it first",
+                    path.display(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let mut dir = DataDir {
             path: path.to_path_buf(),
