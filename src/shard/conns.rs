@@ -3,7 +3,7 @@
 //! writing and flushing output, back-pressure and lingering close. The
 //! protocol half of a connection lives in [`crate::session`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::io::{ConnId, Listener};
 use crate::proto::{self, ErrorCode, Frame};
@@ -85,7 +85,7 @@ impl Conns {
 impl Shard {
     pub(super) fn on_accept(&mut self, conn: ConnId, which: Listener) {
         self.stats.accepted.inc();
-        let now = Instant::now();
+        let now = self.clock.now();
         if now.duration_since(self.accept_window.0) >= Duration::from_secs(1) {
             self.accept_window = (now, 0);
         }
