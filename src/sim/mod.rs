@@ -24,7 +24,7 @@ use std::collections::BinaryHeap;
 use std::fmt;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -306,11 +306,14 @@ impl World {
         let time = Rc::new(SimTime::new(ORIGIN_UNIX_MS));
         let mut rng = fastrand::Rng::with_seed(opts.seed);
         let net = Net::new(opts.shards, rng.u64(..), faults.net, time.clone());
+        // Unique per run in this process: runs on other threads (tests) may
+        // use the same seed. The name plays no part in the run.
+        static RUNS: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "tern-sim-{}-{}-{}",
             std::process::id(),
             opts.seed,
-            rng.u32(..)
+            RUNS.fetch_add(1, Ordering::Relaxed)
         ));
         let config = Config {
             shards: opts.shards,
