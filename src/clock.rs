@@ -4,8 +4,8 @@
 //! The shard asks its [`Clock`] instead of calling `Instant::now()`, so one
 //! thread can run many shards in simulated time and replay a run exactly.
 
-use std::cell::Cell;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A shard's source of time.
@@ -15,7 +15,7 @@ pub enum Clock {
     #[default]
     Real,
     /// Time set by a simulator; see [`SimTime`].
-    Sim(Rc<SimTime>),
+    Sim(Arc<SimTime>),
 }
 
 impl Clock {
@@ -39,7 +39,8 @@ impl Clock {
 }
 
 /// Simulated time: a fixed origin plus an offset that only [`SimTime::advance`]
-/// moves. Single-threaded, like the simulator that owns it.
+/// moves. Read and moved by the simulator's one thread; atomic only so a
+/// store holding the clock stays `Send`.
 #[derive(Debug)]
 pub struct SimTime {
     /// The `Instant` that stands for simulated time zero. Only differences
@@ -48,7 +49,7 @@ pub struct SimTime {
     /// The wall clock at simulated time zero, milliseconds since the epoch.
     origin_unix_ms: u64,
     /// Simulated time since the origin, nanoseconds.
-    elapsed_ns: Cell<u64>,
+    elapsed_ns: AtomicU64,
 }
 
 impl SimTime {
@@ -57,19 +58,19 @@ impl SimTime {
         SimTime {
             origin: Instant::now(),
             origin_unix_ms,
-            elapsed_ns: Cell::new(0),
+            elapsed_ns: AtomicU64::new(0),
         }
     }
 
     /// Moves time forward by `by`.
     pub fn advance(&self, by: Duration) {
         self.elapsed_ns
-            .set(self.elapsed_ns.get() + by.as_nanos() as u64);
+            .fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Simulated time since zero.
     pub fn elapsed(&self) -> Duration {
-        Duration::from_nanos(self.elapsed_ns.get())
+        Duration::from_nanos(self.elapsed_ns.load(Ordering::Relaxed))
     }
 
     fn instant(&self) -> Instant {

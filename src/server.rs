@@ -140,7 +140,7 @@ impl Server {
                             return;
                         }
                     };
-                    let store = match open_store(&config, id) {
+                    let store = match open_store(&config, id, Clock::Real) {
                         Ok(store) => store,
                         Err(e) => {
                             let _ = ready_tx.send((id, Err(std::io::Error::other(e))));

@@ -45,6 +45,9 @@ struct Args {
     /// Print only failures and the summary.
     #[arg(long)]
     quiet: bool,
+    /// Go on after a failed seed (the exit status still says one failed).
+    #[arg(long)]
+    keep_going: bool,
 }
 
 fn main() -> ExitCode {
@@ -82,7 +85,10 @@ fn main() -> ExitCode {
     );
     let started = Instant::now();
     let limit = (args.time_limit_s > 0).then(|| Duration::from_secs(args.time_limit_s));
-    let (mut ran, mut client_s, mut cpu) = (0u64, 0f64, Duration::ZERO);
+    let (mut ran, mut failed, mut client_s, mut cpu) = (0u64, 0u64, 0f64, Duration::ZERO);
+    // Faults injected over all seeds: crashes, shard restarts, resets,
+    // ENOSPC, EIO (writes and fsyncs), torn files.
+    let mut injected = [0u64; 6];
     for i in 0..count {
         if limit.is_some_and(|l| started.elapsed() >= l) {
             break;
@@ -100,24 +106,50 @@ fn main() -> ExitCode {
         ran += 1;
         client_s += f64::from(report.clients) * report.sim_time.as_secs_f64();
         cpu += report.cpu;
-        if report.failure.is_some() {
-            println!("{report}");
-            println!("replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}",
-                args.shards, args.clients, args.traffic_s, args.drain_s,
-                args.plant.as_deref().map(|p| format!(" --plant {p}")).unwrap_or_default());
-            println!("summary: {ran} seeds run, 1 failed");
-            return ExitCode::FAILURE;
+        let d = report.disk;
+        for (sum, n) in injected.iter_mut().zip([
+            report.crashes,
+            report.shard_restarts,
+            report.resets,
+            d.write_enospc,
+            d.write_eio + d.sync_eio,
+            d.torn,
+        ]) {
+            *sum += n;
         }
-        if !args.quiet {
+        if report.failure.is_some() {
+            failed += 1;
+            println!("{report}");
+            println!(
+                "replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}",
+                args.shards,
+                args.clients,
+                args.traffic_s,
+                args.drain_s,
+                args.plant
+                    .as_deref()
+                    .map(|p| format!(" --plant {p}"))
+                    .unwrap_or_default()
+            );
+            if !args.keep_going {
+                break;
+            }
+        } else if !args.quiet {
             println!("{report}");
         }
     }
+    let [crashes, restarts, resets, enospc, eio, torn] = injected;
     println!(
-        "summary: {ran} seeds run, 0 failed; {:.0} simulated client-seconds in {:.2} CPU seconds \
-         ({:.0} client-s per CPU-s)",
+        "summary: {ran} seeds run, {failed} failed; {:.0} simulated client-seconds in {:.2} CPU \
+         seconds ({:.0} client-s per CPU-s); injected: {crashes} process crashes, {restarts} \
+         shard restarts, {resets} resets, {enospc} ENOSPC, {eio} EIO, {torn} torn files",
         client_s,
         cpu.as_secs_f64(),
         client_s / cpu.as_secs_f64().max(1e-9)
     );
-    ExitCode::SUCCESS
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use slab::Slab;
@@ -85,7 +86,7 @@ struct Socket {
 pub struct Net(Rc<RefCell<NetState>>);
 
 struct NetState {
-    time: Rc<SimTime>,
+    time: Arc<SimTime>,
     rng: fastrand::Rng,
     faults: NetFaults,
     sockets: HashMap<SockId, Socket>,
@@ -102,7 +103,7 @@ struct NetState {
 impl Net {
     /// A network of `shards` shards with no sockets, faults drawn from a
     /// PRNG seeded with `seed`, time read from `time`.
-    pub fn new(shards: usize, seed: u64, faults: NetFaults, time: Rc<SimTime>) -> Net {
+    pub fn new(shards: usize, seed: u64, faults: NetFaults, time: Arc<SimTime>) -> Net {
         Net(Rc::new(RefCell::new(NetState {
             time,
             rng: fastrand::Rng::with_seed(seed),

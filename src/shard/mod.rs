@@ -51,10 +51,17 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
 /// Opens shard `shard`'s store under the configured data directory,
-/// replaying its log.
-pub fn open_store(config: &Config, shard: usize) -> Result<Box<dyn Store + Send>, StoreError> {
-    let (store, recovery) =
-        LogStore::open(shard_dir(&config.data_dir, shard), config.log_options())?;
+/// replaying its log; the store reads the time from `clock`.
+pub fn open_store(
+    config: &Config,
+    shard: usize,
+    clock: Clock,
+) -> Result<Box<dyn Store + Send>, StoreError> {
+    let (store, recovery) = LogStore::open_with_clock(
+        shard_dir(&config.data_dir, shard),
+        config.log_options(),
+        clock,
+    )?;
     if config.durability != Durability::Memory {
         log::info!("shard {shard}: store recovered: {recovery}");
     }
@@ -277,7 +284,7 @@ impl Shard {
     fn reopen(&mut self) -> Result<(), StoreError> {
         // An in-memory store has nothing to replay: keep it as it is.
         if self.config.durability != Durability::Memory {
-            let store = open_store(&self.config, self.id)?;
+            let store = open_store(&self.config, self.id, self.clock.clone())?;
             self.sessions.replace_store(store);
         }
         Ok(())

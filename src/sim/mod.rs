@@ -23,7 +23,6 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -281,7 +280,7 @@ enum Phase {
 struct World {
     opts: Options,
     faults: Faults,
-    time: Rc<SimTime>,
+    time: Arc<SimTime>,
     rng: fastrand::Rng,
     net: Net,
     config: Arc<Config>,
@@ -303,7 +302,7 @@ struct World {
 
 impl World {
     fn new(opts: &Options, faults: Faults) -> World {
-        let time = Rc::new(SimTime::new(ORIGIN_UNIX_MS));
+        let time = Arc::new(SimTime::new(ORIGIN_UNIX_MS));
         let mut rng = fastrand::Rng::with_seed(opts.seed);
         let net = Net::new(opts.shards, rng.u64(..), faults.net, time.clone());
         // Unique per run in this process: runs on other threads (tests) may
@@ -402,7 +401,7 @@ impl World {
         let links = ring::mesh(self.config.ring_slots, wakers);
         let clock = Clock::Sim(self.time.clone());
         for (id, (io, links)) in ios.into_iter().zip(links).enumerate() {
-            let store = open_store(&self.config, id)
+            let store = open_store(&self.config, id, clock.clone())
                 .map_err(|e| format!("shard {id}: recovery failed: {e}"))?;
             self.shards.push(Shard::new(ShardParts {
                 io,
