@@ -282,9 +282,14 @@ impl Net {
             || !n.client_news.is_empty()
     }
 
-    /// Sockets open (not yet fully closed by both ends).
-    pub fn sockets(&self) -> usize {
-        self.0.borrow().sockets.len()
+    /// True when no socket holds bytes one side wrote and the other has not
+    /// read (a stalled socket's included). Looks at every socket.
+    pub fn drained(&self) -> bool {
+        self.0
+            .borrow()
+            .sockets
+            .values()
+            .all(|s| s.up.is_empty() && s.down.is_empty())
     }
 
     /// Drops every socket: the process died. Clients holding one see a reset.

@@ -502,6 +502,7 @@ impl World {
             if phase == Phase::Drain && !busy && now >= next_settle_check {
                 next_settle_check = now + 1_000_000_000;
                 if self.clients.iter().all(Client::settled)
+                    && self.net.drained()
                     && self.checker.all_acked_delivered().is_ok()
                 {
                     return Ok(true);
