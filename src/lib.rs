@@ -10,10 +10,13 @@
 //! shard count), [`reshard`] re-homing its messages for another shard count,
 //! [`privacy`] the mode checks on private files, [`stats`] the counters and
 //! the stats socket, and [`server`] ties them together ([`claim`] checks its
-//! listen addresses).
+//! listen addresses). [`clock`] is where a shard reads the time, real or
+//! simulated, and [`sim`] the deterministic simulator that runs the real
+//! shards over a simulated network, clock and disk.
 #![deny(missing_docs)]
 
 pub mod claim;
+pub mod clock;
 pub mod config;
 pub mod datadir;
 #[doc(hidden)]
@@ -27,6 +30,7 @@ pub mod ring;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod sim;
 pub mod stats;
 pub mod store;
 pub mod supervisor;

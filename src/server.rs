@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::claim::claim;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
@@ -139,7 +140,7 @@ impl Server {
                             return;
                         }
                     };
-                    let store = match open_store(&config, id) {
+                    let store = match open_store(&config, id, Clock::Real) {
                         Ok(store) => store,
                         Err(e) => {
                             let _ = ready_tx.send((id, Err(std::io::Error::other(e))));
@@ -161,6 +162,7 @@ impl Server {
                         tls,
                         peers: all_stats,
                         fatal,
+                        clock: Clock::Real,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),

@@ -9,6 +9,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::clock::Clock;
+
 /// Length of one wheel tick.
 pub const TICK: Duration = Duration::from_millis(100);
 /// Slots in the wheel. Deadlines further out than `SLOTS` ticks land in an
@@ -33,6 +35,7 @@ pub struct Entry {
 
 /// The wheel.
 pub struct Wheel {
+    clock: Clock,
     start: Instant,
     slots: Vec<Vec<Entry>>,
     /// Next tick to fire (all earlier ticks have fired).
@@ -40,10 +43,11 @@ pub struct Wheel {
 }
 
 impl Wheel {
-    /// An empty wheel whose tick 0 is now.
-    pub fn new() -> Wheel {
+    /// An empty wheel whose tick 0 is now by `clock`.
+    pub fn new(clock: Clock) -> Wheel {
         Wheel {
-            start: Instant::now(),
+            start: clock.now(),
+            clock,
             slots: (0..SLOTS).map(|_| Vec::new()).collect(),
             next: 0,
         }
@@ -51,7 +55,7 @@ impl Wheel {
 
     /// The current tick.
     pub fn now(&self) -> Tick {
-        ticks(self.start.elapsed())
+        ticks(self.clock.now().saturating_duration_since(self.start))
     }
 
     /// Arms `entry` to fire at `deadline` (or at the next tick if it has passed).
@@ -83,13 +87,7 @@ impl Wheel {
     /// Time until the next tick, for the event loop's timeout.
     pub fn until_next_tick(&self) -> Duration {
         let next_at = self.start + TICK * self.next;
-        next_at.saturating_duration_since(Instant::now())
-    }
-}
-
-impl Default for Wheel {
-    fn default() -> Self {
-        Wheel::new()
+        next_at.saturating_duration_since(self.clock.now())
     }
 }
 
@@ -104,7 +102,7 @@ mod tests {
 
     #[test]
     fn fires_at_deadline_not_before() {
-        let mut w = Wheel::new();
+        let mut w = Wheel::new(Clock::Real);
         let e = Entry { key: 1, gen: 1 };
         w.insert(e, 2);
         let mut fired = vec![];
@@ -116,7 +114,7 @@ mod tests {
 
     #[test]
     fn far_deadline_lands_within_one_turn() {
-        let mut w = Wheel::new();
+        let mut w = Wheel::new(Clock::Real);
         w.insert(Entry { key: 1, gen: 0 }, 10 * SLOTS as Tick);
         let count: usize = w.slots.iter().map(|s| s.len()).sum();
         assert_eq!(count, 1);
@@ -125,7 +123,7 @@ mod tests {
 
     #[test]
     fn past_deadline_fires_next_tick() {
-        let mut w = Wheel::new();
+        let mut w = Wheel::new(Clock::Real);
         w.next = 5;
         w.insert(Entry { key: 2, gen: 0 }, 1);
         assert_eq!(w.slots[5].len(), 1);

@@ -24,8 +24,14 @@
 //! completion backend (io_uring) fits the same face: its provided-buffer
 //! receives are copied into the scratch buffer and the buffer is returned to
 //! the kernel at once.
+//!
+//! A third backend, [`sim`], has no operating system under it: its
+//! connections live in a simulated network driven by the deterministic
+//! simulator ([`crate::sim`]). It is never chosen by configuration; the
+//! simulator builds it with [`Io::Sim`].
 
 pub mod poll;
+pub mod sim;
 #[cfg(target_os = "linux")]
 pub mod uring;
 
@@ -168,6 +174,8 @@ pub enum Io {
     /// io_uring.
     #[cfg(target_os = "linux")]
     Uring(uring::Io),
+    /// The simulator's in-memory network.
+    Sim(sim::Io),
 }
 
 /// A connection on its way from one shard to another.
@@ -178,6 +186,8 @@ pub enum Detached {
     /// A fixed file sent with MSG_RING; the id pairs it with its arrival.
     #[cfg(target_os = "linux")]
     Uring(uring::Detached),
+    /// A simulated socket.
+    Sim(sim::Detached),
 }
 
 /// Wakes a shard's [`Io::wait`] from another thread.
@@ -188,6 +198,8 @@ pub enum WakeHandle {
     /// An eventfd the ring reads.
     #[cfg(target_os = "linux")]
     Uring(uring::WakeHandle),
+    /// Nothing to wake: simulated shards are stepped.
+    Sim(sim::WakeHandle),
 }
 
 impl WakeHandle {
@@ -198,6 +210,7 @@ impl WakeHandle {
             WakeHandle::Poll(w) => w.wake(),
             #[cfg(target_os = "linux")]
             WakeHandle::Uring(w) => w.wake(),
+            WakeHandle::Sim(w) => w.wake(),
         }
     }
 }
@@ -206,7 +219,7 @@ impl WakeHandle {
 /// ring that receives handed-off connections).
 #[derive(Clone, Debug)]
 pub enum PeerInfo {
-    /// Nothing: sockets travel by value.
+    /// Nothing: sockets travel by value (poll and sim).
     Poll,
     /// The ring file descriptor handoffs are sent to.
     #[cfg(target_os = "linux")]
@@ -219,6 +232,7 @@ macro_rules! each {
             Io::Poll($io) => $e,
             #[cfg(target_os = "linux")]
             Io::Uring($io) => $e,
+            Io::Sim($io) => $e,
         }
     };
 }
@@ -257,6 +271,7 @@ impl Io {
             Io::Poll(_) => poll::BACKEND_NAME,
             #[cfg(target_os = "linux")]
             Io::Uring(_) => uring::BACKEND_NAME,
+            Io::Sim(_) => sim::BACKEND_NAME,
         }
     }
 
@@ -266,13 +281,14 @@ impl Io {
             Io::Poll(io) => WakeHandle::Poll(io.wake_handle()),
             #[cfg(target_os = "linux")]
             Io::Uring(io) => WakeHandle::Uring(io.wake_handle()),
+            Io::Sim(io) => WakeHandle::Sim(io.wake_handle()),
         }
     }
 
     /// What other shards need to hand connections to this one.
     pub fn peer_info(&self) -> PeerInfo {
         match self {
-            Io::Poll(_) => PeerInfo::Poll,
+            Io::Poll(_) | Io::Sim(_) => PeerInfo::Poll,
             #[cfg(target_os = "linux")]
             Io::Uring(io) => PeerInfo::Uring(io.peer_info()),
         }
@@ -350,6 +366,7 @@ impl Io {
             Io::Poll(io) => io.detach(conn).map(Detached::Poll),
             #[cfg(target_os = "linux")]
             Io::Uring(io) => io.detach(conn, dst).map(Detached::Uring),
+            Io::Sim(io) => io.detach(conn).map(Detached::Sim),
         }
     }
 
@@ -359,7 +376,7 @@ impl Io {
             (Io::Poll(io), Detached::Poll(d)) => io.attach(d),
             #[cfg(target_os = "linux")]
             (Io::Uring(io), Detached::Uring(d)) => io.attach(d),
-            #[cfg(target_os = "linux")]
+            (Io::Sim(io), Detached::Sim(d)) => io.attach(d),
             _ => unreachable!("all shards run one backend"),
         }
     }
@@ -382,7 +399,7 @@ impl Io {
     /// What the backend itself holds, for the stats socket (all zero on poll).
     pub fn gauges(&self) -> IoGauges {
         match self {
-            Io::Poll(_) => IoGauges::default(),
+            Io::Poll(_) | Io::Sim(_) => IoGauges::default(),
             #[cfg(target_os = "linux")]
             Io::Uring(io) => io.gauges(),
         }

@@ -3,7 +3,7 @@
 //! writing and flushing output, back-pressure and lingering close. The
 //! protocol half of a connection lives in [`crate::session`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::io::{ConnId, Listener};
 use crate::limit::addr::Refusal;
@@ -88,7 +88,7 @@ impl Shard {
         self.stats.accepted.inc();
         // Taken first: the backend keeps it only until asked.
         let ip = self.io.peer_ip(conn);
-        let now = Instant::now();
+        let now = self.clock.now();
         if now.duration_since(self.accept_window.0) >= Duration::from_secs(1) {
             self.accept_window = (now, 0);
         }

@@ -21,7 +21,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use crate::clock::Clock;
 
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Io};
@@ -51,10 +53,17 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
 /// Opens shard `shard`'s store under the configured data directory,
-/// replaying its log.
-pub fn open_store(config: &Config, shard: usize) -> Result<Box<dyn Store + Send>, StoreError> {
-    let (store, recovery) =
-        LogStore::open(shard_dir(&config.data_dir, shard), config.log_options())?;
+/// replaying its log; the store reads the time from `clock`.
+pub fn open_store(
+    config: &Config,
+    shard: usize,
+    clock: Clock,
+) -> Result<Box<dyn Store + Send>, StoreError> {
+    let (store, recovery) = LogStore::open_with_clock(
+        shard_dir(&config.data_dir, shard),
+        config.log_options(),
+        clock,
+    )?;
     if config.durability != Durability::Memory {
         log::info!("shard {shard}: store recovered: {recovery}");
     }
@@ -68,12 +77,6 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_default()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Everything a shard needs at start.
@@ -97,6 +100,8 @@ pub struct ShardParts {
     pub peers: Arc<[Arc<ShardStats>]>,
     /// Set when a shard gives up past its restart intensity.
     pub fatal: Arc<Fatal>,
+    /// Where the loop reads the time: [`Clock::Real`], or a simulator's.
+    pub clock: Clock,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -123,7 +128,10 @@ pub struct Shard {
     /// The time handed to the session layer, read once per loop phase.
     now: Now,
     fatal: Arc<Fatal>,
+    clock: Clock,
     wheel: Wheel,
+    /// Timer entries fired this iteration (reused).
+    fired: Vec<crate::timer::Entry>,
     stats: Arc<ShardStats>,
     stop: Arc<AtomicBool>,
     /// When graceful shutdown must end, once begun.
@@ -171,10 +179,11 @@ impl Shard {
             tls,
             peers,
             fatal,
+            clock,
         } = parts;
         let id = links.id();
         let shards = links.shards();
-        let wheel = Wheel::new();
+        let wheel = Wheel::new(clock.clone());
         Shard {
             id,
             io,
@@ -189,10 +198,11 @@ impl Shard {
             wire: Vec::new(),
             now: Now {
                 tick: wheel.now(),
-                unix_ms: now_ms(),
+                unix_ms: clock.unix_ms(),
             },
             fatal,
             wheel,
+            fired: Vec::new(),
             stats,
             stop,
             stop_deadline: None,
@@ -201,8 +211,9 @@ impl Shard {
             tls_plain: Vec::new(),
             tls,
             conns_max: config.conns_max.div_ceil(shards),
-            accept_window: (Instant::now(), 0),
-            loop_timer: LoopTimer::new(Instant::now()),
+            accept_window: (clock.now(), 0),
+            loop_timer: LoopTimer::new(clock.now()),
+            clock,
             config,
         }
     }
@@ -234,7 +245,7 @@ impl Shard {
             self.reset();
             let mut why = format!("crashed: {}", panic_text(&*panic));
             loop {
-                let Some(n) = intensity.record(Instant::now()) else {
+                let Some(n) = intensity.record(self.clock.now()) else {
                     return Err(self.give_up(&why));
                 };
                 let delay = self.config.shard_restart_delay(n);
@@ -278,7 +289,7 @@ impl Shard {
     fn reopen(&mut self) -> Result<(), StoreError> {
         // An in-memory store has nothing to replay: keep it as it is.
         if self.config.durability != Durability::Memory {
-            let store = open_store(&self.config, self.id)?;
+            let store = open_store(&self.config, self.id, self.clock.clone())?;
             self.sessions.replace_store(store);
         }
         Ok(())
@@ -308,22 +319,59 @@ impl Shard {
         };
         self.sessions.reset(self.now, &env, kept);
         self.execute(&[]);
-        self.wheel = Wheel::new();
+        self.wheel = Wheel::new(self.clock.clone());
         // The panic may have unwound while the scratch buffer was lent out.
         self.scratch.resize(SCRATCH_BYTES, 0);
     }
 
     fn serve(&mut self) -> std::io::Result<()> {
-        let mut fired = Vec::new();
         loop {
+            if let Some(done) = self.iterate() {
+                return done;
+            }
+        }
+    }
+
+    /// Runs one iteration of the loop (for a simulator driving several
+    /// shards from one thread, over [`crate::io::sim`] and a simulated
+    /// [`Clock`], whose waits never block). A panic restarts the shard in
+    /// place as [`Shard::run`] does, but at once, without backoff or
+    /// intensity: the simulator decides what a crash means. A store that
+    /// cannot be reopened is tried again at the next step. `Some` when
+    /// graceful shutdown has completed.
+    pub fn step(&mut self) -> Option<std::io::Result<()>> {
+        if self.stats.state.get() == ShardState::Restarting as u64 {
+            if self.reopen().is_err() {
+                return None;
+            }
+            self.set_state(ShardState::Up);
+        }
+        match catch_unwind(AssertUnwindSafe(|| self.iterate())) {
+            Ok(done) => done,
+            Err(panic) => {
+                log::warn!("shard {} crashed: {}", self.id, panic_text(&*panic));
+                self.set_state(ShardState::Restarting);
+                self.stats.restarts.inc();
+                self.reset();
+                if self.reopen().is_ok() {
+                    self.set_state(ShardState::Up);
+                }
+                None
+            }
+        }
+    }
+
+    /// One loop iteration; `Some` when graceful shutdown has completed.
+    fn iterate(&mut self) -> Option<std::io::Result<()>> {
+        {
             self.tick();
             if self.stop.load(Ordering::Relaxed) && self.stop_deadline.is_none() {
                 self.begin_shutdown();
             }
             if let Some(deadline) = self.stop_deadline {
-                if self.io.is_empty() || Instant::now() >= deadline {
+                if self.io.is_empty() || self.clock.now() >= deadline {
                     self.close_all();
-                    return Ok(());
+                    return Some(Ok(()));
                 }
             }
             let mut timeout = self.wheel.until_next_tick();
@@ -335,17 +383,21 @@ impl Shard {
             }
             let waited = self.io.wait(Some(timeout));
             self.links.awake();
-            waited?;
-            let started = Instant::now();
+            if let Err(e) = waited {
+                return Some(Err(e));
+            }
+            let started = self.clock.now();
 
             self.tick();
             self.drain_io();
             self.drain_rings();
+            let mut fired = std::mem::take(&mut self.fired);
             self.wheel.expire(&mut fired);
             self.tick();
             for entry in fired.drain(..) {
                 self.event(Event::Timer(entry));
             }
+            self.fired = fired;
             self.retry_blocked();
             if self.sessions.crash_requested() {
                 panic!("injected shard crash (debug hook)");
@@ -355,12 +407,13 @@ impl Shard {
             self.flush_output();
 
             self.stats.loop_iterations.inc();
-            let now = Instant::now();
+            let now = self.clock.now();
             if self.loop_timer.record(now - started, now, &self.stats) {
                 self.admission.sweep(self.now.unix_ms);
                 self.publish_gauges();
             }
         }
+        None
     }
 
     /// Reads the time the session layer is given next (once per loop
@@ -368,7 +421,7 @@ impl Shard {
     fn tick(&mut self) {
         self.now = Now {
             tick: self.wheel.now(),
-            unix_ms: now_ms(),
+            unix_ms: self.clock.unix_ms(),
         };
     }
 
@@ -568,7 +621,7 @@ impl Shard {
             self.io.len()
         );
         self.stop_deadline =
-            Some(Instant::now() + Duration::from_millis(self.config.shutdown_grace_ms));
+            Some(self.clock.now() + Duration::from_millis(self.config.shutdown_grace_ms));
         self.io.stop_accepting();
         self.event(Event::Shutdown(None));
     }

@@ -179,6 +179,7 @@ use super::files;
 use super::record::{Record, BODY_BYTES_MAX};
 use super::segment;
 use super::{PushError, Space, Store, Stored};
+use crate::clock::Clock;
 
 mod bulk;
 mod commit;
@@ -416,6 +417,8 @@ pub struct LogStore {
     rollbacks: u64,
     /// Bytes of the `reserve` file on disk; 0 = none.
     reserve_bytes: u64,
+    /// Where the space checks and retries read the time.
+    clock: Clock,
 }
 
 impl fmt::Debug for LogStore {
@@ -438,6 +441,16 @@ impl LogStore {
     pub fn open(
         dir: impl AsRef<Path>,
         options: LogOptions,
+    ) -> Result<(LogStore, Recovery), StoreError> {
+        LogStore::open_with_clock(dir, options, Clock::Real)
+    }
+
+    /// [`LogStore::open`] with the time of its space checks and retries
+    /// read from `clock` (the simulator's, in a simulation).
+    pub fn open_with_clock(
+        dir: impl AsRef<Path>,
+        options: LogOptions,
+        clock: Clock,
     ) -> Result<(LogStore, Recovery), StoreError> {
         options.validate()?;
         let started = Instant::now();
@@ -472,11 +485,12 @@ impl LogStore {
             rollbacks: 0,
             reserve_bytes: 0,
             opts: options,
+            clock,
         };
         let mut recovery = Recovery::default();
         if store.opts.durability != Durability::Memory {
             store.recover(&mut recovery)?;
-            store.check_space(Instant::now());
+            store.check_space(store.clock.now());
             store.keep_reserve();
         }
         recovery.messages = store.total;
@@ -583,7 +597,7 @@ impl Store for LogStore {
         if durable && !self.fits_above_floor(self.staged_bytes + bytes) {
             // The estimate may be stale: look again (at most every 100 ms
             // while short) before refusing.
-            self.check_space(Instant::now());
+            self.check_space(self.clock.now());
             if !self.fits_above_floor(self.staged_bytes + bytes) {
                 self.set_short(true);
                 return Err(PushError::StorageFull(msg));
@@ -677,7 +691,7 @@ impl Store for LogStore {
         if self.opts.durability == Durability::Memory {
             return Ok(());
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         self.check_space(now);
         if self.failed {
             return Err(io::Error::other(format!(

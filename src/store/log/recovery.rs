@@ -6,7 +6,7 @@ use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::meta::read_meta;
 use super::*;
@@ -176,7 +176,7 @@ impl LogStore {
                      ones are refused until space is freed",
                     self.dir.display()
                 );
-                self.meta_retry_at = Some(Instant::now() + SPACE_CHECK_SHORT_EVERY);
+                self.meta_retry_at = Some(self.clock.now() + SPACE_CHECK_SHORT_EVERY);
             }
             Err(e) => return Err(e),
         }

@@ -1,0 +1,155 @@
+//! `tern-sim`: runs the deterministic simulator (see docs/SIMULATION.md).
+//!
+//! `tern-sim --seed S` replays one seed; `tern-sim --seeds N` runs N seeds
+//! from `--first` (default: a seed drawn from the clock, printed), stopping
+//! at the first failure or after `--time-limit-s`. Exit status 1 when a seed
+//! failed.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tern::sim::{self, Options, Planted};
+
+/// Deterministic simulation of a whole Tern server under seeded faults.
+#[derive(Parser, Debug)]
+#[command(name = "tern-sim", version)]
+struct Args {
+    /// Run (or replay) exactly this seed.
+    #[arg(long, conflicts_with = "seeds")]
+    seed: Option<u64>,
+    /// Run this many seeds, one after the other.
+    #[arg(long, default_value_t = 1)]
+    seeds: u64,
+    /// First seed of `--seeds` (default: drawn from the clock).
+    #[arg(long)]
+    first: Option<u64>,
+    /// Shards of the simulated server.
+    #[arg(long, default_value_t = 3)]
+    shards: usize,
+    /// Simulated clients (one user each).
+    #[arg(long, default_value_t = 100)]
+    clients: u32,
+    /// Simulated seconds of traffic with faults.
+    #[arg(long, default_value_t = 30)]
+    traffic_s: u64,
+    /// Longest simulated seconds to settle after the faults stop.
+    #[arg(long, default_value_t = 120)]
+    drain_s: u64,
+    /// Plant a bug on purpose: `skip-fsync`.
+    #[arg(long)]
+    plant: Option<String>,
+    /// Stop starting seeds after this many real seconds (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    time_limit_s: u64,
+    /// Print only failures and the summary.
+    #[arg(long)]
+    quiet: bool,
+    /// Go on after a failed seed (the exit status still says one failed).
+    #[arg(long)]
+    keep_going: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // RUST_LOG=debug shows what the shards log during a replay.
+    env_logger::init();
+    let planted = match args.plant.as_deref() {
+        None => Planted::None,
+        Some("skip-fsync") => Planted::SkipFsync,
+        Some(other) => {
+            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync)");
+            return ExitCode::from(2);
+        }
+    };
+    // Shard crashes from injected EIO are expected; their panic messages
+    // would drown the report (the simulator checks each one).
+    std::panic::set_hook(Box::new(|_| {}));
+    let (first, count) = match args.seed {
+        Some(seed) => (seed, 1),
+        None => {
+            let first = args.first.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+            (first, args.seeds)
+        }
+    };
+    println!(
+        "tern-sim: seeds {first}..{} ({count}), {} shards, {} clients, {} s traffic",
+        first.wrapping_add(count),
+        args.shards,
+        args.clients,
+        args.traffic_s
+    );
+    let started = Instant::now();
+    let limit = (args.time_limit_s > 0).then(|| Duration::from_secs(args.time_limit_s));
+    let (mut ran, mut failed, mut client_s, mut cpu) = (0u64, 0u64, 0f64, Duration::ZERO);
+    // Faults injected over all seeds: crashes, shard restarts, resets,
+    // ENOSPC, EIO (writes and fsyncs), torn files.
+    let mut injected = [0u64; 6];
+    for i in 0..count {
+        if limit.is_some_and(|l| started.elapsed() >= l) {
+            break;
+        }
+        let seed = first.wrapping_add(i);
+        let opts = Options {
+            shards: args.shards,
+            clients: args.clients,
+            traffic: Duration::from_secs(args.traffic_s),
+            drain: Duration::from_secs(args.drain_s),
+            planted,
+            ..Options::new(seed)
+        };
+        let report = sim::run(&opts);
+        ran += 1;
+        client_s += f64::from(report.clients) * report.sim_time.as_secs_f64();
+        cpu += report.cpu;
+        let d = report.disk;
+        for (sum, n) in injected.iter_mut().zip([
+            report.crashes,
+            report.shard_restarts,
+            report.resets,
+            d.write_enospc,
+            d.write_eio + d.sync_eio,
+            d.torn,
+        ]) {
+            *sum += n;
+        }
+        if report.failure.is_some() {
+            failed += 1;
+            println!("{report}");
+            println!(
+                "replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}",
+                args.shards,
+                args.clients,
+                args.traffic_s,
+                args.drain_s,
+                args.plant
+                    .as_deref()
+                    .map(|p| format!(" --plant {p}"))
+                    .unwrap_or_default()
+            );
+            if !args.keep_going {
+                break;
+            }
+        } else if !args.quiet {
+            println!("{report}");
+        }
+    }
+    let [crashes, restarts, resets, enospc, eio, torn] = injected;
+    println!(
+        "summary: {ran} seeds run, {failed} failed; {:.0} simulated client-seconds in {:.2} CPU \
+         seconds ({:.0} client-s per CPU-s); injected: {crashes} process crashes, {restarts} \
+         shard restarts, {resets} resets, {enospc} ENOSPC, {eio} EIO, {torn} torn files",
+        client_s,
+        cpu.as_secs_f64(),
+        client_s / cpu.as_secs_f64().max(1e-9)
+    );
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

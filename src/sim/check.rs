@@ -1,0 +1,173 @@
+//! What the simulator checks, as the clients see the server.
+//!
+//! Every SEND a client makes is recorded; every DELIVER, ACK and RECEIPT a
+//! client receives is checked against that record at once, and the end of
+//! a run checks that every ACKed message reached its recipient.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::proto::ReceiptKind;
+
+/// A message body as the simulated clients write it: who sent it, to whom,
+/// and the sender's sequence number (24 bytes, little-endian).
+pub fn body(from: u64, to: u64, seq: u64) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&from.to_le_bytes());
+    b[8..16].copy_from_slice(&to.to_le_bytes());
+    b[16..].copy_from_slice(&seq.to_le_bytes());
+    b
+}
+
+fn parse(body: &[u8]) -> Option<(u64, u64, u64)> {
+    if body.len() != 24 {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Some((word(0), word(1), word(2)))
+}
+
+/// The record of a run and the checks on it. A failed check returns the
+/// reason, which ends the run.
+#[derive(Default)]
+pub struct Checker {
+    /// Every SEND made: (sender, sequence) -> recipient.
+    sent: HashMap<(u64, u64), u64>,
+    /// Every ACK: (sender, sequence), with the server id.
+    acked: Vec<(u64, u64, u64)>,
+    /// What each recipient saw: (recipient, server id) -> (sender, sequence).
+    delivered: HashMap<(u64, u64), (u64, u64)>,
+    /// (recipient, sender, sequence) seen at least once.
+    seen: HashSet<(u64, u64, u64)>,
+    /// Per recipient, the highest server id seen so far.
+    last_id: HashMap<u64, u64>,
+    /// (recipient, server id) answered DELIVERED / READ.
+    answered: HashSet<(u64, u64)>,
+    read: HashSet<(u64, u64)>,
+    /// Counters for the report.
+    pub(super) delivers: u64,
+    pub(super) duplicates: u64,
+    pub(super) receipts: u64,
+}
+
+impl Checker {
+    /// `from` sends its message `seq` to `to`.
+    pub fn sent(&mut self, from: u64, to: u64, seq: u64) {
+        self.sent.insert((from, seq), to);
+    }
+
+    /// Messages ACKed so far (with duplicates from resends).
+    pub fn acked_count(&self) -> usize {
+        self.acked.len()
+    }
+
+    /// The server ACKed `from`'s message `seq` with `server_id`.
+    pub fn acked(&mut self, from: u64, seq: u64, server_id: u64) {
+        self.acked.push((from, seq, server_id));
+    }
+
+    /// `to` received DELIVER(`server_id`, `from`, `body`). Checks it was sent,
+    /// to this user, by that sender, and that new messages come in the
+    /// order of their server ids (the recipient's queue order, which is
+    /// each sender's order).
+    pub fn delivered(
+        &mut self,
+        to: u64,
+        server_id: u64,
+        from: u64,
+        body: &[u8],
+    ) -> Result<(), String> {
+        self.delivers += 1;
+        let Some((b_from, b_to, seq)) = parse(body) else {
+            return Err(format!(
+                "user {to} got DELIVER {server_id} with a body never sent: {body:?}"
+            ));
+        };
+        if b_from != from || b_to != to || self.sent.get(&(from, seq)) != Some(&to) {
+            return Err(format!(
+                "user {to} got DELIVER {server_id} from {from} of message {seq} by {b_from} to {b_to}, \
+                 which was never sent so"
+            ));
+        }
+        match self.delivered.insert((to, server_id), (from, seq)) {
+            Some(before) if before != (from, seq) => {
+                return Err(format!(
+                    "user {to}: server id {server_id} names two messages, {before:?} and {:?}",
+                    (from, seq)
+                ))
+            }
+            Some(_) => {
+                self.duplicates += 1;
+                return Ok(());
+            }
+            None => {}
+        }
+        let last = self.last_id.entry(to).or_insert(0);
+        if server_id <= *last && !self.seen.contains(&(to, from, seq)) {
+            return Err(format!(
+                "user {to}: new message {server_id} (from {from}, seq {seq}) after {last}: out of order"
+            ));
+        }
+        *last = (*last).max(server_id);
+        self.seen.insert((to, from, seq));
+        Ok(())
+    }
+
+    /// `user` answered DELIVERED (`read` false) or READ for `server_id`.
+    pub fn answered(&mut self, user: u64, server_id: u64, read: bool) {
+        if read {
+            self.read.insert((user, server_id));
+        } else {
+            self.answered.insert((user, server_id));
+        }
+    }
+
+    /// `to` received RECEIPT(`kind`, `server_id`, `peer`): `peer` must have
+    /// received that message from `to` and answered it so.
+    pub fn receipt(
+        &mut self,
+        to: u64,
+        kind: ReceiptKind,
+        server_id: u64,
+        peer: u64,
+    ) -> Result<(), String> {
+        self.receipts += 1;
+        let real = self
+            .delivered
+            .get(&(peer, server_id))
+            .is_some_and(|&(from, _)| from == to);
+        let answered = match kind {
+            ReceiptKind::Delivered => self.answered.contains(&(peer, server_id)),
+            ReceiptKind::Read => self.read.contains(&(peer, server_id)),
+        };
+        if !real || !answered {
+            return Err(format!(
+                "user {to} got a {kind} receipt for {server_id} from {peer}, which {}",
+                if real {
+                    "was never answered so"
+                } else {
+                    "is not a message it sent to that peer"
+                }
+            ));
+        }
+        Ok(())
+    }
+
+    /// At the end: every ACKed message reached its recipient.
+    pub fn all_acked_delivered(&self) -> Result<(), String> {
+        let lost: Vec<_> = self
+            .acked
+            .iter()
+            .filter(|&&(from, seq, _)| {
+                let to = self.sent[&(from, seq)];
+                !self.seen.contains(&(to, from, seq))
+            })
+            .collect();
+        match lost.first() {
+            None => Ok(()),
+            Some((from, seq, id)) => Err(format!(
+                "{} ACKed messages never delivered, e.g. message {seq} of user {from} (server id {id})",
+                lost.len()
+            )),
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! A simulated client: one user speaking protocol v1 through the real codec
+//! over a simulated socket.
+//!
+//! It logs in with a real token, sends messages to random users, answers
+//! DELIVERED (and sometimes READ) after a random delay, pings when quiet,
+//! goes offline and comes back. Its outbox keeps every message until the
+//! server ACKs it and resends after a reconnect or a temporary refusal, as
+//! the client library does. Everything it receives is checked at once
+//! ([`Checker`]); a violation is returned as the run's failure.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::check::{self, Checker};
+use crate::io::sim::{Net, ReadState, SockId};
+use crate::proto::{self, ByeReason, ErrorCode, Frame, Limits};
+
+/// Decode limits: the codec's defaults, as large as the server's.
+const LIMITS: Limits = Limits {
+    frame_bytes_max: 65536,
+    body_bytes_max: 65000,
+};
+
+/// How a client behaves, for the whole run (the simulator picks it per seed).
+#[derive(Clone, Copy, Debug)]
+pub struct Behaviour {
+    /// Mean time between a client's actions.
+    pub think: Duration,
+    /// Per million actions: send a message.
+    pub send_per_million: u32,
+    /// Per million actions: go offline (close the connection).
+    pub leave_per_million: u32,
+    /// Longest time offline before reconnecting.
+    pub offline_max: Duration,
+    /// Longest delay before answering a DELIVER with DELIVERED.
+    pub answer_max: Duration,
+    /// Per million DELIVERs: also answer READ.
+    pub read_per_million: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Offline,
+    LoggingIn,
+    Online,
+}
+
+struct Outgoing {
+    client_id: u64,
+    to: u64,
+    seq: u64,
+    /// Written on the current connection (and not refused since).
+    sent: bool,
+}
+
+/// One simulated user.
+pub struct Client {
+    index: u32,
+    user: u64,
+    token: Vec<u8>,
+    state: State,
+    sock: Option<SockId>,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    next_client_id: u64,
+    next_seq: u64,
+    outbox: VecDeque<Outgoing>,
+    /// DELIVERs to answer: (when, server id, sender, also READ).
+    answers: VecDeque<(u64, u64, u64, bool)>,
+    /// When the client last wrote, simulated nanoseconds.
+    last_write_ns: u64,
+    /// Simulated nanoseconds at which it reconnects while offline.
+    back_at_ns: u64,
+    /// Draining: no new messages, no leaving.
+    pub(super) calm: bool,
+}
+
+/// What the world must do after a client acted.
+pub struct Next {
+    /// When the client wants to act again, simulated nanoseconds.
+    pub wake_ns: u64,
+}
+
+const PING_EVERY_NS: u64 = 60_000_000_000;
+
+impl Client {
+    /// Client `index` for `user`, logging in with `token`.
+    pub fn new(index: u32, user: u64, token: String) -> Client {
+        Client {
+            index,
+            user,
+            token: token.into_bytes(),
+            state: State::Offline,
+            sock: None,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            next_client_id: 1,
+            next_seq: 1,
+            outbox: VecDeque::new(),
+            answers: VecDeque::new(),
+            last_write_ns: 0,
+            back_at_ns: 0,
+            calm: false,
+        }
+    }
+
+    /// True when logged in with nothing outstanding.
+    pub fn settled(&self) -> bool {
+        self.state == State::Online && self.outbox.is_empty() && self.answers.is_empty()
+    }
+
+    /// What keeps the client from being settled, for a failure report.
+    pub fn describe(&self) -> String {
+        format!(
+            "user {} {:?}, {} unACKed ({} written), {} answers due",
+            self.user,
+            self.state,
+            self.outbox.len(),
+            self.outbox.iter().filter(|o| o.sent).count(),
+            self.answers.len()
+        )
+    }
+
+    /// Messages this client has sent (resends not counted).
+    pub fn sent(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The socket, if connected.
+    pub fn sock(&self) -> Option<SockId> {
+        self.sock
+    }
+
+    fn write(&mut self, net: &Net, frame: &Frame<'_>, now_ns: u64) {
+        let Some(sock) = self.sock else { return };
+        self.out.clear();
+        proto::encode(frame, &mut self.out);
+        net.write(sock, &self.out);
+        self.last_write_ns = now_ns;
+    }
+
+    fn go_offline(
+        &mut self,
+        net: &Net,
+        now_ns: u64,
+        behaviour: &Behaviour,
+        rng: &mut fastrand::Rng,
+    ) {
+        if let Some(sock) = self.sock.take() {
+            net.close(sock);
+        }
+        self.state = State::Offline;
+        self.inbuf.clear();
+        // The server redelivers what was not answered.
+        self.answers.clear();
+        for o in &mut self.outbox {
+            o.sent = false;
+        }
+        let away = rng.u64(0..=behaviour.offline_max.as_nanos() as u64);
+        self.back_at_ns = now_ns + away;
+    }
+
+    /// The client's turn: connect, send, answer, ping or leave. Returns when
+    /// it wants its next turn.
+    // The world's parts it uses, each borrowed separately.
+    #[allow(clippy::too_many_arguments)]
+    pub fn act(
+        &mut self,
+        net: &Net,
+        shards: usize,
+        users: u64,
+        now_ns: u64,
+        b: &Behaviour,
+        rng: &mut fastrand::Rng,
+        checker: &mut Checker,
+    ) -> Next {
+        let think = rng.u64(1..=2 * b.think.as_nanos().max(1) as u64);
+        match self.state {
+            State::Offline => {
+                if now_ns >= self.back_at_ns || self.calm {
+                    let sock = net.connect(rng.usize(..shards), self.index);
+                    self.sock = Some(sock);
+                    self.state = State::LoggingIn;
+                    let token = std::mem::take(&mut self.token);
+                    self.write(
+                        net,
+                        &Frame::Login {
+                            version: proto::VERSION,
+                            token: &token,
+                        },
+                        now_ns,
+                    );
+                    self.token = token;
+                    return Next {
+                        wake_ns: now_ns + think,
+                    };
+                }
+                return Next {
+                    wake_ns: self.back_at_ns,
+                };
+            }
+            State::LoggingIn => {
+                return Next {
+                    wake_ns: now_ns + think,
+                }
+            }
+            State::Online => {}
+        }
+        while self.answers.front().is_some_and(|a| a.0 <= now_ns) {
+            let (_, server_id, from, read) = self.answers.pop_front().expect("checked");
+            self.write(net, &Frame::Delivered { server_id }, now_ns);
+            checker.answered(self.user, server_id, false);
+            if read {
+                self.write(net, &Frame::Read { server_id, from }, now_ns);
+                checker.answered(self.user, server_id, true);
+            }
+        }
+        if !self.calm && rng.u32(..1_000_000) < b.leave_per_million {
+            self.go_offline(net, now_ns, b, rng);
+            return Next {
+                wake_ns: self.back_at_ns,
+            };
+        }
+        if !self.calm && rng.u32(..1_000_000) < b.send_per_million {
+            let mut to = rng.u64(1..=users);
+            if to == self.user {
+                to = to % users + 1;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            checker.sent(self.user, to, seq);
+            self.outbox.push_back(Outgoing {
+                client_id: self.next_client_id,
+                to,
+                seq,
+                sent: false,
+            });
+            self.next_client_id += 1;
+        }
+        self.send_unsent(net, now_ns);
+        if now_ns.saturating_sub(self.last_write_ns) >= PING_EVERY_NS {
+            self.write(net, &Frame::Ping { nonce: now_ns }, now_ns);
+        }
+        let mut wake = now_ns + think.min(PING_EVERY_NS);
+        if let Some(a) = self.answers.front() {
+            wake = wake.min(a.0);
+        }
+        Next { wake_ns: wake }
+    }
+
+    fn send_unsent(&mut self, net: &Net, now_ns: u64) {
+        let mut frames = Vec::new();
+        for o in self.outbox.iter_mut().filter(|o| !o.sent) {
+            o.sent = true;
+            frames.push((o.client_id, o.to, check::body(self.user, o.to, o.seq)));
+        }
+        for (client_id, to, body) in frames {
+            self.write(
+                net,
+                &Frame::Send {
+                    client_id,
+                    to,
+                    body: &body,
+                },
+                now_ns,
+            );
+        }
+    }
+
+    /// Reads and handles what the server sent on `sock`.
+    // The world's parts it uses, each borrowed separately.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_news(
+        &mut self,
+        sock: SockId,
+        net: &Net,
+        now_ns: u64,
+        b: &Behaviour,
+        rng: &mut fastrand::Rng,
+        checker: &mut Checker,
+        trace: &mut u32,
+    ) -> Result<(), String> {
+        if self.sock != Some(sock) {
+            return Ok(()); // an old connection's leftovers
+        }
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        let state = net.read(sock, &mut inbuf);
+        let mut at = 0;
+        let mut result = Ok(());
+        while self.sock == Some(sock) {
+            let (frame, used) = match proto::decode(&inbuf[at..], &LIMITS) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(format!(
+                        "user {}: undecodable server output: {e}",
+                        self.user
+                    ));
+                    break;
+                }
+            };
+            *trace = crc32c::crc32c_append(*trace, &inbuf[at..at + used]);
+            at += used;
+            if let Err(e) = self.on_frame(frame, net, now_ns, b, rng, checker) {
+                result = Err(e);
+                break;
+            }
+        }
+        inbuf.drain(..at);
+        if self.sock == Some(sock) {
+            self.inbuf = inbuf;
+            if state != ReadState::Open {
+                self.go_offline(net, now_ns, b, rng);
+            }
+        }
+        result
+    }
+
+    fn on_frame(
+        &mut self,
+        frame: Frame<'_>,
+        net: &Net,
+        now_ns: u64,
+        b: &Behaviour,
+        rng: &mut fastrand::Rng,
+        checker: &mut Checker,
+    ) -> Result<(), String> {
+        let user = self.user;
+        match frame {
+            Frame::LoginOk { .. } if self.state == State::LoggingIn => {
+                self.state = State::Online;
+                self.send_unsent(net, now_ns);
+            }
+            Frame::LoginErr {
+                code: ErrorCode::Unavailable,
+                ..
+            } => self.go_offline(net, now_ns, b, rng),
+            Frame::Ack {
+                client_id,
+                server_id,
+                ..
+            } => {
+                let Some(i) = self.outbox.iter().position(|o| o.client_id == client_id) else {
+                    return Err(format!(
+                        "user {user}: ACK for unknown client id {client_id}"
+                    ));
+                };
+                let o = self.outbox.remove(i).expect("found");
+                checker.acked(user, o.seq, server_id);
+            }
+            Frame::Error {
+                code,
+                client_id,
+                text,
+            } if client_id != 0 => {
+                let temporary = matches!(
+                    code,
+                    ErrorCode::StorageFull
+                        | ErrorCode::QueueFull
+                        | ErrorCode::Unavailable
+                        | ErrorCode::Internal
+                        | ErrorCode::RateLimited
+                );
+                let Some(o) = self.outbox.iter_mut().find(|o| o.client_id == client_id) else {
+                    return Err(format!(
+                        "user {user}: ERROR for unknown client id {client_id}"
+                    ));
+                };
+                if !temporary {
+                    return Err(format!("user {user}: SEND refused with {code}: {text}"));
+                }
+                // Resent at the client's next turn.
+                o.sent = false;
+            }
+            Frame::Deliver {
+                server_id,
+                from,
+                body,
+                ..
+            } => {
+                checker.delivered(user, server_id, from, body)?;
+                let due = now_ns + rng.u64(0..=b.answer_max.as_nanos() as u64);
+                let read = rng.u32(..1_000_000) < b.read_per_million;
+                // Answers go in order; a later DELIVER is answered no sooner.
+                let due = self.answers.back().map_or(due, |a| a.0.max(due));
+                self.answers.push_back((due, server_id, from, read));
+            }
+            Frame::Receipt {
+                kind,
+                server_id,
+                peer,
+            } => checker.receipt(user, kind, server_id, peer)?,
+            Frame::Ping { nonce } => self.write(net, &Frame::Pong { nonce }, now_ns),
+            Frame::Pong { .. } => {}
+            Frame::Bye { reason } => {
+                if matches!(reason, ByeReason::Replaced | ByeReason::Error) {
+                    return Err(format!("user {user}: unexpected BYE({reason})"));
+                }
+                self.go_offline(net, now_ns, b, rng);
+            }
+            other => {
+                return Err(format!(
+                    "user {user}: unexpected {} in state {:?}",
+                    other.name(),
+                    self.state
+                ))
+            }
+        }
+        Ok(())
+    }
+}

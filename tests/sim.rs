@@ -1,0 +1,111 @@
+//! The deterministic simulator (docs/SIMULATION.md): whole-server runs in
+//! one thread over a simulated network, clock and disk, with seeded faults.
+//! Every run is bounded in simulated time (traffic plus the drain limit)
+//! and every loop over seeds in count.
+
+use std::time::Duration;
+
+use tern::sim::{self, Faults, Options, Planted};
+
+fn small(seed: u64) -> Options {
+    Options {
+        clients: 40,
+        traffic: Duration::from_secs(20),
+        ..Options::new(seed)
+    }
+}
+
+fn assert_clean(opts: &Options) {
+    let report = sim::run(opts);
+    assert!(report.failure.is_none(), "{report}");
+    assert!(report.acked > 0, "{report}");
+}
+
+#[test]
+fn swarm_seeds_run_clean() {
+    for seed in 1000..1012 {
+        assert_clean(&small(seed));
+    }
+}
+
+#[test]
+fn same_seed_same_run() {
+    let a = sim::run(&small(77));
+    let b = sim::run(&small(77));
+    assert_eq!(a.trace, b.trace, "{a}\n{b}");
+    assert_eq!(
+        (a.sent, a.acked, a.delivers, a.receipts, a.crashes, a.resets, a.disk),
+        (b.sent, b.acked, b.delivers, b.receipts, b.crashes, b.resets, b.disk)
+    );
+    assert_eq!(a.sim_time, b.sim_time);
+    let c = sim::run(&small(78));
+    assert_ne!(a.trace, c.trace, "another seed, another run");
+}
+
+#[test]
+fn every_fault_at_once_runs_clean() {
+    let mut faults = Faults::swarm(5);
+    faults.net.partial_per_million = 300_000;
+    faults.net.out_buffer_bytes = (256, 4096);
+    faults.net.stall_per_million = 10_000;
+    faults.disk.write_enospc_per_million = 50_000;
+    faults.disk.write_eio_per_million = 10_000;
+    faults.disk.sync_eio_per_million = 10_000;
+    faults.reset_every = Some(Duration::from_millis(300));
+    faults.crash_every = Some(Duration::from_secs(4));
+    for seed in [1, 2, 3] {
+        let opts = Options {
+            faults: Some(faults),
+            ..small(seed)
+        };
+        let report = sim::run(&opts);
+        assert!(report.failure.is_none(), "{report}");
+        assert!(report.crashes > 0 && report.resets > 0, "{report}");
+        assert!(report.disk.write_enospc > 0, "{report}");
+    }
+}
+
+/// A simulator that cannot fail is no simulator: with the fsync before the
+/// ACK skipped, a crash loses ACKed messages, and some seed of the first
+/// few shows it.
+#[test]
+fn planted_skip_fsync_is_found() {
+    let mut found = None;
+    for seed in 1..=10 {
+        // Whatever else the seed's swarm mix has, the process crashes.
+        let mut faults = Faults::swarm(seed);
+        faults.crash_every = Some(Duration::from_secs(3));
+        let opts = Options {
+            planted: Planted::SkipFsync,
+            faults: Some(faults),
+            ..small(seed)
+        };
+        let report = sim::run(&opts);
+        if let Some((_, why)) = &report.failure {
+            found = Some((seed, why.clone()));
+            break;
+        }
+    }
+    let (seed, why) = found.expect("the planted bug went unnoticed for 10 seeds");
+    assert!(why.contains("never delivered"), "seed {seed}: {why}");
+    // And the same seed without the bug is clean.
+    let mut faults = Faults::swarm(seed);
+    faults.crash_every = Some(Duration::from_secs(3));
+    assert_clean(&Options {
+        faults: Some(faults),
+        ..small(seed)
+    });
+}
+
+/// Seeds that once failed, kept as regressions (see results/sim/README.md).
+#[test]
+fn regression_seeds() {
+    // 2: a send cut short with room left never became writable again (a
+    // bug of the simulated backend), leaving LOGIN_OK unsent.
+    // 3: the end-of-run gauge check returned before the gauges were due.
+    // 103158, 103799: a client's DELIVERED sat in a stalled socket while
+    // the run counted as settled (the check now looks at every socket).
+    for seed in [2, 3, 103158, 103799] {
+        assert_clean(&Options::new(seed));
+    }
+}
