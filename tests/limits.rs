@@ -120,6 +120,7 @@ fn malformed_cases() -> Vec<Case> {
                 server_id: 1,
                 from: 2,
                 server_time_ms: 3,
+                client_id: None,
                 body: b"x",
             }),
             code: ErrorCode::BadState,

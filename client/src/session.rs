@@ -654,6 +654,7 @@ impl<O: Outbox> Session<O> {
                 from,
                 server_time_ms,
                 body,
+                ..
             } => match self.dedupe.check(server_id) {
                 None => self.events.push_back(Event::Message {
                     server_id,

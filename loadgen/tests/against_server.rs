@@ -554,6 +554,7 @@ fn fake_conn(
                                 server_id: *server_id,
                                 from: *from,
                                 server_time_ms: 0,
+                                client_id: None,
                                 body,
                             },
                             &mut out,

@@ -392,7 +392,12 @@ impl Shard {
             match action {
                 Action::Write { conn, bytes } => self.write_bytes(conn, &wire[bytes]),
                 Action::Route { dst, msg } => self.outboxes.push(dst, msg),
-                Action::Handoff { conn, user, home } => self.hand_off(conn, user, home, rest),
+                Action::Handoff {
+                    conn,
+                    user,
+                    version,
+                    home,
+                } => self.hand_off(conn, user, version, home, rest),
                 Action::Arm { entry, deadline } => self.wheel.insert(entry, deadline),
                 Action::Established(conn) => self.io.established(conn),
                 Action::CloseAfterFlush(conn) => self.closing(conn),
@@ -503,6 +508,7 @@ impl Shard {
         let Msg::Handoff {
             conn,
             user,
+            version,
             leftover,
             tls,
             out,
@@ -519,7 +525,11 @@ impl Shard {
                     self.write_records(id, &out);
                 }
                 self.guarded(id, |shard| {
-                    shard.event(Event::HandedOver { conn: id, user });
+                    shard.event(Event::HandedOver {
+                        conn: id,
+                        user,
+                        version,
+                    });
                     if !leftover.is_empty() {
                         shard.on_bytes(id, &leftover);
                     }

@@ -319,6 +319,7 @@ pub fn recv_deliver(client: &mut Client) -> Delivered {
             from,
             server_time_ms,
             body,
+            ..
         }) => Delivered {
             server_id,
             from,

@@ -37,6 +37,7 @@ mod tests {
             server_id,
             from: 7,
             time_ms: 1000 + server_id,
+            origin: None,
             body: vec![server_id as u8; 3].into(),
         }
     }
