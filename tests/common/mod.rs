@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod cut;
 pub mod proxy;
 
 use std::collections::HashMap;
