@@ -8,6 +8,8 @@
 
 use std::cell::Cell;
 
+mod dedupe;
+
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
 use crate::shard::ConnRef;

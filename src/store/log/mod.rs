@@ -15,8 +15,10 @@
 //!
 //! A segment is a plain sequence of records (format in `record.rs`: `len` u32
 //! LE, `crc32c` u32 LE over the rest, `kind` u8, fixed-width LE fields, body).
-//! Two kinds: `Queued { user, server_id, from, time_ms, body }` when a message
-//! is stored, and `Delivered { user, server_id }`, its tombstone. `meta` holds
+//! Kinds: `Queued { user, server_id, from, time_ms, origin, body }` when a
+//! message is stored (kind 3 with a v2 sender's origin, else kind 1),
+//! `Delivered { user, server_id }`, its tombstone, and `Taken`, a dedupe
+//! window entry that outlived its message (see "Dedupe windows"). `meta` holds
 //! the format version and the id watermark (below); it is replaced atomically
 //! (write `meta.tmp`, rename).
 //!
@@ -61,6 +63,21 @@
 //! that set is empty. When a reclaimable segment is held up by pins, the
 //! oldest segment it waits for is compacted, whatever its dead share. The
 //! oldest segment never has pins, so this always makes progress.
+//!
+//! # Dedupe windows
+//!
+//! The store keeps the dedupe windows of protocol v2 senders
+//! (`store::window`): an entry is created by the push of a message with an
+//! origin and lives in that message's record while the message is queued.
+//! When the message goes, the entry may still be in its window: its record
+//! (or, for a message removed before its commit, a `Taken` record written
+//! instead of nothing) then counts in its segment's `refs`, which keeps the
+//! segment from being deleted; compaction copies such entries as `Taken`
+//! records (all of a victim's at once, after its messages). Windows are
+//! pruned after each commit (never before: a rolled-back batch must not have
+//! evicted entries), and an entry pruned frees its segment. Recovery
+//! rebuilds the windows from the `Queued` (kind 3) and `Taken` records, then
+//! prunes them and counts the refs.
 //!
 //! # Recovery
 //!
@@ -270,6 +287,9 @@ struct WLoc {
     loc: Loc,
     orphan: bool,
 }
+
+// A window entry with its location: 40 bytes (results/exactly-once/).
+const _: () = assert!(std::mem::size_of::<Taken<WLoc>>() <= 40);
 
 /// A record waiting for the next commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
