@@ -348,12 +348,17 @@ fn cuts_and_kill_9_deliver_every_message_exactly_once() {
     let mut times_shown: HashMap<u64, u32> = HashMap::new();
     let deadline = Instant::now() + WAIT * 6 + Duration::from_millis(messages * 50);
     while acked < messages || (times_shown.len() as u64) < messages {
-        assert!(
-            Instant::now() < deadline,
-            "stuck: {sent} sent, {acked} ACKed, {} shown, {} cuts, {killed} kills (seed {seed})",
-            times_shown.len(),
-            proxy.cuts.load(Ordering::Relaxed)
-        );
+        if Instant::now() >= deadline {
+            let log = child.as_ref().map(|c| c.log_text()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "stuck: {sent} sent, {acked} ACKed, {} shown, {} cuts, {killed} kills (seed \
+                 {seed}); the server's last lines:\n{}",
+                times_shown.len(),
+                proxy.cuts.load(Ordering::Relaxed),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         // Kill at evenly spread points of the run.
         if killed < kills && acked >= (killed + 1) * messages / (kills + 1) {
             child.take().unwrap().kill9();
@@ -376,7 +381,10 @@ fn cuts_and_kill_9_deliver_every_message_exactly_once() {
                 client_id,
                 code,
                 text,
-            }) => panic!("{client_id} refused: {code} {text} (seed {seed})"),
+            }) => panic!(
+                "{client_id} refused: {code} {text} (seed {seed}); the server's log:\n{}",
+                child.as_ref().map(|c| c.log_text()).unwrap_or_default()
+            ),
             Some(Event::Retrying { client_id, code }) => {
                 retried.insert(client_id - first_id);
                 *refusals.entry(code).or_default() += 1;

@@ -149,7 +149,11 @@ impl LogStore {
             let n = self.active_number().expect("copies were written");
             let mut copied = 0;
             for &(from, origin) in &self.orphan_moves {
-                let t = self.windows.get_mut(from, origin).expect("planned");
+                // Pruned by this very commit (its batch pushed newer
+                // entries): the copy written is dead bytes.
+                let Some(t) = self.windows.get_mut(from, origin) else {
+                    continue;
+                };
                 // Listed twice only by a damaged log; the extra copy is dead.
                 if t.loc.loc == Loc::Segment(c.segment) {
                     t.loc.loc = Loc::Segment(n);
