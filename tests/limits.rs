@@ -25,9 +25,9 @@ fn malformed_cases() -> Vec<Case> {
     let big_body = vec![b'b'; 65_001];
     vec![
         Case {
-            name: "unknown type 0x0e",
+            name: "unknown type 0x0f",
             login: true,
-            bytes: vec![0x01, 0x0e],
+            bytes: vec![0x01, 0x0f],
             code: ErrorCode::UnknownType,
         },
         Case {
