@@ -93,8 +93,8 @@ pub struct Config {
     pub token_secret: String,
     /// Largest frame a client may send, in bytes (length prefix excluded). Default 65536.
     pub frame_bytes_max: usize,
-    /// Largest message body, in bytes. Default 65000; must leave room for the
-    /// other SEND/DELIVER fields within `frame_bytes_max`.
+    /// Largest message body, in bytes. Default 65000; at most
+    /// `frame_bytes_max - 41`, room for the other fields of a v2 DELIVER.
     pub body_bytes_max: usize,
     /// Messages held per user (offline plus not yet acknowledged by the device). Default 1000.
     pub queue_len_max: usize,
@@ -433,8 +433,9 @@ fn bad(key: &str, message: impl Into<String>) -> ConfigError {
 }
 
 /// Bytes a SEND or DELIVER frame needs besides its body: type byte plus the
-/// largest varints for message id, user id and time (10 bytes each).
-pub const FRAME_OVERHEAD_BYTES_MAX: usize = 1 + 3 * 10;
+/// largest varints for message id, user id, time and (a protocol v2
+/// DELIVER) the sender's client_id, 10 bytes each.
+pub const FRAME_OVERHEAD_BYTES_MAX: usize = 1 + 4 * 10;
 
 impl Config {
     /// Parses TOML text; unknown keys and wrong types are errors naming the key.

@@ -372,6 +372,7 @@ pub fn recovery(data: &[u8]) {
             server_id,
             from: 2,
             time_ms: 3,
+            origin: None,
             body: Box::new(*b"fuzz"),
         };
         if store.push(1, msg.clone()).is_ok() {
@@ -473,6 +474,7 @@ mod regressions {
                 server_id,
                 from: 2,
                 time_ms: 3,
+                origin: None,
                 body,
             }
             .encode(&mut out);

@@ -33,6 +33,12 @@ use std::fmt;
 /// Protocol version a client puts in LOGIN. The codec decodes any version
 /// byte; rejecting other versions (`bad_version`) is the session's job.
 pub const VERSION: u8 = 1;
+/// Protocol version 2 (docs/PROTOCOL.md, "Version 2"): SEND is idempotent
+/// per (sender, client_id), DELIVER carries the sender's client_id (type
+/// `0x0E`), `stale_client_id` refuses a client_id below the window.
+pub const VERSION_2: u8 = 2;
+/// The highest version the server speaks; it speaks every one from 1 up.
+pub const VERSION_MAX: u8 = VERSION_2;
 
 /// Most bytes a LEB128 varint may take: `ceil(64 / 7)`. This bounds both the
 /// frame length prefix and every integer field.
@@ -52,6 +58,7 @@ const TYPE_PING: u8 = 0x0A;
 const TYPE_PONG: u8 = 0x0B;
 const TYPE_ERROR: u8 = 0x0C;
 const TYPE_BYE: u8 = 0x0D;
+const TYPE_DELIVER_V2: u8 = 0x0E;
 
 /// Size limits the decoder enforces. Built from `Config`, which checks at
 /// start-up that a largest body plus its fields fits in a largest frame.
@@ -115,6 +122,10 @@ pub enum ErrorCode {
     /// 17: a READ or DELIVERED names a message that was not delivered to
     /// this connection (in this login); nothing is done with it.
     UnknownMessage = 17,
+    /// 18 (protocol v2): the SEND's client_id is 32 or more below the
+    /// highest one the server took from this sender device (for this
+    /// recipient): it cannot tell whether it took that SEND. Not taken now.
+    StaleClientId = 18,
 }
 
 impl ErrorCode {
@@ -138,6 +149,7 @@ impl ErrorCode {
             15 => ErrorCode::StorageFull,
             16 => ErrorCode::Unavailable,
             17 => ErrorCode::UnknownMessage,
+            18 => ErrorCode::StaleClientId,
             _ => return None,
         })
     }
@@ -162,6 +174,7 @@ impl ErrorCode {
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::UnknownMessage => "unknown_message",
+            ErrorCode::StaleClientId => "stale_client_id",
         }
     }
 }
@@ -304,7 +317,8 @@ pub enum Frame<'a> {
         /// When the server accepted it, milliseconds since the Unix epoch.
         server_time_ms: u64,
     },
-    /// 0x06, server to client: a message for this user.
+    /// 0x06, server to client: a message for this user. With `client_id`
+    /// (protocol v2) it is type 0x0E, the client_id after the time.
     Deliver {
         /// Server-assigned message id; duplicates carry the same id.
         server_id: u64,
@@ -312,6 +326,9 @@ pub enum Frame<'a> {
         from: u64,
         /// When the server accepted it, milliseconds since the Unix epoch.
         server_time_ms: u64,
+        /// Protocol v2 only: the sender's client_id (0 when the sender
+        /// spoke v1). `None`: a v1 DELIVER (type 0x06).
+        client_id: Option<u64>,
         /// Message body (rest of the frame), at most `body_bytes_max`.
         body: &'a [u8],
     },
@@ -406,11 +423,13 @@ impl Frame<'_> {
                 server_id,
                 from,
                 server_time_ms,
+                client_id,
                 body,
             } => OwnedFrame::Deliver {
                 server_id,
                 from,
                 server_time_ms,
+                client_id,
                 body: body.to_vec(),
             },
             Frame::Delivered { server_id } => OwnedFrame::Delivered { server_id },
@@ -466,7 +485,12 @@ impl Frame<'_> {
             Frame::LoginErr { .. } => TYPE_LOGIN_ERR,
             Frame::Send { .. } => TYPE_SEND,
             Frame::Ack { .. } => TYPE_ACK,
-            Frame::Deliver { .. } => TYPE_DELIVER,
+            Frame::Deliver {
+                client_id: None, ..
+            } => TYPE_DELIVER,
+            Frame::Deliver {
+                client_id: Some(_), ..
+            } => TYPE_DELIVER_V2,
             Frame::Delivered { .. } => TYPE_DELIVERED,
             Frame::Read { .. } => TYPE_READ,
             Frame::Receipt { .. } => TYPE_RECEIPT,
@@ -500,8 +524,15 @@ impl Frame<'_> {
                 server_id,
                 from,
                 server_time_ms,
+                client_id,
                 body,
-            } => varint_len(server_id) + varint_len(from) + varint_len(server_time_ms) + body.len(),
+            } => {
+                varint_len(server_id)
+                    + varint_len(from)
+                    + varint_len(server_time_ms)
+                    + client_id.map_or(0, varint_len)
+                    + body.len()
+            }
             Frame::Delivered { server_id } => varint_len(server_id),
             Frame::Read { server_id, from } => varint_len(server_id) + varint_len(from),
             Frame::Receipt {
@@ -572,6 +603,8 @@ pub enum OwnedFrame {
         from: u64,
         /// Acceptance time, milliseconds since the Unix epoch.
         server_time_ms: u64,
+        /// The sender's client_id (protocol v2 DELIVER, type 0x0E).
+        client_id: Option<u64>,
         /// Message body.
         body: Vec<u8>,
     },
@@ -657,11 +690,13 @@ impl OwnedFrame {
                 server_id,
                 from,
                 server_time_ms,
+                client_id,
                 ref body,
             } => Frame::Deliver {
                 server_id,
                 from,
                 server_time_ms,
+                client_id,
                 body,
             },
             OwnedFrame::Delivered { server_id } => Frame::Delivered { server_id },
@@ -819,6 +854,14 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
             server_id: r.varint()?,
             from: r.varint()?,
             server_time_ms: r.varint()?,
+            client_id: None,
+            body: r.body(limits)?,
+        },
+        TYPE_DELIVER_V2 => Frame::Deliver {
+            server_id: r.varint()?,
+            from: r.varint()?,
+            server_time_ms: r.varint()?,
+            client_id: Some(r.varint()?),
             body: r.body(limits)?,
         },
         TYPE_DELIVERED => Frame::Delivered {
@@ -1004,11 +1047,15 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             server_id,
             from,
             server_time_ms,
+            client_id,
             body,
         } => {
             put_varint(server_id, out);
             put_varint(from, out);
             put_varint(server_time_ms, out);
+            if let Some(client_id) = client_id {
+                put_varint(client_id, out);
+            }
             out.extend_from_slice(body);
         }
         Frame::Delivered { server_id } => put_varint(server_id, out),
@@ -1105,7 +1152,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 17] = [
+    const ALL_ERROR_CODES: [ErrorCode; 18] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1123,6 +1170,7 @@ mod tests {
         ErrorCode::StorageFull,
         ErrorCode::Unavailable,
         ErrorCode::UnknownMessage,
+        ErrorCode::StaleClientId,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
     const ALL_BYE_REASONS: [ByeReason; 6] = [
@@ -1163,6 +1211,7 @@ mod tests {
                 server_id: 1001,
                 from: 17,
                 server_time_ms: 1_767_225_600_123,
+                client_id: None,
                 body: b"hello",
             },
             Frame::Delivered { server_id: 1001 },
@@ -1185,6 +1234,13 @@ mod tests {
             Frame::Bye {
                 reason: ByeReason::Idle,
             },
+            Frame::Deliver {
+                server_id: 1001,
+                from: 17,
+                server_time_ms: 1_767_225_600_123,
+                client_id: Some(7),
+                body: b"hello",
+            },
         ]
     }
 
@@ -1204,13 +1260,14 @@ mod tests {
             "PONG",
             "ERROR",
             "BYE",
+            "DELIVER",
         ];
         let frames = doc_examples();
         assert_eq!(frames.len(), names.len());
         for (i, frame) in frames.iter().enumerate() {
             let bytes = enc(frame);
             assert_eq!(bytes.len(), encoded_len(frame));
-            // Type bytes are 0x01..=0x0D in declaration order.
+            // Type bytes are 0x01..=0x0E in declaration order.
             assert_eq!(usize::from(bytes[1]), i + 1, "{}", frame.name());
             assert_eq!(frame.name(), names[i]);
             assert_eq!(dec(&bytes), Ok(Some((*frame, bytes.len()))));
@@ -1354,7 +1411,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x0e, 0x7f, 0xff] {
+        for t in [0x00, 0x0f, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -1506,7 +1563,7 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 18, 0x7f] {
+        for v in [0u8, 19, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
@@ -1610,6 +1667,7 @@ mod tests {
                 server_id: 1,
                 from: 2,
                 server_time_ms: 3,
+                client_id: None,
                 body: &body,
             },
         ] {
@@ -1625,6 +1683,7 @@ mod tests {
             server_id: u64::MAX,
             from: u64::MAX,
             server_time_ms: u64::MAX,
+            client_id: None,
             body,
         };
         let bytes = enc(&frame);
@@ -1698,7 +1757,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(18), None);
+        assert_eq!(ErrorCode::from_u64(19), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
@@ -1798,14 +1857,22 @@ mod tests {
                     server_time_ms,
                 }
             }),
-            (arb_u64(), arb_u64(), arb_u64(), arb_bytes()).prop_map(
-                |(server_id, from, server_time_ms, body)| OwnedFrame::Deliver {
-                    server_id,
-                    from,
-                    server_time_ms,
-                    body,
-                }
-            ),
+            (
+                arb_u64(),
+                arb_u64(),
+                arb_u64(),
+                prop::option::of(arb_u64()),
+                arb_bytes()
+            )
+                .prop_map(|(server_id, from, server_time_ms, client_id, body)| {
+                    OwnedFrame::Deliver {
+                        server_id,
+                        from,
+                        server_time_ms,
+                        client_id,
+                        body,
+                    }
+                }),
             arb_u64().prop_map(|server_id| OwnedFrame::Delivered { server_id }),
             (arb_u64(), arb_u64())
                 .prop_map(|(server_id, from)| OwnedFrame::Read { server_id, from }),

@@ -11,7 +11,10 @@
 //! 1. **Build.** Every `shard-<K>` log present is replayed; each queued
 //!    message is pushed, with its server id, sender, time and body, into a
 //!    new log `reshard.new/shard-<J>` with `J = home_shard(user, N)`, each
-//!    user's messages in id order. The new logs continue their ids above
+//!    user's messages in id order (a v2 message with its origin, so its
+//!    dedupe window entry moves with it). The dedupe window entries whose
+//!    messages are gone (idempotent SEND) go to every new log, their
+//!    recipient being unknown. The new logs continue their ids above
 //!    every id the old logs handed out. Everything is fsynced (files,
 //!    `reshard.new`, the data directory). The old logs are not changed
 //!    (beyond what any start does: a torn tail cut, the id watermark).
@@ -213,6 +216,14 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = Instant::now();
                 log::info!("reshard: {copied} of {total} messages copied");
+            }
+        }
+        // Dedupe windows whose messages are gone: the recipient is not
+        // known any more, so every new log gets them (a retry finds its
+        // window wherever its recipient now lives).
+        for old_log in &old {
+            for taken in old_log.taken() {
+                log.keep_taken(taken);
             }
         }
         commit(&mut log, &path)?;

@@ -1266,6 +1266,7 @@ fn fill_data_dir_for_recovery_figure() {
                     server_id,
                     from: rng.range(1, 1 << 20),
                     time_ms: 1_700_000_000_000 + seq,
+                    origin: None,
                     body: vec![b'a' + (seq % 26) as u8; body_bytes].into(),
                 };
                 store.push(user, msg).unwrap();

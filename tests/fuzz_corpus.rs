@@ -308,6 +308,7 @@ fn real_log(dir: &Path) -> (Vec<u8>, Vec<Vec<u8>>) {
                 server_id: id << 10,
                 from: round + 1,
                 time_ms: 1_750_000_000_000 + id,
+                origin: None,
                 body: body.into(),
             };
             store.push(user, msg).expect("push");

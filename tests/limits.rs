@@ -25,9 +25,9 @@ fn malformed_cases() -> Vec<Case> {
     let big_body = vec![b'b'; 65_001];
     vec![
         Case {
-            name: "unknown type 0x0e",
+            name: "unknown type 0x0f",
             login: true,
-            bytes: vec![0x01, 0x0e],
+            bytes: vec![0x01, 0x0f],
             code: ErrorCode::UnknownType,
         },
         Case {
@@ -120,6 +120,7 @@ fn malformed_cases() -> Vec<Case> {
                 server_id: 1,
                 from: 2,
                 server_time_ms: 3,
+                client_id: None,
                 body: b"x",
             }),
             code: ErrorCode::BadState,

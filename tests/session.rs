@@ -84,7 +84,7 @@ fn expired_token_is_refused_and_closed() {
 fn wrong_version_is_refused_and_closed() {
     let srv = TestServer::start();
     let token = token(5);
-    for version in [0, 2, 255] {
+    for version in [0, 3, 255] {
         expect_login_err(&srv, version, token.as_bytes(), ErrorCode::BadVersion);
     }
 }

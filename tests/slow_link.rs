@@ -83,6 +83,7 @@ impl Tracker {
             from,
             server_time_ms,
             ref body,
+            ..
         } = frame
         else {
             panic!("expected DELIVER, got {frame:?}");
@@ -95,6 +96,7 @@ impl Tracker {
             server_id,
             from,
             server_time_ms,
+            client_id: None,
             body,
         });
         self.unanswered.push((server_id, len));

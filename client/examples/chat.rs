@@ -199,6 +199,10 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
                 "✓  #{} accepted by the server (id {server_id})",
                 number(&numbers, client_id)
             ),
+            Some(Event::Retrying { client_id, code }) => println!(
+                "…  #{} refused for now ({code}), sent again shortly",
+                number(&numbers, client_id)
+            ),
             Some(Event::Refused {
                 client_id,
                 code,

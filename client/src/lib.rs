@@ -230,8 +230,19 @@ impl Client {
     /// [`ClientError::Unexpected`]. Frames that arrive right behind
     /// LOGIN_OK (offline DELIVERs) stay buffered for the next receive.
     pub fn login(addr: SocketAddr, token: &str) -> Result<(Client, LoginInfo), ClientError> {
+        Client::login_version(addr, token, proto::VERSION)
+    }
+
+    /// [`login`](Client::login) with protocol `version` in LOGIN
+    /// ([`proto::VERSION_2`]: idempotent SEND, DELIVERs carry the
+    /// sender's client_id; see docs/PROTOCOL.md, "Version 2").
+    pub fn login_version(
+        addr: SocketAddr,
+        token: &str,
+        version: u8,
+    ) -> Result<(Client, LoginInfo), ClientError> {
         let mut client = Client::connect(addr)?;
-        let info = client.login_here(token)?;
+        let info = client.login_here_version(token, version)?;
         Ok((client, info))
     }
 
@@ -303,8 +314,17 @@ impl Client {
     /// Sends LOGIN on this connection and waits for LOGIN_OK, like
     /// [`login`](Client::login) without the connect.
     pub fn login_here(&mut self, token: &str) -> Result<LoginInfo, ClientError> {
+        self.login_here_version(token, proto::VERSION)
+    }
+
+    /// [`login_here`](Client::login_here) with protocol `version`.
+    pub fn login_here_version(
+        &mut self,
+        token: &str,
+        version: u8,
+    ) -> Result<LoginInfo, ClientError> {
         self.send_frame(&Frame::Login {
-            version: proto::VERSION,
+            version,
             token: token.as_bytes(),
         })?;
         match self.recv()? {

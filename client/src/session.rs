@@ -12,10 +12,14 @@
 //!   first is the clock in microseconds, so they also increase across app
 //!   restarts). The default [`MemOutbox`] lives in memory; implement the
 //!   trait to keep it on disk across app restarts.
+//! - **Protocol version 2:** the session logs in with version 2, so a SEND
+//!   resent after a lost ACK is answered with its original ACK and stored
+//!   once (idempotent SEND), and DELIVERs carry the sender's client id.
 //! - **Duplicate filter:** a DELIVER whose server id the app has already
-//!   seen (the server re-delivers what was not answered before a drop) is
-//!   not shown again; one the app already accepted is answered DELIVERED
-//!   again at once. The filter remembers the last `dedupe_window` ids.
+//!   seen (the server re-delivers what was not answered before a drop), or
+//!   whose (sender, client id) it has already seen, is not shown again;
+//!   one the app already accepted is answered DELIVERED again at once. The
+//!   filter remembers the last `dedupe_window` messages.
 //! - **DELIVERED** goes only when the app calls [`Session::accept`], so a
 //!   crash of the app before it stored a message gets it delivered again.
 //! - **Keepalive:** a PING whenever nothing was sent for `keepalive`, so the
@@ -24,9 +28,12 @@
 //!
 //! Refusals the server documents as temporary (`storage_full`,
 //! `queue_full`, `unavailable`, `rate_limited`, `internal`) are retried
-//! after a backoff; a message retried that way may arrive after messages
-//! the app sent after it. Other refusals (`bad_recipient`, `too_large`, ...)
-//! drop the message from the outbox and come out as [`Event::Refused`].
+//! after a backoff, with the same client id; a message retried that way may
+//! arrive after messages the app sent after it. Other refusals
+//! (`bad_recipient`, `too_large`, `stale_client_id`: 32 or more newer
+//! messages to that recipient's group were taken while this one kept being
+//! refused, ...) drop the message from the outbox and come out as
+//! [`Event::Refused`].
 //!
 //! The session is blocking and single-threaded, like [`Client`]: no async
 //! runtime. Call [`poll`](Session::poll) in a loop; it connects, resends,
@@ -60,7 +67,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::ClientConfig;
-use tern::proto::{ByeReason, ErrorCode, Frame, OwnedFrame, ReceiptKind};
+use tern::proto::{ByeReason, ErrorCode, Frame, OwnedFrame, ReceiptKind, VERSION_2};
 
 use crate::{Client, ClientError};
 
@@ -200,6 +207,15 @@ pub enum Event {
         /// When the server took it, unix milliseconds.
         server_time_ms: u64,
     },
+    /// The server refused the message for now (a temporary code); the
+    /// session sends it again after a backoff, with the same client id. It
+    /// may then arrive after messages sent after it.
+    Retrying {
+        /// The app's message.
+        client_id: u64,
+        /// Why.
+        code: ErrorCode,
+    },
     /// The server refused the message for good; it left the outbox.
     Refused {
         /// The app's message.
@@ -276,13 +292,16 @@ pub fn is_frame_refusal(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::RateLimited | ErrorCode::UnknownMessage)
 }
 
-/// The server ids the app has been shown, oldest first, bounded.
+/// The messages the app has been shown, oldest first, bounded: by server
+/// id, and by (sender, client id) when the DELIVER carried one.
 #[derive(Debug)]
 struct Dedupe {
     window: usize,
-    order: VecDeque<u64>,
+    order: VecDeque<(u64, Option<(u64, u64)>)>,
     /// server id -> accepted by the app.
     seen: HashMap<u64, bool>,
+    /// (sender, client id) -> the server id it was shown under.
+    origins: HashMap<(u64, u64), u64>,
 }
 
 impl Dedupe {
@@ -291,21 +310,32 @@ impl Dedupe {
             window: window.max(1),
             order: VecDeque::new(),
             seen: HashMap::new(),
+            origins: HashMap::new(),
         }
     }
 
-    /// `None`: new (now remembered); `Some(accepted)`: seen before.
-    fn check(&mut self, server_id: u64) -> Option<bool> {
+    /// `None`: new (now remembered); `Some(accepted)`: seen before, under
+    /// this server id or (same sender and client id) another one.
+    fn check(&mut self, server_id: u64, origin: Option<(u64, u64)>) -> Option<bool> {
         if let Some(&accepted) = self.seen.get(&server_id) {
             return Some(accepted);
         }
+        if let Some(first) = origin.and_then(|o| self.origins.get(&o)) {
+            return Some(self.seen.get(first).copied().unwrap_or(true));
+        }
         if self.order.len() >= self.window {
-            if let Some(old) = self.order.pop_front() {
+            if let Some((old, old_origin)) = self.order.pop_front() {
                 self.seen.remove(&old);
+                if let Some(o) = old_origin {
+                    self.origins.remove(&o);
+                }
             }
         }
-        self.order.push_back(server_id);
+        self.order.push_back((server_id, origin));
         self.seen.insert(server_id, false);
+        if let Some(o) = origin {
+            self.origins.insert(o, server_id);
+        }
         None
     }
 
@@ -538,9 +568,15 @@ impl<O: Outbox> Session<O> {
     }
 
     fn connect(&mut self) -> Result<(), SessionError> {
+        // Version 2: a resent SEND is idempotent, DELIVERs carry client ids.
         let attempt = match &self.config.tls {
-            None => Client::login(self.config.addr, &self.config.token),
-            Some((tls, name)) => Client::login_tls(self.config.addr, name, tls, &self.config.token),
+            None => Client::login_version(self.config.addr, &self.config.token, VERSION_2),
+            Some((tls, name)) => {
+                Client::connect_tls(self.config.addr, name, tls).and_then(|mut c| {
+                    let info = c.login_here_version(&self.config.token, VERSION_2)?;
+                    Ok((c, info))
+                })
+            }
         };
         match attempt {
             Ok((conn, info)) => {
@@ -641,6 +677,7 @@ impl<O: Outbox> Session<O> {
                 if is_retryable(code) {
                     let delay = self.config.backoff_min.max(Duration::from_millis(10));
                     self.retries.push_back((Instant::now() + delay, client_id));
+                    self.events.push_back(Event::Retrying { client_id, code });
                 } else {
                     self.outbox
                         .remove(client_id)
@@ -663,19 +700,29 @@ impl<O: Outbox> Session<O> {
                 server_id,
                 from,
                 server_time_ms,
+                client_id,
                 body,
-            } => match self.dedupe.check(server_id) {
-                None => self.events.push_back(Event::Message {
-                    server_id,
-                    from,
-                    server_time_ms,
-                    body,
-                }),
-                // Accepted before a drop: the server did not hear it.
-                Some(true) => self.write(&Frame::Delivered { server_id }),
-                // Shown and not accepted yet: the app has it.
-                Some(false) => {}
-            },
+            } => {
+                // Client id 0: the sender spoke v1, the pair names nothing.
+                let origin = client_id.filter(|&c| c != 0).map(|c| (from, c));
+                let known = self.dedupe.seen.contains_key(&server_id);
+                match self.dedupe.check(server_id, origin) {
+                    None => self.events.push_back(Event::Message {
+                        server_id,
+                        from,
+                        server_time_ms,
+                        body,
+                    }),
+                    // Accepted before a drop: the server did not hear it.
+                    // Or a second copy under another server id: the app
+                    // has the message under the first.
+                    Some(accepted) if accepted || !known => {
+                        self.write(&Frame::Delivered { server_id })
+                    }
+                    // Shown and not accepted yet: the app has it.
+                    Some(_) => {}
+                }
+            }
             OwnedFrame::Receipt {
                 kind,
                 server_id,
@@ -706,13 +753,27 @@ mod tests {
     #[test]
     fn dedupe_remembers_a_bounded_window() {
         let mut d = Dedupe::new(2);
-        assert_eq!(d.check(10), None);
-        assert_eq!(d.check(10), Some(false));
+        assert_eq!(d.check(10, None), None);
+        assert_eq!(d.check(10, None), Some(false));
         d.accept(10);
-        assert_eq!(d.check(10), Some(true));
-        assert_eq!(d.check(11), None);
-        assert_eq!(d.check(12), None); // 10 leaves the window
-        assert_eq!(d.check(10), None);
+        assert_eq!(d.check(10, None), Some(true));
+        assert_eq!(d.check(11, None), None);
+        assert_eq!(d.check(12, None), None); // 10 leaves the window
+        assert_eq!(d.check(10, None), None);
+    }
+
+    #[test]
+    fn dedupe_by_sender_and_client_id() {
+        let mut d = Dedupe::new(2);
+        assert_eq!(d.check(10, Some((1, 77))), None);
+        // The same message under another server id.
+        assert_eq!(d.check(20, Some((1, 77))), Some(false));
+        d.accept(10);
+        assert_eq!(d.check(20, Some((1, 77))), Some(true));
+        // Another sender's 77 is another message.
+        assert_eq!(d.check(30, Some((2, 77))), None);
+        assert_eq!(d.check(40, None), None); // (1, 77) leaves the window
+        assert_eq!(d.check(50, Some((1, 77))), None);
     }
 
     #[test]

@@ -124,6 +124,7 @@ fn login_ok_keeps_frames_that_follow_in_the_same_read() {
                 server_id: 5,
                 from: 7,
                 server_time_ms: 1000,
+                client_id: None,
                 body: b"while you were away",
             },
         ]);
@@ -142,6 +143,7 @@ fn login_ok_keeps_frames_that_follow_in_the_same_read() {
             server_id: 5,
             from: 7,
             server_time_ms: 1000,
+            client_id: None,
             body: b"while you were away".to_vec(),
         }
     );
@@ -248,6 +250,7 @@ fn recv_until_returns_match_and_backlogs_the_rest_in_order() {
                 server_id: 1,
                 from: 7,
                 server_time_ms: 10,
+                client_id: None,
                 body: b"a",
             },
             Frame::Receipt {
@@ -387,6 +390,7 @@ fn partial_frame_survives_a_timeout() {
                 server_id: 77,
                 from: 1,
                 server_time_ms: 2,
+                client_id: None,
                 body: b"split across two writes",
             },
             &mut wire,

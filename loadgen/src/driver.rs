@@ -788,8 +788,10 @@ impl<E: Engine> Worker<E> {
                     );
                     self.wbuf.clear();
                     proto::encode(
+                        // Version 2: idempotent SEND, DELIVERs with the
+                        // sender's client id (the app filter below).
                         &Frame::Login {
-                            version: proto::VERSION,
+                            version: proto::VERSION_2,
                             token: token.as_bytes(),
                         },
                         &mut self.wbuf,
@@ -1001,6 +1003,7 @@ impl<E: Engine> Worker<E> {
             Frame::Deliver {
                 server_id,
                 from,
+                client_id,
                 body,
                 ..
             } => {
@@ -1008,7 +1011,7 @@ impl<E: Engine> Worker<E> {
                 self.wbuf.clear();
                 proto::encode(&Frame::Delivered { server_id }, &mut self.wbuf);
                 self.engine.send(l, &self.wbuf);
-                self.on_deliver(l, from, body, now);
+                self.on_deliver(l, from, (server_id, client_id), body, now);
                 // The queue at login is delivered first, in order, so the
                 // first `expected` DELIVERs (whatever they carry) are all of
                 // it; anything later was queued after the login.
@@ -1078,7 +1081,9 @@ impl<E: Engine> Worker<E> {
         record(&mut self.ivl.receipt, at_ns.saturating_sub(intended) / 1000);
     }
 
-    fn on_deliver(&mut self, l: u32, from: u64, body: &[u8], now: u64) {
+    /// A DELIVER of `body` from `from`; `ids`: its server id and, on a v2
+    /// connection, the sender's client id.
+    fn on_deliver(&mut self, l: u32, from: u64, ids: (u64, Option<u64>), body: &[u8], now: u64) {
         let Some(plan) = self.send_plan() else {
             self.shared.add(C::delivers_foreign, 1);
             return;
@@ -1100,13 +1105,23 @@ impl<E: Engine> Worker<E> {
             self.shared.add(C::delivers_foreign, 1);
             return;
         }
+        let (server_id, client_id) = ids;
+        let same_id = plan.ledger.same_server_id(n, server_id);
         match plan.ledger.delivered(n) {
             Delivery::First => {
                 let intended = plan.sched.intended_ns(n);
                 record(&mut self.ivl.deliver, now.saturating_sub(intended) / 1000);
                 self.order.observe(me, from, n);
             }
-            Delivery::Duplicate => self.shared.add(C::delivers_dup, 1),
+            Delivery::Duplicate => {
+                self.shared.add(C::delivers_dup, 1);
+                // An app drops a repeat of a server id it has seen, and
+                // (v2) of a (sender, client id) it has seen: each message
+                // here has one client id. What passes both, it shows twice.
+                if !same_id && client_id.is_none_or(|c| c == 0) {
+                    self.shared.add(C::delivers_dup_app, 1);
+                }
+            }
             Delivery::Unknown => self.shared.add(C::delivers_foreign, 1),
         }
     }

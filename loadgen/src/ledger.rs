@@ -14,7 +14,7 @@
 //! the recipient's worker counts deliveries.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// The send was attempted (a SEND frame went out).
 pub const SENT: u8 = 1 << 0;
@@ -36,6 +36,9 @@ pub struct Ledger {
     state: Box<[AtomicU8]>,
     /// Deliveries seen per message, saturating at 255.
     deliveries: Box<[AtomicU8]>,
+    /// The server id of each message's first delivery (0: none yet), for
+    /// the app's duplicate filter.
+    server_ids: Box<[AtomicU64]>,
 }
 
 /// What a delivery was.
@@ -91,6 +94,7 @@ impl Ledger {
         Ledger {
             state: (0..n).map(|_| AtomicU8::new(0)).collect(),
             deliveries: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            server_ids: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -128,6 +132,19 @@ impl Ledger {
             Delivery::First
         } else {
             Delivery::Duplicate
+        }
+    }
+
+    /// Records `server_id` as message `n`'s if it is the first one seen;
+    /// returns whether `server_id` is the first one (an app that filters
+    /// by server id drops the repeat).
+    pub fn same_server_id(&self, n: u64, server_id: u64) -> bool {
+        let Some(s) = self.server_ids.get(n as usize) else {
+            return false;
+        };
+        match s.compare_exchange(0, server_id, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => true,
+            Err(first) => first == server_id,
         }
     }
 

@@ -45,6 +45,7 @@ counters! {
     send_errors: "ERROR frames answering a SEND.",
     delivers: "DELIVER frames received (duplicates included).",
     delivers_dup: "DELIVERs of a message already delivered.",
+    delivers_dup_app: "Duplicates seen by the app: DELIVERs of a message already delivered that an app's filters let through (a new server id, and no client id: a v1 DELIVER).",
     delivers_foreign: "DELIVERs whose body is not from this run.",
     out_of_order: "First deliveries that came after a later message of the same sender.",
     receipts: "Delivered RECEIPTs matched to a message.",

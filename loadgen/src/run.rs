@@ -567,7 +567,8 @@ impl Finished {
         if let Some((t, drain)) = messages {
             println!(
                 "messages: scheduled {} sent {} skipped {} acked {} refused {} unanswered {} | \
-                 delivered {} (late {}) lost {} duplicates {} out-of-order {ooo} | receipts {}",
+                 delivered {} (late {}) lost {} duplicates {} (seen by the app {}) \
+                 out-of-order {ooo} | receipts {}",
                 t.scheduled,
                 t.sent,
                 t.skipped,
@@ -578,6 +579,7 @@ impl Finished {
                 t.late,
                 t.lost,
                 t.duplicates,
+                s.get(C::delivers_dup_app),
                 t.receipted,
             );
             if t.not_delivered_within_drain() > 0 {
@@ -690,6 +692,7 @@ impl Finished {
                     "not_delivered_within_drain": t.not_delivered_within_drain(),
                     "drain_s": drain.as_secs_f64(),
                     "duplicates": t.duplicates,
+                    "duplicates_seen_by_app": s.get(C::delivers_dup_app),
                     "out_of_order": ooo, "foreign": foreign,
                     "delivered_before_ack": t.delivered_unacked, "receipted": t.receipted,
                     "order_pairs_checked": self.order_pairs,

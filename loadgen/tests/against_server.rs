@@ -150,6 +150,7 @@ fn chat_loses_nothing() {
         assert_eq!(u(&r, &["messages", "receipted"]), scheduled);
         assert_eq!(u(&r, &["messages", "lost"]), 0);
         assert_eq!(u(&r, &["messages", "duplicates"]), 0);
+        assert_eq!(u(&r, &["messages", "duplicates_seen_by_app"]), 0);
         assert_eq!(u(&r, &["messages", "out_of_order"]), 0);
         assert_eq!(u(&r, &["messages", "foreign"]), 0);
         for h in ["ack", "deliver", "receipt"] {
@@ -554,6 +555,7 @@ fn fake_conn(
                                 server_id: *server_id,
                                 from: *from,
                                 server_time_ms: 0,
+                                client_id: None,
                                 body,
                             },
                             &mut out,

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use crate::io::ConnId;
 use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, Msg};
-use crate::store::{PushError, Stored};
+use crate::store::{Origin, PushError, Stored};
 
+use super::dedupe::deliver_client_id;
 use super::users::PendingReceipt;
 use super::{Action, Env, Flow, Now, Sessions};
 
@@ -60,6 +61,11 @@ impl Sessions {
             return Flow::Blocked;
         }
         let s = &self.slots[conn.index()];
+        // Devices come later: every v2 sender is device 0 for now.
+        let origin = (s.version >= proto::VERSION_2).then_some(Origin {
+            device: 0,
+            client_id,
+        });
         let msg = Msg::Send {
             from: s.user,
             reply: ConnRef {
@@ -68,6 +74,7 @@ impl Sessions {
                 gen: s.gen,
             },
             client_id,
+            origin,
             to,
             body: body.into(),
         };
@@ -124,12 +131,17 @@ impl Sessions {
             }
             return;
         };
+        let version = self
+            .users
+            .conn_of(user)
+            .map_or(0, |c| self.slots[c.index()].version);
         if let Some(on) = self.users.get_mut(user) {
             if server_id <= on.sent_upto {
                 let frame = Frame::Deliver {
                     server_id,
                     from: msg.from,
                     server_time_ms: msg.time_ms,
+                    client_id: deliver_client_id(version, &msg),
                     body: &msg.body,
                 };
                 on.inflight = on.inflight.saturating_sub(1);
@@ -175,6 +187,7 @@ impl Sessions {
         };
         let written = written.unwrap_or_else(|| self.written(conn));
         let pending = env.out_pending(conn) + written;
+        let version = self.slots[conn.index()].version;
         let Some(on) = self.users.get_mut(user) else {
             return;
         };
@@ -189,6 +202,7 @@ impl Sessions {
                 server_id: m.server_id,
                 from: m.from,
                 server_time_ms: m.time_ms,
+                client_id: deliver_client_id(version, m),
                 body: &m.body,
             };
             let len = proto::encoded_len(&frame);
@@ -243,15 +257,23 @@ impl Sessions {
                 from,
                 reply,
                 client_id,
+                origin,
                 to,
                 body,
             } => {
+                if let Some(answer) = self.retry_answer(from, reply, origin) {
+                    // Behind the answers before it, and after the commit
+                    // of the first copy if that is still staged.
+                    self.replies.push((reply.shard as usize, answer));
+                    return;
+                }
                 let server_id = (self.next_seq << 10) | self.id as u64;
                 let time_ms = now.unix_ms;
                 let stored = Stored {
                     server_id,
                     from,
                     time_ms,
+                    origin,
                     body,
                 };
                 let answer = match self.store.push(to, stored) {
@@ -315,6 +337,10 @@ impl Sessions {
                         ErrorCode::StorageFull => "server storage is full, retry later",
                         ErrorCode::Internal => {
                             "the recipient's shard restarted before storing it, resend"
+                        }
+                        ErrorCode::StaleClientId => {
+                            "client_id is below this sender's dedupe window (32 below the \
+                             highest taken): not taken; client_ids must increase"
                         }
                         _ => "message refused",
                     };

@@ -57,6 +57,8 @@ pub enum Event<'a> {
         conn: ConnId,
         /// The user its token proved.
         user: u64,
+        /// The protocol version its LOGIN asked for (1 or 2).
+        version: u8,
     },
     /// Bytes arrived for `conn` (before they are decoded): marks activity.
     /// [`Flow::Stop`] means drop them (the connection is closing or gone).
@@ -138,6 +140,8 @@ pub enum Action {
         conn: ConnId,
         /// The user.
         user: u64,
+        /// The protocol version its LOGIN asked for.
+        version: u8,
         /// The user's home shard.
         home: usize,
     },

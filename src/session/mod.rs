@@ -28,6 +28,7 @@ use crate::store::Store;
 use crate::timer::{self, Entry, Tick};
 use crate::token;
 
+mod dedupe;
 mod deliver;
 mod event;
 mod guard;
@@ -91,6 +92,9 @@ struct Slot {
     /// Logged-in user, 0 before LOGIN.
     user: u64,
     state: State,
+    /// Protocol version of its LOGIN (0 before LOGIN): 2 makes its SENDs
+    /// idempotent and its DELIVERs carry the sender's client_id.
+    version: u8,
 }
 
 /// The session layer of one shard: every connection's protocol state, the
@@ -180,12 +184,16 @@ impl Sessions {
                 self.open(now, conn);
                 Flow::Next
             }
-            Event::HandedOver { conn, user } => {
+            Event::HandedOver {
+                conn,
+                user,
+                version,
+            } => {
                 if self.state(conn) != State::Login {
                     debug_assert!(false, "handoff into slot {} not just opened", conn.0);
                     return Flow::Stop;
                 }
-                self.install(now, env, conn, user);
+                self.install(now, env, conn, user, version);
                 Flow::Next
             }
             Event::Received(conn) => self.on_received(now, conn),
@@ -399,6 +407,7 @@ impl Sessions {
             state: State::Login,
             last_rx: now.tick,
             user: 0,
+            version: 0,
         };
         // The one timer entry must fire by whichever deadline can come
         // first: the login deadline now, or the idle deadline if the LOGIN
@@ -510,11 +519,12 @@ impl Sessions {
         token: &[u8],
         rest: &[u8],
     ) -> Flow {
-        if version != proto::VERSION {
+        if !(proto::VERSION..=proto::VERSION_MAX).contains(&version) {
             self.stats.logins_failed.inc();
             let text = format!(
-                "protocol version {version} not supported, this server speaks {}",
-                proto::VERSION
+                "protocol version {version} not supported, this server speaks {} to {}",
+                proto::VERSION,
+                proto::VERSION_MAX
             );
             self.login_err(now, conn, ErrorCode::BadVersion, &text);
             return Flow::Stop;
@@ -549,7 +559,7 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            self.install(now, env, conn, user);
+            self.install(now, env, conn, user, version);
             if !rest.is_empty() {
                 // What followed the LOGIN is the logged-in session's input.
                 self.slots[conn.index()].last_rx = now.tick;
@@ -560,12 +570,17 @@ impl Sessions {
         self.slots[conn.index()] = Slot::default();
         self.stats.conns.sub(1);
         self.stats.handoffs_out.inc();
-        self.actions.push(Action::Handoff { conn, user, home });
+        self.actions.push(Action::Handoff {
+            conn,
+            user,
+            version,
+            home,
+        });
         Flow::Stop
     }
 
     /// Makes `conn` the session of `user` on this, its home shard.
-    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, user: u64) {
+    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, user: u64, version: u8) {
         if let Some(old) = self.users.conn_of(user) {
             self.write(
                 old,
@@ -580,6 +595,7 @@ impl Sessions {
         let s = &mut self.slots[conn.index()];
         s.user = user;
         s.state = State::Active;
+        s.version = version;
         self.users.go_online(user, conn);
         self.stats.users_online.set(self.users.len() as u64);
         let offline_count = self.store.len(user) as u64;

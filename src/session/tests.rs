@@ -8,6 +8,8 @@
 
 use std::cell::Cell;
 
+mod dedupe;
+
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
 use crate::shard::ConnRef;
@@ -234,9 +236,10 @@ fn login_answers_login_ok_and_marks_the_user_online() {
 #[test]
 fn bad_tokens_and_versions_are_refused_and_close() {
     let mut h = Harness::one();
-    let cases: [(&[u8], u8, ErrorCode); 3] = [
+    let cases: [(&[u8], u8, ErrorCode); 4] = [
         (b"v1.7.99.forged", proto::VERSION, ErrorCode::BadToken),
-        (b"whatever", proto::VERSION + 1, ErrorCode::BadVersion),
+        (b"whatever", proto::VERSION_MAX + 1, ErrorCode::BadVersion),
+        (b"whatever", 0, ErrorCode::BadVersion),
         (b"", proto::VERSION, ErrorCode::BadToken),
     ];
     for (i, (token, version, code)) in cases.into_iter().enumerate() {
@@ -272,7 +275,7 @@ fn bad_tokens_and_versions_are_refused_and_close() {
         ),
         "{out:?}"
     );
-    assert_eq!(h.s.stats.logins_failed.get(), 4);
+    assert_eq!(h.s.stats.logins_failed.get(), 5);
     assert_eq!(h.s.users_online(), 0);
 }
 
@@ -650,7 +653,7 @@ fn a_login_for_another_home_hands_the_connection_off() {
     );
     assert_eq!(out.flow, Some(Flow::Stop));
     assert!(
-        matches!(out.others[..], [Action::Handoff { conn: A, user: u, home: 1 }] if u == user),
+        matches!(out.others[..], [Action::Handoff { conn: A, user: u, home: 1, .. }] if u == user),
         "{out:?}"
     );
     assert_eq!(h.s.state(A), State::Free);
@@ -723,6 +726,7 @@ fn a_send_from_another_shard_is_acked_there_after_the_commit() {
             from: 99,
             reply,
             client_id,
+            origin: None,
             to,
             body: b"b".to_vec().into(),
         })

@@ -375,7 +375,14 @@ impl Shard {
     /// Moves `conn` to shard `home`, where `user` lives, with `leftover`
     /// (the input after its LOGIN frame). The session layer already freed
     /// its session slot.
-    pub(super) fn hand_off(&mut self, conn: ConnId, user: u64, home: usize, leftover: &[u8]) {
+    pub(super) fn hand_off(
+        &mut self,
+        conn: ConnId,
+        user: u64,
+        version: u8,
+        home: usize,
+        leftover: &[u8],
+    ) {
         let leftover = leftover.to_vec();
         let mut slot = std::mem::take(&mut self.conns.slots[conn.index()]);
         // TLS records (session tickets) may wait to be sent; frames may not.
@@ -396,6 +403,7 @@ impl Shard {
                 Msg::Handoff {
                     conn: detached,
                     user,
+                    version,
                     leftover,
                     tls,
                     out,

@@ -453,9 +453,14 @@ impl Shard {
             match action {
                 Action::Write { conn, bytes } => self.write_bytes(conn, &wire[bytes]),
                 Action::Route { dst, msg } => self.outboxes.push(dst, msg),
-                Action::Handoff { conn, user, home } => {
+                Action::Handoff {
+                    conn,
+                    user,
+                    version,
+                    home,
+                } => {
                     self.pending_end(conn);
-                    self.hand_off(conn, user, home, rest)
+                    self.hand_off(conn, user, version, home, rest)
                 }
                 Action::Arm { entry, deadline } => self.wheel.insert(entry, deadline),
                 Action::Established(conn) => {
@@ -583,6 +588,7 @@ impl Shard {
         let Msg::Handoff {
             conn,
             user,
+            version,
             leftover,
             tls,
             out,
@@ -599,7 +605,11 @@ impl Shard {
                     self.write_records(id, &out);
                 }
                 self.guarded(id, |shard| {
-                    shard.event(Event::HandedOver { conn: id, user });
+                    shard.event(Event::HandedOver {
+                        conn: id,
+                        user,
+                        version,
+                    });
                     if !leftover.is_empty() {
                         shard.on_bytes(id, &leftover);
                     }

@@ -10,6 +10,7 @@ use crate::io::{ConnId, Detached};
 use crate::proto::{ErrorCode, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::ShardStats;
+use crate::store::Origin;
 use crate::supervisor::ShardState;
 use crate::tls::TlsConn;
 
@@ -44,6 +45,8 @@ pub enum Msg {
         conn: Detached,
         /// The user its token proved.
         user: u64,
+        /// The protocol version its LOGIN asked for.
+        version: u8,
         /// Input after the LOGIN frame, not yet decoded.
         leftover: Vec<u8>,
         /// TLS connections: their TLS state.
@@ -60,6 +63,9 @@ pub enum Msg {
         reply: ConnRef,
         /// The sender's id for the message.
         client_id: u64,
+        /// The sender spoke protocol v2: the SEND is idempotent per
+        /// (sender, device, client_id); `None` for v1.
+        origin: Option<Origin>,
         /// Recipient's user id.
         to: u64,
         /// Message body.

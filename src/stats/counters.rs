@@ -179,6 +179,10 @@ shard_stats! {
         Counter restarts,
         /// Messages refused because the recipient's queue was full.
         Counter queue_full,
+        /// Protocol v2 SENDs that were retries of a SEND already taken: answered with the original ACK, not stored again.
+        Counter sends_deduped,
+        /// Protocol v2 SENDs refused with stale_client_id (client_id below the sender's window).
+        Counter stale_client_ids,
         /// Pushes that found a cross-shard ring full (back-pressure).
         Counter ring_full,
         /// Logged-in connections moved here from the shard that accepted them.

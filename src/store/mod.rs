@@ -36,9 +36,22 @@ pub mod log;
 // Crate-visible for the fuzzing oracles (src/fuzzing.rs).
 pub(crate) mod record;
 pub(crate) mod segment;
+pub mod window;
 
 pub use self::log::{shard_dir, Durability, LogOptions, LogStore, Recovery, Skipped, StoreError};
 pub use self::record::BODY_BYTES_MAX;
+pub use self::window::{Seen, WINDOW};
+use self::window::{Taken, Windows};
+
+/// Where a protocol v2 SEND came from, besides its sender: the key of
+/// idempotent SEND (see [`window`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// The sender's device; 0 until devices exist.
+    pub device: u32,
+    /// The sender's id for the message, increasing per sender device.
+    pub client_id: u64,
+}
 
 /// A message held for its recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +62,10 @@ pub struct Stored {
     pub from: u64,
     /// When the server accepted it, milliseconds since the Unix epoch.
     pub time_ms: u64,
+    /// For a protocol v2 sender: its device and client_id (DELIVER v2
+    /// carries the client_id; the store's dedupe window keeps the pair).
+    /// `None` for a v1 sender.
+    pub origin: Option<Origin>,
     /// The opaque message body.
     pub body: Box<[u8]>,
 }
@@ -98,8 +115,14 @@ pub struct Space {
 pub trait Store {
     /// Appends `msg` to `user`'s queue and stages it for the next
     /// [`commit`](Store::commit). Hands it back when the queue is full or the
-    /// disk budget is spent. Ids must increase within a queue.
+    /// disk budget is spent. Ids must increase within a queue. A message
+    /// with an [`Origin`] also enters its sender's dedupe window (the
+    /// caller asked [`seen`](Store::seen) first and got [`Seen::New`]);
+    /// the window outlives the message, durably.
     fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError>;
+    /// Whether `from`'s v2 SEND `origin` was taken already (staged pushes
+    /// included: a retry that overtakes the commit sees its first copy).
+    fn seen(&self, from: u64, origin: Origin) -> Seen;
     /// Removes the message `server_id` from `user`'s queue (DELIVERED) and
     /// stages the removal.
     fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored>;
@@ -131,6 +154,7 @@ pub trait Store {
 /// In-memory queues. A user with an empty queue has no entry at all.
 pub struct MemStore {
     queues: HashMap<u64, VecDeque<Stored>>,
+    windows: Windows<()>,
     len_max: usize,
     total: usize,
     /// Highest id pushed so far; 0 = none.
@@ -143,6 +167,7 @@ impl MemStore {
         assert!(len_max >= 1);
         MemStore {
             queues: HashMap::new(),
+            windows: Windows::default(),
             len_max,
             total: 0,
             server_id_max: 0,
@@ -161,9 +186,23 @@ impl Store for MemStore {
             .back()
             .is_none_or(|last| last.server_id < msg.server_id));
         self.server_id_max = self.server_id_max.max(msg.server_id);
+        if let Some(origin) = msg.origin {
+            let taken = Taken {
+                client_id: origin.client_id,
+                server_id: msg.server_id,
+                time_ms: msg.time_ms,
+                loc: (),
+            };
+            self.windows.insert(msg.from, origin, taken);
+            self.windows.prune(msg.from, origin.device, |_| {});
+        }
         queue.push_back(msg);
         self.total += 1;
         Ok(())
+    }
+
+    fn seen(&self, from: u64, origin: Origin) -> Seen {
+        self.windows.seen(from, origin)
     }
 
     fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored> {
@@ -217,6 +256,7 @@ mod tests {
             server_id: id,
             from: 9,
             time_ms: 0,
+            origin: None,
             body: Box::new([id as u8]),
         }
     }

@@ -4,9 +4,10 @@
 //! offset  size  field
 //!      0     4  len      u32 LE: bytes from `kind` to the end of the record
 //!      4     4  crc      u32 LE: crc32c (Castagnoli) of those `len` bytes
-//!      8     1  kind     1 = Queued, 2 = Delivered (0 is never valid, so
+//!      8     1  kind     1 = Queued, 2 = Delivered, 3 = Queued with its
+//!                        origin, 4 = Taken (0 is never valid, so
 //!                        zero-filled space never parses)
-//! Queued (kind 1), len = 33 + body length:
+//! Queued (kind 1, a protocol v1 sender), len = 33 + body length:
 //!      9     8  user       recipient's user id
 //!     17     8  server_id
 //!     25     8  from       sender's user id
@@ -15,12 +16,30 @@
 //! Delivered (kind 2, the tombstone of a Queued record), len = 17:
 //!      9     8  user
 //!     17     8  server_id
+//! Queued with its origin (kind 3, a protocol v2 sender), len = 45 + body:
+//!      9    32  user, server_id, from, time_ms, as in kind 1
+//!     41     4  device     the sender's device (0 until devices exist)
+//!     45     8  client_id  the sender's id for the message
+//!     53     …  body
+//! Taken (kind 4: a v2 SEND taken, whose message is gone but whose
+//! client_id is still in its sender's dedupe window), len = 37:
+//!      9     8  from
+//!     17     4  device
+//!     21     8  client_id
+//!     29     8  server_id
+//!     37     8  time_ms
 //! ```
+//!
+//! Kinds 1 and 2 are the whole of format version 1; kinds 3 and 4 came with
+//! idempotent SEND (protocol v2). A log written before them has none and
+//! opens as it is; a v1 message keeps its kind 1 record.
 //!
 //! All integers are little-endian and fixed-width. The length is checked
 //! against [`PAYLOAD_BYTES_MAX`] before anything looks at the payload, and
 //! [`decode`] keeps "not all bytes here yet" ([`Decoded::Incomplete`]) apart
 //! from "these bytes are wrong" ([`Decoded::Malformed`]).
+
+use super::Origin;
 
 /// Bytes before the payload: `len` and `crc`.
 pub(crate) const HEADER_BYTES: usize = 8;
@@ -28,32 +47,50 @@ pub(crate) const HEADER_BYTES: usize = 8;
 pub(crate) const QUEUED_FIXED_BYTES: usize = 1 + 4 * 8;
 /// Payload bytes of a Delivered record.
 pub(crate) const DELIVERED_BYTES: usize = 1 + 2 * 8;
+/// Payload bytes of a Queued record with its origin, besides its body.
+pub(crate) const QUEUED_ORIGIN_FIXED_BYTES: usize = QUEUED_FIXED_BYTES + 4 + 8;
+/// Payload bytes of a Taken record.
+pub(crate) const TAKEN_BYTES: usize = 1 + 8 + 4 + 3 * 8;
 /// Largest body a record holds: 16 MiB, the largest `frame_bytes_max` the
 /// config accepts, so any body the protocol lets in fits.
 pub const BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Largest `len` a valid record has.
-pub(crate) const PAYLOAD_BYTES_MAX: usize = QUEUED_FIXED_BYTES + BODY_BYTES_MAX;
+pub(crate) const PAYLOAD_BYTES_MAX: usize = QUEUED_ORIGIN_FIXED_BYTES + BODY_BYTES_MAX;
 
 const KIND_QUEUED: u8 = 1;
 const KIND_DELIVERED: u8 = 2;
+const KIND_QUEUED_ORIGIN: u8 = 3;
+const KIND_TAKEN: u8 = 4;
 
 // The header's u32 length must be able to express every valid payload.
 const _: () = assert!(PAYLOAD_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(DELIVERED_BYTES < QUEUED_FIXED_BYTES);
+// The smallest payload bounds the length check in `decode`; a Taken record
+// is never longer than the Queued record (with origin) it may stand in for.
+const _: () = assert!(DELIVERED_BYTES < TAKEN_BYTES && TAKEN_BYTES <= QUEUED_ORIGIN_FIXED_BYTES);
 
 /// One log record, borrowing its body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Record<'a> {
-    /// `server_id` was queued for `user`.
+    /// `server_id` was queued for `user`; `origin` for a v2 sender.
     Queued {
         user: u64,
         server_id: u64,
         from: u64,
         time_ms: u64,
+        origin: Option<Origin>,
         body: &'a [u8],
     },
     /// `server_id` was delivered to `user` (or otherwise removed).
     Delivered { user: u64, server_id: u64 },
+    /// `from`'s SEND `origin` was taken as `server_id` at `time_ms`: a
+    /// dedupe window entry that outlived its message.
+    Taken {
+        from: u64,
+        origin: Origin,
+        server_id: u64,
+        time_ms: u64,
+    },
 }
 
 /// What [`decode`] found at the start of a buffer.
@@ -73,16 +110,35 @@ impl Record<'_> {
         HEADER_BYTES + QUEUED_FIXED_BYTES + body_len
     }
 
+    /// Encoded size of a Queued record with an origin and a `body_len`-byte
+    /// body.
+    pub(crate) const fn queued_origin_bytes(body_len: usize) -> usize {
+        HEADER_BYTES + QUEUED_ORIGIN_FIXED_BYTES + body_len
+    }
+
     /// Encoded size of a Delivered record.
     pub(crate) const fn delivered_bytes() -> usize {
         HEADER_BYTES + DELIVERED_BYTES
     }
 
+    /// Encoded size of a Taken record.
+    pub(crate) const fn taken_bytes() -> usize {
+        HEADER_BYTES + TAKEN_BYTES
+    }
+
     /// Encoded size, header included.
     pub(crate) fn encoded_len(&self) -> usize {
         match self {
-            Record::Queued { body, .. } => Self::queued_bytes(body.len()),
+            Record::Queued {
+                origin: None, body, ..
+            } => Self::queued_bytes(body.len()),
+            Record::Queued {
+                origin: Some(_),
+                body,
+                ..
+            } => Self::queued_origin_bytes(body.len()),
             Record::Delivered { .. } => Self::delivered_bytes(),
+            Record::Taken { .. } => Self::taken_bytes(),
         }
     }
 
@@ -91,7 +147,7 @@ impl Record<'_> {
     pub(crate) fn is_valid(&self) -> bool {
         match self {
             Record::Queued { body, .. } => body.len() <= BODY_BYTES_MAX,
-            Record::Delivered { .. } => true,
+            Record::Delivered { .. } | Record::Taken { .. } => true,
         }
     }
 
@@ -108,19 +164,41 @@ impl Record<'_> {
                 server_id,
                 from,
                 time_ms,
+                origin,
                 body,
             } => {
-                out.push(KIND_QUEUED);
+                out.push(if origin.is_some() {
+                    KIND_QUEUED_ORIGIN
+                } else {
+                    KIND_QUEUED
+                });
                 out.extend_from_slice(&user.to_le_bytes());
                 out.extend_from_slice(&server_id.to_le_bytes());
                 out.extend_from_slice(&from.to_le_bytes());
                 out.extend_from_slice(&time_ms.to_le_bytes());
+                if let Some(o) = origin {
+                    out.extend_from_slice(&o.device.to_le_bytes());
+                    out.extend_from_slice(&o.client_id.to_le_bytes());
+                }
                 out.extend_from_slice(body);
             }
             Record::Delivered { user, server_id } => {
                 out.push(KIND_DELIVERED);
                 out.extend_from_slice(&user.to_le_bytes());
                 out.extend_from_slice(&server_id.to_le_bytes());
+            }
+            Record::Taken {
+                from,
+                origin,
+                server_id,
+                time_ms,
+            } => {
+                out.push(KIND_TAKEN);
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&origin.device.to_le_bytes());
+                out.extend_from_slice(&origin.client_id.to_le_bytes());
+                out.extend_from_slice(&server_id.to_le_bytes());
+                out.extend_from_slice(&time_ms.to_le_bytes());
             }
         }
         let crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
@@ -170,7 +248,38 @@ pub(crate) fn decode(buf: &[u8]) -> Decoded<'_> {
                 server_id: u64_at(payload, 9),
                 from: u64_at(payload, 17),
                 time_ms: u64_at(payload, 25),
+                origin: None,
                 body: &payload[QUEUED_FIXED_BYTES..],
+            }
+        }
+        KIND_QUEUED_ORIGIN => {
+            if len < QUEUED_ORIGIN_FIXED_BYTES {
+                return Decoded::Malformed("queued record shorter than its fields");
+            }
+            Record::Queued {
+                user: u64_at(payload, 1),
+                server_id: u64_at(payload, 9),
+                from: u64_at(payload, 17),
+                time_ms: u64_at(payload, 25),
+                origin: Some(Origin {
+                    device: u32_at(payload, 33),
+                    client_id: u64_at(payload, 37),
+                }),
+                body: &payload[QUEUED_ORIGIN_FIXED_BYTES..],
+            }
+        }
+        KIND_TAKEN => {
+            if len != TAKEN_BYTES {
+                return Decoded::Malformed("taken record of the wrong length");
+            }
+            Record::Taken {
+                from: u64_at(payload, 1),
+                origin: Origin {
+                    device: u32_at(payload, 9),
+                    client_id: u64_at(payload, 13),
+                },
+                server_id: u64_at(payload, 21),
+                time_ms: u64_at(payload, 29),
             }
         }
         KIND_DELIVERED => {
@@ -194,7 +303,7 @@ mod tests {
 
     fn arb_record() -> impl Strategy<Value = (u8, u64, u64, u64, u64, Vec<u8>)> {
         (
-            0u8..2,
+            0u8..4,
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
@@ -205,19 +314,30 @@ mod tests {
 
     fn make(t: &(u8, u64, u64, u64, u64, Vec<u8>)) -> Record<'_> {
         let (kind, user, server_id, from, time_ms, body) = t;
-        if *kind == 0 {
-            Record::Queued {
+        // The record's own fields stand in for the origin's.
+        let origin = Origin {
+            device: *from as u32,
+            client_id: time_ms.rotate_left(7),
+        };
+        match kind {
+            0 | 2 => Record::Queued {
                 user: *user,
                 server_id: *server_id,
                 from: *from,
                 time_ms: *time_ms,
+                origin: (*kind == 2).then_some(origin),
                 body,
-            }
-        } else {
-            Record::Delivered {
+            },
+            1 => Record::Delivered {
                 user: *user,
                 server_id: *server_id,
-            }
+            },
+            _ => Record::Taken {
+                from: *user,
+                origin,
+                server_id: *server_id,
+                time_ms: *time_ms,
+            },
         }
     }
 
@@ -297,7 +417,7 @@ mod tests {
             Decoded::Malformed("unknown record kind")
         );
         assert_eq!(
-            decode(&with(9, 20)),
+            decode(&with(5, 20)),
             Decoded::Malformed("unknown record kind")
         );
         assert_eq!(
@@ -317,6 +437,29 @@ mod tests {
             decode(&with(KIND_DELIVERED, DELIVERED_BYTES)),
             Decoded::Record(Record::Delivered { .. }, 25)
         ));
+        assert_eq!(
+            decode(&with(KIND_QUEUED_ORIGIN, QUEUED_ORIGIN_FIXED_BYTES - 1)),
+            Decoded::Malformed("queued record shorter than its fields")
+        );
+        assert!(matches!(
+            decode(&with(KIND_QUEUED_ORIGIN, QUEUED_ORIGIN_FIXED_BYTES)),
+            Decoded::Record(
+                Record::Queued {
+                    origin: Some(_),
+                    body: [],
+                    ..
+                },
+                53
+            )
+        ));
+        assert_eq!(
+            decode(&with(KIND_TAKEN, TAKEN_BYTES + 1)),
+            Decoded::Malformed("taken record of the wrong length")
+        );
+        assert!(matches!(
+            decode(&with(KIND_TAKEN, TAKEN_BYTES)),
+            Decoded::Record(Record::Taken { .. }, 45)
+        ));
     }
 
     #[test]
@@ -327,6 +470,10 @@ mod tests {
             server_id: u64::MAX,
             from: 0,
             time_ms: 1,
+            origin: Some(Origin {
+                device: u32::MAX,
+                client_id: u64::MAX,
+            }),
             body: &body,
         };
         let mut buf = Vec::new();

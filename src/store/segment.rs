@@ -122,6 +122,7 @@ mod tests {
             server_id: id,
             from: 2,
             time_ms: 3,
+            origin: None,
             body,
         }
     }

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod cut;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -319,6 +320,7 @@ pub fn recv_deliver(client: &mut Client) -> Delivered {
             from,
             server_time_ms,
             body,
+            ..
         }) => Delivered {
             server_id,
             from,

@@ -34,6 +34,7 @@ fn recovery_time_per_gib() {
                 server_id: id << 10,
                 from: id % 1000,
                 time_ms: 1_700_000_000_000 + id,
+                origin: None,
                 body: vec![(id % 251) as u8; 200].into(),
             };
             s.push(id % users, msg).unwrap();

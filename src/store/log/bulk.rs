@@ -1,8 +1,12 @@
 //! What offline tools (`tern store reshard`) need from a [`LogStore`] beyond
-//! the [`Store`](crate::store::Store) trait: reading every queued message,
-//! and continuing the id sequence after ids handed out elsewhere.
+//! the [`Store`](crate::store::Store) trait: reading every queued message
+//! and every dedupe window entry that outlived its message, and continuing
+//! the id sequence after ids handed out elsewhere.
 
-use super::{LogStore, Stored};
+use super::{Loc, LogStore, Origin, Staged, Stored, Taken, WLoc, TAKEN_BYTES};
+
+/// A protocol v2 SEND taken: sender, origin, server id, time (ms).
+pub type TakenSend = (u64, Origin, u64, u64);
 
 impl LogStore {
     /// Every queued message (staged pushes included) with its recipient:
@@ -12,6 +16,38 @@ impl LogStore {
         self.queues
             .iter()
             .flat_map(|(&user, queue)| queue.iter().map(move |entry| (user, &entry.msg)))
+    }
+
+    /// The dedupe window entries whose message is gone (those of queued
+    /// messages come with [`queued`](LogStore::queued)).
+    pub fn taken(&self) -> impl Iterator<Item = TakenSend> + '_ {
+        self.windows
+            .iter()
+            .filter(|(_, _, t)| t.loc.orphan)
+            .map(|(from, origin, t)| (from, origin, t.server_id, t.time_ms))
+    }
+
+    /// Stages a window entry for a SEND taken in another log (a reshard
+    /// moves windows with the messages), written as a `Taken` record by the
+    /// next commit. An entry the window has already is kept as it is.
+    pub fn keep_taken(&mut self, (from, origin, server_id, time_ms): TakenSend) {
+        if self.windows.get(from, origin).is_some() {
+            return;
+        }
+        let at = u32::try_from(self.staged.len()).expect("a batch under 2^32 records");
+        let taken = Taken {
+            client_id: origin.client_id,
+            server_id,
+            time_ms,
+            loc: WLoc {
+                loc: Loc::Staged(at),
+                orphan: true,
+            },
+        };
+        self.windows.insert(from, origin, taken);
+        self.staged.push(Staged::Taken { from, origin });
+        self.staged_records += 1;
+        self.staged_bytes += TAKEN_BYTES;
     }
 
     /// Makes [`max_server_id`](crate::store::Store::max_server_id) at least
@@ -37,6 +73,7 @@ mod tests {
             server_id,
             from: 7,
             time_ms: 1000 + server_id,
+            origin: None,
             body: vec![server_id as u8; 3].into(),
         }
     }
@@ -72,6 +109,43 @@ mod tests {
             ]
         );
         assert!(log.queued().all(|(_, m)| *m == msg(m.server_id)));
+    }
+
+    #[test]
+    fn taken_entries_move_to_another_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut log, _) = LogStore::open(tmp.path().join("a"), LogOptions::default()).unwrap();
+        let origin = Origin {
+            device: 0,
+            client_id: 5,
+        };
+        log.push(
+            1,
+            Stored {
+                origin: Some(origin),
+                ..msg(1024)
+            },
+        )
+        .unwrap();
+        log.commit(&mut Vec::new()).unwrap();
+        assert_eq!(log.taken().count(), 0, "its message is queued");
+        log.remove(1, 1024).unwrap();
+        log.commit(&mut Vec::new()).unwrap();
+        let taken: Vec<TakenSend> = log.taken().collect();
+        assert_eq!(taken, [(7, origin, 1024, 2024)]);
+        let (mut other, _) = LogStore::open(tmp.path().join("b"), LogOptions::default()).unwrap();
+        other.keep_taken(taken[0]);
+        other.keep_taken(taken[0]);
+        other.commit(&mut Vec::new()).unwrap();
+        drop(other);
+        let (other, _) = LogStore::open(tmp.path().join("b"), LogOptions::default()).unwrap();
+        assert_eq!(
+            other.seen(7, origin),
+            crate::store::Seen::Taken {
+                server_id: 1024,
+                time_ms: 2024
+            }
+        );
     }
 
     #[test]

@@ -48,6 +48,13 @@ impl LogStore {
                 Staged::Delivered {
                     user, server_id, ..
                 } => Record::Delivered { user, server_id }.encode(&mut self.buf),
+                Staged::Taken { from, origin } => {
+                    let t = self
+                        .windows
+                        .get_mut(from, origin)
+                        .expect("a staged window entry is in its window");
+                    taken_record(from, origin, t).encode(&mut self.buf);
+                }
                 Staged::Cancelled => {}
             }
         }
@@ -107,9 +114,10 @@ impl LogStore {
     /// Takes the pushes of the batch that found the disk full back out of
     /// their queues (their ids go to `refused`), keeps its tombstones staged
     /// for the next commit and drops its compaction copies.
-    fn roll_back(&mut self, refused: &mut Vec<u64>, cause: &StoreError) {
+    pub(super) fn roll_back(&mut self, refused: &mut Vec<u64>, cause: &StoreError) {
         self.rollbacks += 1;
         let before = refused.len();
+        self.staged_bytes = 0;
         for staged in std::mem::take(&mut self.staged) {
             match staged {
                 Staged::Queued { user, server_id } => {
@@ -117,19 +125,36 @@ impl LogStore {
                     let at = find(queue, server_id).expect("a staged push is queued");
                     let entry = queue.remove(at).expect("found");
                     debug_assert!(matches!(entry.loc, Loc::Staged(_)));
+                    if let Some(origin) = entry.msg.origin {
+                        // Not taken after all: a retry is new again.
+                        let t = self.windows.remove(entry.msg.from, origin);
+                        debug_assert!(t.is_some_and(|t| t.loc.loc == entry.loc));
+                    }
                     if queue.is_empty() {
                         self.queues.remove(&user);
                     }
                     self.total -= 1;
                     refused.push(server_id);
                 }
-                Staged::Delivered { .. } => self.staged.push(staged),
+                Staged::Delivered { .. } => {
+                    self.staged.push(staged);
+                    self.staged_bytes += Record::delivered_bytes() as u64;
+                }
+                Staged::Taken { from, origin } => {
+                    // Its message was answered (ACKed) already; the window
+                    // entry goes again with the next commit.
+                    let at = self.staged.len() as u32;
+                    let t = self.windows.get_mut(from, origin).expect("staged entry");
+                    t.loc.loc = Loc::Staged(at);
+                    self.staged.push(staged);
+                    self.staged_bytes += TAKEN_BYTES;
+                }
                 Staged::Cancelled => {}
             }
         }
         self.staged_records = self.staged.len();
-        self.staged_bytes = self.staged.len() as u64 * Record::delivered_bytes() as u64;
         self.moves.clear();
+        self.orphan_moves.clear();
         self.buf.clear();
         // The disk is full whatever the last look said: refuse pushes until
         // the next look (due at once) finds space above the floor.
@@ -193,6 +218,8 @@ impl LogStore {
             return;
         }
         let n = self.active_number().expect("a batch was written");
+        // Sender devices whose windows took entries: pruned once durable.
+        let mut touched: Vec<(u64, u32)> = Vec::new();
         for i in 0..self.staged.len() {
             match self.staged[i] {
                 Staged::Queued { user, server_id } => {
@@ -200,10 +227,35 @@ impl LogStore {
                     debug_assert_eq!(entry.loc, Loc::Staged(i as u32));
                     entry.loc = Loc::Segment(n);
                     let bytes = queued_bytes(&entry.msg);
+                    if let Some(origin) = entry.msg.origin {
+                        let from = entry.msg.from;
+                        if let Some(t) = self.windows.get_mut(from, origin) {
+                            if t.loc.loc == Loc::Staged(i as u32) {
+                                t.loc.loc = Loc::Segment(n);
+                            }
+                        }
+                        touched.push((from, origin.device));
+                    }
                     let seg = self.segments.get_mut(&n).expect("active");
                     seg.live += 1;
                     seg.live_bytes += bytes;
                     seg.index.push((user, server_id));
+                }
+                Staged::Taken { from, origin } => {
+                    let t = self.windows.get_mut(from, origin).expect("staged entry");
+                    debug_assert_eq!(
+                        t.loc,
+                        WLoc {
+                            loc: Loc::Staged(i as u32),
+                            orphan: true
+                        }
+                    );
+                    t.loc.loc = Loc::Segment(n);
+                    let seg = self.segments.get_mut(&n).expect("active");
+                    seg.refs += 1;
+                    seg.live_bytes += TAKEN_BYTES;
+                    seg.orphans.push((from, origin));
+                    touched.push((from, origin.device));
                 }
                 Staged::Delivered { target, .. } => {
                     if target != n && self.segments.contains_key(&target) {
@@ -217,5 +269,30 @@ impl LogStore {
         self.staged.clear();
         self.staged_records = 0;
         self.staged_bytes = 0;
+        touched.sort_unstable();
+        touched.dedup();
+        for (from, device) in touched {
+            self.prune_window(from, device);
+        }
+    }
+
+    /// Drops the entries of a window that fell below it; the segments that
+    /// kept them for it may go.
+    pub(super) fn prune_window(&mut self, from: u64, device: u32) {
+        let segments = &mut self.segments;
+        let mut freed = false;
+        self.windows.prune(from, device, |t| {
+            if let WLoc {
+                loc: Loc::Segment(m),
+                orphan: true,
+            } = t.loc
+            {
+                let seg = segments.get_mut(&m).expect("a window entry's segment");
+                seg.refs -= 1;
+                seg.live_bytes -= TAKEN_BYTES;
+                freed = true;
+            }
+        });
+        self.maintenance |= freed;
     }
 }

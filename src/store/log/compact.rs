@@ -32,13 +32,13 @@ impl LogStore {
                 .filter(move |(n, _)| Some(**n) != active)
         };
         let over = |s: &Segment| s.dead_ratio() > self.opts.compact_dead_ratio;
-        if let Some((&n, _)) = sealed().find(|(_, s)| s.live == 0 && s.pins.is_empty()) {
+        if let Some((&n, _)) = sealed().find(|(_, s)| s.holds_nothing() && s.pins.is_empty()) {
             return Some(n);
         }
         if let Some((&n, _)) = sealed().find(|(_, s)| over(s) && s.pins.is_empty()) {
             return Some(n);
         }
-        let (&blocked, _) = sealed().find(|(_, s)| s.live == 0 || over(s))?;
+        let (&blocked, _) = sealed().find(|(_, s)| s.holds_nothing() || over(s))?;
         // Pins point strictly to older segments, so this ends, at a segment
         // without pins (the oldest has none).
         let mut at = blocked;
@@ -52,16 +52,22 @@ impl LogStore {
     }
 
     /// Encodes the next slice of the victim's live messages into `buf` and
-    /// lists them in `moves`. Returns the cursor to store once written.
+    /// lists them in `moves`; once they are all copied, also the window
+    /// entries it keeps (`orphan_moves`, all at once: at most [`WINDOW`]
+    /// per sender device). Returns the cursor to store once written.
+    ///
+    /// [`WINDOW`]: crate::store::WINDOW
     pub(super) fn plan_moves(&mut self) -> Option<usize> {
         self.moves.clear();
+        self.orphan_moves.clear();
         let c = self.compacting?;
         let seg = &self.segments[&c.segment];
-        if seg.live == 0 {
-            return Some(seg.index.len());
-        }
         let end = seg.index.len().min(c.cursor + COMPACT_ENTRIES_PER_COMMIT);
-        let mut cursor = c.cursor;
+        let mut cursor = if seg.live == 0 {
+            seg.index.len()
+        } else {
+            c.cursor
+        };
         let mut copied = 0;
         while cursor < end && copied < self.compact_bytes_per_commit {
             let (user, server_id) = seg.index[cursor];
@@ -75,6 +81,21 @@ impl LogStore {
             queued_record(user, &entry.msg).encode(&mut self.buf);
             copied += queued_bytes(&entry.msg);
             self.moves.push((user, server_id));
+        }
+        if cursor == seg.index.len() && seg.refs > 0 {
+            let here = WLoc {
+                loc: Loc::Segment(c.segment),
+                orphan: true,
+            };
+            for &(from, origin) in &seg.orphans {
+                match self.windows.get(from, origin) {
+                    Some(t) if t.loc == here => {
+                        taken_record(from, origin, t).encode(&mut self.buf);
+                        self.orphan_moves.push((from, origin));
+                    }
+                    _ => {} // pruned, or copied on since
+                }
+            }
         }
         Some(cursor)
     }
@@ -97,6 +118,18 @@ impl LogStore {
                 entry.loc = Loc::Segment(n);
                 moved += 1;
                 moved_bytes += queued_bytes(&entry.msg);
+                if let Some(origin) = entry.msg.origin {
+                    // The window entry lives in the message's record.
+                    if let Some(t) = self.windows.get_mut(entry.msg.from, origin) {
+                        let old = WLoc {
+                            loc: Loc::Segment(c.segment),
+                            orphan: false,
+                        };
+                        if t.loc == old {
+                            t.loc.loc = Loc::Segment(n);
+                        }
+                    }
+                }
                 self.segments
                     .get_mut(&n)
                     .expect("active")
@@ -112,12 +145,37 @@ impl LogStore {
             seg.pins.insert(c.segment);
             self.rewritten_bytes += moved_bytes;
         }
+        if !self.orphan_moves.is_empty() {
+            let n = self.active_number().expect("copies were written");
+            let mut copied = 0;
+            for &(from, origin) in &self.orphan_moves {
+                // Pruned by this very commit (its batch pushed newer
+                // entries): the copy written is dead bytes.
+                let Some(t) = self.windows.get_mut(from, origin) else {
+                    continue;
+                };
+                // Listed twice only by a damaged log; the extra copy is dead.
+                if t.loc.loc == Loc::Segment(c.segment) {
+                    t.loc.loc = Loc::Segment(n);
+                    copied += 1;
+                    let seg = self.segments.get_mut(&n).expect("active");
+                    seg.orphans.push((from, origin));
+                }
+            }
+            let victim = self.segments.get_mut(&c.segment).expect("victim");
+            victim.refs -= copied;
+            victim.live_bytes -= copied * TAKEN_BYTES;
+            let seg = self.segments.get_mut(&n).expect("active");
+            seg.refs += copied;
+            seg.live_bytes += copied * TAKEN_BYTES;
+            self.rewritten_bytes += copied * TAKEN_BYTES;
+        }
         let victim = &self.segments[&c.segment];
-        if victim.live == 0 {
+        if victim.holds_nothing() {
             debug_assert!(victim.pins.is_empty());
             self.delete_segment(c.segment)?;
         } else {
-            debug_assert!(cursor < victim.index.len());
+            debug_assert!(cursor < victim.index.len() || victim.refs > 0);
             self.compacting = Some(Compaction {
                 segment: c.segment,
                 cursor,
@@ -137,7 +195,7 @@ impl LogStore {
             let Some(n) = self
                 .segments
                 .range(at..)
-                .find(|(n, s)| Some(**n) != active && s.live == 0 && s.pins.is_empty())
+                .find(|(n, s)| Some(**n) != active && s.holds_nothing() && s.pins.is_empty())
                 .map(|(n, _)| *n)
             else {
                 break;
@@ -151,7 +209,7 @@ impl LogStore {
 
     fn delete_segment(&mut self, n: u32) -> Result<(), StoreError> {
         debug_assert_ne!(Some(n), self.active_number());
-        debug_assert_eq!(self.segments[&n].live, 0);
+        debug_assert!(self.segments[&n].holds_nothing());
         debug_assert!(self.segments[&n].pins.is_empty());
         let path = self.segment_path(n);
         files::remove(&path).map_err(io_at(&path, "delete segment"))?;

@@ -15,8 +15,10 @@
 //!
 //! A segment is a plain sequence of records (format in `record.rs`: `len` u32
 //! LE, `crc32c` u32 LE over the rest, `kind` u8, fixed-width LE fields, body).
-//! Two kinds: `Queued { user, server_id, from, time_ms, body }` when a message
-//! is stored, and `Delivered { user, server_id }`, its tombstone. `meta` holds
+//! Kinds: `Queued { user, server_id, from, time_ms, origin, body }` when a
+//! message is stored (kind 3 with a v2 sender's origin, else kind 1),
+//! `Delivered { user, server_id }`, its tombstone, and `Taken`, a dedupe
+//! window entry that outlived its message (see "Dedupe windows"). `meta` holds
 //! the format version and the id watermark (below); it is replaced atomically
 //! (write `meta.tmp`, rename).
 //!
@@ -61,6 +63,21 @@
 //! that set is empty. When a reclaimable segment is held up by pins, the
 //! oldest segment it waits for is compacted, whatever its dead share. The
 //! oldest segment never has pins, so this always makes progress.
+//!
+//! # Dedupe windows
+//!
+//! The store keeps the dedupe windows of protocol v2 senders
+//! (`store::window`): an entry is created by the push of a message with an
+//! origin and lives in that message's record while the message is queued.
+//! When the message goes, the entry may still be in its window: its record
+//! (or, for a message removed before its commit, a `Taken` record written
+//! instead of nothing) then counts in its segment's `refs`, which keeps the
+//! segment from being deleted; compaction copies such entries as `Taken`
+//! records (all of a victim's at once, after its messages). Windows are
+//! pruned after each commit (never before: a rolled-back batch must not have
+//! evicted entries), and an entry pruned frees its segment. Recovery
+//! rebuilds the windows from the `Queued` (kind 3) and `Taken` records, then
+//! prunes them and counts the refs.
 //!
 //! # Recovery
 //!
@@ -178,7 +195,8 @@ use std::time::{Duration, Instant};
 use super::files;
 use super::record::{Record, BODY_BYTES_MAX};
 use super::segment;
-use super::{PushError, Space, Store, Stored};
+use super::window::{Taken, Windows};
+use super::{Origin, PushError, Seen, Space, Store, Stored};
 use crate::clock::Clock;
 
 mod bulk;
@@ -261,6 +279,19 @@ struct Entry {
     loc: Loc,
 }
 
+/// Where a dedupe window entry's durable copy is: its message's record
+/// while the message is queued (`orphan` false, same `loc`), else a record
+/// of its own (`orphan`: a `Queued` record whose message is gone, or a
+/// `Taken` record), which its segment must keep (`Segment::refs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WLoc {
+    loc: Loc,
+    orphan: bool,
+}
+
+// A window entry with its location: 40 bytes (results/exactly-once/).
+const _: () = assert!(std::mem::size_of::<Taken<WLoc>>() <= 40);
+
 /// A record waiting for the next commit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Staged {
@@ -275,6 +306,9 @@ enum Staged {
     /// A `Queued` record whose message was removed before the commit: the
     /// skip rule, nothing is written.
     Cancelled,
+    /// The same for a message with an origin: its dedupe window entry is
+    /// written as a `Taken` record instead.
+    Taken { from: u64, origin: Origin },
 }
 
 #[derive(Debug, Default)]
@@ -292,9 +326,20 @@ struct Segment {
     /// Older segments that must be deleted before this one (see the module
     /// docs). Never contains this segment's own number.
     pins: BTreeSet<u32>,
+    /// Dedupe window entries whose durable copy is here and outlived its
+    /// message (each counts a `Taken` record's bytes in `live_bytes`).
+    refs: u64,
+    /// Sender and origin of every such entry placed here, kept until the
+    /// segment goes (stale ones are skipped): what compaction copies.
+    orphans: Vec<(u64, Origin)>,
 }
 
 impl Segment {
+    /// No live message and no window entry needs it.
+    fn holds_nothing(&self) -> bool {
+        self.live == 0 && self.refs == 0
+    }
+
     fn dead_ratio(&self) -> f64 {
         if self.bytes == 0 {
             return 0.0;
@@ -313,8 +358,11 @@ struct Compaction {
 
 /// Encoded size of the `Queued` record of `msg`.
 fn queued_bytes(msg: &Stored) -> u64 {
-    Record::queued_bytes(msg.body.len()) as u64
+    queued_record(0, msg).encoded_len() as u64
 }
+
+/// Encoded size of a `Taken` record.
+const TAKEN_BYTES: u64 = Record::taken_bytes() as u64;
 
 fn queued_record(user: u64, msg: &Stored) -> Record<'_> {
     Record::Queued {
@@ -322,7 +370,17 @@ fn queued_record(user: u64, msg: &Stored) -> Record<'_> {
         server_id: msg.server_id,
         from: msg.from,
         time_ms: msg.time_ms,
+        origin: msg.origin,
         body: &msg.body,
+    }
+}
+
+fn taken_record(from: u64, origin: Origin, t: &Taken<WLoc>) -> Record<'static> {
+    Record::Taken {
+        from,
+        origin,
+        server_id: t.server_id,
+        time_ms: t.time_ms,
     }
 }
 
@@ -356,6 +414,9 @@ pub struct LogStore {
     opts: LogOptions,
     dir: PathBuf,
     queues: HashMap<u64, VecDeque<Entry>>,
+    /// The dedupe windows of v2 senders (see `store::window`), pruned at
+    /// commit (a batch rolled back must not have evicted anything).
+    windows: Windows<WLoc>,
     /// Messages in `queues`.
     total: usize,
     /// Every segment file, by number.
@@ -377,6 +438,8 @@ pub struct LogStore {
     buf: Vec<u8>,
     /// Messages copied by the current commit's compaction step.
     moves: Vec<(u64, u64)>,
+    /// Window entries copied by it (as `Taken` records).
+    orphan_moves: Vec<(u64, Origin)>,
     compacting: Option<Compaction>,
     /// Something may have become deletable or compactable since the last
     /// look (a sealed segment lost a live message, a roll, a deletion).
@@ -457,6 +520,7 @@ impl LogStore {
         let mut store = LogStore {
             dir: dir.as_ref().to_path_buf(),
             queues: HashMap::new(),
+            windows: Windows::default(),
             total: 0,
             segments: BTreeMap::new(),
             active: None,
@@ -467,6 +531,7 @@ impl LogStore {
             staged_bytes: 0,
             buf: Vec::new(),
             moves: Vec::new(),
+            orphan_moves: Vec::new(),
             compacting: None,
             maintenance: true,
             server_id_max: 0,
@@ -626,9 +691,25 @@ impl Store for LogStore {
         } else {
             Loc::Memory
         };
+        if let Some(origin) = msg.origin {
+            let taken = Taken {
+                client_id: origin.client_id,
+                server_id: msg.server_id,
+                time_ms: msg.time_ms,
+                loc: WLoc { loc, orphan: false },
+            };
+            self.windows.insert(msg.from, origin, taken);
+            if !durable {
+                self.windows.prune(msg.from, origin.device, |_| {});
+            }
+        }
         queue.push_back(Entry { msg, loc });
         self.total += 1;
         Ok(())
+    }
+
+    fn seen(&self, from: u64, origin: Origin) -> Seen {
+        self.windows.seen(from, origin)
     }
 
     fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored> {
@@ -640,20 +721,48 @@ impl Store for LogStore {
             self.queues.remove(&user);
         }
         let bytes = queued_bytes(&entry.msg);
+        // A window entry that lived in this message's record outlives it.
+        let from = entry.msg.from;
+        let window = entry.msg.origin.and_then(|origin| {
+            let t = self.windows.get_mut(from, origin)?;
+            (t.loc
+                == WLoc {
+                    loc: entry.loc,
+                    orphan: false,
+                })
+            .then(|| {
+                t.loc.orphan = true;
+                origin
+            })
+        });
         match entry.loc {
             Loc::Memory => {}
             Loc::Staged(i) => {
-                // The skip rule: never written, so nothing to write now.
+                // The skip rule: never written, so nothing to write now
+                // (but the window entry, if any).
                 let slot = &mut self.staged[i as usize];
                 debug_assert_eq!(*slot, Staged::Queued { user, server_id });
-                *slot = Staged::Cancelled;
-                self.staged_records -= 1;
                 self.staged_bytes -= bytes;
+                match window {
+                    Some(origin) => {
+                        *slot = Staged::Taken { from, origin };
+                        self.staged_bytes += TAKEN_BYTES;
+                    }
+                    None => {
+                        *slot = Staged::Cancelled;
+                        self.staged_records -= 1;
+                    }
+                }
             }
             Loc::Segment(n) => {
                 let seg = self.segments.get_mut(&n).expect("a live message's segment");
                 seg.live -= 1;
                 seg.live_bytes -= bytes;
+                if let Some(origin) = window {
+                    seg.refs += 1;
+                    seg.live_bytes += TAKEN_BYTES;
+                    seg.orphans.push((from, origin));
+                }
                 if self.active_number() != Some(n) {
                     self.maintenance = true;
                 }

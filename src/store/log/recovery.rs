@@ -13,6 +13,7 @@ use super::*;
 use crate::store::files;
 use crate::store::record::Record;
 use crate::store::segment::{self, Scanner, Step};
+use crate::store::window::Taken;
 use crate::store::Stored;
 
 /// Bytes recovery skipped in `repair` mode.
@@ -146,6 +147,7 @@ impl LogStore {
             self.replay_segment(n, i + 1 == numbers.len(), rec)?;
         }
         rec.segments = numbers.len();
+        self.account_windows();
 
         if let Some(&last) = numbers.last() {
             self.next_segment = last.checked_add(1).ok_or_else(|| StoreError::Meta {
@@ -285,9 +287,22 @@ impl LogStore {
                 server_id,
                 from,
                 time_ms,
+                origin,
                 body,
             } => {
                 self.server_id_max = self.server_id_max.max(server_id);
+                if let Some(origin) = origin {
+                    let t = Taken {
+                        client_id: origin.client_id,
+                        server_id,
+                        time_ms,
+                        loc: WLoc {
+                            loc: Loc::Segment(n),
+                            orphan: false,
+                        },
+                    };
+                    self.windows.insert(from, origin, t);
+                }
                 let queue = self.queues.entry(user).or_default();
                 match find(queue, server_id) {
                     Ok(at) => {
@@ -302,6 +317,7 @@ impl LogStore {
                             server_id,
                             from,
                             time_ms,
+                            origin,
                             body: body.into(),
                         };
                         let old = std::mem::replace(&mut entry.loc, Loc::Segment(n));
@@ -322,6 +338,7 @@ impl LogStore {
                             server_id,
                             from,
                             time_ms,
+                            origin,
                             body: body.into(),
                         };
                         queue.insert(
@@ -352,6 +369,14 @@ impl LogStore {
                 if queue.is_empty() {
                     self.queues.remove(&user);
                 }
+                if let Some(origin) = entry.msg.origin {
+                    // Its window entry outlives it, in the same record.
+                    if let Some(t) = self.windows.get_mut(entry.msg.from, origin) {
+                        if t.loc.loc == entry.loc {
+                            t.loc.orphan = true;
+                        }
+                    }
+                }
                 if let Loc::Segment(o) = entry.loc {
                     let from_seg = self.segments.get_mut(&o).expect("replayed");
                     from_seg.live -= 1;
@@ -361,6 +386,49 @@ impl LogStore {
                         seg.pins.insert(o);
                     }
                 }
+            }
+            Record::Taken {
+                from,
+                origin,
+                server_id,
+                time_ms,
+            } => {
+                // A copy made while its message was still queued is only
+                // in a damaged log: the message's record stays the one.
+                let queued = self
+                    .windows
+                    .get(from, origin)
+                    .is_some_and(|t| !t.loc.orphan);
+                if !queued {
+                    let t = Taken {
+                        client_id: origin.client_id,
+                        server_id,
+                        time_ms,
+                        loc: WLoc {
+                            loc: Loc::Segment(n),
+                            orphan: true,
+                        },
+                    };
+                    self.windows.insert(from, origin, t);
+                }
+            }
+        }
+    }
+
+    /// After the replay: prunes the windows, and makes the segments that
+    /// keep a window entry whose message is gone count it.
+    fn account_windows(&mut self) {
+        self.windows.prune_all(|_| {});
+        for (from, origin, t) in self.windows.iter() {
+            if let WLoc {
+                loc: Loc::Segment(n),
+                orphan: true,
+            } = t.loc
+            {
+                let seg = self.segments.get_mut(&n).expect("replayed");
+                seg.refs += 1;
+                seg.live_bytes += TAKEN_BYTES;
+                seg.orphans.push((from, origin));
             }
         }
     }
