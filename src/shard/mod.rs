@@ -363,55 +363,53 @@ impl Shard {
 
     /// One loop iteration; `Some` when graceful shutdown has completed.
     fn iterate(&mut self) -> Option<std::io::Result<()>> {
-        {
-            self.tick();
-            if self.stop.load(Ordering::Relaxed) && self.stop_deadline.is_none() {
-                self.begin_shutdown();
+        self.tick();
+        if self.stop.load(Ordering::Relaxed) && self.stop_deadline.is_none() {
+            self.begin_shutdown();
+        }
+        if let Some(deadline) = self.stop_deadline {
+            if self.io.is_empty() || self.clock.now() >= deadline {
+                self.close_all();
+                return Some(Ok(()));
             }
-            if let Some(deadline) = self.stop_deadline {
-                if self.io.is_empty() || self.clock.now() >= deadline {
-                    self.close_all();
-                    return Some(Ok(()));
-                }
-            }
-            let mut timeout = self.wheel.until_next_tick();
-            if self.outboxes.waiting() {
-                timeout = timeout.min(OUTBOX_RETRY);
-            }
-            if !self.links.prepare_sleep() {
-                timeout = Duration::ZERO;
-            }
-            let waited = self.io.wait(Some(timeout));
-            self.links.awake();
-            if let Err(e) = waited {
-                return Some(Err(e));
-            }
-            let started = self.clock.now();
+        }
+        let mut timeout = self.wheel.until_next_tick();
+        if self.outboxes.waiting() {
+            timeout = timeout.min(OUTBOX_RETRY);
+        }
+        if !self.links.prepare_sleep() {
+            timeout = Duration::ZERO;
+        }
+        let waited = self.io.wait(Some(timeout));
+        self.links.awake();
+        if let Err(e) = waited {
+            return Some(Err(e));
+        }
+        let started = self.clock.now();
 
-            self.tick();
-            self.drain_io();
-            self.drain_rings();
-            let mut fired = std::mem::take(&mut self.fired);
-            self.wheel.expire(&mut fired);
-            self.tick();
-            for entry in fired.drain(..) {
-                self.event(Event::Timer(entry));
-            }
-            self.fired = fired;
-            self.retry_blocked();
-            if self.sessions.crash_requested() {
-                panic!("injected shard crash (debug hook)");
-            }
-            self.commit();
-            self.outboxes.flush(&mut self.links, &self.stats);
-            self.flush_output();
+        self.tick();
+        self.drain_io();
+        self.drain_rings();
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel.expire(&mut fired);
+        self.tick();
+        for entry in fired.drain(..) {
+            self.event(Event::Timer(entry));
+        }
+        self.fired = fired;
+        self.retry_blocked();
+        if self.sessions.crash_requested() {
+            panic!("injected shard crash (debug hook)");
+        }
+        self.commit();
+        self.outboxes.flush(&mut self.links, &self.stats);
+        self.flush_output();
 
-            self.stats.loop_iterations.inc();
-            let now = self.clock.now();
-            if self.loop_timer.record(now - started, now, &self.stats) {
-                self.admission.sweep(self.now.unix_ms);
-                self.publish_gauges();
-            }
+        self.stats.loop_iterations.inc();
+        let now = self.clock.now();
+        if self.loop_timer.record(now - started, now, &self.stats) {
+            self.admission.sweep(self.now.unix_ms);
+            self.publish_gauges();
         }
         None
     }
