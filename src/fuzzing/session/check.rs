@@ -91,21 +91,30 @@ impl Sim {
                     .flatten(),
             ),
             (State::Active, frame) => {
-                let user = sessions
-                    .user_of(*conn)
-                    .expect("an active connection's user");
+                // The user the model saw the token prove, not the session's
+                // own idea of it (checked equal after every event).
+                let client = self.shards[s].owner[&conn.0];
+                let user = self
+                    .conn(client)
+                    .and_then(|c| c.user)
+                    .expect("an active connection's proven user");
                 match *frame {
                     Frame::Send {
                         client_id,
                         to,
                         body,
                     } => Note::Send {
+                        client,
                         user,
                         client_id,
                         to,
                         body: body.into(),
                     },
-                    Frame::Delivered { server_id } => Note::Delivered { user, server_id },
+                    Frame::Delivered { server_id } => Note::Delivered {
+                        client,
+                        user,
+                        server_id,
+                    },
                     Frame::Read { server_id, from } => Note::Read {
                         user,
                         server_id,
@@ -122,20 +131,24 @@ impl Sim {
         match note {
             Note::None | Note::Login(_) => {}
             Note::Send {
+                client,
                 user,
                 client_id,
                 to,
                 body,
             } => {
-                let client = self.client_of_user(user);
-                if let Some(c) = client.and_then(|k| self.conn_mut(k)) {
+                if let Some(c) = self.conn_mut(client) {
                     c.sends.push(client_id);
                 }
                 self.recipients.insert(to);
                 self.sends.push((user, to, body));
             }
-            Note::Delivered { user, server_id } => {
-                if let Some(c) = self.client_of_user(user).and_then(|k| self.conn_mut(k)) {
+            Note::Delivered {
+                client,
+                user,
+                server_id,
+            } => {
+                if let Some(c) = self.conn_mut(client) {
                     c.outstanding.remove(&server_id);
                 }
                 self.delivered_now.push((user, server_id));
@@ -148,14 +161,6 @@ impl Sim {
                 self.reads.insert((user, server_id, from));
             }
         }
-    }
-
-    /// The client logged in as `user` and not closing (its one session).
-    pub(super) fn client_of_user(&self, user: u64) -> Option<usize> {
-        (0..CLIENTS).find(|&k| {
-            self.conn(k)
-                .is_some_and(|c| c.user == Some(user) && !c.closing)
-        })
     }
 
     /// Executes one action as the shard would, checking it.
