@@ -352,6 +352,13 @@ impl Sim {
     pub(super) fn check_store(&mut self, s: usize) {
         let n = self.n();
         let store = self.shards[s].sessions.store();
+        // Unchanged: every push raises the highest id (ids only grow), and
+        // a removal without a push lowers the count. The walk below is most
+        // of the oracle's time.
+        let counters = (store.total(), store.max_server_id());
+        if counters == (self.shards[s].stored.len(), self.shards[s].max_seen) {
+            return;
+        }
         let mut now: BTreeMap<u64, u64> = BTreeMap::new();
         let mut total = 0;
         for &user in &self.recipients {
@@ -403,6 +410,7 @@ impl Sim {
             }
         }
         self.shards[s].stored = now;
+        self.shards[s].max_seen = counters.1;
     }
 
     /// Shard `s`'s slots and users against the model.

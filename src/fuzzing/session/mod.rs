@@ -296,6 +296,8 @@ struct SimShard {
     events_since_commit: usize,
     /// Messages in the store: server id -> recipient.
     stored: BTreeMap<u64, u64>,
+    /// The store's highest id when `stored` was taken.
+    max_seen: u64,
 }
 
 /// The [`Env`] of one event: outboxes' room and the unsent output.
@@ -389,6 +391,7 @@ impl Sim {
                 owner: BTreeMap::new(),
                 events_since_commit: 0,
                 stored: BTreeMap::new(),
+                max_seen: 0,
             })
             .collect();
         let expires_s = T0_MS / 1000 + 3600;
