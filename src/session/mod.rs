@@ -246,7 +246,11 @@ impl Sessions {
                 Flow::Next
             }
             Event::Shutdown(Some(conn)) => {
-                self.bye(now, conn, ByeReason::Shutdown);
+                // A connection already closing has sent its last frame
+                // (found by the session fuzzer: a second BYE after it).
+                if matches!(self.state(conn), State::Login | State::Active) {
+                    self.bye(now, conn, ByeReason::Shutdown);
+                }
                 Flow::Stop
             }
             Event::Shutdown(None) => {
