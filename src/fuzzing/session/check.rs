@@ -191,7 +191,7 @@ impl Sim {
                 let mut at = bytes.start;
                 while at < bytes.end {
                     let (frame, used) = proto::decode(&wire[at..bytes.end], &limits)
-                        .unwrap_or_else(|e| panic!("the session wrote a bad frame: {e}"))
+                        .unwrap_or_else(|e| panic!("the session wrote a bad frame: {e}: {:02x?}", &wire[at..bytes.end]))
                         .expect("the session writes whole frames");
                     at += used;
                     self.check_write(s, client, &frame, used, acks, answers);
