@@ -652,7 +652,10 @@ impl Sessions {
     /// `frame_bytes_max`.
     fn write(&mut self, conn: ConnId, frame: &Frame<'_>) {
         let at = self.wire.len();
-        proto::encode(&fit_text(*frame, self.limits.frame_bytes_max), &mut self.wire);
+        proto::encode(
+            &fit_text(*frame, self.limits.frame_bytes_max),
+            &mut self.wire,
+        );
         self.actions.push(Action::Write {
             conn,
             bytes: at..self.wire.len(),

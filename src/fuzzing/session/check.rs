@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::io::ConnId;
-use crate::proto::{self, Frame, ReceiptKind};
+use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 use crate::session::{Action, Event, Flow, State};
 use crate::shard::{home_shard, Msg};
 use crate::token;
@@ -16,12 +16,17 @@ impl Sim {
     /// invariants.
     pub(super) fn event(&mut self, s: usize, event: Event<'_>) -> Flow {
         let note = self.note(s, &event);
-        if let (Note::Login(claim), Event::Frame { conn, .. }) = (&note, &event) {
+        let conn = match event {
+            Event::Frame { conn, .. } => Some(conn),
+            _ => None,
+        };
+        if let (Note::Login(claim, version), Some(conn)) = (&note, conn) {
             // Recorded at once: the session may establish or hand off the
             // connection in this very event.
             let client = self.shards[s].owner[&conn.0];
             if let Some(c) = self.conn_mut(client) {
                 c.claim = *claim;
+                c.version = *version;
             }
         }
         let counts = matches!(
@@ -36,14 +41,17 @@ impl Sim {
         if counts {
             self.shards[s].events_since_commit += 1;
         }
-        if flow != Flow::Blocked {
-            self.apply(note);
-        }
         let mut actions = std::mem::take(&mut self.actions);
         let mut wire = std::mem::take(&mut self.wire);
         self.shards[s]
             .sessions
             .take_actions(&mut actions, &mut wire);
+        // A frame refused (over its rate, or naming a message not delivered
+        // here) is not taken: the model learns nothing from it.
+        let refused = conn.is_some_and(|conn| self.refused(s, conn, &actions, &wire));
+        if flow != Flow::Blocked && !refused {
+            self.apply(note);
+        }
         let mut acks = Vec::new();
         let mut answers = [0usize; CLIENTS];
         for action in actions.drain(..) {
@@ -67,6 +75,35 @@ impl Sim {
         flow
     }
 
+    /// Whether this event's writes to `conn` refuse its frame:
+    /// `ERROR(rate_limited)`, `ERROR(unknown_message)` or `BYE(rate_limited)`.
+    fn refused(&self, s: usize, conn: ConnId, actions: &[Action], wire: &[u8]) -> bool {
+        let limits = *self.shards[s].sessions.limits();
+        actions.iter().any(|action| {
+            let Action::Write { conn: c, bytes } = action else {
+                return false;
+            };
+            let mut at = bytes.start;
+            let mut refusal = false;
+            while *c == conn && at < bytes.end {
+                let Ok(Some((frame, used))) = proto::decode(&wire[at..bytes.end], &limits) else {
+                    break; // reported by `execute`
+                };
+                at += used;
+                refusal |= matches!(
+                    frame,
+                    Frame::Error {
+                        code: ErrorCode::RateLimited | ErrorCode::UnknownMessage,
+                        ..
+                    } | Frame::Bye {
+                        reason: ByeReason::RateLimited
+                    }
+                );
+            }
+            refusal
+        })
+    }
+
     /// The unsent output of shard `s`'s connections.
     pub(super) fn clients_of(&self, s: usize) -> Vec<(ConnId, usize)> {
         self.clients
@@ -86,18 +123,19 @@ impl Sim {
         let sessions = &self.shards[s].sessions;
         match (sessions.state(*conn), frame) {
             (State::Login, Frame::Login { version, token }) => Note::Login(
-                (*version == proto::VERSION)
+                (proto::VERSION..=proto::VERSION_MAX)
+                    .contains(version)
                     .then(|| token::verify(SECRET.as_bytes(), token, self.now.unix_ms / 1000).ok())
                     .flatten(),
+                *version,
             ),
             (State::Active, frame) => {
                 // The user the model saw the token prove, not the session's
                 // own idea of it (checked equal after every event).
                 let client = self.shards[s].owner[&conn.0];
-                let user = self
-                    .conn(client)
-                    .and_then(|c| c.user)
-                    .expect("an active connection's proven user");
+                let c = self.conn(client).expect("an active connection");
+                let user = c.user.expect("an active connection's proven user");
+                let here = c.delivered_here.get(&frame_id(frame)).copied();
                 match *frame {
                     Frame::Send {
                         client_id,
@@ -107,6 +145,7 @@ impl Sim {
                         client,
                         user,
                         client_id,
+                        v2: c.version >= proto::VERSION_2,
                         to,
                         body: body.into(),
                     },
@@ -114,11 +153,13 @@ impl Sim {
                         client,
                         user,
                         server_id,
+                        known: here.is_some(),
                     },
                     Frame::Read { server_id, from } => Note::Read {
                         user,
                         server_id,
                         from,
+                        known: here == Some(from),
                     },
                     _ => Note::None,
                 }
@@ -129,11 +170,12 @@ impl Sim {
 
     pub(super) fn apply(&mut self, note: Note) {
         match note {
-            Note::None | Note::Login(_) => {}
+            Note::None | Note::Login(..) => {}
             Note::Send {
                 client,
                 user,
                 client_id,
+                v2,
                 to,
                 body,
             } => {
@@ -141,24 +183,33 @@ impl Sim {
                     c.sends.push(client_id);
                 }
                 self.recipients.insert(to);
-                self.sends.push((user, to, body));
+                self.sends.push((user, to, body, v2.then_some(client_id)));
             }
             Note::Delivered {
                 client,
                 user,
                 server_id,
+                known,
             } => {
                 if let Some(c) = self.conn_mut(client) {
                     c.outstanding.remove(&server_id);
                 }
-                self.delivered_now.push((user, server_id));
+                // Only a DELIVERED of a message delivered here may remove it.
+                if known {
+                    self.delivered_now.push((user, server_id));
+                }
             }
             Note::Read {
                 user,
                 server_id,
                 from,
+                known,
             } => {
-                self.reads.insert((user, server_id, from));
+                // Only a READ of a message delivered here, naming its
+                // sender, may be relayed.
+                if known {
+                    self.reads.insert((user, server_id, from));
+                }
             }
         }
     }
@@ -191,7 +242,12 @@ impl Sim {
                 let mut at = bytes.start;
                 while at < bytes.end {
                     let (frame, used) = proto::decode(&wire[at..bytes.end], &limits)
-                        .unwrap_or_else(|e| panic!("the session wrote a bad frame: {e}: {:02x?}", &wire[at..bytes.end]))
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "the session wrote a bad frame: {e}: {:02x?}",
+                                &wire[at..bytes.end]
+                            )
+                        })
                         .expect("the session writes whole frames");
                     at += used;
                     self.check_write(s, client, &frame, used, acks, answers);
@@ -287,6 +343,7 @@ impl Sim {
             server_id,
             from,
             body,
+            client_id,
             ..
         } = *frame
         {
@@ -298,11 +355,21 @@ impl Sim {
                 .filter(|m| m.server_id == server_id)
                 .unwrap_or_else(|| panic!("DELIVER {server_id} to user {user}: not in its queue"));
             assert_eq!((queued.from, &*queued.body), (from, body));
+            let origin = queued.origin.map_or(0, |o| o.client_id);
             let c = self.conn_mut(client).expect("an open connection");
+            // A v2 DELIVER (0x0E) exactly on a v2 connection, with the
+            // sender's v2 client_id (0 for a v1 sender).
+            let want = (c.version >= proto::VERSION_2).then_some(origin);
+            assert_eq!(
+                client_id, want,
+                "DELIVER {server_id} on a v{} connection",
+                c.version
+            );
             assert!(
                 c.outstanding.insert(server_id, len).is_none(),
                 "DELIVER {server_id} twice on one connection"
             );
+            c.delivered_here.insert(server_id, from);
             return;
         }
         assert!(len <= ANSWER_BYTES_MAX, "{len}-byte {}", frame.name());
@@ -345,6 +412,16 @@ impl Sim {
             .position(|&id| id == client_id)
             .unwrap_or_else(|| panic!("ACK for client id {client_id}, never sent"));
         c.sends.swap_remove(at);
+        let v2 = c.version >= proto::VERSION_2;
+        if v2 {
+            // The message stored for this client_id: a retry's ACK repeats
+            // the original server id.
+            assert_eq!(
+                self.origins.get(&server_id),
+                Some(&client_id),
+                "v2 ACK for client id {client_id} names message {server_id}"
+            );
+        }
         let (_, from) = self
             .messages
             .get(&server_id)
@@ -390,11 +467,12 @@ impl Sim {
                         m.server_id
                     );
                     assert_eq!(home_shard(user, n), s, "stored away from its home");
+                    let origin = m.origin.map(|o| o.client_id);
                     let at = self
                         .sends
                         .iter()
-                        .position(|(from, to, body)| {
-                            (*from, *to, &**body) == (m.from, user, &*m.body)
+                        .position(|(from, to, body, v2)| {
+                            (*from, *to, &**body, *v2) == (m.from, user, &*m.body, origin)
                         })
                         .unwrap_or_else(|| {
                             panic!(
@@ -404,6 +482,16 @@ impl Sim {
                         });
                     self.sends.swap_remove(at);
                     self.messages.insert(m.server_id, (user, m.from));
+                    if let Some(client_id) = origin {
+                        self.origins.insert(m.server_id, client_id);
+                        let first = self.taken.insert((s, m.from, client_id), m.server_id);
+                        assert!(
+                            first.is_none(),
+                            "v2 client id {client_id} of {} stored twice: {first:?} and {}",
+                            m.from,
+                            m.server_id
+                        );
+                    }
                 }
                 after = m.server_id;
                 len += 1;
@@ -459,5 +547,13 @@ impl Sim {
             assert!(c.outstanding.len() <= self.config.deliver_inflight_max);
             assert!(c.outstanding.len() <= 1 || mine <= self.config.deliver_inflight_bytes_max);
         }
+    }
+}
+
+/// The server id a DELIVERED or READ names (0 for other frames).
+fn frame_id(frame: &Frame<'_>) -> u64 {
+    match *frame {
+        Frame::Delivered { server_id } | Frame::Read { server_id, .. } => server_id,
+        _ => 0,
     }
 }

@@ -67,10 +67,11 @@ const OPS: u8 = 12;
 /// Input: one byte of flags (shards `1 + flags % 3`; bit 2: tight limits,
 /// so queues, windows and output budgets fill up), then steps, each a code
 /// byte (modulo 12) and its arguments; missing bytes read as 0. The steps:
-/// open a connection for client k on a shard; frames from k (LOGIN with a
-/// valid, expired, forged or wrong-version token, SEND to a known user, to
-/// 0 or to a stranger, DELIVERED and READ of known ids, PING, PONG, BYE, a
-/// server-only frame); raw bytes from k (length byte, then the bytes);
+/// open a connection for client k on a shard; frames from k (LOGIN of
+/// version 1 or 2 with a valid, expired or forged token, or of an unknown
+/// version, SEND to a known user, to 0 or to a stranger, a retry of k's
+/// last SEND with the same client_id or a lower one, DELIVERED and READ of
+/// known ids, PING, PONG, BYE, a server-only frame); raw bytes from k (length byte, then the bytes);
 /// one ring message arrives; a shard commits; a loop iteration (every ring,
 /// every commit, every output flushed); time advances (timers fire); k's
 /// output is flushed (a closing connection's write side shuts); k closes;
@@ -85,11 +86,18 @@ const OPS: u8 = 12;
 /// goes to that user's home shard; a routed SEND's `from` is the user its
 /// connection proved; a stored message was sent by a connection proved as
 /// its `from` to its recipient, is stored once, on the recipient's home
-/// shard, within `queue_len_max`, and leaves its queue only by a DELIVERED
-/// from its recipient; an ACK answers a SEND of that connection and names a
-/// message stored from its user (still queued or delivered); a DELIVER goes
-/// only to its recipient's connection, once, while the message is queued; a
-/// RECEIPT names a DELIVERED or READ its peer really sent; the session's
+/// shard, within `queue_len_max` (a v2 SEND's client_id at most once per
+/// shard: a retry is not stored again), and leaves its queue only by a
+/// DELIVERED from its recipient's connection it was delivered to; an ACK
+/// answers a SEND of that connection and names a message stored from its
+/// user (still queued or delivered; on a v2 connection, stored with that
+/// client_id, so a retry's ACK repeats the original server id); a DELIVER
+/// goes only to its recipient's connection, once, while the message is
+/// queued, as a v2 DELIVER (with the sender's v2 client_id, else 0) exactly
+/// on a v2 connection; a RECEIPT names a DELIVERED or READ its peer really
+/// sent of a message delivered to it in that login; a frame answered
+/// `ERROR(rate_limited)`, `BYE(rate_limited)` or `ERROR(unknown_message)`
+/// is not taken (nothing stored, relayed or removed); the session's
 /// delivery window matches the DELIVERs written and not yet answered, within
 /// `deliver_inflight_max` and `deliver_inflight_bytes_max` (one DELIVER
 /// always may go); per event, a connection gets at most `2 + queue_len_max`
@@ -172,6 +180,9 @@ impl SessionInput {
     }
 }
 
+/// A SEND handled: (from, to, body, v2 client_id).
+type SendSeen = (u64, u64, Box<[u8]>, Option<u64>);
+
 /// The input, read a byte at a time; past its end every byte is 0.
 struct Reader<'a>(&'a [u8]);
 
@@ -236,16 +247,21 @@ struct Conn {
     out_pending: usize,
     /// The user the connection's LOGIN token (or handoff) proves.
     claim: Option<u64>,
+    /// The protocol version its LOGIN asked for (or its handoff carried).
+    version: u8,
     /// The user it is logged in as (Established).
     user: Option<u64>,
     /// DELIVERs written and not answered: server id, encoded bytes.
     outstanding: BTreeMap<u64, usize>,
+    /// Every DELIVER written in this login: server id -> sender. Only these
+    /// may be named by its READs and DELIVEREDs.
+    delivered_here: BTreeMap<u64, u64>,
     /// Client ids of SENDs not answered yet (a multiset).
     sends: Vec<u64>,
 }
 
 impl Conn {
-    fn new(shard: usize, id: ConnId, claim: Option<u64>) -> Conn {
+    fn new(shard: usize, id: ConnId, claim: Option<(u64, u8)>) -> Conn {
         Conn {
             shard,
             id,
@@ -253,9 +269,11 @@ impl Conn {
             blocked: false,
             closing: false,
             out_pending: 0,
-            claim,
+            claim: claim.map(|(user, _)| user),
+            version: claim.map_or(proto::VERSION, |(_, version)| version),
             user: None,
             outstanding: BTreeMap::new(),
+            delivered_here: BTreeMap::new(),
             sends: Vec::new(),
         }
     }
@@ -326,23 +344,30 @@ impl Env for SimEnv {
 /// What the simulation learns from a frame before the session handles it.
 enum Note {
     None,
-    Login(Option<u64>),
+    /// The user the token proves, if it does, and the version asked for.
+    Login(Option<u64>, u8),
     Send {
         client: usize,
         user: u64,
         client_id: u64,
+        /// From a v2 connection: dedupe applies.
+        v2: bool,
         to: u64,
         body: Box<[u8]>,
     },
+    /// A DELIVERED; `known`: of a DELIVER written to this connection.
     Delivered {
         client: usize,
         user: u64,
         server_id: u64,
+        known: bool,
     },
+    /// A READ; `known`: of a DELIVER from `from` written to this connection.
     Read {
         user: u64,
         server_id: u64,
         from: u64,
+        known: bool,
     },
 }
 
@@ -357,12 +382,20 @@ struct Sim {
     tokens: Vec<String>,
     /// Bodies of the vocabulary's SENDs.
     bodies: [Vec<u8>; 4],
-    /// SENDs handled and not stored yet: (from, to, body), a multiset.
-    sends: Vec<(u64, u64, Box<[u8]>)>,
+    /// SENDs handled and not stored yet: (from, to, body, v2 client_id),
+    /// a multiset (a deduplicated retry stays in it, never stored).
+    sends: Vec<SendSeen>,
+    /// Protocol v2 SENDs stored: (shard, sender, client_id) -> server id.
+    /// Each is stored at most once per shard (the dedupe window's shard).
+    taken: BTreeMap<(usize, u64, u64), u64>,
     /// Every recipient of a SEND handled.
     recipients: BTreeSet<u64>,
     /// Every message ever stored: server id -> (recipient, sender).
     messages: BTreeMap<u64, (u64, u64)>,
+    /// The v2 client_id of every message stored from a v2 SEND.
+    origins: BTreeMap<u64, u64>,
+    /// The last SEND of the vocabulary per client: (client_id, to, body).
+    last_send: [Option<(u64, u64, usize)>; CLIENTS],
     /// Messages removed by their recipient's DELIVERED.
     delivered: BTreeSet<u64>,
     /// READs handled: (reader, server id, sender).
@@ -421,8 +454,11 @@ impl Sim {
                 vec![b'x'; body_max],
             ],
             sends: Vec::new(),
+            taken: BTreeMap::new(),
             recipients: BTreeSet::new(),
             messages: BTreeMap::new(),
+            origins: BTreeMap::new(),
+            last_send: [None; CLIENTS],
             delivered: BTreeSet::new(),
             reads: BTreeSet::new(),
             delivered_now: Vec::new(),
@@ -526,34 +562,63 @@ impl Sim {
     }
 
     /// Appends one frame of the vocabulary, chosen by `pick`, to `out`.
-    fn vocabulary(&self, client: usize, pick: [u8; 3], out: &mut Vec<u8>) {
+    fn vocabulary(&mut self, client: usize, pick: [u8; 3], out: &mut Vec<u8>) {
         let [what, a, b] = pick;
         let user = |x: u8| USERS[usize::from(x) % USERS.len()];
-        let frame = match what % 9 {
+        let frame = match what % 10 {
             0 => {
+                // Version 1 or 2 by `b`, as a real client would pick.
+                let version = [proto::VERSION, proto::VERSION_2][usize::from(b & 1)];
                 let (version, token): (u8, &[u8]) = match a % 8 {
-                    i @ 0..=5 => (proto::VERSION, self.tokens[usize::from(i)].as_bytes()),
-                    6 => (proto::VERSION, b"v1.1.99999999999.forged"),
-                    _ => (proto::VERSION + 1, self.tokens[0].as_bytes()),
+                    i @ 0..=5 => (version, self.tokens[usize::from(i)].as_bytes()),
+                    6 => (version, b"v1.1.99999999999.forged"),
+                    _ => (proto::VERSION_MAX + 1, self.tokens[0].as_bytes()),
                 };
                 Frame::Login { version, token }
             }
-            1 | 2 => Frame::Send {
-                client_id: u64::from(b),
-                to: match a % 7 {
-                    5 => 0,
-                    6 => 1 << 40,
-                    i => user(i),
-                },
-                body: &self.bodies[usize::from(a / 7) % self.bodies.len()],
-            },
+            1 | 2 => {
+                let send = (
+                    u64::from(b),
+                    match a % 7 {
+                        5 => 0,
+                        6 => 1 << 40,
+                        i => user(i),
+                    },
+                    usize::from(a / 7) % self.bodies.len(),
+                );
+                self.last_send[client] = Some(send);
+                self.send_frame(send, out);
+                return;
+            }
+            // A retry of the client's last SEND (same client_id, recipient
+            // and body: a v2 server takes it once), or a SEND with a
+            // client_id far below it (stale for a v2 server).
+            9 => {
+                let Some((client_id, to, body)) = self.last_send[client] else {
+                    return;
+                };
+                let client_id = if a & 1 == 0 {
+                    client_id
+                } else {
+                    client_id.saturating_sub(u64::from(b))
+                };
+                self.send_frame((client_id, to, body), out);
+                return;
+            }
             3 => Frame::Delivered {
                 server_id: self.known_id(client, a),
             },
-            4 => Frame::Read {
-                server_id: self.known_id(client, a),
-                from: user(b),
-            },
+            4 => {
+                let server_id = self.known_id(client, a);
+                // Mostly the sender the DELIVER named; else anyone.
+                let named = self
+                    .conn(client)
+                    .and_then(|c| c.delivered_here.get(&server_id).copied());
+                Frame::Read {
+                    server_id,
+                    from: named.filter(|_| b & 1 == 0).unwrap_or(user(b)),
+                }
+            }
             5 => Frame::Ping {
                 nonce: u64::from(a),
             },
@@ -572,12 +637,31 @@ impl Sim {
         proto::encode(&frame, out);
     }
 
-    /// A server id for a DELIVERED or READ: one delivered to `client` and
-    /// unanswered, else any message's, else `pick` itself.
+    /// Appends a SEND: (client_id, to, index of its body).
+    fn send_frame(&self, (client_id, to, body): (u64, u64, usize), out: &mut Vec<u8>) {
+        proto::encode(
+            &Frame::Send {
+                client_id,
+                to,
+                body: &self.bodies[body],
+            },
+            out,
+        );
+    }
+
+    /// A server id for a DELIVERED or READ: one delivered to `client` in
+    /// this login (unanswered ones first), else any message's, else `pick`
+    /// itself.
     fn known_id(&self, client: usize, pick: u8) -> u64 {
         let own: Vec<u64> = self
             .conn(client)
-            .map(|c| c.outstanding.keys().copied().collect())
+            .map(|c| {
+                if c.outstanding.is_empty() || pick & 0x80 != 0 {
+                    c.delivered_here.keys().copied().collect()
+                } else {
+                    c.outstanding.keys().copied().collect()
+                }
+            })
             .unwrap_or_default();
         let all = if own.is_empty() {
             self.messages.keys().copied().collect()

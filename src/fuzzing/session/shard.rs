@@ -11,7 +11,7 @@ use super::{is_crash_hook, Client, Conn, Ring, Sim, CLIENTS, T0_MS};
 
 impl Sim {
     /// Takes `client` into the lowest free slot of shard `s`.
-    pub(super) fn attach(&mut self, s: usize, client: usize, user: Option<u64>) -> ConnId {
+    pub(super) fn attach(&mut self, s: usize, client: usize, user: Option<(u64, u8)>) -> ConnId {
         let owner = &self.shards[s].owner;
         let slot = (0..).find(|i| !owner.contains_key(i)).expect("a free slot");
         let id = ConnId(slot);
@@ -119,7 +119,7 @@ impl Sim {
                 leftover,
             } => {
                 assert!(matches!(self.clients[client], Client::Moving));
-                let id = self.attach(dst, client, Some(user));
+                let id = self.attach(dst, client, Some((user, version)));
                 self.event(
                     dst,
                     Event::HandedOver {
