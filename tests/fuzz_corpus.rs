@@ -427,6 +427,13 @@ fn capture_seeds() {
         input.time(40).iteration();
         let input = input.into_bytes();
         let tally = tern::fuzzing::session_tally(&input);
+        // The replayed DELIVERED and READ frames carry the real server's
+        // ids, `(seq << 10) | home shard` under 2 shards: with another shard
+        // count a recipient's home shard, so the id, may differ, and the
+        // server then refuses them (`unknown_message`, docs/HARDENING.md)
+        // instead of relaying a RECEIPT; tight limits change which messages
+        // are delivered when, so the same holds for them.
+        let receipts = shards == 2 && !tight;
         for frame in [
             "LOGIN_OK",
             "LOGIN_ERR",
@@ -437,6 +444,9 @@ fn capture_seeds() {
             "ERROR",
             "BYE",
         ] {
+            if frame == "RECEIPT" && !receipts {
+                continue;
+            }
             assert!(tally.contains_key(frame), "{name}: no {frame} in {tally:?}");
         }
         seeds.push(("session", name.into(), input));
