@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Short, bounded fuzz runs (CI): builds the cargo-fuzz targets in fuzz/ once,
-# then runs each for FUZZ_SECONDS seconds (default 60) or FUZZ_RUNS
+# then runs each for FUZZ_SECONDS seconds (default 30) or FUZZ_RUNS
 # executions (default 100000), whichever comes first, starting from the
-# committed seeds. Installs the nightly toolchain and cargo-fuzz if missing.
+# committed seeds: with five targets, at most 2.5 minutes after the build. Installs the nightly toolchain and cargo-fuzz if missing.
 # Exits non-zero on the first crash and names the reproducer.
 # Long runs: see fuzz/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
-seconds=${FUZZ_SECONDS:-60}
+seconds=${FUZZ_SECONDS:-30}
 runs=${FUZZ_RUNS:-100000}
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then

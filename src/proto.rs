@@ -502,7 +502,7 @@ impl Frame<'_> {
     }
 
     /// `L`: type byte plus fields, the value of the length prefix.
-    fn payload_len(&self) -> usize {
+    pub fn payload_len(&self) -> usize {
         let fields = match *self {
             Frame::Login { token, .. } => 1 + token.len(),
             Frame::LoginOk {

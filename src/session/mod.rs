@@ -246,7 +246,11 @@ impl Sessions {
                 Flow::Next
             }
             Event::Shutdown(Some(conn)) => {
-                self.bye(now, conn, ByeReason::Shutdown);
+                // A connection already closing has sent its last frame
+                // (found by the session fuzzer: a second BYE after it).
+                if matches!(self.state(conn), State::Login | State::Active) {
+                    self.bye(now, conn, ByeReason::Shutdown);
+                }
                 Flow::Stop
             }
             Event::Shutdown(None) => {
@@ -644,10 +648,14 @@ impl Sessions {
 
     // ---- output and closing -------------------------------------------------
 
-    /// Writes `frame` to `conn`.
+    /// Writes `frame` to `conn`; an ERROR or LOGIN_ERR text is cut to fit
+    /// `frame_bytes_max`.
     fn write(&mut self, conn: ConnId, frame: &Frame<'_>) {
         let at = self.wire.len();
-        proto::encode(frame, &mut self.wire);
+        proto::encode(
+            &fit_text(*frame, self.limits.frame_bytes_max),
+            &mut self.wire,
+        );
         self.actions.push(Action::Write {
             conn,
             bytes: at..self.wire.len(),
@@ -745,5 +753,36 @@ pub(crate) fn grow_slots<T: Default>(slots: &mut Vec<T>, index: usize) {
             slots.reserve_exact(want - slots.len() + extra);
         }
         slots.resize_with(want, T::default);
+    }
+}
+
+/// `frame` with its ERROR or LOGIN_ERR text cut at a character boundary so
+/// that `L` is at most `frame_bytes_max`: the peer refuses a larger frame,
+/// and the text is only for humans (at 64 bytes, the smallest limit, some
+/// texts do not fit whole).
+fn fit_text(frame: Frame<'_>, frame_bytes_max: usize) -> Frame<'_> {
+    let over = frame.payload_len().saturating_sub(frame_bytes_max);
+    let cut = |text: &str| {
+        let mut end = text.len().saturating_sub(over);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        end
+    };
+    match frame {
+        Frame::Error {
+            code,
+            client_id,
+            text,
+        } if over > 0 => Frame::Error {
+            code,
+            client_id,
+            text: &text[..cut(text)],
+        },
+        Frame::LoginErr { code, text } if over > 0 => Frame::LoginErr {
+            code,
+            text: &text[..cut(text)],
+        },
+        _ => frame,
     }
 }

@@ -259,3 +259,24 @@ fn a_send_waiting_for_ring_space_is_counted_once() {
     let out = h.send(0, 2, them, b"m");
     assert_eq!(error_codes(&out.to(A)), [(ErrorCode::RateLimited, 2)]);
 }
+
+#[test]
+fn an_error_text_is_cut_to_fit_the_smallest_frame_limit() {
+    // At 64 bytes the unknown_message text does not fit whole; the frame
+    // must still be one the peer accepts (the harness decodes with these
+    // limits, and panics on a frame over them).
+    let mut h = harness(|c| {
+        c.frame_bytes_max = 64;
+        c.body_bytes_max = 64 - crate::config::FRAME_OVERHEAD_BYTES_MAX;
+    });
+    h.login(0, 1);
+    let out = h.frame(A, Frame::Delivered { server_id: 99 });
+    match out.to(A)[..] {
+        [OwnedFrame::Error {
+            code: ErrorCode::UnknownMessage,
+            text,
+            ..
+        }] => assert!(text.starts_with("DELIVERED names a message"), "{text}"),
+        ref other => panic!("{other:?}"),
+    }
+}

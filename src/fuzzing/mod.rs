@@ -7,7 +7,8 @@
 //! committed seeds and every crash ever found through the same functions on
 //! stable, so a regression shows up in the normal test suite. They live in
 //! the crate because the log record decoder and the segment scanner are
-//! private to it.
+//! private to it, and the session target reads crate-private routing state.
+//! The session target's oracle is [`session`] (module `session.rs`).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -18,6 +19,10 @@ use crate::proto::{self, DecodeError, Frame, Limits};
 use crate::store::record::{self, Decoded, HEADER_BYTES, PAYLOAD_BYTES_MAX};
 use crate::store::segment::{has_zero_sector, Scanner, Step};
 use crate::store::{Durability, LogOptions, LogStore, Store, StoreError, Stored};
+
+mod session;
+
+pub use session::{session, session_tally, SessionInput};
 
 /// Most prefixes of one frame or record checked for consistency, so one
 /// large input costs linear, not quadratic, time.
@@ -496,7 +501,7 @@ mod regressions {
     #[test]
     fn duplicate_record_in_a_compacted_segment() {
         recovery(include_bytes!(
-            "../fuzz/regressions/recovery/duplicate-in-compacted-segment"
+            "../../fuzz/regressions/recovery/duplicate-in-compacted-segment"
         ));
         // The same bug, readable: segment 1 holds message 5 twice and is
         // sealed (segment 2 is active); delivering message 4 leaves it
@@ -522,6 +527,46 @@ mod regressions {
         let store = open(&dir.0);
         assert_eq!(store.total(), 1);
         assert_eq!(&*store.next_after(1, 0).unwrap().body, b"five");
+    }
+
+    /// Found by `session` ("write to a connection already closing"): a
+    /// shutdown of one connection that was closing already wrote a second
+    /// BYE after its last frame.
+    #[test]
+    fn shutdown_of_a_closing_connection() {
+        session(include_bytes!(
+            "../../fuzz/regressions/session/shutdown-of-a-closing-connection"
+        ));
+
+        use crate::config::Config;
+        use crate::io::ConnId;
+        use crate::session::{Action, Event, Now, OpenEnv, Sessions, State};
+        use crate::stats::ShardStats;
+        use crate::store::MemStore;
+        use std::sync::Arc;
+        let mut s = Sessions::new(
+            Arc::new(Config::default()),
+            0,
+            1,
+            Box::new(MemStore::new(4)),
+            Arc::new(ShardStats::default()),
+        );
+        let now = Now {
+            tick: 0,
+            unix_ms: 0,
+        };
+        let conn = ConnId(0);
+        s.on_event(now, &OpenEnv, Event::Opened(conn));
+        s.on_event(now, &OpenEnv, Event::Shutdown(Some(conn)));
+        assert_eq!(s.state(conn), State::Closing);
+        s.on_event(now, &OpenEnv, Event::Shutdown(Some(conn)));
+        assert!(
+            !s.actions()
+                .iter()
+                .any(|a| matches!(a, Action::Write { .. })),
+            "{:?}",
+            s.actions()
+        );
     }
 
     /// Found while writing the `recovery` oracle (and an overflow in
