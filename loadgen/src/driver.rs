@@ -43,6 +43,10 @@ const PING_STEP_NS: u64 = 100_000_000;
 const RETRY_NS: u64 = 1_000_000_000;
 /// Receipts that arrived before their ACK, kept at most.
 const EARLY_RECEIPTS_MAX: usize = 100_000;
+/// Cut kinds ([`Worker::cut_due`]).
+const CUT_NOW: u8 = 0;
+const CUT_AFTER_SEND: u8 = 1;
+const CUT_BEFORE_DELIVERED: u8 = 2;
 /// With cuts: a cut connection reconnects after a random wait up to this.
 const CUT_BACKOFF_NS: u64 = 100_000_000;
 /// With cuts: messages each user's duplicate filter remembers. A redelivery
@@ -317,9 +321,9 @@ pub struct Worker<E: Engine> {
     first_client_id: u64,
     /// Next cut, while the schedule runs.
     cut_pacer: Option<Pacer>,
-    /// The next cut goes right after a SEND (an ACK gets lost), not at a
-    /// random slot.
-    cut_after_send: bool,
+    /// Where the due cut goes, once it is due: `CUT_NOW` (a random slot),
+    /// `CUT_AFTER_SEND`, `CUT_BEFORE_DELIVERED`.
+    cut_kind: u8,
     /// Reconnect cut or dropped connections (until `CloseAll`).
     cut_reopen: bool,
     // Keepalive.
@@ -382,7 +386,7 @@ impl<E: Engine> Worker<E> {
             sessions: Vec::new(),
             first_client_id: 0,
             cut_pacer: None,
-            cut_after_send: false,
+            cut_kind: CUT_NOW,
             cut_reopen: false,
             ping_cursor: 0,
             ping_next_ns: 0,
@@ -757,8 +761,8 @@ impl<E: Engine> Worker<E> {
                     &mut self.wbuf,
                 );
                 self.engine.send(l, &self.wbuf);
-                if sessions && self.cut_after_send && self.cut_is_due(now) {
-                    self.cut_after_send = false;
+                if sessions && self.cut_kind == CUT_AFTER_SEND && self.cut_is_due(now) {
+                    self.cut_kind = CUT_NOW;
                     self.cut(l);
                 }
             }
@@ -794,14 +798,15 @@ impl<E: Engine> Worker<E> {
         }
     }
 
-    /// Cuts at random: every other cut goes to a random logged-in slot now,
-    /// the others right after the next SEND (`send_due`).
+    /// Cuts at random: a third of the cuts go to a random logged-in slot
+    /// now, a third right after the next SEND (`send_due`), a third right
+    /// before the next DELIVERED (`on_frame`).
     fn cut_due(&mut self, now: u64) {
         if self.send.is_none() {
             self.cut_pacer = None;
             return;
         }
-        if self.cut_after_send || self.conns.is_empty() {
+        if self.cut_kind != CUT_NOW || self.conns.is_empty() {
             return;
         }
         let Some(p) = &self.cut_pacer else {
@@ -810,8 +815,9 @@ impl<E: Engine> Worker<E> {
         if !p.is_due(now) {
             return;
         }
-        if self.rng.below(2) == 0 {
-            self.cut_after_send = true;
+        let kind = self.rng.below(3) as u8;
+        if kind != CUT_NOW {
+            self.cut_kind = kind;
             return;
         }
         // A few tries at finding a logged-in slot; else the cut waits.
@@ -880,7 +886,7 @@ impl<E: Engine> Worker<E> {
                 wake = wake.min(*due);
             }
         }
-        if let (Some(p), false) = (&self.cut_pacer, self.cut_after_send) {
+        if let (Some(p), CUT_NOW) = (&self.cut_pacer, self.cut_kind) {
             wake = wake.min(p.next_ns());
         }
         if let Some(plan) = &self.send {
@@ -1168,10 +1174,18 @@ impl<E: Engine> Worker<E> {
                         Incoming::AnswerDelivered | Incoming::Ignore => Some(false),
                     }
                 };
+                self.on_deliver(l, from, (server_id, client_id), shown, body, now);
+                // The app stored it, the connection drops before DELIVERED:
+                // the server delivers it again after the login.
+                if shown.is_some() && self.cut_kind == CUT_BEFORE_DELIVERED && self.cut_is_due(now)
+                {
+                    self.cut_kind = CUT_NOW;
+                    self.cut(l);
+                    return;
+                }
                 self.wbuf.clear();
                 proto::encode(&Frame::Delivered { server_id }, &mut self.wbuf);
                 self.engine.send(l, &self.wbuf);
-                self.on_deliver(l, from, (server_id, client_id), shown, body, now);
                 // The queue at login is delivered first, in order, so the
                 // first `expected` DELIVERs (whatever they carry) are all of
                 // it; anything later was queued after the login.
