@@ -46,7 +46,7 @@ fn chat_with_cuts_loses_nothing_and_shows_no_duplicates() {
             .args(["chat", "--server", &addr, "--engine", engine])
             .args(["--conns", "100", "--rate", "2000/s"])
             .args(["--msg-rate", "500/s", "--duration", "2s"])
-            .args(["--cut-rate", "40/s", "--drain", "20s"])
+            .args(["--cut-rate", "40/s", "--drain", "5s"])
             .args(["--user-base", &base, "--secret", DEV_TOKEN_SECRET])
             .args(["--source", "127.0.0.1", "--quiet", "--json"])
             .arg(&json)
