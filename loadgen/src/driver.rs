@@ -1161,8 +1161,9 @@ impl<E: Engine> Worker<E> {
                 ..
             } => {
                 self.shared.add(C::delivers, 1);
-                // The app stores every message at once: DELIVERED always
-                // goes, unless the filter says the app still holds it.
+                // The app stores every message it is shown at once, so
+                // DELIVERED goes for every DELIVER (`Ignore`, shown and not
+                // stored yet, does not come up here).
                 let shown = if self.sessions.is_empty() {
                     None
                 } else {
