@@ -678,7 +678,10 @@ fn deadline_after(t: Duration) -> Option<Instant> {
     Instant::now().checked_add(t)
 }
 
+pub mod dedupe;
+pub mod outbox;
 pub mod session;
+pub mod session_state;
 
 #[cfg(test)]
 mod tests;

@@ -59,7 +59,7 @@
 //! }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -69,7 +69,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::ClientConfig;
 use tern::proto::{ByeReason, ErrorCode, Frame, OwnedFrame, ReceiptKind, VERSION_2};
 
+use crate::dedupe::Incoming;
+use crate::session_state::{Refusal, SessionState};
 use crate::{Client, ClientError};
+
+pub use crate::outbox::{is_frame_refusal, is_retryable, MemOutbox, Outbox, Outgoing};
 
 /// Default first reconnect delay bound.
 pub const BACKOFF_MIN_DEFAULT: Duration = Duration::from_millis(100);
@@ -125,61 +129,6 @@ impl fmt::Debug for SessionConfig {
             .field("keepalive", &self.keepalive)
             .field("dedupe_window", &self.dedupe_window)
             .finish_non_exhaustive()
-    }
-}
-
-/// A message the app handed to the session, not yet ACKed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outgoing {
-    /// Its client id (increasing per session).
-    pub client_id: u64,
-    /// The recipient.
-    pub to: u64,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
-/// Where a session keeps the messages it has not seen ACKed. Implement it
-/// over a file or a database to keep them across app restarts; a `push`
-/// must be durable before it returns.
-pub trait Outbox {
-    /// Keeps `msg` (its client id is above every earlier one).
-    fn push(&mut self, msg: Outgoing) -> io::Result<()>;
-    /// Forgets the message `client_id` (ACKed, or refused for good).
-    fn remove(&mut self, client_id: u64) -> io::Result<()>;
-    /// The messages kept, oldest first.
-    fn pending(&self) -> Vec<Outgoing>;
-    /// The highest client id ever pushed (0 = none); new ids go above it.
-    fn last_client_id(&self) -> u64;
-}
-
-/// An [`Outbox`] in memory: lost with the process.
-#[derive(Debug, Default)]
-pub struct MemOutbox {
-    msgs: VecDeque<Outgoing>,
-    last: u64,
-}
-
-impl Outbox for MemOutbox {
-    fn push(&mut self, msg: Outgoing) -> io::Result<()> {
-        self.last = self.last.max(msg.client_id);
-        self.msgs.push_back(msg);
-        Ok(())
-    }
-
-    fn remove(&mut self, client_id: u64) -> io::Result<()> {
-        if let Some(at) = self.msgs.iter().position(|m| m.client_id == client_id) {
-            self.msgs.remove(at);
-        }
-        Ok(())
-    }
-
-    fn pending(&self) -> Vec<Outgoing> {
-        self.msgs.iter().cloned().collect()
-    }
-
-    fn last_client_id(&self) -> u64 {
-        self.last
     }
 }
 
@@ -274,78 +223,6 @@ impl fmt::Display for SessionError {
 
 impl std::error::Error for SessionError {}
 
-/// Whether a SEND refused with `code` may succeed later unchanged.
-pub fn is_retryable(code: ErrorCode) -> bool {
-    matches!(
-        code,
-        ErrorCode::StorageFull
-            | ErrorCode::QueueFull
-            | ErrorCode::Unavailable
-            | ErrorCode::RateLimited
-            | ErrorCode::Internal
-    )
-}
-
-/// Whether an ERROR with `client_id` 0 refused one frame and left the
-/// connection open (docs/HARDENING.md), rather than ending it.
-pub fn is_frame_refusal(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::RateLimited | ErrorCode::UnknownMessage)
-}
-
-/// The messages the app has been shown, oldest first, bounded: by server
-/// id, and by (sender, client id) when the DELIVER carried one.
-#[derive(Debug)]
-struct Dedupe {
-    window: usize,
-    order: VecDeque<(u64, Option<(u64, u64)>)>,
-    /// server id -> accepted by the app.
-    seen: HashMap<u64, bool>,
-    /// (sender, client id) -> the server id it was shown under.
-    origins: HashMap<(u64, u64), u64>,
-}
-
-impl Dedupe {
-    fn new(window: usize) -> Dedupe {
-        Dedupe {
-            window: window.max(1),
-            order: VecDeque::new(),
-            seen: HashMap::new(),
-            origins: HashMap::new(),
-        }
-    }
-
-    /// `None`: new (now remembered); `Some(accepted)`: seen before, under
-    /// this server id or (same sender and client id) another one.
-    fn check(&mut self, server_id: u64, origin: Option<(u64, u64)>) -> Option<bool> {
-        if let Some(&accepted) = self.seen.get(&server_id) {
-            return Some(accepted);
-        }
-        if let Some(first) = origin.and_then(|o| self.origins.get(&o)) {
-            return Some(self.seen.get(first).copied().unwrap_or(true));
-        }
-        if self.order.len() >= self.window {
-            if let Some((old, old_origin)) = self.order.pop_front() {
-                self.seen.remove(&old);
-                if let Some(o) = old_origin {
-                    self.origins.remove(&o);
-                }
-            }
-        }
-        self.order.push_back((server_id, origin));
-        self.seen.insert(server_id, false);
-        if let Some(o) = origin {
-            self.origins.insert(o, server_id);
-        }
-        None
-    }
-
-    fn accept(&mut self, server_id: u64) {
-        if let Some(accepted) = self.seen.get_mut(&server_id) {
-            *accepted = true;
-        }
-    }
-}
-
 /// Reconnect delays: full jitter over an exponential bound.
 #[derive(Debug)]
 struct Backoff {
@@ -387,10 +264,9 @@ fn now_us() -> u64 {
 /// A self-healing session for one user. See the module docs.
 pub struct Session<O: Outbox = MemOutbox> {
     config: SessionConfig,
-    outbox: O,
+    /// Outbox, client ids and duplicate filter: the part without I/O.
+    state: SessionState<O>,
     conn: Option<Client>,
-    next_client_id: u64,
-    dedupe: Dedupe,
     events: VecDeque<Event>,
     backoff: Backoff,
     /// When the next connection attempt may start.
@@ -408,8 +284,8 @@ impl<O: Outbox> fmt::Debug for Session<O> {
         f.debug_struct("Session")
             .field("config", &self.config)
             .field("connected", &self.conn.is_some())
-            .field("outbox", &self.outbox.pending().len())
-            .field("next_client_id", &self.next_client_id)
+            .field("outbox", &self.state.outbox().len())
+            .field("next_client_id", &self.state.next_client_id())
             .field("halted", &self.halted)
             .finish_non_exhaustive()
     }
@@ -427,20 +303,18 @@ impl<O: Outbox> Session<O> {
     /// A session over `outbox`: its messages are resent at the first
     /// connection, and new client ids continue above its last one.
     pub fn with_outbox(config: SessionConfig, outbox: O) -> Session<O> {
-        let next_client_id = outbox.last_client_id().max(now_us()) + 1;
+        let state = SessionState::new(outbox, now_us() + 1, config.dedupe_window);
         let now = Instant::now();
         Session {
-            dedupe: Dedupe::new(config.dedupe_window),
             backoff: Backoff {
                 min: config.backoff_min,
                 max: config.backoff_max,
                 attempt: 0,
-                rng: next_client_id,
+                rng: state.next_client_id(),
             },
+            state,
             config,
-            outbox,
             conn: None,
-            next_client_id,
             events: VecDeque::new(),
             connect_at: now,
             retries: VecDeque::new(),
@@ -453,15 +327,7 @@ impl<O: Outbox> Session<O> {
     /// connected, resent after reconnects until ACKed. Returns its client id
     /// (see [`Event::Acked`]).
     pub fn send(&mut self, to: u64, body: &[u8]) -> Result<u64, SessionError> {
-        let client_id = self.next_client_id;
-        self.next_client_id += 1;
-        self.outbox
-            .push(Outgoing {
-                client_id,
-                to,
-                body: body.to_vec(),
-            })
-            .map_err(SessionError::Outbox)?;
+        let client_id = self.state.send(to, body).map_err(SessionError::Outbox)?;
         self.write(&Frame::Send {
             client_id,
             to,
@@ -474,7 +340,7 @@ impl<O: Outbox> Session<O> {
     /// (DELIVERED). If the connection is down, the server delivers it again
     /// after the reconnect and the session answers for the app.
     pub fn accept(&mut self, server_id: u64) -> Result<(), SessionError> {
-        self.dedupe.accept(server_id);
+        self.state.accept(server_id);
         self.write(&Frame::Delivered { server_id });
         Ok(())
     }
@@ -486,12 +352,12 @@ impl<O: Outbox> Session<O> {
 
     /// Messages handed to [`send`](Session::send) and not yet ACKed.
     pub fn outbox_len(&self) -> usize {
-        self.outbox.pending().len()
+        self.state.outbox().len()
     }
 
     /// The outbox.
     pub fn outbox(&self) -> &O {
-        &self.outbox
+        self.state.outbox()
     }
 
     /// Whether a connection is logged in right now.
@@ -588,7 +454,7 @@ impl<O: Outbox> Session<O> {
                     offline_count: info.offline_count,
                 });
                 // Everything not ACKed goes again, in order, same ids.
-                for m in self.outbox.pending() {
+                for m in self.state.resend() {
                     self.write(&Frame::Send {
                         client_id: m.client_id,
                         to: m.to,
@@ -638,12 +504,7 @@ impl<O: Outbox> Session<O> {
                 break;
             }
             self.retries.pop_front();
-            if let Some(m) = self
-                .outbox
-                .pending()
-                .into_iter()
-                .find(|m| m.client_id == client_id)
-            {
+            if let Some(m) = self.state.pending(client_id) {
                 self.write(&Frame::Send {
                     client_id,
                     to: m.to,
@@ -660,9 +521,7 @@ impl<O: Outbox> Session<O> {
                 server_id,
                 server_time_ms,
             } => {
-                self.outbox
-                    .remove(client_id)
-                    .map_err(SessionError::Outbox)?;
+                self.state.on_ack(client_id).map_err(SessionError::Outbox)?;
                 self.events.push_back(Event::Acked {
                     client_id,
                     server_id,
@@ -674,19 +533,21 @@ impl<O: Outbox> Session<O> {
                 client_id,
                 text,
             } if client_id != 0 => {
-                if is_retryable(code) {
-                    let delay = self.config.backoff_min.max(Duration::from_millis(10));
-                    self.retries.push_back((Instant::now() + delay, client_id));
-                    self.events.push_back(Event::Retrying { client_id, code });
-                } else {
-                    self.outbox
-                        .remove(client_id)
-                        .map_err(SessionError::Outbox)?;
-                    self.events.push_back(Event::Refused {
+                match self
+                    .state
+                    .on_refused(client_id, code)
+                    .map_err(SessionError::Outbox)?
+                {
+                    Refusal::Retry => {
+                        let delay = self.config.backoff_min.max(Duration::from_millis(10));
+                        self.retries.push_back((Instant::now() + delay, client_id));
+                        self.events.push_back(Event::Retrying { client_id, code });
+                    }
+                    Refusal::Final(_) => self.events.push_back(Event::Refused {
                         client_id,
                         code,
                         text,
-                    });
+                    }),
                 }
             }
             // A READ, DELIVERED or PING the server did not take (over its
@@ -702,27 +563,16 @@ impl<O: Outbox> Session<O> {
                 server_time_ms,
                 client_id,
                 body,
-            } => {
-                // Client id 0: the sender spoke v1, the pair names nothing.
-                let origin = client_id.filter(|&c| c != 0).map(|c| (from, c));
-                let known = self.dedupe.seen.contains_key(&server_id);
-                match self.dedupe.check(server_id, origin) {
-                    None => self.events.push_back(Event::Message {
-                        server_id,
-                        from,
-                        server_time_ms,
-                        body,
-                    }),
-                    // Accepted before a drop: the server did not hear it.
-                    // Or a second copy under another server id: the app
-                    // has the message under the first.
-                    Some(accepted) if accepted || !known => {
-                        self.write(&Frame::Delivered { server_id })
-                    }
-                    // Shown and not accepted yet: the app has it.
-                    Some(_) => {}
-                }
-            }
+            } => match self.state.on_deliver(server_id, from, client_id) {
+                Incoming::Show => self.events.push_back(Event::Message {
+                    server_id,
+                    from,
+                    server_time_ms,
+                    body,
+                }),
+                Incoming::AnswerDelivered => self.write(&Frame::Delivered { server_id }),
+                Incoming::Ignore => {}
+            },
             OwnedFrame::Receipt {
                 kind,
                 server_id,
@@ -751,32 +601,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dedupe_remembers_a_bounded_window() {
-        let mut d = Dedupe::new(2);
-        assert_eq!(d.check(10, None), None);
-        assert_eq!(d.check(10, None), Some(false));
-        d.accept(10);
-        assert_eq!(d.check(10, None), Some(true));
-        assert_eq!(d.check(11, None), None);
-        assert_eq!(d.check(12, None), None); // 10 leaves the window
-        assert_eq!(d.check(10, None), None);
-    }
-
-    #[test]
-    fn dedupe_by_sender_and_client_id() {
-        let mut d = Dedupe::new(2);
-        assert_eq!(d.check(10, Some((1, 77))), None);
-        // The same message under another server id.
-        assert_eq!(d.check(20, Some((1, 77))), Some(false));
-        d.accept(10);
-        assert_eq!(d.check(20, Some((1, 77))), Some(true));
-        // Another sender's 77 is another message.
-        assert_eq!(d.check(30, Some((2, 77))), None);
-        assert_eq!(d.check(40, None), None); // (1, 77) leaves the window
-        assert_eq!(d.check(50, Some((1, 77))), None);
-    }
-
-    #[test]
     fn backoff_is_jittered_under_a_doubling_bound() {
         let mut b = Backoff {
             min: Duration::from_millis(100),
@@ -799,39 +623,5 @@ mod tests {
             })
             .collect();
         assert!(spread.len() > 10);
-    }
-
-    #[test]
-    fn mem_outbox_keeps_order_and_the_last_id() {
-        let mut o = MemOutbox::default();
-        for id in [5, 6, 7] {
-            o.push(Outgoing {
-                client_id: id,
-                to: 1,
-                body: vec![],
-            })
-            .unwrap();
-        }
-        o.remove(6).unwrap();
-        let ids: Vec<u64> = o.pending().iter().map(|m| m.client_id).collect();
-        assert_eq!(ids, [5, 7]);
-        o.remove(5).unwrap();
-        o.remove(7).unwrap();
-        assert_eq!(o.last_client_id(), 7);
-    }
-
-    #[test]
-    fn retryable_codes() {
-        assert!(is_retryable(ErrorCode::StorageFull));
-        assert!(is_retryable(ErrorCode::Unavailable));
-        assert!(!is_retryable(ErrorCode::BadRecipient));
-        assert!(!is_retryable(ErrorCode::TooLarge));
-    }
-
-    #[test]
-    fn frame_refusals_keep_the_connection() {
-        assert!(is_frame_refusal(ErrorCode::RateLimited));
-        assert!(is_frame_refusal(ErrorCode::UnknownMessage));
-        assert!(!is_frame_refusal(ErrorCode::Malformed));
     }
 }

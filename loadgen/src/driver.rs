@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern::proto::{self, Frame, Limits, ReceiptKind};
+use tern_client::dedupe::Incoming;
+use tern_client::session_state::{Refusal, SessionState};
 
 use crate::addr;
 use crate::engine::{errno_name, Engine, EngineStats, Event};
@@ -41,6 +43,17 @@ const PING_STEP_NS: u64 = 100_000_000;
 const RETRY_NS: u64 = 1_000_000_000;
 /// Receipts that arrived before their ACK, kept at most.
 const EARLY_RECEIPTS_MAX: usize = 100_000;
+/// Cut kinds ([`Worker::cut_due`]).
+const CUT_NOW: u8 = 0;
+const CUT_AFTER_SEND: u8 = 1;
+const CUT_BEFORE_DELIVERED: u8 = 2;
+/// With cuts: a cut connection reconnects after a random wait up to this.
+const CUT_BACKOFF_NS: u64 = 100_000_000;
+/// With cuts: messages each user's duplicate filter remembers. A redelivery
+/// follows its first copy within a reconnect; a user gets a few messages a
+/// second, so 256 covers minutes. Its maps grow with use: about 30 KiB once
+/// a user has received 256 messages, nothing before the first.
+pub const DEDUPE_WINDOW: usize = 256;
 
 const S_IDLE: u8 = 0;
 const S_CONNECTING: u8 = 1;
@@ -152,6 +165,10 @@ pub struct SendPlan {
     pub ledger: Arc<Ledger>,
     /// Connections in the run (for random pairs).
     pub conns: u64,
+    /// Cuts per second over all connections while the schedule runs (0 =
+    /// none). With cuts, every user keeps a [`SessionState`]: un-ACKed
+    /// messages are resent after reconnects, DELIVERs go through its filter.
+    pub cut_rate_per_s: f64,
 }
 
 impl SendPlan {
@@ -298,6 +315,18 @@ pub struct Worker<E: Engine> {
     order: OrderCheck,
     /// Slots of the final drain (at most this worker's connections).
     recheck: HashMap<u32, Recheck>,
+    // Cuts (`SendPlan::cut_rate_per_s`).
+    /// Per local slot, allocated at its first use; empty without cuts.
+    sessions: Vec<Option<Box<SessionState>>>,
+    /// First client id of every user's session: unix µs at the send command.
+    first_client_id: u64,
+    /// Next cut, while the schedule runs.
+    cut_pacer: Option<Pacer>,
+    /// Where the due cut goes, once it is due: `CUT_NOW` (a random slot),
+    /// `CUT_AFTER_SEND`, `CUT_BEFORE_DELIVERED`.
+    cut_kind: u8,
+    /// Reconnect cut or dropped connections (until `CloseAll`).
+    cut_reopen: bool,
     // Keepalive.
     ping_cursor: u32,
     ping_next_ns: u64,
@@ -355,6 +384,11 @@ impl<E: Engine> Worker<E> {
             early_receipts: HashMap::new(),
             order: OrderCheck::default(),
             recheck: HashMap::new(),
+            sessions: Vec::new(),
+            first_client_id: 0,
+            cut_pacer: None,
+            cut_kind: CUT_NOW,
+            cut_reopen: false,
             ping_cursor: 0,
             ping_next_ns: 0,
             ping_last_ns: 0,
@@ -399,6 +433,7 @@ impl<E: Engine> Worker<E> {
             self.open_due(now);
             self.reopen_due(now);
             self.send_due(now);
+            self.cut_due(now);
             self.ping_due(now);
             let timeout = self.next_wake(now);
             if let Err(e) = self.engine.poll(timeout, &mut events, &mut scratch) {
@@ -469,6 +504,16 @@ impl<E: Engine> Worker<E> {
                 self.pacer = Pacer::new(now, rate_per_s, seed);
             }
             Cmd::Send(plan) => {
+                if plan.cut_rate_per_s > 0.0 {
+                    let share = plan.cut_rate_per_s / self.plan.workers as f64;
+                    let seed = self.rng.next_u64();
+                    self.cut_pacer = Some(Pacer::new(plan.sched.begin_ns, share, Some(seed)));
+                    self.cut_reopen = true;
+                    self.sessions = (0..self.conns.len()).map(|_| None).collect();
+                    self.first_client_id = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(1, |d| d.as_micros() as u64);
+                }
                 self.send_next = 0;
                 self.last_plan = Some(plan.clone());
                 self.send = Some(plan);
@@ -537,6 +582,8 @@ impl<E: Engine> Worker<E> {
 
     fn close_all(&mut self) {
         self.reconnect = false;
+        self.cut_reopen = false;
+        self.cut_pacer = None;
         self.reopen.clear();
         self.send = None;
         let left = self.open_end - self.open_next;
@@ -681,7 +728,8 @@ impl<E: Engine> Worker<E> {
             }
             handled += 1;
             let l = (s / workers) as u32;
-            if self.conns[l as usize].state != S_UP {
+            let sessions = !self.sessions.is_empty();
+            if self.conns[l as usize].state != S_UP && !sessions {
                 plan.ledger.mark(n, SKIPPED);
                 self.shared.add(C::msgs_skipped, 1);
                 continue;
@@ -694,16 +742,31 @@ impl<E: Engine> Worker<E> {
             self.body.extend_from_slice(&from.to_le_bytes());
             self.body
                 .resize(plan.body_bytes.max(BODY_HEADER_BYTES), b'.');
-            self.wbuf.clear();
-            proto::encode(
-                &Frame::Send {
-                    client_id: n + 1,
-                    to,
-                    body: &self.body,
-                },
-                &mut self.wbuf,
-            );
-            self.engine.send(l, &self.wbuf);
+            let client_id = if sessions {
+                // Kept until ACKed; written now if logged in, else at the login.
+                let body = std::mem::take(&mut self.body);
+                let id = self.session(l).send(to, &body).expect("memory outbox");
+                self.body = body;
+                (self.conns[l as usize].state == S_UP).then_some(id)
+            } else {
+                Some(n + 1)
+            };
+            if let Some(client_id) = client_id {
+                self.wbuf.clear();
+                proto::encode(
+                    &Frame::Send {
+                        client_id,
+                        to,
+                        body: &self.body,
+                    },
+                    &mut self.wbuf,
+                );
+                self.engine.send(l, &self.wbuf);
+                if sessions && self.cut_kind == CUT_AFTER_SEND && self.cut_is_due(now) {
+                    self.cut_kind = CUT_NOW;
+                    self.cut(l);
+                }
+            }
             plan.ledger.mark(n, SENT);
             self.shared.add(C::msgs_sent, 1);
             if now > plan.sched.intended_ns(n) + LATE_NS {
@@ -713,6 +776,68 @@ impl<E: Engine> Worker<E> {
         if self.send_next >= plan.sched.total {
             self.send = None;
         }
+    }
+
+    /// Slot `l`'s session, made at its first use.
+    fn session(&mut self, l: u32) -> &mut SessionState {
+        self.sessions[l as usize].get_or_insert_with(|| {
+            Box::new(SessionState::new(
+                Default::default(),
+                self.first_client_id,
+                DEDUPE_WINDOW,
+            ))
+        })
+    }
+
+    fn cut_is_due(&mut self, now: u64) -> bool {
+        match &mut self.cut_pacer {
+            Some(p) if p.is_due(now) => {
+                p.advance();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Cuts at random: a third of the cuts go to a random logged-in slot
+    /// now, a third right after the next SEND (`send_due`), a third right
+    /// before the next DELIVERED (`on_frame`).
+    fn cut_due(&mut self, now: u64) {
+        if self.send.is_none() {
+            self.cut_pacer = None;
+            return;
+        }
+        if self.cut_kind != CUT_NOW || self.conns.is_empty() {
+            return;
+        }
+        let Some(p) = &self.cut_pacer else {
+            return;
+        };
+        if !p.is_due(now) {
+            return;
+        }
+        let kind = self.rng.below(3) as u8;
+        if kind != CUT_NOW {
+            self.cut_kind = kind;
+            return;
+        }
+        // A few tries at finding a logged-in slot; else the cut waits.
+        for _ in 0..8 {
+            let l = self.rng.below(self.conns.len() as u64) as u32;
+            if self.conns[l as usize].state == S_UP {
+                self.cut_is_due(now);
+                self.cut(l);
+                return;
+            }
+        }
+    }
+
+    /// Cuts slot `l`: a reset (the engine closes with SO_LINGER 0), whatever
+    /// is in flight either way is lost; it reconnects after a backoff.
+    fn cut(&mut self, l: u32) {
+        self.shared.add(C::cuts, 1);
+        self.conns[l as usize].flags |= F_REOPEN;
+        self.close(l);
     }
 
     fn ping_due(&mut self, now: u64) {
@@ -761,6 +886,9 @@ impl<E: Engine> Worker<E> {
             if self.inflight < self.plan.inflight_max {
                 wake = wake.min(*due);
             }
+        }
+        if let (Some(p), CUT_NOW) = (&self.cut_pacer, self.cut_kind) {
+            wake = wake.min(p.next_ns());
         }
         if let Some(plan) = &self.send {
             if self.send_next < plan.sched.total {
@@ -814,6 +942,9 @@ impl<E: Engine> Worker<E> {
                 }
                 if self.reconnect && st == S_CONNECTING {
                     self.schedule_reopen(l, now, RETRY_NS);
+                } else if self.cut_reopen && st == S_CONNECTING && !self.recheck.contains_key(&l) {
+                    let wait = RETRY_NS + self.rng.below(RETRY_NS);
+                    self.reopen.push(Reverse((now + wait, l)));
                 }
             }
             Event::Recv(l, start, len) => {
@@ -829,6 +960,9 @@ impl<E: Engine> Worker<E> {
                 self.set_state(l, S_IDLE);
                 if reopen && self.reconnect {
                     self.schedule_reopen(l, now, 0);
+                } else if reopen && self.cut_reopen {
+                    let wait = self.rng.below(CUT_BACKOFF_NS + 1);
+                    self.reopen.push(Reverse((now + wait, l)));
                 }
                 // A slot still opening or draining here was closed by us at
                 // the end: it stays not drained (unverified), not failed.
@@ -873,7 +1007,7 @@ impl<E: Engine> Worker<E> {
             _ => return,
         }
         self.recheck_end(l, Recheck::Failed);
-        if self.reconnect {
+        if self.reconnect || (self.cut_reopen && !self.recheck.contains_key(&l)) {
             self.conns[l as usize].flags |= F_REOPEN;
         }
         self.conns[l as usize].inbuf = None;
@@ -955,6 +1089,7 @@ impl<E: Engine> Worker<E> {
                 } else {
                     self.shared.add(C::offline_expected, offline_count);
                 }
+                self.resend(l);
             }
             Frame::LoginErr { code, .. } => {
                 self.shared.add(C::login_failed, 1);
@@ -967,11 +1102,19 @@ impl<E: Engine> Worker<E> {
                 server_id,
                 ..
             } => {
+                let n = if self.sessions.is_empty() {
+                    client_id.wrapping_sub(1)
+                } else {
+                    // A repeated ACK (for a resent SEND) finds nothing.
+                    match self.session(l).on_ack(client_id).expect("memory outbox") {
+                        Some(m) => message_number(&m.body),
+                        None => return,
+                    }
+                };
                 self.shared.add(C::acks, 1);
                 let Some(plan) = self.send_plan() else {
                     return;
                 };
-                let n = client_id.wrapping_sub(1);
                 if n >= plan.ledger.len() {
                     return;
                 }
@@ -996,8 +1139,18 @@ impl<E: Engine> Worker<E> {
                 }
                 self.shared.add(C::send_errors, 1);
                 self.shared.fail(&format!("send:{code}"));
-                if let Some(plan) = self.send_plan() {
-                    plan.ledger.mark(client_id - 1, REFUSED);
+                let n = if self.sessions.is_empty() {
+                    Some(client_id - 1)
+                } else {
+                    // A temporary refusal stays in the outbox: resent at
+                    // the next login.
+                    match self.session(l).on_refused(client_id, code) {
+                        Ok(Refusal::Final(Some(m))) => Some(message_number(&m.body)),
+                        _ => None,
+                    }
+                };
+                if let (Some(plan), Some(n)) = (self.send_plan(), n) {
+                    plan.ledger.mark(n, REFUSED);
                 }
             }
             Frame::Deliver {
@@ -1008,10 +1161,33 @@ impl<E: Engine> Worker<E> {
                 ..
             } => {
                 self.shared.add(C::delivers, 1);
+                // The app stores every message it is shown at once, so
+                // DELIVERED goes for every DELIVER (`Ignore`, shown and not
+                // stored yet, does not come up here).
+                let shown = if self.sessions.is_empty() {
+                    None
+                } else {
+                    let s = self.session(l);
+                    match s.on_deliver(server_id, from, client_id) {
+                        Incoming::Show => {
+                            s.accept(server_id);
+                            Some(true)
+                        }
+                        Incoming::AnswerDelivered | Incoming::Ignore => Some(false),
+                    }
+                };
+                self.on_deliver(l, from, (server_id, client_id), shown, body, now);
+                // The app stored it, the connection drops before DELIVERED:
+                // the server delivers it again after the login.
+                if shown.is_some() && self.cut_kind == CUT_BEFORE_DELIVERED && self.cut_is_due(now)
+                {
+                    self.cut_kind = CUT_NOW;
+                    self.cut(l);
+                    return;
+                }
                 self.wbuf.clear();
                 proto::encode(&Frame::Delivered { server_id }, &mut self.wbuf);
                 self.engine.send(l, &self.wbuf);
-                self.on_deliver(l, from, (server_id, client_id), body, now);
                 // The queue at login is delivered first, in order, so the
                 // first `expected` DELIVERs (whatever they carry) are all of
                 // it; anything later was queued after the login.
@@ -1081,9 +1257,40 @@ impl<E: Engine> Worker<E> {
         record(&mut self.ivl.receipt, at_ns.saturating_sub(intended) / 1000);
     }
 
+    /// After a login with cuts: writes the slot's un-ACKed messages again,
+    /// in order, with their original client ids.
+    fn resend(&mut self, l: u32) {
+        let Some(Some(s)) = self.sessions.get(l as usize) else {
+            return;
+        };
+        let again = s.resend();
+        for m in again {
+            self.wbuf.clear();
+            proto::encode(
+                &Frame::Send {
+                    client_id: m.client_id,
+                    to: m.to,
+                    body: &m.body,
+                },
+                &mut self.wbuf,
+            );
+            self.engine.send(l, &self.wbuf);
+            self.shared.add(C::resends, 1);
+        }
+    }
+
     /// A DELIVER of `body` from `from`; `ids`: its server id and, on a v2
-    /// connection, the sender's client id.
-    fn on_deliver(&mut self, l: u32, from: u64, ids: (u64, Option<u64>), body: &[u8], now: u64) {
+    /// connection, the sender's client id; `shown`: whether the user's
+    /// session filter let it through to the app (`None`: no session).
+    fn on_deliver(
+        &mut self,
+        l: u32,
+        from: u64,
+        ids: (u64, Option<u64>),
+        shown: Option<bool>,
+        body: &[u8],
+        now: u64,
+    ) {
         let Some(plan) = self.send_plan() else {
             self.shared.add(C::delivers_foreign, 1);
             return;
@@ -1118,7 +1325,11 @@ impl<E: Engine> Worker<E> {
                 // An app drops a repeat of a server id it has seen, and
                 // (v2) of a (sender, client id) it has seen: each message
                 // here has one client id. What passes both, it shows twice.
-                if !same_id && client_id.is_none_or(|c| c == 0) {
+                let through = match shown {
+                    Some(shown) => shown,
+                    None => !same_id && client_id.is_none_or(|c| c == 0),
+                };
+                if through {
                     self.shared.add(C::delivers_dup_app, 1);
                 }
             }
@@ -1127,9 +1338,24 @@ impl<E: Engine> Worker<E> {
     }
 }
 
+/// The message number in a body of this run (checked by `on_deliver`;
+/// bodies are at least [`BODY_HEADER_BYTES`]).
+fn message_number(body: &[u8]) -> u64 {
+    body.get(4..12).map_or(u64::MAX, |b| {
+        u64::from_le_bytes(b.try_into().expect("8 bytes"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_state_per_user_is_small() {
+        // Allocated per user only with cuts, boxed: 8 bytes per slot plus
+        // this, until the user sends or receives.
+        assert!(std::mem::size_of::<SessionState>() <= 192);
+    }
 
     #[test]
     fn per_connection_state_is_small() {
@@ -1148,6 +1374,7 @@ mod tests {
             body_bytes: BODY_HEADER_BYTES,
             ledger: Arc::new(Ledger::new(0)),
             conns,
+            cut_rate_per_s: 0.0,
         }
     }
 

@@ -212,6 +212,12 @@ pub struct ChatArgs {
     /// Most messages in one run (bounds the ledger: 2 bytes per message).
     #[arg(long, default_value_t = 100_000_000)]
     pub msgs_max: u64,
+    /// Cut connections at random while sending, this many per second over
+    /// all connections (0 = never): each cut resets the connection, which
+    /// reconnects and logs in again; every user then runs the client's
+    /// session logic (outbox resent after reconnects, duplicate filter).
+    #[arg(long, default_value = "0", value_parser = rate)]
+    pub cut_rate: f64,
 }
 
 /// `offline` options.

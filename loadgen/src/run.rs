@@ -582,6 +582,15 @@ impl Finished {
                 s.get(C::delivers_dup_app),
                 t.receipted,
             );
+            if s.get(C::cuts) > 0 || s.get(C::resends) > 0 {
+                println!(
+                    "cuts {} resends {} (duplicates {}, seen by the app {})",
+                    s.get(C::cuts),
+                    s.get(C::resends),
+                    t.duplicates,
+                    s.get(C::delivers_dup_app),
+                );
+            }
             if t.not_delivered_within_drain() > 0 {
                 println!(
                     "not delivered within the drain window ({}): {} ({} late: delivered in the \
@@ -693,6 +702,7 @@ impl Finished {
                     "drain_s": drain.as_secs_f64(),
                     "duplicates": t.duplicates,
                     "duplicates_seen_by_app": s.get(C::delivers_dup_app),
+                    "cuts": s.get(C::cuts), "resends": s.get(C::resends),
                     "out_of_order": ooo, "foreign": foreign,
                     "delivered_before_ack": t.delivered_unacked, "receipted": t.receipted,
                     "order_pairs_checked": self.order_pairs,
@@ -930,6 +940,7 @@ pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
             body_bytes: a.body_bytes,
             ledger: Arc::new(Ledger::new(total)),
             conns: n,
+            cut_rate_per_s: a.cut_rate,
         });
         eprintln!(
             "chat: {total} messages at {rate}/s between random pairs of {} up, {} body bytes",
@@ -957,7 +968,7 @@ pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
         argv,
         tally.as_ref().map(|t| (t, a.drain)),
         json!({"chat": {"msg_rate_per_s": rate, "duration_s": a.duration.as_secs_f64(),
-                        "body_bytes": a.body_bytes}}),
+                        "body_bytes": a.body_bytes, "cut_rate_per_s": a.cut_rate}}),
     ))
 }
 
@@ -986,6 +997,7 @@ pub fn offline(a: OfflineArgs, argv: &[String]) -> Res<i32> {
             body_bytes: a.body_bytes,
             ledger: Arc::new(Ledger::new(total)),
             conns: 2 * senders,
+            cut_rate_per_s: 0.0,
         });
         eprintln!("offline: {total} messages from {senders} senders to {senders} offline users");
         run.broadcast(|| Cmd::Send(p.clone()));
