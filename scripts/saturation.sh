@@ -144,7 +144,8 @@ for shape in $shapes; do
                     server_pid=$!
                     up=0
                     for ((i = 0; i < 100; i++)); do
-                        if grep -qs "listening on" "$tmp/server.log"; then up=1; break; fi
+                        # Up when the stats socket answers: every shard runs.
+                        if "$tern" stats --socket "$tmp/tern.sock" show info >/dev/null 2>&1; then up=1; break; fi
                         kill -0 "$server_pid" 2>/dev/null || break
                         sleep 0.1
                     done
@@ -165,7 +166,10 @@ for shape in $shapes; do
                     rc=0
                     wait "$lg_pid" || rc=$?
                     lg_pid=""
-                    [ "$rc" = 0 ] || log "$name: load generator exited $rc (see raw/$name.txt)"
+                    if [ "$rc" != 0 ]; then
+                        cp "$tmp/server.log" "$out/raw/$name.server.log"
+                        log "$name: load generator exited $rc (see raw/$name.txt and raw/$name.server.log)"
+                    fi
                     stop_server
                 done
             done

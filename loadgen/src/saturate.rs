@@ -387,6 +387,8 @@ pub fn run(a: SaturateArgs, argv: &[String]) -> io::Result<i32> {
     for i in 0..users {
         let user = a.user_base + i;
         let mut stream = TcpStream::connect(a.server)?;
+        // Small frames each way: Nagle plus delayed ACKs would add 40 ms.
+        stream.set_nodelay(true)?;
         poll.registry().register(
             &mut stream,
             Token(i as usize),
