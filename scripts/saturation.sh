@@ -40,6 +40,7 @@ Usage: scripts/saturation.sh [OPTIONS]
 USAGE
 }
 
+invocation="$*"
 shapes="pipelined chat" durabilities="memory fsync" shard_counts="1 2" ios="uring poll"
 runs=3 windows=1,4,16,64,256 step_time=1s warmup=300ms p99_bound=10ms
 chat_users=2000 pipelined_users=2 pin=0 run_secs_max=120 out="" build=1
@@ -118,7 +119,7 @@ TERN_TOKEN_SECRET=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 
 {
     echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -srm), $(nproc) cores; pin=$pin"
-    echo "# invocation: scripts/saturation.sh $*"
+    echo "# invocation: scripts/saturation.sh $invocation"
     echo "# the box is shared with other work: figures are noisy"
 } >"$out/commands.txt"
 
