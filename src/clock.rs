@@ -5,7 +5,7 @@
 //! thread can run many shards in simulated time and replay a run exactly.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// A shard's source of time.
@@ -24,6 +24,20 @@ impl Clock {
         match self {
             Clock::Real => Instant::now(),
             Clock::Sim(t) => t.instant(),
+        }
+    }
+
+    /// Monotonic nanoseconds since a fixed origin shared by every shard of
+    /// the process (simulated: since simulated time zero), so a value taken
+    /// on one shard can be subtracted from one taken on another.
+    pub fn mono_ns(&self) -> u64 {
+        match self {
+            Clock::Real => {
+                static ORIGIN: OnceLock<Instant> = OnceLock::new();
+                let origin = *ORIGIN.get_or_init(Instant::now);
+                Instant::now().saturating_duration_since(origin).as_nanos() as u64
+            }
+            Clock::Sim(t) => t.elapsed().as_nanos() as u64,
         }
     }
 

@@ -18,6 +18,7 @@ mod engine;
 mod ledger;
 mod report;
 mod run;
+mod saturate;
 mod sched;
 mod sink;
 mod sysinfo;
@@ -59,6 +60,8 @@ enum Command {
     Storm(StormArgs),
     /// Accept and hold connections (io_uring multishot accept, direct descriptors).
     Sink(sink::SinkArgs),
+    /// Closed loop, window stepped: highest msgs/s with all four ticks under a deliver p99 bound.
+    Saturate(saturate::SaturateArgs),
 }
 
 /// Which engine drives the sockets.
@@ -287,6 +290,7 @@ fn main() {
         Command::Offline(a) => run::offline(a, &argv),
         Command::Storm(a) => run::storm(a, &argv),
         Command::Sink(a) => sink::run(a, &argv),
+        Command::Saturate(a) => saturate::run(a, &argv).map_err(Into::into),
     };
     let status = match status {
         Ok(s) => s,

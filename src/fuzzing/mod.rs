@@ -554,6 +554,7 @@ mod regressions {
         let now = Now {
             tick: 0,
             unix_ms: 0,
+            mono_ns: 0,
         };
         let conn = ConnId(0);
         s.on_event(now, &OpenEnv, Event::Opened(conn));

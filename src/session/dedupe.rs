@@ -24,6 +24,7 @@ impl Sessions {
         from: u64,
         reply: ConnRef,
         origin: Option<Origin>,
+        sent_ns: u64,
     ) -> Option<Msg> {
         let origin = origin?;
         let client_id = origin.client_id;
@@ -36,6 +37,7 @@ impl Sessions {
                     client_id,
                     server_id,
                     time_ms,
+                    sent_ns,
                 })
             }
             Seen::Stale { .. } => {

@@ -77,6 +77,7 @@ impl Sessions {
             origin,
             to,
             body: body.into(),
+            sent_ns: now.mono_ns,
         };
         self.stats.msgs_in.inc();
         self.route(now, env, dst, msg);
@@ -260,8 +261,9 @@ impl Sessions {
                 origin,
                 to,
                 body,
+                sent_ns,
             } => {
-                if let Some(answer) = self.retry_answer(from, reply, origin) {
+                if let Some(answer) = self.retry_answer(from, reply, origin, sent_ns) {
                     // Behind the answers before it, and after the commit
                     // of the first copy if that is still staged.
                     self.replies.push((reply.shard as usize, answer));
@@ -281,11 +283,13 @@ impl Sessions {
                         self.next_seq += 1;
                         // Sent once durable: see `on_committed`.
                         self.fresh.push(to);
+                        self.fresh_sent.push((to, server_id, sent_ns));
                         Msg::Ack {
                             reply,
                             client_id,
                             server_id,
                             time_ms,
+                            sent_ns,
                         }
                     }
                     Err(PushError::QueueFull(_)) => {
@@ -313,9 +317,12 @@ impl Sessions {
                 client_id,
                 server_id,
                 time_ms,
+                sent_ns,
             } => {
                 if let Some(conn) = self.live(reply) {
                     self.stats.acks.inc();
+                    let ns = now.mono_ns.saturating_sub(sent_ns);
+                    self.stats.latency.send_to_ack.record(ns);
                     self.write(
                         conn,
                         &Frame::Ack {
@@ -442,5 +449,19 @@ impl Sessions {
             self.pump(env, user, true, Some(w));
         }
         self.fresh = fresh;
+        // Those just written are in the online figure; those left queued
+        // (recipient offline, or its delivery window full) are not.
+        for &(user, server_id, sent_ns) in &self.fresh_sent {
+            if self.users.conn_of(user).is_some()
+                && self
+                    .users
+                    .get_mut(user)
+                    .is_some_and(|on| on.sent_upto >= server_id)
+            {
+                let ns = now.mono_ns.saturating_sub(sent_ns);
+                self.stats.latency.send_to_deliver.record(ns);
+            }
+        }
+        self.fresh_sent.clear();
     }
 }

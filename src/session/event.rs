@@ -14,6 +14,9 @@ pub struct Now {
     /// Wall-clock milliseconds since the Unix epoch (server times, token
     /// expiry).
     pub unix_ms: u64,
+    /// Monotonic nanoseconds ([`crate::clock::Clock::mono_ns`]): latency
+    /// histograms only.
+    pub mono_ns: u64,
 }
 
 /// What the session layer may ask about the rest of the server.

@@ -116,6 +116,9 @@ pub struct Sessions {
     /// Users who got new messages this iteration: their connections are
     /// sent them once the commit made them durable.
     fresh: Vec<u64>,
+    /// The messages stored this iteration: recipient, server id, and when
+    /// their SEND was decoded (for the send-to-deliver histogram).
+    fresh_sent: Vec<(u64, u64, u64)>,
     next_gen: u32,
     next_seq: u64,
     /// Set by the debug crash hook; the shard panics outside connection
@@ -162,6 +165,7 @@ impl Sessions {
             store,
             replies: Vec::new(),
             fresh: Vec::new(),
+            fresh_sent: Vec::new(),
             next_gen: 1,
             crash: false,
             stats,
@@ -394,6 +398,7 @@ impl Sessions {
         }
         self.crash = false;
         self.fresh.clear();
+        self.fresh_sent.clear();
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
     }

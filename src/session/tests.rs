@@ -100,6 +100,7 @@ impl Harness {
             now: Now {
                 tick: 0,
                 unix_ms: T0_MS,
+                mono_ns: 0,
             },
             config,
         }
@@ -729,6 +730,7 @@ fn a_send_from_another_shard_is_acked_there_after_the_commit() {
             origin: None,
             to,
             body: b"b".to_vec().into(),
+            sent_ns: 0,
         })
     };
     let out = h.step(send(1));

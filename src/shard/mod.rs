@@ -199,6 +199,7 @@ impl Shard {
             now: Now {
                 tick: wheel.now(),
                 unix_ms: clock.unix_ms(),
+                mono_ns: clock.mono_ns(),
             },
             fatal,
             wheel,
@@ -420,6 +421,7 @@ impl Shard {
         self.now = Now {
             tick: self.wheel.now(),
             unix_ms: self.clock.unix_ms(),
+            mono_ns: self.clock.mono_ns(),
         };
     }
 

@@ -70,6 +70,9 @@ pub enum Msg {
         to: u64,
         /// Message body.
         body: Box<[u8]>,
+        /// When the SEND was decoded ([`Now::mono_ns`](crate::session::Now)), for
+        /// the latency histograms.
+        sent_ns: u64,
     },
     /// The recipient's shard took the message: one tick for the sender.
     Ack {
@@ -81,6 +84,9 @@ pub enum Msg {
         server_id: u64,
         /// When it was stored.
         time_ms: u64,
+        /// When the SEND was decoded ([`Now::mono_ns`](crate::session::Now)), for
+        /// the latency histograms.
+        sent_ns: u64,
     },
     /// The recipient's shard refused the message.
     Reject {

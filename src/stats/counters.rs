@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use super::latency::Latency;
+
 /// One value written by a single thread (its shard) and read by the stats thread.
 ///
 /// Writes are a relaxed load plus a relaxed store, never a lock-prefixed
@@ -94,6 +96,9 @@ macro_rules! shard_stats {
         $(#[$meta])*
         pub struct $ty {
             $( #[doc = $doc] pub $name: Counter, )+
+            /// Server-side latency histograms (not in [`Self::FIELDS`]:
+            /// rendered as histograms, not one value per shard).
+            pub latency: Latency,
         }
 
         impl $ty {
@@ -334,10 +339,11 @@ mod tests {
     fn shard_stats_layout() {
         assert_eq!(std::mem::align_of::<ShardStats>(), 128);
         assert_eq!(std::mem::size_of::<ShardStats>() % 128, 0);
-        // Every field is in the table: the struct holds nothing but counters.
-        let fields = ShardStats::FIELDS.len();
-        let lines = std::mem::size_of::<ShardStats>() / 128;
-        assert!(fields * 8 <= lines * 128 && fields * 8 > (lines - 1) * 128);
+        // Every field is in the table: the struct holds nothing but
+        // counters and the latency histograms.
+        let bytes = ShardStats::FIELDS.len() * 8 + std::mem::size_of::<Latency>();
+        let size = std::mem::size_of::<ShardStats>();
+        assert!(bytes <= size && bytes > size - 128);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - `help`: the commands, one line each.
 //! - `show info`: process totals as `Key: value` lines.
 //! - `show shards`: a whitespace-separated table, one row per shard.
+//! - `show latency`: server-side latency histograms, merged over shards.
 //! - `show metrics`: Prometheus text format 0.0.4, one sample per shard,
 //!   also served over HTTP at `GET /metrics` when a metrics address is set.
 //!
@@ -16,11 +17,13 @@
 //! counter is read whole, but one after another.
 
 mod counters;
+mod latency;
 mod render;
 mod server;
 mod socket;
 
 pub use counters::{Counter, Field, Kind, LoopTimer, ShardStats, LOOP_US_MAX, LOOP_WINDOW};
+pub use latency::{bucket_le_seconds, Histogram, Latency, Merged, LATENCY_BUCKETS};
 pub use render::{render, StatsView};
 pub use server::{
     query, StatsServer, CLIENT_TIME_MAX, COMMAND_BYTES_MAX, HTTP_HEAD_BYTES_MAX, POLL_INTERVAL,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::counters::{Counter, Kind, ShardStats};
+use super::latency::{bucket_le_seconds, Histogram, Latency, Merged, LATENCY_BUCKETS};
 use crate::supervisor::ShardState;
 
 /// What the stats socket can see: process facts plus every shard's counters.
@@ -46,6 +47,15 @@ impl StatsView {
             .iter()
             .fold(0u64, |acc, s| acc.wrapping_add(get(s).get()))
     }
+
+    /// One latency histogram added up over every shard.
+    fn merged(&self, get: fn(&Latency) -> &Histogram) -> Merged {
+        let mut m = Merged::default();
+        for s in &self.shards {
+            m.add(get(&s.latency));
+        }
+        m
+    }
 }
 
 /// The commands, with their one-line descriptions, as `help` lists them.
@@ -62,6 +72,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "show limits",
         "one row per shard: what the abuse limits refused, banned and closed",
+    ),
+    (
+        "show latency",
+        "server-side latency, SEND decoded to ACK and to DELIVER written: quantiles and buckets",
     ),
     (
         "show metrics",
@@ -101,6 +115,7 @@ fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Proces
         ["show", "info"] => render_info(view, process()),
         ["show", "shards"] => render_table(view, SHARD_COLUMNS, true),
         ["show", "limits"] => render_table(view, LIMIT_COLUMNS, false),
+        ["show", "latency"] => render_latency(view),
         ["show", "metrics"] => render_metrics(view, process()),
         ["reload", "tls"] => match &view.tls {
             Some(tls) => match tls.reload() {
@@ -203,11 +218,84 @@ fn render_table(view: &StatsView, columns: &[(&str, Getter)], state: bool) -> St
         }
         rows.push(row);
     }
+    format_rows(&rows)
+}
+
+/// A table of latency histograms.
+type Latencies = &'static [(&'static str, &'static str, fn(&Latency) -> &Histogram)];
+
+/// The latency histograms: name, what it ends at, and the field.
+const LATENCIES: Latencies = &[
+    ("send_to_ack", "its ACK", |l| &l.send_to_ack),
+    (
+        "send_to_deliver",
+        "its DELIVER to an online recipient",
+        |l| &l.send_to_deliver,
+    ),
+];
+
+/// `show latency`: one row per histogram (count, sum and quantiles, merged
+/// over shards), a blank line, then the cumulative count of each histogram
+/// per bucket bound `le_us`, like Prometheus buckets. A quantile is the
+/// bound of the bucket holding it (`-` when empty, `+Inf` past the last).
+fn render_latency(view: &StatsView) -> String {
+    let merged: Vec<Merged> = LATENCIES
+        .iter()
+        .map(|(_, _, get)| view.merged(*get))
+        .collect();
+    let quantile = |m: &Merged, q: f64| match m.quantile_us(q) {
+        None => "-".to_string(),
+        Some(u64::MAX) => "+Inf".to_string(),
+        Some(us) => us.to_string(),
+    };
+    let mut rows = vec![[
+        "name", "count", "sum_us", "p50_us", "p90_us", "p99_us", "p999_us",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for ((name, _, _), m) in LATENCIES.iter().zip(&merged) {
+        rows.push(vec![
+            name.to_string(),
+            m.total().to_string(),
+            (m.sum_ns / 1000).to_string(),
+            quantile(m, 0.5),
+            quantile(m, 0.9),
+            quantile(m, 0.99),
+            quantile(m, 0.999),
+        ]);
+    }
+    let mut out = format_rows(&rows);
+    out.push('\n');
+    let mut rows = vec![std::iter::once("le_us")
+        .chain(LATENCIES.iter().map(|(name, _, _)| *name))
+        .map(String::from)
+        .collect::<Vec<_>>()];
+    let mut cumulative = vec![0u64; merged.len()];
+    for i in 0..=LATENCY_BUCKETS {
+        let le = if i < LATENCY_BUCKETS {
+            (1u64 << i).to_string()
+        } else {
+            "+Inf".to_string()
+        };
+        let mut row = vec![le];
+        for (c, m) in cumulative.iter_mut().zip(&merged) {
+            *c += m.buckets[i];
+            row.push(c.to_string());
+        }
+        rows.push(row);
+    }
+    out.push_str(&format_rows(&rows));
+    out
+}
+
+/// Rows of cells, padded to each column's width: the first column on the
+/// left, the others on the right.
+fn format_rows(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|col| rows.iter().map(|r| r[col].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for row in &rows {
+    for row in rows {
         for (col, (cell, width)) in row.iter().zip(&widths).enumerate() {
             let _ = match col {
                 0 => write!(out, "{cell:<width$}"),
@@ -234,6 +322,29 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
         for (id, shard) in view.shards.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{id}\"}} {}", (field.get)(shard).get());
         }
+    }
+    for (name, what, get) in LATENCIES {
+        let m = view.merged(*get);
+        let name = format!("tern_{name}_seconds");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from a SEND decoded to {what} written, all shards."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in m.buckets.iter().enumerate() {
+            cumulative += b;
+            let _ = match i < LATENCY_BUCKETS {
+                true => writeln!(
+                    out,
+                    "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                    bucket_le_seconds(i)
+                ),
+                false => writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}"),
+            };
+        }
+        let _ = writeln!(out, "{name}_sum {}", m.sum_ns as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {cumulative}");
     }
     let process_gauges: [(&str, &str, String); 3] = [
         (
@@ -398,6 +509,10 @@ pub(crate) mod tests {
         b.ring_full.add(7);
         a.loop_p50_us.set(12);
         a.loop_p99_us.set(345);
+        a.latency.send_to_ack.record(3_000);
+        b.latency.send_to_ack.record(5_000);
+        b.latency.send_to_ack.record(40_000_000_000);
+        a.latency.send_to_deliver.record(900);
         view
     }
 
@@ -622,25 +737,48 @@ pub(crate) mod tests {
             }
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
-                assert!(kind == "counter" || kind == "gauge", "{line}");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
                 assert!(help.contains(name), "TYPE before HELP for {name}");
                 assert!(types.insert(name.to_string(), kind.to_string()).is_none());
                 continue;
             }
             assert!(!line.starts_with('#'), "{line}");
             let (name, labels, value) = parse_sample(line);
-            assert!(types.contains_key(&name), "sample before TYPE: {line}");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                .unwrap_or(&name);
+            assert!(types.contains_key(family), "sample before TYPE: {line}");
             samples.push((name, labels, value));
         }
         // Every described metric has samples; counters and only counters end in _total.
         for (name, kind) in &types {
             assert!(
-                samples.iter().any(|(n, _, _)| n == name),
+                samples.iter().any(|(n, _, _)| n.starts_with(name.as_str())),
                 "{name} has no sample"
             );
             assert_eq!(name.ends_with("_total"), kind == "counter", "{name}");
         }
-        assert_eq!(types.len(), ShardStats::FIELDS.len() + 4);
+        assert_eq!(types.len(), ShardStats::FIELDS.len() + 6);
+        // Histograms: merged over shards, cumulative buckets ending in +Inf
+        // that equal _count.
+        let buckets: Vec<_> = samples
+            .iter()
+            .filter(|(n, _, _)| n == "tern_send_to_ack_seconds_bucket")
+            .collect();
+        assert_eq!(buckets.len(), LATENCY_BUCKETS + 1);
+        assert!(buckets.windows(2).all(|w| w[0].2 <= w[1].2));
+        assert_eq!(buckets[0].1["le"], "0.000001");
+        assert_eq!(buckets[2].2, 1.0); // 3 µs <= 4 µs
+        assert_eq!(buckets[3].2, 2.0); // 5 µs <= 8 µs
+        assert_eq!(buckets[LATENCY_BUCKETS - 1].2, 2.0);
+        assert_eq!(buckets[LATENCY_BUCKETS].1["le"], "+Inf");
+        assert_eq!(buckets[LATENCY_BUCKETS].2, 3.0);
+        let find = |name: &str| samples.iter().find(|(n, _, _)| n == name).unwrap();
+        assert_eq!(find("tern_send_to_ack_seconds_count").2, 3.0);
+        assert!((find("tern_send_to_ack_seconds_sum").2 - 40.000008).abs() < 1e-9);
+        assert_eq!(find("tern_send_to_deliver_seconds_count").2, 1.0);
         let get = |name: &str, shard: &str| {
             samples
                 .iter()
@@ -658,7 +796,6 @@ pub(crate) mod tests {
             .filter(|(_, l, _)| l.contains_key("shard"))
             .count();
         assert_eq!(per_shard, ShardStats::FIELDS.len() * 2);
-        let find = |name: &str| samples.iter().find(|(n, _, _)| n == name).unwrap();
         assert_eq!(find("tern_uptime_seconds").2, 61.5);
         assert_eq!(find("tern_resident_memory_bytes").2, 7000.0);
         assert_eq!(find("tern_conns_max").2, 1000.0);
@@ -666,6 +803,36 @@ pub(crate) mod tests {
         assert_eq!(build.2, 1.0);
         assert_eq!(build.1["version"], "9.8.7");
         assert_eq!(build.1["backend"], "fake \\\"backend\\\"");
+    }
+
+    #[test]
+    fn latency_table() {
+        let out = render(&fake_view(), "show latency");
+        let (summary, buckets) = out.split_once("\n\n").unwrap();
+        let rows: Vec<Vec<&str>> = summary
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            ["name", "count", "sum_us", "p50_us", "p90_us", "p99_us", "p999_us"]
+        );
+        assert_eq!(
+            rows[1],
+            ["send_to_ack", "3", "40000008", "8", "+Inf", "+Inf", "+Inf"]
+        );
+        assert_eq!(rows[2], ["send_to_deliver", "1", "0", "1", "1", "1", "1"]);
+        let rows: Vec<Vec<&str>> = buckets
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0], ["le_us", "send_to_ack", "send_to_deliver"]);
+        assert_eq!(rows.len(), LATENCY_BUCKETS + 2);
+        assert_eq!(rows[3], ["4", "1", "1"]);
+        assert_eq!(rows[LATENCY_BUCKETS + 1], ["+Inf", "3", "1"]);
+        let empty = render(&StatsView::new("none", 10, 1), "show latency");
+        let row: Vec<&str> = empty.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row, ["send_to_ack", "0", "0", "-", "-", "-", "-"]);
     }
 
     #[test]

@@ -440,6 +440,7 @@ impl Sim {
             now: Now {
                 tick: 0,
                 unix_ms: T0_MS,
+                mono_ns: 0,
             },
             shards: sim_shards,
             rings: (0..shards)
