@@ -317,6 +317,8 @@ struct World {
     next_reset_ns: u64,
     next_crash_ns: u64,
     next_flip_ns: u64,
+    /// Per shard, when the per-connection output bound is next checked.
+    next_bounds_ns: Vec<u64>,
     dir: PathBuf,
 }
 
@@ -390,6 +392,7 @@ impl World {
             next_reset_ns: 0,
             next_crash_ns: 0,
             next_flip_ns: 0,
+            next_bounds_ns: vec![0; opts.shards],
             dir,
             rng,
         };
@@ -681,11 +684,51 @@ impl World {
             }
             stuck |= self.stats[id].state.get() == ShardState::Restarting as u64;
         }
+        for id in 0..self.shards.len() {
+            self.bounds(id)?;
+        }
         if stuck && !disk::flips().is_empty() {
             // A restart that keeps failing on a corrupt record: the real
             // process gives up after `shard_restarts_max` and exits; the
             // operator starts it again with --repair (see `repair`).
             self.crash()?;
+        }
+        Ok(())
+    }
+
+    /// The configured bounds hold after every step of shard `id`: its
+    /// connections not logged in within its share of `pending_max`, its
+    /// queued messages within `queue_len_max` per user, and (once per
+    /// simulated 10 ms, as it walks every connection) each logged-in
+    /// connection's unsent output within `conn_out_bytes_max`.
+    fn bounds(&mut self, id: usize) -> Result<(), String> {
+        let c = &self.config;
+        let s = &self.stats[id];
+        let pending_max = c.pending_max.div_ceil(c.shards) as u64;
+        if s.pending.get() > pending_max {
+            return Err(format!(
+                "shard {id}: {} connections pending login, over its share {pending_max} of pending_max",
+                s.pending.get()
+            ));
+        }
+        let queued_max = c.queue_len_max as u64 * u64::from(self.opts.clients);
+        if s.queued.get() > queued_max {
+            return Err(format!(
+                "shard {id}: {} messages queued, over queue_len_max for every user",
+                s.queued.get()
+            ));
+        }
+        let now = self.now_ns();
+        if now >= self.next_bounds_ns[id] {
+            self.next_bounds_ns[id] = now + 10_000_000;
+            let out = self.shards[id].out_pending_max();
+            if out > c.conn_out_bytes_max {
+                return Err(format!(
+                    "shard {id}: a logged-in connection holds {out} unsent bytes, over \
+                     conn_out_bytes_max {}",
+                    c.conn_out_bytes_max
+                ));
+            }
         }
         Ok(())
     }
