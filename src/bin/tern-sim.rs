@@ -36,7 +36,7 @@ struct Args {
     /// Longest simulated seconds to settle after the faults stop.
     #[arg(long, default_value_t = 120)]
     drain_s: u64,
-    /// Plant a bug on purpose: `skip-fsync`.
+    /// Plant a bug on purpose: `skip-fsync` or `skip-checksum`.
     #[arg(long)]
     plant: Option<String>,
     /// Stop starting seeds after this many real seconds (0 = no limit).
@@ -57,8 +57,9 @@ fn main() -> ExitCode {
     let planted = match args.plant.as_deref() {
         None => Planted::None,
         Some("skip-fsync") => Planted::SkipFsync,
+        Some("skip-checksum") => Planted::SkipChecksum,
         Some(other) => {
-            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync)");
+            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync or skip-checksum)");
             return ExitCode::from(2);
         }
     };
@@ -87,8 +88,8 @@ fn main() -> ExitCode {
     let limit = (args.time_limit_s > 0).then(|| Duration::from_secs(args.time_limit_s));
     let (mut ran, mut failed, mut client_s, mut cpu) = (0u64, 0u64, 0f64, Duration::ZERO);
     // Faults injected over all seeds: crashes, shard restarts, resets,
-    // ENOSPC, EIO (writes and fsyncs), torn files.
-    let mut injected = [0u64; 6];
+    // ENOSPC, EIO (writes and fsyncs), torn files, flipped bytes, repairs.
+    let mut injected = [0u64; 8];
     for i in 0..count {
         if limit.is_some_and(|l| started.elapsed() >= l) {
             break;
@@ -114,6 +115,8 @@ fn main() -> ExitCode {
             d.write_enospc,
             d.write_eio + d.sync_eio,
             d.torn,
+            d.flipped,
+            report.repairs,
         ]) {
             *sum += n;
         }
@@ -138,11 +141,12 @@ fn main() -> ExitCode {
             println!("{report}");
         }
     }
-    let [crashes, restarts, resets, enospc, eio, torn] = injected;
+    let [crashes, restarts, resets, enospc, eio, torn, flipped, repairs] = injected;
     println!(
         "summary: {ran} seeds run, {failed} failed; {:.0} simulated client-seconds in {:.2} CPU \
          seconds ({:.0} client-s per CPU-s); injected: {crashes} process crashes, {restarts} \
-         shard restarts, {resets} resets, {enospc} ENOSPC, {eio} EIO, {torn} torn files",
+         shard restarts, {resets} resets, {enospc} ENOSPC, {eio} EIO, {torn} torn files, \
+         {flipped} flipped bytes, {repairs} repairs",
         client_s,
         cpu.as_secs_f64(),
         client_s / cpu.as_secs_f64().max(1e-9)

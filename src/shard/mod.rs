@@ -333,6 +333,19 @@ impl Shard {
         }
     }
 
+    /// The most unsent output any logged-in connection holds, in bytes.
+    /// Between iterations it is at most `conn_out_bytes_max`: a flush that
+    /// finds more closes the connection as slow. For the simulator's bound
+    /// checks; O(connections).
+    pub fn out_pending_max(&self) -> usize {
+        (0..self.sessions.slots())
+            .map(|i| ConnId(i as u32))
+            .filter(|&c| self.sessions.state(c) == State::Active)
+            .map(|c| self.conns.out_pending(c))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Runs one iteration of the loop (for a simulator driving several
     /// shards from one thread, over [`crate::io::sim`] and a simulated
     /// [`Clock`], whose waits never block). A panic restarts the shard in

@@ -8,6 +8,9 @@
 //! buffer is written first, as a disk that fills mid-write), EIO on a write
 //! or an fsync. [`crash`] is a power cut: every file is cut back to its
 //! durable length plus a random part of what followed (a torn last write).
+//! [`flip_cold`] is bit rot: one byte of a record in a sealed segment (not
+//! the newest of its directory) changes; the flips not yet read back are
+//! kept ([`flips`]) so the simulator can check the store detected each.
 //! Directory operations (create, rename, remove) count as durable at once;
 //! the store syncs the directory after each anyway.
 //!
@@ -50,6 +53,20 @@ pub struct DiskCounts {
     pub sync_eio: u64,
     /// Files cut at a crash (bytes that were not durable were lost).
     pub torn: u64,
+    /// Bytes flipped in sealed segments.
+    pub flipped: u64,
+}
+
+/// One flipped byte and the record it damaged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flip {
+    /// The segment file.
+    pub path: PathBuf,
+    /// The damaged record's byte range in the file.
+    pub record: (u64, u64),
+    /// (recipient, server id) of the message the record queued, if it was
+    /// a Queued record: the one message a repair may lose with it.
+    pub queued: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -65,6 +82,8 @@ struct Disk {
     counts: DiskCounts,
     /// Sorted by path, so a crash cuts files in a reproducible order.
     files: BTreeMap<PathBuf, FileState>,
+    /// Flips in files that have not been rewritten or removed since.
+    flips: Vec<Flip>,
 }
 
 thread_local! {
@@ -85,6 +104,7 @@ pub fn install(seed: u64, faults: DiskFaults) {
             on: true,
             counts: DiskCounts::default(),
             files: BTreeMap::new(),
+            flips: Vec::new(),
         })
     });
 }
@@ -130,6 +150,88 @@ pub fn crash() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Flips one byte of a random valid record in the durable part of a random
+/// sealed segment (a segment file that is not the highest-numbered of its
+/// directory, so recovery never takes the damage for a torn tail). `None`
+/// when there is no sealed segment with a record yet.
+pub fn flip_cold() -> io::Result<Option<Flip>> {
+    use crate::store::record::Record;
+    use crate::store::segment::{parse_file_name, Scanner, Step};
+    use std::os::unix::fs::FileExt;
+
+    let number = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_file_name)
+    };
+    let Some(pick) = with(|d| {
+        let sealed: Vec<(PathBuf, u64)> = d
+            .files
+            .iter()
+            .filter(|(p, f)| {
+                let (Some(n), Some(dir)) = (number(p), p.parent()) else {
+                    return false;
+                };
+                f.durable > 0
+                    && d.files
+                        .keys()
+                        .any(|q| q.parent() == Some(dir) && number(q).is_some_and(|m| m > n))
+            })
+            .map(|(p, f)| (p.clone(), f.durable))
+            .collect();
+        (!sealed.is_empty()).then(|| (sealed[d.rng.usize(..sealed.len())].clone(), d.rng.u64(..)))
+    })
+    .flatten() else {
+        return Ok(None);
+    };
+    let ((path, durable), roll) = pick;
+    let data = std::fs::read(&path)?;
+    let data = &data[..(durable as usize).min(data.len())];
+    // (offset, length, the message a Queued record queued)
+    type Found = (usize, usize, Option<(u64, u64)>);
+    let records: Vec<Found> = Scanner::new(data)
+        .filter_map(|step| match step {
+            Step::Record {
+                offset,
+                len,
+                record,
+            } => Some((
+                offset,
+                len,
+                match record {
+                    Record::Queued {
+                        user, server_id, ..
+                    } => Some((user, server_id)),
+                    _ => None,
+                },
+            )),
+            Step::Bad { .. } => None,
+        })
+        .collect();
+    if records.is_empty() {
+        return Ok(None);
+    }
+    let (offset, len, queued) = records[(roll % records.len() as u64) as usize];
+    let (at, mask) = with(|d| (offset + d.rng.usize(..len), d.rng.u8(1..))).expect("installed");
+    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    file.write_at(&[data[at] ^ mask], at as u64)?;
+    let flip = Flip {
+        path,
+        record: (offset as u64, (offset + len) as u64),
+        queued,
+    };
+    with(|d| {
+        d.counts.flipped += 1;
+        d.flips.push(flip.clone());
+    });
+    Ok(Some(flip))
+}
+
+/// The flips in files not rewritten or removed since they were made.
+pub fn flips() -> Vec<Flip> {
+    with(|d| d.flips.clone()).unwrap_or_default()
 }
 
 /// The fault, if any, for this operation.
@@ -211,6 +313,8 @@ pub(crate) fn synced(path: &Path) -> bool {
 /// `from` was renamed over `to`.
 pub(crate) fn renamed(from: &Path, to: &Path) {
     with(|d| {
+        // A repair rewrites a segment clean under a temporary name.
+        d.flips.retain(|f| f.path != to);
         if let Some(f) = d.files.remove(from) {
             d.files.insert(to.to_path_buf(), f);
         }
@@ -219,7 +323,10 @@ pub(crate) fn renamed(from: &Path, to: &Path) {
 
 /// `path` was deleted.
 pub(crate) fn removed(path: &Path) {
-    with(|d| d.files.remove(path));
+    with(|d| {
+        d.flips.retain(|f| f.path != path);
+        d.files.remove(path)
+    });
 }
 
 /// What the simulated filesystem reports as (free, total) bytes, or `None`

@@ -34,7 +34,8 @@ use crate::io::Io;
 use crate::ring;
 use crate::shard::{open_store, Shard, ShardParts};
 use crate::stats::ShardStats;
-use crate::supervisor::Fatal;
+use crate::store::{shard_dir, LogStore, Store, StoreError};
+use crate::supervisor::{Fatal, ShardState};
 use check::Checker;
 use client::{Behaviour, Client};
 use disk::{DiskCounts, DiskFaults};
@@ -48,6 +49,9 @@ pub enum Planted {
     /// The store skips the fsync of a commit before its ACKs go out, so a
     /// crash can lose ACKed messages.
     SkipFsync,
+    /// Recovery skips the record checksum, so a flipped byte in a sealed
+    /// segment is replayed as if it were sound.
+    SkipChecksum,
 }
 
 thread_local! {
@@ -78,6 +82,8 @@ pub struct Faults {
     pub reset_every: Option<Duration>,
     /// Mean time between process crashes, if any.
     pub crash_every: Option<Duration>,
+    /// Mean time between byte flips in sealed segments, if any.
+    pub flip_every: Option<Duration>,
 }
 
 impl Faults {
@@ -114,11 +120,15 @@ impl Faults {
         };
         let reset = maybe(50, 2_000);
         let crash = maybe(50, 20_000);
+        // Drawn last, so the other faults of a seed are what they were
+        // before flips existed.
+        let flip = maybe(30, 10_000);
         Faults {
             net,
             disk,
             reset_every: (reset > 0).then(|| Duration::from_millis(reset.into())),
             crash_every: (crash > 0).then(|| Duration::from_millis(2_000 + u64::from(crash))),
+            flip_every: (flip > 0).then(|| Duration::from_millis(1_000 + u64::from(flip))),
         }
     }
 }
@@ -183,6 +193,11 @@ pub struct Report {
     pub receipts: u64,
     /// Process crashes, shard restarts, connection resets made.
     pub crashes: u64,
+    /// Restarts that found a flipped byte and ran a repair, and the records
+    /// the repairs skipped.
+    pub repairs: u64,
+    /// Records skipped by repairs.
+    pub repaired_records: u64,
     /// Shard restarts (after an injected EIO).
     pub shard_restarts: u64,
     /// Connection resets.
@@ -208,7 +223,7 @@ impl fmt::Display for Report {
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
              sent {} acked {} delivered {} (dup {}) receipts {}; crashes {} shard restarts {} \
-             resets {} disk {:?}; trace {:08x}",
+             resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
                 "FAILED"
@@ -227,6 +242,8 @@ impl fmt::Display for Report {
             self.crashes,
             self.shard_restarts,
             self.resets,
+            self.repairs,
+            self.repaired_records,
             self.disk,
             self.trace,
         )?;
@@ -293,10 +310,15 @@ struct World {
     news: Vec<(u32, SockId)>,
     trace: u32,
     crashes: u64,
+    repairs: u64,
+    repaired_records: u64,
     restarts: u64,
     resets: u64,
     next_reset_ns: u64,
     next_crash_ns: u64,
+    next_flip_ns: u64,
+    /// Per shard, when the per-connection output bound is next checked.
+    next_bounds_ns: Vec<u64>,
     dir: PathBuf,
 }
 
@@ -319,6 +341,9 @@ impl World {
             data_dir: dir.clone(),
             // Small: the reserve file is written for real.
             disk_free_bytes_min: 64 * 1024,
+            // Small, so segments are sealed (and compacted, and flipped)
+            // within a run.
+            segment_bytes_max: 8 * 1024,
             ..Config::default()
         };
         let secret = config.token_secret.clone();
@@ -360,15 +385,20 @@ impl World {
             news: Vec::new(),
             trace: 0,
             crashes: 0,
+            repairs: 0,
+            repaired_records: 0,
             restarts: 0,
             resets: 0,
             next_reset_ns: 0,
             next_crash_ns: 0,
+            next_flip_ns: 0,
+            next_bounds_ns: vec![0; opts.shards],
             dir,
             rng,
         };
         world.next_reset_ns = world.after(faults.reset_every);
         world.next_crash_ns = world.after(faults.crash_every);
+        world.next_flip_ns = world.after(faults.flip_every);
         world
     }
 
@@ -401,8 +431,13 @@ impl World {
         let links = ring::mesh(self.config.ring_slots, wakers);
         let clock = Clock::Sim(self.time.clone());
         for (id, (io, links)) in ios.into_iter().zip(links).enumerate() {
-            let store = open_store(&self.config, id, clock.clone())
-                .map_err(|e| format!("shard {id}: recovery failed: {e}"))?;
+            let store = match open_store(&self.config, id, clock.clone()) {
+                Ok(store) => store,
+                // What the operator does (docs/OPERATIONS.md): start again
+                // with --repair.
+                Err(e @ StoreError::Corrupt { .. }) => self.repair(id, clock.clone(), &e)?,
+                Err(e) => return Err(format!("shard {id}: recovery failed: {e}")),
+            };
             self.shards.push(Shard::new(ShardParts {
                 io,
                 links,
@@ -418,6 +453,68 @@ impl World {
         }
         disk::set_faults(true);
         Ok(())
+    }
+
+    /// Opens shard `id`'s store with `repair`, after `corrupt` refused the
+    /// plain start. The repair must skip exactly the records the disk
+    /// flipped in that shard's files; the messages they queued are the only
+    /// ones the checker then lets go undelivered.
+    fn repair(
+        &mut self,
+        id: usize,
+        clock: Clock,
+        corrupt: &StoreError,
+    ) -> Result<Box<dyn Store + Send>, String> {
+        let dir = shard_dir(&self.config.data_dir, id);
+        let flips: Vec<disk::Flip> = disk::flips()
+            .into_iter()
+            .filter(|f| f.path.parent() == Some(dir.as_path()))
+            .collect();
+        if flips.is_empty() {
+            return Err(format!(
+                "shard {id}: {corrupt}, but no byte was flipped there"
+            ));
+        }
+        let opts = crate::store::LogOptions {
+            repair: true,
+            ..self.config.log_options()
+        };
+        let (store, recovery) = LogStore::open_with_clock(dir, opts, clock)
+            .map_err(|e| format!("shard {id}: repair failed: {e}"))?;
+        for s in &recovery.skipped {
+            let exact = flips
+                .iter()
+                .any(|f| f.path == s.file && f.record == (s.offset, s.offset + s.bytes));
+            if !exact {
+                return Err(format!(
+                    "shard {id}: repair skipped {} bytes at {} in {} ({}), not one flipped record",
+                    s.bytes,
+                    s.offset,
+                    s.file.display(),
+                    s.reason
+                ));
+            }
+        }
+        for f in &flips {
+            let found = recovery
+                .skipped
+                .iter()
+                .any(|s| f.path == s.file && f.record == (s.offset, s.offset + s.bytes));
+            if !found {
+                return Err(format!(
+                    "shard {id}: the byte flipped in the record at {}..{} of {} went undetected",
+                    f.record.0,
+                    f.record.1,
+                    f.path.display()
+                ));
+            }
+            if let Some((user, server_id)) = f.queued {
+                self.checker.lost_to_corruption(user, server_id);
+            }
+        }
+        self.repairs += 1;
+        self.repaired_records += recovery.skipped.len() as u64;
+        Ok(Box::new(store))
     }
 
     /// A process crash: all memory goes, the disk keeps what was fsynced
@@ -566,6 +663,7 @@ impl World {
     }
 
     fn step_shards(&mut self) -> Result<(), String> {
+        let mut stuck = false;
         for (id, shard) in self.shards.iter_mut().enumerate() {
             let eio_before = {
                 let c = disk::counts();
@@ -584,6 +682,53 @@ impl World {
             if self.stats[id].panics.get() != 0 {
                 return Err(format!("shard {id}: a panic handling a connection"));
             }
+            stuck |= self.stats[id].state.get() == ShardState::Restarting as u64;
+        }
+        for id in 0..self.shards.len() {
+            self.bounds(id)?;
+        }
+        if stuck && !disk::flips().is_empty() {
+            // A restart that keeps failing on a corrupt record: the real
+            // process gives up after `shard_restarts_max` and exits; the
+            // operator starts it again with --repair (see `repair`).
+            self.crash()?;
+        }
+        Ok(())
+    }
+
+    /// The configured bounds hold after every step of shard `id`: its
+    /// connections not logged in within its share of `pending_max`, its
+    /// queued messages within `queue_len_max` per user, and (once per
+    /// simulated 10 ms, as it walks every connection) each logged-in
+    /// connection's unsent output within `conn_out_bytes_max`.
+    fn bounds(&mut self, id: usize) -> Result<(), String> {
+        let c = &self.config;
+        let s = &self.stats[id];
+        let pending_max = c.pending_max.div_ceil(c.shards) as u64;
+        if s.pending.get() > pending_max {
+            return Err(format!(
+                "shard {id}: {} connections pending login, over its share {pending_max} of pending_max",
+                s.pending.get()
+            ));
+        }
+        let queued_max = c.queue_len_max as u64 * u64::from(self.opts.clients);
+        if s.queued.get() > queued_max {
+            return Err(format!(
+                "shard {id}: {} messages queued, over queue_len_max for every user",
+                s.queued.get()
+            ));
+        }
+        let now = self.now_ns();
+        if now >= self.next_bounds_ns[id] {
+            self.next_bounds_ns[id] = now + 10_000_000;
+            let out = self.shards[id].out_pending_max();
+            if out > c.conn_out_bytes_max {
+                return Err(format!(
+                    "shard {id}: a logged-in connection holds {out} unsent bytes, over \
+                     conn_out_bytes_max {}",
+                    c.conn_out_bytes_max
+                ));
+            }
         }
         Ok(())
     }
@@ -601,6 +746,10 @@ impl World {
             self.next_crash_ns = self.after(self.faults.crash_every);
             self.crash()?;
         }
+        if now >= self.next_flip_ns {
+            self.next_flip_ns = self.after(self.faults.flip_every);
+            disk::flip_cold().map_err(|e| format!("flipping a byte: {e}"))?;
+        }
         Ok(())
     }
 
@@ -616,6 +765,8 @@ impl World {
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
             crashes: self.crashes,
+            repairs: self.repairs,
+            repaired_records: self.repaired_records,
             shard_restarts: self.restarts
                 + self.stats.iter().map(|s| s.restarts.get()).sum::<u64>(),
             resets: self.resets,

@@ -148,6 +148,18 @@ impl LogStore {
         }
         rec.segments = numbers.len();
         self.account_windows();
+        if let (Some(&last), true) = (numbers.last(), self.fsync()) {
+            // After a failed fsync (a shard restart), the end of the last
+            // segment was read back from the page cache but may not be on
+            // disk. If that segment is full it is never synced again, and a
+            // power cut would tear a segment that is no longer the last,
+            // which the next start refuses as corrupt (simulator seed
+            // 500301). Make what was replayed durable before building on it.
+            let path = self.segment_path(last);
+            let file = fs::File::open(&path).map_err(io_at(&path, "open segment"))?;
+            files::sync(&file, &path, true).map_err(io_at(&path, "sync"))?;
+            self.syncs += 1;
+        }
 
         if let Some(&last) = numbers.last() {
             self.next_segment = last.checked_add(1).ok_or_else(|| StoreError::Meta {
