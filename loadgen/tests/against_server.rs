@@ -8,6 +8,9 @@ use serde_json::Value;
 use tern::config::{Config, DEV_TOKEN_SECRET};
 use tern::server::Server;
 
+mod common;
+use common::{engines, test_backend, u};
+
 struct TestServer {
     server: Option<Server>,
     _dir: tempfile::TempDir,
@@ -45,14 +48,6 @@ impl Drop for TestServer {
     }
 }
 
-/// The server's I/O backend: `TERN_TEST_IO=auto|uring|poll` (default auto),
-/// as in the server's own suite.
-fn test_backend() -> tern::io::Backend {
-    std::env::var("TERN_TEST_IO").map_or(tern::io::Backend::Auto, |v| {
-        v.parse().unwrap_or_else(|e| panic!("TERN_TEST_IO: {e}"))
-    })
-}
-
 /// Runs the load generator with `args` plus a JSON path; returns the exit
 /// status and the parsed report.
 fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
@@ -85,23 +80,6 @@ fn loadgen_out(args: &[&str], json: &Path) -> (i32, Value, String) {
         eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
     }
     (status, v, stdout.into_owned())
-}
-
-fn engines() -> Vec<&'static str> {
-    if cfg!(target_os = "linux") {
-        vec!["uring", "poll"]
-    } else {
-        vec!["poll"]
-    }
-}
-
-fn u(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
 }
 
 #[test]

@@ -9,21 +9,13 @@ use serde_json::Value;
 use tern::config::{Config, DEV_TOKEN_SECRET};
 use tern::server::Server;
 
-fn u(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
-    }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
-}
+mod common;
+use common::{engines, test_backend, u};
 
 #[test]
 fn chat_with_cuts_loses_nothing_and_shows_no_duplicates() {
     let dir = tempfile::tempdir().unwrap();
-    let io = std::env::var("TERN_TEST_IO").map_or(tern::io::Backend::Auto, |v| {
-        v.parse().unwrap_or_else(|e| panic!("TERN_TEST_IO: {e}"))
-    });
+    let io = test_backend();
     let server = Server::start(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 2,
@@ -34,12 +26,7 @@ fn chat_with_cuts_loses_nothing_and_shows_no_duplicates() {
     })
     .expect("server starts");
     let addr = server.local_addr().to_string();
-    let engines: &[&str] = if cfg!(target_os = "linux") {
-        &["uring", "poll"]
-    } else {
-        &["poll"]
-    };
-    for (i, engine) in engines.iter().enumerate() {
+    for (i, engine) in engines().into_iter().enumerate() {
         let json = dir.path().join(format!("cut-{engine}.json"));
         let base = (20_000_000 + i * 1_000_000).to_string();
         let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
