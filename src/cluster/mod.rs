@@ -1,7 +1,12 @@
 //! Clustering on NATS JetStream (docs/CLUSTER.md): several Tern nodes share
-//! users by partition. Only the configuration is built so far; the Status
-//! section of docs/CLUSTER.md says what is not.
+//! users by partition. Built so far: the configuration and the bridge
+//! thread holding partition leases; the Status section of docs/CLUSTER.md
+//! says what is not.
 
+pub mod bridge;
 pub mod config;
+pub mod lease;
+pub mod partition;
 
+pub use bridge::{Bridge, ClusterStats};
 pub use config::ClusterConfig;

@@ -1,0 +1,148 @@
+//! Clustering on NATS JetStream (docs/CLUSTER.md) against a real
+//! `nats-server` with JetStream, started on a free loopback port in a
+//! temporary directory. Skipped, with a message, only when `nats-server` is
+//! not on PATH (CI installs it, .ci/run).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TestServer;
+use tern::cluster::ClusterConfig;
+
+/// Upper bound for lease rounds to settle: a release waits a whole lease
+/// (3 s here) before the key expires and another node may claim it.
+const SETTLE: Duration = Duration::from_secs(40);
+
+/// A `nats-server -js` this test started; killed by its PID when dropped.
+struct Nats {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts one, or `None` when `nats-server` is not installed.
+    fn start() -> Option<Nats> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let spawned = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("SKIPPED: nats-server is not on PATH (apt-get install nats-server)");
+                return None;
+            }
+            Err(e) => panic!("cannot run nats-server: {e}"),
+        };
+        let nats = Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let up = common::wait_for(|| TcpStream::connect(addr).is_ok());
+        assert!(up, "nats-server never listened on {addr}");
+        Some(nats)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free a moment ago; nats-server takes no port 0.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
+    let cluster = ClusterConfig {
+        node_id: id.into(),
+        nats_urls: vec![nats.url.clone()],
+        public_addr: format!("{id}.test:5222"),
+        partitions,
+        lease_s: 3,
+    };
+    TestServer::start_with(|c| c.cluster = Some(cluster))
+}
+
+/// Polls `cond` every 100 ms until it holds or [`SETTLE`] passes.
+fn settle(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn standalone_shows_no_cluster_and_needs_no_nats() {
+    let server = TestServer::start();
+    let info = server.info();
+    assert!(
+        !info.keys().any(|k| k.starts_with("Cluster_")),
+        "standalone must show no cluster state: {info:?}"
+    );
+}
+
+#[test]
+fn two_nodes_split_the_partitions_evenly() {
+    let Some(nats) = Nats::start() else { return };
+    let partitions = 64;
+    let a = node(&nats, "a", partitions);
+    a.wait_info("Cluster_partitions_owned", |n| n == u64::from(partitions));
+    assert_eq!(a.info_u64("Cluster_nats_up"), 1);
+    assert_eq!(a.metric_sum("tern_cluster_partitions_owned"), 64);
+
+    let b = node(&nats, "b", partitions);
+    let mut last = (0, 0);
+    let even = settle(|| {
+        last = (
+            a.info_u64("Cluster_partitions_owned"),
+            b.info_u64("Cluster_partitions_owned"),
+        );
+        last == (32, 32)
+    });
+    assert!(even, "owned (a, b) stayed at {last:?}");
+    assert_eq!(a.info_u64("Cluster_live_nodes"), 2);
+    assert_eq!(b.info_u64("Cluster_live_nodes"), 2);
+    // `a` let its extra leases lapse: a release, not a loss.
+    assert_eq!(a.info_u64("Cluster_leases_lost"), 0);
+}
+
+#[test]
+fn a_stopped_node_s_partitions_are_taken_over() {
+    let Some(nats) = Nats::start() else { return };
+    let partitions = 16;
+    let a = node(&nats, "a", partitions);
+    let b = node(&nats, "b", partitions);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+    // Stopping leaves the leases to expire; `b` then holds everything.
+    drop(a);
+    let all = settle(|| b.info_u64("Cluster_partitions_owned") == 16);
+    assert!(
+        all,
+        "b holds {} of 16",
+        b.info_u64("Cluster_partitions_owned")
+    );
+    assert_eq!(b.info_u64("Cluster_live_nodes"), 1);
+}
