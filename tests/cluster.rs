@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::child::{serve_command, TernChild};
 use common::TestServer;
 use tern::cluster::ClusterConfig;
 
@@ -145,4 +146,72 @@ fn a_stopped_node_s_partitions_are_taken_over() {
         b.info_u64("Cluster_partitions_owned")
     );
     assert_eq!(b.info_u64("Cluster_live_nodes"), 1);
+}
+
+/// One `show info` value of a node running as a child process.
+fn child_info(stats: &std::path::Path, key: &str) -> u64 {
+    let text = tern::stats::query(stats, "show info").expect("stats socket answers");
+    let info = common::parse_info(&text);
+    info.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("show info has no number {key}: {info:?}"))
+}
+
+/// Sends `signal` to a process this test started.
+fn signal(child: &TernChild, signal: i32) {
+    // SAFETY: kill(2) on the PID of our own child, which is not reaped yet.
+    let rc = unsafe { libc::kill(child.pid() as i32, signal) };
+    assert_eq!(rc, 0, "kill({}, {signal})", child.pid());
+}
+
+/// Fencing: a node paused past its lease finds, when it resumes, that its
+/// renewals are refused on their revision, and drops the partitions.
+#[test]
+fn a_node_paused_past_its_lease_loses_it_on_resume() {
+    let Some(nats) = Nats::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stats = dir.path().join("a.sock");
+    let config = dir.path().join("a.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "stats_socket = {stats:?}\ndata_dir = {data:?}\n\n[cluster]\nnode_id = \"a\"\n\
+             nats_urls = [{url:?}]\npublic_addr = \"a.test:5222\"\npartitions = 16\nlease_s = 3\n",
+            data = dir.path().join("data"),
+            url = nats.url,
+        ),
+    )
+    .expect("write config");
+    let config = config.to_str().expect("utf-8 path");
+    let a = TernChild::expect_start(serve_command(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--config",
+        config,
+    ]));
+    assert!(settle(
+        || child_info(&stats, "Cluster_partitions_owned") == 16
+    ));
+
+    signal(&a, libc::SIGSTOP);
+    let b = node(&nats, "b", 16);
+    let took = settle(|| b.info_u64("Cluster_partitions_owned") >= 8);
+    signal(&a, libc::SIGCONT);
+    assert!(took, "b never took partitions from the paused node");
+    // Whatever `b` holds, `a` held before the pause: each such renewal is
+    // refused (counted as lost), then the two settle on an even split.
+    let mut last = (0, 0, 0);
+    let fenced = settle(|| {
+        let lost = child_info(&stats, "Cluster_leases_lost");
+        let (owned_a, owned_b) = (
+            child_info(&stats, "Cluster_partitions_owned"),
+            b.info_u64("Cluster_partitions_owned"),
+        );
+        last = (lost, owned_a, owned_b);
+        lost >= 8 && owned_a == 8 && owned_b == 8
+    });
+    assert!(fenced, "(a lost, a owns, b owns) stayed at {last:?}");
+    drop(a);
 }
