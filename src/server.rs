@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::claim::claim;
 use crate::clock::Clock;
-use crate::cluster::Bridge;
+use crate::cluster::{Bridge, Owners};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
@@ -110,6 +110,11 @@ impl Server {
         let shard_stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::default()).collect();
         let all_stats: Arc<[Arc<ShardStats>]> = shard_stats.clone().into();
         let fatal = Fatal::new();
+        // Cluster: the partition table the bridge keeps and shards read.
+        let owners = config
+            .cluster
+            .as_ref()
+            .map(|c| Arc::new(Owners::new(c.partitions)));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -130,6 +135,7 @@ impl Server {
             let stop = stop.clone();
             let config = config.clone();
             let tls = tls.clone();
+            let owners = owners.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
@@ -166,6 +172,7 @@ impl Server {
                         peers: all_stats,
                         fatal,
                         clock: Clock::Real,
+                        owners,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -210,7 +217,10 @@ impl Server {
         // Started before the stats socket so its counters are in the view;
         // nothing of the cluster runs without a `[cluster]` section.
         let bridge = match &config.cluster {
-            Some(cluster) => Some(Bridge::start(cluster.clone())?),
+            Some(cluster) => Some(Bridge::start(
+                cluster.clone(),
+                owners.clone().expect("made with the cluster section"),
+            )?),
             None => None,
         };
         let view = Arc::new(StatsView {

@@ -10,8 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
-use common::TestServer;
+use common::{token, TestServer};
 use tern::cluster::ClusterConfig;
+use tern::proto::{ByeReason, ErrorCode, OwnedFrame, VERSION, VERSION_2};
+use tern_client::{Client, ClientError};
 
 /// Upper bound for lease rounds to settle: a release waits a whole lease
 /// (3 s here) before the key expires and another node may claim it.
@@ -78,6 +80,30 @@ fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
         lease_s: 3,
     };
     TestServer::start_with(|c| c.cluster = Some(cluster))
+}
+
+/// A node whose `public_addr` is its real client address, so a REDIRECT
+/// naming it can be followed.
+fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let cluster = ClusterConfig {
+        node_id: id.into(),
+        nats_urls: vec![nats.url.clone()],
+        public_addr: addr.to_string(),
+        partitions,
+        lease_s: 3,
+    };
+    TestServer::start_with(|c| {
+        c.listen = addr;
+        c.cluster = Some(cluster);
+    })
+}
+
+/// A version 2 LOGIN of `user` at `addr`, redirects not followed.
+fn login_v2_here(addr: SocketAddr, user: u64) -> Result<Client, ClientError> {
+    let mut client = Client::connect(addr).expect("connect");
+    client.login_here_version(&token(user), VERSION_2)?;
+    Ok(client)
 }
 
 /// Polls `cond` every 100 ms until it holds or [`SETTLE`] passes.
@@ -214,4 +240,120 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
     });
     assert!(fenced, "(a lost, a owns, b owns) stayed at {last:?}");
     drop(a);
+}
+
+/// LOGIN at the wrong node: version 2 gets REDIRECT to the owner's address
+/// (the client library follows it), version 1 gets LOGIN_ERR(other_node)
+/// naming it, and a SEND to a user the other node serves is refused with
+/// other_node, nothing taken.
+#[test]
+fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+
+    let (mut here, mut there) = (Vec::new(), Vec::new());
+    for user in 1..=40u64 {
+        match login_v2_here(a.addr, user) {
+            Ok(client) => here.push((user, client)),
+            Err(ClientError::Redirected { addr }) => {
+                assert_eq!(addr, b.addr.to_string(), "user {user}");
+                there.push(user);
+            }
+            Err(e) => panic!("user {user} at a: {e}"),
+        }
+    }
+    assert!(
+        !here.is_empty() && !there.is_empty(),
+        "{} here, {there:?} there",
+        here.len()
+    );
+    assert_eq!(a.info_u64("Cluster_redirects"), there.len() as u64);
+
+    // The library follows the redirect and ends up logged in at b.
+    let moved = there[0];
+    let online = b.info_u64("Users_online");
+    let (mut at_b, _) =
+        Client::login_version(a.addr, &token(moved), VERSION_2).expect("login through a");
+    assert_eq!(at_b.peer_addr().expect("peer"), b.addr);
+    assert_eq!(b.info_u64("Users_online"), online + 1);
+    at_b.ping(1).expect("served at b");
+
+    // Version 1 cannot follow a REDIRECT: LOGIN_ERR names the node.
+    match Client::login_version(a.addr, &token(moved), VERSION) {
+        Err(ClientError::LoginRejected { code, text }) => {
+            assert_eq!(code, ErrorCode::OtherNode);
+            assert!(text.contains(&b.addr.to_string()), "{text}");
+        }
+        other => panic!("v1 login of user {moved} at a: {other:?}"),
+    }
+
+    // Messages between nodes are not built yet: refused, not lost.
+    let (_, sender) = &mut here[0];
+    sender.send_msg(5, moved, b"across").expect("send");
+    match common::ack_or_error(sender, 5) {
+        Err(ErrorCode::OtherNode) => {}
+        other => panic!("SEND across nodes: {other:?}"),
+    }
+    assert_eq!(a.info_u64("Cluster_other_node_sends"), 1);
+    assert_eq!(a.info_u64("Queued") + b.info_u64("Queued"), 0);
+}
+
+/// Fencing of sessions: when a node gives partitions up (here to a node
+/// that joined), the users it served in them get BYE(moved), their next
+/// LOGIN there is redirected, and everyone else stays connected.
+#[test]
+fn users_of_a_partition_given_up_are_told_moved() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    a.wait_info("Cluster_partitions_owned", |n| n == 16);
+    let mut clients: Vec<(u64, Client)> = (1..=24u64)
+        .map(|user| {
+            (
+                user,
+                login_v2_here(a.addr, user).expect("a serves everyone"),
+            )
+        })
+        .collect();
+    let b = reachable_node(&nats, "b", 16);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+
+    let mut moved = 0;
+    for (user, client) in &mut clients {
+        // The BYE left when `a` gave the partition up, a lease earlier.
+        match client.recv_timeout(Duration::ZERO) {
+            Ok(Some(OwnedFrame::Bye {
+                reason: ByeReason::Moved,
+            })) => {
+                moved += 1;
+                match login_v2_here(a.addr, *user) {
+                    Err(ClientError::Redirected { addr }) => assert_eq!(addr, b.addr.to_string()),
+                    other => panic!(
+                        "user {user} was moved, yet a says {:?}",
+                        other.map(|_| "ok")
+                    ),
+                }
+            }
+            Ok(None) => {
+                client
+                    .ping(*user)
+                    .expect("a user a still serves stays connected");
+                assert!(login_v2_here(a.addr, *user).is_ok(), "user {user}");
+            }
+            other => panic!("user {user}: {other:?}"),
+        }
+    }
+    assert!(
+        moved > 0 && moved < clients.len(),
+        "{moved} of {} moved",
+        clients.len()
+    );
+    assert_eq!(a.info_u64("Cluster_moved_closes"), moved as u64);
 }

@@ -1,7 +1,9 @@
 //! The bridge thread (docs/CLUSTER.md, "The bridge"): the one place NATS
 //! runs. It owns a current-thread tokio runtime that lives on this thread
 //! only, so no shard ever sees an async runtime. Today it holds this node's
-//! partition leases and heartbeat; it does not yet carry messages.
+//! partition leases and heartbeat and keeps the partition table
+//! ([`Owners`]) that shards read at LOGIN and SEND; it does not yet carry
+//! messages.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use futures_util::StreamExt;
 
 use super::config::ClusterConfig;
 use super::lease::{node_key, partition_key, Leases, Listing};
+use super::owners::{Owner, Owners};
 use crate::stats::Counter;
 
 /// JetStream KV bucket holding the leases and heartbeats.
@@ -47,7 +50,8 @@ impl Bridge {
     /// Starts the bridge thread for `config` (already validated). It
     /// connects in the background and retries while NATS is unreachable, so
     /// a NATS outage at start does not keep the node from serving.
-    pub fn start(config: ClusterConfig) -> std::io::Result<Bridge> {
+    /// `owners` is the table it keeps current for the shards.
+    pub fn start(config: ClusterConfig, owners: Arc<Owners>) -> std::io::Result<Bridge> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ClusterStats::default());
         let thread = {
@@ -65,7 +69,7 @@ impl Bridge {
                             return;
                         }
                     };
-                    runtime.block_on(run(config, &stop, &stats));
+                    runtime.block_on(run(config, owners, &stop, &stats));
                 })?
         };
         Ok(Bridge {
@@ -100,7 +104,7 @@ async fn nap(total: Duration, stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
 }
 
-async fn run(config: ClusterConfig, stop: &AtomicBool, stats: &ClusterStats) {
+async fn run(config: ClusterConfig, owners: Arc<Owners>, stop: &AtomicBool, stats: &ClusterStats) {
     let lease = Duration::from_secs(config.lease_s.into());
     // A third of the lease: two renewals may fail before the lease ends.
     let every = lease / 3;
@@ -124,10 +128,12 @@ async fn run(config: ClusterConfig, stop: &AtomicBool, stats: &ClusterStats) {
     loop {
         let round = async {
             if store.is_none() {
-                store = Some(bucket(&js, lease).await?);
+                let kv = bucket(&js, lease).await?;
+                tokio::spawn(watch(kv.clone(), owners.clone(), config.node_id.clone()));
+                store = Some(kv);
             }
             let kv = store.as_ref().expect("just set");
-            lease_round(kv, &config, &mut leases, stats).await
+            lease_round(kv, &config, &mut leases, &owners, stats).await
         };
         match round.await {
             Ok(()) => {
@@ -144,6 +150,9 @@ async fn run(config: ClusterConfig, stop: &AtomicBool, stats: &ClusterStats) {
                         leases.owned()
                     );
                     stats.leases_lost.add(leases.owned() as u64);
+                    for (p, _) in leases.renewals() {
+                        owners.set_other(p, None);
+                    }
                     leases.lose_all();
                 }
             }
@@ -197,6 +206,7 @@ async fn lease_round(
     kv: &kv::Store,
     config: &ClusterConfig,
     leases: &mut Leases,
+    owners: &Owners,
     stats: &ClusterStats,
 ) -> Result<(), async_nats::Error> {
     let value = format!("{} {}", config.node_id, config.public_addr);
@@ -212,6 +222,9 @@ async fn lease_round(
                 log::warn!("cluster bridge: lease on partition {p} lost");
                 stats.leases_lost.inc();
                 leases.lost(p);
+                if owners.of(p) == Owner::Here {
+                    owners.set_other(p, None);
+                }
             }
             Err(e) => return Err(e.into()),
         }
@@ -232,6 +245,13 @@ async fn lease_round(
     }
     for p in released {
         leases.lost(p);
+        owners.set_other(p, None);
+    }
+    // Leases that expired with no one taking them yet (a dead node's).
+    for p in 0..config.partitions {
+        if !listing.taken.contains(&p) && !leases.owns(p) && owners.of(p) != Owner::Nobody {
+            owners.set_other(p, None);
+        }
     }
     let claims = leases.to_claim(&listing);
     let mut claimed = 0;
@@ -239,6 +259,7 @@ async fn lease_round(
         match kv.create(partition_key(p), value.clone().into()).await {
             Ok(revision) => {
                 leases.held(p, revision);
+                owners.set_here(p);
                 claimed += 1;
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
@@ -253,4 +274,64 @@ async fn lease_round(
         );
     }
     Ok(())
+}
+
+/// Follows every write to the lease bucket and records in `owners` which
+/// other node holds each partition. A lease that expires writes nothing, so
+/// the lease round clears those from its listing. Restarts the watch after
+/// an error; ends with the runtime.
+async fn watch(kv: kv::Store, owners: Arc<Owners>, node_id: String) {
+    loop {
+        match kv.watch_all().await {
+            Ok(mut entries) => {
+                while let Some(entry) = entries.next().await {
+                    match entry {
+                        Ok(entry) => observe(&owners, &node_id, &entry),
+                        Err(e) => {
+                            log::warn!("cluster bridge: lease watch: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => log::warn!("cluster bridge: cannot watch the lease bucket: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One write to the lease bucket, as seen by [`watch`]: a partition key
+/// written by another node makes that node its owner here. This node's own
+/// leases are the lease round's business.
+fn observe(owners: &Owners, node_id: &str, entry: &kv::Entry) {
+    let Some(p) = entry
+        .key
+        .strip_prefix("p.")
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|&p| p < owners.partitions())
+    else {
+        return;
+    };
+    if entry.operation != kv::Operation::Put {
+        owners.set_other(p, None);
+        return;
+    }
+    let value = String::from_utf8_lossy(&entry.value);
+    let Some((node, addr)) = value.split_once(' ') else {
+        log::warn!(
+            "cluster bridge: lease {} has a bad value {value:?}",
+            entry.key
+        );
+        return;
+    };
+    if node == node_id {
+        return;
+    }
+    match owners.node_index(node, addr) {
+        Some(i) => owners.set_other(p, Some(i)),
+        None => log::error!(
+            "cluster bridge: more than {} nodes seen",
+            super::owners::NODES_MAX
+        ),
+    }
 }

@@ -6,7 +6,10 @@
 pub mod bridge;
 pub mod config;
 pub mod lease;
+pub mod owners;
 pub mod partition;
 
 pub use bridge::{Bridge, ClusterStats};
 pub use config::ClusterConfig;
+pub use owners::{Owner, Owners};
+pub use partition::partition_of;

@@ -167,6 +167,17 @@ fn render_info(view: &StatsView, process: Process) -> String {
     for (key, _, value) in cluster_gauges(view) {
         let _ = writeln!(out, "{key}: {value}");
     }
+    if view.cluster.is_some() {
+        // Summed over shards; per shard they are `tern_redirects` etc.
+        let sessions: [(&str, Getter); 3] = [
+            ("Cluster_redirects", |s| &s.redirects),
+            ("Cluster_other_node_sends", |s| &s.other_node_sends),
+            ("Cluster_moved_closes", |s| &s.moved_closes),
+        ];
+        for (key, get) in sessions {
+            let _ = writeln!(out, "{key}: {}", view.sum(get));
+        }
+    }
     out
 }
 
