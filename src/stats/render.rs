@@ -168,7 +168,7 @@ fn render_info(view: &StatsView, process: Process) -> String {
         let _ = writeln!(out, "{key}: {value}");
     }
     if view.cluster.is_some() {
-        // Summed over shards; per shard they are `tern_redirects` etc.
+        // Summed over shards; per shard they are `tern_redirects_total` etc.
         let sessions: [(&str, Getter); 3] = [
             ("Cluster_redirects", |s| &s.redirects),
             ("Cluster_other_node_sends", |s| &s.other_node_sends),
