@@ -242,6 +242,9 @@ pub struct Config {
     /// connections cannot keep real clients from logging in. 0 = no limit.
     /// Default 100000.
     pub pending_max: usize,
+    /// Optional `[cluster]` table: membership of a Tern cluster on NATS
+    /// JetStream (docs/CLUSTER.md). Default none: standalone.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Unix permission bits of a file the server creates (`stats_socket_mode`).
@@ -400,6 +403,7 @@ impl Default for Config {
             addr_pending_max: 1000,
             addr_table_max: 65_536,
             pending_max: 100_000,
+            cluster: None,
         }
     }
 }
@@ -617,6 +621,9 @@ impl Config {
             self.log_options().validate()
         {
             return Err(bad(field, reason));
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@
 
 pub mod claim;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 #[doc(hidden)]

@@ -59,6 +59,7 @@ const TYPE_PONG: u8 = 0x0B;
 const TYPE_ERROR: u8 = 0x0C;
 const TYPE_BYE: u8 = 0x0D;
 const TYPE_DELIVER_V2: u8 = 0x0E;
+const TYPE_REDIRECT: u8 = 0x0F;
 
 /// Size limits the decoder enforces. Built from `Config`, which checks at
 /// start-up that a largest body plus its fields fits in a largest frame.
@@ -126,6 +127,9 @@ pub enum ErrorCode {
     /// highest one the server took from this sender device (for this
     /// recipient): it cannot tell whether it took that SEND. Not taken now.
     StaleClientId = 18,
+    /// 19 (cluster): the user (LOGIN, to a version 1 client) or the
+    /// recipient (SEND) is served by another node; the text names it.
+    OtherNode = 19,
 }
 
 impl ErrorCode {
@@ -150,6 +154,7 @@ impl ErrorCode {
             16 => ErrorCode::Unavailable,
             17 => ErrorCode::UnknownMessage,
             18 => ErrorCode::StaleClientId,
+            19 => ErrorCode::OtherNode,
             _ => return None,
         })
     }
@@ -175,6 +180,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::UnknownMessage => "unknown_message",
             ErrorCode::StaleClientId => "stale_client_id",
+            ErrorCode::OtherNode => "other_node",
         }
     }
 }
@@ -238,6 +244,9 @@ pub enum ByeReason {
     /// 6: the connection kept sending past its rate limits
     /// (`rate_refusals_max` refusals within `rate_refusals_window_ms`).
     RateLimited = 6,
+    /// 7 (cluster): this node no longer serves the user (its partition
+    /// moved to another node); log in again, through any node.
+    Moved = 7,
 }
 
 impl ByeReason {
@@ -250,6 +259,7 @@ impl ByeReason {
             4 => Some(ByeReason::Idle),
             5 => Some(ByeReason::Error),
             6 => Some(ByeReason::RateLimited),
+            7 => Some(ByeReason::Moved),
             _ => None,
         }
     }
@@ -263,6 +273,7 @@ impl ByeReason {
             ByeReason::Idle => "idle",
             ByeReason::Error => "error",
             ByeReason::RateLimited => "rate_limited",
+            ByeReason::Moved => "moved",
         }
     }
 }
@@ -377,6 +388,12 @@ pub enum Frame<'a> {
         /// Why.
         reason: ByeReason,
     },
+    /// 0x0F, server to client, protocol v2, instead of LOGIN_OK: another
+    /// node serves this user; log in there. The server closes.
+    Redirect {
+        /// The node's client address, `host:port` (rest of the frame).
+        addr: &'a str,
+    },
 }
 
 impl Frame<'_> {
@@ -455,6 +472,9 @@ impl Frame<'_> {
                 text: text.to_string(),
             },
             Frame::Bye { reason } => OwnedFrame::Bye { reason },
+            Frame::Redirect { addr } => OwnedFrame::Redirect {
+                addr: addr.to_string(),
+            },
         }
     }
 
@@ -474,6 +494,7 @@ impl Frame<'_> {
             Frame::Pong { .. } => "PONG",
             Frame::Error { .. } => "ERROR",
             Frame::Bye { .. } => "BYE",
+            Frame::Redirect { .. } => "REDIRECT",
         }
     }
 
@@ -498,6 +519,7 @@ impl Frame<'_> {
             Frame::Pong { .. } => TYPE_PONG,
             Frame::Error { .. } => TYPE_ERROR,
             Frame::Bye { .. } => TYPE_BYE,
+            Frame::Redirect { .. } => TYPE_REDIRECT,
         }
     }
 
@@ -547,6 +569,7 @@ impl Frame<'_> {
                 text,
             } => varint_len(code as u64) + varint_len(client_id) + text.len(),
             Frame::Bye { reason } => varint_len(reason as u64),
+            Frame::Redirect { addr } => addr.len(),
         };
         1 + fields
     }
@@ -653,6 +676,11 @@ pub enum OwnedFrame {
         /// Why.
         reason: ByeReason,
     },
+    /// See [`Frame::Redirect`].
+    Redirect {
+        /// The node's client address, `host:port`.
+        addr: String,
+    },
 }
 
 impl OwnedFrame {
@@ -722,6 +750,7 @@ impl OwnedFrame {
                 text,
             },
             OwnedFrame::Bye { reason } => Frame::Bye { reason },
+            OwnedFrame::Redirect { ref addr } => Frame::Redirect { addr },
         }
     }
 }
@@ -888,6 +917,7 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
             reason: ByeReason::from_u64(r.varint()?)
                 .ok_or(DecodeError::Malformed("unknown bye reason"))?,
         },
+        TYPE_REDIRECT => Frame::Redirect { addr: r.text()? },
         other => return Err(DecodeError::UnknownType(other)),
     };
     // Frames ending in a rest field have consumed everything already.
@@ -1083,6 +1113,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(text.as_bytes());
         }
         Frame::Bye { reason } => put_varint(reason as u64, out),
+        Frame::Redirect { addr } => out.extend_from_slice(addr.as_bytes()),
     }
     debug_assert_eq!(out.len() - start, encoded_len(frame));
 }
@@ -1152,7 +1183,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 18] = [
+    const ALL_ERROR_CODES: [ErrorCode; 19] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1171,15 +1202,17 @@ mod tests {
         ErrorCode::Unavailable,
         ErrorCode::UnknownMessage,
         ErrorCode::StaleClientId,
+        ErrorCode::OtherNode,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
-    const ALL_BYE_REASONS: [ByeReason; 6] = [
+    const ALL_BYE_REASONS: [ByeReason; 7] = [
         ByeReason::Shutdown,
         ByeReason::Replaced,
         ByeReason::Slow,
         ByeReason::Idle,
         ByeReason::Error,
         ByeReason::RateLimited,
+        ByeReason::Moved,
     ];
 
     /// The examples in docs/PROTOCOL.md, one per frame type.
@@ -1241,6 +1274,9 @@ mod tests {
                 client_id: Some(7),
                 body: b"hello",
             },
+            Frame::Redirect {
+                addr: "10.0.0.2:7333",
+            },
         ]
     }
 
@@ -1261,13 +1297,14 @@ mod tests {
             "ERROR",
             "BYE",
             "DELIVER",
+            "REDIRECT",
         ];
         let frames = doc_examples();
         assert_eq!(frames.len(), names.len());
         for (i, frame) in frames.iter().enumerate() {
             let bytes = enc(frame);
             assert_eq!(bytes.len(), encoded_len(frame));
-            // Type bytes are 0x01..=0x0E in declaration order.
+            // Type bytes are 0x01..=0x0F in declaration order.
             assert_eq!(usize::from(bytes[1]), i + 1, "{}", frame.name());
             assert_eq!(frame.name(), names[i]);
             assert_eq!(dec(&bytes), Ok(Some((*frame, bytes.len()))));
@@ -1411,7 +1448,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x0f, 0x7f, 0xff] {
+        for t in [0x00, 0x10, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -1563,14 +1600,14 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 19, 0x7f] {
+        for v in [0u8, 20, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
         for v in [0u8, 3, 0x7f] {
             assert_eq!(malformed(&[TYPE_RECEIPT, v, 1, 1]), "unknown receipt kind");
         }
-        for v in [0u8, 7, 0x7f] {
+        for v in [0u8, 8, 0x7f] {
             assert_eq!(malformed(&[TYPE_BYE, v]), "unknown bye reason");
         }
         // A large code number is still just unknown.
@@ -1757,7 +1794,7 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(19), None);
+        assert_eq!(ErrorCode::from_u64(20), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
@@ -1772,7 +1809,7 @@ mod tests {
             assert_eq!(reason.to_string(), reason.as_str());
         }
         assert_eq!(ByeReason::from_u64(0), None);
-        assert_eq!(ByeReason::from_u64(7), None);
+        assert_eq!(ByeReason::from_u64(8), None);
         // Names are unique and snake_case.
         let mut names: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();
         names.sort_unstable();
@@ -1897,6 +1934,7 @@ mod tests {
             }),
             proptest::sample::select(ALL_BYE_REASONS.to_vec())
                 .prop_map(|reason| OwnedFrame::Bye { reason }),
+            any::<String>().prop_map(|addr| OwnedFrame::Redirect { addr }),
         ]
     }
 

@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::claim::claim;
 use crate::clock::Clock;
+use crate::cluster::{Bridge, Owners};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
@@ -39,6 +40,8 @@ pub struct Server {
     wakers: Vec<WakeHandle>,
     threads: Vec<JoinHandle<()>>,
     stats: Option<StatsServer>,
+    /// The cluster bridge thread, with a `[cluster]` section only.
+    bridge: Option<Bridge>,
     /// Set when a shard gave up past its restart intensity.
     fatal: Arc<Fatal>,
     /// Held for the server's life: one process per data directory.
@@ -107,6 +110,11 @@ impl Server {
         let shard_stats: Vec<Arc<ShardStats>> = (0..shards).map(|_| Arc::default()).collect();
         let all_stats: Arc<[Arc<ShardStats>]> = shard_stats.clone().into();
         let fatal = Fatal::new();
+        // Cluster: the partition table the bridge keeps and shards read.
+        let owners = config
+            .cluster
+            .as_ref()
+            .map(|c| Arc::new(Owners::new(c.partitions)));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -127,6 +135,7 @@ impl Server {
             let stop = stop.clone();
             let config = config.clone();
             let tls = tls.clone();
+            let owners = owners.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
@@ -163,6 +172,7 @@ impl Server {
                         peers: all_stats,
                         fatal,
                         clock: Clock::Real,
+                        owners,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -204,6 +214,15 @@ impl Server {
             .map(|p| p.expect("every shard reported"))
             .collect();
 
+        // Started before the stats socket so its counters are in the view;
+        // nothing of the cluster runs without a `[cluster]` section.
+        let bridge = match &config.cluster {
+            Some(cluster) => Some(Bridge::start(
+                cluster.clone(),
+                owners.clone().expect("made with the cluster section"),
+            )?),
+            None => None,
+        };
         let view = Arc::new(StatsView {
             version: env!("CARGO_PKG_VERSION"),
             backend,
@@ -211,6 +230,7 @@ impl Server {
             conns_max: config.conns_max,
             shards: shard_stats.clone(),
             tls: tls.clone(),
+            cluster: bridge.as_ref().map(Bridge::stats),
         });
         let stats = match StatsServer::spawn(
             &config.stats_socket,
@@ -222,6 +242,9 @@ impl Server {
             Err(e) => {
                 for tx in &start_txs {
                     let _ = tx.send(None);
+                }
+                if let Some(bridge) = bridge {
+                    bridge.stop();
                 }
                 return Err(format!("stats socket {}: {e}", config.stats_socket.display()).into());
             }
@@ -248,6 +271,7 @@ impl Server {
             wakers,
             threads,
             stats: Some(stats),
+            bridge,
             fatal,
             _data_dir: data_dir,
         })
@@ -313,6 +337,9 @@ impl Server {
         }
         if let Some(stats) = self.stats.take() {
             stats.stop();
+        }
+        if let Some(bridge) = self.bridge.take() {
+            bridge.stop();
         }
     }
 }

@@ -25,9 +25,9 @@ fn malformed_cases() -> Vec<Case> {
     let big_body = vec![b'b'; 65_001];
     vec![
         Case {
-            name: "unknown type 0x0f",
+            name: "unknown type 0x10",
             login: true,
-            bytes: vec![0x01, 0x0f],
+            bytes: vec![0x01, 0x10],
             code: ErrorCode::UnknownType,
         },
         Case {

@@ -8,18 +8,37 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use tern::cluster::ClusterConfig;
 use tern::config::Config;
 
 /// Every key of the configuration, optional ones included: the default
-/// `Config` serialised, where an unset option still names its key.
+/// `Config` serialised, where an unset option still names its key. The keys
+/// of an optional table (`[cluster]`) are named `table.key`, taken from the
+/// table filled with only its required keys, so its defaulted keys count too.
 fn all_keys() -> BTreeSet<String> {
     let value = serde_json::to_value(Config::default()).expect("config serialises");
-    value
+    let mut keys: BTreeSet<String> = value
         .as_object()
         .expect("config is a table")
         .keys()
         .cloned()
-        .collect()
+        .collect();
+    let cluster: ClusterConfig = toml::from_str(
+        "node_id = \"a\"\nnats_urls = [\"nats://127.0.0.1:4222\"]\npublic_addr = \"a:1\"",
+    )
+    .expect("the required cluster keys suffice");
+    let table = serde_json::to_value(cluster).expect("cluster config serialises");
+    for key in table.as_object().expect("cluster config is a table").keys() {
+        keys.insert(format!("cluster.{key}"));
+    }
+    keys
+}
+
+/// A `# [table]` line: the name of an optional table shown commented out.
+fn commented_table(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('#')?.trim_start();
+    let name = rest.strip_prefix('[')?.strip_suffix(']')?;
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')).then_some(name)
 }
 
 /// The keys TOML output of the default `Config` has (options without a
@@ -61,13 +80,25 @@ impl Sample {
             .collect()
     }
 
-    /// Keys shown commented out, each with its line number.
+    /// Keys shown commented out, each with its line number; a commented
+    /// `# [table]` counts as the key `table`, and the keys after it as
+    /// `table.key` (such a table must come last in the file).
     fn commented_keys(&self) -> Vec<(usize, String)> {
-        self.text
-            .lines()
-            .enumerate()
-            .filter_map(|(n, line)| commented_key(line).map(|k| (n + 1, k.to_string())))
-            .collect()
+        let mut table: Option<&str> = None;
+        let mut keys = Vec::new();
+        for (n, line) in self.text.lines().enumerate() {
+            if let Some(name) = commented_table(line) {
+                table = Some(name);
+                keys.push((n + 1, name.to_string()));
+            } else if let Some(key) = commented_key(line) {
+                let key = match table {
+                    Some(t) => format!("{t}.{key}"),
+                    None => key.to_string(),
+                };
+                keys.push((n + 1, key));
+            }
+        }
+        keys
     }
 
     /// Checks the file against the configuration; returns the loaded config.
@@ -107,7 +138,7 @@ impl Sample {
         let uncommented: String = self
             .text
             .lines()
-            .map(|line| match commented_key(line) {
+            .map(|line| match commented_key(line).or(commented_table(line)) {
                 Some(_) => line.trim_start_matches('#').trim_start(),
                 None => line,
             })
@@ -129,7 +160,9 @@ impl Sample {
             let comment: Vec<&str> = lines[..n]
                 .iter()
                 .rev()
-                .take_while(|l| l.starts_with('#') && commented_key(l).is_none())
+                .take_while(|l| {
+                    l.starts_with('#') && commented_key(l).is_none() && commented_table(l).is_none()
+                })
                 .copied()
                 .collect();
             assert!(
@@ -168,6 +201,14 @@ fn a_sample_without_a_key_is_refused() {
         .filter(|l| !l.starts_with("queue_len_max"))
         .collect::<Vec<_>>()
         .join("\n");
+    sample.check();
+}
+
+#[test]
+#[should_panic(expected = "keys missing from the sample")]
+fn a_sample_without_a_cluster_key_is_refused() {
+    let mut sample = Sample::read("tuning/linux/tern.toml");
+    sample.text = sample.text.replace("# lease_s = ", "# (no lease) ");
     sample.check();
 }
 

@@ -73,6 +73,21 @@ pub const BACKLOG_FRAMES_MAX: usize = 10_000;
 /// than [`Limits::frame_bytes_max`].
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// REDIRECTs [`Client::login_version`] follows in a row before it gives up
+/// (while a partition changes owner, two nodes may briefly name each other).
+pub const REDIRECTS_MAX: usize = 3;
+
+/// The first address `host:port` resolves to.
+fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("redirect address {addr:?} resolves to nothing"),
+        )
+    })
+}
+
 /// The shortest wait a read is given, so that a zero timeout still looks at
 /// what the kernel has already received instead of reporting nothing.
 const READ_WAIT_MIN: Duration = Duration::from_millis(1);
@@ -91,6 +106,13 @@ pub enum ClientError {
         code: ErrorCode,
         /// The human-readable text from LOGIN_ERR.
         text: String,
+    },
+    /// A clustered server answered a version 2 LOGIN with REDIRECT: another
+    /// node serves this user. [`Client::login_version`] follows it (up to
+    /// [`REDIRECTS_MAX`] in a row); [`Client::login_here_version`] reports it.
+    Redirected {
+        /// The serving node's address, `host:port`, as the server sent it.
+        addr: String,
     },
     /// The server closed the connection (end of stream or reset) and every
     /// frame it sent before has been returned.
@@ -111,6 +133,7 @@ impl fmt::Display for ClientError {
             ClientError::LoginRejected { code, text } => {
                 write!(f, "login rejected: {} ({text})", code.as_str())
             }
+            ClientError::Redirected { addr } => write!(f, "redirected to {addr}"),
             ClientError::Closed => f.write_str("connection closed by server"),
             ClientError::Timeout => f.write_str("timed out waiting for a frame"),
             ClientError::Unexpected(frame) => {
@@ -236,14 +259,28 @@ impl Client {
     /// [`login`](Client::login) with protocol `version` in LOGIN
     /// ([`proto::VERSION_2`]: idempotent SEND, DELIVERs carry the
     /// sender's client_id; see docs/PROTOCOL.md, "Version 2").
+    ///
+    /// A REDIRECT (a clustered server, version 2) is followed: the same
+    /// LOGIN goes to the named node, up to [`REDIRECTS_MAX`] times in a row;
+    /// one more is returned as [`ClientError::Redirected`].
     pub fn login_version(
         addr: SocketAddr,
         token: &str,
         version: u8,
     ) -> Result<(Client, LoginInfo), ClientError> {
-        let mut client = Client::connect(addr)?;
-        let info = client.login_here_version(token, version)?;
-        Ok((client, info))
+        let mut addr = addr;
+        let mut redirects = 0;
+        loop {
+            let mut client = Client::connect(addr)?;
+            match client.login_here_version(token, version) {
+                Ok(info) => return Ok((client, info)),
+                Err(ClientError::Redirected { addr: to }) if redirects < REDIRECTS_MAX => {
+                    redirects += 1;
+                    addr = resolve(&to)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Opens a TCP connection to a TLS listener and completes the TLS 1.3
@@ -336,6 +373,7 @@ impl Client {
                 offline_count,
             }),
             OwnedFrame::LoginErr { code, text } => Err(ClientError::LoginRejected { code, text }),
+            OwnedFrame::Redirect { addr } => Err(ClientError::Redirected { addr }),
             other => Err(ClientError::Unexpected(other)),
         }
     }

@@ -1232,6 +1232,15 @@ impl<E: Engine> Worker<E> {
                     self.conns[l as usize].flags |= F_EXPLAINED;
                 }
             }
+            // A clustered server sends this user elsewhere: the load
+            // generator does not follow redirects yet (docs/CLUSTER.md).
+            Frame::Redirect { .. } => {
+                if self.conns[l as usize].state == S_LOGGING_IN {
+                    self.shared.fail("login:redirect");
+                    self.shared.add(C::login_failed, 1);
+                    self.conns[l as usize].flags |= F_EXPLAINED;
+                }
+            }
             // Client-to-server frames never come from a server.
             Frame::Login { .. }
             | Frame::Send { .. }

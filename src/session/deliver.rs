@@ -12,6 +12,7 @@ use crate::store::{Origin, PushError, Stored};
 use super::dedupe::deliver_client_id;
 use super::users::PendingReceipt;
 use super::{Action, Env, Flow, Now, Sessions};
+use crate::cluster::Owner;
 
 impl Sessions {
     pub(super) fn on_send(
@@ -42,6 +43,37 @@ impl Sessions {
                 },
             );
             return Flow::Next;
+        }
+        match env.owner(to) {
+            Owner::Here => {}
+            Owner::Elsewhere { node, addr } => {
+                self.stats.other_node_sends.inc();
+                let text = format!(
+                    "user {to} is served by node {node} at {addr}; \
+                     messages between nodes are not built yet"
+                );
+                self.write(
+                    conn,
+                    &Frame::Error {
+                        code: ErrorCode::OtherNode,
+                        client_id,
+                        text: &text,
+                    },
+                );
+                return Flow::Next;
+            }
+            Owner::Nobody => {
+                self.stats.unavailable.inc();
+                self.write(
+                    conn,
+                    &Frame::Error {
+                        code: ErrorCode::Unavailable,
+                        client_id,
+                        text: "no node serves the recipient right now, retry later",
+                    },
+                );
+                return Flow::Next;
+            }
         }
         let dst = home_shard(to, self.shards);
         if !env.up(dst) {

@@ -1,6 +1,7 @@
 //! The session layer's vocabulary: the time it is given, what it may ask
 //! ([`Env`]), the [`Event`]s it takes and the [`Action`]s it returns.
 
+use crate::cluster::Owner;
 use crate::io::ConnId;
 use crate::proto::{self, Frame};
 use crate::shard::Msg;
@@ -28,6 +29,9 @@ pub trait Env {
     fn has_room(&self, shard: usize) -> bool;
     /// Bytes written to `conn` that it has not sent yet.
     fn out_pending(&self, conn: ConnId) -> usize;
+    /// Which node serves `user`: always [`Owner::Here`] on a standalone
+    /// server; in a cluster, the owner of the user's partition.
+    fn owner(&self, user: u64) -> Owner<'_>;
 }
 
 /// An [`Env`] where every shard is up, every outbox has room and output
@@ -44,6 +48,9 @@ impl Env for OpenEnv {
     }
     fn out_pending(&self, _conn: ConnId) -> usize {
         0
+    }
+    fn owner(&self, _user: u64) -> Owner<'_> {
+        Owner::Here
     }
 }
 
@@ -104,6 +111,10 @@ pub enum Event<'a> {
     /// Graceful shutdown: BYE(shutdown) to `Some(conn)`, or to every
     /// connection not already closing.
     Shutdown(Option<ConnId>),
+    /// Cluster: this node lost partitions. Every logged-in user whose
+    /// [`Env::owner`] is no longer here gets BYE(moved) (fencing: nothing
+    /// more is delivered to or taken from them here).
+    Moved,
 }
 
 /// What the caller does with the rest of a connection's input.

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cluster::Owner;
 use crate::config::Config;
 use crate::io::ConnId;
 use crate::proto::{self, ByeReason, ErrorCode, Frame};
@@ -256,6 +257,16 @@ impl Sessions {
                     self.bye(now, conn, ByeReason::Shutdown);
                 }
                 Flow::Stop
+            }
+            Event::Moved => {
+                for i in 0..self.slots.len() {
+                    let s = &self.slots[i];
+                    if s.state == State::Active && env.owner(s.user) != Owner::Here {
+                        self.stats.moved_closes.inc();
+                        self.bye(now, ConnId(i as u32), ByeReason::Moved);
+                    }
+                }
+                Flow::Next
             }
             Event::Shutdown(None) => {
                 for i in 0..self.slots.len() {
@@ -556,6 +567,30 @@ impl Sessions {
                 return Flow::Stop;
             }
         };
+        match env.owner(user) {
+            Owner::Here => {}
+            Owner::Elsewhere { node, addr } => {
+                self.stats.redirects.inc();
+                if version >= proto::VERSION_2 {
+                    self.write(conn, &Frame::Redirect { addr });
+                    self.close_after_flush(now, conn);
+                } else {
+                    let text = format!("user {user} is served by node {node} at {addr}");
+                    self.login_err(now, conn, ErrorCode::OtherNode, &text);
+                }
+                return Flow::Stop;
+            }
+            Owner::Nobody => {
+                self.stats.unavailable.inc();
+                self.login_err(
+                    now,
+                    conn,
+                    ErrorCode::Unavailable,
+                    "no node serves your partition right now (it is changing owner), retry later",
+                );
+                return Flow::Stop;
+            }
+        }
         let home = home_shard(user, self.shards);
         if !env.up(home) {
             self.stats.unavailable.inc();

@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 
+mod cluster;
 mod dedupe;
 
 use super::*;
@@ -22,6 +23,8 @@ const T0_MS: u64 = 1_700_000_000_000;
 struct TestEnv {
     down: Cell<Option<usize>>,
     room: Cell<bool>,
+    /// Cluster tests: the partition table; `None` is standalone.
+    owners: Option<crate::cluster::Owners>,
 }
 
 impl Env for TestEnv {
@@ -33,6 +36,11 @@ impl Env for TestEnv {
     }
     fn out_pending(&self, _conn: ConnId) -> usize {
         0
+    }
+    fn owner(&self, user: u64) -> Owner<'_> {
+        self.owners
+            .as_ref()
+            .map_or(Owner::Here, |o| o.of_user(user))
     }
 }
 
@@ -96,6 +104,7 @@ impl Harness {
             env: TestEnv {
                 down: Cell::new(None),
                 room: Cell::new(true),
+                owners: None,
             },
             now: Now {
                 tick: 0,

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
+use crate::cluster::{Owner, Owners};
 
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Io};
@@ -102,6 +103,9 @@ pub struct ShardParts {
     pub fatal: Arc<Fatal>,
     /// Where the loop reads the time: [`Clock::Real`], or a simulator's.
     pub clock: Clock,
+    /// Cluster: who owns which partition (kept by the bridge); `None` on a
+    /// standalone server, which serves every user.
+    pub owners: Option<Arc<Owners>>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -144,6 +148,9 @@ pub struct Shard {
     conns_max: usize,
     accept_window: (Instant, u32),
     loop_timer: LoopTimer,
+    owners: Option<Arc<Owners>>,
+    /// [`Owners::losses`] as last acted on.
+    owner_losses: u64,
 }
 
 /// What the session layer may ask of this shard.
@@ -152,6 +159,7 @@ struct View<'a> {
     outboxes: &'a Outboxes,
     conns: &'a Conns,
     ring_slots: usize,
+    owners: Option<&'a Owners>,
 }
 
 impl Env for View<'_> {
@@ -163,6 +171,9 @@ impl Env for View<'_> {
     }
     fn out_pending(&self, conn: ConnId) -> usize {
         self.conns.out_pending(conn)
+    }
+    fn owner(&self, user: u64) -> Owner<'_> {
+        self.owners.map_or(Owner::Here, |o| o.of_user(user))
     }
 }
 
@@ -180,6 +191,7 @@ impl Shard {
             peers,
             fatal,
             clock,
+            owners,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -214,6 +226,8 @@ impl Shard {
             conns_max: config.conns_max.div_ceil(shards),
             accept_window: (clock.now(), 0),
             loop_timer: LoopTimer::new(clock.now()),
+            owner_losses: owners.as_ref().map_or(0, |o| o.losses()),
+            owners,
             clock,
             config,
         }
@@ -317,6 +331,7 @@ impl Shard {
             outboxes: &self.outboxes,
             conns: &self.conns,
             ring_slots: self.config.ring_slots,
+            owners: self.owners.as_deref(),
         };
         self.sessions.reset(self.now, &env, kept);
         self.execute(&[]);
@@ -404,6 +419,7 @@ impl Shard {
         self.tick();
         self.drain_io();
         self.drain_rings();
+        self.fence();
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expire(&mut fired);
         self.tick();
@@ -426,6 +442,18 @@ impl Shard {
             self.publish_gauges();
         }
         None
+    }
+
+    /// Cluster: once the bridge reports lost partitions, closes the
+    /// sessions of users this node no longer serves (fencing).
+    fn fence(&mut self) {
+        let Some(losses) = self.owners.as_ref().map(|o| o.losses()) else {
+            return;
+        };
+        if losses != self.owner_losses {
+            self.owner_losses = losses;
+            self.event(Event::Moved);
+        }
     }
 
     /// Reads the time the session layer is given next (once per loop
@@ -451,6 +479,7 @@ impl Shard {
             outboxes: &self.outboxes,
             conns: &self.conns,
             ring_slots: self.config.ring_slots,
+            owners: self.owners.as_deref(),
         };
         let flow = self.sessions.on_event(self.now, &env, event);
         self.execute(rest);

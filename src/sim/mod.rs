@@ -449,6 +449,7 @@ impl World {
                 peers: peers.clone(),
                 fatal: fatal.clone(),
                 clock: clock.clone(),
+                owners: None,
             }));
         }
         disk::set_faults(true);

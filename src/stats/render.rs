@@ -24,6 +24,8 @@ pub struct StatsView {
     pub shards: Vec<Arc<ShardStats>>,
     /// The TLS settings `reload tls` re-reads; `None` without `tls_listen`.
     pub tls: Option<Arc<crate::tls::TlsContext>>,
+    /// The cluster bridge's counters; `None` without a `[cluster]` section.
+    pub cluster: Option<Arc<crate::cluster::ClusterStats>>,
 }
 
 impl StatsView {
@@ -37,6 +39,7 @@ impl StatsView {
             conns_max,
             shards: (0..shard_count).map(|_| Arc::default()).collect(),
             tls: None,
+            cluster: None,
         }
     }
 
@@ -161,7 +164,51 @@ fn render_info(view: &StatsView, process: Process) -> String {
     for (key, value) in lines {
         let _ = writeln!(out, "{key}: {value}");
     }
+    for (key, _, value) in cluster_gauges(view) {
+        let _ = writeln!(out, "{key}: {value}");
+    }
+    if view.cluster.is_some() {
+        // Summed over shards; per shard they are `tern_redirects_total` etc.
+        let sessions: [(&str, Getter); 3] = [
+            ("Cluster_redirects", |s| &s.redirects),
+            ("Cluster_other_node_sends", |s| &s.other_node_sends),
+            ("Cluster_moved_closes", |s| &s.moved_closes),
+        ];
+        for (key, get) in sessions {
+            let _ = writeln!(out, "{key}: {}", view.sum(get));
+        }
+    }
     out
+}
+
+/// The cluster bridge's gauges as (`show info` key, help, value); none
+/// without a `[cluster]` section.
+fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
+    let Some(c) = &view.cluster else {
+        return Vec::new();
+    };
+    vec![
+        (
+            "Cluster_partitions_owned",
+            "Partitions this node holds a lease on.",
+            c.partitions_owned.get(),
+        ),
+        (
+            "Cluster_live_nodes",
+            "Nodes with a live heartbeat in the lease bucket, this one included.",
+            c.live_nodes.get(),
+        ),
+        (
+            "Cluster_leases_lost",
+            "Partition leases lost since start (renewal refused, or NATS out of reach for a lease).",
+            c.leases_lost.get(),
+        ),
+        (
+            "Cluster_nats_up",
+            "1 while the last lease round reached NATS, else 0.",
+            c.nats_up.get(),
+        ),
+    ]
 }
 
 /// Reads one field of a shard's block.
@@ -368,6 +415,12 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
     }
+    for (key, help, value) in cluster_gauges(view) {
+        let name = format!("tern_{}", key.to_ascii_lowercase());
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    }
     let _ = writeln!(
         out,
         "# HELP tern_build_info Version and I/O backend; always 1."
@@ -491,6 +544,7 @@ pub(crate) mod tests {
             conns_max: 1000,
             shards: vec![Arc::default(), Arc::default()],
             tls: None,
+            cluster: None,
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);

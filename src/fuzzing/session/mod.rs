@@ -339,6 +339,10 @@ impl Env for SimEnv {
             .find(|(c, _)| *c == conn)
             .map_or(0, |(_, n)| *n)
     }
+    fn owner(&self, _user: u64) -> crate::cluster::Owner<'_> {
+        // Standalone: the cluster's owner answers have their own tests.
+        crate::cluster::Owner::Here
+    }
 }
 
 /// What the simulation learns from a frame before the session handles it.

@@ -1,0 +1,337 @@
+//! The bridge thread (docs/CLUSTER.md, "The bridge"): the one place NATS
+//! runs. It owns a current-thread tokio runtime that lives on this thread
+//! only, so no shard ever sees an async runtime. Today it holds this node's
+//! partition leases and heartbeat and keeps the partition table
+//! ([`Owners`]) that shards read at LOGIN and SEND; it does not yet carry
+//! messages.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+
+use super::config::ClusterConfig;
+use super::lease::{node_key, partition_key, Leases, Listing};
+use super::owners::{Owner, Owners};
+use crate::stats::Counter;
+
+/// JetStream KV bucket holding the leases and heartbeats.
+pub const LEASE_BUCKET: &str = "tern_leases";
+
+/// How often the bridge looks at its stop flag while it waits.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// What the bridge reports, read by the stats socket.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Partitions this node holds a lease on now.
+    pub partitions_owned: Counter,
+    /// Nodes with a live heartbeat in the last listing, this one included.
+    pub live_nodes: Counter,
+    /// Leases lost since start: a renewal failed on its revision, or NATS
+    /// was out of reach for a whole lease.
+    pub leases_lost: Counter,
+    /// 1 while the last lease round reached NATS, else 0.
+    pub nats_up: Counter,
+}
+
+/// The running bridge thread.
+#[derive(Debug)]
+pub struct Bridge {
+    thread: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ClusterStats>,
+}
+
+impl Bridge {
+    /// Starts the bridge thread for `config` (already validated). It
+    /// connects in the background and retries while NATS is unreachable, so
+    /// a NATS outage at start does not keep the node from serving.
+    /// `owners` is the table it keeps current for the shards.
+    pub fn start(config: ClusterConfig, owners: Arc<Owners>) -> std::io::Result<Bridge> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ClusterStats::default());
+        let thread = {
+            let (stop, stats) = (stop.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("tern-bridge".into())
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            log::error!("cluster bridge: cannot build its runtime: {e}");
+                            return;
+                        }
+                    };
+                    runtime.block_on(run(config, owners, &stop, &stats));
+                })?
+        };
+        Ok(Bridge {
+            thread,
+            stop,
+            stats,
+        })
+    }
+
+    /// The counters the stats socket shows.
+    pub fn stats(&self) -> Arc<ClusterStats> {
+        self.stats.clone()
+    }
+
+    /// Stops the thread and waits for it. Leases are left to expire rather
+    /// than deleted, so a node stopping never races a node taking over.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// Sleeps `total`, or less if `stop` is raised; returns whether it was.
+async fn nap(total: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + total;
+    while Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        tokio::time::sleep(STOP_POLL.min(until - Instant::now())).await;
+    }
+    stop.load(Ordering::Relaxed)
+}
+
+async fn run(config: ClusterConfig, owners: Arc<Owners>, stop: &AtomicBool, stats: &ClusterStats) {
+    let lease = Duration::from_secs(config.lease_s.into());
+    // A third of the lease: two renewals may fail before the lease ends.
+    let every = lease / 3;
+    let client = match async_nats::ConnectOptions::new()
+        .name(format!("tern {}", config.node_id))
+        .retry_on_initial_connect()
+        .connect(config.nats_urls.join(","))
+        .await
+    {
+        Ok(client) => client,
+        Err(e) => {
+            log::error!("cluster bridge: bad NATS address: {e}");
+            return;
+        }
+    };
+    let js = jetstream::new(client);
+    let start = node_start(&config.node_id, config.partitions);
+    let mut leases = Leases::new(config.partitions, start);
+    let mut last_ok = Instant::now();
+    let mut store: Option<kv::Store> = None;
+    loop {
+        let round = async {
+            if store.is_none() {
+                let kv = bucket(&js, lease).await?;
+                tokio::spawn(watch(kv.clone(), owners.clone(), config.node_id.clone()));
+                store = Some(kv);
+            }
+            let kv = store.as_ref().expect("just set");
+            lease_round(kv, &config, &mut leases, &owners, stats).await
+        };
+        match round.await {
+            Ok(()) => {
+                last_ok = Instant::now();
+                stats.nats_up.set(1);
+            }
+            Err(e) => {
+                stats.nats_up.set(0);
+                log::warn!("cluster bridge: lease round failed: {e}");
+                // Unproven for a whole lease: another node may hold them now.
+                if last_ok.elapsed() >= lease && leases.owned() > 0 {
+                    log::warn!(
+                        "cluster bridge: NATS out of reach for a lease, dropping {} partitions",
+                        leases.owned()
+                    );
+                    stats.leases_lost.add(leases.owned() as u64);
+                    for (p, _) in leases.renewals() {
+                        owners.set_other(p, None);
+                    }
+                    leases.lose_all();
+                }
+            }
+        }
+        stats.partitions_owned.set(leases.owned() as u64);
+        if nap(every, stop).await {
+            return;
+        }
+    }
+}
+
+/// Where node `node_id` starts looking for free partitions: a hash of its
+/// name, so nodes started together spread their first claims.
+fn node_start(node_id: &str, partitions: u32) -> u32 {
+    let h = node_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % u64::from(partitions)) as u32
+}
+
+/// The lease bucket, created if missing. Its max age is the lease: a key
+/// not rewritten for a lease vanishes, which is how leases expire with no
+/// clock shared between nodes.
+///
+/// The bucket's stream is created directly, with the settings a KV bucket
+/// has (`KV_` name, `$KV.` subjects, one value per key, rollups, no
+/// deletes), because async-nats' `create_key_value` first reads the account
+/// info, which it cannot parse from nats-server 2.9.
+async fn bucket(js: &jetstream::Context, lease: Duration) -> Result<kv::Store, async_nats::Error> {
+    let config = jetstream::stream::Config {
+        name: format!("KV_{LEASE_BUCKET}"),
+        subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        max_age: lease,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(config).await {
+        // Another node created it first, perhaps with its own lease_s.
+        log::debug!("cluster bridge: lease bucket not created ({e}), opening it");
+    }
+    Ok(js.get_key_value(LEASE_BUCKET).await?)
+}
+
+/// One heartbeat, renewal and claim round.
+async fn lease_round(
+    kv: &kv::Store,
+    config: &ClusterConfig,
+    leases: &mut Leases,
+    owners: &Owners,
+    stats: &ClusterStats,
+) -> Result<(), async_nats::Error> {
+    let value = format!("{} {}", config.node_id, config.public_addr);
+    kv.put(node_key(&config.node_id), value.clone().into())
+        .await?;
+    for (p, revision) in leases.renewals() {
+        match kv
+            .update(partition_key(p), value.clone().into(), revision)
+            .await
+        {
+            Ok(next) => leases.held(p, next),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                log::warn!("cluster bridge: lease on partition {p} lost");
+                stats.leases_lost.inc();
+                leases.lost(p);
+                if owners.of(p) == Owner::Here {
+                    owners.set_other(p, None);
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut listing = Listing::default();
+    let mut keys = kv.keys().await?;
+    while let Some(key) = keys.next().await {
+        listing.add_key(&key?);
+    }
+    stats.live_nodes.set(listing.live_nodes.into());
+    let released = leases.to_release(&listing);
+    if !released.is_empty() {
+        log::info!(
+            "cluster bridge: {} nodes live, letting {} partitions lapse for them",
+            listing.live_nodes,
+            released.len()
+        );
+    }
+    for p in released {
+        leases.lost(p);
+        owners.set_other(p, None);
+    }
+    // Leases that expired with no one taking them yet (a dead node's).
+    for p in 0..config.partitions {
+        if !listing.taken.contains(&p) && !leases.owns(p) && owners.of(p) != Owner::Nobody {
+            owners.set_other(p, None);
+        }
+    }
+    let claims = leases.to_claim(&listing);
+    let mut claimed = 0;
+    for p in claims {
+        match kv.create(partition_key(p), value.clone().into()).await {
+            Ok(revision) => {
+                leases.held(p, revision);
+                owners.set_here(p);
+                claimed += 1;
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if claimed > 0 {
+        log::info!(
+            "cluster bridge: claimed {claimed} partitions, {} held, {} nodes live",
+            leases.owned(),
+            listing.live_nodes
+        );
+    }
+    Ok(())
+}
+
+/// Follows every write to the lease bucket and records in `owners` which
+/// other node holds each partition. A lease that expires writes nothing, so
+/// the lease round clears those from its listing. Restarts the watch after
+/// an error; ends with the runtime.
+async fn watch(kv: kv::Store, owners: Arc<Owners>, node_id: String) {
+    loop {
+        match kv.watch_all().await {
+            Ok(mut entries) => {
+                while let Some(entry) = entries.next().await {
+                    match entry {
+                        Ok(entry) => observe(&owners, &node_id, &entry),
+                        Err(e) => {
+                            log::warn!("cluster bridge: lease watch: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => log::warn!("cluster bridge: cannot watch the lease bucket: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One write to the lease bucket, as seen by [`watch`]: a partition key
+/// written by another node makes that node its owner here. This node's own
+/// leases are the lease round's business.
+fn observe(owners: &Owners, node_id: &str, entry: &kv::Entry) {
+    let Some(p) = entry
+        .key
+        .strip_prefix("p.")
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|&p| p < owners.partitions())
+    else {
+        return;
+    };
+    if entry.operation != kv::Operation::Put {
+        owners.set_other(p, None);
+        return;
+    }
+    let value = String::from_utf8_lossy(&entry.value);
+    let Some((node, addr)) = value.split_once(' ') else {
+        log::warn!(
+            "cluster bridge: lease {} has a bad value {value:?}",
+            entry.key
+        );
+        return;
+    };
+    if node == node_id {
+        return;
+    }
+    match owners.node_index(node, addr) {
+        Some(i) => owners.set_other(p, Some(i)),
+        None => log::error!(
+            "cluster bridge: more than {} nodes seen",
+            super::owners::NODES_MAX
+        ),
+    }
+}

@@ -1,0 +1,15 @@
+//! Clustering on NATS JetStream (docs/CLUSTER.md): several Tern nodes share
+//! users by partition. Built so far: the configuration and the bridge
+//! thread holding partition leases; the Status section of docs/CLUSTER.md
+//! says what is not.
+
+pub mod bridge;
+pub mod config;
+pub mod lease;
+pub mod owners;
+pub mod partition;
+
+pub use bridge::{Bridge, ClusterStats};
+pub use config::ClusterConfig;
+pub use owners::{Owner, Owners};
+pub use partition::partition_of;

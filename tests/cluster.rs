@@ -1,0 +1,359 @@
+//! Clustering on NATS JetStream (docs/CLUSTER.md) against a real
+//! `nats-server` with JetStream, started on a free loopback port in a
+//! temporary directory. Skipped, with a message, only when `nats-server` is
+//! not on PATH (CI installs it, .ci/run).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::child::{serve_command, TernChild};
+use common::{token, TestServer};
+use tern::cluster::ClusterConfig;
+use tern::proto::{ByeReason, ErrorCode, OwnedFrame, VERSION, VERSION_2};
+use tern_client::{Client, ClientError};
+
+/// Upper bound for lease rounds to settle: a release waits a whole lease
+/// (3 s here) before the key expires and another node may claim it.
+const SETTLE: Duration = Duration::from_secs(40);
+
+/// A `nats-server -js` this test started; killed by its PID when dropped.
+struct Nats {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts one, or `None` when `nats-server` is not installed.
+    fn start() -> Option<Nats> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let spawned = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("SKIPPED: nats-server is not on PATH (apt-get install nats-server)");
+                return None;
+            }
+            Err(e) => panic!("cannot run nats-server: {e}"),
+        };
+        let nats = Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let up = common::wait_for(|| TcpStream::connect(addr).is_ok());
+        assert!(up, "nats-server never listened on {addr}");
+        Some(nats)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free a moment ago; nats-server takes no port 0.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
+    let cluster = ClusterConfig {
+        node_id: id.into(),
+        nats_urls: vec![nats.url.clone()],
+        public_addr: format!("{id}.test:5222"),
+        partitions,
+        lease_s: 3,
+    };
+    TestServer::start_with(|c| c.cluster = Some(cluster))
+}
+
+/// A node whose `public_addr` is its real client address, so a REDIRECT
+/// naming it can be followed.
+fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let cluster = ClusterConfig {
+        node_id: id.into(),
+        nats_urls: vec![nats.url.clone()],
+        public_addr: addr.to_string(),
+        partitions,
+        lease_s: 3,
+    };
+    TestServer::start_with(|c| {
+        c.listen = addr;
+        c.cluster = Some(cluster);
+    })
+}
+
+/// A version 2 LOGIN of `user` at `addr`, redirects not followed.
+fn login_v2_here(addr: SocketAddr, user: u64) -> Result<Client, ClientError> {
+    let mut client = Client::connect(addr).expect("connect");
+    client.login_here_version(&token(user), VERSION_2)?;
+    Ok(client)
+}
+
+/// Polls `cond` every 100 ms until it holds or [`SETTLE`] passes.
+fn settle(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn standalone_shows_no_cluster_and_needs_no_nats() {
+    let server = TestServer::start();
+    let info = server.info();
+    assert!(
+        !info.keys().any(|k| k.starts_with("Cluster_")),
+        "standalone must show no cluster state: {info:?}"
+    );
+}
+
+#[test]
+fn two_nodes_split_the_partitions_evenly() {
+    let Some(nats) = Nats::start() else { return };
+    let partitions = 64;
+    let a = node(&nats, "a", partitions);
+    a.wait_info("Cluster_partitions_owned", |n| n == u64::from(partitions));
+    assert_eq!(a.info_u64("Cluster_nats_up"), 1);
+    assert_eq!(a.metric_sum("tern_cluster_partitions_owned"), 64);
+
+    let b = node(&nats, "b", partitions);
+    let mut last = (0, 0);
+    let even = settle(|| {
+        last = (
+            a.info_u64("Cluster_partitions_owned"),
+            b.info_u64("Cluster_partitions_owned"),
+        );
+        last == (32, 32)
+    });
+    assert!(even, "owned (a, b) stayed at {last:?}");
+    assert_eq!(a.info_u64("Cluster_live_nodes"), 2);
+    assert_eq!(b.info_u64("Cluster_live_nodes"), 2);
+    // `a` let its extra leases lapse: a release, not a loss.
+    assert_eq!(a.info_u64("Cluster_leases_lost"), 0);
+}
+
+#[test]
+fn a_stopped_node_s_partitions_are_taken_over() {
+    let Some(nats) = Nats::start() else { return };
+    let partitions = 16;
+    let a = node(&nats, "a", partitions);
+    let b = node(&nats, "b", partitions);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+    // Stopping leaves the leases to expire; `b` then holds everything.
+    drop(a);
+    let all = settle(|| b.info_u64("Cluster_partitions_owned") == 16);
+    assert!(
+        all,
+        "b holds {} of 16",
+        b.info_u64("Cluster_partitions_owned")
+    );
+    assert_eq!(b.info_u64("Cluster_live_nodes"), 1);
+}
+
+/// One `show info` value of a node running as a child process.
+fn child_info(stats: &std::path::Path, key: &str) -> u64 {
+    let text = tern::stats::query(stats, "show info").expect("stats socket answers");
+    let info = common::parse_info(&text);
+    info.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("show info has no number {key}: {info:?}"))
+}
+
+/// Sends `signal` to a process this test started.
+fn signal(child: &TernChild, signal: i32) {
+    // SAFETY: kill(2) on the PID of our own child, which is not reaped yet.
+    let rc = unsafe { libc::kill(child.pid() as i32, signal) };
+    assert_eq!(rc, 0, "kill({}, {signal})", child.pid());
+}
+
+/// Fencing: a node paused past its lease finds, when it resumes, that its
+/// renewals are refused on their revision, and drops the partitions.
+#[test]
+fn a_node_paused_past_its_lease_loses_it_on_resume() {
+    let Some(nats) = Nats::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stats = dir.path().join("a.sock");
+    let config = dir.path().join("a.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "stats_socket = {stats:?}\ndata_dir = {data:?}\n\n[cluster]\nnode_id = \"a\"\n\
+             nats_urls = [{url:?}]\npublic_addr = \"a.test:5222\"\npartitions = 16\nlease_s = 3\n",
+            data = dir.path().join("data"),
+            url = nats.url,
+        ),
+    )
+    .expect("write config");
+    let config = config.to_str().expect("utf-8 path");
+    let a = TernChild::expect_start(serve_command(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--config",
+        config,
+    ]));
+    assert!(settle(
+        || child_info(&stats, "Cluster_partitions_owned") == 16
+    ));
+
+    signal(&a, libc::SIGSTOP);
+    let b = node(&nats, "b", 16);
+    let took = settle(|| b.info_u64("Cluster_partitions_owned") >= 8);
+    signal(&a, libc::SIGCONT);
+    assert!(took, "b never took partitions from the paused node");
+    // Whatever `b` holds, `a` held before the pause: each such renewal is
+    // refused (counted as lost), then the two settle on an even split.
+    let mut last = (0, 0, 0);
+    let fenced = settle(|| {
+        let lost = child_info(&stats, "Cluster_leases_lost");
+        let (owned_a, owned_b) = (
+            child_info(&stats, "Cluster_partitions_owned"),
+            b.info_u64("Cluster_partitions_owned"),
+        );
+        last = (lost, owned_a, owned_b);
+        lost >= 8 && owned_a == 8 && owned_b == 8
+    });
+    assert!(fenced, "(a lost, a owns, b owns) stayed at {last:?}");
+    drop(a);
+}
+
+/// LOGIN at the wrong node: version 2 gets REDIRECT to the owner's address
+/// (the client library follows it), version 1 gets LOGIN_ERR(other_node)
+/// naming it, and a SEND to a user the other node serves is refused with
+/// other_node, nothing taken.
+#[test]
+fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+
+    let (mut here, mut there) = (Vec::new(), Vec::new());
+    for user in 1..=40u64 {
+        match login_v2_here(a.addr, user) {
+            Ok(client) => here.push((user, client)),
+            Err(ClientError::Redirected { addr }) => {
+                assert_eq!(addr, b.addr.to_string(), "user {user}");
+                there.push(user);
+            }
+            Err(e) => panic!("user {user} at a: {e}"),
+        }
+    }
+    assert!(
+        !here.is_empty() && !there.is_empty(),
+        "{} here, {there:?} there",
+        here.len()
+    );
+    assert_eq!(a.info_u64("Cluster_redirects"), there.len() as u64);
+
+    // The library follows the redirect and ends up logged in at b.
+    let moved = there[0];
+    let online = b.info_u64("Users_online");
+    let (mut at_b, _) =
+        Client::login_version(a.addr, &token(moved), VERSION_2).expect("login through a");
+    assert_eq!(at_b.peer_addr().expect("peer"), b.addr);
+    assert_eq!(b.info_u64("Users_online"), online + 1);
+    at_b.ping(1).expect("served at b");
+
+    // Version 1 cannot follow a REDIRECT: LOGIN_ERR names the node.
+    match Client::login_version(a.addr, &token(moved), VERSION) {
+        Err(ClientError::LoginRejected { code, text }) => {
+            assert_eq!(code, ErrorCode::OtherNode);
+            assert!(text.contains(&b.addr.to_string()), "{text}");
+        }
+        other => panic!("v1 login of user {moved} at a: {other:?}"),
+    }
+
+    // Messages between nodes are not built yet: refused, not lost.
+    let (_, sender) = &mut here[0];
+    sender.send_msg(5, moved, b"across").expect("send");
+    match common::ack_or_error(sender, 5) {
+        Err(ErrorCode::OtherNode) => {}
+        other => panic!("SEND across nodes: {other:?}"),
+    }
+    assert_eq!(a.info_u64("Cluster_other_node_sends"), 1);
+    assert_eq!(a.info_u64("Queued") + b.info_u64("Queued"), 0);
+}
+
+/// Fencing of sessions: when a node gives partitions up (here to a node
+/// that joined), the users it served in them get BYE(moved), their next
+/// LOGIN there is redirected, and everyone else stays connected.
+#[test]
+fn users_of_a_partition_given_up_are_told_moved() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    a.wait_info("Cluster_partitions_owned", |n| n == 16);
+    let mut clients: Vec<(u64, Client)> = (1..=24u64)
+        .map(|user| {
+            (
+                user,
+                login_v2_here(a.addr, user).expect("a serves everyone"),
+            )
+        })
+        .collect();
+    let b = reachable_node(&nats, "b", 16);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+
+    let mut moved = 0;
+    for (user, client) in &mut clients {
+        // The BYE left when `a` gave the partition up, a lease earlier.
+        match client.recv_timeout(Duration::ZERO) {
+            Ok(Some(OwnedFrame::Bye {
+                reason: ByeReason::Moved,
+            })) => {
+                moved += 1;
+                match login_v2_here(a.addr, *user) {
+                    Err(ClientError::Redirected { addr }) => assert_eq!(addr, b.addr.to_string()),
+                    other => panic!(
+                        "user {user} was moved, yet a says {:?}",
+                        other.map(|_| "ok")
+                    ),
+                }
+            }
+            Ok(None) => {
+                client
+                    .ping(*user)
+                    .expect("a user a still serves stays connected");
+                assert!(login_v2_here(a.addr, *user).is_ok(), "user {user}");
+            }
+            other => panic!("user {user}: {other:?}"),
+        }
+    }
+    assert!(
+        moved > 0 && moved < clients.len(),
+        "{moved} of {} moved",
+        clients.len()
+    );
+    assert_eq!(a.info_u64("Cluster_moved_closes"), moved as u64);
+}
