@@ -34,13 +34,11 @@ impl Sessions {
             return Flow::Next;
         }
         if to == 0 {
-            self.write(
+            self.refuse_send(
                 conn,
-                &Frame::Error {
-                    code: ErrorCode::BadRecipient,
-                    client_id,
-                    text: "user 0 does not exist",
-                },
+                client_id,
+                ErrorCode::BadRecipient,
+                "user 0 does not exist",
             );
             return Flow::Next;
         }
@@ -52,25 +50,16 @@ impl Sessions {
                     "user {to} is served by node {node} at {addr}; \
                      messages between nodes are not built yet"
                 );
-                self.write(
-                    conn,
-                    &Frame::Error {
-                        code: ErrorCode::OtherNode,
-                        client_id,
-                        text: &text,
-                    },
-                );
+                self.refuse_send(conn, client_id, ErrorCode::OtherNode, &text);
                 return Flow::Next;
             }
             Owner::Nobody => {
                 self.stats.unavailable.inc();
-                self.write(
+                self.refuse_send(
                     conn,
-                    &Frame::Error {
-                        code: ErrorCode::Unavailable,
-                        client_id,
-                        text: "no node serves the recipient right now, retry later",
-                    },
+                    client_id,
+                    ErrorCode::Unavailable,
+                    "no node serves the recipient right now, retry later",
                 );
                 return Flow::Next;
             }
@@ -78,13 +67,11 @@ impl Sessions {
         let dst = home_shard(to, self.shards);
         if !env.up(dst) {
             self.stats.unavailable.inc();
-            self.write(
+            self.refuse_send(
                 conn,
-                &Frame::Error {
-                    code: ErrorCode::Unavailable,
-                    client_id,
-                    text: "the recipient's shard is restarting, retry later",
-                },
+                client_id,
+                ErrorCode::Unavailable,
+                "the recipient's shard is restarting, retry later",
             );
             return Flow::Next;
         }
@@ -114,6 +101,18 @@ impl Sessions {
         self.stats.msgs_in.inc();
         self.route(now, env, dst, msg);
         Flow::Next
+    }
+
+    /// ERROR(`code`) for the SEND `client_id` on `conn`; the connection stays.
+    fn refuse_send(&mut self, conn: ConnId, client_id: u64, code: ErrorCode, text: &str) {
+        self.write(
+            conn,
+            &Frame::Error {
+                code,
+                client_id,
+                text,
+            },
+        );
     }
 
     /// Whether a SEND to `to` must wait: its home is another shard, which is
