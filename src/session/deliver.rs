@@ -2,7 +2,6 @@
 //! recipient's home shard, the ACK, DELIVER within the delivery window,
 //! DELIVERED, and the receipts; and what the commit lets go.
 
-
 use crate::io::ConnId;
 use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, Msg};
@@ -482,8 +481,8 @@ impl Sessions {
         }
         self.fresh = fresh;
         self.written = written; // keep the allocation
-        // Those just written are in the online figure; those left queued
-        // (recipient offline, or its delivery window full) are not.
+                                // Those just written are in the online figure; those left queued
+                                // (recipient offline, or its delivery window full) are not.
         for &(user, server_id, sent_ns) in &self.fresh_sent {
             if self.users.conn_of(user).is_some()
                 && self
