@@ -2,8 +2,6 @@
 //! recipient's home shard, the ACK, DELIVER within the delivery window,
 //! DELIVERED, and the receipts; and what the commit lets go.
 
-use std::collections::HashMap;
-
 use crate::io::ConnId;
 use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, Msg};
@@ -466,7 +464,8 @@ impl Sessions {
         fresh.dedup();
         // What the answers above wrote, per connection (counted once, not
         // per pump; each user's pump writes only to its own connection).
-        let mut written: HashMap<ConnId, usize> = HashMap::new();
+        let mut written = std::mem::take(&mut self.written);
+        written.clear();
         if !fresh.is_empty() {
             for a in &self.actions {
                 if let Action::Write { conn, bytes } = a {
@@ -480,8 +479,9 @@ impl Sessions {
             self.pump(env, user, true, Some(w));
         }
         self.fresh = fresh;
-        // Those just written are in the online figure; those left queued
-        // (recipient offline, or its delivery window full) are not.
+        self.written = written; // keep the allocation
+                                // Those just written are in the online figure; those left queued
+                                // (recipient offline, or its delivery window full) are not.
         for &(user, server_id, sent_ns) in &self.fresh_sent {
             if self.users.conn_of(user).is_some()
                 && self

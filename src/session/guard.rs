@@ -20,7 +20,10 @@
 //! delivered messages exist only after a DELIVER, and are dropped when it
 //! goes offline.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// foldhash, not std's SipHash: looked up for every frame (see users.rs).
+use foldhash::HashMap;
 
 use crate::config::Config;
 use crate::io::ConnId;
@@ -100,9 +103,9 @@ impl Guard {
             refusals_max: c.rate_refusals_max,
             window_ms: c.rate_refusals_window_ms,
             recent_max: c.delivered_recent_max,
-            rates: HashMap::new(),
+            rates: HashMap::default(),
             rates_swept: 0,
-            recent: HashMap::new(),
+            recent: HashMap::default(),
         }
     }
 

@@ -120,6 +120,9 @@ pub struct Sessions {
     /// The messages stored this iteration: recipient, server id, and when
     /// their SEND was decoded (for the send-to-deliver histogram).
     fresh_sent: Vec<(u64, u64, u64)>,
+    /// Scratch of `on_committed`: bytes written per connection by this
+    /// commit's answers; kept between commits so it does not allocate.
+    written: foldhash::HashMap<ConnId, usize>,
     next_gen: u32,
     next_seq: u64,
     /// Set by the debug crash hook; the shard panics outside connection
@@ -167,6 +170,7 @@ impl Sessions {
             replies: Vec::new(),
             fresh: Vec::new(),
             fresh_sent: Vec::new(),
+            written: foldhash::HashMap::default(),
             next_gen: 1,
             crash: false,
             stats,
