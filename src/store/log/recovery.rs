@@ -169,7 +169,7 @@ impl LogStore {
             if self.segments[&last].bytes < self.opts.segment_bytes_max {
                 let path = self.segment_path(last);
                 let file = files::open_append(&path).map_err(io_at(&path, "open segment"))?;
-                self.active = Some((last, file));
+                self.active = Some((last, Arc::new(file)));
             }
         }
 
