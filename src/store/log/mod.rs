@@ -30,6 +30,31 @@
 //! `fdatasync` once. The shard sends the ACKs of the batch after `commit`
 //! returned `Ok`, so an ACK always means "durable".
 //!
+//! **Pipelined.** The shard does not wait for the `fdatasync` on its loop:
+//! [`begin_commit`](Store::begin_commit) does everything `commit` does but
+//! the sync, which it hands back as a [`SyncJob`] (its own handle on the
+//! segment, so a roll does not matter) for another thread to run, and
+//! [`synced`](Store::synced) takes the outcome. In between, pushes and
+//! removes stage the *next* batch; it is written only after the sync (one
+//! batch between write and sync at a time). The bookkeeping (where each
+//! message is, segment counts, pins, window pruning) is updated at the
+//! write, as if durable, but three things wait for `synced`:
+//!
+//! - visibility: `next_after` shows no push above `durable_id` (ids grow
+//!   with each push, so the pushes of the batch being synced and of the
+//!   one staged are exactly those above it); nothing is delivered, so
+//!   nothing removed, before it is durable;
+//! - deleting files: the compaction victim whose copies the batch holds,
+//!   and fully dead segments, go only once the batch is durable. A segment
+//!   may lose its last live message to a remove whose tombstone is still
+//!   staged; deleting it then is safe, as the message was delivered and the
+//!   pins keep any older copy of it from outliving the file;
+//! - the ACKs, which the shard releases only after `synced` returned `Ok`.
+//!
+//! A failed sync leaves the store failed (see "Errors"): the shard crashes
+//! and replays. The skip rule below is unchanged: it applies to pushes
+//! still staged (never written).
+//!
 //! **The skip rule:** a message pushed and then removed before the next
 //! `commit` (delivered to an online recipient and acknowledged by its device
 //! within one loop iteration) writes nothing at all: its staged `Queued`
@@ -164,7 +189,8 @@
 //!
 //! # Errors
 //!
-//! Any other error from `commit` leaves the store *failed*: it never writes
+//! Any other error from `commit` (or from `begin_commit`, or a failed
+//! [`SyncJob`] reported to `synced`) leaves the store *failed*: it never writes
 //! again and every later `commit` returns an error. After a failed `write`
 //! or `fsync` the state of the file is unknown (the page cache may have
 //! dropped the dirty pages), so the only safe way on is to drop the store and
@@ -183,7 +209,9 @@
 //! (replay, torn tail, repair), `commit` (the batch, its write, roll back on
 //! a full disk), `compact` (victims, pins, copies, deletion), `space` (the
 //! free-space floor and the reserve file), `meta` (the `meta` file) and
-//! `bulk` (what offline tools need).
+//! `bulk` (what offline tools need). The file passes 800 lines because the
+//! [`Store`] face (push, remove, the commit split in two) belongs with the
+//! types it changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
