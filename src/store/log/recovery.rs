@@ -259,8 +259,8 @@ impl LogStore {
                 clean.extend_from_slice(&data[from..to]);
             }
             let tmp = self.dir.join(format!("{}.tmp", segment::file_name(n)));
-            let mut file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
-            files::write(&mut file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
+            let file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
+            files::write(&file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
             if self.fsync() {
                 files::sync(&file, &tmp, true).map_err(io_at(&tmp, "sync"))?;
                 self.syncs += 1;
