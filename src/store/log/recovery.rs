@@ -169,7 +169,7 @@ impl LogStore {
             if self.segments[&last].bytes < self.opts.segment_bytes_max {
                 let path = self.segment_path(last);
                 let file = files::open_append(&path).map_err(io_at(&path, "open segment"))?;
-                self.active = Some((last, file));
+                self.active = Some((last, Arc::new(file)));
             }
         }
 
@@ -259,8 +259,8 @@ impl LogStore {
                 clean.extend_from_slice(&data[from..to]);
             }
             let tmp = self.dir.join(format!("{}.tmp", segment::file_name(n)));
-            let mut file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
-            files::write(&mut file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
+            let file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
+            files::write(&file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
             if self.fsync() {
                 files::sync(&file, &tmp, true).map_err(io_at(&tmp, "sync"))?;
                 self.syncs += 1;

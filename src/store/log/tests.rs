@@ -1008,7 +1008,7 @@ fn a_failed_commit_fails_every_later_one() {
     s.commit(&mut Vec::new()).unwrap();
     // Swap the active file for a read-only handle: the write fails.
     let path = seg_path(tmp.path(), 1);
-    s.active.as_mut().unwrap().1 = File::open(&path).unwrap();
+    s.active.as_mut().unwrap().1 = File::open(&path).unwrap().into();
     s.push(1, msg(2, 10)).unwrap();
     let e = s.commit(&mut Vec::new()).unwrap_err();
     assert!(e.to_string().contains("append to segment"), "{e}");
