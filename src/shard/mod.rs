@@ -66,6 +66,8 @@ pub fn open_store(
     )?;
     if config.durability != Durability::Memory {
         log::info!("shard {shard}: store recovered: {recovery}");
+        // The replay read whole segments and freed them again.
+        crate::memory::release(true);
     }
     Ok(Box::new(store))
 }
@@ -144,6 +146,8 @@ pub struct Shard {
     conns_max: usize,
     accept_window: (Instant, u32),
     loop_timer: LoopTimer,
+    /// When the shard last gave freed memory back (`memory_release_ms`).
+    memory_released: Instant,
 }
 
 /// What the session layer may ask of this shard.
@@ -214,6 +218,7 @@ impl Shard {
             conns_max: config.conns_max.div_ceil(shards),
             accept_window: (clock.now(), 0),
             loop_timer: LoopTimer::new(clock.now()),
+            memory_released: clock.now(),
             clock,
             config,
         }
@@ -424,6 +429,7 @@ impl Shard {
         if self.loop_timer.record(now - started, now, &self.stats) {
             self.admission.sweep(self.now.unix_ms);
             self.publish_gauges();
+            self.release_memory(now);
         }
         None
     }
@@ -521,6 +527,16 @@ impl Shard {
     }
 
     /// Gauges that are cheaper to sample than to track (once a second).
+    /// Every `memory_release_ms`: the allocator returns what this shard
+    /// freed (see [`crate::memory`]).
+    fn release_memory(&mut self, now: Instant) {
+        let every = Duration::from_millis(self.config.memory_release_ms);
+        if !every.is_zero() && now.saturating_duration_since(self.memory_released) >= every {
+            crate::memory::release(false);
+            self.memory_released = now;
+        }
+    }
+
     fn publish_gauges(&self) {
         let s = &self.stats;
         s.queued.set(self.sessions.store().total() as u64);

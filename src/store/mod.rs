@@ -196,6 +196,7 @@ impl Store for MemStore {
             self.windows.insert(msg.from, origin, taken);
             self.windows.prune(msg.from, origin.device, |_| {});
         }
+        crate::memory::reserve_one(queue);
         queue.push_back(msg);
         self.total += 1;
         Ok(())
@@ -214,6 +215,9 @@ impl Store for MemStore {
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
+            crate::memory::shrink_map(&mut self.queues);
+        } else {
+            crate::memory::shrink_deque(queue);
         }
         Some(msg)
     }

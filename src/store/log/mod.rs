@@ -223,6 +223,10 @@ pub const SEGMENT_BYTES_MAX_LIMIT: u64 = 1024 * 1024 * 1024;
 /// Most bytes of compaction copies one `commit` writes: 1 MiB, a few
 /// milliseconds of disk bandwidth added to one loop iteration.
 pub const COMPACT_BYTES_PER_COMMIT: u64 = 1024 * 1024;
+/// What the batch buffers keep of their capacity between commits: 64 KiB
+/// of encoded records (and as many bytes of staged entries). A burst's
+/// bigger batches get their room back when they are written.
+pub const BATCH_KEEP_BYTES: usize = 64 * 1024;
 /// Most index entries (live or dead `Queued` records of the segment being
 /// compacted) one `commit` looks at, bounding the CPU part of the same work.
 pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
@@ -620,6 +624,23 @@ impl LogStore {
         self.opts.durability == Durability::Fsync
     }
 
+    /// After a commit: a burst's batch may have grown the batch buffers to
+    /// megabytes; keep what an ordinary batch needs (see [`BATCH_KEEP_BYTES`]).
+    fn trim_batch_buffers(&mut self) {
+        // `buf` still holds the batch written (the next commit clears it);
+        // with nothing staged, nothing needs it.
+        if self.staged.is_empty() && self.buf.capacity() > BATCH_KEEP_BYTES {
+            self.buf = Vec::with_capacity(BATCH_KEEP_BYTES);
+        }
+        let staged_keep = BATCH_KEEP_BYTES / std::mem::size_of::<Staged>();
+        if self.staged.is_empty() && self.staged.capacity() > staged_keep {
+            self.staged = Vec::with_capacity(staged_keep);
+        }
+        if self.moves.is_empty() && self.moves.capacity() > staged_keep {
+            self.moves = Vec::new();
+        }
+    }
+
     fn segment_path(&self, number: u32) -> PathBuf {
         self.dir.join(segment::file_name(number))
     }
@@ -703,6 +724,7 @@ impl Store for LogStore {
                 self.windows.prune(msg.from, origin.device, |_| {});
             }
         }
+        crate::memory::reserve_one(queue);
         queue.push_back(Entry { msg, loc });
         self.total += 1;
         Ok(())
@@ -719,6 +741,9 @@ impl Store for LogStore {
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
+            crate::memory::shrink_map(&mut self.queues);
+        } else {
+            crate::memory::shrink_deque(queue);
         }
         let bytes = queued_bytes(&entry.msg);
         // A window entry that lived in this message's record outlives it.
@@ -758,6 +783,12 @@ impl Store for LogStore {
                 let seg = self.segments.get_mut(&n).expect("a live message's segment");
                 seg.live -= 1;
                 seg.live_bytes -= bytes;
+                if seg.live == 0 && self.compacting.is_none_or(|c| c.segment != n) {
+                    // Only compaction reads the index, and it has nothing
+                    // left to copy here; a drained active segment would
+                    // otherwise keep 16 bytes per record it ever took.
+                    seg.index = Vec::new();
+                }
                 if let Some(origin) = window {
                     seg.refs += 1;
                     seg.live_bytes += TAKEN_BYTES;
@@ -815,10 +846,12 @@ impl Store for LogStore {
         {
             return Ok(());
         }
-        self.commit_inner(refused, now).map_err(|e| {
+        let done = self.commit_inner(refused, now).map_err(|e| {
             self.failed = true;
             io::Error::from(e)
-        })
+        });
+        self.trim_batch_buffers();
+        done
     }
 
     fn has_uncommitted(&self) -> bool {
