@@ -48,6 +48,15 @@ pub fn reserve_one<T>(queue: &mut VecDeque<T>) {
     }
 }
 
+/// Shrinks `v`, a buffer reused empty between uses, to at most
+/// `keep_bytes` of capacity; nothing when it holds anything.
+pub fn trim_vec<T>(v: &mut Vec<T>, keep_bytes: usize) {
+    let keep = keep_bytes / std::mem::size_of::<T>().max(1);
+    if v.is_empty() && v.capacity() > keep {
+        v.shrink_to(keep);
+    }
+}
+
 /// Asks the allocator to return the calling thread's free pages to the
 /// operating system. Without `force`, pages freed less than mimalloc's
 /// purge delay ago (1 s) stay for now and go at a later call; `force`

@@ -49,6 +49,9 @@ use route::{Outboxes, Peers};
 
 /// Bytes read from a socket at once into the shard's scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// What a buffer reused across loop iterations keeps of its capacity at
+/// each `memory_release_ms`, in bytes (a quiet iteration needs far less).
+const REUSED_KEEP_BYTES: usize = 1024;
 /// Poll timeout while an outbox waits for ring space.
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
@@ -527,11 +530,27 @@ impl Shard {
     }
 
     /// Gauges that are cheaper to sample than to track (once a second).
+    /// Gives back what the buffers reused across iterations grew to in a
+    /// burst (a busy iteration's frames and actions, the outboxes);
+    /// called every `memory_release_ms`, so a burst in progress regrows
+    /// them at most that often.
+    fn trim_buffers(&mut self) {
+        use crate::memory::trim_vec;
+        trim_vec(&mut self.wire, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.actions, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.fired, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.refused, REUSED_KEEP_BYTES);
+        self.conns.trim(REUSED_KEEP_BYTES);
+        self.outboxes.trim();
+        self.sessions.trim(REUSED_KEEP_BYTES);
+    }
+
     /// Every `memory_release_ms`: the allocator returns what this shard
     /// freed (see [`crate::memory`]).
     fn release_memory(&mut self, now: Instant) {
         let every = Duration::from_millis(self.config.memory_release_ms);
         if !every.is_zero() && now.saturating_duration_since(self.memory_released) >= every {
+            self.trim_buffers();
             crate::memory::release(false);
             self.memory_released = now;
         }

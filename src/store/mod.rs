@@ -145,6 +145,11 @@ pub trait Store {
     /// No server id this store has accepted, now or before a restart, is
     /// greater than this. The shard continues its id sequence after it.
     fn max_server_id(&self) -> u64;
+    /// Gives back buffers a burst grew beyond `keep_bytes` each (a big
+    /// batch's encoding and staging), when nothing is staged. Called now
+    /// and then by the shard (`memory_release_ms`), not per commit, so a
+    /// busy shard does not regrow them each time. Default: nothing to do.
+    fn trim(&mut self, _keep_bytes: usize) {}
     /// Disk space as last seen. Default: nothing on disk.
     fn space(&self) -> Space {
         Space::default()

@@ -223,10 +223,6 @@ pub const SEGMENT_BYTES_MAX_LIMIT: u64 = 1024 * 1024 * 1024;
 /// Most bytes of compaction copies one `commit` writes: 1 MiB, a few
 /// milliseconds of disk bandwidth added to one loop iteration.
 pub const COMPACT_BYTES_PER_COMMIT: u64 = 1024 * 1024;
-/// What the batch buffers keep of their capacity between commits: 64 KiB
-/// of encoded records (and as many bytes of staged entries). A burst's
-/// bigger batches get their room back when they are written.
-pub const BATCH_KEEP_BYTES: usize = 64 * 1024;
 /// Most index entries (live or dead `Queued` records of the segment being
 /// compacted) one `commit` looks at, bounding the CPU part of the same work.
 pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
@@ -624,23 +620,6 @@ impl LogStore {
         self.opts.durability == Durability::Fsync
     }
 
-    /// After a commit: a burst's batch may have grown the batch buffers to
-    /// megabytes; keep what an ordinary batch needs (see [`BATCH_KEEP_BYTES`]).
-    fn trim_batch_buffers(&mut self) {
-        // `buf` still holds the batch written (the next commit clears it);
-        // with nothing staged, nothing needs it.
-        if self.staged.is_empty() && self.buf.capacity() > BATCH_KEEP_BYTES {
-            self.buf = Vec::with_capacity(BATCH_KEEP_BYTES);
-        }
-        let staged_keep = BATCH_KEEP_BYTES / std::mem::size_of::<Staged>();
-        if self.staged.is_empty() && self.staged.capacity() > staged_keep {
-            self.staged = Vec::with_capacity(staged_keep);
-        }
-        if self.moves.is_empty() && self.moves.capacity() > staged_keep {
-            self.moves = Vec::new();
-        }
-    }
-
     fn segment_path(&self, number: u32) -> PathBuf {
         self.dir.join(segment::file_name(number))
     }
@@ -846,12 +825,10 @@ impl Store for LogStore {
         {
             return Ok(());
         }
-        let done = self.commit_inner(refused, now).map_err(|e| {
+        self.commit_inner(refused, now).map_err(|e| {
             self.failed = true;
             io::Error::from(e)
-        });
-        self.trim_batch_buffers();
-        done
+        })
     }
 
     fn has_uncommitted(&self) -> bool {
@@ -861,6 +838,24 @@ impl Store for LogStore {
 
     fn max_server_id(&self) -> u64 {
         self.server_id_max
+    }
+
+    fn trim(&mut self, keep_bytes: usize) {
+        if !self.staged.is_empty() {
+            return;
+        }
+        // `buf` still holds the last batch written (the next commit clears
+        // it); with nothing staged, nothing needs it.
+        if self.buf.capacity() > keep_bytes {
+            self.buf = Vec::new();
+        }
+        let keep = keep_bytes / std::mem::size_of::<Staged>();
+        if self.staged.capacity() > keep {
+            self.staged = Vec::new();
+        }
+        if self.moves.is_empty() && self.moves.capacity() > keep {
+            self.moves = Vec::new();
+        }
     }
 
     fn space(&self) -> Space {
