@@ -2,7 +2,7 @@
 # Memory after a burst: a server (2 shards, DURABILITY) holds HELD idle
 # logged-in connections (tern-loadgen connect); RSS is read, then a chat burst
 # runs (2,000 more users, 100k msgs/s offered for 10 s, all four ticks), and
-# RSS is read right after it and 60 s later.
+# RSS is read right after it (once the burst users are gone) and 60 s later.
 # usage: burst.sh TERN_BINARY DURABILITY(memory|fsync) HELD
 set -euo pipefail
 TERN=${1:?tern binary}; DUR=${2:?memory|fsync}; HELD=${3:?held connections}
@@ -17,11 +17,13 @@ SRV=$!
 for _ in $(seq 200); do grep -q "listening on" "$D/log" && break; sleep 0.05; done
 "$LG" connect --server 127.0.0.1:$PORT --conns "$HELD" --rate 0 --hold 1h --quiet >"$D/hold.out" 2>&1 &
 HOLD=$!
-for _ in $(seq 600); do grep -q "holding\|hold" "$D/hold.out" 2>/dev/null && break; sleep 0.1; done
-sleep 10
+online() { "$TERN" stats -s "$D/s.sock" show info | awk '/^Users_online:/{print $2}'; }
+for _ in $(seq 600); do [ "$(online)" = "$HELD" ] && break; sleep 0.1; done
+sleep 5
 R0=$(rss $SRV)
 "$LG" chat --server 127.0.0.1:$PORT --conns 2000 --user-base 5000000 --rate 0 \
   --msg-rate 100000/s --duration 10s --drain 10s --final-drain 10s --quiet >"$D/chat.out" 2>&1 || true
+for _ in $(seq 300); do [ "$(online)" = "$HELD" ] && break; sleep 0.1; done
 R1=$(rss $SRV)
 sleep 60
 R2=$(rss $SRV)

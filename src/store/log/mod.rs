@@ -223,6 +223,9 @@ pub const SEGMENT_BYTES_MAX_LIMIT: u64 = 1024 * 1024 * 1024;
 /// Most bytes of compaction copies one `commit` writes: 1 MiB, a few
 /// milliseconds of disk bandwidth added to one loop iteration.
 pub const COMPACT_BYTES_PER_COMMIT: u64 = 1024 * 1024;
+/// Stale entries a segment's `orphans` may hold beyond twice its live ones
+/// before they are dropped (amortizes the walk).
+const ORPHANS_SLACK: usize = 1024;
 /// Most index entries (live or dead `Queued` records of the segment being
 /// compacted) one `commit` looks at, bounding the CPU part of the same work.
 pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
@@ -620,6 +623,28 @@ impl LogStore {
         self.opts.durability == Durability::Fsync
     }
 
+    /// Drops the entries of segment `n`'s `orphans` that no longer name a
+    /// window entry kept there (pruned from its window, or copied on),
+    /// once they outnumber the live ones: a busy segment gets one per
+    /// message delivered within its commit, and would otherwise hold 24
+    /// bytes for each until it is deleted, which the active one never is.
+    fn prune_orphans(&mut self, n: u32) {
+        let Some(seg) = self.segments.get_mut(&n) else {
+            return;
+        };
+        if seg.orphans.len() <= 2 * seg.refs as usize + ORPHANS_SLACK {
+            return;
+        }
+        let here = WLoc {
+            loc: Loc::Segment(n),
+            orphan: true,
+        };
+        let windows = &self.windows;
+        seg.orphans
+            .retain(|&(from, origin)| windows.get(from, origin).is_some_and(|t| t.loc == here));
+        seg.orphans.shrink_to(seg.orphans.len() * 2);
+    }
+
     fn segment_path(&self, number: u32) -> PathBuf {
         self.dir.join(segment::file_name(number))
     }
@@ -773,6 +798,7 @@ impl Store for LogStore {
                     seg.live_bytes += TAKEN_BYTES;
                     seg.orphans.push((from, origin));
                 }
+                self.prune_orphans(n);
                 if self.active_number() != Some(n) {
                     self.maintenance = true;
                 }
@@ -828,7 +854,11 @@ impl Store for LogStore {
         self.commit_inner(refused, now).map_err(|e| {
             self.failed = true;
             io::Error::from(e)
-        })
+        })?;
+        if let Some(n) = self.active_number() {
+            self.prune_orphans(n);
+        }
+        Ok(())
     }
 
     fn has_uncommitted(&self) -> bool {
