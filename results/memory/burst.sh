@@ -11,7 +11,7 @@ LG=$ROOT/target/release/tern-loadgen
 D=$(mktemp -d /tmp/tern-burst.XXXXXX)
 PORT=$((20000 + RANDOM % 20000))
 rss() { awk '/VmRSS/{print $2}' /proc/$1/status; }
-"$TERN" serve --shards 2 --durability "$DUR" --listen 127.0.0.1:$PORT --data-dir "$D/data" \
+"$TERN" serve ${CONFIG:+--config "$CONFIG"} --shards 2 --durability "$DUR" --listen 127.0.0.1:$PORT --data-dir "$D/data" \
   --stats-socket "$D/s.sock" --accept-rate-per-s-max 0 2>"$D/log" >/dev/null &
 SRV=$!
 for _ in $(seq 200); do grep -q "listening on" "$D/log" && break; sleep 0.05; done

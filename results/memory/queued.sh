@@ -34,7 +34,7 @@ T1=$(date +%s.%N); PID=$(IO=poll start 2); waitlisten 2; T2=$(date +%s.%N)
 sleep 1
 R2=$(rss $PID)
 echo "users=$USERS per_user=$PER body=$BODY queued=$QUEUED"
-grep -E "acked|ACK|sent" "$D/lg.out" | head -5 || true
+grep -E "^messages|^  failure" "$D/lg.out" || true
 echo "rss_before_kib=$R0 rss_queued_kib=$R1 rss_recovered_kib=$R2"
 echo "rss_per_msg_b=$(( (R1 - R0) * 1024 / QUEUED )) disk_per_msg_b=$(( DISK / QUEUED ))"
 echo "listening_after_s=$(echo "$T2 - $T1" | bc)"
