@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Memory after a burst: a server (2 shards, DURABILITY) holds HELD idle
 # logged-in connections (tern-loadgen connect); RSS is read, then a chat burst
-# runs (2,000 more users, 100k msgs/s offered for 10 s, all four ticks), and
+# runs (2,000 more users, RATE (default 20,000) msgs/s offered for 10 s, all four ticks), and
 # RSS is read right after it (once the burst users are gone) and 60 s later.
 # usage: burst.sh TERN_BINARY DURABILITY(memory|fsync) HELD
 set -euo pipefail
@@ -22,12 +22,13 @@ for _ in $(seq 600); do [ "$(online)" = "$HELD" ] && break; sleep 0.1; done
 sleep 5
 R0=$(rss $SRV)
 "$LG" chat --server 127.0.0.1:$PORT --conns 2000 --user-base 5000000 --rate 0 \
-  --msg-rate 100000/s --duration 10s --drain 10s --final-drain 10s --quiet >"$D/chat.out" 2>&1 || true
+  --msg-rate ${RATE:-20000}/s --duration 10s --drain 10s --final-drain 30s --quiet >"$D/chat.out" 2>&1 || true
 for _ in $(seq 300); do [ "$(online)" = "$HELD" ] && break; sleep 0.1; done
 R1=$(rss $SRV)
 sleep 60
 R2=$(rss $SRV)
-echo "durability=$DUR held=$HELD rss_before_kib=$R0 rss_after_kib=$R1 rss_60s_kib=$R2"
+Q=$("$TERN" stats -s "$D/s.sock" show info | awk '/^Queued:/{print $2}')
+echo "durability=$DUR held=$HELD rss_before_kib=$R0 rss_after_kib=$R1 rss_60s_kib=$R2 queued_60s=$Q"
 grep -E "delivered|msgs/s" "$D/chat.out" | tail -2 || true
 kill $HOLD; wait $HOLD 2>/dev/null || true
 kill $SRV; wait $SRV 2>/dev/null || true
