@@ -159,6 +159,7 @@ impl Guard {
         let quiet = self.quiet(now_ms);
         if self.rates.get_mut(&user).is_some_and(quiet) {
             self.rates.remove(&user);
+            crate::memory::shrink_map(&mut self.rates);
         }
     }
 
@@ -179,6 +180,7 @@ impl Guard {
     fn sweep(&mut self, now_ms: u64) {
         let quiet = self.quiet(now_ms);
         self.rates.retain(|_, r| !quiet(r));
+        crate::memory::shrink_map(&mut self.rates);
         self.rates_swept = self.rates.len();
     }
 
@@ -211,6 +213,7 @@ impl Guard {
     /// `user` went offline: what was delivered to it is forgotten.
     pub(super) fn offline(&mut self, user: u64) {
         self.recent.remove(&user);
+        crate::memory::shrink_map(&mut self.recent);
     }
 
     /// Users with rate buckets, and users with delivered messages

@@ -325,6 +325,18 @@ impl Sessions {
         }
     }
 
+    /// Gives back what the reused action and frame buffers (and the
+    /// store's batch buffers) grew to beyond `keep_bytes` each (the shard
+    /// calls it every `memory_release_ms`).
+    pub fn trim(&mut self, keep_bytes: usize) {
+        use crate::memory::trim_vec;
+        trim_vec(&mut self.wire, keep_bytes);
+        trim_vec(&mut self.actions, keep_bytes);
+        trim_vec(&mut self.fresh, keep_bytes);
+        trim_vec(&mut self.fresh_sent, keep_bytes);
+        self.store.trim(keep_bytes);
+    }
+
     /// The actions of the last event, to execute in order.
     pub fn actions(&self) -> &[Action] {
         &self.actions

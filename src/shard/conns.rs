@@ -90,6 +90,13 @@ impl Conns {
         }
     }
 
+    /// Gives back the capacity of the revisit lists beyond `keep_bytes`
+    /// each, when they are empty.
+    pub(super) fn trim(&mut self, keep_bytes: usize) {
+        crate::memory::trim_vec(&mut self.dirty, keep_bytes);
+        crate::memory::trim_vec(&mut self.blocked, keep_bytes);
+    }
+
     /// Forgets every connection (after a crash).
     pub(super) fn clear(&mut self) {
         self.slots.clear();

@@ -52,6 +52,9 @@ use sync::Syncer;
 
 /// Bytes read from a socket at once into the shard's scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// What a buffer reused across loop iterations keeps of its capacity at
+/// each `memory_release_ms`, in bytes (a quiet iteration needs far less).
+const REUSED_KEEP_BYTES: usize = 1024;
 /// Poll timeout while an outbox waits for ring space.
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
@@ -69,6 +72,8 @@ pub fn open_store(
     )?;
     if config.durability != Durability::Memory {
         log::info!("shard {shard}: store recovered: {recovery}");
+        // The replay read whole segments and freed them again.
+        crate::memory::release(true);
     }
     Ok(Box::new(store))
 }
@@ -155,6 +160,8 @@ pub struct Shard {
     owners: Option<Arc<Owners>>,
     /// [`Owners::losses`] as last acted on.
     owner_losses: u64,
+    /// When the shard last gave freed memory back (`memory_release_ms`).
+    memory_released: Instant,
 }
 
 /// What the session layer may ask of this shard.
@@ -233,6 +240,7 @@ impl Shard {
             loop_timer: LoopTimer::new(clock.now()),
             owner_losses: owners.as_ref().map_or(0, |o| o.losses()),
             owners,
+            memory_released: clock.now(),
             clock,
             config,
         }
@@ -460,6 +468,7 @@ impl Shard {
         if self.loop_timer.record(now - started, now, &self.stats) {
             self.admission.sweep(self.now.unix_ms);
             self.publish_gauges();
+            self.release_memory(now);
         }
         None
     }
@@ -606,6 +615,32 @@ impl Shard {
     }
 
     /// Gauges that are cheaper to sample than to track (once a second).
+    /// Gives back what the buffers reused across iterations grew to in a
+    /// burst (a busy iteration's frames and actions, the outboxes);
+    /// called every `memory_release_ms`, so a burst in progress regrows
+    /// them at most that often.
+    fn trim_buffers(&mut self) {
+        use crate::memory::trim_vec;
+        trim_vec(&mut self.wire, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.actions, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.fired, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.refused, REUSED_KEEP_BYTES);
+        self.conns.trim(REUSED_KEEP_BYTES);
+        self.outboxes.trim();
+        self.sessions.trim(REUSED_KEEP_BYTES);
+    }
+
+    /// Every `memory_release_ms`: the allocator returns what this shard
+    /// freed (see [`crate::memory`]).
+    fn release_memory(&mut self, now: Instant) {
+        let every = Duration::from_millis(self.config.memory_release_ms);
+        if !every.is_zero() && now.saturating_duration_since(self.memory_released) >= every {
+            self.trim_buffers();
+            crate::memory::release(false);
+            self.memory_released = now;
+        }
+    }
+
     fn publish_gauges(&self) {
         let s = &self.stats;
         s.queued.set(self.sessions.store().total() as u64);

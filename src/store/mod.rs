@@ -198,6 +198,11 @@ pub trait Store {
     /// No server id this store has accepted, now or before a restart, is
     /// greater than this. The shard continues its id sequence after it.
     fn max_server_id(&self) -> u64;
+    /// Gives back buffers a burst grew beyond `keep_bytes` each (a big
+    /// batch's encoding and staging), when nothing is staged. Called now
+    /// and then by the shard (`memory_release_ms`), not per commit, so a
+    /// busy shard does not regrow them each time. Default: nothing to do.
+    fn trim(&mut self, _keep_bytes: usize) {}
     /// Disk space as last seen. Default: nothing on disk.
     fn space(&self) -> Space {
         Space::default()
@@ -249,6 +254,7 @@ impl Store for MemStore {
             self.windows.insert(msg.from, origin, taken);
             self.windows.prune(msg.from, origin.device, |_| {});
         }
+        crate::memory::reserve_one(queue);
         queue.push_back(msg);
         self.total += 1;
         Ok(())
@@ -267,6 +273,9 @@ impl Store for MemStore {
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
+            crate::memory::shrink_map(&mut self.queues);
+        } else {
+            crate::memory::shrink_deque(queue);
         }
         Some(msg)
     }

@@ -252,6 +252,9 @@ pub const SEGMENT_BYTES_MAX_LIMIT: u64 = 1024 * 1024 * 1024;
 /// Most bytes of compaction copies one `commit` writes: 1 MiB, a few
 /// milliseconds of disk bandwidth added to one loop iteration.
 pub const COMPACT_BYTES_PER_COMMIT: u64 = 1024 * 1024;
+/// Stale entries a segment's `orphans` may hold beyond twice its live ones
+/// before they are dropped (amortizes the walk).
+const ORPHANS_SLACK: usize = 1024;
 /// Most index entries (live or dead `Queued` records of the segment being
 /// compacted) one `commit` looks at, bounding the CPU part of the same work.
 pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
@@ -679,6 +682,28 @@ impl LogStore {
         ))
     }
 
+    /// Drops the entries of segment `n`'s `orphans` that no longer name a
+    /// window entry kept there (pruned from its window, or copied on),
+    /// once they outnumber the live ones: a busy segment gets one per
+    /// message delivered within its commit, and would otherwise hold 24
+    /// bytes for each until it is deleted, which the active one never is.
+    fn prune_orphans(&mut self, n: u32) {
+        let Some(seg) = self.segments.get_mut(&n) else {
+            return;
+        };
+        if seg.orphans.len() <= 2 * seg.refs as usize + ORPHANS_SLACK {
+            return;
+        }
+        let here = WLoc {
+            loc: Loc::Segment(n),
+            orphan: true,
+        };
+        let windows = &self.windows;
+        seg.orphans
+            .retain(|&(from, origin)| windows.get(from, origin).is_some_and(|t| t.loc == here));
+        seg.orphans.shrink_to(seg.orphans.len() * 2);
+    }
+
     fn segment_path(&self, number: u32) -> PathBuf {
         self.dir.join(segment::file_name(number))
     }
@@ -762,6 +787,7 @@ impl Store for LogStore {
                 self.windows.prune(msg.from, origin.device, |_| {});
             }
         }
+        crate::memory::reserve_one(queue);
         queue.push_back(Entry { msg, loc });
         self.total += 1;
         Ok(())
@@ -778,6 +804,9 @@ impl Store for LogStore {
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
+            crate::memory::shrink_map(&mut self.queues);
+        } else {
+            crate::memory::shrink_deque(queue);
         }
         let bytes = queued_bytes(&entry.msg);
         // A window entry that lived in this message's record outlives it.
@@ -817,11 +846,18 @@ impl Store for LogStore {
                 let seg = self.segments.get_mut(&n).expect("a live message's segment");
                 seg.live -= 1;
                 seg.live_bytes -= bytes;
+                if seg.live == 0 && self.compacting.is_none_or(|c| c.segment != n) {
+                    // Only compaction reads the index, and it has nothing
+                    // left to copy here; a drained active segment would
+                    // otherwise keep 16 bytes per record it ever took.
+                    seg.index = Vec::new();
+                }
                 if let Some(origin) = window {
                     seg.refs += 1;
                     seg.live_bytes += TAKEN_BYTES;
                     seg.orphans.push((from, origin));
                 }
+                self.prune_orphans(n);
                 if self.active_number() != Some(n) {
                     self.maintenance = true;
                 }
@@ -920,7 +956,11 @@ impl Store for LogStore {
         self.after_sync().map_err(|e| {
             self.failed = true;
             io::Error::from(e)
-        })
+        })?;
+        if let Some(n) = self.active_number() {
+            self.prune_orphans(n);
+        }
+        Ok(())
     }
 
     fn has_uncommitted(&self) -> bool {
@@ -930,6 +970,24 @@ impl Store for LogStore {
 
     fn max_server_id(&self) -> u64 {
         self.server_id_max
+    }
+
+    fn trim(&mut self, keep_bytes: usize) {
+        if !self.staged.is_empty() {
+            return;
+        }
+        // `buf` still holds the last batch written (the next commit clears
+        // it); with nothing staged, nothing needs it.
+        if self.buf.capacity() > keep_bytes {
+            self.buf = Vec::new();
+        }
+        let keep = keep_bytes / std::mem::size_of::<Staged>();
+        if self.staged.capacity() > keep {
+            self.staged = Vec::new();
+        }
+        if self.moves.is_empty() && self.moves.capacity() > keep {
+            self.moves = Vec::new();
+        }
     }
 
     fn space(&self) -> Space {
