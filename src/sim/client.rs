@@ -335,6 +335,13 @@ impl Client {
                 code: ErrorCode::Unavailable,
                 ..
             } => self.go_offline(net, now_ns, b, rng),
+            // The server's accept-rate refusal (`accept_rate_per_s_max`): it
+            // closes the connection; come back later, as a real client does.
+            Frame::Error {
+                code: ErrorCode::RateLimited,
+                client_id: 0,
+                ..
+            } if self.state == State::LoggingIn => self.go_offline(net, now_ns, b, rng),
             Frame::Ack {
                 client_id,
                 server_id,
