@@ -126,6 +126,12 @@ impl Client {
         self.next_seq - 1
     }
 
+    /// When the first DELIVERED is due, if any: the client's turn must come
+    /// no later.
+    pub fn answer_due_ns(&self) -> Option<u64> {
+        self.answers.front().map(|a| a.0)
+    }
+
     /// The socket, if connected.
     pub fn sock(&self) -> Option<SockId> {
         self.sock
