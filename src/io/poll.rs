@@ -51,6 +51,10 @@ struct Conn {
     stream: TcpStream,
     /// The kernel said readable and we have not yet seen `WouldBlock`.
     readable: bool,
+    /// The kernel reported the peer's end of stream (FIN, RST) or an error.
+    /// That is reported once, edge-triggered, often in the same event as the
+    /// last bytes: reading goes on past a short read until the end is read.
+    ended: bool,
     /// The shard asked us not to read (back-pressure).
     paused: bool,
     /// A send came up short; report the next writable edge.
@@ -170,6 +174,9 @@ impl Io {
                         continue;
                     };
                     let id = ConnId(key as u32);
+                    if event.is_read_closed() || event.is_error() {
+                        conn.ended = true;
+                    }
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
                         conn.readable = true;
                         if !conn.paused && !conn.queued {
@@ -221,6 +228,11 @@ impl Io {
                             // Probably more waiting: read again next iteration.
                             conn.queued = true;
                             self.ready_next.push(id);
+                        } else if conn.ended {
+                            // The end came with these bytes and no further
+                            // edge will tell: read it in this iteration.
+                            conn.queued = true;
+                            self.ready.push_back(id);
                         } else {
                             // A short read on a stream socket means the
                             // receive queue is drained; the next edge re-arms.
@@ -393,6 +405,7 @@ impl Io {
         entry.insert(Conn {
             stream,
             readable: true,
+            ended: false,
             paused: false,
             want_write: false,
             write_armed: false,
