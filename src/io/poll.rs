@@ -10,7 +10,11 @@
 //! Readiness is turned into completions
 //! here: a readable connection is read once per [`Io::next`] call into the
 //! shard's scratch buffer; one that filled the buffer is read again on the
-//! next loop iteration (so one busy peer cannot starve the others).
+//! next loop iteration (so one busy peer cannot starve the others). A short
+//! read normally means the receive queue is empty and the next edge re-arms;
+//! but the peer's close (FIN, RST) is reported once, often in the same event
+//! as its last bytes, so after such an event the connection is read on until
+//! the end of stream or error is seen and [`Completion::Closed`] handed out.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
