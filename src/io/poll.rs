@@ -517,4 +517,24 @@ mod tests {
         assert_eq!(io.send(id, b"drained").unwrap(), 7);
         assert!(!io.write_armed(id), "a full send removes write interest");
     }
+
+    /// Bytes and the peer's FIN reported in one event: after the short read
+    /// of the bytes the end of stream is still read and reported, though no
+    /// further edge comes.
+    #[test]
+    fn end_of_stream_behind_the_last_bytes_is_reported() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let mut io = Io::new(Listeners::plain(l)).unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let mut scratch = vec![0u8; 4096];
+        let Completion::Accepted(id, Listener::Plain) = next_event(&mut io, &mut scratch) else {
+            panic!("expected an accept");
+        };
+        // The first read found nothing; now bytes and FIN arrive together.
+        while io.next(&mut scratch).is_some() {}
+        client.write_all(b"last words").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(next_event(&mut io, &mut scratch), Completion::Closed(id));
+    }
 }
