@@ -10,7 +10,11 @@
 //! Readiness is turned into completions
 //! here: a readable connection is read once per [`Io::next`] call into the
 //! shard's scratch buffer; one that filled the buffer is read again on the
-//! next loop iteration (so one busy peer cannot starve the others).
+//! next loop iteration (so one busy peer cannot starve the others). A short
+//! read normally means the receive queue is empty and the next edge re-arms;
+//! but the peer's close (FIN, RST) is reported once, often in the same event
+//! as its last bytes, so after such an event the connection is read on until
+//! the end of stream or error is seen and [`Completion::Closed`] handed out.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -51,6 +55,10 @@ struct Conn {
     stream: TcpStream,
     /// The kernel said readable and we have not yet seen `WouldBlock`.
     readable: bool,
+    /// The kernel reported the peer's end of stream (FIN, RST) or an error.
+    /// That is reported once, edge-triggered, often in the same event as the
+    /// last bytes: reading goes on past a short read until the end is read.
+    ended: bool,
     /// The shard asked us not to read (back-pressure).
     paused: bool,
     /// A send came up short; report the next writable edge.
@@ -170,6 +178,9 @@ impl Io {
                         continue;
                     };
                     let id = ConnId(key as u32);
+                    if event.is_read_closed() || event.is_error() {
+                        conn.ended = true;
+                    }
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
                         conn.readable = true;
                         if !conn.paused && !conn.queued {
@@ -221,6 +232,11 @@ impl Io {
                             // Probably more waiting: read again next iteration.
                             conn.queued = true;
                             self.ready_next.push(id);
+                        } else if conn.ended {
+                            // The end came with these bytes and no further
+                            // edge will tell: read it in this iteration.
+                            conn.queued = true;
+                            self.ready.push_back(id);
                         } else {
                             // A short read on a stream socket means the
                             // receive queue is drained; the next edge re-arms.
@@ -393,6 +409,7 @@ impl Io {
         entry.insert(Conn {
             stream,
             readable: true,
+            ended: false,
             paused: false,
             want_write: false,
             write_armed: false,
@@ -499,5 +516,25 @@ mod tests {
         let _client = reader.join().unwrap();
         assert_eq!(io.send(id, b"drained").unwrap(), 7);
         assert!(!io.write_armed(id), "a full send removes write interest");
+    }
+
+    /// Bytes and the peer's FIN reported in one event: after the short read
+    /// of the bytes the end of stream is still read and reported, though no
+    /// further edge comes.
+    #[test]
+    fn end_of_stream_behind_the_last_bytes_is_reported() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let mut io = Io::new(Listeners::plain(l)).unwrap();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let mut scratch = vec![0u8; 4096];
+        let Completion::Accepted(id, Listener::Plain) = next_event(&mut io, &mut scratch) else {
+            panic!("expected an accept");
+        };
+        // The first read found nothing; now bytes and FIN arrive together.
+        while io.next(&mut scratch).is_some() {}
+        client.write_all(b"last words").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(next_event(&mut io, &mut scratch), Completion::Closed(id));
     }
 }
