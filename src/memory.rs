@@ -38,23 +38,16 @@ pub fn shrink_deque<T>(queue: &mut VecDeque<T>) {
     }
 }
 
-/// Makes room for one more entry in `queue`: doubling it up to
-/// [`DOUBLE_UPTO`] entries (a queue that fills and drains with every burst
-/// is rebuilt in a few steps), then growing it by a quarter of its length,
-/// so that a long queue of held messages wastes at most a fifth of its
-/// capacity instead of half. A queue is at most `queue_len_max` long, so
-/// this costs a few more copies of a long queue (some 20 reallocations up
-/// to 1000 entries).
+/// Makes room for one more entry in `queue`, growing it by a quarter of
+/// its length (at least 4) instead of doubling: a user's held messages
+/// waste at most a fifth of their queue's capacity instead of half. A
+/// queue is at most `queue_len_max` long, so this costs a few more copies
+/// of a small queue (some 25 reallocations up to 1000 entries).
 pub fn reserve_one<T>(queue: &mut VecDeque<T>) {
     if queue.len() == queue.capacity() {
-        let len = queue.len();
-        let more = if len < DOUBLE_UPTO { len } else { len / 4 };
-        queue.reserve_exact(more.max(4));
+        queue.reserve_exact((queue.len() / 4).max(4));
     }
 }
-
-/// Length up to which [`reserve_one`] doubles a queue.
-pub const DOUBLE_UPTO: usize = 64;
 
 /// Shrinks `v`, a buffer reused empty between uses, to at most
 /// `keep_bytes` of capacity; nothing when it holds anything.
