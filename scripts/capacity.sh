@@ -45,6 +45,10 @@ Usage: scripts/capacity.sh [OPTIONS]
                          S s; the idle window then measures the keepalive CPU
                          (default 0 = no PINGs)
   --pin                  server on core 0, load generator on core 1 (taskset)
+  --file-max N           raise the host's fs.file-max to N for the run if it is
+                         lower (2M pairs are 4M open files; BOX-FACTS), and put
+                         the old value back on any exit, Ctrl-C included
+                         (default 0 = leave it)
   --port P               server port (default 7222; below the ephemeral range)
   --netns                run server and load generator in a network namespace of
                          our own, with somaxconn/backlog/port range tuned there
@@ -65,7 +69,7 @@ EOF
 io=uring target="" steps_csv="" shards=0 durability=memory ramp_rate=0
 msg_rate=1000/s chat_secs=30 chat_runs=3 idle_secs=10 port=7222 use_netns=0
 mem_floor_gib=3 run_secs_max=7200 out="" build=1 quiet_wait_secs=300 quiet_busy_pct=25
-ping_every_secs=0 pin=0
+ping_every_secs=0 pin=0 file_max=0
 server_extra=()
 readonly STEPS_MAX=16          # ladder length cap
 readonly SETTLE_SECS=3         # after the ramp, before sampling
@@ -87,6 +91,7 @@ while [ "$#" -gt 0 ]; do
         --idle-secs) need_arg "$@"; idle_secs=$2; shift ;;
         --ping-every-secs) need_arg "$@"; ping_every_secs=$2; shift ;;
         --pin) pin=1 ;;
+        --file-max) need_arg "$@"; file_max=$2; shift ;;
         --port) need_arg "$@"; port=$2; shift ;;
         --netns) use_netns=1 ;;
         --mem-floor-gib) need_arg "$@"; mem_floor_gib=$2; shift ;;
@@ -108,7 +113,7 @@ case "$durability" in memory|os|fsync) ;; *) echo "capacity.sh: bad --durability
 if [ -z "$target" ]; then
     if [ "$io" = poll ]; then target=19000; else target=1000000; fi
 fi
-for v in target shards chat_secs chat_runs idle_secs ping_every_secs port mem_floor_gib run_secs_max quiet_wait_secs quiet_busy_pct; do
+for v in file_max target shards chat_secs chat_runs idle_secs ping_every_secs port mem_floor_gib run_secs_max quiet_wait_secs quiet_busy_pct; do
     is_uint "${!v}" || { echo "capacity.sh: --${v//_/-} must be a whole number" >&2; exit 2; }
 done
 if [ "$target" -lt 1 ] || [ "$chat_runs" -gt 9 ] || [ "$idle_secs" -lt 1 ] || [ "$idle_secs" -gt 300 ]; then
@@ -146,7 +151,7 @@ log() { printf '[capacity %s] %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$out/r
 : >"$out/run.log"
 
 # ---- state and cleanup ----------------------------------------------------------------
-tmp="" server_pid="" lg_pid="" netns="" stop_reason="" cleaned=0
+tmp="" server_pid="" lg_pid="" netns="" stop_reason="" cleaned=0 file_max_was=""
 ns_exec=()
 server_taskset=() lg_taskset=()
 if [ "$pin" = 1 ]; then
@@ -179,6 +184,10 @@ cleanup() {
     server_pid=""
     if [ -n "$tmp" ] && [ -f "$tmp/server.log" ]; then cp "$tmp/server.log" "$out/server.log"; fi
     if [ -n "$netns" ]; then ip netns del "$netns" 2>/dev/null; netns=""; fi
+    if [ -n "$file_max_was" ]; then
+        sysctl -qw "fs.file-max=$file_max_was" && log "fs.file-max restored to $file_max_was"
+        file_max_was=""
+    fi
     if [ -n "$tmp" ]; then rm -rf "$tmp"; tmp=""; fi
 }
 on_signal() {
@@ -209,6 +218,16 @@ fi
 # Private copies: a rebuild by someone else must not swap binaries mid-run.
 cp "$root/target/release/tern" "$root/target/release/tern-loadgen" "$tmp/"
 tern="$tmp/tern" lg="$tmp/tern-loadgen"
+
+# ---- fs.file-max (optional; host-wide, restored by cleanup) ----------------------------
+if [ "$file_max" -gt 0 ]; then
+    current=$(cat /proc/sys/fs/file-max)
+    if [ "$current" -lt "$file_max" ]; then
+        file_max_was=$current
+        sysctl -qw "fs.file-max=$file_max" || { log "cannot raise fs.file-max (root needed)"; exit 1; }
+        log "fs.file-max raised from $current to $file_max for this run"
+    fi
+fi
 
 # ---- network namespace (optional) -------------------------------------------------------
 if [ "$use_netns" = 1 ]; then
