@@ -504,12 +504,9 @@ impl World {
         let (store, recovery) = LogStore::open_with_clock(dir, opts, clock)
             .map_err(|e| format!("shard {id}: repair failed: {e}"))?;
         for s in &recovery.skipped {
-            let exact = flips
-                .iter()
-                .any(|f| f.path == s.file && f.record == (s.offset, s.offset + s.bytes));
-            if !exact {
+            if !disk::is_flipped_run(&flips, &s.file, s.offset, s.offset + s.bytes) {
                 return Err(format!(
-                    "shard {id}: repair skipped {} bytes at {} in {} ({}), not one flipped record",
+                    "shard {id}: repair skipped {} bytes at {} in {} ({}), not a run of flipped records",
                     s.bytes,
                     s.offset,
                     s.file.display(),
@@ -518,10 +515,9 @@ impl World {
             }
         }
         for f in &flips {
-            let found = recovery
-                .skipped
-                .iter()
-                .any(|s| f.path == s.file && f.record == (s.offset, s.offset + s.bytes));
+            let found = recovery.skipped.iter().any(|s| {
+                f.path == s.file && s.offset <= f.record.0 && f.record.1 <= s.offset + s.bytes
+            });
             if !found {
                 return Err(format!(
                     "shard {id}: the byte flipped in the record at {}..{} of {} went undetected",
@@ -535,7 +531,12 @@ impl World {
             }
         }
         self.repairs += 1;
-        self.repaired_records += recovery.skipped.len() as u64;
+        // Records, not spans: one span can hold several flipped records.
+        let mut records: Vec<(&PathBuf, (u64, u64))> =
+            flips.iter().map(|f| (&f.path, f.record)).collect();
+        records.sort_unstable();
+        records.dedup();
+        self.repaired_records += records.len() as u64;
         Ok(Box::new(store))
     }
 
