@@ -123,7 +123,12 @@ fn regression_seeds() {
     // sent ever faster, injected EIOs (a rate per write) restarted shards
     // ever more often and every restart redelivered the unanswered window:
     // a redelivery storm (a bug of the simulator, not the server).
-    for seed in [2, 3, 103158, 103799, 500301, 622157] {
+    // 701013, 708043, 719337: two neighbouring records flipped; the repair
+    // skipped them as one span, which the checker wanted as one span per
+    // record (a checker too strict, not a store bug). Replayed bit for bit
+    // only by the code they ran on (branch sim18, before the pipelined
+    // group commit); now they make varied runs with flips and repairs.
+    for seed in [2, 3, 103158, 103799, 500301, 622157, 701013, 708043, 719337] {
         assert_clean(&Options::new(seed));
     }
 }
