@@ -73,6 +73,9 @@ pub struct Client {
     back_at_ns: u64,
     /// Draining: no new messages, no leaving.
     pub(super) calm: bool,
+    /// A hostile client's own PRNG: it also forges receipts. `None` for an
+    /// honest client, so honest runs draw nothing from it.
+    forge: Option<fastrand::Rng>,
 }
 
 /// What the world must do after a client acted.
@@ -83,9 +86,13 @@ pub struct Next {
 
 const PING_EVERY_NS: u64 = 60_000_000_000;
 
+/// A forger forges a receipt on one turn in this many (on average).
+const FORGE_EVERY_TURNS: u32 = 4;
+
 impl Client {
-    /// Client `index` for `user`, logging in with `token`.
-    pub fn new(index: u32, user: u64, token: String) -> Client {
+    /// Client `index` for `user`, logging in with `token`; with `forge`, a
+    /// hostile client that also forges receipts from that PRNG.
+    pub fn new(index: u32, user: u64, token: String, forge: Option<fastrand::Rng>) -> Client {
         Client {
             index,
             user,
@@ -101,6 +108,7 @@ impl Client {
             last_write_ns: 0,
             back_at_ns: 0,
             calm: false,
+            forge,
         }
     }
 
@@ -221,6 +229,7 @@ impl Client {
                 checker.answered(self.user, server_id, true);
             }
         }
+        self.maybe_forge(net, now_ns, checker);
         if !self.calm && rng.u32(..1_000_000) < b.leave_per_million {
             self.go_offline(net, now_ns, b, rng);
             return Next {
@@ -252,6 +261,31 @@ impl Client {
             wake = wake.min(a.0);
         }
         Next { wake_ns: wake }
+    }
+
+    /// A forger's turn may send a DELIVERED or READ for a message it never
+    /// received (another user's, or an id no message has). The server must
+    /// answer ERROR(`unknown_message`, 0) and relay nothing: the checker
+    /// fails any RECEIPT the real recipient did not earn.
+    fn maybe_forge(&mut self, net: &Net, now_ns: u64, checker: &mut Checker) {
+        if self.calm {
+            return;
+        }
+        let Some(rng) = self.forge.as_mut() else {
+            return;
+        };
+        if rng.u32(..FORGE_EVERY_TURNS) != 0 {
+            return;
+        }
+        let (roll, read) = (rng.u64(..), rng.bool());
+        let (server_id, from) = checker.forgeable(self.user, roll);
+        let frame = if read {
+            Frame::Read { server_id, from }
+        } else {
+            Frame::Delivered { server_id }
+        };
+        self.write(net, &frame, now_ns);
+        checker.forged += 1;
     }
 
     fn send_unsent(&mut self, net: &Net, now_ns: u64) {
@@ -348,6 +382,14 @@ impl Client {
                 client_id: 0,
                 ..
             } if self.state == State::LoggingIn => self.go_offline(net, now_ns, b, rng),
+            // A forged receipt refused, as documented (PROTOCOL.md,
+            // `unknown_message`); honest clients never earn one. A forger
+            // may also pass the per-user DELIVERED/READ rate.
+            Frame::Error {
+                code: ErrorCode::UnknownMessage | ErrorCode::RateLimited,
+                client_id: 0,
+                ..
+            } if self.forge.is_some() && self.state == State::Online => {}
             Frame::Ack {
                 client_id,
                 server_id,

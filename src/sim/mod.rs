@@ -52,6 +52,9 @@ pub enum Planted {
     /// Recovery skips the record checksum, so a flipped byte in a sealed
     /// segment is replayed as if it were sound.
     SkipChecksum,
+    /// The session relays a READ without checking that the message was
+    /// delivered to that connection, so a forged READ reaches the sender.
+    RelayForgedRead,
 }
 
 thread_local! {
@@ -84,6 +87,9 @@ pub struct Faults {
     pub crash_every: Option<Duration>,
     /// Mean time between byte flips in sealed segments, if any.
     pub flip_every: Option<Duration>,
+    /// Per million clients: hostile ones that also forge DELIVERED and
+    /// READ for messages they never received.
+    pub forgers_per_million: u32,
 }
 
 impl Faults {
@@ -123,12 +129,15 @@ impl Faults {
         // Drawn last, so the other faults of a seed are what they were
         // before flips existed.
         let flip = maybe(30, 10_000);
+        // Drawn after flips, for the same reason.
+        let forgers = maybe(30, 300_000);
         Faults {
             net,
             disk,
             reset_every: (reset > 0).then(|| Duration::from_millis(reset.into())),
             crash_every: (crash > 0).then(|| Duration::from_millis(2_000 + u64::from(crash))),
             flip_every: (flip > 0).then(|| Duration::from_millis(1_000 + u64::from(flip))),
+            forgers_per_million: forgers,
         }
     }
 }
@@ -197,6 +206,8 @@ pub struct Report {
     pub duplicates: u64,
     /// RECEIPTs received.
     pub receipts: u64,
+    /// Receipts forged by hostile clients (each refused, none relayed).
+    pub forged: u64,
     /// Process crashes, shard restarts, connection resets made.
     pub crashes: u64,
     /// Restarts that found a flipped byte and ran a repair, and the records
@@ -228,7 +239,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             sent {} acked {} delivered {} (dup {}) receipts {}; crashes {} shard restarts {} \
+             sent {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -245,6 +256,7 @@ impl fmt::Display for Report {
             self.delivers,
             self.duplicates,
             self.receipts,
+            self.forged,
             self.crashes,
             self.shard_restarts,
             self.resets,
@@ -361,13 +373,20 @@ impl World {
         };
         let secret = config.token_secret.clone();
         let expires = ORIGIN_UNIX_MS / 1000 + 365 * 86_400;
+        // Its own PRNG: a seed without forgers runs as it did before they
+        // existed.
+        let mut hostile = fastrand::Rng::with_seed(opts.seed ^ 0x4057_11e5);
         let clients = (0..opts.clients)
             .map(|i| {
                 let user = u64::from(i) + 1;
+                let forge = (faults.forgers_per_million > 0
+                    && hostile.u32(..1_000_000) < faults.forgers_per_million)
+                    .then(|| hostile.fork());
                 Client::new(
                     i,
                     user,
                     crate::token::mint(secret.as_bytes(), user, expires),
+                    forge,
                 )
             })
             .collect();
@@ -810,6 +829,7 @@ impl World {
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
+            forged: self.checker.forged,
             crashes: self.crashes,
             repairs: self.repairs,
             repaired_records: self.repaired_records,
