@@ -176,7 +176,8 @@ fn flipped_bytes_are_detected_and_repaired() {
 /// and the checker sees what a client would: a wrong body, a message never
 /// sent, or one lost without a repair.
 /// Hostile clients forge DELIVERED and READ for messages they never
-/// received; the server refuses each (`unknown_message`) and relays none.
+/// received, and LOGIN tokens that claim another user; the server refuses
+/// each (`unknown_message`, `bad_token`) and relays no receipt.
 #[test]
 fn forged_receipts_are_refused() {
     let mut faults = Faults::swarm(5);
