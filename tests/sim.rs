@@ -123,7 +123,12 @@ fn regression_seeds() {
     // sent ever faster, injected EIOs (a rate per write) restarted shards
     // ever more often and every restart redelivered the unanswered window:
     // a redelivery storm (a bug of the simulator, not the server).
-    for seed in [2, 3, 103158, 103799, 500301, 622157] {
+    // 701013, 708043, 719337: two neighbouring records flipped; the repair
+    // skipped them as one span, which the checker wanted as one span per
+    // record (a checker too strict, not a store bug). Replayed bit for bit
+    // only by the code they ran on (branch sim18, before the pipelined
+    // group commit); now they make varied runs with flips and repairs.
+    for seed in [2, 3, 103158, 103799, 500301, 622157, 701013, 708043, 719337] {
         assert_clean(&Options::new(seed));
     }
 }
@@ -170,6 +175,42 @@ fn flipped_bytes_are_detected_and_repaired() {
 /// With the record checksum skipped, a flipped byte is replayed as sound
 /// and the checker sees what a client would: a wrong body, a message never
 /// sent, or one lost without a repair.
+/// Hostile clients forge DELIVERED and READ for messages they never
+/// received, and LOGIN tokens that claim another user; the server refuses
+/// each (`unknown_message`, `bad_token`) and relays no receipt.
+#[test]
+fn forged_receipts_are_refused() {
+    let mut faults = Faults::swarm(5);
+    faults.forgers_per_million = 300_000;
+    let report = sim::run(&Options {
+        faults: Some(faults),
+        ..small(5)
+    });
+    assert!(report.failure.is_none(), "{report}");
+    assert!(report.forged > 0, "{report}");
+}
+
+/// `Planted::RelayForgedRead`: the session relays a READ it never checked,
+/// so a forger's READ for another user's message reaches that message's
+/// sender as a read receipt the recipient did not send.
+#[test]
+fn planted_relay_forged_read_is_found() {
+    for seed in 1..=10 {
+        let mut faults = Faults::swarm(seed);
+        faults.forgers_per_million = 300_000;
+        let report = sim::run(&Options {
+            planted: Planted::RelayForgedRead,
+            faults: Some(faults),
+            ..small(seed)
+        });
+        if let Some((_, why)) = &report.failure {
+            assert!(why.contains("read receipt"), "{report}");
+            return;
+        }
+    }
+    panic!("the planted bug went unnoticed for 10 seeds");
+}
+
 #[test]
 fn planted_skip_checksum_is_found() {
     for seed in 1..=10 {

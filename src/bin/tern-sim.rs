@@ -36,7 +36,8 @@ struct Args {
     /// Longest simulated seconds to settle after the faults stop.
     #[arg(long, default_value_t = 120)]
     drain_s: u64,
-    /// Plant a bug on purpose: `skip-fsync` or `skip-checksum`.
+    /// Plant a bug on purpose: `skip-fsync`, `skip-checksum` or
+    /// `relay-forged-read`.
     #[arg(long)]
     plant: Option<String>,
     /// Most DELIVERs the clients may receive in one seed before it fails as
@@ -62,8 +63,9 @@ fn main() -> ExitCode {
         None => Planted::None,
         Some("skip-fsync") => Planted::SkipFsync,
         Some("skip-checksum") => Planted::SkipChecksum,
+        Some("relay-forged-read") => Planted::RelayForgedRead,
         Some(other) => {
-            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync or skip-checksum)");
+            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync, skip-checksum or relay-forged-read)");
             return ExitCode::from(2);
         }
     };

@@ -50,6 +50,7 @@ pub struct Checker {
     pub(super) delivers: u64,
     pub(super) duplicates: u64,
     pub(super) receipts: u64,
+    pub(super) forged: u64,
 }
 
 impl Checker {
@@ -153,6 +154,21 @@ impl Checker {
             ));
         }
         Ok(())
+    }
+
+    /// A server id and sender for `user` to forge a receipt with, picked by
+    /// `roll`: an ACKed message to another user, or (when that is not at
+    /// hand) an id no message has. Never a message `user` received, so the
+    /// server must refuse the receipt.
+    pub fn forgeable(&self, user: u64, roll: u64) -> (u64, u64) {
+        if !self.acked.is_empty() {
+            let (from, seq, id) = self.acked[(roll % self.acked.len() as u64) as usize];
+            if self.sent[&(from, seq)] != user && !self.delivered.contains_key(&(user, id)) {
+                return (id, from);
+            }
+        }
+        // Server ids are a shard's sequence << 10: no run gets near 2^62.
+        ((1 << 62) | (roll >> 2), roll % 1000 + 1)
     }
 
     /// A repair skipped the Queued record of `server_id` for `user`: that

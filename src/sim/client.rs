@@ -73,6 +73,12 @@ pub struct Client {
     back_at_ns: u64,
     /// Draining: no new messages, no leaving.
     pub(super) calm: bool,
+    /// A hostile client's own PRNG: it also forges receipts. `None` for an
+    /// honest client, so honest runs draw nothing from it.
+    forge: Option<fastrand::Rng>,
+    /// The LOGIN in flight carries a forged token (another user's id under
+    /// this user's MAC): the server must refuse it with `bad_token`.
+    impostor: bool,
 }
 
 /// What the world must do after a client acted.
@@ -83,9 +89,25 @@ pub struct Next {
 
 const PING_EVERY_NS: u64 = 60_000_000_000;
 
+/// A forger forges a receipt on one turn in this many, and a LOGIN on one
+/// connect in this many (on average).
+const FORGE_EVERY_TURNS: u32 = 4;
+
+/// `token` (`v1.USER.EXPIRY.MAC`) with its user swapped for `other`: a
+/// token that claims another user under a MAC that does not cover it.
+fn forged_token(token: &[u8], other: u64) -> Vec<u8> {
+    let text = String::from_utf8_lossy(token);
+    let mut parts: Vec<String> = text.split('.').map(str::to_owned).collect();
+    if let Some(user) = parts.get_mut(1) {
+        *user = other.to_string();
+    }
+    parts.join(".").into_bytes()
+}
+
 impl Client {
-    /// Client `index` for `user`, logging in with `token`.
-    pub fn new(index: u32, user: u64, token: String) -> Client {
+    /// Client `index` for `user`, logging in with `token`; with `forge`, a
+    /// hostile client that also forges receipts from that PRNG.
+    pub fn new(index: u32, user: u64, token: String, forge: Option<fastrand::Rng>) -> Client {
         Client {
             index,
             user,
@@ -101,6 +123,8 @@ impl Client {
             last_write_ns: 0,
             back_at_ns: 0,
             calm: false,
+            forge,
+            impostor: false,
         }
     }
 
@@ -152,6 +176,13 @@ impl Client {
         behaviour: &Behaviour,
         rng: &mut fastrand::Rng,
     ) {
+        self.disconnect(net);
+        let away = rng.u64(0..=behaviour.offline_max.as_nanos() as u64);
+        self.back_at_ns = now_ns + away;
+    }
+
+    fn disconnect(&mut self, net: &Net) {
+        self.impostor = false;
         if let Some(sock) = self.sock.take() {
             net.close(sock);
         }
@@ -162,8 +193,6 @@ impl Client {
         for o in &mut self.outbox {
             o.sent = false;
         }
-        let away = rng.u64(0..=behaviour.offline_max.as_nanos() as u64);
-        self.back_at_ns = now_ns + away;
     }
 
     /// The client's turn: connect, send, answer, ping or leave. Returns when
@@ -187,7 +216,20 @@ impl Client {
                     let sock = net.connect(rng.usize(..shards), self.index);
                     self.sock = Some(sock);
                     self.state = State::LoggingIn;
-                    let token = std::mem::take(&mut self.token);
+                    let other = self.user % users + 1;
+                    let impostor = !self.calm
+                        && other != self.user
+                        && self
+                            .forge
+                            .as_mut()
+                            .is_some_and(|r| r.u32(..FORGE_EVERY_TURNS) == 0);
+                    let token = if impostor {
+                        checker.forged += 1;
+                        self.impostor = true;
+                        forged_token(&self.token, other)
+                    } else {
+                        std::mem::take(&mut self.token)
+                    };
                     self.write(
                         net,
                         &Frame::Login {
@@ -196,7 +238,9 @@ impl Client {
                         },
                         now_ns,
                     );
-                    self.token = token;
+                    if !impostor {
+                        self.token = token;
+                    }
                     return Next {
                         wake_ns: now_ns + think,
                     };
@@ -221,6 +265,7 @@ impl Client {
                 checker.answered(self.user, server_id, true);
             }
         }
+        self.maybe_forge(net, now_ns, checker);
         if !self.calm && rng.u32(..1_000_000) < b.leave_per_million {
             self.go_offline(net, now_ns, b, rng);
             return Next {
@@ -252,6 +297,31 @@ impl Client {
             wake = wake.min(a.0);
         }
         Next { wake_ns: wake }
+    }
+
+    /// A forger's turn may send a DELIVERED or READ for a message it never
+    /// received (another user's, or an id no message has). The server must
+    /// answer ERROR(`unknown_message`, 0) and relay nothing: the checker
+    /// fails any RECEIPT the real recipient did not earn.
+    fn maybe_forge(&mut self, net: &Net, now_ns: u64, checker: &mut Checker) {
+        if self.calm {
+            return;
+        }
+        let Some(rng) = self.forge.as_mut() else {
+            return;
+        };
+        if rng.u32(..FORGE_EVERY_TURNS) != 0 {
+            return;
+        }
+        let (roll, read) = (rng.u64(..), rng.bool());
+        let (server_id, from) = checker.forgeable(self.user, roll);
+        let frame = if read {
+            Frame::Read { server_id, from }
+        } else {
+            Frame::Delivered { server_id }
+        };
+        self.write(net, &frame, now_ns);
+        checker.forged += 1;
     }
 
     fn send_unsent(&mut self, net: &Net, now_ns: u64) {
@@ -333,6 +403,20 @@ impl Client {
     ) -> Result<(), String> {
         let user = self.user;
         match frame {
+            Frame::LoginOk { .. } if self.impostor => {
+                return Err(format!(
+                    "user {user} logged in with a forged token (another user's id)"
+                ));
+            }
+            // The forged LOGIN refused as documented; the server closes the
+            // connection, and the client comes back with its own token.
+            Frame::LoginErr {
+                code: ErrorCode::BadToken,
+                ..
+            } if self.impostor => {
+                self.disconnect(net);
+                self.back_at_ns = now_ns;
+            }
             Frame::LoginOk { .. } if self.state == State::LoggingIn => {
                 self.state = State::Online;
                 self.send_unsent(net, now_ns);
@@ -348,6 +432,14 @@ impl Client {
                 client_id: 0,
                 ..
             } if self.state == State::LoggingIn => self.go_offline(net, now_ns, b, rng),
+            // A forged receipt refused, as documented (PROTOCOL.md,
+            // `unknown_message`); honest clients never earn one. A forger
+            // may also pass the per-user DELIVERED/READ rate.
+            Frame::Error {
+                code: ErrorCode::UnknownMessage | ErrorCode::RateLimited,
+                client_id: 0,
+                ..
+            } if self.forge.is_some() && self.state == State::Online => {}
             Frame::Ack {
                 client_id,
                 server_id,

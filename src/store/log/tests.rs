@@ -547,6 +547,33 @@ fn repair_skips_the_corrupt_record_and_cleans_the_file() {
     assert_eq!(s.len(1), 4);
 }
 
+/// Seeds 701013, 708043 and 719337 of the simulator: two neighbouring
+/// damaged records are skipped as one span (the scanner resumes at the next
+/// valid record), which covers exactly the two and nothing after them.
+#[test]
+fn repair_skips_two_neighbouring_corrupt_records_as_one_span() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let path = five_records(tmp.path(), &o);
+    let mut data = fs::read(&path).unwrap();
+    data[REC as usize + 100] ^= 0x10; // the second record's body
+    data[2 * REC as usize + 7] ^= 0x01; // the third record's header
+    fs::write(&path, &data).unwrap();
+    let repair = LogOptions {
+        repair: true,
+        ..o.clone()
+    };
+    let (s, r) = open(tmp.path(), &repair);
+    let ids: Vec<u64> = snapshot(&s)[&1].iter().map(|m| m.server_id).collect();
+    assert_eq!(ids, [1, 4, 5]);
+    assert_eq!(r.skipped.len(), 1, "{r}");
+    assert_eq!((r.skipped[0].offset, r.skipped[0].bytes), (REC, 2 * REC));
+    drop(s);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 3 * REC);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(s.len(1), 3);
+}
+
 #[test]
 fn damaged_end_of_a_sealed_segment_is_not_a_torn_tail() {
     let tmp = tempfile::tempdir().unwrap();
