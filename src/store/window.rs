@@ -14,7 +14,8 @@
 //! recipients homed on different shards have a window on each. A retry goes
 //! to the same recipient, so to the same window.
 
-use std::collections::HashMap;
+// foldhash, not std's SipHash: looked up for every v2 SEND.
+use foldhash::HashMap;
 
 use super::Origin;
 
@@ -61,7 +62,7 @@ pub(crate) struct Windows<L> {
 impl<L> Default for Windows<L> {
     fn default() -> Self {
         Windows {
-            map: HashMap::new(),
+            map: HashMap::default(),
         }
     }
 }

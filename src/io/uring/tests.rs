@@ -193,6 +193,33 @@ fn echo_on_one_ring() {
     echo_round(100, 0, 20);
 }
 
+/// Input on more connections than the old 512 receive buffers, all ready
+/// at once on one ring: no multishot receive ends with ENOBUFS (each would
+/// be re-armed an iteration later; in chat that was 2-3 per message).
+#[test]
+fn burst_on_one_ring_does_not_run_out_of_buffers() {
+    const CLIENTS: usize = 1000;
+    let Some((mut io, addr)) = backend(CLIENTS + 100, 0) else {
+        return;
+    };
+    assert_eq!(io.rings.len(), 1);
+    let mut seen = Seen::default();
+    // In groups, accepting between them: the listen backlog is smaller.
+    let mut streams = Vec::new();
+    for _ in 0..CLIENTS / 100 {
+        streams.extend((0..100).map(|_| TcpStream::connect(addr).unwrap()));
+        let n = streams.len();
+        run_until(&mut io, &mut seen, |s| s.accepted.len() == n);
+    }
+    for s in &mut streams {
+        s.write_all(b"ping").unwrap();
+    }
+    run_until(&mut io, &mut seen, |s| {
+        s.bytes.values().filter(|b| b.len() == 4).count() == CLIENTS
+    });
+    assert_eq!(io.gauges().recv_no_buffers, 0);
+}
+
 #[test]
 fn echo_on_several_rings() {
     // 16-slot tables: 40 connections need at least 3 data rings.

@@ -213,13 +213,17 @@
 //! [`Store`] face (push, remove, the commit split in two) belongs with the
 //! types it changes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+// foldhash, not std's SipHash: a queue is looked up for every push, DELIVER
+// and DELIVERED (the session's maps made the same change).
+use foldhash::HashMap;
 
 use super::files;
 use super::record::{Record, BODY_BYTES_MAX};
@@ -563,7 +567,7 @@ impl LogStore {
         let started = Instant::now();
         let mut store = LogStore {
             dir: dir.as_ref().to_path_buf(),
-            queues: HashMap::new(),
+            queues: HashMap::default(),
             windows: Windows::default(),
             total: 0,
             segments: BTreeMap::new(),
