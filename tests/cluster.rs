@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
-use common::{token, TestServer};
+use common::{expect_receipt, recv_ack, recv_deliver, token, TestServer};
 use tern::cluster::ClusterConfig;
-use tern::proto::{ByeReason, ErrorCode, OwnedFrame, VERSION, VERSION_2};
+use tern::proto::{ByeReason, ErrorCode, OwnedFrame, ReceiptKind, VERSION, VERSION_2};
 use tern_client::{Client, ClientError};
 
 /// Upper bound for lease rounds to settle: a release waits a whole lease
@@ -244,8 +244,7 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
 
 /// LOGIN at the wrong node: version 2 gets REDIRECT to the owner's address
 /// (the client library follows it), version 1 gets LOGIN_ERR(other_node)
-/// naming it, and a SEND to a user the other node serves is refused with
-/// other_node, nothing taken.
+/// naming it.
 #[test]
 fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
     let Some(nats) = Nats::start() else { return };
@@ -292,15 +291,6 @@ fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
         other => panic!("v1 login of user {moved} at a: {other:?}"),
     }
 
-    // Messages between nodes are not built yet: refused, not lost.
-    let (_, sender) = &mut here[0];
-    sender.send_msg(5, moved, b"across").expect("send");
-    match common::ack_or_error(sender, 5) {
-        Err(ErrorCode::OtherNode) => {}
-        other => panic!("SEND across nodes: {other:?}"),
-    }
-    assert_eq!(a.info_u64("Cluster_other_node_sends"), 1);
-    assert_eq!(a.info_u64("Queued") + b.info_u64("Queued"), 0);
 }
 
 /// Fencing of sessions: when a node gives partitions up (here to a node
@@ -356,4 +346,81 @@ fn users_of_a_partition_given_up_are_told_moved() {
         clients.len()
     );
     assert_eq!(a.info_u64("Cluster_moved_closes"), moved as u64);
+}
+
+/// Two nodes and one user served by each (found by where a LOGIN at `a`
+/// ends up).
+fn user_on_each(a: &TestServer) -> (u64, u64) {
+    let (mut on_a, mut on_b) = (None, None);
+    for user in 1..=64u64 {
+        match login_v2_here(a.addr, user) {
+            Ok(_) => on_a = on_a.or(Some(user)),
+            Err(ClientError::Redirected { .. }) => on_b = on_b.or(Some(user)),
+            Err(e) => panic!("user {user} at a: {e}"),
+        }
+    }
+    (on_a.expect("a serves someone"), on_b.expect("b serves someone"))
+}
+
+/// A message between users of two nodes, through JetStream: ACK once
+/// published, DELIVER at the other node with the same server id, delivery
+/// and read receipts back; a retried version 2 SEND is the same message;
+/// a message for an offline user waits in JetStream for its login.
+#[test]
+fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    let split = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+    });
+    assert!(split, "the nodes never split 16 partitions 8/8");
+    let (x, y) = user_on_each(&a);
+    let (mut cx, _) = Client::login_version(a.addr, &token(x), VERSION_2).expect("x at a");
+    let (mut cy, _) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y, via a");
+    assert_eq!(cy.peer_addr().expect("peer"), b.addr);
+
+    cx.send_msg(1, y, b"across").expect("send");
+    let id = recv_ack(&mut cx, 1);
+    let got = recv_deliver(&mut cy);
+    assert_eq!((got.server_id, got.from, &got.body[..]), (id, x, &b"across"[..]));
+    cy.send_delivered(id).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, id, y);
+    cy.send_read(id, x).expect("read");
+    expect_receipt(&mut cx, ReceiptKind::Read, id, y);
+
+    // And back, from b's user to a's.
+    cy.send_msg(1, x, b"back").expect("send");
+    let back = recv_ack(&mut cy, 1);
+    let got = recv_deliver(&mut cx);
+    assert_eq!((got.server_id, got.from, &got.body[..]), (back, y, &b"back"[..]));
+    cx.send_delivered(back).expect("delivered");
+    expect_receipt(&mut cy, ReceiptKind::Delivered, back, x);
+
+    // A version 2 retry of the same client_id is the same message.
+    cx.send_msg(2, y, b"once").expect("send");
+    let first = recv_ack(&mut cx, 2);
+    cx.send_msg(2, y, b"once").expect("send again");
+    assert_eq!(recv_ack(&mut cx, 2), first);
+    let got = recv_deliver(&mut cy);
+    assert_eq!(got.server_id, first);
+    cy.send_delivered(first).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, first, y);
+
+    // y goes offline; x's message waits in JetStream, not in a's memory.
+    drop(cy);
+    cx.send_msg(3, y, b"later").expect("send");
+    let later = recv_ack(&mut cx, 3);
+    let (mut cy, info) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y again");
+    let got = recv_deliver(&mut cy);
+    assert_eq!((got.server_id, &got.body[..]), (later, &b"later"[..]));
+    assert!(info.offline_count <= 1);
+    assert!(
+        cy.recv_timeout(Duration::from_millis(300)).expect("open").is_none(),
+        "the retried SEND came twice"
+    );
+    cy.send_delivered(later).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, later, y);
+    let published = a.info_u64("Cluster_published") + b.info_u64("Cluster_published");
+    assert_eq!(published, 5, "four SENDs and one retry");
 }
