@@ -4,7 +4,8 @@
 # Builds release binaries, starts `tern serve` (own data dir and stats socket in
 # a temp dir), then for each step N of a ladder up to --target:
 #   1. `tern-loadgen connect --conns N`, and while the N logged-in connections
-#      are held idle (no PINGs): server RSS, kernel memory (/proc/meminfo Slab
+#      are held idle (no PINGs; with --ping-every-secs S, each PINGs once every
+#      S s, spread evenly: the keepalive figure): server RSS, kernel memory (/proc/meminfo Slab
 #      and SUnreclaim, live slab objects from /proc/slabinfo, /proc/net/sockstat
 #      TCP inuse/mem), MemAvailable, and server CPU over --idle-secs;
 #   2. --chat-runs x `tern-loadgen chat --conns N --msg-rate R` (every chat run
@@ -39,6 +40,11 @@ Usage: scripts/capacity.sh [OPTIONS]
   --chat-secs S          chat sending time per run (default 30)
   --chat-runs K          chat runs per step; the summary takes the median (default 3)
   --idle-secs S          CPU sampling window while idle (default 10)
+  --ping-every-secs S    keepalive: while held (and during chat runs) every
+                         connection PINGs once every S s, spread evenly over the
+                         S s; the idle window then measures the keepalive CPU
+                         (default 0 = no PINGs)
+  --pin                  server on core 0, load generator on core 1 (taskset)
   --port P               server port (default 7222; below the ephemeral range)
   --netns                run server and load generator in a network namespace of
                          our own, with somaxconn/backlog/port range tuned there
@@ -59,6 +65,7 @@ EOF
 io=uring target="" steps_csv="" shards=0 durability=memory ramp_rate=0
 msg_rate=1000/s chat_secs=30 chat_runs=3 idle_secs=10 port=7222 use_netns=0
 mem_floor_gib=3 run_secs_max=7200 out="" build=1 quiet_wait_secs=300 quiet_busy_pct=25
+ping_every_secs=0 pin=0
 server_extra=()
 readonly STEPS_MAX=16          # ladder length cap
 readonly SETTLE_SECS=3         # after the ramp, before sampling
@@ -78,6 +85,8 @@ while [ "$#" -gt 0 ]; do
         --chat-secs) need_arg "$@"; chat_secs=$2; shift ;;
         --chat-runs) need_arg "$@"; chat_runs=$2; shift ;;
         --idle-secs) need_arg "$@"; idle_secs=$2; shift ;;
+        --ping-every-secs) need_arg "$@"; ping_every_secs=$2; shift ;;
+        --pin) pin=1 ;;
         --port) need_arg "$@"; port=$2; shift ;;
         --netns) use_netns=1 ;;
         --mem-floor-gib) need_arg "$@"; mem_floor_gib=$2; shift ;;
@@ -99,7 +108,7 @@ case "$durability" in memory|os|fsync) ;; *) echo "capacity.sh: bad --durability
 if [ -z "$target" ]; then
     if [ "$io" = poll ]; then target=19000; else target=1000000; fi
 fi
-for v in target shards chat_secs chat_runs idle_secs port mem_floor_gib run_secs_max quiet_wait_secs quiet_busy_pct; do
+for v in target shards chat_secs chat_runs idle_secs ping_every_secs port mem_floor_gib run_secs_max quiet_wait_secs quiet_busy_pct; do
     is_uint "${!v}" || { echo "capacity.sh: --${v//_/-} must be a whole number" >&2; exit 2; }
 done
 if [ "$target" -lt 1 ] || [ "$chat_runs" -gt 9 ] || [ "$idle_secs" -lt 1 ] || [ "$idle_secs" -gt 300 ]; then
@@ -139,6 +148,11 @@ log() { printf '[capacity %s] %s\n' "$(date -u +%H:%M:%S)" "$*" | tee -a "$out/r
 # ---- state and cleanup ----------------------------------------------------------------
 tmp="" server_pid="" lg_pid="" netns="" stop_reason="" cleaned=0
 ns_exec=()
+server_taskset=() lg_taskset=()
+if [ "$pin" = 1 ]; then
+    server_taskset=(taskset -c 0)
+    lg_taskset=(taskset -c 1)
+fi
 
 stop_pid() {   # stop_pid PID SECS: TERM, wait up to SECS, then KILL (its group too)
     local pid=$1 secs=$2 i
@@ -271,7 +285,7 @@ run_lg_bg() {
     shift
     max_s=$LG_MAX_S
     printf '%s\n' "tern-loadgen $*" >>"$out/commands.txt"
-    "${ns_exec[@]}" timeout --kill-after=15 "$((max_s + 30))" "$lg" "$@" --max-time "${max_s}s" \
+    "${ns_exec[@]}" timeout --kill-after=15 "$((max_s + 30))" "${lg_taskset[@]}" "$lg" "$@" --max-time "${max_s}s" \
         --json "$out/$name.json" >"$out/$name.out" 2>"$out/$name.err" &
     lg_pid=$!
 }
@@ -300,10 +314,11 @@ server_cmd=("$tern" serve --io "$io" --shards "$shards" --listen "127.0.0.1:$por
     "${server_extra[@]}")
 {
     echo "# server"
-    echo "${ns_exec[*]}${ns_exec[*]:+ }tern ${server_cmd[*]:1}"
+    echo "${ns_exec[*]}${ns_exec[*]:+ }${server_taskset[*]}${server_taskset[*]:+ }tern ${server_cmd[*]:1}"
+    echo "# load generators pinned: ${lg_taskset[*]:-no}"
     echo "# load generator runs (each also gets --max-time and --json)"
 } >"$out/commands.txt"
-"${ns_exec[@]}" "${server_cmd[@]}" >"$tmp/server.log" 2>&1 &
+"${ns_exec[@]}" "${server_taskset[@]}" "${server_cmd[@]}" >"$tmp/server.log" 2>&1 &
 server_pid=$!
 for ((i = 0; i < 300; i++)); do
     server_alive || { cat "$tmp/server.log" >&2; log "server exited at start-up"; exit 1; }
@@ -336,6 +351,8 @@ log "server pid $server_pid, backend $backend, port $port, conns-max $conns_max;
     echo "chat_secs=$chat_secs"
     echo "chat_runs=$chat_runs"
     echo "idle_secs=$idle_secs"
+    echo "ping_every_secs=$ping_every_secs"
+    echo "pin=$pin"
     echo "netns=$use_netns"
     echo "conns_max=$conns_max"
     echo "mem_floor_gib=$mem_floor_gib"
@@ -383,7 +400,7 @@ for n in "${steps[@]}"; do
     ramp_s=$((n / 5000 > 60 ? n / 5000 : 60))
     hold_s=$((SETTLE_SECS + idle_secs + quiet_wait_secs + 15))
     LG_MAX_S=$((ramp_s + hold_s + 60))
-    common=(--server "127.0.0.1:$port" --conns "$n" --rate "$ramp_rate" --ping-every 0
+    common=(--server "127.0.0.1:$port" --conns "$n" --rate "$ramp_rate" --ping-every "${ping_every_secs}s"
         --ramp-timeout "${ramp_s}s" --mem-floor "${mem_floor_gib}GiB")
 
     # -- 1. connect and hold idle
@@ -433,10 +450,14 @@ for n in "${steps[@]}"; do
  "mem_available_before_kb": $avail_kb, "mem_available_held_kb": $avail1_kb,
  "cpu_ticks": $((c1 - c0)), "clk_tck": $clk_tck, "wall_ns": $((w1 - w0)),
  "box_ticks": [$(echo "$b0 $b1" | awk '{ print $3 - $1 ", " $4 - $2 }')],
- "loadgen_rss_kb": ${lg_rss_kb:-0},
+ "loadgen_rss_kb": ${lg_rss_kb:-0}, "ping_every_secs": $ping_every_secs,
  "connect_json": "$name.json", "chat_jsons": []}
 EOF
         log "step $n: held ${conns_held:-?} (users ${users:-?}), RSS $((rss_kb / 1024)) MiB, Slab +$(((slab1_kb - slab0_kb) / 1024)) MiB, CPU $((c1 - c0)) ticks in $idle_secs s"
+        if [ "$ping_every_secs" -gt 0 ]; then
+            # keepalive: CPU % of one core, and per PING at the offered N / S PINGs/s
+            log "step $n: keepalive $(echo "$((c1 - c0)) $clk_tck $((w1 - w0)) ${conns_held:-0} $ping_every_secs" | awk '{ cpu = $1 / $2; wall = $3 / 1e9; pings = $4 / $5 * wall; printf "%.2f %% of one core, %.2f us per PING (%d PINGs/s offered)", 100 * cpu / wall, pings ? 1e6 * cpu / pings : 0, $4 / $5 }')"
+        fi
     else
         conns_held=$(stat_field Conns || true)
         log "step $n: the ramp did not finish (server holds ${conns_held:-?})"

@@ -8,7 +8,8 @@
 # port with its own temp data dir and stats socket, then `tern-loadgen
 # saturate` against it (optionally pinned: server on core 0, load generator on
 # core 1, with --pin), then the server is stopped. The median of the repeats
-# goes into results/saturation/<date>/summary.md; the raw JSON of every run,
+# goes into results/saturation/<date>/summary.md; the raw JSON of every run
+# (and the server's `show latency` at its end, raw/<run>.latency.txt),
 # the exact commands (commands.txt) and an SVG plot (saturation.svg, written by
 # scripts/saturation_report.py with no plotting library) go there too.
 #
@@ -171,6 +172,8 @@ for shape in $shapes; do
                         cp "$tmp/server.log" "$out/raw/$name.server.log"
                         log "$name: load generator exited $rc (see raw/$name.txt and raw/$name.server.log)"
                     fi
+                    # The server's own histograms (fsync among them) of the run.
+                    "$tern" stats --socket "$tmp/tern.sock" show latency >"$out/raw/$name.latency.txt" 2>&1 || true
                     stop_server
                 done
             done

@@ -6,7 +6,8 @@
 //! [`session`] the pure protocol logic of a shard's connections and users
 //! (events in, actions out), [`shard`] a core's event loop executing it,
 //! [`store`] the store-and-forward queues, [`supervisor`] the restart rules of a crashed
-//! shard, [`datadir`] the data directory as a whole (lock, privacy, recorded
+//! shard, [`memory`] how drained structures and the allocator give memory
+//! back, [`datadir`] the data directory as a whole (lock, privacy, recorded
 //! shard count), [`reshard`] re-homing its messages for another shard count,
 //! [`privacy`] the mode checks on private files, [`stats`] the counters and
 //! the stats socket, and [`server`] ties them together ([`claim`] checks its
@@ -24,6 +25,7 @@ pub mod datadir;
 pub mod fuzzing;
 pub mod io;
 pub mod limit;
+pub mod memory;
 pub mod privacy;
 pub mod proto;
 pub mod reshard;

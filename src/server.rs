@@ -30,7 +30,6 @@ use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
 
-
 /// What a shard waits for once every shard has reported: its ends of the
 /// ring mesh, every shard's peer info, and (cluster) its bridge link.
 type Start = (Links<Msg>, Vec<PeerInfo>, Option<ShardLink>);

@@ -290,7 +290,6 @@ fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
         }
         other => panic!("v1 login of user {moved} at a: {other:?}"),
     }
-
 }
 
 /// Fencing of sessions: when a node gives partitions up (here to a node
@@ -359,7 +358,10 @@ fn user_on_each(a: &TestServer) -> (u64, u64) {
             Err(e) => panic!("user {user} at a: {e}"),
         }
     }
-    (on_a.expect("a serves someone"), on_b.expect("b serves someone"))
+    (
+        on_a.expect("a serves someone"),
+        on_b.expect("b serves someone"),
+    )
 }
 
 /// A message between users of two nodes, through JetStream: ACK once
@@ -383,7 +385,10 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
     cx.send_msg(1, y, b"across").expect("send");
     let id = recv_ack(&mut cx, 1);
     let got = recv_deliver(&mut cy);
-    assert_eq!((got.server_id, got.from, &got.body[..]), (id, x, &b"across"[..]));
+    assert_eq!(
+        (got.server_id, got.from, &got.body[..]),
+        (id, x, &b"across"[..])
+    );
     cy.send_delivered(id).expect("delivered");
     expect_receipt(&mut cx, ReceiptKind::Delivered, id, y);
     cy.send_read(id, x).expect("read");
@@ -393,7 +398,10 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
     cy.send_msg(1, x, b"back").expect("send");
     let back = recv_ack(&mut cy, 1);
     let got = recv_deliver(&mut cx);
-    assert_eq!((got.server_id, got.from, &got.body[..]), (back, y, &b"back"[..]));
+    assert_eq!(
+        (got.server_id, got.from, &got.body[..]),
+        (back, y, &b"back"[..])
+    );
     cx.send_delivered(back).expect("delivered");
     expect_receipt(&mut cy, ReceiptKind::Delivered, back, x);
 
@@ -416,7 +424,9 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
     assert_eq!((got.server_id, &got.body[..]), (later, &b"later"[..]));
     assert!(info.offline_count <= 1);
     assert!(
-        cy.recv_timeout(Duration::from_millis(300)).expect("open").is_none(),
+        cy.recv_timeout(Duration::from_millis(300))
+            .expect("open")
+            .is_none(),
         "the retried SEND came twice"
     );
     cy.send_delivered(later).expect("delivered");

@@ -468,3 +468,50 @@ fn a_real_disk_fills_refuses_drains_and_takes_sends_again() {
     );
     assert!(filler.exists());
 }
+
+/// Issue 23: the shard loop does not stop for fdatasync. While the sync of a
+/// batch is held (a disk as slow as the test likes), the recipient's shard
+/// goes on: it answers PINGs, takes a login and stages the next SEND; the
+/// held batch's ACK has not left. Once released, both ACKs arrive, in order.
+#[test]
+fn a_slow_fsync_does_not_stop_the_shard_loop() {
+    let (x, offline) = cross_pair();
+    let srv = TestServer::start();
+    let data = data_dir(&srv);
+    let mut xc = srv.login(x);
+    // The log exists before the hold: its first segment and directory sync
+    // happen on the shard's thread, only the batch syncs run off it.
+    xc.send_msg(1, offline, b"before").unwrap();
+    recv_ack(&mut xc, 1);
+    let held = format!("{}/shard-1/0", data.display());
+    fault::hold(&held);
+    xc.send_msg(2, offline, b"held").unwrap();
+    assert!(
+        wait_for(|| fault::held(&held) == 1),
+        "the batch's sync never started"
+    );
+    // Shard 1's loop runs: a user homed there logs in and is answered.
+    let local = users_on(1, SHARDS, 2)[1];
+    let mut lc = srv.login(local);
+    lc.ping(7).unwrap();
+    // The next SEND is staged behind the held batch.
+    xc.send_msg(3, offline, b"next").unwrap();
+    lc.ping(8).unwrap();
+    // The sender's PONG comes back, and no ACK before it: the held batch is
+    // not durable, so its ACK must wait.
+    xc.ping(9).unwrap();
+    assert!(
+        xc.recv_timeout(Duration::ZERO).unwrap().is_none(),
+        "a frame (an ACK?) arrived while the batch's fsync was held"
+    );
+    assert!(srv.metric_sum("tern_sync_overlaps_total") > 0);
+    fault::release(&held);
+    let second = recv_ack(&mut xc, 2);
+    let third = recv_ack(&mut xc, 3);
+    assert!(second < third);
+    let (mut oc, info) = srv.login_info(offline);
+    assert_eq!(info.offline_count, 3);
+    let got: Vec<u64> = (0..3).map(|_| recv_deliver(&mut oc).server_id).collect();
+    assert_eq!(got[1..], [second, third]);
+    assert!(srv.query("show latency").contains("fsync"));
+}

@@ -38,7 +38,9 @@ const WAIT_MAX: Duration = Duration::from_millis(20);
 /// How often the worker publishes latencies for the progress line.
 const PUBLISH_EVERY_NS: u64 = 200_000_000;
 /// Ping sweep step: every step pings the next `conns * step / ping_every` slots.
-const PING_STEP_NS: u64 = 100_000_000;
+/// Short, so a million connections' keepalives go out as a steady trickle
+/// (about 170 PINGs per 10 ms at 60 s), not as one burst per second.
+const PING_STEP_NS: u64 = 10_000_000;
 /// In reconnect mode, wait this long (plus jitter) before retrying a failed connect.
 const RETRY_NS: u64 = 1_000_000_000;
 /// Receipts that arrived before their ACK, kept at most.
@@ -894,6 +896,9 @@ impl<E: Engine> Worker<E> {
             if self.send_next < plan.sched.total {
                 wake = wake.min(plan.sched.intended_ns(self.send_next));
             }
+        }
+        if !self.plan.ping_every.is_zero() && self.plan.login {
+            wake = wake.min(self.ping_next_ns);
         }
         Duration::from_nanos(wake.saturating_sub(now))
     }

@@ -148,7 +148,9 @@ pub struct Common {
     /// User id of the first connection; connection i is user user_base + i.
     #[arg(long, default_value_t = 1_000_000)]
     pub user_base: u64,
-    /// PING every logged-in connection this often (0 = never).
+    /// Keepalive: PING every logged-in connection once per this interval
+    /// (e.g. 60s, a phone's keepalive), spread evenly over the interval in
+    /// 10 ms steps, not all at once (0 = never).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub ping_every: Duration,
     /// Give up waiting for the ramp after this long (0 = twice the ramp time plus 60 s).

@@ -39,6 +39,10 @@ struct Args {
     /// Plant a bug on purpose: `skip-fsync` or `skip-checksum`.
     #[arg(long)]
     plant: Option<String>,
+    /// Most DELIVERs the clients may receive in one seed before it fails as
+    /// a runaway (0 = 100,000 per client).
+    #[arg(long, default_value_t = 0)]
+    delivers_max: u64,
     /// Stop starting seeds after this many real seconds (0 = no limit).
     #[arg(long, default_value_t = 0)]
     time_limit_s: u64,
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
             traffic: Duration::from_secs(args.traffic_s),
             drain: Duration::from_secs(args.drain_s),
             planted,
+            delivers_max: args.delivers_max,
             ..Options::new(seed)
         };
         let report = sim::run(&opts);
@@ -124,11 +129,16 @@ fn main() -> ExitCode {
             failed += 1;
             println!("{report}");
             println!(
-                "replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}",
+                "replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}{}",
                 args.shards,
                 args.clients,
                 args.traffic_s,
                 args.drain_s,
+                if args.delivers_max > 0 {
+                    format!(" --delivers-max {}", args.delivers_max)
+                } else {
+                    String::new()
+                },
                 args.plant
                     .as_deref()
                     .map(|p| format!(" --plant {p}"))

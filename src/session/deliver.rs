@@ -2,8 +2,6 @@
 //! recipient's home shard, the ACK, DELIVER within the delivery window,
 //! DELIVERED, and the receipts; and what the commit lets go.
 
-use std::collections::HashMap;
-
 use crate::io::ConnId;
 use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, Msg};
@@ -34,25 +32,21 @@ impl Sessions {
             return Flow::Next;
         }
         if to == 0 {
-            self.write(
+            self.refuse_send(
                 conn,
-                &Frame::Error {
-                    code: ErrorCode::BadRecipient,
-                    client_id,
-                    text: "user 0 does not exist",
-                },
+                client_id,
+                ErrorCode::BadRecipient,
+                "user 0 does not exist",
             );
             return Flow::Next;
         }
         if env.owner(to) == Owner::Nobody {
             self.stats.unavailable.inc();
-            self.write(
+            self.refuse_send(
                 conn,
-                &Frame::Error {
-                    code: ErrorCode::Unavailable,
-                    client_id,
-                    text: "no node serves the recipient right now, retry later",
-                },
+                client_id,
+                ErrorCode::Unavailable,
+                "no node serves the recipient right now, retry later",
             );
             return Flow::Next;
         }
@@ -62,13 +56,11 @@ impl Sessions {
         let dst = home_shard(to, self.shards);
         if !env.up(dst) {
             self.stats.unavailable.inc();
-            self.write(
+            self.refuse_send(
                 conn,
-                &Frame::Error {
-                    code: ErrorCode::Unavailable,
-                    client_id,
-                    text: "the recipient's shard is restarting, retry later",
-                },
+                client_id,
+                ErrorCode::Unavailable,
+                "the recipient's shard is restarting, retry later",
             );
             return Flow::Next;
         }
@@ -135,6 +127,18 @@ impl Sessions {
             sent_ns: now.mono_ns,
         }));
         Flow::Next
+    }
+
+    /// ERROR(`code`) for the SEND `client_id` on `conn`; the connection stays.
+    fn refuse_send(&mut self, conn: ConnId, client_id: u64, code: ErrorCode, text: &str) {
+        self.write(
+            conn,
+            &Frame::Error {
+                code,
+                client_id,
+                text,
+            },
+        );
     }
 
     /// Whether a SEND to `to` must wait: its home is another shard, which is
@@ -210,10 +214,8 @@ impl Sessions {
         }
         if self.config.cluster.is_some() {
             // JetStream may delete it now.
-            self.actions.push(Action::Cluster(Msg::Done {
-                user,
-                server_id,
-            }));
+            self.actions
+                .push(Action::Cluster(Msg::Done { user, server_id }));
         }
         // The receipt waits for the commit that holds the tombstone.
         self.replies.push((
@@ -473,7 +475,10 @@ impl Sessions {
             Ok(()) => self.fresh.push(to),
             // A cluster's store has no length or disk limit: JetStream holds
             // the message, and it comes back when the consumer starts over.
-            Err(e) => log::error!("shard {}: message {server_id} for {to} not held: {e:?}", self.id),
+            Err(e) => log::error!(
+                "shard {}: message {server_id} for {to} not held: {e:?}",
+                self.id
+            ),
         }
     }
 
@@ -524,7 +529,8 @@ impl Sessions {
         fresh.dedup();
         // What the answers above wrote, per connection (counted once, not
         // per pump; each user's pump writes only to its own connection).
-        let mut written: HashMap<ConnId, usize> = HashMap::new();
+        let mut written = std::mem::take(&mut self.written);
+        written.clear();
         if !fresh.is_empty() {
             for a in &self.actions {
                 if let Action::Write { conn, bytes } = a {
@@ -538,8 +544,9 @@ impl Sessions {
             self.pump(env, user, true, Some(w));
         }
         self.fresh = fresh;
-        // Those just written are in the online figure; those left queued
-        // (recipient offline, or its delivery window full) are not.
+        self.written = written; // keep the allocation
+                                // Those just written are in the online figure; those left queued
+                                // (recipient offline, or its delivery window full) are not.
         for &(user, server_id, sent_ns) in &self.fresh_sent {
             if self.users.conn_of(user).is_some()
                 && self

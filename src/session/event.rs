@@ -108,8 +108,15 @@ pub enum Event<'a> {
     Closed(ConnId),
     /// A closing `conn`'s output is flushed and its write side shut.
     WriteShut(ConnId),
-    /// The store committed this iteration's records; `refused` holds the
-    /// server ids of pushes it rolled back (disk full).
+    /// The store wrote the batch of everything staged so far and its sync
+    /// is in flight: the answers waiting now (ACKs, receipts, new messages
+    /// to send) wait for that sync's [`Event::Committed`]; those that come
+    /// after wait for the commit after it. At most one batch is sealed.
+    Sealed,
+    /// The store committed: the batch sealed by [`Event::Sealed`], or, with
+    /// none sealed, everything staged so far. Its answers leave now; its new
+    /// messages go to their recipients. `refused` holds the server ids of
+    /// pushes it rolled back (disk full).
     Committed {
         /// Pushes rolled back.
         refused: &'a [u64],

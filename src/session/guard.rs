@@ -20,7 +20,10 @@
 //! delivered messages exist only after a DELIVER, and are dropped when it
 //! goes offline.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// foldhash, not std's SipHash: looked up for every frame (see users.rs).
+use foldhash::HashMap;
 
 use crate::config::Config;
 use crate::io::ConnId;
@@ -100,9 +103,9 @@ impl Guard {
             refusals_max: c.rate_refusals_max,
             window_ms: c.rate_refusals_window_ms,
             recent_max: c.delivered_recent_max,
-            rates: HashMap::new(),
+            rates: HashMap::default(),
             rates_swept: 0,
-            recent: HashMap::new(),
+            recent: HashMap::default(),
         }
     }
 
@@ -156,6 +159,7 @@ impl Guard {
         let quiet = self.quiet(now_ms);
         if self.rates.get_mut(&user).is_some_and(quiet) {
             self.rates.remove(&user);
+            crate::memory::shrink_map(&mut self.rates);
         }
     }
 
@@ -176,6 +180,7 @@ impl Guard {
     fn sweep(&mut self, now_ms: u64) {
         let quiet = self.quiet(now_ms);
         self.rates.retain(|_, r| !quiet(r));
+        crate::memory::shrink_map(&mut self.rates);
         self.rates_swept = self.rates.len();
     }
 
@@ -208,6 +213,7 @@ impl Guard {
     /// `user` went offline: what was delivered to it is forgotten.
     pub(super) fn offline(&mut self, user: u64) {
         self.recent.remove(&user);
+        crate::memory::shrink_map(&mut self.recent);
     }
 
     /// Users with rate buckets, and users with delivered messages

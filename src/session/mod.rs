@@ -14,7 +14,10 @@
 //!
 //! Store pushes and removals go through the [`Store`] trait: a `LogStore`
 //! only stages them, and the shard commits them once per loop iteration,
-//! then reports [`Event::Committed`].
+//! then reports [`Event::Committed`]. When the commit's sync runs off the
+//! loop, the shard reports [`Event::Sealed`] as it starts (the answers
+//! waiting so far belong to that batch) and `Committed` when it is done;
+//! answers to what happens in between wait for the next commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +59,16 @@ pub const CRASH_USER: u64 = u64::MAX - 1;
 const LINGER: Duration = Duration::from_secs(2);
 /// Slots added at least when the slot table grows.
 const SLOTS_GROWTH_MIN: usize = 1024;
+
+/// What waits for the batch whose sync is in flight (see
+/// [`Event::Sealed`]): `Sessions::replies`, `fresh` and `fresh_sent` as they
+/// were when it was sealed.
+#[derive(Debug, Default)]
+struct Sealed {
+    replies: Vec<(usize, Msg)>,
+    fresh: Vec<u64>,
+    fresh_sent: Vec<(u64, u64, u64)>,
+}
 
 /// A connection's protocol state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -120,6 +133,12 @@ pub struct Sessions {
     /// The messages stored this iteration: recipient, server id, and when
     /// their SEND was decoded (for the send-to-deliver histogram).
     fresh_sent: Vec<(u64, u64, u64)>,
+    /// Scratch of `on_committed`: bytes written per connection by this
+    /// commit's answers; kept between commits so it does not allocate.
+    written: foldhash::HashMap<ConnId, usize>,
+    /// `Some` between [`Event::Sealed`] and [`Event::Committed`]: the
+    /// answers, fresh users and fresh messages of the batch being synced.
+    sealed: Option<Sealed>,
     next_gen: u32,
     next_seq: u64,
     /// Set by the debug crash hook; the shard panics outside connection
@@ -167,6 +186,8 @@ impl Sessions {
             replies: Vec::new(),
             fresh: Vec::new(),
             fresh_sent: Vec::new(),
+            written: foldhash::HashMap::default(),
+            sealed: None,
             next_gen: 1,
             crash: false,
             stats,
@@ -246,8 +267,33 @@ impl Sessions {
                 }
                 Flow::Stop
             }
+            Event::Sealed => {
+                assert!(
+                    self.sealed.is_none(),
+                    "a second batch sealed before the first committed"
+                );
+                self.sealed = Some(Sealed {
+                    replies: std::mem::take(&mut self.replies),
+                    fresh: std::mem::take(&mut self.fresh),
+                    fresh_sent: std::mem::take(&mut self.fresh_sent),
+                });
+                Flow::Next
+            }
             Event::Committed { refused } => {
-                self.on_committed(now, env, refused);
+                match self.sealed.take() {
+                    Some(sealed) => {
+                        // What came after the seal waits for the next commit.
+                        let replies = std::mem::replace(&mut self.replies, sealed.replies);
+                        let fresh = std::mem::replace(&mut self.fresh, sealed.fresh);
+                        let sent = std::mem::replace(&mut self.fresh_sent, sealed.fresh_sent);
+                        self.on_committed(now, env, refused);
+                        debug_assert!(self.replies.is_empty() && self.fresh.is_empty());
+                        self.replies = replies;
+                        self.fresh = fresh;
+                        self.fresh_sent = sent;
+                    }
+                    None => self.on_committed(now, env, refused),
+                }
                 Flow::Next
             }
             Event::Shutdown(Some(conn)) => {
@@ -277,6 +323,18 @@ impl Sessions {
                 Flow::Next
             }
         }
+    }
+
+    /// Gives back what the reused action and frame buffers (and the
+    /// store's batch buffers) grew to beyond `keep_bytes` each (the shard
+    /// calls it every `memory_release_ms`).
+    pub fn trim(&mut self, keep_bytes: usize) {
+        use crate::memory::trim_vec;
+        trim_vec(&mut self.wire, keep_bytes);
+        trim_vec(&mut self.actions, keep_bytes);
+        trim_vec(&mut self.fresh, keep_bytes);
+        trim_vec(&mut self.fresh_sent, keep_bytes);
+        self.store.trim(keep_bytes);
     }
 
     /// The actions of the last event, to execute in order.
@@ -391,7 +449,9 @@ impl Sessions {
         // senders on other shards keep theirs and would wait forever, so
         // they hear it was not stored: ERROR(internal), resend (a duplicate
         // if a failed commit did write it).
-        for (dst, msg) in std::mem::take(&mut self.replies) {
+        let sealed = self.sealed.take().map_or_else(Vec::new, |s| s.replies);
+        let replies = std::mem::take(&mut self.replies);
+        for (dst, msg) in sealed.into_iter().chain(replies) {
             if dst == self.id {
                 continue;
             }

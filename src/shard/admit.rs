@@ -85,6 +85,7 @@ impl Admission {
             let pending = &self.pending;
             self.order
                 .retain(|(c, s)| pending.get(c).is_some_and(|&(seq, _)| seq == *s));
+            crate::memory::shrink_deque(&mut self.order);
         }
     }
 
@@ -94,6 +95,7 @@ impl Admission {
         if let Some((_, Some(ip))) = self.pending.remove(&conn) {
             self.table.on_pending_end(ip, now_ms);
         }
+        crate::memory::shrink_map(&mut self.pending);
     }
 
     /// A LOGIN on `conn` failed: counted against its address. Returns the

@@ -13,8 +13,8 @@ use crate::tls::TlsConn;
 
 use super::{Msg, Shard};
 
-/// Buffers of one connection; allocated only while a frame is partial or
-/// output is pending, freed when drained.
+/// Buffers of one connection; held only while a frame is partial or
+/// output is pending, given back to [`Conns`]'s spares when drained.
 #[derive(Default)]
 struct Bufs {
     inp: Vec<u8>,
@@ -61,7 +61,22 @@ pub(super) struct Conns {
     dirty: Vec<ConnId>,
     /// Connections stopped by back-pressure, retried each iteration.
     blocked: Vec<ConnId>,
+    /// Drained buffers kept for the next connection with traffic, at most
+    /// [`SPARE_BUFS_MAX`], each with at most [`SPARE_BUF_BYTES_MAX`] of
+    /// capacity: a busy connection's buffers go idle and come back every
+    /// iteration, and reusing them keeps steady traffic from allocating.
+    // Boxed: a slot holds `Box<Bufs>` (a slot stays 16 bytes), and reusing
+    // the box saves its allocation too.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<Bufs>>,
 }
+
+/// Most drained buffer sets kept for reuse per shard.
+const SPARE_BUFS_MAX: usize = 32;
+/// Largest capacity (input, output and TLS plaintext together) of a buffer
+/// set kept for reuse, bytes: so the spares hold at most 1 MiB per shard,
+/// and a burst's large buffers are freed, not kept.
+const SPARE_BUF_BYTES_MAX: usize = 32 * 1024;
 
 impl Conns {
     /// Bytes written to `conn` and not yet sent.
@@ -75,11 +90,40 @@ impl Conns {
         }
     }
 
+    /// Gives back the capacity of the revisit lists beyond `keep_bytes`
+    /// each, when they are empty.
+    pub(super) fn trim(&mut self, keep_bytes: usize) {
+        crate::memory::trim_vec(&mut self.dirty, keep_bytes);
+        crate::memory::trim_vec(&mut self.blocked, keep_bytes);
+    }
+
     /// Forgets every connection (after a crash).
     pub(super) fn clear(&mut self) {
         self.slots.clear();
         self.dirty.clear();
         self.blocked.clear();
+        self.spare.clear();
+    }
+
+    /// The buffers of `conn`, taken from the spares when it has none.
+    fn bufs(&mut self, conn: ConnId) -> &mut Bufs {
+        let Conns { slots, spare, .. } = self;
+        slots[conn.index()]
+            .bufs
+            .get_or_insert_with(|| spare.pop().unwrap_or_default())
+    }
+
+    /// Takes `conn`'s drained buffers back into the spares (or frees them).
+    fn recycle(&mut self, conn: ConnId) {
+        let Some(mut b) = self.slots[conn.index()].bufs.take() else {
+            return;
+        };
+        let bytes = b.inp.capacity() + b.out.capacity() + b.plain.capacity();
+        if self.spare.len() < SPARE_BUFS_MAX && bytes <= SPARE_BUF_BYTES_MAX {
+            debug_assert!(b.inp.is_empty() && b.out.is_empty() && b.plain.is_empty());
+            b.out_sent = 0;
+            self.spare.push(b);
+        }
     }
 }
 
@@ -302,9 +346,8 @@ impl Shard {
                     return;
                 };
                 if consumed < data.len() {
-                    self.conns.slots[conn.index()]
-                        .bufs
-                        .get_or_insert_with(Box::default)
+                    self.conns
+                        .bufs(conn)
                         .inp
                         .extend_from_slice(&data[consumed..]);
                 }
@@ -320,9 +363,7 @@ impl Shard {
         };
         let inp = std::mem::take(&mut bufs.inp);
         if let Some(consumed) = self.process(conn, gen, &inp) {
-            let bufs = self.conns.slots[conn.index()]
-                .bufs
-                .get_or_insert_with(Box::default);
+            let bufs = self.conns.bufs(conn);
             debug_assert!(bufs.inp.is_empty());
             bufs.inp = inp;
             bufs.inp.drain(..consumed);
@@ -421,9 +462,9 @@ impl Shard {
         if state == State::Free || state == State::Shut {
             return;
         }
-        let s = &mut self.conns.slots[conn.index()];
-        let bufs = s.bufs.get_or_insert_with(Box::default);
-        if s.tls.is_some() {
+        let tls = self.conns.slots[conn.index()].tls.is_some();
+        let bufs = self.conns.bufs(conn);
+        if tls {
             bufs.plain.extend_from_slice(bytes);
         } else {
             bufs.out.extend_from_slice(bytes);
@@ -437,11 +478,7 @@ impl Shard {
         if state == State::Free || state == State::Shut {
             return;
         }
-        self.conns.slots[conn.index()]
-            .bufs
-            .get_or_insert_with(Box::default)
-            .out
-            .extend_from_slice(records);
+        self.conns.bufs(conn).out.extend_from_slice(records);
         self.conns.mark_dirty(conn);
     }
 
@@ -531,12 +568,11 @@ impl Shard {
         }
         let pending = bufs.out.len() - bufs.out_sent;
         let mut shut = false;
+        let mut idle = false;
         if pending == 0 {
             bufs.out.clear();
             bufs.out_sent = 0;
-            if bufs.inp.is_empty() {
-                s.bufs = None; // idle again: no buffers
-            }
+            idle = bufs.inp.is_empty();
             if state == State::Closing {
                 shut = true;
                 self.io.shutdown_write(conn);
@@ -544,6 +580,9 @@ impl Shard {
         } else if bufs.out_sent > bufs.out.len() / 2 {
             bufs.out.drain(..bufs.out_sent);
             bufs.out_sent = 0;
+        }
+        if idle {
+            self.conns.recycle(conn); // idle again: no buffers
         }
         if shut {
             self.event(Event::WriteShut(conn));

@@ -39,6 +39,7 @@ use crate::tls::TlsContext;
 mod admit;
 mod conns;
 mod route;
+mod sync;
 
 #[cfg(debug_assertions)]
 pub use crate::session::{CRASH_USER, PANIC_USER};
@@ -47,9 +48,13 @@ pub use route::{home_shard, ConnRef, Msg};
 use admit::Admission;
 use conns::Conns;
 use route::{Outboxes, Peers};
+use sync::Syncer;
 
 /// Bytes read from a socket at once into the shard's scratch buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// What a buffer reused across loop iterations keeps of its capacity at
+/// each `memory_release_ms`, in bytes (a quiet iteration needs far less).
+const REUSED_KEEP_BYTES: usize = 1024;
 /// Poll timeout while an outbox waits for ring space.
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
@@ -67,6 +72,8 @@ pub fn open_store(
     )?;
     if config.store_durability() != Durability::Memory {
         log::info!("shard {shard}: store recovered: {recovery}");
+        // The replay read whole segments and freed them again.
+        crate::memory::release(true);
     }
     Ok(Box::new(store))
 }
@@ -128,6 +135,8 @@ pub struct Shard {
     admission: Admission,
     /// Server ids of pushes a commit rolled back (disk full); reused.
     refused: Vec<u64>,
+    /// Runs the group commit's `fdatasync` off the loop (see `sync.rs`).
+    syncer: Syncer,
     /// Actions being executed, and their frames (reused).
     actions: Vec<Action>,
     wire: Vec<u8>,
@@ -154,6 +163,8 @@ pub struct Shard {
     /// [`Owners::losses`] as last acted on.
     owner_losses: u64,
     bridge: Option<ShardLink>,
+    /// When the shard last gave freed memory back (`memory_release_ms`).
+    memory_released: Instant,
 }
 
 /// What the session layer may ask of this shard.
@@ -206,6 +217,7 @@ impl Shard {
         let wheel = Wheel::new(clock.clone());
         Shard {
             id,
+            syncer: Syncer::new(&io, id),
             io,
             links,
             outboxes: Outboxes::new(shards),
@@ -237,6 +249,7 @@ impl Shard {
             owner_losses: owners.as_ref().map_or(0, |o| o.losses()),
             owners,
             bridge,
+            memory_released: clock.now(),
             clock,
             config,
         }
@@ -321,6 +334,14 @@ impl Shard {
 
     /// Drops every connection and per-connection state after a crash.
     fn reset(&mut self) {
+        // A sync in flight belongs to the store being dropped: let it end.
+        // If it made its batch durable, the batch's answers are true and go
+        // (the reopened store replays it); if not, its ACKs become errors
+        // below, as for a commit that never came.
+        if let Some((Ok(()), _)) = self.syncer.poll(true) {
+            self.tick();
+            self.event(Event::Committed { refused: &[] });
+        }
         for i in 0..self.sessions.slots() {
             let conn = ConnId(i as u32);
             if self.sessions.state(conn) != State::Free {
@@ -408,6 +429,13 @@ impl Shard {
         }
         if let Some(deadline) = self.stop_deadline {
             if self.io.is_empty() || self.clock.now() >= deadline {
+                // Drain: the batch in flight, and the one staged behind it,
+                // are made durable (and answered where a connection is
+                // left) before the shard exits.
+                while let Some(done) = self.syncer.poll(true) {
+                    self.synced(done);
+                    self.commit();
+                }
                 self.close_all();
                 return Some(Ok(()));
             }
@@ -453,6 +481,7 @@ impl Shard {
         if self.loop_timer.record(now - started, now, &self.stats) {
             self.admission.sweep(self.now.unix_ms);
             self.publish_gauges();
+            self.release_memory(now);
         }
         None
     }
@@ -548,27 +577,89 @@ impl Shard {
         self.wire = wire;
     }
 
-    /// Makes this iteration's stores durable (one write and one fdatasync for
-    /// all of them), then lets their answers go and sends the new messages
-    /// to their recipients' connections. Pushes the commit rolled back (disk
-    /// full) are answered `storage_full` instead of ACK. A store that cannot
-    /// commit otherwise crashes the shard: the restart replays what is
-    /// really on disk.
+    /// The group commit, pipelined: once the batch in flight is synced, its
+    /// answers go and its new messages are sent to their recipients'
+    /// connections; then the next batch (everything staged since) is
+    /// written with one write, and its `fdatasync` handed to the syncer,
+    /// while the loop goes on. With a sync still running, this iteration's
+    /// changes stay staged for the next batch. Pushes a commit rolled back
+    /// (disk full) are answered `storage_full` instead of ACK. A store that
+    /// cannot commit otherwise (a failed write or sync) crashes the shard:
+    /// the restart replays what is really on disk.
     fn commit(&mut self) {
-        let mut refused = std::mem::take(&mut self.refused);
-        if let Err(e) = self.sessions.store_mut().commit(&mut refused) {
-            panic!("store commit failed: {e}");
+        if self.syncer.busy() {
+            match self.syncer.poll(false) {
+                Some(done) => self.synced(done),
+                None => {
+                    self.stats.sync_overlaps.inc();
+                    return;
+                }
+            }
         }
+        let mut refused = std::mem::take(&mut self.refused);
+        let job = match self.sessions.store_mut().begin_commit(&mut refused) {
+            Ok(job) => job,
+            Err(e) => panic!("store commit failed: {e}"),
+        };
         if !refused.is_empty() {
             self.stats.store_rollbacks.inc();
         }
-        self.tick();
-        self.event(Event::Committed { refused: &refused });
+        match job {
+            Some(job) => {
+                debug_assert!(
+                    refused.is_empty(),
+                    "a batch rolled back has nothing to sync"
+                );
+                self.event(Event::Sealed);
+                self.syncer.start(job);
+            }
+            None => {
+                self.tick();
+                self.event(Event::Committed { refused: &refused });
+            }
+        }
         refused.clear();
         self.refused = refused;
     }
 
+    /// The sync of the batch in flight ended: tells the store, and lets the
+    /// batch's answers go. A failed sync crashes the shard (never an ACK).
+    fn synced(&mut self, (result, took): sync::Done) {
+        self.stats.latency.fsync.record(took.as_nanos() as u64);
+        if let Err(e) = self.sessions.store_mut().synced(result) {
+            panic!("store commit failed: {e}");
+        }
+        self.tick();
+        self.event(Event::Committed { refused: &[] });
+    }
+
     /// Gauges that are cheaper to sample than to track (once a second).
+    /// Gives back what the buffers reused across iterations grew to in a
+    /// burst (a busy iteration's frames and actions, the outboxes);
+    /// called every `memory_release_ms`, so a burst in progress regrows
+    /// them at most that often.
+    fn trim_buffers(&mut self) {
+        use crate::memory::trim_vec;
+        trim_vec(&mut self.wire, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.actions, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.fired, REUSED_KEEP_BYTES);
+        trim_vec(&mut self.refused, REUSED_KEEP_BYTES);
+        self.conns.trim(REUSED_KEEP_BYTES);
+        self.outboxes.trim();
+        self.sessions.trim(REUSED_KEEP_BYTES);
+    }
+
+    /// Every `memory_release_ms`: the allocator returns what this shard
+    /// freed (see [`crate::memory`]).
+    fn release_memory(&mut self, now: Instant) {
+        let every = Duration::from_millis(self.config.memory_release_ms);
+        if !every.is_zero() && now.saturating_duration_since(self.memory_released) >= every {
+            self.trim_buffers();
+            crate::memory::release(false);
+            self.memory_released = now;
+        }
+    }
+
     fn publish_gauges(&self) {
         let s = &self.stats;
         s.queued.set(self.sessions.store().total() as u64);

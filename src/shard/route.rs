@@ -156,6 +156,16 @@ impl Outboxes {
     }
 
     /// Whether any message waits for ring space.
+    /// Frees the capacity of every empty outbox (the flush keeps up to
+    /// `OUTBOX_KEEP_CAPACITY` while traffic flows).
+    pub(super) fn trim(&mut self) {
+        for outbox in &mut self.queues {
+            if outbox.is_empty() {
+                *outbox = VecDeque::new();
+            }
+        }
+    }
+
     pub(super) fn waiting(&self) -> bool {
         self.queues.iter().any(|o| !o.is_empty())
     }

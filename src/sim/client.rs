@@ -126,6 +126,12 @@ impl Client {
         self.next_seq - 1
     }
 
+    /// When the first DELIVERED is due, if any: the client's turn must come
+    /// no later.
+    pub fn answer_due_ns(&self) -> Option<u64> {
+        self.answers.front().map(|a| a.0)
+    }
+
     /// The socket, if connected.
     pub fn sock(&self) -> Option<SockId> {
         self.sock
@@ -335,6 +341,13 @@ impl Client {
                 code: ErrorCode::Unavailable,
                 ..
             } => self.go_offline(net, now_ns, b, rng),
+            // The server's accept-rate refusal (`accept_rate_per_s_max`): it
+            // closes the connection; come back later, as a real client does.
+            Frame::Error {
+                code: ErrorCode::RateLimited,
+                client_id: 0,
+                ..
+            } if self.state == State::LoggingIn => self.go_offline(net, now_ns, b, rng),
             Frame::Ack {
                 client_id,
                 server_id,

@@ -150,11 +150,16 @@ pub struct Options {
     pub faults: Option<Faults>,
     /// A bug to plant.
     pub planted: Planted,
+    /// Most DELIVERs the clients may receive in the run; past it the seed
+    /// fails ("seed exceeded N DELIVERs"), so a runaway (a redelivery
+    /// storm) ends instead of running for hours. 0: 100,000 per client.
+    pub delivers_max: u64,
 }
 
 impl Options {
     /// Defaults for `seed`: 3 shards, 100 clients, 30 s of traffic, up to
-    /// 120 s to drain, swarm faults, no planted bug.
+    /// 120 s to drain, swarm faults, no planted bug, 100,000 DELIVERs per
+    /// client at most.
     pub fn new(seed: u64) -> Options {
         Options {
             seed,
@@ -164,6 +169,7 @@ impl Options {
             drain: Duration::from_secs(120),
             faults: None,
             planted: Planted::None,
+            delivers_max: 0,
         }
     }
 }
@@ -306,6 +312,13 @@ struct World {
     clients: Vec<Client>,
     behaviour: Behaviour,
     turns: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Per client, the time of its one pending turn; a heap entry with
+    /// another time is stale and skipped. Without it every reschedule (a
+    /// dropped connection, the drain) started a second chain of turns, and
+    /// a client acted (and sent) that many times more often: seed 622157.
+    turn_at: Vec<u64>,
+    /// `Options::delivers_max`, resolved.
+    delivers_max: u64,
     checker: Checker,
     news: Vec<(u32, SockId)>,
     trace: u32,
@@ -359,7 +372,7 @@ impl World {
             })
             .collect();
         let behaviour = Behaviour {
-            think: Duration::from_millis(rng.u64(200..=3_000)),
+            think: Duration::from_millis(rng.u64(50..=1_500)),
             send_per_million: rng.u32(100_000..=600_000),
             leave_per_million: rng.u32(0..=50_000),
             offline_max: Duration::from_millis(rng.u64(100..=10_000)),
@@ -367,8 +380,11 @@ impl World {
             read_per_million: rng.u32(0..=500_000),
         };
         let mut turns = BinaryHeap::new();
+        let mut turn_at = Vec::with_capacity(opts.clients as usize);
         for i in 0..opts.clients {
-            turns.push(Reverse((rng.u64(0..1_000_000_000), i)));
+            let at = rng.u64(0..1_000_000_000);
+            turns.push(Reverse((at, i)));
+            turn_at.push(at);
         }
         let mut world = World {
             opts: opts.clone(),
@@ -381,6 +397,11 @@ impl World {
             clients,
             behaviour,
             turns,
+            turn_at,
+            delivers_max: match opts.delivers_max {
+                0 => u64::from(opts.clients) * 100_000,
+                n => n,
+            },
             checker: Checker::default(),
             news: Vec::new(),
             trace: 0,
@@ -542,7 +563,7 @@ impl World {
         }
         let now = self.now_ns();
         for i in 0..self.clients.len() as u32 {
-            self.turns.push(Reverse((now, i)));
+            self.turn_sooner(i, now);
         }
         let drain_end = now + self.opts.drain.as_nanos() as u64;
         if !self.phase(drain_end, Phase::Drain)? {
@@ -590,6 +611,12 @@ impl World {
             }
             self.client_turns(now);
             self.pump_news(now)?;
+            if self.checker.delivers > self.delivers_max {
+                return Err(format!(
+                    "seed exceeded {} DELIVERs (a runaway; --delivers-max)",
+                    self.delivers_max
+                ));
+            }
             for _ in 0..2 {
                 self.step_shards()?;
                 self.pump_news(now)?;
@@ -625,6 +652,9 @@ impl World {
                 break;
             }
             self.turns.pop();
+            if self.turn_at[i as usize] != at {
+                continue; // replaced by a sooner turn
+            }
             let next = self.clients[i as usize].act(
                 &self.net,
                 shards,
@@ -634,7 +664,17 @@ impl World {
                 &mut self.rng,
                 &mut self.checker,
             );
-            self.turns.push(Reverse((next.wake_ns.max(now + 1), i)));
+            let at = next.wake_ns.max(now + 1);
+            self.turns.push(Reverse((at, i)));
+            self.turn_at[i as usize] = at;
+        }
+    }
+
+    /// Moves client `i`'s pending turn to `at` if that is sooner.
+    fn turn_sooner(&mut self, i: u32, at: u64) {
+        if at < self.turn_at[i as usize] {
+            self.turns.push(Reverse((at, i)));
+            self.turn_at[i as usize] = at;
         }
     }
 
@@ -656,9 +696,13 @@ impl World {
                     &mut self.checker,
                     &mut self.trace,
                 )?;
+                let due = c.answer_due_ns();
                 if was_online && c.sock().is_none() {
                     // Dropped: its next turn is when it comes back.
-                    self.turns.push(Reverse((now + 1, i)));
+                    self.turn_sooner(i, now + 1);
+                } else if let Some(due) = due {
+                    // A DELIVER came: answer it on time.
+                    self.turn_sooner(i, due.max(now + 1));
                 }
             }
         }

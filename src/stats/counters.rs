@@ -178,6 +178,8 @@ shard_stats! {
         Counter storage_full,
         /// Store writes that found the disk full (ENOSPC, EDQUOT) and were rolled back.
         Counter store_rollbacks,
+        /// Loop iterations that ran (reading, delivering, accepting, staging the next batch) while a group commit's fdatasync was in flight off the loop (durability fsync).
+        Counter sync_overlaps,
         /// SENDs and logins refused with unavailable because the target shard was restarting or down.
         Counter unavailable,
         /// Times the shard crashed and was restarted by its supervisor.

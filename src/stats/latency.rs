@@ -1,5 +1,5 @@
-//! Server-side latency histograms: SEND decoded to ACK written, and SEND
-//! decoded to DELIVER written.
+//! Server-side latency histograms: SEND decoded to ACK written, SEND
+//! decoded to DELIVER written, and the durable store's `fdatasync` calls.
 //!
 //! A fixed array of power-of-two buckets rather than an `hdrhistogram`:
 //! recording is one `leading_zeros` and three single-writer counter
@@ -108,6 +108,9 @@ pub struct Latency {
     /// From a SEND decoded to its DELIVER written to an online recipient,
     /// for messages delivered right after their commit.
     pub send_to_deliver: Histogram,
+    /// Each group commit's `fdatasync` of its segment (`durability = fsync`
+    /// only): from the call to its return.
+    pub fsync: Histogram,
 }
 
 #[cfg(test)]

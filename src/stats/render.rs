@@ -295,13 +295,23 @@ fn render_table(view: &StatsView, columns: &[(&str, Getter)], state: bool) -> St
 /// A table of latency histograms.
 type Latencies = &'static [(&'static str, &'static str, fn(&Latency) -> &Histogram)];
 
-/// The latency histograms: name, what it ends at, and the field.
+/// The latency histograms: name, what it measures (the Prometheus help
+/// text), and the field.
 const LATENCIES: Latencies = &[
-    ("send_to_ack", "its ACK", |l| &l.send_to_ack),
+    (
+        "send_to_ack",
+        "Time from a SEND decoded to its ACK written, all shards.",
+        |l| &l.send_to_ack,
+    ),
     (
         "send_to_deliver",
-        "its DELIVER to an online recipient",
+        "Time from a SEND decoded to its DELIVER to an online recipient written, all shards.",
         |l| &l.send_to_deliver,
+    ),
+    (
+        "fsync",
+        "Time of each group commit's fdatasync of its segment (durability fsync), all shards.",
+        |l| &l.fsync,
     ),
 ];
 
@@ -397,10 +407,7 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
     for (name, what, get) in LATENCIES {
         let m = view.merged(*get);
         let name = format!("tern_{name}_seconds");
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from a SEND decoded to {what} written, all shards."
-        );
+        let _ = writeln!(out, "# HELP {name} {what}");
         let _ = writeln!(out, "# TYPE {name} histogram");
         let mut cumulative = 0;
         for (i, b) in m.buckets.iter().enumerate() {
@@ -838,7 +845,7 @@ pub(crate) mod tests {
             );
             assert_eq!(name.ends_with("_total"), kind == "counter", "{name}");
         }
-        assert_eq!(types.len(), ShardStats::FIELDS.len() + 6);
+        assert_eq!(types.len(), ShardStats::FIELDS.len() + 7);
         // Histograms: merged over shards, cumulative buckets ending in +Inf
         // that equal _count.
         let buckets: Vec<_> = samples
@@ -900,14 +907,18 @@ pub(crate) mod tests {
             ["send_to_ack", "3", "40000008", "8", "+Inf", "+Inf", "+Inf"]
         );
         assert_eq!(rows[2], ["send_to_deliver", "1", "0", "1", "1", "1", "1"]);
+        assert_eq!(rows[3], ["fsync", "0", "0", "-", "-", "-", "-"]);
         let rows: Vec<Vec<&str>> = buckets
             .lines()
             .map(|l| l.split_whitespace().collect())
             .collect();
-        assert_eq!(rows[0], ["le_us", "send_to_ack", "send_to_deliver"]);
+        assert_eq!(
+            rows[0],
+            ["le_us", "send_to_ack", "send_to_deliver", "fsync"]
+        );
         assert_eq!(rows.len(), LATENCY_BUCKETS + 2);
-        assert_eq!(rows[3], ["4", "1", "1"]);
-        assert_eq!(rows[LATENCY_BUCKETS + 1], ["+Inf", "3", "1"]);
+        assert_eq!(rows[3], ["4", "1", "1", "0"]);
+        assert_eq!(rows[LATENCY_BUCKETS + 1], ["+Inf", "3", "1", "0"]);
         let empty = render(&StatsView::new("none", 10, 1), "show latency");
         let row: Vec<&str> = empty.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(row, ["send_to_ack", "0", "0", "-", "-", "-", "-"]);

@@ -9,6 +9,10 @@
 //! Rules match on a substring of the path, so tests running in parallel in
 //! one process (each with its own temporary data directory) do not see each
 //! other's faults.
+//!
+//! A test can also [`hold`] the syncs of matching paths: each such sync
+//! waits in `hit` until [`release`] (at most [`HOLD_MAX`]), which makes a
+//! slow disk without any timing; [`held`] says how many wait right now.
 
 use std::io;
 use std::path::Path;
@@ -46,12 +50,69 @@ pub struct Rule {
     pub errno: i32,
 }
 
+/// Longest a held sync waits for [`release`]: a test that forgets to
+/// release does not hang forever.
+pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[cfg(any(debug_assertions, feature = "failpoints"))]
 mod imp {
     use super::*;
-    use std::sync::Mutex;
+    use std::sync::{Condvar, Mutex};
+    use std::time::Instant;
 
     static RULES: Mutex<Vec<Rule>> = Mutex::new(Vec::new());
+    /// Held path filters, each with the number of syncs waiting on it.
+    static HOLDS: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+    static RELEASED: Condvar = Condvar::new();
+
+    /// Holds every later sync of a path containing `path_contains` (see the
+    /// module docs) until [`release`].
+    pub fn hold(path_contains: &str) {
+        let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        holds.push((path_contains.to_string(), 0));
+    }
+
+    /// Lets the syncs held by `path_contains` go, and later ones pass.
+    pub fn release(path_contains: &str) {
+        let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        holds.retain(|(p, _)| p != path_contains);
+        RELEASED.notify_all();
+    }
+
+    /// Syncs waiting on the hold `path_contains` right now.
+    pub fn held(path_contains: &str) -> usize {
+        let holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        holds
+            .iter()
+            .find(|(p, _)| p == path_contains)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Waits while a hold matches this sync of `path`.
+    fn wait_if_held(path: &str) {
+        let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(key) = holds
+            .iter_mut()
+            .find(|(p, _)| path.contains(p.as_str()))
+            .map(|(p, n)| {
+                *n += 1;
+                p.clone()
+            })
+        else {
+            return;
+        };
+        let deadline = Instant::now() + HOLD_MAX;
+        while holds.iter().any(|(p, _)| *p == key) && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            holds = RELEASED
+                .wait_timeout(holds, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if let Some((_, n)) = holds.iter_mut().find(|(p, _)| *p == key) {
+            *n -= 1;
+        }
+    }
 
     /// Adds a fault rule (see [`Rule`]).
     pub fn inject(rule: Rule) {
@@ -66,8 +127,12 @@ mod imp {
             .retain(|r| !r.path_contains.contains(path_contains));
     }
 
-    /// Returns the injected error for this call, if a rule says so.
+    /// Returns the injected error for this call, if a rule says so (a held
+    /// sync waits first).
     pub fn hit(path: &Path, op: Op) -> io::Result<()> {
+        if op == Op::Sync {
+            wait_if_held(&path.to_string_lossy());
+        }
         let mut rules = RULES.lock().unwrap_or_else(|e| e.into_inner());
         if rules.is_empty() {
             return Ok(());
@@ -103,6 +168,17 @@ mod imp {
     /// Fault injection is compiled out: nothing to clear.
     pub fn clear(_path_contains: &str) {}
 
+    /// Fault injection is compiled out: nothing is held.
+    pub fn hold(_path_contains: &str) {}
+
+    /// Fault injection is compiled out: nothing to release.
+    pub fn release(_path_contains: &str) {}
+
+    /// Fault injection is compiled out: nothing is held.
+    pub fn held(_path_contains: &str) -> usize {
+        0
+    }
+
     /// Fault injection is compiled out: every call passes.
     #[inline(always)]
     pub fn hit(_path: &Path, _op: Op) -> io::Result<()> {
@@ -110,7 +186,7 @@ mod imp {
     }
 }
 
-pub use imp::{clear, hit, inject};
+pub use imp::{clear, held, hit, hold, inject, release};
 
 /// Parses `TERN_FAILPOINTS`-style rules: entries separated by `;`, each
 /// `OP:PATH_PART:SKIP:TIMES:ERRNO` with OP one of create, write, sync,

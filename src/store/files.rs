@@ -66,7 +66,7 @@ pub fn open_append(path: &Path) -> io::Result<File> {
 }
 
 /// Writes all of `buf` to `file` (named `path`).
-pub fn write(file: &mut File, path: &Path, buf: &[u8]) -> io::Result<()> {
+pub fn write(mut file: &File, path: &Path, buf: &[u8]) -> io::Result<()> {
     if let Err(e) = hit(path, Op::Write) {
         if fault::is_no_space(&e) {
             // A disk that fills mid-write leaves part of the buffer behind.

@@ -21,6 +21,11 @@
 //!   once it is durable, so no DELIVER can leave before the commit that
 //!   holds it (and a push the commit rolls back was never shown to anyone).
 //! - A push refused with [`PushError`] changed nothing.
+//! - [`Store::begin_commit`] is the same commit split in two: it writes the
+//!   batch and hands back the [`SyncJob`] that makes it durable, which the
+//!   caller runs off its loop (another thread) while pushes and removes go
+//!   on; [`Store::synced`] then reports the outcome. Only after that may the
+//!   ACKs of the batch go, and only then does `next_after` show its pushes.
 //! - A commit that finds the disk full (ENOSPC, EDQUOT) is not an error: it
 //!   rolls back the pushes of its batch (their ids are handed back, their
 //!   SENDs are refused with `storage_full`) and keeps the removals for the
@@ -28,7 +33,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::fs::File;
 use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 pub mod fault;
 mod files;
@@ -111,6 +119,34 @@ pub struct Space {
     pub short: bool,
 }
 
+/// The `fdatasync` that makes one written batch durable, to run on any
+/// thread (see [`Store::begin_commit`]). It holds its own handle on the
+/// segment file, so a roll or a crash of its store does not invalidate it.
+#[derive(Debug)]
+pub struct SyncJob {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl SyncJob {
+    /// Calls `fdatasync` on the batch's segment. An error leaves the file in
+    /// an unknown state (see "Errors" in [`log`]).
+    pub fn run(&self) -> io::Result<()> {
+        // The simulator's planted bug skips this fsync (see crate::sim); a
+        // simulation runs its jobs on its own thread.
+        if crate::sim::planted(crate::sim::Planted::SkipFsync) {
+            return Ok(());
+        }
+        files::sync(&self.file, &self.path, true).map_err(|source| {
+            io::Error::from(StoreError::Io {
+                path: self.path.clone(),
+                op: "sync segment",
+                source,
+            })
+        })
+    }
+}
+
 /// The queues of the users homed on one shard.
 pub trait Store {
     /// Appends `msg` to `user`'s queue and stages it for the next
@@ -140,11 +176,33 @@ pub trait Store {
     /// per loop iteration. An `Err` means the files are in an unknown state:
     /// drop the store and open it again.
     fn commit(&mut self, refused: &mut Vec<u64>) -> io::Result<()>;
+    /// [`commit`](Store::commit) without its wait: writes the staged batch
+    /// and returns the [`SyncJob`] that makes it durable, or `None` when
+    /// there is nothing to wait for (the commit is complete as `commit`'s
+    /// would be, `refused` included). With a job out, pushes and removes may
+    /// go on (they stage the next batch), but no other `begin_commit` or
+    /// `commit` until [`synced`](Store::synced) reported the job's outcome;
+    /// only then may the ACKs of the batch go. Default: `commit`, no job.
+    fn begin_commit(&mut self, refused: &mut Vec<u64>) -> io::Result<Option<SyncJob>> {
+        self.commit(refused).map(|()| None)
+    }
+    /// The outcome of the [`SyncJob`] of the last
+    /// [`begin_commit`](Store::begin_commit). `Ok`: the batch is durable (its
+    /// pushes become visible to `next_after`). An `Err` (passed on) means
+    /// the files are in an unknown state: drop the store and open it again.
+    fn synced(&mut self, result: io::Result<()>) -> io::Result<()> {
+        result
+    }
     /// Whether a [`commit`](Store::commit) has anything to make durable.
     fn has_uncommitted(&self) -> bool;
     /// No server id this store has accepted, now or before a restart, is
     /// greater than this. The shard continues its id sequence after it.
     fn max_server_id(&self) -> u64;
+    /// Gives back buffers a burst grew beyond `keep_bytes` each (a big
+    /// batch's encoding and staging), when nothing is staged. Called now
+    /// and then by the shard (`memory_release_ms`), not per commit, so a
+    /// busy shard does not regrow them each time. Default: nothing to do.
+    fn trim(&mut self, _keep_bytes: usize) {}
     /// Disk space as last seen. Default: nothing on disk.
     fn space(&self) -> Space {
         Space::default()
@@ -196,6 +254,7 @@ impl Store for MemStore {
             self.windows.insert(msg.from, origin, taken);
             self.windows.prune(msg.from, origin.device, |_| {});
         }
+        crate::memory::reserve_one(queue);
         queue.push_back(msg);
         self.total += 1;
         Ok(())
@@ -214,6 +273,9 @@ impl Store for MemStore {
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
+            crate::memory::shrink_map(&mut self.queues);
+        } else {
+            crate::memory::shrink_deque(queue);
         }
         Some(msg)
     }

@@ -332,6 +332,12 @@ pub struct Io {
     peer_ips: HashMap<u32, std::net::IpAddr>,
     /// Multishot receives ended by ENOBUFS (for [`Io::gauges`]).
     recv_no_buffers: u64,
+    /// Send buffers whose SEND completed, kept for the next `send` (at most
+    /// `send::SPARE_SENDS_MAX`): steady traffic does not allocate per send.
+    // Boxed: a connection holds its buffer as `Box<SendBuf>`, and reusing
+    // the box saves its allocation too.
+    #[allow(clippy::vec_box)]
+    spare_sends: Vec<Box<SendBuf>>,
 }
 
 impl Io {

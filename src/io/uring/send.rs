@@ -4,6 +4,12 @@
 
 use super::*;
 
+/// Most completed send buffers kept for reuse per shard.
+pub(super) const SPARE_SENDS_MAX: usize = 32;
+/// Largest capacity of a send buffer kept for reuse, bytes (so the spares
+/// hold at most 1 MiB per shard).
+const SPARE_SEND_BYTES_MAX: usize = 32 * 1024;
+
 /// Bytes taken by `send`, owned here while the kernel reads them.
 pub(super) struct SendBuf {
     bytes: Vec<u8>,
@@ -55,10 +61,15 @@ impl Io {
             return Ok(0);
         }
         let n = bytes.len().min(SEND_BYTES_MAX);
-        c.out = Some(Box::new(SendBuf {
-            bytes: bytes[..n].to_vec(),
-            sent: 0,
-        }));
+        let mut out = self.spare_sends.pop().unwrap_or_else(|| {
+            Box::new(SendBuf {
+                bytes: Vec::new(),
+                sent: 0,
+            })
+        });
+        debug_assert!(out.bytes.is_empty() && out.sent == 0);
+        out.bytes.extend_from_slice(&bytes[..n]);
+        c.out = Some(out);
         if n < bytes.len() {
             c.set(flag::WANT_WRITE);
         }
@@ -121,7 +132,8 @@ impl Io {
             if out.sent < out.bytes.len() {
                 self.submit_send(key); // short send: the rest goes next
             } else {
-                c.out = None;
+                let done = c.out.take().expect("a SEND has its buffer");
+                self.recycle_send(done);
                 self.send_drained(key);
             }
             return;
@@ -139,6 +151,17 @@ impl Io {
                     self.events.push_back(Event::Closed(key, gen));
                 }
             }
+        }
+    }
+
+    /// Keeps a sent buffer for the next `send`, unless the spares are full
+    /// or it is large (a burst's buffer is freed, not kept).
+    fn recycle_send(&mut self, mut done: Box<SendBuf>) {
+        if self.spare_sends.len() < SPARE_SENDS_MAX && done.bytes.capacity() <= SPARE_SEND_BYTES_MAX
+        {
+            done.bytes.clear();
+            done.sent = 0;
+            self.spare_sends.push(done);
         }
     }
 

@@ -128,6 +128,7 @@ impl Io {
             peer_lens,
             peer_ips: HashMap::new(),
             recv_no_buffers: 0,
+            spare_sends: Vec::new(),
         };
         if !one_ring {
             // One data ring up front: fail now rather than on the first accept.

@@ -122,7 +122,10 @@ fn every_send_goes_to_the_bridge_whoever_serves_the_recipient() {
     login_frame(&mut h, A, from, proto::VERSION_2);
     for (client_id, to) in [(9, user_in(1)), (10, user_in(0))] {
         let out = h.send(0, client_id, to, b"hi");
-        assert!(out.to(A).is_empty(), "no answer before the publish: {out:?}");
+        assert!(
+            out.to(A).is_empty(),
+            "no answer before the publish: {out:?}"
+        );
         match to_bridge(&out)[..] {
             [Msg::Send {
                 from: f,

@@ -105,6 +105,23 @@ impl LogStore {
                 self.maintenance = true;
             }
         }
+        if !self.sync_due() {
+            self.after_sync()?;
+        }
+        Ok(())
+    }
+
+    /// What waits for the batch to be durable: deleting the segments it
+    /// made unnecessary (the compaction victim its copies emptied, fully
+    /// dead ones).
+    pub(super) fn after_sync(&mut self) -> Result<(), StoreError> {
+        if let Some(victim) = self.victim_done.take() {
+            if self.segments.get(&victim).is_some_and(|s| {
+                s.holds_nothing() && s.pins.is_empty() && self.active_number() != Some(victim)
+            }) {
+                self.delete_segment(victim)?;
+            }
+        }
         if self.maintenance {
             self.delete_dead()?;
         }
@@ -183,10 +200,10 @@ impl LogStore {
             let dir = self.dir.clone();
             self.sync_dir(&dir)?;
             self.segments.insert(n, Segment::default());
-            self.active = Some((n, file));
+            self.active = Some((n, Arc::new(file)));
         }
         let fsync = self.fsync();
-        let (n, file) = self.active.as_mut().expect("created above");
+        let (n, file) = self.active.as_ref().expect("created above");
         let n = *n;
         let path = self.dir.join(segment::file_name(n));
         if let Err(e) = files::write(file, &path, &self.buf) {
@@ -200,10 +217,9 @@ impl LogStore {
             files::truncate(file, &path, good).map_err(io_at(&path, "truncate a partial write"))?;
             return Err(io_at(&path, "append to segment")(e));
         }
-        // The simulator's planted bug skips this fsync (see crate::sim).
-        if fsync && !crate::sim::planted(crate::sim::Planted::SkipFsync) {
-            files::sync(file, &path, true).map_err(io_at(&path, "sync segment"))?;
-            self.syncs += 1;
+        if fsync {
+            // Synced by the SyncJob `begin_commit` hands out.
+            self.unsynced = Some((Arc::clone(file), path));
         }
         let len = self.buf.len() as u64;
         self.written_since_check += len;

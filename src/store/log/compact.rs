@@ -173,7 +173,9 @@ impl LogStore {
         let victim = &self.segments[&c.segment];
         if victim.holds_nothing() {
             debug_assert!(victim.pins.is_empty());
-            self.delete_segment(c.segment)?;
+            // Gone once its copies are durable (`after_sync`).
+            self.compacting = None;
+            self.victim_done = Some(c.segment);
         } else {
             debug_assert!(cursor < victim.index.len() || victim.refs > 0);
             self.compacting = Some(Compaction {
@@ -207,7 +209,7 @@ impl LogStore {
         Ok(())
     }
 
-    fn delete_segment(&mut self, n: u32) -> Result<(), StoreError> {
+    pub(super) fn delete_segment(&mut self, n: u32) -> Result<(), StoreError> {
         debug_assert_ne!(Some(n), self.active_number());
         debug_assert!(self.segments[&n].holds_nothing());
         debug_assert!(self.segments[&n].pins.is_empty());

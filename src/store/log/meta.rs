@@ -12,8 +12,8 @@ impl LogStore {
     pub(super) fn write_meta(&mut self, watermark: u64) -> Result<(), StoreError> {
         let tmp = self.dir.join(META_TMP);
         let text = format!("{META_MAGIC}\nversion {FORMAT_VERSION}\nserver_id_max {watermark}\n");
-        let written = files::create(&tmp).and_then(|mut file| {
-            files::write(&mut file, &tmp, text.as_bytes())?;
+        let written = files::create(&tmp).and_then(|file| {
+            files::write(&file, &tmp, text.as_bytes())?;
             if self.fsync() {
                 files::sync(&file, &tmp, false)?;
             }

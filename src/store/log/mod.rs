@@ -30,6 +30,31 @@
 //! `fdatasync` once. The shard sends the ACKs of the batch after `commit`
 //! returned `Ok`, so an ACK always means "durable".
 //!
+//! **Pipelined.** The shard does not wait for the `fdatasync` on its loop:
+//! [`begin_commit`](Store::begin_commit) does everything `commit` does but
+//! the sync, which it hands back as a [`SyncJob`] (its own handle on the
+//! segment, so a roll does not matter) for another thread to run, and
+//! [`synced`](Store::synced) takes the outcome. In between, pushes and
+//! removes stage the *next* batch; it is written only after the sync (one
+//! batch between write and sync at a time). The bookkeeping (where each
+//! message is, segment counts, pins, window pruning) is updated at the
+//! write, as if durable, but three things wait for `synced`:
+//!
+//! - visibility: `next_after` shows no push above `durable_id` (ids grow
+//!   with each push, so the pushes of the batch being synced and of the
+//!   one staged are exactly those above it); nothing is delivered, so
+//!   nothing removed, before it is durable;
+//! - deleting files: the compaction victim whose copies the batch holds,
+//!   and fully dead segments, go only once the batch is durable. A segment
+//!   may lose its last live message to a remove whose tombstone is still
+//!   staged; deleting it then is safe, as the message was delivered and the
+//!   pins keep any older copy of it from outliving the file;
+//! - the ACKs, which the shard releases only after `synced` returned `Ok`.
+//!
+//! A failed sync leaves the store failed (see "Errors"): the shard crashes
+//! and replays. The skip rule below is unchanged: it applies to pushes
+//! still staged (never written).
+//!
 //! **The skip rule:** a message pushed and then removed before the next
 //! `commit` (delivered to an online recipient and acknowledged by its device
 //! within one loop iteration) writes nothing at all: its staged `Queued`
@@ -164,7 +189,8 @@
 //!
 //! # Errors
 //!
-//! Any other error from `commit` leaves the store *failed*: it never writes
+//! Any other error from `commit` (or from `begin_commit`, or a failed
+//! [`SyncJob`] reported to `synced`) leaves the store *failed*: it never writes
 //! again and every later `commit` returns an error. After a failed `write`
 //! or `fsync` the state of the file is unknown (the page cache may have
 //! dropped the dirty pages), so the only safe way on is to drop the store and
@@ -183,20 +209,23 @@
 //! (replay, torn tail, repair), `commit` (the batch, its write, roll back on
 //! a full disk), `compact` (victims, pins, copies, deletion), `space` (the
 //! free-space floor and the reserve file), `meta` (the `meta` file) and
-//! `bulk` (what offline tools need).
+//! `bulk` (what offline tools need). The file passes 800 lines because the
+//! [`Store`] face (push, remove, the commit split in two) belongs with the
+//! types it changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::files;
 use super::record::{Record, BODY_BYTES_MAX};
 use super::segment;
 use super::window::{Taken, Windows};
-use super::{Origin, PushError, Seen, Space, Store, Stored};
+use super::{Origin, PushError, Seen, Space, Store, Stored, SyncJob};
 use crate::clock::Clock;
 
 mod bulk;
@@ -223,6 +252,9 @@ pub const SEGMENT_BYTES_MAX_LIMIT: u64 = 1024 * 1024 * 1024;
 /// Most bytes of compaction copies one `commit` writes: 1 MiB, a few
 /// milliseconds of disk bandwidth added to one loop iteration.
 pub const COMPACT_BYTES_PER_COMMIT: u64 = 1024 * 1024;
+/// Stale entries a segment's `orphans` may hold beyond twice its live ones
+/// before they are dropped (amortizes the walk).
+const ORPHANS_SLACK: usize = 1024;
 /// Most index entries (live or dead `Queued` records of the segment being
 /// compacted) one `commit` looks at, bounding the CPU part of the same work.
 pub const COMPACT_ENTRIES_PER_COMMIT: usize = 64 * 1024;
@@ -422,8 +454,9 @@ pub struct LogStore {
     /// Every segment file, by number.
     segments: BTreeMap<u32, Segment>,
     /// The segment appended to, opened for append; `None` before the first
-    /// write and right after a roll (the next write creates one).
-    active: Option<(u32, File)>,
+    /// write and right after a roll (the next write creates one). Shared
+    /// with the [`SyncJob`] of a batch written to it.
+    active: Option<(u32, Arc<File>)>,
     /// Number for the next segment file; above every number ever used.
     next_segment: u32,
     /// Bytes of all segment files.
@@ -446,6 +479,17 @@ pub struct LogStore {
     maintenance: bool,
     /// Highest server id accepted or replayed (or the recovered watermark).
     server_id_max: u64,
+    /// Every push with an id up to this one is durable (or was cancelled
+    /// or refused): `next_after` shows no message above it.
+    durable_id: u64,
+    /// A batch was written and not synced yet: its segment, for the
+    /// [`SyncJob`] that `begin_commit` hands out.
+    unsynced: Option<(Arc<File>, PathBuf)>,
+    /// A [`SyncJob`] is out: `durable_id` becomes this once it succeeds.
+    syncing_upto: Option<u64>,
+    /// A compaction victim whose messages were all copied by the batch
+    /// being synced: deleted once the copies are durable.
+    victim_done: Option<u32>,
     /// The watermark `meta` holds on disk.
     id_watermark: u64,
     /// `fdatasync`/`fsync` calls, data and directories.
@@ -535,6 +579,10 @@ impl LogStore {
             compacting: None,
             maintenance: true,
             server_id_max: 0,
+            durable_id: 0,
+            unsynced: None,
+            syncing_upto: None,
+            victim_done: None,
             id_watermark: 0,
             syncs: 0,
             rewritten_bytes: 0,
@@ -558,6 +606,7 @@ impl LogStore {
             store.check_space(store.clock.now());
             store.keep_reserve();
         }
+        store.durable_id = store.server_id_max;
         recovery.messages = store.total;
         recovery.max_server_id = store.server_id_max;
         recovery.elapsed = started.elapsed();
@@ -618,6 +667,41 @@ impl LogStore {
 
     fn fsync(&self) -> bool {
         self.opts.durability == Durability::Fsync
+    }
+
+    /// Whether a written batch awaits its sync (no file may be deleted on
+    /// its strength yet).
+    fn sync_due(&self) -> bool {
+        self.unsynced.is_some() || self.syncing_upto.is_some()
+    }
+
+    fn failed_error(&self) -> io::Error {
+        io::Error::other(format!(
+            "message log in {} failed earlier; reopen it to replay what is on disk",
+            self.dir.display()
+        ))
+    }
+
+    /// Drops the entries of segment `n`'s `orphans` that no longer name a
+    /// window entry kept there (pruned from its window, or copied on),
+    /// once they outnumber the live ones: a busy segment gets one per
+    /// message delivered within its commit, and would otherwise hold 24
+    /// bytes for each until it is deleted, which the active one never is.
+    fn prune_orphans(&mut self, n: u32) {
+        let Some(seg) = self.segments.get_mut(&n) else {
+            return;
+        };
+        if seg.orphans.len() <= 2 * seg.refs as usize + ORPHANS_SLACK {
+            return;
+        }
+        let here = WLoc {
+            loc: Loc::Segment(n),
+            orphan: true,
+        };
+        let windows = &self.windows;
+        seg.orphans
+            .retain(|&(from, origin)| windows.get(from, origin).is_some_and(|t| t.loc == here));
+        seg.orphans.shrink_to(seg.orphans.len() * 2);
     }
 
     fn segment_path(&self, number: u32) -> PathBuf {
@@ -703,6 +787,7 @@ impl Store for LogStore {
                 self.windows.prune(msg.from, origin.device, |_| {});
             }
         }
+        crate::memory::reserve_one(queue);
         queue.push_back(Entry { msg, loc });
         self.total += 1;
         Ok(())
@@ -719,6 +804,9 @@ impl Store for LogStore {
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
+            crate::memory::shrink_map(&mut self.queues);
+        } else {
+            crate::memory::shrink_deque(queue);
         }
         let bytes = queued_bytes(&entry.msg);
         // A window entry that lived in this message's record outlives it.
@@ -758,11 +846,18 @@ impl Store for LogStore {
                 let seg = self.segments.get_mut(&n).expect("a live message's segment");
                 seg.live -= 1;
                 seg.live_bytes -= bytes;
+                if seg.live == 0 && self.compacting.is_none_or(|c| c.segment != n) {
+                    // Only compaction reads the index, and it has nothing
+                    // left to copy here; a drained active segment would
+                    // otherwise keep 16 bytes per record it ever took.
+                    seg.index = Vec::new();
+                }
                 if let Some(origin) = window {
                     seg.refs += 1;
                     seg.live_bytes += TAKEN_BYTES;
                     seg.orphans.push((from, origin));
                 }
+                self.prune_orphans(n);
                 if self.active_number() != Some(n) {
                     self.maintenance = true;
                 }
@@ -781,10 +876,15 @@ impl Store for LogStore {
     fn next_after(&self, user: u64, after: u64) -> Option<&Stored> {
         let queue = self.queues.get(&user)?;
         let at = queue.partition_point(|e| e.msg.server_id <= after);
-        // Staged pushes are the newest of a queue; they are not durable yet.
+        // Staged pushes, and those written but not synced yet, are the
+        // newest of a queue (ids grow with each push); not durable yet.
         queue
             .get(at)
-            .filter(|e| !matches!(e.loc, Loc::Staged(_)))
+            .filter(|e| match e.loc {
+                Loc::Memory => true,
+                Loc::Staged(_) => false,
+                Loc::Segment(_) => e.msg.server_id <= self.durable_id,
+            })
             .map(|e| &e.msg)
     }
 
@@ -797,28 +897,70 @@ impl Store for LogStore {
     }
 
     fn commit(&mut self, refused: &mut Vec<u64>) -> io::Result<()> {
+        if let Some(job) = self.begin_commit(refused)? {
+            let result = job.run();
+            self.synced(result)?;
+        }
+        Ok(())
+    }
+
+    fn begin_commit(&mut self, refused: &mut Vec<u64>) -> io::Result<Option<SyncJob>> {
+        assert!(
+            self.syncing_upto.is_none(),
+            "a commit began while the last batch's sync was in flight"
+        );
         if self.opts.durability == Durability::Memory {
-            return Ok(());
+            return Ok(None);
         }
         let now = self.clock.now();
         self.check_space(now);
         if self.failed {
-            return Err(io::Error::other(format!(
-                "message log in {} failed earlier; reopen it to replay what is on disk",
-                self.dir.display()
-            )));
+            return Err(self.failed_error());
         }
         if self.staged.is_empty()
             && !self.maintenance
             && self.compacting.is_none()
             && (!self.watermark_due() || self.meta_retry_at.is_some_and(|at| now < at))
         {
-            return Ok(());
+            return Ok(None);
         }
-        self.commit_inner(refused, now).map_err(|e| {
+        if let Err(e) = self.commit_inner(refused, now) {
+            self.failed = true;
+            return Err(io::Error::from(e));
+        }
+        match self.unsynced.take() {
+            Some((file, path)) => {
+                self.syncing_upto = Some(self.server_id_max);
+                Ok(Some(SyncJob { file, path }))
+            }
+            None => {
+                // Nothing written: every push so far is durable, was
+                // cancelled (the skip rule) or was rolled back.
+                self.durable_id = self.server_id_max;
+                Ok(None)
+            }
+        }
+    }
+
+    fn synced(&mut self, result: io::Result<()>) -> io::Result<()> {
+        let upto = self
+            .syncing_upto
+            .take()
+            .expect("synced() without a sync in flight");
+        if let Err(e) = result {
+            self.failed = true;
+            return Err(e);
+        }
+        self.syncs += 1;
+        self.durable_id = upto;
+        self.after_sync().map_err(|e| {
             self.failed = true;
             io::Error::from(e)
-        })
+        })?;
+        if let Some(n) = self.active_number() {
+            self.prune_orphans(n);
+        }
+        Ok(())
     }
 
     fn has_uncommitted(&self) -> bool {
@@ -828,6 +970,24 @@ impl Store for LogStore {
 
     fn max_server_id(&self) -> u64 {
         self.server_id_max
+    }
+
+    fn trim(&mut self, keep_bytes: usize) {
+        if !self.staged.is_empty() {
+            return;
+        }
+        // `buf` still holds the last batch written (the next commit clears
+        // it); with nothing staged, nothing needs it.
+        if self.buf.capacity() > keep_bytes {
+            self.buf = Vec::new();
+        }
+        let keep = keep_bytes / std::mem::size_of::<Staged>();
+        if self.staged.capacity() > keep {
+            self.staged = Vec::new();
+        }
+        if self.moves.is_empty() && self.moves.capacity() > keep {
+            self.moves = Vec::new();
+        }
     }
 
     fn space(&self) -> Space {

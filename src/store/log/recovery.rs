@@ -148,6 +148,7 @@ impl LogStore {
         }
         rec.segments = numbers.len();
         self.account_windows();
+        self.size_after_replay();
         if let (Some(&last), true) = (numbers.last(), self.fsync()) {
             // After a failed fsync (a shard restart), the end of the last
             // segment was read back from the page cache but may not be on
@@ -169,7 +170,7 @@ impl LogStore {
             if self.segments[&last].bytes < self.opts.segment_bytes_max {
                 let path = self.segment_path(last);
                 let file = files::open_append(&path).map_err(io_at(&path, "open segment"))?;
-                self.active = Some((last, file));
+                self.active = Some((last, Arc::new(file)));
             }
         }
 
@@ -259,8 +260,8 @@ impl LogStore {
                 clean.extend_from_slice(&data[from..to]);
             }
             let tmp = self.dir.join(format!("{}.tmp", segment::file_name(n)));
-            let mut file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
-            files::write(&mut file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
+            let file = files::create(&tmp).map_err(io_at(&tmp, "create"))?;
+            files::write(&file, &tmp, &clean).map_err(io_at(&tmp, "write"))?;
             if self.fsync() {
                 files::sync(&file, &tmp, true).map_err(io_at(&tmp, "sync"))?;
                 self.syncs += 1;
@@ -314,6 +315,11 @@ impl LogStore {
                         },
                     };
                     self.windows.insert(from, origin, t);
+                    // Pruned as it goes, or a sender's whole history in the
+                    // log would be held until the end of the replay. The
+                    // result is the same: pruning depends only on the
+                    // highest client_id, which never goes down.
+                    self.windows.prune(from, origin.device, |_| {});
                 }
                 let queue = self.queues.entry(user).or_default();
                 match find(queue, server_id) {
@@ -422,8 +428,29 @@ impl LogStore {
                         },
                     };
                     self.windows.insert(from, origin, t);
+                    self.windows.prune(from, origin.device, |_| {});
                 }
             }
+        }
+    }
+
+    /// After the replay: gives back what replaying grew beyond the queued
+    /// messages. Each queue is cut to its length (a replay inserts every
+    /// record of a user's history, and capacity doubles), the map of
+    /// queues to its entries, and each segment's index to the messages
+    /// still live in it (the replay listed every `Queued` record, delivered
+    /// or not; compaction skips the dead ones anyway).
+    fn size_after_replay(&mut self) {
+        for queue in self.queues.values_mut() {
+            queue.shrink_to_fit();
+        }
+        self.queues.shrink_to_fit();
+        let queues = &self.queues;
+        for (&n, seg) in self.segments.iter_mut() {
+            seg.index.retain(|&(user, server_id)| {
+                lookup(queues, user, server_id).is_some_and(|e| e.loc == Loc::Segment(n))
+            });
+            seg.index.shrink_to_fit();
         }
     }
 

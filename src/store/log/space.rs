@@ -52,14 +52,14 @@ impl LogStore {
             return;
         }
         let path = self.dir.join(RESERVE);
-        let written = files::create(&path).and_then(|mut file| {
+        let written = files::create(&path).and_then(|file| {
             // A pattern, not zeros: a compressing filesystem (ZFS) would
             // keep zeros in no space at all.
             let chunk = [0x5au8; 64 * 1024];
             let mut left = want;
             while left > 0 {
                 let n = left.min(chunk.len() as u64) as usize;
-                files::write(&mut file, &path, &chunk[..n])?;
+                files::write(&file, &path, &chunk[..n])?;
                 left -= n as u64;
             }
             if self.fsync() {

@@ -277,6 +277,64 @@ fn a_rolled_back_push_leaves_its_window_as_it_was() {
     s.check();
 }
 
+/// A drained queue, its segment's index and orphan list, and the batch
+/// buffers give their memory back; a replay holds only what is queued.
+#[test]
+fn drained_structures_give_memory_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("shard-0");
+    const N: u64 = 3000;
+    let o = LogOptions {
+        queue_len_max: N as usize,
+        ..opts(Durability::Fsync)
+    };
+    let (mut s, _) = open(&dir, &o);
+    for id in 1..=N {
+        s.push(1, v2(id << 10, 7, id)).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    let seg = *s.segments.keys().next().unwrap();
+    assert_eq!(s.segments[&seg].index.len(), N as usize);
+    assert!(
+        s.queues[&1].capacity() < N as usize * 5 / 4 + 8,
+        "grown by quarters"
+    );
+    // Drain to 10 messages: the queue gives capacity back as it goes.
+    for id in 1..=N - 10 {
+        s.remove(1, id << 10).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert!(s.queues[&1].capacity() <= 40, "{}", s.queues[&1].capacity());
+    let segment = &s.segments[&seg];
+    assert!(segment.refs <= crate::store::WINDOW);
+    assert!(
+        segment.orphans.len() <= 2 * segment.refs as usize + ORPHANS_SLACK,
+        "stale orphans dropped: {} for {} refs",
+        segment.orphans.len(),
+        segment.refs
+    );
+    // A replay keeps the live messages' index entries only, and queues
+    // cut to their length.
+    drop(s);
+    let (mut s, _) = open(&dir, &o);
+    assert_eq!(s.segments[&seg].index.len(), 10);
+    assert_eq!(s.queues[&1].capacity(), 10);
+    for id in N - 9..=N {
+        s.remove(1, id << 10).unwrap();
+    }
+    assert!(s.queues.is_empty());
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert_eq!(
+        s.segments[&seg].index.capacity(),
+        0,
+        "no live message, no index"
+    );
+    s.trim(1024);
+    assert!(s.buf.capacity() <= 1024 && s.staged.capacity() <= 1024 / 16);
+}
+
 #[test]
 fn push_commit_reopen_keeps_messages_in_order() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1008,7 +1066,7 @@ fn a_failed_commit_fails_every_later_one() {
     s.commit(&mut Vec::new()).unwrap();
     // Swap the active file for a read-only handle: the write fails.
     let path = seg_path(tmp.path(), 1);
-    s.active.as_mut().unwrap().1 = File::open(&path).unwrap();
+    s.active.as_mut().unwrap().1 = File::open(&path).unwrap().into();
     s.push(1, msg(2, 10)).unwrap();
     let e = s.commit(&mut Vec::new()).unwrap_err();
     assert!(e.to_string().contains("append to segment"), "{e}");
