@@ -43,10 +43,7 @@ impl ShardLink {
     pub fn send(&mut self, msg: Msg) {
         if self.overflow.is_empty() {
             match self.to_bridge.push(msg) {
-                Ok(()) => {
-                    self.pushed = true;
-                    return;
-                }
+                Ok(()) => self.pushed = true,
                 Err(rtrb::PushError::Full(msg)) => self.overflow.push_back(msg),
             }
         } else {

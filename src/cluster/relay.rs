@@ -67,8 +67,10 @@ enum Report {
     Consumed {
         partition: u32,
         sequence: u64,
-        message: async_nats::Message,
-        acker: Acker,
+        // Boxed: a NATS message and its acker are far larger than a
+        // publish result.
+        message: Box<async_nats::Message>,
+        acker: Box<Acker>,
     },
 }
 
@@ -82,7 +84,7 @@ pub struct Relay {
     backlog: Vec<VecDeque<Msg>>,
     /// Messages handed to their recipients' shards, not yet DELIVERED, by
     /// stream sequence: acked in JetStream on [`Msg::Done`].
-    pending: HashMap<u64, (u32, Acker)>,
+    pending: HashMap<u64, (u32, Box<Acker>)>,
     consumers: HashMap<u32, JoinHandle<()>>,
     tx: mpsc::UnboundedSender<Report>,
     /// Taken by [`Relay::run`].
@@ -119,11 +121,11 @@ impl Relay {
         let mut tick = tokio::time::interval(RECONCILE);
         while !stop.load(Ordering::Relaxed) {
             tokio::select! {
-                () = notify.notified() => self.from_shards().await,
+                () = notify.notified() => self.take_from_shards().await,
                 Some(report) = rx.recv() => self.on_report(report),
                 _ = tick.tick() => self.reconcile(),
             }
-            self.to_shards();
+            self.flush_to_shards();
         }
         for (_, task) in self.consumers.drain() {
             task.abort();
@@ -135,15 +137,15 @@ impl Relay {
     }
 
     /// Everything the shards sent.
-    async fn from_shards(&mut self) {
+    async fn take_from_shards(&mut self) {
         for i in 0..self.ends.from_shards.len() {
             while let Ok(msg) = self.ends.from_shards[i].pop() {
-                self.from_shard(msg).await;
+                self.take_from_shard(msg).await;
             }
         }
     }
 
-    async fn from_shard(&mut self, msg: Msg) {
+    async fn take_from_shard(&mut self, msg: Msg) {
         match msg {
             Msg::Send {
                 from,
@@ -318,7 +320,7 @@ impl Relay {
 
     /// Pushes the backlog into the shards' rings as far as they have room,
     /// and wakes the shards pushed to.
-    fn to_shards(&mut self) {
+    fn flush_to_shards(&mut self) {
         for dst in 0..self.backlog.len() {
             let mut pushed = false;
             while let Some(msg) = self.backlog[dst].pop_front() {
@@ -402,8 +404,8 @@ async fn consume_once(
         let report = Report::Consumed {
             partition: p,
             sequence,
-            message,
-            acker,
+            message: Box::new(message),
+            acker: Box::new(acker),
         };
         if tx.send(report).is_err() {
             return Ok(());
