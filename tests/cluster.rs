@@ -373,10 +373,19 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
     let Some(nats) = Nats::start() else { return };
     let a = reachable_node(&nats, "a", 16);
     let b = reachable_node(&nats, "b", 16);
+    // Logins before both tables know every owner may answer `unavailable`
+    // or redirect to a node about to let go: wait for the whole table.
     let split = settle(|| {
-        a.info_u64("Cluster_partitions_owned") == 8 && b.info_u64("Cluster_partitions_owned") == 8
+        [&a, &b].iter().all(|n| {
+            n.info_u64("Cluster_partitions_owned") == 8
+                && n.info_u64("Cluster_partitions_unowned") == 0
+                && n.info_u64("Cluster_consumers") == 8
+        })
     });
-    assert!(split, "the nodes never split 16 partitions 8/8");
+    assert!(
+        split,
+        "the nodes never split 16 partitions 8/8 with every owner known"
+    );
     let (x, y) = user_on_each(&a);
     let (mut cx, _) = Client::login_version(a.addr, &token(x), VERSION_2).expect("x at a");
     let (mut cy, _) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y, via a");

@@ -31,6 +31,9 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 pub struct ClusterStats {
     /// Partitions this node holds a lease on now.
     pub partitions_owned: Counter,
+    /// Partitions this node's table showed no owner for at the last lease
+    /// round.
+    pub partitions_unowned: Counter,
     /// Nodes with a live heartbeat in the last listing, this one included.
     pub live_nodes: Counter,
     /// Leases lost since start: a renewal failed on its revision, or NATS
@@ -187,6 +190,7 @@ async fn run(
             }
         }
         stats.partitions_owned.set(leases.owned() as u64);
+        stats.partitions_unowned.set(u64::from(owners.unowned()));
         if nap(every, &stop).await {
             return;
         }

@@ -193,6 +193,11 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             c.partitions_owned.get(),
         ),
         (
+            "Cluster_partitions_unowned",
+            "Partitions with no owner in this node's table at the last lease round.",
+            c.partitions_unowned.get(),
+        ),
+        (
             "Cluster_live_nodes",
             "Nodes with a live heartbeat in the lease bucket, this one included.",
             c.live_nodes.get(),
