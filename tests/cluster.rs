@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
-use common::{expect_receipt, recv_ack, recv_deliver, token, TestServer};
+use common::{expect_receipt, indexed_body, recv_ack, recv_deliver, token, TestServer};
 use tern::cluster::ClusterConfig;
 use tern::proto::{ByeReason, ErrorCode, OwnedFrame, ReceiptKind, VERSION, VERSION_2};
 use tern_client::{Client, ClientError};
@@ -362,6 +362,87 @@ fn user_on_each(a: &TestServer) -> (u64, u64) {
         on_a.expect("a serves someone"),
         on_b.expect("b serves someone"),
     )
+}
+
+/// Waits until `a` and `b` each hold half of `partitions`, with their
+/// consumers running, and neither knows a partition without owner: logins
+/// before that may answer `unavailable` or redirect to a node about to let
+/// go.
+fn settle_halves(a: &TestServer, b: &TestServer, partitions: u64) {
+    let half = partitions / 2;
+    let split = settle(|| {
+        [a, b].iter().all(|n| {
+            n.info_u64("Cluster_partitions_owned") == half
+                && n.info_u64("Cluster_partitions_unowned") == 0
+                && n.info_u64("Cluster_consumers") == half
+        })
+    });
+    assert!(
+        split,
+        "the nodes never split {partitions} partitions evenly with every owner known"
+    );
+}
+
+/// The next `n` RECEIPTs on `client`, as (kind, server id, peer), sorted.
+fn recv_receipts(client: &mut Client, n: usize) -> Vec<(ReceiptKind, u64, u64)> {
+    let mut got: Vec<_> = (0..n)
+        .map(
+            |_| match client.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
+                Ok(OwnedFrame::Receipt {
+                    kind,
+                    server_id,
+                    peer,
+                }) => (kind, server_id, peer),
+                other => panic!("expected RECEIPT, got {other:?}"),
+            },
+        )
+        .collect();
+    got.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+    got
+}
+
+/// N messages from a user of node a to an offline user of node b wait in
+/// JetStream; the user logs in through a (redirect followed) and gets all N
+/// in send order with the server ids its sender was ACKed; its delivery and
+/// read receipts come back to the sender at a.
+#[test]
+fn offline_messages_across_nodes_arrive_in_send_order_with_receipts() {
+    const N: u64 = 20;
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    settle_halves(&a, &b, 16);
+    let (x, y) = user_on_each(&a);
+    let (mut cx, _) = Client::login_version(a.addr, &token(x), VERSION_2).expect("x at a");
+    let ids: Vec<u64> = (1..=N)
+        .map(|i| {
+            cx.send_msg(i, y, &indexed_body(i, 0)).expect("send");
+            recv_ack(&mut cx, i)
+        })
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "server ids increase: {ids:?}"
+    );
+
+    let (mut cy, _) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y via a");
+    assert_eq!(cy.peer_addr().expect("peer"), b.addr, "redirected to b");
+    for (i, &id) in (1..=N).zip(&ids) {
+        let got = recv_deliver(&mut cy);
+        assert_eq!(
+            (got.server_id, got.from, got.body),
+            (id, x, indexed_body(i, 0)),
+            "message {i} in send order"
+        );
+        cy.send_delivered(id).expect("delivered");
+        cy.send_read(id, x).expect("read");
+    }
+    let mut want: Vec<_> = ids
+        .iter()
+        .flat_map(|&id| [(ReceiptKind::Delivered, id, y), (ReceiptKind::Read, id, y)])
+        .collect();
+    want.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+    assert_eq!(recv_receipts(&mut cx, 2 * N as usize), want);
 }
 
 /// A message between users of two nodes, through JetStream: ACK once
