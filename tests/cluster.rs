@@ -106,6 +106,35 @@ fn login_v2_here(addr: SocketAddr, user: u64) -> Result<Client, ClientError> {
     Ok(client)
 }
 
+/// Tries `login` again while it answers `unavailable` (a partition between
+/// owners) or the server closes before answering, as a real client would:
+/// every 100 ms, up to [`SETTLE`].
+fn retry_unavailable<T>(
+    mut login: impl FnMut() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match login() {
+            Err(
+                ClientError::LoginRejected {
+                    code: ErrorCode::Unavailable,
+                    ..
+                }
+                | ClientError::Closed,
+            ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            other => return other,
+        }
+    }
+}
+
+/// A version 2 LOGIN of `user` through `addr`, redirects followed and
+/// `unavailable` retried.
+fn login_v2(addr: SocketAddr, user: u64) -> Client {
+    retry_unavailable(|| Client::login_version(addr, &token(user), VERSION_2))
+        .unwrap_or_else(|e| panic!("user {user} through {addr}: {e}"))
+        .0
+}
+
 /// Polls `cond` every 100 ms until it holds or [`SETTLE`] passes.
 fn settle(mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + SETTLE;
@@ -352,7 +381,7 @@ fn users_of_a_partition_given_up_are_told_moved() {
 fn user_on_each(a: &TestServer) -> (u64, u64) {
     let (mut on_a, mut on_b) = (None, None);
     for user in 1..=64u64 {
-        match login_v2_here(a.addr, user) {
+        match retry_unavailable(|| login_v2_here(a.addr, user)) {
             Ok(_) => on_a = on_a.or(Some(user)),
             Err(ClientError::Redirected { .. }) => on_b = on_b.or(Some(user)),
             Err(e) => panic!("user {user} at a: {e}"),
@@ -413,7 +442,7 @@ fn offline_messages_across_nodes_arrive_in_send_order_with_receipts() {
     let b = reachable_node(&nats, "b", 16);
     settle_halves(&a, &b, 16);
     let (x, y) = user_on_each(&a);
-    let (mut cx, _) = Client::login_version(a.addr, &token(x), VERSION_2).expect("x at a");
+    let mut cx = login_v2(a.addr, x);
     let ids: Vec<u64> = (1..=N)
         .map(|i| {
             cx.send_msg(i, y, &indexed_body(i, 0)).expect("send");
@@ -425,7 +454,7 @@ fn offline_messages_across_nodes_arrive_in_send_order_with_receipts() {
         "server ids increase: {ids:?}"
     );
 
-    let (mut cy, _) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y via a");
+    let mut cy = login_v2(a.addr, y);
     assert_eq!(cy.peer_addr().expect("peer"), b.addr, "redirected to b");
     for (i, &id) in (1..=N).zip(&ids) {
         let got = recv_deliver(&mut cy);
@@ -468,8 +497,8 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
         "the nodes never split 16 partitions 8/8 with every owner known"
     );
     let (x, y) = user_on_each(&a);
-    let (mut cx, _) = Client::login_version(a.addr, &token(x), VERSION_2).expect("x at a");
-    let (mut cy, _) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y, via a");
+    let mut cx = login_v2(a.addr, x);
+    let mut cy = login_v2(a.addr, y);
     assert_eq!(cy.peer_addr().expect("peer"), b.addr);
 
     cx.send_msg(1, y, b"across").expect("send");
@@ -509,7 +538,8 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
     drop(cy);
     cx.send_msg(3, y, b"later").expect("send");
     let later = recv_ack(&mut cx, 3);
-    let (mut cy, info) = Client::login_version(a.addr, &token(y), VERSION_2).expect("y again");
+    let (mut cy, info) =
+        retry_unavailable(|| Client::login_version(a.addr, &token(y), VERSION_2)).expect("y again");
     let got = recv_deliver(&mut cy);
     assert_eq!((got.server_id, &got.body[..]), (later, &b"later"[..]));
     assert!(info.offline_count <= 1);
