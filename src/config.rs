@@ -637,14 +637,31 @@ impl Config {
 
     /// The store options this configuration implies.
     pub fn log_options(&self) -> LogOptions {
+        // A cluster's messages are durable in JetStream, which also bounds
+        // them (docs/CLUSTER.md): the local store only holds them.
+        let clustered = self.cluster.is_some();
         LogOptions {
-            durability: self.durability,
-            queue_len_max: self.queue_len_max,
+            durability: self.store_durability(),
+            queue_len_max: if clustered {
+                usize::MAX
+            } else {
+                self.queue_len_max
+            },
             segment_bytes_max: self.segment_bytes_max,
             disk_bytes_max: self.disk_bytes_max,
             disk_free_bytes_min: self.disk_free_bytes_min,
             compact_dead_ratio: self.compact_dead_ratio,
             repair: self.repair,
+        }
+    }
+
+    /// What the local store does: `durability`, except in a cluster, where
+    /// JetStream is the durable store and the local one runs in memory.
+    pub fn store_durability(&self) -> Durability {
+        if self.cluster.is_some() {
+            Durability::Memory
+        } else {
+            self.durability
         }
     }
 

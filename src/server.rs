@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::claim::claim;
 use crate::clock::Clock;
-use crate::cluster::{Bridge, Owners};
+use crate::cluster::{self, Bridge, Owners, ShardLink};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
@@ -29,6 +29,10 @@ use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
+
+/// What a shard waits for once every shard has reported: its ends of the
+/// ring mesh, every shard's peer info, and (cluster) its bridge link.
+type Start = (Links<Msg>, Vec<PeerInfo>, Option<ShardLink>);
 
 /// A running server.
 pub struct Server {
@@ -119,7 +123,7 @@ impl Server {
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
         for (id, listener) in listeners.into_iter().enumerate() {
-            let (start_tx, start_rx) = mpsc::channel::<Option<(Links<Msg>, Vec<PeerInfo>)>>();
+            let (start_tx, start_rx) = mpsc::channel::<Option<Start>>();
             start_txs.push(start_tx);
             let ready_tx = ready_tx.clone();
             let options = IoOptions {
@@ -157,7 +161,7 @@ impl Server {
                         }
                     };
                     let _ = ready_tx.send((id, Ok((io.wake_handle(), io.peer_info(), io.name()))));
-                    let Ok(Some((links, peers))) = start_rx.recv() else {
+                    let Ok(Some((links, peers, bridge))) = start_rx.recv() else {
                         return; // another shard failed to start
                     };
                     io.set_peers(peers);
@@ -173,6 +177,7 @@ impl Server {
                         fatal,
                         clock: Clock::Real,
                         owners,
+                        bridge,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -216,11 +221,17 @@ impl Server {
 
         // Started before the stats socket so its counters are in the view;
         // nothing of the cluster runs without a `[cluster]` section.
+        let mut shard_links: Vec<Option<ShardLink>> = (0..shards).map(|_| None).collect();
         let bridge = match &config.cluster {
-            Some(cluster) => Some(Bridge::start(
-                cluster.clone(),
-                owners.clone().expect("made with the cluster section"),
-            )?),
+            Some(cluster) => {
+                let (links, ends) = cluster::links(config.ring_slots, wakers.clone());
+                shard_links = links.into_iter().map(Some).collect();
+                Some(Bridge::start(
+                    cluster.clone(),
+                    owners.clone().expect("made with the cluster section"),
+                    ends,
+                )?)
+            }
             None => None,
         };
         let view = Arc::new(StatsView {
@@ -250,8 +261,8 @@ impl Server {
             }
         };
         let links = ring::mesh(config.ring_slots, wakers.clone());
-        for (tx, links) in start_txs.iter().zip(links) {
-            let _ = tx.send(Some((links, peers.clone())));
+        for ((tx, links), bridge) in start_txs.iter().zip(links).zip(shard_links) {
+            let _ = tx.send(Some((links, peers.clone(), bridge)));
         }
         log::info!(
             "tern {} listening on {addr}: {shards} shards, backend {}, stats at {}",

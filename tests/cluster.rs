@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
-use common::{token, TestServer};
+use common::{expect_receipt, indexed_body, recv_ack, recv_deliver, token, TestServer};
 use tern::cluster::ClusterConfig;
-use tern::proto::{ByeReason, ErrorCode, OwnedFrame, VERSION, VERSION_2};
+use tern::proto::{ByeReason, ErrorCode, OwnedFrame, ReceiptKind, VERSION, VERSION_2};
 use tern_client::{Client, ClientError};
 
 /// Upper bound for lease rounds to settle: a release waits a whole lease
@@ -104,6 +104,35 @@ fn login_v2_here(addr: SocketAddr, user: u64) -> Result<Client, ClientError> {
     let mut client = Client::connect(addr).expect("connect");
     client.login_here_version(&token(user), VERSION_2)?;
     Ok(client)
+}
+
+/// Tries `login` again while it answers `unavailable` (a partition between
+/// owners) or the server closes before answering, as a real client would:
+/// every 100 ms, up to [`SETTLE`].
+fn retry_unavailable<T>(
+    mut login: impl FnMut() -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match login() {
+            Err(
+                ClientError::LoginRejected {
+                    code: ErrorCode::Unavailable,
+                    ..
+                }
+                | ClientError::Closed,
+            ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            other => return other,
+        }
+    }
+}
+
+/// A version 2 LOGIN of `user` through `addr`, redirects followed and
+/// `unavailable` retried.
+fn login_v2(addr: SocketAddr, user: u64) -> Client {
+    retry_unavailable(|| Client::login_version(addr, &token(user), VERSION_2))
+        .unwrap_or_else(|e| panic!("user {user} through {addr}: {e}"))
+        .0
 }
 
 /// Polls `cond` every 100 ms until it holds or [`SETTLE`] passes.
@@ -244,8 +273,7 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
 
 /// LOGIN at the wrong node: version 2 gets REDIRECT to the owner's address
 /// (the client library follows it), version 1 gets LOGIN_ERR(other_node)
-/// naming it, and a SEND to a user the other node serves is refused with
-/// other_node, nothing taken.
+/// naming it.
 #[test]
 fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
     let Some(nats) = Nats::start() else { return };
@@ -291,16 +319,6 @@ fn a_login_at_the_wrong_node_is_redirected_to_the_owner() {
         }
         other => panic!("v1 login of user {moved} at a: {other:?}"),
     }
-
-    // Messages between nodes are not built yet: refused, not lost.
-    let (_, sender) = &mut here[0];
-    sender.send_msg(5, moved, b"across").expect("send");
-    match common::ack_or_error(sender, 5) {
-        Err(ErrorCode::OtherNode) => {}
-        other => panic!("SEND across nodes: {other:?}"),
-    }
-    assert_eq!(a.info_u64("Cluster_other_node_sends"), 1);
-    assert_eq!(a.info_u64("Queued") + b.info_u64("Queued"), 0);
 }
 
 /// Fencing of sessions: when a node gives partitions up (here to a node
@@ -356,4 +374,183 @@ fn users_of_a_partition_given_up_are_told_moved() {
         clients.len()
     );
     assert_eq!(a.info_u64("Cluster_moved_closes"), moved as u64);
+}
+
+/// Two nodes and one user served by each (found by where a LOGIN at `a`
+/// ends up).
+fn user_on_each(a: &TestServer) -> (u64, u64) {
+    let (mut on_a, mut on_b) = (None, None);
+    for user in 1..=64u64 {
+        match retry_unavailable(|| login_v2_here(a.addr, user)) {
+            Ok(_) => on_a = on_a.or(Some(user)),
+            Err(ClientError::Redirected { .. }) => on_b = on_b.or(Some(user)),
+            Err(e) => panic!("user {user} at a: {e}"),
+        }
+    }
+    (
+        on_a.expect("a serves someone"),
+        on_b.expect("b serves someone"),
+    )
+}
+
+/// Waits until `a` and `b` each hold half of `partitions`, with their
+/// consumers running, and neither knows a partition without owner: logins
+/// before that may answer `unavailable` or redirect to a node about to let
+/// go.
+fn settle_halves(a: &TestServer, b: &TestServer, partitions: u64) {
+    let half = partitions / 2;
+    let split = settle(|| {
+        [a, b].iter().all(|n| {
+            n.info_u64("Cluster_partitions_owned") == half
+                && n.info_u64("Cluster_partitions_unowned") == 0
+                && n.info_u64("Cluster_consumers") == half
+        })
+    });
+    assert!(
+        split,
+        "the nodes never split {partitions} partitions evenly with every owner known"
+    );
+}
+
+/// The next `n` RECEIPTs on `client`, as (kind, server id, peer), sorted.
+fn recv_receipts(client: &mut Client, n: usize) -> Vec<(ReceiptKind, u64, u64)> {
+    let mut got: Vec<_> = (0..n)
+        .map(
+            |_| match client.recv_until(|f| matches!(f, OwnedFrame::Receipt { .. })) {
+                Ok(OwnedFrame::Receipt {
+                    kind,
+                    server_id,
+                    peer,
+                }) => (kind, server_id, peer),
+                other => panic!("expected RECEIPT, got {other:?}"),
+            },
+        )
+        .collect();
+    got.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+    got
+}
+
+/// N messages from a user of node a to an offline user of node b wait in
+/// JetStream; the user logs in through a (redirect followed) and gets all N
+/// in send order with the server ids its sender was ACKed; its delivery and
+/// read receipts come back to the sender at a.
+#[test]
+fn offline_messages_across_nodes_arrive_in_send_order_with_receipts() {
+    const N: u64 = 20;
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    settle_halves(&a, &b, 16);
+    let (x, y) = user_on_each(&a);
+    let mut cx = login_v2(a.addr, x);
+    let ids: Vec<u64> = (1..=N)
+        .map(|i| {
+            cx.send_msg(i, y, &indexed_body(i, 0)).expect("send");
+            recv_ack(&mut cx, i)
+        })
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "server ids increase: {ids:?}"
+    );
+
+    let mut cy = login_v2(a.addr, y);
+    assert_eq!(cy.peer_addr().expect("peer"), b.addr, "redirected to b");
+    for (i, &id) in (1..=N).zip(&ids) {
+        let got = recv_deliver(&mut cy);
+        assert_eq!(
+            (got.server_id, got.from, got.body),
+            (id, x, indexed_body(i, 0)),
+            "message {i} in send order"
+        );
+        cy.send_delivered(id).expect("delivered");
+        cy.send_read(id, x).expect("read");
+    }
+    let mut want: Vec<_> = ids
+        .iter()
+        .flat_map(|&id| [(ReceiptKind::Delivered, id, y), (ReceiptKind::Read, id, y)])
+        .collect();
+    want.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+    assert_eq!(recv_receipts(&mut cx, 2 * N as usize), want);
+}
+
+/// A message between users of two nodes, through JetStream: ACK once
+/// published, DELIVER at the other node with the same server id, delivery
+/// and read receipts back; a retried version 2 SEND is the same message;
+/// a message for an offline user waits in JetStream for its login.
+#[test]
+fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    // Logins before both tables know every owner may answer `unavailable`
+    // or redirect to a node about to let go: wait for the whole table.
+    let split = settle(|| {
+        [&a, &b].iter().all(|n| {
+            n.info_u64("Cluster_partitions_owned") == 8
+                && n.info_u64("Cluster_partitions_unowned") == 0
+                && n.info_u64("Cluster_consumers") == 8
+        })
+    });
+    assert!(
+        split,
+        "the nodes never split 16 partitions 8/8 with every owner known"
+    );
+    let (x, y) = user_on_each(&a);
+    let mut cx = login_v2(a.addr, x);
+    let mut cy = login_v2(a.addr, y);
+    assert_eq!(cy.peer_addr().expect("peer"), b.addr);
+
+    cx.send_msg(1, y, b"across").expect("send");
+    let id = recv_ack(&mut cx, 1);
+    let got = recv_deliver(&mut cy);
+    assert_eq!(
+        (got.server_id, got.from, &got.body[..]),
+        (id, x, &b"across"[..])
+    );
+    cy.send_delivered(id).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, id, y);
+    cy.send_read(id, x).expect("read");
+    expect_receipt(&mut cx, ReceiptKind::Read, id, y);
+
+    // And back, from b's user to a's.
+    cy.send_msg(1, x, b"back").expect("send");
+    let back = recv_ack(&mut cy, 1);
+    let got = recv_deliver(&mut cx);
+    assert_eq!(
+        (got.server_id, got.from, &got.body[..]),
+        (back, y, &b"back"[..])
+    );
+    cx.send_delivered(back).expect("delivered");
+    expect_receipt(&mut cy, ReceiptKind::Delivered, back, x);
+
+    // A version 2 retry of the same client_id is the same message.
+    cx.send_msg(2, y, b"once").expect("send");
+    let first = recv_ack(&mut cx, 2);
+    cx.send_msg(2, y, b"once").expect("send again");
+    assert_eq!(recv_ack(&mut cx, 2), first);
+    let got = recv_deliver(&mut cy);
+    assert_eq!(got.server_id, first);
+    cy.send_delivered(first).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, first, y);
+
+    // y goes offline; x's message waits in JetStream, not in a's memory.
+    drop(cy);
+    cx.send_msg(3, y, b"later").expect("send");
+    let later = recv_ack(&mut cx, 3);
+    let (mut cy, info) =
+        retry_unavailable(|| Client::login_version(a.addr, &token(y), VERSION_2)).expect("y again");
+    let got = recv_deliver(&mut cy);
+    assert_eq!((got.server_id, &got.body[..]), (later, &b"later"[..]));
+    assert!(info.offline_count <= 1);
+    assert!(
+        cy.recv_timeout(Duration::from_millis(300))
+            .expect("open")
+            .is_none(),
+        "the retried SEND came twice"
+    );
+    cy.send_delivered(later).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, later, y);
+    let published = a.info_u64("Cluster_published") + b.info_u64("Cluster_published");
+    assert_eq!(published, 5, "four SENDs and one retry");
 }

@@ -15,7 +15,9 @@ use futures_util::StreamExt;
 
 use super::config::ClusterConfig;
 use super::lease::{node_key, partition_key, Leases, Listing};
+use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
+use super::relay::{ensure_stream, Relay};
 use crate::stats::Counter;
 
 /// JetStream KV bucket holding the leases and heartbeats.
@@ -29,6 +31,9 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 pub struct ClusterStats {
     /// Partitions this node holds a lease on now.
     pub partitions_owned: Counter,
+    /// Partitions this node's table showed no owner for at the last lease
+    /// round.
+    pub partitions_unowned: Counter,
     /// Nodes with a live heartbeat in the last listing, this one included.
     pub live_nodes: Counter,
     /// Leases lost since start: a renewal failed on its revision, or NATS
@@ -36,6 +41,17 @@ pub struct ClusterStats {
     pub leases_lost: Counter,
     /// 1 while the last lease round reached NATS, else 0.
     pub nats_up: Counter,
+    /// SENDs published to JetStream.
+    pub published: Counter,
+    /// SENDs whose publish failed (refused with `unavailable`).
+    pub publish_failures: Counter,
+    /// Receipts whose publish failed (the sender never gets them).
+    pub receipts_lost: Counter,
+    /// Messages handed to their recipients here, not yet DELIVERED (their
+    /// JetStream acks wait).
+    pub pending_acks: Counter,
+    /// Partition consumers running (one per partition held).
+    pub consumers: Counter,
 }
 
 /// The running bridge thread.
@@ -50,8 +66,13 @@ impl Bridge {
     /// Starts the bridge thread for `config` (already validated). It
     /// connects in the background and retries while NATS is unreachable, so
     /// a NATS outage at start does not keep the node from serving.
-    /// `owners` is the table it keeps current for the shards.
-    pub fn start(config: ClusterConfig, owners: Arc<Owners>) -> std::io::Result<Bridge> {
+    /// `owners` is the table it keeps current for the shards; `ends` its
+    /// rings to and from them.
+    pub fn start(
+        config: ClusterConfig,
+        owners: Arc<Owners>,
+        ends: BridgeEnds,
+    ) -> std::io::Result<Bridge> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ClusterStats::default());
         let thread = {
@@ -69,7 +90,7 @@ impl Bridge {
                             return;
                         }
                     };
-                    runtime.block_on(run(config, owners, &stop, &stats));
+                    runtime.block_on(run(config, owners, ends, stop, stats));
                 })?
         };
         Ok(Bridge {
@@ -104,7 +125,15 @@ async fn nap(total: Duration, stop: &AtomicBool) -> bool {
     stop.load(Ordering::Relaxed)
 }
 
-async fn run(config: ClusterConfig, owners: Arc<Owners>, stop: &AtomicBool, stats: &ClusterStats) {
+async fn run(
+    config: ClusterConfig,
+    owners: Arc<Owners>,
+    ends: BridgeEnds,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ClusterStats>,
+) {
+    let stats_arc = stats;
+    let stats = &*stats_arc;
     let lease = Duration::from_secs(config.lease_s.into());
     // A third of the lease: two renewals may fail before the lease ends.
     let every = lease / 3;
@@ -121,6 +150,8 @@ async fn run(config: ClusterConfig, owners: Arc<Owners>, stop: &AtomicBool, stat
         }
     };
     let js = jetstream::new(client);
+    let relay = Relay::new(ends, js.clone(), owners.clone(), stats_arc.clone());
+    tokio::spawn(relay.run(stop.clone()));
     let start = node_start(&config.node_id, config.partitions);
     let mut leases = Leases::new(config.partitions, start);
     let mut last_ok = Instant::now();
@@ -128,6 +159,7 @@ async fn run(config: ClusterConfig, owners: Arc<Owners>, stop: &AtomicBool, stat
     loop {
         let round = async {
             if store.is_none() {
+                ensure_stream(&js).await?;
                 let kv = bucket(&js, lease).await?;
                 tokio::spawn(watch(kv.clone(), owners.clone(), config.node_id.clone()));
                 store = Some(kv);
@@ -158,7 +190,8 @@ async fn run(config: ClusterConfig, owners: Arc<Owners>, stop: &AtomicBool, stat
             }
         }
         stats.partitions_owned.set(leases.owned() as u64);
-        if nap(every, stop).await {
+        stats.partitions_unowned.set(u64::from(owners.unowned()));
+        if nap(every, &stop).await {
             return;
         }
     }

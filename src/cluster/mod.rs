@@ -6,10 +6,14 @@
 pub mod bridge;
 pub mod config;
 pub mod lease;
+pub mod link;
 pub mod owners;
 pub mod partition;
+pub mod relay;
+pub mod wire;
 
 pub use bridge::{Bridge, ClusterStats};
 pub use config::ClusterConfig;
+pub use link::{links, BridgeEnds, ShardLink};
 pub use owners::{Owner, Owners};
 pub use partition::partition_of;

@@ -95,6 +95,14 @@ impl Owners {
         }
     }
 
+    /// How many partitions this node knows no owner of (free leases, or
+    /// being taken over).
+    pub fn unowned(&self) -> u32 {
+        (0..self.partitions)
+            .filter(|&p| self.of(p) == Owner::Nobody)
+            .count() as u32
+    }
+
     /// How many times this node lost partitions so far; shards compare it
     /// with the value they last acted on.
     pub fn losses(&self) -> u64 {

@@ -40,27 +40,18 @@ impl Sessions {
             );
             return Flow::Next;
         }
-        match env.owner(to) {
-            Owner::Here => {}
-            Owner::Elsewhere { node, addr } => {
-                self.stats.other_node_sends.inc();
-                let text = format!(
-                    "user {to} is served by node {node} at {addr}; \
-                     messages between nodes are not built yet"
-                );
-                self.refuse_send(conn, client_id, ErrorCode::OtherNode, &text);
-                return Flow::Next;
-            }
-            Owner::Nobody => {
-                self.stats.unavailable.inc();
-                self.refuse_send(
-                    conn,
-                    client_id,
-                    ErrorCode::Unavailable,
-                    "no node serves the recipient right now, retry later",
-                );
-                return Flow::Next;
-            }
+        if env.owner(to) == Owner::Nobody {
+            self.stats.unavailable.inc();
+            self.refuse_send(
+                conn,
+                client_id,
+                ErrorCode::Unavailable,
+                "no node serves the recipient right now, retry later",
+            );
+            return Flow::Next;
+        }
+        if self.config.cluster.is_some() {
+            return self.publish(now, env, conn, client_id, to, body);
         }
         let dst = home_shard(to, self.shards);
         if !env.up(dst) {
@@ -101,6 +92,43 @@ impl Sessions {
         Flow::Next
     }
 
+    /// Cluster: every SEND goes to JetStream through the bridge, whoever
+    /// serves the recipient (docs/CLUSTER.md, "Cross-node messages"); the
+    /// ACK comes back from the bridge once the publish is acknowledged.
+    fn publish(
+        &mut self,
+        now: Now,
+        env: &dyn Env,
+        conn: ConnId,
+        client_id: u64,
+        to: u64,
+        body: &[u8],
+    ) -> Flow {
+        if !env.bridge_has_room() {
+            return Flow::Blocked;
+        }
+        let s = &self.slots[conn.index()];
+        let origin = (s.version >= proto::VERSION_2).then_some(Origin {
+            device: 0,
+            client_id,
+        });
+        self.stats.msgs_in.inc();
+        self.actions.push(Action::Cluster(Msg::Send {
+            from: s.user,
+            reply: ConnRef {
+                shard: self.id as u16,
+                conn,
+                gen: s.gen,
+            },
+            client_id,
+            origin,
+            to,
+            body: body.into(),
+            sent_ns: now.mono_ns,
+        }));
+        Flow::Next
+    }
+
     /// ERROR(`code`) for the SEND `client_id` on `conn`; the connection stays.
     fn refuse_send(&mut self, conn: ConnId, client_id: u64, code: ErrorCode, text: &str) {
         self.write(
@@ -114,8 +142,12 @@ impl Sessions {
     }
 
     /// Whether a SEND to `to` must wait: its home is another shard, which is
-    /// up, and the ring and outbox towards it are full.
+    /// up, and the ring and outbox towards it are full (in a cluster: the
+    /// ring to the bridge is).
     pub(super) fn send_blocks(&self, env: &dyn Env, to: u64) -> bool {
+        if self.config.cluster.is_some() {
+            return !env.bridge_has_room();
+        }
         let dst = home_shard(to, self.shards);
         dst != self.id && env.up(dst) && !env.has_room(dst)
     }
@@ -181,6 +213,11 @@ impl Sessions {
                     .inflight_bytes
                     .saturating_sub(proto::encoded_len(&frame) as u32);
             }
+        }
+        if self.config.cluster.is_some() {
+            // JetStream may delete it now.
+            self.actions
+                .push(Action::Cluster(Msg::Done { user, server_id }));
         }
         // The receipt waits for the commit that holds the tombstone.
         self.replies.push((
@@ -268,7 +305,10 @@ impl Sessions {
     /// left as an [`Action::Route`].
     pub(super) fn route(&mut self, now: Now, env: &dyn Env, dst: usize, msg: Msg) {
         debug_assert!(!matches!(msg, Msg::Handoff { .. }));
-        if dst == self.id {
+        if self.config.cluster.is_some() && matches!(msg, Msg::Receipt { .. }) {
+            // To the sender's node, through JetStream.
+            self.actions.push(Action::Cluster(msg));
+        } else if dst == self.id {
             self.on_msg(now, msg);
         } else if env.up(dst) || matches!(msg, Msg::Send { .. }) {
             // SENDs to a shard that is not up are refused before they get
@@ -285,6 +325,8 @@ impl Sessions {
             Msg::Handoff { .. } => {
                 panic!("a handoff is the shard's to attach, not a session event")
             }
+            Msg::Done { .. } => panic!("DELIVERED acks go to the bridge, not to shards"),
+            Msg::Incoming { to, msg } => self.incoming(to, msg),
             Msg::Send {
                 from,
                 reply,
@@ -416,6 +458,29 @@ impl Sessions {
                     }
                 }
             }
+        }
+    }
+
+    /// Cluster: a message from JetStream for `to`. Stream order is id
+    /// order, so one already held (the bridge's consumer started over after
+    /// a takeover or reconnect) is a copy: dropped, not stored twice.
+    fn incoming(&mut self, to: u64, msg: Stored) {
+        let server_id = msg.server_id;
+        let held = self
+            .store
+            .next_after(to, server_id.saturating_sub(1))
+            .is_some_and(|m| m.server_id >= server_id);
+        if held {
+            return;
+        }
+        match self.store.push(to, msg) {
+            Ok(()) => self.fresh.push(to),
+            // A cluster's store has no length or disk limit: JetStream holds
+            // the message, and it comes back when the consumer starts over.
+            Err(e) => log::error!(
+                "shard {}: message {server_id} for {to} not held: {e:?}",
+                self.id
+            ),
         }
     }
 

@@ -32,6 +32,9 @@ pub trait Env {
     /// Which node serves `user`: always [`Owner::Here`] on a standalone
     /// server; in a cluster, the owner of the user's partition.
     fn owner(&self, user: u64) -> Owner<'_>;
+    /// Cluster: whether the ring to the bridge takes a SEND now (when not,
+    /// the sender is not read until it does). Standalone: unused.
+    fn bridge_has_room(&self) -> bool;
 }
 
 /// An [`Env`] where every shard is up, every outbox has room and output
@@ -51,6 +54,9 @@ impl Env for OpenEnv {
     }
     fn owner(&self, _user: u64) -> Owner<'_> {
         Owner::Here
+    }
+    fn bridge_has_room(&self) -> bool {
+        true
     }
 }
 
@@ -153,6 +159,9 @@ pub enum Action {
         /// The message.
         msg: Msg,
     },
+    /// Cluster: hand `msg` to the bridge (a SEND to publish, a receipt for
+    /// a sender, or [`Msg::Done`]).
+    Cluster(Msg),
     /// `conn`'s LOGIN proved `user`, whose home is shard `home`: move the
     /// socket there with the input after the LOGIN frame. Its session slot
     /// is already free.

@@ -42,6 +42,9 @@ impl Env for TestEnv {
             .as_ref()
             .map_or(Owner::Here, |o| o.of_user(user))
     }
+    fn bridge_has_room(&self) -> bool {
+        self.room.get()
+    }
 }
 
 /// One step's outcome, owned: frames decoded, other actions kept.

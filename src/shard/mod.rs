@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
-use crate::cluster::{Owner, Owners};
+use crate::cluster::{Owner, Owners, ShardLink};
 
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Io};
@@ -70,7 +70,7 @@ pub fn open_store(
         config.log_options(),
         clock,
     )?;
-    if config.durability != Durability::Memory {
+    if config.store_durability() != Durability::Memory {
         log::info!("shard {shard}: store recovered: {recovery}");
         // The replay read whole segments and freed them again.
         crate::memory::release(true);
@@ -113,6 +113,8 @@ pub struct ShardParts {
     /// Cluster: who owns which partition (kept by the bridge); `None` on a
     /// standalone server, which serves every user.
     pub owners: Option<Arc<Owners>>,
+    /// Cluster: this shard's rings to and from the bridge.
+    pub bridge: Option<ShardLink>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -160,6 +162,7 @@ pub struct Shard {
     owners: Option<Arc<Owners>>,
     /// [`Owners::losses`] as last acted on.
     owner_losses: u64,
+    bridge: Option<ShardLink>,
     /// When the shard last gave freed memory back (`memory_release_ms`).
     memory_released: Instant,
 }
@@ -171,6 +174,7 @@ struct View<'a> {
     conns: &'a Conns,
     ring_slots: usize,
     owners: Option<&'a Owners>,
+    bridge: Option<&'a ShardLink>,
 }
 
 impl Env for View<'_> {
@@ -185,6 +189,9 @@ impl Env for View<'_> {
     }
     fn owner(&self, user: u64) -> Owner<'_> {
         self.owners.map_or(Owner::Here, |o| o.of_user(user))
+    }
+    fn bridge_has_room(&self) -> bool {
+        self.bridge.is_none_or(ShardLink::has_room)
     }
 }
 
@@ -203,6 +210,7 @@ impl Shard {
             fatal,
             clock,
             owners,
+            bridge,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -240,6 +248,7 @@ impl Shard {
             loop_timer: LoopTimer::new(clock.now()),
             owner_losses: owners.as_ref().map_or(0, |o| o.losses()),
             owners,
+            bridge,
             memory_released: clock.now(),
             clock,
             config,
@@ -316,7 +325,7 @@ impl Shard {
     /// Reopens the store (replaying its log) after a crash.
     fn reopen(&mut self) -> Result<(), StoreError> {
         // An in-memory store has nothing to replay: keep it as it is.
-        if self.config.durability != Durability::Memory {
+        if self.config.store_durability() != Durability::Memory {
             let store = open_store(&self.config, self.id, self.clock.clone())?;
             self.sessions.replace_store(store);
         }
@@ -345,7 +354,7 @@ impl Shard {
         // Answers that waited for a commit that never came go anyway (see
         // `Sessions::reset`). An in-memory store is kept below, pushes and
         // all, so its answers stand.
-        let kept = self.config.durability == Durability::Memory;
+        let kept = self.config.store_durability() == Durability::Memory;
         self.tick();
         let env = View {
             peers: &self.peers,
@@ -353,6 +362,7 @@ impl Shard {
             conns: &self.conns,
             ring_slots: self.config.ring_slots,
             owners: self.owners.as_deref(),
+            bridge: self.bridge.as_ref(),
         };
         self.sessions.reset(self.now, &env, kept);
         self.execute(&[]);
@@ -461,6 +471,9 @@ impl Shard {
         }
         self.commit();
         self.outboxes.flush(&mut self.links, &self.stats);
+        if let Some(bridge) = &mut self.bridge {
+            bridge.flush();
+        }
         self.flush_output();
 
         self.stats.loop_iterations.inc();
@@ -509,6 +522,7 @@ impl Shard {
             conns: &self.conns,
             ring_slots: self.config.ring_slots,
             owners: self.owners.as_deref(),
+            bridge: self.bridge.as_ref(),
         };
         let flow = self.sessions.on_event(self.now, &env, event);
         self.execute(rest);
@@ -524,6 +538,11 @@ impl Shard {
             match action {
                 Action::Write { conn, bytes } => self.write_bytes(conn, &wire[bytes]),
                 Action::Route { dst, msg } => self.outboxes.push(dst, msg),
+                Action::Cluster(msg) => self
+                    .bridge
+                    .as_mut()
+                    .expect("only a clustered session asks for the bridge")
+                    .send(msg),
                 Action::Handoff {
                     conn,
                     user,
@@ -711,6 +730,14 @@ impl Shard {
                     Some(msg) => self.on_msg(msg),
                     None => break,
                 }
+            }
+        }
+        for _ in 0..self.config.ring_slots {
+            match self.bridge.as_mut().and_then(ShardLink::pop) {
+                Some(msg) => {
+                    self.event(Event::Msg(msg));
+                }
+                None => break,
             }
         }
     }

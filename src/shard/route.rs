@@ -10,7 +10,7 @@ use crate::io::{ConnId, Detached};
 use crate::proto::{ErrorCode, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::ShardStats;
-use crate::store::Origin;
+use crate::store::{Origin, Stored};
 use crate::supervisor::ShardState;
 use crate::tls::TlsConn;
 
@@ -107,6 +107,23 @@ pub enum Msg {
         server_id: u64,
         /// Who received or read it.
         peer: u64,
+    },
+    /// Cluster, bridge to shard: a message consumed from JetStream for
+    /// `to`, homed on the receiving shard; its server id is its stream
+    /// sequence. Already durable: no answer goes back.
+    Incoming {
+        /// Recipient.
+        to: u64,
+        /// The message.
+        msg: Stored,
+    },
+    /// Cluster, shard to bridge: `user`'s device acknowledged `server_id`,
+    /// so JetStream may delete it.
+    Done {
+        /// The recipient.
+        user: u64,
+        /// The message.
+        server_id: u64,
     },
 }
 

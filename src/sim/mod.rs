@@ -494,6 +494,7 @@ impl World {
                 fatal: fatal.clone(),
                 clock: clock.clone(),
                 owners: None,
+                bridge: None,
             }));
         }
         disk::set_faults(true);

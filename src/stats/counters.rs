@@ -194,8 +194,6 @@ shard_stats! {
         Counter ring_full,
         /// Cluster: logins answered with REDIRECT (or LOGIN_ERR other_node to a v1 client) because another node serves the user.
         Counter redirects,
-        /// Cluster: SENDs refused with other_node because another node serves the recipient.
-        Counter other_node_sends,
         /// Cluster: sessions closed with BYE(moved) because this node lost the user's partition.
         Counter moved_closes,
         /// Logged-in connections moved here from the shard that accepted them.

@@ -169,9 +169,8 @@ fn render_info(view: &StatsView, process: Process) -> String {
     }
     if view.cluster.is_some() {
         // Summed over shards; per shard they are `tern_redirects_total` etc.
-        let sessions: [(&str, Getter); 3] = [
+        let sessions: [(&str, Getter); 2] = [
             ("Cluster_redirects", |s| &s.redirects),
-            ("Cluster_other_node_sends", |s| &s.other_node_sends),
             ("Cluster_moved_closes", |s| &s.moved_closes),
         ];
         for (key, get) in sessions {
@@ -194,6 +193,11 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             c.partitions_owned.get(),
         ),
         (
+            "Cluster_partitions_unowned",
+            "Partitions with no owner in this node's table at the last lease round.",
+            c.partitions_unowned.get(),
+        ),
+        (
             "Cluster_live_nodes",
             "Nodes with a live heartbeat in the lease bucket, this one included.",
             c.live_nodes.get(),
@@ -207,6 +211,31 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             "Cluster_nats_up",
             "1 while the last lease round reached NATS, else 0.",
             c.nats_up.get(),
+        ),
+        (
+            "Cluster_published",
+            "SENDs published to JetStream since start.",
+            c.published.get(),
+        ),
+        (
+            "Cluster_publish_failures",
+            "SENDs whose JetStream publish failed (refused with unavailable).",
+            c.publish_failures.get(),
+        ),
+        (
+            "Cluster_receipts_lost",
+            "Receipts whose JetStream publish failed.",
+            c.receipts_lost.get(),
+        ),
+        (
+            "Cluster_pending_acks",
+            "Messages handed to recipients on this node and not yet DELIVERED (JetStream ack waiting).",
+            c.pending_acks.get(),
+        ),
+        (
+            "Cluster_consumers",
+            "JetStream consumers running, one per partition held.",
+            c.consumers.get(),
         ),
     ]
 }

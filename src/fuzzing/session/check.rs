@@ -231,6 +231,7 @@ impl Sim {
                 .unwrap_or_else(|| panic!("action on slot {} of shard {s}, not open", conn.0))
         };
         match action {
+            Action::Cluster(_) => panic!("a standalone session asked for the cluster bridge"),
             // The shard counts a failed login against the address; the
             // model has no addresses.
             Action::LoginFailed(conn) => {

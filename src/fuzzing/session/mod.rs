@@ -343,6 +343,9 @@ impl Env for SimEnv {
         // Standalone: the cluster's owner answers have their own tests.
         crate::cluster::Owner::Here
     }
+    fn bridge_has_room(&self) -> bool {
+        true
+    }
 }
 
 /// What the simulation learns from a frame before the session handles it.

@@ -1,14 +1,26 @@
-//! The session layer in a cluster: REDIRECT at LOGIN, SEND refused for a
-//! recipient another node serves, BYE(moved) once a partition is lost.
+//! The session layer in a cluster: REDIRECT at LOGIN, every SEND handed to
+//! the bridge, messages from JetStream held and delivered, DELIVERED acked
+//! to the bridge, BYE(moved) once a partition is lost.
 
 use super::*;
-use crate::cluster::{partition_of, Owners};
+use crate::cluster::{partition_of, ClusterConfig, Owners};
+use crate::store::Stored;
 
 /// Two partitions: 0 here, 1 on node "b" at `B_ADDR`.
 const B_ADDR: &str = "10.0.0.2:7333";
 
 fn clustered() -> Harness {
-    let mut h = Harness::one();
+    let config = Config {
+        cluster: Some(ClusterConfig {
+            node_id: "a".into(),
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            public_addr: "10.0.0.1:7333".into(),
+            partitions: 2,
+            lease_s: 10,
+        }),
+        ..Config::default()
+    };
+    let mut h = Harness::new(config, 0, 1);
     let owners = Owners::new(2);
     owners.set_here(0);
     let b = owners.node_index("b", B_ADDR).unwrap();
@@ -92,26 +104,99 @@ fn a_login_for_this_nodes_user_is_served() {
     assert_eq!(h.s.user_of(A), Some(user));
 }
 
+/// What the session asked the bridge to do in `out`.
+fn to_bridge(out: &Out) -> Vec<&Msg> {
+    out.others
+        .iter()
+        .filter_map(|a| match a {
+            Action::Cluster(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn a_send_to_another_nodes_user_is_refused_and_nothing_is_stored() {
+fn every_send_goes_to_the_bridge_whoever_serves_the_recipient() {
+    let mut h = clustered();
+    let from = user_in(0);
+    login_frame(&mut h, A, from, proto::VERSION_2);
+    for (client_id, to) in [(9, user_in(1)), (10, user_in(0))] {
+        let out = h.send(0, client_id, to, b"hi");
+        assert!(
+            out.to(A).is_empty(),
+            "no answer before the publish: {out:?}"
+        );
+        match to_bridge(&out)[..] {
+            [Msg::Send {
+                from: f,
+                client_id: c,
+                to: t,
+                origin: Some(o),
+                body,
+                ..
+            }] => {
+                assert_eq!((*f, *c, *t, o.client_id), (from, client_id, to, client_id));
+                assert_eq!(&body[..], b"hi");
+            }
+            ref other => panic!("{other:?}"),
+        }
+        assert_eq!(h.s.store().len(to), 0, "JetStream holds it, not this shard");
+    }
+}
+
+#[test]
+fn a_send_waits_while_the_bridge_ring_is_full() {
     let mut h = clustered();
     login_frame(&mut h, A, user_in(0), proto::VERSION_2);
-    let to = user_in(1);
-    let out = h.send(0, 9, to, b"hi");
-    match out.to(A)[..] {
-        [OwnedFrame::Error {
-            code,
-            client_id,
-            text,
-        }] => {
-            assert_eq!((*code, *client_id), (ErrorCode::OtherNode, 9));
-            assert!(text.contains(B_ADDR), "{text}");
-        }
-        ref other => panic!("{other:?}"),
-    }
-    assert!(!out.closes_after_flush(A));
+    h.env.room.set(false);
+    let out = h.send(0, 1, user_in(1), b"hi");
+    assert_eq!(out.flow, Some(Flow::Blocked));
+    assert!(to_bridge(&out).is_empty());
+}
+
+#[test]
+fn a_message_from_jetstream_is_delivered_once_and_acked_to_the_bridge_on_delivered() {
+    let mut h = clustered();
+    let (to, from) = (user_in(0), user_in(1));
+    login_frame(&mut h, A, to, proto::VERSION_2);
+    let incoming = |server_id| {
+        Event::Msg(Msg::Incoming {
+            to,
+            msg: Stored {
+                server_id,
+                from,
+                time_ms: T0_MS,
+                origin: Some(crate::store::Origin {
+                    device: 0,
+                    client_id: 4,
+                }),
+                body: b"yo".to_vec().into(),
+            },
+        })
+    };
+    h.step(incoming(77));
+    let out = h.commit(&[]);
+    assert_eq!(deliver_ids(&out.to(A)), vec![77]);
+    // The consumer started over: the copy is dropped.
+    h.step(incoming(77));
+    assert!(h.commit(&[]).to(A).is_empty());
+    assert_eq!(h.s.store().len(to), 1);
+
+    let out = h.frame(A, Frame::Delivered { server_id: 77 });
+    assert!(
+        matches!(to_bridge(&out)[..], [Msg::Done { user, server_id: 77 }] if *user == to),
+        "{out:?}"
+    );
     assert_eq!(h.s.store().len(to), 0);
-    assert_eq!(h.s.stats.other_node_sends.get(), 1);
+    // The delivery receipt goes to the sender's node through JetStream.
+    let out = h.commit(&[]);
+    assert!(
+        matches!(
+            to_bridge(&out)[..],
+            [Msg::Receipt { user, kind: ReceiptKind::Delivered, server_id: 77, peer }] if *user == from && *peer == to
+        ),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -1,0 +1,421 @@
+//! Messages between the shards and JetStream (docs/CLUSTER.md, "Cross-node
+//! messages"): one task on the bridge's runtime owns the bridge's ring ends.
+//! It publishes what shards send (SENDs, receipts) and answers each SEND
+//! with the publish's ACK; it runs one consumer per partition this node
+//! owns, hands what they bring to the home shards, and acks a message in
+//! JetStream once its recipient's device acknowledged it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer, message::Acker, stream};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::bridge::ClusterStats;
+use super::link::BridgeEnds;
+use super::owners::{Owner, Owners};
+use super::partition::partition_of;
+use super::wire::Record;
+use crate::proto::ErrorCode;
+use crate::shard::{home_shard, ConnRef, Msg};
+use crate::store::{Origin, Stored};
+
+/// The stream holding every message and receipt of a cluster.
+pub const STREAM: &str = "TERN";
+
+/// How often ownership is compared with the running consumers, and full
+/// rings towards shards are retried.
+const RECONCILE: Duration = Duration::from_millis(100);
+
+/// A consumer waits this long for an ack before JetStream redelivers: far
+/// longer than anything, because redelivery comes from recreating the
+/// consumer (on claim), never from a timeout.
+const ACK_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The `TERN` stream, created if missing: every subject `tern.>`, kept
+/// until acked (work-queue retention), on disk.
+pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Error> {
+    let config = stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["tern.>".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(config).await {
+        log::debug!("cluster relay: stream {STREAM} not created ({e}), opening it");
+        js.get_stream(STREAM).await?;
+    }
+    Ok(())
+}
+
+/// What the relay's helper tasks report.
+enum Report {
+    /// A SEND's publish was acknowledged (`Ok(sequence)`) or failed.
+    Published {
+        reply: ConnRef,
+        client_id: u64,
+        time_ms: u64,
+        sent_ns: u64,
+        result: Result<u64, String>,
+    },
+    /// A partition's consumer brought a record.
+    Consumed {
+        partition: u32,
+        sequence: u64,
+        // Boxed: a NATS message and its acker are far larger than a
+        // publish result.
+        message: Box<async_nats::Message>,
+        acker: Box<Acker>,
+    },
+}
+
+/// The relay task's state.
+pub struct Relay {
+    ends: BridgeEnds,
+    js: jetstream::Context,
+    owners: Arc<Owners>,
+    stats: Arc<ClusterStats>,
+    /// Messages for shards whose ring was full, in order.
+    backlog: Vec<VecDeque<Msg>>,
+    /// Messages handed to their recipients' shards, not yet DELIVERED, by
+    /// stream sequence: acked in JetStream on [`Msg::Done`].
+    pending: HashMap<u64, (u32, Box<Acker>)>,
+    consumers: HashMap<u32, JoinHandle<()>>,
+    tx: mpsc::UnboundedSender<Report>,
+    /// Taken by [`Relay::run`].
+    rx: Option<mpsc::UnboundedReceiver<Report>>,
+}
+
+impl Relay {
+    /// A relay over `ends`, publishing with `js`, consuming the partitions
+    /// `owners` says are here.
+    pub fn new(
+        ends: BridgeEnds,
+        js: jetstream::Context,
+        owners: Arc<Owners>,
+        stats: Arc<ClusterStats>,
+    ) -> Relay {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Relay {
+            backlog: ends.to_shards.iter().map(|_| VecDeque::new()).collect(),
+            ends,
+            js,
+            owners,
+            stats,
+            pending: HashMap::new(),
+            consumers: HashMap::new(),
+            tx,
+            rx: Some(rx),
+        }
+    }
+
+    /// Runs until `stop` is raised.
+    pub async fn run(mut self, stop: Arc<AtomicBool>) {
+        let notify = self.ends.notify.clone();
+        let mut rx = self.rx.take().expect("run once");
+        let mut tick = tokio::time::interval(RECONCILE);
+        while !stop.load(Ordering::Relaxed) {
+            tokio::select! {
+                () = notify.notified() => self.take_from_shards().await,
+                Some(report) = rx.recv() => self.on_report(report),
+                _ = tick.tick() => self.reconcile(),
+            }
+            self.flush_to_shards();
+        }
+        for (_, task) in self.consumers.drain() {
+            task.abort();
+        }
+    }
+
+    fn shards(&self) -> usize {
+        self.ends.to_shards.len()
+    }
+
+    /// Everything the shards sent.
+    async fn take_from_shards(&mut self) {
+        for i in 0..self.ends.from_shards.len() {
+            while let Ok(msg) = self.ends.from_shards[i].pop() {
+                self.take_from_shard(msg).await;
+            }
+        }
+    }
+
+    async fn take_from_shard(&mut self, msg: Msg) {
+        match msg {
+            Msg::Send {
+                from,
+                reply,
+                client_id,
+                origin,
+                to,
+                body,
+                sent_ns,
+            } => {
+                let time_ms = unix_ms();
+                let record = Record::Message {
+                    to,
+                    from,
+                    time_ms,
+                    client_id: origin.map_or(0, |o| o.client_id),
+                    body,
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(o) = origin {
+                    // JetStream drops a retry inside its duplicate window
+                    // and answers with the first copy's sequence.
+                    let id = format!("{from}:{}:{}", o.device, o.client_id);
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                }
+                let subject = format!("tern.p.{}", partition_of(to, self.owners.partitions()));
+                let published = self
+                    .js
+                    .publish_with_headers(subject, headers, record.encode().into())
+                    .await;
+                let tx = self.tx.clone();
+                self.stats.published.inc();
+                tokio::spawn(async move {
+                    let result = match published {
+                        Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = tx.send(Report::Published {
+                        reply,
+                        client_id,
+                        time_ms,
+                        sent_ns,
+                        result,
+                    });
+                });
+            }
+            Msg::Receipt {
+                user,
+                kind,
+                server_id,
+                peer,
+            } => {
+                let record = Record::Receipt {
+                    user,
+                    kind,
+                    server_id,
+                    peer,
+                };
+                let subject = format!("tern.r.{}", partition_of(user, self.owners.partitions()));
+                let published = self.js.publish(subject, record.encode().into()).await;
+                let stats = self.stats.clone();
+                tokio::spawn(async move {
+                    let acked = match published {
+                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = acked {
+                        stats.receipts_lost.inc();
+                        log::warn!("cluster relay: receipt for {user} not published: {e}");
+                    }
+                });
+            }
+            Msg::Done { server_id, .. } => {
+                if let Some((_, acker)) = self.pending.remove(&server_id) {
+                    self.stats.pending_acks.set(self.pending.len() as u64);
+                    tokio::spawn(async move {
+                        if let Err(e) = acker.ack().await {
+                            // It stays in JetStream: delivered once more
+                            // after a takeover, with the same id.
+                            log::warn!("cluster relay: ack of {server_id} failed: {e}");
+                        }
+                    });
+                }
+            }
+            other => log::error!("cluster relay: shards never send {other:?}"),
+        }
+    }
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Published {
+                reply,
+                client_id,
+                time_ms,
+                sent_ns,
+                result,
+            } => {
+                let answer = match result {
+                    Ok(sequence) => Msg::Ack {
+                        reply,
+                        client_id,
+                        server_id: sequence,
+                        time_ms,
+                        sent_ns,
+                    },
+                    Err(e) => {
+                        self.stats.publish_failures.inc();
+                        log::warn!("cluster relay: publish failed: {e}");
+                        Msg::Reject {
+                            reply,
+                            client_id,
+                            code: ErrorCode::Unavailable,
+                        }
+                    }
+                };
+                self.backlog[reply.shard as usize].push_back(answer);
+            }
+            Report::Consumed {
+                partition,
+                sequence,
+                message,
+                acker,
+            } => match Record::decode(&message.payload) {
+                Some(Record::Message {
+                    to,
+                    from,
+                    time_ms,
+                    client_id,
+                    body,
+                }) => {
+                    let msg = Stored {
+                        server_id: sequence,
+                        from,
+                        time_ms,
+                        origin: (client_id != 0).then_some(Origin {
+                            device: 0,
+                            client_id,
+                        }),
+                        body,
+                    };
+                    self.pending.insert(sequence, (partition, acker));
+                    self.stats.pending_acks.set(self.pending.len() as u64);
+                    let dst = home_shard(to, self.shards());
+                    self.backlog[dst].push_back(Msg::Incoming { to, msg });
+                }
+                Some(Record::Receipt {
+                    user,
+                    kind,
+                    server_id,
+                    peer,
+                }) => {
+                    let dst = home_shard(user, self.shards());
+                    self.backlog[dst].push_back(Msg::Receipt {
+                        user,
+                        kind,
+                        server_id,
+                        peer,
+                    });
+                    tokio::spawn(async move {
+                        let _ = acker.ack().await;
+                    });
+                }
+                None => {
+                    log::warn!("cluster relay: record {sequence} is not ours, dropped");
+                    tokio::spawn(async move {
+                        let _ = acker.ack().await;
+                    });
+                }
+            },
+        }
+    }
+
+    /// Pushes the backlog into the shards' rings as far as they have room,
+    /// and wakes the shards pushed to.
+    fn flush_to_shards(&mut self) {
+        for dst in 0..self.backlog.len() {
+            let mut pushed = false;
+            while let Some(msg) = self.backlog[dst].pop_front() {
+                if let Err(rtrb::PushError::Full(msg)) = self.ends.to_shards[dst].push(msg) {
+                    self.backlog[dst].push_front(msg);
+                    break;
+                }
+                pushed = true;
+            }
+            if pushed {
+                self.ends.wakers[dst].wake();
+            }
+        }
+    }
+
+    /// Starts a consumer for each partition this node now holds and stops
+    /// those of partitions it no longer does.
+    fn reconcile(&mut self) {
+        for p in 0..self.owners.partitions() {
+            let here = self.owners.of(p) == Owner::Here;
+            match (here, self.consumers.contains_key(&p)) {
+                (true, false) => {
+                    let task = tokio::spawn(consume(self.js.clone(), p, self.tx.clone()));
+                    self.consumers.insert(p, task);
+                }
+                (false, true) => {
+                    if let Some(task) = self.consumers.remove(&p) {
+                        task.abort();
+                    }
+                    // Their messages stay in JetStream for the new owner.
+                    self.pending.retain(|_, (q, _)| *q != p);
+                    self.stats.pending_acks.set(self.pending.len() as u64);
+                }
+                _ => {}
+            }
+        }
+        self.stats.consumers.set(self.consumers.len() as u64);
+    }
+}
+
+/// Partition `p`'s consumer: replaces whatever consumer the previous owner
+/// left (so this one starts at the oldest undelivered record, in stream
+/// order) and reports every record. Starts over after an error.
+async fn consume(js: jetstream::Context, p: u32, tx: mpsc::UnboundedSender<Report>) {
+    loop {
+        if let Err(e) = consume_once(&js, p, &tx).await {
+            log::warn!("cluster relay: consumer of partition {p}: {e}");
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn consume_once(
+    js: &jetstream::Context,
+    p: u32,
+    tx: &mpsc::UnboundedSender<Report>,
+) -> Result<(), async_nats::Error> {
+    let stream = js.get_stream(STREAM).await?;
+    let name = format!("p{p}");
+    // Not found is fine: nobody consumed this partition yet.
+    let _ = stream.delete_consumer(&name).await;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name),
+            filter_subject: format!("tern.*.{p}"),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: -1,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let sequence = message.info()?.stream_sequence;
+        let (message, acker) = message.split();
+        let report = Report::Consumed {
+            partition: p,
+            sequence,
+            message: Box::new(message),
+            acker: Box::new(acker),
+        };
+        if tx.send(report).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
