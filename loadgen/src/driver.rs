@@ -92,6 +92,12 @@ pub struct Plan {
     pub inflight_max: u32,
     /// Identifies this run's message bodies.
     pub run_id: u32,
+    /// Message `n` of this run is sent with client id `client_id_base + n +
+    /// 1`. A version 2 server keeps each sender's highest client id across
+    /// connections and runs (client ids increase across app restarts,
+    /// docs/PROTOCOL.md), so a run that reuses users must start above the
+    /// last one: the run's start in microseconds since the Unix epoch.
+    pub client_id_base: u64,
     /// Time zero of the run; all `_ns` times count from it.
     pub epoch: Instant,
     /// Set by the main thread when MemAvailable fell below the floor.
@@ -751,7 +757,7 @@ impl<E: Engine> Worker<E> {
                 self.body = body;
                 (self.conns[l as usize].state == S_UP).then_some(id)
             } else {
-                Some(n + 1)
+                Some(self.plan.client_id_base + n + 1)
             };
             if let Some(client_id) = client_id {
                 self.wbuf.clear();
@@ -1108,7 +1114,7 @@ impl<E: Engine> Worker<E> {
                 ..
             } => {
                 let n = if self.sessions.is_empty() {
-                    client_id.wrapping_sub(1)
+                    client_id.wrapping_sub(self.plan.client_id_base + 1)
                 } else {
                     // A repeated ACK (for a resent SEND) finds nothing.
                     match self.session(l).on_ack(client_id).expect("memory outbox") {
@@ -1145,7 +1151,7 @@ impl<E: Engine> Worker<E> {
                 self.shared.add(C::send_errors, 1);
                 self.shared.fail(&format!("send:{code}"));
                 let n = if self.sessions.is_empty() {
-                    Some(client_id - 1)
+                    client_id.checked_sub(self.plan.client_id_base + 1)
                 } else {
                     // A temporary refusal stays in the outbox: resent at
                     // the next login.
@@ -1431,6 +1437,7 @@ mod tests {
                 ping_every: Duration::ZERO,
                 inflight_max: 1,
                 run_id: 0,
+                client_id_base: 0,
                 epoch: Instant::now(),
                 stop_opening: Arc::new(AtomicBool::new(false)),
                 limits: Limits::default(),

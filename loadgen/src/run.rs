@@ -159,6 +159,9 @@ impl Run {
                     .map_or(0, |d| d.as_nanos() as u64)
                     ^ std::process::id() as u64,
             ) >> 32) as u32,
+            client_id_base: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
             epoch,
             stop_opening,
             limits: Limits::default(),

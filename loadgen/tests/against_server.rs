@@ -142,6 +142,46 @@ fn chat_loses_nothing() {
     }
 }
 
+/// Two chat runs with the same users against one server: the second run's
+/// client ids start above the first's (a v2 server keeps them across runs),
+/// so none of its SENDs is taken for a retry of the first run's or refused
+/// `stale_client_id`; everything is delivered.
+#[test]
+fn a_second_run_with_the_same_users_loses_nothing() {
+    let server = TestServer::start();
+    let addr = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    for run in 0..2 {
+        let json = dir.path().join(format!("run-{run}.json"));
+        let (status, r) = loadgen(
+            &[
+                "chat",
+                "--server",
+                &addr,
+                "--conns",
+                "20",
+                "--rate",
+                "2000/s",
+                "--msg-rate",
+                "400/s",
+                "--duration",
+                "1s",
+                "--drain",
+                "20s",
+                "--user-base",
+                "30000000",
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "run {run}: exit status: {r:#}");
+        assert_eq!(u(&r, &["connections", "failed"]), 0, "run {run}: {r:#}");
+        let scheduled = u(&r, &["messages", "scheduled"]);
+        assert_eq!(u(&r, &["messages", "acked"]), scheduled, "run {run}");
+        assert_eq!(u(&r, &["messages", "delivered"]), scheduled, "run {run}");
+        assert_eq!(u(&r, &["messages", "lost"]), 0, "run {run}");
+    }
+}
+
 #[test]
 fn offline_messages_arrive_in_order() {
     let server = TestServer::start();
