@@ -226,6 +226,11 @@ mod flag {
     pub const BROKEN: u32 = 1 << 14;
     /// Accepted from the TLS listener (kept for the connection's life).
     pub const FROM_TLS: u32 = 1 << 15;
+    /// A SHUTDOWN is in flight: the slot must not be CLOSEd (and reused)
+    /// before it completes.
+    pub const SHUTDOWN_INFLIGHT: u32 = 1 << 16;
+    /// Closed while a SHUTDOWN was in flight: cancel and CLOSE once it is done.
+    pub const CLOSE_AFTER_SHUTDOWN: u32 = 1 << 17;
 }
 
 /// One connection. Kept small: an idle connection costs this plus its slab
@@ -620,7 +625,8 @@ impl Io {
             Op::WakeRead => self.on_wake_read(res),
             Op::Recv => self.on_recv(ring, t, res, flags),
             Op::Send => self.on_send(t, res),
-            Op::Shutdown | Op::Cancel => self.op_done(t),
+            Op::Shutdown => self.on_shutdown(t),
+            Op::Cancel => self.op_done(t),
             Op::Close => self.on_close(ring, t, res),
             Op::Move => self.on_move(t, res),
             Op::Arrive => self.on_arrive(ring, t, res),
