@@ -45,7 +45,10 @@
 //! the shard was told 0 meanwhile, [`Completion::Writable`] follows.
 //!
 //! # Closing and handing off
-//! Close cancels everything on the slot, then CLOSEs it. The connection's
+//! Close cancels everything on the slot, then CLOSEs it; with a SHUTDOWN in
+//! flight it waits for that first (the worker pool resolves a fixed slot
+//! only when the SHUTDOWN runs, so a slot closed and reused before then
+//! would shut down its next connection). The connection's
 //! slab entry stays as a zombie until every completion of it has come, so a
 //! key is reused only once nothing in flight names it (user_data also
 //! carries a generation, checked on every completion). A handoff sends the
