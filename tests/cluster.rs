@@ -107,21 +107,18 @@ fn login_v2_here(addr: SocketAddr, user: u64) -> Result<Client, ClientError> {
 }
 
 /// Tries `login` again while it answers `unavailable` (a partition between
-/// owners) or the server closes before answering, as a real client would:
-/// every 100 ms, up to [`SETTLE`].
+/// owners), as a real client would: every 100 ms, up to [`SETTLE`]. A close
+/// with no answer is not retried: every LOGIN is answered (issue 15).
 fn retry_unavailable<T>(
     mut login: impl FnMut() -> Result<T, ClientError>,
 ) -> Result<T, ClientError> {
     let deadline = Instant::now() + SETTLE;
     loop {
         match login() {
-            Err(
-                ClientError::LoginRejected {
-                    code: ErrorCode::Unavailable,
-                    ..
-                }
-                | ClientError::Closed,
-            ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(ClientError::LoginRejected {
+                code: ErrorCode::Unavailable,
+                ..
+            }) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             other => return other,
         }
     }

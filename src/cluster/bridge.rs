@@ -5,6 +5,7 @@
 //! ([`Owners`]) that shards read at LOGIN and SEND; it does not yet carry
 //! messages.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -156,6 +157,8 @@ async fn run(
     let mut leases = Leases::new(config.partitions, start);
     let mut last_ok = Instant::now();
     let mut store: Option<kv::Store> = None;
+    // Other nodes' partitions the last listing did not show.
+    let mut unlisted = BTreeSet::new();
     loop {
         let round = async {
             if store.is_none() {
@@ -165,7 +168,7 @@ async fn run(
                 store = Some(kv);
             }
             let kv = store.as_ref().expect("just set");
-            lease_round(kv, &config, &mut leases, &owners, stats).await
+            lease_round(kv, &config, &mut leases, &mut unlisted, &owners, stats).await
         };
         match round.await {
             Ok(()) => {
@@ -234,11 +237,13 @@ async fn bucket(js: &jetstream::Context, lease: Duration) -> Result<kv::Store, a
     Ok(js.get_key_value(LEASE_BUCKET).await?)
 }
 
-/// One heartbeat, renewal and claim round.
+/// One heartbeat, renewal and claim round. `unlisted` carries, from one
+/// round to the next, the partitions of other nodes the listing missed.
 async fn lease_round(
     kv: &kv::Store,
     config: &ClusterConfig,
     leases: &mut Leases,
+    unlisted: &mut BTreeSet<u32>,
     owners: &Owners,
     stats: &ClusterStats,
 ) -> Result<(), async_nats::Error> {
@@ -267,12 +272,12 @@ async fn lease_round(
     while let Some(key) = keys.next().await {
         listing.add_key(&key?);
     }
-    stats.live_nodes.set(listing.live_nodes.into());
+    stats.live_nodes.set(listing.live_nodes().into());
     let released = leases.to_release(&listing);
     if !released.is_empty() {
         log::info!(
             "cluster bridge: {} nodes live, letting {} partitions lapse for them",
-            listing.live_nodes,
+            listing.live_nodes(),
             released.len()
         );
     }
@@ -280,12 +285,23 @@ async fn lease_round(
         leases.lost(p);
         owners.set_other(p, None);
     }
-    // Leases that expired with no one taking them yet (a dead node's).
+    // Leases that expired with no one taking them yet (a dead node's). A
+    // listing can miss a key its owner rewrites while it runs (issue 15:
+    // a served partition showed no owner until the next round, and its
+    // users got `unavailable`), so only a key missing from two listings in
+    // a row counts as expired.
+    let mut missing = BTreeSet::new();
     for p in 0..config.partitions {
         if !listing.taken.contains(&p) && !leases.owns(p) && owners.of(p) != Owner::Nobody {
-            owners.set_other(p, None);
+            if unlisted.contains(&p) {
+                log::info!("cluster bridge: lease on partition {p} expired, no owner now");
+                owners.set_other(p, None);
+            } else {
+                missing.insert(p);
+            }
         }
     }
+    *unlisted = missing;
     let claims = leases.to_claim(&listing);
     let mut claimed = 0;
     for p in claims {
@@ -303,7 +319,7 @@ async fn lease_round(
         log::info!(
             "cluster bridge: claimed {claimed} partitions, {} held, {} nodes live",
             leases.owned(),
-            listing.live_nodes
+            listing.live_nodes()
         );
     }
     Ok(())

@@ -16,13 +16,17 @@ pub fn node_key(node_id: &str) -> String {
     format!("n.{node_id}")
 }
 
-/// What one listing of the lease bucket showed.
+/// What one listing of the lease bucket showed. A listing can name a key
+/// twice: it follows the bucket's stream, so a key rewritten while the
+/// listing runs (another node's heartbeat or renewal) comes again at its new
+/// revision. Both sets count each key once.
 #[derive(Debug, Default)]
 pub struct Listing {
     /// Partitions with a live lease (anyone's).
     pub taken: BTreeSet<u32>,
-    /// Nodes with a live heartbeat, this one included once it wrote its own.
-    pub live_nodes: u32,
+    /// Ids of the nodes with a live heartbeat, this one included once it
+    /// wrote its own.
+    nodes: BTreeSet<String>,
 }
 
 impl Listing {
@@ -31,9 +35,16 @@ impl Listing {
     pub fn add_key(&mut self, key: &str) {
         if let Some(p) = key.strip_prefix("p.").and_then(|n| n.parse().ok()) {
             self.taken.insert(p);
-        } else if key.starts_with("n.") {
-            self.live_nodes += 1;
+        } else if let Some(node) = key.strip_prefix("n.") {
+            if !self.nodes.contains(node) {
+                self.nodes.insert(node.to_owned());
+            }
         }
+    }
+
+    /// Distinct nodes with a live heartbeat.
+    pub fn live_nodes(&self) -> u32 {
+        self.nodes.len() as u32
     }
 }
 
@@ -95,7 +106,7 @@ impl Leases {
     /// share given `listing`. A claim can still lose the race (create fails
     /// because another node created the key first).
     pub fn to_claim(&self, listing: &Listing) -> Vec<u32> {
-        let want = share(self.partitions, listing.live_nodes) as usize;
+        let want = share(self.partitions, listing.live_nodes()) as usize;
         let room = want.saturating_sub(self.owned.len());
         (0..self.partitions)
             .map(|i| (self.start + i) % self.partitions)
@@ -110,7 +121,7 @@ impl Leases {
     /// deleting it, keeps the one fence: only an expired key can be
     /// claimed. Gives up those furthest from `start` in claim order.
     pub fn to_release(&self, listing: &Listing) -> Vec<u32> {
-        let want = share(self.partitions, listing.live_nodes) as usize;
+        let want = share(self.partitions, listing.live_nodes()) as usize;
         let extra = self.owned.len().saturating_sub(want);
         let mut by_claim_order: Vec<u32> = self.owned.keys().copied().collect();
         by_claim_order.sort_by_key(|&p| (p + self.partitions - self.start) % self.partitions);
@@ -169,11 +180,26 @@ mod tests {
         assert_eq!(leases.to_release(&four), vec![3, 0, 1]);
     }
 
+    /// Issue 15: a key rewritten during the listing is listed again. Counted
+    /// twice, one heartbeat made 2 nodes look like 3, and each node let a
+    /// share of its partitions lapse (their users got `unavailable` and
+    /// their sessions BYE(moved)) until the next round.
+    #[test]
+    fn a_key_listed_twice_counts_once() {
+        let l = listing(&["n.a", "p.0", "n.b", "p.1", "n.b", "p.0"]);
+        assert_eq!(l.live_nodes(), 2);
+        assert_eq!(l.taken.iter().copied().collect::<Vec<_>>(), vec![0, 1]);
+        let mut leases = Leases::new(4, 0);
+        leases.held(0, 1);
+        leases.held(1, 1);
+        assert!(leases.to_release(&l).is_empty(), "2 of 4 is a fair share");
+    }
+
     #[test]
     fn unknown_keys_and_bad_numbers_are_ignored() {
         let l = listing(&["x.1", "p.zz", "p.1"]);
-        assert_eq!(l.taken.into_iter().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(l.live_nodes, 0);
+        assert_eq!(l.taken.iter().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(l.live_nodes(), 0);
     }
 
     #[test]

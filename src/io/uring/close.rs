@@ -41,8 +41,11 @@ impl Io {
 
     /// Cancels the connection's receive and send, then CLOSEs its slot; the
     /// cancels go first in the ring's order. The slot is reused only after
-    /// the CLOSE. A SHUTDOWN in flight is left to finish (it runs in the
-    /// kernel's worker pool and completes by itself).
+    /// the CLOSE. With a SHUTDOWN in flight all of this waits for its
+    /// completion: it may run in the kernel's worker pool, which looks the
+    /// fixed slot up only when it runs, so a CLOSE before it let the slot's
+    /// next connection (the next accept takes the lowest free slot) be shut
+    /// down instead, its LOGIN answered by a bare FIN (issue 15).
     ///
     /// Cancels name the operations by user_data, not the slot: the kernel
     /// matches a cancel by file by walking every armed request of the ring,
@@ -54,6 +57,10 @@ impl Io {
         c.held = None;
         if c.slot == NO_SLOT {
             self.maybe_free(key);
+            return;
+        }
+        if c.has(flag::SHUTDOWN_INFLIGHT) {
+            c.set(flag::CLOSE_AFTER_SHUTDOWN);
             return;
         }
         let (ring, gen, slot) = (c.ring as usize, c.gen, c.slot);

@@ -45,7 +45,10 @@
 //! the shard was told 0 meanwhile, [`Completion::Writable`] follows.
 //!
 //! # Closing and handing off
-//! Close cancels everything on the slot, then CLOSEs it. The connection's
+//! Close cancels everything on the slot, then CLOSEs it; with a SHUTDOWN in
+//! flight it waits for that first (the worker pool resolves a fixed slot
+//! only when the SHUTDOWN runs, so a slot closed and reused before then
+//! would shut down its next connection). The connection's
 //! slab entry stays as a zombie until every completion of it has come, so a
 //! key is reused only once nothing in flight names it (user_data also
 //! carries a generation, checked on every completion). A handoff sends the
@@ -228,6 +231,11 @@ mod flag {
     pub const BROKEN: u32 = 1 << 14;
     /// Accepted from the TLS listener (kept for the connection's life).
     pub const FROM_TLS: u32 = 1 << 15;
+    /// A SHUTDOWN is in flight: the slot must not be CLOSEd (and reused)
+    /// before it completes.
+    pub const SHUTDOWN_INFLIGHT: u32 = 1 << 16;
+    /// Closed while a SHUTDOWN was in flight: cancel and CLOSE once it is done.
+    pub const CLOSE_AFTER_SHUTDOWN: u32 = 1 << 17;
 }
 
 /// One connection. Kept small: an idle connection costs this plus its slab
@@ -622,7 +630,8 @@ impl Io {
             Op::WakeRead => self.on_wake_read(res),
             Op::Recv => self.on_recv(ring, t, res, flags),
             Op::Send => self.on_send(t, res),
-            Op::Shutdown | Op::Cancel => self.op_done(t),
+            Op::Shutdown => self.on_shutdown(t),
+            Op::Cancel => self.op_done(t),
             Op::Close => self.on_close(ring, t, res),
             Op::Move => self.on_move(t, res),
             Op::Arrive => self.on_arrive(ring, t, res),

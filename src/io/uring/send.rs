@@ -109,8 +109,22 @@ impl Io {
     pub(super) fn submit_shutdown(&mut self, key: u32) {
         let c = &mut self.conns[key as usize];
         c.clear(flag::SHUT_WR_PENDING);
+        c.set(flag::SHUTDOWN_INFLIGHT);
         let entry = opcode::Shutdown::new(types::Fixed(c.slot), libc::SHUT_WR).build();
         self.push_conn_op(key, entry, Op::Shutdown);
+    }
+
+    /// A SHUTDOWN completed (its result does not matter: the peer may be
+    /// gone); a close that waited for it goes on now.
+    pub(super) fn on_shutdown(&mut self, t: Tag) {
+        if let Some(c) = self.conn_of(t) {
+            c.clear(flag::SHUTDOWN_INFLIGHT);
+            if c.has(flag::CLOSE_AFTER_SHUTDOWN) {
+                c.clear(flag::CLOSE_AFTER_SHUTDOWN);
+                self.start_close(t.key);
+            }
+        }
+        self.op_done(t);
     }
 
     pub(super) fn on_send(&mut self, t: Tag, res: i32) {
