@@ -68,13 +68,22 @@ impl Sessions {
             // The ring and the outbox are full: stop reading this sender.
             return Flow::Blocked;
         }
+        let msg = self.send_msg(now, conn, client_id, to, body);
+        self.stats.msgs_in.inc();
+        self.route(now, env, dst, msg);
+        Flow::Next
+    }
+
+    /// The [`Msg::Send`] of a SEND from `conn`, with its reply address and,
+    /// for a version 2 sender, the origin its retries are known by.
+    fn send_msg(&self, now: Now, conn: ConnId, client_id: u64, to: u64, body: &[u8]) -> Msg {
         let s = &self.slots[conn.index()];
         // Devices come later: every v2 sender is device 0 for now.
         let origin = (s.version >= proto::VERSION_2).then_some(Origin {
             device: 0,
             client_id,
         });
-        let msg = Msg::Send {
+        Msg::Send {
             from: s.user,
             reply: ConnRef {
                 shard: self.id as u16,
@@ -86,10 +95,7 @@ impl Sessions {
             to,
             body: body.into(),
             sent_ns: now.mono_ns,
-        };
-        self.stats.msgs_in.inc();
-        self.route(now, env, dst, msg);
-        Flow::Next
+        }
     }
 
     /// Cluster: every SEND goes to JetStream through the bridge, whoever
@@ -107,25 +113,9 @@ impl Sessions {
         if !env.bridge_has_room() {
             return Flow::Blocked;
         }
-        let s = &self.slots[conn.index()];
-        let origin = (s.version >= proto::VERSION_2).then_some(Origin {
-            device: 0,
-            client_id,
-        });
+        let msg = self.send_msg(now, conn, client_id, to, body);
         self.stats.msgs_in.inc();
-        self.actions.push(Action::Cluster(Msg::Send {
-            from: s.user,
-            reply: ConnRef {
-                shard: self.id as u16,
-                conn,
-                gen: s.gen,
-            },
-            client_id,
-            origin,
-            to,
-            body: body.into(),
-            sent_ns: now.mono_ns,
-        }));
+        self.actions.push(Action::Cluster(msg));
         Flow::Next
     }
 
