@@ -1,4 +1,7 @@
 #!/bin/bash
+# The script as it was run; its arguments are single words (paths without
+# spaces, numbers), so the unquoted expansions are kept as run.
+# shellcheck disable=SC2086,SC2034
 # usage: lowrate.sh BIN_DIR IO SHARDS RATE DUR [extra server args]
 bin=$1 io=$2 shards=$3 rate=$4 dur=$5; shift 5
 export TERN_TOKEN_SECRET=0123456789abcdef0123456789abcdef

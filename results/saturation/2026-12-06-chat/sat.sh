@@ -1,4 +1,7 @@
 #!/bin/bash
+# The script as it was run; its arguments are single words (paths without
+# spaces, numbers), so the unquoted expansions are kept as run.
+# shellcheck disable=SC2086,SC2034
 # usage: sat.sh BIN_DIR IO SHARDS SHAPE USERS WINDOWS STEP
 bin=$1 io=$2 shards=$3 shape=$4 users=$5 windows=$6 step=$7; shift 7
 export TERN_TOKEN_SECRET=0123456789abcdef0123456789abcdef
