@@ -78,6 +78,7 @@ fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
         public_addr: format!("{id}.test:5222"),
         partitions,
         lease_s: 3,
+        stream_replicas: 3,
     };
     TestServer::start_with(|c| c.cluster = Some(cluster))
 }
@@ -92,6 +93,7 @@ fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
         public_addr: addr.to_string(),
         partitions,
         lease_s: 3,
+        stream_replicas: 3,
     };
     TestServer::start_with(|c| {
         c.listen = addr;
@@ -162,6 +164,8 @@ fn two_nodes_split_the_partitions_evenly() {
     a.wait_info("Cluster_partitions_owned", |n| n == u64::from(partitions));
     assert_eq!(a.info_u64("Cluster_nats_up"), 1);
     assert_eq!(a.metric_sum("tern_cluster_partitions_owned"), 64);
+    // One nats-server without clustering keeps one copy of the default 3.
+    assert_eq!(a.info_u64("Cluster_stream_replicas"), 1);
 
     let b = node(&nats, "b", partitions);
     let mut last = (0, 0);

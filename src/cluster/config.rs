@@ -28,6 +28,13 @@ pub struct ClusterConfig {
     /// it. Default 10.
     #[serde(default = "lease_s_default")]
     pub lease_s: u32,
+    /// Copies JetStream keeps of the stream `TERN` and of the lease bucket,
+    /// 1 to 5; an ACK leaves once this many servers stored the message.
+    /// Default 3 (a 3-server NATS cluster). Against a NATS server without
+    /// clustering, which can keep only 1, the streams get 1 and the node
+    /// logs a warning (docs/CLUSTER.md, "Replicas").
+    #[serde(default = "stream_replicas_default")]
+    pub stream_replicas: u32,
 }
 
 fn partitions_default() -> u32 {
@@ -36,6 +43,13 @@ fn partitions_default() -> u32 {
 
 fn lease_s_default() -> u32 {
     10
+}
+
+/// Largest `stream_replicas`: JetStream keeps at most 5 copies of a stream.
+pub const STREAM_REPLICAS_MAX: u32 = 5;
+
+fn stream_replicas_default() -> u32 {
+    3
 }
 
 impl ClusterConfig {
@@ -73,6 +87,9 @@ impl ClusterConfig {
         if !(3..=3600).contains(&self.lease_s) {
             return Err(bad("lease_s", "must be between 3 and 3600 seconds"));
         }
+        if !(1..=STREAM_REPLICAS_MAX).contains(&self.stream_replicas) {
+            return Err(bad("stream_replicas", "must be between 1 and 5"));
+        }
         Ok(())
     }
 }
@@ -88,6 +105,7 @@ mod tests {
             public_addr: "tern-a.example:5222".into(),
             partitions: 4096,
             lease_s: 10,
+            stream_replicas: 3,
         }
     }
 
@@ -99,7 +117,7 @@ mod tests {
     #[test]
     fn each_bad_key_is_named() {
         type Spoil = fn(&mut ClusterConfig);
-        let cases: [(Spoil, &str); 7] = [
+        let cases: [(Spoil, &str); 9] = [
             (|c| c.node_id.clear(), "cluster.node_id"),
             (|c| c.node_id = "a b".into(), "cluster.node_id"),
             (|c| c.nats_urls.clear(), "cluster.nats_urls"),
@@ -107,6 +125,8 @@ mod tests {
             (|c| c.partitions = PARTITIONS_MAX + 1, "cluster.partitions"),
             (|c| c.lease_s = 2, "cluster.lease_s"),
             (|c| c.lease_s = 3601, "cluster.lease_s"),
+            (|c| c.stream_replicas = 0, "cluster.stream_replicas"),
+            (|c| c.stream_replicas = 6, "cluster.stream_replicas"),
         ];
         for (spoil, key) in cases {
             let mut c = sample();
@@ -120,9 +140,11 @@ mod tests {
         let mut c = sample();
         c.partitions = 1;
         c.lease_s = 3;
+        c.stream_replicas = 1;
         assert_eq!(c.validate(), Ok(()));
         c.partitions = PARTITIONS_MAX;
         c.lease_s = 3600;
+        c.stream_replicas = STREAM_REPLICAS_MAX;
         assert_eq!(c.validate(), Ok(()));
     }
 }

@@ -19,6 +19,7 @@ use super::bridge::ClusterStats;
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::partition::partition_of;
+use super::streams;
 use super::wire::Record;
 use crate::proto::ErrorCode;
 use crate::shard::{home_shard, ConnRef, Msg};
@@ -37,8 +38,12 @@ const RECONCILE: Duration = Duration::from_millis(100);
 const ACK_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The `TERN` stream, created if missing: every subject `tern.>`, kept
-/// until acked (work-queue retention), on disk.
-pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Error> {
+/// until acked (work-queue retention), on disk, with `replicas` copies.
+/// Returns the copies it has (see [`streams::ensure`]).
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<usize, async_nats::Error> {
     let config = stream::Config {
         name: STREAM.into(),
         subjects: vec!["tern.>".into()],
@@ -46,11 +51,7 @@ pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Er
         storage: stream::StorageType::File,
         ..Default::default()
     };
-    if let Err(e) = js.create_stream(config).await {
-        log::debug!("cluster relay: stream {STREAM} not created ({e}), opening it");
-        js.get_stream(STREAM).await?;
-    }
-    Ok(())
+    streams::ensure(js, config, replicas).await
 }
 
 /// What the relay's helper tasks report.

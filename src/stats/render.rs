@@ -237,6 +237,11 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             "JetStream consumers running, one per partition held.",
             c.consumers.get(),
         ),
+        (
+            "Cluster_stream_replicas",
+            "Copies JetStream keeps of the stream TERN (1 on a NATS server without clustering).",
+            c.stream_replicas.get(),
+        ),
     ]
 }
 

@@ -17,6 +17,7 @@ fn clustered() -> Harness {
             public_addr: "10.0.0.1:7333".into(),
             partitions: 2,
             lease_s: 10,
+            stream_replicas: 3,
         }),
         ..Config::default()
     };
