@@ -145,7 +145,8 @@ async fn run(
     let client = match async_nats::ConnectOptions::new()
         .name(format!("tern {}", config.node_id))
         .retry_on_initial_connect()
-        .connect(config.nats_urls.join(","))
+        // One address per URL: async-nats reads a joined string as one URL.
+        .connect(config.nats_urls.as_slice())
         .await
     {
         Ok(client) => client,

@@ -71,6 +71,16 @@ impl ClusterConfig {
         if self.nats_urls.is_empty() || self.nats_urls.iter().any(|u| u.is_empty()) {
             return Err(bad("nats_urls", "must list at least one NATS server"));
         }
+        if let Some(url) = self
+            .nats_urls
+            .iter()
+            .find(|u| u.parse::<async_nats::ServerAddr>().is_err())
+        {
+            return Err(bad(
+                "nats_urls",
+                &format!("{url:?} is not a NATS URL (nats://host:port)"),
+            ));
+        }
         // A REDIRECT names host and port; a bare host would leave the client guessing.
         let has_port = self
             .public_addr
@@ -101,7 +111,10 @@ mod tests {
     fn sample() -> ClusterConfig {
         ClusterConfig {
             node_id: "a-1".into(),
-            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            nats_urls: vec![
+                "nats://127.0.0.1:4222".into(),
+                "nats://10.0.0.2:4222".into(),
+            ],
             public_addr: "tern-a.example:5222".into(),
             partitions: 4096,
             lease_s: 10,
@@ -117,10 +130,14 @@ mod tests {
     #[test]
     fn each_bad_key_is_named() {
         type Spoil = fn(&mut ClusterConfig);
-        let cases: [(Spoil, &str); 9] = [
+        let cases: [(Spoil, &str); 10] = [
             (|c| c.node_id.clear(), "cluster.node_id"),
             (|c| c.node_id = "a b".into(), "cluster.node_id"),
             (|c| c.nats_urls.clear(), "cluster.nats_urls"),
+            (
+                |c| c.nats_urls.push("nats://host:port".into()),
+                "cluster.nats_urls",
+            ),
             (|c| c.public_addr = "host".into(), "cluster.public_addr"),
             (|c| c.partitions = PARTITIONS_MAX + 1, "cluster.partitions"),
             (|c| c.lease_s = 2, "cluster.lease_s"),
