@@ -4,9 +4,12 @@
 //! not on PATH (CI installs it, .ci/run).
 
 mod common;
+#[path = "cluster/nats.rs"]
+mod nats;
+#[path = "cluster/replicated.rs"]
+mod replicated;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
@@ -15,66 +18,16 @@ use tern::cluster::ClusterConfig;
 use tern::proto::{ByeReason, ErrorCode, OwnedFrame, ReceiptKind, VERSION, VERSION_2};
 use tern_client::{Client, ClientError};
 
+use nats::{free_port, Nats};
+
 /// Upper bound for lease rounds to settle: a release waits a whole lease
 /// (3 s here) before the key expires and another node may claim it.
 const SETTLE: Duration = Duration::from_secs(40);
 
-/// A `nats-server -js` this test started; killed by its PID when dropped.
-struct Nats {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Nats {
-    /// Starts one, or `None` when `nats-server` is not installed.
-    fn start() -> Option<Nats> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let spawned = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("SKIPPED: nats-server is not on PATH (apt-get install nats-server)");
-                return None;
-            }
-            Err(e) => panic!("cannot run nats-server: {e}"),
-        };
-        let nats = Nats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let up = common::wait_for(|| TcpStream::connect(addr).is_ok());
-        assert!(up, "nats-server never listened on {addr}");
-        Some(nats)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port free a moment ago; nats-server takes no port 0.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
     let cluster = ClusterConfig {
         node_id: id.into(),
-        nats_urls: vec![nats.url.clone()],
+        nats_urls: nats.urls(),
         public_addr: format!("{id}.test:5222"),
         partitions,
         lease_s: 3,
@@ -89,7 +42,7 @@ fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let cluster = ClusterConfig {
         node_id: id.into(),
-        nats_urls: vec![nats.url.clone()],
+        nats_urls: nats.urls(),
         public_addr: addr.to_string(),
         partitions,
         lease_s: 3,
@@ -234,7 +187,7 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
             "stats_socket = {stats:?}\ndata_dir = {data:?}\n\n[cluster]\nnode_id = \"a\"\n\
              nats_urls = [{url:?}]\npublic_addr = \"a.test:5222\"\npartitions = 16\nlease_s = 3\n",
             data = dir.path().join("data"),
-            url = nats.url,
+            url = nats.url(),
         ),
     )
     .expect("write config");
