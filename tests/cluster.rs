@@ -3,7 +3,11 @@
 //! temporary directory. Skipped, with a message, only when `nats-server` is
 //! not on PATH (CI installs it, .ci/run).
 
+#[path = "cluster/chat.rs"]
+mod chat;
 mod common;
+#[path = "cluster/faults.rs"]
+mod faults;
 #[path = "cluster/nats.rs"]
 mod nats;
 #[path = "cluster/replicated.rs"]
