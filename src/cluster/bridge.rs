@@ -259,6 +259,7 @@ async fn lease_round(
     owners: &Owners,
     stats: &ClusterStats,
 ) -> Result<(), async_nats::Error> {
+    let started = Instant::now();
     let value = format!("{} {}", config.node_id, config.public_addr);
     kv.put(node_key(&config.node_id), value.clone().into())
         .await?;
@@ -279,6 +280,9 @@ async fn lease_round(
             Err(e) => return Err(e.into()),
         }
     }
+    // Every lease still held was rewritten after `started`; claims below
+    // are written later still.
+    owners.prove_until(started + Duration::from_secs(config.lease_s.into()));
     let mut listing = Listing::default();
     let mut keys = kv.keys().await?;
     while let Some(key) = keys.next().await {
