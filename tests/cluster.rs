@@ -178,7 +178,11 @@ fn signal(child: &TernChild, signal: i32) {
 }
 
 /// Fencing: a node paused past its lease finds, when it resumes, that its
-/// renewals are refused on their revision, and drops the partitions.
+/// renewals are refused on their revision, and drops the partitions. For
+/// those partitions it neither acknowledges nor delivers: a user of one,
+/// still connected to it, whose SEND waited in the socket through the
+/// pause, gets no ACK and no DELIVER (a message for it was sent meanwhile
+/// through the new owner), only BYE(moved) and the close.
 #[test]
 fn a_node_paused_past_its_lease_loses_it_on_resume() {
     let Some(nats) = Nats::start() else { return };
@@ -204,15 +208,59 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
         "--config",
         config,
     ]));
-    assert!(settle(
-        || child_info(&stats, "Cluster_partitions_owned") == 16
-    ));
+    assert!(settle(|| {
+        child_info(&stats, "Cluster_partitions_owned") == 16
+            && child_info(&stats, "Cluster_consumers") == 16
+    }));
+    let mut at_a: Vec<(u64, Client)> = (1..=32u64)
+        .map(|user| {
+            (
+                user,
+                login_v2_here(a.addr, user).expect("a serves everyone"),
+            )
+        })
+        .collect();
 
     signal(&a, libc::SIGSTOP);
-    let b = node(&nats, "b", 16);
+    let b = reachable_node(&nats, "b", 16);
     let took = settle(|| b.info_u64("Cluster_partitions_owned") >= 8);
+    // The users whose partitions b took (b logs them in), while a sleeps.
+    let taken: Vec<u64> = at_a
+        .iter()
+        .map(|(user, _)| *user)
+        .filter(|&user| login_v2_here(b.addr, user).is_ok())
+        .collect();
+    let sender = taken.first().copied();
+    for (user, client) in at_a.iter_mut().filter(|(u, _)| taken.contains(u)) {
+        client
+            .send_msg(1, 1000 + *user, b"sent while a slept")
+            .expect("send");
+        if let Some(from) = sender.filter(|&s| s != *user) {
+            let mut c = login_v2_here(b.addr, from).expect("b serves it");
+            c.send_msg(1, *user, b"for the new owner").expect("send");
+            recv_ack(&mut c, 1);
+        }
+    }
     signal(&a, libc::SIGCONT);
     assert!(took, "b never took partitions from the paused node");
+    assert!(taken.len() >= 2, "b serves {taken:?}");
+    for (user, client) in at_a.iter_mut().filter(|(u, _)| taken.contains(u)) {
+        let mut frames = client
+            .wait_closed(SETTLE)
+            .unwrap_or_else(|e| panic!("user {user}: a kept the session: {e}"));
+        assert_eq!(
+            frames.pop(),
+            Some(OwnedFrame::Bye {
+                reason: ByeReason::Moved
+            }),
+            "user {user}"
+        );
+        assert_eq!(
+            frames,
+            [],
+            "user {user}: a answered for a partition it lost"
+        );
+    }
     // Whatever `b` holds, `a` held before the pause: each such renewal is
     // refused (counted as lost), then the two settle on an even split.
     let mut last = (0, 0, 0);
