@@ -119,8 +119,8 @@ fn a_nats_server_killed_under_load_loses_nothing_acked() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Node::start(&nats, dir.path(), "a", 10);
-    let b = Node::start(&nats, dir.path(), "b", 10);
+    let a = Node::start(&nats, dir.path(), "a", 5);
+    let b = Node::start(&nats, dir.path(), "b", 5);
     settle_even(&[&a, &b]);
     assert_eq!(a.info("Cluster_stream_replicas"), 3);
     let chat = Chat::start(&[a.child.addr, b.child.addr], 101, USERS, PER_USER);
