@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::config::ClusterConfig;
 use super::lease::{node_key, partition_key, Leases, Listing};
@@ -283,10 +283,18 @@ async fn lease_round(
     // Every lease still held was rewritten after `started`; claims below
     // are written later still.
     owners.prove_until(started + Duration::from_secs(config.lease_s.into()));
+    // The live keys, from one STREAM.INFO the bucket's stream leader
+    // answers. `kv.keys()` creates a consumer every round (seen in the
+    // nats-server logs of the kill -9 test, issue 15): a proposal through
+    // the JetStream meta leader per node and round, and a round that waits
+    // while a dead server's meta leadership moves.
     let mut listing = Listing::default();
-    let mut keys = kv.keys().await?;
-    while let Some(key) = keys.next().await {
-        listing.add_key(&key?);
+    let prefix = format!("{}.", kv.prefix.trim_end_matches('.'));
+    let mut subjects = kv.stream.info_with_subjects(format!("{prefix}>")).await?;
+    while let Some((subject, _)) = subjects.try_next().await? {
+        if let Some(key) = subject.strip_prefix(&prefix) {
+            listing.add_key(key);
+        }
     }
     stats.live_nodes.set(listing.live_nodes().into());
     let released = leases.to_release(&listing);
