@@ -19,7 +19,7 @@ use super::lease::{node_key, partition_key, Leases, Listing};
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::relay::{ensure_stream, Relay};
-use crate::stats::Counter;
+use crate::stats::{Counter, Histogram};
 
 /// JetStream KV bucket holding the leases and heartbeats.
 pub const LEASE_BUCKET: &str = "tern_leases";
@@ -53,6 +53,13 @@ pub struct ClusterStats {
     pub pending_acks: Counter,
     /// Partition consumers running (one per partition held).
     pub consumers: Counter,
+    /// Publishes (SENDs and receipts) sent to JetStream whose publish ack
+    /// has not come back yet.
+    pub publishes_in_flight: Counter,
+    /// From a SEND or receipt taken off its shard's ring by the bridge to
+    /// JetStream's publish ack (or failure) for it. Written by the relay
+    /// task only (the bridge's runtime has one thread).
+    pub publish_latency: Histogram,
 }
 
 /// The running bridge thread.
