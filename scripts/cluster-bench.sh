@@ -301,10 +301,18 @@ chat_part() {
                 local b_sock=$node_sock b_addr=$node_addr b_pid=$node_pid
                 wait_split "$parts" "$a_sock" "$b_sock"
                 local before_n before_a before_b
+                # CPU with no clients at all: leases, heartbeats, consumers.
+                before_n=$(cpu_ticks "$nats_pid") before_a=$(cpu_ticks "$a_pid") before_b=$(cpu_ticks "$b_pid")
+                sleep 10
+                cpu_report "$name.idle10s" "nats-server=$nats_pid" "tern_a=$a_pid" "tern_b=$b_pid" \
+                    "$before_n" "$before_a" "$before_b"
                 before_n=$(cpu_ticks "$nats_pid") before_a=$(cpu_ticks "$a_pid") before_b=$(cpu_ticks "$b_pid")
                 chat_run "$name" "$a_addr,$b_addr" "$rate"
                 cpu_report "$name" "nats-server=$nats_pid" "tern_a=$a_pid" "tern_b=$b_pid" \
                     "$before_n" "$before_a" "$before_b"
+                # What JetStream still holds after the run: messages not
+                # DELIVERED yet and receipts not consumed yet.
+                curl -sf "$nats_mon/jsz?accounts=true&streams=true" >"$out/raw/$name.jsz.json" || true
                 "$tern" stats --socket "$a_sock" show latency >"$out/raw/$name.a.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$b_sock" show latency >"$out/raw/$name.b.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$a_sock" show info >"$out/raw/$name.a.info.txt" 2>&1 || true

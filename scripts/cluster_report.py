@@ -64,7 +64,12 @@ def chat(out):
     print("| offered msgs/s | setup | runs | acked msgs/s | ACK p50 / p99 ms | deliver p50 / p99 ms "
           "| lost | failed conns | redirects | node publish p50 / p99 ms (a; b) | CPU s during the run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    order = lambda kv: (kv[0][0], not kv[0][1].startswith("standalone"), kv[0][1])
+    def order(kv):
+        rate, setup = kv[0]
+        if setup.startswith("standalone"):
+            return (rate, 0, 0, setup)
+        return (rate, 1, -int(setup.split("_p", 1)[1]), setup)
+
     for (rate, setup), paths in sorted(keys.items(), key=order):
         rates, ack50, ack99, del50, del99, lost, failed, redirects = [], [], [], [], [], [], [], []
         cpu = {}
@@ -103,6 +108,23 @@ def chat(out):
           "Node publish: `show latency` row `cluster_publish` (bucket upper bounds, powers of two "
           "of a microsecond). CPU: user + system seconds of each process over the whole "
           "load-generator run (ramp, chat, drain, close).\n")
+    idle = []
+    for (rate, setup), paths in sorted(keys.items(), key=order):
+        for p in paths:
+            cpu = cpu_seconds(p.replace(".json", ".idle10s.cpu"))
+            left = stream_state(p.replace(".json", ".jsz.json"))
+            if cpu or left:
+                idle.append((os.path.basename(p)[:-5], cpu, left))
+    if idle:
+        print("| cluster run | CPU s over 10 s idle before it (no clients) | "
+              "TERN stream records left after it |")
+        print("|---|---|---|")
+        for name, cpu, left in idle:
+            cpu_cell = ", ".join(f"{label} {v:.2f}" for label, v in cpu.items()) or "-"
+            left_cell = "-" if left is None else str(left["messages"])
+            print(f"| {name} | {cpu_cell} | {left_cell} |")
+        print("\nRecords left: messages not DELIVERED and receipts not consumed yet when the "
+              "load generator ended (work-queue retention deletes a record once acked).\n")
 
 
 def takeover(out, lease_s):
@@ -117,15 +139,24 @@ def takeover(out, lease_s):
           f"**median {statistics.median(secs):.2f} s**.\n")
 
 
+def stream_state(path, name="TERN"):
+    """The `state` of stream `name` in a /jsz answer, or None."""
+    try:
+        jsz = load(path)
+    except (OSError, ValueError):
+        return None
+    for account in jsz.get("account_details", []):
+        for stream in account.get("stream_detail", []):
+            if stream.get("name") == name:
+                return stream["state"]
+    return None
+
+
 def storage(out):
     rows = []
     for path in glob.glob(os.path.join(out, "raw", "storage-*.jsz.json")):
         body = int(re.match(r"storage-(\d+)\.jsz\.json", os.path.basename(path)).group(1))
-        state = None
-        for account in load(path).get("account_details", []):
-            for stream in account.get("stream_detail", []):
-                if stream.get("name") == "TERN":
-                    state = stream["state"]
+        state = stream_state(path)
         if state is None:
             continue
         with open(path.replace(".jsz.json", ".du_bytes")) as f:
