@@ -94,6 +94,10 @@ pub struct Faults {
     /// Per million clients: hostile ones that also forge DELIVERED and
     /// READ for messages they never received.
     pub forgers_per_million: u32,
+    /// Per million clients: the ones that log in with protocol v2
+    /// (idempotent SEND); the others speak v1. Not a fault, but part of the
+    /// seed's mix.
+    pub v2_per_million: u32,
 }
 
 impl Faults {
@@ -135,6 +139,8 @@ impl Faults {
         let flip = maybe(30, 10_000);
         // Drawn after flips, for the same reason.
         let forgers = maybe(30, 300_000);
+        // Drawn after forgers, for the same reason.
+        let v2 = maybe(70, 1_000_000);
         Faults {
             net,
             disk,
@@ -142,6 +148,7 @@ impl Faults {
             crash_every: (crash > 0).then(|| Duration::from_millis(2_000 + u64::from(crash))),
             flip_every: (flip > 0).then(|| Duration::from_millis(1_000 + u64::from(flip))),
             forgers_per_million: forgers,
+            v2_per_million: v2,
         }
     }
 }
@@ -204,6 +211,8 @@ pub struct Report {
     pub sent: u64,
     /// ACKs received.
     pub acked: u64,
+    /// Clients that spoke protocol v2.
+    pub v2_clients: u32,
     /// DELIVERs received, and how many of them were repeats.
     pub delivers: u64,
     /// DELIVERs of a server id the recipient had seen.
@@ -243,7 +252,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             sent {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
+             v2 {} sent {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -255,6 +264,7 @@ impl fmt::Display for Report {
             self.clients,
             self.cpu.as_secs_f64(),
             self.speed(),
+            self.v2_clients,
             self.sent,
             self.acked,
             self.delivers,
@@ -380,15 +390,25 @@ impl World {
         // Its own PRNG: a seed without forgers runs as it did before they
         // existed.
         let mut hostile = fastrand::Rng::with_seed(opts.seed ^ 0x4057_11e5);
+        // Its own PRNG too, for the same reason.
+        let mut versions = fastrand::Rng::with_seed(opts.seed ^ 0x0002_0002);
+        let mut checker = Checker::default();
         let clients = (0..opts.clients)
             .map(|i| {
                 let user = u64::from(i) + 1;
                 let forge = (faults.forgers_per_million > 0
                     && hostile.u32(..1_000_000) < faults.forgers_per_million)
                     .then(|| hostile.fork());
+                let version = if versions.u32(..1_000_000) < faults.v2_per_million {
+                    checker.speaks_v2(user);
+                    crate::proto::VERSION_2
+                } else {
+                    crate::proto::VERSION
+                };
                 Client::new(
                     i,
                     user,
+                    version,
                     crate::token::mint(secret.as_bytes(), user, expires),
                     forge,
                 )
@@ -425,7 +445,7 @@ impl World {
                 0 => u64::from(opts.clients) * 100_000,
                 n => n,
             },
-            checker: Checker::default(),
+            checker,
             news: Vec::new(),
             trace: 0,
             crashes: 0,
@@ -552,6 +572,9 @@ impl World {
             }
             if let Some((user, server_id)) = f.queued {
                 self.checker.lost_to_corruption(user, server_id);
+            }
+            if let Some((from, client_id)) = f.origin {
+                self.checker.lost_dedupe(from, client_id);
             }
         }
         self.repairs += 1;
@@ -831,6 +854,7 @@ impl World {
             clients: self.opts.clients,
             sent: self.clients.iter().map(Client::sent).sum(),
             acked: self.checker.acked_count() as u64,
+            v2_clients: self.checker.v2_count(),
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
