@@ -59,6 +59,9 @@ pub enum Planted {
     /// The session relays a READ without checking that the message was
     /// delivered to that connection, so a forged READ reaches the sender.
     RelayForgedRead,
+    /// The session ignores the v2 dedupe window, so a retried SEND is
+    /// stored (and delivered) again under a new server id.
+    DedupeOff,
 }
 
 thread_local! {
