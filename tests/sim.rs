@@ -190,6 +190,48 @@ fn forged_receipts_are_refused() {
     assert!(report.forged > 0, "{report}");
 }
 
+/// Every client speaks protocol v2, connections reset every 50 ms on
+/// average and the process crashes every 3 s, so many SENDs lose their ACK
+/// and are retried with the same client_id.
+fn v2_retrying(seed: u64) -> Options {
+    let mut faults = Faults::swarm(seed);
+    faults.v2_per_million = 1_000_000;
+    faults.reset_every = Some(Duration::from_millis(50));
+    faults.crash_every = Some(Duration::from_secs(3));
+    Options {
+        faults: Some(faults),
+        ..small(seed)
+    }
+}
+
+/// Retried v2 SENDs are stored once: every ACK and DELIVER of a
+/// (sender, client_id) names one server id.
+#[test]
+fn v2_retries_are_stored_once() {
+    let report = sim::run(&v2_retrying(3));
+    assert!(report.failure.is_none(), "{report}");
+    assert_eq!(report.v2_clients, 40, "{report}");
+    assert!(report.retries > 0, "{report}");
+}
+
+/// `Planted::DedupeOff`: the session ignores the v2 dedupe window, so a
+/// SEND retried after its ACK was lost is stored again under a new server
+/// id, which the checker sees on the second ACK or DELIVER.
+#[test]
+fn planted_dedupe_off_is_found() {
+    for seed in 1..=10 {
+        let report = sim::run(&Options {
+            planted: Planted::DedupeOff,
+            ..v2_retrying(seed)
+        });
+        if let Some((_, why)) = &report.failure {
+            assert!(why.contains("stored twice"), "{report}");
+            return;
+        }
+    }
+    panic!("the planted bug went unnoticed for 10 seeds");
+}
+
 /// `Planted::RelayForgedRead`: the session relays a READ it never checked,
 /// so a forger's READ for another user's message reaches that message's
 /// sender as a read receipt the recipient did not send.

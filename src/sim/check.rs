@@ -60,6 +60,9 @@ pub struct Checker {
     pub(super) duplicates: u64,
     pub(super) receipts: u64,
     pub(super) forged: u64,
+    /// SENDs written again with the same client_id (after a dropped
+    /// connection or a temporary refusal).
+    pub(super) retries: u64,
 }
 
 impl Checker {

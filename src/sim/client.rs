@@ -51,6 +51,9 @@ struct Outgoing {
     seq: u64,
     /// Written on the current connection (and not refused since).
     sent: bool,
+    /// Written at least once before, on any connection: writing it again
+    /// is a retry.
+    tried: bool,
 }
 
 /// One simulated user.
@@ -296,10 +299,11 @@ impl Client {
                 to,
                 seq,
                 sent: false,
+                tried: false,
             });
             self.next_client_id += 1;
         }
-        self.send_unsent(net, now_ns);
+        self.send_unsent(net, now_ns, checker);
         if now_ns.saturating_sub(self.last_write_ns) >= PING_EVERY_NS {
             self.write(net, &Frame::Ping { nonce: now_ns }, now_ns);
         }
@@ -335,10 +339,14 @@ impl Client {
         checker.forged += 1;
     }
 
-    fn send_unsent(&mut self, net: &Net, now_ns: u64) {
+    fn send_unsent(&mut self, net: &Net, now_ns: u64, checker: &mut Checker) {
         let mut frames = Vec::new();
         for o in self.outbox.iter_mut().filter(|o| !o.sent) {
             o.sent = true;
+            if o.tried {
+                checker.retries += 1;
+            }
+            o.tried = true;
             frames.push((o.client_id, o.to, check::body(self.user, o.to, o.seq)));
         }
         for (client_id, to, body) in frames {
@@ -430,7 +438,7 @@ impl Client {
             }
             Frame::LoginOk { .. } if self.state == State::LoggingIn => {
                 self.state = State::Online;
-                self.send_unsent(net, now_ns);
+                self.send_unsent(net, now_ns, checker);
             }
             Frame::LoginErr {
                 code: ErrorCode::Unavailable,

@@ -216,6 +216,9 @@ pub struct Report {
     pub acked: u64,
     /// Clients that spoke protocol v2.
     pub v2_clients: u32,
+    /// SENDs written again with the same client_id (after a dropped
+    /// connection or a temporary refusal), by v1 and v2 clients.
+    pub retries: u64,
     /// DELIVERs received, and how many of them were repeats.
     pub delivers: u64,
     /// DELIVERs of a server id the recipient had seen.
@@ -255,7 +258,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             v2 {} sent {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
+             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -269,6 +272,7 @@ impl fmt::Display for Report {
             self.speed(),
             self.v2_clients,
             self.sent,
+            self.retries,
             self.acked,
             self.delivers,
             self.duplicates,
@@ -858,6 +862,7 @@ impl World {
             sent: self.clients.iter().map(Client::sent).sum(),
             acked: self.checker.acked_count() as u64,
             v2_clients: self.checker.v2_count(),
+            retries: self.checker.retries,
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
