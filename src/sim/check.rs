@@ -63,6 +63,11 @@ pub struct Checker {
     /// SENDs written again with the same client_id (after a dropped
     /// connection or a temporary refusal).
     pub(super) retries: u64,
+    /// Hostile misdeeds (bad bytes written, floods).
+    pub(super) hostile: u64,
+    /// Shard restarts in place so far: a restart closes its connections
+    /// without a frame.
+    pub(super) restarts: u64,
 }
 
 impl Checker {

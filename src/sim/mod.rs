@@ -21,6 +21,7 @@
 pub mod check;
 pub mod client;
 pub mod disk;
+pub mod hostile;
 
 use std::cell::Cell;
 use std::cmp::Reverse;
@@ -101,6 +102,12 @@ pub struct Faults {
     /// (idempotent SEND); the others speak v1. Not a fault, but part of the
     /// seed's mix.
     pub v2_per_million: u32,
+    /// Per million clients: hostile ones of the kinds in `hostile_kinds`
+    /// (garbage, malformed frames, oversized prefixes, SEND floods, slow
+    /// readers; see [`hostile`]).
+    pub hostile_per_million: u32,
+    /// Which hostile kinds are on: bit `i` for [`hostile::KINDS`]`[i]`.
+    pub hostile_kinds: u8,
 }
 
 impl Faults {
@@ -144,6 +151,9 @@ impl Faults {
         let forgers = maybe(30, 300_000);
         // Drawn after forgers, for the same reason.
         let v2 = maybe(70, 1_000_000);
+        // Drawn after v2, for the same reason.
+        let hostile = maybe(40, 200_000);
+        let kinds = rng.u8(1..1 << hostile::KINDS.len());
         Faults {
             net,
             disk,
@@ -152,6 +162,8 @@ impl Faults {
             flip_every: (flip > 0).then(|| Duration::from_millis(1_000 + u64::from(flip))),
             forgers_per_million: forgers,
             v2_per_million: v2,
+            hostile_per_million: hostile,
+            hostile_kinds: kinds,
         }
     }
 }
@@ -219,6 +231,9 @@ pub struct Report {
     /// SENDs written again with the same client_id (after a dropped
     /// connection or a temporary refusal), by v1 and v2 clients.
     pub retries: u64,
+    /// Misdeeds of hostile clients: bytes that break the wire format, and
+    /// SEND floods.
+    pub hostile: u64,
     /// DELIVERs received, and how many of them were repeats.
     pub delivers: u64,
     /// DELIVERs of a server id the recipient had seen.
@@ -258,7 +273,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
+             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {} hostile {}; crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -278,6 +293,7 @@ impl fmt::Display for Report {
             self.duplicates,
             self.receipts,
             self.forged,
+            self.hostile,
             self.crashes,
             self.shard_restarts,
             self.resets,
@@ -390,6 +406,10 @@ impl World {
             // Small, so segments are sealed (and compacted, and flipped)
             // within a run.
             segment_bytes_max: 8 * 1024,
+            // Low, so a flood (`hostile::FLOOD_SENDS`) goes past the burst
+            // and the refusals add up to BYE(rate_limited) within a run.
+            sends_per_s_max: 20,
+            sends_burst_max: 40,
             ..Config::default()
         };
         let secret = config.token_secret.clone();
@@ -399,6 +419,12 @@ impl World {
         let mut hostile = fastrand::Rng::with_seed(opts.seed ^ 0x4057_11e5);
         // Its own PRNG too, for the same reason.
         let mut versions = fastrand::Rng::with_seed(opts.seed ^ 0x0002_0002);
+        // And for hostile clients.
+        let mut rogues = fastrand::Rng::with_seed(opts.seed ^ 0x0bad_c11e);
+        let kinds: Vec<hostile::Kind> = (0..hostile::KINDS.len())
+            .filter(|i| faults.hostile_kinds & (1 << i) != 0)
+            .map(|i| hostile::KINDS[i])
+            .collect();
         let mut checker = Checker::default();
         let clients = (0..opts.clients)
             .map(|i| {
@@ -412,12 +438,20 @@ impl World {
                 } else {
                     crate::proto::VERSION
                 };
+                let rogue = (!kinds.is_empty()
+                    && rogues.u32(..1_000_000) < faults.hostile_per_million)
+                    .then(|| hostile::Hostile {
+                        kind: kinds[rogues.usize(..kinds.len())],
+                        read_every_turns: rogues.u32(..=8),
+                        rng: rogues.fork(),
+                    });
                 Client::new(
                     i,
                     user,
                     version,
                     crate::token::mint(secret.as_bytes(), user, expires),
                     forge,
+                    rogue,
                 )
             })
             .collect();
@@ -718,6 +752,12 @@ impl World {
                 &mut self.rng,
                 &mut self.checker,
             );
+            if self.clients[i as usize].reads_at_turn() {
+                // A slow reader reads what it left unread until now.
+                if let Some(sock) = self.clients[i as usize].sock() {
+                    self.news.push((i, sock));
+                }
+            }
             let at = next.wake_ns.max(now + 1);
             self.turns.push(Reverse((at, i)));
             self.turn_at[i as usize] = at;
@@ -774,10 +814,11 @@ impl World {
                 return Err(format!("shard {id} stopped: {done:?}"));
             }
             let c = disk::counts();
-            if self.stats[id].restarts.get() != restarts_before
-                && c.write_eio + c.sync_eio == eio_before
-            {
-                return Err(format!("shard {id} crashed without an injected I/O error"));
+            if self.stats[id].restarts.get() != restarts_before {
+                if c.write_eio + c.sync_eio == eio_before {
+                    return Err(format!("shard {id} crashed without an injected I/O error"));
+                }
+                self.checker.restarts += 1;
             }
             if self.stats[id].panics.get() != 0 {
                 return Err(format!("shard {id}: a panic handling a connection"));
@@ -863,6 +904,7 @@ impl World {
             acked: self.checker.acked_count() as u64,
             v2_clients: self.checker.v2_count(),
             retries: self.checker.retries,
+            hostile: self.checker.hostile,
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
