@@ -65,6 +65,8 @@ pub struct Checker {
     pub(super) retries: u64,
     /// Hostile misdeeds (bad bytes written, floods).
     pub(super) hostile: u64,
+    /// Fatal ERRORs received as documented, after bad bytes.
+    pub(super) fatal: u64,
     /// Shard restarts in place so far: a restart closes its connections
     /// without a frame.
     pub(super) restarts: u64,

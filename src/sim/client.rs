@@ -584,6 +584,7 @@ impl Client {
                     ));
                 }
                 self.fatal_seen = true;
+                checker.fatal += 1;
             }
             Frame::LoginOk { .. } if self.impostor => {
                 return Err(format!(

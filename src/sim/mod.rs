@@ -234,6 +234,8 @@ pub struct Report {
     /// Misdeeds of hostile clients: bytes that break the wire format, and
     /// SEND floods.
     pub hostile: u64,
+    /// The documented fatal ERRORs hostile clients got for their bad bytes.
+    pub fatal_errors: u64,
     /// DELIVERs received, and how many of them were repeats.
     pub delivers: u64,
     /// DELIVERs of a server id the recipient had seen.
@@ -273,7 +275,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {} hostile {}; crashes {} shard restarts {} \
+             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {} hostile {} (fatal {}); crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -294,6 +296,7 @@ impl fmt::Display for Report {
             self.receipts,
             self.forged,
             self.hostile,
+            self.fatal_errors,
             self.crashes,
             self.shard_restarts,
             self.resets,
@@ -905,6 +908,7 @@ impl World {
             v2_clients: self.checker.v2_count(),
             retries: self.checker.retries,
             hostile: self.checker.hostile,
+            fatal_errors: self.checker.fatal,
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
