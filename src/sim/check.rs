@@ -67,6 +67,9 @@ pub struct Checker {
     pub(super) hostile: u64,
     /// Fatal ERRORs received as documented, after bad bytes.
     pub(super) fatal: u64,
+    /// BYE(`slow`) and BYE(`rate_limited`) received.
+    pub(super) slow_byes: u64,
+    pub(super) rate_byes: u64,
     /// Shard restarts in place so far: a restart closes its connections
     /// without a frame.
     pub(super) restarts: u64,

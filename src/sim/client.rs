@@ -16,10 +16,10 @@ use super::hostile::{self, Hostile, Kind};
 use crate::io::sim::{Net, ReadState, SockId};
 use crate::proto::{self, ByeReason, ErrorCode, Frame, Limits};
 
-/// Decode limits: the codec's defaults, as large as the server's.
+/// Decode limits: the simulated server's.
 const LIMITS: Limits = Limits {
-    frame_bytes_max: 65536,
-    body_bytes_max: 65000,
+    frame_bytes_max: super::FRAME_BYTES_MAX,
+    body_bytes_max: super::FRAME_BYTES_MAX - 41,
 };
 
 /// How a client behaves, for the whole run (the simulator picks it per seed).
@@ -703,6 +703,11 @@ impl Client {
                     return Err(format!("user {user}: unexpected BYE({reason})"));
                 }
                 self.go_offline(net, now_ns, b, rng);
+                match reason {
+                    ByeReason::Slow => checker.slow_byes += 1,
+                    ByeReason::RateLimited => checker.rate_byes += 1,
+                    _ => {}
+                }
                 if reason == ByeReason::RateLimited {
                     self.back_at_ns = self.back_at_ns.max(now_ns + RATE_BYE_AWAY_NS);
                     self.rate_closed = true;

@@ -79,6 +79,11 @@ pub fn planted(bug: Planted) -> bool {
 const ORIGIN_UNIX_MS: u64 = 1_900_000_000_000;
 /// Shortest and longest step of simulated time while bytes are in flight.
 const STEP_NS: (u64, u64) = (10_000, 1_000_000);
+/// The simulated server's `frame_bytes_max` (the smallest
+/// `conn_out_bytes_max` is this plus 16): small, so a slow reader's
+/// output passes `conn_out_bytes_max` (BYE(`slow`)) within a run. The
+/// bodies are 24 bytes.
+const FRAME_BYTES_MAX: usize = 4096;
 /// Longest step of simulated time when the network is quiet (one timer tick).
 const IDLE_STEP_NS: u64 = 100_000_000;
 
@@ -236,6 +241,10 @@ pub struct Report {
     pub hostile: u64,
     /// The documented fatal ERRORs hostile clients got for their bad bytes.
     pub fatal_errors: u64,
+    /// BYE(`slow`) received (slow readers).
+    pub slow_byes: u64,
+    /// BYE(`rate_limited`) received (floods).
+    pub rate_byes: u64,
     /// DELIVERs received, and how many of them were repeats.
     pub delivers: u64,
     /// DELIVERs of a server id the recipient had seen.
@@ -275,7 +284,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {} hostile {} (fatal {}); crashes {} shard restarts {} \
+             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {} hostile {} (fatal {}, bye slow {}, bye rate {}); crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -297,6 +306,8 @@ impl fmt::Display for Report {
             self.forged,
             self.hostile,
             self.fatal_errors,
+            self.slow_byes,
+            self.rate_byes,
             self.crashes,
             self.shard_restarts,
             self.resets,
@@ -413,6 +424,9 @@ impl World {
             // and the refusals add up to BYE(rate_limited) within a run.
             sends_per_s_max: 20,
             sends_burst_max: 40,
+            frame_bytes_max: FRAME_BYTES_MAX,
+            body_bytes_max: FRAME_BYTES_MAX - 41,
+            conn_out_bytes_max: FRAME_BYTES_MAX + 16,
             ..Config::default()
         };
         let secret = config.token_secret.clone();
@@ -909,6 +923,8 @@ impl World {
             retries: self.checker.retries,
             hostile: self.checker.hostile,
             fatal_errors: self.checker.fatal,
+            slow_byes: self.checker.slow_byes,
+            rate_byes: self.checker.rate_byes,
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,
