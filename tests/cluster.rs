@@ -560,3 +560,49 @@ fn messages_cross_nodes_with_every_tick_and_wait_for_offline_users() {
     let published = a.info_u64("Cluster_published") + b.info_u64("Cluster_published");
     assert_eq!(published, 5, "four SENDs and one retry");
 }
+
+// ---- Publish latency and the load generator across nodes (issue 15) ----
+
+/// `show latency`'s `cluster_publish` count at `node`.
+fn publish_count(node: &TestServer) -> u64 {
+    let text = node.query("show latency");
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("cluster_publish"))
+        .unwrap_or_else(|| panic!("no cluster_publish row in:\n{text}"));
+    row.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One message across nodes and its DELIVERED receipt: the sender's node
+/// records one publish (the SEND), the recipient's node one (the receipt),
+/// in `show latency` and in Prometheus, and nothing stays in flight.
+#[test]
+fn publish_latency_moves_after_a_cross_node_message() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", 16);
+    let b = reachable_node(&nats, "b", 16);
+    settle_halves(&a, &b, 16);
+    assert_eq!((publish_count(&a), publish_count(&b)), (0, 0));
+    assert_eq!(a.metric_sum("tern_cluster_publish_seconds_count"), 0);
+    let (x, y) = user_on_each(&a);
+    let mut cx = login_v2(a.addr, x);
+    let mut cy = login_v2(a.addr, y);
+
+    cx.send_msg(1, y, b"timed").expect("send");
+    let id = recv_ack(&mut cx, 1);
+    assert_eq!(recv_deliver(&mut cy).server_id, id);
+    cy.send_delivered(id).expect("delivered");
+    expect_receipt(&mut cx, ReceiptKind::Delivered, id, y);
+
+    assert_eq!(publish_count(&a), 1, "the SEND");
+    assert_eq!(a.metric_sum("tern_cluster_publish_seconds_count"), 1);
+    // The receipt's ack may come back a moment after the receipt itself.
+    b.wait_metric("tern_cluster_publish_seconds_count", |n| n == 1);
+    assert_eq!(publish_count(&b), 1, "the receipt");
+    for node in [&a, &b] {
+        node.wait_info("Cluster_publishes_in_flight", |n| n == 0);
+        assert_eq!(node.metric_sum("tern_cluster_publishes_in_flight"), 0);
+    }
+    let metrics = a.query("show metrics");
+    assert!(metrics.contains("# TYPE tern_cluster_publish_seconds histogram"));
+}

@@ -62,6 +62,13 @@ const S_CONNECTING: u8 = 1;
 const S_LOGGING_IN: u8 = 2;
 const S_UP: u8 = 3;
 const S_CLOSING: u8 = 4;
+/// Closing after a REDIRECT, or closed and waiting for room to open again
+/// towards the node it named; counted as in flight, like a login.
+const S_REDIRECTING: u8 = 5;
+
+/// REDIRECTs followed in a row for one connection before its login counts
+/// as failed (`login:redirect_loop`): as many as the client library takes.
+const REDIRECTS_IN_A_ROW_MAX: u8 = 3;
 
 /// Flag: a BYE or LOGIN_ERR explained why the server closes.
 const F_EXPLAINED: u8 = 1 << 0;
@@ -271,6 +278,15 @@ struct Conn {
     flags: u8,
 }
 
+/// Where a REDIRECT sent a connection: it opens there from now on.
+#[derive(Clone, Copy, Debug)]
+struct Redirected {
+    /// The engine's index of the named node.
+    server: u32,
+    /// REDIRECTs since its last LOGIN_OK.
+    in_a_row: u8,
+}
+
 /// Where a slot of the final drain is ([`Cmd::FinalDrain`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Recheck {
@@ -323,6 +339,15 @@ pub struct Worker<E: Engine> {
     order: OrderCheck,
     /// Slots of the final drain (at most this worker's connections).
     recheck: HashMap<u32, Recheck>,
+    // Clusters (docs/CLUSTER.md): only redirected slots have an entry.
+    /// Slots a REDIRECT sent to another node.
+    redirected: HashMap<u32, Redirected>,
+    /// REDIRECT addresses seen, with the engine's index (`None`: could not
+    /// be resolved or too many nodes), so each is resolved once.
+    redirect_servers: HashMap<Box<str>, Option<u32>>,
+    /// Redirected slots closed and idle in the engine, waiting for room to
+    /// open towards their node.
+    redirect_wait: Vec<u32>,
     // Cuts (`SendPlan::cut_rate_per_s`).
     /// Per local slot, allocated at its first use; empty without cuts.
     sessions: Vec<Option<Box<SessionState>>>,
@@ -392,6 +417,9 @@ impl<E: Engine> Worker<E> {
             early_receipts: HashMap::new(),
             order: OrderCheck::default(),
             recheck: HashMap::new(),
+            redirected: HashMap::new(),
+            redirect_servers: HashMap::new(),
+            redirect_wait: Vec::new(),
             sessions: Vec::new(),
             first_client_id: 0,
             cut_pacer: None,
@@ -618,8 +646,8 @@ impl<E: Engine> Worker<E> {
         } else if to == S_IDLE {
             self.busy -= 1;
         }
-        let was_inflight = from == S_CONNECTING || from == S_LOGGING_IN;
-        let is_inflight = to == S_CONNECTING || to == S_LOGGING_IN;
+        let inflight = |s| s == S_CONNECTING || s == S_LOGGING_IN || s == S_REDIRECTING;
+        let (was_inflight, is_inflight) = (inflight(from), inflight(to));
         if was_inflight != is_inflight {
             let d = if is_inflight { 1 } else { -1 };
             self.inflight = (self.inflight as i64 + d) as u32;
@@ -642,6 +670,13 @@ impl<E: Engine> Worker<E> {
         if st == S_UP {
             self.shared.add(C::closed_by_us, 1);
         }
+        if let Some(i) = self.redirect_wait.iter().position(|&w| w == l) {
+            // The engine released it already: no `Released` will come.
+            self.redirect_wait.swap_remove(i);
+            self.set_state(l, S_CLOSING);
+            self.released(l, self.plan.now_ns());
+            return;
+        }
         self.conns[l as usize].inbuf = None;
         self.set_state(l, S_CLOSING);
         self.engine.close(l);
@@ -649,7 +684,10 @@ impl<E: Engine> Worker<E> {
 
     fn start_open(&mut self, l: u32, now: u64) -> bool {
         let g = self.global(l);
-        let (src, dst) = addr::spread(g, self.plan.sources, self.plan.servers);
+        let (src, mut dst) = addr::spread(g, self.plan.sources, self.plan.servers);
+        if let Some(r) = self.redirected.get(&l) {
+            dst = r.server as usize;
+        }
         if self.engine.open(l, src, dst).is_err() {
             return false; // Submission queue full: try again next tick.
         }
@@ -691,6 +729,13 @@ impl<E: Engine> Worker<E> {
     }
 
     fn reopen_due(&mut self, now: u64) {
+        // Redirected slots first: they are counted in flight already.
+        while let Some(&l) = self.redirect_wait.last() {
+            if !self.start_open(l, now) {
+                break;
+            }
+            self.redirect_wait.pop();
+        }
         let mut started = 0;
         while let Some(&Reverse((due, l))) = self.reopen.peek() {
             if due > now || started >= OPENS_PER_TICK_MAX || self.inflight >= self.plan.inflight_max
@@ -943,6 +988,10 @@ impl<E: Engine> Worker<E> {
             }
             Event::ConnectFailed(l, errno) => {
                 let st = self.conns[l as usize].state;
+                // The node a REDIRECT named is gone (killed, say): the next
+                // try goes through the configured server again, which
+                // names the partition's new owner.
+                self.redirected.remove(&l);
                 if st == S_CONNECTING {
                     self.shared.add(C::connect_failed, 1);
                     self.shared.fail(&format!("connect:{}", errno_name(errno)));
@@ -965,23 +1014,33 @@ impl<E: Engine> Worker<E> {
                 }
             }
             Event::PeerClosed(l, errno) => self.peer_closed(l, errno, None),
-            Event::Released(l) => {
-                let reopen = self.conns[l as usize].flags & F_REOPEN != 0;
-                self.conns[l as usize].flags &= !F_REOPEN;
-                self.set_state(l, S_IDLE);
-                if reopen && self.reconnect {
-                    self.schedule_reopen(l, now, 0);
-                } else if reopen && self.cut_reopen {
-                    let wait = self.rng.below(CUT_BACKOFF_NS + 1);
-                    self.reopen.push(Reverse((now + wait, l)));
-                }
-                // A slot still opening or draining here was closed by us at
-                // the end: it stays not drained (unverified), not failed.
-                if self.recheck.get(&l) == Some(&Recheck::Closing) {
-                    self.recheck.insert(l, Recheck::Opening);
-                    self.reopen.push(Reverse((now, l)));
-                }
+            Event::Released(l) => self.released(l, now),
+        }
+    }
+
+    /// The engine released slot `l`: it is idle now, unless a REDIRECT
+    /// sends it to another node.
+    fn released(&mut self, l: u32, now: u64) {
+        if self.conns[l as usize].state == S_REDIRECTING {
+            if !self.start_open(l, now) {
+                self.redirect_wait.push(l);
             }
+            return;
+        }
+        let reopen = self.conns[l as usize].flags & F_REOPEN != 0;
+        self.conns[l as usize].flags &= !F_REOPEN;
+        self.set_state(l, S_IDLE);
+        if reopen && self.reconnect {
+            self.schedule_reopen(l, now, 0);
+        } else if reopen && self.cut_reopen {
+            let wait = self.rng.below(CUT_BACKOFF_NS + 1);
+            self.reopen.push(Reverse((now + wait, l)));
+        }
+        // A slot still opening or draining here was closed by us at
+        // the end: it stays not drained (unverified), not failed.
+        if self.recheck.get(&l) == Some(&Recheck::Closing) {
+            self.recheck.insert(l, Recheck::Opening);
+            self.reopen.push(Reverse((now, l)));
         }
     }
 
@@ -1081,6 +1140,9 @@ impl<E: Engine> Worker<E> {
                     return;
                 }
                 self.shared.add(C::login_ok, 1);
+                if let Some(r) = self.redirected.get_mut(&l) {
+                    r.in_a_row = 0;
+                }
                 let us = self.since_open_us(l, now);
                 record(&mut self.ivl.login, us);
                 self.set_state(l, S_UP);
@@ -1243,13 +1305,10 @@ impl<E: Engine> Worker<E> {
                     self.conns[l as usize].flags |= F_EXPLAINED;
                 }
             }
-            // A clustered server sends this user elsewhere: the load
-            // generator does not follow redirects yet (docs/CLUSTER.md).
-            Frame::Redirect { .. } => {
+            // A clustered server serves this user on another node.
+            Frame::Redirect { addr } => {
                 if self.conns[l as usize].state == S_LOGGING_IN {
-                    self.shared.fail("login:redirect");
-                    self.shared.add(C::login_failed, 1);
-                    self.conns[l as usize].flags |= F_EXPLAINED;
+                    self.follow_redirect(l, addr);
                 }
             }
             // Client-to-server frames never come from a server.
@@ -1260,6 +1319,58 @@ impl<E: Engine> Worker<E> {
                 self.peer_closed(l, 0, Some("unexpected_frame"));
             }
         }
+    }
+
+    /// Slot `l`'s LOGIN was answered with REDIRECT to `addr`: close, and
+    /// open again towards `addr` once the engine released the slot
+    /// (`Event::Released`). A login fails instead when `addr` is not a
+    /// `host:port` that resolves (`login:redirect_addr`), or after
+    /// [`REDIRECTS_IN_A_ROW_MAX`] REDIRECTs with no LOGIN_OK
+    /// (`login:redirect_loop`).
+    fn follow_redirect(&mut self, l: u32, addr: &str) {
+        let in_a_row = self.redirected.get(&l).map_or(0, |r| r.in_a_row);
+        let server = if in_a_row >= REDIRECTS_IN_A_ROW_MAX {
+            Err("login:redirect_loop")
+        } else {
+            self.redirect_server(addr).ok_or("login:redirect_addr")
+        };
+        let server = match server {
+            Ok(server) => server,
+            Err(why) => {
+                self.shared.fail(why);
+                self.shared.add(C::login_failed, 1);
+                self.conns[l as usize].flags |= F_EXPLAINED;
+                self.redirected.remove(&l);
+                return;
+            }
+        };
+        self.shared.add(C::redirects, 1);
+        self.redirected.insert(
+            l,
+            Redirected {
+                server,
+                in_a_row: in_a_row + 1,
+            },
+        );
+        self.conns[l as usize].inbuf = None;
+        self.set_state(l, S_REDIRECTING);
+        self.engine.close(l);
+    }
+
+    /// The engine's index of the node a REDIRECT named, resolved once per
+    /// address (a name is looked up with the system resolver, blocking this
+    /// worker once).
+    fn redirect_server(&mut self, addr: &str) -> Option<u32> {
+        if let Some(&known) = self.redirect_servers.get(addr) {
+            return known;
+        }
+        let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .and_then(|a| self.engine.server_index(a))
+            .and_then(|i| u32::try_from(i).ok());
+        self.redirect_servers.insert(addr.into(), resolved);
+        resolved
     }
 
     /// The current send plan, also after its schedule ended (ACKs and

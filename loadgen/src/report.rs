@@ -34,6 +34,7 @@ counters! {
     connect_failed: "Connects that failed (see failures).",
     login_ok: "LOGIN_OK received.",
     login_failed: "Logins that failed (see failures).",
+    redirects: "REDIRECTs followed: the connection closed and opened again to the cluster node the REDIRECT named, and logged in there.",
     closed_by_server: "Logged-in connections the server closed or reset.",
     closed_by_us: "Connections we closed.",
     pings: "PINGs sent.",

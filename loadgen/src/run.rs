@@ -550,12 +550,14 @@ impl Finished {
             engine_name(run.engine)
         );
         println!(
-            "connections: target {} | up max {} | opened {} connected {} logged in {} | failed {failed}",
+            "connections: target {} | up max {} | opened {} connected {} logged in {} | \
+             redirects {} | failed {failed}",
             run.plan.conns,
             run.up_max,
             s.get(C::opened),
             s.get(C::connected),
             s.get(C::login_ok),
+            s.get(C::redirects),
         );
         for (reason, n) in &failures {
             println!("  failure {reason}: {n}");

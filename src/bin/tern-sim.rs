@@ -36,8 +36,8 @@ struct Args {
     /// Longest simulated seconds to settle after the faults stop.
     #[arg(long, default_value_t = 120)]
     drain_s: u64,
-    /// Plant a bug on purpose: `skip-fsync`, `skip-checksum` or
-    /// `relay-forged-read`.
+    /// Plant a bug on purpose: `skip-fsync`, `skip-checksum`,
+    /// `relay-forged-read` or `dedupe-off`.
     #[arg(long)]
     plant: Option<String>,
     /// Most DELIVERs the clients may receive in one seed before it fails as
@@ -64,8 +64,9 @@ fn main() -> ExitCode {
         Some("skip-fsync") => Planted::SkipFsync,
         Some("skip-checksum") => Planted::SkipChecksum,
         Some("relay-forged-read") => Planted::RelayForgedRead,
+        Some("dedupe-off") => Planted::DedupeOff,
         Some(other) => {
-            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync, skip-checksum or relay-forged-read)");
+            eprintln!("tern-sim: unknown --plant {other} (expected skip-fsync, skip-checksum, relay-forged-read or dedupe-off)");
             return ExitCode::from(2);
         }
     };

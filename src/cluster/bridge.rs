@@ -20,7 +20,7 @@ use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::relay::{ensure_stream, Relay};
 use super::streams;
-use crate::stats::Counter;
+use crate::stats::{Counter, Histogram};
 
 /// JetStream KV bucket holding the leases and heartbeats.
 pub const LEASE_BUCKET: &str = "tern_leases";
@@ -54,6 +54,13 @@ pub struct ClusterStats {
     pub pending_acks: Counter,
     /// Partition consumers running (one per partition held).
     pub consumers: Counter,
+    /// Publishes (SENDs and receipts) sent to JetStream whose publish ack
+    /// has not come back yet.
+    pub publishes_in_flight: Counter,
+    /// From a SEND or receipt taken off its shard's ring by the bridge to
+    /// JetStream's publish ack (or failure) for it. Written by the relay
+    /// task only (the bridge's runtime has one thread).
+    pub publish_latency: Histogram,
     /// Copies JetStream keeps of the stream `TERN`: `stream_replicas`, or 1
     /// against a NATS server without clustering; 0 until first reached.
     pub stream_replicas: Counter,

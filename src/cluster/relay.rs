@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer, message::Acker, stream};
 use futures_util::StreamExt;
@@ -70,7 +70,16 @@ enum Report {
         client_id: u64,
         time_ms: u64,
         sent_ns: u64,
+        /// When the bridge took the SEND off its shard's ring.
+        taken: Instant,
         result: Result<u64, String>,
+    },
+    /// A receipt's publish was acknowledged (`Ok`) or failed.
+    ReceiptPublished {
+        user: u64,
+        /// When the bridge took the receipt off its shard's ring.
+        taken: Instant,
+        result: Result<(), String>,
     },
     /// A partition's consumer brought a record.
     Consumed {
@@ -155,6 +164,7 @@ impl Relay {
     }
 
     async fn take_from_shard(&mut self, msg: Msg) {
+        let taken = Instant::now();
         match msg {
             Msg::Send {
                 from,
@@ -187,6 +197,7 @@ impl Relay {
                     .await;
                 let tx = self.tx.clone();
                 self.stats.published.inc();
+                self.stats.publishes_in_flight.inc();
                 tokio::spawn(async move {
                     let result = match published {
                         Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
@@ -197,6 +208,7 @@ impl Relay {
                         client_id,
                         time_ms,
                         sent_ns,
+                        taken,
                         result,
                     });
                 });
@@ -215,16 +227,18 @@ impl Relay {
                 };
                 let subject = format!("tern.r.{}", partition_of(user, self.owners.partitions()));
                 let published = self.js.publish(subject, record.encode().into()).await;
-                let stats = self.stats.clone();
+                let tx = self.tx.clone();
+                self.stats.publishes_in_flight.inc();
                 tokio::spawn(async move {
-                    let acked = match published {
+                    let result = match published {
                         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
-                    if let Err(e) = acked {
-                        stats.receipts_lost.inc();
-                        log::warn!("cluster relay: receipt for {user} not published: {e}");
-                    }
+                    let _ = tx.send(Report::ReceiptPublished {
+                        user,
+                        taken,
+                        result,
+                    });
                 });
             }
             Msg::Done { server_id, .. } => {
@@ -250,8 +264,10 @@ impl Relay {
                 client_id,
                 time_ms,
                 sent_ns,
+                taken,
                 result,
             } => {
+                self.publish_answered(taken);
                 let answer = match result {
                     Ok(sequence) => Msg::Ack {
                         reply,
@@ -271,6 +287,17 @@ impl Relay {
                     }
                 };
                 self.backlog[reply.shard as usize].push_back(answer);
+            }
+            Report::ReceiptPublished {
+                user,
+                taken,
+                result,
+            } => {
+                self.publish_answered(taken);
+                if let Err(e) = result {
+                    self.stats.receipts_lost.inc();
+                    log::warn!("cluster relay: receipt for {user} not published: {e}");
+                }
             }
             Report::Consumed {
                 partition,
@@ -325,6 +352,14 @@ impl Relay {
                 }
             },
         }
+    }
+
+    /// A publish taken from a shard at `taken` was answered (acked or
+    /// failed): one fewer in flight, and its latency recorded.
+    fn publish_answered(&self, taken: Instant) {
+        self.stats.publishes_in_flight.sub(1);
+        let ns = u64::try_from(taken.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.stats.publish_latency.record(ns);
     }
 
     /// Pushes the backlog into the shards' rings as far as they have room,

@@ -27,6 +27,9 @@ impl Sessions {
         sent_ns: u64,
     ) -> Option<Msg> {
         let origin = origin?;
+        if crate::sim::planted(crate::sim::Planted::DedupeOff) {
+            return None;
+        }
         let client_id = origin.client_id;
         match self.store.seen(from, origin) {
             Seen::New => None,

@@ -32,6 +32,15 @@ fn parse(body: &[u8]) -> Option<(u64, u64, u64)> {
 pub struct Checker {
     /// Every SEND made: (sender, sequence) -> recipient.
     sent: HashMap<(u64, u64), u64>,
+    /// The senders that speak protocol v2 (idempotent SEND).
+    v2: HashSet<u64>,
+    /// A v2 sender's (sender, client_id) -> the one server id the server
+    /// gave it, from its first ACK or DELIVER: every later ACK and DELIVER
+    /// of that SEND must name the same (exactly-once, docs/PROTOCOL.md).
+    taken: HashMap<(u64, u64), u64>,
+    /// (sender, client_id) whose dedupe entry a repair skipped after a
+    /// flipped byte: a retry of it may be stored again.
+    forgotten: HashSet<(u64, u64)>,
     /// Every ACK: (sender, sequence), with the server id.
     acked: Vec<(u64, u64, u64)>,
     /// What each recipient saw: (recipient, server id) -> (sender, sequence).
@@ -51,6 +60,19 @@ pub struct Checker {
     pub(super) duplicates: u64,
     pub(super) receipts: u64,
     pub(super) forged: u64,
+    /// SENDs written again with the same client_id (after a dropped
+    /// connection or a temporary refusal).
+    pub(super) retries: u64,
+    /// Hostile misdeeds (bad bytes written, floods).
+    pub(super) hostile: u64,
+    /// Fatal ERRORs received as documented, after bad bytes.
+    pub(super) fatal: u64,
+    /// BYE(`slow`) and BYE(`rate_limited`) received.
+    pub(super) slow_byes: u64,
+    pub(super) rate_byes: u64,
+    /// Shard restarts in place so far: a restart closes its connections
+    /// without a frame.
+    pub(super) restarts: u64,
 }
 
 impl Checker {
@@ -59,25 +81,68 @@ impl Checker {
         self.sent.insert((from, seq), to);
     }
 
+    /// `user` logs in with protocol v2: its SENDs are idempotent, and their
+    /// client_id is their sequence number.
+    pub fn speaks_v2(&mut self, user: u64) {
+        self.v2.insert(user);
+    }
+
+    /// A v2 SEND (`from`, `client_id`) is `server_id`, as an ACK or a
+    /// DELIVER says: it must be the server id every earlier one named.
+    fn one_id(
+        &mut self,
+        from: u64,
+        client_id: u64,
+        server_id: u64,
+        what: &str,
+    ) -> Result<(), String> {
+        if !self.v2.contains(&from) || self.forgotten.contains(&(from, client_id)) {
+            return Ok(());
+        }
+        match *self.taken.entry((from, client_id)).or_insert(server_id) {
+            first if first != server_id => Err(format!(
+                "v2 SEND {client_id} of user {from} stored twice: {what} names server id \
+                 {server_id}, it was {first} before"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A repair skipped the record holding `from`'s dedupe entry for
+    /// `client_id`: a retry of that SEND may be taken again.
+    pub fn lost_dedupe(&mut self, from: u64, client_id: u64) {
+        self.forgotten.insert((from, client_id));
+    }
+
+    /// Clients that speak protocol v2.
+    pub fn v2_count(&self) -> u32 {
+        self.v2.len() as u32
+    }
+
     /// Messages ACKed so far (with duplicates from resends).
     pub fn acked_count(&self) -> usize {
         self.acked.len()
     }
 
-    /// The server ACKed `from`'s message `seq` with `server_id`.
-    pub fn acked(&mut self, from: u64, seq: u64, server_id: u64) {
+    /// The server ACKed `from`'s message `seq` with `server_id`; for a v2
+    /// sender, the same server id as every earlier ACK or DELIVER of it.
+    pub fn acked(&mut self, from: u64, seq: u64, server_id: u64) -> Result<(), String> {
         self.acked.push((from, seq, server_id));
+        self.one_id(from, seq, server_id, "an ACK")
     }
 
-    /// `to` received DELIVER(`server_id`, `from`, `body`). Checks it was sent,
-    /// to this user, by that sender, and that new messages come in the
-    /// order of their server ids (the recipient's queue order, which is
-    /// each sender's order).
+    /// `to` received DELIVER(`server_id`, `from`, `client_id`, `body`).
+    /// Checks it was sent, to this user, by that sender, that new messages
+    /// come in the order of their server ids (the recipient's queue order,
+    /// which is each sender's order), that a v2 DELIVER (`client_id` set)
+    /// carries the sender's client_id (0 from a v1 sender), and that a v2
+    /// sender's SEND has one server id however often it was retried.
     pub fn delivered(
         &mut self,
         to: u64,
         server_id: u64,
         from: u64,
+        client_id: Option<u64>,
         body: &[u8],
     ) -> Result<(), String> {
         self.delivers += 1;
@@ -92,6 +157,14 @@ impl Checker {
                  which was never sent so"
             ));
         }
+        let v2 = self.v2.contains(&from);
+        if let Some(cid) = client_id.filter(|&c| c != if v2 { seq } else { 0 }) {
+            return Err(format!(
+                "user {to} got v2 DELIVER {server_id} of message {seq} from {from} (v2 {v2}) \
+                 with client_id {cid}"
+            ));
+        }
+        self.one_id(from, seq, server_id, &format!("DELIVER to {to}"))?;
         match self.delivered.insert((to, server_id), (from, seq)) {
             Some(before) if before != (from, seq) => {
                 return Err(format!(

@@ -1,5 +1,5 @@
-//! A simulated client: one user speaking protocol v1 through the real codec
-//! over a simulated socket.
+//! A simulated client: one user speaking protocol v1 or v2 through the real
+//! codec over a simulated socket.
 //!
 //! It logs in with a real token, sends messages to random users, answers
 //! DELIVERED (and sometimes READ) after a random delay, pings when quiet,
@@ -12,13 +12,14 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::check::{self, Checker};
+use super::hostile::{self, Hostile, Kind};
 use crate::io::sim::{Net, ReadState, SockId};
 use crate::proto::{self, ByeReason, ErrorCode, Frame, Limits};
 
-/// Decode limits: the codec's defaults, as large as the server's.
+/// Decode limits: the simulated server's.
 const LIMITS: Limits = Limits {
-    frame_bytes_max: 65536,
-    body_bytes_max: 65000,
+    frame_bytes_max: super::FRAME_BYTES_MAX,
+    body_bytes_max: super::FRAME_BYTES_MAX - 41,
 };
 
 /// How a client behaves, for the whole run (the simulator picks it per seed).
@@ -51,12 +52,18 @@ struct Outgoing {
     seq: u64,
     /// Written on the current connection (and not refused since).
     sent: bool,
+    /// Written at least once before, on any connection: writing it again
+    /// is a retry.
+    tried: bool,
 }
 
 /// One simulated user.
 pub struct Client {
     index: u32,
     user: u64,
+    /// The protocol version it logs in with: 1, or 2 (idempotent SEND, and
+    /// a retry keeps its client_id, as the client library does).
+    version: u8,
     token: Vec<u8>,
     state: State,
     sock: Option<SockId>,
@@ -79,6 +86,23 @@ pub struct Client {
     /// The LOGIN in flight carries a forged token (another user's id under
     /// this user's MAC): the server must refuse it with `bad_token`.
     impostor: bool,
+    /// A hostile client's kind and PRNG (see [`hostile`]); `None` for an
+    /// honest one, which draws nothing from it.
+    hostile: Option<Hostile>,
+    /// Bytes that break the wire format were written: the server must
+    /// answer ERROR with this code (client id 0) and close. Nothing more
+    /// is written on this connection.
+    doomed: Option<ErrorCode>,
+    /// The fatal ERROR came: nothing may follow it but the close.
+    fatal_seen: bool,
+    /// `Checker::restarts` when the bad bytes were written: a shard
+    /// restart since then may have closed the connection first.
+    doomed_restarts: u64,
+    /// A slow reader leaves its socket unread until its next turn.
+    deaf: bool,
+    /// Closed with BYE(`rate_limited`): away until `back_at_ns`, even while
+    /// draining.
+    rate_closed: bool,
 }
 
 /// What the world must do after a client acted.
@@ -88,6 +112,17 @@ pub struct Next {
 }
 
 const PING_EVERY_NS: u64 = 60_000_000_000;
+
+/// Most SENDs a client writes again in one go (at a turn, or at LOGIN_OK);
+/// the rest wait for its next turn.
+const RESENDS_MAX: u32 = 16;
+
+/// Shortest time away after BYE(`rate_limited`), even while draining: the
+/// simulated server's `rate_refusals_window_ms` (the default, 10 s). A
+/// refusal within the window closes the connection again at once, so a
+/// client that came straight back with its outbox would be closed in a
+/// loop; the client library backs off too.
+const RATE_BYE_AWAY_NS: u64 = 10_000_000_000;
 
 /// A forger forges a receipt on one turn in this many, and a LOGIN on one
 /// connect in this many (on average).
@@ -105,12 +140,21 @@ fn forged_token(token: &[u8], other: u64) -> Vec<u8> {
 }
 
 impl Client {
-    /// Client `index` for `user`, logging in with `token`; with `forge`, a
-    /// hostile client that also forges receipts from that PRNG.
-    pub fn new(index: u32, user: u64, token: String, forge: Option<fastrand::Rng>) -> Client {
+    /// Client `index` for `user`, logging in with `token` and protocol
+    /// `version`; with `forge`, a hostile client that also forges receipts
+    /// from that PRNG; with `hostile`, one that misbehaves so.
+    pub fn new(
+        index: u32,
+        user: u64,
+        version: u8,
+        token: String,
+        forge: Option<fastrand::Rng>,
+        hostile: Option<Hostile>,
+    ) -> Client {
         Client {
             index,
             user,
+            version,
             token: token.into_bytes(),
             state: State::Offline,
             sock: None,
@@ -125,7 +169,23 @@ impl Client {
             calm: false,
             forge,
             impostor: false,
+            hostile,
+            doomed: None,
+            fatal_seen: false,
+            doomed_restarts: 0,
+            deaf: false,
+            rate_closed: false,
         }
+    }
+
+    /// A slow reader that reads on this turn: the world reads its socket
+    /// for it now (it skipped the news since its last turn).
+    pub fn reads_at_turn(&self) -> bool {
+        !self.deaf
+            && self
+                .hostile
+                .as_ref()
+                .is_some_and(|h| h.kind == Kind::SlowReader)
     }
 
     /// True when logged in with nothing outstanding.
@@ -136,9 +196,14 @@ impl Client {
     /// What keeps the client from being settled, for a failure report.
     pub fn describe(&self) -> String {
         format!(
-            "user {} {:?}, {} unACKed ({} written), {} answers due",
+            "user {} {:?}{}, {} unACKed ({} written), {} answers due",
             self.user,
             self.state,
+            match (&self.hostile, self.doomed) {
+                (_, Some(code)) => format!(" (waits for ERROR({code}))"),
+                (Some(h), None) => format!(" ({:?}, deaf {})", h.kind, self.deaf),
+                (None, None) => String::new(),
+            },
             self.outbox.len(),
             self.outbox.iter().filter(|o| o.sent).count(),
             self.answers.len()
@@ -183,6 +248,9 @@ impl Client {
 
     fn disconnect(&mut self, net: &Net) {
         self.impostor = false;
+        self.doomed = None;
+        self.fatal_seen = false;
+        self.deaf = false;
         if let Some(sock) = self.sock.take() {
             net.close(sock);
         }
@@ -212,7 +280,8 @@ impl Client {
         let think = rng.u64(1..=2 * b.think.as_nanos().max(1) as u64);
         match self.state {
             State::Offline => {
-                if now_ns >= self.back_at_ns || self.calm {
+                if now_ns >= self.back_at_ns || (self.calm && !self.rate_closed) {
+                    self.rate_closed = false;
                     let sock = net.connect(rng.usize(..shards), self.index);
                     self.sock = Some(sock);
                     self.state = State::LoggingIn;
@@ -233,7 +302,7 @@ impl Client {
                     self.write(
                         net,
                         &Frame::Login {
-                            version: proto::VERSION,
+                            version: self.version,
                             token: &token,
                         },
                         now_ns,
@@ -254,6 +323,12 @@ impl Client {
                     wake_ns: now_ns + think,
                 }
             }
+            State::Online if self.doomed.is_some() => {
+                // Waiting for the fatal ERROR and the close.
+                return Next {
+                    wake_ns: now_ns + think,
+                };
+            }
             State::Online => {}
         }
         while self.answers.front().is_some_and(|a| a.0 <= now_ns) {
@@ -266,6 +341,11 @@ impl Client {
             }
         }
         self.maybe_forge(net, now_ns, checker);
+        if self.misbehave(net, now_ns, users, checker) {
+            return Next {
+                wake_ns: now_ns + think,
+            };
+        }
         if !self.calm && rng.u32(..1_000_000) < b.leave_per_million {
             self.go_offline(net, now_ns, b, rng);
             return Next {
@@ -277,18 +357,9 @@ impl Client {
             if to == self.user {
                 to = to % users + 1;
             }
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            checker.sent(self.user, to, seq);
-            self.outbox.push_back(Outgoing {
-                client_id: self.next_client_id,
-                to,
-                seq,
-                sent: false,
-            });
-            self.next_client_id += 1;
+            self.new_message(to, checker);
         }
-        self.send_unsent(net, now_ns);
+        self.send_unsent(net, now_ns, checker);
         if now_ns.saturating_sub(self.last_write_ns) >= PING_EVERY_NS {
             self.write(net, &Frame::Ping { nonce: now_ns }, now_ns);
         }
@@ -297,6 +368,63 @@ impl Client {
             wake = wake.min(a.0);
         }
         Next { wake_ns: wake }
+    }
+
+    /// Puts a new message to `to` in the outbox.
+    fn new_message(&mut self, to: u64, checker: &mut Checker) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        checker.sent(self.user, to, seq);
+        self.outbox.push_back(Outgoing {
+            client_id: self.next_client_id,
+            to,
+            seq,
+            sent: false,
+            tried: false,
+        });
+        self.next_client_id += 1;
+    }
+
+    /// A hostile client's misdeed on this turn, if any (never while
+    /// draining). Returns `true` when it wrote bytes that break the wire
+    /// format: it writes nothing more on this connection.
+    fn misbehave(&mut self, net: &Net, now_ns: u64, users: u64, checker: &mut Checker) -> bool {
+        let Some(h) = self.hostile.as_mut() else {
+            return false;
+        };
+        if self.calm {
+            self.deaf = false;
+            return false;
+        }
+        if h.kind == Kind::SlowReader {
+            self.deaf = h.read_every_turns == 0 || h.rng.u32(..h.read_every_turns) != 0;
+            return false;
+        }
+        if h.rng.u32(..hostile::MISBEHAVE_EVERY_TURNS) != 0 {
+            return false;
+        }
+        checker.hostile += 1;
+        if h.kind == Kind::Flood {
+            let user = self.user;
+            let to: Vec<u64> = (0..hostile::FLOOD_SENDS)
+                .map(|_| match h.rng.u64(1..=users) {
+                    to if to == user => to % users + 1,
+                    to => to,
+                })
+                .collect();
+            for to in to {
+                self.new_message(to, checker);
+            }
+            return false;
+        }
+        let (bytes, code) = hostile::bad_bytes(h.kind, &mut h.rng, &LIMITS);
+        if let Some(sock) = self.sock {
+            net.write(sock, &bytes);
+            self.last_write_ns = now_ns;
+            self.doomed = Some(code);
+            self.doomed_restarts = checker.restarts;
+        }
+        true
     }
 
     /// A forger's turn may send a DELIVERED or READ for a message it never
@@ -324,10 +452,24 @@ impl Client {
         checker.forged += 1;
     }
 
-    fn send_unsent(&mut self, net: &Net, now_ns: u64) {
+    fn send_unsent(&mut self, net: &Net, now_ns: u64, checker: &mut Checker) {
         let mut frames = Vec::new();
+        let mut resends = 0;
         for o in self.outbox.iter_mut().filter(|o| !o.sent) {
+            if o.tried {
+                // Paced: a whole outbox resent at once (after a flood) can
+                // pass `rate_refusals_max` before any ACK comes back, and
+                // BYE(rate_limited) each time it reconnects.
+                if resends == RESENDS_MAX {
+                    continue;
+                }
+                resends += 1;
+            }
             o.sent = true;
+            if o.tried {
+                checker.retries += 1;
+            }
+            o.tried = true;
             frames.push((o.client_id, o.to, check::body(self.user, o.to, o.seq)));
         }
         for (client_id, to, body) in frames {
@@ -359,6 +501,9 @@ impl Client {
         if self.sock != Some(sock) {
             return Ok(()); // an old connection's leftovers
         }
+        if self.deaf {
+            return Ok(()); // a slow reader, until its next turn
+        }
         let mut inbuf = std::mem::take(&mut self.inbuf);
         let state = net.read(sock, &mut inbuf);
         let mut at = 0;
@@ -385,6 +530,19 @@ impl Client {
         inbuf.drain(..at);
         if self.sock == Some(sock) {
             self.inbuf = inbuf;
+            if let (ReadState::Eof, Some(code), false, Ok(()), true) = (
+                state,
+                self.doomed,
+                self.fatal_seen,
+                &result,
+                checker.restarts == self.doomed_restarts,
+            ) {
+                result = Err(format!(
+                    "user {}: connection closed without the documented ERROR({code}, 0) \
+                     after bytes that break the wire format",
+                    self.user
+                ));
+            }
             if state != ReadState::Open {
                 self.go_offline(net, now_ns, b, rng);
             }
@@ -402,7 +560,32 @@ impl Client {
         checker: &mut Checker,
     ) -> Result<(), String> {
         let user = self.user;
+        if self.fatal_seen {
+            return Err(format!(
+                "user {user}: {} after the fatal ERROR, which must end the connection",
+                frame.name()
+            ));
+        }
         match frame {
+            // The documented answer to bytes that break the wire format
+            // (PROTOCOL.md, "Errors"): ERROR(code, 0), then the close.
+            // (A forger's refused receipt may come first.)
+            Frame::Error {
+                code, client_id: 0, ..
+            } if self.doomed.is_some()
+                && !(self.forge.is_some()
+                    && matches!(code, ErrorCode::UnknownMessage | ErrorCode::RateLimited)) =>
+            {
+                let expected = self.doomed.expect("checked");
+                if code != expected {
+                    return Err(format!(
+                        "user {user}: got ERROR({code}) for bytes that break the wire format; \
+                         documented: {expected}"
+                    ));
+                }
+                self.fatal_seen = true;
+                checker.fatal += 1;
+            }
             Frame::LoginOk { .. } if self.impostor => {
                 return Err(format!(
                     "user {user} logged in with a forged token (another user's id)"
@@ -419,7 +602,7 @@ impl Client {
             }
             Frame::LoginOk { .. } if self.state == State::LoggingIn => {
                 self.state = State::Online;
-                self.send_unsent(net, now_ns);
+                self.send_unsent(net, now_ns, checker);
             }
             Frame::LoginErr {
                 code: ErrorCode::Unavailable,
@@ -451,7 +634,7 @@ impl Client {
                     ));
                 };
                 let o = self.outbox.remove(i).expect("found");
-                checker.acked(user, o.seq, server_id);
+                checker.acked(user, o.seq, server_id)?;
             }
             Frame::Error {
                 code,
@@ -466,11 +649,20 @@ impl Client {
                         | ErrorCode::Internal
                         | ErrorCode::RateLimited
                 );
-                let Some(o) = self.outbox.iter_mut().find(|o| o.client_id == client_id) else {
+                let Some(i) = self.outbox.iter().position(|o| o.client_id == client_id) else {
                     return Err(format!(
                         "user {user}: ERROR for unknown client id {client_id}"
                     ));
                 };
+                // v2: 32 newer SENDs to that recipient's group were taken
+                // while this one kept being refused; the server cannot tell
+                // whether it took it. Given up, as the client library does
+                // (not ACKed, so the checker does not wait for it).
+                if code == ErrorCode::StaleClientId && self.version >= proto::VERSION_2 {
+                    self.outbox.remove(i);
+                    return Ok(());
+                }
+                let o = &mut self.outbox[i];
                 if !temporary {
                     return Err(format!("user {user}: SEND refused with {code}: {text}"));
                 }
@@ -480,10 +672,19 @@ impl Client {
             Frame::Deliver {
                 server_id,
                 from,
+                client_id,
                 body,
                 ..
             } => {
-                checker.delivered(user, server_id, from, body)?;
+                // A v2 connection gets type 0x0E (with the client_id), a v1
+                // connection 0x06.
+                if client_id.is_some() != (self.version >= proto::VERSION_2) {
+                    return Err(format!(
+                        "user {user} (protocol v{}) got DELIVER {server_id} of the other version",
+                        self.version
+                    ));
+                }
+                checker.delivered(user, server_id, from, client_id, body)?;
                 let due = now_ns + rng.u64(0..=b.answer_max.as_nanos() as u64);
                 let read = rng.u32(..1_000_000) < b.read_per_million;
                 // Answers go in order; a later DELIVER is answered no sooner.
@@ -502,6 +703,15 @@ impl Client {
                     return Err(format!("user {user}: unexpected BYE({reason})"));
                 }
                 self.go_offline(net, now_ns, b, rng);
+                match reason {
+                    ByeReason::Slow => checker.slow_byes += 1,
+                    ByeReason::RateLimited => checker.rate_byes += 1,
+                    _ => {}
+                }
+                if reason == ByeReason::RateLimited {
+                    self.back_at_ns = self.back_at_ns.max(now_ns + RATE_BYE_AWAY_NS);
+                    self.rate_closed = true;
+                }
             }
             other => {
                 return Err(format!(

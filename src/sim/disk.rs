@@ -67,6 +67,10 @@ pub struct Flip {
     /// (recipient, server id) of the message the record queued, if it was
     /// a Queued record: the one message a repair may lose with it.
     pub queued: Option<(u64, u64)>,
+    /// (sender, client_id) of the v2 dedupe entry the record held (a
+    /// Queued record with an origin, or a Taken record): a repair that
+    /// skips it forgets that the SEND was taken, so a retry is stored anew.
+    pub origin: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -189,31 +193,36 @@ pub fn flip_cold() -> io::Result<Option<Flip>> {
     let ((path, durable), roll) = pick;
     let data = std::fs::read(&path)?;
     let data = &data[..(durable as usize).min(data.len())];
-    // (offset, length, the message a Queued record queued)
-    type Found = (usize, usize, Option<(u64, u64)>);
+    // (offset, length, the message a Queued record queued, the dedupe
+    // entry it held)
+    type Found = (usize, usize, Option<(u64, u64)>, Option<(u64, u64)>);
     let records: Vec<Found> = Scanner::new(data)
         .filter_map(|step| match step {
             Step::Record {
                 offset,
                 len,
                 record,
-            } => Some((
-                offset,
-                len,
-                match record {
+            } => {
+                let (queued, origin) = match record {
                     Record::Queued {
-                        user, server_id, ..
-                    } => Some((user, server_id)),
-                    _ => None,
-                },
-            )),
+                        user,
+                        server_id,
+                        from,
+                        origin,
+                        ..
+                    } => (Some((user, server_id)), origin.map(|o| (from, o.client_id))),
+                    Record::Taken { from, origin, .. } => (None, Some((from, origin.client_id))),
+                    Record::Delivered { .. } => (None, None),
+                };
+                Some((offset, len, queued, origin))
+            }
             Step::Bad { .. } => None,
         })
         .collect();
     if records.is_empty() {
         return Ok(None);
     }
-    let (offset, len, queued) = records[(roll % records.len() as u64) as usize];
+    let (offset, len, queued, origin) = records[(roll % records.len() as u64) as usize];
     let (at, mask) = with(|d| (offset + d.rng.usize(..len), d.rng.u8(1..))).expect("installed");
     let file = std::fs::OpenOptions::new().write(true).open(&path)?;
     file.write_at(&[data[at] ^ mask], at as u64)?;
@@ -221,6 +230,7 @@ pub fn flip_cold() -> io::Result<Option<Flip>> {
         path,
         record: (offset as u64, (offset + len) as u64),
         queued,
+        origin,
     };
     with(|d| {
         d.counts.flipped += 1;
@@ -364,6 +374,7 @@ mod tests {
             path: PathBuf::from(path),
             record: (from, to),
             queued: None,
+            origin: None,
         }
     }
 

@@ -21,6 +21,7 @@
 pub mod check;
 pub mod client;
 pub mod disk;
+pub mod hostile;
 
 use std::cell::Cell;
 use std::cmp::Reverse;
@@ -59,6 +60,9 @@ pub enum Planted {
     /// The session relays a READ without checking that the message was
     /// delivered to that connection, so a forged READ reaches the sender.
     RelayForgedRead,
+    /// The session ignores the v2 dedupe window, so a retried SEND is
+    /// stored (and delivered) again under a new server id.
+    DedupeOff,
 }
 
 thread_local! {
@@ -75,6 +79,11 @@ pub fn planted(bug: Planted) -> bool {
 const ORIGIN_UNIX_MS: u64 = 1_900_000_000_000;
 /// Shortest and longest step of simulated time while bytes are in flight.
 const STEP_NS: (u64, u64) = (10_000, 1_000_000);
+/// The simulated server's `frame_bytes_max` (the smallest
+/// `conn_out_bytes_max` is this plus 16): small, so a slow reader's
+/// output passes `conn_out_bytes_max` (BYE(`slow`)) within a run. The
+/// bodies are 24 bytes.
+const FRAME_BYTES_MAX: usize = 4096;
 /// Longest step of simulated time when the network is quiet (one timer tick).
 const IDLE_STEP_NS: u64 = 100_000_000;
 
@@ -94,6 +103,16 @@ pub struct Faults {
     /// Per million clients: hostile ones that also forge DELIVERED and
     /// READ for messages they never received.
     pub forgers_per_million: u32,
+    /// Per million clients: the ones that log in with protocol v2
+    /// (idempotent SEND); the others speak v1. Not a fault, but part of the
+    /// seed's mix.
+    pub v2_per_million: u32,
+    /// Per million clients: hostile ones of the kinds in `hostile_kinds`
+    /// (garbage, malformed frames, oversized prefixes, SEND floods, slow
+    /// readers; see [`hostile`]).
+    pub hostile_per_million: u32,
+    /// Which hostile kinds are on: bit `i` for [`hostile::KINDS`]`[i]`.
+    pub hostile_kinds: u8,
 }
 
 impl Faults {
@@ -135,6 +154,11 @@ impl Faults {
         let flip = maybe(30, 10_000);
         // Drawn after flips, for the same reason.
         let forgers = maybe(30, 300_000);
+        // Drawn after forgers, for the same reason.
+        let v2 = maybe(70, 1_000_000);
+        // Drawn after v2, for the same reason.
+        let hostile = maybe(40, 200_000);
+        let kinds = rng.u8(1..1 << hostile::KINDS.len());
         Faults {
             net,
             disk,
@@ -142,6 +166,9 @@ impl Faults {
             crash_every: (crash > 0).then(|| Duration::from_millis(2_000 + u64::from(crash))),
             flip_every: (flip > 0).then(|| Duration::from_millis(1_000 + u64::from(flip))),
             forgers_per_million: forgers,
+            v2_per_million: v2,
+            hostile_per_million: hostile,
+            hostile_kinds: kinds,
         }
     }
 }
@@ -204,6 +231,20 @@ pub struct Report {
     pub sent: u64,
     /// ACKs received.
     pub acked: u64,
+    /// Clients that spoke protocol v2.
+    pub v2_clients: u32,
+    /// SENDs written again with the same client_id (after a dropped
+    /// connection or a temporary refusal), by v1 and v2 clients.
+    pub retries: u64,
+    /// Misdeeds of hostile clients: bytes that break the wire format, and
+    /// SEND floods.
+    pub hostile: u64,
+    /// The documented fatal ERRORs hostile clients got for their bad bytes.
+    pub fatal_errors: u64,
+    /// BYE(`slow`) received (slow readers).
+    pub slow_byes: u64,
+    /// BYE(`rate_limited`) received (floods).
+    pub rate_byes: u64,
     /// DELIVERs received, and how many of them were repeats.
     pub delivers: u64,
     /// DELIVERs of a server id the recipient had seen.
@@ -243,7 +284,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "seed {} {}: {:.1} s simulated, {} clients, {:.2} s CPU ({:.0} client-s/CPU-s); \
-             sent {} acked {} delivered {} (dup {}) receipts {} forged {}; crashes {} shard restarts {} \
+             v2 {} sent {} retried {} acked {} delivered {} (dup {}) receipts {} forged {} hostile {} (fatal {}, bye slow {}, bye rate {}); crashes {} shard restarts {} \
              resets {} repairs {} ({} records) disk {:?}; trace {:08x}",
             self.seed,
             if self.failure.is_some() {
@@ -255,12 +296,18 @@ impl fmt::Display for Report {
             self.clients,
             self.cpu.as_secs_f64(),
             self.speed(),
+            self.v2_clients,
             self.sent,
+            self.retries,
             self.acked,
             self.delivers,
             self.duplicates,
             self.receipts,
             self.forged,
+            self.hostile,
+            self.fatal_errors,
+            self.slow_byes,
+            self.rate_byes,
             self.crashes,
             self.shard_restarts,
             self.resets,
@@ -373,6 +420,13 @@ impl World {
             // Small, so segments are sealed (and compacted, and flipped)
             // within a run.
             segment_bytes_max: 8 * 1024,
+            // Low, so a flood (`hostile::FLOOD_SENDS`) goes past the burst
+            // and the refusals add up to BYE(rate_limited) within a run.
+            sends_per_s_max: 20,
+            sends_burst_max: 40,
+            frame_bytes_max: FRAME_BYTES_MAX,
+            body_bytes_max: FRAME_BYTES_MAX - 41,
+            conn_out_bytes_max: FRAME_BYTES_MAX + 16,
             ..Config::default()
         };
         let secret = config.token_secret.clone();
@@ -380,17 +434,41 @@ impl World {
         // Its own PRNG: a seed without forgers runs as it did before they
         // existed.
         let mut hostile = fastrand::Rng::with_seed(opts.seed ^ 0x4057_11e5);
+        // Its own PRNG too, for the same reason.
+        let mut versions = fastrand::Rng::with_seed(opts.seed ^ 0x0002_0002);
+        // And for hostile clients.
+        let mut rogues = fastrand::Rng::with_seed(opts.seed ^ 0x0bad_c11e);
+        let kinds: Vec<hostile::Kind> = (0..hostile::KINDS.len())
+            .filter(|i| faults.hostile_kinds & (1 << i) != 0)
+            .map(|i| hostile::KINDS[i])
+            .collect();
+        let mut checker = Checker::default();
         let clients = (0..opts.clients)
             .map(|i| {
                 let user = u64::from(i) + 1;
                 let forge = (faults.forgers_per_million > 0
                     && hostile.u32(..1_000_000) < faults.forgers_per_million)
                     .then(|| hostile.fork());
+                let version = if versions.u32(..1_000_000) < faults.v2_per_million {
+                    checker.speaks_v2(user);
+                    crate::proto::VERSION_2
+                } else {
+                    crate::proto::VERSION
+                };
+                let rogue = (!kinds.is_empty()
+                    && rogues.u32(..1_000_000) < faults.hostile_per_million)
+                    .then(|| hostile::Hostile {
+                        kind: kinds[rogues.usize(..kinds.len())],
+                        read_every_turns: rogues.u32(..=8),
+                        rng: rogues.fork(),
+                    });
                 Client::new(
                     i,
                     user,
+                    version,
                     crate::token::mint(secret.as_bytes(), user, expires),
                     forge,
+                    rogue,
                 )
             })
             .collect();
@@ -425,7 +503,7 @@ impl World {
                 0 => u64::from(opts.clients) * 100_000,
                 n => n,
             },
-            checker: Checker::default(),
+            checker,
             news: Vec::new(),
             trace: 0,
             crashes: 0,
@@ -552,6 +630,9 @@ impl World {
             }
             if let Some((user, server_id)) = f.queued {
                 self.checker.lost_to_corruption(user, server_id);
+            }
+            if let Some((from, client_id)) = f.origin {
+                self.checker.lost_dedupe(from, client_id);
             }
         }
         self.repairs += 1;
@@ -688,6 +769,12 @@ impl World {
                 &mut self.rng,
                 &mut self.checker,
             );
+            if self.clients[i as usize].reads_at_turn() {
+                // A slow reader reads what it left unread until now.
+                if let Some(sock) = self.clients[i as usize].sock() {
+                    self.news.push((i, sock));
+                }
+            }
             let at = next.wake_ns.max(now + 1);
             self.turns.push(Reverse((at, i)));
             self.turn_at[i as usize] = at;
@@ -744,10 +831,11 @@ impl World {
                 return Err(format!("shard {id} stopped: {done:?}"));
             }
             let c = disk::counts();
-            if self.stats[id].restarts.get() != restarts_before
-                && c.write_eio + c.sync_eio == eio_before
-            {
-                return Err(format!("shard {id} crashed without an injected I/O error"));
+            if self.stats[id].restarts.get() != restarts_before {
+                if c.write_eio + c.sync_eio == eio_before {
+                    return Err(format!("shard {id} crashed without an injected I/O error"));
+                }
+                self.checker.restarts += 1;
             }
             if self.stats[id].panics.get() != 0 {
                 return Err(format!("shard {id}: a panic handling a connection"));
@@ -831,6 +919,12 @@ impl World {
             clients: self.opts.clients,
             sent: self.clients.iter().map(Client::sent).sum(),
             acked: self.checker.acked_count() as u64,
+            v2_clients: self.checker.v2_count(),
+            retries: self.checker.retries,
+            hostile: self.checker.hostile,
+            fatal_errors: self.checker.fatal,
+            slow_byes: self.checker.slow_byes,
+            rate_byes: self.checker.rate_byes,
             delivers: self.checker.delivers,
             duplicates: self.checker.duplicates,
             receipts: self.checker.receipts,

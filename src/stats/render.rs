@@ -238,6 +238,11 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             c.consumers.get(),
         ),
         (
+            "Cluster_publishes_in_flight",
+            "SENDs and receipts published to JetStream whose publish ack has not come back yet.",
+            c.publishes_in_flight.get(),
+        ),
+        (
             "Cluster_stream_replicas",
             "Copies JetStream keeps of the stream TERN (1 on a NATS server without clustering).",
             c.stream_replicas.get(),
@@ -325,15 +330,32 @@ const LATENCIES: Latencies = &[
     ),
 ];
 
+/// Every latency histogram shown: the shards' [`LATENCIES`], merged over
+/// shards, then, with a `[cluster]` section, the bridge's
+/// `cluster_publish` (docs/CLUSTER.md, "Stats").
+fn latencies(view: &StatsView) -> Vec<(&'static str, &'static str, Merged)> {
+    let mut all: Vec<_> = LATENCIES
+        .iter()
+        .map(|(name, what, get)| (*name, *what, view.merged(*get)))
+        .collect();
+    if let Some(c) = &view.cluster {
+        let mut m = Merged::default();
+        m.add(&c.publish_latency);
+        all.push((
+            "cluster_publish",
+            "Time from a SEND or receipt taken by the cluster bridge to JetStream's publish ack (or failure) for it.",
+            m,
+        ));
+    }
+    all
+}
+
 /// `show latency`: one row per histogram (count, sum and quantiles, merged
 /// over shards), a blank line, then the cumulative count of each histogram
 /// per bucket bound `le_us`, like Prometheus buckets. A quantile is the
 /// bound of the bucket holding it (`-` when empty, `+Inf` past the last).
 fn render_latency(view: &StatsView) -> String {
-    let merged: Vec<Merged> = LATENCIES
-        .iter()
-        .map(|(_, _, get)| view.merged(*get))
-        .collect();
+    let all = latencies(view);
     let quantile = |m: &Merged, q: f64| match m.quantile_us(q) {
         None => "-".to_string(),
         Some(u64::MAX) => "+Inf".to_string(),
@@ -344,7 +366,7 @@ fn render_latency(view: &StatsView) -> String {
     ]
     .map(String::from)
     .to_vec()];
-    for ((name, _, _), m) in LATENCIES.iter().zip(&merged) {
+    for (name, _, m) in &all {
         rows.push(vec![
             name.to_string(),
             m.total().to_string(),
@@ -358,10 +380,10 @@ fn render_latency(view: &StatsView) -> String {
     let mut out = format_rows(&rows);
     out.push('\n');
     let mut rows = vec![std::iter::once("le_us")
-        .chain(LATENCIES.iter().map(|(name, _, _)| *name))
+        .chain(all.iter().map(|(name, _, _)| *name))
         .map(String::from)
         .collect::<Vec<_>>()];
-    let mut cumulative = vec![0u64; merged.len()];
+    let mut cumulative = vec![0u64; all.len()];
     for i in 0..=LATENCY_BUCKETS {
         let le = if i < LATENCY_BUCKETS {
             (1u64 << i).to_string()
@@ -369,7 +391,7 @@ fn render_latency(view: &StatsView) -> String {
             "+Inf".to_string()
         };
         let mut row = vec![le];
-        for (c, m) in cumulative.iter_mut().zip(&merged) {
+        for (c, (_, _, m)) in cumulative.iter_mut().zip(&all) {
             *c += m.buckets[i];
             row.push(c.to_string());
         }
@@ -414,8 +436,7 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{id}\"}} {}", (field.get)(shard).get());
         }
     }
-    for (name, what, get) in LATENCIES {
-        let m = view.merged(*get);
+    for (name, what, m) in latencies(view) {
         let name = format!("tern_{name}_seconds");
         let _ = writeln!(out, "# HELP {name} {what}");
         let _ = writeln!(out, "# TYPE {name} histogram");
@@ -932,6 +953,60 @@ pub(crate) mod tests {
         let empty = render(&StatsView::new("none", 10, 1), "show latency");
         let row: Vec<&str> = empty.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(row, ["send_to_ack", "0", "0", "-", "-", "-", "-"]);
+    }
+
+    /// With a `[cluster]` section the bridge's publish latency is one more
+    /// row and histogram, and publishes in flight one more gauge; standalone
+    /// shows neither.
+    #[test]
+    fn cluster_publish_latency_and_in_flight() {
+        let mut view = fake_view();
+        assert!(!render(&view, "show latency").contains("cluster_publish"));
+        assert!(!render(&view, "show metrics").contains("tern_cluster_publish"));
+        let cluster = Arc::new(crate::cluster::ClusterStats::default());
+        cluster.publish_latency.record(1_500_000);
+        cluster.publish_latency.record(3_000_000);
+        cluster.publishes_in_flight.set(2);
+        view.cluster = Some(cluster);
+
+        let out = render(&view, "show latency");
+        let row: Vec<&str> = out
+            .lines()
+            .find(|l| l.starts_with("cluster_publish "))
+            .expect("a cluster_publish row")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            row,
+            [
+                "cluster_publish",
+                "2",
+                "4500",
+                "2048",
+                "4096",
+                "4096",
+                "4096"
+            ]
+        );
+        let header = out.split_once("\n\n").unwrap().1.lines().next().unwrap();
+        assert!(header.ends_with(" cluster_publish"), "{header}");
+
+        let metrics = render(&view, "show metrics");
+        for line in [
+            "# TYPE tern_cluster_publish_seconds histogram",
+            "tern_cluster_publish_seconds_bucket{le=\"0.002048\"} 1",
+            "tern_cluster_publish_seconds_bucket{le=\"+Inf\"} 2",
+            "tern_cluster_publish_seconds_sum 0.0045",
+            "tern_cluster_publish_seconds_count 2",
+            "# TYPE tern_cluster_publishes_in_flight gauge",
+            "tern_cluster_publishes_in_flight 2",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "no {line:?} in\n{metrics}"
+            );
+        }
+        assert!(render(&view, "show info").contains("\nCluster_publishes_in_flight: 2\n"));
     }
 
     #[test]

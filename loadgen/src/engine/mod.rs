@@ -26,6 +26,9 @@
 //!   its buffers to the kernel at once). It never calls back into the caller.
 //! - When the peer closes or the socket fails, [`Event::PeerClosed`] is
 //!   reported once; the caller must then [`Engine::close`] the slot.
+//! - [`Engine::server_index`] gives the `dst` of a server address, adding
+//!   it to the engine's servers if it is new (a cluster node named in a
+//!   REDIRECT); indices already handed out never change.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -114,6 +117,32 @@ pub trait Engine {
     ) -> io::Result<()>;
     /// The engine's own counters.
     fn stats(&self) -> EngineStats;
+    /// The `dst` of server `addr` for [`Engine::open`]: its index among the
+    /// servers, added at the end if new. `None` once [`ADDED_SERVERS_MAX`]
+    /// servers were added.
+    fn server_index(&mut self, addr: SocketAddr) -> Option<usize>;
+}
+
+/// Most servers an engine adds to its configured ones ([`Engine::server_index`]):
+/// the nodes of a cluster that REDIRECTs name. Bounds a list a misbehaving
+/// server could otherwise grow without end.
+pub const ADDED_SERVERS_MAX: usize = 1024;
+
+/// Index of `addr` in `servers`, pushed if new, for engines that keep their
+/// servers as a list that started with `configured` entries.
+fn index_or_add(
+    servers: &mut Vec<SocketAddr>,
+    configured: usize,
+    addr: SocketAddr,
+) -> Option<usize> {
+    if let Some(i) = servers.iter().position(|s| *s == addr) {
+        return Some(i);
+    }
+    if servers.len() - configured >= ADDED_SERVERS_MAX {
+        return None;
+    }
+    servers.push(addr);
+    Some(servers.len() - 1)
 }
 
 /// A short, stable name for an errno, for failure reasons ("ECONNREFUSED").
@@ -296,12 +325,46 @@ mod tests {
         l.local_addr().unwrap()
     }
 
+    /// A server added after start (a REDIRECT's node) gets the next index,
+    /// once, and a connection opens to it.
+    fn added_server<E: Engine>(e: &mut E, configured: SocketAddr) {
+        let added = echo_server(usize::MAX);
+        assert_eq!(e.server_index(configured), Some(0));
+        assert_eq!(e.server_index(added), Some(1));
+        assert_eq!(e.server_index(added), Some(1));
+        e.open(0, 0, 1).unwrap();
+        let (mut events, mut scratch) = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while events.is_empty() && Instant::now() < deadline {
+            e.poll(Duration::from_millis(50), &mut events, &mut scratch)
+                .unwrap();
+        }
+        assert_eq!(events, [Event::Connected(0)]);
+    }
+
+    #[test]
+    fn added_servers_are_bounded() {
+        let first: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut servers = vec![first];
+        for port in 2..2 + ADDED_SERVERS_MAX as u16 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            assert_eq!(index_or_add(&mut servers, 1, addr), Some(port as usize - 1));
+        }
+        let one_more = SocketAddr::from(([127, 0, 0, 2], 1));
+        assert_eq!(index_or_add(&mut servers, 1, one_more), None);
+        // Known ones are still found.
+        assert_eq!(index_or_add(&mut servers, 1, first), Some(0));
+    }
+
     #[test]
     fn poll_engine_contract() {
         let mut e = poll::PollEngine::new(config(40, vec![echo_server(150)])).unwrap();
         contract(&mut e, 40);
         let mut e = poll::PollEngine::new(config(1, vec![closed_port()])).unwrap();
         refused(&mut e);
+        let port = closed_port();
+        let mut e = poll::PollEngine::new(config(1, vec![port])).unwrap();
+        added_server(&mut e, port);
     }
 
     #[cfg(target_os = "linux")]
@@ -315,5 +378,8 @@ mod tests {
         contract(&mut e, 40);
         let mut e = uring::UringEngine::new(config(1, vec![closed_port()])).unwrap();
         refused(&mut e);
+        let port = closed_port();
+        let mut e = uring::UringEngine::new(config(1, vec![port])).unwrap();
+        added_server(&mut e, port);
     }
 }

@@ -54,12 +54,16 @@ pub struct PollEngine {
     deadlines: VecDeque<(Instant, u32, u16)>,
     /// Connections with unread bytes left after `READ_PER_EVENT_MAX`.
     pending_read: Vec<u32>,
+    /// Servers given in the config; the rest of `cfg.servers` were added
+    /// by [`Engine::server_index`].
+    servers_configured: usize,
     stats: EngineStats,
 }
 
 impl PollEngine {
     /// An engine for `cfg.conns` slots.
     pub fn new(cfg: EngineConfig) -> io::Result<PollEngine> {
+        let servers_configured = cfg.servers.len();
         let conns = (0..cfg.conns)
             .map(|_| PConn {
                 stream: None,
@@ -77,6 +81,7 @@ impl PollEngine {
             ready: VecDeque::new(),
             deadlines: VecDeque::new(),
             pending_read: Vec::new(),
+            servers_configured,
             stats: EngineStats {
                 rings: 1,
                 ..EngineStats::default()
@@ -376,5 +381,9 @@ impl Engine for PollEngine {
 
     fn stats(&self) -> EngineStats {
         self.stats
+    }
+
+    fn server_index(&mut self, addr: SocketAddr) -> Option<usize> {
+        super::index_or_add(&mut self.cfg.servers, self.servers_configured, addr)
     }
 }

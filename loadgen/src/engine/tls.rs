@@ -222,6 +222,10 @@ impl<E: Engine> Engine for TlsEngine<E> {
     fn stats(&self) -> EngineStats {
         self.inner.stats()
     }
+
+    fn server_index(&mut self, addr: std::net::SocketAddr) -> Option<usize> {
+        self.inner.server_index(addr)
+    }
 }
 
 /// A TLS 1.3 client configuration: roots from the PEM file `ca`, or no

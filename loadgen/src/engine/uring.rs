@@ -129,7 +129,13 @@ pub struct UringEngine {
     sends: Slab<SendBuf>,
     free_vecs: Vec<Vec<u8>>,
     sources: Box<[SockAddr]>,
-    servers: Box<[SockAddr]>,
+    /// One box per server: a connect chain waiting in a ring's backlog
+    /// points into it, so an address must not move when servers are added
+    /// ([`Engine::server_index`]).
+    #[allow(clippy::vec_box)]
+    servers: Vec<Box<SockAddr>>,
+    /// Servers given in the config; the rest were added.
+    servers_configured: usize,
     consts: Box<Consts>,
     timeout: Box<types::Timespec>,
     /// The errno of the first failed step of a connecting or failing slot.
@@ -166,7 +172,11 @@ impl UringEngine {
             .iter()
             .map(|ip| SockAddr::from(std::net::SocketAddr::new(*ip, 0)))
             .collect();
-        let servers: Box<[SockAddr]> = cfg.servers.iter().map(|a| SockAddr::from(*a)).collect();
+        let servers: Vec<Box<SockAddr>> = cfg
+            .servers
+            .iter()
+            .map(|a| Box::new(SockAddr::from(*a)))
+            .collect();
         let timeout = Box::new(
             types::Timespec::new()
                 .sec(cfg.connect_timeout.as_secs())
@@ -192,6 +202,7 @@ impl UringEngine {
             sends: Slab::new(),
             free_vecs: Vec::new(),
             sources,
+            servers_configured: servers.len(),
             servers,
             consts: Box::new(Consts {
                 one: 1,
@@ -656,6 +667,14 @@ impl Engine for UringEngine {
 
     fn stats(&self) -> EngineStats {
         self.stats
+    }
+
+    fn server_index(&mut self, addr: std::net::SocketAddr) -> Option<usize> {
+        let i = super::index_or_add(&mut self.cfg.servers, self.servers_configured, addr)?;
+        if i == self.servers.len() {
+            self.servers.push(Box::new(SockAddr::from(addr)));
+        }
+        Some(i)
     }
 }
 
