@@ -46,7 +46,12 @@ pub async fn ensure(
             // Another node created it first: look again.
             CreateStreamErrorKind::JetStream(j)
                 if j.error_code() == ErrorCode::STREAM_NAME_EXIST => {}
-            _ => return Err(error.into()),
+            _ => {
+                return Err(format!(
+                    "stream {name} not created with cluster.stream_replicas = {replicas}: {error}"
+                )
+                .into())
+            }
         }
     }
     Err(format!("stream {name} neither found nor created in {ATTEMPTS} attempts").into())
