@@ -3,10 +3,17 @@
 //! temporary directory. Skipped, with a message, only when `nats-server` is
 //! not on PATH (CI installs it, .ci/run).
 
+#[path = "cluster/chat.rs"]
+mod chat;
 mod common;
+#[path = "cluster/faults.rs"]
+mod faults;
+#[path = "cluster/nats.rs"]
+mod nats;
+#[path = "cluster/replicated.rs"]
+mod replicated;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
@@ -15,69 +22,20 @@ use tern::cluster::ClusterConfig;
 use tern::proto::{ByeReason, ErrorCode, OwnedFrame, ReceiptKind, VERSION, VERSION_2};
 use tern_client::{Client, ClientError};
 
+use nats::{free_port, Nats};
+
 /// Upper bound for lease rounds to settle: a release waits a whole lease
 /// (3 s here) before the key expires and another node may claim it.
 const SETTLE: Duration = Duration::from_secs(40);
 
-/// A `nats-server -js` this test started; killed by its PID when dropped.
-struct Nats {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Nats {
-    /// Starts one, or `None` when `nats-server` is not installed.
-    fn start() -> Option<Nats> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let spawned = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("SKIPPED: nats-server is not on PATH (apt-get install nats-server)");
-                return None;
-            }
-            Err(e) => panic!("cannot run nats-server: {e}"),
-        };
-        let nats = Nats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let up = common::wait_for(|| TcpStream::connect(addr).is_ok());
-        assert!(up, "nats-server never listened on {addr}");
-        Some(nats)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port free a moment ago; nats-server takes no port 0.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
     let cluster = ClusterConfig {
         node_id: id.into(),
-        nats_urls: vec![nats.url.clone()],
+        nats_urls: nats.urls(),
         public_addr: format!("{id}.test:5222"),
         partitions,
         lease_s: 3,
+        stream_replicas: 3,
     };
     TestServer::start_with(|c| c.cluster = Some(cluster))
 }
@@ -88,10 +46,11 @@ fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let cluster = ClusterConfig {
         node_id: id.into(),
-        nats_urls: vec![nats.url.clone()],
+        nats_urls: nats.urls(),
         public_addr: addr.to_string(),
         partitions,
         lease_s: 3,
+        stream_replicas: 3,
     };
     TestServer::start_with(|c| {
         c.listen = addr;
@@ -162,6 +121,8 @@ fn two_nodes_split_the_partitions_evenly() {
     a.wait_info("Cluster_partitions_owned", |n| n == u64::from(partitions));
     assert_eq!(a.info_u64("Cluster_nats_up"), 1);
     assert_eq!(a.metric_sum("tern_cluster_partitions_owned"), 64);
+    // One nats-server without clustering keeps one copy of the default 3.
+    assert_eq!(a.info_u64("Cluster_stream_replicas"), 1);
 
     let b = node(&nats, "b", partitions);
     let mut last = (0, 0);
@@ -217,7 +178,11 @@ fn signal(child: &TernChild, signal: i32) {
 }
 
 /// Fencing: a node paused past its lease finds, when it resumes, that its
-/// renewals are refused on their revision, and drops the partitions.
+/// renewals are refused on their revision, and drops the partitions. For
+/// those partitions it neither acknowledges nor delivers: a user of one,
+/// still connected to it, whose SEND waited in the socket through the
+/// pause, gets no ACK and no DELIVER (a message for it was sent meanwhile
+/// through the new owner), only BYE(moved) and the close.
 #[test]
 fn a_node_paused_past_its_lease_loses_it_on_resume() {
     let Some(nats) = Nats::start() else { return };
@@ -230,7 +195,7 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
             "stats_socket = {stats:?}\ndata_dir = {data:?}\n\n[cluster]\nnode_id = \"a\"\n\
              nats_urls = [{url:?}]\npublic_addr = \"a.test:5222\"\npartitions = 16\nlease_s = 3\n",
             data = dir.path().join("data"),
-            url = nats.url,
+            url = nats.url(),
         ),
     )
     .expect("write config");
@@ -243,15 +208,59 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
         "--config",
         config,
     ]));
-    assert!(settle(
-        || child_info(&stats, "Cluster_partitions_owned") == 16
-    ));
+    assert!(settle(|| {
+        child_info(&stats, "Cluster_partitions_owned") == 16
+            && child_info(&stats, "Cluster_consumers") == 16
+    }));
+    let mut at_a: Vec<(u64, Client)> = (1..=32u64)
+        .map(|user| {
+            (
+                user,
+                login_v2_here(a.addr, user).expect("a serves everyone"),
+            )
+        })
+        .collect();
 
     signal(&a, libc::SIGSTOP);
-    let b = node(&nats, "b", 16);
+    let b = reachable_node(&nats, "b", 16);
     let took = settle(|| b.info_u64("Cluster_partitions_owned") >= 8);
+    // The users whose partitions b took (b logs them in), while a sleeps.
+    let taken: Vec<u64> = at_a
+        .iter()
+        .map(|(user, _)| *user)
+        .filter(|&user| login_v2_here(b.addr, user).is_ok())
+        .collect();
+    let sender = taken.first().copied();
+    for (user, client) in at_a.iter_mut().filter(|(u, _)| taken.contains(u)) {
+        client
+            .send_msg(1, 1000 + *user, b"sent while a slept")
+            .expect("send");
+        if let Some(from) = sender.filter(|&s| s != *user) {
+            let mut c = login_v2_here(b.addr, from).expect("b serves it");
+            c.send_msg(1, *user, b"for the new owner").expect("send");
+            recv_ack(&mut c, 1);
+        }
+    }
     signal(&a, libc::SIGCONT);
     assert!(took, "b never took partitions from the paused node");
+    assert!(taken.len() >= 2, "b serves {taken:?}");
+    for (user, client) in at_a.iter_mut().filter(|(u, _)| taken.contains(u)) {
+        let mut frames = client
+            .wait_closed(SETTLE)
+            .unwrap_or_else(|e| panic!("user {user}: a kept the session: {e}"));
+        assert_eq!(
+            frames.pop(),
+            Some(OwnedFrame::Bye {
+                reason: ByeReason::Moved
+            }),
+            "user {user}"
+        );
+        assert_eq!(
+            frames,
+            [],
+            "user {user}: a answered for a partition it lost"
+        );
+    }
     // Whatever `b` holds, `a` held before the pause: each such renewal is
     // refused (counted as lost), then the two settle on an even split.
     let mut last = (0, 0, 0);

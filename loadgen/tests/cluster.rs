@@ -110,6 +110,7 @@ impl Node {
                 public_addr: addr.to_string(),
                 partitions: 16,
                 lease_s: 3,
+                stream_replicas: 1,
             }),
             ..Default::default()
         })

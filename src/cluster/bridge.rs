@@ -19,6 +19,7 @@ use super::lease::{node_key, partition_key, Leases, Listing};
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::relay::{ensure_stream, Relay};
+use super::streams;
 use crate::stats::{Counter, Histogram};
 
 /// JetStream KV bucket holding the leases and heartbeats.
@@ -60,6 +61,9 @@ pub struct ClusterStats {
     /// JetStream's publish ack (or failure) for it. Written by the relay
     /// task only (the bridge's runtime has one thread).
     pub publish_latency: Histogram,
+    /// Copies JetStream keeps of the stream `TERN`: `stream_replicas`, or 1
+    /// against a NATS server without clustering; 0 until first reached.
+    pub stream_replicas: Counter,
 }
 
 /// The running bridge thread.
@@ -148,7 +152,8 @@ async fn run(
     let client = match async_nats::ConnectOptions::new()
         .name(format!("tern {}", config.node_id))
         .retry_on_initial_connect()
-        .connect(config.nats_urls.join(","))
+        // One address per URL: async-nats reads a joined string as one URL.
+        .connect(config.nats_urls.as_slice())
         .await
     {
         Ok(client) => client,
@@ -169,8 +174,11 @@ async fn run(
     loop {
         let round = async {
             if store.is_none() {
-                ensure_stream(&js).await?;
-                let kv = bucket(&js, lease).await?;
+                let replicas = config.stream_replicas as usize;
+                stats
+                    .stream_replicas
+                    .set(ensure_stream(&js, replicas).await? as u64);
+                let kv = bucket(&js, lease, replicas).await?;
                 tokio::spawn(watch(kv.clone(), owners.clone(), config.node_id.clone()));
                 store = Some(kv);
             }
@@ -216,7 +224,9 @@ fn node_start(node_id: &str, partitions: u32) -> u32 {
     (h % u64::from(partitions)) as u32
 }
 
-/// The lease bucket, created if missing. Its max age is the lease: a key
+/// The lease bucket, created if missing, with `replicas` copies like the
+/// stream `TERN`: a lease must outlive one NATS server as much as the
+/// messages do. Its max age is the lease: a key
 /// not rewritten for a lease vanishes, which is how leases expire with no
 /// clock shared between nodes.
 ///
@@ -224,7 +234,11 @@ fn node_start(node_id: &str, partitions: u32) -> u32 {
 /// has (`KV_` name, `$KV.` subjects, one value per key, rollups, no
 /// deletes), because async-nats' `create_key_value` first reads the account
 /// info, which it cannot parse from nats-server 2.9.
-async fn bucket(js: &jetstream::Context, lease: Duration) -> Result<kv::Store, async_nats::Error> {
+async fn bucket(
+    js: &jetstream::Context,
+    lease: Duration,
+    replicas: usize,
+) -> Result<kv::Store, async_nats::Error> {
     let config = jetstream::stream::Config {
         name: format!("KV_{LEASE_BUCKET}"),
         subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
@@ -237,10 +251,8 @@ async fn bucket(js: &jetstream::Context, lease: Duration) -> Result<kv::Store, a
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
     };
-    if let Err(e) = js.create_stream(config).await {
-        // Another node created it first, perhaps with its own lease_s.
-        log::debug!("cluster bridge: lease bucket not created ({e}), opening it");
-    }
+    // Another node may have created it first, with its own lease_s: kept.
+    streams::ensure(js, config, replicas).await?;
     Ok(js.get_key_value(LEASE_BUCKET).await?)
 }
 
@@ -254,6 +266,7 @@ async fn lease_round(
     owners: &Owners,
     stats: &ClusterStats,
 ) -> Result<(), async_nats::Error> {
+    let started = Instant::now();
     let value = format!("{} {}", config.node_id, config.public_addr);
     kv.put(node_key(&config.node_id), value.clone().into())
         .await?;
@@ -274,6 +287,9 @@ async fn lease_round(
             Err(e) => return Err(e.into()),
         }
     }
+    // Every lease still held was rewritten after `started`; claims below
+    // are written later still.
+    owners.prove_until(started + Duration::from_secs(config.lease_s.into()));
     let mut listing = Listing::default();
     let mut keys = kv.keys().await?;
     while let Some(key) = keys.next().await {

@@ -28,6 +28,13 @@ pub struct ClusterConfig {
     /// it. Default 10.
     #[serde(default = "lease_s_default")]
     pub lease_s: u32,
+    /// Copies JetStream keeps of the stream `TERN` and of the lease bucket,
+    /// 1 to 5; an ACK leaves once this many servers stored the message.
+    /// Default 3 (a 3-server NATS cluster). Against a NATS server without
+    /// clustering, which can keep only 1, the streams get 1 and the node
+    /// logs a warning (docs/CLUSTER.md, "Replicas").
+    #[serde(default = "stream_replicas_default")]
+    pub stream_replicas: u32,
 }
 
 fn partitions_default() -> u32 {
@@ -36,6 +43,13 @@ fn partitions_default() -> u32 {
 
 fn lease_s_default() -> u32 {
     10
+}
+
+/// Largest `stream_replicas`: JetStream keeps at most 5 copies of a stream.
+pub const STREAM_REPLICAS_MAX: u32 = 5;
+
+fn stream_replicas_default() -> u32 {
+    3
 }
 
 impl ClusterConfig {
@@ -57,6 +71,16 @@ impl ClusterConfig {
         if self.nats_urls.is_empty() || self.nats_urls.iter().any(|u| u.is_empty()) {
             return Err(bad("nats_urls", "must list at least one NATS server"));
         }
+        if let Some(url) = self
+            .nats_urls
+            .iter()
+            .find(|u| u.parse::<async_nats::ServerAddr>().is_err())
+        {
+            return Err(bad(
+                "nats_urls",
+                &format!("{url:?} is not a NATS URL (nats://host:port)"),
+            ));
+        }
         // A REDIRECT names host and port; a bare host would leave the client guessing.
         let has_port = self
             .public_addr
@@ -73,6 +97,9 @@ impl ClusterConfig {
         if !(3..=3600).contains(&self.lease_s) {
             return Err(bad("lease_s", "must be between 3 and 3600 seconds"));
         }
+        if !(1..=STREAM_REPLICAS_MAX).contains(&self.stream_replicas) {
+            return Err(bad("stream_replicas", "must be between 1 and 5"));
+        }
         Ok(())
     }
 }
@@ -84,10 +111,14 @@ mod tests {
     fn sample() -> ClusterConfig {
         ClusterConfig {
             node_id: "a-1".into(),
-            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            nats_urls: vec![
+                "nats://127.0.0.1:4222".into(),
+                "nats://10.0.0.2:4222".into(),
+            ],
             public_addr: "tern-a.example:5222".into(),
             partitions: 4096,
             lease_s: 10,
+            stream_replicas: 3,
         }
     }
 
@@ -99,14 +130,20 @@ mod tests {
     #[test]
     fn each_bad_key_is_named() {
         type Spoil = fn(&mut ClusterConfig);
-        let cases: [(Spoil, &str); 7] = [
+        let cases: [(Spoil, &str); 10] = [
             (|c| c.node_id.clear(), "cluster.node_id"),
             (|c| c.node_id = "a b".into(), "cluster.node_id"),
             (|c| c.nats_urls.clear(), "cluster.nats_urls"),
+            (
+                |c| c.nats_urls.push("nats://host:port".into()),
+                "cluster.nats_urls",
+            ),
             (|c| c.public_addr = "host".into(), "cluster.public_addr"),
             (|c| c.partitions = PARTITIONS_MAX + 1, "cluster.partitions"),
             (|c| c.lease_s = 2, "cluster.lease_s"),
             (|c| c.lease_s = 3601, "cluster.lease_s"),
+            (|c| c.stream_replicas = 0, "cluster.stream_replicas"),
+            (|c| c.stream_replicas = 6, "cluster.stream_replicas"),
         ];
         for (spoil, key) in cases {
             let mut c = sample();
@@ -120,9 +157,11 @@ mod tests {
         let mut c = sample();
         c.partitions = 1;
         c.lease_s = 3;
+        c.stream_replicas = 1;
         assert_eq!(c.validate(), Ok(()));
         c.partitions = PARTITIONS_MAX;
         c.lease_s = 3600;
+        c.stream_replicas = STREAM_REPLICAS_MAX;
         assert_eq!(c.validate(), Ok(()));
     }
 }

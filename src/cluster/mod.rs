@@ -10,6 +10,7 @@ pub mod link;
 pub mod owners;
 pub mod partition;
 pub mod relay;
+pub mod streams;
 pub mod wire;
 
 pub use bridge::{Bridge, ClusterStats};

@@ -7,6 +7,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use super::partition::partition_of;
 
@@ -52,6 +53,12 @@ pub struct Owners {
     /// Bumped whenever a partition this node owned is no longer its own, so
     /// shards know to close the sessions of users it no longer serves.
     losses: AtomicU64,
+    /// Base of `proven_until_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` until which this node's leases are proven
+    /// (see [`Owners::prove_until`]); `u64::MAX` until the bridge first
+    /// proves them, so a table no bridge writes (tests) never expires.
+    proven_until_ms: AtomicU64,
 }
 
 const NOBODY: u32 = 0;
@@ -67,6 +74,8 @@ impl Owners {
             nodes: (0..NODES_MAX).map(|_| OnceLock::new()).collect(),
             known: AtomicU32::new(0),
             losses: AtomicU64::new(0),
+            epoch: Instant::now(),
+            proven_until_ms: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -80,10 +89,14 @@ impl Owners {
         self.of(partition_of(user, self.partitions))
     }
 
-    /// Who serves partition `p`.
+    /// Who serves partition `p`. This node's own partitions read as
+    /// [`Owner::Nobody`] once its leases are no longer proven: a node
+    /// resumed after a pause longer than its lease acknowledges and
+    /// delivers nothing for them, even before its bridge has run again.
     pub fn of(&self, p: u32) -> Owner<'_> {
         match self.slots[p as usize].load(Ordering::Acquire) {
             NOBODY => Owner::Nobody,
+            HERE if self.expired() => Owner::Nobody,
             HERE => Owner::Here,
             i => match self.nodes[(i - 2) as usize].get() {
                 Some(node) => Owner::Elsewhere {
@@ -103,10 +116,31 @@ impl Owners {
             .count() as u32
     }
 
-    /// How many times this node lost partitions so far; shards compare it
-    /// with the value they last acted on.
+    /// How many times this node lost partitions so far.
     pub fn losses(&self) -> u64 {
         self.losses.load(Ordering::Acquire)
+    }
+
+    /// Changes whenever this node stops serving partitions: at each loss,
+    /// and when its leases go unproven (or proven again). Shards compare it
+    /// with the value they last acted on.
+    pub fn fencing(&self) -> u64 {
+        2 * self.losses() + u64::from(self.expired())
+    }
+
+    /// Bridge only: this node's leases hold until `deadline` (the start of
+    /// the lease round that renewed them, plus the lease). No other node
+    /// can hold them before: a key lives for a lease after its last write,
+    /// and that write left after the round started.
+    pub fn prove_until(&self, deadline: Instant) {
+        let ms = deadline.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.proven_until_ms.store(ms, Ordering::Release);
+    }
+
+    /// Whether the proof of this node's leases ran out.
+    fn expired(&self) -> bool {
+        let until = self.proven_until_ms.load(Ordering::Acquire);
+        until != u64::MAX && self.epoch.elapsed().as_millis() as u64 >= until
     }
 
     /// Bridge only: this node holds `p`.
@@ -186,6 +220,20 @@ mod tests {
         owners.set_other(2, None);
         assert_eq!(owners.losses(), 1);
         assert_eq!(owners.of(2), Owner::Nobody);
+    }
+
+    #[test]
+    fn own_partitions_expire_with_their_proof() {
+        let owners = Owners::new(2);
+        owners.set_here(0);
+        let before = owners.fencing();
+        owners.prove_until(Instant::now() + std::time::Duration::from_secs(3600));
+        assert_eq!(owners.of(0), Owner::Here);
+        owners.prove_until(Instant::now());
+        assert_eq!(owners.of(0), Owner::Nobody);
+        assert_ne!(owners.fencing(), before, "shards must sweep");
+        owners.prove_until(Instant::now() + std::time::Duration::from_secs(3600));
+        assert_eq!(owners.of(0), Owner::Here);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::bridge::ClusterStats;
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::partition::partition_of;
+use super::streams;
 use super::wire::Record;
 use crate::proto::ErrorCode;
 use crate::shard::{home_shard, ConnRef, Msg};
@@ -36,9 +37,21 @@ const RECONCILE: Duration = Duration::from_millis(100);
 /// consumer (on claim), never from a timeout.
 const ACK_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// How long a consumer goes without a record before it asks JetStream
+/// whether a delivery went missing; doubled after each quiet check up to
+/// [`GAP_CHECK_MAX`], so idle consumers cost NATS little.
+const GAP_CHECK: Duration = Duration::from_secs(2);
+
+/// Longest wait between two checks of a quiet consumer.
+const GAP_CHECK_MAX: Duration = Duration::from_secs(64);
+
 /// The `TERN` stream, created if missing: every subject `tern.>`, kept
-/// until acked (work-queue retention), on disk.
-pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Error> {
+/// until acked (work-queue retention), on disk, with `replicas` copies.
+/// Returns the copies it has (see [`streams::ensure`]).
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<usize, async_nats::Error> {
     let config = stream::Config {
         name: STREAM.into(),
         subjects: vec!["tern.>".into()],
@@ -46,11 +59,7 @@ pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), async_nats::Er
         storage: stream::StorageType::File,
         ..Default::default()
     };
-    if let Err(e) = js.create_stream(config).await {
-        log::debug!("cluster relay: stream {STREAM} not created ({e}), opening it");
-        js.get_stream(STREAM).await?;
-    }
-    Ok(())
+    streams::ensure(js, config, replicas).await
 }
 
 /// What the relay's helper tasks report.
@@ -432,9 +441,46 @@ async fn consume_once(
         })
         .await?;
     let mut messages = consumer.messages().await?;
-    while let Some(message) = messages.next().await {
-        let message = message?;
-        let sequence = message.info()?.stream_sequence;
+    // Consumer sequence of the last record that arrived. JetStream numbers
+    // its deliveries 1, 2, ...; a record it delivered that never arrived
+    // (lost between NATS servers or on a connection that dropped while a
+    // NATS server died) would, with this ack wait, never come again until
+    // the consumer is recreated, and then after later records: per-sender
+    // order broken (issue 15, kill -9 of a nats-server). So a gap, or a
+    // quiet consumer whose server delivered more than arrived, starts the
+    // consumer over from the oldest unacked record, in stream order; what
+    // the shards already hold comes again with the same server id.
+    let mut last = 0;
+    let mut quiet = GAP_CHECK;
+    loop {
+        let message = match tokio::time::timeout(quiet, messages.next()).await {
+            Ok(Some(message)) => {
+                quiet = GAP_CHECK;
+                message?
+            }
+            Ok(None) => return Ok(()),
+            Err(_quiet) => {
+                let delivered = consumer.get_info().await?.delivered.consumer_sequence;
+                if delivered > last {
+                    return Err(format!(
+                        "delivered up to {delivered}, only {last} arrived: starting over"
+                    )
+                    .into());
+                }
+                quiet = (quiet * 2).min(GAP_CHECK_MAX);
+                continue;
+            }
+        };
+        let info = message.info()?;
+        if info.consumer_sequence != last + 1 {
+            return Err(format!(
+                "delivery {} arrived after {last}: starting over",
+                info.consumer_sequence
+            )
+            .into());
+        }
+        last = info.consumer_sequence;
+        let sequence = info.stream_sequence;
         let (message, acker) = message.split();
         let report = Report::Consumed {
             partition: p,
@@ -446,7 +492,6 @@ async fn consume_once(
             return Ok(());
         }
     }
-    Ok(())
 }
 
 fn unix_ms() -> u64 {

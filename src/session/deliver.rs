@@ -31,6 +31,15 @@ impl Sessions {
             self.crash = true;
             return Flow::Next;
         }
+        if self.config.cluster.is_some() && env.owner(self.slots[conn.index()].user) != Owner::Here
+        {
+            // Fencing: this node no longer serves the sender (its leases
+            // went unproven, e.g. through a pause): nothing is taken, and
+            // the client logs in again where the partition is served now.
+            self.stats.moved_closes.inc();
+            self.bye(now, conn, proto::ByeReason::Moved);
+            return Flow::Next;
+        }
         if to == 0 {
             self.refuse_send(
                 conn,
@@ -244,6 +253,11 @@ impl Sessions {
         let Some(conn) = self.users.conn_of(user) else {
             return;
         };
+        // Fencing: nothing goes to a user of a partition this node no
+        // longer serves; the sweep (`Event::Moved`) closes the session.
+        if env.owner(user) != Owner::Here {
+            return;
+        }
         let written = written.unwrap_or_else(|| self.written(conn));
         let pending = env.out_pending(conn) + written;
         let version = self.slots[conn.index()].version;

@@ -160,7 +160,7 @@ pub struct Shard {
     accept_window: (Instant, u32),
     loop_timer: LoopTimer,
     owners: Option<Arc<Owners>>,
-    /// [`Owners::losses`] as last acted on.
+    /// [`Owners::fencing`] as last acted on.
     owner_losses: u64,
     bridge: Option<ShardLink>,
     /// When the shard last gave freed memory back (`memory_release_ms`).
@@ -246,7 +246,7 @@ impl Shard {
             conns_max: config.conns_max.div_ceil(shards),
             accept_window: (clock.now(), 0),
             loop_timer: LoopTimer::new(clock.now()),
-            owner_losses: owners.as_ref().map_or(0, |o| o.losses()),
+            owner_losses: owners.as_ref().map_or(0, |o| o.fencing()),
             owners,
             bridge,
             memory_released: clock.now(),
@@ -486,10 +486,11 @@ impl Shard {
         None
     }
 
-    /// Cluster: once the bridge reports lost partitions, closes the
-    /// sessions of users this node no longer serves (fencing).
+    /// Cluster: once the bridge reports lost partitions, or this node's
+    /// leases go unproven, closes the sessions of users this node no longer
+    /// serves (fencing).
     fn fence(&mut self) {
-        let Some(losses) = self.owners.as_ref().map(|o| o.losses()) else {
+        let Some(losses) = self.owners.as_ref().map(|o| o.fencing()) else {
             return;
         };
         if losses != self.owner_losses {

@@ -242,6 +242,11 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             "SENDs and receipts published to JetStream whose publish ack has not come back yet.",
             c.publishes_in_flight.get(),
         ),
+        (
+            "Cluster_stream_replicas",
+            "Copies JetStream keeps of the stream TERN (1 on a NATS server without clustering).",
+            c.stream_replicas.get(),
+        ),
     ]
 }
 

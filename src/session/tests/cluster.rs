@@ -17,6 +17,7 @@ fn clustered() -> Harness {
             public_addr: "10.0.0.1:7333".into(),
             partitions: 2,
             lease_s: 10,
+            stream_replicas: 3,
         }),
         ..Config::default()
     };
@@ -220,4 +221,34 @@ fn losing_a_partition_closes_its_users_with_moved_and_no_one_else() {
     );
     assert!(out.to(A).is_empty());
     assert_eq!(h.s.stats.moved_closes.get(), 1);
+}
+
+#[test]
+fn once_this_nodes_leases_go_unproven_it_takes_and_delivers_nothing_for_them() {
+    let mut h = clustered();
+    let (user, from) = (user_in(0), user_in(1));
+    login_frame(&mut h, A, user, proto::VERSION_2);
+    // The proof ran out (a pause longer than the lease) before the bridge
+    // could tell the shards anything.
+    let owners = h.env.owners.as_ref().unwrap();
+    owners.prove_until(std::time::Instant::now());
+    h.step(Event::Msg(Msg::Incoming {
+        to: user,
+        msg: Stored {
+            server_id: 5,
+            from,
+            time_ms: T0_MS,
+            origin: None,
+            body: b"late".to_vec().into(),
+        },
+    }));
+    assert!(h.commit(&[]).to(A).is_empty(), "nothing delivered");
+    let out = h.send(0, 1, from, b"hi");
+    assert!(to_bridge(&out).is_empty(), "nothing published: {out:?}");
+    assert_eq!(
+        out.to(A)[..],
+        [&OwnedFrame::Bye {
+            reason: ByeReason::Moved
+        }]
+    );
 }
