@@ -110,7 +110,6 @@ impl Node {
                 public_addr: addr.to_string(),
                 partitions: 16,
                 lease_s: 3,
-                // One nats-server without clustering keeps one copy anyway.
                 stream_replicas: 1,
             }),
             ..Default::default()
