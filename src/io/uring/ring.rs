@@ -430,6 +430,7 @@ pub(super) fn with_context(e: io::Error, what: &str) -> io::Error {
 mod tests {
     use super::*;
     use io_uring::opcode;
+    use std::os::fd::FromRawFd;
 
     fn ring(sq: u32, cq: u32) -> Option<Ring> {
         match Ring::new(sq, cq, 16, 4, 256, None) {
@@ -491,6 +492,35 @@ mod tests {
         let got = drain(&mut ring, 30);
         assert_eq!(got.len(), 30);
         assert!(got.iter().all(|c| c.1 == 0), "{got:?}");
+    }
+
+    /// A ring that signals an eventfd never defers its completion work
+    /// (the kernel would postpone the signal, see `Ring::new`), and its
+    /// completions reach the CQ without entering it: a NOP's completion is
+    /// reaped and the eventfd counts it.
+    #[test]
+    fn ring_with_eventfd_runs_work_plainly_and_signals() {
+        // SAFETY: plain eventfd(2) call; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(efd >= 0);
+        // SAFETY: `efd` is a fresh descriptor nobody else owns.
+        let efd = unsafe { std::os::fd::OwnedFd::from_raw_fd(efd) };
+        let mut ring = match Ring::new(4, 8, 16, 4, 256, Some(efd.as_raw_fd())) {
+            Ok(r) => r,
+            Err(e) => return crate::io::uring_unavailable(&e),
+        };
+        assert_eq!(ring.taskrun(), TaskRun::Plain);
+        // SAFETY: NOP names no memory.
+        unsafe { ring.push(Chain::One(opcode::Nop::new().build().user_data(7))) };
+        ring.submit().unwrap();
+        let mut out = Vec::new();
+        ring.reap(&mut out).unwrap();
+        assert_eq!(out.iter().map(|c| c.0).collect::<Vec<_>>(), vec![7]);
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from the eventfd we own.
+        let n = unsafe { libc::read(efd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+        assert_eq!(n, 8);
+        assert!(count >= 1);
     }
 
     /// Completions beyond the CQ size are kept by the kernel (NODROP) and
