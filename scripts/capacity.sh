@@ -45,6 +45,10 @@ Usage: scripts/capacity.sh [OPTIONS]
                          S s; the idle window then measures the keepalive CPU
                          (default 0 = no PINGs)
   --pin                  server on core 0, load generator on core 1 (taskset)
+  --nice N               run server and load generators at nice N (e.g. -10, as
+                         root: ahead of other people's builds on a shared box, so
+                         the latency measured is Tern's, not the box's queue;
+                         default 0 = left as it is)
   --file-max N           raise the host's fs.file-max to N for the run if it is
                          lower (2M pairs are 4M open files; BOX-FACTS), and put
                          the old value back on any exit, Ctrl-C included
@@ -69,7 +73,7 @@ EOF
 io=uring target="" steps_csv="" shards=0 durability=memory ramp_rate=0
 msg_rate=1000/s chat_secs=30 chat_runs=3 idle_secs=10 port=7222 use_netns=0
 mem_floor_gib=3 run_secs_max=7200 out="" build=1 quiet_wait_secs=300 quiet_busy_pct=25
-ping_every_secs=0 pin=0 file_max=0
+ping_every_secs=0 pin=0 file_max=0 nice_n=0
 server_extra=()
 readonly STEPS_MAX=16          # ladder length cap
 readonly SETTLE_SECS=3         # after the ramp, before sampling
@@ -91,6 +95,7 @@ while [ "$#" -gt 0 ]; do
         --idle-secs) need_arg "$@"; idle_secs=$2; shift ;;
         --ping-every-secs) need_arg "$@"; ping_every_secs=$2; shift ;;
         --pin) pin=1 ;;
+        --nice) need_arg "$@"; nice_n=$2; shift ;;
         --file-max) need_arg "$@"; file_max=$2; shift ;;
         --port) need_arg "$@"; port=$2; shift ;;
         --netns) use_netns=1 ;;
@@ -109,6 +114,7 @@ done
 
 is_uint() { case "$1" in ''|*[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 case "$io" in uring|poll) ;; *) echo "capacity.sh: --io must be uring or poll" >&2; exit 2 ;; esac
+[[ "$nice_n" =~ ^-?[0-9]+$ ]] || { echo "capacity.sh: --nice must be a whole number" >&2; exit 2; }
 case "$durability" in memory|os|fsync) ;; *) echo "capacity.sh: bad --durability" >&2; exit 2 ;; esac
 if [ -z "$target" ]; then
     if [ "$io" = poll ]; then target=19000; else target=1000000; fi
@@ -157,6 +163,11 @@ server_taskset=() lg_taskset=()
 if [ "$pin" = 1 ]; then
     server_taskset=(taskset -c 0)
     lg_taskset=(taskset -c 1)
+fi
+if [ "$nice_n" != 0 ]; then
+    # nice execs taskset, which execs the program: the pid is still the one stopped.
+    server_taskset=(nice -n "$nice_n" "${server_taskset[@]}")
+    lg_taskset=(nice -n "$nice_n" "${lg_taskset[@]}")
 fi
 
 stop_pid() {   # stop_pid PID SECS: TERM, wait up to SECS, then KILL (its group too)
@@ -334,7 +345,7 @@ server_cmd=("$tern" serve --io "$io" --shards "$shards" --listen "127.0.0.1:$por
 {
     echo "# server"
     echo "${ns_exec[*]}${ns_exec[*]:+ }${server_taskset[*]}${server_taskset[*]:+ }tern ${server_cmd[*]:1}"
-    echo "# load generators pinned: ${lg_taskset[*]:-no}"
+    echo "# load generators run under: ${lg_taskset[*]:-nothing (not pinned, not niced)}"
     echo "# load generator runs (each also gets --max-time and --json)"
 } >"$out/commands.txt"
 "${ns_exec[@]}" "${server_taskset[@]}" "${server_cmd[@]}" >"$tmp/server.log" 2>&1 &
@@ -372,6 +383,7 @@ log "server pid $server_pid, backend $backend, port $port, conns-max $conns_max;
     echo "idle_secs=$idle_secs"
     echo "ping_every_secs=$ping_every_secs"
     echo "pin=$pin"
+    echo "nice=$nice_n"
     echo "netns=$use_netns"
     echo "conns_max=$conns_max"
     echo "mem_floor_gib=$mem_floor_gib"

@@ -267,10 +267,14 @@ impl Sessions {
         let budget = !live || on.held;
         let at = self.wire.len();
         let mut sent = 0;
-        while (on.inflight as usize) < self.config.deliver_inflight_max {
-            let Some(m) = self.store.next_after(user, on.sent_upto) else {
-                break;
-            };
+        // Whether a committed message is left unsent when the walk stops.
+        let mut held = false;
+        let (config, wire, guard) = (&self.config, &mut self.wire, &mut self.guard);
+        self.store.each_after(user, on.sent_upto, &mut |m| {
+            if on.inflight as usize >= config.deliver_inflight_max {
+                held = true;
+                return false;
+            }
             let frame = Frame::Deliver {
                 server_id: m.server_id,
                 from: m.from,
@@ -281,21 +285,23 @@ impl Sessions {
             let len = proto::encoded_len(&frame);
             // With nothing in flight one DELIVER always goes, so a DELIVERED
             // will come back to continue.
-            let out = self.wire.len() - at;
+            let out = wire.len() - at;
             if on.inflight > 0
-                && (on.inflight_bytes as usize + len > self.config.deliver_inflight_bytes_max
-                    || budget && pending + out + len > self.config.conn_out_bytes_max)
+                && (on.inflight_bytes as usize + len > config.deliver_inflight_bytes_max
+                    || budget && pending + out + len > config.conn_out_bytes_max)
             {
-                break;
+                held = true;
+                return false;
             }
-            proto::encode(&frame, &mut self.wire);
-            self.guard.delivered(user, m.server_id, m.from);
+            proto::encode(&frame, wire);
+            guard.delivered(user, m.server_id, m.from);
             on.sent_upto = m.server_id;
             on.inflight += 1;
             on.inflight_bytes += len as u32;
             sent += 1;
-        }
-        on.held = self.store.next_after(user, on.sent_upto).is_some();
+            true
+        });
+        on.held = held;
         if sent > 0 {
             self.stats.msgs_out.add(sent);
             self.actions.push(Action::Write {

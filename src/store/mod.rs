@@ -164,6 +164,20 @@ pub trait Store {
     fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored>;
     /// The first message of `user` with an id greater than `after`.
     fn next_after(&self, user: u64, after: u64) -> Option<&Stored>;
+    /// Calls `f` with the messages [`next_after`](Store::next_after) would
+    /// give one after the other from `after`, in order, until `f` returns
+    /// false or there is none left. One queue lookup for a whole DELIVER
+    /// burst instead of one per message (the lookup was ~10 % of a
+    /// pipelined message's CPU). Default: `next_after` in a loop.
+    fn each_after(&self, user: u64, after: u64, f: &mut dyn FnMut(&Stored) -> bool) {
+        let mut after = after;
+        while let Some(m) = self.next_after(user, after) {
+            if !f(m) {
+                return;
+            }
+            after = m.server_id;
+        }
+    }
     /// Messages queued for `user`.
     fn len(&self, user: u64) -> usize;
     /// Messages queued on this shard.

@@ -18,7 +18,9 @@
 //! the READ of the shard's eventfd; every other ring has the eventfd
 //! registered, so a completion on any ring wakes the thread. (Blocking on
 //! ring 0 put an eventfd signal, a READ and its re-arm on the path of every
-//! wake-up of a small shard.)
+//! wake-up of a small shard.) Only the wait ring defers its completion work;
+//! the rings with the eventfd run it plainly (why: `Ring::new`), so they are
+//! entered only to submit or to flush an overflow, never to look.
 //!
 //! A table must never fill: the kernel closes the connection being accepted
 //! when it does (ENFILE). Slot counts are exact (incremented by the

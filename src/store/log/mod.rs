@@ -892,6 +892,24 @@ impl Store for LogStore {
             .map(|e| &e.msg)
     }
 
+    fn each_after(&self, user: u64, after: u64, f: &mut dyn FnMut(&Stored) -> bool) {
+        let Some(queue) = self.queues.get(&user) else {
+            return;
+        };
+        let at = queue.partition_point(|e| e.msg.server_id <= after);
+        for e in queue.range(at..) {
+            // As `next_after`: the durable prefix only (ids grow with each push).
+            let durable = match e.loc {
+                Loc::Memory => true,
+                Loc::Staged(_) => false,
+                Loc::Segment(_) => e.msg.server_id <= self.durable_id,
+            };
+            if !durable || !f(&e.msg) {
+                return;
+            }
+        }
+    }
+
     fn len(&self, user: u64) -> usize {
         self.queues.get(&user).map_or(0, VecDeque::len)
     }
