@@ -103,6 +103,10 @@ pub struct Client {
     /// Closed with BYE(`rate_limited`): away until `back_at_ns`, even while
     /// draining.
     rate_closed: bool,
+    /// A SEND was refused as `rate_limited`: nothing is written again
+    /// before this time, simulated nanoseconds (the server's bucket is per
+    /// user, so this outlives the connection).
+    resend_at_ns: u64,
 }
 
 /// What the world must do after a client acted.
@@ -116,6 +120,17 @@ const PING_EVERY_NS: u64 = 60_000_000_000;
 /// Most SENDs a client writes again in one go (at a turn, or at LOGIN_OK);
 /// the rest wait for its next turn.
 const RESENDS_MAX: u32 = 16;
+
+/// How long a client waits after ERROR(`rate_limited`, client_id) before
+/// it writes SENDs again. Retried at every turn (tens of ms apart), a
+/// flooder's outbox was refused far faster than the bucket refills, passed
+/// `rate_refusals_max` within a second of every reconnect and got
+/// BYE(`rate_limited`): about 4 ACKs a second, so 600 messages did not
+/// drain in 120 s. A second refills `SENDS_PER_S_MAX` (20), more than the
+/// `RESENDS_MAX` (16) it then writes.
+const RATE_RETRY_NS: u64 = 1_000_000_000;
+
+const _: () = assert!(RESENDS_MAX <= super::SENDS_PER_S_MAX);
 
 /// Shortest time away after BYE(`rate_limited`), even while draining: the
 /// simulated server's `rate_refusals_window_ms` (the default, 10 s). A
@@ -175,6 +190,7 @@ impl Client {
             doomed_restarts: 0,
             deaf: false,
             rate_closed: false,
+            resend_at_ns: 0,
         }
     }
 
@@ -453,6 +469,9 @@ impl Client {
     }
 
     fn send_unsent(&mut self, net: &Net, now_ns: u64, checker: &mut Checker) {
+        if now_ns < self.resend_at_ns {
+            return; // backing off after ERROR(rate_limited)
+        }
         let mut frames = Vec::new();
         let mut resends = 0;
         for o in self.outbox.iter_mut().filter(|o| !o.sent) {
@@ -666,8 +685,12 @@ impl Client {
                 if !temporary {
                     return Err(format!("user {user}: SEND refused with {code}: {text}"));
                 }
-                // Resent at the client's next turn.
+                // Resent at the client's next turn; after `rate_limited`,
+                // not before the bucket has refilled.
                 o.sent = false;
+                if code == ErrorCode::RateLimited {
+                    self.resend_at_ns = now_ns + RATE_RETRY_NS;
+                }
             }
             Frame::Deliver {
                 server_id,

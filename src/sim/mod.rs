@@ -84,6 +84,9 @@ const STEP_NS: (u64, u64) = (10_000, 1_000_000);
 /// output passes `conn_out_bytes_max` (BYE(`slow`)) within a run. The
 /// bodies are 24 bytes.
 const FRAME_BYTES_MAX: usize = 4096;
+
+/// The simulated server's `sends_per_s_max`: low, so a flood passes it.
+const SENDS_PER_S_MAX: u32 = 20;
 /// Longest step of simulated time when the network is quiet (one timer tick).
 const IDLE_STEP_NS: u64 = 100_000_000;
 
@@ -422,7 +425,7 @@ impl World {
             segment_bytes_max: 8 * 1024,
             // Low, so a flood (`hostile::FLOOD_SENDS`) goes past the burst
             // and the refusals add up to BYE(rate_limited) within a run.
-            sends_per_s_max: 20,
+            sends_per_s_max: SENDS_PER_S_MAX,
             sends_burst_max: 40,
             frame_bytes_max: FRAME_BYTES_MAX,
             body_bytes_max: FRAME_BYTES_MAX - 41,
