@@ -1079,14 +1079,14 @@ fn write_varint(mut v: u64, out: &mut [u8]) -> usize {
     unreachable!("no room for a varint of up to {LEN_PREFIX_BYTES_MAX} bytes");
 }
 
-/// Appends the encoded frame, length prefix included, to `out`, and returns
-/// the number of bytes appended (always [`encoded_len`]). Never fails and
-/// checks no [`Limits`]: the sender is responsible for staying within the
-/// peer's limits (a body within `body_bytes_max` always fits).
+/// Appends the encoded frame, length prefix included ([`encoded_len`]
+/// bytes), to `out`. Never fails and checks no [`Limits`]: the sender is
+/// responsible for staying within the peer's limits (a body within
+/// `body_bytes_max` always fits).
 ///
 /// One pass over the fields: they are written to a stack buffer first, and
 /// `L` is that buffer's length plus the rest field's.
-pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) -> usize {
+pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
     let mut head = Head::new(frame.type_byte());
     let rest: &[u8] = match *frame {
         Frame::Login { version, token } => {
@@ -1185,7 +1185,6 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) -> usize {
     out.extend_from_slice(head.bytes());
     out.extend_from_slice(rest);
     debug_assert_eq!(prefix_len + payload_len, encoded_len(frame));
-    prefix_len + payload_len
 }
 
 /// Exact number of bytes [`encode`] appends for `frame`: the length prefix

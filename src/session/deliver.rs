@@ -285,7 +285,8 @@ impl Sessions {
             // Encoded first and taken back if over a limit: one pass over
             // the fields per DELIVER sent, and the rare refusal pays a copy.
             let out = wire.len() - at;
-            let len = proto::encode(&frame, wire);
+            proto::encode(&frame, wire);
+            let len = wire.len() - at - out;
             // With nothing in flight one DELIVER always goes, so a DELIVERED
             // will come back to continue.
             if on.inflight > 0
