@@ -11,15 +11,19 @@
 #   NAME.self.txt      perf report --no-children, top 60 lines
 #   NAME.children.txt  perf report --children, top 60 lines
 #   NAME.dso.txt       perf report --sort dso (user vs kernel share)
+#   NAME.threads.txt   perf report --sort comm,dso (per thread: shard, sync)
 # perf.data is kept in a temp dir and removed. Bounded: every process has a
 # timeout; the server and the load generator are stopped on any exit.
 #
 # Usage: scripts/profile.sh NAME SHAPE SHARDS WINDOW USERS OUT [-- extra tern serve args]
 #   e.g. scripts/profile.sh pipelined-1s pipelined 1 64 2 results/saturation/profile
+# DURABILITY=fsync in the environment runs the server with --durability fsync
+# (default memory); perf follows all the server's threads, the sync thread too.
 set -euo pipefail
 
-[ "$#" -ge 6 ] || { sed -n 2,19p "$0" >&2; exit 2; }
+[ "$#" -ge 6 ] || { sed -n 2,21p "$0" >&2; exit 2; }
 name=$1 shape=$2 shards=$3 window=$4 users=$5 out=$6
+durability=${DURABILITY:-memory}
 shift 6
 [ "${1:-}" = "--" ] && shift
 server_extra=("$@")
@@ -42,7 +46,7 @@ trap 'exit 130' INT TERM HUP
 cp "$root/target/release/tern" "$root/target/release/tern-loadgen" "$tmp/"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 server_cmd=("$tmp/tern" serve --io uring --shards "$shards" --listen "127.0.0.1:$port"
-    --durability memory --data-dir "$tmp/data" --stats-socket "$tmp/tern.sock"
+    --durability "$durability" --data-dir "$tmp/data" --stats-socket "$tmp/tern.sock"
     --sends-per-s-max 0 --receipts-per-s-max 0 --addr-conns-per-s-max 0
     --addr-pending-max 0 --pending-max 0 --deliver-inflight-max 1024 --queue-len-max 100000
     "${server_extra[@]}")
@@ -76,4 +80,6 @@ perf report -i "$tmp/perf.data" --children --stdio --percent-limit 1 2>/dev/null
     | grep -v '^$' | grep -E '^ +[0-9]' | head -60 >"$out/$name.children.txt" || true
 perf report -i "$tmp/perf.data" --no-children --stdio --sort dso 2>/dev/null \
     | grep -v '^$' | grep -E '^ +[0-9]' | head -20 >"$out/$name.dso.txt" || true
+perf report -i "$tmp/perf.data" --no-children --stdio --sort comm,dso 2>/dev/null \
+    | grep -v '^$' | grep -E '^ +[0-9]' | head -20 >"$out/$name.threads.txt" || true
 cat "$out/$name.loadgen.txt"

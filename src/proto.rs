@@ -1030,48 +1030,99 @@ fn read_varint(buf: &[u8], value_max: u64) -> Varint {
     Varint::Malformed("varint longer than 10 bytes")
 }
 
-/// Appends the encoded frame, length prefix included, to `out`. Never fails
-/// and checks no [`Limits`]: the sender is responsible for staying within the
-/// peer's limits (a body within `body_bytes_max` always fits).
+/// Longest part of a frame before its rest field (body, token or text): the
+/// type byte and at most four varints (DELIVER v2) of up to 10 bytes.
+const HEAD_BYTES_MAX: usize = 1 + 4 * LEN_PREFIX_BYTES_MAX;
+
+/// The type byte and fixed fields of one frame, written once on the stack so
+/// that the length prefix can be computed from what was written instead of in
+/// a pass of its own over the fields.
+struct Head {
+    buf: [u8; HEAD_BYTES_MAX],
+    /// Bytes used: `1..=HEAD_BYTES_MAX` once the type byte is in.
+    len: usize,
+}
+
+impl Head {
+    fn new(type_byte: u8) -> Self {
+        let mut buf = [0; HEAD_BYTES_MAX];
+        buf[0] = type_byte;
+        Head { buf, len: 1 }
+    }
+
+    fn byte(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn varint(&mut self, v: u64) {
+        self.len += write_varint(v, &mut self.buf[self.len..]);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// Writes the minimal LEB128 encoding of `v` at the start of `out` and
+/// returns its length (1 to 10). `out` must have room for it.
+fn write_varint(mut v: u64, out: &mut [u8]) -> usize {
+    // Bounded: each round drops 7 bits, so at most 10 rounds.
+    for (i, slot) in out.iter_mut().take(LEN_PREFIX_BYTES_MAX).enumerate() {
+        if v < 0x80 {
+            *slot = v as u8;
+            return i + 1;
+        }
+        *slot = (v as u8 & 0x7f) | 0x80;
+        v >>= 7;
+    }
+    unreachable!("no room for a varint of up to {LEN_PREFIX_BYTES_MAX} bytes");
+}
+
+/// Appends the encoded frame, length prefix included ([`encoded_len`]
+/// bytes), to `out`. Never fails and checks no [`Limits`]: the sender is
+/// responsible for staying within the peer's limits (a body within
+/// `body_bytes_max` always fits).
+///
+/// One pass over the fields: they are written to a stack buffer first, and
+/// `L` is that buffer's length plus the rest field's.
 pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
-    let payload_len = frame.payload_len();
-    let start = out.len();
-    out.reserve(varint_len(payload_len as u64) + payload_len);
-    put_varint(payload_len as u64, out);
-    out.push(frame.type_byte());
-    match *frame {
+    let mut head = Head::new(frame.type_byte());
+    let rest: &[u8] = match *frame {
         Frame::Login { version, token } => {
-            out.push(version);
-            out.extend_from_slice(token);
+            head.byte(version);
+            token
         }
         Frame::LoginOk {
             server_time_ms,
             offline_count,
         } => {
-            put_varint(server_time_ms, out);
-            put_varint(offline_count, out);
+            head.varint(server_time_ms);
+            head.varint(offline_count);
+            &[]
         }
         Frame::LoginErr { code, text } => {
-            put_varint(code as u64, out);
-            out.extend_from_slice(text.as_bytes());
+            head.varint(code as u64);
+            text.as_bytes()
         }
         Frame::Send {
             client_id,
             to,
             body,
         } => {
-            put_varint(client_id, out);
-            put_varint(to, out);
-            out.extend_from_slice(body);
+            head.varint(client_id);
+            head.varint(to);
+            body
         }
         Frame::Ack {
             client_id,
             server_id,
             server_time_ms,
         } => {
-            put_varint(client_id, out);
-            put_varint(server_id, out);
-            put_varint(server_time_ms, out);
+            head.varint(client_id);
+            head.varint(server_id);
+            head.varint(server_time_ms);
+            &[]
         }
         Frame::Deliver {
             server_id,
@@ -1080,42 +1131,60 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             client_id,
             body,
         } => {
-            put_varint(server_id, out);
-            put_varint(from, out);
-            put_varint(server_time_ms, out);
+            head.varint(server_id);
+            head.varint(from);
+            head.varint(server_time_ms);
             if let Some(client_id) = client_id {
-                put_varint(client_id, out);
+                head.varint(client_id);
             }
-            out.extend_from_slice(body);
+            body
         }
-        Frame::Delivered { server_id } => put_varint(server_id, out),
+        Frame::Delivered { server_id } => {
+            head.varint(server_id);
+            &[]
+        }
         Frame::Read { server_id, from } => {
-            put_varint(server_id, out);
-            put_varint(from, out);
+            head.varint(server_id);
+            head.varint(from);
+            &[]
         }
         Frame::Receipt {
             kind,
             server_id,
             peer,
         } => {
-            put_varint(kind as u64, out);
-            put_varint(server_id, out);
-            put_varint(peer, out);
+            head.varint(kind as u64);
+            head.varint(server_id);
+            head.varint(peer);
+            &[]
         }
-        Frame::Ping { nonce } | Frame::Pong { nonce } => put_varint(nonce, out),
+        Frame::Ping { nonce } | Frame::Pong { nonce } => {
+            head.varint(nonce);
+            &[]
+        }
         Frame::Error {
             code,
             client_id,
             text,
         } => {
-            put_varint(code as u64, out);
-            put_varint(client_id, out);
-            out.extend_from_slice(text.as_bytes());
+            head.varint(code as u64);
+            head.varint(client_id);
+            text.as_bytes()
         }
-        Frame::Bye { reason } => put_varint(reason as u64, out),
-        Frame::Redirect { addr } => out.extend_from_slice(addr.as_bytes()),
-    }
-    debug_assert_eq!(out.len() - start, encoded_len(frame));
+        Frame::Bye { reason } => {
+            head.varint(reason as u64);
+            &[]
+        }
+        Frame::Redirect { addr } => addr.as_bytes(),
+    };
+    let payload_len = head.len + rest.len();
+    let mut prefix = [0; LEN_PREFIX_BYTES_MAX];
+    let prefix_len = write_varint(payload_len as u64, &mut prefix);
+    out.reserve(prefix_len + payload_len);
+    out.extend_from_slice(&prefix[..prefix_len]);
+    out.extend_from_slice(head.bytes());
+    out.extend_from_slice(rest);
+    debug_assert_eq!(prefix_len + payload_len, encoded_len(frame));
 }
 
 /// Exact number of bytes [`encode`] appends for `frame`: the length prefix
@@ -1126,17 +1195,10 @@ pub fn encoded_len(frame: &Frame<'_>) -> usize {
 }
 
 /// Appends the minimal LEB128 encoding of `v` (1 to 10 bytes) to `out`.
-pub fn put_varint(mut v: u64, out: &mut Vec<u8>) {
-    // Bounded: each round drops 7 bits, so at most 10 rounds.
-    for _ in 0..LEN_PREFIX_BYTES_MAX {
-        if v < 0x80 {
-            out.push(v as u8);
-            return;
-        }
-        out.push((v as u8 & 0x7f) | 0x80);
-        v >>= 7;
-    }
-    unreachable!("a u64 needs at most {LEN_PREFIX_BYTES_MAX} varint bytes");
+pub fn put_varint(v: u64, out: &mut Vec<u8>) {
+    let mut buf = [0; LEN_PREFIX_BYTES_MAX];
+    let len = write_varint(v, &mut buf);
+    out.extend_from_slice(&buf[..len]);
 }
 
 /// Number of bytes [`put_varint`] appends for `v`: 1 for `v < 128`, up to 10.

@@ -282,18 +282,21 @@ impl Sessions {
                 client_id: deliver_client_id(version, m),
                 body: &m.body,
             };
-            let len = proto::encoded_len(&frame);
+            // Encoded first and taken back if over a limit: one pass over
+            // the fields per DELIVER sent, and the rare refusal pays a copy.
+            let out = wire.len() - at;
+            proto::encode(&frame, wire);
+            let len = wire.len() - at - out;
             // With nothing in flight one DELIVER always goes, so a DELIVERED
             // will come back to continue.
-            let out = wire.len() - at;
             if on.inflight > 0
                 && (on.inflight_bytes as usize + len > config.deliver_inflight_bytes_max
                     || budget && pending + out + len > config.conn_out_bytes_max)
             {
+                wire.truncate(at + out);
                 held = true;
                 return false;
             }
-            proto::encode(&frame, wire);
             guard.delivered(user, m.server_id, m.from);
             on.sent_upto = m.server_id;
             on.inflight += 1;

@@ -861,6 +861,11 @@ pub(crate) fn grow_slots<T: Default>(slots: &mut Vec<T>, index: usize) {
 /// and the text is only for humans (at 64 bytes, the smallest limit, some
 /// texts do not fit whole).
 fn fit_text(frame: Frame<'_>, frame_bytes_max: usize) -> Frame<'_> {
+    // Only frames with a text can be cut; the others (every ACK, RECEIPT)
+    // skip the length pass that `encode` no longer needs either.
+    if !matches!(frame, Frame::Error { .. } | Frame::LoginErr { .. }) {
+        return frame;
+    }
     let over = frame.payload_len().saturating_sub(frame_bytes_max);
     let cut = |text: &str| {
         let mut end = text.len().saturating_sub(over);
