@@ -83,7 +83,7 @@ def chat(out):
             del99.append(r["latency_us"]["deliver"]["p99_us"] / 1000)
             lost.append(r["messages"]["lost"])
             failed.append(r["connections"]["failed"])
-            redirects.append(r["counters"]["redirects"])
+            redirects.append(r["counters"].get("redirects", 0))  # 0 from a loadgen before REDIRECTs
             for label, secs in cpu_seconds(p.replace(".json", ".cpu")).items():
                 cpu.setdefault(label, []).append(secs)
         publish = "-"
