@@ -32,6 +32,7 @@ Usage: scripts/cluster-bench.sh [OPTIONS]
   --msg-rates LIST    chat: offered msgs/s, space-separated (default "1000 4000")
   --duration T        chat: sending time per run (default 10s)
   --chat-partitions L chat: partition counts of the cluster runs (default "4096 64")
+  --no-standalone     chat: skip the standalone runs (cluster runs only)
   --partitions P      takeover, storage: partitions (default 4096, the production default)
   --lease-s S         lease seconds (default 10, the production default)
   --takeover-users N  takeover: users that log in again (default 1000)
@@ -46,6 +47,7 @@ USAGE
 invocation="$*"
 parts="chat takeover storage" runs=3 conns=2000 msg_rates="1000 4000" duration=10s
 chat_partitions="4096 64" partitions=4096 lease_s=10 takeover_users=1000 queued=10000 body_bytes="100 1000" out="" build=1
+standalone=1
 
 need_arg() { [ $# -ge 2 ] || { echo "cluster-bench.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
@@ -63,6 +65,7 @@ while [ $# -gt 0 ]; do
         --body-bytes) need_arg "$@"; body_bytes=$2; shift ;;
         --out) need_arg "$@"; out=$2; shift ;;
         --no-build) build=0 ;;
+        --no-standalone) standalone=0 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "cluster-bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -270,7 +273,9 @@ chat_part() {
     for rate in $msg_rates; do
         for ((run = 1; run <= runs; run++)); do
             # Standalone: one server, durability fsync (its default) and memory.
-            for durability in fsync memory; do
+            local durabilities="fsync memory"
+            [ "$standalone" = 1 ] || durabilities=""
+            for durability in $durabilities; do
                 name="chat-standalone_$durability-${rate}-run$run" dir="$tmp/$name"
                 mkdir -p "$dir"
                 local port
@@ -307,7 +312,14 @@ chat_part() {
                 cpu_report "$name.idle10s" "nats-server=$nats_pid" "tern_a=$a_pid" "tern_b=$b_pid" \
                     "$before_n" "$before_a" "$before_b"
                 before_n=$(cpu_ticks "$nats_pid") before_a=$(cpu_ticks "$a_pid") before_b=$(cpu_ticks "$b_pid")
+                # Node a's last lease round, sampled every second of the run
+                # (empty lines from a version without the key).
+                (for ((i = 0; i < 150; i++)); do info "$a_sock" Cluster_lease_round_ms; sleep 1; done) \
+                    >"$out/raw/$name.a.lease_round_ms" 2>/dev/null &
+                local sampler=$!
+                pids+=("$sampler")
                 chat_run "$name" "$a_addr,$b_addr" "$rate"
+                stop_pid "$sampler"
                 cpu_report "$name" "nats-server=$nats_pid" "tern_a=$a_pid" "tern_b=$b_pid" \
                     "$before_n" "$before_a" "$before_b"
                 # What JetStream still holds after the run: messages not
@@ -316,6 +328,7 @@ chat_part() {
                 "$tern" stats --socket "$a_sock" show latency >"$out/raw/$name.a.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$b_sock" show latency >"$out/raw/$name.b.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$a_sock" show info >"$out/raw/$name.a.info.txt" 2>&1 || true
+                "$tern" stats --socket "$b_sock" show info >"$out/raw/$name.b.info.txt" 2>&1 || true
                 stop_all
             done
         done
@@ -387,9 +400,9 @@ storage_part() {
             --per-user 10 --body-bytes "$body" --msg-rate 2000/s --login-receivers 0 \
             --drain 5s --final-drain 0 ||
             log "$name: load generator exited $? (raw/$name.txt)"
-        note "curl '$nats_mon/jsz?accounts=true&streams=true'; du -sb <nats store>/jetstream/\$G/streams/TERN"
+        note "curl '$nats_mon/jsz?accounts=true&streams=true'; du -sbc <nats store>/jetstream/\$G/streams/TERN*"
         curl -sf "$nats_mon/jsz?accounts=true&streams=true" >"$out/raw/$name.jsz.json"
-        du -sb "$dir/nats/js/jetstream/\$G/streams/TERN" | cut -f1 >"$out/raw/$name.du_bytes"
+        du -sbc "$dir/nats/js/jetstream/\$G/streams/"TERN* | tail -1 | cut -f1 >"$out/raw/$name.du_bytes"
         "$tern" stats --socket "$a_sock" show info >"$out/raw/$name.a.info.txt" 2>&1 || true
         "$tern" stats --socket "$b_sock" show info >"$out/raw/$name.b.info.txt" 2>&1 || true
         stop_all

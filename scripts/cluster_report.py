@@ -83,7 +83,7 @@ def chat(out):
             del99.append(r["latency_us"]["deliver"]["p99_us"] / 1000)
             lost.append(r["messages"]["lost"])
             failed.append(r["connections"]["failed"])
-            redirects.append(r["counters"]["redirects"])
+            redirects.append(r["counters"].get("redirects", 0))  # 0 from a loadgen before REDIRECTs
             for label, secs in cpu_seconds(p.replace(".json", ".cpu")).items():
                 cpu.setdefault(label, []).append(secs)
         publish = "-"
@@ -117,7 +117,7 @@ def chat(out):
                 idle.append((os.path.basename(p)[:-5], cpu, left))
     if idle:
         print("| cluster run | CPU s over 10 s idle before it (no clients) | "
-              "TERN stream records left after it |")
+              "message stream records left after it (all TERN streams) |")
         print("|---|---|---|")
         for name, cpu, left in idle:
             cpu_cell = ", ".join(f"{label} {v:.2f}" for label, v in cpu.items()) or "-"
@@ -139,17 +139,22 @@ def takeover(out, lease_s):
           f"**median {statistics.median(secs):.2f} s**.\n")
 
 
-def stream_state(path, name="TERN"):
-    """The `state` of stream `name` in a /jsz answer, or None."""
+def stream_state(path):
+    """Messages and bytes of the message streams (`TERN`, the single stream
+    of the old layout, or `TERN_<g>`) summed, in a /jsz answer, or None."""
     try:
         jsz = load(path)
     except (OSError, ValueError):
         return None
+    total = None
     for account in jsz.get("account_details", []):
         for stream in account.get("stream_detail", []):
-            if stream.get("name") == name:
-                return stream["state"]
-    return None
+            name = stream.get("name", "")
+            if name == "TERN" or name.startswith("TERN_"):
+                total = total or {"messages": 0, "bytes": 0}
+                total["messages"] += stream["state"]["messages"]
+                total["bytes"] += stream["state"]["bytes"]
+    return total
 
 
 def storage(out):
@@ -172,8 +177,8 @@ def storage(out):
         per = nbytes / msgs if msgs else 0
         per_disk = du / msgs if msgs else 0
         print(f"| {body} | {msgs} | {nbytes} | {per:.1f} | {du} | {per_disk:.1f} |")
-    print("\nStream bytes: JetStream's own count (`/jsz`, stream `TERN` state). Disk: `du -sb` "
-          "of the stream's directory, blocks and indexes included.\n")
+    print("\nStream bytes: JetStream's own count (`/jsz`, message streams' state summed). Disk: "
+          "`du -sb` of the message streams' directories, blocks and indexes included.\n")
 
 
 def main():

@@ -12,6 +12,8 @@ mod faults;
 mod nats;
 #[path = "cluster/replicated.rs"]
 mod replicated;
+#[path = "cluster/scale.rs"]
+mod scale;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -405,16 +407,23 @@ fn user_on_each(a: &TestServer) -> (u64, u64) {
 /// go.
 fn settle_halves(a: &TestServer, b: &TestServer, partitions: u64) {
     let half = partitions / 2;
+    let keys = [
+        "Cluster_partitions_owned",
+        "Cluster_partitions_unowned",
+        "Cluster_consumers",
+    ];
+    let mut last = Vec::new();
     let split = settle(|| {
-        [a, b].iter().all(|n| {
-            n.info_u64("Cluster_partitions_owned") == half
-                && n.info_u64("Cluster_partitions_unowned") == 0
-                && n.info_u64("Cluster_consumers") == half
-        })
+        last = [a, b]
+            .iter()
+            .map(|n| keys.map(|k| n.info_u64(k)))
+            .collect::<Vec<_>>();
+        last.iter().all(|v| *v == [half, 0, half])
     });
     assert!(
         split,
-        "the nodes never split {partitions} partitions evenly with every owner known"
+        "the nodes never split {partitions} partitions evenly with every owner known: \
+         {keys:?} of a, b stayed at {last:?}"
     );
 }
 

@@ -18,7 +18,7 @@ use super::config::ClusterConfig;
 use super::lease::{node_key, partition_key, Leases, Listing};
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
-use super::relay::{ensure_stream, Relay};
+use super::relay::Relay;
 use super::streams;
 use crate::stats::{Counter, Histogram};
 
@@ -27,6 +27,13 @@ pub const LEASE_BUCKET: &str = "tern_leases";
 
 /// How often the bridge looks at its stop flag while it waits.
 const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// KV writes (renewals, claims) a lease round keeps in flight at once.
+/// One after another, a node's 2,048 renewals (half of the default 4096
+/// partitions) took longer than a lease under load and the leases expired
+/// (issue 15); pipelined, a round takes a few round trips. Bounded so a
+/// round does not flood NATS with thousands of requests at one instant.
+const LEASE_WRITES_IN_FLIGHT: usize = 128;
 
 /// What the bridge reports, read by the stats socket.
 #[derive(Debug, Default)]
@@ -61,9 +68,13 @@ pub struct ClusterStats {
     /// JetStream's publish ack (or failure) for it. Written by the relay
     /// task only (the bridge's runtime has one thread).
     pub publish_latency: Histogram,
-    /// Copies JetStream keeps of the stream `TERN`: `stream_replicas`, or 1
-    /// against a NATS server without clustering; 0 until first reached.
+    /// Copies JetStream keeps of the message streams `TERN_<g>` (the
+    /// fewest of any): `stream_replicas`, or 1 against a NATS server
+    /// without clustering; 0 until first reached.
     pub stream_replicas: Counter,
+    /// Milliseconds the last successful lease round took (heartbeat,
+    /// renewals, listing, claims); 0 until one succeeded.
+    pub lease_round_ms: Counter,
 }
 
 /// The running bridge thread.
@@ -177,7 +188,7 @@ async fn run(
                 let replicas = config.stream_replicas as usize;
                 stats
                     .stream_replicas
-                    .set(ensure_stream(&js, replicas).await? as u64);
+                    .set(streams::ensure_messages(&js, config.partitions, replicas).await? as u64);
                 let kv = bucket(&js, lease, replicas).await?;
                 tokio::spawn(watch(kv.clone(), owners.clone(), config.node_id.clone()));
                 store = Some(kv);
@@ -225,7 +236,7 @@ fn node_start(node_id: &str, partitions: u32) -> u32 {
 }
 
 /// The lease bucket, created if missing, with `replicas` copies like the
-/// stream `TERN`: a lease must outlive one NATS server as much as the
+/// message streams: a lease must outlive one NATS server as much as the
 /// messages do. Its max age is the lease: a key
 /// not rewritten for a lease vanishes, which is how leases expire with no
 /// clock shared between nodes.
@@ -270,11 +281,19 @@ async fn lease_round(
     let value = format!("{} {}", config.node_id, config.public_addr);
     kv.put(node_key(&config.node_id), value.clone().into())
         .await?;
-    for (p, revision) in leases.renewals() {
-        match kv
-            .update(partition_key(p), value.clone().into(), revision)
-            .await
-        {
+    let renewed: Vec<_> = futures_util::stream::iter(leases.renewals())
+        .map(|(p, revision)| {
+            let update = kv.update(partition_key(p), value.clone().into(), revision);
+            async move { (p, update.await) }
+        })
+        .buffer_unordered(LEASE_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    // Every answer is applied before an error returns: a renewal that
+    // succeeded moved the revision the next one must name.
+    let mut failed = None;
+    for (p, result) in renewed {
+        match result {
             Ok(next) => leases.held(p, next),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 log::warn!("cluster bridge: lease on partition {p} lost");
@@ -284,8 +303,11 @@ async fn lease_round(
                     owners.set_other(p, None);
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => failed = Some(e),
         }
+    }
+    if let Some(e) = failed {
+        return Err(e.into());
     }
     // Every lease still held was rewritten after `started`; claims below
     // are written later still.
@@ -333,17 +355,25 @@ async fn lease_round(
         }
     }
     *unlisted = missing;
-    let claims = leases.to_claim(&listing);
+    let created: Vec<_> = futures_util::stream::iter(leases.to_claim(&listing))
+        .map(|p| {
+            let create = kv.create(partition_key(p), value.clone().into());
+            async move { (p, create.await) }
+        })
+        .buffer_unordered(LEASE_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
     let mut claimed = 0;
-    for p in claims {
-        match kv.create(partition_key(p), value.clone().into()).await {
+    let mut failed = None;
+    for (p, result) in created {
+        match result {
             Ok(revision) => {
                 leases.held(p, revision);
                 owners.set_here(p);
                 claimed += 1;
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => failed = Some(e),
         }
     }
     if claimed > 0 {
@@ -353,6 +383,12 @@ async fn lease_round(
             listing.live_nodes()
         );
     }
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    stats
+        .lease_round_ms
+        .set(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
     Ok(())
 }
 

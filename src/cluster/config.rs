@@ -28,7 +28,7 @@ pub struct ClusterConfig {
     /// it. Default 10.
     #[serde(default = "lease_s_default")]
     pub lease_s: u32,
-    /// Copies JetStream keeps of the stream `TERN` and of the lease bucket,
+    /// Copies JetStream keeps of each message stream `TERN_<g>` and of the lease bucket,
     /// 1 to 5; an ACK leaves once this many servers stored the message.
     /// Default 3 (a 3-server NATS cluster). Against a NATS server without
     /// clustering, which can keep only 1, the streams get 1 and the node

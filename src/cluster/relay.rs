@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, consumer, message::Acker, stream};
+use async_nats::jetstream::{self, consumer, message::Acker};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -19,14 +19,13 @@ use super::bridge::ClusterStats;
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::partition::partition_of;
-use super::streams;
+use super::streams::{
+    message_subject, partition_filter, receipt_subject, server_id, stream_name, stream_of,
+};
 use super::wire::Record;
 use crate::proto::ErrorCode;
 use crate::shard::{home_shard, ConnRef, Msg};
 use crate::store::{Origin, Stored};
-
-/// The stream holding every message and receipt of a cluster.
-pub const STREAM: &str = "TERN";
 
 /// How often ownership is compared with the running consumers, and full
 /// rings towards shards are retried.
@@ -45,26 +44,9 @@ const GAP_CHECK: Duration = Duration::from_secs(2);
 /// Longest wait between two checks of a quiet consumer.
 const GAP_CHECK_MAX: Duration = Duration::from_secs(64);
 
-/// The `TERN` stream, created if missing: every subject `tern.>`, kept
-/// until acked (work-queue retention), on disk, with `replicas` copies.
-/// Returns the copies it has (see [`streams::ensure`]).
-pub async fn ensure_stream(
-    js: &jetstream::Context,
-    replicas: usize,
-) -> Result<usize, async_nats::Error> {
-    let config = stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["tern.>".into()],
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    };
-    streams::ensure(js, config, replicas).await
-}
-
 /// What the relay's helper tasks report.
 enum Report {
-    /// A SEND's publish was acknowledged (`Ok(sequence)`) or failed.
+    /// A SEND's publish was acknowledged (`Ok(server id)`) or failed.
     Published {
         reply: ConnRef,
         client_id: u64,
@@ -84,6 +66,7 @@ enum Report {
     /// A partition's consumer brought a record.
     Consumed {
         partition: u32,
+        /// Its server id ([`server_id`]).
         sequence: u64,
         // Boxed: a NATS message and its acker are far larger than a
         // publish result.
@@ -101,7 +84,7 @@ pub struct Relay {
     /// Messages for shards whose ring was full, in order.
     backlog: Vec<VecDeque<Msg>>,
     /// Messages handed to their recipients' shards, not yet DELIVERED, by
-    /// stream sequence: acked in JetStream on [`Msg::Done`].
+    /// server id: acked in JetStream on [`Msg::Done`].
     pending: HashMap<u64, (u32, Box<Acker>)>,
     consumers: HashMap<u32, JoinHandle<()>>,
     tx: mpsc::UnboundedSender<Report>,
@@ -190,7 +173,8 @@ impl Relay {
                     let id = format!("{from}:{}:{}", o.device, o.client_id);
                     headers.insert("Nats-Msg-Id", id.as_str());
                 }
-                let subject = format!("tern.p.{}", partition_of(to, self.owners.partitions()));
+                let partition = partition_of(to, self.owners.partitions());
+                let subject = message_subject(partition);
                 let published = self
                     .js
                     .publish_with_headers(subject, headers, record.encode().into())
@@ -200,7 +184,10 @@ impl Relay {
                 self.stats.publishes_in_flight.inc();
                 tokio::spawn(async move {
                     let result = match published {
-                        Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
+                        Ok(ack) => ack
+                            .await
+                            .map(|a| server_id(partition, a.sequence))
+                            .map_err(|e| e.to_string()),
                         Err(e) => Err(e.to_string()),
                     };
                     let _ = tx.send(Report::Published {
@@ -225,7 +212,7 @@ impl Relay {
                     server_id,
                     peer,
                 };
-                let subject = format!("tern.r.{}", partition_of(user, self.owners.partitions()));
+                let subject = receipt_subject(partition_of(user, self.owners.partitions()));
                 let published = self.js.publish(subject, record.encode().into()).await;
                 let tx = self.tx.clone();
                 self.stats.publishes_in_flight.inc();
@@ -425,18 +412,27 @@ async fn consume_once(
     p: u32,
     tx: &mpsc::UnboundedSender<Report>,
 ) -> Result<(), async_nats::Error> {
-    let stream = js.get_stream(STREAM).await?;
+    let stream = js.get_stream(stream_name(stream_of(p))).await?;
     let name = format!("p{p}");
     // Not found is fine: nobody consumed this partition yet.
     let _ = stream.delete_consumer(&name).await;
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(name),
-            filter_subject: format!("tern.*.{p}"),
+            filter_subject: partition_filter(p),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             max_ack_pending: -1,
             deliver_policy: consumer::DeliverPolicy::All,
+            // One copy, in memory: the consumer is recreated on every claim
+            // and start-over anyway, from the oldest record still in the
+            // stream. The records are what must survive a NATS server, and
+            // they stay in the replicated work-queue stream until acked, so
+            // a lost consumer costs a redelivery (same server id), never a
+            // message. Replicated consumers were a Raft group each: 4096
+            // more for NATS to keep.
+            num_replicas: 1,
+            memory_storage: true,
             ..Default::default()
         })
         .await?;
@@ -480,7 +476,7 @@ async fn consume_once(
             .into());
         }
         last = info.consumer_sequence;
-        let sequence = info.stream_sequence;
+        let sequence = server_id(p, info.stream_sequence);
         let (message, acker) = message.split();
         let report = Report::Consumed {
             partition: p,

@@ -15,7 +15,7 @@ use crate::proto::{put_varint, ReceiptKind};
 const KIND_MESSAGE: u8 = 1;
 const KIND_RECEIPT: u8 = 2;
 
-/// One record of the `TERN` stream.
+/// One record of a message stream `TERN_<g>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     /// A message for `to`.

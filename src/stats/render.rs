@@ -244,8 +244,13 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
         ),
         (
             "Cluster_stream_replicas",
-            "Copies JetStream keeps of the stream TERN (1 on a NATS server without clustering).",
+            "Copies JetStream keeps of the message streams TERN_<g>, the fewest of any (1 on a NATS server without clustering).",
             c.stream_replicas.get(),
+        ),
+        (
+            "Cluster_lease_round_ms",
+            "Milliseconds the last successful lease round took (heartbeat, renewals, listing, claims).",
+            c.lease_round_ms.get(),
         ),
     ]
 }
