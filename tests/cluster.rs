@@ -45,6 +45,11 @@ fn node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
 /// A node whose `public_addr` is its real client address, so a REDIRECT
 /// naming it can be followed.
 fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
+    replicated_node(nats, id, partitions, 3)
+}
+
+/// A reachable node on every server of `nats`, keeping `replicas` copies.
+fn replicated_node(nats: &Nats, id: &str, partitions: u32, replicas: u32) -> TestServer {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let cluster = ClusterConfig {
         node_id: id.into(),
@@ -52,7 +57,7 @@ fn reachable_node(nats: &Nats, id: &str, partitions: u32) -> TestServer {
         public_addr: addr.to_string(),
         partitions,
         lease_s: 3,
-        stream_replicas: 3,
+        stream_replicas: replicas,
     };
     TestServer::start_with(|c| {
         c.listen = addr;

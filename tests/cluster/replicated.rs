@@ -3,33 +3,12 @@
 //! delivery across two, then three nodes; the replica count of an existing
 //! stream follows the configuration.
 
-use std::net::SocketAddr;
-
-use tern::cluster::ClusterConfig;
 use tern::proto::ReceiptKind;
 
 use super::common::{expect_receipt, indexed_body, recv_ack, recv_deliver, TestServer};
-use super::nats::{free_port, Nats};
-use super::{login_v2, login_v2_here, retry_unavailable, settle};
+use super::nats::Nats;
+use super::{login_v2, login_v2_here, replicated_node, retry_unavailable, settle};
 use tern_client::ClientError;
-
-/// A node with its real client address as `public_addr`, on every server
-/// of `nats`, keeping `replicas` copies.
-fn replicated_node(nats: &Nats, id: &str, partitions: u32, replicas: u32) -> TestServer {
-    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let cluster = ClusterConfig {
-        node_id: id.into(),
-        nats_urls: nats.urls(),
-        public_addr: addr.to_string(),
-        partitions,
-        lease_s: 3,
-        stream_replicas: replicas,
-    };
-    TestServer::start_with(|c| {
-        c.listen = addr;
-        c.cluster = Some(cluster);
-    })
-}
 
 /// Waits until the nodes share `partitions` evenly, each with its
 /// consumers running and an owner known for every partition.
