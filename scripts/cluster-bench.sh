@@ -147,12 +147,13 @@ note() { echo "$*" | sed "s#$tmp#\$TMP#g; s#$root/target/release/##g" >>"$out/co
 
 # start_nats DIR: JetStream in DIR, one nats-server or (--nats-servers 3) a
 # cluster of three; sets nats_url (every client URL, comma-separated),
-# nats_mon (server 1's monitoring URL), nats_pid (server 1), nats_pids (all)
-# and nats_store (server 1's store directory).
+# nats_mon (server 1's monitoring URL), nats_mons (every server's),
+# nats_pid (server 1), nats_pids (all) and nats_store (server 1's store
+# directory).
 start_nats() {
     local dir=$1 port mport mports=()
     mkdir -p "$dir"
-    nats_pids=() nats_url=""
+    nats_pids=() nats_url="" nats_mons=()
     if [ "$nats_servers" = 1 ]; then
         port=$(free_port) mport=$(free_port)
         local cmd=(nats-server -js -a 127.0.0.1 -p "$port" -m "$mport" -sd "$dir/js")
@@ -163,6 +164,7 @@ start_nats() {
         nats_pids=("$nats_pid")
         nats_url="nats://127.0.0.1:$port" nats_mon="http://127.0.0.1:$mport"
         nats_store="$dir/js"
+        nats_mons=("$nats_mon")
     else
         # Three servers, each with its own name, store and ports, routes to
         # the two others (as tests/cluster/nats.rs).
@@ -190,6 +192,7 @@ EOF
             nats_url+="${nats_url:+,}nats://127.0.0.1:${ports[n - 1]}"
         done
         nats_pid=${nats_pids[0]} nats_mon="http://127.0.0.1:${mports[0]}" nats_store="$dir/js1"
+        for n in 1 2 3; do nats_mons+=("http://127.0.0.1:${mports[n - 1]}"); done
     fi
     # Up, and (cluster) every server names a JetStream meta leader (60 s).
     local i s ok
@@ -392,6 +395,13 @@ chat_part() {
                 # What JetStream still holds after the run: messages not
                 # DELIVERED yet and receipts not consumed yet.
                 curl -sf "$nats_mon/jsz?accounts=true&streams=true" >"$out/raw/$name.jsz.json" || true
+                # Every server's view 5 s later (a replica's state can lag).
+                sleep 5
+                local k
+                for ((k = 0; k < ${#nats_mons[@]}; k++)); do
+                    curl -sf "${nats_mons[k]}/jsz?accounts=true&streams=true" \
+                        >"$out/raw/$name.jsz5s.n$((k + 1)).json" || true
+                done
                 "$tern" stats --socket "$a_sock" show latency >"$out/raw/$name.a.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$b_sock" show latency >"$out/raw/$name.b.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$a_sock" show info >"$out/raw/$name.a.info.txt" 2>&1 || true
