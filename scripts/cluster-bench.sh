@@ -16,7 +16,9 @@
 #             (NATS monitoring port, /jsz) and the stream's directory on disk.
 #
 # Everything runs on loopback ports in a temp dir: its own nats-server
-# (`-js`, one server, so stream replicas 1), its own Tern nodes and load
+# (`-js`, one server, so stream replicas 1; or, with --nats-servers 3, a
+# NATS cluster of three JetStream servers, so stream_replicas 3), its own
+# Tern nodes and load
 # generators. Bounded: every load-generator run has --max-time and a
 # `timeout`, every wait a deadline. Only the PIDs this script started are
 # stopped, also on Ctrl-C; the temp dir is removed on exit.
@@ -39,6 +41,9 @@ Usage: scripts/cluster-bench.sh [OPTIONS]
   --queued N          storage: messages left waiting (default 10000)
   --body-bytes LIST   storage: body sizes in bytes (default "100 1000")
   --out DIR           results directory (default results/cluster/<UTC date>)
+  --nats-servers N    1 (default: one nats-server, stream replicas 1) or 3 (a NATS
+                      cluster of three JetStream servers with routes; the nodes use
+                      stream_replicas 3, the production layout)
   --no-build          use the existing target/release binaries
   -h, --help          this text
 USAGE
@@ -47,7 +52,7 @@ USAGE
 invocation="$*"
 parts="chat takeover storage" runs=3 conns=2000 msg_rates="1000 4000" duration=10s
 chat_partitions="4096 64" partitions=4096 lease_s=10 takeover_users=1000 queued=10000 body_bytes="100 1000" out="" build=1
-standalone=1
+standalone=1 nats_servers=1
 
 need_arg() { [ $# -ge 2 ] || { echo "cluster-bench.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
@@ -64,6 +69,7 @@ while [ $# -gt 0 ]; do
         --queued) need_arg "$@"; queued=$2; shift ;;
         --body-bytes) need_arg "$@"; body_bytes=$2; shift ;;
         --out) need_arg "$@"; out=$2; shift ;;
+        --nats-servers) need_arg "$@"; nats_servers=$2; shift ;;
         --no-build) build=0 ;;
         --no-standalone) standalone=0 ;;
         -h | --help) usage; exit 0 ;;
@@ -72,6 +78,10 @@ while [ $# -gt 0 ]; do
     shift
 done
 
+case $nats_servers in
+    1 | 3) ;;
+    *) echo "cluster-bench.sh: --nats-servers must be 1 or 3" >&2; exit 2 ;;
+esac
 command -v nats-server >/dev/null || { echo "cluster-bench.sh: nats-server is not on PATH (apt-get install nats-server)" >&2; exit 2; }
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -135,26 +145,84 @@ server_flags=(--sends-per-s-max 0 --receipts-per-s-max 0 --addr-conns-per-s-max 
 # Records a command line (temp dir shown as $TMP).
 note() { echo "$*" | sed "s#$tmp#\$TMP#g; s#$root/target/release/##g" >>"$out/commands.txt"; }
 
-# start_nats DIR: a JetStream nats-server in DIR; sets nats_url, nats_mon,
-# nats_pid.
+# start_nats DIR: JetStream in DIR, one nats-server or (--nats-servers 3) a
+# cluster of three; sets nats_url (every client URL, comma-separated),
+# nats_mon (server 1's monitoring URL), nats_mons (every server's),
+# nats_pid (server 1), nats_pids (all) and nats_store (server 1's store
+# directory).
 start_nats() {
-    local dir=$1 port mport
-    port=$(free_port) mport=$(free_port)
+    local dir=$1 port mport mports=()
     mkdir -p "$dir"
-    local cmd=(nats-server -js -a 127.0.0.1 -p "$port" -m "$mport" -sd "$dir/js")
-    note "${cmd[*]}"
-    "${cmd[@]}" >"$dir/nats.log" 2>&1 &
-    nats_pid=$!
-    pids+=("$nats_pid")
-    nats_url="nats://127.0.0.1:$port" nats_mon="http://127.0.0.1:$mport"
-    local i
-    for ((i = 0; i < 100; i++)); do
-        curl -sf "$nats_mon/healthz" >/dev/null 2>&1 && return 0
+    nats_pids=() nats_url="" nats_mons=()
+    if [ "$nats_servers" = 1 ]; then
+        port=$(free_port) mport=$(free_port)
+        local cmd=(nats-server -js -a 127.0.0.1 -p "$port" -m "$mport" -sd "$dir/js")
+        note "${cmd[*]}"
+        "${cmd[@]}" >"$dir/nats.log" 2>&1 &
+        nats_pid=$!
+        pids+=("$nats_pid")
+        nats_pids=("$nats_pid")
+        nats_url="nats://127.0.0.1:$port" nats_mon="http://127.0.0.1:$mport"
+        nats_store="$dir/js"
+        nats_mons=("$nats_mon")
+    else
+        # Three servers, each with its own name, store and ports, routes to
+        # the two others (as tests/cluster/nats.rs).
+        local n ports=() routes=()
+        for n in 1 2 3; do ports+=("$(free_port)") mports+=("$(free_port)") routes+=("$(free_port)"); done
+        for n in 1 2 3; do
+            local others=() m
+            for m in 1 2 3; do [ "$m" = "$n" ] || others+=("nats-route://127.0.0.1:${routes[m - 1]}"); done
+            cat >"$dir/n$n.conf" <<EOF
+server_name: n$n
+listen: 127.0.0.1:${ports[n - 1]}
+http: 127.0.0.1:${mports[n - 1]}
+jetstream { store_dir: "$dir/js$n" }
+cluster {
+  name: tern_bench
+  listen: 127.0.0.1:${routes[n - 1]}
+  routes: [${others[0]}, ${others[1]}]
+}
+EOF
+            local cmd=(nats-server -c "$dir/n$n.conf")
+            note "${cmd[*]}   # server_name n$n, jetstream store_dir, cluster routes to the other two"
+            "${cmd[@]}" >"$dir/nats$n.log" 2>&1 &
+            nats_pids+=("$!")
+            pids+=("$!")
+            nats_url+="${nats_url:+,}nats://127.0.0.1:${ports[n - 1]}"
+        done
+        nats_pid=${nats_pids[0]} nats_mon="http://127.0.0.1:${mports[0]}" nats_store="$dir/js1"
+        for n in 1 2 3; do nats_mons+=("http://127.0.0.1:${mports[n - 1]}"); done
+    fi
+    # Up, and (cluster) every server names a JetStream meta leader (60 s).
+    local i s ok
+    for ((i = 0; i < 600; i++)); do
+        ok=1
+        if [ "$nats_servers" = 1 ]; then
+            curl -sf "$nats_mon/healthz" >/dev/null 2>&1 || ok=0
+        else
+            for s in "${mports[@]}"; do
+                curl -sf "http://127.0.0.1:$s/jsz" 2>/dev/null |
+                    python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin).get("meta_cluster", {}).get("leader") else 1)' \
+                        2>/dev/null || { ok=0; break; }
+            done
+        fi
+        [ "$ok" = 1 ] && return 0
         sleep 0.1
     done
-    cat "$dir/nats.log" >&2
-    log "nats-server did not start"
+    cat "$dir"/nats*.log >&2
+    log "nats-server did not start (or no JetStream meta leader)"
     exit 1
+}
+
+# nats_cpu_labels: label=PID arguments of cpu_report for the nats-servers.
+nats_cpu_labels() {
+    if [ "$nats_servers" = 1 ]; then
+        echo "nats-server=$nats_pid"
+    else
+        local n
+        for n in 1 2 3; do echo "nats-n$n=${nats_pids[n - 1]}"; done
+    fi
 }
 
 # wait_stats SOCKET PID NAME: until the stats socket answers (every shard runs).
@@ -203,13 +271,14 @@ data_dir = "$dir/data"
 
 [cluster]
 node_id = "$id"
-nats_urls = ["$nats_url"]
+nats_urls = ["${nats_url//,/\", \"}"]
 public_addr = "127.0.0.1:$port"
 partitions = $parts
 lease_s = $lease_s
+stream_replicas = $nats_servers
 EOF
     local cmd=("$tern" serve --config "$dir/tern.toml" "${server_flags[@]}")
-    note "${cmd[*]}   # $dir/tern.toml: listen, stats_socket, data_dir, [cluster] node_id=$id nats_urls public_addr=listen partitions=$parts lease_s=$lease_s"
+    note "${cmd[*]}   # $dir/tern.toml: listen, stats_socket, data_dir, [cluster] node_id=$id nats_urls public_addr=listen partitions=$parts lease_s=$lease_s stream_replicas=$nats_servers"
     "${cmd[@]}" >"$dir/tern.log" 2>&1 &
     node_pid=$!
     pids+=("$node_pid")
@@ -305,13 +374,15 @@ chat_part() {
                 start_node "$dir/b" b "$parts"
                 local b_sock=$node_sock b_addr=$node_addr b_pid=$node_pid
                 wait_split "$parts" "$a_sock" "$b_sock"
-                local before_n before_a before_b
+                local labels=() before=() l
+                mapfile -t labels < <(nats_cpu_labels)
+                labels+=("tern_a=$a_pid" "tern_b=$b_pid")
                 # CPU with no clients at all: leases, heartbeats, consumers.
-                before_n=$(cpu_ticks "$nats_pid") before_a=$(cpu_ticks "$a_pid") before_b=$(cpu_ticks "$b_pid")
+                for l in "${labels[@]}"; do before+=("$(cpu_ticks "${l#*=}")"); done
                 sleep 10
-                cpu_report "$name.idle10s" "nats-server=$nats_pid" "tern_a=$a_pid" "tern_b=$b_pid" \
-                    "$before_n" "$before_a" "$before_b"
-                before_n=$(cpu_ticks "$nats_pid") before_a=$(cpu_ticks "$a_pid") before_b=$(cpu_ticks "$b_pid")
+                cpu_report "$name.idle10s" "${labels[@]}" "${before[@]}"
+                before=()
+                for l in "${labels[@]}"; do before+=("$(cpu_ticks "${l#*=}")"); done
                 # Node a's last lease round, sampled every second of the run
                 # (empty lines from a version without the key).
                 (for ((i = 0; i < 150; i++)); do info "$a_sock" Cluster_lease_round_ms; sleep 1; done) \
@@ -320,11 +391,17 @@ chat_part() {
                 pids+=("$sampler")
                 chat_run "$name" "$a_addr,$b_addr" "$rate"
                 stop_pid "$sampler"
-                cpu_report "$name" "nats-server=$nats_pid" "tern_a=$a_pid" "tern_b=$b_pid" \
-                    "$before_n" "$before_a" "$before_b"
+                cpu_report "$name" "${labels[@]}" "${before[@]}"
                 # What JetStream still holds after the run: messages not
                 # DELIVERED yet and receipts not consumed yet.
                 curl -sf "$nats_mon/jsz?accounts=true&streams=true" >"$out/raw/$name.jsz.json" || true
+                # Every server's view 5 s later (a replica's state can lag).
+                sleep 5
+                local k
+                for ((k = 0; k < ${#nats_mons[@]}; k++)); do
+                    curl -sf "${nats_mons[k]}/jsz?accounts=true&streams=true" \
+                        >"$out/raw/$name.jsz5s.n$((k + 1)).json" || true
+                done
                 "$tern" stats --socket "$a_sock" show latency >"$out/raw/$name.a.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$b_sock" show latency >"$out/raw/$name.b.latency.txt" 2>&1 || true
                 "$tern" stats --socket "$a_sock" show info >"$out/raw/$name.a.info.txt" 2>&1 || true
@@ -402,7 +479,7 @@ storage_part() {
             log "$name: load generator exited $? (raw/$name.txt)"
         note "curl '$nats_mon/jsz?accounts=true&streams=true'; du -sbc <nats store>/jetstream/\$G/streams/TERN*"
         curl -sf "$nats_mon/jsz?accounts=true&streams=true" >"$out/raw/$name.jsz.json"
-        du -sbc "$dir/nats/js/jetstream/\$G/streams/"TERN* | tail -1 | cut -f1 >"$out/raw/$name.du_bytes"
+        du -sbc "$nats_store/jetstream/\$G/streams/"TERN* | tail -1 | cut -f1 >"$out/raw/$name.du_bytes"
         "$tern" stats --socket "$a_sock" show info >"$out/raw/$name.a.info.txt" 2>&1 || true
         "$tern" stats --socket "$b_sock" show info >"$out/raw/$name.b.info.txt" 2>&1 || true
         stop_all
@@ -418,5 +495,5 @@ for part in $parts; do
     esac
 done
 
-python3 "$root/scripts/cluster_report.py" "$out" "$lease_s" "$partitions" >"$out/summary.md"
+python3 "$root/scripts/cluster_report.py" "$out" "$lease_s" "$partitions" "$nats_servers" >"$out/summary.md"
 log "wrote $out/summary.md"

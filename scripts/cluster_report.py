@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summary of scripts/cluster-bench.sh: reads OUT/raw/ and prints Markdown.
 
-Usage: cluster_report.py OUT LEASE_S PARTITIONS
+Usage: cluster_report.py OUT LEASE_S PARTITIONS [NATS_SERVERS]
 Medians over the runs; the raw files stay beside it.
 """
 
@@ -51,7 +51,7 @@ def cpu_seconds(path):
     return got
 
 
-def chat(out):
+def chat(out, nats):
     keys = {}
     for path in sorted(glob.glob(os.path.join(out, "raw", "chat-*-run*.json"))):
         m = re.match(r"chat-(\w+)-(\d+)-run(\d+)\.json", os.path.basename(path))
@@ -60,7 +60,7 @@ def chat(out):
     if not keys:
         return
     med = statistics.median
-    print("## Chat shape: standalone against two nodes on one nats-server\n")
+    print(f"## Chat shape: standalone against two nodes on {nats}\n")
     print("| offered msgs/s | setup | runs | acked msgs/s | ACK p50 / p99 ms | deliver p50 / p99 ms "
           "| lost | failed conns | redirects | node publish p50 / p99 ms (a; b) | CPU s during the run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -183,10 +183,13 @@ def storage(out):
 
 def main():
     out, lease_s, partitions = sys.argv[1], sys.argv[2], sys.argv[3]
+    servers = sys.argv[4] if len(sys.argv) > 4 else "1"
+    nats = ("one nats-server" if servers == "1"
+            else f"a NATS cluster of {servers} nats-servers")
     print(f"# Cluster figures ({os.path.basename(os.path.normpath(out))})\n")
-    print(f"One nats-server (JetStream, replicas 1), {partitions} partitions, lease {lease_s} s; "
-          "all processes on one shared 2-core box: noisy.\n")
-    chat(out)
+    print(f"{nats[0].upper()}{nats[1:]} (JetStream, stream replicas {servers}), {partitions} partitions, "
+          f"lease {lease_s} s; all processes on one shared 2-core box: noisy.\n")
+    chat(out, nats)
     takeover(out, lease_s)
     storage(out)
 
