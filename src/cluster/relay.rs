@@ -424,14 +424,13 @@ async fn consume_once(
             ack_wait: ACK_WAIT,
             max_ack_pending: -1,
             deliver_policy: consumer::DeliverPolicy::All,
-            // One copy, in memory: the consumer is recreated on every claim
-            // and start-over anyway, from the oldest record still in the
-            // stream. The records are what must survive a NATS server, and
-            // they stay in the replicated work-queue stream until acked, so
-            // a lost consumer costs a redelivery (same server id), never a
-            // message. Replicated consumers were a Raft group each: 4096
-            // more for NATS to keep.
-            num_replicas: 1,
+            // As many copies as the stream (the default, 0, inherits): in
+            // a replicated work-queue stream each server drops an acked
+            // record when its own copy of the consumer applies the ack, so
+            // a consumer with one copy left the other servers' records of
+            // delivered messages in place (nats-server 2.9). In memory: the
+            // consumer is recreated on every claim and start-over anyway,
+            // from the oldest record still in the stream.
             memory_storage: true,
             ..Default::default()
         })

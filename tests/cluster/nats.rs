@@ -68,11 +68,16 @@ impl Server {
 
     /// Its `/jsz` monitoring page, if it answers.
     fn jsz(&self) -> Option<String> {
+        self.monitor("/jsz")
+    }
+
+    /// A page of its monitoring port, headers included, if it answers.
+    fn monitor(&self, path: &str) -> Option<String> {
         let addr: SocketAddr = ([127, 0, 0, 1], self.http).into();
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         stream
-            .write_all(b"GET /jsz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
             .ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).ok()?;
@@ -156,6 +161,27 @@ impl Nats {
     /// SIGKILL server `i` (0-based), as a crash.
     pub fn kill9(&mut self, i: usize) {
         self.servers[i].kill();
+    }
+
+    /// Per live server, the records its copies of the message streams
+    /// (`TERN_<g>`) hold; `None` for a server whose page did not answer.
+    pub fn message_records(&self) -> Vec<Option<u64>> {
+        let live = self.servers.iter().filter(|s| s.child.is_some());
+        live.map(|s| {
+            let page = s.monitor("/jsz?accounts=true&streams=true")?;
+            let (_, body) = page.split_once("\r\n\r\n")?;
+            let jsz: serde_json::Value = serde_json::from_str(body).ok()?;
+            let mut records = 0;
+            for account in jsz["account_details"].as_array()? {
+                for stream in account["stream_detail"].as_array().into_iter().flatten() {
+                    if stream["name"].as_str()?.starts_with("TERN_") {
+                        records += stream["state"]["messages"].as_u64()?;
+                    }
+                }
+            }
+            Some(records)
+        })
+        .collect()
     }
 
     /// Waits until every live server names a JetStream meta leader with

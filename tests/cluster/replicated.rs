@@ -134,6 +134,15 @@ fn two_then_three_nodes_chat_across_three_nats_servers() {
     let c = replicated_node(&nats, "c", partitions, 3);
     settle_even(&[&a, &b, &c], partitions.into());
     chat_across(&[&a, &b, &c], 1000..1200);
+
+    // Every message and receipt was delivered and acked: no server keeps a
+    // record of them (each of the three copies drops it).
+    let mut records = Vec::new();
+    let emptied = settle(|| {
+        records = nats.message_records();
+        records.iter().all(|r| *r == Some(0))
+    });
+    assert!(emptied, "records left per NATS server: {records:?}");
 }
 
 /// A stream created with one copy gets the configured three when the next
