@@ -9,6 +9,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Attempts at starting NATS: a port picked free can be taken (by another
+/// test's connection) before nats-server binds it, and nats-server then
+/// exits; the next attempt picks new ports.
+const ATTEMPTS: usize = 5;
+
 /// Upper bound for a NATS cluster to elect its JetStream meta leader.
 const ELECTION: Duration = Duration::from_secs(30);
 
@@ -27,8 +32,9 @@ struct Server {
 }
 
 impl Server {
-    /// Runs `nats-server` with `args`, or `None` when it is not installed.
-    fn spawn(args: &[String], port: u16, http: u16) -> Option<Server> {
+    /// Runs `nats-server` with `args`: `None` when it is not installed,
+    /// `Some(None)` when it exited before listening (a port taken).
+    fn spawn(args: &[String], port: u16, http: u16) -> Option<Option<Server>> {
         let spawned = Command::new("nats-server")
             .args(args)
             .stdin(Stdio::null())
@@ -43,15 +49,24 @@ impl Server {
             }
             Err(e) => panic!("cannot run nats-server: {e}"),
         };
-        let server = Server {
+        let mut server = Server {
             child: Some(child),
             port,
             http,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let up = super::common::wait_for(|| TcpStream::connect(addr).is_ok());
+        let mut exited = false;
+        let up = super::common::wait_for(|| {
+            let child = server.child.as_mut().expect("child");
+            exited = !matches!(child.try_wait(), Ok(None));
+            exited || TcpStream::connect(addr).is_ok()
+        });
+        if exited {
+            server.kill();
+            return Some(None);
+        }
         assert!(up, "nats-server never listened on {addr}");
-        Some(server)
+        Some(Some(server))
     }
 
     fn url(&self) -> String {
@@ -102,6 +117,16 @@ impl Nats {
     /// One `nats-server -js` without clustering, or `None` when
     /// `nats-server` is not installed.
     pub fn start() -> Option<Nats> {
+        for _ in 0..ATTEMPTS {
+            if let Some(nats) = Nats::start_once()? {
+                return Some(nats);
+            }
+        }
+        panic!("nats-server exited before listening, {ATTEMPTS} times");
+    }
+
+    /// One attempt of [`Nats::start`]: `Some(None)` if a port was taken.
+    fn start_once() -> Option<Option<Nats>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (port, http) = (free_port(), free_port());
         let args: Vec<String> = vec![
@@ -115,11 +140,13 @@ impl Nats {
             "-sd".into(),
             dir.path().display().to_string(),
         ];
-        let server = Server::spawn(&args, port, http)?;
-        Some(Nats {
+        let Some(server) = Server::spawn(&args, port, http)? else {
+            return Some(None);
+        };
+        Some(Some(Nats {
             servers: vec![server],
             dir,
-        })
+        }))
     }
 
     /// Three servers in one NATS cluster (`server_name` n1..n3, routes to
@@ -127,6 +154,17 @@ impl Nats {
     /// with 3 replicas can be created. `None` when `nats-server` is not
     /// installed.
     pub fn start_cluster() -> Option<Nats> {
+        for _ in 0..ATTEMPTS {
+            if let Some(nats) = Nats::start_cluster_once()? {
+                return Some(nats);
+            }
+        }
+        panic!("a nats-server of the cluster exited before listening, {ATTEMPTS} times");
+    }
+
+    /// One attempt of [`Nats::start_cluster`]: `Some(None)` if a port was
+    /// taken (the servers already started are killed on drop).
+    fn start_cluster_once() -> Option<Option<Nats>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers = Vec::new();
@@ -140,11 +178,14 @@ impl Nats {
             let conf = dir.path().join(format!("n{}.conf", i + 1));
             write_conf(&conf, i + 1, port, http, route, &others, dir.path());
             let args = vec!["-c".to_string(), conf.display().to_string()];
-            servers.push(Server::spawn(&args, port, http)?);
+            let Some(server) = Server::spawn(&args, port, http)? else {
+                return Some(None);
+            };
+            servers.push(server);
         }
         let nats = Nats { servers, dir };
         nats.wait_meta_leader();
-        Some(nats)
+        Some(Some(nats))
     }
 
     /// Every server's client URL, for `nats_urls` (a dead one included: a
