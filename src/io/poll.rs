@@ -457,6 +457,20 @@ mod tests {
         l
     }
 
+    /// A backend on a fresh listener, a client connected to it, the
+    /// accepted connection's id and a scratch buffer.
+    fn accepted() -> (Io, std::net::TcpStream, ConnId, Vec<u8>) {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let mut io = Io::new(Listeners::plain(l)).unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let mut scratch = vec![0u8; 4096];
+        let Completion::Accepted(id, Listener::Plain) = next_event(&mut io, &mut scratch) else {
+            panic!("expected an accept");
+        };
+        (io, client, id, scratch)
+    }
+
     /// Waits (bounded) for the next completion other than `Recv`/`Woken`.
     fn next_event(io: &mut Io, scratch: &mut [u8]) -> Completion {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -476,14 +490,7 @@ mod tests {
     /// the backlog; the writable edge in between is reported.
     #[test]
     fn write_interest_only_while_congested() {
-        let l = listener();
-        let addr = l.local_addr().unwrap();
-        let mut io = Io::new(Listeners::plain(l)).unwrap();
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        let mut scratch = vec![0u8; 4096];
-        let Completion::Accepted(id, Listener::Plain) = next_event(&mut io, &mut scratch) else {
-            panic!("expected an accept");
-        };
+        let (mut io, mut client, id, mut scratch) = accepted();
         assert!(!io.write_armed(id), "registered for reading only");
 
         // Nobody reads: fill the send buffer and the peer's receive buffer.
@@ -523,14 +530,7 @@ mod tests {
     /// further edge comes.
     #[test]
     fn end_of_stream_behind_the_last_bytes_is_reported() {
-        let l = listener();
-        let addr = l.local_addr().unwrap();
-        let mut io = Io::new(Listeners::plain(l)).unwrap();
-        let mut client = std::net::TcpStream::connect(addr).unwrap();
-        let mut scratch = vec![0u8; 4096];
-        let Completion::Accepted(id, Listener::Plain) = next_event(&mut io, &mut scratch) else {
-            panic!("expected an accept");
-        };
+        let (mut io, mut client, id, mut scratch) = accepted();
         // The first read found nothing; now bytes and FIN arrive together.
         while io.next(&mut scratch).is_some() {}
         client.write_all(b"last words").unwrap();
