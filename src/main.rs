@@ -331,6 +331,10 @@ struct TokenArgs {
     /// User id (a positive integer).
     #[arg(long)]
     user: u64,
+    /// Device of the user (0 to 4294967295): mints a `v2.` token naming it.
+    /// Without it the token is a `v1.` one, which logs in as device 0.
+    #[arg(long)]
+    device: Option<u32>,
     /// Lifetime: 90s, 15m, 24h, 7d or plain seconds.
     #[arg(long, default_value = "24h", value_parser = tern::token::parse_ttl)]
     ttl: std::time::Duration,
@@ -448,10 +452,11 @@ fn token(args: TokenArgs) -> Result<()> {
         return Err("user id 0 is reserved".into());
     }
     let expires = tern::token::now_unix_s() + args.ttl.as_secs();
-    println!(
-        "{}",
-        tern::token::mint(secret.as_bytes(), args.user, expires)
-    );
+    let token = match args.device {
+        Some(device) => tern::token::mint_device(secret.as_bytes(), args.user, device, expires),
+        None => tern::token::mint(secret.as_bytes(), args.user, expires),
+    };
+    println!("{token}");
     Ok(())
 }
 

@@ -1,11 +1,16 @@
-//! Login tokens: `v1.<user>.<expiry>.<mac>`, signed with HMAC-SHA256.
+//! Login tokens: `v1.<user>.<expiry>.<mac>` or `v2.<user>.<device>.<expiry>.<mac>`,
+//! signed with HMAC-SHA256.
 //!
 //! A token is plain ASCII so it can travel in a command line, an environment
 //! variable or a config file:
 //!
 //! ```text
 //! v1.<user id, decimal u64>.<expiry, unix seconds, decimal>.<base64url-no-pad(HMAC-SHA256(secret, "v1.<user>.<expiry>"))>
+//! v2.<user id, decimal u64>.<device, decimal u32>.<expiry>.<base64url-no-pad(HMAC-SHA256(secret, "v2.<user>.<device>.<expiry>"))>
 //! ```
+//!
+//! A v2 token names one of the user's devices; a v1 token is device 0, so
+//! tokens minted before devices existed keep working unchanged.
 //!
 //! Every field has exactly one spelling: decimals carry no sign, no
 //! whitespace and no leading zeros, and the MAC must be the canonical 43
@@ -28,11 +33,17 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The version tag every token starts with.
+/// The version tag of a token without a device (device 0).
 const TOKEN_VERSION: &[u8] = b"v1";
+
+/// The version tag of a token that names a device.
+const TOKEN_VERSION_DEVICE: &[u8] = b"v2";
 
 /// Digits in `u64::MAX` (18446744073709551615).
 const U64_DIGITS_MAX: usize = 20;
+
+/// Digits in `u32::MAX` (4294967295), the largest device id.
+const U32_DIGITS_MAX: usize = 10;
 
 /// Bytes of an HMAC-SHA256 tag.
 const MAC_BYTES: usize = 32;
@@ -40,20 +51,23 @@ const MAC_BYTES: usize = 32;
 /// Characters of the unpadded base64 encoding of [`MAC_BYTES`] bytes.
 const MAC_B64_CHARS: usize = 43;
 
-/// Longest well-formed token in bytes: `v1`, two 20-digit decimals, the MAC
-/// and three dots. Anything longer is rejected before it is split.
-pub const TOKEN_BYTES_MAX: usize = TOKEN_VERSION.len() + 2 * U64_DIGITS_MAX + MAC_B64_CHARS + 3;
+/// Longest well-formed token in bytes: `v2`, two 20-digit decimals, a
+/// 10-digit device, the MAC and four dots. Anything longer is rejected
+/// before it is split.
+pub const TOKEN_BYTES_MAX: usize =
+    TOKEN_VERSION_DEVICE.len() + 2 * U64_DIGITS_MAX + U32_DIGITS_MAX + MAC_B64_CHARS + 4;
 
 // The base64 length follows from the tag length: 4 characters per 3 bytes,
 // rounded up, without padding.
 const _: () = assert!(MAC_B64_CHARS == (MAC_BYTES * 4).div_ceil(3));
-const _: () = assert!(TOKEN_BYTES_MAX == 88);
+const _: () = assert!(TOKEN_BYTES_MAX == 99);
 
 /// Why a token was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenError {
-    /// The token does not have the `v1.<user>.<expiry>.<mac>` shape, a
-    /// number is not in canonical form, or the user id is the reserved 0.
+    /// The token has neither the `v1.<user>.<expiry>.<mac>` nor the
+    /// `v2.<user>.<device>.<expiry>.<mac>` shape, a number is not in
+    /// canonical form or out of range, or the user id is the reserved 0.
     Malformed,
     /// The shape is right but the MAC does not match: wrong secret or a
     /// tampered field.
@@ -83,7 +97,31 @@ impl std::error::Error for TokenError {}
 /// from outside.
 pub fn mint(secret: &[u8], user: u64, expires_unix_s: u64) -> String {
     assert!(user != 0, "user id 0 is reserved and cannot hold a token");
-    let signed = format!("v1.{user}.{expires_unix_s}");
+    sign(
+        secret,
+        format!("v1.{user}.{expires_unix_s}"),
+        user,
+        0,
+        expires_unix_s,
+    )
+}
+
+/// Mints a v2 token for `device` of `user`, valid while the clock is before
+/// `expires_unix_s`. Device 0 is the device of v1 tokens: both spellings
+/// log in as the same device.
+///
+/// # Panics
+///
+/// If `user` is 0, as [`mint`].
+pub fn mint_device(secret: &[u8], user: u64, device: u32, expires_unix_s: u64) -> String {
+    assert!(user != 0, "user id 0 is reserved and cannot hold a token");
+    let signed = format!("v2.{user}.{device}.{expires_unix_s}");
+    sign(secret, signed, user, device, expires_unix_s)
+}
+
+/// Appends the MAC of `signed` to it; `user`, `device` and `expires_unix_s`
+/// are what it says, for the read-back check.
+fn sign(secret: &[u8], signed: String, user: u64, device: u32, expires_unix_s: u64) -> String {
     let tag = mac(secret, signed.as_bytes()).finalize().into_bytes();
     let mut token = signed;
     token.push('.');
@@ -91,21 +129,37 @@ pub fn mint(secret: &[u8], user: u64, expires_unix_s: u64) -> String {
     debug_assert!(token.len() <= TOKEN_BYTES_MAX);
     // Read-back check: what we mint, we accept (until it expires).
     debug_assert_eq!(
-        verify(secret, token.as_bytes(), expires_unix_s.saturating_sub(1)),
+        verify_device(secret, token.as_bytes(), expires_unix_s.saturating_sub(1)),
         if expires_unix_s == 0 {
             Err(TokenError::Expired)
         } else {
-            Ok(user)
+            Ok(Claims { user, device })
         }
     );
     token
 }
 
-/// Verifies `token` against `secret` at time `now_unix_s` and returns its user id.
+/// Who a verified token proves: a user and one of its devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// The user id, never 0.
+    pub user: u64,
+    /// The device: 0 for a v1 token, as named for a v2 token.
+    pub device: u32,
+}
+
+/// Verifies `token` against `secret` at time `now_unix_s` and returns its
+/// user id (whatever device it names); see [`verify_device`].
+pub fn verify(secret: &[u8], token: &[u8], now_unix_s: u64) -> Result<u64, TokenError> {
+    verify_device(secret, token, now_unix_s).map(|c| c.user)
+}
+
+/// Verifies a v1 or v2 `token` against `secret` at time `now_unix_s` and
+/// returns its user and device (0 for v1).
 ///
 /// The MAC is compared in constant time (hmac's `verify_slice`). Only then is
 /// the expiry checked: the token is expired when `now_unix_s >= expiry`.
-pub fn verify(secret: &[u8], token: &[u8], now_unix_s: u64) -> Result<u64, TokenError> {
+pub fn verify_device(secret: &[u8], token: &[u8], now_unix_s: u64) -> Result<Claims, TokenError> {
     if token.len() > TOKEN_BYTES_MAX {
         return Err(TokenError::Malformed);
     }
@@ -118,14 +172,20 @@ pub fn verify(secret: &[u8], token: &[u8], now_unix_s: u64) -> Result<u64, Token
     let (signed, mac_b64) = (&token[..dot_last], &token[dot_last + 1..]);
 
     let mut fields = signed.split(|&b| b == b'.');
-    let (Some(version), Some(user), Some(expiry), None) =
-        (fields.next(), fields.next(), fields.next(), fields.next())
-    else {
+    let version = fields.next().ok_or(TokenError::Malformed)?;
+    let user = fields.next().ok_or(TokenError::Malformed)?;
+    let device = match version {
+        v if v == TOKEN_VERSION => 0,
+        v if v == TOKEN_VERSION_DEVICE => {
+            let device = fields.next().ok_or(TokenError::Malformed)?;
+            let device = parse_decimal(device).ok_or(TokenError::Malformed)?;
+            u32::try_from(device).map_err(|_| TokenError::Malformed)?
+        }
+        _ => return Err(TokenError::Malformed),
+    };
+    let (Some(expiry), None) = (fields.next(), fields.next()) else {
         return Err(TokenError::Malformed);
     };
-    if version != TOKEN_VERSION {
-        return Err(TokenError::Malformed);
-    }
     let user = parse_decimal(user).ok_or(TokenError::Malformed)?;
     let expiry = parse_decimal(expiry).ok_or(TokenError::Malformed)?;
     if user == 0 {
@@ -149,7 +209,7 @@ pub fn verify(secret: &[u8], token: &[u8], now_unix_s: u64) -> Result<u64, Token
     if now_unix_s >= expiry {
         return Err(TokenError::Expired);
     }
-    Ok(user)
+    Ok(Claims { user, device })
 }
 
 /// The current wall-clock time in whole seconds since the Unix epoch (0 if
@@ -249,8 +309,93 @@ mod tests {
 
     #[test]
     fn longest_token_fits_the_bound() {
-        let t = token_for(u64::MAX, u64::MAX);
+        assert_eq!(token_for(u64::MAX, u64::MAX).len(), 88);
+        let t = mint_device(SECRET, u64::MAX, u32::MAX, u64::MAX);
         assert_eq!(t.len(), TOKEN_BYTES_MAX);
+    }
+
+    #[test]
+    fn device_tokens_round_trip_and_v1_is_device_0() {
+        for (user, device) in [(1, 0), (42, 1), (42, 3), (u64::MAX, u32::MAX)] {
+            let t = mint_device(SECRET, user, device, NOW + 60);
+            assert!(t.starts_with(&format!("v2.{user}.{device}.")), "{t}");
+            assert_eq!(
+                verify_device(SECRET, t.as_bytes(), NOW),
+                Ok(Claims { user, device })
+            );
+            assert_eq!(verify(SECRET, t.as_bytes(), NOW), Ok(user));
+        }
+        let v1 = token_for(42, NOW + 60);
+        assert_eq!(
+            verify_device(SECRET, v1.as_bytes(), NOW),
+            Ok(Claims {
+                user: 42,
+                device: 0
+            })
+        );
+        assert_eq!(
+            mint_device(SECRET, 42, 3, NOW + 60),
+            sign_raw(&format!("v2.42.3.{}", NOW + 60))
+        );
+    }
+
+    /// The example in docs/PROTOCOL.md, "Login tokens".
+    #[test]
+    fn protocol_md_device_token_example() {
+        let t = "v2.42.2.1767225600.uir04sYcxM-AUk2xPAf6QpN52VZ-7_ixjnxPfMSKTGU";
+        assert_eq!(mint_device(b"secret", 42, 2, 1_767_225_600), t);
+        assert_eq!(
+            verify_device(b"secret", t.as_bytes(), 1_767_225_599),
+            Ok(Claims {
+                user: 42,
+                device: 2
+            })
+        );
+    }
+
+    #[test]
+    fn device_token_fields_are_signed() {
+        let t = mint_device(SECRET, 42, 3, NOW + 60);
+        let mac_part = t.rsplit('.').next().unwrap();
+        for forged in [
+            format!("v2.42.4.{}.{mac_part}", NOW + 60),
+            format!("v2.43.3.{}.{mac_part}", NOW + 60),
+            // The v1 spelling of another claim under the v2 MAC.
+            format!("v1.42.{}.{mac_part}", NOW + 60),
+        ] {
+            assert_eq!(
+                verify_device(SECRET, forged.as_bytes(), NOW),
+                Err(TokenError::BadSignature),
+                "{forged}"
+            );
+        }
+        assert_eq!(
+            verify_device(SECRET, t.as_bytes(), NOW + 60),
+            Err(TokenError::Expired)
+        );
+    }
+
+    #[test]
+    fn device_token_shapes_are_canonical() {
+        let exp = NOW + 60;
+        for signed in [
+            format!("v2.42.{exp}"),
+            format!("v2.42.03.{exp}"),
+            format!("v2.42.+3.{exp}"),
+            format!("v2.42..{exp}"),
+            format!("v2.42.3.{exp}.0"),
+            format!("v2.0.3.{exp}"),
+            // One past u32::MAX.
+            format!("v2.42.4294967296.{exp}"),
+            format!("v3.42.3.{exp}"),
+        ] {
+            let t = sign_raw(&signed);
+            assert_eq!(
+                verify_device(SECRET, t.as_bytes(), NOW),
+                Err(TokenError::Malformed),
+                "{t}"
+            );
+        }
     }
 
     #[test]

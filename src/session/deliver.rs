@@ -87,9 +87,9 @@ impl Sessions {
     /// for a version 2 sender, the origin its retries are known by.
     fn send_msg(&self, now: Now, conn: ConnId, client_id: u64, to: u64, body: &[u8]) -> Msg {
         let s = &self.slots[conn.index()];
-        // Devices come later: every v2 sender is device 0 for now.
+        // Each device counts its own client ids: its own dedupe window.
         let origin = (s.version >= proto::VERSION_2).then_some(Origin {
-            device: 0,
+            device: s.device,
             client_id,
         });
         Msg::Send {

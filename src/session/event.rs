@@ -73,6 +73,8 @@ pub enum Event<'a> {
         conn: ConnId,
         /// The user its token proved.
         user: u64,
+        /// The user's device its token named (0 for a v1 token).
+        device: u32,
         /// The protocol version its LOGIN asked for (1 or 2).
         version: u8,
     },
@@ -170,6 +172,8 @@ pub enum Action {
         conn: ConnId,
         /// The user.
         user: u64,
+        /// The user's device its token named.
+        device: u32,
         /// The protocol version its LOGIN asked for.
         version: u8,
         /// The user's home shard.

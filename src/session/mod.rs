@@ -105,6 +105,9 @@ struct Slot {
     last_rx: Tick,
     /// Logged-in user, 0 before LOGIN.
     user: u64,
+    /// The user's device its token named (0 for a v1 token, and before
+    /// LOGIN): its v2 SENDs are deduplicated per device.
+    device: u32,
     state: State,
     /// Protocol version of its LOGIN (0 before LOGIN): 2 makes its SENDs
     /// idempotent and its DELIVERs carry the sender's client_id.
@@ -213,13 +216,14 @@ impl Sessions {
             Event::HandedOver {
                 conn,
                 user,
+                device,
                 version,
             } => {
                 if self.state(conn) != State::Login {
                     debug_assert!(false, "handoff into slot {} not just opened", conn.0);
                     return Flow::Stop;
                 }
-                self.install(now, env, conn, user, version);
+                self.install(now, env, conn, user, device, version);
                 Flow::Next
             }
             Event::Received(conn) => self.on_received(now, conn),
@@ -487,6 +491,7 @@ impl Sessions {
             state: State::Login,
             last_rx: now.tick,
             user: 0,
+            device: 0,
             version: 0,
         };
         // The one timer entry must fire by whichever deadline can come
@@ -609,12 +614,12 @@ impl Sessions {
             self.login_err(now, conn, ErrorCode::BadVersion, &text);
             return Flow::Stop;
         }
-        let user = match token::verify(
+        let token::Claims { user, device } = match token::verify_device(
             self.config.token_secret.as_bytes(),
             token,
             now.unix_ms / 1000,
         ) {
-            Ok(user) => user,
+            Ok(claims) => claims,
             Err(e) => {
                 self.stats.logins_failed.inc();
                 let code = match e {
@@ -663,7 +668,7 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            self.install(now, env, conn, user, version);
+            self.install(now, env, conn, user, device, version);
             if !rest.is_empty() {
                 // What followed the LOGIN is the logged-in session's input.
                 self.slots[conn.index()].last_rx = now.tick;
@@ -677,14 +682,24 @@ impl Sessions {
         self.actions.push(Action::Handoff {
             conn,
             user,
+            device,
             version,
             home,
         });
         Flow::Stop
     }
 
-    /// Makes `conn` the session of `user` on this, its home shard.
-    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, user: u64, version: u8) {
+    /// Makes `conn` the session of `device` of `user` on this, its home
+    /// shard.
+    fn install(
+        &mut self,
+        now: Now,
+        env: &dyn Env,
+        conn: ConnId,
+        user: u64,
+        device: u32,
+        version: u8,
+    ) {
         if let Some(old) = self.users.conn_of(user) {
             self.write(
                 old,
@@ -698,6 +713,7 @@ impl Sessions {
         self.actions.push(Action::Established(conn));
         let s = &mut self.slots[conn.index()];
         s.user = user;
+        s.device = device;
         s.state = State::Active;
         s.version = version;
         self.users.go_online(user, conn);

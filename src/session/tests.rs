@@ -14,7 +14,7 @@ mod dedupe;
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
 use crate::shard::ConnRef;
-use crate::store::MemStore;
+use crate::store::{MemStore, Origin};
 
 /// Wall clock of the tests: any fixed time works, tokens are minted for it.
 const T0_MS: u64 = 1_700_000_000_000;
@@ -689,6 +689,90 @@ fn a_login_for_another_home_hands_the_connection_off() {
                 code: ErrorCode::Unavailable,
                 ..
             }]
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_device_token_names_the_sends_origin_and_travels_with_a_handoff() {
+    let mut h = Harness::new(Config::default(), 0, 2);
+    let here = (1..).find(|&u| home_shard(u, 2) == 0).unwrap();
+    let there = (1..).find(|&u| home_shard(u, 2) == 1).unwrap();
+    let secret = h.config.token_secret.clone();
+    let device_token = |user| token::mint_device(secret.as_bytes(), user, 3, T0_MS / 1000 + 60);
+
+    // Homed elsewhere: the handoff carries the device.
+    h.step(Event::Opened(A));
+    let t = device_token(there);
+    let out = h.frame(
+        A,
+        Frame::Login {
+            version: proto::VERSION_2,
+            token: t.as_bytes(),
+        },
+    );
+    assert!(
+        matches!(
+            out.others[..],
+            [Action::Handoff {
+                device: 3,
+                home: 1,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+
+    // Homed here: its v2 SENDs are known by (device 3, client_id).
+    h.step(Event::Opened(B));
+    let t = device_token(here);
+    h.frame(
+        B,
+        Frame::Login {
+            version: proto::VERSION_2,
+            token: t.as_bytes(),
+        },
+    );
+    assert_eq!(h.s.user_of(B), Some(here));
+    let out = h.send(B.0, 9, there, b"x");
+    assert!(
+        matches!(
+            out.routes()[..],
+            [(
+                1,
+                Msg::Send {
+                    origin: Some(Origin {
+                        device: 3,
+                        client_id: 9
+                    }),
+                    ..
+                }
+            )]
+        ),
+        "{out:?}"
+    );
+
+    // A handed-over device keeps its device.
+    let c = ConnId(2);
+    h.step(Event::Opened(c));
+    h.step(Event::HandedOver {
+        conn: c,
+        user: (here + 1..).find(|&u| home_shard(u, 2) == 0).unwrap(),
+        device: 7,
+        version: proto::VERSION_2,
+    });
+    let out = h.send(c.0, 4, there, b"y");
+    assert!(
+        matches!(
+            out.routes()[..],
+            [(
+                1,
+                Msg::Send {
+                    origin: Some(Origin { device: 7, .. }),
+                    ..
+                }
+            )]
         ),
         "{out:?}"
     );

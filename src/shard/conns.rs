@@ -420,6 +420,7 @@ impl Shard {
         &mut self,
         conn: ConnId,
         user: u64,
+        device: u32,
         version: u8,
         home: usize,
         leftover: &[u8],
@@ -444,6 +445,7 @@ impl Shard {
                 Msg::Handoff {
                     conn: detached,
                     user,
+                    device,
                     version,
                     leftover,
                     tls,

@@ -547,11 +547,12 @@ impl Shard {
                 Action::Handoff {
                     conn,
                     user,
+                    device,
                     version,
                     home,
                 } => {
                     self.pending_end(conn);
-                    self.hand_off(conn, user, version, home, rest)
+                    self.hand_off(conn, user, device, version, home, rest)
                 }
                 Action::Arm { entry, deadline } => self.wheel.insert(entry, deadline),
                 Action::Established(conn) => {
@@ -749,6 +750,7 @@ impl Shard {
         let Msg::Handoff {
             conn,
             user,
+            device,
             version,
             leftover,
             tls,
@@ -769,6 +771,7 @@ impl Shard {
                     shard.event(Event::HandedOver {
                         conn: id,
                         user,
+                        device,
                         version,
                     });
                     if !leftover.is_empty() {

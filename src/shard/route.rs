@@ -45,6 +45,8 @@ pub enum Msg {
         conn: Detached,
         /// The user its token proved.
         user: u64,
+        /// The user's device its token named.
+        device: u32,
         /// The protocol version its LOGIN asked for.
         version: u8,
         /// Input after the LOGIN frame, not yet decoded.

@@ -272,9 +272,12 @@ impl Sim {
             Action::Handoff {
                 conn,
                 user,
+                device,
                 version,
                 home,
             } => {
+                // The fuzzer's tokens are all v1 ones: device 0.
+                assert_eq!(device, 0, "handoff of a device the token did not name");
                 let client = owner(self, conn);
                 let claim = self.conn(client).and_then(|c| c.claim);
                 assert_eq!(

@@ -125,6 +125,7 @@ impl Sim {
                     Event::HandedOver {
                         conn: id,
                         user,
+                        device: 0,
                         version,
                     },
                 );

@@ -1,0 +1,268 @@
+//! Device tokens (issue 11, first part), end to end over real sockets:
+//!
+//! - a `v2.<user>.<device>.<expiry>.<mac>` token logs in with protocol 1
+//!   and 2; a v1 token still does, as device 0; a device token with a
+//!   forged device or an out-of-range one gets LOGIN_ERR(`bad_token`);
+//! - `tern token --device N` mints a token the server takes;
+//! - each device of a user has its own idempotent-SEND window: a second
+//!   device's low client ids are new messages, not `stale_client_id`, and
+//!   each device's retry gets its own original ACK, also after kill -9 of
+//!   the real binary;
+//! - a v1 client is unchanged: the same LOGIN_OK and DELIVER bytes.
+//!
+//! Every wait has a generous bound; nothing asserts how fast anything was.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::child::{serve_command, TernChild};
+use common::*;
+use tern::proto::{self, ErrorCode, Frame, OwnedFrame};
+use tern_client::Client;
+
+/// A token for `device` of `user`, valid for an hour.
+fn device_token(user: u64, device: u32) -> String {
+    tern::token::mint_device(
+        SECRET.as_bytes(),
+        user,
+        device,
+        tern::token::now_unix_s() + 3600,
+    )
+}
+
+/// Logs `device` of `user` in with protocol version 2.
+fn login_device(addr: SocketAddr, user: u64, device: u32) -> Client {
+    Client::login_version(addr, &device_token(user, device), proto::VERSION_2)
+        .unwrap_or_else(|e| panic!("v2 login of user {user} device {device}: {e}"))
+        .0
+}
+
+/// The ACK (server id, time) for `client_id`, or the refusal's code.
+fn ack(client: &mut Client, client_id: u64) -> Result<(u64, u64), ErrorCode> {
+    let f = client
+        .recv_until(|f| {
+            matches!(f, OwnedFrame::Ack { client_id: c, .. } | OwnedFrame::Error { client_id: c, .. } if *c == client_id)
+        })
+        .unwrap_or_else(|e| panic!("no answer for client_id {client_id}: {e}"));
+    match f {
+        OwnedFrame::Ack {
+            server_id,
+            server_time_ms,
+            ..
+        } => Ok((server_id, server_time_ms)),
+        OwnedFrame::Error { code, .. } => Err(code),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn device_tokens_log_in_and_v1_tokens_are_device_0() {
+    let srv = TestServer::start();
+    let (a, b) = cross_pair();
+    for version in [proto::VERSION, proto::VERSION_2] {
+        let (mut c, _) = Client::login_version(srv.addr, &device_token(a, 3), version)
+            .unwrap_or_else(|e| panic!("device token, protocol {version}: {e}"));
+        c.ping(7).expect("the session answers PING");
+    }
+    // A v1 token is device 0; its messages reach a device-token recipient.
+    let mut bc = login_device(srv.addr, b, 1);
+    let mut ac = srv.login(a);
+    ac.send_msg(5, b, b"from v1").unwrap();
+    let sid = recv_ack(&mut ac, 5);
+    assert_eq!(recv_deliver(&mut bc).server_id, sid);
+
+    // Forged: device 3's MAC under device 4. Out of range: one past u32.
+    let good = device_token(a, 3);
+    let forged = good.replacen(&format!("v2.{a}.3."), &format!("v2.{a}.4."), 1);
+    let expiry = tern::token::now_unix_s() + 3600;
+    let wide = format!(
+        "v2.{a}.4294967296.{expiry}.{}",
+        good.rsplit('.').next().unwrap()
+    );
+    for bad in [forged, wide] {
+        let err = Client::login_version(srv.addr, &bad, proto::VERSION_2)
+            .err()
+            .unwrap_or_else(|| panic!("{bad} logged in"));
+        assert!(
+            err.to_string().contains("token"),
+            "{bad}: not refused for its token: {err}"
+        );
+    }
+    assert_eq!(srv.metric_sum("tern_logins_failed_total"), 2);
+}
+
+#[test]
+fn token_cli_mints_device_tokens() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .env_remove("TERN_TOKEN_SECRET")
+        .args(["token", "--user", "42", "--device", "2", "--ttl", "1h"])
+        .args(["--token-secret", SECRET])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let minted = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(minted.starts_with("v2.42.2."), "{minted}");
+    assert_eq!(
+        tern::token::verify_device(
+            SECRET.as_bytes(),
+            minted.as_bytes(),
+            tern::token::now_unix_s()
+        ),
+        Ok(tern::token::Claims {
+            user: 42,
+            device: 2
+        })
+    );
+    let srv = TestServer::start();
+    Client::login_version(srv.addr, &minted, proto::VERSION_2).expect("the minted token logs in");
+}
+
+/// Device 1 sends client ids 100..=140, then device 2 (a fresh counter)
+/// sends 5 and 6 to the same recipient. Returns the ACKs of 140 (device 1)
+/// and 5 (device 2).
+fn two_devices_send(addr: SocketAddr, a: u64, b: u64) -> ((u64, u64), (u64, u64)) {
+    let mut d1 = login_device(addr, a, 1);
+    let mut last = None;
+    for cid in 100..=140 {
+        d1.send_msg(cid, b, b"from device 1").unwrap();
+        last = Some(ack(&mut d1, cid).expect("device 1's SEND taken"));
+    }
+    drop(d1);
+    let mut d2 = login_device(addr, a, 2);
+    d2.send_msg(5, b, b"from device 2").unwrap();
+    let five = ack(&mut d2, 5).expect("device 2's low client id is new, not stale");
+    d2.send_msg(6, b, b"from device 2").unwrap();
+    ack(&mut d2, 6).expect("device 2 goes on");
+    (last.unwrap(), five)
+}
+
+#[test]
+fn each_device_has_its_own_send_window() {
+    let srv = TestServer::start();
+    for (a, b) in [cross_pair(), same_pair()] {
+        let (d1_140, d2_5) = two_devices_send(srv.addr, a, b);
+        // Each device's retry gets its own original ACK.
+        let mut d2 = login_device(srv.addr, a, 2);
+        d2.send_msg(5, b, b"from device 2").unwrap();
+        assert_eq!(ack(&mut d2, 5), Ok(d2_5));
+        drop(d2);
+        let mut d1 = login_device(srv.addr, a, 1);
+        d1.send_msg(140, b, b"from device 1").unwrap();
+        assert_eq!(ack(&mut d1, 140), Ok(d1_140));
+        // Device 1's own window still refuses its old ids.
+        d1.send_msg(5, b, b"from device 1").unwrap();
+        assert_eq!(ack(&mut d1, 5), Err(ErrorCode::StaleClientId));
+        drop(d1);
+        // The recipient got each message once: 41 + 2.
+        let mut bc = Client::login_version(srv.addr, &device_token(b, 0), proto::VERSION_2)
+            .unwrap()
+            .0;
+        let mut bodies = Vec::new();
+        for _ in 0..43 {
+            let d = recv_deliver(&mut bc);
+            bc.send_delivered(d.server_id).unwrap();
+            bodies.push(d.body);
+        }
+        assert_eq!(
+            bodies
+                .iter()
+                .filter(|b| b.as_slice() == b"from device 2")
+                .count(),
+            2
+        );
+        // Nothing more: a fresh message is the next DELIVER.
+        let mut ac = srv.login(a);
+        ac.send_msg(1, b, b"fresh").unwrap();
+        recv_ack(&mut ac, 1);
+        assert_eq!(recv_deliver(&mut bc).body, b"fresh");
+    }
+}
+
+fn spawn(dir: &Path) -> TernChild {
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2"]);
+    cmd.arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--stats-socket")
+        .arg(dir.join("s.sock"))
+        .args(["--durability", "fsync"]);
+    TernChild::expect_start(cmd)
+}
+
+#[test]
+fn device_windows_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = cross_pair();
+    let child = spawn(dir.path());
+    let (d1_140, d2_5) = two_devices_send(child.addr, a, b);
+    child.kill9();
+    let child = spawn(dir.path());
+    let mut d2 = login_device(child.addr, a, 2);
+    d2.send_msg(5, b, b"from device 2").unwrap();
+    assert_eq!(ack(&mut d2, 5), Ok(d2_5));
+    drop(d2);
+    let mut d1 = login_device(child.addr, a, 1);
+    d1.send_msg(140, b, b"from device 1").unwrap();
+    assert_eq!(ack(&mut d1, 140), Ok(d1_140));
+}
+
+/// Reads whole frames from `s` until `n` have arrived; returns their bytes.
+fn read_frames(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let limits = proto::Limits::default();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut at = 0;
+        let mut frames = 0;
+        while let Ok(Some((_, used))) = proto::decode(&buf[at..], &limits) {
+            at += used;
+            frames += 1;
+        }
+        if frames >= n {
+            return buf;
+        }
+        let got = s.read(&mut chunk).expect("frames before the timeout");
+        assert!(got > 0, "closed after {frames} frames");
+        buf.extend_from_slice(&chunk[..got]);
+    }
+}
+
+#[test]
+fn v1_clients_see_the_same_bytes() {
+    let srv = TestServer::start();
+    let (a, b) = cross_pair();
+    // b logs in with protocol 1 and a v1 token, by hand: LOGIN_OK is
+    // `L 02 time 00`, and a DELIVER from a device-token sender is the v1
+    // layout (type 06, no client id).
+    let mut raw = TcpStream::connect(srv.addr).unwrap();
+    raw.write_all(&encode_all(&[Frame::Login {
+        version: proto::VERSION,
+        token: token(b).as_bytes(),
+    }]))
+    .unwrap();
+    let login_ok = read_frames(&mut raw, 1);
+    assert_eq!(login_ok[1], 0x02);
+    assert_eq!(*login_ok.last().unwrap(), 0, "offline_count 0");
+    let mut ac = login_device(srv.addr, a, 3);
+    ac.send_msg(9, b, b"hi").unwrap();
+    let (sid, time) = ack(&mut ac, 9).unwrap();
+    let got = read_frames(&mut raw, 1);
+    let expected = encode_all(&[Frame::Deliver {
+        server_id: sid,
+        from: a,
+        server_time_ms: time,
+        client_id: None,
+        body: b"hi",
+    }]);
+    assert_eq!(got, expected);
+    assert_eq!(expected[1], 0x06);
+}
