@@ -125,7 +125,9 @@ impl Sim {
             (State::Login, Frame::Login { version, token }) => Note::Login(
                 (proto::VERSION..=proto::VERSION_MAX)
                     .contains(version)
-                    .then(|| token::verify(SECRET.as_bytes(), token, self.now.unix_ms / 1000).ok())
+                    .then(|| {
+                        token::verify_device(SECRET.as_bytes(), token, self.now.unix_ms / 1000).ok()
+                    })
                     .flatten(),
                 *version,
             ),
@@ -266,6 +268,19 @@ impl Sim {
                     let user = self.conn(client).and_then(|c| c.user);
                     assert_eq!(user, Some(*from), "a SEND routed as another user");
                 }
+                if let Msg::Send {
+                    reply,
+                    origin: Some(origin),
+                    ..
+                } = &msg
+                {
+                    let claim = self.conn(owner(self, reply.conn)).and_then(|c| c.claim);
+                    assert_eq!(
+                        claim.map(|c| c.device),
+                        Some(origin.device),
+                        "a v2 SEND known by a device its token did not name"
+                    );
+                }
                 assert!(!matches!(msg, Msg::Handoff { .. }));
                 self.rings[dst][s].push_back(Ring::Msg(msg));
             }
@@ -276,14 +291,12 @@ impl Sim {
                 version,
                 home,
             } => {
-                // The fuzzer's tokens are all v1 ones: device 0.
-                assert_eq!(device, 0, "handoff of a device the token did not name");
                 let client = owner(self, conn);
                 let claim = self.conn(client).and_then(|c| c.claim);
                 assert_eq!(
                     claim,
-                    Some(user),
-                    "handoff as a user the token did not prove"
+                    Some(token::Claims { user, device }),
+                    "handoff as a user or device the token did not prove"
                 );
                 assert_eq!(home, home_shard(user, n));
                 assert_ne!(home, s);
@@ -292,7 +305,7 @@ impl Sim {
                 self.clients[client] = Client::Moving;
                 assert!(self
                     .handoff
-                    .replace((client, user, version, home))
+                    .replace((client, user, device, version, home))
                     .is_none());
             }
             Action::Arm { entry, deadline } => {
@@ -308,7 +321,7 @@ impl Sim {
                 let user = self.shards[s].sessions.user_of(conn);
                 let c = self.conn_mut(client).expect("an open connection");
                 assert!(
-                    user.is_some() && c.claim == user,
+                    user.is_some() && c.claim.map(|c| c.user) == user,
                     "logged in as {user:?}, token proved {:?}",
                     c.claim
                 );
@@ -410,6 +423,7 @@ impl Sim {
     pub(super) fn check_ack(&mut self, client: usize, client_id: u64, server_id: u64) {
         let c = self.conn_mut(client).expect("an ACK to an open connection");
         let user = c.user;
+        let device = c.claim.map_or(0, |c| c.device);
         let at = c
             .sends
             .iter()
@@ -418,11 +432,11 @@ impl Sim {
         c.sends.swap_remove(at);
         let v2 = c.version >= proto::VERSION_2;
         if v2 {
-            // The message stored for this client_id: a retry's ACK repeats
-            // the original server id.
+            // The message stored for this client_id of this device: a
+            // retry's ACK repeats the original server id.
             assert_eq!(
                 self.origins.get(&server_id),
-                Some(&client_id),
+                Some(&(device, client_id)),
                 "v2 ACK for client id {client_id} names message {server_id}"
             );
         }
@@ -471,6 +485,7 @@ impl Sim {
                         m.server_id
                     );
                     assert_eq!(home_shard(user, n), s, "stored away from its home");
+                    let device = m.origin.map_or(0, |o| o.device);
                     let origin = m.origin.map(|o| o.client_id);
                     let at = self
                         .sends
@@ -487,8 +502,9 @@ impl Sim {
                     self.sends.swap_remove(at);
                     self.messages.insert(m.server_id, (user, m.from));
                     if let Some(client_id) = origin {
-                        self.origins.insert(m.server_id, client_id);
-                        let first = self.taken.insert((s, m.from, client_id), m.server_id);
+                        self.origins.insert(m.server_id, (device, client_id));
+                        let key = (s, m.from, device, client_id);
+                        let first = self.taken.insert(key, m.server_id);
                         assert!(
                             first.is_none(),
                             "v2 client id {client_id} of {} stored twice: {first:?} and {}",

@@ -24,7 +24,7 @@ use crate::shard::Msg;
 use crate::stats::ShardStats;
 use crate::store::MemStore;
 use crate::timer::Tick;
-use crate::token;
+use crate::token::{self, Claims};
 
 mod check;
 mod shard;
@@ -68,7 +68,7 @@ const OPS: u8 = 12;
 /// so queues, windows and output budgets fill up), then steps, each a code
 /// byte (modulo 12) and its arguments; missing bytes read as 0. The steps:
 /// open a connection for client k on a shard; frames from k (LOGIN of
-/// version 1 or 2 with a valid, expired or forged token, or of an unknown
+/// version 1 or 2 with a valid (v1 or device), expired or forged token, or of an unknown
 /// version, SEND to a known user, to 0 or to a stranger, a retry of k's
 /// last SEND with the same client_id or a lower one, DELIVERED and READ of
 /// known ids, PING, PONG, BYE, a server-only frame); raw bytes from k (length byte, then the bytes);
@@ -83,8 +83,9 @@ const OPS: u8 = 12;
 /// every write goes to an open connection not already closing and holds
 /// whole frames within the limits; a connection is logged in only as the
 /// user its LOGIN's token proved (or its handoff carried), and a handoff
-/// goes to that user's home shard; a routed SEND's `from` is the user its
-/// connection proved; a stored message was sent by a connection proved as
+/// goes to that user's home shard with the device the token named; a routed
+/// SEND's `from` is the user its connection proved, and a v2 SEND is known
+/// by the device its token named; a stored message was sent by a connection proved as
 /// its `from` to its recipient, is stored once, on the recipient's home
 /// shard, within `queue_len_max` (a v2 SEND's client_id at most once per
 /// shard: a retry is not stored again), and leaves its queue only by a
@@ -245,8 +246,9 @@ struct Conn {
     closing: bool,
     /// Bytes written and not flushed.
     out_pending: usize,
-    /// The user the connection's LOGIN token (or handoff) proves.
-    claim: Option<u64>,
+    /// The user and device the connection's LOGIN token (or handoff)
+    /// proves.
+    claim: Option<Claims>,
     /// The protocol version its LOGIN asked for (or its handoff carried).
     version: u8,
     /// The user it is logged in as (Established).
@@ -261,7 +263,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(shard: usize, id: ConnId, claim: Option<(u64, u8)>) -> Conn {
+    fn new(shard: usize, id: ConnId, claim: Option<(Claims, u8)>) -> Conn {
         Conn {
             shard,
             id,
@@ -269,7 +271,7 @@ impl Conn {
             blocked: false,
             closing: false,
             out_pending: 0,
-            claim: claim.map(|(user, _)| user),
+            claim: claim.map(|(claims, _)| claims),
             version: claim.map_or(proto::VERSION, |(_, version)| version),
             user: None,
             outstanding: BTreeMap::new(),
@@ -296,6 +298,8 @@ enum Ring {
     Handoff {
         client: usize,
         user: u64,
+        /// The device its token named.
+        device: u32,
         /// The protocol version its LOGIN asked for.
         version: u8,
         leftover: Vec<u8>,
@@ -351,8 +355,9 @@ impl Env for SimEnv {
 /// What the simulation learns from a frame before the session handles it.
 enum Note {
     None,
-    /// The user the token proves, if it does, and the version asked for.
-    Login(Option<u64>, u8),
+    /// The user and device the token proves, if it does, and the version
+    /// asked for.
+    Login(Option<Claims>, u8),
     Send {
         client: usize,
         user: u64,
@@ -392,15 +397,17 @@ struct Sim {
     /// SENDs handled and not stored yet: (from, to, body, v2 client_id),
     /// a multiset (a deduplicated retry stays in it, never stored).
     sends: Vec<SendSeen>,
-    /// Protocol v2 SENDs stored: (shard, sender, client_id) -> server id.
+    /// Protocol v2 SENDs stored: (shard, sender, device, client_id) ->
+    /// server id.
     /// Each is stored at most once per shard (the dedupe window's shard).
-    taken: BTreeMap<(usize, u64, u64), u64>,
+    taken: BTreeMap<(usize, u64, u32, u64), u64>,
     /// Every recipient of a SEND handled.
     recipients: BTreeSet<u64>,
     /// Every message ever stored: server id -> (recipient, sender).
     messages: BTreeMap<u64, (u64, u64)>,
-    /// The v2 client_id of every message stored from a v2 SEND.
-    origins: BTreeMap<u64, u64>,
+    /// The v2 origin (sender device, client_id) of every message stored
+    /// from a v2 SEND.
+    origins: BTreeMap<u64, (u32, u64)>,
     /// The last SEND of the vocabulary per client: (client_id, to, body).
     last_send: [Option<(u64, u64, usize)>; CLIENTS],
     /// Messages removed by their recipient's DELIVERED.
@@ -409,8 +416,9 @@ struct Sim {
     reads: BTreeSet<(u64, u64, u64)>,
     /// DELIVEREDs of the current event: (user, server id).
     delivered_now: Vec<(u64, u64)>,
-    /// A handoff of the current event: (client, user, version, home).
-    handoff: Option<(usize, u64, u8, usize)>,
+    /// A handoff of the current event: (client, user, device, version,
+    /// home).
+    handoff: Option<(usize, u64, u32, u8, usize)>,
     actions: Vec<Action>,
     wire: Vec<u8>,
     /// Frames written, by type.
@@ -442,6 +450,13 @@ impl Sim {
             .map(|&u| token::mint(SECRET.as_bytes(), u, expires_s))
             .collect();
         tokens.push(token::mint(SECRET.as_bytes(), USERS[0], T0_MS / 1000 - 1));
+        // Then device tokens of `USERS`: devices 1 and 2 by turns.
+        tokens.extend(
+            USERS
+                .iter()
+                .zip([1, 2].into_iter().cycle())
+                .map(|(&u, device)| token::mint_device(SECRET.as_bytes(), u, device, expires_s)),
+        );
         let body_max = config.body_bytes_max;
         Sim {
             now: Now {
@@ -578,6 +593,10 @@ impl Sim {
                 // Version 1 or 2 by `b`, as a real client would pick.
                 let version = [proto::VERSION, proto::VERSION_2][usize::from(b & 1)];
                 let (version, token): (u8, &[u8]) = match a % 8 {
+                    // Bit 1 of `b`: the user's device token.
+                    i @ 0..=4 if b & 2 != 0 => {
+                        (version, self.tokens[6 + usize::from(i)].as_bytes())
+                    }
                     i @ 0..=5 => (version, self.tokens[usize::from(i)].as_bytes()),
                     6 => (version, b"v1.1.99999999999.forged"),
                     _ => (proto::VERSION_MAX + 1, self.tokens[0].as_bytes()),
@@ -721,9 +740,14 @@ mod tests {
             let shards = 1 + (i % SHARDS_MAX as u64) as usize;
             let mut input = SessionInput::new(shards, i % 7 == 0);
             for (client, user) in [(0u8, 1u64), (1, 2), (2, 3)] {
+                // Every other run, client 2 logs in with a device token.
+                let login = match (client, i % 2) {
+                    (2, 1) => login_device(user, 1),
+                    _ => login(user),
+                };
                 input
                     .open(client, (i % 3) as u8)
-                    .bytes(client, &login(user))
+                    .bytes(client, &login)
                     .iteration();
             }
             let mut data = input.into_bytes();
@@ -774,6 +798,58 @@ mod tests {
             );
             assert_eq!(tally.get("ACK"), Some(&1), "{tally:?}");
             assert_eq!(tally.get("DELIVER"), Some(&1), "{tally:?}");
+        }
+    }
+
+    /// A version 2 LOGIN of `device` of `user` with a valid device token.
+    fn login_device(user: u64, device: u32) -> Vec<u8> {
+        let token = token::mint_device(SECRET.as_bytes(), user, device, T0_MS / 1000 + 60);
+        let mut out = Vec::new();
+        proto::encode(
+            &Frame::Login {
+                version: proto::VERSION_2,
+                token: token.as_bytes(),
+            },
+            &mut out,
+        );
+        out
+    }
+
+    /// Two devices of one user send the same client_id one after the
+    /// other: two messages (each device has its own window), which the
+    /// oracle checks are known by the device each token named; a retry
+    /// on the first device is not stored again.
+    #[test]
+    fn two_devices_same_client_id_are_two_messages() {
+        let mut send = Vec::new();
+        proto::encode(
+            &Frame::Send {
+                client_id: 7,
+                to: 2,
+                body: b"hello",
+            },
+            &mut send,
+        );
+        for shards in 1..=SHARDS_MAX {
+            let mut input = SessionInput::new(shards, false);
+            input.open(1, 0).bytes(1, &login(2)).iteration();
+            input.open(0, 0).bytes(0, &login_device(1, 1)).iteration();
+            input.bytes(0, &send).iteration().iteration();
+            input.close(0).iteration();
+            input.open(0, 0).bytes(0, &login_device(1, 2)).iteration();
+            input.bytes(0, &send).iteration().iteration();
+            input.close(0).iteration();
+            input.open(0, 0).bytes(0, &login_device(1, 1)).iteration();
+            input.bytes(0, &send).iteration().iteration();
+            input.time(5).close(0).close(1).time(30).iteration();
+            let tally = session_tally(&input.into_bytes());
+            assert_eq!(
+                tally.get("LOGIN_OK"),
+                Some(&4),
+                "{shards} shards: {tally:?}"
+            );
+            assert_eq!(tally.get("ACK"), Some(&3), "{tally:?}");
+            assert_eq!(tally.get("DELIVER"), Some(&2), "{tally:?}");
         }
     }
 }

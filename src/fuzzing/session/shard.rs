@@ -6,12 +6,13 @@ use crate::io::ConnId;
 use crate::proto;
 use crate::session::{Event, Flow, State};
 use crate::timer::{Entry, Tick, TICK};
+use crate::token::Claims;
 
 use super::{is_crash_hook, Client, Conn, Ring, Sim, CLIENTS, T0_MS};
 
 impl Sim {
     /// Takes `client` into the lowest free slot of shard `s`.
-    pub(super) fn attach(&mut self, s: usize, client: usize, user: Option<(u64, u8)>) -> ConnId {
+    pub(super) fn attach(&mut self, s: usize, client: usize, user: Option<(Claims, u8)>) -> ConnId {
         let owner = &self.shards[s].owner;
         let slot = (0..).find(|i| !owner.contains_key(i)).expect("a free slot");
         let id = ConnId(slot);
@@ -81,11 +82,12 @@ impl Sim {
                     break;
                 }
                 Flow::Stop => {
-                    if let Some((moving, user, version, home)) = self.handoff.take() {
+                    if let Some((moving, user, device, version, home)) = self.handoff.take() {
                         assert_eq!(moving, client);
                         self.rings[home][s].push_back(Ring::Handoff {
                             client,
                             user,
+                            device,
                             version,
                             leftover: rest.to_vec(),
                         });
@@ -115,17 +117,18 @@ impl Sim {
             Ring::Handoff {
                 client,
                 user,
+                device,
                 version,
                 leftover,
             } => {
                 assert!(matches!(self.clients[client], Client::Moving));
-                let id = self.attach(dst, client, Some((user, version)));
+                let id = self.attach(dst, client, Some((Claims { user, device }, version)));
                 self.event(
                     dst,
                     Event::HandedOver {
                         conn: id,
                         user,
-                        device: 0,
+                        device,
                         version,
                     },
                 );
