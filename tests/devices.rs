@@ -8,6 +8,8 @@
 //!   device's low client ids are new messages, not `stale_client_id`, and
 //!   each device's retry gets its own original ACK, also after kill -9 of
 //!   the real binary;
+//! - one connection per user is served, whatever its device: a LOGIN from
+//!   another device replaces the older one with BYE(`replaced`);
 //! - a v1 client is unchanged: the same LOGIN_OK and DELIVER bytes.
 //!
 //! Every wait has a generous bound; nothing asserts how fast anything was.
@@ -21,7 +23,7 @@ use std::process::{Command, Stdio};
 
 use common::child::{serve_command, TernChild};
 use common::*;
-use tern::proto::{self, ErrorCode, Frame, OwnedFrame};
+use tern::proto::{self, ByeReason, ErrorCode, Frame, OwnedFrame};
 use tern_client::Client;
 
 /// A token for `device` of `user`, valid for an hour.
@@ -185,6 +187,21 @@ fn each_device_has_its_own_send_window() {
         recv_ack(&mut ac, 1);
         assert_eq!(recv_deliver(&mut bc).body, b"fresh");
     }
+}
+
+#[test]
+fn another_device_replaces_the_session() {
+    let srv = TestServer::start();
+    let (a, b) = cross_pair();
+    let mut d1 = login_device(srv.addr, a, 1);
+    let mut d2 = login_device(srv.addr, a, 2);
+    expect_bye_then_close(&mut d1, ByeReason::Replaced);
+    // The newer device gets the user's messages.
+    let mut bc = srv.login(b);
+    bc.send_msg(1, a, b"to a").unwrap();
+    let sid = recv_ack(&mut bc, 1);
+    assert_eq!(recv_deliver(&mut d2).server_id, sid);
+    assert_eq!(srv.info_u64("Users_online"), 2);
 }
 
 fn spawn(dir: &Path) -> TernChild {
