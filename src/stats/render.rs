@@ -26,6 +26,8 @@ pub struct StatsView {
     pub tls: Option<Arc<crate::tls::TlsContext>>,
     /// The cluster bridge's counters; `None` without a `[cluster]` section.
     pub cluster: Option<Arc<crate::cluster::ClusterStats>>,
+    /// The push thread's counters; `None` without a `push_url`.
+    pub push: Option<Arc<crate::push::PushStats>>,
 }
 
 impl StatsView {
@@ -40,6 +42,7 @@ impl StatsView {
             shards: (0..shard_count).map(|_| Arc::default()).collect(),
             tls: None,
             cluster: None,
+            push: None,
         }
     }
 
@@ -166,6 +169,11 @@ fn render_info(view: &StatsView, process: Process) -> String {
     }
     for (key, _, value) in cluster_gauges(view) {
         let _ = writeln!(out, "{key}: {value}");
+    }
+    if let Some(push) = &view.push {
+        for (key, _, _, value) in push.rows() {
+            let _ = writeln!(out, "{key}: {value}");
+        }
     }
     if view.cluster.is_some() {
         // Summed over shards; per shard they are `tern_redirects_total` etc.
@@ -488,6 +496,20 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
     }
+    if let Some(push) = &view.push {
+        for (key, help, counter, value) in push.rows() {
+            let (name, kind) = match counter {
+                true => (
+                    format!("tern_{}_total", key.to_ascii_lowercase()),
+                    "counter",
+                ),
+                false => (format!("tern_{}", key.to_ascii_lowercase()), "gauge"),
+            };
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP tern_build_info Version and I/O backend; always 1."
@@ -612,6 +634,7 @@ pub(crate) mod tests {
             shards: vec![Arc::default(), Arc::default()],
             tls: None,
             cluster: None,
+            push: None,
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);
