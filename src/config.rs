@@ -262,8 +262,8 @@ pub struct Config {
     pub push_url: Option<String>,
     /// Key of the HMAC-SHA256 signature of every push POST (header
     /// `X-Tern-Signature: sha256=<hex>`). Required, at least 16 bytes, when
-    /// `push_url` is set. Default empty.
-    pub push_secret: String,
+    /// `push_url` is set. Default none.
+    pub push_secret: Option<String>,
     /// Least time between two POSTs about the same device, ms; notices in
     /// between are folded into the next one. 0 = no spacing. Default 10000.
     pub push_interval_ms: u64,
@@ -449,7 +449,7 @@ impl Default for Config {
             addr_table_max: 65_536,
             pending_max: 100_000,
             push_url: None,
-            push_secret: String::new(),
+            push_secret: None,
             push_interval_ms: 10_000,
             push_queue_len_max: 4096,
             push_devices_max: 65_536,
@@ -690,7 +690,7 @@ impl Config {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(bad("push_url", "must start with http:// or https://"));
             }
-            if self.push_secret.len() < 16 {
+            if self.push_secret.as_ref().is_none_or(|s| s.len() < 16) {
                 return Err(bad(
                     "push_secret",
                     "must be at least 16 bytes when push_url is set",

@@ -214,7 +214,7 @@ fn server(url: String, tweak: impl FnOnce(&mut Config)) -> TestServer {
     TestServer::start_with(|c| {
         c.shards = 1;
         c.push_url = Some(url);
-        c.push_secret = PUSH_SECRET.into();
+        c.push_secret = Some(PUSH_SECRET.into());
         c.push_interval_ms = 60_000;
         c.push_retry_backoff_ms = 10;
         c.push_timeout_ms = 30_000;
@@ -409,13 +409,14 @@ fn push_keys_are_checked_at_start() {
     let bad = |tweak: fn(&mut Config)| {
         let mut c = Config {
             push_url: Some("http://127.0.0.1:9/push".into()),
-            push_secret: PUSH_SECRET.into(),
+            push_secret: Some(PUSH_SECRET.into()),
             ..Config::default()
         };
         tweak(&mut c);
         c.validate().unwrap_err().key
     };
-    assert_eq!(bad(|c| c.push_secret = "short".into()), "push_secret");
+    assert_eq!(bad(|c| c.push_secret = Some("short".into())), "push_secret");
+    assert_eq!(bad(|c| c.push_secret = None), "push_secret");
     assert_eq!(bad(|c| c.push_url = Some("ftp://x".into())), "push_url");
     assert_eq!(bad(|c| c.push_queue_len_max = 0), "push_queue_len_max");
     assert_eq!(bad(|c| c.push_batch_max = 0), "push_batch_max");

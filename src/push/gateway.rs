@@ -43,12 +43,12 @@ impl Pusher {
     /// Starts the push thread when `push_url` is set, returning it and the
     /// queue's sending end (clone it per shard); `None` without a URL.
     pub fn start(config: &Config) -> std::io::Result<Option<(Pusher, Notices)>> {
-        let Some(url) = &config.push_url else {
+        let (Some(url), Some(secret)) = (&config.push_url, &config.push_secret) else {
             return Ok(None);
         };
         let settings = Settings {
             url: url.clone(),
-            secret: config.push_secret.as_bytes().to_vec(),
+            secret: secret.as_bytes().to_vec(),
             interval: Duration::from_millis(config.push_interval_ms),
             queue_len_max: config.push_queue_len_max,
             devices_max: config.push_devices_max,
