@@ -950,6 +950,33 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn push_counters_only_with_a_push_thread() {
+        let plain = render_with(&fake_view(), "show info", fixed);
+        assert!(!plain.contains("Push_"), "{plain}");
+        let mut view = fake_view();
+        let push = Arc::new(crate::push::PushStats::default());
+        push.sent.store(5, std::sync::atomic::Ordering::Relaxed);
+        push.pending.store(2, std::sync::atomic::Ordering::Relaxed);
+        view.push = Some(push);
+        let info = info_map(&render_with(&view, "show info", fixed));
+        assert_eq!(info.keys().filter(|k| k.starts_with("Push_")).count(), 8);
+        assert_eq!(info["Push_sent"], "5");
+        let metrics = render_with(&view, "show metrics", fixed);
+        for line in [
+            "# TYPE tern_push_sent_total counter",
+            "tern_push_sent_total 5",
+            "# TYPE tern_push_pending gauge",
+            "tern_push_pending 2",
+            "tern_push_queue_full_total 0",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "no {line:?} in\n{metrics}"
+            );
+        }
+    }
+
+    #[test]
     fn latency_table() {
         let out = render(&fake_view(), "show latency");
         let (summary, buckets) = out.split_once("\n\n").unwrap();
