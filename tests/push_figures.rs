@@ -33,17 +33,21 @@ fn runs() -> usize {
     std::env::var("TERN_FIG_RUNS").map_or(5, |v| v.parse().unwrap())
 }
 
-/// On-CPU nanoseconds of this process's thread named `name`.
+/// On-CPU nanoseconds of this process's thread named `name`. A new thread
+/// names itself once it first runs, so it is looked for until [`WAIT`].
 fn thread_cpu_ns(name: &str) -> u64 {
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() == name {
-            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
-            return stat.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    }
-    panic!("no thread {name}");
+    let mut found = None;
+    let named = wait_for(|| {
+        found = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|task| task.path())
+            .find(|dir| std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name));
+        found.is_some()
+    });
+    assert!(named, "no thread {name}");
+    let stat = std::fs::read_to_string(found.unwrap().join("schedstat")).unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 /// One run's figures.
@@ -131,6 +135,7 @@ fn shard_cost_and_push_rate() {
     for (label, push, batch, n) in [
         ("push off", false, 0, msgs()),
         ("push on, push_batch_max 100", true, 100, msgs()),
+        ("push off", false, 0, msgs() / 10),
         ("push on, push_batch_max 1", true, 1, msgs() / 10),
     ] {
         let rs: Vec<Run> = (0..runs()).map(|_| run(push, batch, n)).collect();
