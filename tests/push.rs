@@ -163,6 +163,21 @@ fn a_full_push_queue_drops_notices_and_counts_them_never_messages() {
 }
 
 #[test]
+fn a_full_device_table_drops_notices_for_new_devices() {
+    let gateway = Gateway::start();
+    let srv = server(gateway.url(), |c| c.push_devices_max = 1);
+    let mut alice = srv.login(1);
+    send_acked(&mut alice, 1, 2, b"x");
+    assert_eq!(gateway.next().users(), [2]);
+    // User 2 is kept, spaced for 60 s: no room for user 3.
+    send_acked(&mut alice, 2, 3, b"x");
+    srv.wait_info("Push_table_full", |n| n == 1);
+    assert_eq!(srv.metric_sum("tern_push_table_full_total"), 1);
+    let mut carol = srv.login(3);
+    assert_eq!(recv_deliver(&mut carol).from, 1);
+}
+
+#[test]
 fn a_failing_gateway_is_retried_and_a_recovered_one_gets_later_notices() {
     let gateway = Gateway::start();
     gateway.then(Answer::Status(503));
