@@ -48,6 +48,13 @@ const DELIVERED_RECENT_MAX: usize = 1 << 16;
 /// Largest `deliver_inflight_max` (counted in 32 bits per user).
 const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
 
+/// Largest `push_batch_max`: one POST stays well under a megabyte.
+const PUSH_BATCH_MAX: usize = 10_000;
+
+/// Largest `push_retries_max`: with the doubling backoff, a dead gateway
+/// holds one batch for at most 2^16 backoffs.
+const PUSH_RETRIES_MAX: u32 = 16;
+
 /// Effective server configuration (TOML file, then command-line flags).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -248,6 +255,37 @@ pub struct Config {
     /// connections cannot keep real clients from logging in. 0 = no limit.
     /// Default 100000.
     pub pending_max: usize,
+    /// Push gateway (docs/OPERATIONS.md, "Push for offline devices"): when a
+    /// message is queued for an offline device, a JSON notice (user,
+    /// device, messages waiting, oldest waiting time; never the body) is
+    /// POSTed here, `http://` or `https://`. Default none: no pushes.
+    pub push_url: Option<String>,
+    /// Key of the HMAC-SHA256 signature of every push POST (header
+    /// `X-Tern-Signature: sha256=<hex>`). Required, at least 16 bytes, when
+    /// `push_url` is set. Default none.
+    pub push_secret: Option<String>,
+    /// Least time between two POSTs about the same device, ms; notices in
+    /// between are folded into the next one. 0 = no spacing. Default 10000.
+    pub push_interval_ms: u64,
+    /// Notices waiting for the push thread, whole process; a shard never
+    /// waits: past this they are dropped and counted. At least 1.
+    /// Default 4096.
+    pub push_queue_len_max: usize,
+    /// Devices the push thread keeps (waiting for a POST or spaced after
+    /// one, about 80 bytes each); notices for further devices are dropped
+    /// and counted. At least 1. Default 65536.
+    pub push_devices_max: usize,
+    /// Most devices named in one POST. 1 to 10000. Default 100.
+    pub push_batch_max: usize,
+    /// Retries of a POST that failed (no answer, or not 2xx) before its
+    /// notices are dropped and counted. At most 16. Default 3.
+    pub push_retries_max: u32,
+    /// Wait before the first retry, ms, doubled per retry. At least 1.
+    /// Default 500.
+    pub push_retry_backoff_ms: u64,
+    /// Time a POST may take (connecting and answering), ms. At least 1.
+    /// Default 5000.
+    pub push_timeout_ms: u64,
     /// Optional `[cluster]` table: membership of a Tern cluster on NATS
     /// JetStream (docs/CLUSTER.md). Default none: standalone.
     pub cluster: Option<crate::cluster::ClusterConfig>,
@@ -410,6 +448,15 @@ impl Default for Config {
             addr_pending_max: 1000,
             addr_table_max: 65_536,
             pending_max: 100_000,
+            push_url: None,
+            push_secret: None,
+            push_interval_ms: 10_000,
+            push_queue_len_max: 4096,
+            push_devices_max: 65_536,
+            push_batch_max: 100,
+            push_retries_max: 3,
+            push_retry_backoff_ms: 500,
+            push_timeout_ms: 5000,
             cluster: None,
         }
     }
@@ -629,8 +676,50 @@ impl Config {
         {
             return Err(bad(field, reason));
         }
+        self.validate_push()?;
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The `push_*` keys: checked whether or not `push_url` is set, so a
+    /// bad value fails at boot, not when the URL is added.
+    fn validate_push(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.push_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad("push_url", "must start with http:// or https://"));
+            }
+            if self.push_secret.as_ref().is_none_or(|s| s.len() < 16) {
+                return Err(bad(
+                    "push_secret",
+                    "must be at least 16 bytes when push_url is set",
+                ));
+            }
+        }
+        if self.push_queue_len_max == 0 {
+            return Err(bad("push_queue_len_max", "must be at least 1"));
+        }
+        if self.push_devices_max == 0 {
+            return Err(bad("push_devices_max", "must be at least 1"));
+        }
+        if !(1..=PUSH_BATCH_MAX).contains(&self.push_batch_max) {
+            return Err(bad(
+                "push_batch_max",
+                format!("must be between 1 and {PUSH_BATCH_MAX}"),
+            ));
+        }
+        if self.push_retries_max > PUSH_RETRIES_MAX {
+            return Err(bad(
+                "push_retries_max",
+                format!("must be at most {PUSH_RETRIES_MAX}"),
+            ));
+        }
+        if self.push_retry_backoff_ms == 0 {
+            return Err(bad("push_retry_backoff_ms", "must be at least 1"));
+        }
+        if self.push_timeout_ms == 0 {
+            return Err(bad("push_timeout_ms", "must be at least 1"));
         }
         Ok(())
     }

@@ -9,7 +9,8 @@
 //! shard, [`memory`] how drained structures and the allocator give memory
 //! back, [`datadir`] the data directory as a whole (lock, privacy, recorded
 //! shard count), [`reshard`] re-homing its messages for another shard count,
-//! [`privacy`] the mode checks on private files, [`stats`] the counters and
+//! [`privacy`] the mode checks on private files, [`push`] the push notices
+//! for offline devices and their thread, [`stats`] the counters and
 //! the stats socket, and [`server`] ties them together ([`claim`] checks its
 //! listen addresses). [`clock`] is where a shard reads the time, real or
 //! simulated, and [`sim`] the deterministic simulator that runs the real
@@ -28,6 +29,7 @@ pub mod limit;
 pub mod memory;
 pub mod privacy;
 pub mod proto;
+pub mod push;
 pub mod reshard;
 pub mod ring;
 pub mod server;

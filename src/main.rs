@@ -127,6 +127,12 @@ struct Overrides {
     /// Token secret (prefer the environment variable).
     #[arg(long, env = "TERN_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// URL push notices for offline devices are POSTed to (http:// or https://).
+    #[arg(long)]
+    push_url: Option<String>,
+    /// Key of the push POSTs' HMAC signature (prefer the environment variable).
+    #[arg(long, env = "TERN_PUSH_SECRET", hide_env_values = true)]
+    push_secret: Option<String>,
     /// Largest client frame, bytes.
     #[arg(long)]
     frame_bytes_max: Option<usize>,
@@ -315,6 +321,12 @@ impl Overrides {
         }
         if self.tls_listen.is_some() {
             c.tls_listen = self.tls_listen;
+        }
+        if self.push_url.is_some() {
+            c.push_url = self.push_url;
+        }
+        if self.push_secret.is_some() {
+            c.push_secret = self.push_secret;
         }
         if let Some(path) = &self.tls_cert {
             c.tls_cert = path.clone();

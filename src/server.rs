@@ -24,6 +24,7 @@ use crate::cluster::{self, Bridge, Owners, ShardLink};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
+use crate::push::Pusher;
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
@@ -46,6 +47,8 @@ pub struct Server {
     stats: Option<StatsServer>,
     /// The cluster bridge thread, with a `[cluster]` section only.
     bridge: Option<Bridge>,
+    /// The push thread, with a `push_url` only.
+    pusher: Option<Pusher>,
     /// Set when a shard gave up past its restart intensity.
     fatal: Arc<Fatal>,
     /// Held for the server's life: one process per data directory.
@@ -119,6 +122,9 @@ impl Server {
             .cluster
             .as_ref()
             .map(|c| Arc::new(Owners::new(c.partitions)));
+        // The push thread ends once every shard's end of its queue is gone,
+        // so only the shards hold one.
+        let (pusher, notices) = Pusher::start(&config)?.unzip();
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -140,6 +146,7 @@ impl Server {
             let config = config.clone();
             let tls = tls.clone();
             let owners = owners.clone();
+            let push = notices.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
@@ -178,6 +185,7 @@ impl Server {
                         clock: Clock::Real,
                         owners,
                         bridge,
+                        push,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -187,6 +195,7 @@ impl Server {
             threads.push(thread);
         }
         drop(ready_tx);
+        drop(notices);
         let mut wakers = vec![None; shards];
         let mut peers = vec![None; shards];
         let mut backend = "";
@@ -242,6 +251,7 @@ impl Server {
             shards: shard_stats.clone(),
             tls: tls.clone(),
             cluster: bridge.as_ref().map(Bridge::stats),
+            push: pusher.as_ref().map(Pusher::stats),
         });
         let stats = match StatsServer::spawn(
             &config.stats_socket,
@@ -283,6 +293,7 @@ impl Server {
             threads,
             stats: Some(stats),
             bridge,
+            pusher,
             fatal,
             _data_dir: data_dir,
         })
@@ -351,6 +362,10 @@ impl Server {
         }
         if let Some(bridge) = self.bridge.take() {
             bridge.stop();
+        }
+        // The shards are gone, and their ends of the push queue with them.
+        if let Some(pusher) = self.pusher.take() {
+            pusher.join();
         }
     }
 }

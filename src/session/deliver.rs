@@ -555,6 +555,14 @@ impl Sessions {
         }
         for user in fresh.drain(..) {
             let conn = self.users.conn_of(user);
+            if conn.is_none() {
+                // Offline: wake the device through its push service.
+                if let Some(oldest) = self.store.next_after(user, 0) {
+                    let (waiting, oldest_ms) = (self.store.len(user), oldest.time_ms);
+                    self.queued_offline(user, 0, waiting, oldest_ms);
+                }
+                continue;
+            }
             let w = conn.map_or(0, |c| written.get(&c).copied().unwrap_or(0));
             self.pump(env, user, true, Some(w));
         }

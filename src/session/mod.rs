@@ -36,6 +36,7 @@ mod dedupe;
 mod deliver;
 mod event;
 mod guard;
+mod push;
 #[cfg(test)]
 mod tests;
 mod users;
@@ -154,6 +155,9 @@ pub struct Sessions {
     idle_ticks: Tick,
     login_ticks: Tick,
     linger_ticks: Tick,
+    /// Where push notices for offline devices go; `None` without a
+    /// `push_url` (see `push.rs`).
+    push: Option<crate::push::Notices>,
 }
 
 /// Bytes of the session layer's per-connection slot (24): with the shard's
@@ -199,6 +203,7 @@ impl Sessions {
             idle_ticks: timer::ticks(config.idle_timeout()),
             login_ticks: timer::ticks(config.login_timeout()),
             linger_ticks: timer::ticks(LINGER),
+            push: None,
             config,
         }
     }

@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 mod cluster;
 mod dedupe;
+mod push;
 
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};

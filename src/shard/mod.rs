@@ -115,6 +115,8 @@ pub struct ShardParts {
     pub owners: Option<Arc<Owners>>,
     /// Cluster: this shard's rings to and from the bridge.
     pub bridge: Option<ShardLink>,
+    /// The push queue, with a `push_url` only.
+    pub push: Option<crate::push::Notices>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -211,10 +213,13 @@ impl Shard {
             clock,
             owners,
             bridge,
+            push,
         } = parts;
         let id = links.id();
         let shards = links.shards();
         let wheel = Wheel::new(clock.clone());
+        let mut sessions = Sessions::new(config.clone(), id, shards, store, stats.clone());
+        sessions.set_push(push);
         Shard {
             id,
             syncer: Syncer::new(&io, id),
@@ -222,7 +227,7 @@ impl Shard {
             links,
             outboxes: Outboxes::new(shards),
             peers: Peers::new(id, peers),
-            sessions: Sessions::new(config.clone(), id, shards, store, stats.clone()),
+            sessions,
             conns: Conns::default(),
             admission: Admission::new(&config, shards),
             refused: Vec::new(),

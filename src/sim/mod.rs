@@ -564,6 +564,7 @@ impl World {
                 Err(e) => return Err(format!("shard {id}: recovery failed: {e}")),
             };
             self.shards.push(Shard::new(ShardParts {
+                push: None,
                 io,
                 links,
                 stats: self.stats[id].clone(),

@@ -26,6 +26,8 @@ pub struct StatsView {
     pub tls: Option<Arc<crate::tls::TlsContext>>,
     /// The cluster bridge's counters; `None` without a `[cluster]` section.
     pub cluster: Option<Arc<crate::cluster::ClusterStats>>,
+    /// The push thread's counters; `None` without a `push_url`.
+    pub push: Option<Arc<crate::push::PushStats>>,
 }
 
 impl StatsView {
@@ -40,6 +42,7 @@ impl StatsView {
             shards: (0..shard_count).map(|_| Arc::default()).collect(),
             tls: None,
             cluster: None,
+            push: None,
         }
     }
 
@@ -166,6 +169,11 @@ fn render_info(view: &StatsView, process: Process) -> String {
     }
     for (key, _, value) in cluster_gauges(view) {
         let _ = writeln!(out, "{key}: {value}");
+    }
+    if let Some(push) = &view.push {
+        for (key, _, _, value) in push.rows() {
+            let _ = writeln!(out, "{key}: {value}");
+        }
     }
     if view.cluster.is_some() {
         // Summed over shards; per shard they are `tern_redirects_total` etc.
@@ -488,6 +496,20 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
     }
+    if let Some(push) = &view.push {
+        for (key, help, counter, value) in push.rows() {
+            let (name, kind) = match counter {
+                true => (
+                    format!("tern_{}_total", key.to_ascii_lowercase()),
+                    "counter",
+                ),
+                false => (format!("tern_{}", key.to_ascii_lowercase()), "gauge"),
+            };
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP tern_build_info Version and I/O backend; always 1."
@@ -612,6 +634,7 @@ pub(crate) mod tests {
             shards: vec![Arc::default(), Arc::default()],
             tls: None,
             cluster: None,
+            push: None,
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);
@@ -924,6 +947,33 @@ pub(crate) mod tests {
         assert_eq!(build.2, 1.0);
         assert_eq!(build.1["version"], "9.8.7");
         assert_eq!(build.1["backend"], "fake \\\"backend\\\"");
+    }
+
+    #[test]
+    fn push_counters_only_with_a_push_thread() {
+        let plain = render_with(&fake_view(), "show info", fixed);
+        assert!(!plain.contains("Push_"), "{plain}");
+        let mut view = fake_view();
+        let push = Arc::new(crate::push::PushStats::default());
+        push.sent.store(5, std::sync::atomic::Ordering::Relaxed);
+        push.pending.store(2, std::sync::atomic::Ordering::Relaxed);
+        view.push = Some(push);
+        let info = info_map(&render_with(&view, "show info", fixed));
+        assert_eq!(info.keys().filter(|k| k.starts_with("Push_")).count(), 8);
+        assert_eq!(info["Push_sent"], "5");
+        let metrics = render_with(&view, "show metrics", fixed);
+        for line in [
+            "# TYPE tern_push_sent_total counter",
+            "tern_push_sent_total 5",
+            "# TYPE tern_push_pending gauge",
+            "tern_push_pending 2",
+            "tern_push_queue_full_total 0",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "no {line:?} in\n{metrics}"
+            );
+        }
     }
 
     #[test]

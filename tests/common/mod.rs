@@ -10,6 +10,7 @@
 
 pub mod child;
 pub mod cut;
+pub mod gateway;
 pub mod proxy;
 
 use std::collections::HashMap;
