@@ -40,3 +40,4 @@ pub mod supervisor;
 pub mod timer;
 pub mod tls;
 pub mod token;
+pub mod upgrade;

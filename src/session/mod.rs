@@ -151,6 +151,9 @@ pub struct Sessions {
     idle_ticks: Tick,
     login_ticks: Tick,
     linger_ticks: Tick,
+    /// The BYE reason [`Event::Shutdown`] sends: `shutdown`, or `upgrade`
+    /// when the process hands over to a new binary.
+    shutdown_reason: ByeReason,
 }
 
 /// Bytes of the session layer's per-connection slot (24): with the shard's
@@ -196,6 +199,7 @@ impl Sessions {
             idle_ticks: timer::ticks(config.idle_timeout()),
             login_ticks: timer::ticks(config.login_timeout()),
             linger_ticks: timer::ticks(LINGER),
+            shutdown_reason: ByeReason::Shutdown,
             config,
         }
     }
@@ -300,7 +304,7 @@ impl Sessions {
                 // A connection already closing has sent its last frame
                 // (found by the session fuzzer: a second BYE after it).
                 if matches!(self.state(conn), State::Login | State::Active) {
-                    self.bye(now, conn, ByeReason::Shutdown);
+                    self.bye(now, conn, self.shutdown_reason);
                 }
                 Flow::Stop
             }
@@ -317,7 +321,7 @@ impl Sessions {
             Event::Shutdown(None) => {
                 for i in 0..self.slots.len() {
                     if matches!(self.slots[i].state, State::Login | State::Active) {
-                        self.bye(now, ConnId(i as u32), ByeReason::Shutdown);
+                        self.bye(now, ConnId(i as u32), self.shutdown_reason);
                     }
                 }
                 Flow::Next
@@ -421,6 +425,13 @@ impl Sessions {
     /// The store, to commit it.
     pub fn store_mut(&mut self) -> &mut dyn Store {
         &mut *self.store
+    }
+
+    /// Sets the BYE reason of the next [`Event::Shutdown`]s: `upgrade` when
+    /// the process hands over to a new binary (clients reconnect at once),
+    /// `shutdown` otherwise (the default).
+    pub fn set_shutdown_reason(&mut self, reason: ByeReason) {
+        self.shutdown_reason = reason;
     }
 
     /// Replaces the store with one reopened (replayed) after a crash; server
