@@ -8,6 +8,8 @@
 //! - a successor that exits at once (`/bin/false`) and one with a bad
 //!   configuration: the old process never stops serving, its connections
 //!   stay open and chat on, and it says why;
+//! - TLS clients get BYE(upgrade), and the successor serves TLS on the
+//!   handed-over port;
 //! - a successor that fails after the old one released the data directory
 //!   (its metrics port is taken): the old process starts again on the same
 //!   listeners, and what was queued is still there.
@@ -318,4 +320,84 @@ fn a_successor_failing_after_the_release_is_rolled_back() {
     assert!(old
         .log_text()
         .contains("starting again on the same listeners"));
+}
+
+/// A self-signed certificate for `localhost`: (cert PEM path, key PEM path),
+/// written into `dir`; the certificate is also the client's root.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    // The server refuses a private key others can read.
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    (cert_path, key_path)
+}
+
+/// TLS sessions cannot move: they get BYE(upgrade) over TLS and the end of
+/// the stream, and the successor serves TLS on the same (handed-over) port.
+#[test]
+fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let (cert, key) = self_signed(dir.path());
+    let old = start(
+        dir.path(),
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let _reaper = Reaper(sock.clone());
+    // Logged right after the plaintext listener's line.
+    wait_for(|| old.log_text().contains("TLS 1.3 listening on "));
+    let log = old.log_text();
+    let tls_addr: SocketAddr = log
+        .lines()
+        .find_map(|l| {
+            l.split_once("TLS 1.3 listening on ")?
+                .1
+                .split_whitespace()
+                .next()
+        })
+        .unwrap_or_else(|| panic!("no TLS listener in:\n{log}"))
+        .parse()
+        .unwrap();
+    let config = tern_client::tls_config(&cert).unwrap();
+    let (a, b) = cross_pair();
+    let mut alice = Client::login_tls(tls_addr, "localhost", &config, &token(a))
+        .unwrap()
+        .0;
+
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "{text}\n{}", old.log_text());
+    let frames = alice.wait_closed(WAIT).expect("closed by the server");
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            tern::proto::OwnedFrame::Bye {
+                reason: ByeReason::Upgrade
+            }
+        )),
+        "{frames:?}"
+    );
+    // The successor took the TLS listener: the same port, a new handshake.
+    let mut alice = Client::login_tls(tls_addr, "localhost", &config, &token(a))
+        .unwrap()
+        .0;
+    let mut bob = Client::login(old.addr, &token(b)).unwrap().0;
+    alice.send_msg(1, b, b"over tls").unwrap();
+    recv_ack(&mut alice, 1);
+    assert_eq!(recv_deliver(&mut bob).body, b"over tls");
+    assert_eq!(info(&sock)["Generation"], "1");
 }
