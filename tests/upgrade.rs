@@ -100,6 +100,75 @@ fn session(addr: SocketAddr, user: u64) -> Session {
     Session::new(c)
 }
 
+/// What one sender's thread did: messages sent, disconnects seen, and how
+/// many of them had read the BYE(upgrade).
+struct Sent {
+    count: u64,
+    drops: u64,
+    byes: u64,
+}
+
+/// Sends to `to`, a few in flight, until `done`; then until all are ACKed.
+/// Each client runs on its own thread, as real clients do: one blocked in a
+/// login (the successor not serving yet) never keeps another from closing
+/// on its BYE.
+fn sender(addr: SocketAddr, user: u64, to: u64, done: Arc<AtomicBool>) -> Sent {
+    let mut s = session(addr, user);
+    let mut sent = Sent {
+        count: 0,
+        drops: 0,
+        byes: 0,
+    };
+    let deadline = Instant::now() + WAIT * 6;
+    loop {
+        assert!(Instant::now() < deadline, "sender {user} stuck");
+        let upgrading = !done.load(Ordering::Acquire);
+        if upgrading && s.outbox_len() < 3 {
+            s.send(to, &sent.count.to_le_bytes()).unwrap();
+            sent.count += 1;
+        }
+        match s.poll(Duration::from_millis(1)).unwrap() {
+            Some(Event::Refused { code, text, .. }) => panic!("refused: {code} {text}"),
+            // A sender writing when the BYE came may see the write fail
+            // before it reads the BYE.
+            Some(Event::Disconnected { reason }) => {
+                sent.drops += 1;
+                sent.byes += u64::from(reason.contains("BYE(upgrade)"));
+            }
+            _ => {}
+        }
+        if !upgrading && s.outbox_len() == 0 {
+            return sent;
+        }
+    }
+}
+
+/// The bodies (indices) shown from `from`, until `want` says how many to
+/// expect and they all came.
+fn recipient(addr: SocketAddr, user: u64, from: u64, want: Arc<AtomicU64>) -> Vec<u64> {
+    let mut r = session(addr, user);
+    let mut shown = Vec::new();
+    let deadline = Instant::now() + WAIT * 6;
+    while (shown.len() as u64) < want.load(Ordering::Acquire) {
+        assert!(
+            Instant::now() < deadline,
+            "recipient {user} stuck: {shown:?}"
+        );
+        if let Some(Event::Message {
+            server_id,
+            from: f,
+            body,
+            ..
+        }) = r.poll(Duration::from_millis(1)).unwrap()
+        {
+            assert_eq!(f, from);
+            shown.push(u64::from_le_bytes(body.try_into().unwrap()));
+            r.accept(server_id).unwrap();
+        }
+    }
+    shown
+}
+
 #[test]
 fn chatting_clients_survive_three_upgrades() {
     const PAIRS: u64 = 8;
@@ -112,29 +181,27 @@ fn chatting_clients_survive_three_upgrades() {
     let first_pid = info(&sock)["Pid"].clone();
 
     // Senders 1..=PAIRS write to recipients 1001..; each body is its index.
-    let mut senders: Vec<Session> = (1..=PAIRS).map(|u| session(addr, u)).collect();
-    let mut recipients: Vec<Session> = (1..=PAIRS).map(|u| session(addr, 1000 + u)).collect();
-    let mut sent = vec![0u64; PAIRS as usize];
-    let mut shown: Vec<Vec<u64>> = vec![Vec::new(); PAIRS as usize];
-
-    // Upgrades run beside the chat; a prober connects all along.
     let done = Arc::new(AtomicBool::new(false));
+    let wants: Vec<Arc<AtomicU64>> = (0..PAIRS)
+        .map(|_| Arc::new(AtomicU64::new(u64::MAX)))
+        .collect();
+    let senders: Vec<_> = (1..=PAIRS)
+        .map(|u| {
+            let done = done.clone();
+            std::thread::spawn(move || sender(addr, u, 1000 + u, done))
+        })
+        .collect();
+    let recipients: Vec<_> = (1..=PAIRS)
+        .zip(&wants)
+        .map(|(u, want)| {
+            let want = want.clone();
+            std::thread::spawn(move || recipient(addr, 1000 + u, u, want))
+        })
+        .collect();
+
+    // A prober connects all along: no connect may be refused.
     let refused = Arc::new(AtomicU64::new(0));
     let probes = Arc::new(AtomicU64::new(0));
-    let upgrader = {
-        let sock = sock.clone();
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut outcomes = Vec::new();
-            for _ in 0..UPGRADES {
-                // Let some messages flow first (pacing, not a measurement).
-                std::thread::sleep(Duration::from_millis(300));
-                outcomes.push(upgrade(&sock, None));
-            }
-            done.store(true, Ordering::Release);
-            outcomes
-        })
-    };
     let prober = {
         let (done, refused, probes) = (done.clone(), refused.clone(), probes.clone());
         std::thread::spawn(move || {
@@ -147,73 +214,42 @@ fn chatting_clients_survive_three_upgrades() {
             }
         })
     };
-
-    let deadline = Instant::now() + WAIT * 6;
-    let mut byes = 0u64;
-    let mut drops = vec![0u64; PAIRS as usize];
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "stuck: sent {sent:?}, shown {:?}; log:\n{}",
-            shown.iter().map(Vec::len).collect::<Vec<_>>(),
-            old.log_text()
-        );
-        let upgrading = !done.load(Ordering::Acquire);
-        for (i, s) in senders.iter_mut().enumerate() {
-            // Keep a few in flight while the upgrades run, then stop.
-            if upgrading && s.outbox_len() < 3 {
-                s.send(1000 + i as u64 + 1, &sent[i].to_le_bytes()).unwrap();
-                sent[i] += 1;
-            }
-            match s.poll(Duration::from_millis(1)).unwrap() {
-                Some(Event::Refused { code, text, .. }) => panic!("refused: {code} {text}"),
-                // A sender writing when the BYE came may see the write
-                // fail before it reads the BYE.
-                Some(Event::Disconnected { reason }) => {
-                    drops[i] += 1;
-                    byes += u64::from(reason.contains("BYE(upgrade)"));
-                }
-                _ => {}
-            }
-        }
-        for (i, r) in recipients.iter_mut().enumerate() {
-            if let Some(Event::Message {
-                server_id,
-                from,
-                body,
-                ..
-            }) = r.poll(Duration::from_millis(1)).unwrap()
-            {
-                assert_eq!(from, i as u64 + 1);
-                shown[i].push(u64::from_le_bytes(body.try_into().unwrap()));
-                r.accept(server_id).unwrap();
-            }
-        }
-        let all_acked = senders.iter().all(|s| s.outbox_len() == 0);
-        let all_shown = (0..PAIRS as usize).all(|i| shown[i].len() as u64 >= sent[i]);
-        if !upgrading && all_acked && all_shown {
-            break;
-        }
-    }
-    let outcomes = upgrader.join().unwrap();
-    prober.join().unwrap();
-    for (ok, text) in &outcomes {
+    for _ in 0..UPGRADES {
+        // Let some messages flow first (pacing, not a measurement).
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, text) = upgrade(&sock, None);
         assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
         assert!(text.starts_with("upgraded: pid"), "{text}");
     }
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Release);
+    prober.join().unwrap();
+    let sent: Vec<Sent> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    for (want, s) in wants.iter().zip(&sent) {
+        want.store(s.count, Ordering::Release);
+    }
+    let shown: Vec<Vec<u64>> = recipients.into_iter().map(|t| t.join().unwrap()).collect();
     eprintln!(
-        "sent per sender {sent:?}; disconnects {drops:?}, {byes} read BYE(upgrade); {} \
-         connects, none refused",
+        "sent per sender {:?}; disconnects {:?}, {} read BYE(upgrade); {} connects, none refused",
+        sent.iter().map(|s| s.count).collect::<Vec<_>>(),
+        sent.iter().map(|s| s.drops).collect::<Vec<_>>(),
+        sent.iter().map(|s| s.byes).sum::<u64>(),
         probes.load(Ordering::Relaxed)
     );
     // Once each, in each sender's order: no loss, no duplicate shown.
-    for i in 0..PAIRS as usize {
-        let want: Vec<u64> = (0..sent[i]).collect();
-        assert_eq!(shown[i], want, "sender {}", i + 1);
+    for (i, (s, got)) in sent.iter().zip(&shown).enumerate() {
+        let want: Vec<u64> = (0..s.count).collect();
+        assert_eq!(got, &want, "sender {}", i + 1);
     }
-    // Each upgrade ended every sender's connection once.
-    assert!(drops.iter().all(|&d| d >= UPGRADES), "{drops:?}");
-    assert!(byes > 0, "no sender read BYE(upgrade)");
+    // The upgrades ended every sender's connection (usually once per
+    // upgrade; a reconnect can land on a shard of the old process that has
+    // not begun its shutdown yet and be ended again, and under load a
+    // reconnect may wait in the backlog right through an upgrade).
+    assert!(sent.iter().all(|s| s.drops >= 1));
+    assert!(
+        sent.iter().any(|s| s.byes > 0),
+        "no sender read BYE(upgrade)"
+    );
     assert_eq!(refused.load(Ordering::Relaxed), 0, "a connect was refused");
     assert!(probes.load(Ordering::Relaxed) > 0);
     // Three successors in a row, on the same port.
