@@ -487,10 +487,11 @@ fn serve(args: ServeArgs) -> Result<()> {
                     log::info!("upgrade: pid {pid} serves now; this process exits");
                     return Ok(());
                 }
-                Err((kept, why)) => {
+                Err(failed) => {
+                    let (kept, why) = *failed;
                     log::error!("upgrade to {} failed: {why}", binary.display());
                     server = match kept {
-                        Kept::Serving(server) => server,
+                        Kept::Serving(server) => *server,
                         Kept::Listeners(listeners) => {
                             log::error!("upgrade: starting again on the same listeners");
                             let handover = Handover {
@@ -535,7 +536,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 /// What the old process has left after a failed upgrade.
 enum Kept {
     /// It never stopped serving.
-    Serving(Server),
+    Serving(Box<Server>),
     /// It stopped (and released the data directory) before the successor
     /// failed: the listening sockets to start again on.
     Listeners(Vec<tern::io::Listeners>),
@@ -548,7 +549,7 @@ fn hand_over(
     binary: &Path,
     argv: &[OsString],
     info: &UpgradeInfo,
-) -> std::result::Result<u32, (Kept, String)> {
+) -> std::result::Result<u32, Box<(Kept, String)>> {
     let began = Instant::now();
     log::info!(
         "upgrade: starting {} (generation {})",
@@ -557,14 +558,18 @@ fn hand_over(
     );
     let listeners = match server.listeners() {
         Ok(listeners) => listeners,
-        Err(e) => return Err((Kept::Serving(server), format!("copying the listeners: {e}"))),
+        Err(e) => {
+            let why = format!("copying the listeners: {e}");
+            return Err(Box::new((Kept::Serving(Box::new(server)), why)));
+        }
     };
     let mut successor = match Successor::start(binary, argv) {
         Ok(successor) => successor,
-        Err(why) => return Err((Kept::Serving(server), why)),
+        Err(why) => return Err(Box::new((Kept::Serving(Box::new(server)), why))),
     };
     if let Err(why) = successor.send_listeners(info.generation, &listeners) {
-        return Err((Kept::Serving(server), successor.abandon(why)));
+        let why = successor.abandon(why);
+        return Err(Box::new((Kept::Serving(Box::new(server)), why)));
     }
     log::info!(
         "upgrade: pid {} has the listeners; closing connections with BYE(upgrade)",
@@ -580,7 +585,7 @@ fn hand_over(
             );
             Ok(pid)
         }
-        Err(why) => Err((Kept::Listeners(listeners), why)),
+        Err(why) => Err(Box::new((Kept::Listeners(listeners), why))),
     }
 }
 
