@@ -63,8 +63,10 @@ pub struct Server {
     /// Set with `stop` for a live upgrade: the shards say BYE(upgrade).
     upgrade: Arc<AtomicBool>,
     /// Copies of every shard's listening sockets, handed to a successor
-    /// (or started on again when it fails).
-    listeners: Vec<Listeners>,
+    /// (or started on again when it fails). Dropped when shutdown begins:
+    /// a stopping server refuses connects (an upgrading one has handed
+    /// its copies over by then).
+    listeners: std::sync::Mutex<Vec<Listeners>>,
     /// Held for the server's life: one process per data directory.
     _data_dir: Option<DataDir>,
 }
@@ -347,7 +349,7 @@ impl Server {
             bridge,
             fatal,
             upgrade,
-            listeners: kept,
+            listeners: std::sync::Mutex::new(kept),
             _data_dir: data_dir,
         })
     }
@@ -397,6 +399,10 @@ impl Server {
     /// Begins graceful shutdown: stop accepting, BYE(shutdown) to everyone,
     /// flush for up to `shutdown_grace_ms`. Returns at once; see [`Server::join`].
     pub fn shutdown(&self) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.stop.store(true, Ordering::Relaxed);
         for w in &self.wakers {
             w.wake();
@@ -406,7 +412,8 @@ impl Server {
     /// Copies of the listening sockets, one [`Listeners`] per shard, for a
     /// successor (live upgrade) and for starting again if it fails.
     pub fn listeners(&self) -> IoResult<Vec<Listeners>> {
-        self.listeners.iter().map(Listeners::try_clone).collect()
+        let kept = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter().map(Listeners::try_clone).collect()
     }
 
     /// [`Server::shutdown`] for a live upgrade: every connection gets
