@@ -12,7 +12,8 @@
 //!   handed-over port;
 //! - a successor that fails after the old one released the data directory
 //!   (its metrics port is taken): the old process starts again on the same
-//!   listeners, and what was queued is still there.
+//!   listeners, and what was queued is still there;
+//! - a second upgrade while one runs is refused.
 //!
 //! Every wait has a generous bound; nothing asserts how fast anything was.
 
@@ -436,4 +437,41 @@ fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
     recv_ack(&mut alice, 1);
     assert_eq!(recv_deliver(&mut bob).body, b"over tls");
     assert_eq!(info(&sock)["Generation"], "1");
+}
+
+/// While one upgrade runs (its successor held at a gate), a second is
+/// refused; once the gate opens the first completes.
+#[test]
+fn a_second_upgrade_while_one_runs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    let gate = dir.path().join("gate");
+    let script = dir.path().join("gated.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexec {TERN} \"$@\"\n",
+            gate.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let first = tern::stats::query(&sock, &format!("upgrade {}", script.display())).unwrap();
+    assert!(first.starts_with("upgrade started"), "{first}");
+    let second = tern::stats::query(&sock, "upgrade").unwrap();
+    assert!(
+        second.starts_with("refused: an upgrade is already in progress"),
+        "{second}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert!(
+        wait_for(|| tern::stats::query(&sock, "show info")
+            .is_ok_and(|t| parse_info(&t).get("Generation").map(String::as_str) == Some("1"))),
+        "the first upgrade did not complete:\n{}",
+        old.log_text()
+    );
+    // The successor started through the script serves the same port.
+    Client::login(old.addr, &token(5)).expect("the same port serves");
 }
