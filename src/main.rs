@@ -551,6 +551,15 @@ fn hand_over(
     info: &UpgradeInfo,
 ) -> std::result::Result<u32, Box<(Kept, String)>> {
     let began = Instant::now();
+    // systemd sets INVOCATION_ID in a unit's processes. Under the shipped
+    // Type=simple unit the old process's exit would end the service and
+    // systemd would stop the successor with it: refuse rather than go down.
+    if std::env::var_os("INVOCATION_ID").is_some() {
+        let why = "refused under systemd: the unit would stop the successor when this process \
+                   exits (Type=simple); use `systemctl restart tern`"
+            .to_string();
+        return Err(Box::new((Kept::Serving(Box::new(server)), why)));
+    }
     log::info!(
         "upgrade: starting {} (generation {})",
         binary.display(),

@@ -13,7 +13,8 @@
 //! - a successor that fails after the old one released the data directory
 //!   (its metrics port is taken): the old process starts again on the same
 //!   listeners, and what was queued is still there;
-//! - a second upgrade while one runs is refused.
+//! - a second upgrade while one runs is refused, and so is one under
+//!   systemd (the shipped unit would stop the successor).
 //!
 //! Every wait has a generous bound; nothing asserts how fast anything was.
 
@@ -52,7 +53,10 @@ fn start(dir: &Path, extra: &[&str]) -> TernChild {
         .arg(dir.join("data"))
         .arg("--stats-socket")
         .arg(dir.join("s.sock"))
-        .args(extra);
+        .args(extra)
+        // A test run from a systemd unit (a CI runner) is not under
+        // tern.service: the refusal below is tested on its own.
+        .env_remove("INVOCATION_ID");
     TernChild::expect_start(cmd)
 }
 
@@ -474,4 +478,27 @@ fn a_second_upgrade_while_one_runs_is_refused() {
     );
     // The successor started through the script serves the same port.
     Client::login(old.addr, &token(5)).expect("the same port serves");
+}
+
+/// Under systemd (INVOCATION_ID set) the upgrade is refused: the shipped
+/// Type=simple unit would stop the successor with the old process.
+#[test]
+fn under_systemd_the_upgrade_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let io = io_flag();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "1", "--io", &io]);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(&sock)
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+    let old = TernChild::expect_start(cmd);
+    let pid = info(&sock)["Pid"].clone();
+    chat_survives(old.addr, || {
+        let (ok, text) = upgrade(&sock, None);
+        assert!(!ok, "{text}");
+        assert!(text.contains("refused under systemd"), "{text}");
+    });
+    assert_eq!(info(&sock)["Pid"], pid);
 }

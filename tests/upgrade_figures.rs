@@ -98,7 +98,8 @@ fn upgrade_figures() {
             "--addr-conns-per-s-max",
             "0",
         ])
-        .args(["--addr-pending-max", "0", "--idle-timeout-ms", "3600000"]);
+        .args(["--addr-pending-max", "0", "--idle-timeout-ms", "3600000"])
+        .env_remove("INVOCATION_ID");
     let old = TernChild::expect_start(cmd);
     let addr = old.addr;
 
