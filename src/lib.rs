@@ -42,3 +42,4 @@ pub mod supervisor;
 pub mod timer;
 pub mod tls;
 pub mod token;
+pub mod upgrade;

@@ -1,12 +1,17 @@
-//! The `tern` binary: `serve`, `token`, `stats`, `check-config`, `store reshard`.
+//! The `tern` binary: `serve`, `token`, `stats`, `upgrade`, `check-config`,
+//! `store reshard`.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use tern::config::Config;
-use tern::server::Server;
+use tern::server::{Handover, Server};
+use tern::upgrade::{Successor, Taker, UpgradeInfo};
 
 mod demo;
 
@@ -30,6 +35,16 @@ enum Command {
     Token(TokenArgs),
     /// Ask a running server's stats socket (default command: `show info`).
     Stats(StatsArgs),
+    /// Live upgrade: the running server hands its listening sockets and
+    /// data directory to a new process of BINARY (default: its own path,
+    /// re-read from disk), started with the same arguments. Connections
+    /// get BYE(upgrade) and reconnect to the new process; no connect is
+    /// refused, nothing acknowledged is lost. A successor that fails (bad
+    /// configuration, a crash) leaves the old process serving. Waits for
+    /// the outcome: exit status 0 once the new process serves, 1 (with the
+    /// reason) if the old one goes on. The same as SIGUSR2 or the stats
+    /// command `upgrade [BINARY]`.
+    Upgrade(UpgradeArgs),
     /// Validate a configuration file; exits non-zero naming the bad key.
     CheckConfig {
         /// The TOML file to check.
@@ -359,6 +374,16 @@ struct TokenArgs {
 }
 
 #[derive(Args)]
+struct UpgradeArgs {
+    /// Stats socket path of the running server.
+    #[arg(long, short, default_value = "tern.sock")]
+    socket: PathBuf,
+    /// The new binary (default: the running server's own path).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct StatsArgs {
     /// Stats socket path.
     #[arg(long, short, default_value = "tern.sock")]
@@ -374,6 +399,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
         Command::Stats(args) => stats(args),
+        Command::Upgrade(args) => upgrade(args),
         Command::CheckConfig { file } => check_config(&file),
         Command::Store(StoreCommand::Reshard(args)) => reshard(args),
     };
@@ -396,6 +422,8 @@ fn load(path: Option<&Path>) -> Result<Config> {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    // Started by a live upgrade: the hand-over socket is in the environment.
+    let taker = Taker::from_env()?;
     let mut config = load(args.config.as_deref())?;
     args.overrides.apply(&mut config);
     config.validate()?;
@@ -413,21 +441,90 @@ fn serve(args: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR2,
     ])?;
     let secret = config.token_secret.clone();
     let faults = tern::store::fault::inject_from_env()?;
     if faults > 0 {
         log::warn!("TERN_FAILPOINTS: {faults} injected store faults (testing only)");
     }
-    let server = Server::start(config)?;
+    // The successor's own path, read now: a binary replaced on disk later
+    // is what the next upgrade starts.
+    let binary = std::env::current_exe()?;
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let (handover, taker) = match taker {
+        None => (Handover::default(), None),
+        Some(taker) => {
+            // The configuration is valid: take the listeners, wait for the
+            // data directory, then start on them.
+            let began = Instant::now();
+            let (generation, listeners) = taker.hello()?;
+            taker.released()?;
+            // SAFETY: getppid has no preconditions.
+            let parent = unsafe { libc::getppid() };
+            let info = UpgradeInfo::taken_over(
+                generation + 1,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                format!(
+                    "took over from pid {parent} (generation {generation}) in {} ms",
+                    began.elapsed().as_millis()
+                ),
+            );
+            let handover = Handover {
+                listeners: Some(listeners),
+                info: Arc::new(info),
+            };
+            (handover, Some(taker))
+        }
+    };
+    let info = handover.info.clone();
+    let rollback_config = config.clone();
+    let mut server = Server::start_with(config, handover)?;
+    if let Some(taker) = taker {
+        taker.serving()?;
+        log::info!("upgrade: generation {} serving", info.generation);
+    }
     // A shard that gives up past its restart intensity ends the wait below.
     let handle = signals.handle();
-    server.on_fatal(move || handle.close());
+    let closer = handle.clone();
+    server.on_fatal(move || closer.close());
+    info.enable_signal();
     if args.demo {
         let addr = server.local_addr();
         std::thread::spawn(move || demo::run(addr, secret.as_bytes()));
     }
     for signal in signals.forever() {
+        if signal == signal_hook::consts::SIGUSR2 {
+            let binary = info.begin().unwrap_or_else(|| binary.clone());
+            match hand_over(server, &binary, &argv, &info) {
+                Ok(pid) => {
+                    log::info!("upgrade: pid {pid} serves now; this process exits");
+                    return Ok(());
+                }
+                Err(failed) => {
+                    let (kept, why) = *failed;
+                    log::error!("upgrade to {} failed: {why}", binary.display());
+                    server = match kept {
+                        Kept::Serving(server) => *server,
+                        Kept::Listeners(listeners) => {
+                            log::error!("upgrade: starting again on the same listeners");
+                            let handover = Handover {
+                                listeners: Some(listeners),
+                                info: info.clone(),
+                            };
+                            let server = Server::start_with(rollback_config.clone(), handover)?;
+                            let closer = handle.clone();
+                            server.on_fatal(move || closer.close());
+                            server
+                        }
+                    };
+                    info.end(format!("failed: {why}; this process serves on"));
+                }
+            }
+            continue;
+        }
         if signal == signal_hook::consts::SIGHUP {
             // Reload the TLS certificate; a bad file keeps the old one.
             match server.reload_tls() {
@@ -450,6 +547,113 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// What the old process has left after a failed upgrade.
+enum Kept {
+    /// It never stopped serving.
+    Serving(Box<Server>),
+    /// It stopped (and released the data directory) before the successor
+    /// failed: the listening sockets to start again on.
+    Listeners(Vec<tern::io::Listeners>),
+}
+
+/// Runs a live upgrade (see [`tern::upgrade`]): the successor's pid once it
+/// serves, or what is left to serve on and why it failed.
+fn hand_over(
+    server: Server,
+    binary: &Path,
+    argv: &[OsString],
+    info: &UpgradeInfo,
+) -> std::result::Result<u32, Box<(Kept, String)>> {
+    let began = Instant::now();
+    // systemd sets INVOCATION_ID in a unit's processes. Under the shipped
+    // Type=simple unit the old process's exit would end the service and
+    // systemd would stop the successor with it: refuse rather than go down.
+    if std::env::var_os("INVOCATION_ID").is_some() {
+        let why = "refused under systemd: the unit would stop the successor when this process \
+                   exits (Type=simple); use `systemctl restart tern`"
+            .to_string();
+        return Err(Box::new((Kept::Serving(Box::new(server)), why)));
+    }
+    log::info!(
+        "upgrade: starting {} (generation {})",
+        binary.display(),
+        info.generation + 1
+    );
+    let listeners = match server.listeners() {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            let why = format!("copying the listeners: {e}");
+            return Err(Box::new((Kept::Serving(Box::new(server)), why)));
+        }
+    };
+    let mut successor = match Successor::start(binary, argv) {
+        Ok(successor) => successor,
+        Err(why) => return Err(Box::new((Kept::Serving(Box::new(server)), why))),
+    };
+    if let Err(why) = successor.send_listeners(info.generation, &listeners) {
+        let why = successor.abandon(why);
+        return Err(Box::new((Kept::Serving(Box::new(server)), why)));
+    }
+    log::info!(
+        "upgrade: pid {} has the listeners; closing connections with BYE(upgrade)",
+        successor.pid
+    );
+    server.shutdown_for_upgrade();
+    server.join();
+    match successor.release() {
+        Ok(pid) => {
+            log::info!(
+                "upgrade: hand-over to pid {pid} took {} ms",
+                began.elapsed().as_millis()
+            );
+            Ok(pid)
+        }
+        Err(why) => Err(Box::new((Kept::Listeners(listeners), why))),
+    }
+}
+
+/// `tern upgrade`: asks the server, then watches `show info` until the new
+/// process serves (its pid answers) or the old one reports the failure.
+fn upgrade(args: UpgradeArgs) -> Result<()> {
+    let info = |text: &str, key: &str| -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+            .map(str::to_string)
+    };
+    let before = tern::stats::query(&args.socket, "show info")
+        .map_err(|e| format!("cannot query {}: {e}", args.socket.display()))?;
+    let old_pid = info(&before, "Pid").ok_or("the server does not report its Pid")?;
+    let command = match &args.binary {
+        // The server may run in another directory: give it an absolute path.
+        Some(path) => format!("upgrade {}", std::path::absolute(path)?.display()),
+        None => "upgrade".to_string(),
+    };
+    let answer = tern::stats::query(&args.socket, &command)?;
+    if !answer.starts_with("upgrade started") {
+        return Err(answer.trim_end().to_string().into());
+    }
+    let deadline = Instant::now() + tern::upgrade::HELLO_WAIT + tern::upgrade::SERVING_WAIT;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        // The stats socket is gone for a moment while the processes switch.
+        let Ok(now) = tern::stats::query(&args.socket, "show info") else {
+            continue;
+        };
+        let last = info(&now, "Last_upgrade").unwrap_or_default();
+        match info(&now, "Pid") {
+            Some(pid) if pid != old_pid => {
+                println!("upgraded: pid {old_pid} -> pid {pid}: {last}");
+                return Ok(());
+            }
+            _ if last.starts_with("failed") => {
+                return Err(format!("pid {old_pid} serves on: {last}").into())
+            }
+            _ => {}
+        }
+    }
+    Err("no outcome in time; see the server's log".into())
 }
 
 fn token(args: TokenArgs) -> Result<()> {

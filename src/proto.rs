@@ -247,6 +247,9 @@ pub enum ByeReason {
     /// 7 (cluster): this node no longer serves the user (its partition
     /// moved to another node); log in again, through any node.
     Moved = 7,
+    /// 13: the server hands its listeners and store to a new binary (live
+    /// upgrade, `tern upgrade`); reconnect at once, the same address serves.
+    Upgrade = 13,
 }
 
 impl ByeReason {
@@ -260,6 +263,7 @@ impl ByeReason {
             5 => Some(ByeReason::Error),
             6 => Some(ByeReason::RateLimited),
             7 => Some(ByeReason::Moved),
+            13 => Some(ByeReason::Upgrade),
             _ => None,
         }
     }
@@ -274,6 +278,7 @@ impl ByeReason {
             ByeReason::Error => "error",
             ByeReason::RateLimited => "rate_limited",
             ByeReason::Moved => "moved",
+            ByeReason::Upgrade => "upgrade",
         }
     }
 }
@@ -1267,7 +1272,7 @@ mod tests {
         ErrorCode::OtherNode,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
-    const ALL_BYE_REASONS: [ByeReason; 7] = [
+    const ALL_BYE_REASONS: [ByeReason; 8] = [
         ByeReason::Shutdown,
         ByeReason::Replaced,
         ByeReason::Slow,
@@ -1275,6 +1280,7 @@ mod tests {
         ByeReason::Error,
         ByeReason::RateLimited,
         ByeReason::Moved,
+        ByeReason::Upgrade,
     ];
 
     /// The examples in docs/PROTOCOL.md, one per frame type.
@@ -1865,13 +1871,12 @@ mod tests {
         }
         assert_eq!(ReceiptKind::from_u64(0), None);
         assert_eq!(ReceiptKind::from_u64(3), None);
-        for (i, reason) in ALL_BYE_REASONS.iter().enumerate() {
-            assert_eq!(*reason as u64, i as u64 + 1);
+        for reason in ALL_BYE_REASONS.iter() {
             assert_eq!(ByeReason::from_u64(*reason as u64), Some(*reason));
             assert_eq!(reason.to_string(), reason.as_str());
         }
         assert_eq!(ByeReason::from_u64(0), None);
-        assert_eq!(ByeReason::from_u64(8), None);
+        assert_eq!(ByeReason::from_u64(14), None);
         // Names are unique and snake_case.
         let mut names: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();
         names.sort_unstable();

@@ -30,6 +30,18 @@ use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
+use crate::upgrade::UpgradeInfo;
+
+/// What a process takes over from its predecessor (live upgrade, see
+/// [`crate::upgrade`]); [`Handover::default`] for a fresh start.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// The listening sockets, one [`Listeners`] per shard of the old
+    /// process; `None` binds new ones.
+    pub listeners: Option<Vec<Listeners>>,
+    /// The process's generation and upgrade state (shown by `show info`).
+    pub info: Arc<UpgradeInfo>,
+}
 
 /// What a shard waits for once every shard has reported: its ends of the
 /// ring mesh, every shard's peer info, and (cluster) its bridge link.
@@ -51,6 +63,13 @@ pub struct Server {
     pusher: Option<Pusher>,
     /// Set when a shard gave up past its restart intensity.
     fatal: Arc<Fatal>,
+    /// Set with `stop` for a live upgrade: the shards say BYE(upgrade).
+    upgrade: Arc<AtomicBool>,
+    /// Copies of every shard's listening sockets, handed to a successor
+    /// (or started on again when it fails). Dropped when shutdown begins:
+    /// a stopping server refuses connects (an upgrading one has handed
+    /// its copies over by then).
+    listeners: std::sync::Mutex<Vec<Listeners>>,
     /// Held for the server's life: one process per data directory.
     _data_dir: Option<DataDir>,
 }
@@ -58,7 +77,17 @@ pub struct Server {
 impl Server {
     /// Validates `config`, binds the listeners and the stats socket, and
     /// starts the shards. Returns once the server accepts connections.
-    pub fn start(mut config: Config) -> Result<Server, Box<dyn std::error::Error>> {
+    pub fn start(config: Config) -> Result<Server, Box<dyn std::error::Error>> {
+        Server::start_with(config, Handover::default())
+    }
+
+    /// [`Server::start`] taking over from a predecessor: its listening
+    /// sockets are used as they are (no bind, no refused connect); shards
+    /// beyond their count bind new ones beside them.
+    pub fn start_with(
+        mut config: Config,
+        handover: Handover,
+    ) -> Result<Server, Box<dyn std::error::Error>> {
         config.validate()?;
         // Settles `shards = 0` to the recorded count, so it comes first; the
         // limits are checked again against the count it settled on.
@@ -69,12 +98,31 @@ impl Server {
         let shards = config.shard_count();
 
         let retry = Duration::from_millis(config.listen_retry_ms);
-        let first = claim(config.listen, retry, "listen")
-            .and_then(|addr| listen(addr, config.listen_backlog))
-            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-        let addr = first.local_addr()?;
-        let mut plain = vec![first];
-        for _ in 1..shards {
+        let mut inherited = handover.listeners.unwrap_or_default().into_iter();
+        if inherited.len() > shards {
+            log::warn!(
+                "upgrade: {} listeners handed over for {shards} shards; connections waiting in \
+                 the extra ones' backlogs are reset",
+                inherited.len()
+            );
+        }
+        let mut inherited_tls = Vec::new();
+        let mut plain = Vec::with_capacity(shards);
+        for listeners in inherited.by_ref().take(shards) {
+            plain.push(listeners.plain);
+            inherited_tls.push(listeners.tls);
+        }
+        let first = match plain.first() {
+            Some(_) => None,
+            None => Some(
+                claim(config.listen, retry, "listen")
+                    .and_then(|addr| listen(addr, config.listen_backlog))
+                    .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?,
+            ),
+        };
+        plain.extend(first);
+        let addr = plain[0].local_addr()?;
+        for _ in plain.len()..shards {
             plain.push(
                 listen(addr, config.listen_backlog)
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
@@ -92,13 +140,20 @@ impl Server {
         let mut tls_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
         let mut tls_addr = None;
         if let Some(want) = config.tls_listen {
-            let first = claim(want, retry, "tls_listen")
-                .and_then(|addr| listen(addr, config.listen_backlog))
-                .map_err(|e| format!("cannot listen on {want} (tls_listen): {e}"))?;
+            let first = match inherited_tls.first_mut().and_then(Option::take) {
+                Some(first) => first,
+                None => claim(want, retry, "tls_listen")
+                    .and_then(|addr| listen(addr, config.listen_backlog))
+                    .map_err(|e| format!("cannot listen on {want} (tls_listen): {e}"))?,
+            };
             let bound = first.local_addr()?;
             tls_addr = Some(bound);
             tls_listeners[0] = Some(first);
-            for slot in tls_listeners.iter_mut().skip(1) {
+            for (i, slot) in tls_listeners.iter_mut().enumerate().skip(1) {
+                if let Some(kept) = inherited_tls.get_mut(i).and_then(Option::take) {
+                    *slot = Some(kept);
+                    continue;
+                }
                 *slot = Some(
                     listen(bound, config.listen_backlog)
                         .map_err(|e| format!("cannot listen on {bound} (tls_listen): {e}"))?,
@@ -110,6 +165,12 @@ impl Server {
             .zip(tls_listeners)
             .map(|(plain, tls)| Listeners { plain, tls })
             .collect();
+        // Copies for a successor; taken before the shards own the sockets.
+        let kept = listeners
+            .iter()
+            .map(Listeners::try_clone)
+            .collect::<IoResult<Vec<_>>>()?;
+        let upgrade = Arc::new(AtomicBool::new(false));
         // Each shard builds its backend on its own thread (an io_uring ring
         // belongs to the thread that submits to it), reports how to wake it,
         // then waits for its ends of the ring mesh.
@@ -143,6 +204,7 @@ impl Server {
             let all_stats = all_stats.clone();
             let fatal = fatal.clone();
             let stop = stop.clone();
+            let upgrade = upgrade.clone();
             let config = config.clone();
             let tls = tls.clone();
             let owners = owners.clone();
@@ -177,6 +239,7 @@ impl Server {
                         links,
                         stats,
                         stop,
+                        upgrade,
                         config,
                         store,
                         tls,
@@ -252,6 +315,7 @@ impl Server {
             tls: tls.clone(),
             cluster: bridge.as_ref().map(Bridge::stats),
             push: pusher.as_ref().map(Pusher::stats),
+            upgrade: handover.info,
         });
         let stats = match StatsServer::spawn(
             &config.stats_socket,
@@ -295,6 +359,8 @@ impl Server {
             bridge,
             pusher,
             fatal,
+            upgrade,
+            listeners: std::sync::Mutex::new(kept),
             _data_dir: data_dir,
         })
     }
@@ -344,10 +410,28 @@ impl Server {
     /// Begins graceful shutdown: stop accepting, BYE(shutdown) to everyone,
     /// flush for up to `shutdown_grace_ms`. Returns at once; see [`Server::join`].
     pub fn shutdown(&self) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.stop.store(true, Ordering::Relaxed);
         for w in &self.wakers {
             w.wake();
         }
+    }
+
+    /// Copies of the listening sockets, one [`Listeners`] per shard, for a
+    /// successor (live upgrade) and for starting again if it fails.
+    pub fn listeners(&self) -> IoResult<Vec<Listeners>> {
+        let kept = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        kept.iter().map(Listeners::try_clone).collect()
+    }
+
+    /// [`Server::shutdown`] for a live upgrade: every connection gets
+    /// BYE(upgrade) instead of BYE(shutdown), so clients reconnect at once.
+    pub fn shutdown_for_upgrade(&self) {
+        self.upgrade.store(true, Ordering::Relaxed);
+        self.shutdown();
     }
 
     /// Waits for every shard to finish, then closes the stats socket.

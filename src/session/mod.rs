@@ -158,6 +158,9 @@ pub struct Sessions {
     /// Where push notices for offline devices go; `None` without a
     /// `push_url` (see `push.rs`).
     push: Option<crate::push::Notices>,
+    /// The BYE reason [`Event::Shutdown`] sends: `shutdown`, or `upgrade`
+    /// when the process hands over to a new binary.
+    shutdown_reason: ByeReason,
 }
 
 /// Bytes of the session layer's per-connection slot (24): with the shard's
@@ -204,6 +207,7 @@ impl Sessions {
             login_ticks: timer::ticks(config.login_timeout()),
             linger_ticks: timer::ticks(LINGER),
             push: None,
+            shutdown_reason: ByeReason::Shutdown,
             config,
         }
     }
@@ -309,7 +313,7 @@ impl Sessions {
                 // A connection already closing has sent its last frame
                 // (found by the session fuzzer: a second BYE after it).
                 if matches!(self.state(conn), State::Login | State::Active) {
-                    self.bye(now, conn, ByeReason::Shutdown);
+                    self.bye(now, conn, self.shutdown_reason);
                 }
                 Flow::Stop
             }
@@ -326,7 +330,7 @@ impl Sessions {
             Event::Shutdown(None) => {
                 for i in 0..self.slots.len() {
                     if matches!(self.slots[i].state, State::Login | State::Active) {
-                        self.bye(now, ConnId(i as u32), ByeReason::Shutdown);
+                        self.bye(now, ConnId(i as u32), self.shutdown_reason);
                     }
                 }
                 Flow::Next
@@ -430,6 +434,13 @@ impl Sessions {
     /// The store, to commit it.
     pub fn store_mut(&mut self) -> &mut dyn Store {
         &mut *self.store
+    }
+
+    /// Sets the BYE reason of the next [`Event::Shutdown`]s: `upgrade` when
+    /// the process hands over to a new binary (clients reconnect at once),
+    /// `shutdown` otherwise (the default).
+    pub fn set_shutdown_reason(&mut self, reason: ByeReason) {
+        self.shutdown_reason = reason;
     }
 
     /// Replaces the store with one reopened (replayed) after a crash; server

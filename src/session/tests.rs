@@ -653,6 +653,27 @@ fn slow_readers_and_shutdown_get_bye() {
 }
 
 #[test]
+fn an_upgrade_shutdown_says_bye_upgrade_to_logged_in_and_new_connections() {
+    let mut h = Harness::one();
+    h.login(0, 7);
+    h.step(Event::Opened(B));
+    h.s.set_shutdown_reason(ByeReason::Upgrade);
+    let out = h.step(Event::Shutdown(None));
+    for conn in [A, B] {
+        assert!(
+            matches!(
+                out.to(conn)[..],
+                [OwnedFrame::Bye {
+                    reason: ByeReason::Upgrade
+                }]
+            ),
+            "{out:?}"
+        );
+        assert!(out.closes_after_flush(conn));
+    }
+}
+
+#[test]
 fn a_login_for_another_home_hands_the_connection_off() {
     let mut h = Harness::new(Config::default(), 0, 2);
     let user = (1..).find(|&u| home_shard(u, 2) == 1).unwrap();

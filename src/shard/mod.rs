@@ -97,6 +97,9 @@ pub struct ShardParts {
     pub stats: Arc<ShardStats>,
     /// Set to begin graceful shutdown.
     pub stop: Arc<AtomicBool>,
+    /// Set with `stop` when the process hands over to a new binary: the
+    /// shutdown says BYE(upgrade) instead of BYE(shutdown).
+    pub upgrade: Arc<AtomicBool>,
     /// The configuration.
     pub config: Arc<Config>,
     /// Its message store, already recovered.
@@ -151,6 +154,8 @@ pub struct Shard {
     fired: Vec<crate::timer::Entry>,
     stats: Arc<ShardStats>,
     stop: Arc<AtomicBool>,
+    /// See [`ShardParts::upgrade`].
+    upgrade: Arc<AtomicBool>,
     /// When graceful shutdown must end, once begun.
     stop_deadline: Option<Instant>,
     scratch: Vec<u8>,
@@ -205,6 +210,7 @@ impl Shard {
             links,
             stats,
             stop,
+            upgrade,
             config,
             store,
             tls,
@@ -243,6 +249,7 @@ impl Shard {
             fired: Vec::new(),
             stats,
             stop,
+            upgrade,
             stop_deadline: None,
             scratch: vec![0; SCRATCH_BYTES],
             frame_buf: Vec::new(),
@@ -802,6 +809,10 @@ impl Shard {
         self.stop_deadline =
             Some(self.clock.now() + Duration::from_millis(self.config.shutdown_grace_ms));
         self.io.stop_accepting();
+        if self.upgrade.load(Ordering::Relaxed) {
+            self.sessions
+                .set_shutdown_reason(crate::proto::ByeReason::Upgrade);
+        }
         self.event(Event::Shutdown(None));
     }
 

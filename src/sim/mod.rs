@@ -569,6 +569,7 @@ impl World {
                 links,
                 stats: self.stats[id].clone(),
                 stop: stop.clone(),
+                upgrade: Default::default(),
                 config: self.config.clone(),
                 store,
                 tls: None,

@@ -28,6 +28,8 @@ pub struct StatsView {
     pub cluster: Option<Arc<crate::cluster::ClusterStats>>,
     /// The push thread's counters; `None` without a `push_url`.
     pub push: Option<Arc<crate::push::PushStats>>,
+    /// Pid, generation and live-upgrade state (`show info`, `upgrade`).
+    pub upgrade: Arc<crate::upgrade::UpgradeInfo>,
 }
 
 impl StatsView {
@@ -43,6 +45,7 @@ impl StatsView {
             tls: None,
             cluster: None,
             push: None,
+            upgrade: Arc::default(),
         }
     }
 
@@ -91,6 +94,11 @@ const COMMANDS: &[(&str, &str)] = &[
         "reload tls",
         "re-read tls_cert and tls_key; new TLS handshakes use them",
     ),
+    (
+        "upgrade [BINARY]",
+        "live upgrade: hand the listeners and the data directory to BINARY (default: this \
+         binary's path, re-read); as SIGUSR2",
+    ),
 ];
 
 /// Facts about the process that are read from the OS at render time; tests
@@ -130,6 +138,12 @@ fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Proces
             },
             None => "TLS is not configured (no tls_listen).\n".to_string(),
         },
+        ["upgrade"] | ["upgrade", _] => {
+            let binary = words.get(1).map(std::path::PathBuf::from);
+            match view.upgrade.request(binary) {
+                Ok(text) | Err(text) => format!("{text}\n"),
+            }
+        }
         _ => format!("Unknown command: '{command}'. Try 'help'.\n"),
     }
 }
@@ -147,8 +161,15 @@ fn render_help() -> String {
 fn render_info(view: &StatsView, process: Process) -> String {
     let conns = view.sum(|s| &s.conns);
     let bytes_per_conn = process.rss_bytes.checked_div(conns).unwrap_or(0);
-    let lines: [(&str, String); 14] = [
+    let lines: [(&str, String); 18] = [
         ("Version", view.version.to_string()),
+        ("Pid", view.upgrade.pid.to_string()),
+        ("Generation", view.upgrade.generation.to_string()),
+        (
+            "Upgraded_unix_ms",
+            view.upgrade.upgraded_unix_ms.to_string(),
+        ),
+        ("Last_upgrade", view.upgrade.last()),
         ("Backend", view.backend.to_string()),
         ("Uptime_sec", process.uptime.as_secs().to_string()),
         ("Shards", view.shards.len().to_string()),
@@ -635,6 +656,7 @@ pub(crate) mod tests {
             tls: None,
             cluster: None,
             push: None,
+            upgrade: Arc::default(),
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);
@@ -705,11 +727,41 @@ pub(crate) mod tests {
             ("Restarts", "0"),
             ("Rss_bytes", "7000"),
             ("Bytes_per_conn", "1000"),
+            ("Generation", "0"),
+            ("Upgraded_unix_ms", "0"),
+            ("Last_upgrade", "none"),
         ];
-        assert_eq!(info.len(), expect.len(), "{out}");
+        let pid = std::process::id().to_string();
+        assert_eq!(info.get("Pid"), Some(&pid));
+        assert_eq!(info.len(), expect.len() + 1, "{out}");
         for (k, v) in expect {
             assert_eq!(info.get(k).map(String::as_str), Some(v), "{k}");
         }
+    }
+
+    #[test]
+    fn upgrade_needs_the_serve_signal_handler_and_runs_once() {
+        let view = fake_view();
+        let out = render(&view, "upgrade");
+        assert!(out.contains("needs `tern serve`"), "{out}");
+        // With the handler (here: the phase alone, no signal raised), a
+        // second request while one runs is refused.
+        view.upgrade.begin();
+        view.upgrade.enable_signal();
+        let out = render(&view, "upgrade /usr/bin/other");
+        assert!(
+            out.starts_with("refused: an upgrade is already in progress"),
+            "{out}"
+        );
+        assert_eq!(
+            info_map(&render(&view, "show info"))["Last_upgrade"],
+            "in progress"
+        );
+        view.upgrade.end("failed: test".to_string());
+        assert_eq!(
+            info_map(&render(&view, "show info"))["Last_upgrade"],
+            "failed: test"
+        );
     }
 
     #[test]

@@ -1,0 +1,409 @@
+//! Live upgrade: a new binary takes over the listening sockets and the data
+//! directory without a refused connect or a lost message.
+//!
+//! What is handed over today (the first step of issue 14): the listening
+//! sockets and the data directory. The old process starts the successor
+//! (`tern serve` with the same arguments, from the same path re-read from
+//! disk or another `--binary`) with one end of a hand-over socket
+//! ([`channel`]); then, in this order:
+//!
+//! 1. The successor loads and validates its configuration and says
+//!    `Hello` with its hand-over format ([`wire`]). A successor that exits
+//!    first (bad configuration, a binary that does not start) or speaks a
+//!    format this process does not know ends the upgrade here: the old
+//!    process never stopped serving, and logs why.
+//! 2. The old process sends every listening socket (one per shard, plain
+//!    and TLS). From now on a connect waits in the listen backlog at worst;
+//!    it is never refused, because the successor holds the sockets too.
+//! 3. The old process shuts down like a graceful stop, except that every
+//!    connection gets `BYE(upgrade)` (TLS ones with close_notify after it):
+//!    its last answers are committed and flushed, its logs closed, the data
+//!    directory's lock and the stats socket released. Then it says
+//!    `Released`.
+//! 4. The successor takes the lock, replays the logs (nothing acknowledged
+//!    is lost, no server id is reused), starts its shards on the inherited
+//!    listeners and says `Serving`; the old process exits 0. Clients
+//!    reconnect (the client library does at once) and find their queues.
+//! 5. A successor that fails after `Released` (its store, its stats
+//!    socket, a crash) or stays silent past [`SERVING_WAIT`]: the old
+//!    process kills it if needed and starts serving again on its own copies
+//!    of the listeners (roll back), and logs why.
+//!
+//! Established connections are not carried across yet: they reconnect.
+//! Carrying them (with their session state, and io_uring direct
+//! descriptors installed as real ones in batches) is the next step; see
+//! docs/OPERATIONS.md.
+
+pub mod channel;
+pub mod wire;
+
+use std::ffi::OsString;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::io::Listeners;
+use channel::Channel;
+use wire::{Message, FORMAT_VERSION};
+
+/// The environment variable naming the successor's end of the hand-over
+/// socket (a descriptor number).
+pub const ENV_FD: &str = "TERN_UPGRADE_FD";
+
+/// How long the old process waits for the successor's `Hello` (its
+/// configuration checked).
+pub const HELLO_WAIT: Duration = Duration::from_secs(30);
+/// How long either side waits for the other's next step of the hand-over
+/// itself (descriptors, `Released`).
+pub const STEP_WAIT: Duration = Duration::from_secs(120);
+/// How long the old process waits for `Serving` after `Released`: the
+/// successor replays the logs in this time.
+pub const SERVING_WAIT: Duration = Duration::from_secs(600);
+
+/// Where an upgrade stands, for the stats socket and the signal handler.
+#[derive(Debug)]
+enum Phase {
+    /// Nothing running.
+    Idle,
+    /// Asked for on the stats socket; SIGUSR2 is on its way.
+    Requested(Option<PathBuf>),
+    /// The main thread is running one.
+    Running,
+}
+
+/// The process's upgrade state: its generation, the last upgrade's
+/// outcome, and the one upgrade that may run at a time.
+#[derive(Debug)]
+pub struct UpgradeInfo {
+    /// This process's id.
+    pub pid: u32,
+    /// 0 for a process started fresh; one more than its predecessor's for
+    /// a process that took over.
+    pub generation: u64,
+    /// When this process took over (unix ms), 0 if it started fresh.
+    pub upgraded_unix_ms: u64,
+    phase: Mutex<Phase>,
+    /// The last upgrade's outcome, in words (`none` before any).
+    last: Mutex<String>,
+    /// Whether `tern serve` listens for SIGUSR2 (an in-process server in a
+    /// test does not: the stats command then refuses).
+    signal_ready: std::sync::atomic::AtomicBool,
+}
+
+impl UpgradeInfo {
+    /// A process started fresh: generation 0.
+    pub fn fresh() -> UpgradeInfo {
+        UpgradeInfo::taken_over(0, 0, "none".to_string())
+    }
+
+    /// A process that took over as generation `generation` at
+    /// `upgraded_unix_ms`; `last` says from whom.
+    pub fn taken_over(generation: u64, upgraded_unix_ms: u64, last: String) -> UpgradeInfo {
+        UpgradeInfo {
+            pid: std::process::id(),
+            generation,
+            upgraded_unix_ms,
+            phase: Mutex::new(Phase::Idle),
+            last: Mutex::new(last),
+            signal_ready: Default::default(),
+        }
+    }
+
+    /// Says SIGUSR2 starts an upgrade in this process (`tern serve` calls
+    /// it once its handler is installed).
+    pub fn enable_signal(&self) {
+        self.signal_ready
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The stats command `upgrade [BINARY]`: starts an upgrade (by raising
+    /// SIGUSR2 in this process, the one path for both) unless one runs.
+    pub fn request(&self, binary: Option<PathBuf>) -> Result<String, String> {
+        if !self.signal_ready.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("live upgrade needs `tern serve` (no SIGUSR2 handler here)".to_string());
+        }
+        let mut phase = self.phase.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(*phase, Phase::Idle) {
+            return Err("refused: an upgrade is already in progress".to_string());
+        }
+        *phase = Phase::Requested(binary);
+        drop(phase);
+        // SAFETY: kill with our own pid and a valid signal number.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGUSR2);
+        }
+        Ok("upgrade started: watch Last_upgrade and Pid in `show info`".to_string())
+    }
+
+    /// The main thread begins an upgrade (SIGUSR2): the binary the stats
+    /// command asked for, if it did.
+    pub fn begin(&self) -> Option<PathBuf> {
+        let mut phase = self.phase.lock().unwrap_or_else(|p| p.into_inner());
+        let binary = match std::mem::replace(&mut *phase, Phase::Running) {
+            Phase::Requested(binary) => binary,
+            Phase::Idle | Phase::Running => None,
+        };
+        drop(phase);
+        self.set_last("in progress".to_string());
+        binary
+    }
+
+    /// The upgrade ended in this process (it failed, or was refused): `why`.
+    pub fn end(&self, why: String) {
+        self.set_last(why);
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = Phase::Idle;
+    }
+
+    /// The last upgrade's outcome, in words.
+    pub fn last(&self) -> String {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_last(&self, text: String) {
+        // One line: `show info` is `Key: value` per line.
+        let text = text.replace('\n', " ");
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = text;
+    }
+}
+
+impl Default for UpgradeInfo {
+    fn default() -> UpgradeInfo {
+        UpgradeInfo::fresh()
+    }
+}
+
+/// The listening sockets one process hands to the next, per shard.
+pub fn listener_fds(listeners: &[Listeners]) -> (Vec<BorrowedFd<'_>>, Vec<BorrowedFd<'_>>) {
+    let plain = listeners.iter().map(|l| l.plain.as_fd()).collect();
+    let tls = listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref().map(AsFd::as_fd))
+        .collect();
+    (plain, tls)
+}
+
+/// The old process's side: the successor it started.
+#[derive(Debug)]
+pub struct Successor {
+    child: Child,
+    channel: Channel,
+    /// The successor's pid, from its `Hello`.
+    pub pid: u32,
+}
+
+impl Successor {
+    /// Starts `binary` with `args` and the hand-over socket, and waits for
+    /// its `Hello`. An error says why in words (and the child is reaped).
+    pub fn start(binary: &Path, args: &[OsString]) -> Result<Successor, String> {
+        let (ours, theirs) = Channel::pair().map_err(|e| format!("socketpair: {e}"))?;
+        let theirs_fd = theirs.as_fd().as_raw_fd();
+        let mut command = Command::new(binary);
+        command.args(args).env(ENV_FD, theirs_fd.to_string());
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls fcntl, which is async-signal-safe; it clears close-on-exec
+        // on the one descriptor the successor must inherit.
+        unsafe {
+            command.pre_exec(move || {
+                let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        // Only the child holds its end now: its exit is our EOF.
+        drop(theirs);
+        let mut successor = Successor {
+            child,
+            channel: ours,
+            pid: 0,
+        };
+        match successor.channel.recv(HELLO_WAIT) {
+            Ok((Message::Hello { format, pid }, _)) if format == FORMAT_VERSION => {
+                successor.pid = pid;
+                Ok(successor)
+            }
+            Ok((Message::Hello { format, .. }, _)) => Err(successor.abandon(format!(
+                "the successor speaks hand-over format {format}, this process only \
+                 {FORMAT_VERSION}"
+            ))),
+            Ok((other, _)) => Err(successor.abandon(format!("expected Hello, got {other:?}"))),
+            Err(e) => Err(successor.abandon(format!("no Hello: {e}"))),
+        }
+    }
+
+    /// Sends the listening sockets (step 2).
+    pub fn send_listeners(&self, generation: u64, listeners: &[Listeners]) -> Result<(), String> {
+        let (plain, tls) = listener_fds(listeners);
+        let message = Message::Listeners {
+            format: FORMAT_VERSION,
+            generation,
+            plain: plain.len() as u16,
+            tls: tls.len() as u16,
+        };
+        self.channel
+            .send(message, &[])
+            .and_then(|()| self.channel.send_fds(&plain))
+            .and_then(|()| self.channel.send_fds(&tls))
+            .map_err(|e| format!("sending the listeners: {e}"))
+    }
+
+    /// Says the data directory is free (step 3), then waits for `Serving`
+    /// (step 4). An error means the successor failed: it has been killed
+    /// (if it still ran) and reaped; the caller rolls back.
+    pub fn release(mut self) -> Result<u32, String> {
+        let result = self
+            .channel
+            .send(Message::Released, &[])
+            .map_err(|e| format!("sending Released: {e}"))
+            .and_then(|()| match self.channel.recv(SERVING_WAIT) {
+                Ok((Message::Serving { pid }, _)) => Ok(pid),
+                Ok((other, _)) => Err(format!("expected Serving, got {other:?}")),
+                Err(e) => Err(format!("no Serving: {e}")),
+            });
+        match result {
+            Ok(pid) => Ok(pid),
+            Err(why) => Err(self.abandon(why)),
+        }
+    }
+
+    /// Gives up on the successor: kills it if it still runs, reaps it, and
+    /// says why with its exit status.
+    pub fn abandon(&mut self, why: String) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(status)) => status,
+            _ => {
+                // A short grace: a successor that just failed exits by itself.
+                std::thread::sleep(Duration::from_millis(100));
+                match self.child.try_wait() {
+                    Ok(Some(status)) => status,
+                    _ => {
+                        let _ = self.child.kill();
+                        match self.child.wait() {
+                            Ok(status) => status,
+                            Err(e) => return format!("{why}; reaping it: {e}"),
+                        }
+                    }
+                }
+            }
+        };
+        format!("{why} (successor {status})")
+    }
+}
+
+/// The successor's side: what it was handed.
+#[derive(Debug)]
+pub struct Taker {
+    channel: Channel,
+}
+
+impl Taker {
+    /// `Some` when this process was started by `tern upgrade`: adopts the
+    /// descriptor named by [`ENV_FD`] (and clears the variable, so its own
+    /// children do not see it).
+    pub fn from_env() -> Result<Option<Taker>, String> {
+        let Some(value) = std::env::var_os(ENV_FD) else {
+            return Ok(None);
+        };
+        // Called early in start-up, before any thread that reads the
+        // environment runs.
+        std::env::remove_var(ENV_FD);
+        let fd: i32 = value
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .filter(|&fd| fd > 2)
+            .ok_or_else(|| format!("{ENV_FD}={value:?} is not a descriptor number"))?;
+        // SAFETY: the old process put this descriptor number in our
+        // environment and cleared close-on-exec on it: it is open and ours.
+        let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Close-on-exec again: our own successors get a fresh pair.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        Ok(Some(Taker {
+            channel: Channel::from_fd(owned),
+        }))
+    }
+
+    /// Step 1: the configuration is valid; receives the listeners (step
+    /// 2): the old process's generation and one [`Listeners`] per shard it
+    /// ran.
+    pub fn hello(&self) -> Result<(u64, Vec<Listeners>), String> {
+        let hello = Message::Hello {
+            format: FORMAT_VERSION,
+            pid: std::process::id(),
+        };
+        self.channel
+            .send(hello, &[])
+            .map_err(|e| format!("hand-over: sending Hello: {e}"))?;
+        let (generation, plain, tls) = match self.channel.recv(STEP_WAIT) {
+            Ok((
+                Message::Listeners {
+                    format,
+                    generation,
+                    plain,
+                    tls,
+                },
+                _,
+            )) => {
+                if format != FORMAT_VERSION {
+                    return Err(format!(
+                        "hand-over: the old process speaks format {format}, this binary only \
+                         {FORMAT_VERSION}"
+                    ));
+                }
+                (generation, usize::from(plain), usize::from(tls))
+            }
+            Ok((other, _)) => return Err(format!("hand-over: expected Listeners, got {other:?}")),
+            Err(e) => return Err(format!("hand-over: no listeners: {e}")),
+        };
+        let plain_fds = self
+            .channel
+            .recv_fds(plain, STEP_WAIT)
+            .map_err(|e| format!("hand-over: receiving listeners: {e}"))?;
+        let mut tls_fds = self
+            .channel
+            .recv_fds(tls, STEP_WAIT)
+            .map_err(|e| format!("hand-over: receiving TLS listeners: {e}"))?
+            .into_iter();
+        let listeners = plain_fds
+            .into_iter()
+            .map(|fd| Listeners {
+                plain: TcpListener::from(fd),
+                tls: tls_fds.next().map(TcpListener::from),
+            })
+            .collect();
+        Ok((generation, listeners))
+    }
+
+    /// Step 3: waits until the old process has released the data
+    /// directory.
+    pub fn released(&self) -> Result<(), String> {
+        match self.channel.recv(SERVING_WAIT) {
+            Ok((Message::Released, _)) => Ok(()),
+            Ok((other, _)) => Err(format!("hand-over: expected Released, got {other:?}")),
+            Err(e) => Err(format!("hand-over: the old process did not release: {e}")),
+        }
+    }
+
+    /// Step 4: this process serves; the old one may exit.
+    pub fn serving(self) -> Result<(), String> {
+        self.channel
+            .send(
+                Message::Serving {
+                    pid: std::process::id(),
+                },
+                &[],
+            )
+            .map_err(|e| format!("hand-over: sending Serving: {e}"))
+    }
+}

@@ -1,0 +1,226 @@
+//! The hand-over protocol's messages, pure: bytes in, messages out.
+//!
+//! Every message is one `SOCK_SEQPACKET` packet (the boundaries are the
+//! kernel's), laid out as `kind: u8` then the fields, little-endian:
+//!
+//! | kind | message     | fields                                          | direction |
+//! |------|-------------|-------------------------------------------------|-----------|
+//! | 1    | `Hello`     | `format: u16`, `pid: u32`                       | new → old |
+//! | 2    | `Listeners` | `format: u16`, `generation: u64`, `plain: u16`, `tls: u16` | old → new |
+//! | 3    | `Fds`       | `count: u16`, with `count` descriptors (SCM_RIGHTS) | old → new |
+//! | 4    | `Released`  | (none)                                          | old → new |
+//! | 5    | `Serving`   | `pid: u32`                                      | new → old |
+//!
+//! `format` is [`FORMAT_VERSION`] of the sender; each side refuses a format
+//! it does not know, so binaries of different versions either agree or the
+//! old one keeps serving. Example, a `Hello` of format 1 from pid 4660:
+//! `01 01 00 34 12 00 00`.
+
+use std::fmt;
+
+/// The hand-over format this build speaks. A new format gets a new number;
+/// a process refuses a peer whose number it does not know.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Descriptors at most in one `Fds` message: under the kernel's
+/// `SCM_MAX_FD` (253).
+pub const FDS_PER_MESSAGE_MAX: usize = 250;
+
+/// Bytes of the largest message (`Listeners`).
+pub const MESSAGE_BYTES_MAX: usize = 15;
+
+/// One message of the hand-over protocol; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// The successor validated its configuration and is ready to take over.
+    Hello {
+        /// Its hand-over format.
+        format: u16,
+        /// Its process id.
+        pid: u32,
+    },
+    /// The listening sockets follow, in `Fds` messages: `plain` of the
+    /// plaintext listener (one per shard), then `tls` of the TLS one.
+    Listeners {
+        /// The old process's hand-over format.
+        format: u16,
+        /// The old process's generation; the successor's is one more.
+        generation: u64,
+        /// Plaintext listeners (one per shard).
+        plain: u16,
+        /// TLS listeners (one per shard, or none).
+        tls: u16,
+    },
+    /// `count` descriptors travel with this packet.
+    Fds {
+        /// How many, `1..=FDS_PER_MESSAGE_MAX`.
+        count: u16,
+    },
+    /// The old process has closed its logs and released the data
+    /// directory's lock: the successor may open them.
+    Released,
+    /// The successor serves; the old process exits.
+    Serving {
+        /// The successor's process id.
+        pid: u32,
+    },
+}
+
+/// A packet that is not a message of this format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Malformed(pub &'static str);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed hand-over message: {}", self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+impl Message {
+    /// Appends the packet's bytes to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match *self {
+            Message::Hello { format, pid } => {
+                out.push(1);
+                out.extend_from_slice(&format.to_le_bytes());
+                out.extend_from_slice(&pid.to_le_bytes());
+            }
+            Message::Listeners {
+                format,
+                generation,
+                plain,
+                tls,
+            } => {
+                out.push(2);
+                out.extend_from_slice(&format.to_le_bytes());
+                out.extend_from_slice(&generation.to_le_bytes());
+                out.extend_from_slice(&plain.to_le_bytes());
+                out.extend_from_slice(&tls.to_le_bytes());
+            }
+            Message::Fds { count } => {
+                debug_assert!((1..=FDS_PER_MESSAGE_MAX).contains(&usize::from(count)));
+                out.push(3);
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            Message::Released => out.push(4),
+            Message::Serving { pid } => {
+                out.push(5);
+                out.extend_from_slice(&pid.to_le_bytes());
+            }
+        }
+    }
+
+    /// Decodes one whole packet.
+    pub fn decode(packet: &[u8]) -> Result<Message, Malformed> {
+        let (&kind, mut rest) = packet.split_first().ok_or(Malformed("empty packet"))?;
+        let mut take = |n: usize| -> Result<&[u8], Malformed> {
+            if rest.len() < n {
+                return Err(Malformed("packet too short for its kind"));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let u16_at = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+        let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        let message = match kind {
+            1 => Message::Hello {
+                format: u16_at(take(2)?),
+                pid: u32_at(take(4)?),
+            },
+            2 => Message::Listeners {
+                format: u16_at(take(2)?),
+                generation: u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")),
+                plain: u16_at(take(2)?),
+                tls: u16_at(take(2)?),
+            },
+            3 => {
+                let count = u16_at(take(2)?);
+                if count == 0 || usize::from(count) > FDS_PER_MESSAGE_MAX {
+                    return Err(Malformed("descriptor count out of range"));
+                }
+                Message::Fds { count }
+            }
+            4 => Message::Released,
+            5 => Message::Serving {
+                pid: u32_at(take(4)?),
+            },
+            _ => return Err(Malformed("unknown kind")),
+        };
+        if !rest.is_empty() {
+            return Err(Malformed("trailing bytes"));
+        }
+        Ok(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(m: Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn every_message_round_trips_and_fits() {
+        let all = [
+            Message::Hello {
+                format: FORMAT_VERSION,
+                pid: 4660,
+            },
+            Message::Listeners {
+                format: FORMAT_VERSION,
+                generation: u64::MAX,
+                plain: 1024,
+                tls: 0,
+            },
+            Message::Fds { count: 1 },
+            Message::Fds {
+                count: FDS_PER_MESSAGE_MAX as u16,
+            },
+            Message::Released,
+            Message::Serving { pid: u32::MAX },
+        ];
+        for m in all {
+            let b = bytes(m);
+            assert!(b.len() <= MESSAGE_BYTES_MAX, "{m:?}");
+            assert_eq!(Message::decode(&b), Ok(m));
+            // Every cut is refused, never misread.
+            for cut in 0..b.len() {
+                assert!(Message::decode(&b[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+            let mut long = b.clone();
+            long.push(0);
+            assert_eq!(Message::decode(&long), Err(Malformed("trailing bytes")));
+        }
+    }
+
+    #[test]
+    fn the_documented_example() {
+        let hello = Message::Hello {
+            format: 1,
+            pid: 4660,
+        };
+        assert_eq!(bytes(hello), [0x01, 0x01, 0x00, 0x34, 0x12, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn bad_kinds_and_counts_are_refused() {
+        assert_eq!(Message::decode(&[0]), Err(Malformed("unknown kind")));
+        assert_eq!(Message::decode(&[6]), Err(Malformed("unknown kind")));
+        assert_eq!(
+            Message::decode(&[3, 0, 0]),
+            Err(Malformed("descriptor count out of range"))
+        );
+        let over = (FDS_PER_MESSAGE_MAX as u16 + 1).to_le_bytes();
+        assert_eq!(
+            Message::decode(&[3, over[0], over[1]]),
+            Err(Malformed("descriptor count out of range"))
+        );
+    }
+}

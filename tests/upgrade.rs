@@ -1,0 +1,504 @@
+//! Live upgrade (issue 14, first step: listeners and data directory) with
+//! the real binary, over real sockets, on the suite's backend:
+//!
+//! - chatting clients (the self-healing client library) across three
+//!   upgrades in a row to the same binary: every message sent is shown
+//!   once, in each sender's order, nothing is refused at connect, the port
+//!   stays the same and the generation counts up;
+//! - a successor that exits at once (`/bin/false`) and one with a bad
+//!   configuration: the old process never stops serving, its connections
+//!   stay open and chat on, and it says why;
+//! - TLS clients get BYE(upgrade), and the successor serves TLS on the
+//!   handed-over port;
+//! - a successor that fails after the old one released the data directory
+//!   (its metrics port is taken): the old process starts again on the same
+//!   listeners, and what was queued is still there;
+//! - a second upgrade while one runs is refused, and so is one under
+//!   systemd (the shipped unit would stop the successor).
+//!
+//! Every wait has a generous bound; nothing asserts how fast anything was.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::child::{serve_command, TernChild, TERN};
+use common::*;
+use tern::proto::ByeReason;
+use tern_client::session::{Event, Session, SessionConfig};
+use tern_client::Client;
+
+fn io_flag() -> String {
+    match test_backend() {
+        tern::io::Backend::Auto => "auto",
+        tern::io::Backend::Uring => "uring",
+        tern::io::Backend::Poll => "poll",
+    }
+    .to_string()
+}
+
+/// `tern serve` on a fresh port with its data and stats socket in `dir`,
+/// plus `extra` arguments.
+fn start(dir: &Path, extra: &[&str]) -> TernChild {
+    let io = io_flag();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2", "--io", &io]);
+    cmd.arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--stats-socket")
+        .arg(dir.join("s.sock"))
+        .args(extra)
+        // A test run from a systemd unit (a CI runner) is not under
+        // tern.service: the refusal below is tested on its own.
+        .env_remove("INVOCATION_ID");
+    TernChild::expect_start(cmd)
+}
+
+/// `show info` as a map.
+fn info(sock: &Path) -> HashMap<String, String> {
+    parse_info(&tern::stats::query(sock, "show info").expect("show info"))
+}
+
+/// Kills whichever process answers on the stats socket at the end: the
+/// successors are not the test's children (their parent exited).
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Ok(text) = tern::stats::query(&self.0, "show info") {
+            if let Some(pid) = parse_info(&text).get("Pid").and_then(|p| p.parse().ok()) {
+                if pid != std::process::id() as i32 {
+                    // SAFETY: kill with a pid and a valid signal number.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+/// Runs `tern upgrade` against `sock`: (exit status 0?, stdout + stderr).
+fn upgrade(sock: &Path, binary: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new(TERN);
+    cmd.arg("upgrade").arg("--socket").arg(sock);
+    if let Some(binary) = binary {
+        cmd.arg("--binary").arg(binary);
+    }
+    let out = cmd.output().expect("run tern upgrade");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn session(addr: SocketAddr, user: u64) -> Session {
+    let mut c = SessionConfig::new(addr, &token(user));
+    c.backoff_min = Duration::from_millis(5);
+    c.backoff_max = Duration::from_millis(50);
+    Session::new(c)
+}
+
+/// What one sender's thread did: messages sent, disconnects seen, and how
+/// many of them had read the BYE(upgrade).
+struct Sent {
+    count: u64,
+    drops: u64,
+    byes: u64,
+}
+
+/// Sends to `to`, a few in flight, until `done`; then until all are ACKed.
+/// Each client runs on its own thread, as real clients do: one blocked in a
+/// login (the successor not serving yet) never keeps another from closing
+/// on its BYE.
+fn sender(addr: SocketAddr, user: u64, to: u64, done: Arc<AtomicBool>) -> Sent {
+    let mut s = session(addr, user);
+    let mut sent = Sent {
+        count: 0,
+        drops: 0,
+        byes: 0,
+    };
+    let deadline = Instant::now() + WAIT * 6;
+    loop {
+        assert!(Instant::now() < deadline, "sender {user} stuck");
+        let upgrading = !done.load(Ordering::Acquire);
+        if upgrading && s.outbox_len() < 3 {
+            s.send(to, &sent.count.to_le_bytes()).unwrap();
+            sent.count += 1;
+        }
+        match s.poll(Duration::from_millis(1)).unwrap() {
+            Some(Event::Refused { code, text, .. }) => panic!("refused: {code} {text}"),
+            // A sender writing when the BYE came may see the write fail
+            // before it reads the BYE.
+            Some(Event::Disconnected { reason }) => {
+                sent.drops += 1;
+                sent.byes += u64::from(reason.contains("BYE(upgrade)"));
+            }
+            _ => {}
+        }
+        if !upgrading && s.outbox_len() == 0 {
+            return sent;
+        }
+    }
+}
+
+/// The bodies (indices) shown from `from`, until `want` says how many to
+/// expect and they all came.
+fn recipient(addr: SocketAddr, user: u64, from: u64, want: Arc<AtomicU64>) -> Vec<u64> {
+    let mut r = session(addr, user);
+    let mut shown = Vec::new();
+    let deadline = Instant::now() + WAIT * 6;
+    while (shown.len() as u64) < want.load(Ordering::Acquire) {
+        assert!(
+            Instant::now() < deadline,
+            "recipient {user} stuck: {shown:?}"
+        );
+        if let Some(Event::Message {
+            server_id,
+            from: f,
+            body,
+            ..
+        }) = r.poll(Duration::from_millis(1)).unwrap()
+        {
+            assert_eq!(f, from);
+            shown.push(u64::from_le_bytes(body.try_into().unwrap()));
+            r.accept(server_id).unwrap();
+        }
+    }
+    shown
+}
+
+#[test]
+fn chatting_clients_survive_three_upgrades() {
+    const PAIRS: u64 = 8;
+    const UPGRADES: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    let addr = old.addr;
+    let first_pid = info(&sock)["Pid"].clone();
+
+    // Senders 1..=PAIRS write to recipients 1001..; each body is its index.
+    let done = Arc::new(AtomicBool::new(false));
+    let wants: Vec<Arc<AtomicU64>> = (0..PAIRS)
+        .map(|_| Arc::new(AtomicU64::new(u64::MAX)))
+        .collect();
+    let senders: Vec<_> = (1..=PAIRS)
+        .map(|u| {
+            let done = done.clone();
+            std::thread::spawn(move || sender(addr, u, 1000 + u, done))
+        })
+        .collect();
+    let recipients: Vec<_> = (1..=PAIRS)
+        .zip(&wants)
+        .map(|(u, want)| {
+            let want = want.clone();
+            std::thread::spawn(move || recipient(addr, 1000 + u, u, want))
+        })
+        .collect();
+
+    // A prober connects all along: no connect may be refused.
+    let refused = Arc::new(AtomicU64::new(0));
+    let probes = Arc::new(AtomicU64::new(0));
+    let prober = {
+        let (done, refused, probes) = (done.clone(), refused.clone(), probes.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Acquire) {
+                match TcpStream::connect_timeout(&addr, WAIT) {
+                    Ok(_) => probes.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => refused.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    for _ in 0..UPGRADES {
+        // Let some messages flow first (pacing, not a measurement).
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, text) = upgrade(&sock, None);
+        assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
+        assert!(text.starts_with("upgraded: pid"), "{text}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, Ordering::Release);
+    prober.join().unwrap();
+    let sent: Vec<Sent> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    for (want, s) in wants.iter().zip(&sent) {
+        want.store(s.count, Ordering::Release);
+    }
+    let shown: Vec<Vec<u64>> = recipients.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!(
+        "sent per sender {:?}; disconnects {:?}, {} read BYE(upgrade); {} connects, none refused",
+        sent.iter().map(|s| s.count).collect::<Vec<_>>(),
+        sent.iter().map(|s| s.drops).collect::<Vec<_>>(),
+        sent.iter().map(|s| s.byes).sum::<u64>(),
+        probes.load(Ordering::Relaxed)
+    );
+    // Once each, in each sender's order: no loss, no duplicate shown.
+    for (i, (s, got)) in sent.iter().zip(&shown).enumerate() {
+        let want: Vec<u64> = (0..s.count).collect();
+        assert_eq!(got, &want, "sender {}", i + 1);
+    }
+    // The upgrades ended every sender's connection (usually once per
+    // upgrade; a reconnect can land on a shard of the old process that has
+    // not begun its shutdown yet and be ended again, and under load a
+    // reconnect may wait in the backlog right through an upgrade).
+    assert!(sent.iter().all(|s| s.drops >= 1));
+    assert!(
+        sent.iter().any(|s| s.byes > 0),
+        "no sender read BYE(upgrade)"
+    );
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "a connect was refused");
+    assert!(probes.load(Ordering::Relaxed) > 0);
+    // Three successors in a row, on the same port.
+    let now = info(&sock);
+    assert_eq!(now["Generation"], UPGRADES.to_string());
+    assert_ne!(now["Pid"], first_pid);
+    assert!(
+        now["Last_upgrade"].starts_with("took over from pid"),
+        "{now:?}"
+    );
+    assert!(now["Upgraded_unix_ms"].parse::<u64>().unwrap() > 0);
+    Client::login(addr, &token(77)).expect("the same port serves");
+}
+
+/// A client logged in on the old process, and its partner: both stay
+/// connected and chat on after the failed upgrade.
+fn chat_survives(addr: SocketAddr, run: impl FnOnce()) {
+    let (a, b) = cross_pair();
+    let (mut alice, _) = Client::login(addr, &token(a)).unwrap();
+    let (mut bob, _) = Client::login(addr, &token(b)).unwrap();
+    run();
+    alice.send_msg(1, b, b"still here").unwrap();
+    recv_ack(&mut alice, 1);
+    let d = recv_deliver(&mut bob);
+    assert_eq!(d.body, b"still here");
+}
+
+#[test]
+fn a_successor_that_exits_at_once_leaves_the_old_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let pid = info(&sock)["Pid"].clone();
+    chat_survives(old.addr, || {
+        let (ok, text) = upgrade(&sock, Some(Path::new("/bin/false")));
+        assert!(!ok, "{text}");
+        assert!(text.contains("serves on"), "{text}");
+        assert!(text.contains("exit status: 1"), "{text}");
+    });
+    let now = info(&sock);
+    assert_eq!(now["Pid"], pid);
+    assert_eq!(now["Generation"], "0");
+    assert!(now["Last_upgrade"].starts_with("failed: "), "{now:?}");
+    assert!(old.log_text().contains("upgrade to /bin/false failed"));
+}
+
+#[test]
+fn a_successor_with_a_bad_config_leaves_the_old_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let config = dir.path().join("tern.toml");
+    std::fs::write(&config, "frame_bytes_max = 65536\n").unwrap();
+    let old = start(dir.path(), &["--config", config.to_str().unwrap()]);
+    let pid = info(&sock)["Pid"].clone();
+    chat_survives(old.addr, || {
+        // The file now names a key no version knows: the successor refuses it.
+        std::fs::write(&config, "frame_bytes_max = 65536\nno_such_key = 1\n").unwrap();
+        let (ok, text) = upgrade(&sock, None);
+        assert!(!ok, "{text}");
+        assert!(text.contains("no Hello"), "{text}");
+    });
+    assert_eq!(info(&sock)["Pid"], pid);
+    // The successor's own complaint is in the (shared) log.
+    assert!(old.log_text().contains("no_such_key"), "{}", old.log_text());
+}
+
+#[test]
+fn a_successor_failing_after_the_release_is_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    // The successor starts with a metrics port someone holds: it fails
+    // after taking the data directory, so the old process must restart.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let script = dir.path().join("successor.sh");
+    let mut f = std::fs::File::create(&script).unwrap();
+    writeln!(
+        f,
+        "#!/bin/sh\nexec {TERN} \"$@\" --metrics-listen {}",
+        taken.local_addr().unwrap()
+    )
+    .unwrap();
+    drop(f);
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let (a, b) = cross_pair();
+    let (mut alice, _) = Client::login(old.addr, &token(a)).unwrap();
+    let (mut bob, _) = Client::login(old.addr, &token(b)).unwrap();
+    drop(bob);
+    alice.send_msg(1, b, b"queued").unwrap();
+    recv_ack(&mut alice, 1);
+
+    let (ok, text) = upgrade(&sock, Some(&script));
+    assert!(!ok, "{text}");
+    assert!(text.contains("no Serving"), "{text}");
+    // The old process said BYE(upgrade), then came back on the same port.
+    expect_bye_then_close(&mut alice, ByeReason::Upgrade);
+    let now = info(&sock);
+    assert_eq!(now["Pid"], old.pid().to_string());
+    assert!(now["Last_upgrade"].starts_with("failed: "), "{now:?}");
+    bob = Client::login(old.addr, &token(b)).unwrap().0;
+    assert_eq!(recv_deliver(&mut bob).body, b"queued");
+    assert!(old
+        .log_text()
+        .contains("starting again on the same listeners"));
+}
+
+/// A self-signed certificate for `localhost`: (cert PEM path, key PEM path),
+/// written into `dir`; the certificate is also the client's root.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    // The server refuses a private key others can read.
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    (cert_path, key_path)
+}
+
+/// TLS sessions cannot move: they get BYE(upgrade) over TLS and the end of
+/// the stream, and the successor serves TLS on the same (handed-over) port.
+#[test]
+fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let (cert, key) = self_signed(dir.path());
+    let old = start(
+        dir.path(),
+        &[
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let _reaper = Reaper(sock.clone());
+    // Logged right after the plaintext listener's line.
+    wait_for(|| old.log_text().contains("TLS 1.3 listening on "));
+    let log = old.log_text();
+    let tls_addr: SocketAddr = log
+        .lines()
+        .find_map(|l| {
+            l.split_once("TLS 1.3 listening on ")?
+                .1
+                .split_whitespace()
+                .next()
+        })
+        .unwrap_or_else(|| panic!("no TLS listener in:\n{log}"))
+        .parse()
+        .unwrap();
+    let config = tern_client::tls_config(&cert).unwrap();
+    let (a, b) = cross_pair();
+    let mut alice = Client::login_tls(tls_addr, "localhost", &config, &token(a))
+        .unwrap()
+        .0;
+
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "{text}\n{}", old.log_text());
+    let frames = alice.wait_closed(WAIT).expect("closed by the server");
+    assert!(
+        frames.iter().any(|f| matches!(
+            f,
+            tern::proto::OwnedFrame::Bye {
+                reason: ByeReason::Upgrade
+            }
+        )),
+        "{frames:?}"
+    );
+    // The successor took the TLS listener: the same port, a new handshake.
+    let mut alice = Client::login_tls(tls_addr, "localhost", &config, &token(a))
+        .unwrap()
+        .0;
+    let mut bob = Client::login(old.addr, &token(b)).unwrap().0;
+    alice.send_msg(1, b, b"over tls").unwrap();
+    recv_ack(&mut alice, 1);
+    assert_eq!(recv_deliver(&mut bob).body, b"over tls");
+    assert_eq!(info(&sock)["Generation"], "1");
+}
+
+/// While one upgrade runs (its successor held at a gate), a second is
+/// refused; once the gate opens the first completes.
+#[test]
+fn a_second_upgrade_while_one_runs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    let gate = dir.path().join("gate");
+    let script = dir.path().join("gated.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.02; done\nexec {TERN} \"$@\"\n",
+            gate.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let first = tern::stats::query(&sock, &format!("upgrade {}", script.display())).unwrap();
+    assert!(first.starts_with("upgrade started"), "{first}");
+    let second = tern::stats::query(&sock, "upgrade").unwrap();
+    assert!(
+        second.starts_with("refused: an upgrade is already in progress"),
+        "{second}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    assert!(
+        wait_for(|| tern::stats::query(&sock, "show info")
+            .is_ok_and(|t| parse_info(&t).get("Generation").map(String::as_str) == Some("1"))),
+        "the first upgrade did not complete:\n{}",
+        old.log_text()
+    );
+    // The successor started through the script serves the same port.
+    Client::login(old.addr, &token(5)).expect("the same port serves");
+}
+
+/// Under systemd (INVOCATION_ID set) the upgrade is refused: the shipped
+/// Type=simple unit would stop the successor with the old process.
+#[test]
+fn under_systemd_the_upgrade_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let io = io_flag();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "1", "--io", &io]);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(&sock)
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef");
+    let old = TernChild::expect_start(cmd);
+    let pid = info(&sock)["Pid"].clone();
+    chat_survives(old.addr, || {
+        let (ok, text) = upgrade(&sock, None);
+        assert!(!ok, "{text}");
+        assert!(text.contains("refused under systemd"), "{text}");
+    });
+    assert_eq!(info(&sock)["Pid"], pid);
+}
