@@ -236,11 +236,16 @@ fn presence_frames_are_unknown_types_to_a_v1_session() {
 }
 
 fn spawn(dir: &Path) -> TernChild {
+    spawn_shards(dir, 2)
+}
+
+fn spawn_shards(dir: &Path, shards: usize) -> TernChild {
     let config = dir.join("tern.toml");
     // Last seen written at the next loop iteration: the test waits for the
     // write, then kills.
     std::fs::write(&config, "last_seen_write_s = 0\n").unwrap();
-    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2"]);
+    let shards = shards.to_string();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", &shards]);
     cmd.arg("--config")
         .arg(&config)
         .arg("--data-dir")
@@ -296,4 +301,54 @@ fn last_seen_and_privacy_survive_kill_9() {
     // An idle server writes nothing.
     pong_next(&mut sub, 1);
     assert_eq!(records_written(dir.path()), 0);
+}
+
+#[test]
+fn last_seen_and_privacy_move_with_their_users_in_a_reshard() {
+    let dir = tempfile::tempdir().unwrap();
+    let watched: Vec<u64> = (1..=6).collect();
+    let child = spawn(dir.path());
+    let mut sub = login2_at(child.addr, 100);
+    for &w in &watched {
+        subscribe(&mut sub, w);
+        assert_eq!(presence(&mut sub).1, PresenceState::Offline);
+    }
+    // Each logs in and out (the last one hides first): its last seen, as
+    // its subscriber saw it.
+    let mut last_seen = std::collections::HashMap::new();
+    for &w in &watched {
+        let mut c = login2_at(child.addr, w);
+        assert_eq!(presence(&mut sub), (w, PresenceState::Online, 0));
+        if w == 6 {
+            c.send_frame(&Frame::Privacy { hidden: true }).unwrap();
+            assert_eq!(presence(&mut sub), (w, PresenceState::Hidden, 0));
+        }
+        drop(c);
+        if w != 6 {
+            let (u, state, ms) = presence(&mut sub);
+            assert_eq!((u, state), (w, PresenceState::Offline));
+            last_seen.insert(w, ms);
+        }
+    }
+    // Five last seen, one last seen and one privacy record.
+    assert!(wait_for(|| records_written(dir.path()) >= 7));
+    drop(sub);
+    child.kill9();
+
+    let out = std::process::Command::new(common::child::TERN)
+        .args(["store", "reshard", "--shards", "3", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let child = spawn_shards(dir.path(), 3);
+    let mut sub = login2_at(child.addr, 100);
+    for &w in &watched {
+        subscribe(&mut sub, w);
+        let want = match last_seen.get(&w) {
+            Some(&ms) => (w, PresenceState::Offline, ms),
+            None => (w, PresenceState::Hidden, 0),
+        };
+        assert_eq!(presence(&mut sub), want);
+    }
 }

@@ -157,6 +157,33 @@ pub fn apply(state: &mut HashMap<u64, Seen>, record: Record) {
     }
 }
 
+/// Replays the presence log of shard directory `dir` without changing it:
+/// the state, the bytes of valid records, and whether the file was valid
+/// to its end (a missing file is an empty, whole one).
+pub fn read(dir: &Path) -> io::Result<(HashMap<u64, Seen>, u64, bool)> {
+    let path = dir.join(FILE_NAME);
+    let mut state = HashMap::new();
+    let data = match std::fs::read(&path) {
+        Ok(data) => data,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut at = 0;
+    while at < data.len() {
+        let Some((record, len)) = decode(&data[at..]) else {
+            log::warn!(
+                "{}: bad record at offset {at} of {}: the rest is dropped",
+                path.display(),
+                data.len()
+            );
+            break;
+        };
+        apply(&mut state, record);
+        at += len;
+    }
+    Ok((state, at as u64, at == data.len()))
+}
+
 /// Bytes the records of `state` take when written whole.
 fn state_bytes(state: &HashMap<u64, Seen>) -> u64 {
     state
@@ -192,41 +219,36 @@ impl PresenceLog {
     /// power loss, not only a process crash.
     pub fn open(dir: &Path, fsync: bool) -> io::Result<(PresenceLog, HashMap<u64, Seen>)> {
         files::create_dir(dir)?;
-        let path = dir.join(FILE_NAME);
-        let mut state = HashMap::new();
-        let data = match std::fs::read(&path) {
-            Ok(data) => data,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        let mut at = 0;
-        while at < data.len() {
-            let Some((record, len)) = decode(&data[at..]) else {
-                log::warn!(
-                    "{}: bad record at offset {at} of {}: the rest is dropped, the file rewritten",
-                    path.display(),
-                    data.len()
-                );
-                break;
-            };
-            apply(&mut state, record);
-            at += len;
-        }
+        let (state, valid, whole) = read(dir)?;
         let mut log = PresenceLog {
             dir: dir.to_path_buf(),
-            path,
+            path: dir.join(FILE_NAME),
             file: None,
-            bytes: at as u64,
+            bytes: valid,
             fsync,
             buf: Vec::new(),
         };
-        if at == data.len() && !data.is_empty() {
+        if whole && valid > 0 {
             log.file = Some(files::open_append(&log.path)?);
         } else {
             // New, or cut short: start over from the state replayed.
             log.rewrite(&state)?;
         }
         Ok((log, state))
+    }
+
+    /// Writes `state` as the whole presence log of shard directory `dir`
+    /// (`tern store reshard` moving users to their new home shards).
+    pub fn create(dir: &Path, state: &HashMap<u64, Seen>) -> io::Result<()> {
+        let mut log = PresenceLog {
+            dir: dir.to_path_buf(),
+            path: dir.join(FILE_NAME),
+            file: None,
+            bytes: 0,
+            fsync: true,
+            buf: Vec::new(),
+        };
+        log.rewrite(state)
     }
 
     /// Makes `records` durable (appended, or the file rewritten from
