@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 mod cluster;
 mod dedupe;
+mod presence;
 
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
