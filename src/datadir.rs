@@ -212,6 +212,22 @@ impl DataDir {
                     config.shards
                 ));
             }
+            // Last seen and privacy settings are homed like messages: a
+            // hidden user must not turn visible because the count changed.
+            let seen = dir.presence_users()?;
+            if seen > 0 {
+                return Err(format!(
+                    "data_dir {} holds the last seen or privacy setting of {seen} users homed \
+                     for {recorded} shards (recorded in {}), but shards = {} was asked. Either \
+                     move them with the server stopped: tern store reshard --data-dir {} \
+                     --shards {}; or start with --shards 0 to use the recorded {recorded}",
+                    path.display(),
+                    dir.meta_path().display(),
+                    config.shards,
+                    path.display(),
+                    config.shards
+                ));
+            }
             log::info!(
                 "data_dir {} holds no queued message: recording {} shards instead of {recorded}",
                 path.display(),
@@ -223,6 +239,18 @@ impl DataDir {
         dir.create_shard_dirs(config.shards)?;
         warn_if_volatile(&path);
         Ok(Some(dir))
+    }
+
+    /// Users with a last seen or privacy record in any shard's presence log.
+    fn presence_users(&self) -> Result<usize, String> {
+        let mut users = 0;
+        for k in self.shard_dirs()? {
+            let path = store::shard_dir(&self.path, k);
+            let (state, ..) = store::presence::read(&path)
+                .map_err(|e| format!("presence log in {}: {e}", path.display()))?;
+            users += state.len();
+        }
+        Ok(users)
     }
 
     /// Creates `shard-0` to `shard-<shards - 1>` (0700) where missing.

@@ -335,6 +335,26 @@ fn last_seen_and_privacy_move_with_their_users_in_a_reshard() {
     drop(sub);
     child.kill9();
 
+    // Another count without the reshard is refused: a hidden user must
+    // not turn visible.
+    let config = dir.path().join("tern.toml");
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "3"]);
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(dir.path().join("s.sock"));
+    match TernChild::start(cmd) {
+        Err((status, log)) => {
+            assert!(!status.success());
+            assert!(
+                log.contains("last seen or privacy setting of 6 users"),
+                "{log}"
+            );
+        }
+        Ok(_) => panic!("a start with another shard count was not refused"),
+    }
     let out = std::process::Command::new(common::child::TERN)
         .args(["store", "reshard", "--shards", "3", "--data-dir"])
         .arg(dir.path().join("data"))
