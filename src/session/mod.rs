@@ -483,6 +483,7 @@ impl Sessions {
         self.fresh_sent.clear();
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
+        self.stats.presence_subs.set(0);
     }
 
     // ---- connections -------------------------------------------------------
