@@ -231,3 +231,40 @@ fn presence_from_a_client_is_bad_state() {
         }]
     ));
 }
+
+#[test]
+fn presence_frames_have_their_own_rate() {
+    let mut h = Harness::new(
+        Config {
+            presence_frames_per_s_max: 1,
+            presence_frames_burst_max: 2,
+            ..Config::default()
+        },
+        0,
+        1,
+    );
+    login_v2(&mut h, A, 1);
+    h.frame(A, Frame::Subscribe { user: 2 });
+    h.frame(A, Frame::Typing { user: 2 });
+    // The third within the second is refused and not taken; PINGs are not
+    // counted against it.
+    let out = h.frame(A, Frame::Subscribe { user: 3 });
+    assert!(
+        matches!(
+            out.to(A)[..],
+            [OwnedFrame::Error {
+                code: ErrorCode::RateLimited,
+                client_id: 0,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    assert_eq!(h.s.stats.limited_presence.get(), 1);
+    let out = h.frame(A, Frame::Ping { nonce: 1 });
+    assert_eq!(out.to(A), [&OwnedFrame::Pong { nonce: 1 }]);
+    // A second later there is room again.
+    h.now.unix_ms += 1000;
+    let out = h.frame(A, Frame::Subscribe { user: 3 });
+    assert_eq!(out.to(A), [&presence(3, PresenceState::Offline, 0)]);
+}
