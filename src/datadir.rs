@@ -214,19 +214,14 @@ impl DataDir {
             }
             // Last seen and privacy settings are homed like messages: a
             // hidden user must not turn visible because the count changed.
-            let seen = dir.presence_users()?;
-            if seen > 0 {
-                return Err(format!(
-                    "data_dir {} holds the last seen or privacy setting of {seen} users homed \
-                     for {recorded} shards (recorded in {}), but shards = {} was asked. Either \
-                     move them with the server stopped: tern store reshard --data-dir {} \
-                     --shards {}; or start with --shards 0 to use the recorded {recorded}",
-                    path.display(),
-                    dir.meta_path().display(),
-                    config.shards,
+            let moved = dir.rehome_presence(config.shards)?;
+            if moved > 0 {
+                log::info!(
+                    "data_dir {}: last seen and privacy of {moved} users moved to their home \
+                     shards of {}",
                     path.display(),
                     config.shards
-                ));
+                );
             }
             log::info!(
                 "data_dir {} holds no queued message: recording {} shards instead of {recorded}",
@@ -241,14 +236,40 @@ impl DataDir {
         Ok(Some(dir))
     }
 
-    /// Users with a last seen or privacy record in any shard's presence log.
-    fn presence_users(&self) -> Result<usize, String> {
-        let mut users = 0;
-        for k in self.shard_dirs()? {
+    /// Before a start with another shard count (no message queued): moves
+    /// every user's last seen and privacy record to its home shard of
+    /// `shards`; returns the number of users. Each new file replaces the old
+    /// one atomically and holds copies only, so a crash part way leaves
+    /// every record in some file and the next start (tern.meta still names
+    /// the old count) does it again.
+    fn rehome_presence(&self, shards: usize) -> Result<usize, String> {
+        use crate::store::presence::{self, PresenceLog};
+        let old = self.shard_dirs()?;
+        let mut homed = vec![std::collections::HashMap::new(); shards];
+        for &k in &old {
             let path = store::shard_dir(&self.path, k);
-            let (state, ..) = store::presence::read(&path)
+            let (state, ..) = presence::read(&path)
                 .map_err(|e| format!("presence log in {}: {e}", path.display()))?;
-            users += state.len();
+            for (user, seen) in state {
+                homed[crate::shard::home_shard(user, shards)].insert(user, seen);
+            }
+        }
+        let users = homed.iter().map(|h| h.len()).sum();
+        if users == 0 {
+            return Ok(0);
+        }
+        for (j, state) in homed.iter().enumerate() {
+            let path = store::shard_dir(&self.path, j);
+            PresenceLog::create(&path, state)
+                .map_err(|e| format!("presence log in {}: {e}", path.display()))?;
+        }
+        for k in old.into_iter().filter(|&k| k >= shards) {
+            let path = store::shard_dir(&self.path, k).join(presence::FILE_NAME);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("remove {}: {e}", path.display())),
+            }
         }
         Ok(users)
     }

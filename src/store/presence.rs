@@ -238,8 +238,10 @@ impl PresenceLog {
     }
 
     /// Writes `state` as the whole presence log of shard directory `dir`
-    /// (`tern store reshard` moving users to their new home shards).
+    /// (a reshard, or a start with another shard count, moving users to
+    /// their new home shards).
     pub fn create(dir: &Path, state: &HashMap<u64, Seen>) -> io::Result<()> {
+        files::create_dir(dir)?;
         let mut log = PresenceLog {
             dir: dir.to_path_buf(),
             path: dir.join(FILE_NAME),
