@@ -44,6 +44,8 @@ const RATE_BURST_MAX: u32 = 4_000_000;
 
 /// Largest `delivered_recent_max`.
 const DELIVERED_RECENT_MAX: usize = 1 << 16;
+/// Largest `presence_subs_max`: a subscriber's list is scanned per SUBSCRIBE.
+const PRESENCE_SUBS_MAX: usize = 1 << 16;
 
 /// Largest `deliver_inflight_max` (counted in 32 bits per user).
 const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
@@ -286,6 +288,24 @@ pub struct Config {
     /// Time a POST may take (connecting and answering), ms. At least 1.
     /// Default 5000.
     pub push_timeout_ms: u64,
+    /// Users a connection may watch with SUBSCRIBE (protocol v2) at once;
+    /// one more gets `ERROR(presence_subs_full)`. 0 = presence off (every
+    /// SUBSCRIBE refused). Default 512; at most 65536.
+    pub presence_subs_max: usize,
+    /// Least time between two durable writes of one user's last seen, s:
+    /// a user going offline is written at the next flush, flushes being at
+    /// most one per this period per shard, so a crash loses at most this
+    /// much of last seen and an idle shard writes nothing. 0 = at the next
+    /// loop iteration. Default 60.
+    pub last_seen_write_s: u64,
+    /// SUBSCRIBE, UNSUBSCRIBE, PRIVACY and TYPING frames a user may send
+    /// per second; past it the frame gets `ERROR(rate_limited, 0)` and is
+    /// not taken. 0 = no limit. Default 20.
+    pub presence_frames_per_s_max: u32,
+    /// Those frames at once before `presence_frames_per_s_max` applies
+    /// (room for a full subscription list right after login). 1 to 4000000
+    /// while the rate is on. Default 1024.
+    pub presence_frames_burst_max: u32,
     /// Optional `[cluster]` table: membership of a Tern cluster on NATS
     /// JetStream (docs/CLUSTER.md). Default none: standalone.
     pub cluster: Option<crate::cluster::ClusterConfig>,
@@ -457,6 +477,10 @@ impl Default for Config {
             push_retries_max: 3,
             push_retry_backoff_ms: 500,
             push_timeout_ms: 5000,
+            presence_subs_max: 512,
+            last_seen_write_s: 60,
+            presence_frames_per_s_max: 20,
+            presence_frames_burst_max: 1024,
             cluster: None,
         }
     }
@@ -650,6 +674,11 @@ impl Config {
                 self.pings_per_s_max,
                 self.pings_burst_max,
             ),
+            (
+                "presence_frames_burst_max",
+                self.presence_frames_per_s_max,
+                self.presence_frames_burst_max,
+            ),
         ] {
             // Milli-tokens are counted in 32 bits.
             if per_s > 0 && !(1..=RATE_BURST_MAX).contains(&burst) {
@@ -661,6 +690,12 @@ impl Config {
         }
         if self.rate_refusals_max > 0 && self.rate_refusals_window_ms == 0 {
             return Err(bad("rate_refusals_window_ms", "must be at least 1"));
+        }
+        if self.presence_subs_max > PRESENCE_SUBS_MAX {
+            return Err(bad(
+                "presence_subs_max",
+                format!("must be at most {PRESENCE_SUBS_MAX}"),
+            ));
         }
         if self.delivered_recent_max > DELIVERED_RECENT_MAX {
             return Err(bad(

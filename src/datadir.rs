@@ -212,6 +212,17 @@ impl DataDir {
                     config.shards
                 ));
             }
+            // Last seen and privacy settings are homed like messages: a
+            // hidden user must not turn visible because the count changed.
+            let moved = dir.rehome_presence(config.shards)?;
+            if moved > 0 {
+                log::info!(
+                    "data_dir {}: last seen and privacy of {moved} users moved to their home \
+                     shards of {}",
+                    path.display(),
+                    config.shards
+                );
+            }
             log::info!(
                 "data_dir {} holds no queued message: recording {} shards instead of {recorded}",
                 path.display(),
@@ -223,6 +234,44 @@ impl DataDir {
         dir.create_shard_dirs(config.shards)?;
         warn_if_volatile(&path);
         Ok(Some(dir))
+    }
+
+    /// Before a start with another shard count (no message queued): moves
+    /// every user's last seen and privacy record to its home shard of
+    /// `shards`; returns the number of users. Each new file replaces the old
+    /// one atomically and holds copies only, so a crash part way leaves
+    /// every record in some file and the next start (tern.meta still names
+    /// the old count) does it again.
+    fn rehome_presence(&self, shards: usize) -> Result<usize, String> {
+        use crate::store::presence::{self, PresenceLog};
+        let old = self.shard_dirs()?;
+        let mut homed = vec![std::collections::HashMap::new(); shards];
+        for &k in &old {
+            let path = store::shard_dir(&self.path, k);
+            let (state, ..) = presence::read(&path)
+                .map_err(|e| format!("presence log in {}: {e}", path.display()))?;
+            for (user, seen) in state {
+                homed[crate::shard::home_shard(user, shards)].insert(user, seen);
+            }
+        }
+        let users = homed.iter().map(|h| h.len()).sum();
+        if users == 0 {
+            return Ok(0);
+        }
+        for (j, state) in homed.iter().enumerate() {
+            let path = store::shard_dir(&self.path, j);
+            PresenceLog::create(&path, state)
+                .map_err(|e| format!("presence log in {}: {e}", path.display()))?;
+        }
+        for k in old.into_iter().filter(|&k| k >= shards) {
+            let path = store::shard_dir(&self.path, k).join(presence::FILE_NAME);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("remove {}: {e}", path.display())),
+            }
+        }
+        Ok(users)
     }
 
     /// Creates `shard-0` to `shard-<shards - 1>` (0700) where missing.

@@ -60,6 +60,12 @@ const TYPE_ERROR: u8 = 0x0C;
 const TYPE_BYE: u8 = 0x0D;
 const TYPE_DELIVER_V2: u8 = 0x0E;
 const TYPE_REDIRECT: u8 = 0x0F;
+// 0x10..=0x17 are reserved for device frames; presence uses 0x18..=0x1F.
+const TYPE_SUBSCRIBE: u8 = 0x18;
+const TYPE_UNSUBSCRIBE: u8 = 0x19;
+const TYPE_PRESENCE: u8 = 0x1A;
+const TYPE_PRIVACY: u8 = 0x1B;
+const TYPE_TYPING: u8 = 0x1C;
 
 /// Size limits the decoder enforces. Built from `Config`, which checks at
 /// start-up that a largest body plus its fields fits in a largest frame.
@@ -130,6 +136,9 @@ pub enum ErrorCode {
     /// 19 (cluster): the user (LOGIN, to a version 1 client) or the
     /// recipient (SEND) is served by another node; the text names it.
     OtherNode = 19,
+    /// 25 (protocol v2): a SUBSCRIBE over `presence_subs_max`; not taken.
+    /// The ERROR's `client_id` field carries the refused user id.
+    PresenceSubsFull = 25,
 }
 
 impl ErrorCode {
@@ -155,6 +164,7 @@ impl ErrorCode {
             17 => ErrorCode::UnknownMessage,
             18 => ErrorCode::StaleClientId,
             19 => ErrorCode::OtherNode,
+            25 => ErrorCode::PresenceSubsFull,
             _ => return None,
         })
     }
@@ -181,6 +191,7 @@ impl ErrorCode {
             ErrorCode::UnknownMessage => "unknown_message",
             ErrorCode::StaleClientId => "stale_client_id",
             ErrorCode::OtherNode => "other_node",
+            ErrorCode::PresenceSubsFull => "presence_subs_full",
         }
     }
 }
@@ -221,6 +232,47 @@ impl ReceiptKind {
 }
 
 impl fmt::Display for ReceiptKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A watched user's state in a PRESENCE frame. The numbers are part of the
+/// wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PresenceState {
+    /// 1: the user has a session now.
+    Online = 1,
+    /// 2: the user has no session; `last_seen_ms` says since when (0:
+    /// never seen by this server).
+    Offline = 2,
+    /// 3: the user hides its presence (PRIVACY); `last_seen_ms` is 0.
+    Hidden = 3,
+}
+
+impl PresenceState {
+    /// The state for wire number `v`, or `None` if `v` names no state.
+    pub fn from_u64(v: u64) -> Option<PresenceState> {
+        match v {
+            1 => Some(PresenceState::Online),
+            2 => Some(PresenceState::Offline),
+            3 => Some(PresenceState::Hidden),
+            _ => None,
+        }
+    }
+
+    /// The snake_case name: `"online"`, `"offline"` or `"hidden"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Offline => "offline",
+            PresenceState::Hidden => "hidden",
+        }
+    }
+}
+
+impl fmt::Display for PresenceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -399,6 +451,39 @@ pub enum Frame<'a> {
         /// The node's client address, `host:port` (rest of the frame).
         addr: &'a str,
     },
+    /// 0x18, client to server, protocol v2: watch `user`'s presence; the
+    /// server answers with its current PRESENCE, then one per change.
+    Subscribe {
+        /// The watched user.
+        user: u64,
+    },
+    /// 0x19, client to server, protocol v2: stop watching `user`.
+    Unsubscribe {
+        /// The watched user.
+        user: u64,
+    },
+    /// 0x1A, server to client, protocol v2: a watched user's presence.
+    Presence {
+        /// The watched user.
+        user: u64,
+        /// Online, offline or hidden.
+        state: PresenceState,
+        /// Offline: when the user was last online, ms since the Unix epoch
+        /// (0: never seen). Online and hidden: 0.
+        last_seen_ms: u64,
+    },
+    /// 0x1B, client to server, protocol v2: hide (or show again) this
+    /// user's presence and last seen from its subscribers. Kept durably.
+    Privacy {
+        /// `true`: subscribers see `hidden`.
+        hidden: bool,
+    },
+    /// 0x1C, protocol v2, both directions: client to server, "I am typing
+    /// to `user`"; server to client, "`user` is typing to you". Never stored.
+    Typing {
+        /// Client to server: the peer; server to client: the typist.
+        user: u64,
+    },
 }
 
 impl Frame<'_> {
@@ -480,6 +565,19 @@ impl Frame<'_> {
             Frame::Redirect { addr } => OwnedFrame::Redirect {
                 addr: addr.to_string(),
             },
+            Frame::Subscribe { user } => OwnedFrame::Subscribe { user },
+            Frame::Unsubscribe { user } => OwnedFrame::Unsubscribe { user },
+            Frame::Presence {
+                user,
+                state,
+                last_seen_ms,
+            } => OwnedFrame::Presence {
+                user,
+                state,
+                last_seen_ms,
+            },
+            Frame::Privacy { hidden } => OwnedFrame::Privacy { hidden },
+            Frame::Typing { user } => OwnedFrame::Typing { user },
         }
     }
 
@@ -500,6 +598,11 @@ impl Frame<'_> {
             Frame::Error { .. } => "ERROR",
             Frame::Bye { .. } => "BYE",
             Frame::Redirect { .. } => "REDIRECT",
+            Frame::Subscribe { .. } => "SUBSCRIBE",
+            Frame::Unsubscribe { .. } => "UNSUBSCRIBE",
+            Frame::Presence { .. } => "PRESENCE",
+            Frame::Privacy { .. } => "PRIVACY",
+            Frame::Typing { .. } => "TYPING",
         }
     }
 
@@ -525,6 +628,11 @@ impl Frame<'_> {
             Frame::Error { .. } => TYPE_ERROR,
             Frame::Bye { .. } => TYPE_BYE,
             Frame::Redirect { .. } => TYPE_REDIRECT,
+            Frame::Subscribe { .. } => TYPE_SUBSCRIBE,
+            Frame::Unsubscribe { .. } => TYPE_UNSUBSCRIBE,
+            Frame::Presence { .. } => TYPE_PRESENCE,
+            Frame::Privacy { .. } => TYPE_PRIVACY,
+            Frame::Typing { .. } => TYPE_TYPING,
         }
     }
 
@@ -575,6 +683,15 @@ impl Frame<'_> {
             } => varint_len(code as u64) + varint_len(client_id) + text.len(),
             Frame::Bye { reason } => varint_len(reason as u64),
             Frame::Redirect { addr } => addr.len(),
+            Frame::Subscribe { user } | Frame::Unsubscribe { user } | Frame::Typing { user } => {
+                varint_len(user)
+            }
+            Frame::Presence {
+                user,
+                state,
+                last_seen_ms,
+            } => varint_len(user) + varint_len(state as u64) + varint_len(last_seen_ms),
+            Frame::Privacy { .. } => 1,
         };
         1 + fields
     }
@@ -686,6 +803,35 @@ pub enum OwnedFrame {
         /// The node's client address, `host:port`.
         addr: String,
     },
+    /// See [`Frame::Subscribe`].
+    Subscribe {
+        /// The watched user.
+        user: u64,
+    },
+    /// See [`Frame::Unsubscribe`].
+    Unsubscribe {
+        /// The watched user.
+        user: u64,
+    },
+    /// See [`Frame::Presence`].
+    Presence {
+        /// The watched user.
+        user: u64,
+        /// Online, offline or hidden.
+        state: PresenceState,
+        /// Offline: last online, ms since the Unix epoch (0: never); else 0.
+        last_seen_ms: u64,
+    },
+    /// See [`Frame::Privacy`].
+    Privacy {
+        /// `true`: subscribers see `hidden`.
+        hidden: bool,
+    },
+    /// See [`Frame::Typing`].
+    Typing {
+        /// The peer (client to server) or the typist (server to client).
+        user: u64,
+    },
 }
 
 impl OwnedFrame {
@@ -756,6 +902,19 @@ impl OwnedFrame {
             },
             OwnedFrame::Bye { reason } => Frame::Bye { reason },
             OwnedFrame::Redirect { ref addr } => Frame::Redirect { addr },
+            OwnedFrame::Subscribe { user } => Frame::Subscribe { user },
+            OwnedFrame::Unsubscribe { user } => Frame::Unsubscribe { user },
+            OwnedFrame::Presence {
+                user,
+                state,
+                last_seen_ms,
+            } => Frame::Presence {
+                user,
+                state,
+                last_seen_ms,
+            },
+            OwnedFrame::Privacy { hidden } => Frame::Privacy { hidden },
+            OwnedFrame::Typing { user } => Frame::Typing { user },
         }
     }
 }
@@ -923,6 +1082,22 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
                 .ok_or(DecodeError::Malformed("unknown bye reason"))?,
         },
         TYPE_REDIRECT => Frame::Redirect { addr: r.text()? },
+        TYPE_SUBSCRIBE => Frame::Subscribe { user: r.varint()? },
+        TYPE_UNSUBSCRIBE => Frame::Unsubscribe { user: r.varint()? },
+        TYPE_PRESENCE => Frame::Presence {
+            user: r.varint()?,
+            state: PresenceState::from_u64(r.varint()?)
+                .ok_or(DecodeError::Malformed("unknown presence state"))?,
+            last_seen_ms: r.varint()?,
+        },
+        TYPE_PRIVACY => Frame::Privacy {
+            hidden: match r.varint()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Malformed("unknown privacy mode")),
+            },
+        },
+        TYPE_TYPING => Frame::Typing { user: r.varint()? },
         other => return Err(DecodeError::UnknownType(other)),
     };
     // Frames ending in a rest field have consumed everything already.
@@ -1181,6 +1356,24 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             &[]
         }
         Frame::Redirect { addr } => addr.as_bytes(),
+        Frame::Subscribe { user } | Frame::Unsubscribe { user } | Frame::Typing { user } => {
+            head.varint(user);
+            &[]
+        }
+        Frame::Presence {
+            user,
+            state,
+            last_seen_ms,
+        } => {
+            head.varint(user);
+            head.varint(state as u64);
+            head.varint(last_seen_ms);
+            &[]
+        }
+        Frame::Privacy { hidden } => {
+            head.varint(u64::from(hidden));
+            &[]
+        }
     };
     let payload_len = head.len + rest.len();
     let mut prefix = [0; LEN_PREFIX_BYTES_MAX];
@@ -1250,7 +1443,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 19] = [
+    const ALL_ERROR_CODES: [ErrorCode; 20] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1270,6 +1463,12 @@ mod tests {
         ErrorCode::UnknownMessage,
         ErrorCode::StaleClientId,
         ErrorCode::OtherNode,
+        ErrorCode::PresenceSubsFull,
+    ];
+    const ALL_PRESENCE_STATES: [PresenceState; 3] = [
+        PresenceState::Online,
+        PresenceState::Offline,
+        PresenceState::Hidden,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
     const ALL_BYE_REASONS: [ByeReason; 8] = [
@@ -1345,6 +1544,15 @@ mod tests {
             Frame::Redirect {
                 addr: "10.0.0.2:7333",
             },
+            Frame::Subscribe { user: 42 },
+            Frame::Unsubscribe { user: 42 },
+            Frame::Presence {
+                user: 42,
+                state: PresenceState::Offline,
+                last_seen_ms: 1_767_225_600_000,
+            },
+            Frame::Privacy { hidden: true },
+            Frame::Typing { user: 42 },
         ]
     }
 
@@ -1366,14 +1574,21 @@ mod tests {
             "BYE",
             "DELIVER",
             "REDIRECT",
+            "SUBSCRIBE",
+            "UNSUBSCRIBE",
+            "PRESENCE",
+            "PRIVACY",
+            "TYPING",
         ];
         let frames = doc_examples();
         assert_eq!(frames.len(), names.len());
         for (i, frame) in frames.iter().enumerate() {
             let bytes = enc(frame);
             assert_eq!(bytes.len(), encoded_len(frame));
-            // Type bytes are 0x01..=0x0F in declaration order.
-            assert_eq!(usize::from(bytes[1]), i + 1, "{}", frame.name());
+            // Type bytes are 0x01..=0x0F, then 0x18.. (presence), in
+            // declaration order.
+            let want = if i < 15 { i + 1 } else { i - 15 + 0x18 };
+            assert_eq!(usize::from(bytes[1]), want, "{}", frame.name());
             assert_eq!(frame.name(), names[i]);
             assert_eq!(dec(&bytes), Ok(Some((*frame, bytes.len()))));
             let owned = frame.to_owned();
@@ -1516,7 +1731,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x10, 0x7f, 0xff] {
+        for t in [0x00, 0x10, 0x17, 0x1d, 0x1f, 0x20, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -1526,6 +1741,26 @@ mod tests {
         assert_eq!(
             DecodeError::UnknownType(0x0e).code(),
             ErrorCode::UnknownType
+        );
+    }
+
+    #[test]
+    fn presence_fields_checked() {
+        // State 0 and 4 name nothing; PRIVACY takes only 0 and 1.
+        assert_eq!(
+            malformed(&[TYPE_PRESENCE, 42, 0, 0]),
+            "unknown presence state"
+        );
+        assert_eq!(
+            malformed(&[TYPE_PRESENCE, 42, 4, 0]),
+            "unknown presence state"
+        );
+        assert_eq!(malformed(&[TYPE_PRIVACY, 2]), "unknown privacy mode");
+        assert_eq!(malformed(&[TYPE_PRIVACY]), "truncated field");
+        assert_eq!(malformed(&[TYPE_SUBSCRIBE, 42, 0]), "trailing bytes");
+        assert_eq!(
+            enc(&Frame::Privacy { hidden: false }),
+            [0x02, TYPE_PRIVACY, 0x00]
         );
     }
 
@@ -1856,13 +2091,24 @@ mod tests {
     #[test]
     fn enums_from_u64_as_str_display() {
         for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
-            assert_eq!(*code as u64, i as u64 + 1);
+            // 20..=24 are reserved for device errors, presence starts at 25.
+            let want = if i < 19 { i as u64 + 1 } else { i as u64 + 6 };
+            assert_eq!(*code as u64, want);
             assert_eq!(ErrorCode::from_u64(*code as u64), Some(*code));
             assert_eq!(code.to_string(), code.as_str());
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
         assert_eq!(ErrorCode::from_u64(20), None);
+        assert_eq!(ErrorCode::from_u64(26), None);
+        for (i, state) in ALL_PRESENCE_STATES.iter().enumerate() {
+            assert_eq!(*state as u64, i as u64 + 1);
+            assert_eq!(PresenceState::from_u64(*state as u64), Some(*state));
+            assert_eq!(state.to_string(), state.as_str());
+            assert!(DOC.contains(&format!("`{}`", state.as_str())), "{state}");
+        }
+        assert_eq!(PresenceState::from_u64(0), None);
+        assert_eq!(PresenceState::from_u64(4), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
@@ -2002,6 +2248,20 @@ mod tests {
             proptest::sample::select(ALL_BYE_REASONS.to_vec())
                 .prop_map(|reason| OwnedFrame::Bye { reason }),
             any::<String>().prop_map(|addr| OwnedFrame::Redirect { addr }),
+            arb_u64().prop_map(|user| OwnedFrame::Subscribe { user }),
+            arb_u64().prop_map(|user| OwnedFrame::Unsubscribe { user }),
+            (
+                arb_u64(),
+                proptest::sample::select(ALL_PRESENCE_STATES.to_vec()),
+                arb_u64()
+            )
+                .prop_map(|(user, state, last_seen_ms)| OwnedFrame::Presence {
+                    user,
+                    state,
+                    last_seen_ms,
+                }),
+            any::<bool>().prop_map(|hidden| OwnedFrame::Privacy { hidden }),
+            arb_u64().prop_map(|user| OwnedFrame::Typing { user }),
         ]
     }
 

@@ -14,7 +14,9 @@
 //!    user's messages in id order (a v2 message with its origin, so its
 //!    dedupe window entry moves with it). The dedupe window entries whose
 //!    messages are gone (idempotent SEND) go to every new log, their
-//!    recipient being unknown. The new logs continue their ids above
+//!    recipient being unknown. Each user's last seen and privacy setting
+//!    (the shard's presence log, `presence.rec`) goes to its new home
+//!    shard's directory. The new logs continue their ids above
 //!    every id the old logs handed out. Everything is fsynced (files,
 //!    `reshard.new`, the data directory). The old logs are not changed
 //!    (beyond what any start does: a torn tail cut, the id watermark).
@@ -48,7 +50,7 @@ use std::time::{Duration, Instant};
 use crate::datadir::{self, DataDir, Meta, RETIRED_DIR, STAGING_DIR};
 use crate::privacy;
 use crate::shard::home_shard;
-use crate::store::{self, Durability, LogOptions, LogStore, PushError, Store, Stored};
+use crate::store::{self, presence, Durability, LogOptions, LogStore, PushError, Store, Stored};
 
 /// Messages pushed into a new log per `commit` (one fsync each).
 const COMMIT_EVERY_MESSAGES: usize = 4096;
@@ -166,12 +168,19 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         ..LogOptions::default()
     };
     let mut old = Vec::new();
+    // Last seen and privacy, per new shard (each user is in one old log).
+    let mut seen = vec![std::collections::HashMap::new(); shards];
     for k in dir.shard_dirs()? {
         let path = store::shard_dir(dir.path(), k);
         let (log, recovery) = LogStore::open(&path, options.clone())
             .map_err(|e| format!("old log {}: {e}", path.display()))?;
         log::info!("read {}: {recovery}", path.display());
         old.push(log);
+        let (state, ..) = presence::read(&path)
+            .map_err(|e| format!("old presence log {}: {e}", path.display()))?;
+        for (user, s) in state {
+            seen[home_shard(user, shards)].insert(user, s);
+        }
     }
     // New ids continue above every id any old log handed out, so no id is
     // ever reused for a user (clients drop duplicates by id).
@@ -228,6 +237,7 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         }
         commit(&mut log, &path)?;
         assert_eq!(log.total(), messages.len(), "every message pushed once");
+        presence::PresenceLog::create(&path, &seen[j]).map_err(|e| failed(&path, e))?;
         // The log's own files are synced by its commits; make sure of their
         // directory entries too before the commit point.
         datadir::sync_dir(&path)?;

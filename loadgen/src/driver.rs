@@ -95,6 +95,9 @@ pub struct Plan {
     pub servers: usize,
     /// PING each logged-in connection this often (zero: never).
     pub ping_every: Duration,
+    /// SUBSCRIBEs each connection sends after LOGIN_OK: the next this many
+    /// users of the run (wrapping).
+    pub subscribe: u32,
     /// Connects and logins in progress per worker, at most.
     pub inflight_max: u32,
     /// Identifies this run's message bodies.
@@ -1146,6 +1149,7 @@ impl<E: Engine> Worker<E> {
                 let us = self.since_open_us(l, now);
                 record(&mut self.ivl.login, us);
                 self.set_state(l, S_UP);
+                self.subscribe(l);
                 if self.recheck.get(&l) == Some(&Recheck::Opening) {
                     self.shared.add(C::final_drain_logins, 1);
                     self.shared.add(C::final_drain_backlog, offline_count);
@@ -1305,6 +1309,8 @@ impl<E: Engine> Worker<E> {
                     self.conns[l as usize].flags |= F_EXPLAINED;
                 }
             }
+            Frame::Presence { .. } => self.shared.add(C::presences, 1),
+            Frame::Typing { .. } => {}
             // A clustered server serves this user on another node.
             Frame::Redirect { addr } => {
                 if self.conns[l as usize].state == S_LOGGING_IN {
@@ -1315,10 +1321,30 @@ impl<E: Engine> Worker<E> {
             Frame::Login { .. }
             | Frame::Send { .. }
             | Frame::Delivered { .. }
-            | Frame::Read { .. } => {
+            | Frame::Read { .. }
+            | Frame::Subscribe { .. }
+            | Frame::Unsubscribe { .. }
+            | Frame::Privacy { .. } => {
                 self.peer_closed(l, 0, Some("unexpected_frame"));
             }
         }
+    }
+
+    /// After LOGIN_OK: SUBSCRIBE to the next `plan.subscribe` users of the
+    /// run (wrapping), in one write.
+    fn subscribe(&mut self, l: u32) {
+        let n = u64::from(self.plan.subscribe).min(self.plan.conns.saturating_sub(1));
+        if n == 0 {
+            return;
+        }
+        let g = self.global(l);
+        self.wbuf.clear();
+        for i in 1..=n {
+            let user = self.plan.user((g + i) % self.plan.conns);
+            proto::encode(&Frame::Subscribe { user }, &mut self.wbuf);
+        }
+        self.engine.send(l, &self.wbuf);
+        self.shared.add(C::subscribes, n);
     }
 
     /// Slot `l`'s LOGIN was answered with REDIRECT to `addr`: close, and
@@ -1546,6 +1572,7 @@ mod tests {
                 sources: 1,
                 servers: 1,
                 ping_every: Duration::ZERO,
+                subscribe: 0,
                 inflight_max: 1,
                 run_id: 0,
                 client_id_base: 0,

@@ -153,6 +153,10 @@ pub struct Common {
     /// 10 ms steps, not all at once (0 = never).
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub ping_every: Duration,
+    /// After LOGIN_OK, each connection watches this many users' presence
+    /// (SUBSCRIBE to the next N users of the run, wrapping; protocol v2).
+    #[arg(long, default_value_t = 0)]
+    pub subscribe: u32,
     /// Give up waiting for the ramp after this long (0 = twice the ramp time plus 60 s).
     #[arg(long, default_value = "0", value_parser = duration)]
     pub ramp_timeout: Duration,

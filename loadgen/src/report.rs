@@ -39,6 +39,8 @@ counters! {
     closed_by_us: "Connections we closed.",
     pings: "PINGs sent.",
     pongs: "PONGs received.",
+    subscribes: "SUBSCRIBEs sent (--subscribe).",
+    presences: "PRESENCE frames received.",
     msgs_sent: "Messages sent: SEND frames written (with --cut-rate: messages handed to a user's session, written now or at its next login).",
     msgs_skipped: "Messages not sent: their sender was not logged in.",
     msgs_late: "Messages sent more than 1 ms after their intended time.",

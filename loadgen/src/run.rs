@@ -152,6 +152,7 @@ impl Run {
             sources: sources.len(),
             servers: servers.len(),
             ping_every: common.ping_every,
+            subscribe: common.subscribe,
             inflight_max: common.inflight_max.max(1),
             run_id: (crate::sched::mix(
                 SystemTime::now()

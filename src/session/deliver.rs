@@ -322,7 +322,7 @@ impl Sessions {
             // To the sender's node, through JetStream.
             self.actions.push(Action::Cluster(msg));
         } else if dst == self.id {
-            self.on_msg(now, msg);
+            self.on_msg(now, env, msg);
         } else if env.up(dst) || matches!(msg, Msg::Send { .. }) {
             // SENDs to a shard that is not up are refused before they get
             // here (those queued earlier wait, bounded); the rest would pile
@@ -333,13 +333,17 @@ impl Sessions {
         }
     }
 
-    pub(super) fn on_msg(&mut self, now: Now, msg: Msg) {
+    pub(super) fn on_msg(&mut self, now: Now, env: &dyn Env, msg: Msg) {
         match msg {
             Msg::Handoff { .. } => {
                 panic!("a handoff is the shard's to attach, not a session event")
             }
             Msg::Done { .. } => panic!("DELIVERED acks go to the bridge, not to shards"),
             Msg::Incoming { to, msg } => self.incoming(to, msg),
+            msg @ (Msg::Watch { .. }
+            | Msg::Unwatch { .. }
+            | Msg::Presence { .. }
+            | Msg::Typing { .. }) => self.on_presence_msg(now, env, msg),
             Msg::Send {
                 from,
                 reply,
@@ -510,7 +514,7 @@ impl Sessions {
     }
 
     /// The connection `r` names, if it is still the same one and logged in.
-    fn live(&self, r: ConnRef) -> Option<ConnId> {
+    pub(super) fn live(&self, r: ConnRef) -> Option<ConnId> {
         debug_assert_eq!(r.shard as usize, self.id);
         let s = self.slots.get(r.conn.index())?;
         (s.gen == r.gen && s.state == super::State::Active).then_some(r.conn)

@@ -1,7 +1,8 @@
 //! Defences against abusive logged-in clients (docs/HARDENING.md):
 //!
 //! - **rates per user:** token buckets for SEND, for the frames that make
-//!   receipts (READ, DELIVERED) and for PING. A frame over its rate is
+//!   receipts (READ, DELIVERED), for PING and for the presence frames
+//!   (SUBSCRIBE, UNSUBSCRIBE, PRIVACY, TYPING). A frame over its rate is
 //!   answered `ERROR(rate_limited)` and not taken; a connection refused more
 //!   than `rate_refusals_max` times within `rate_refusals_window_ms` is
 //!   closed with `BYE(rate_limited)`.
@@ -41,14 +42,17 @@ pub(super) enum Kind {
     Send,
     Receipt,
     Ping,
+    /// SUBSCRIBE, UNSUBSCRIBE, PRIVACY, TYPING (protocol v2).
+    Presence,
 }
 
-/// The rate buckets of one user, and its recent refusals (32 bytes).
+/// The rate buckets of one user, and its recent refusals (40 bytes).
 #[derive(Clone, Copy, Debug)]
 struct Rates {
     send: Bucket,
     receipt: Bucket,
     ping: Bucket,
+    presence: Bucket,
     /// Refusals in the window that began at `window_ms`.
     refusals: u32,
     /// When the refusal window began, ms (wrapping).
@@ -65,6 +69,7 @@ pub(super) struct Guard {
     send: Rate,
     receipt: Rate,
     ping: Rate,
+    presence: Rate,
     refusals_max: u32,
     window_ms: u64,
     recent_max: usize,
@@ -100,6 +105,10 @@ impl Guard {
                 per_s: c.pings_per_s_max,
                 burst: c.pings_burst_max,
             },
+            presence: Rate {
+                per_s: c.presence_frames_per_s_max,
+                burst: c.presence_frames_burst_max,
+            },
             refusals_max: c.rate_refusals_max,
             window_ms: c.rate_refusals_window_ms,
             recent_max: c.delivered_recent_max,
@@ -118,11 +127,12 @@ impl Guard {
         if self.rates.len() >= (2 * self.rates_swept).max(SWEEP_MIN) {
             self.sweep(now_ms);
         }
-        let (send, receipt, ping) = (self.send, self.receipt, self.ping);
+        let (send, receipt, ping, presence) = (self.send, self.receipt, self.ping, self.presence);
         let r = self.rates.entry(user).or_insert_with(|| Rates {
             send: send.full(now_ms),
             receipt: receipt.full(now_ms),
             ping: ping.full(now_ms),
+            presence: presence.full(now_ms),
             refusals: 0,
             window_ms: now_ms as u32,
         });
@@ -130,6 +140,7 @@ impl Guard {
             Kind::Send => &mut r.send,
             Kind::Receipt => &mut r.receipt,
             Kind::Ping => &mut r.ping,
+            Kind::Presence => &mut r.presence,
         };
         if bucket.take(rate, now_ms) {
             return Verdict::Pass;
@@ -151,6 +162,7 @@ impl Guard {
             Kind::Send => self.send,
             Kind::Receipt => self.receipt,
             Kind::Ping => self.ping,
+            Kind::Presence => self.presence,
         }
     }
 
@@ -167,6 +179,7 @@ impl Guard {
     /// and no refusal in the current window.
     fn quiet(&self, now_ms: u64) -> impl Fn(&mut Rates) -> bool {
         let (send, receipt, ping, window_ms) = (self.send, self.receipt, self.ping, self.window_ms);
+        let presence = self.presence;
         move |r| {
             let window_over = r.refusals == 0
                 || u64::from((now_ms as u32).wrapping_sub(r.window_ms)) >= window_ms;
@@ -174,6 +187,7 @@ impl Guard {
                 && r.send.is_full(send, now_ms)
                 && r.receipt.is_full(receipt, now_ms)
                 && r.ping.is_full(ping, now_ms)
+                && r.presence.is_full(presence, now_ms)
         }
     }
 
@@ -248,6 +262,10 @@ impl Sessions {
             Frame::Send { client_id, .. } => (Kind::Send, client_id),
             Frame::Read { .. } | Frame::Delivered { .. } => (Kind::Receipt, 0),
             Frame::Ping { .. } => (Kind::Ping, 0),
+            Frame::Subscribe { .. }
+            | Frame::Unsubscribe { .. }
+            | Frame::Privacy { .. }
+            | Frame::Typing { .. } => (Kind::Presence, 0),
             _ => return None,
         };
         let verdict = self.guard.admit(user, kind, now.unix_ms);
@@ -261,6 +279,10 @@ impl Sessions {
                 "too many READs and DELIVEREDs, slow down",
             ),
             Kind::Ping => (&self.stats.limited_pings, "too many PINGs, slow down"),
+            Kind::Presence => (
+                &self.stats.limited_presence,
+                "too many SUBSCRIBE, UNSUBSCRIBE, PRIVACY and TYPING frames, slow down",
+            ),
         };
         counter.inc();
         self.write(
@@ -404,7 +426,7 @@ mod tests {
     }
 
     #[test]
-    fn rates_entry_is_32_bytes() {
-        assert_eq!(std::mem::size_of::<Rates>(), 32);
+    fn rates_entry_is_40_bytes() {
+        assert_eq!(std::mem::size_of::<Rates>(), 40);
     }
 }

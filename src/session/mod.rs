@@ -36,6 +36,7 @@ mod dedupe;
 mod deliver;
 mod event;
 mod guard;
+mod presence;
 mod push;
 #[cfg(test)]
 mod tests;
@@ -126,6 +127,8 @@ pub struct Sessions {
     users: Users,
     /// Rate limits and the delivered messages READs may name.
     guard: guard::Guard,
+    /// Presence subscriptions, last seen and privacy (`presence.rs`).
+    presence: presence::Presence,
     store: Box<dyn Store + Send>,
     /// Answers (ACK, refusals) to messages stored in this iteration, and
     /// receipts for messages removed in it: they leave only once the store
@@ -191,6 +194,7 @@ impl Sessions {
             slots: Vec::new(),
             users: Users::default(),
             guard: guard::Guard::new(&config),
+            presence: presence::Presence::default(),
             next_seq: (store.max_server_id() >> 10) + 1,
             store,
             replies: Vec::new(),
@@ -217,6 +221,12 @@ impl Sessions {
     pub fn on_event(&mut self, now: Now, env: &dyn Env, event: Event<'_>) -> Flow {
         self.actions.clear();
         self.wire.clear();
+        let flow = self.handle(now, env, event);
+        self.settle_presence(now, env);
+        flow
+    }
+
+    fn handle(&mut self, now: Now, env: &dyn Env, event: Event<'_>) -> Flow {
         match event {
             Event::Opened(conn) => {
                 self.open(now, conn);
@@ -244,7 +254,7 @@ impl Sessions {
                 Flow::Stop
             }
             Event::Msg(msg) => {
-                self.on_msg(now, msg);
+                self.on_msg(now, env, msg);
                 Flow::Next
             }
             Event::Timer(entry) => {
@@ -465,6 +475,7 @@ impl Sessions {
         self.slots.clear();
         self.users.clear();
         self.guard.clear();
+        self.presence.clear();
         // Senders on this shard lose their connection and resend anyway;
         // senders on other shards keep theirs and would wait forever, so
         // they hear it was not stored: ERROR(internal), resend (a duplicate
@@ -492,6 +503,7 @@ impl Sessions {
         self.fresh_sent.clear();
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
+        self.stats.presence_subs.set(0);
     }
 
     // ---- connections -------------------------------------------------------
@@ -586,6 +598,20 @@ impl Sessions {
                 Flow::Next
             }
             (State::Active, Frame::Pong { .. }) => Flow::Next,
+            (
+                State::Active,
+                frame @ (Frame::Subscribe { .. }
+                | Frame::Unsubscribe { .. }
+                | Frame::Presence { .. }
+                | Frame::Privacy { .. }
+                | Frame::Typing { .. }),
+            ) => {
+                if self.on_presence_frame(now, env, conn, s.user, frame) {
+                    Flow::Next
+                } else {
+                    Flow::Stop
+                }
+            }
             (State::Active, Frame::Login { .. }) => {
                 self.stats.protocol_errors.inc();
                 self.fail(
@@ -716,6 +742,8 @@ impl Sessions {
         device: u32,
         version: u8,
     ) {
+        // A replaced session's user stays online: no PRESENCE for it.
+        let replacing = self.users.conn_of(user).is_some();
         if let Some(old) = self.users.conn_of(user) {
             self.write(
                 old,
@@ -744,6 +772,9 @@ impl Sessions {
         );
         for receipt in self.users.take_receipts(user) {
             self.write_receipt(conn, receipt);
+        }
+        if !replacing {
+            self.presence_online(now, env, user);
         }
         self.pump(env, user, false, None);
     }
@@ -855,7 +886,9 @@ impl Sessions {
             return;
         };
         if s.user != 0 && self.users.go_offline(s.user, conn) {
-            self.guard.offline(s.user);
+            let (user, gen) = (s.user, s.gen);
+            self.presence_gone(user, conn, gen);
+            self.guard.offline(user);
             self.stats.users_online.set(self.users.len() as u64);
         }
     }

@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 mod cluster;
 mod dedupe;
+mod presence;
 mod push;
 
 use super::*;

@@ -38,6 +38,7 @@ use crate::tls::TlsContext;
 
 mod admit;
 mod conns;
+mod presence;
 mod route;
 mod sync;
 
@@ -47,6 +48,7 @@ pub use route::{home_shard, ConnRef, Msg};
 
 use admit::Admission;
 use conns::Conns;
+use presence::PresenceWriter;
 use route::{Outboxes, Peers};
 use sync::Syncer;
 
@@ -172,6 +174,8 @@ pub struct Shard {
     bridge: Option<ShardLink>,
     /// When the shard last gave freed memory back (`memory_release_ms`).
     memory_released: Instant,
+    /// Writes last seen and privacy changes to the presence log.
+    presence: PresenceWriter,
 }
 
 /// What the session layer may ask of this shard.
@@ -226,6 +230,7 @@ impl Shard {
         let wheel = Wheel::new(clock.clone());
         let mut sessions = Sessions::new(config.clone(), id, shards, store, stats.clone());
         sessions.set_push(push);
+        let presence = PresenceWriter::open(&config, id, &mut sessions, clock.now());
         Shard {
             id,
             syncer: Syncer::new(&io, id),
@@ -234,6 +239,7 @@ impl Shard {
             outboxes: Outboxes::new(shards),
             peers: Peers::new(id, peers),
             sessions,
+            presence,
             conns: Conns::default(),
             admission: Admission::new(&config, shards),
             refused: Vec::new(),
@@ -449,6 +455,8 @@ impl Shard {
                     self.commit();
                 }
                 self.close_all();
+                let now = self.clock.now();
+                self.presence.flush(&mut self.sessions, now, true);
                 return Some(Ok(()));
             }
         }
@@ -482,6 +490,8 @@ impl Shard {
             panic!("injected shard crash (debug hook)");
         }
         self.commit();
+        self.presence
+            .flush(&mut self.sessions, self.clock.now(), false);
         self.outboxes.flush(&mut self.links, &self.stats);
         if let Some(bridge) = &mut self.bridge {
             bridge.flush();

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::io::{ConnId, Detached};
-use crate::proto::{ErrorCode, ReceiptKind};
+use crate::proto::{ErrorCode, PresenceState, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::ShardStats;
 use crate::store::{Origin, Stored};
@@ -118,6 +118,40 @@ pub enum Msg {
         to: u64,
         /// The message.
         msg: Stored,
+    },
+    /// Presence: the connection `sub` watches `user`, homed on the
+    /// receiving shard; answered with a [`Msg::Presence`] of its state now.
+    Watch {
+        /// The watched user.
+        user: u64,
+        /// The subscriber's connection.
+        sub: ConnRef,
+    },
+    /// Presence: `sub` stops watching `user` (UNSUBSCRIBE, or `sub` closed).
+    Unwatch {
+        /// The watched user.
+        user: u64,
+        /// The subscriber's connection.
+        sub: ConnRef,
+    },
+    /// Presence: `user`'s state, for the subscriber connection `sub` on the
+    /// receiving shard (written as a PRESENCE frame if `sub` is still live).
+    Presence {
+        /// The subscriber's connection.
+        sub: ConnRef,
+        /// The watched user.
+        user: u64,
+        /// Online, offline or hidden.
+        state: PresenceState,
+        /// Offline: last seen, ms since the Unix epoch (0: never); else 0.
+        last_seen_ms: u64,
+    },
+    /// `from` is typing to `to`, homed on the receiving shard; never stored.
+    Typing {
+        /// The typist.
+        from: u64,
+        /// The peer.
+        to: u64,
     },
     /// Cluster, shard to bridge: `user`'s device acknowledged `server_id`,
     /// so JetStream may delete it.

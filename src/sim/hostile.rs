@@ -101,10 +101,14 @@ fn malformed(rng: &mut fastrand::Rng) -> (Vec<u8>, ErrorCode) {
     const DELIVERED: u8 = 0x07;
     const PING: u8 = 0x0A;
     match rng.u32(..5) {
-        // "An unknown type byte (0x00, 0x0F and above)": 0x0F is REDIRECT
-        // now (server to client), so 0x00 or 0x10 and above.
+        // "An unknown type byte (0x00, 0x10..0x17, 0x1D and above)":
+        // 0x18..=0x1C are the presence frames.
         0 => {
-            let ty = if rng.bool() { 0 } else { rng.u8(0x10..) };
+            let ty = match rng.u32(..3) {
+                0 => 0,
+                1 => rng.u8(0x10..=0x17),
+                _ => rng.u8(0x1D..),
+            };
             let mut out = vec![0, ty];
             out.extend((0..rng.usize(..8)).map(|_| rng.u8(..)));
             out[0] = (out.len() - 1) as u8;

@@ -218,6 +218,18 @@ shard_stats! {
         Counter limited_receipts,
         /// PINGs refused with rate_limited (over pings_per_s_max); no PONG.
         Counter limited_pings,
+        /// SUBSCRIBE, UNSUBSCRIBE, PRIVACY and TYPING frames refused with rate_limited (over presence_frames_per_s_max); not taken.
+        Counter limited_presence,
+        /// Presence subscriptions held on this shard (watched users homed here, one per watching connection).
+        Gauge presence_subs,
+        /// PRESENCE frames written to subscribers.
+        Counter presence_pushes,
+        /// SUBSCRIBEs refused with presence_subs_full.
+        Counter presence_subs_refused,
+        /// Last-seen and privacy records written to the shard's presence log.
+        Counter presence_records,
+        /// TYPING frames relayed to an online peer (a peer offline gets nothing).
+        Counter typing_relayed,
         /// Connections closed with BYE(rate_limited): more than rate_refusals_max refusals within rate_refusals_window_ms.
         Counter limited_closes,
         /// READ and DELIVERED frames refused with unknown_message: the message was not delivered to that connection in this login; nothing relayed or removed.

@@ -42,6 +42,7 @@ pub mod fault;
 mod files;
 pub mod log;
 // Crate-visible for the fuzzing oracles (src/fuzzing.rs).
+pub mod presence;
 pub(crate) mod record;
 pub(crate) mod segment;
 pub mod window;
