@@ -26,7 +26,7 @@ use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
-use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
+use crate::stats::{Health, ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
 
@@ -49,6 +49,8 @@ pub struct Server {
     /// Set when a shard gave up past its restart intensity.
     fatal: Arc<Fatal>,
     /// Held for the server's life: one process per data directory.
+    /// Draining flag for `GET /readyz`, shared with the stats thread.
+    health: Arc<Health>,
     _data_dir: Option<DataDir>,
 }
 
@@ -234,6 +236,7 @@ impl Server {
             }
             None => None,
         };
+        let health = Arc::new(Health::default());
         let view = Arc::new(StatsView {
             version: env!("CARGO_PKG_VERSION"),
             backend,
@@ -242,6 +245,7 @@ impl Server {
             shards: shard_stats.clone(),
             tls: tls.clone(),
             cluster: bridge.as_ref().map(Bridge::stats),
+            health: Arc::clone(&health),
         });
         let stats = match StatsServer::spawn(
             &config.stats_socket,
@@ -284,6 +288,7 @@ impl Server {
             stats: Some(stats),
             bridge,
             fatal,
+            health,
             _data_dir: data_dir,
         })
     }
@@ -305,6 +310,12 @@ impl Server {
             Some(tls) => tls.reload(),
             None => Err("TLS is not configured (no tls_listen)".to_string()),
         }
+    }
+
+    /// The health flags behind `GET /healthz` and `GET /readyz`:
+    /// [`Health::set_draining`] takes the server out of `/readyz`.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Path of the stats socket.
