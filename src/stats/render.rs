@@ -620,6 +620,9 @@ fn open_fds() -> Option<u64> {
 }
 
 /// The soft open-files limit, `None` when unlimited or unknown.
+// rlim_t is u64 on Linux and i64 on FreeBSD: the conversion is only
+// fallible on the one.
+#[allow(clippy::useless_conversion, clippy::unnecessary_fallible_conversions)]
 fn open_fds_max() -> Option<u64> {
     // SAFETY: `rlimit` is plain old data, so all-zero bytes are a valid value.
     let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
