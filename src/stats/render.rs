@@ -556,9 +556,12 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
     out
 }
 
-/// Counter families with a label: (name, help, label, label value and field
-/// of each member). Their fields are [`Kind::Labelled`].
-const LABELLED: &[(&str, &str, &str, &[(&str, Getter)])] = &[(
+/// The members of a labelled family: each label value and its field.
+type Members = &'static [(&'static str, Getter)];
+
+/// Counter families with a label: (name, help, label, members). Their
+/// fields are [`Kind::Labelled`].
+const LABELLED: &[(&str, &str, &str, Members)] = &[(
     "tern_login_failures_total",
     "Failed logins by reason (bad_token: malformed or bad signature; token_expired; bad_version: protocol version not spoken).",
     "reason",
