@@ -27,7 +27,7 @@ use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::push::Pusher;
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
-use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
+use crate::stats::{Health, ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
 use crate::upgrade::UpgradeInfo;
@@ -71,6 +71,8 @@ pub struct Server {
     /// its copies over by then).
     listeners: std::sync::Mutex<Vec<Listeners>>,
     /// Held for the server's life: one process per data directory.
+    /// Draining flag for `GET /readyz`, shared with the stats thread.
+    health: Arc<Health>,
     _data_dir: Option<DataDir>,
 }
 
@@ -306,6 +308,7 @@ impl Server {
             }
             None => None,
         };
+        let health = Arc::new(Health::default());
         let view = Arc::new(StatsView {
             version: env!("CARGO_PKG_VERSION"),
             backend,
@@ -316,6 +319,7 @@ impl Server {
             cluster: bridge.as_ref().map(Bridge::stats),
             push: pusher.as_ref().map(Pusher::stats),
             upgrade: handover.info,
+            health: Arc::clone(&health),
         });
         let stats = match StatsServer::spawn(
             &config.stats_socket,
@@ -361,6 +365,7 @@ impl Server {
             fatal,
             upgrade,
             listeners: std::sync::Mutex::new(kept),
+            health,
             _data_dir: data_dir,
         })
     }
@@ -382,6 +387,12 @@ impl Server {
             Some(tls) => tls.reload(),
             None => Err("TLS is not configured (no tls_listen)".to_string()),
         }
+    }
+
+    /// The health flags behind `GET /healthz` and `GET /readyz`:
+    /// [`Health::set_draining`] takes the server out of `/readyz`.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Path of the stats socket.

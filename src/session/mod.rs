@@ -648,6 +648,7 @@ impl Sessions {
     ) -> Flow {
         if !(proto::VERSION..=proto::VERSION_MAX).contains(&version) {
             self.stats.logins_failed.inc();
+            self.stats.login_failures_bad_version.inc();
             let text = format!(
                 "protocol version {version} not supported, this server speaks {} to {}",
                 proto::VERSION,
@@ -665,8 +666,14 @@ impl Sessions {
             Err(e) => {
                 self.stats.logins_failed.inc();
                 let code = match e {
-                    token::TokenError::Expired => ErrorCode::TokenExpired,
-                    _ => ErrorCode::BadToken,
+                    token::TokenError::Expired => {
+                        self.stats.login_failures_token_expired.inc();
+                        ErrorCode::TokenExpired
+                    }
+                    token::TokenError::Malformed | token::TokenError::BadSignature => {
+                        self.stats.login_failures_bad_token.inc();
+                        ErrorCode::BadToken
+                    }
                 };
                 // Counted against the source address by the shard.
                 self.actions.push(Action::LoginFailed(conn));

@@ -687,6 +687,14 @@ impl Shard {
     fn publish_gauges(&self) {
         let s = &self.stats;
         s.queued.set(self.sessions.store().total() as u64);
+        let shape = self.sessions.store().shape();
+        let oldest_age_ms = shape
+            .oldest_ms()
+            .map_or(0, |t| self.now.unix_ms.saturating_sub(t));
+        s.queue_oldest_age_seconds.set(oldest_age_ms / 1000);
+        for (c, &users) in s.user_queues.iter().zip(shape.users()) {
+            c.set(users);
+        }
         s.addrs_tracked.set(self.admission.addrs() as u64);
         let space = self.sessions.store().space();
         s.disk_free_bytes.set(space.free_bytes.unwrap_or(0));

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::latency::Latency;
+use crate::store::QUEUE_LEN_BUCKETS;
 
 /// One value written by a single thread (its shard) and read by the stats thread.
 ///
@@ -68,6 +69,14 @@ pub enum Kind {
     Gauge,
     /// A running total of events: a Prometheus `counter`, named with `_total`.
     Counter,
+    /// A level computed over the last [`LOOP_WINDOW`] (a percentile), shown
+    /// by `show shards` only: per-shard percentiles cannot be added up over
+    /// shards or boxes, so Prometheus gets a histogram instead.
+    Window,
+    /// A counter that is one label value of a family (login failures by
+    /// reason): rendered with its siblings as `tern_<family>_total{reason=…}`
+    /// by the stats renderer's table of labelled families.
+    Labelled,
 }
 
 /// Description of one [`ShardStats`] field, so renderers can list every field
@@ -99,10 +108,15 @@ macro_rules! shard_stats {
             /// Server-side latency histograms (not in [`Self::FIELDS`]:
             /// rendered as histograms, not one value per shard).
             pub latency: Latency,
+            /// Users with queued messages by queue length, as last
+            /// published: non-cumulative, bucket `i` for lengths up to
+            /// `2^i`, the last one `+Inf` ([`crate::store::Shape`]). Not in
+            /// [`Self::FIELDS`]: rendered as one histogram over shards.
+            pub user_queues: [Counter; QUEUE_LEN_BUCKETS + 1],
         }
 
         impl $ty {
-            /// Every field, in declaration order: gauges first, then counters.
+            /// Every field, in declaration order.
             pub const FIELDS: &'static [Field] = &[
                 $( Field {
                     name: stringify!($name),
@@ -132,6 +146,8 @@ shard_stats! {
         Gauge state,
         /// Messages held in this shard's store-and-forward queues.
         Gauge queued,
+        /// Age in seconds of the oldest message queued on this shard (0 with none queued), as of the last second.
+        Gauge queue_oldest_age_seconds,
         /// Connections accepted here that have not logged in yet.
         Gauge pending,
         /// Addresses in this shard's per-address table (sampled each second).
@@ -140,10 +156,10 @@ shard_stats! {
         Gauge ring_in_depth,
         /// Items waiting in this shard's outboxes to other shards (not yet in a ring).
         Gauge ring_out_depth,
-        /// Median event-loop iteration time over the last window, in microseconds.
-        Gauge loop_p50_us,
-        /// 99th percentile event-loop iteration time over the last window, in microseconds.
-        Gauge loop_p99_us,
+        /// Median event-loop iteration time over the last window, in microseconds (`show shards`; Prometheus has tern_loop_iteration_seconds).
+        Window loop_p50_us,
+        /// 99th percentile event-loop iteration time over the last window, in microseconds (`show shards`; Prometheus has tern_loop_iteration_seconds).
+        Window loop_p99_us,
         /// io_uring instances this shard runs (0 on the poll backend).
         Gauge io_rings,
         /// io_uring fixed-file slots holding a descriptor, over this shard's rings.
@@ -158,8 +174,14 @@ shard_stats! {
         Counter rejected,
         /// Successful logins.
         Counter logins_ok,
-        /// Failed logins (bad, expired or malformed token).
+        /// Failed logins (bad, expired or malformed token, or an unsupported protocol version).
         Counter logins_failed,
+        /// Failed logins with a malformed token or a bad signature (reason bad_token).
+        Labelled login_failures_bad_token,
+        /// Failed logins with a genuine token past its expiry (reason token_expired).
+        Labelled login_failures_token_expired,
+        /// Failed logins asking for a protocol version this server does not speak (reason bad_version).
+        Labelled login_failures_bad_version,
         /// SEND frames accepted.
         Counter msgs_in,
         /// DELIVER frames written.
@@ -290,13 +312,18 @@ impl LoopTimer {
         }
     }
 
-    /// Records one iteration that took `elapsed`. When `now` is at least
+    /// Records one iteration that took `elapsed` (also in the shard's
+    /// `loop_iteration` histogram). When `now` is at least
     /// [`LOOP_WINDOW`] past the start of the window, publishes the window's
     /// p50 and p99 to `stats`, starts a new window and returns true.
     ///
     /// A window with no iterations publishes nothing (the gauges keep their
     /// last values); one cannot happen here since this call records one.
     pub fn record(&mut self, elapsed: Duration, now: Instant, stats: &ShardStats) -> bool {
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        // Exported (tern_loop_iteration_seconds): unlike the windowed
+        // percentiles below, bucket counts add up over shards and boxes.
+        stats.latency.loop_iteration.record(ns);
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.histogram.saturating_record(us.min(LOOP_US_MAX));
         if now.saturating_duration_since(self.window_start) < LOOP_WINDOW {
@@ -359,7 +386,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<ShardStats>() % 128, 0);
         // Every field is in the table: the struct holds nothing but
         // counters and the latency histograms.
-        let bytes = ShardStats::FIELDS.len() * 8 + std::mem::size_of::<Latency>();
+        let bytes =
+            (ShardStats::FIELDS.len() + QUEUE_LEN_BUCKETS + 1) * 8 + std::mem::size_of::<Latency>();
         let size = std::mem::size_of::<ShardStats>();
         assert!(bytes <= size && bytes > size - 128);
     }
@@ -439,5 +467,14 @@ mod tests {
         assert!(timer.record(Duration::ZERO, t0 + 2 * LOOP_WINDOW, &stats));
         assert!(stats.loop_p99_us.get() >= LOOP_US_MAX * 99 / 100);
         assert_eq!(stats.loop_p50_us.get(), 0);
+        // Every iteration is also in the exported histogram, never reset.
+        let mut m = crate::stats::Merged::default();
+        m.add(&stats.latency.loop_iteration);
+        assert_eq!(m.total(), 102);
+        assert_eq!(
+            m.quantile_us(0.5),
+            Some(128),
+            "100 µs is in the 128 µs bucket"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Server-side latency histograms: SEND decoded to ACK written, SEND
-//! decoded to DELIVER written, and the durable store's `fdatasync` calls.
+//! decoded to DELIVER written, the durable store's `fdatasync` calls and the
+//! shard's event-loop iterations.
 //!
 //! A fixed array of power-of-two buckets rather than an `hdrhistogram`:
 //! recording is one `leading_zeros` and three single-writer counter
@@ -111,6 +112,9 @@ pub struct Latency {
     /// Each group commit's `fdatasync` of its segment (`durability = fsync`
     /// only): from the call to its return.
     pub fsync: Histogram,
+    /// Each event-loop iteration, from waking up to going back to wait
+    /// (the work, not the wait).
+    pub loop_iteration: Histogram,
 }
 
 #[cfg(test)]

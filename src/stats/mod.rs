@@ -11,18 +11,21 @@
 //! - `show shards`: a whitespace-separated table, one row per shard.
 //! - `show latency`: server-side latency histograms, merged over shards.
 //! - `show metrics`: Prometheus text format 0.0.4, one sample per shard,
-//!   also served over HTTP at `GET /metrics` when a metrics address is set.
+//!   also served over HTTP at `GET /metrics` when a metrics address is set,
+//!   beside `GET /healthz` and `GET /readyz` ([`check`]).
 //!
 //! Totals read while shards run are not a snapshot of one instant: each
 //! counter is read whole, but one after another.
 
 mod counters;
+mod health;
 mod latency;
 mod render;
 mod server;
 mod socket;
 
 pub use counters::{Counter, Field, Kind, LoopTimer, ShardStats, LOOP_US_MAX, LOOP_WINDOW};
+pub use health::{check, Health, Probe};
 pub use latency::{bucket_le_seconds, Histogram, Latency, Merged, LATENCY_BUCKETS};
 pub use render::{render, StatsView};
 pub use server::{

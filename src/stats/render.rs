@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::counters::{Counter, Kind, ShardStats};
 use super::latency::{bucket_le_seconds, Histogram, Latency, Merged, LATENCY_BUCKETS};
+use crate::store::QUEUE_LEN_BUCKETS;
 use crate::supervisor::ShardState;
 
 /// What the stats socket can see: process facts plus every shard's counters.
@@ -30,6 +31,8 @@ pub struct StatsView {
     pub push: Option<Arc<crate::push::PushStats>>,
     /// Pid, generation and live-upgrade state (`show info`, `upgrade`).
     pub upgrade: Arc<crate::upgrade::UpgradeInfo>,
+    /// Flags `GET /readyz` reads besides the shards' state (draining).
+    pub health: Arc<super::health::Health>,
 }
 
 impl StatsView {
@@ -46,6 +49,7 @@ impl StatsView {
             cluster: None,
             push: None,
             upgrade: Arc::default(),
+            health: Arc::default(),
         }
     }
 
@@ -107,6 +111,10 @@ const COMMANDS: &[(&str, &str)] = &[
 struct Process {
     uptime: Duration,
     rss_bytes: u64,
+    /// Open file descriptors; `None` where the OS will not say cheaply.
+    open_fds: Option<u64>,
+    /// The open-files limit (soft RLIMIT_NOFILE); `None` when unlimited.
+    open_fds_max: Option<u64>,
 }
 
 /// Renders the answer to one command line. Pure except for reading the
@@ -118,6 +126,8 @@ pub fn render(view: &StatsView, command: &str) -> String {
     render_with(view, command, || Process {
         uptime: view.started.elapsed(),
         rss_bytes: rss_bytes(),
+        open_fds: open_fds(),
+        open_fds_max: open_fds_max(),
     })
 }
 
@@ -278,7 +288,7 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
         ),
         (
             "Cluster_lease_round_ms",
-            "Milliseconds the last successful lease round took (heartbeat, renewals, listing, claims).",
+            "Time the last successful lease round took (heartbeat, renewals, listing, claims): milliseconds in show info, seconds in Prometheus.",
             c.lease_round_ms.get(),
         ),
     ]
@@ -361,6 +371,11 @@ const LATENCIES: Latencies = &[
         "fsync",
         "Time of each group commit's fdatasync of its segment (durability fsync), all shards.",
         |l| &l.fsync,
+    ),
+    (
+        "loop_iteration",
+        "Time of each event-loop iteration (the work between two waits), all shards.",
+        |l| &l.loop_iteration,
     ),
 ];
 
@@ -463,6 +478,11 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
         let (name, kind) = match field.kind {
             Kind::Gauge => (format!("tern_{}", field.name), "gauge"),
             Kind::Counter => (format!("tern_{}_total", field.name), "counter"),
+            // Windowed percentiles stay on `show shards`; the histogram
+            // below is their exported form.
+            Kind::Window => continue,
+            // Rendered by family below.
+            Kind::Labelled => continue,
         };
         let _ = writeln!(out, "# HELP {name} {}", escape_help(field.help));
         let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -489,6 +509,17 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
         let _ = writeln!(out, "{name}_sum {}", m.sum_ns as f64 / 1e9);
         let _ = writeln!(out, "{name}_count {cumulative}");
     }
+    for (name, help, label, members) in LABELLED {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (id, shard) in view.shards.iter().enumerate() {
+            for (value, get) in *members {
+                let n = get(shard).get();
+                let _ = writeln!(out, "{name}{{shard=\"{id}\",{label}=\"{value}\"}} {n}");
+            }
+        }
+    }
+    render_user_queues(view, &mut out);
     let process_gauges: [(&str, &str, String); 3] = [
         (
             "tern_uptime_seconds",
@@ -506,13 +537,36 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
             view.conns_max.to_string(),
         ),
     ];
-    for (name, help, value) in process_gauges {
+    // Connections on the poll backend each hold a descriptor; io_uring
+    // ones sit in the rings' fixed tables (tern_io_slots_used) instead.
+    let fds: [(&str, &str, Option<u64>); 2] = [
+        (
+            "tern_open_fds",
+            "Open file descriptors of the process.",
+            process.open_fds,
+        ),
+        (
+            "tern_open_fds_max",
+            "The process's open-files limit (soft RLIMIT_NOFILE).",
+            process.open_fds_max,
+        ),
+    ];
+    let fds = fds
+        .into_iter()
+        .filter_map(|(name, help, v)| v.map(|v| (name, help, v.to_string())));
+    for (name, help, value) in process_gauges.into_iter().chain(fds) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
     }
     for (key, help, value) in cluster_gauges(view) {
         let name = format!("tern_{}", key.to_ascii_lowercase());
+        // Prometheus wants base units: `show info`'s milliseconds become
+        // seconds here.
+        let (name, value) = match name.strip_suffix("_ms") {
+            Some(stem) => (format!("{stem}_seconds"), (value as f64 / 1e3).to_string()),
+            None => (name, value.to_string()),
+        };
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
@@ -545,6 +599,47 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
     out
 }
 
+/// The members of a labelled family: each label value and its field.
+type Members = &'static [(&'static str, Getter)];
+
+/// Counter families with a label: (name, help, label, members). Their
+/// fields are [`Kind::Labelled`].
+const LABELLED: &[(&str, &str, &str, Members)] = &[(
+    "tern_login_failures_total",
+    "Failed logins by reason (bad_token: malformed or bad signature; token_expired; bad_version: protocol version not spoken).",
+    "reason",
+    &[
+        ("bad_token", |s| &s.login_failures_bad_token),
+        ("token_expired", |s| &s.login_failures_token_expired),
+        ("bad_version", |s| &s.login_failures_bad_version),
+    ],
+)];
+
+/// `tern_user_queue_length`: users with queued messages by queue length,
+/// merged over shards. The bucket counts are levels (users now), not running
+/// totals, so they go down as queues drain; `_sum` is the messages queued.
+fn render_user_queues(view: &StatsView, out: &mut String) {
+    let name = "tern_user_queue_length";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Users with queued messages by queue length (current levels, not running totals), all shards; _sum is the messages queued."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for i in 0..=QUEUE_LEN_BUCKETS {
+        cumulative += view
+            .shards
+            .iter()
+            .fold(0u64, |acc, s| acc.wrapping_add(s.user_queues[i].get()));
+        let _ = match i < QUEUE_LEN_BUCKETS {
+            true => writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", 1u64 << i),
+            false => writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}"),
+        };
+    }
+    let _ = writeln!(out, "{name}_sum {}", view.sum(|s| &s.queued));
+    let _ = writeln!(out, "{name}_count {cumulative}");
+}
+
 /// `# HELP` text escapes backslash and newline (format 0.0.4).
 fn escape_help(s: &str) -> String {
     s.replace('\\', "\\\\").replace('\n', "\\n")
@@ -553,6 +648,37 @@ fn escape_help(s: &str) -> String {
 /// Label values also escape the double quote (format 0.0.4).
 fn escape_label(s: &str) -> String {
     escape_help(s).replace('"', "\\\"")
+}
+
+/// Open file descriptors of this process: the entries of `/proc/self/fd`
+/// (one of them the directory being read, not counted).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn open_fds() -> Option<u64> {
+    let entries = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some((entries.count() as u64).saturating_sub(1))
+}
+
+/// Open file descriptors of this process: not rendered elsewhere (FreeBSD
+/// would need a `kern.proc.filedesc` walk per scrape).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn open_fds() -> Option<u64> {
+    None
+}
+
+/// The soft open-files limit, `None` when unlimited or unknown.
+// rlim_t is u64 on Linux and i64 on FreeBSD: the conversion is only
+// fallible on the one.
+#[allow(clippy::useless_conversion, clippy::unnecessary_fallible_conversions)]
+fn open_fds_max() -> Option<u64> {
+    // SAFETY: `rlimit` is plain old data, so all-zero bytes are a valid value.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `limit` is a valid, writable `rlimit` for the call to fill in.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    // EFAULT/EINVAL cannot happen with these arguments; report unknown.
+    if rc != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    u64::try_from(limit.rlim_cur).ok()
 }
 
 /// Resident memory of this process in bytes, 0 if the OS will not say.
@@ -657,6 +783,7 @@ pub(crate) mod tests {
             cluster: None,
             push: None,
             upgrade: Arc::default(),
+            health: Arc::default(),
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);
@@ -679,6 +806,10 @@ pub(crate) mod tests {
         b.latency.send_to_ack.record(5_000);
         b.latency.send_to_ack.record(40_000_000_000);
         a.latency.send_to_deliver.record(900);
+        b.login_failures_token_expired.add(2);
+        a.user_queues[0].set(2);
+        b.user_queues[0].set(1);
+        b.user_queues[2].set(1);
         view
     }
 
@@ -686,6 +817,8 @@ pub(crate) mod tests {
         Process {
             uptime: Duration::from_millis(61_500),
             rss_bytes: 7_000,
+            open_fds: Some(12),
+            open_fds_max: Some(20_000),
         }
     }
 
@@ -956,7 +1089,15 @@ pub(crate) mod tests {
             );
             assert_eq!(name.ends_with("_total"), kind == "counter", "{name}");
         }
-        assert_eq!(types.len(), ShardStats::FIELDS.len() + 7);
+        // The two windowed percentiles are not exported and the three
+        // login failure reasons are one family; the five histograms, three
+        // process gauges and build_info come on top.
+        let exported = ShardStats::FIELDS
+            .iter()
+            .filter(|f| f.kind == Kind::Gauge || f.kind == Kind::Counter)
+            .count();
+        assert_eq!(exported, ShardStats::FIELDS.len() - 5);
+        assert_eq!(types.len(), exported + 12);
         // Histograms: merged over shards, cumulative buckets ending in +Inf
         // that equal _count.
         let buckets: Vec<_> = samples
@@ -985,16 +1126,39 @@ pub(crate) mod tests {
         assert_eq!(get("tern_msgs_in_total", "1"), Some(200.0));
         assert_eq!(get("tern_conns", "1"), Some(4.0));
         assert_eq!(get("tern_ring_full_total", "1"), Some(7.0));
-        assert_eq!(get("tern_loop_p99_us", "0"), Some(345.0));
+        assert_eq!(get("tern_loop_p99_us", "0"), None, "windowed, not exported");
+        assert_eq!(types["tern_loop_iteration_seconds"], "histogram");
         assert_eq!(get("tern_conns", "2"), None);
         let per_shard = samples
             .iter()
             .filter(|(_, l, _)| l.contains_key("shard"))
             .count();
-        assert_eq!(per_shard, ShardStats::FIELDS.len() * 2);
+        assert_eq!(per_shard, (exported + 3) * 2);
+        let failures = samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == "tern_login_failures_total"
+                    && l["shard"] == "1"
+                    && l["reason"] == "token_expired"
+            })
+            .expect("login failures by reason");
+        assert_eq!(failures.2, 2.0);
+        // Users by queue length: 3 users with 1 message, 1 with 3.
+        let queues: Vec<_> = samples
+            .iter()
+            .filter(|(n, _, _)| n == "tern_user_queue_length_bucket")
+            .map(|(_, l, v)| (l["le"].as_str(), *v))
+            .collect();
+        assert_eq!(queues.len(), QUEUE_LEN_BUCKETS + 1);
+        assert_eq!(&queues[..3], &[("1", 3.0), ("2", 3.0), ("4", 4.0)]);
+        assert_eq!(queues[QUEUE_LEN_BUCKETS], ("+Inf", 4.0));
+        assert_eq!(find("tern_user_queue_length_count").2, 4.0);
+        assert_eq!(find("tern_user_queue_length_sum").2, 30.0);
         assert_eq!(find("tern_uptime_seconds").2, 61.5);
         assert_eq!(find("tern_resident_memory_bytes").2, 7000.0);
         assert_eq!(find("tern_conns_max").2, 1000.0);
+        assert_eq!(find("tern_open_fds").2, 12.0);
+        assert_eq!(find("tern_open_fds_max").2, 20_000.0);
         let build = find("tern_build_info");
         assert_eq!(build.2, 1.0);
         assert_eq!(build.1["version"], "9.8.7");
@@ -1046,17 +1210,24 @@ pub(crate) mod tests {
         );
         assert_eq!(rows[2], ["send_to_deliver", "1", "0", "1", "1", "1", "1"]);
         assert_eq!(rows[3], ["fsync", "0", "0", "-", "-", "-", "-"]);
+        assert_eq!(rows[4], ["loop_iteration", "0", "0", "-", "-", "-", "-"]);
         let rows: Vec<Vec<&str>> = buckets
             .lines()
             .map(|l| l.split_whitespace().collect())
             .collect();
         assert_eq!(
             rows[0],
-            ["le_us", "send_to_ack", "send_to_deliver", "fsync"]
+            [
+                "le_us",
+                "send_to_ack",
+                "send_to_deliver",
+                "fsync",
+                "loop_iteration"
+            ]
         );
         assert_eq!(rows.len(), LATENCY_BUCKETS + 2);
-        assert_eq!(rows[3], ["4", "1", "1", "0"]);
-        assert_eq!(rows[LATENCY_BUCKETS + 1], ["+Inf", "3", "1", "0"]);
+        assert_eq!(rows[3], ["4", "1", "1", "0", "0"]);
+        assert_eq!(rows[LATENCY_BUCKETS + 1], ["+Inf", "3", "1", "0", "0"]);
         let empty = render(&StatsView::new("none", 10, 1), "show latency");
         let row: Vec<&str> = empty.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(row, ["send_to_ack", "0", "0", "-", "-", "-", "-"]);

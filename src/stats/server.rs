@@ -1,6 +1,7 @@
 //! The stats socket: a Unix socket answering one command per connection,
 //! like HAProxy's runtime API in non-interactive mode, plus an optional tiny
-//! HTTP listener for Prometheus `GET /metrics`.
+//! HTTP listener for Prometheus `GET /metrics` and the health checks
+//! `GET /healthz` and `GET /readyz` (see [`super::health`]).
 //!
 //! One background thread, `tern-stats`, serves both listeners with blocking
 //! std sockets. The listeners themselves are nonblocking and polled every
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use super::health::{check, Probe};
 use super::render::{render, StatsView};
 use super::socket::{claim_path, SocketAccess, SocketFile};
 
@@ -452,6 +454,8 @@ fn linger<S: Client>(
 enum Route {
     /// `GET /metrics` (a query string is ignored).
     Metrics,
+    /// `GET /healthz` or `GET /readyz`.
+    Health(Probe),
     /// A well-formed request for anything else.
     NotFound,
     /// Not an HTTP/1.x request line.
@@ -474,10 +478,11 @@ fn route(head: &[u8]) -> Route {
         return Route::BadRequest;
     }
     let path = target.split('?').next().unwrap_or(target);
-    if method == "GET" && path == "/metrics" {
-        Route::Metrics
-    } else {
-        Route::NotFound
+    match (method, path) {
+        ("GET", "/metrics") => Route::Metrics,
+        ("GET", "/healthz") => Route::Health(Probe::Health),
+        ("GET", "/readyz") => Route::Health(Probe::Ready),
+        _ => Route::NotFound,
     }
 }
 
@@ -496,6 +501,10 @@ fn serve_http(mut stream: TcpStream, view: &StatsView) -> io::Result<()> {
     let (status, content_type, body) = match request {
         Request::Complete(n) => match route(&buf[..n]) {
             Route::Metrics => ("200 OK", METRICS_CONTENT_TYPE, render(view, "show metrics")),
+            Route::Health(probe) => match check(view, probe) {
+                Ok(()) => ("200 OK", TEXT, "ok\n".to_string()),
+                Err(reason) => ("503 Service Unavailable", TEXT, format!("{reason}\n")),
+            },
             Route::NotFound => ("404 Not Found", TEXT, "Not Found\n".to_string()),
             Route::BadRequest => ("400 Bad Request", TEXT, "Bad Request\n".to_string()),
         },
@@ -800,6 +809,15 @@ mod tests {
         assert_eq!(route(b"GET /metrics HTTP/1.1\r\n\r\n"), Route::Metrics);
         assert_eq!(route(b"GET /metrics?a=b HTTP/1.0\n\n"), Route::Metrics);
         assert_eq!(route(b"HEAD /metrics HTTP/1.1\r\n\r\n"), Route::NotFound);
+        assert_eq!(
+            route(b"GET /healthz HTTP/1.1\r\n\r\n"),
+            Route::Health(Probe::Health)
+        );
+        assert_eq!(
+            route(b"GET /readyz?verbose HTTP/1.0\n\n"),
+            Route::Health(Probe::Ready)
+        );
+        assert_eq!(route(b"GET /healthz/x HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(route(b"GET /Metrics HTTP/1.1\r\n\r\n"), Route::NotFound);
         assert_eq!(route(b"GET /metrics\r\n\r\n"), Route::BadRequest);
         assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), Route::BadRequest);

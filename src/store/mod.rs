@@ -45,10 +45,12 @@ pub mod log;
 pub mod presence;
 pub(crate) mod record;
 pub(crate) mod segment;
+pub mod shape;
 pub mod window;
 
 pub use self::log::{shard_dir, Durability, LogOptions, LogStore, Recovery, Skipped, StoreError};
 pub use self::record::BODY_BYTES_MAX;
+pub use self::shape::{Shape, QUEUE_LEN_BUCKETS};
 pub use self::window::{Seen, WINDOW};
 use self::window::{Taken, Windows};
 
@@ -222,6 +224,18 @@ pub trait Store {
     fn space(&self) -> Space {
         Space::default()
     }
+    /// Queue lengths by user and the oldest queued message, kept current
+    /// by every change to the queues (never a walk over them).
+    fn shape(&self) -> &Shape;
+}
+
+/// A queue's `(length, first message's time_ms)`, as [`Shape::update`]
+/// takes it; `(0, None)` for no queue.
+fn queue_state<'a, T: 'a>(
+    queue: Option<&'a VecDeque<T>>,
+    msg: impl Fn(&T) -> &Stored,
+) -> (usize, Option<u64>) {
+    queue.map_or((0, None), |q| (q.len(), q.front().map(|e| msg(e).time_ms)))
 }
 
 /// In-memory queues. A user with an empty queue has no entry at all.
@@ -232,6 +246,7 @@ pub struct MemStore {
     total: usize,
     /// Highest id pushed so far; 0 = none.
     server_id_max: u64,
+    shape: Shape,
 }
 
 impl MemStore {
@@ -244,6 +259,7 @@ impl MemStore {
             len_max,
             total: 0,
             server_id_max: 0,
+            shape: Shape::default(),
         }
     }
 }
@@ -255,6 +271,7 @@ impl Store for MemStore {
             // Not empty (len_max >= 1), so no empty entry is left behind.
             return Err(PushError::QueueFull(msg));
         }
+        let before = queue_state(Some(queue), |m| m);
         debug_assert!(queue
             .back()
             .is_none_or(|last| last.server_id < msg.server_id));
@@ -271,6 +288,8 @@ impl Store for MemStore {
         }
         crate::memory::reserve_one(queue);
         queue.push_back(msg);
+        self.shape
+            .update(user, before, queue_state(Some(queue), |m| m));
         self.total += 1;
         Ok(())
     }
@@ -284,7 +303,10 @@ impl Store for MemStore {
         let at = queue
             .binary_search_by_key(&server_id, |m| m.server_id)
             .ok()?;
+        let before = queue_state(Some(queue), |m| m);
         let msg = queue.remove(at)?;
+        self.shape
+            .update(user, before, queue_state(Some(queue), |m| m));
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
@@ -322,6 +344,10 @@ impl Store for MemStore {
     fn max_server_id(&self) -> u64 {
         self.server_id_max
     }
+
+    fn shape(&self) -> &Shape {
+        &self.shape
+    }
 }
 
 #[cfg(test)]
@@ -336,6 +362,38 @@ mod tests {
             origin: None,
             body: Box::new([id as u8]),
         }
+    }
+
+    #[test]
+    fn mem_store_keeps_its_shape() {
+        let mut s = MemStore::new(10);
+        for id in 1..=3 {
+            s.push(
+                1,
+                Stored {
+                    time_ms: id * 1000,
+                    ..msg(id)
+                },
+            )
+            .unwrap();
+        }
+        s.push(
+            2,
+            Stored {
+                time_ms: 500,
+                ..msg(4)
+            },
+        )
+        .unwrap();
+        assert_eq!(&s.shape().users()[..3], &[1, 0, 1]);
+        assert_eq!(s.shape().oldest_ms(), Some(500));
+        s.remove(2, 4).unwrap();
+        s.remove(1, 1).unwrap();
+        assert_eq!(&s.shape().users()[..3], &[0, 1, 0]);
+        assert_eq!(s.shape().oldest_ms(), Some(2000));
+        s.remove(1, 3).unwrap();
+        s.remove(1, 2).unwrap();
+        assert_eq!(s.shape(), &Shape::default());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # tuning/linux/systemd-test.sh -- tern.service under real systemd, in a container.
 #
-#   systemd-test.sh [--tern BIN] [--ledger BIN] [--cache DIR] [--keep]
+#   systemd-test.sh [--tern BIN | --deb FILE] [--ledger BIN] [--cache DIR] [--keep]
 #
 #   --tern BIN     the tern binary to install (default: cargo build --release)
+#   --deb FILE     install the Debian package FILE with dpkg -i instead
+#                  (scripts/build_deb.py or cargo deb); checks 1, 2a and 3
+#                  below, then dpkg -r
 #   --ledger BIN   the ledger client (default: cargo build --release -p
 #                  tern-client --example ledger)
 #   --cache DIR    where the Debian root file system is cached (default
@@ -15,7 +18,9 @@
 # makes a minimal Debian bookworm with systemd (debootstrap, about 40 s, once),
 # boots a copy of it with systemd-nspawn (sharing this host's network), installs
 # Tern the way an operator does (binary to /usr/local/bin, tuning/linux/apply.sh
-# --apply inside the container: user, unit, sample config), and checks:
+# --apply inside the container: user, unit, sample config; or, with --deb,
+# dpkg -i of the package: /usr/bin/tern, the unit and its drop-in, the user by
+# the postinst, the config as a conffile), and checks:
 #   1. systemctl start works; the unit runs as tern with the uring backend (no
 #      EPERM fall-back to poll under the hardening); the store is /var/lib/tern,
 #      mode 0700, owned by tern; nothing of it under /run/tern.
@@ -25,6 +30,7 @@
 #      is enabled). A fresh batch is queued before each step, and one batch
 #      queued before the first step is read only after the last.
 #   3. systemctl stop ends within TimeoutStopSec and the server exits 0.
+#   4. (--deb) dpkg -r removes the binary and the unit, keeps the store.
 # Any failure prints the unit's journal and exits 1; bad usage or a missing
 # tool exits 2. Every wait is bounded; the container (the systemd-nspawn
 # process this script started) is stopped on exit.
@@ -32,12 +38,13 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-tern_bin='' ledger_bin='' keep=0
+tern_bin='' deb='' ledger_bin='' keep=0
 cache=${TERN_CI_CACHE:-/var/cache/tern-ci}
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
 while [ $# -gt 0 ]; do
     case $1 in
         --tern) tern_bin=${2:?--tern needs a file}; shift ;;
+        --deb) deb=${2:?--deb needs a file}; shift ;;
         --ledger) ledger_bin=${2:?--ledger needs a file}; shift ;;
         --cache) cache=${2:?--cache needs a directory}; shift ;;
         --keep) keep=1 ;;
@@ -48,6 +55,11 @@ while [ $# -gt 0 ]; do
 done
 
 die() { echo "systemd-test: $*" >&2; exit 2; }
+[ -z "$tern_bin" ] || [ -z "$deb" ] || die "--tern and --deb exclude each other"
+if [ -n "$deb" ]; then
+    [ -f "$deb" ] || die "not a file: $deb"
+    deb=$(cd "$(dirname "$deb")" && pwd)/$(basename "$deb")
+fi
 [ "$(id -u)" -eq 0 ] || die "needs root (debootstrap, systemd-nspawn)"
 for tool in debootstrap systemd-nspawn nsenter flock timeout; do
     command -v "$tool" >/dev/null || die "$tool not found (apt-get install debootstrap systemd-container)"
@@ -57,7 +69,7 @@ t0=$SECONDS
 step() { printf '== [%3ss] %s\n' "$((SECONDS - t0))" "$*"; }
 
 # ---- binaries -------------------------------------------------------------------
-if [ -z "$tern_bin" ]; then
+if [ -z "$tern_bin" ] && [ -z "$deb" ]; then
     step "cargo build --release (tern)"
     (cd "$repo" && cargo build --release -q -p tern --bin tern)
     tern_bin=$repo/target/release/tern
@@ -67,7 +79,7 @@ if [ -z "$ledger_bin" ]; then
     (cd "$repo" && cargo build --release -q -p tern-client --example ledger)
     ledger_bin=$repo/target/release/examples/ledger
 fi
-[ -x "$tern_bin" ] || die "not an executable: $tern_bin"
+[ -n "$deb" ] || [ -x "$tern_bin" ] || die "not an executable: $tern_bin"
 [ -x "$ledger_bin" ] || die "not an executable: $ledger_bin"
 
 # ---- root file system, cached per package list ------------------------------------
@@ -220,6 +232,8 @@ check_running() {
     in_ct test -d /var/lib/tern/shard-0 || fail "$what: no store in /var/lib/tern"
     in_ct cat "/proc/$pid/cmdline" | tr '\0' ' ' | grep -q -- "--data-dir /var/lib/tern" \
         || fail "$what: tern was not started with --data-dir /var/lib/tern"
+    [ "$(in_ct readlink "/proc/$pid/exe")" = "$tern_path" ] \
+        || fail "$what: main PID $pid is not $tern_path"
     [ -z "$(in_ct find /run/tern -mindepth 1 ! -name tern.sock)" ] \
         || fail "$what: files other than the stats socket under /run/tern"
     in_ct tern stats -s /run/tern/tern.sock show info > /dev/null || fail "$what: stats socket does not answer"
@@ -244,26 +258,47 @@ deliver() {
 }
 
 # ---- install, as an operator does -------------------------------------------------------
-step "install: binary, then tuning/linux/apply.sh --apply inside the container"
-install -m 0755 "$tern_bin" "$root/usr/local/bin/tern"
-mkdir -p "$root/root/tern-tuning"
-cp -a "$here" "$root/root/tern-tuning/linux"
-boot
-in_ct bash /root/tern-tuning/linux/apply.sh --apply > "$work/apply.log" 2>&1 \
-    || { cat "$work/apply.log" >&2; fail "apply.sh --apply failed"; }
-grep -q "tern: created" "$work/apply.log" || fail "apply.sh did not create the tern user"
-in_ct id tern > /dev/null || fail "no user tern after apply.sh"
-[ "$(in_ct stat -c '%a %U:%G' /etc/tern/tern.toml)" = "640 root:tern" ] \
-    || fail "/etc/tern/tern.toml is not 640 root:tern"
-in_ct cmp -s /root/tern-tuning/linux/tern.service /etc/systemd/system/tern.service \
-    || fail "tern.service not installed"
+if [ -z "$deb" ]; then
+    tern_path=/usr/local/bin/tern
+    step "install: binary, then tuning/linux/apply.sh --apply inside the container"
+    install -m 0755 "$tern_bin" "$root/usr/local/bin/tern"
+    mkdir -p "$root/root/tern-tuning"
+    cp -a "$here" "$root/root/tern-tuning/linux"
+    boot
+    in_ct bash /root/tern-tuning/linux/apply.sh --apply > "$work/apply.log" 2>&1 \
+        || { cat "$work/apply.log" >&2; fail "apply.sh --apply failed"; }
+    grep -q "tern: created" "$work/apply.log" || fail "apply.sh did not create the tern user"
+    in_ct id tern > /dev/null || fail "no user tern after apply.sh"
+    [ "$(in_ct stat -c '%a %U:%G' /etc/tern/tern.toml)" = "640 root:tern" ] \
+        || fail "/etc/tern/tern.toml is not 640 root:tern"
+    in_ct cmp -s /root/tern-tuning/linux/tern.service /etc/systemd/system/tern.service \
+        || fail "tern.service not installed"
+else
+    tern_path=/usr/bin/tern
+    step "install: dpkg -i $(basename "$deb") inside the container"
+    cp "$deb" "$root/root/tern.deb"
+    boot
+    in_ct dpkg -i /root/tern.deb > "$work/dpkg.log" 2>&1 \
+        || { cat "$work/dpkg.log" >&2; fail "dpkg -i failed"; }
+    in_ct id tern > /dev/null || fail "no user tern after dpkg -i (postinst)"
+    [ "$(in_ct stat -c '%a %U:%G' /etc/tern/tern.toml)" = "640 root:tern" ] \
+        || fail "/etc/tern/tern.toml is not 640 root:tern"
+    # shellcheck disable=SC2016 # a dpkg-query field, not a shell variable
+    in_ct dpkg-query -W -f '${Conffiles}' tern | grep -q /etc/tern/tern.toml \
+        || fail "/etc/tern/tern.toml is not a conffile"
+    in_ct systemctl cat tern | grep -q '^ExecStart=/usr/bin/tern serve ' \
+        || fail "systemd does not see the package's ExecStart drop-in"
+    [ "$(prop ActiveState)" = inactive ] || fail "dpkg -i started tern before it was configured"
+fi
 # The operator's edits: a real secret, a free port, two shards.
 sed -i -e "s|^listen = .*|listen = \"$addr\"|" -e "s|^shards = .*|shards = 2|" \
     -e "s|^# token_secret = .*|token_secret = \"$secret\"|" "$root/etc/tern/tern.toml"
 in_ct tern check-config /etc/tern/tern.toml > /dev/null || fail "edited tern.toml refused by check-config"
-cp "$root/etc/tern/tern.toml" "$work/tern.toml.edited"
-in_ct bash /root/tern-tuning/linux/apply.sh --apply > "$work/apply2.log" 2>&1 || fail "apply.sh 2nd run failed"
-cmp -s "$work/tern.toml.edited" "$root/etc/tern/tern.toml" || fail "apply.sh 2nd run overwrote tern.toml"
+if [ -z "$deb" ]; then
+    cp "$root/etc/tern/tern.toml" "$work/tern.toml.edited"
+    in_ct bash /root/tern-tuning/linux/apply.sh --apply > "$work/apply2.log" 2>&1 || fail "apply.sh 2nd run failed"
+    cmp -s "$work/tern.toml.edited" "$root/etc/tern/tern.toml" || fail "apply.sh 2nd run overwrote tern.toml"
+fi
 stop_timeout_s=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s\{0,1\}$/\1/p' "$here/tern.service")
 [ -n "$stop_timeout_s" ] || fail "no TimeoutStopSec=N in tern.service"
 
@@ -290,30 +325,34 @@ if [ "$rc" -ne 1 ] || ! grep -q "LOST" "$work/negative.log"; then
 fi
 echo "   ok: checking the same batch again reports its 50 messages LOST (exit 1): the check can fail"
 
-step "2b. queue, then kill -9 of the main PID"
-queue kill 3001-3010
-pid=$(prop MainPID)
-restarts=$(prop NRestarts)
-in_ct kill -9 "$pid"
-wait_up "$pid"
-[ "$(prop NRestarts)" -gt "$restarts" ] || fail "kill -9: NRestarts did not grow (not restarted by Restart=on-failure?)"
-check_running "after kill -9 (Restart=on-failure)"
-deliver kill
+# The package's unit is the same file; kill -9 and reboot are checked by
+# the run without --deb.
+if [ -z "$deb" ]; then
+    step "2b. queue, then kill -9 of the main PID"
+    queue kill 3001-3010
+    pid=$(prop MainPID)
+    restarts=$(prop NRestarts)
+    in_ct kill -9 "$pid"
+    wait_up "$pid"
+    [ "$(prop NRestarts)" -gt "$restarts" ] || fail "kill -9: NRestarts did not grow (not restarted by Restart=on-failure?)"
+    check_running "after kill -9 (Restart=on-failure)"
+    deliver kill
 
-step "2c. queue, then reboot the container"
-queue reboot 4001-4010
-in_ct systemctl reboot 2> /dev/null || true   # the call may die with the manager
-for ((i = 0; i < 240; i++)); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.25; done
-kill -0 "$nspawn_pid" 2>/dev/null && fail "the container did not reboot within 60 s"
-rc=0
-wait "$nspawn_pid" || rc=$?
-nspawn_pid=
-# systemd-nspawn exits 133 when the container asked for a reboot.
-[ "$rc" -eq 133 ] || fail "systemd-nspawn exited $rc after systemctl reboot, wanted 133"
-boot
-wait_up 0
-check_running "after reboot (unit enabled)"
-deliver reboot
+    step "2c. queue, then reboot the container"
+    queue reboot 4001-4010
+    in_ct systemctl reboot 2> /dev/null || true   # the call may die with the manager
+    for ((i = 0; i < 240; i++)); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.25; done
+    kill -0 "$nspawn_pid" 2>/dev/null && fail "the container did not reboot within 60 s"
+    rc=0
+    wait "$nspawn_pid" || rc=$?
+    nspawn_pid=
+    # systemd-nspawn exits 133 when the container asked for a reboot.
+    [ "$rc" -eq 133 ] || fail "systemd-nspawn exited $rc after systemctl reboot, wanted 133"
+    boot
+    wait_up 0
+    check_running "after reboot (unit enabled)"
+    deliver reboot
+fi
 deliver kept
 
 step "3. systemctl stop (with a client connection open)"
@@ -331,4 +370,13 @@ in_ct journalctl -u tern -b --no-pager -o cat | tail -n 5 | grep -Eq '\] stopped
 in_ct test -d /var/lib/tern/shard-0 || fail "stop: /var/lib/tern is gone"
 echo "   ok: stopped in $elapsed_ms ms (TimeoutStopSec=${stop_timeout_s}s), Result=success, exit 0"
 
-step "PASS: tern.service under systemd $(in_ct systemctl --version | head -n 1 | cut -d' ' -f2)"
+if [ -n "$deb" ]; then
+    step "4. dpkg -r tern"
+    in_ct dpkg -r tern > "$work/dpkg-r.log" 2>&1 || { cat "$work/dpkg-r.log" >&2; fail "dpkg -r failed"; }
+    in_ct test ! -e /usr/bin/tern || fail "dpkg -r left /usr/bin/tern"
+    in_ct test ! -e /lib/systemd/system/tern.service || fail "dpkg -r left the unit"
+    in_ct test -d /var/lib/tern/shard-0 || fail "dpkg -r removed the store"
+    echo "   ok: removed; /var/lib/tern kept"
+fi
+
+step "PASS: tern.service${deb:+ from $(basename "$deb")} under systemd $(in_ct systemctl --version | head -n 1 | cut -d' ' -f2)"

@@ -140,7 +140,10 @@ impl LogStore {
                 Staged::Queued { user, server_id } => {
                     let queue = self.queues.get_mut(&user).expect("a staged push is queued");
                     let at = find(queue, server_id).expect("a staged push is queued");
+                    let before = queue_state(Some(queue), |e| &e.msg);
                     let entry = queue.remove(at).expect("found");
+                    self.shape
+                        .update(user, before, queue_state(Some(queue), |e| &e.msg));
                     debug_assert!(matches!(entry.loc, Loc::Staged(_)));
                     if let Some(origin) = entry.msg.origin {
                         // Not taken after all: a retry is new again.

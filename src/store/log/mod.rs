@@ -229,7 +229,7 @@ use super::files;
 use super::record::{Record, BODY_BYTES_MAX};
 use super::segment;
 use super::window::{Taken, Windows};
-use super::{Origin, PushError, Seen, Space, Store, Stored, SyncJob};
+use super::{queue_state, Origin, PushError, Seen, Shape, Space, Store, Stored, SyncJob};
 use crate::clock::Clock;
 
 mod bulk;
@@ -455,6 +455,8 @@ pub struct LogStore {
     windows: Windows<WLoc>,
     /// Messages in `queues`.
     total: usize,
+    /// Lengths and heads of `queues`, for the stats; rebuilt after recovery.
+    shape: Shape,
     /// Every segment file, by number.
     segments: BTreeMap<u32, Segment>,
     /// The segment appended to, opened for append; `None` before the first
@@ -570,6 +572,7 @@ impl LogStore {
             queues: HashMap::default(),
             windows: Windows::default(),
             total: 0,
+            shape: Shape::default(),
             segments: BTreeMap::new(),
             active: None,
             next_segment: 1,
@@ -609,6 +612,13 @@ impl LogStore {
             store.recover(&mut recovery)?;
             store.check_space(store.clock.now());
             store.keep_reserve();
+        }
+        // Replay moves queues around freely; one walk at start-up is cheap
+        // next to the replay itself.
+        for (&user, queue) in &store.queues {
+            store
+                .shape
+                .update(user, (0, None), queue_state(Some(queue), |e| &e.msg));
         }
         store.durable_id = store.server_id_max;
         recovery.messages = store.total;
@@ -762,6 +772,7 @@ impl Store for LogStore {
             return Err(PushError::StorageFull(msg));
         }
         let queue = self.queues.entry(user).or_default();
+        let before = queue_state(Some(queue), |e| &e.msg);
         debug_assert!(queue
             .back()
             .is_none_or(|last| last.msg.server_id < msg.server_id));
@@ -793,6 +804,8 @@ impl Store for LogStore {
         }
         crate::memory::reserve_one(queue);
         queue.push_back(Entry { msg, loc });
+        self.shape
+            .update(user, before, queue_state(Some(queue), |e| &e.msg));
         self.total += 1;
         Ok(())
     }
@@ -804,7 +817,10 @@ impl Store for LogStore {
     fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored> {
         let queue = self.queues.get_mut(&user)?;
         let at = find(queue, server_id).ok()?;
+        let before = queue_state(Some(queue), |e| &e.msg);
         let entry = queue.remove(at)?;
+        self.shape
+            .update(user, before, queue_state(Some(queue), |e| &e.msg));
         self.total -= 1;
         if queue.is_empty() {
             self.queues.remove(&user);
@@ -916,6 +932,10 @@ impl Store for LogStore {
 
     fn total(&self) -> usize {
         self.total
+    }
+
+    fn shape(&self) -> &Shape {
+        &self.shape
     }
 
     fn commit(&mut self, refused: &mut Vec<u64>) -> io::Result<()> {

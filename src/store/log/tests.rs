@@ -75,6 +75,11 @@ fn seg_path(dir: &Path, n: u32) -> PathBuf {
 impl LogStore {
     /// Every invariant the bookkeeping relies on, recomputed from scratch.
     fn check(&self) {
+        let mut shape = Shape::default();
+        for (&user, q) in &self.queues {
+            shape.update(user, (0, None), queue_state(Some(q), |e| &e.msg));
+        }
+        assert_eq!(self.shape, shape, "the stats' shape follows the queues");
         let mut total = 0;
         let mut live: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         for (user, q) in &self.queues {
