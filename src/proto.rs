@@ -130,6 +130,10 @@ pub enum ErrorCode {
     /// 19 (cluster): the user (LOGIN, to a version 1 client) or the
     /// recipient (SEND) is served by another node; the text names it.
     OtherNode = 19,
+    /// 20 (LOGIN_ERR): the user already has `devices_per_user_max` other
+    /// devices online; this device is not logged in. A LOGIN of a device
+    /// that is online replaces its session instead.
+    TooManyDevices = 20,
 }
 
 impl ErrorCode {
@@ -155,6 +159,7 @@ impl ErrorCode {
             17 => ErrorCode::UnknownMessage,
             18 => ErrorCode::StaleClientId,
             19 => ErrorCode::OtherNode,
+            20 => ErrorCode::TooManyDevices,
             _ => return None,
         })
     }
@@ -181,6 +186,7 @@ impl ErrorCode {
             ErrorCode::UnknownMessage => "unknown_message",
             ErrorCode::StaleClientId => "stale_client_id",
             ErrorCode::OtherNode => "other_node",
+            ErrorCode::TooManyDevices => "too_many_devices",
         }
     }
 }
@@ -1245,7 +1251,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 19] = [
+    const ALL_ERROR_CODES: [ErrorCode; 20] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1265,6 +1271,7 @@ mod tests {
         ErrorCode::UnknownMessage,
         ErrorCode::StaleClientId,
         ErrorCode::OtherNode,
+        ErrorCode::TooManyDevices,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
     const ALL_BYE_REASONS: [ByeReason; 7] = [

@@ -136,6 +136,9 @@ pub struct Sessions {
     /// The messages stored this iteration: recipient, server id, and when
     /// their SEND was decoded (for the send-to-deliver histogram).
     fresh_sent: Vec<(u64, u64, u64)>,
+    /// Scratch of `pump`: the server ids one pump sent to a device of a
+    /// user with several online (they become owed by all of them).
+    sent_ids: Vec<u64>,
     /// Scratch of `on_committed`: bytes written per connection by this
     /// commit's answers; kept between commits so it does not allocate.
     written: foldhash::HashMap<ConnId, usize>,
@@ -189,6 +192,7 @@ impl Sessions {
             replies: Vec::new(),
             fresh: Vec::new(),
             fresh_sent: Vec::new(),
+            sent_ids: Vec::new(),
             written: foldhash::HashMap::default(),
             sealed: None,
             next_gen: 1,
@@ -380,20 +384,40 @@ impl Sessions {
         (s.state == State::Active).then_some(s.user)
     }
 
-    /// The connection `user` is online on here, if any.
+    /// The connection of `user`'s first online device here, if any.
     pub fn conn_of(&self, user: u64) -> Option<ConnId> {
         self.users.conn_of(user)
     }
 
-    /// `user`'s delivery window, if online: DELIVERs unanswered and their
-    /// bytes.
+    /// The delivery window of `user`'s first online device, if any:
+    /// DELIVERs unanswered and their bytes.
     pub fn window(&self, user: u64) -> Option<(u32, u32)> {
         self.users.window(user)
+    }
+
+    /// The delivery window of `user`'s device on `conn`, if that is one of
+    /// its sessions: DELIVERs unanswered and their bytes.
+    pub fn window_of(&self, user: u64, conn: ConnId) -> Option<(u32, u32)> {
+        self.users
+            .get(user, conn)
+            .map(|o| (o.inflight, o.inflight_bytes))
     }
 
     /// Users online on this shard.
     pub fn users_online(&self) -> usize {
         self.users.len()
+    }
+
+    /// Sessions online on this shard: every online device of every user.
+    pub fn sessions_online(&self) -> usize {
+        self.users.sessions()
+    }
+
+    /// The connections of `user`'s online devices here.
+    pub fn conns_of(&self, user: u64) -> Vec<ConnId> {
+        (0..self.users.count(user))
+            .map(|i| self.users.nth_conn(user, i))
+            .collect()
     }
 
     /// Receipts kept for `user` while it is offline.
@@ -476,6 +500,7 @@ impl Sessions {
         self.fresh_sent.clear();
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
+        self.stats.sessions_online.set(0);
     }
 
     // ---- connections -------------------------------------------------------
@@ -668,7 +693,9 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            self.install(now, env, conn, user, device, version);
+            if !self.install(now, env, conn, user, device, version) {
+                return Flow::Stop;
+            }
             if !rest.is_empty() {
                 // What followed the LOGIN is the logged-in session's input.
                 self.slots[conn.index()].last_rx = now.tick;
@@ -690,7 +717,9 @@ impl Sessions {
     }
 
     /// Makes `conn` the session of `device` of `user` on this, its home
-    /// shard.
+    /// shard: it replaces the session of the same device, or joins those of
+    /// the user's other devices up to `devices_per_user_max`. Returns false
+    /// (LOGIN_ERR `too_many_devices` sent) past that.
     fn install(
         &mut self,
         now: Now,
@@ -699,8 +728,12 @@ impl Sessions {
         user: u64,
         device: u32,
         version: u8,
-    ) {
-        if let Some(old) = self.users.conn_of(user) {
+    ) -> bool {
+        let online = self.users.count(user);
+        let same = (0..online)
+            .map(|i| self.users.nth_conn(user, i))
+            .find(|c| self.slots[c.index()].device == device);
+        if let Some(old) = same {
             self.write(
                 old,
                 &Frame::Bye {
@@ -708,6 +741,14 @@ impl Sessions {
                 },
             );
             self.close_after_flush(now, old);
+        } else if online >= self.config.devices_per_user_max {
+            self.stats.logins_failed.inc();
+            let text = format!(
+                "user {user} has {online} devices online, the most this server allows \
+                 (devices_per_user_max)"
+            );
+            self.login_err(now, conn, ErrorCode::TooManyDevices, &text);
+            return false;
         }
         self.stats.logins_ok.inc();
         self.actions.push(Action::Established(conn));
@@ -716,8 +757,12 @@ impl Sessions {
         s.device = device;
         s.state = State::Active;
         s.version = version;
-        self.users.go_online(user, conn);
+        let lane = self.users.go_online(user, conn);
+        if self.users.count(user) > 1 {
+            self.owe_joined(user, lane);
+        }
         self.stats.users_online.set(self.users.len() as u64);
+        self.stats.sessions_online.set(self.users.sessions() as u64);
         let offline_count = self.store.len(user) as u64;
         self.write(
             conn,
@@ -729,7 +774,8 @@ impl Sessions {
         for receipt in self.users.take_receipts(user) {
             self.write_receipt(conn, receipt);
         }
-        self.pump(env, user, false, None);
+        self.pump_one(env, user, conn, false, None);
+        true
     }
 
     fn on_timer(&mut self, now: Now, entry: Entry) {
@@ -833,14 +879,24 @@ impl Sessions {
         });
     }
 
-    /// Removes `conn`'s user from the online map if `conn` is its session.
+    /// Takes `conn`'s session of its user offline, if it is one: what
+    /// its device owed is let go, and once the user's last device leaves,
+    /// what was delivered to it is forgotten.
     fn go_offline(&mut self, conn: ConnId) {
         let Some(s) = self.slots.get(conn.index()) else {
             return;
         };
-        if s.user != 0 && self.users.go_offline(s.user, conn) {
-            self.guard.offline(s.user);
+        let user = s.user;
+        if user == 0 {
+            return;
+        }
+        if let Some(lane) = self.users.go_offline(user, conn) {
+            self.release_lane(user, lane);
+            if self.users.count(user) == 0 {
+                self.guard.offline(user);
+            }
             self.stats.users_online.set(self.users.len() as u64);
+            self.stats.sessions_online.set(self.users.sessions() as u64);
         }
     }
 
