@@ -1453,6 +1453,13 @@ mod tests {
             body: b"twenty bytes of text",
         };
         assert!(DOC.contains(&hex(&enc(&send20))));
+        // docs/PROTOCOL.md, "Several devices".
+        let too_many = Frame::LoginErr {
+            code: ErrorCode::TooManyDevices,
+            text: "devices",
+        };
+        assert_eq!(hex(&enc(&too_many)), "09 03 14 64 65 76 69 63 65 73");
+        assert!(DOC.contains(&hex(&enc(&too_many))));
     }
 
     #[test]
@@ -1669,7 +1676,7 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 20, 0x7f] {
+        for v in [0u8, 35, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
@@ -1863,7 +1870,8 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(20), None);
+        // 21..=34 are reserved for other issue 11 and ops work.
+        assert_eq!(ErrorCode::from_u64(35), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
