@@ -164,10 +164,11 @@ impl Users {
         if taken == 0 {
             self.online.insert(user, Online::new(conn, lane));
         } else {
-            self.more
-                .entry(user)
-                .or_default()
-                .push(Online::new(conn, lane));
+            // Exactly as long as needed: a first push would reserve 4
+            // sessions (96 bytes) for the usual second device.
+            let more = self.more.entry(user).or_default();
+            more.reserve_exact(1);
+            more.push(Online::new(conn, lane));
         }
         lane
     }
