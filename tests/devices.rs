@@ -414,4 +414,23 @@ fn v1_clients_see_the_same_bytes() {
     }]);
     assert_eq!(got, expected);
     assert_eq!(expected[1], 0x06);
+
+    // With another device of b online beside it, the v1 connection still
+    // gets the v1 bytes. The joining device first gets "hi", which the v1
+    // connection has not answered: still queued.
+    let first = sid;
+    let mut b1 = login_device(srv.addr, b, 1);
+    assert_eq!(recv_deliver(&mut b1).server_id, first);
+    ac.send_msg(10, b, b"again").unwrap();
+    let (sid, time) = ack(&mut ac, 10).unwrap();
+    let got = read_frames(&mut raw, 1);
+    let expected = encode_all(&[Frame::Deliver {
+        server_id: sid,
+        from: a,
+        server_time_ms: time,
+        client_id: None,
+        body: b"again",
+    }]);
+    assert_eq!(got, expected);
+    assert_eq!(recv_deliver(&mut b1).server_id, sid);
 }
