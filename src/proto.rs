@@ -60,6 +60,7 @@ const TYPE_ERROR: u8 = 0x0C;
 const TYPE_BYE: u8 = 0x0D;
 const TYPE_DELIVER_V2: u8 = 0x0E;
 const TYPE_REDIRECT: u8 = 0x0F;
+const TYPE_SENT: u8 = 0x12;
 
 /// Size limits the decoder enforces. Built from `Config`, which checks at
 /// start-up that a largest body plus its fields fits in a largest frame.
@@ -400,6 +401,21 @@ pub enum Frame<'a> {
         /// The node's client address, `host:port` (rest of the frame).
         addr: &'a str,
     },
+    /// 0x12, server to client, protocol v2: a copy of a message another
+    /// device of the same user sent and the server took (sent with its
+    /// ACK), so every device shows the whole conversation.
+    Sent {
+        /// Server id of the stored message (as in its ACK).
+        server_id: u64,
+        /// Its recipient.
+        to: u64,
+        /// When the server took it, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// The sending device's id for it.
+        client_id: u64,
+        /// Message body (rest of the frame).
+        body: &'a [u8],
+    },
 }
 
 impl Frame<'_> {
@@ -481,6 +497,19 @@ impl Frame<'_> {
             Frame::Redirect { addr } => OwnedFrame::Redirect {
                 addr: addr.to_string(),
             },
+            Frame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            } => OwnedFrame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body: body.to_vec(),
+            },
         }
     }
 
@@ -501,6 +530,7 @@ impl Frame<'_> {
             Frame::Error { .. } => "ERROR",
             Frame::Bye { .. } => "BYE",
             Frame::Redirect { .. } => "REDIRECT",
+            Frame::Sent { .. } => "SENT",
         }
     }
 
@@ -526,6 +556,7 @@ impl Frame<'_> {
             Frame::Error { .. } => TYPE_ERROR,
             Frame::Bye { .. } => TYPE_BYE,
             Frame::Redirect { .. } => TYPE_REDIRECT,
+            Frame::Sent { .. } => TYPE_SENT,
         }
     }
 
@@ -576,6 +607,19 @@ impl Frame<'_> {
             } => varint_len(code as u64) + varint_len(client_id) + text.len(),
             Frame::Bye { reason } => varint_len(reason as u64),
             Frame::Redirect { addr } => addr.len(),
+            Frame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            } => {
+                varint_len(server_id)
+                    + varint_len(to)
+                    + varint_len(server_time_ms)
+                    + varint_len(client_id)
+                    + body.len()
+            }
         };
         1 + fields
     }
@@ -687,6 +731,19 @@ pub enum OwnedFrame {
         /// The node's client address, `host:port`.
         addr: String,
     },
+    /// See [`Frame::Sent`].
+    Sent {
+        /// Server id of the stored message.
+        server_id: u64,
+        /// Its recipient.
+        to: u64,
+        /// When the server took it, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// The sending device's id for it.
+        client_id: u64,
+        /// Message body.
+        body: Vec<u8>,
+    },
 }
 
 impl OwnedFrame {
@@ -757,6 +814,19 @@ impl OwnedFrame {
             },
             OwnedFrame::Bye { reason } => Frame::Bye { reason },
             OwnedFrame::Redirect { ref addr } => Frame::Redirect { addr },
+            OwnedFrame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                ref body,
+            } => Frame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            },
         }
     }
 }
@@ -890,6 +960,13 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
             from: r.varint()?,
             server_time_ms: r.varint()?,
             client_id: None,
+            body: r.body(limits)?,
+        },
+        TYPE_SENT => Frame::Sent {
+            server_id: r.varint()?,
+            to: r.varint()?,
+            server_time_ms: r.varint()?,
+            client_id: r.varint()?,
             body: r.body(limits)?,
         },
         TYPE_DELIVER_V2 => Frame::Deliver {
@@ -1182,6 +1259,19 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             &[]
         }
         Frame::Redirect { addr } => addr.as_bytes(),
+        Frame::Sent {
+            server_id,
+            to,
+            server_time_ms,
+            client_id,
+            body,
+        } => {
+            head.varint(server_id);
+            head.varint(to);
+            head.varint(server_time_ms);
+            head.varint(client_id);
+            body
+        }
     };
     let payload_len = head.len + rest.len();
     let mut prefix = [0; LEN_PREFIX_BYTES_MAX];
@@ -1454,6 +1544,18 @@ mod tests {
         };
         assert!(DOC.contains(&hex(&enc(&send20))));
         // docs/PROTOCOL.md, "Several devices".
+        let sent = Frame::Sent {
+            server_id: 1025,
+            to: 7,
+            server_time_ms: 1_767_225_600_000,
+            client_id: 5,
+            body: b"hi",
+        };
+        assert_eq!(
+            hex(&enc(&sent)),
+            "0d 12 81 08 07 80 d0 ea b6 b7 33 05 68 69"
+        );
+        assert!(DOC.contains(&hex(&enc(&sent))));
         let too_many = Frame::LoginErr {
             code: ErrorCode::TooManyDevices,
             text: "devices",
@@ -1524,7 +1626,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x10, 0x7f, 0xff] {
+        for t in [0x00, 0x13, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -2012,6 +2114,15 @@ mod tests {
             proptest::sample::select(ALL_BYE_REASONS.to_vec())
                 .prop_map(|reason| OwnedFrame::Bye { reason }),
             any::<String>().prop_map(|addr| OwnedFrame::Redirect { addr }),
+            (arb_u64(), arb_u64(), arb_u64(), arb_u64(), arb_bytes()).prop_map(
+                |(server_id, to, server_time_ms, client_id, body)| OwnedFrame::Sent {
+                    server_id,
+                    to,
+                    server_time_ms,
+                    client_id,
+                    body,
+                }
+            ),
         ]
     }
 

@@ -336,6 +336,48 @@ fn receipts_go_to_every_device_of_the_sender() {
     }
 }
 
+#[test]
+fn the_senders_other_v2_devices_get_a_sent_copy() {
+    let srv = TestServer::start();
+    for (a, b) in [cross_pair(), same_pair()] {
+        let mut a1 = login_device(srv.addr, a, 1);
+        let mut a2 = login_device(srv.addr, a, 2);
+        // Device 0 with protocol 1: gets no new frame.
+        let mut a0 = srv.login(a);
+        let mut bc = srv.login(b);
+        a1.send_msg(100, b, b"from device 1").unwrap();
+        let (sid, time) = ack(&mut a1, 100).unwrap();
+        match a2.recv_until(|f| matches!(f, OwnedFrame::Sent { .. })) {
+            Ok(OwnedFrame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            }) => {
+                assert_eq!(
+                    (server_id, to, server_time_ms, client_id),
+                    (sid, b, time, 100)
+                );
+                assert_eq!(body, b"from device 1");
+            }
+            other => panic!("expected SENT, got {other:?}"),
+        }
+        assert_eq!(recv_deliver(&mut bc).server_id, sid);
+        bc.send_delivered(sid).unwrap();
+        // Every device gets the receipt; the v1 one and the sender no SENT.
+        for d in [&mut a0, &mut a1, &mut a2] {
+            expect_receipt(d, ReceiptKind::Delivered, sid, b);
+        }
+        nothing_before_pong(&mut a0, 1);
+        nothing_before_pong(&mut a1, 2);
+        // A refused SEND (user 0) makes no copy.
+        a1.send_msg(101, 0, b"nobody").unwrap();
+        assert_eq!(ack(&mut a1, 101), Err(ErrorCode::BadRecipient));
+        nothing_before_pong(&mut a2, 3);
+    }
+}
+
 fn spawn(dir: &Path) -> TernChild {
     let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2"]);
     cmd.arg("--data-dir")

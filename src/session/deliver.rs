@@ -79,8 +79,52 @@ impl Sessions {
         }
         let msg = self.send_msg(now, conn, client_id, to, body);
         self.stats.msgs_in.inc();
+        self.keep_copy(conn, client_id, to, body);
         self.route(now, env, dst, msg);
         Flow::Next
+    }
+
+    /// Keeps a copy of a version 2 SEND from `conn` while its user has
+    /// another version 2 device online: once the SEND is ACKed, that copy
+    /// goes to the other devices as SENT. Bounded by the SENDs in flight
+    /// (each gets one ACK or refusal back, which takes the copy).
+    fn keep_copy(&mut self, conn: ConnId, client_id: u64, to: u64, body: &[u8]) {
+        let s = self.slots[conn.index()];
+        if s.version < proto::VERSION_2 || self.users.count(s.user) < 2 {
+            return;
+        }
+        let other_v2 = (0..self.users.count(s.user)).any(|i| {
+            let c = self.users.nth_conn(s.user, i);
+            c != conn && self.slots[c.index()].version >= proto::VERSION_2
+        });
+        if other_v2 {
+            self.copies
+                .insert((conn, s.gen, client_id), (s.user, to, body.into()));
+        }
+    }
+
+    /// The SEND `client_id` from `reply` was taken as `server_id`: its
+    /// kept copy (if any) goes as SENT to the user's other version 2
+    /// devices online now.
+    fn send_copies(&mut self, reply: ConnRef, client_id: u64, server_id: u64, time_ms: u64) {
+        let Some((user, to, body)) = self.copies.remove(&(reply.conn, reply.gen, client_id)) else {
+            return;
+        };
+        for i in 0..self.users.count(user) {
+            let c = self.users.nth_conn(user, i);
+            if c != reply.conn && self.slots[c.index()].version >= proto::VERSION_2 {
+                self.write(
+                    c,
+                    &Frame::Sent {
+                        server_id,
+                        to,
+                        server_time_ms: time_ms,
+                        client_id,
+                        body: &body,
+                    },
+                );
+            }
+        }
     }
 
     /// The [`Msg::Send`] of a SEND from `conn`, with its reply address and,
@@ -124,6 +168,7 @@ impl Sessions {
         }
         let msg = self.send_msg(now, conn, client_id, to, body);
         self.stats.msgs_in.inc();
+        self.keep_copy(conn, client_id, to, body);
         self.actions.push(Action::Cluster(msg));
         Flow::Next
     }
@@ -564,6 +609,7 @@ impl Sessions {
                 time_ms,
                 sent_ns,
             } => {
+                self.send_copies(reply, client_id, server_id, time_ms);
                 if let Some(conn) = self.live(reply) {
                     self.stats.acks.inc();
                     let ns = now.mono_ns.saturating_sub(sent_ns);
@@ -583,6 +629,7 @@ impl Sessions {
                 client_id,
                 code,
             } => {
+                self.copies.remove(&(reply.conn, reply.gen, client_id));
                 if let Some(conn) = self.live(reply) {
                     let text = match code {
                         ErrorCode::QueueFull => "recipient's queue is full, retry later",

@@ -70,6 +70,13 @@ struct Sealed {
     fresh_sent: Vec<(u64, u64, u64)>,
 }
 
+/// Which SEND a kept copy belongs to: the sender's connection, its
+/// generation, and the SEND's client_id.
+type CopyKey = (ConnId, u32, u64);
+
+/// A kept copy of a SEND: the sending user, the recipient and the body.
+type SentCopy = (u64, u64, Box<[u8]>);
+
 /// A connection's protocol state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum State {
@@ -136,6 +143,11 @@ pub struct Sessions {
     /// The messages stored this iteration: recipient, server id, and when
     /// their SEND was decoded (for the send-to-deliver histogram).
     fresh_sent: Vec<(u64, u64, u64)>,
+    /// Copies of version 2 SENDs in flight from users with another version
+    /// 2 device online, by (sender connection, generation, client_id):
+    /// user, recipient and body, sent to those devices as SENT with the
+    /// ACK (`deliver.rs`, `keep_copy`).
+    copies: foldhash::HashMap<CopyKey, SentCopy>,
     /// Scratch of `pump`: the server ids one pump sent to a device of a
     /// user with several online (they become owed by all of them).
     sent_ids: Vec<u64>,
@@ -192,6 +204,7 @@ impl Sessions {
             replies: Vec::new(),
             fresh: Vec::new(),
             fresh_sent: Vec::new(),
+            copies: foldhash::HashMap::default(),
             sent_ids: Vec::new(),
             written: foldhash::HashMap::default(),
             sealed: None,
@@ -342,6 +355,7 @@ impl Sessions {
         trim_vec(&mut self.actions, keep_bytes);
         trim_vec(&mut self.fresh, keep_bytes);
         trim_vec(&mut self.fresh_sent, keep_bytes);
+        crate::memory::shrink_map(&mut self.copies);
         self.store.trim(keep_bytes);
     }
 
@@ -472,6 +486,7 @@ impl Sessions {
         self.wire.clear();
         self.slots.clear();
         self.users.clear();
+        self.copies.clear();
         self.guard.clear();
         // Senders on this shard lose their connection and resend anyway;
         // senders on other shards keep theirs and would wait forever, so
