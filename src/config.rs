@@ -47,6 +47,10 @@ const DELIVERED_RECENT_MAX: usize = 1 << 16;
 /// Largest `presence_subs_max`: a subscriber's list is scanned per SUBSCRIBE.
 const PRESENCE_SUBS_MAX: usize = 1 << 16;
 
+/// Largest `devices_per_user_max`: the devices that still owe a DELIVERED
+/// for a message are one bit each of a `u32`.
+pub const DEVICES_PER_USER_MAX: usize = 32;
+
 /// Largest `deliver_inflight_max` (counted in 32 bits per user).
 const DELIVER_INFLIGHT_MAX: usize = 1 << 20;
 
@@ -107,6 +111,11 @@ pub struct Config {
     pub body_bytes_max: usize,
     /// Messages held per user (offline plus not yet acknowledged by the device). Default 1000.
     pub queue_len_max: usize,
+    /// Devices of one user that may be online at once (each with its own
+    /// session and delivery window); a LOGIN of one more gets LOGIN_ERR
+    /// `too_many_devices`. Default 4; 1 to 32 (a message's unanswered
+    /// devices are a 32-bit mask).
+    pub devices_per_user_max: usize,
     /// Bytes of unsent output a connection may hold before it is closed with
     /// `BYE(slow)`. Default 262144 (256 KiB).
     pub conn_out_bytes_max: usize,
@@ -428,6 +437,7 @@ impl Default for Config {
             frame_bytes_max: 65536,
             body_bytes_max: 65000,
             queue_len_max: 1000,
+            devices_per_user_max: 4,
             conn_out_bytes_max: 256 * 1024,
             deliver_inflight_max: 4096,
             idle_timeout_ms: 300_000,
@@ -572,6 +582,12 @@ impl Config {
         }
         if self.queue_len_max == 0 {
             return Err(bad("queue_len_max", "must be at least 1"));
+        }
+        if !(1..=DEVICES_PER_USER_MAX).contains(&self.devices_per_user_max) {
+            return Err(bad(
+                "devices_per_user_max",
+                format!("must be 1 to {DEVICES_PER_USER_MAX}"),
+            ));
         }
         if self.conn_out_bytes_max < self.frame_bytes_max + 16 {
             return Err(bad(

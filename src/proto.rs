@@ -66,6 +66,7 @@ const TYPE_UNSUBSCRIBE: u8 = 0x19;
 const TYPE_PRESENCE: u8 = 0x1A;
 const TYPE_PRIVACY: u8 = 0x1B;
 const TYPE_TYPING: u8 = 0x1C;
+const TYPE_SENT: u8 = 0x12;
 
 /// Size limits the decoder enforces. Built from `Config`, which checks at
 /// start-up that a largest body plus its fields fits in a largest frame.
@@ -136,6 +137,10 @@ pub enum ErrorCode {
     /// 19 (cluster): the user (LOGIN, to a version 1 client) or the
     /// recipient (SEND) is served by another node; the text names it.
     OtherNode = 19,
+    /// 20 (LOGIN_ERR): the user already has `devices_per_user_max` other
+    /// devices online; this device is not logged in. A LOGIN of a device
+    /// that is online replaces its session instead.
+    TooManyDevices = 20,
     /// 25 (protocol v2): a SUBSCRIBE over `presence_subs_max`; not taken.
     /// The ERROR's `client_id` field carries the refused user id.
     PresenceSubsFull = 25,
@@ -165,6 +170,7 @@ impl ErrorCode {
             18 => ErrorCode::StaleClientId,
             19 => ErrorCode::OtherNode,
             25 => ErrorCode::PresenceSubsFull,
+            20 => ErrorCode::TooManyDevices,
             _ => return None,
         })
     }
@@ -192,6 +198,7 @@ impl ErrorCode {
             ErrorCode::StaleClientId => "stale_client_id",
             ErrorCode::OtherNode => "other_node",
             ErrorCode::PresenceSubsFull => "presence_subs_full",
+            ErrorCode::TooManyDevices => "too_many_devices",
         }
     }
 }
@@ -484,6 +491,21 @@ pub enum Frame<'a> {
         /// Client to server: the peer; server to client: the typist.
         user: u64,
     },
+    /// 0x12, server to client, protocol v2: a copy of a message another
+    /// device of the same user sent and the server took (sent with its
+    /// ACK), so every device shows the whole conversation.
+    Sent {
+        /// Server id of the stored message (as in its ACK).
+        server_id: u64,
+        /// Its recipient.
+        to: u64,
+        /// When the server took it, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// The sending device's id for it.
+        client_id: u64,
+        /// Message body (rest of the frame).
+        body: &'a [u8],
+    },
 }
 
 impl Frame<'_> {
@@ -578,6 +600,19 @@ impl Frame<'_> {
             },
             Frame::Privacy { hidden } => OwnedFrame::Privacy { hidden },
             Frame::Typing { user } => OwnedFrame::Typing { user },
+            Frame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            } => OwnedFrame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body: body.to_vec(),
+            },
         }
     }
 
@@ -603,6 +638,7 @@ impl Frame<'_> {
             Frame::Presence { .. } => "PRESENCE",
             Frame::Privacy { .. } => "PRIVACY",
             Frame::Typing { .. } => "TYPING",
+            Frame::Sent { .. } => "SENT",
         }
     }
 
@@ -633,6 +669,7 @@ impl Frame<'_> {
             Frame::Presence { .. } => TYPE_PRESENCE,
             Frame::Privacy { .. } => TYPE_PRIVACY,
             Frame::Typing { .. } => TYPE_TYPING,
+            Frame::Sent { .. } => TYPE_SENT,
         }
     }
 
@@ -692,6 +729,19 @@ impl Frame<'_> {
                 last_seen_ms,
             } => varint_len(user) + varint_len(state as u64) + varint_len(last_seen_ms),
             Frame::Privacy { .. } => 1,
+            Frame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            } => {
+                varint_len(server_id)
+                    + varint_len(to)
+                    + varint_len(server_time_ms)
+                    + varint_len(client_id)
+                    + body.len()
+            }
         };
         1 + fields
     }
@@ -832,6 +882,19 @@ pub enum OwnedFrame {
         /// The peer (client to server) or the typist (server to client).
         user: u64,
     },
+    /// See [`Frame::Sent`].
+    Sent {
+        /// Server id of the stored message.
+        server_id: u64,
+        /// Its recipient.
+        to: u64,
+        /// When the server took it, milliseconds since the Unix epoch.
+        server_time_ms: u64,
+        /// The sending device's id for it.
+        client_id: u64,
+        /// Message body.
+        body: Vec<u8>,
+    },
 }
 
 impl OwnedFrame {
@@ -915,6 +978,19 @@ impl OwnedFrame {
             },
             OwnedFrame::Privacy { hidden } => Frame::Privacy { hidden },
             OwnedFrame::Typing { user } => Frame::Typing { user },
+            OwnedFrame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                ref body,
+            } => Frame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            },
         }
     }
 }
@@ -1048,6 +1124,13 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
             from: r.varint()?,
             server_time_ms: r.varint()?,
             client_id: None,
+            body: r.body(limits)?,
+        },
+        TYPE_SENT => Frame::Sent {
+            server_id: r.varint()?,
+            to: r.varint()?,
+            server_time_ms: r.varint()?,
+            client_id: r.varint()?,
             body: r.body(limits)?,
         },
         TYPE_DELIVER_V2 => Frame::Deliver {
@@ -1374,6 +1457,19 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             head.varint(u64::from(hidden));
             &[]
         }
+        Frame::Sent {
+            server_id,
+            to,
+            server_time_ms,
+            client_id,
+            body,
+        } => {
+            head.varint(server_id);
+            head.varint(to);
+            head.varint(server_time_ms);
+            head.varint(client_id);
+            body
+        }
     };
     let payload_len = head.len + rest.len();
     let mut prefix = [0; LEN_PREFIX_BYTES_MAX];
@@ -1443,7 +1539,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 20] = [
+    const ALL_ERROR_CODES: [ErrorCode; 21] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1463,6 +1559,7 @@ mod tests {
         ErrorCode::UnknownMessage,
         ErrorCode::StaleClientId,
         ErrorCode::OtherNode,
+        ErrorCode::TooManyDevices,
         ErrorCode::PresenceSubsFull,
     ];
     const ALL_PRESENCE_STATES: [PresenceState; 3] = [
@@ -1667,6 +1764,25 @@ mod tests {
             body: b"twenty bytes of text",
         };
         assert!(DOC.contains(&hex(&enc(&send20))));
+        // docs/PROTOCOL.md, "Several devices".
+        let sent = Frame::Sent {
+            server_id: 1025,
+            to: 7,
+            server_time_ms: 1_767_225_600_000,
+            client_id: 5,
+            body: b"hi",
+        };
+        assert_eq!(
+            hex(&enc(&sent)),
+            "0d 12 81 08 07 80 d0 ea b6 b7 33 05 68 69"
+        );
+        assert!(DOC.contains(&hex(&enc(&sent))));
+        let too_many = Frame::LoginErr {
+            code: ErrorCode::TooManyDevices,
+            text: "devices",
+        };
+        assert_eq!(hex(&enc(&too_many)), "09 03 14 64 65 76 69 63 65 73");
+        assert!(DOC.contains(&hex(&enc(&too_many))));
     }
 
     #[test]
@@ -1731,7 +1847,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x10, 0x17, 0x1d, 0x1f, 0x20, 0x7f, 0xff] {
+        for t in [0x00, 0x10, 0x11, 0x13, 0x17, 0x1d, 0x1f, 0x20, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -1903,7 +2019,7 @@ mod tests {
 
     #[test]
     fn unknown_code_kind_reason() {
-        for v in [0u8, 20, 0x7f] {
+        for v in [0u8, 35, 0x7f] {
             assert_eq!(malformed(&[TYPE_LOGIN_ERR, v]), "unknown error code");
             assert_eq!(malformed(&[TYPE_ERROR, v, 0x00]), "unknown error code");
         }
@@ -2091,15 +2207,19 @@ mod tests {
     #[test]
     fn enums_from_u64_as_str_display() {
         for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
-            // 20..=24 are reserved for device errors, presence starts at 25.
-            let want = if i < 19 { i as u64 + 1 } else { i as u64 + 6 };
+            // 1..=19, then devices' 20 (21..=24 reserved), presence's 25.
+            let want = match i {
+                0..=19 => i as u64 + 1,
+                _ => i as u64 + 5,
+            };
             assert_eq!(*code as u64, want);
             assert_eq!(ErrorCode::from_u64(*code as u64), Some(*code));
             assert_eq!(code.to_string(), code.as_str());
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        assert_eq!(ErrorCode::from_u64(20), None);
+        // 21..=24 and 26..=34 are reserved for other issue 11 and ops work.
+        assert_eq!(ErrorCode::from_u64(21), None);
         assert_eq!(ErrorCode::from_u64(26), None);
         for (i, state) in ALL_PRESENCE_STATES.iter().enumerate() {
             assert_eq!(*state as u64, i as u64 + 1);
@@ -2109,6 +2229,7 @@ mod tests {
         }
         assert_eq!(PresenceState::from_u64(0), None);
         assert_eq!(PresenceState::from_u64(4), None);
+        assert_eq!(ErrorCode::from_u64(35), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
@@ -2262,6 +2383,15 @@ mod tests {
                 }),
             any::<bool>().prop_map(|hidden| OwnedFrame::Privacy { hidden }),
             arb_u64().prop_map(|user| OwnedFrame::Typing { user }),
+            (arb_u64(), arb_u64(), arb_u64(), arb_u64(), arb_bytes()).prop_map(
+                |(server_id, to, server_time_ms, client_id, body)| OwnedFrame::Sent {
+                    server_id,
+                    to,
+                    server_time_ms,
+                    client_id,
+                    body,
+                }
+            ),
         ]
     }
 

@@ -8,8 +8,13 @@
 //!   device's low client ids are new messages, not `stale_client_id`, and
 //!   each device's retry gets its own original ACK, also after kill -9 of
 //!   the real binary;
-//! - one connection per user is served, whatever its device: a LOGIN from
-//!   another device replaces the older one with BYE(`replaced`);
+//! - several devices of a user are online at once: a LOGIN of the same
+//!   device replaces its session with BYE(`replaced`), another device
+//!   joins, up to `devices_per_user_max` (then LOGIN_ERR
+//!   `too_many_devices`); every online device gets every message and
+//!   answers it on its own; the message stays queued until each online
+//!   device answered (or left); the sender's devices all get the receipts,
+//!   the delivery receipt once, at the first DELIVERED;
 //! - a v1 client is unchanged: the same LOGIN_OK and DELIVER bytes.
 //!
 //! Every wait has a generous bound; nothing asserts how fast anything was.
@@ -23,7 +28,7 @@ use std::process::{Command, Stdio};
 
 use common::child::{serve_command, TernChild};
 use common::*;
-use tern::proto::{self, ByeReason, ErrorCode, Frame, OwnedFrame};
+use tern::proto::{self, ByeReason, ErrorCode, Frame, OwnedFrame, ReceiptKind};
 use tern_client::Client;
 
 /// A token for `device` of `user`, valid for an hour.
@@ -189,19 +194,188 @@ fn each_device_has_its_own_send_window() {
     }
 }
 
+/// No frame other than PONG(`nonce`) comes before it: nothing else was
+/// pending for `c` (the server writes in order).
+fn nothing_before_pong(c: &mut Client, nonce: u64) {
+    c.send_frame(&Frame::Ping { nonce }).unwrap();
+    match c.recv_until(|_| true) {
+        Ok(OwnedFrame::Pong { nonce: n }) if n == nonce => {}
+        other => panic!("expected only PONG({nonce}), got {other:?}"),
+    }
+}
+
 #[test]
-fn another_device_replaces_the_session() {
+fn devices_join_and_each_gets_every_message() {
+    let srv = TestServer::start();
+    for (a, b) in [cross_pair(), same_pair()] {
+        // Device 0 (a v1 token) and two device tokens: three sessions.
+        let mut d0 = srv.login(a);
+        let mut d1 = login_device(srv.addr, a, 1);
+        let mut d2 = login_device(srv.addr, a, 2);
+        let mut bc = srv.login(b);
+        assert_eq!(srv.wait_info("Sessions_online", |n| n == 4), 4);
+        assert_eq!(srv.info_u64("Users_online"), 2);
+
+        bc.send_msg(1, a, b"to every device").unwrap();
+        let sid = recv_ack(&mut bc, 1);
+        let mut devices = [&mut d0, &mut d1, &mut d2];
+        for d in devices.iter_mut() {
+            let got = recv_deliver(d);
+            assert_eq!((got.server_id, got.from), (sid, b));
+            assert_eq!(got.body, b"to every device");
+        }
+        // The first DELIVERED brings the receipt; the others none.
+        d1.send_delivered(sid).unwrap();
+        expect_receipt(&mut bc, ReceiptKind::Delivered, sid, a);
+        // Still queued: devices 0 and 2 owe it.
+        assert_eq!(srv.wait_info("Queued", |n| n == 1), 1);
+        d0.send_delivered(sid).unwrap();
+        d2.send_delivered(sid).unwrap();
+        // A repeat from a device that answered is harmless.
+        d2.send_delivered(sid).unwrap();
+        nothing_before_pong(&mut d2, 11);
+        assert_eq!(srv.wait_info("Queued", |n| n == 0), 0);
+        nothing_before_pong(&mut bc, 12);
+        // READ on any device reaches the sender.
+        d2.send_read(sid, b).unwrap();
+        expect_receipt(&mut bc, ReceiptKind::Read, sid, a);
+
+        // A device that leaves owes nothing: device 1 answers, device 2
+        // leaves without answering, and the message is gone.
+        bc.send_msg(2, a, b"second").unwrap();
+        let sid2 = recv_ack(&mut bc, 2);
+        for d in [&mut d0, &mut d1, &mut d2] {
+            assert_eq!(recv_deliver(d).server_id, sid2);
+        }
+        d1.send_delivered(sid2).unwrap();
+        expect_receipt(&mut bc, ReceiptKind::Delivered, sid2, a);
+        drop(d2);
+        d0.send_delivered(sid2).unwrap();
+        assert_eq!(srv.wait_info("Queued", |n| n == 0), 0);
+        assert_eq!(srv.wait_info("Sessions_online", |n| n == 3), 3);
+        assert_eq!(srv.info_u64("Users_online"), 2);
+        drop((d0, d1, bc));
+        assert_eq!(srv.wait_info("Sessions_online", |n| n == 0), 0);
+        assert_eq!(srv.info_u64("Users_online"), 0);
+    }
+}
+
+#[test]
+fn a_joining_device_gets_what_is_still_queued() {
+    let srv = TestServer::start();
+    let (a, b) = cross_pair();
+    let mut d1 = login_device(srv.addr, a, 1);
+    let mut bc = srv.login(b);
+    bc.send_msg(1, a, b"before the second device").unwrap();
+    let sid = recv_ack(&mut bc, 1);
+    assert_eq!(recv_deliver(&mut d1).server_id, sid);
+    // Device 2 joins while device 1 has not answered: both owe it.
+    let mut d2 = login_device(srv.addr, a, 2);
+    assert_eq!(recv_deliver(&mut d2).server_id, sid);
+    d2.send_delivered(sid).unwrap();
+    expect_receipt(&mut bc, ReceiptKind::Delivered, sid, a);
+    assert_eq!(srv.wait_info("Queued", |n| n == 1), 1);
+    d1.send_delivered(sid).unwrap();
+    assert_eq!(srv.wait_info("Queued", |n| n == 0), 0);
+    nothing_before_pong(&mut bc, 1);
+}
+
+#[test]
+fn the_same_device_replaces_its_session() {
     let srv = TestServer::start();
     let (a, b) = cross_pair();
     let mut d1 = login_device(srv.addr, a, 1);
     let mut d2 = login_device(srv.addr, a, 2);
+    let mut d1_again = login_device(srv.addr, a, 1);
     expect_bye_then_close(&mut d1, ByeReason::Replaced);
-    // The newer device gets the user's messages.
     let mut bc = srv.login(b);
     bc.send_msg(1, a, b"to a").unwrap();
     let sid = recv_ack(&mut bc, 1);
+    assert_eq!(recv_deliver(&mut d1_again).server_id, sid);
     assert_eq!(recv_deliver(&mut d2).server_id, sid);
+    assert_eq!(srv.wait_info("Sessions_online", |n| n == 3), 3);
     assert_eq!(srv.info_u64("Users_online"), 2);
+}
+
+#[test]
+fn a_device_over_the_limit_is_refused() {
+    let srv = TestServer::start_with(|c| c.devices_per_user_max = 2);
+    let (a, _) = cross_pair();
+    let _d1 = login_device(srv.addr, a, 1);
+    let mut d2 = login_device(srv.addr, a, 2);
+    for version in [proto::VERSION, proto::VERSION_2] {
+        match Client::login_version(srv.addr, &device_token(a, 3), version) {
+            Err(tern_client::ClientError::LoginRejected { code, .. }) => {
+                assert_eq!(code, ErrorCode::TooManyDevices)
+            }
+            other => panic!("a third device: {:?}", other.map(|_| ())),
+        }
+    }
+    // An online device logging in again is a replacement, not one more.
+    let _d2_again = login_device(srv.addr, a, 2);
+    expect_bye_then_close(&mut d2, ByeReason::Replaced);
+    assert_eq!(srv.wait_info("Sessions_online", |n| n == 2), 2);
+    assert_eq!(srv.metric_sum("tern_logins_failed_total"), 2);
+}
+
+#[test]
+fn receipts_go_to_every_device_of_the_sender() {
+    let srv = TestServer::start();
+    let (a, b) = cross_pair();
+    let mut a1 = login_device(srv.addr, a, 1);
+    let mut a2 = login_device(srv.addr, a, 2);
+    let mut bc = srv.login(b);
+    a1.send_msg(1, b, b"from device 1").unwrap();
+    let sid = ack(&mut a1, 1).unwrap().0;
+    assert_eq!(recv_deliver(&mut bc).server_id, sid);
+    bc.send_delivered(sid).unwrap();
+    bc.send_read(sid, a).unwrap();
+    for d in [&mut a1, &mut a2] {
+        expect_receipt(d, ReceiptKind::Delivered, sid, b);
+        expect_receipt(d, ReceiptKind::Read, sid, b);
+    }
+}
+
+#[test]
+fn the_senders_other_v2_devices_get_a_sent_copy() {
+    let srv = TestServer::start();
+    for (a, b) in [cross_pair(), same_pair()] {
+        let mut a1 = login_device(srv.addr, a, 1);
+        let mut a2 = login_device(srv.addr, a, 2);
+        // Device 0 with protocol 1: gets no new frame.
+        let mut a0 = srv.login(a);
+        let mut bc = srv.login(b);
+        a1.send_msg(100, b, b"from device 1").unwrap();
+        let (sid, time) = ack(&mut a1, 100).unwrap();
+        match a2.recv_until(|f| matches!(f, OwnedFrame::Sent { .. })) {
+            Ok(OwnedFrame::Sent {
+                server_id,
+                to,
+                server_time_ms,
+                client_id,
+                body,
+            }) => {
+                assert_eq!(
+                    (server_id, to, server_time_ms, client_id),
+                    (sid, b, time, 100)
+                );
+                assert_eq!(body, b"from device 1");
+            }
+            other => panic!("expected SENT, got {other:?}"),
+        }
+        assert_eq!(recv_deliver(&mut bc).server_id, sid);
+        bc.send_delivered(sid).unwrap();
+        // Every device gets the receipt; the v1 one and the sender no SENT.
+        for d in [&mut a0, &mut a1, &mut a2] {
+            expect_receipt(d, ReceiptKind::Delivered, sid, b);
+        }
+        nothing_before_pong(&mut a0, 1);
+        nothing_before_pong(&mut a1, 2);
+        // A refused SEND (user 0) makes no copy.
+        a1.send_msg(101, 0, b"nobody").unwrap();
+        assert_eq!(ack(&mut a1, 101), Err(ErrorCode::BadRecipient));
+        nothing_before_pong(&mut a2, 3);
+    }
 }
 
 fn spawn(dir: &Path) -> TernChild {
@@ -282,4 +456,23 @@ fn v1_clients_see_the_same_bytes() {
     }]);
     assert_eq!(got, expected);
     assert_eq!(expected[1], 0x06);
+
+    // With another device of b online beside it, the v1 connection still
+    // gets the v1 bytes. The joining device first gets "hi", which the v1
+    // connection has not answered: still queued.
+    let first = sid;
+    let mut b1 = login_device(srv.addr, b, 1);
+    assert_eq!(recv_deliver(&mut b1).server_id, first);
+    ac.send_msg(10, b, b"again").unwrap();
+    let (sid, time) = ack(&mut ac, 10).unwrap();
+    let got = read_frames(&mut raw, 1);
+    let expected = encode_all(&[Frame::Deliver {
+        server_id: sid,
+        from: a,
+        server_time_ms: time,
+        client_id: None,
+        body: b"again",
+    }]);
+    assert_eq!(got, expected);
+    assert_eq!(recv_deliver(&mut b1).server_id, sid);
 }

@@ -3,7 +3,8 @@
 //! them, and the commands of the main thread (open, send, storm, close).
 //!
 //! Connection `g` (global) belongs to worker `g % workers` as local slot
-//! `g / workers`; its user id is `user_base + g`. Message `n` of a send plan
+//! `g / workers`; its user id is `user_base + g` (with `devices` above 1:
+//! `user_base + g / devices`, as device `g % devices`). Message `n` of a send plan
 //! is sent by the worker that owns its sender. The worker never blocks on a
 //! socket: it hands everything to its [`Engine`] and reacts to the events.
 
@@ -83,6 +84,9 @@ pub struct Plan {
     pub workers: usize,
     /// User id of connection 0.
     pub user_base: u64,
+    /// Connections per user, each as one of its devices (`connect` only;
+    /// 1: every connection is its own user, with a `v1.` token).
+    pub devices: u64,
     /// Token secret.
     pub secret: Vec<u8>,
     /// Token expiry, unix seconds.
@@ -119,7 +123,19 @@ pub struct Plan {
 impl Plan {
     /// User id of global connection `g`.
     pub fn user(&self, g: u64) -> u64 {
-        self.user_base + g
+        self.user_base + g / self.devices
+    }
+
+    /// The login token of global connection `g`: a device token (device
+    /// `g % devices`) when users have several devices.
+    fn token(&self, g: u64) -> String {
+        let user = self.user(g);
+        if self.devices > 1 {
+            let device = (g % self.devices) as u32;
+            tern::token::mint_device(&self.secret, user, device, self.token_expiry_s)
+        } else {
+            tern::token::mint(&self.secret, user, self.token_expiry_s)
+        }
     }
 
     /// Local slots of worker `w`.
@@ -968,11 +984,7 @@ impl<E: Engine> Worker<E> {
                 let us = self.since_open_us(l, now);
                 record(&mut self.ivl.connect, us);
                 if self.plan.login {
-                    let token = tern::token::mint(
-                        &self.plan.secret,
-                        self.plan.user(self.global(l)),
-                        self.plan.token_expiry_s,
-                    );
+                    let token = self.plan.token(self.global(l));
                     self.wbuf.clear();
                     proto::encode(
                         // Version 2: idempotent SEND, DELIVERs with the
@@ -1311,6 +1323,8 @@ impl<E: Engine> Worker<E> {
             }
             Frame::Presence { .. } => self.shared.add(C::presences, 1),
             Frame::Typing { .. } => {}
+            // Another device of this user sent a message: nothing to count.
+            Frame::Sent { .. } => {}
             // A clustered server serves this user on another node.
             Frame::Redirect { addr } => {
                 if self.conns[l as usize].state == S_LOGGING_IN {
@@ -1566,6 +1580,7 @@ mod tests {
                 conns,
                 workers,
                 user_base: 1,
+                devices: 1,
                 secret: Vec::new(),
                 token_expiry_s: 0,
                 login: false,

@@ -191,6 +191,11 @@ pub struct ConnectArgs {
     /// Raw TCP connections: no LOGIN, no receive (for `sink`).
     #[arg(long)]
     pub raw: bool,
+    /// Connections per user, each logging in as another device of it
+    /// (`v2.` device tokens): --conns 1000 --devices 2 is 500 users with
+    /// 2 devices online each. 1: one user per connection (`v1.` tokens).
+    #[arg(long, default_value_t = 1)]
+    pub devices: u64,
 }
 
 /// `chat` options.

@@ -85,7 +85,7 @@ struct Run {
 
 impl Run {
     /// Validates the common options and starts the workers.
-    fn start(common: &Common, conns: u64, login: bool, recv: bool) -> Res<Run> {
+    fn start(common: &Common, conns: u64, devices: u64, login: bool, recv: bool) -> Res<Run> {
         let sources = addr::parse_sources(&common.source).map_err(|e| format!("--source: {e}"))?;
         let servers = addr::parse_servers(&common.server).map_err(|e| format!("--server: {e}"))?;
         check_families(&sources, &servers)?;
@@ -146,6 +146,7 @@ impl Run {
             conns,
             workers,
             user_base: common.user_base,
+            devices: devices.max(1),
             secret: common.secret.as_bytes().to_vec(),
             token_expiry_s: tern::token::now_unix_s() + 7 * 24 * 3600,
             login,
@@ -679,6 +680,7 @@ impl Finished {
                     "source_count": run.plan.sources,
                     "server_count": run.plan.servers,
                     "user_base": run.plan.user_base,
+                    "devices_per_user": run.plan.devices,
                     "login": run.plan.login,
                     "ping_every_s": run.common.ping_every.as_secs_f64(),
                     "inflight_max_per_worker": run.plan.inflight_max,
@@ -821,7 +823,10 @@ pub fn shell_join(argv: &[String]) -> String {
 
 /// `connect`: ramp, hold, close.
 pub fn connect(a: ConnectArgs, argv: &[String]) -> Res<i32> {
-    let mut run = Run::start(&a.common, a.common.conns, !a.raw, !a.raw)?;
+    if a.devices == 0 || a.devices > 32 {
+        return Err("--devices must be 1 to 32 (the server's devices_per_user_max at most)".into());
+    }
+    let mut run = Run::start(&a.common, a.common.conns, a.devices, !a.raw, !a.raw)?;
     let n = a.common.conns;
     let w = run.ramp("ramp", 0, n);
     if w != Waited::Aborted {
@@ -928,7 +933,7 @@ pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
         return Err("--msg-rate must be at least 1/s".into());
     }
     let total = ((a.msg_rate * a.duration.as_secs_f64()).round() as u64).min(a.msgs_max);
-    let mut run = Run::start(&a.common, a.common.conns, true, true)?;
+    let mut run = Run::start(&a.common, a.common.conns, 1, true, true)?;
     let n = a.common.conns;
     let mut plan = None;
     if run.ramp("ramp", 0, n) != Waited::Aborted && run.hold(a.settle) != Waited::Aborted {
@@ -988,7 +993,7 @@ pub fn offline(a: OfflineArgs, argv: &[String]) -> Res<i32> {
         return Err("--msg-rate and --per-user must be at least 1".into());
     }
     let total = senders * a.per_user;
-    let mut run = Run::start(&a.common, 2 * senders, true, true)?;
+    let mut run = Run::start(&a.common, 2 * senders, 1, true, true)?;
     let mut plan = None;
     let mut expected_offline = 0;
     if run.ramp("ramp-senders", 0, senders) != Waited::Aborted {
@@ -1057,7 +1062,7 @@ pub fn offline(a: OfflineArgs, argv: &[String]) -> Res<i32> {
 /// `storm`: ramp, hold, then reset everything at once and time the recovery.
 pub fn storm(a: StormArgs, argv: &[String]) -> Res<i32> {
     let jitter = parse_jitter(&a.jitter).map_err(|e| format!("--jitter: {e}"))?;
-    let mut run = Run::start(&a.common, a.common.conns, true, true)?;
+    let mut run = Run::start(&a.common, a.common.conns, 1, true, true)?;
     let n = a.common.conns;
     let mut rounds = Vec::new();
     let mut status = EXIT_OK;

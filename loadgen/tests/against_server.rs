@@ -314,6 +314,48 @@ fn storm_recovers_and_closes_cleanly() {
     assert_eq!(u(&r, &["counters", "closed_by_us"]), 600);
 }
 
+/// `connect --devices 2`: every connection logs in as one device of a
+/// user shared with the next one, and all stay online (none replaced); with
+/// one device more than the server's limit (4), the fifth of each user is
+/// refused with `too_many_devices`.
+#[test]
+fn connect_with_devices_keeps_every_device_online() {
+    let server = TestServer::start();
+    let addr = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    for (devices, refused) in [("2", 0), ("5", 8)] {
+        let json = dir.path().join(format!("devices-{devices}.json"));
+        let (_, r) = loadgen(
+            &[
+                "connect",
+                "--server",
+                &addr,
+                "--conns",
+                "40",
+                "--devices",
+                devices,
+                "--rate",
+                "0",
+                "--hold",
+                "0",
+                "--user-base",
+                "41000000",
+            ],
+            &json,
+        );
+        assert_eq!(u(&r, &["counters", "login_ok"]), 40 - refused, "{r:#}");
+        assert_eq!(u(&r, &["counters", "closed_by_server"]), 0, "{r:#}");
+        assert_eq!(u(&r, &["connections", "failed"]), refused, "{r:#}");
+        if refused > 0 {
+            assert_eq!(
+                u(&r, &["connections", "failures", "login:too_many_devices"]),
+                refused,
+                "{r:#}"
+            );
+        }
+    }
+}
+
 #[test]
 fn connect_fails_cleanly_without_a_server() {
     // Port 1 (tcpmux): nothing listens there. A freed ephemeral port would

@@ -79,8 +79,52 @@ impl Sessions {
         }
         let msg = self.send_msg(now, conn, client_id, to, body);
         self.stats.msgs_in.inc();
+        self.keep_copy(conn, client_id, to, body);
         self.route(now, env, dst, msg);
         Flow::Next
+    }
+
+    /// Keeps a copy of a version 2 SEND from `conn` while its user has
+    /// another version 2 device online: once the SEND is ACKed, that copy
+    /// goes to the other devices as SENT. Bounded by the SENDs in flight
+    /// (each gets one ACK or refusal back, which takes the copy).
+    fn keep_copy(&mut self, conn: ConnId, client_id: u64, to: u64, body: &[u8]) {
+        let s = self.slots[conn.index()];
+        if s.version < proto::VERSION_2 || self.users.count(s.user) < 2 {
+            return;
+        }
+        let other_v2 = (0..self.users.count(s.user)).any(|i| {
+            let c = self.users.nth_conn(s.user, i);
+            c != conn && self.slots[c.index()].version >= proto::VERSION_2
+        });
+        if other_v2 {
+            self.copies
+                .insert((conn, s.gen, client_id), (s.user, to, body.into()));
+        }
+    }
+
+    /// The SEND `client_id` from `reply` was taken as `server_id`: its
+    /// kept copy (if any) goes as SENT to the user's other version 2
+    /// devices online now.
+    fn send_copies(&mut self, reply: ConnRef, client_id: u64, server_id: u64, time_ms: u64) {
+        let Some((user, to, body)) = self.copies.remove(&(reply.conn, reply.gen, client_id)) else {
+            return;
+        };
+        for i in 0..self.users.count(user) {
+            let c = self.users.nth_conn(user, i);
+            if c != reply.conn && self.slots[c.index()].version >= proto::VERSION_2 {
+                self.write(
+                    c,
+                    &Frame::Sent {
+                        server_id,
+                        to,
+                        server_time_ms: time_ms,
+                        client_id,
+                        body: &body,
+                    },
+                );
+            }
+        }
     }
 
     /// The [`Msg::Send`] of a SEND from `conn`, with its reply address and,
@@ -124,6 +168,7 @@ impl Sessions {
         }
         let msg = self.send_msg(now, conn, client_id, to, body);
         self.stats.msgs_in.inc();
+        self.keep_copy(conn, client_id, to, body);
         self.actions.push(Action::Cluster(msg));
         Flow::Next
     }
@@ -174,15 +219,20 @@ impl Sessions {
         }
     }
 
-    /// DELIVERED from `user`: removes the message from its queue and
-    /// relays a delivery receipt, if it was sent to this connection. A
-    /// repeat for a message delivered recently is ignored (idempotent);
-    /// anything else is refused and removes nothing.
+    /// DELIVERED from `user`'s device on `conn`: removes the message from
+    /// its queue and relays a delivery receipt, if it was sent to this
+    /// connection. A message sent to several devices of the user leaves the
+    /// queue when the last of them answers, and the receipt goes at the
+    /// first. A repeat for a message delivered recently is ignored
+    /// (idempotent); anything else is refused and removes nothing.
     pub(super) fn on_delivered(&mut self, env: &dyn Env, conn: ConnId, user: u64, server_id: u64) {
-        let sent = self
+        let (sent, lane) = self
             .users
-            .get_mut(user)
-            .is_some_and(|on| server_id <= on.sent_upto);
+            .get_mut(user, conn)
+            .map_or((false, 0), |on| (server_id <= on.sent_upto, on.lane));
+        if sent && self.delivered_owed(env, conn, user, server_id, lane) {
+            return;
+        }
         let removed = if sent {
             self.store.remove(user, server_id)
         } else {
@@ -194,17 +244,78 @@ impl Sessions {
             }
             return;
         };
-        let version = self
+        self.answered(conn, user, &msg);
+        if self.config.cluster.is_some() {
+            // JetStream may delete it now.
+            self.actions
+                .push(Action::Cluster(Msg::Done { user, server_id }));
+        }
+        // The receipt waits for the commit that holds the tombstone.
+        self.delivery_receipt(user, server_id, msg.from);
+        self.pump_one(env, user, conn, false, None);
+    }
+
+    /// DELIVERED from the device on `lane` for a message several devices
+    /// were sent; false if `server_id` is not such a message.
+    fn delivered_owed(
+        &mut self,
+        env: &dyn Env,
+        conn: ConnId,
+        user: u64,
+        server_id: u64,
+        lane: u8,
+    ) -> bool {
+        let Some(o) = self
             .users
-            .conn_of(user)
-            .map_or(0, |c| self.slots[c.index()].version);
-        if let Some(on) = self.users.get_mut(user) {
-            if server_id <= on.sent_upto {
+            .owed_mut(user)
+            .and_then(|owed| owed.get_mut(&server_id))
+        else {
+            return false;
+        };
+        if o.lanes & (1 << lane) == 0 {
+            return true; // this device answered it already
+        }
+        o.lanes &= !(1 << lane);
+        let first = !o.delivered;
+        o.delivered = true;
+        let last = o.lanes == 0;
+        if last {
+            if let Some(owed) = self.users.owed_mut(user) {
+                owed.remove(&server_id);
+            }
+            self.users.owed_tidy(user);
+        }
+        let msg = match self.store.next_after(user, server_id - 1) {
+            Some(m) if m.server_id == server_id => m.clone(),
+            // Gone from the queue another way: nothing left to answer.
+            _ => return true,
+        };
+        self.answered(conn, user, &msg);
+        if first {
+            self.delivery_receipt(user, server_id, msg.from);
+        }
+        if last {
+            self.store.remove(user, server_id);
+            if self.config.cluster.is_some() {
+                self.actions
+                    .push(Action::Cluster(Msg::Done { user, server_id }));
+            }
+        }
+        self.pump_one(env, user, conn, false, None);
+        true
+    }
+
+    /// `msg`, sent to `user`'s device on `conn`, was answered: it leaves
+    /// that device's delivery window.
+    fn answered(&mut self, conn: ConnId, user: u64, msg: &Stored) {
+        let version = self.slots[conn.index()].version;
+        if let Some(on) = self.users.get_mut(user, conn) {
+            if msg.server_id <= on.sent_upto {
                 let frame = Frame::Deliver {
-                    server_id,
+                    server_id: msg.server_id,
                     from: msg.from,
                     server_time_ms: msg.time_ms,
-                    client_id: deliver_client_id(version, &msg),
+                    client_id: deliver_client_id(version, msg),
                     body: &msg.body,
                 };
                 on.inflight = on.inflight.saturating_sub(1);
@@ -213,26 +324,96 @@ impl Sessions {
                     .saturating_sub(proto::encoded_len(&frame) as u32);
             }
         }
-        if self.config.cluster.is_some() {
-            // JetStream may delete it now.
-            self.actions
-                .push(Action::Cluster(Msg::Done { user, server_id }));
-        }
-        // The receipt waits for the commit that holds the tombstone.
+    }
+
+    /// RECEIPT(delivered) of `server_id` for its sender `from`, after the
+    /// next commit.
+    fn delivery_receipt(&mut self, user: u64, server_id: u64, from: u64) {
         self.replies.push((
-            home_shard(msg.from, self.shards),
+            home_shard(from, self.shards),
             Msg::Receipt {
-                user: msg.from,
+                user: from,
                 kind: ReceiptKind::Delivered,
                 server_id,
                 peer: user,
             },
         ));
-        self.pump(env, user, false, None);
     }
 
-    /// Sends queued messages to `user`'s connection, up to the delivery
-    /// window: `deliver_inflight_max` DELIVERs and
+    /// A further device of `user` came online on `lane`: every message
+    /// already sent to another of its devices and still queued is owed by
+    /// it too (its pump sends them, from the start of the queue).
+    pub(super) fn owe_joined(&mut self, user: u64, lane: u8) {
+        let mut ids = std::mem::take(&mut self.sent_ids);
+        ids.clear();
+        let users = &self.users;
+        // Queue order is id order: the walk stops at the first message no
+        // device was sent, so it is bounded by the devices' windows.
+        self.store.each_after(user, 0, &mut |m| {
+            if users.any_sent(user, m.server_id) {
+                ids.push(m.server_id);
+                true
+            } else {
+                false
+            }
+        });
+        for &id in &ids {
+            // Sent while the user had one device: owed by those sent it.
+            let mut had = 0;
+            for i in 0..self.users.count(user) {
+                let c = self.users.nth_conn(user, i);
+                let on = self.users.get_mut(user, c).expect("a session of user");
+                if on.lane != lane && on.sent_upto >= id {
+                    had |= 1 << on.lane;
+                }
+            }
+            let o = self
+                .users
+                .owed_entry(user)
+                .entry(id)
+                .or_insert(super::users::Owed {
+                    lanes: had,
+                    delivered: false,
+                });
+            o.lanes |= 1 << lane;
+        }
+        ids.clear();
+        self.sent_ids = ids;
+    }
+
+    /// The device on `lane` of `user` went offline: it owes nothing any
+    /// more. A message it was the last to owe leaves the queue if another
+    /// device had it; if none did, it stays queued as never sent.
+    pub(super) fn release_lane(&mut self, user: u64, lane: u8) {
+        let Some(owed) = self.users.owed_mut(user) else {
+            return;
+        };
+        let mut done = std::mem::take(&mut self.sent_ids);
+        done.clear();
+        owed.retain(|&id, o| {
+            o.lanes &= !(1 << lane);
+            if o.lanes != 0 {
+                return true;
+            }
+            if o.delivered {
+                done.push(id);
+            }
+            false
+        });
+        self.users.owed_tidy(user);
+        for &server_id in &done {
+            self.store.remove(user, server_id);
+            if self.config.cluster.is_some() {
+                self.actions
+                    .push(Action::Cluster(Msg::Done { user, server_id }));
+            }
+        }
+        done.clear();
+        self.sent_ids = done;
+    }
+
+    /// Sends queued messages to `user`'s device on `conn`, up to its
+    /// delivery window: `deliver_inflight_max` DELIVERs and
     /// `deliver_inflight_bytes_max` bytes unanswered.
     ///
     /// A backlog (at login, or while catching up) is sent only as far as the
@@ -249,10 +430,17 @@ impl Sessions {
     ///
     /// `written`: what this event already wrote to the connection, when the
     /// caller knows it (else the event's actions are counted).
-    pub(super) fn pump(&mut self, env: &dyn Env, user: u64, live: bool, written: Option<usize>) {
-        let Some(conn) = self.users.conn_of(user) else {
-            return;
-        };
+    ///
+    /// Sent to a user with several devices online, a message becomes owed
+    /// by all of them: it stays queued until each answered or went offline.
+    pub(super) fn pump_one(
+        &mut self,
+        env: &dyn Env,
+        user: u64,
+        conn: ConnId,
+        live: bool,
+        written: Option<usize>,
+    ) {
         // Fencing: nothing goes to a user of a partition this node no
         // longer serves; the sweep (`Event::Moved`) closes the session.
         if env.owner(user) != Owner::Here {
@@ -261,7 +449,9 @@ impl Sessions {
         let written = written.unwrap_or_else(|| self.written(conn));
         let pending = env.out_pending(conn) + written;
         let version = self.slots[conn.index()].version;
-        let Some(on) = self.users.get_mut(user) else {
+        let several = self.users.count(user) > 1;
+        let lanes = self.users.lanes(user);
+        let Some(on) = self.users.get_mut(user, conn) else {
             return;
         };
         let budget = !live || on.held;
@@ -270,6 +460,8 @@ impl Sessions {
         // Whether a committed message is left unsent when the walk stops.
         let mut held = false;
         let (config, wire, guard) = (&self.config, &mut self.wire, &mut self.guard);
+        let ids = &mut self.sent_ids;
+        ids.clear();
         self.store.each_after(user, on.sent_upto, &mut |m| {
             if on.inflight as usize >= config.deliver_inflight_max {
                 held = true;
@@ -302,9 +494,21 @@ impl Sessions {
             on.inflight += 1;
             on.inflight_bytes += len as u32;
             sent += 1;
+            if several {
+                ids.push(m.server_id);
+            }
             true
         });
         on.held = held;
+        if several {
+            let owed = self.users.owed_entry(user);
+            for &id in &self.sent_ids {
+                owed.entry(id).or_insert(super::users::Owed {
+                    lanes,
+                    delivered: false,
+                });
+            }
+        }
         if sent > 0 {
             self.stats.msgs_out.add(sent);
             self.actions.push(Action::Write {
@@ -409,6 +613,7 @@ impl Sessions {
                 time_ms,
                 sent_ns,
             } => {
+                self.send_copies(reply, client_id, server_id, time_ms);
                 if let Some(conn) = self.live(reply) {
                     self.stats.acks.inc();
                     let ns = now.mono_ns.saturating_sub(sent_ns);
@@ -428,6 +633,7 @@ impl Sessions {
                 client_id,
                 code,
             } => {
+                self.copies.remove(&(reply.conn, reply.gen, client_id));
                 if let Some(conn) = self.live(reply) {
                     let text = match code {
                         ErrorCode::QueueFull => "recipient's queue is full, retry later",
@@ -462,9 +668,15 @@ impl Sessions {
                     server_id,
                     peer,
                 };
-                match self.users.conn_of(user) {
-                    Some(conn) => self.write_receipt(conn, receipt),
-                    None => {
+                match self.users.count(user) {
+                    // To every online device of the sender.
+                    n @ 1.. => {
+                        for i in 0..n {
+                            let conn = self.users.nth_conn(user, i);
+                            self.write_receipt(conn, receipt);
+                        }
+                    }
+                    0 => {
                         // Kept for the sender's next login, within the queue limit.
                         if !self
                             .users
@@ -558,8 +770,8 @@ impl Sessions {
             }
         }
         for user in fresh.drain(..) {
-            let conn = self.users.conn_of(user);
-            if conn.is_none() {
+            let count = self.users.count(user);
+            if count == 0 {
                 // Offline: wake the device through its push service.
                 if let Some(oldest) = self.store.next_after(user, 0) {
                     let (waiting, oldest_ms) = (self.store.len(user), oldest.time_ms);
@@ -567,19 +779,21 @@ impl Sessions {
                 }
                 continue;
             }
-            let w = conn.map_or(0, |c| written.get(&c).copied().unwrap_or(0));
-            self.pump(env, user, true, Some(w));
+            for i in 0..count {
+                let conn = self.users.nth_conn(user, i);
+                let w = written.get(&conn).copied().unwrap_or(0);
+                self.pump_one(env, user, conn, true, Some(w));
+            }
         }
         self.fresh = fresh;
         self.written = written; // keep the allocation
                                 // Those just written are in the online figure; those left queued
                                 // (recipient offline, or its delivery window full) are not.
         for &(user, server_id, sent_ns) in &self.fresh_sent {
-            if self.users.conn_of(user).is_some()
-                && self
-                    .users
-                    .get_mut(user)
-                    .is_some_and(|on| on.sent_upto >= server_id)
+            if self
+                .users
+                .first(user)
+                .is_some_and(|on| on.sent_upto >= server_id)
             {
                 let ns = now.mono_ns.saturating_sub(sent_ns);
                 self.stats.latency.send_to_deliver.record(ns);

@@ -72,6 +72,13 @@ struct Sealed {
     fresh_sent: Vec<(u64, u64, u64)>,
 }
 
+/// Which SEND a kept copy belongs to: the sender's connection, its
+/// generation, and the SEND's client_id.
+type CopyKey = (ConnId, u32, u64);
+
+/// A kept copy of a SEND: the sending user, the recipient and the body.
+type SentCopy = (u64, u64, Box<[u8]>);
+
 /// A connection's protocol state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum State {
@@ -140,6 +147,14 @@ pub struct Sessions {
     /// The messages stored this iteration: recipient, server id, and when
     /// their SEND was decoded (for the send-to-deliver histogram).
     fresh_sent: Vec<(u64, u64, u64)>,
+    /// Copies of version 2 SENDs in flight from users with another version
+    /// 2 device online, by (sender connection, generation, client_id):
+    /// user, recipient and body, sent to those devices as SENT with the
+    /// ACK (`deliver.rs`, `keep_copy`).
+    copies: foldhash::HashMap<CopyKey, SentCopy>,
+    /// Scratch of `pump`: the server ids one pump sent to a device of a
+    /// user with several online (they become owed by all of them).
+    sent_ids: Vec<u64>,
     /// Scratch of `on_committed`: bytes written per connection by this
     /// commit's answers; kept between commits so it does not allocate.
     written: foldhash::HashMap<ConnId, usize>,
@@ -200,6 +215,8 @@ impl Sessions {
             replies: Vec::new(),
             fresh: Vec::new(),
             fresh_sent: Vec::new(),
+            copies: foldhash::HashMap::default(),
+            sent_ids: Vec::new(),
             written: foldhash::HashMap::default(),
             sealed: None,
             next_gen: 1,
@@ -357,6 +374,7 @@ impl Sessions {
         trim_vec(&mut self.actions, keep_bytes);
         trim_vec(&mut self.fresh, keep_bytes);
         trim_vec(&mut self.fresh_sent, keep_bytes);
+        crate::memory::shrink_map(&mut self.copies);
         self.store.trim(keep_bytes);
     }
 
@@ -399,20 +417,40 @@ impl Sessions {
         (s.state == State::Active).then_some(s.user)
     }
 
-    /// The connection `user` is online on here, if any.
+    /// The connection of `user`'s first online device here, if any.
     pub fn conn_of(&self, user: u64) -> Option<ConnId> {
         self.users.conn_of(user)
     }
 
-    /// `user`'s delivery window, if online: DELIVERs unanswered and their
-    /// bytes.
+    /// The delivery window of `user`'s first online device, if any:
+    /// DELIVERs unanswered and their bytes.
     pub fn window(&self, user: u64) -> Option<(u32, u32)> {
         self.users.window(user)
+    }
+
+    /// The delivery window of `user`'s device on `conn`, if that is one of
+    /// its sessions: DELIVERs unanswered and their bytes.
+    pub fn window_of(&self, user: u64, conn: ConnId) -> Option<(u32, u32)> {
+        self.users
+            .get(user, conn)
+            .map(|o| (o.inflight, o.inflight_bytes))
     }
 
     /// Users online on this shard.
     pub fn users_online(&self) -> usize {
         self.users.len()
+    }
+
+    /// Sessions online on this shard: every online device of every user.
+    pub fn sessions_online(&self) -> usize {
+        self.users.sessions()
+    }
+
+    /// The connections of `user`'s online devices here.
+    pub fn conns_of(&self, user: u64) -> Vec<ConnId> {
+        (0..self.users.count(user))
+            .map(|i| self.users.nth_conn(user, i))
+            .collect()
     }
 
     /// Receipts kept for `user` while it is offline.
@@ -474,6 +512,7 @@ impl Sessions {
         self.wire.clear();
         self.slots.clear();
         self.users.clear();
+        self.copies.clear();
         self.guard.clear();
         self.presence.clear();
         // Senders on this shard lose their connection and resend anyway;
@@ -504,6 +543,7 @@ impl Sessions {
         self.stats.conns.set(0);
         self.stats.users_online.set(0);
         self.stats.presence_subs.set(0);
+        self.stats.sessions_online.set(0);
     }
 
     // ---- connections -------------------------------------------------------
@@ -717,7 +757,9 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            self.install(now, env, conn, user, device, version);
+            if !self.install(now, env, conn, user, device, version) {
+                return Flow::Stop;
+            }
             if !rest.is_empty() {
                 // What followed the LOGIN is the logged-in session's input.
                 self.slots[conn.index()].last_rx = now.tick;
@@ -739,7 +781,9 @@ impl Sessions {
     }
 
     /// Makes `conn` the session of `device` of `user` on this, its home
-    /// shard.
+    /// shard: it replaces the session of the same device, or joins those of
+    /// the user's other devices up to `devices_per_user_max`. Returns false
+    /// (LOGIN_ERR `too_many_devices` sent) past that.
     fn install(
         &mut self,
         now: Now,
@@ -748,10 +792,15 @@ impl Sessions {
         user: u64,
         device: u32,
         version: u8,
-    ) {
-        // A replaced session's user stays online: no PRESENCE for it.
-        let replacing = self.users.conn_of(user).is_some();
-        if let Some(old) = self.users.conn_of(user) {
+    ) -> bool {
+        let online = self.users.count(user);
+        // A user is online while any device is: a joining or replacing
+        // device sends no PRESENCE.
+        let replacing = online > 0;
+        let same = (0..online)
+            .map(|i| self.users.nth_conn(user, i))
+            .find(|c| self.slots[c.index()].device == device);
+        if let Some(old) = same {
             self.write(
                 old,
                 &Frame::Bye {
@@ -759,6 +808,14 @@ impl Sessions {
                 },
             );
             self.close_after_flush(now, old);
+        } else if online >= self.config.devices_per_user_max {
+            self.stats.logins_failed.inc();
+            let text = format!(
+                "user {user} has {online} devices online, the most this server allows \
+                 (devices_per_user_max)"
+            );
+            self.login_err(now, conn, ErrorCode::TooManyDevices, &text);
+            return false;
         }
         self.stats.logins_ok.inc();
         self.actions.push(Action::Established(conn));
@@ -767,8 +824,12 @@ impl Sessions {
         s.device = device;
         s.state = State::Active;
         s.version = version;
-        self.users.go_online(user, conn);
+        let lane = self.users.go_online(user, conn);
+        if self.users.count(user) > 1 {
+            self.owe_joined(user, lane);
+        }
         self.stats.users_online.set(self.users.len() as u64);
+        self.stats.sessions_online.set(self.users.sessions() as u64);
         let offline_count = self.store.len(user) as u64;
         self.write(
             conn,
@@ -783,7 +844,8 @@ impl Sessions {
         if !replacing {
             self.presence_online(now, env, user);
         }
-        self.pump(env, user, false, None);
+        self.pump_one(env, user, conn, false, None);
+        true
     }
 
     fn on_timer(&mut self, now: Now, entry: Entry) {
@@ -887,16 +949,25 @@ impl Sessions {
         });
     }
 
-    /// Removes `conn`'s user from the online map if `conn` is its session.
+    /// Takes `conn`'s session of its user offline, if it is one: what
+    /// its device owed is let go, and once the user's last device leaves,
+    /// what was delivered to it is forgotten.
     fn go_offline(&mut self, conn: ConnId) {
         let Some(s) = self.slots.get(conn.index()) else {
             return;
         };
-        if s.user != 0 && self.users.go_offline(s.user, conn) {
-            let (user, gen) = (s.user, s.gen);
+        let (user, gen) = (s.user, s.gen);
+        if user == 0 {
+            return;
+        }
+        if let Some(lane) = self.users.go_offline(user, conn) {
+            self.release_lane(user, lane);
             self.presence_gone(user, conn, gen);
-            self.guard.offline(user);
+            if self.users.count(user) == 0 {
+                self.guard.offline(user);
+            }
             self.stats.users_online.set(self.users.len() as u64);
+            self.stats.sessions_online.set(self.users.sessions() as u64);
         }
     }
 

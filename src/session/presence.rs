@@ -156,8 +156,8 @@ impl Sessions {
                     Msg::Unwatch { user: watched, sub },
                 );
             }
-            if self.users.conn_of(user).is_some() {
-                continue; // replaced: still online
+            if self.users.count(user) > 0 {
+                continue; // replaced, or another device: still online
             }
             let seen = self.presence.seen.entry(user).or_default();
             seen.last_seen_ms = now.unix_ms;

@@ -944,3 +944,114 @@ fn events_for_connections_never_opened_do_nothing() {
 
 /// The defences against abusive clients (`guard.rs`).
 mod hardening;
+
+/// Logs `conn` in as `device` of `user` with protocol 2.
+fn login_device(h: &mut Harness, conn: u32, user: u64, device: u32) -> Out {
+    let conn = ConnId(conn);
+    h.step(Event::Opened(conn));
+    let t = token::mint_device(
+        h.config.token_secret.as_bytes(),
+        user,
+        device,
+        T0_MS / 1000 + 3600,
+    );
+    h.frame(
+        conn,
+        Frame::Login {
+            version: proto::VERSION_2,
+            token: t.as_bytes(),
+        },
+    )
+}
+
+#[test]
+fn a_message_to_two_devices_stays_until_both_answered_or_left() {
+    let mut h = Harness::one();
+    login_device(&mut h, 0, 7, 1);
+    login_device(&mut h, 1, 7, 2);
+    h.login(2, 9);
+    assert_eq!((h.s.users_online(), h.s.sessions_online()), (2, 3));
+    assert_eq!(h.s.conns_of(7), [A, B]);
+    const C: ConnId = ConnId(2);
+
+    h.send(2, 1, 7, b"one");
+    let out = h.commit(&[]);
+    let id = deliver_ids(&out.to(A))[0];
+    assert_eq!(deliver_ids(&out.to(B)), [id]);
+    // The first DELIVERED: the receipt, once committed; still queued.
+    h.frame(A, Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 1);
+    let out = h.commit(&[]);
+    assert!(
+        matches!(out.to(C)[..], [OwnedFrame::Receipt { kind: ReceiptKind::Delivered, server_id, peer: 7 }] if *server_id == id),
+        "{out:?}"
+    );
+    // A repeat from A changes nothing; B's answer lets it go, no receipt.
+    h.frame(A, Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 1);
+    h.frame(B, Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 0);
+    assert!(h.commit(&[]).to(C).is_empty());
+    assert_eq!(h.s.window_of(7, A), Some((0, 0)));
+    assert_eq!(h.s.window_of(7, B), Some((0, 0)));
+
+    // B leaves owing a message A answered: it is let go.
+    h.send(2, 2, 7, b"two");
+    let out = h.commit(&[]);
+    let id = deliver_ids(&out.to(A))[0];
+    h.frame(A, Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 1);
+    h.step(Event::Closed(B));
+    assert_eq!(h.s.store().len(7), 0);
+    assert_eq!((h.s.users_online(), h.s.sessions_online()), (2, 2));
+
+    // A device joining while A has one in flight gets it too.
+    h.send(2, 3, 7, b"three");
+    let out = h.commit(&[]);
+    let id = deliver_ids(&out.to(A))[0];
+    let out = login_device(&mut h, 3, 7, 2);
+    assert_eq!(deliver_ids(&out.to(ConnId(3))), [id]);
+    h.frame(A, Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 1);
+    h.frame(ConnId(3), Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 0);
+}
+
+#[test]
+fn a_device_over_the_limit_gets_too_many_devices() {
+    let mut h = Harness::new(
+        Config {
+            devices_per_user_max: 2,
+            ..Config::default()
+        },
+        0,
+        1,
+    );
+    login_device(&mut h, 0, 7, 1);
+    login_device(&mut h, 1, 7, 2);
+    let out = login_device(&mut h, 2, 7, 3);
+    assert!(
+        matches!(
+            out.to(ConnId(2))[..],
+            [OwnedFrame::LoginErr {
+                code: ErrorCode::TooManyDevices,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    assert!(out.closes_after_flush(ConnId(2)));
+    assert_eq!(h.s.sessions_online(), 2);
+    // The same device again replaces its session.
+    let out = login_device(&mut h, 3, 7, 2);
+    assert!(
+        matches!(
+            out.to(B)[..],
+            [OwnedFrame::Bye {
+                reason: ByeReason::Replaced
+            }]
+        ),
+        "{out:?}"
+    );
+    assert_eq!(h.s.conns_of(7), [A, ConnId(3)]);
+}

@@ -140,8 +140,10 @@ shard_stats! {
     pub struct ShardStats {
         /// Open client connections on this shard (logged in or not).
         Gauge conns,
-        /// Logged-in sessions homed on this shard.
+        /// Users homed on this shard with at least one device logged in.
         Gauge users_online,
+        /// Logged-in sessions homed on this shard: every online device of every user (`users_online` counts a user once).
+        Gauge sessions_online,
         /// Supervisor state of the shard: 0 = up, 1 = restarting (crashed; waiting out its backoff or reopening its store), 2 = down (gave up past the restart intensity; the process exits).
         Gauge state,
         /// Messages held in this shard's store-and-forward queues.

@@ -171,7 +171,7 @@ fn render_help() -> String {
 fn render_info(view: &StatsView, process: Process) -> String {
     let conns = view.sum(|s| &s.conns);
     let bytes_per_conn = process.rss_bytes.checked_div(conns).unwrap_or(0);
-    let lines: [(&str, String); 18] = [
+    let lines: [(&str, String); 19] = [
         ("Version", view.version.to_string()),
         ("Pid", view.upgrade.pid.to_string()),
         ("Generation", view.upgrade.generation.to_string()),
@@ -186,6 +186,10 @@ fn render_info(view: &StatsView, process: Process) -> String {
         ("Conns", conns.to_string()),
         ("Conns_max", view.conns_max.to_string()),
         ("Users_online", view.sum(|s| &s.users_online).to_string()),
+        (
+            "Sessions_online",
+            view.sum(|s| &s.sessions_online).to_string(),
+        ),
         ("Queued", view.sum(|s| &s.queued).to_string()),
         ("Msgs_in", view.sum(|s| &s.msgs_in).to_string()),
         ("Msgs_out", view.sum(|s| &s.msgs_out).to_string()),
@@ -853,6 +857,7 @@ pub(crate) mod tests {
             ("Conns", "7"),
             ("Conns_max", "1000"),
             ("Users_online", "3"),
+            ("Sessions_online", "0"),
             ("Queued", "30"),
             ("Msgs_in", "300"),
             ("Msgs_out", "3000"),

@@ -556,8 +556,10 @@ impl Sim {
             let Some(user) = user else {
                 continue;
             };
-            assert_eq!(sessions.conn_of(user), Some(c.id));
-            let (count, bytes) = sessions.window(user).expect("an online user's window");
+            assert!(sessions.conns_of(user).contains(&c.id));
+            let (count, bytes) = sessions
+                .window_of(user, c.id)
+                .expect("an online device's window");
             let mine = c.outstanding.values().sum::<usize>();
             assert_eq!(
                 (count as usize, bytes as usize),
