@@ -14,6 +14,8 @@ mod nats;
 mod replicated;
 #[path = "cluster/scale.rs"]
 mod scale;
+#[path = "cluster/streams.rs"]
+mod streams;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -217,7 +219,8 @@ fn a_node_paused_past_its_lease_loses_it_on_resume() {
     ]));
     assert!(settle(|| {
         child_info(&stats, "Cluster_partitions_owned") == 16
-            && child_info(&stats, "Cluster_consumers") == 16
+            // All 16 are one stream, held whole: one consumer.
+            && child_info(&stats, "Cluster_consumers") == 1
     }));
     let mut at_a: Vec<(u64, Client)> = (1..=32u64)
         .map(|user| {
@@ -412,6 +415,9 @@ fn user_on_each(a: &TestServer) -> (u64, u64) {
 /// go.
 fn settle_halves(a: &TestServer, b: &TestServer, partitions: u64) {
     let half = partitions / 2;
+    // Two streams or more: each node holds whole streams, one consumer
+    // each; else one per partition.
+    let consumers = if partitions >= 128 { half / 64 } else { half };
     let keys = [
         "Cluster_partitions_owned",
         "Cluster_partitions_unowned",
@@ -423,13 +429,36 @@ fn settle_halves(a: &TestServer, b: &TestServer, partitions: u64) {
             .iter()
             .map(|n| keys.map(|k| n.info_u64(k)))
             .collect::<Vec<_>>();
-        last.iter().all(|v| *v == [half, 0, half])
+        last.iter().all(|v| *v == [half, 0, consumers])
     });
     assert!(
         split,
         "the nodes never split {partitions} partitions evenly with every owner known: \
          {keys:?} of a, b stayed at {last:?}"
     );
+}
+
+/// Waits until the nodes, whose (owned, unowned, consumers) `state` reads,
+/// hold all of `partitions` between them in whole message streams of 64
+/// partitions, each node with one consumer per stream it holds and every
+/// owner known; returns that state.
+fn settle_whole_streams(
+    partitions: u64,
+    mut state: impl FnMut() -> Vec<(u64, u64, u64)>,
+) -> Vec<(u64, u64, u64)> {
+    let mut last = Vec::new();
+    let whole = settle(|| {
+        last = state();
+        last.iter().map(|s| s.0).sum::<u64>() == partitions
+            && last.iter().all(|&(owned, unowned, consumers)| {
+                owned > 0 && owned % 64 == 0 && unowned == 0 && consumers == owned / 64
+            })
+    });
+    assert!(
+        whole,
+        "(owned, unowned, consumers) per node never became whole streams of {partitions}: {last:?}"
+    );
+    last
 }
 
 /// The next `n` RECEIPTs on `client`, as (kind, server id, peer), sorted.

@@ -59,7 +59,8 @@ pub struct ClusterStats {
     /// Messages handed to their recipients here, not yet DELIVERED (their
     /// JetStream acks wait).
     pub pending_acks: Counter,
-    /// Partition consumers running (one per partition held).
+    /// JetStream consumers running: one per message stream held whole, one
+    /// per partition held of a stream shared with other nodes.
     pub consumers: Counter,
     /// Publishes (SENDs and receipts) sent to JetStream whose publish ack
     /// has not come back yet.
@@ -325,6 +326,16 @@ async fn lease_round(
             listing.add_key(key);
         }
     }
+    // Keys whose holder's heartbeat is gone (a dead node's, expiring).
+    let stale: Vec<u32> = listing
+        .taken
+        .iter()
+        .copied()
+        .filter(
+            |&p| matches!(owners.of(p), Owner::Elsewhere { node, .. } if !listing.is_live(node)),
+        )
+        .collect();
+    listing.stale.extend(stale);
     stats.live_nodes.set(listing.live_nodes().into());
     let released = leases.to_release(&listing);
     if !released.is_empty() {

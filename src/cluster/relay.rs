@@ -1,17 +1,18 @@
 //! Messages between the shards and JetStream (docs/CLUSTER.md, "Cross-node
 //! messages"): one task on the bridge's runtime owns the bridge's ring ends.
 //! It publishes what shards send (SENDs, receipts) and answers each SEND
-//! with the publish's ACK; it runs one consumer per partition this node
-//! owns, hands what they bring to the home shards, and acks a message in
+//! with the publish's ACK; it runs one consumer per message stream this
+//! node owns whole (one per partition of a stream it shares with other
+//! nodes), hands what they bring to the home shards, and acks a message in
 //! JetStream once its recipient's device acknowledged it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer, message::Acker};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -20,7 +21,8 @@ use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
 use super::partition::partition_of;
 use super::streams::{
-    message_subject, partition_filter, receipt_subject, server_id, stream_name, stream_of,
+    message_subject, partition_filter, partition_of_subject, receipt_subject, server_id,
+    stream_count, stream_filter, stream_name, stream_of, PARTITIONS_PER_STREAM,
 };
 use super::wire::Record;
 use crate::proto::ErrorCode;
@@ -63,8 +65,9 @@ enum Report {
         taken: Instant,
         result: Result<(), String>,
     },
-    /// A partition's consumer brought a record.
+    /// A consumer brought a record.
     Consumed {
+        /// The partition it is for (from its subject).
         partition: u32,
         /// Its server id ([`server_id`]).
         sequence: u64,
@@ -84,9 +87,11 @@ pub struct Relay {
     /// Messages for shards whose ring was full, in order.
     backlog: Vec<VecDeque<Msg>>,
     /// Messages handed to their recipients' shards, not yet DELIVERED, by
-    /// server id: acked in JetStream on [`Msg::Done`].
+    /// server id, with their partition: acked in JetStream on [`Msg::Done`].
     pending: HashMap<u64, (u32, Box<Acker>)>,
-    consumers: HashMap<u32, JoinHandle<()>>,
+    consumers: HashMap<Scope, JoinHandle<()>>,
+    /// Per partition: whether it was this node's at the last reconcile.
+    here: Vec<bool>,
     tx: mpsc::UnboundedSender<Report>,
     /// Taken by [`Relay::run`].
     rx: Option<mpsc::UnboundedReceiver<Report>>,
@@ -102,6 +107,7 @@ impl Relay {
         stats: Arc<ClusterStats>,
     ) -> Relay {
         let (tx, rx) = mpsc::unbounded_channel();
+        let here = vec![false; owners.partitions() as usize];
         Relay {
             backlog: ends.to_shards.iter().map(|_| VecDeque::new()).collect(),
             ends,
@@ -110,6 +116,7 @@ impl Relay {
             stats,
             pending: HashMap::new(),
             consumers: HashMap::new(),
+            here,
             tx,
             rx: Some(rx),
         }
@@ -367,38 +374,99 @@ impl Relay {
         }
     }
 
-    /// Starts a consumer for each partition this node now holds and stops
-    /// those of partitions it no longer does.
+    /// Starts the consumers this node's partitions need now and stops the
+    /// others: one per stream held whole, one per partition held of a
+    /// stream shared with other nodes. Forgets the pending acks of the
+    /// partitions no longer here: their messages stay in JetStream for the
+    /// new owner.
     fn reconcile(&mut self) {
-        for p in 0..self.owners.partitions() {
+        let partitions = self.owners.partitions();
+        let mut lost = false;
+        for p in 0..partitions {
             let here = self.owners.of(p) == Owner::Here;
-            match (here, self.consumers.contains_key(&p)) {
-                (true, false) => {
-                    let task = tokio::spawn(consume(self.js.clone(), p, self.tx.clone()));
-                    self.consumers.insert(p, task);
-                }
-                (false, true) => {
-                    if let Some(task) = self.consumers.remove(&p) {
-                        task.abort();
-                    }
-                    // Their messages stay in JetStream for the new owner.
-                    self.pending.retain(|_, (q, _)| *q != p);
-                    self.stats.pending_acks.set(self.pending.len() as u64);
-                }
-                _ => {}
+            lost |= self.here[p as usize] && !here;
+            self.here[p as usize] = here;
+        }
+        let mut wanted = HashSet::new();
+        for g in 0..stream_count(partitions) {
+            let first = g * PARTITIONS_PER_STREAM;
+            let parts = first..(first + PARTITIONS_PER_STREAM).min(partitions);
+            if parts.clone().all(|p| self.here[p as usize]) {
+                wanted.insert(Scope::Stream(g));
+            } else {
+                wanted.extend(
+                    parts
+                        .filter(|&p| self.here[p as usize])
+                        .map(Scope::Partition),
+                );
             }
+        }
+        // Stopped before any is started: a stream's consumer replaces its
+        // partitions' (and the other way round), and a work-queue stream
+        // refuses consumers whose filters overlap.
+        self.consumers.retain(|scope, task| {
+            let keep = wanted.contains(scope);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for scope in wanted {
+            if !self.consumers.contains_key(&scope) {
+                let task = tokio::spawn(consume(self.js.clone(), scope, self.tx.clone()));
+                self.consumers.insert(scope, task);
+            }
+        }
+        if lost {
+            let here = &self.here;
+            self.pending.retain(|_, (p, _)| here[*p as usize]);
+            self.stats.pending_acks.set(self.pending.len() as u64);
         }
         self.stats.consumers.set(self.consumers.len() as u64);
     }
 }
 
-/// Partition `p`'s consumer: replaces whatever consumer the previous owner
+/// What one JetStream consumer reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Scope {
+    /// A whole message stream `TERN_<g>`: every partition of it is here.
+    Stream(u32),
+    /// One partition, of a stream whose other partitions are (partly)
+    /// elsewhere.
+    Partition(u32),
+}
+
+impl Scope {
+    fn stream(self) -> u32 {
+        match self {
+            Scope::Stream(g) => g,
+            Scope::Partition(p) => stream_of(p),
+        }
+    }
+
+    /// The durable consumer's name: `s<g>` or `p<p>`.
+    fn name(self) -> String {
+        match self {
+            Scope::Stream(g) => format!("s{g}"),
+            Scope::Partition(p) => format!("p{p}"),
+        }
+    }
+
+    fn filter(self) -> String {
+        match self {
+            Scope::Stream(g) => stream_filter(g),
+            Scope::Partition(p) => partition_filter(p),
+        }
+    }
+}
+
+/// The consumer of `scope`: replaces whatever consumer the previous owner
 /// left (so this one starts at the oldest undelivered record, in stream
 /// order) and reports every record. Starts over after an error.
-async fn consume(js: jetstream::Context, p: u32, tx: mpsc::UnboundedSender<Report>) {
+async fn consume(js: jetstream::Context, scope: Scope, tx: mpsc::UnboundedSender<Report>) {
     loop {
-        if let Err(e) = consume_once(&js, p, &tx).await {
-            log::warn!("cluster relay: consumer of partition {p}: {e}");
+        if let Err(e) = consume_once(&js, scope, &tx).await {
+            log::warn!("cluster relay: consumer {}: {e}", scope.name());
         }
         if tx.is_closed() {
             return;
@@ -407,19 +475,39 @@ async fn consume(js: jetstream::Context, p: u32, tx: mpsc::UnboundedSender<Repor
     }
 }
 
+/// Deletes the consumers of `scope`'s stream whose filters overlap
+/// `scope`'s, left by this node's previous layout of the stream or by a
+/// previous owner: a work-queue stream refuses overlapping consumers. A
+/// stream's consumer overlaps every other consumer of its stream; a
+/// partition's overlaps its own and the stream's. Not found is fine.
+async fn clear_overlaps(
+    stream: &jetstream::stream::Stream,
+    scope: Scope,
+) -> Result<(), async_nats::Error> {
+    let names: Vec<String> = match scope {
+        Scope::Stream(_) => stream.consumer_names().try_collect().await?,
+        Scope::Partition(p) => vec![
+            Scope::Partition(p).name(),
+            Scope::Stream(stream_of(p)).name(),
+        ],
+    };
+    for name in names {
+        let _ = stream.delete_consumer(&name).await;
+    }
+    Ok(())
+}
+
 async fn consume_once(
     js: &jetstream::Context,
-    p: u32,
+    scope: Scope,
     tx: &mpsc::UnboundedSender<Report>,
 ) -> Result<(), async_nats::Error> {
-    let stream = js.get_stream(stream_name(stream_of(p))).await?;
-    let name = format!("p{p}");
-    // Not found is fine: nobody consumed this partition yet.
-    let _ = stream.delete_consumer(&name).await;
+    let stream = js.get_stream(stream_name(scope.stream())).await?;
+    clear_overlaps(&stream, scope).await?;
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
-            durable_name: Some(name),
-            filter_subject: partition_filter(p),
+            durable_name: Some(scope.name()),
+            filter_subject: scope.filter(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: ACK_WAIT,
             max_ack_pending: -1,
@@ -428,9 +516,11 @@ async fn consume_once(
             // a replicated work-queue stream each server drops an acked
             // record when its own copy of the consumer applies the ack, so
             // a consumer with one copy left the other servers' records of
-            // delivered messages in place (nats-server 2.9). In memory: the
-            // consumer is recreated on every claim and start-over anyway,
-            // from the oldest record still in the stream.
+            // delivered messages in place (nats-server 2.9). Each copy set
+            // is a Raft group in a NATS cluster, which is why a node holds
+            // one consumer per whole stream, not per partition. In memory:
+            // the consumer is recreated on every claim and start-over
+            // anyway, from the oldest record still in the stream.
             memory_storage: true,
             ..Default::default()
         })
@@ -475,10 +565,29 @@ async fn consume_once(
             .into());
         }
         last = info.consumer_sequence;
-        let sequence = server_id(p, info.stream_sequence);
+        let stream_sequence = info.stream_sequence;
+        let partition = match scope {
+            Scope::Partition(p) => Some(p),
+            Scope::Stream(g) => {
+                partition_of_subject(&message.subject).filter(|&p| stream_of(p) == g)
+            }
+        };
         let (message, acker) = message.split();
+        let Some(partition) = partition else {
+            // Not one of ours: nothing would ever take it off the
+            // work-queue stream otherwise.
+            log::warn!(
+                "cluster relay: record on {} is not ours, dropped",
+                message.subject
+            );
+            tokio::spawn(async move {
+                let _ = acker.ack().await;
+            });
+            continue;
+        };
+        let sequence = server_id(partition, stream_sequence);
         let report = Report::Consumed {
-            partition: p,
+            partition,
             sequence,
             message: Box::new(message),
             acker: Box::new(acker),

@@ -53,6 +53,28 @@ pub fn partition_filter(p: u32) -> String {
     format!("tern.{}.*.{p}", stream_of(p))
 }
 
+/// Filter of stream `g`'s consumer when one node holds all its
+/// partitions: every subject of the stream.
+pub fn stream_filter(g: u32) -> String {
+    format!("tern.{g}.>")
+}
+
+/// The partition a message or receipt subject (`tern.<g>.<p|r>.<p>`) is
+/// for; `None` for a subject of another shape.
+pub fn partition_of_subject(subject: &str) -> Option<u32> {
+    let mut parts = subject.split('.');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("tern"), Some(_), Some("p" | "r"), Some(p), None) => p.parse().ok(),
+        _ => None,
+    }
+}
+
 /// Bits of a server id below the stream number: a stream's sequences stay
 /// below 2^48 (JetStream would need 2^48 records in one stream).
 const SEQUENCE_BITS: u32 = 48;
@@ -84,7 +106,7 @@ pub async fn ensure_messages(
         .map(|g| {
             let config = stream::Config {
                 name: stream_name(g),
-                subjects: vec![format!("tern.{g}.>")],
+                subjects: vec![stream_filter(g)],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 ..Default::default()
@@ -246,6 +268,19 @@ mod tests {
         assert_eq!(message_subject(130), "tern.2.p.130");
         assert_eq!(receipt_subject(130), "tern.2.r.130");
         assert_eq!(partition_filter(130), "tern.2.*.130");
+        assert_eq!(stream_filter(2), "tern.2.>");
+        for subject in [message_subject(130), receipt_subject(130)] {
+            assert_eq!(partition_of_subject(&subject), Some(130));
+        }
+        for bad in [
+            "tern.2.x.130",
+            "tern.2.p",
+            "tern.2.p.130.1",
+            "nats.2.p.1",
+            "tern.2.p.z",
+        ] {
+            assert_eq!(partition_of_subject(bad), None, "{bad}");
+        }
     }
 
     #[test]

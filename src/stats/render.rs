@@ -277,7 +277,7 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
         ),
         (
             "Cluster_consumers",
-            "JetStream consumers running, one per partition held.",
+            "JetStream consumers running: one per message stream held whole, one per partition held of a stream shared with other nodes.",
             c.consumers.get(),
         ),
         (

@@ -16,18 +16,31 @@ use super::{child_info, settle};
 const PARTITIONS: u64 = 12;
 
 /// Users of the chat load, and messages each sends.
-const USERS: usize = 9;
-const PER_USER: u64 = 40;
+pub(super) const USERS: usize = 9;
+pub(super) const PER_USER: u64 = 40;
 
 /// A Tern node as a process of its own (so it can be killed), on every
 /// server of `nats`, lease `lease_s`, 3 copies.
-struct Node {
-    child: TernChild,
+pub(super) struct Node {
+    /// The process.
+    pub(super) child: TernChild,
+    /// Its stats socket.
     stats: PathBuf,
 }
 
 impl Node {
     fn start(nats: &Nats, dir: &Path, id: &str, lease_s: u32) -> Node {
+        Node::start_with(nats, dir, id, lease_s, PARTITIONS)
+    }
+
+    /// A node of a cluster of `partitions`.
+    pub(super) fn start_with(
+        nats: &Nats,
+        dir: &Path,
+        id: &str,
+        lease_s: u32,
+        partitions: u64,
+    ) -> Node {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let stats = dir.join(format!("{id}.sock"));
         let config = dir.join(format!("{id}.toml"));
@@ -36,7 +49,7 @@ impl Node {
             &config,
             format!(
                 "stats_socket = {stats:?}\ndata_dir = {data:?}\n\n[cluster]\nnode_id = {id:?}\n\
-                 nats_urls = [{urls}]\npublic_addr = \"{addr}\"\npartitions = {PARTITIONS}\n\
+                 nats_urls = [{urls}]\npublic_addr = \"{addr}\"\npartitions = {partitions}\n\
                  lease_s = {lease_s}\nstream_replicas = 3\n",
                 data = dir.join(format!("{id}-data")),
                 urls = urls.join(", "),
@@ -54,7 +67,8 @@ impl Node {
         Node { child, stats }
     }
 
-    fn info(&self, key: &str) -> u64 {
+    /// One `show info` value.
+    pub(super) fn info(&self, key: &str) -> u64 {
         child_info(&self.stats, key)
     }
 }

@@ -61,7 +61,7 @@ fn user_per_node(nodes: &[&TestServer], users: std::ops::Range<u64>) -> Vec<u64>
 /// server id, delivery and read receipts; messages to a user gone offline
 /// wait in JetStream and arrive in send order at its next login, made
 /// through another node.
-fn chat_across(nodes: &[&TestServer], users: std::ops::Range<u64>) {
+pub(super) fn chat_across(nodes: &[&TestServer], users: std::ops::Range<u64>) {
     let owners = user_per_node(nodes, users);
     let mut clients: Vec<_> = owners
         .iter()
