@@ -177,7 +177,9 @@ pub async fn ensure(
         }
         config.num_replicas = replicas;
         let error = match js.create_stream(config.clone()).await {
-            Ok(_) => return Ok(replicas),
+            // What the server says it keeps: a racing node may have made
+            // the stream first, with the copies a single server allows.
+            Ok(stream) => return Ok(stream.cached_info().config.num_replicas.max(1)),
             Err(e) => e,
         };
         match error.kind() {
@@ -218,9 +220,16 @@ async fn update(
         ..have
     };
     match js.update_stream(want).await {
-        Ok(_) => {
-            log::info!("cluster: stream {name} had {had} replicas, updated to {replicas}");
-            Ok(replicas)
+        // A single server may take the update yet keep one copy: report
+        // what it says it keeps.
+        Ok(info) => {
+            let now = info.config.num_replicas.max(1);
+            if now == replicas {
+                log::info!("cluster: stream {name} had {had} replicas, updated to {replicas}");
+            } else {
+                warn_single(&name, replicas);
+            }
+            Ok(now)
         }
         Err(e) => match e.kind() {
             CreateStreamErrorKind::JetStream(j) if single_server(j.error_code()) => {
