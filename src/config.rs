@@ -248,6 +248,10 @@ pub struct Config {
     /// connections cannot keep real clients from logging in. 0 = no limit.
     /// Default 100000.
     pub pending_max: usize,
+    /// Users banned at once by the operator (`ban user` on the stats
+    /// socket), count; each costs about 40 bytes in memory and 24 in
+    /// `<data_dir>/bans`. A ban past it is refused. Default 100000.
+    pub bans_max: usize,
     /// Optional `[cluster]` table: membership of a Tern cluster on NATS
     /// JetStream (docs/CLUSTER.md). Default none: standalone.
     pub cluster: Option<crate::cluster::ClusterConfig>,
@@ -410,6 +414,7 @@ impl Default for Config {
             addr_pending_max: 1000,
             addr_table_max: 65_536,
             pending_max: 100_000,
+            bans_max: 100_000,
             cluster: None,
         }
     }

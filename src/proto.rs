@@ -130,6 +130,10 @@ pub enum ErrorCode {
     /// 19 (cluster): the user (LOGIN, to a version 1 client) or the
     /// recipient (SEND) is served by another node; the text names it.
     OtherNode = 19,
+    /// 30: an operator banned this user (`ban user` on the stats socket);
+    /// the login is refused even with a valid token, until unbanned or the
+    /// ban's time is up.
+    Banned = 30,
 }
 
 impl ErrorCode {
@@ -155,6 +159,7 @@ impl ErrorCode {
             17 => ErrorCode::UnknownMessage,
             18 => ErrorCode::StaleClientId,
             19 => ErrorCode::OtherNode,
+            30 => ErrorCode::Banned,
             _ => return None,
         })
     }
@@ -181,6 +186,7 @@ impl ErrorCode {
             ErrorCode::UnknownMessage => "unknown_message",
             ErrorCode::StaleClientId => "stale_client_id",
             ErrorCode::OtherNode => "other_node",
+            ErrorCode::Banned => "banned",
         }
     }
 }
@@ -247,6 +253,12 @@ pub enum ByeReason {
     /// 7 (cluster): this node no longer serves the user (its partition
     /// moved to another node); log in again, through any node.
     Moved = 7,
+    /// 10: an operator closed this connection (`kick user`, or `ban user`
+    /// while it was online); nothing queued for the user is lost.
+    Kicked = 10,
+    /// 11: the server is draining (taken out of service): connect to
+    /// another server, or to this one later.
+    Moving = 11,
 }
 
 impl ByeReason {
@@ -260,6 +272,8 @@ impl ByeReason {
             5 => Some(ByeReason::Error),
             6 => Some(ByeReason::RateLimited),
             7 => Some(ByeReason::Moved),
+            10 => Some(ByeReason::Kicked),
+            11 => Some(ByeReason::Moving),
             _ => None,
         }
     }
@@ -274,6 +288,8 @@ impl ByeReason {
             ByeReason::Error => "error",
             ByeReason::RateLimited => "rate_limited",
             ByeReason::Moved => "moved",
+            ByeReason::Kicked => "kicked",
+            ByeReason::Moving => "moving",
         }
     }
 }
@@ -1245,7 +1261,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 19] = [
+    const ALL_ERROR_CODES: [ErrorCode; 20] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1265,9 +1281,10 @@ mod tests {
         ErrorCode::UnknownMessage,
         ErrorCode::StaleClientId,
         ErrorCode::OtherNode,
+        ErrorCode::Banned,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
-    const ALL_BYE_REASONS: [ByeReason; 7] = [
+    const ALL_BYE_REASONS: [ByeReason; 9] = [
         ByeReason::Shutdown,
         ByeReason::Replaced,
         ByeReason::Slow,
@@ -1275,6 +1292,8 @@ mod tests {
         ByeReason::Error,
         ByeReason::RateLimited,
         ByeReason::Moved,
+        ByeReason::Kicked,
+        ByeReason::Moving,
     ];
 
     /// The examples in docs/PROTOCOL.md, one per frame type.
@@ -1849,14 +1868,18 @@ mod tests {
 
     #[test]
     fn enums_from_u64_as_str_display() {
+        // 1..=19 in order, then the ops range from 30.
         for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
-            assert_eq!(*code as u64, i as u64 + 1);
+            let number = if i < 19 { i + 1 } else { i - 19 + 30 };
+            assert_eq!(*code as u64, number as u64);
             assert_eq!(ErrorCode::from_u64(*code as u64), Some(*code));
             assert_eq!(code.to_string(), code.as_str());
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
         assert_eq!(ErrorCode::from_u64(20), None);
+        assert_eq!(ErrorCode::from_u64(29), None);
+        assert_eq!(ErrorCode::from_u64(31), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
             assert_eq!(*kind as u64, i as u64 + 1);
@@ -1865,13 +1888,16 @@ mod tests {
         }
         assert_eq!(ReceiptKind::from_u64(0), None);
         assert_eq!(ReceiptKind::from_u64(3), None);
+        // 1..=7 in order, then the ops range from 10.
         for (i, reason) in ALL_BYE_REASONS.iter().enumerate() {
-            assert_eq!(*reason as u64, i as u64 + 1);
+            let number = if i < 7 { i + 1 } else { i - 7 + 10 };
+            assert_eq!(*reason as u64, number as u64);
             assert_eq!(ByeReason::from_u64(*reason as u64), Some(*reason));
             assert_eq!(reason.to_string(), reason.as_str());
         }
         assert_eq!(ByeReason::from_u64(0), None);
         assert_eq!(ByeReason::from_u64(8), None);
+        assert_eq!(ByeReason::from_u64(12), None);
         // Names are unique and snake_case.
         let mut names: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();
         names.sort_unstable();

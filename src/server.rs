@@ -24,6 +24,7 @@ use crate::cluster::{self, Bridge, Owners, ShardLink};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
+use crate::ops::{Bans, Ops};
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{ShardStats, SocketAccess, StatsServer, StatsView};
@@ -119,6 +120,17 @@ impl Server {
             .cluster
             .as_ref()
             .map(|c| Arc::new(Owners::new(c.partitions)));
+        // Operators' commands and bans; the bans file is read before any
+        // shard takes a login.
+        // With `durability = "memory"` nothing is kept, bans neither.
+        let bans = if config.durability == crate::store::Durability::Memory {
+            Bans::in_memory(config.bans_max)
+        } else {
+            let path = config.data_dir.join(crate::ops::BANS_FILE);
+            Bans::open(&path, config.bans_max, Clock::Real.unix_ms())
+                .map_err(|e| format!("bans file {}: {e}", path.display()))?
+        };
+        let ops = Arc::new(Ops::new(shards, bans));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -140,6 +152,7 @@ impl Server {
             let config = config.clone();
             let tls = tls.clone();
             let owners = owners.clone();
+            let ops = ops.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
@@ -178,6 +191,7 @@ impl Server {
                         clock: Clock::Real,
                         owners,
                         bridge,
+                        ops: Some(ops),
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -242,7 +256,9 @@ impl Server {
             shards: shard_stats.clone(),
             tls: tls.clone(),
             cluster: bridge.as_ref().map(Bridge::stats),
+            ops: Some(ops.clone()),
         });
+        ops.set_wakers(wakers.clone());
         let stats = match StatsServer::spawn(
             &config.stats_socket,
             stats_access,

@@ -255,6 +255,12 @@ impl Sessions {
                 self.close_after_flush(now, conn);
                 Flow::Stop
             }
+            Event::Bye { conn, reason } => {
+                if matches!(self.state(conn), State::Login | State::Active) {
+                    self.bye(now, conn, reason);
+                }
+                Flow::Stop
+            }
             Event::Closed(conn) => {
                 self.close_now(conn);
                 Flow::Stop
@@ -627,6 +633,12 @@ impl Sessions {
                 return Flow::Stop;
             }
         };
+        if env.banned(user, now.unix_ms) {
+            self.stats.logins_failed.inc();
+            let text = format!("user {user} is banned by the operator");
+            self.login_err(now, conn, ErrorCode::Banned, &text);
+            return Flow::Stop;
+        }
         match env.owner(user) {
             Owner::Here => {}
             Owner::Elsewhere { node, addr } => {

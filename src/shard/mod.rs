@@ -28,6 +28,8 @@ use crate::cluster::{Owner, Owners, ShardLink};
 
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Io};
+use crate::ops::{Ops, Request};
+use crate::proto::ByeReason;
 use crate::ring::Links;
 use crate::session::{Action, Env, Event, Flow, Now, Sessions, State};
 use crate::stats::{LoopTimer, ShardStats};
@@ -38,6 +40,7 @@ use crate::tls::TlsContext;
 
 mod admit;
 mod conns;
+mod operate;
 mod route;
 mod sync;
 
@@ -115,6 +118,9 @@ pub struct ShardParts {
     pub owners: Option<Arc<Owners>>,
     /// Cluster: this shard's rings to and from the bridge.
     pub bridge: Option<ShardLink>,
+    /// The operators' commands, bans and drain flag; `None` in the
+    /// simulator, which has no stats socket.
+    pub ops: Option<Arc<Ops>>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -165,6 +171,11 @@ pub struct Shard {
     bridge: Option<ShardLink>,
     /// When the shard last gave freed memory back (`memory_release_ms`).
     memory_released: Instant,
+    ops: Option<Arc<Ops>>,
+    /// Operator requests being served (reused).
+    requests: Vec<Request>,
+    /// How far this shard's part of a drain has got, once draining.
+    drain: Option<operate::Draining>,
 }
 
 /// What the session layer may ask of this shard.
@@ -175,6 +186,7 @@ struct View<'a> {
     ring_slots: usize,
     owners: Option<&'a Owners>,
     bridge: Option<&'a ShardLink>,
+    ops: Option<&'a Ops>,
 }
 
 impl Env for View<'_> {
@@ -192,6 +204,9 @@ impl Env for View<'_> {
     }
     fn bridge_has_room(&self) -> bool {
         self.bridge.is_none_or(ShardLink::has_room)
+    }
+    fn banned(&self, user: u64, now_ms: u64) -> bool {
+        self.ops.is_some_and(|ops| ops.banned(user, now_ms))
     }
 }
 
@@ -211,6 +226,7 @@ impl Shard {
             clock,
             owners,
             bridge,
+            ops,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -250,6 +266,9 @@ impl Shard {
             owners,
             bridge,
             memory_released: clock.now(),
+            ops,
+            requests: Vec::new(),
+            drain: None,
             clock,
             config,
         }
@@ -363,8 +382,11 @@ impl Shard {
             ring_slots: self.config.ring_slots,
             owners: self.owners.as_deref(),
             bridge: self.bridge.as_ref(),
+            ops: self.ops.as_deref(),
         };
         self.sessions.reset(self.now, &env, kept);
+        // Requests a panic interrupted: their senders time out.
+        self.requests.clear();
         self.execute(&[]);
         self.wheel = Wheel::new(self.clock.clone());
         // The panic may have unwound while the scratch buffer was lent out.
@@ -458,6 +480,7 @@ impl Shard {
         self.drain_io();
         self.drain_rings();
         self.fence();
+        self.serve_ops();
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expire(&mut fired);
         self.tick();
@@ -524,6 +547,7 @@ impl Shard {
             ring_slots: self.config.ring_slots,
             owners: self.owners.as_deref(),
             bridge: self.bridge.as_ref(),
+            ops: self.ops.as_deref(),
         };
         let flow = self.sessions.on_event(self.now, &env, event);
         self.execute(rest);
@@ -777,6 +801,11 @@ impl Shard {
                 });
                 if self.stop_deadline.is_some() {
                     self.event(Event::Shutdown(Some(id)));
+                } else if self.drain.is_some() {
+                    self.event(Event::Bye {
+                        conn: id,
+                        reason: ByeReason::Moving,
+                    });
                 }
             }
             Err(e) => log::warn!("shard {}: attach failed: {e}", self.id),

@@ -576,6 +576,7 @@ impl World {
                 clock: clock.clone(),
                 owners: None,
                 bridge: None,
+                ops: None,
             }));
         }
         disk::set_faults(true);

@@ -26,6 +26,9 @@ pub struct StatsView {
     pub tls: Option<Arc<crate::tls::TlsContext>>,
     /// The cluster bridge's counters; `None` without a `[cluster]` section.
     pub cluster: Option<Arc<crate::cluster::ClusterStats>>,
+    /// The operators' commands (`kick`, `ban`, `drain`, ...); `None` where
+    /// no server runs behind the view.
+    pub ops: Option<Arc<crate::ops::Ops>>,
 }
 
 impl StatsView {
@@ -40,6 +43,7 @@ impl StatsView {
             shards: (0..shard_count).map(|_| Arc::default()).collect(),
             tls: None,
             cluster: None,
+            ops: None,
         }
     }
 
@@ -88,6 +92,28 @@ const COMMANDS: &[(&str, &str)] = &[
         "reload tls",
         "re-read tls_cert and tls_key; new TLS handshakes use them",
     ),
+    (
+        "show user U",
+        "user U: online or not, shard, connection, DELIVERs in flight, queue and its oldest age, ban",
+    ),
+    (
+        "kick user U [REASON]",
+        "close U's connection with BYE(kicked); nothing queued is lost; REASON goes to the log",
+    ),
+    (
+        "ban user U [for DURATION]",
+        "refuse U's logins (LOGIN_ERR banned) and kick it; kept in <data_dir>/bans",
+    ),
+    ("unban user U", "lift U's ban"),
+    ("show bans", "the users banned, with the time left"),
+    (
+        "set log level LEVEL",
+        "off, error, warn, info, debug or trace, until the next change or restart",
+    ),
+    (
+        "drain [for DURATION]",
+        "refuse new connections with BYE(moving), close sessions evenly over DURATION (60s)",
+    ),
 ];
 
 /// Facts about the process that are read from the OS at render time; tests
@@ -127,7 +153,11 @@ fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Proces
             },
             None => "TLS is not configured (no tls_listen).\n".to_string(),
         },
-        _ => format!("Unknown command: '{command}'. Try 'help'.\n"),
+        _ => view
+            .ops
+            .as_ref()
+            .and_then(|ops| ops.answer(&words))
+            .unwrap_or_else(|| format!("Unknown command: '{command}'. Try 'help'.\n")),
     }
 }
 
@@ -176,6 +206,10 @@ fn render_info(view: &StatsView, process: Process) -> String {
         for (key, get) in sessions {
             let _ = writeln!(out, "{key}: {}", view.sum(get));
         }
+    }
+    if let Some(ops) = &view.ops {
+        let draining = if ops.draining() { "yes" } else { "no" };
+        let _ = writeln!(out, "Draining: {draining}");
     }
     out
 }
@@ -612,6 +646,7 @@ pub(crate) mod tests {
             shards: vec![Arc::default(), Arc::default()],
             tls: None,
             cluster: None,
+            ops: None,
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);
