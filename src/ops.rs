@@ -40,6 +40,12 @@ pub const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// unless a shard is stuck).
 const MAILBOX_MAX: usize = 16;
 
+/// Rows `show conns` lists when no `limit` is given.
+pub const CONNS_LIMIT_DEFAULT: usize = 10;
+
+/// Most rows `show conns` lists.
+pub const CONNS_LIMIT_MAX: usize = 1000;
+
 /// The name of the bans file in the data directory.
 pub const BANS_FILE: &str = "bans";
 
@@ -55,6 +61,115 @@ pub enum Cmd {
         /// What its connection is told.
         reason: ByeReason,
     },
+    /// This shard's top `limit` logged-in connections by `sort`
+    /// (`show conns`), answered with [`Answer::Rows`].
+    Conns {
+        /// The key, largest first.
+        sort: Sort,
+        /// Rows wanted.
+        limit: usize,
+    },
+}
+
+/// What `show conns` sorts by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sort {
+    /// Messages queued for the connection's user (in flight included).
+    Queue,
+    /// Age of the oldest message queued for its user.
+    Age,
+    /// Output written to it and not sent yet (a slow reader).
+    Bytes,
+}
+
+/// One logged-in connection as `show conns` lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRow {
+    /// Its shard.
+    pub shard: usize,
+    /// Its slot on that shard.
+    pub conn: u32,
+    /// Its user.
+    pub user: u64,
+    /// Messages queued for the user.
+    pub queued: usize,
+    /// Age of the oldest of them, ms (0 when none).
+    pub oldest_age_ms: u64,
+    /// DELIVERs sent and not answered yet.
+    pub inflight: u32,
+    /// Output not sent yet, bytes.
+    pub out_pending_bytes: usize,
+}
+
+impl ConnRow {
+    /// The value `sort` orders by.
+    pub fn key(&self, sort: Sort) -> u64 {
+        match sort {
+            Sort::Queue => self.queued as u64,
+            Sort::Age => self.oldest_age_ms,
+            Sort::Bytes => self.out_pending_bytes as u64,
+        }
+    }
+}
+
+/// Keeps the `limit` rows with the largest keys of those offered, in
+/// bounded memory (at most twice `limit`).
+#[derive(Debug)]
+pub struct Top {
+    sort: Sort,
+    limit: usize,
+    rows: Vec<ConnRow>,
+    /// Rows offered in all.
+    pub seen: usize,
+}
+
+impl Top {
+    /// Empty, keeping `limit` rows by `sort`.
+    pub fn new(sort: Sort, limit: usize) -> Top {
+        Top {
+            sort,
+            limit,
+            rows: Vec::new(),
+            seen: 0,
+        }
+    }
+
+    /// Offers one row.
+    pub fn offer(&mut self, row: ConnRow) {
+        self.seen += 1;
+        if self.limit == 0 {
+            return;
+        }
+        self.rows.push(row);
+        if self.rows.len() >= 2 * self.limit {
+            self.trim();
+        }
+    }
+
+    fn trim(&mut self) {
+        let sort = self.sort;
+        self.rows.sort_unstable_by(|a, b| {
+            b.key(sort)
+                .cmp(&a.key(sort))
+                .then((a.shard, a.conn).cmp(&(b.shard, b.conn)))
+        });
+        self.rows.truncate(self.limit);
+    }
+
+    /// The kept rows, largest key first.
+    pub fn finish(mut self) -> (Vec<ConnRow>, usize) {
+        self.trim();
+        (self.rows, self.seen)
+    }
+}
+
+/// A shard's answer.
+#[derive(Debug)]
+pub enum Answer {
+    /// Text for the operator, as is.
+    Text(String),
+    /// `show conns`: the shard's top rows, and how many it looked at.
+    Rows(Vec<ConnRow>, usize),
 }
 
 /// One command for one shard, with the way back to the stats thread.
@@ -62,14 +177,14 @@ pub enum Cmd {
 pub struct Request {
     /// What to do.
     pub cmd: Cmd,
-    reply: SyncSender<String>,
+    reply: SyncSender<Answer>,
 }
 
 impl Request {
-    /// Sends the answer text back; a stats thread that stopped waiting
-    /// (timed out) just does not get it.
-    pub fn answer(self, text: String) {
-        let _ = self.reply.send(text);
+    /// Sends the answer back; a stats thread that stopped waiting (timed
+    /// out) just does not get it.
+    pub fn answer(self, answer: Answer) {
+        let _ = self.reply.send(answer);
     }
 }
 
@@ -167,28 +282,89 @@ impl Ops {
         }
     }
 
-    /// Asks shard `shard` to do `cmd` and waits for its answer.
-    fn ask(&self, shard: usize, cmd: Cmd) -> String {
-        let (tx, rx): (SyncSender<String>, Receiver<String>) = mpsc::sync_channel(1);
+    /// Puts `cmd` in shard `shard`'s mailbox and wakes it; the answer
+    /// comes on the receiver.
+    fn post(&self, shard: usize, cmd: Cmd) -> Result<Receiver<Answer>, String> {
+        let (tx, rx) = mpsc::sync_channel(1);
         {
             let mut mailbox = self.mailboxes[shard]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             if mailbox.len() >= MAILBOX_MAX {
-                return format!("Shard {shard} is not taking commands now (mailbox full).\n");
+                return Err(format!(
+                    "Shard {shard} is not taking commands now (mailbox full).\n"
+                ));
             }
             mailbox.push(Request { cmd, reply: tx });
         }
         if let Some(waker) = self.wakers.get().and_then(|w| w.get(shard)) {
             waker.wake();
         }
-        match rx.recv_timeout(SHARD_ANSWER_TIMEOUT) {
-            Ok(text) => text,
-            Err(_) => format!(
-                "Shard {shard} did not answer within {} ms (restarting or stopped?).\n",
-                SHARD_ANSWER_TIMEOUT.as_millis()
-            ),
+        Ok(rx)
+    }
+
+    /// Waits for shard `shard`'s answer on `rx`, until `deadline`.
+    fn wait(shard: usize, rx: &Receiver<Answer>, deadline: Instant) -> Result<Answer, String> {
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| {
+                format!(
+                    "Shard {shard} did not answer within {} ms (restarting or stopped?).\n",
+                    SHARD_ANSWER_TIMEOUT.as_millis()
+                )
+            })
+    }
+
+    /// Asks shard `shard` to do `cmd` and waits for its text answer.
+    fn ask(&self, shard: usize, cmd: Cmd) -> String {
+        let deadline = Instant::now() + SHARD_ANSWER_TIMEOUT;
+        match self
+            .post(shard, cmd)
+            .and_then(|rx| Ops::wait(shard, &rx, deadline))
+        {
+            Ok(Answer::Text(text)) | Err(text) => text,
+            Ok(Answer::Rows(..)) => unreachable!("only `Cmd::Conns` is answered with rows"),
         }
+    }
+
+    /// `show conns`: every shard looks at its connections at once (a
+    /// bounded number of slots per loop iteration), then the rows are
+    /// merged.
+    fn conns(&self, sort: Sort, limit: usize) -> String {
+        let deadline = Instant::now() + SHARD_ANSWER_TIMEOUT;
+        let posted: Vec<_> = (0..self.shards)
+            .map(|shard| self.post(shard, Cmd::Conns { sort, limit }))
+            .collect();
+        let mut top = Top::new(sort, limit);
+        let mut seen = 0;
+        for (shard, rx) in posted.into_iter().enumerate() {
+            match rx.and_then(|rx| Ops::wait(shard, &rx, deadline)) {
+                Ok(Answer::Rows(rows, n)) => {
+                    seen += n;
+                    rows.into_iter().for_each(|row| top.offer(row));
+                }
+                Ok(Answer::Text(text)) | Err(text) => return text,
+            }
+        }
+        let (rows, _) = top.finish();
+        let name = match sort {
+            Sort::Queue => "queue",
+            Sort::Age => "age",
+            Sort::Bytes => "bytes",
+        };
+        let mut out = format!(
+            "Conns: {} of {seen} logged in, by {name}\n\
+             shard conn user queued oldest_age_ms inflight out_pending_bytes\n",
+            rows.len()
+        );
+        for r in rows {
+            writeln!(
+                out,
+                "{} {} {} {} {} {} {}",
+                r.shard, r.conn, r.user, r.queued, r.oldest_age_ms, r.inflight, r.out_pending_bytes
+            )
+            .expect("writing to a String");
+        }
+        out
     }
 
     /// The answer to an operator command, or `None` when `words` is not
@@ -222,6 +398,10 @@ impl Ops {
                 Err(e) => e,
             },
             ["show", "bans"] => self.render_bans(now_ms),
+            ["show", "conns", rest @ ..] => match parse_conns(rest) {
+                Ok((sort, limit)) => self.conns(sort, limit),
+                Err(e) => e,
+            },
             ["set", "log", "level", level] => match level.parse::<log::LevelFilter>() {
                 Ok(level) => {
                     log::set_max_level(level);
@@ -305,6 +485,34 @@ fn parse_user(text: &str) -> Result<u64, String> {
             u64::MAX
         )),
     }
+}
+
+/// Parses `show conns`'s options: `[sort by queue|age|bytes] [limit N]`.
+fn parse_conns(words: &[&str]) -> Result<(Sort, usize), String> {
+    let usage = || {
+        format!(
+            "Usage: show conns [sort by queue|age|bytes] [limit N] (N at most {CONNS_LIMIT_MAX}).\n"
+        )
+    };
+    let (mut sort, mut limit) = (Sort::Queue, CONNS_LIMIT_DEFAULT);
+    let mut rest = words;
+    if let ["sort", "by", key, tail @ ..] = rest {
+        sort = match *key {
+            "queue" => Sort::Queue,
+            "age" => Sort::Age,
+            "bytes" => Sort::Bytes,
+            _ => return Err(usage()),
+        };
+        rest = tail;
+    }
+    if let ["limit", n, tail @ ..] = rest {
+        limit = n.parse().map_err(|_| usage())?;
+        rest = tail;
+    }
+    if !rest.is_empty() || limit > CONNS_LIMIT_MAX {
+        return Err(usage());
+    }
+    Ok((sort, limit))
 }
 
 /// Parses `30s`, `5m`, `2h`, `7d` or `500ms` (a bare number is seconds),
@@ -587,6 +795,43 @@ mod tests {
         assert!(Bans::open(&path, 0, 9_000).is_err());
         fs::write(&path, "7 forever\n").unwrap();
         assert!(Bans::open(&path, 2, 9_000).is_err());
+    }
+
+    #[test]
+    fn conns_options_and_top() {
+        assert_eq!(parse_conns(&[]), Ok((Sort::Queue, CONNS_LIMIT_DEFAULT)));
+        assert_eq!(
+            parse_conns(&["sort", "by", "age", "limit", "3"]),
+            Ok((Sort::Age, 3))
+        );
+        assert_eq!(parse_conns(&["limit", "0"]), Ok((Sort::Queue, 0)));
+        for bad in [
+            &["sort", "by", "name"][..],
+            &["limit", "1001"],
+            &["limit", "3", "sort", "by", "age"],
+            &["limit"],
+        ] {
+            assert!(parse_conns(bad).is_err(), "{bad:?}");
+        }
+        let row = |conn: u32, queued: usize| ConnRow {
+            shard: 0,
+            conn,
+            user: conn as u64 + 100,
+            queued,
+            oldest_age_ms: 0,
+            inflight: 0,
+            out_pending_bytes: 0,
+        };
+        let mut top = Top::new(Sort::Queue, 2);
+        for (conn, queued) in [(1, 5), (2, 9), (3, 1), (4, 9), (5, 7)] {
+            top.offer(row(conn, queued));
+        }
+        let (rows, seen) = top.finish();
+        assert_eq!(seen, 5);
+        assert_eq!(rows, vec![row(2, 9), row(4, 9)]);
+        let mut none = Top::new(Sort::Queue, 0);
+        none.offer(row(1, 1));
+        assert_eq!(none.finish(), (vec![], 1));
     }
 
     #[test]

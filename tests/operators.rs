@@ -49,6 +49,7 @@ fn help_documents_every_operator_command() {
     let help = server.query("help");
     for command in [
         "show user U",
+        "show conns [sort by queue|age|bytes] [limit N]",
         "kick user U",
         "ban user U [for DURATION]",
         "unban user U",
@@ -87,6 +88,26 @@ fn show_user_then_kick_loses_nothing() {
     assert_eq!(online["Queued"], "20");
     assert_eq!(online["Tls"], "no");
     assert_eq!(online["Banned"], "no");
+
+    // show conns: the recipient's 20 waiting messages put it first.
+    let conns = server.query("show conns sort by queue limit 1");
+    let lines: Vec<&str> = conns.lines().collect();
+    assert_eq!(lines[0], "Conns: 1 of 2 logged in, by queue", "{conns}");
+    assert_eq!(
+        lines[1],
+        "shard conn user queued oldest_age_ms inflight out_pending_bytes"
+    );
+    let row: Vec<&str> = lines[2].split(' ').collect();
+    assert_eq!(
+        (row[0], row[2], row[3], row[5]),
+        ("1", &*recipient.to_string(), "20", "20")
+    );
+    let by_bytes = server.query("show conns sort by bytes");
+    assert!(
+        by_bytes.starts_with("Conns: 2 of 2 logged in, by bytes\n"),
+        "{by_bytes}"
+    );
+    assert!(server.query("show conns limit 5000").starts_with("Usage"));
 
     let kicked = server.query(&format!("kick user {recipient} support ticket 12"));
     assert_eq!(

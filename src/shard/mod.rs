@@ -174,6 +174,8 @@ pub struct Shard {
     ops: Option<Arc<Ops>>,
     /// Operator requests being served (reused).
     requests: Vec<Request>,
+    /// `show conns` requests in progress.
+    scans: Vec<operate::Scan>,
     /// How far this shard's part of a drain has got, once draining.
     drain: Option<operate::Draining>,
 }
@@ -268,6 +270,7 @@ impl Shard {
             memory_released: clock.now(),
             ops,
             requests: Vec::new(),
+            scans: Vec::new(),
             drain: None,
             clock,
             config,
@@ -387,6 +390,7 @@ impl Shard {
         self.sessions.reset(self.now, &env, kept);
         // Requests a panic interrupted: their senders time out.
         self.requests.clear();
+        self.scans.clear();
         self.execute(&[]);
         self.wheel = Wheel::new(self.clock.clone());
         // The panic may have unwound while the scratch buffer was lent out.
@@ -466,7 +470,7 @@ impl Shard {
         if self.outboxes.waiting() {
             timeout = timeout.min(OUTBOX_RETRY);
         }
-        if !self.links.prepare_sleep() {
+        if !self.links.prepare_sleep() || !self.scans.is_empty() {
             timeout = Duration::ZERO;
         }
         let waited = self.io.wait(Some(timeout));

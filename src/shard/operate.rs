@@ -5,11 +5,25 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::io::ConnId;
-use crate::ops::Cmd;
+use crate::ops::{Answer, Cmd, ConnRow, Request, Top};
 use crate::proto::ByeReason;
 use crate::session::{Event, State};
 
 use super::Shard;
+
+/// Session slots a `show conns` looks at per loop iteration, so that a
+/// shard with a million connections answers over a few hundred iterations
+/// instead of stalling one.
+pub(super) const SCAN_SLOTS_PER_ITERATION: usize = 4096;
+
+/// A `show conns` being worked through.
+#[derive(Debug)]
+pub(super) struct Scan {
+    request: Request,
+    top: Top,
+    /// The next session slot to look at.
+    cursor: usize,
+}
 
 /// This shard's progress through a drain: its sessions are closed in slot
 /// order, at an even pace, so that clients spread their reconnects over
@@ -41,10 +55,21 @@ impl Shard {
             let text = match request.cmd {
                 Cmd::ShowUser(user) => self.show_user(user, ops.banned(user, self.now.unix_ms)),
                 Cmd::Kick { user, reason } => self.kick(user, reason),
+                Cmd::Conns { sort, limit } => {
+                    self.scans.push(Scan {
+                        request,
+                        top: Top::new(sort, limit),
+                        cursor: 0,
+                    });
+                    continue;
+                }
             };
-            request.answer(text);
+            request.answer(Answer::Text(text));
         }
         self.requests = requests;
+        if !self.scans.is_empty() {
+            self.advance_scans();
+        }
         if ops.draining() {
             self.drain_step(&ops);
         }
@@ -81,6 +106,46 @@ impl Shard {
         line("Oldest_queued_age_ms", &oldest_ms);
         line("Receipts_pending", &self.sessions.receipts_kept(user));
         out
+    }
+
+    /// Looks at the next [`SCAN_SLOTS_PER_ITERATION`] slots for each
+    /// `show conns` in progress, and answers those that are through.
+    fn advance_scans(&mut self) {
+        let slots = self.sessions.slots();
+        let store = self.sessions.store();
+        for scan in &mut self.scans {
+            let end = slots.min(scan.cursor + SCAN_SLOTS_PER_ITERATION);
+            for i in scan.cursor..end {
+                let conn = ConnId(i as u32);
+                if self.sessions.state(conn) != State::Active {
+                    continue;
+                }
+                let Some(user) = self.sessions.user_of(conn) else {
+                    continue;
+                };
+                let oldest_age_ms = store
+                    .next_after(user, 0)
+                    .map_or(0, |m| self.now.unix_ms.saturating_sub(m.time_ms));
+                scan.top.offer(ConnRow {
+                    shard: self.id,
+                    conn: conn.0,
+                    user,
+                    queued: store.len(user),
+                    oldest_age_ms,
+                    inflight: self.sessions.window(user).map_or(0, |w| w.0),
+                    out_pending_bytes: self.conns.out_pending(conn),
+                });
+            }
+            scan.cursor = end;
+        }
+        let (done, going): (Vec<Scan>, Vec<Scan>) = std::mem::take(&mut self.scans)
+            .into_iter()
+            .partition(|scan| scan.cursor >= slots);
+        self.scans = going;
+        for scan in done {
+            let (rows, seen) = scan.top.finish();
+            scan.request.answer(Answer::Rows(rows, seen));
+        }
     }
 
     /// Closes `user`'s connection with BYE(`reason`). What is queued for it

@@ -97,6 +97,10 @@ const COMMANDS: &[(&str, &str)] = &[
         "user U: online or not, shard, connection, DELIVERs in flight, queue and its oldest age, ban",
     ),
     (
+        "show conns [sort by queue|age|bytes] [limit N]",
+        "the top N (10) logged-in connections by queue length, oldest queued message or unsent output",
+    ),
+    (
         "kick user U [REASON]",
         "close U's connection with BYE(kicked); nothing queued is lost; REASON goes to the log",
     ),
