@@ -21,7 +21,7 @@ use std::sync::{Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::io::WakeHandle;
-use crate::proto::ByeReason;
+use crate::proto::{ByeReason, Frame};
 use crate::shard::home_shard;
 
 /// How long `drain` takes to close every session when no duration is
@@ -45,6 +45,15 @@ pub const CONNS_LIMIT_DEFAULT: usize = 10;
 
 /// Most rows `show conns` lists.
 pub const CONNS_LIMIT_MAX: usize = 1000;
+
+/// How long `trace user` logs when no duration is given.
+pub const TRACE_DEFAULT: Duration = Duration::from_secs(60);
+
+/// Users traced at once.
+pub const TRACES_MAX: usize = 16;
+
+/// Most body bytes a trace line shows (`bodies`).
+pub const TRACE_BODY_BYTES_MAX: usize = 256;
 
 /// The name of the bans file in the data directory.
 pub const BANS_FILE: &str = "bans";
@@ -198,6 +207,19 @@ pub struct Drain {
     pub over: Duration,
 }
 
+/// One user traced: every frame of its connection goes to the log until
+/// `until`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trace {
+    /// The user.
+    pub user: u64,
+    /// When tracing it stops.
+    pub until: Instant,
+    /// Whether message bodies are logged too (escaped, cut at
+    /// [`TRACE_BODY_BYTES_MAX`]); tokens never are.
+    pub bodies: bool,
+}
+
 /// State shared by the stats thread and the shards.
 #[derive(Debug)]
 pub struct Ops {
@@ -210,6 +232,9 @@ pub struct Ops {
     /// Set by `drain`, never cleared (a drained server is restarted).
     draining: AtomicBool,
     drain: Mutex<Option<Drain>>,
+    /// The users traced; shards copy the list when `traces_version` moves.
+    traces: Mutex<Vec<Trace>>,
+    traces_version: AtomicUsize,
 }
 
 impl Ops {
@@ -222,6 +247,8 @@ impl Ops {
             bans,
             draining: AtomicBool::new(false),
             drain: Mutex::new(None),
+            traces: Mutex::new(Vec::new()),
+            traces_version: AtomicUsize::new(0),
         }
     }
 
@@ -256,6 +283,50 @@ impl Ops {
         self.draining.store(true, Ordering::Relaxed);
         self.wake_all();
         true
+    }
+
+    /// Changes each time the traced users change: a shard copies
+    /// [`Ops::traces`] when it sees a new value.
+    pub fn traces_version(&self) -> usize {
+        self.traces_version.load(Ordering::Acquire)
+    }
+
+    /// The users traced now.
+    pub fn traces(&self) -> Vec<Trace> {
+        let now = Instant::now();
+        let traces = self.traces.lock().unwrap_or_else(|e| e.into_inner());
+        traces.iter().filter(|t| t.until > now).copied().collect()
+    }
+
+    /// Traces `user` for `over` (zero stops it).
+    fn trace(&self, user: u64, over: Duration, bodies: bool) -> String {
+        let now = Instant::now();
+        let mut traces = self.traces.lock().unwrap_or_else(|e| e.into_inner());
+        traces.retain(|t| t.until > now && t.user != user);
+        let answer = if over.is_zero() {
+            format!("User {user} is not traced.\n")
+        } else if traces.len() >= TRACES_MAX {
+            return format!("{TRACES_MAX} users are traced already; stop one with `for 0s`.\n");
+        } else {
+            traces.push(Trace {
+                user,
+                until: now + over,
+                bodies,
+            });
+            let what = if bodies {
+                "frames and bodies"
+            } else {
+                "frames"
+            };
+            format!(
+                "Tracing user {user} for {} s: its {what} go to the log.\n",
+                over.as_secs()
+            )
+        };
+        drop(traces);
+        self.traces_version.fetch_add(1, Ordering::Release);
+        self.wake_all();
+        answer
     }
 
     /// The bans.
@@ -402,6 +473,10 @@ impl Ops {
                 Ok((sort, limit)) => self.conns(sort, limit),
                 Err(e) => e,
             },
+            ["trace", "user", user, rest @ ..] => match (parse_user(user), parse_trace(rest)) {
+                (Ok(user), Ok((over, bodies))) => self.trace(user, over, bodies),
+                (Err(e), _) | (_, Err(e)) => e,
+            },
             ["set", "log", "level", level] => match level.parse::<log::LevelFilter>() {
                 Ok(level) => {
                     log::set_max_level(level);
@@ -513,6 +588,57 @@ fn parse_conns(words: &[&str]) -> Result<(Sort, usize), String> {
         return Err(usage());
     }
     Ok((sort, limit))
+}
+
+/// Parses `trace user U`'s options: `[for DURATION] [bodies]`.
+fn parse_trace(words: &[&str]) -> Result<(Duration, bool), String> {
+    let (over, rest) = match words {
+        ["for", d, rest @ ..] => (parse_duration(d)?, rest),
+        rest => (TRACE_DEFAULT, rest),
+    };
+    match rest {
+        [] => Ok((over, false)),
+        ["bodies"] => Ok((over, true)),
+        _ => Err("Usage: trace user U [for DURATION] [bodies]\n".to_string()),
+    }
+}
+
+/// One trace line's description of `frame`: its type and fields, sizes
+/// for bytes; bodies (escaped, cut) only when asked, tokens never.
+pub fn describe(frame: &Frame<'_>, bodies: bool) -> String {
+    let body = |b: &[u8]| {
+        if bodies {
+            let shown = &b[..b.len().min(TRACE_BODY_BYTES_MAX)];
+            format!("body={} B \"{}\"", b.len(), shown.escape_ascii())
+        } else {
+            format!("body={} B", b.len())
+        }
+    };
+    match *frame {
+        Frame::Login { version, token } => {
+            format!("LOGIN version={version} token={} B", token.len())
+        }
+        Frame::Send {
+            client_id,
+            to,
+            body: b,
+        } => format!("SEND client_id={client_id} to={to} {}", body(b)),
+        Frame::Deliver {
+            server_id,
+            from,
+            server_time_ms,
+            client_id,
+            body: b,
+        } => {
+            let client_id = client_id.map_or("-".to_string(), |c| c.to_string());
+            format!(
+                "DELIVER server_id={server_id} from={from} server_time_ms={server_time_ms} \
+                 client_id={client_id} {}",
+                body(b)
+            )
+        }
+        ref other => format!("{} {other:?}", other.name()),
+    }
 }
 
 /// Parses `30s`, `5m`, `2h`, `7d` or `500ms` (a bare number is seconds),
@@ -832,6 +958,52 @@ mod tests {
         let mut none = Top::new(Sort::Queue, 0);
         none.offer(row(1, 1));
         assert_eq!(none.finish(), (vec![], 1));
+    }
+
+    #[test]
+    fn trace_lines() {
+        assert_eq!(parse_trace(&[]), Ok((TRACE_DEFAULT, false)));
+        assert_eq!(
+            parse_trace(&["for", "5m", "bodies"]),
+            Ok((Duration::from_secs(300), true))
+        );
+        assert!(parse_trace(&["bodies", "for", "5m"]).is_err());
+        let login = Frame::Login {
+            version: 2,
+            token: b"v1.42.1767225600.SECRETMAC",
+        };
+        assert_eq!(describe(&login, true), "LOGIN version=2 token=26 B");
+        let send = Frame::Send {
+            client_id: 3,
+            to: 5,
+            body: b"hi\n",
+        };
+        assert_eq!(describe(&send, false), "SEND client_id=3 to=5 body=3 B");
+        assert_eq!(
+            describe(&send, true),
+            "SEND client_id=3 to=5 body=3 B \"hi\\n\""
+        );
+        let ack = Frame::Ack {
+            client_id: 3,
+            server_id: 9,
+            server_time_ms: 1,
+        };
+        assert_eq!(
+            describe(&ack, false),
+            "ACK Ack { client_id: 3, server_id: 9, server_time_ms: 1 }"
+        );
+        let ops = Ops::new(1, Bans::in_memory(1));
+        let v = ops.traces_version();
+        assert!(ops
+            .trace(7, Duration::from_secs(9), false)
+            .starts_with("Tracing user 7"));
+        assert_eq!(ops.traces().len(), 1);
+        assert!(ops.traces_version() != v);
+        assert_eq!(
+            ops.trace(7, Duration::ZERO, false),
+            "User 7 is not traced.\n"
+        );
+        assert!(ops.traces().is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The operators' runtime commands over a real stats socket: `show user`,
 //! `kick user`, `ban user` / `unban user` / `show bans` (across kill -9),
-//! `set log level` and `drain`, with real clients on loopback. Kick, ban
+//! `trace user`, `set log level` and `drain`, with real clients on loopback. Kick, ban
 //! and drain must lose no queued message: every message ACKed to a sender
 //! is still there for its recipient afterwards.
 
@@ -54,6 +54,7 @@ fn help_documents_every_operator_command() {
         "ban user U [for DURATION]",
         "unban user U",
         "show bans",
+        "trace user U [for DURATION] [bodies]",
         "set log level LEVEL",
         "drain [for DURATION]",
     ] {
@@ -195,6 +196,50 @@ fn a_ban_survives_kill_9() {
     assert_eq!(bans, format!("Bans: 1 (at most 100000)\n{user} forever\n"));
     // Another user is not affected.
     Client::login(server.addr, &token(user + 1)).unwrap();
+}
+
+#[test]
+fn trace_logs_a_users_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = format!("{:?}", test_backend()).to_lowercase();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2", "--io", &backend]);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(dir.path().join("tern.sock"));
+    let server = TernChild::expect_start(cmd);
+    let sock = dir.path().join("tern.sock");
+    let (traced, other) = cross_pair();
+    let mut a = Client::login(server.addr, &token(traced)).unwrap().0;
+    let mut b = Client::login(server.addr, &token(other)).unwrap().0;
+    let answer = tern::stats::query(&sock, &format!("trace user {traced} for 1h bodies")).unwrap();
+    assert_eq!(
+        answer,
+        format!("Tracing user {traced} for 3600 s: its frames and bodies go to the log.\n")
+    );
+    // Once a PING of the user shows in the log, its shard traces it.
+    let mut nonce = 0;
+    assert!(wait_for(|| {
+        nonce += 1;
+        a.send_frame(&tern::proto::Frame::Ping { nonce }).unwrap();
+        server.log_text().contains(&format!("trace user {traced} "))
+    }));
+    a.send_msg(1, other, b"secret plans").unwrap();
+    recv_ack(&mut a, 1);
+    recv_deliver(&mut b);
+    let send = format!("in SEND client_id=1 to={other} body=12 B \"secret plans\"");
+    assert!(
+        wait_for(|| {
+            let log = server.log_text();
+            log.contains(&send) && log.contains("out ACK Ack { client_id: 1")
+        }),
+        "{}",
+        server.log_text()
+    );
+    // The other user is not traced, and a stopped trace logs no more.
+    assert!(!server.log_text().contains(&format!("trace user {other} ")));
+    let stopped = tern::stats::query(&sock, &format!("trace user {traced} for 0s")).unwrap();
+    assert_eq!(stopped, format!("User {traced} is not traced.\n"));
 }
 
 #[test]

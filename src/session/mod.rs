@@ -376,7 +376,13 @@ impl Sessions {
         self.slots.get(conn.index()).map_or(0, |s| s.gen)
     }
 
-    /// The user `conn` is logged in as, if it is.
+    /// The user `conn` logged in as, also while it closes (0: none yet);
+    /// for tracing its last frames.
+    pub fn user_in(&self, conn: ConnId) -> u64 {
+        self.slots.get(conn.index()).map_or(0, |s| s.user)
+    }
+
+    /// The user logged in on `conn`, if it is active.
     pub fn user_of(&self, conn: ConnId) -> Option<u64> {
         let s = self.slots.get(conn.index())?;
         (s.state == State::Active).then_some(s.user)

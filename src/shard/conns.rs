@@ -407,6 +407,9 @@ impl Shard {
                     return None;
                 }
             };
+            if !self.traced.is_empty() {
+                self.trace(conn, "in", &frame);
+            }
             let rest = &data[at + used..];
             match self.event_with_rest(Event::Frame { conn, frame, rest }, rest) {
                 Flow::Next => at += used,
@@ -484,6 +487,9 @@ impl Shard {
         let state = self.sessions.state(conn);
         if state == State::Free || state == State::Shut {
             return;
+        }
+        if !self.traced.is_empty() {
+            self.trace_out(conn, bytes);
         }
         let tls = self.conns.slots[conn.index()].tls.is_some();
         let bufs = self.conns.bufs(conn);

@@ -28,7 +28,7 @@ use crate::cluster::{Owner, Owners, ShardLink};
 
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Io};
-use crate::ops::{Ops, Request};
+use crate::ops::{Ops, Request, Trace};
 use crate::proto::ByeReason;
 use crate::ring::Links;
 use crate::session::{Action, Env, Event, Flow, Now, Sessions, State};
@@ -176,6 +176,9 @@ pub struct Shard {
     requests: Vec<Request>,
     /// `show conns` requests in progress.
     scans: Vec<operate::Scan>,
+    /// The users traced ([`Ops::traces`] as of `traces_seen`).
+    traced: Vec<Trace>,
+    traces_seen: usize,
     /// How far this shard's part of a drain has got, once draining.
     drain: Option<operate::Draining>,
 }
@@ -271,6 +274,8 @@ impl Shard {
             ops,
             requests: Vec::new(),
             scans: Vec::new(),
+            traced: Vec::new(),
+            traces_seen: 0,
             drain: None,
             clock,
             config,

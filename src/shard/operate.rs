@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::io::ConnId;
-use crate::ops::{Answer, Cmd, ConnRow, Request, Top};
-use crate::proto::ByeReason;
+use crate::ops::{describe, Answer, Cmd, ConnRow, Request, Top};
+use crate::proto::{self, ByeReason, Frame};
 use crate::session::{Event, State};
 
 use super::Shard;
@@ -67,6 +67,15 @@ impl Shard {
             request.answer(Answer::Text(text));
         }
         self.requests = requests;
+        let version = ops.traces_version();
+        if version != self.traces_seen {
+            self.traced = ops.traces();
+            self.traces_seen = version;
+        }
+        if !self.traced.is_empty() {
+            let now = Instant::now();
+            self.traced.retain(|t| t.until > now);
+        }
         if !self.scans.is_empty() {
             self.advance_scans();
         }
@@ -106,6 +115,41 @@ impl Shard {
         line("Oldest_queued_age_ms", &oldest_ms);
         line("Receipts_pending", &self.sessions.receipts_kept(user));
         out
+    }
+
+    /// Logs `frame`, which went `dir` ("in" or "out") on `conn`, if its
+    /// user is traced. Callers check that someone is traced first.
+    pub(super) fn trace(&self, conn: ConnId, dir: &str, frame: &Frame<'_>) {
+        let user = self.sessions.user_in(conn);
+        if let Some(t) = self.traced.iter().find(|t| t.user == user && user != 0) {
+            log::info!(
+                target: "tern::trace",
+                "trace user {user} shard {} conn {} {dir} {}",
+                self.id,
+                conn.0,
+                describe(frame, t.bodies)
+            );
+        }
+    }
+
+    /// [`Shard::trace`] for each frame of encoded output `bytes`.
+    pub(super) fn trace_out(&self, conn: ConnId, bytes: &[u8]) {
+        let user = self.sessions.user_in(conn);
+        if !self.traced.iter().any(|t| t.user == user && user != 0) {
+            return;
+        }
+        let limits = self.sessions.limits();
+        let mut at = 0;
+        // Bounded: each pass consumes a frame or stops.
+        while at < bytes.len() {
+            match proto::decode(&bytes[at..], limits) {
+                Ok(Some((frame, used))) => {
+                    self.trace(conn, "out", &frame);
+                    at += used;
+                }
+                _ => break,
+            }
+        }
     }
 
     /// Looks at the next [`SCAN_SLOTS_PER_ITERATION`] slots for each

@@ -111,6 +111,10 @@ const COMMANDS: &[(&str, &str)] = &[
     ("unban user U", "lift U's ban"),
     ("show bans", "the users banned, with the time left"),
     (
+        "trace user U [for DURATION] [bodies]",
+        "log every frame of U's connection for DURATION (60s; 0s stops): types, ids, sizes",
+    ),
+    (
         "set log level LEVEL",
         "off, error, warn, info, debug or trace, until the next change or restart",
     ),
