@@ -815,6 +815,16 @@ impl Shard {
                         conn: id,
                         reason: ByeReason::Moving,
                     });
+                } else if self
+                    .ops
+                    .as_ref()
+                    .is_some_and(|o| o.banned(user, self.now.unix_ms))
+                {
+                    // Banned while its handoff was on the way here.
+                    self.event(Event::Bye {
+                        conn: id,
+                        reason: ByeReason::Kicked,
+                    });
                 }
             }
             Err(e) => log::warn!("shard {}: attach failed: {e}", self.id),
