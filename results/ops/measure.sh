@@ -7,7 +7,9 @@
 # loopback) from BIN_DIR, its RSS with no connection, then `tern-loadgen
 # connect` holds CONNS logged-in idle connections (no PINGs); once the server
 # counts them all: its RSS again, `show conns` timed 5 times, `show shards`
-# loop p99 before and after. Everything this script starts is bounded
+# loop p99 before and after, and `show info` timed the same way as a
+# baseline (the stats thread polls its socket every 50 ms, and each query
+# starts a `tern stats` process). Everything this script starts is bounded
 # (--max-time, timeout) and stopped by PID on exit. Lines go to stdout.
 set -euo pipefail
 
@@ -53,14 +55,23 @@ for run in $(seq 1 "$runs"); do
         sleep 0.5
     done
     sleep 3
+    if [[ ${held:-0} -eq 0 ]]; then echo "$label run $run: nothing held"; tail -5 "$tmp/lg.out" "$tmp/server.log"; exit 1; fi
     rss1=$(info Rss_bytes)
     per=$(( (rss1 - rss0) / held ))
     echo "$label run $run: users_online $held rss_empty $rss0 rss_held $rss1 bytes_per_idle_conn $per"
-    if q help | grep -q "show conns"; then
+    q help >"$tmp/help.txt"
+    if grep -q "show conns" "$tmp/help.txt"; then
         p99_before=$(q show shards | awk 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "loop_p99_us") c = i } NR > 1 { print $c }' | tr '\n' ' ')
         for i in 1 2 3 4 5; do
             t0=$(ms_now)
-            first=$(q show conns sort by queue limit 10 | head -1)
+            q show info >/dev/null
+            t1=$(ms_now)
+            echo "$label run $run: show info #$i in $((t1 - t0)) ms"
+        done
+        for i in 1 2 3 4 5; do
+            t0=$(ms_now)
+            answer=$(q show conns sort by queue limit 10)
+            first=${answer%%$'\n'*}
             t1=$(ms_now)
             echo "$label run $run: show conns #$i ${first} in $((t1 - t0)) ms"
         done
