@@ -760,6 +760,17 @@ impl Bans {
         })
     }
 
+    /// Bans held, some possibly over (they are dropped at the next ban or
+    /// start); for a gauge.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether no ban is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Whether `user` is banned at `now_ms`.
     pub fn is_banned(&self, user: u64, now_ms: u64) -> bool {
         if self.count.load(Ordering::Relaxed) == 0 {
@@ -910,6 +921,7 @@ mod tests {
         // Once 8's ban is over it no longer takes room.
         bans.ban(9, 0, 9_000).unwrap();
         assert_eq!(bans.list(9_000), vec![(7, 0), (9, 0)]);
+        assert_eq!(bans.len(), 2);
         drop(bans);
         let again = Bans::open(&path, 2, 9_000).unwrap();
         assert_eq!(again.list(9_000), vec![(7, 0), (9, 0)]);
