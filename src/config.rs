@@ -315,6 +315,10 @@ pub struct Config {
     /// (room for a full subscription list right after login). 1 to 4000000
     /// while the rate is on. Default 1024.
     pub presence_frames_burst_max: u32,
+    /// Users banned at once by the operator (`ban user` on the stats
+    /// socket), count; each costs about 40 bytes in memory and 24 in
+    /// `<data_dir>/bans`. A ban past it is refused. Default 100000.
+    pub bans_max: usize,
     /// Optional `[cluster]` table: membership of a Tern cluster on NATS
     /// JetStream (docs/CLUSTER.md). Default none: standalone.
     pub cluster: Option<crate::cluster::ClusterConfig>,
@@ -491,6 +495,7 @@ impl Default for Config {
             last_seen_write_s: 60,
             presence_frames_per_s_max: 20,
             presence_frames_burst_max: 1024,
+            bans_max: 100_000,
             cluster: None,
         }
     }

@@ -11,7 +11,8 @@
 //! shard count), [`reshard`] re-homing its messages for another shard count,
 //! [`privacy`] the mode checks on private files, [`push`] the push notices
 //! for offline devices and their thread, [`stats`] the counters and
-//! the stats socket, and [`server`] ties them together ([`claim`] checks its
+//! the stats socket, [`ops`] the operators' runtime commands on it
+//! (kick, ban, drain), and [`server`] ties them together ([`claim`] checks its
 //! listen addresses). [`clock`] is where a shard reads the time, real or
 //! simulated, and [`sim`] the deterministic simulator that runs the real
 //! shards over a simulated network, clock and disk.
@@ -27,6 +28,7 @@ pub mod fuzzing;
 pub mod io;
 pub mod limit;
 pub mod memory;
+pub mod ops;
 pub mod privacy;
 pub mod proto;
 pub mod push;

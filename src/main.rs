@@ -388,12 +388,21 @@ struct StatsArgs {
     /// Stats socket path.
     #[arg(long, short, default_value = "tern.sock")]
     socket: PathBuf,
-    /// Command: `show info`, `show shards`, `show metrics`, `help`.
+    /// Command: `help` lists them (`show info`, `show user U`, `kick user U`,
+    /// `ban user U`, `drain`, ...).
     command: Vec<String>,
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Without RUST_LOG every record reaches the logger and the level is
+    // set globally, so that `set log level` on the stats socket can raise
+    // it as well as lower it; RUST_LOG's filter stays the ceiling.
+    let env = env_logger::Env::default();
+    let rust_log = std::env::var_os(env_logger::DEFAULT_FILTER_ENV).is_some();
+    env_logger::Builder::from_env(env.default_filter_or("trace")).init();
+    if !rust_log {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(*args),

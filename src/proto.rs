@@ -144,6 +144,10 @@ pub enum ErrorCode {
     /// 25 (protocol v2): a SUBSCRIBE over `presence_subs_max`; not taken.
     /// The ERROR's `client_id` field carries the refused user id.
     PresenceSubsFull = 25,
+    /// 30: an operator banned this user (`ban user` on the stats socket);
+    /// the login is refused even with a valid token, until unbanned or the
+    /// ban's time is up.
+    Banned = 30,
 }
 
 impl ErrorCode {
@@ -171,6 +175,7 @@ impl ErrorCode {
             19 => ErrorCode::OtherNode,
             25 => ErrorCode::PresenceSubsFull,
             20 => ErrorCode::TooManyDevices,
+            30 => ErrorCode::Banned,
             _ => return None,
         })
     }
@@ -199,6 +204,7 @@ impl ErrorCode {
             ErrorCode::OtherNode => "other_node",
             ErrorCode::PresenceSubsFull => "presence_subs_full",
             ErrorCode::TooManyDevices => "too_many_devices",
+            ErrorCode::Banned => "banned",
         }
     }
 }
@@ -306,6 +312,12 @@ pub enum ByeReason {
     /// 7 (cluster): this node no longer serves the user (its partition
     /// moved to another node); log in again, through any node.
     Moved = 7,
+    /// 10: an operator closed this connection (`kick user`, or `ban user`
+    /// while it was online); nothing queued for the user is lost.
+    Kicked = 10,
+    /// 11: the server is draining (taken out of service): connect to
+    /// another server, or to this one later.
+    Moving = 11,
     /// 13: the server hands its listeners and store to a new binary (live
     /// upgrade, `tern upgrade`); reconnect at once, the same address serves.
     Upgrade = 13,
@@ -322,6 +334,8 @@ impl ByeReason {
             5 => Some(ByeReason::Error),
             6 => Some(ByeReason::RateLimited),
             7 => Some(ByeReason::Moved),
+            10 => Some(ByeReason::Kicked),
+            11 => Some(ByeReason::Moving),
             13 => Some(ByeReason::Upgrade),
             _ => None,
         }
@@ -337,6 +351,8 @@ impl ByeReason {
             ByeReason::Error => "error",
             ByeReason::RateLimited => "rate_limited",
             ByeReason::Moved => "moved",
+            ByeReason::Kicked => "kicked",
+            ByeReason::Moving => "moving",
             ByeReason::Upgrade => "upgrade",
         }
     }
@@ -1539,7 +1555,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 21] = [
+    const ALL_ERROR_CODES: [ErrorCode; 22] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1561,6 +1577,7 @@ mod tests {
         ErrorCode::OtherNode,
         ErrorCode::TooManyDevices,
         ErrorCode::PresenceSubsFull,
+        ErrorCode::Banned,
     ];
     const ALL_PRESENCE_STATES: [PresenceState; 3] = [
         PresenceState::Online,
@@ -1568,7 +1585,7 @@ mod tests {
         PresenceState::Hidden,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
-    const ALL_BYE_REASONS: [ByeReason; 8] = [
+    const ALL_BYE_REASONS: [ByeReason; 10] = [
         ByeReason::Shutdown,
         ByeReason::Replaced,
         ByeReason::Slow,
@@ -1576,6 +1593,8 @@ mod tests {
         ByeReason::Error,
         ByeReason::RateLimited,
         ByeReason::Moved,
+        ByeReason::Kicked,
+        ByeReason::Moving,
         ByeReason::Upgrade,
     ];
 
@@ -2206,11 +2225,13 @@ mod tests {
 
     #[test]
     fn enums_from_u64_as_str_display() {
+        // 1..=19 in order, then the ops range from 30.
         for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
-            // 1..=19, then devices' 20 (21..=24 reserved), presence's 25.
+            // 1..=19, then devices' 20, presence's 25, ops' 30.
             let want = match i {
                 0..=19 => i as u64 + 1,
-                _ => i as u64 + 5,
+                20 => 25,
+                _ => 30,
             };
             assert_eq!(*code as u64, want);
             assert_eq!(ErrorCode::from_u64(*code as u64), Some(*code));
@@ -2229,6 +2250,8 @@ mod tests {
         }
         assert_eq!(PresenceState::from_u64(0), None);
         assert_eq!(PresenceState::from_u64(4), None);
+        assert_eq!(ErrorCode::from_u64(29), None);
+        assert_eq!(ErrorCode::from_u64(31), None);
         assert_eq!(ErrorCode::from_u64(35), None);
         assert_eq!(ErrorCode::from_u64(u64::MAX), None);
         for (i, kind) in ALL_RECEIPT_KINDS.iter().enumerate() {
@@ -2238,11 +2261,20 @@ mod tests {
         }
         assert_eq!(ReceiptKind::from_u64(0), None);
         assert_eq!(ReceiptKind::from_u64(3), None);
-        for reason in ALL_BYE_REASONS.iter() {
+        // 1..=7 in order, then the ops range from 10, then upgrade's 13.
+        for (i, reason) in ALL_BYE_REASONS.iter().enumerate() {
+            let number = match i {
+                0..=6 => i + 1,
+                7 | 8 => i - 7 + 10,
+                _ => 13,
+            };
+            assert_eq!(*reason as u64, number as u64);
             assert_eq!(ByeReason::from_u64(*reason as u64), Some(*reason));
             assert_eq!(reason.to_string(), reason.as_str());
         }
         assert_eq!(ByeReason::from_u64(0), None);
+        assert_eq!(ByeReason::from_u64(8), None);
+        assert_eq!(ByeReason::from_u64(12), None);
         assert_eq!(ByeReason::from_u64(14), None);
         // Names are unique and snake_case.
         let mut names: Vec<&str> = ALL_ERROR_CODES.iter().map(|c| c.as_str()).collect();

@@ -24,6 +24,7 @@ use crate::cluster::{self, Bridge, Owners, ShardLink};
 use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
+use crate::ops::{Bans, Ops};
 use crate::push::Pusher;
 use crate::ring::{self, Links};
 use crate::shard::{open_store, Msg, Shard, ShardParts};
@@ -188,6 +189,17 @@ impl Server {
         // The push thread ends once every shard's end of its queue is gone,
         // so only the shards hold one.
         let (pusher, notices) = Pusher::start(&config)?.unzip();
+        // Operators' commands and bans; the bans file is read before any
+        // shard takes a login.
+        // With `durability = "memory"` nothing is kept, bans neither.
+        let bans = if config.durability == crate::store::Durability::Memory {
+            Bans::in_memory(config.bans_max)
+        } else {
+            let path = config.data_dir.join(crate::ops::BANS_FILE);
+            Bans::open(&path, config.bans_max, Clock::Real.unix_ms())
+                .map_err(|e| format!("bans file {}: {e}", path.display()))?
+        };
+        let ops = Arc::new(Ops::new(shards, bans));
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut start_txs = Vec::with_capacity(shards);
         let mut threads = Vec::with_capacity(shards);
@@ -211,6 +223,7 @@ impl Server {
             let tls = tls.clone();
             let owners = owners.clone();
             let push = notices.clone();
+            let ops = ops.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("tern-shard-{id}"))
                 .spawn(move || {
@@ -251,6 +264,7 @@ impl Server {
                         owners,
                         bridge,
                         push,
+                        ops: Some(ops),
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -320,7 +334,9 @@ impl Server {
             push: pusher.as_ref().map(Pusher::stats),
             upgrade: handover.info,
             health: Arc::clone(&health),
+            ops: Some(ops.clone()),
         });
+        ops.set_wakers(wakers.clone());
         let stats = match StatsServer::spawn(
             &config.stats_socket,
             stats_access,

@@ -200,8 +200,9 @@ pub enum Event {
 /// Why a session cannot go on by itself.
 #[derive(Debug)]
 pub enum SessionError {
-    /// The server refused the token (bad or expired): set a new one with
-    /// [`Session::set_token`].
+    /// The server refused the token (bad or expired: set a new one with
+    /// [`Session::set_token`]) or the user (`banned` by the operator:
+    /// retrying would be refused too until the ban is lifted).
     Login {
         /// The reason code from LOGIN_ERR.
         code: ErrorCode,
@@ -464,7 +465,10 @@ impl<O: Outbox> Session<O> {
                 Ok(())
             }
             Err(ClientError::LoginRejected { code, text })
-                if matches!(code, ErrorCode::BadToken | ErrorCode::TokenExpired) =>
+                if matches!(
+                    code,
+                    ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::Banned
+                ) =>
             {
                 self.halted = true;
                 Err(SessionError::Login { code, text })

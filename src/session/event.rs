@@ -35,6 +35,11 @@ pub trait Env {
     /// Cluster: whether the ring to the bridge takes a SEND now (when not,
     /// the sender is not read until it does). Standalone: unused.
     fn bridge_has_room(&self) -> bool;
+    /// Whether an operator banned `user` (at `now_ms`, Unix milliseconds):
+    /// its logins are refused with `banned`. None is, unless overridden.
+    fn banned(&self, _user: u64, _now_ms: u64) -> bool {
+        false
+    }
 }
 
 /// An [`Env`] where every shard is up, every outbox has room and output
@@ -106,6 +111,14 @@ pub enum Event<'a> {
     Slow(ConnId),
     /// `conn` failed below the protocol (TLS): flush what it has, close.
     Failed(ConnId),
+    /// An operator closes `conn` with BYE(`reason`) (kick, ban, drain);
+    /// ignored unless it is logging in or logged in.
+    Bye {
+        /// The connection.
+        conn: ConnId,
+        /// Why, as the client is told.
+        reason: proto::ByeReason,
+    },
     /// `conn` is gone (peer closed, send failed) or must go now.
     Closed(ConnId),
     /// A closing `conn`'s output is flushed and its write side shut.

@@ -295,6 +295,12 @@ impl Sessions {
                 self.close_after_flush(now, conn);
                 Flow::Stop
             }
+            Event::Bye { conn, reason } => {
+                if matches!(self.state(conn), State::Login | State::Active) {
+                    self.bye(now, conn, reason);
+                }
+                Flow::Stop
+            }
             Event::Closed(conn) => {
                 self.close_now(conn);
                 Flow::Stop
@@ -411,7 +417,13 @@ impl Sessions {
         self.slots.get(conn.index()).map_or(0, |s| s.gen)
     }
 
-    /// The user `conn` is logged in as, if it is.
+    /// The user `conn` logged in as, also while it closes (0: none yet);
+    /// for tracing its last frames.
+    pub fn user_in(&self, conn: ConnId) -> u64 {
+        self.slots.get(conn.index()).map_or(0, |s| s.user)
+    }
+
+    /// The user logged in on `conn`, if it is active.
     pub fn user_of(&self, conn: ConnId) -> Option<u64> {
         let s = self.slots.get(conn.index())?;
         (s.state == State::Active).then_some(s.user)
@@ -721,6 +733,12 @@ impl Sessions {
                 return Flow::Stop;
             }
         };
+        if env.banned(user, now.unix_ms) {
+            self.stats.logins_failed.inc();
+            let text = format!("user {user} is banned by the operator");
+            self.login_err(now, conn, ErrorCode::Banned, &text);
+            return Flow::Stop;
+        }
         match env.owner(user) {
             Owner::Here => {}
             Owner::Elsewhere { node, addr } => {

@@ -360,7 +360,9 @@ impl Sessions {
                 }
             },
             Msg::Typing { from, to } => {
-                if let Some(conn) = self.users.conn_of(to) {
+                // Every online version 2 device of the peer.
+                for i in 0..self.users.count(to) {
+                    let conn = self.users.nth_conn(to, i);
                     let s = self.slots[conn.index()];
                     if s.state == State::Active && s.version >= crate::proto::VERSION_2 {
                         self.stats.typing_relayed.inc();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::io::{ConnId, Listener};
 use crate::limit::addr::Refusal;
-use crate::proto::{self, ErrorCode, Frame};
+use crate::proto::{self, ByeReason, ErrorCode, Frame};
 use crate::session::{self, Event, Flow, State};
 use crate::tls::TlsConn;
 
@@ -84,6 +84,13 @@ impl Conns {
         self.slots.get(conn.index()).map_or(0, Slot::out_pending)
     }
 
+    /// Whether `conn` came through the TLS listener.
+    pub(super) fn is_tls(&self, conn: ConnId) -> bool {
+        self.slots
+            .get(conn.index())
+            .is_some_and(|s| s.tls.is_some())
+    }
+
     fn mark_dirty(&mut self, conn: ConnId) {
         if self.dirty.last() != Some(&conn) {
             self.dirty.push(conn);
@@ -138,6 +145,18 @@ impl Shard {
         }
         self.accept_window.1 += 1;
         let rate_max = self.config.accept_rate_per_s_max;
+        if self.drain.is_some() {
+            // Taken out of service: the client is told to go elsewhere.
+            self.stats.rejected.inc();
+            self.refuse_frame(
+                conn,
+                which,
+                &Frame::Bye {
+                    reason: ByeReason::Moving,
+                },
+            );
+            return;
+        }
         let refuse = if self.io.len() > self.conns_max {
             Some((ErrorCode::ServerFull, "server is at its connection limit"))
         } else if rate_max != 0 && self.accept_window.1 > rate_max {
@@ -211,16 +230,20 @@ impl Shard {
     /// (TLS connections are closed without a word: a plaintext ERROR means
     /// nothing to a TLS client).
     fn refuse(&mut self, conn: ConnId, which: Listener, code: ErrorCode, text: &str) {
+        let frame = Frame::Error {
+            code,
+            client_id: 0,
+            text,
+        };
+        self.refuse_frame(conn, which, &frame);
+    }
+
+    /// Closes `conn` at accept, after `frame` on plaintext (TLS
+    /// connections are closed without one: there is no session to carry it).
+    fn refuse_frame(&mut self, conn: ConnId, which: Listener, frame: &Frame<'_>) {
         if which == Listener::Plain {
             self.frame_buf.clear();
-            proto::encode(
-                &Frame::Error {
-                    code,
-                    client_id: 0,
-                    text,
-                },
-                &mut self.frame_buf,
-            );
+            proto::encode(frame, &mut self.frame_buf);
             let _ = self.io.send(conn, &self.frame_buf);
         }
         self.io.close(conn);
@@ -384,6 +407,9 @@ impl Shard {
                     return None;
                 }
             };
+            if !self.traced.is_empty() {
+                self.trace(conn, "in", &frame);
+            }
             let rest = &data[at + used..];
             match self.event_with_rest(Event::Frame { conn, frame, rest }, rest) {
                 Flow::Next => at += used,
@@ -463,6 +489,9 @@ impl Shard {
         let state = self.sessions.state(conn);
         if state == State::Free || state == State::Shut {
             return;
+        }
+        if !self.traced.is_empty() {
+            self.trace_out(conn, bytes);
         }
         let tls = self.conns.slots[conn.index()].tls.is_some();
         let bufs = self.conns.bufs(conn);

@@ -28,6 +28,8 @@ use crate::cluster::{Owner, Owners, ShardLink};
 
 use crate::config::Config;
 use crate::io::{Completion, ConnId, Io};
+use crate::ops::{Ops, Request, Trace};
+use crate::proto::ByeReason;
 use crate::ring::Links;
 use crate::session::{Action, Env, Event, Flow, Now, Sessions, State};
 use crate::stats::{LoopTimer, ShardStats};
@@ -38,6 +40,7 @@ use crate::tls::TlsContext;
 
 mod admit;
 mod conns;
+mod operate;
 mod presence;
 mod route;
 mod sync;
@@ -122,6 +125,9 @@ pub struct ShardParts {
     pub bridge: Option<ShardLink>,
     /// The push queue, with a `push_url` only.
     pub push: Option<crate::push::Notices>,
+    /// The operators' commands, bans and drain flag; `None` in the
+    /// simulator, which has no stats socket.
+    pub ops: Option<Arc<Ops>>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -176,6 +182,16 @@ pub struct Shard {
     memory_released: Instant,
     /// Writes last seen and privacy changes to the presence log.
     presence: PresenceWriter,
+    ops: Option<Arc<Ops>>,
+    /// Operator requests being served (reused).
+    requests: Vec<Request>,
+    /// `show conns` requests in progress.
+    scans: Vec<operate::Scan>,
+    /// The users traced ([`Ops::traces`] as of `traces_seen`).
+    traced: Vec<Trace>,
+    traces_seen: usize,
+    /// How far this shard's part of a drain has got, once draining.
+    drain: Option<operate::Draining>,
 }
 
 /// What the session layer may ask of this shard.
@@ -186,6 +202,7 @@ struct View<'a> {
     ring_slots: usize,
     owners: Option<&'a Owners>,
     bridge: Option<&'a ShardLink>,
+    ops: Option<&'a Ops>,
 }
 
 impl Env for View<'_> {
@@ -203,6 +220,9 @@ impl Env for View<'_> {
     }
     fn bridge_has_room(&self) -> bool {
         self.bridge.is_none_or(ShardLink::has_room)
+    }
+    fn banned(&self, user: u64, now_ms: u64) -> bool {
+        self.ops.is_some_and(|ops| ops.banned(user, now_ms))
     }
 }
 
@@ -224,6 +244,7 @@ impl Shard {
             owners,
             bridge,
             push,
+            ops,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -268,6 +289,12 @@ impl Shard {
             owners,
             bridge,
             memory_released: clock.now(),
+            ops,
+            requests: Vec::new(),
+            scans: Vec::new(),
+            traced: Vec::new(),
+            traces_seen: 0,
+            drain: None,
             clock,
             config,
         }
@@ -381,8 +408,12 @@ impl Shard {
             ring_slots: self.config.ring_slots,
             owners: self.owners.as_deref(),
             bridge: self.bridge.as_ref(),
+            ops: self.ops.as_deref(),
         };
         self.sessions.reset(self.now, &env, kept);
+        // Requests a panic interrupted: their senders time out.
+        self.requests.clear();
+        self.scans.clear();
         self.execute(&[]);
         self.wheel = Wheel::new(self.clock.clone());
         // The panic may have unwound while the scratch buffer was lent out.
@@ -464,7 +495,7 @@ impl Shard {
         if self.outboxes.waiting() {
             timeout = timeout.min(OUTBOX_RETRY);
         }
-        if !self.links.prepare_sleep() {
+        if !self.links.prepare_sleep() || !self.scans.is_empty() {
             timeout = Duration::ZERO;
         }
         let waited = self.io.wait(Some(timeout));
@@ -478,6 +509,7 @@ impl Shard {
         self.drain_io();
         self.drain_rings();
         self.fence();
+        self.serve_ops();
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel.expire(&mut fired);
         self.tick();
@@ -546,6 +578,7 @@ impl Shard {
             ring_slots: self.config.ring_slots,
             owners: self.owners.as_deref(),
             bridge: self.bridge.as_ref(),
+            ops: self.ops.as_deref(),
         };
         let flow = self.sessions.on_event(self.now, &env, event);
         self.execute(rest);
@@ -810,6 +843,21 @@ impl Shard {
                 });
                 if self.stop_deadline.is_some() {
                     self.event(Event::Shutdown(Some(id)));
+                } else if self.drain.is_some() {
+                    self.event(Event::Bye {
+                        conn: id,
+                        reason: ByeReason::Moving,
+                    });
+                } else if self
+                    .ops
+                    .as_ref()
+                    .is_some_and(|o| o.banned(user, self.now.unix_ms))
+                {
+                    // Banned while its handoff was on the way here.
+                    self.event(Event::Bye {
+                        conn: id,
+                        reason: ByeReason::Kicked,
+                    });
                 }
             }
             Err(e) => log::warn!("shard {}: attach failed: {e}", self.id),

@@ -578,6 +578,7 @@ impl World {
                 clock: clock.clone(),
                 owners: None,
                 bridge: None,
+                ops: None,
             }));
         }
         disk::set_faults(true);

@@ -60,7 +60,10 @@ pub fn check(view: &StatsView, probe: Probe) -> Result<(), String> {
         // `write!` to a String cannot fail.
         let _ = reasons.write_fmt(reason);
     };
-    if probe == Probe::Ready && view.health.draining() {
+    // Draining is set by the `drain` command (the operators' state) or
+    // through [`Health::set_draining`] by an embedding program.
+    let draining = view.health.draining() || view.ops.as_ref().is_some_and(|ops| ops.draining());
+    if probe == Probe::Ready && draining {
         add(format_args!("draining"));
     }
     for (id, shard) in view.shards.iter().enumerate() {
@@ -85,6 +88,7 @@ pub fn check(view: &StatsView, probe: Probe) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::stats::render::tests::fake_view;
+    use std::sync::Arc;
 
     #[test]
     fn healthy_until_something_breaks() {
@@ -120,5 +124,19 @@ mod tests {
         view.shards[0].state.set(ShardState::Up as u64);
         view.health.set_draining(false);
         assert_eq!(check(&view, Probe::Ready), Ok(()));
+    }
+
+    #[test]
+    fn the_drain_command_makes_the_server_not_ready() {
+        let mut view = fake_view();
+        let ops = Arc::new(crate::ops::Ops::new(
+            view.shards.len(),
+            crate::ops::Bans::in_memory(4),
+        ));
+        view.ops = Some(Arc::clone(&ops));
+        assert_eq!(check(&view, Probe::Ready), Ok(()));
+        assert!(ops.start_drain(std::time::Duration::from_secs(60)));
+        assert_eq!(check(&view, Probe::Health), Ok(()));
+        assert_eq!(check(&view, Probe::Ready), Err("draining".to_string()));
     }
 }

@@ -33,6 +33,9 @@ pub struct StatsView {
     pub upgrade: Arc<crate::upgrade::UpgradeInfo>,
     /// Flags `GET /readyz` reads besides the shards' state (draining).
     pub health: Arc<super::health::Health>,
+    /// The operators' commands (`kick`, `ban`, `drain`, ...); `None` where
+    /// no server runs behind the view.
+    pub ops: Option<Arc<crate::ops::Ops>>,
 }
 
 impl StatsView {
@@ -50,6 +53,7 @@ impl StatsView {
             push: None,
             upgrade: Arc::default(),
             health: Arc::default(),
+            ops: None,
         }
     }
 
@@ -103,6 +107,36 @@ const COMMANDS: &[(&str, &str)] = &[
         "live upgrade: hand the listeners and the data directory to BINARY (default: this \
          binary's path, re-read); as SIGUSR2",
     ),
+    (
+        "show user U",
+        "user U: online or not, shard, connection, DELIVERs in flight, queue and its oldest age, ban",
+    ),
+    (
+        "show conns [sort by queue|age|bytes] [limit N]",
+        "the top N (10) logged-in connections by queue length, oldest queued message or unsent output",
+    ),
+    (
+        "kick user U [REASON]",
+        "close U's connection with BYE(kicked); nothing queued is lost; REASON goes to the log",
+    ),
+    (
+        "ban user U [for DURATION]",
+        "refuse U's logins (LOGIN_ERR banned) and kick it; kept in <data_dir>/bans",
+    ),
+    ("unban user U", "lift U's ban"),
+    ("show bans", "the users banned, with the time left"),
+    (
+        "trace user U [for DURATION] [bodies]",
+        "log every frame of U's connection for DURATION (60s; 0s stops): types, ids, sizes",
+    ),
+    (
+        "set log level LEVEL",
+        "off, error, warn, info, debug or trace, until the next change or restart",
+    ),
+    (
+        "drain [for DURATION]",
+        "refuse new connections with BYE(moving), close sessions evenly over DURATION (60s)",
+    ),
 ];
 
 /// Facts about the process that are read from the OS at render time; tests
@@ -154,7 +188,11 @@ fn render_with(view: &StatsView, command: &str, process: impl FnOnce() -> Proces
                 Ok(text) | Err(text) => format!("{text}\n"),
             }
         }
-        _ => format!("Unknown command: '{command}'. Try 'help'.\n"),
+        _ => view
+            .ops
+            .as_ref()
+            .and_then(|ops| ops.answer(&words))
+            .unwrap_or_else(|| format!("Unknown command: '{command}'. Try 'help'.\n")),
     }
 }
 
@@ -219,6 +257,10 @@ fn render_info(view: &StatsView, process: Process) -> String {
         for (key, get) in sessions {
             let _ = writeln!(out, "{key}: {}", view.sum(get));
         }
+    }
+    if let Some(ops) = &view.ops {
+        let draining = if ops.draining() { "yes" } else { "no" };
+        let _ = writeln!(out, "Draining: {draining}");
     }
     out
 }
@@ -788,6 +830,7 @@ pub(crate) mod tests {
             push: None,
             upgrade: Arc::default(),
             health: Arc::default(),
+            ops: None,
         };
         let (a, b) = (&view.shards[0], &view.shards[1]);
         a.conns.set(3);
