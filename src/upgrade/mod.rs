@@ -35,6 +35,7 @@
 //! docs/OPERATIONS.md.
 
 pub mod channel;
+pub mod state;
 pub mod wire;
 
 use std::ffi::OsString;
