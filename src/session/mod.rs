@@ -218,12 +218,13 @@ impl Sessions {
                 conn,
                 user,
                 version,
+                resumed,
             } => {
                 if self.state(conn) != State::Login {
                     debug_assert!(false, "handoff into slot {} not just opened", conn.0);
                     return Flow::Stop;
                 }
-                self.install(now, env, conn, user, version);
+                self.install(now, env, conn, user, version, !resumed);
                 Flow::Next
             }
             Event::Received(conn) => self.on_received(now, conn),
@@ -327,6 +328,22 @@ impl Sessions {
                 Flow::Next
             }
         }
+    }
+
+    /// The user and protocol version of `conn` when it is logged in and
+    /// not closing.
+    pub fn logged_in(&self, conn: ConnId) -> Option<(u64, u8)> {
+        let s = self.slots.get(conn.index())?;
+        (s.state == State::Active).then_some((s.user, s.version))
+    }
+
+    /// Whether every open connection is logged in and not closing: a shard
+    /// carrying its sessions to a successor has then said its last words
+    /// to every other connection.
+    pub fn only_active_left(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| matches!(s.state, State::Free | State::Active))
     }
 
     /// Gives back what the reused action and frame buffers (and the
@@ -674,7 +691,7 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            self.install(now, env, conn, user, version);
+            self.install(now, env, conn, user, version, true);
             if !rest.is_empty() {
                 // What followed the LOGIN is the logged-in session's input.
                 self.slots[conn.index()].last_rx = now.tick;
@@ -694,8 +711,17 @@ impl Sessions {
         Flow::Stop
     }
 
-    /// Makes `conn` the session of `user` on this, its home shard.
-    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, user: u64, version: u8) {
+    /// Makes `conn` the session of `user` on this, its home shard; `greet`
+    /// sends LOGIN_OK (not to a session carried from a predecessor).
+    fn install(
+        &mut self,
+        now: Now,
+        env: &dyn Env,
+        conn: ConnId,
+        user: u64,
+        version: u8,
+        greet: bool,
+    ) {
         if let Some(old) = self.users.conn_of(user) {
             self.write(
                 old,
@@ -713,14 +739,16 @@ impl Sessions {
         s.version = version;
         self.users.go_online(user, conn);
         self.stats.users_online.set(self.users.len() as u64);
-        let offline_count = self.store.len(user) as u64;
-        self.write(
-            conn,
-            &Frame::LoginOk {
-                server_time_ms: now.unix_ms,
-                offline_count,
-            },
-        );
+        if greet {
+            let offline_count = self.store.len(user) as u64;
+            self.write(
+                conn,
+                &Frame::LoginOk {
+                    server_time_ms: now.unix_ms,
+                    offline_count,
+                },
+            );
+        }
         for receipt in self.users.take_receipts(user) {
             self.write_receipt(conn, receipt);
         }

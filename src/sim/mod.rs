@@ -577,6 +577,8 @@ impl World {
                 clock: clock.clone(),
                 owners: None,
                 bridge: None,
+                carry: Default::default(),
+                adopt: Vec::new(),
             }));
         }
         disk::set_faults(true);

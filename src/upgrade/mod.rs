@@ -49,6 +49,7 @@ use std::time::Duration;
 
 use crate::io::Listeners;
 use channel::Channel;
+use state::Carried;
 use wire::{Message, FORMAT_VERSION};
 
 /// The environment variable naming the successor's end of the hand-over
@@ -257,6 +258,22 @@ impl Successor {
             .map_err(|e| format!("sending the listeners: {e}"))
     }
 
+    /// Sends the carried connections (between the shards' stop and
+    /// `Released`): their sockets and session states. An error means some
+    /// did not go; the caller rolls back (and those clients reconnect).
+    pub fn send_carried(&self, carried: &[(OwnedFd, Carried)]) -> Result<(), String> {
+        let count = carried.len() as u32;
+        self.channel
+            .send(Message::Carried { count }, &[])
+            .map_err(|e| format!("sending Carried: {e}"))?;
+        for (fd, state) in carried {
+            self.channel
+                .send_carried(state, fd.as_fd())
+                .map_err(|e| format!("sending a carried connection: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Says the data directory is free (step 3), then waits for `Serving`
     /// (step 4). An error means the successor failed: it has been killed
     /// (if it still ran) and reaped; the caller rolls back.
@@ -386,11 +403,25 @@ impl Taker {
         Ok((generation, listeners))
     }
 
-    /// Step 3: waits until the old process has released the data
-    /// directory.
-    pub fn released(&self) -> Result<(), String> {
+    /// Step 3: receives the carried connections (their partial input at
+    /// most `input_bytes_max`, this process's `frame_bytes_max`) and waits
+    /// until the old process has released the data directory.
+    pub fn released(&self, input_bytes_max: usize) -> Result<Vec<(OwnedFd, Carried)>, String> {
+        let count = match self.channel.recv(SERVING_WAIT) {
+            Ok((Message::Carried { count }, _)) => count,
+            Ok((other, _)) => return Err(format!("hand-over: expected Carried, got {other:?}")),
+            Err(e) => return Err(format!("hand-over: the old process did not stop: {e}")),
+        };
+        let mut carried = Vec::new();
+        for _ in 0..count {
+            let (state, fd) = self
+                .channel
+                .recv_carried(input_bytes_max, STEP_WAIT)
+                .map_err(|e| format!("hand-over: receiving a carried connection: {e}"))?;
+            carried.push((fd, state));
+        }
         match self.channel.recv(SERVING_WAIT) {
-            Ok((Message::Released, _)) => Ok(()),
+            Ok((Message::Released, _)) => Ok(carried),
             Ok((other, _)) => Err(format!("hand-over: expected Released, got {other:?}")),
             Err(e) => Err(format!("hand-over: the old process did not release: {e}")),
         }

@@ -126,6 +126,7 @@ impl Sim {
                         conn: id,
                         user,
                         version,
+                        resumed: false,
                     },
                 );
                 if !leftover.is_empty() {
