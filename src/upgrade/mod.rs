@@ -1,8 +1,9 @@
 //! Live upgrade: a new binary takes over the listening sockets and the data
 //! directory without a refused connect or a lost message.
 //!
-//! What is handed over today (the first step of issue 14): the listening
-//! sockets and the data directory. The old process starts the successor
+//! What is handed over: the listening sockets, the data directory, and (poll
+//! backend) every logged-in plaintext connection with its session state
+//! ([`state`]). The old process starts the successor
 //! (`tern serve` with the same arguments, from the same path re-read from
 //! disk or another `--binary`) with one end of a hand-over socket
 //! ([`channel`]); then, in this order:
@@ -15,24 +16,26 @@
 //! 2. The old process sends every listening socket (one per shard, plain
 //!    and TLS). From now on a connect waits in the listen backlog at worst;
 //!    it is never refused, because the successor holds the sockets too.
-//! 3. The old process shuts down like a graceful stop, except that every
-//!    connection gets `BYE(upgrade)` (TLS ones with close_notify after it):
-//!    its last answers are committed and flushed, its logs closed, the data
+//! 3. The old process shuts down like a graceful stop, except that (poll)
+//!    its logged-in plaintext connections are frozen, and once the shards
+//!    agree nothing is in flight between them, sent with their state
+//!    (`Carried`, then one packet each); every other connection gets
+//!    `BYE(upgrade)` (TLS ones with close_notify after it). Its last
+//!    answers are committed and flushed, its logs closed, the data
 //!    directory's lock and the stats socket released. Then it says
 //!    `Released`.
 //! 4. The successor takes the lock, replays the logs (nothing acknowledged
 //!    is lost, no server id is reused), starts its shards on the inherited
-//!    listeners and says `Serving`; the old process exits 0. Clients
-//!    reconnect (the client library does at once) and find their queues.
+//!    listeners, installs the carried connections on their users' home
+//!    shards and says `Serving`; the old process exits 0. Clients that got
+//!    BYE reconnect (the client library does at once) and find their queues.
 //! 5. A successor that fails after `Released` (its store, its stats
 //!    socket, a crash) or stays silent past [`SERVING_WAIT`]: the old
 //!    process kills it if needed and starts serving again on its own copies
 //!    of the listeners (roll back), and logs why.
 //!
-//! Established connections are not carried across yet: they reconnect.
-//! Carrying them (with their session state, and io_uring direct
-//! descriptors installed as real ones in batches) is the next step; see
-//! docs/OPERATIONS.md.
+//! io_uring connections are not carried (they are direct descriptors);
+//! they reconnect. See docs/OPERATIONS.md.
 
 pub mod channel;
 pub mod state;

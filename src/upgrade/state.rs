@@ -1,11 +1,9 @@
 //! The session state of carried connections, pure: bytes in, records out.
 //!
-//! This is the payload the next step of issue 14 sends beside each batch
-//! of connection descriptors (one `Fds` message of at most
-//! [`FDS_PER_MESSAGE_MAX`]): the record at index `i` belongs to the `i`-th
-//! descriptor of the batch. It is not sent yet (see docs/OPERATIONS.md,
-//! "Live upgrade"); it is defined and tested first so both sides of the
-//! hand-over agree on it before they are wired.
+//! The hand-over sends one record per packet, with the connection's socket
+//! attached ([`super::channel::Channel::send_carried`]); a batch holds at
+//! most [`FDS_PER_MESSAGE_MAX`] records, the `i`-th for the `i`-th
+//! descriptor.
 //!
 //! What travels for a plaintext, logged-in connection, and why only this:
 //!
