@@ -537,3 +537,78 @@ fn under_systemd_the_upgrade_is_refused() {
     });
     assert_eq!(info(&sock)["Pid"], pid);
 }
+
+/// Frames from `client` until `want` of them matched `done`; panics on a
+/// BYE or a second LOGIN_OK (a carried session gets neither).
+fn frames_until(
+    client: &mut Client,
+    want: usize,
+    done: impl Fn(&tern::proto::OwnedFrame) -> bool,
+) -> Vec<tern::proto::OwnedFrame> {
+    let mut got = Vec::new();
+    while got.iter().filter(|f| done(f)).count() < want {
+        let f = client.recv().expect("the carried connection stays open");
+        assert!(
+            !matches!(
+                f,
+                tern::proto::OwnedFrame::Bye { .. } | tern::proto::OwnedFrame::LoginOk { .. }
+            ),
+            "{f:?} after {got:?}"
+        );
+        got.push(f);
+    }
+    got
+}
+
+#[test]
+fn a_carried_connection_keeps_its_partial_frame_and_undelivered_messages() {
+    if !carries() {
+        return; // io_uring says BYE(upgrade): the tests above
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    let (a, b) = cross_pair();
+    let (mut alice, _) = Client::login(old.addr, &token(a)).unwrap();
+    let (mut bob, _) = Client::login(old.addr, &token(b)).unwrap();
+    // Bob has "first" and does not say DELIVERED before the upgrade.
+    alice.send_msg(1, b, b"first").unwrap();
+    recv_ack(&mut alice, 1);
+    let first = recv_deliver(&mut bob);
+    // Alice's next SEND is cut in half across the upgrade.
+    let mut frame = Vec::new();
+    tern::proto::encode(
+        &tern::proto::Frame::Send {
+            client_id: 2,
+            to: b,
+            body: b"second",
+        },
+        &mut frame,
+    );
+    let half = frame.len() / 2;
+    alice.send_raw(&frame[..half]).unwrap();
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "{text}\n{}", old.log_text());
+    assert_eq!(info(&sock)["Generation"], "1");
+    alice.send_raw(&frame[half..]).unwrap();
+    frames_until(&mut alice, 1, |f| {
+        matches!(f, tern::proto::OwnedFrame::Ack { client_id: 2, .. })
+    });
+    // The same sockets: Bob gets "first" again with its server id (it
+    // was not DELIVERED), then "second".
+    let frames = frames_until(&mut bob, 2, |f| {
+        matches!(f, tern::proto::OwnedFrame::Deliver { .. })
+    });
+    let bodies: Vec<(u64, &[u8])> = frames
+        .iter()
+        .filter_map(|f| match f {
+            tern::proto::OwnedFrame::Deliver {
+                server_id, body, ..
+            } => Some((*server_id, &body[..])),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies[0], (first.server_id, &b"first"[..]));
+    assert_eq!(bodies[1].1, b"second");
+}
