@@ -123,6 +123,15 @@ struct Slot {
     version: u8,
 }
 
+/// Who a new session is: what its LOGIN (or the hand-over that brought
+/// it) established.
+#[derive(Clone, Copy, Debug)]
+struct Who {
+    user: u64,
+    device: u32,
+    version: u8,
+}
+
 /// The session layer of one shard: every connection's protocol state, the
 /// users online here, and their queues.
 pub struct Sessions {
@@ -260,7 +269,12 @@ impl Sessions {
                     debug_assert!(false, "handoff into slot {} not just opened", conn.0);
                     return Flow::Stop;
                 }
-                self.install(now, env, conn, user, device, version, !resumed);
+                let who = Who {
+                    user,
+                    device,
+                    version,
+                };
+                self.install(now, env, conn, who, !resumed);
                 Flow::Next
             }
             Event::Received(conn) => self.on_received(now, conn),
@@ -792,7 +806,12 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            if !self.install(now, env, conn, user, device, version, true) {
+            let who = Who {
+                user,
+                device,
+                version,
+            };
+            if !self.install(now, env, conn, who, true) {
                 return Flow::Stop;
             }
             if !rest.is_empty() {
@@ -820,16 +839,12 @@ impl Sessions {
     /// the user's other devices up to `devices_per_user_max`. Returns false
     /// (LOGIN_ERR `too_many_devices` sent) past that. `greet` sends LOGIN_OK
     /// (not to a session carried from a predecessor).
-    fn install(
-        &mut self,
-        now: Now,
-        env: &dyn Env,
-        conn: ConnId,
-        user: u64,
-        device: u32,
-        version: u8,
-        greet: bool,
-    ) -> bool {
+    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, who: Who, greet: bool) -> bool {
+        let Who {
+            user,
+            device,
+            version,
+        } = who;
         let online = self.users.count(user);
         // A user is online while any device is: a joining or replacing
         // device sends no PRESENCE.
