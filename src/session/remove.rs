@@ -17,6 +17,13 @@ impl Sessions {
             .find(|c| u64::from(self.slots[c.index()].device) == device)
     }
 
+    /// The device ids of `user`'s sessions online here, in login order.
+    pub fn devices_of(&self, user: u64) -> Vec<u32> {
+        (0..self.users.count(user))
+            .map(|i| self.slots[self.users.nth_conn(user, i).index()].device)
+            .collect()
+    }
+
     /// A DEVICE_REMOVE from logged-in `conn` of `user`: `false` when the
     /// connection is closed for it.
     pub(super) fn on_device_remove(

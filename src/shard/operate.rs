@@ -109,6 +109,14 @@ impl Shard {
             }
             None => line("Online", &"no"),
         }
+        // The ids `device remove` takes.
+        let devices: Vec<String> = self
+            .sessions
+            .devices_of(user)
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        line("Devices_online", &devices.join(" "));
         line("Queued", &queued);
         let oldest_ms = store
             .next_after(user, 0)
