@@ -467,8 +467,7 @@ impl Ops {
                     self.ask(home_shard(user, self.shards), cmd)
                 }
                 (Ok(_), Err(_)) => format!(
-                    "Not a device id: '{device}' (a number from 0 to {}).
-",
+                    "Not a device id: '{device}' (a number from 0 to {}).\n",
                     u32::MAX
                 ),
             },

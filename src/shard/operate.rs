@@ -225,16 +225,10 @@ impl Shard {
     fn remove_device(&mut self, user: u64, device: u64) -> String {
         // Only online devices are known until the durable registry exists.
         if self.sessions.device_conn(user, device).is_none() {
-            return format!(
-                "Device {device} of user {user} is not online (unknown_device).
-"
-            );
+            return format!("Device {device} of user {user} is not online (unknown_device).\n");
         }
         self.event(Event::RemoveDevice { user, device });
-        format!(
-            "Device {device} of user {user} removed: closed with BYE(device_removed).
-"
-        )
+        format!("Device {device} of user {user} removed: closed with BYE(device_removed).\n")
     }
 
     /// Closes the sessions due by now in this drain, at most one pass over
