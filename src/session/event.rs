@@ -82,6 +82,10 @@ pub enum Event<'a> {
         device: u32,
         /// The protocol version its LOGIN asked for (1 or 2).
         version: u8,
+        /// The session was carried from a predecessor process (live
+        /// upgrade): its client had LOGIN_OK long ago and gets no second
+        /// one; what it has not DELIVERED is sent again from the store.
+        resumed: bool,
     },
     /// Bytes arrived for `conn` (before they are decoded): marks activity.
     /// [`Flow::Stop`] means drop them (the connection is closing or gone).
