@@ -125,6 +125,16 @@ pub enum Event<'a> {
     },
     /// `conn` is gone (peer closed, send failed) or must go now.
     Closed(ConnId),
+    /// An operator removes device `device` of `user` (homed here): its
+    /// session gets BYE(`device_removed`), the user's other version 2
+    /// devices DEVICE_REMOVED. Nothing happens if it is not online (see
+    /// [`Sessions::device_conn`]).
+    RemoveDevice {
+        /// The user.
+        user: u64,
+        /// The device its token names.
+        device: u64,
+    },
     /// A closing `conn`'s output is flushed and its write side shut.
     WriteShut(ConnId),
     /// The store wrote the batch of everything staged so far and its sync

@@ -38,6 +38,7 @@ mod event;
 mod guard;
 mod presence;
 mod push;
+mod remove;
 #[cfg(test)]
 mod tests;
 mod users;
@@ -319,6 +320,10 @@ impl Sessions {
             Event::Closed(conn) => {
                 self.close_now(conn);
                 Flow::Stop
+            }
+            Event::RemoveDevice { user, device } => {
+                self.remove_device(now, user, device);
+                Flow::Next
             }
             Event::WriteShut(conn) => {
                 if let Some(s) = self.slots.get_mut(conn.index()) {
@@ -681,6 +686,13 @@ impl Sessions {
                 Flow::Next
             }
             (State::Active, Frame::Pong { .. }) => Flow::Next,
+            (State::Active, Frame::DeviceRemove { device }) => {
+                if self.on_device_remove(now, conn, s.user, device) {
+                    Flow::Next
+                } else {
+                    Flow::Stop
+                }
+            }
             (
                 State::Active,
                 frame @ (Frame::Subscribe { .. }

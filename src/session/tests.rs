@@ -12,6 +12,7 @@ mod cluster;
 mod dedupe;
 mod presence;
 mod push;
+mod remove;
 
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
