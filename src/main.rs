@@ -491,6 +491,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     let info = handover.info.clone();
+    // SIGUSR2 is caught from here on (`signals` above) and handled once the
+    // wait below runs: the stats socket, up as soon as the server starts,
+    // may take `upgrade` at once.
+    info.enable_signal();
     let rollback_config = config.clone();
     let mut server = Server::start_with(config, handover)?;
     if let Some(taker) = taker {
@@ -501,7 +505,6 @@ fn serve(args: ServeArgs) -> Result<()> {
     let handle = signals.handle();
     let closer = handle.clone();
     server.on_fatal(move || closer.close());
-    info.enable_signal();
     if args.demo {
         let addr = server.local_addr();
         std::thread::spawn(move || demo::run(addr, secret.as_bytes()));
