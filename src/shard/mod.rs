@@ -817,6 +817,7 @@ impl Shard {
             version,
             leftover,
             tls,
+            ws,
             out,
         } = msg
         else {
@@ -826,7 +827,14 @@ impl Shard {
         match self.io.attach(conn) {
             Ok(id) => {
                 self.stats.handoffs_in.inc();
-                self.open_conn(id, tls);
+                let ws_mode = match ws {
+                    Some(_) => conns::WsMode::Open,
+                    None => conns::WsMode::No,
+                };
+                self.open_conn(id, tls, ws_mode);
+                if let Some(rx) = ws.filter(|rx| !rx.is_idle()) {
+                    self.conns.set_rx(id, *rx);
+                }
                 if !out.is_empty() {
                     self.write_records(id, &out);
                 }

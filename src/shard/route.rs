@@ -53,6 +53,8 @@ pub enum Msg {
         leftover: Vec<u8>,
         /// TLS connections: their TLS state.
         tls: Option<Box<TlsConn>>,
+        /// WebSocket connections (upgraded): their receive state.
+        ws: Option<Box<crate::ws::WsRx>>,
         /// TLS connections: records not yet sent (e.g. session tickets
         /// that rode with the LOGIN's handshake flight).
         out: Vec<u8>,
