@@ -950,6 +950,18 @@ mod tests {
     }
 
     #[test]
+    fn ws_listen_needs_a_port_of_its_own() {
+        let e = Config::from_toml("listen = \"127.0.0.1:5222\"\nws_listen = \"127.0.0.1:5222\"")
+            .unwrap_err();
+        assert_eq!(e.key, "ws_listen");
+        let c = Config::from_toml(
+            "ws_listen = \"127.0.0.1:5280\"\nws_origins = [\"https://chat.example\"]",
+        )
+        .unwrap();
+        assert_eq!(c.ws_origins, ["https://chat.example"]);
+    }
+
+    #[test]
     fn tls_listen_needs_cert_and_key() {
         let e = Config::from_toml("tls_listen = \"127.0.0.1:0\"").unwrap_err();
         assert_eq!(e.key, "tls_cert");

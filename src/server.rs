@@ -102,6 +102,9 @@ impl Server {
         let shards = config.shard_count();
 
         let retry = Duration::from_millis(config.listen_retry_ms);
+        // A successor (live upgrade) shares the WebSocket port with its
+        // predecessor, which still listens on it.
+        let upgrading = handover.listeners.is_some();
         let mut inherited = handover.listeners.unwrap_or_default().into_iter();
         if inherited.len() > shards {
             log::warn!(
@@ -165,12 +168,17 @@ impl Server {
             }
         }
         // WebSocket: bound like TLS, once per shard. A live upgrade does not
-        // hand these over; the successor binds its own beside them
-        // (SO_REUSEPORT).
+        // hand these over; the successor binds its own beside its
+        // predecessor's (SO_REUSEPORT), without the claim, which would
+        // find the port in use by a live process.
         let mut ws_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
         let mut ws_addr = None;
         if let Some(want) = config.ws_listen {
-            let first = claim(want, retry, "ws_listen")
+            let claimed = match upgrading {
+                true => Ok(want),
+                false => claim(want, retry, "ws_listen"),
+            };
+            let first = claimed
                 .and_then(|addr| listen(addr, config.listen_backlog))
                 .map_err(|e| format!("cannot listen on {want} (ws_listen): {e}"))?;
             let bound = first.local_addr()?;

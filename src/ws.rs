@@ -469,6 +469,35 @@ mod tests {
     }
 
     #[test]
+    fn protocol_doc_example_holds() {
+        let doc = include_str!("../docs/PROTOCOL.md");
+        let hex = |b: &[u8]| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut ping = Vec::new();
+        crate::proto::encode(&crate::proto::Frame::Ping { nonce: 300 }, &mut ping);
+        let client = [0x82, 0x84, 0xa1, 0x5e, 0x07, 0x3c, 0xa2, 0x54, 0xab, 0x3e];
+        let (mut plain, mut out) = (Vec::new(), Vec::new());
+        WsRx::default()
+            .read(&client, 100, &mut plain, &mut out)
+            .unwrap();
+        assert_eq!(plain, ping);
+        let mut pong = Vec::new();
+        crate::proto::encode(&crate::proto::Frame::Pong { nonce: 300 }, &mut pong);
+        let mut server = Vec::new();
+        put_binary(&pong, &mut server);
+        assert!(doc.contains(&format!("client: {}\n", hex(&client))));
+        assert!(doc.contains(&format!("server: {}\n", hex(&server))));
+        assert!(doc.contains(&format!(
+            "`dGhlIHNhbXBsZSBub25jZQ==` (RFC 6455's example) the server\nanswers `Sec-WebSocket-Accept: {}`",
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ==")
+        )));
+    }
+
+    #[test]
     fn server_frames_use_the_short_and_long_lengths() {
         for (len, header) in [(5, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)] {
             let mut out = Vec::new();

@@ -375,3 +375,32 @@ fn server_bye_ends_with_a_close_frame() {
     ws.frame(0x82, &[1, 0xEE], true);
     assert_eq!(ws.close_code(), 1000);
 }
+
+#[test]
+fn a_successor_binds_the_websocket_port_beside_its_predecessor() {
+    // A fixed port: the successor binds the address it is configured with.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ws_listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let old = TestServer::start_with(|c| c.ws_listen = Some(ws_listen));
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.ws_listen = Some(ws_listen);
+    let handover = tern::server::Handover {
+        listeners: Some(old.server().listeners().unwrap()),
+        ..Default::default()
+    };
+    let new = tern::server::Server::start_with(config, handover).expect("successor starts");
+    assert_eq!(new.ws_addr(), Some(ws_listen));
+    old.server().shutdown_for_upgrade();
+    drop(old);
+    // The successor serves the port.
+    let mut ws = Ws::upgrade(ws_listen);
+    ws.frame(0x89, b"x", true);
+    assert_eq!(ws.next(), Some((0xA, b"x".to_vec())));
+    new.shutdown();
+    new.join();
+}
