@@ -415,6 +415,13 @@ impl Shard {
         let result = rx.read(data, message_bytes_max, &mut plain, &mut control);
         if !rx.is_idle() {
             self.conns.bufs(conn).ws = rx;
+        } else if self.conns.slots[conn.index()]
+            .bufs
+            .as_ref()
+            .is_some_and(|b| b.inp.is_empty() && b.out.is_empty() && b.plain.is_empty())
+        {
+            // The partial frame that kept the buffers is complete.
+            self.conns.recycle(conn);
         }
         if !control.is_empty() {
             self.write_records(conn, &control);
