@@ -50,7 +50,12 @@ impl Server {
             .args(["--ws-listen", &ws.to_string()])
             .arg("--stats-socket")
             .arg(&stats)
-            .args(["--accept-rate-per-s-max", "0"])
+            .args([
+                "--accept-rate-per-s-max",
+                "0",
+                "--addr-conns-per-s-max",
+                "0",
+            ])
             .env("TERN_TOKEN_SECRET", SECRET)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
