@@ -404,3 +404,53 @@ fn a_successor_binds_the_websocket_port_beside_its_predecessor() {
     new.shutdown();
     new.join();
 }
+
+#[test]
+fn a_partial_frame_after_login_survives_the_move_to_the_home_shard() {
+    let srv = ws_server();
+    let (peer, _) = cross_pair();
+    // One user per shard: whichever shard a connection lands on, one of
+    // the two moves to its home shard after LOGIN.
+    for user in [users_on(0, SHARDS, 2)[1], users_on(1, SHARDS, 2)[1]] {
+        let mut ws = Ws::upgrade(ws_addr(&srv));
+        let token = token(user);
+        let mut login = Vec::new();
+        proto::encode(
+            &Frame::Login {
+                version: proto::VERSION,
+                token: token.as_bytes(),
+            },
+            &mut login,
+        );
+        let mut send = Vec::new();
+        proto::encode(
+            &Frame::Send {
+                client_id: 9,
+                to: peer,
+                body: b"after the move",
+            },
+            &mut send,
+        );
+        // LOGIN's message and the first 7 bytes of the SEND's, in one write.
+        let mut wire = masked_message(&login);
+        let second = masked_message(&send);
+        wire.extend_from_slice(&second[..7]);
+        ws.s.write_all(&wire).unwrap();
+        assert!(matches!(ws.recv(), OwnedFrame::LoginOk { .. }));
+        ws.s.write_all(&second[7..]).unwrap();
+        assert!(matches!(
+            ws.recv_until(|f| matches!(f, OwnedFrame::Ack { .. })),
+            OwnedFrame::Ack { client_id: 9, .. }
+        ));
+    }
+}
+
+/// One masked binary message holding `payload` (under 126 bytes).
+fn masked_message(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [9, 8, 7, 6];
+    let mut m = vec![0x82, 0x80 | payload.len() as u8];
+    m.extend_from_slice(&mask);
+    m.extend(payload.iter().enumerate().map(|(i, &b)| b ^ mask[i & 3]));
+    m
+}

@@ -624,7 +624,8 @@ impl Shard {
             .map(|mut b| (b.out[b.out_sent..].to_vec(), std::mem::take(&mut b.ws)))
             .unwrap_or_default();
         let tls = slot.tls.take();
-        let ws = (ws_mode != WsMode::No).then(|| Box::new(rx));
+        let ws = ws_mode != WsMode::No;
+        let ws_rx = (!rx.is_idle()).then(|| Box::new(rx));
         match self.io.detach(conn, home) {
             Ok(detached) => self.outboxes.push(
                 home,
@@ -636,6 +637,7 @@ impl Shard {
                     leftover,
                     tls,
                     ws,
+                    ws_rx,
                     out,
                 },
             ),

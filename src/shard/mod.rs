@@ -818,6 +818,7 @@ impl Shard {
             leftover,
             tls,
             ws,
+            ws_rx,
             out,
         } = msg
         else {
@@ -828,11 +829,11 @@ impl Shard {
             Ok(id) => {
                 self.stats.handoffs_in.inc();
                 let ws_mode = match ws {
-                    Some(_) => conns::WsMode::Open,
-                    None => conns::WsMode::No,
+                    true => conns::WsMode::Open,
+                    false => conns::WsMode::No,
                 };
                 self.open_conn(id, tls, ws_mode);
-                if let Some(rx) = ws.filter(|rx| !rx.is_idle()) {
+                if let Some(rx) = ws_rx {
                     self.conns.set_rx(id, *rx);
                 }
                 if !out.is_empty() {
