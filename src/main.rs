@@ -37,8 +37,9 @@ enum Command {
     Stats(StatsArgs),
     /// Live upgrade: the running server hands its listening sockets and
     /// data directory to a new process of BINARY (default: its own path,
-    /// re-read from disk), started with the same arguments. Connections
-    /// get BYE(upgrade) and reconnect to the new process; no connect is
+    /// re-read from disk), started with the same arguments. Logged-in
+    /// plaintext connections move to it as they are (poll backend); the
+    /// others get BYE(upgrade) and reconnect to it; no connect is
     /// refused, nothing acknowledged is lost. A successor that fails (bad
     /// configuration, a crash) leaves the old process serving. Waits for
     /// the outcome: exit status 0 once the new process serves, 1 (with the
@@ -474,7 +475,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             // data directory, then start on them.
             let began = Instant::now();
             let (generation, listeners) = taker.hello()?;
-            taker.released()?;
+            let carried = taker.released(config.frame_bytes_max)?;
             // SAFETY: getppid has no preconditions.
             let parent = unsafe { libc::getppid() };
             let info = UpgradeInfo::taken_over(
@@ -490,6 +491,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let handover = Handover {
                 listeners: Some(listeners),
                 info: Arc::new(info),
+                carried,
             };
             (handover, Some(taker))
         }
@@ -525,9 +527,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                         Kept::Serving(server) => *server,
                         Kept::Listeners(listeners) => {
                             log::error!("upgrade: starting again on the same listeners");
+                            // Carried connections that did not go were
+                            // closed: their clients reconnect.
                             let handover = Handover {
                                 listeners: Some(listeners),
                                 info: info.clone(),
+                                carried: Vec::new(),
                             };
                             let server = Server::start_with(rollback_config.clone(), handover)?;
                             let closer = handle.clone();
@@ -612,11 +617,20 @@ fn hand_over(
         return Err(Box::new((Kept::Serving(Box::new(server)), why)));
     }
     log::info!(
-        "upgrade: pid {} has the listeners; closing connections with BYE(upgrade)",
+        "upgrade: pid {} has the listeners; stopping the shards",
         successor.pid
     );
+    let carried = server.carried();
     server.shutdown_for_upgrade();
     server.join();
+    let carried = std::mem::take(&mut *carried.out.lock().unwrap_or_else(|p| p.into_inner()));
+    log::info!("upgrade: carrying {} connections", carried.len());
+    if let Err(why) = successor.send_carried(&carried) {
+        let why = successor.abandon(why);
+        return Err(Box::new((Kept::Listeners(listeners), why)));
+    }
+    // Our copies close here: the successor holds the carried sockets.
+    drop(carried);
     match successor.release() {
         Ok(pid) => {
             log::info!(

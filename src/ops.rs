@@ -70,6 +70,14 @@ pub enum Cmd {
         /// What its connection is told.
         reason: ByeReason,
     },
+    /// Remove device `device` of `user` (`device remove`): its session
+    /// gets BYE(`device_removed`), the user's other devices DEVICE_REMOVED.
+    RemoveDevice {
+        /// The user.
+        user: u64,
+        /// The device its token names.
+        device: u64,
+    },
     /// This shard's top `limit` logged-in connections by `sort`
     /// (`show conns`), answered with [`Answer::Rows`].
     Conns {
@@ -450,6 +458,18 @@ impl Ops {
             ["kick", "user", user, ..] => match parse_user(user) {
                 Ok(user) => self.kick(user, ByeReason::Kicked, &words[3..]),
                 Err(e) => e,
+            },
+            ["device", "remove", user, device] => match (parse_user(user), device.parse()) {
+                (Err(e), _) => e,
+                (Ok(user), Ok(device)) => {
+                    log::info!("operator removes device {device} of user {user}");
+                    let cmd = Cmd::RemoveDevice { user, device };
+                    self.ask(home_shard(user, self.shards), cmd)
+                }
+                (Ok(_), Err(_)) => format!(
+                    "Not a device id: '{device}' (a number from 0 to {}).\n",
+                    u32::MAX
+                ),
             },
             ["ban", "user", user, rest @ ..] => match (parse_user(user), rest) {
                 (Err(e), _) => e,
@@ -1032,6 +1052,13 @@ mod tests {
             .unwrap()
             .starts_with("Not a duration"));
         assert!(say("ban user 5 during 1s").unwrap().starts_with("Usage"));
+        assert!(say("device remove 0 1")
+            .unwrap()
+            .starts_with("Not a user id"));
+        assert!(say("device remove 5 x")
+            .unwrap()
+            .starts_with("Not a device id"));
+        assert_eq!(say("device remove 5"), None);
         assert!(say("set log level loud")
             .unwrap()
             .starts_with("Unknown log level"));

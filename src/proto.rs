@@ -60,7 +60,9 @@ const TYPE_ERROR: u8 = 0x0C;
 const TYPE_BYE: u8 = 0x0D;
 const TYPE_DELIVER_V2: u8 = 0x0E;
 const TYPE_REDIRECT: u8 = 0x0F;
-// 0x10..=0x17 are reserved for device frames; presence uses 0x18..=0x1F.
+// 0x10..=0x17 are device frames; presence uses 0x18..=0x1F.
+const TYPE_DEVICE_REMOVE: u8 = 0x10;
+const TYPE_DEVICE_REMOVED: u8 = 0x11;
 const TYPE_SUBSCRIBE: u8 = 0x18;
 const TYPE_UNSUBSCRIBE: u8 = 0x19;
 const TYPE_PRESENCE: u8 = 0x1A;
@@ -141,6 +143,9 @@ pub enum ErrorCode {
     /// devices online; this device is not logged in. A LOGIN of a device
     /// that is online replaces its session instead.
     TooManyDevices = 20,
+    /// 21 (protocol v2): a DEVICE_REMOVE names a device of the user that
+    /// is not online. The ERROR's `client_id` field carries that device id.
+    UnknownDevice = 21,
     /// 25 (protocol v2): a SUBSCRIBE over `presence_subs_max`; not taken.
     /// The ERROR's `client_id` field carries the refused user id.
     PresenceSubsFull = 25,
@@ -175,6 +180,7 @@ impl ErrorCode {
             19 => ErrorCode::OtherNode,
             25 => ErrorCode::PresenceSubsFull,
             20 => ErrorCode::TooManyDevices,
+            21 => ErrorCode::UnknownDevice,
             30 => ErrorCode::Banned,
             _ => return None,
         })
@@ -204,6 +210,7 @@ impl ErrorCode {
             ErrorCode::OtherNode => "other_node",
             ErrorCode::PresenceSubsFull => "presence_subs_full",
             ErrorCode::TooManyDevices => "too_many_devices",
+            ErrorCode::UnknownDevice => "unknown_device",
             ErrorCode::Banned => "banned",
         }
     }
@@ -312,6 +319,9 @@ pub enum ByeReason {
     /// 7 (cluster): this node no longer serves the user (its partition
     /// moved to another node); log in again, through any node.
     Moved = 7,
+    /// 8: this device was removed from its user (DEVICE_REMOVE from another
+    /// of its devices, or `device remove` by an operator).
+    DeviceRemoved = 8,
     /// 10: an operator closed this connection (`kick user`, or `ban user`
     /// while it was online); nothing queued for the user is lost.
     Kicked = 10,
@@ -334,6 +344,7 @@ impl ByeReason {
             5 => Some(ByeReason::Error),
             6 => Some(ByeReason::RateLimited),
             7 => Some(ByeReason::Moved),
+            8 => Some(ByeReason::DeviceRemoved),
             10 => Some(ByeReason::Kicked),
             11 => Some(ByeReason::Moving),
             13 => Some(ByeReason::Upgrade),
@@ -351,6 +362,7 @@ impl ByeReason {
             ByeReason::Error => "error",
             ByeReason::RateLimited => "rate_limited",
             ByeReason::Moved => "moved",
+            ByeReason::DeviceRemoved => "device_removed",
             ByeReason::Kicked => "kicked",
             ByeReason::Moving => "moving",
             ByeReason::Upgrade => "upgrade",
@@ -507,6 +519,19 @@ pub enum Frame<'a> {
         /// Client to server: the peer; server to client: the typist.
         user: u64,
     },
+    /// 0x10, client to server, protocol v2: remove device `device` of
+    /// this user; its session (if online) is closed with
+    /// BYE(`device_removed`).
+    DeviceRemove {
+        /// The device id its token names.
+        device: u64,
+    },
+    /// 0x11, server to client, protocol v2: device `device` of this user
+    /// was removed.
+    DeviceRemoved {
+        /// The removed device's id.
+        device: u64,
+    },
     /// 0x12, server to client, protocol v2: a copy of a message another
     /// device of the same user sent and the server took (sent with its
     /// ACK), so every device shows the whole conversation.
@@ -616,6 +641,8 @@ impl Frame<'_> {
             },
             Frame::Privacy { hidden } => OwnedFrame::Privacy { hidden },
             Frame::Typing { user } => OwnedFrame::Typing { user },
+            Frame::DeviceRemove { device } => OwnedFrame::DeviceRemove { device },
+            Frame::DeviceRemoved { device } => OwnedFrame::DeviceRemoved { device },
             Frame::Sent {
                 server_id,
                 to,
@@ -655,6 +682,8 @@ impl Frame<'_> {
             Frame::Privacy { .. } => "PRIVACY",
             Frame::Typing { .. } => "TYPING",
             Frame::Sent { .. } => "SENT",
+            Frame::DeviceRemove { .. } => "DEVICE_REMOVE",
+            Frame::DeviceRemoved { .. } => "DEVICE_REMOVED",
         }
     }
 
@@ -686,6 +715,8 @@ impl Frame<'_> {
             Frame::Privacy { .. } => TYPE_PRIVACY,
             Frame::Typing { .. } => TYPE_TYPING,
             Frame::Sent { .. } => TYPE_SENT,
+            Frame::DeviceRemove { .. } => TYPE_DEVICE_REMOVE,
+            Frame::DeviceRemoved { .. } => TYPE_DEVICE_REMOVED,
         }
     }
 
@@ -745,6 +776,7 @@ impl Frame<'_> {
                 last_seen_ms,
             } => varint_len(user) + varint_len(state as u64) + varint_len(last_seen_ms),
             Frame::Privacy { .. } => 1,
+            Frame::DeviceRemove { device } | Frame::DeviceRemoved { device } => varint_len(device),
             Frame::Sent {
                 server_id,
                 to,
@@ -898,6 +930,16 @@ pub enum OwnedFrame {
         /// The peer (client to server) or the typist (server to client).
         user: u64,
     },
+    /// See [`Frame::DeviceRemove`].
+    DeviceRemove {
+        /// The device to remove.
+        device: u64,
+    },
+    /// See [`Frame::DeviceRemoved`].
+    DeviceRemoved {
+        /// The removed device.
+        device: u64,
+    },
     /// See [`Frame::Sent`].
     Sent {
         /// Server id of the stored message.
@@ -994,6 +1036,8 @@ impl OwnedFrame {
             },
             OwnedFrame::Privacy { hidden } => Frame::Privacy { hidden },
             OwnedFrame::Typing { user } => Frame::Typing { user },
+            OwnedFrame::DeviceRemove { device } => Frame::DeviceRemove { device },
+            OwnedFrame::DeviceRemoved { device } => Frame::DeviceRemoved { device },
             OwnedFrame::Sent {
                 server_id,
                 to,
@@ -1197,6 +1241,12 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
             },
         },
         TYPE_TYPING => Frame::Typing { user: r.varint()? },
+        TYPE_DEVICE_REMOVE => Frame::DeviceRemove {
+            device: r.varint()?,
+        },
+        TYPE_DEVICE_REMOVED => Frame::DeviceRemoved {
+            device: r.varint()?,
+        },
         other => return Err(DecodeError::UnknownType(other)),
     };
     // Frames ending in a rest field have consumed everything already.
@@ -1473,6 +1523,10 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             head.varint(u64::from(hidden));
             &[]
         }
+        Frame::DeviceRemove { device } | Frame::DeviceRemoved { device } => {
+            head.varint(device);
+            &[]
+        }
         Frame::Sent {
             server_id,
             to,
@@ -1555,7 +1609,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 22] = [
+    const ALL_ERROR_CODES: [ErrorCode; 23] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1576,6 +1630,7 @@ mod tests {
         ErrorCode::StaleClientId,
         ErrorCode::OtherNode,
         ErrorCode::TooManyDevices,
+        ErrorCode::UnknownDevice,
         ErrorCode::PresenceSubsFull,
         ErrorCode::Banned,
     ];
@@ -1585,7 +1640,7 @@ mod tests {
         PresenceState::Hidden,
     ];
     const ALL_RECEIPT_KINDS: [ReceiptKind; 2] = [ReceiptKind::Delivered, ReceiptKind::Read];
-    const ALL_BYE_REASONS: [ByeReason; 10] = [
+    const ALL_BYE_REASONS: [ByeReason; 11] = [
         ByeReason::Shutdown,
         ByeReason::Replaced,
         ByeReason::Slow,
@@ -1593,6 +1648,7 @@ mod tests {
         ByeReason::Error,
         ByeReason::RateLimited,
         ByeReason::Moved,
+        ByeReason::DeviceRemoved,
         ByeReason::Kicked,
         ByeReason::Moving,
         ByeReason::Upgrade,
@@ -1802,6 +1858,30 @@ mod tests {
         };
         assert_eq!(hex(&enc(&too_many)), "09 03 14 64 65 76 69 63 65 73");
         assert!(DOC.contains(&hex(&enc(&too_many))));
+        // docs/PROTOCOL.md, "Removing a device".
+        let examples = [
+            (Frame::DeviceRemove { device: 2 }, "02 10 02"),
+            (Frame::DeviceRemoved { device: 300 }, "03 11 ac 02"),
+            (
+                Frame::Error {
+                    code: ErrorCode::UnknownDevice,
+                    client_id: 2,
+                    text: "device",
+                },
+                "09 0c 15 02 64 65 76 69 63 65",
+            ),
+            (
+                Frame::Bye {
+                    reason: ByeReason::DeviceRemoved,
+                },
+                "02 0d 08",
+            ),
+        ];
+        for (frame, want) in examples {
+            assert_eq!(hex(&enc(&frame)), want, "{}", frame.name());
+            assert!(DOC.contains(want), "docs/PROTOCOL.md lacks `{want}`");
+            assert_eq!(dec(&enc(&frame)), Ok(Some((frame, want.len().div_ceil(3)))));
+        }
     }
 
     #[test]
@@ -1866,7 +1946,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x10, 0x11, 0x13, 0x17, 0x1d, 0x1f, 0x20, 0x7f, 0xff] {
+        for t in [0x00, 0x13, 0x17, 0x1d, 0x1f, 0x20, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -2045,7 +2125,7 @@ mod tests {
         for v in [0u8, 3, 0x7f] {
             assert_eq!(malformed(&[TYPE_RECEIPT, v, 1, 1]), "unknown receipt kind");
         }
-        for v in [0u8, 8, 0x7f] {
+        for v in [0u8, 9, 0x7f] {
             assert_eq!(malformed(&[TYPE_BYE, v]), "unknown bye reason");
         }
         // A large code number is still just unknown.
@@ -2227,10 +2307,10 @@ mod tests {
     fn enums_from_u64_as_str_display() {
         // 1..=19 in order, then the ops range from 30.
         for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
-            // 1..=19, then devices' 20, presence's 25, ops' 30.
+            // 1..=19, then devices' 20 and 21, presence's 25, ops' 30.
             let want = match i {
-                0..=19 => i as u64 + 1,
-                20 => 25,
+                0..=20 => i as u64 + 1,
+                21 => 25,
                 _ => 30,
             };
             assert_eq!(*code as u64, want);
@@ -2239,8 +2319,8 @@ mod tests {
         }
         assert_eq!(ErrorCode::QueueFull.as_str(), "queue_full");
         assert_eq!(ErrorCode::from_u64(0), None);
-        // 21..=24 and 26..=34 are reserved for other issue 11 and ops work.
-        assert_eq!(ErrorCode::from_u64(21), None);
+        // 22..=24 and 26..=34 are reserved for other issue 11 and ops work.
+        assert_eq!(ErrorCode::from_u64(22), None);
         assert_eq!(ErrorCode::from_u64(26), None);
         for (i, state) in ALL_PRESENCE_STATES.iter().enumerate() {
             assert_eq!(*state as u64, i as u64 + 1);
@@ -2261,11 +2341,12 @@ mod tests {
         }
         assert_eq!(ReceiptKind::from_u64(0), None);
         assert_eq!(ReceiptKind::from_u64(3), None);
-        // 1..=7 in order, then the ops range from 10, then upgrade's 13.
+        // 1..=7 in order, devices' 8, then the ops range from 10, then
+        // upgrade's 13.
         for (i, reason) in ALL_BYE_REASONS.iter().enumerate() {
             let number = match i {
-                0..=6 => i + 1,
-                7 | 8 => i - 7 + 10,
+                0..=7 => i + 1,
+                8 | 9 => i - 8 + 10,
                 _ => 13,
             };
             assert_eq!(*reason as u64, number as u64);
@@ -2273,7 +2354,7 @@ mod tests {
             assert_eq!(reason.to_string(), reason.as_str());
         }
         assert_eq!(ByeReason::from_u64(0), None);
-        assert_eq!(ByeReason::from_u64(8), None);
+        assert_eq!(ByeReason::from_u64(9), None);
         assert_eq!(ByeReason::from_u64(12), None);
         assert_eq!(ByeReason::from_u64(14), None);
         // Names are unique and snake_case.
@@ -2415,6 +2496,8 @@ mod tests {
                 }),
             any::<bool>().prop_map(|hidden| OwnedFrame::Privacy { hidden }),
             arb_u64().prop_map(|user| OwnedFrame::Typing { user }),
+            arb_u64().prop_map(|device| OwnedFrame::DeviceRemove { device }),
+            arb_u64().prop_map(|device| OwnedFrame::DeviceRemoved { device }),
             (arb_u64(), arb_u64(), arb_u64(), arb_u64(), arb_bytes()).prop_map(
                 |(server_id, to, server_time_ms, client_id, body)| OwnedFrame::Sent {
                     server_id,

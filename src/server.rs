@@ -31,7 +31,9 @@ use crate::shard::{open_store, Msg, Shard, ShardParts};
 use crate::stats::{Health, ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
+use crate::upgrade::state::Carried;
 use crate::upgrade::UpgradeInfo;
+use std::os::fd::OwnedFd;
 
 /// What a process takes over from its predecessor (live upgrade, see
 /// [`crate::upgrade`]); [`Handover::default`] for a fresh start.
@@ -42,6 +44,9 @@ pub struct Handover {
     pub listeners: Option<Vec<Listeners>>,
     /// The process's generation and upgrade state (shown by `show info`).
     pub info: Arc<UpgradeInfo>,
+    /// Connections carried from the predecessor with their session state;
+    /// each goes to its user's home shard.
+    pub carried: Vec<(OwnedFd, Carried)>,
 }
 
 /// What a shard waits for once every shard has reported: its ends of the
@@ -65,8 +70,11 @@ pub struct Server {
     pusher: Option<Pusher>,
     /// Set when a shard gave up past its restart intensity.
     fatal: Arc<Fatal>,
-    /// Set with `stop` for a live upgrade: the shards say BYE(upgrade).
+    /// Set with `stop` for a live upgrade: the shards say BYE(upgrade), or
+    /// (poll backend) carry their logged-in plaintext connections.
     upgrade: Arc<AtomicBool>,
+    /// Where the shards leave the connections they carry.
+    carried_out: Arc<crate::shard::Carry>,
     /// Copies of every shard's listening sockets, handed to a successor
     /// (or started on again when it fails). Dropped when shutdown begins:
     /// a stopping server refuses connects (an upgrading one has handed
@@ -203,6 +211,12 @@ impl Server {
             .map(Listeners::try_clone)
             .collect::<IoResult<Vec<_>>>()?;
         let upgrade = Arc::new(AtomicBool::new(false));
+        let carried_out = Arc::new(crate::shard::Carry::new(shards));
+        let mut adopt: Vec<Vec<(OwnedFd, Carried)>> = (0..shards).map(|_| Vec::new()).collect();
+        for (fd, c) in handover.carried {
+            adopt[crate::shard::home_shard(c.user, shards)].push((fd, c));
+        }
+        let mut adopt = adopt.into_iter();
         // Each shard builds its backend on its own thread (an io_uring ring
         // belongs to the thread that submits to it), reports how to wake it,
         // then waits for its ends of the ring mesh.
@@ -248,6 +262,8 @@ impl Server {
             let fatal = fatal.clone();
             let stop = stop.clone();
             let upgrade = upgrade.clone();
+            let carried_out = carried_out.clone();
+            let adopt = adopt.next().unwrap_or_default();
             let config = config.clone();
             let tls = tls.clone();
             let owners = owners.clone();
@@ -294,6 +310,8 @@ impl Server {
                         bridge,
                         push,
                         ops: Some(ops),
+                        carry: carried_out,
+                        adopt,
                     };
                     match Shard::new(parts).run() {
                         Ok(()) => log::debug!("shard {id} stopped"),
@@ -410,6 +428,7 @@ impl Server {
             pusher,
             fatal,
             upgrade,
+            carried_out,
             listeners: std::sync::Mutex::new(kept),
             health,
             _data_dir: data_dir,
@@ -489,11 +508,19 @@ impl Server {
         kept.iter().map(Listeners::try_clone).collect()
     }
 
-    /// [`Server::shutdown`] for a live upgrade: every connection gets
-    /// BYE(upgrade) instead of BYE(shutdown), so clients reconnect at once.
+    /// [`Server::shutdown`] for a live upgrade: on the poll backend every
+    /// logged-in plaintext connection is frozen and left in
+    /// [`Server::carried`]; every other connection gets BYE(upgrade)
+    /// instead of BYE(shutdown), so its client reconnects at once.
     pub fn shutdown_for_upgrade(&self) {
         self.upgrade.store(true, Ordering::Relaxed);
         self.shutdown();
+    }
+
+    /// After [`Server::shutdown_for_upgrade`] and [`Server::join`]: the
+    /// connections the shards carry to the successor (poll backend).
+    pub fn carried(&self) -> Arc<crate::shard::Carry> {
+        self.carried_out.clone()
     }
 
     /// Waits for every shard to finish, then closes the stats socket.

@@ -1,10 +1,12 @@
-//! Live upgrade (issue 14, first step: listeners and data directory) with
-//! the real binary, over real sockets, on the suite's backend:
+//! Live upgrade (issue 14) with the real binary, over real sockets, on the
+//! suite's backend:
 //!
 //! - chatting clients (the self-healing client library) across three
 //!   upgrades in a row to the same binary: every message sent is shown
 //!   once, in each sender's order, nothing is refused at connect, the port
-//!   stays the same and the generation counts up;
+//!   stays the same and the generation counts up; on the poll backend no
+//!   client connection ever drops (carried: same socket, no BYE), on
+//!   io_uring each gets BYE(upgrade) and reconnects;
 //! - a successor that exits at once (`/bin/false`) and one with a bad
 //!   configuration: the old process never stops serving, its connections
 //!   stay open and chat on, and it says why;
@@ -149,29 +151,40 @@ fn sender(addr: SocketAddr, user: u64, to: u64, done: Arc<AtomicBool>) -> Sent {
 }
 
 /// The bodies (indices) shown from `from`, until `want` says how many to
-/// expect and they all came.
-fn recipient(addr: SocketAddr, user: u64, from: u64, want: Arc<AtomicU64>) -> Vec<u64> {
+/// expect and they all came; and how many times the connection dropped.
+fn recipient(addr: SocketAddr, user: u64, from: u64, want: Arc<AtomicU64>) -> (Vec<u64>, u64) {
     let mut r = session(addr, user);
     let mut shown = Vec::new();
+    let mut drops = 0;
     let deadline = Instant::now() + WAIT * 6;
     while (shown.len() as u64) < want.load(Ordering::Acquire) {
         assert!(
             Instant::now() < deadline,
             "recipient {user} stuck: {shown:?}"
         );
-        if let Some(Event::Message {
-            server_id,
-            from: f,
-            body,
-            ..
-        }) = r.poll(Duration::from_millis(1)).unwrap()
-        {
-            assert_eq!(f, from);
-            shown.push(u64::from_le_bytes(body.try_into().unwrap()));
-            r.accept(server_id).unwrap();
+        match r.poll(Duration::from_millis(1)).unwrap() {
+            Some(Event::Message {
+                server_id,
+                from: f,
+                body,
+                ..
+            }) => {
+                assert_eq!(f, from);
+                shown.push(u64::from_le_bytes(body.try_into().unwrap()));
+                r.accept(server_id).unwrap();
+            }
+            Some(Event::Disconnected { .. }) => drops += 1,
+            _ => {}
         }
     }
-    shown
+    (shown, drops)
+}
+
+/// Whether the server on `sock` carries logged-in plaintext connections
+/// across an upgrade (poll backend; also what `auto` picks on a kernel
+/// without io_uring) or ends them with BYE(upgrade) (io_uring).
+fn carries(sock: &Path) -> bool {
+    info(sock)["Backend"] == tern::io::poll::BACKEND_NAME
 }
 
 #[test]
@@ -233,9 +246,11 @@ fn chatting_clients_survive_three_upgrades() {
     for (want, s) in wants.iter().zip(&sent) {
         want.store(s.count, Ordering::Release);
     }
-    let shown: Vec<Vec<u64>> = recipients.into_iter().map(|t| t.join().unwrap()).collect();
+    let (shown, recipient_drops): (Vec<Vec<u64>>, Vec<u64>) =
+        recipients.into_iter().map(|t| t.join().unwrap()).unzip();
     eprintln!(
-        "sent per sender {:?}; disconnects {:?}, {} read BYE(upgrade); {} connects, none refused",
+        "sent per sender {:?}; disconnects {:?} (recipients {recipient_drops:?}), {} read \
+         BYE(upgrade); {} connects, none refused",
         sent.iter().map(|s| s.count).collect::<Vec<_>>(),
         sent.iter().map(|s| s.drops).collect::<Vec<_>>(),
         sent.iter().map(|s| s.byes).sum::<u64>(),
@@ -246,15 +261,23 @@ fn chatting_clients_survive_three_upgrades() {
         let want: Vec<u64> = (0..s.count).collect();
         assert_eq!(got, &want, "sender {}", i + 1);
     }
-    // The upgrades ended every sender's connection (usually once per
-    // upgrade; a reconnect can land on a shard of the old process that has
-    // not begun its shutdown yet and be ended again, and under load a
-    // reconnect may wait in the backlog right through an upgrade).
-    assert!(sent.iter().all(|s| s.drops >= 1));
-    assert!(
-        sent.iter().any(|s| s.byes > 0),
-        "no sender read BYE(upgrade)"
-    );
+    if carries(&sock) {
+        // Poll: every connection was carried, three times: the same
+        // socket all along, no BYE, no reconnect.
+        assert!(sent.iter().all(|s| s.drops == 0 && s.byes == 0));
+        assert!(recipient_drops.iter().all(|&d| d == 0));
+    } else {
+        // io_uring: the upgrades ended every sender's connection (usually
+        // once per upgrade; a reconnect can land on a shard of the old
+        // process that has not begun its shutdown yet and be ended again,
+        // and under load a reconnect may wait in the backlog right through
+        // an upgrade).
+        assert!(sent.iter().all(|s| s.drops >= 1));
+        assert!(
+            sent.iter().any(|s| s.byes > 0),
+            "no sender read BYE(upgrade)"
+        );
+    }
     assert_eq!(refused.load(Ordering::Relaxed), 0, "a connect was refused");
     assert!(probes.load(Ordering::Relaxed) > 0);
     // Three successors in a row, on the same port.
@@ -351,8 +374,21 @@ fn a_successor_failing_after_the_release_is_rolled_back() {
     let (ok, text) = upgrade(&sock, Some(&script));
     assert!(!ok, "{text}");
     assert!(text.contains("no Serving"), "{text}");
-    // The old process said BYE(upgrade), then came back on the same port.
-    expect_bye_then_close(&mut alice, ByeReason::Upgrade);
+    if carries(&sock) {
+        // Alice's socket went to the successor, which died with it: a
+        // close without BYE; her client reconnects (to the old process).
+        let frames = alice.wait_closed(WAIT).expect("closed");
+        assert!(
+            !frames
+                .iter()
+                .any(|f| matches!(f, tern::proto::OwnedFrame::Bye { .. })),
+            "{frames:?}"
+        );
+    } else {
+        // The old process said BYE(upgrade), then came back on the same
+        // port.
+        expect_bye_then_close(&mut alice, ByeReason::Upgrade);
+    }
     let now = info(&sock);
     assert_eq!(now["Pid"], old.pid().to_string());
     assert!(now["Last_upgrade"].starts_with("failed: "), "{now:?}");
@@ -501,4 +537,136 @@ fn under_systemd_the_upgrade_is_refused() {
         assert!(text.contains("refused under systemd"), "{text}");
     });
     assert_eq!(info(&sock)["Pid"], pid);
+}
+
+/// Frames from `client` until `want` of them matched `done`; panics on a
+/// BYE or a second LOGIN_OK (a carried session gets neither).
+fn frames_until(
+    client: &mut Client,
+    want: usize,
+    done: impl Fn(&tern::proto::OwnedFrame) -> bool,
+) -> Vec<tern::proto::OwnedFrame> {
+    let mut got = Vec::new();
+    while got.iter().filter(|f| done(f)).count() < want {
+        let f = client.recv().expect("the carried connection stays open");
+        assert!(
+            !matches!(
+                f,
+                tern::proto::OwnedFrame::Bye { .. } | tern::proto::OwnedFrame::LoginOk { .. }
+            ),
+            "{f:?} after {got:?}"
+        );
+        got.push(f);
+    }
+    got
+}
+
+#[test]
+fn a_carried_connection_keeps_its_partial_frame_and_undelivered_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    if !carries(&sock) {
+        return; // io_uring says BYE(upgrade): the tests above
+    }
+    let (a, b) = cross_pair();
+    let (mut alice, _) = Client::login(old.addr, &token(a)).unwrap();
+    let (mut bob, _) = Client::login(old.addr, &token(b)).unwrap();
+    // Bob has "first" and does not say DELIVERED before the upgrade.
+    alice.send_msg(1, b, b"first").unwrap();
+    recv_ack(&mut alice, 1);
+    let first = recv_deliver(&mut bob);
+    // Alice's next SEND is cut in half across the upgrade.
+    let mut frame = Vec::new();
+    tern::proto::encode(
+        &tern::proto::Frame::Send {
+            client_id: 2,
+            to: b,
+            body: b"second",
+        },
+        &mut frame,
+    );
+    let half = frame.len() / 2;
+    alice.send_raw(&frame[..half]).unwrap();
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "{text}\n{}", old.log_text());
+    assert_eq!(info(&sock)["Generation"], "1");
+    alice.send_raw(&frame[half..]).unwrap();
+    frames_until(&mut alice, 1, |f| {
+        matches!(f, tern::proto::OwnedFrame::Ack { client_id: 2, .. })
+    });
+    // The same sockets: Bob gets "first" again with its server id (it
+    // was not DELIVERED), then "second".
+    let frames = frames_until(&mut bob, 2, |f| {
+        matches!(f, tern::proto::OwnedFrame::Deliver { .. })
+    });
+    let bodies: Vec<(u64, &[u8])> = frames
+        .iter()
+        .filter_map(|f| match f {
+            tern::proto::OwnedFrame::Deliver {
+                server_id, body, ..
+            } => Some((*server_id, &body[..])),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies[0], (first.server_id, &b"first"[..]));
+    assert_eq!(bodies[1].1, b"second");
+}
+
+#[test]
+fn carried_devices_keep_their_device_and_resend_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    if !carries(&sock) {
+        return; // io_uring says BYE(upgrade): the tests above
+    }
+    let (user, peer) = cross_pair();
+    let login = |device| {
+        let token = tern::token::mint_device(
+            SECRET.as_bytes(),
+            user,
+            device,
+            tern::token::now_unix_s() + 3600,
+        );
+        Client::login_version(old.addr, &token, tern::proto::VERSION_2)
+            .unwrap()
+            .0
+    };
+    let (mut phone, mut laptop) = (login(1), login(2));
+    let (mut other, _) = Client::login(old.addr, &token(peer)).unwrap();
+    phone.send_msg(5, peer, b"before").unwrap();
+    let acked = frames_until(&mut phone, 1, |f| {
+        matches!(f, tern::proto::OwnedFrame::Ack { client_id: 5, .. })
+    });
+    let Some(tern::proto::OwnedFrame::Ack { server_id, .. }) = acked.last() else {
+        panic!("no ACK: {acked:?}");
+    };
+    let first = *server_id;
+    recv_deliver(&mut other);
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "{text}\n{}", old.log_text());
+    // The phone's resend after the upgrade is known by its device's
+    // window: the original ACK, no second message.
+    phone.send_msg(5, peer, b"before").unwrap();
+    let again = frames_until(&mut phone, 1, |f| {
+        matches!(f, tern::proto::OwnedFrame::Ack { client_id: 5, .. })
+    });
+    assert!(
+        matches!(again.last(), Some(tern::proto::OwnedFrame::Ack { server_id, .. }) if *server_id == first),
+        "{again:?}"
+    );
+    // Both devices, on the same sockets, get what the peer sends now.
+    other.send_msg(1, user, b"after").unwrap();
+    for device in [&mut phone, &mut laptop] {
+        let got = frames_until(device, 1, |f| {
+            matches!(f, tern::proto::OwnedFrame::Deliver { .. })
+        });
+        assert!(
+            matches!(got.last(), Some(tern::proto::OwnedFrame::Deliver { body, .. }) if body == b"after"),
+            "{got:?}"
+        );
+    }
 }

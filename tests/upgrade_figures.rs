@@ -70,6 +70,21 @@ fn login(addr: SocketAddr, user: u64) -> TcpStream {
     stream
 }
 
+/// The hand-over time the old process of upgrade `run` (from 1) logged.
+fn handover_ms_of(log: &str, run: u64) -> f64 {
+    log.lines()
+        .filter_map(|l| {
+            l.split_once("hand-over to pid ")?
+                .1
+                .split_once(" took ")?
+                .1
+                .split_once(" ms")
+        })
+        .map(|(ms, _)| ms.parse().unwrap())
+        .nth(run as usize - 1)
+        .expect("the old process's hand-over line")
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -158,6 +173,43 @@ fn upgrade_figures() {
             let sock = sock.clone();
             std::thread::spawn(move || upgrade(&sock))
         };
+        if io == "poll" {
+            // Carried: every idle connection stays open, nothing arrives.
+            let (ok, text) = upgrader.join().unwrap();
+            assert!(ok, "{text}\n{}", old.log_text());
+            let back = t0.elapsed();
+            let mut byte = [0u8; 64];
+            let mut dropped = 0;
+            for s in idle.iter_mut() {
+                match s.read(&mut byte) {
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    _ => dropped += 1,
+                }
+            }
+            assert_eq!(dropped, 0, "idle connections dropped or written to");
+            std::thread::sleep(Duration::from_millis(500));
+            let window_end = Instant::now();
+            let pause = {
+                let times = arrivals.lock().unwrap();
+                times
+                    .windows(2)
+                    .filter(|w| w[1] >= t0 && w[0] <= window_end)
+                    .map(|w| w[1] - w[0])
+                    .max()
+                    .unwrap_or_default()
+            };
+            let took = handover_ms_of(&old.log_text(), run);
+            eprintln!(
+                "run {run}: hand-over {took} ms, {conns} idle connections carried (0 dropped), \
+                 upgrade done after {} ms, longest chat pause {} ms",
+                back.as_millis(),
+                pause.as_millis()
+            );
+            handover_ms.push(took);
+            back_ms.push(back.as_secs_f64() * 1000.0);
+            pause_ms.push(pause.as_secs_f64() * 1000.0);
+            continue;
+        }
         // Every idle connection gets BYE(upgrade): close it and log in again.
         let mut down = vec![false; idle.len()];
         let mut left = idle.len();
@@ -207,19 +259,7 @@ fn upgrade_figures() {
                 .max()
                 .unwrap_or_default()
         };
-        let log = old.log_text();
-        let took: f64 = log
-            .lines()
-            .filter_map(|l| {
-                l.split_once("hand-over to pid ")?
-                    .1
-                    .split_once(" took ")?
-                    .1
-                    .split_once(" ms")
-            })
-            .map(|(ms, _)| ms.parse().unwrap())
-            .nth(run as usize - 1)
-            .expect("the old process's hand-over line");
+        let took = handover_ms_of(&old.log_text(), run);
         eprintln!(
             "run {run}: hand-over {took} ms, {conns} idle connections back after {} ms, \
              longest chat pause {} ms",

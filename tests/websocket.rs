@@ -454,3 +454,20 @@ fn masked_message(payload: &[u8]) -> Vec<u8> {
     m.extend(payload.iter().enumerate().map(|(i, &b)| b ^ mask[i & 3]));
     m
 }
+
+#[test]
+fn a_live_upgrade_says_bye_to_websocket_connections() {
+    let srv = ws_server();
+    let mut ws = Ws::upgrade(ws_addr(&srv));
+    ws.login(users_on(0, SHARDS, 1)[0]);
+    // Plaintext connections may be carried to the successor; WebSocket
+    // ones are not: BYE(upgrade), then a close frame.
+    srv.server().shutdown_for_upgrade();
+    assert!(matches!(
+        ws.recv_until(|f| matches!(f, OwnedFrame::Bye { .. })),
+        OwnedFrame::Bye {
+            reason: proto::ByeReason::Upgrade
+        }
+    ));
+    assert_eq!(ws.close_code(), 1000);
+}

@@ -1323,8 +1323,9 @@ impl<E: Engine> Worker<E> {
             }
             Frame::Presence { .. } => self.shared.add(C::presences, 1),
             Frame::Typing { .. } => {}
-            // Another device of this user sent a message: nothing to count.
-            Frame::Sent { .. } => {}
+            // Another device of this user sent a message, or was removed:
+            // nothing to count.
+            Frame::Sent { .. } | Frame::DeviceRemoved { .. } => {}
             // A clustered server serves this user on another node.
             Frame::Redirect { addr } => {
                 if self.conns[l as usize].state == S_LOGGING_IN {
@@ -1338,7 +1339,8 @@ impl<E: Engine> Worker<E> {
             | Frame::Read { .. }
             | Frame::Subscribe { .. }
             | Frame::Unsubscribe { .. }
-            | Frame::Privacy { .. } => {
+            | Frame::Privacy { .. }
+            | Frame::DeviceRemove { .. } => {
                 self.peer_closed(l, 0, Some("unexpected_frame"));
             }
         }

@@ -10,7 +10,7 @@ set -eu
 TERN=$1; LG=$2; CONNS=$3; DEVICES=$4
 DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$TERN" serve --listen 127.0.0.1:$PORT --shards 2 --io uring --durability memory \
+"$TERN" serve --listen 127.0.0.1:"$PORT" --shards 2 --io uring --durability memory \
   --data-dir "$DIR/data" --stats-socket "$DIR/s.sock" >"$DIR/server.log" 2>&1 &
 SRV=$!
 trap 'kill $SRV 2>/dev/null; wait $SRV 2>/dev/null; rm -rf "$DIR"' EXIT
@@ -18,7 +18,7 @@ i=0; while [ ! -S "$DIR/s.sock" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); d
 sleep 2
 rss() { awk '/VmRSS/ {print $2}' /proc/$SRV/status; }
 BASE=$(rss)
-"$LG" connect --server 127.0.0.1:$PORT --conns "$CONNS" --devices "$DEVICES" \
+"$LG" connect --server 127.0.0.1:"$PORT" --conns "$CONNS" --devices "$DEVICES" \
   --rate 0 --hold 15s --ping-every 0 --quiet --user-base 70000000 >"$DIR/lg.out" 2>&1 &
 LGP=$!
 # Wait for the ramp (bounded: 60 s), then 10 s of idle.

@@ -23,8 +23,12 @@ readonly HOLD_S=90 WAIT_S=80
 tmp=$(mktemp -d)
 server_pid="" lg_pid=""
 cleanup() {
-    [[ -n $lg_pid ]] && kill "$lg_pid" 2>/dev/null && wait "$lg_pid" 2>/dev/null || true
-    [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true
+    local pid
+    for pid in "$lg_pid" "$server_pid"; do
+        if [[ -n $pid ]] && kill "$pid" 2>/dev/null; then
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
     rm -rf "$tmp"
 }
 trap cleanup EXIT

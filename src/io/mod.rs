@@ -365,6 +365,31 @@ impl Io {
         each!(self, io => io.close(conn))
     }
 
+    /// Whether [`Io::detach_socket`] works: only the poll backend's
+    /// connections are process descriptors a successor can take (live
+    /// upgrade); io_uring's are direct descriptors, the simulator's none.
+    pub fn carries(&self) -> bool {
+        matches!(self, Io::Poll(_))
+    }
+
+    /// Takes a connection out of this backend as a process descriptor, for
+    /// a successor process. Only where [`Io::carries`].
+    pub fn detach_socket(&mut self, conn: ConnId) -> io::Result<std::os::fd::OwnedFd> {
+        match self {
+            Io::Poll(io) => io.detach(conn).map(poll::Detached::into_fd),
+            _ => unreachable!("only the poll backend carries connections"),
+        }
+    }
+
+    /// Adopts a connection carried from a predecessor process (a socket
+    /// from [`Io::detach_socket`]); it is read at once.
+    pub fn adopt_socket(&mut self, fd: std::os::fd::OwnedFd) -> io::Result<ConnId> {
+        match self {
+            Io::Poll(io) => io.attach(poll::Detached::from_fd(fd)),
+            _ => unreachable!("only the poll backend adopts carried connections"),
+        }
+    }
+
     /// Takes a connection out of this backend to hand it to shard `dst`.
     pub fn detach(&mut self, conn: ConnId, dst: usize) -> io::Result<Detached> {
         // Only io_uring sends to a ring; sockets travel by value.

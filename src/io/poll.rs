@@ -77,6 +77,27 @@ pub struct Detached {
     stream: TcpStream,
 }
 
+impl Detached {
+    /// The socket as a process descriptor (live upgrade).
+    pub fn into_fd(self) -> std::os::fd::OwnedFd {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: into_raw_fd gives up the stream's descriptor, open and
+        // now owned by nobody else.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(self.stream.into_raw_fd()) }
+    }
+
+    /// A socket from a predecessor process, made non-blocking.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Detached {
+        let stream = std::net::TcpStream::from(fd);
+        // The old process's sockets were non-blocking; the flag travels
+        // with the open file, so this only guards a foreign sender.
+        let _ = stream.set_nonblocking(true);
+        Detached {
+            stream: TcpStream::from_std(stream),
+        }
+    }
+}
+
 /// Wakes a shard's [`Io::wait`] from another thread.
 #[derive(Clone, Debug)]
 pub struct WakeHandle(Arc<Waker>);

@@ -82,6 +82,10 @@ pub enum Event<'a> {
         device: u32,
         /// The protocol version its LOGIN asked for (1 or 2).
         version: u8,
+        /// The session was carried from a predecessor process (live
+        /// upgrade): its client had LOGIN_OK long ago and gets no second
+        /// one; what it has not DELIVERED is sent again from the store.
+        resumed: bool,
     },
     /// Bytes arrived for `conn` (before they are decoded): marks activity.
     /// [`Flow::Stop`] means drop them (the connection is closing or gone).
@@ -121,6 +125,16 @@ pub enum Event<'a> {
     },
     /// `conn` is gone (peer closed, send failed) or must go now.
     Closed(ConnId),
+    /// An operator removes device `device` of `user` (homed here): its
+    /// session gets BYE(`device_removed`), the user's other version 2
+    /// devices DEVICE_REMOVED. Nothing happens if it is not online (see
+    /// [`Sessions::device_conn`]).
+    RemoveDevice {
+        /// The user.
+        user: u64,
+        /// The device its token names.
+        device: u64,
+    },
     /// A closing `conn`'s output is flushed and its write side shut.
     WriteShut(ConnId),
     /// The store wrote the batch of everything staged so far and its sync

@@ -38,6 +38,7 @@ mod event;
 mod guard;
 mod presence;
 mod push;
+mod remove;
 #[cfg(test)]
 mod tests;
 mod users;
@@ -120,6 +121,15 @@ struct Slot {
     state: State,
     /// Protocol version of its LOGIN (0 before LOGIN): 2 makes its SENDs
     /// idempotent and its DELIVERs carry the sender's client_id.
+    version: u8,
+}
+
+/// Who a new session is: what its LOGIN (or the hand-over that brought
+/// it) established.
+#[derive(Clone, Copy, Debug)]
+struct Who {
+    user: u64,
+    device: u32,
     version: u8,
 }
 
@@ -254,12 +264,18 @@ impl Sessions {
                 user,
                 device,
                 version,
+                resumed,
             } => {
                 if self.state(conn) != State::Login {
                     debug_assert!(false, "handoff into slot {} not just opened", conn.0);
                     return Flow::Stop;
                 }
-                self.install(now, env, conn, user, device, version);
+                let who = Who {
+                    user,
+                    device,
+                    version,
+                };
+                self.install(now, env, conn, who, !resumed);
                 Flow::Next
             }
             Event::Received(conn) => self.on_received(now, conn),
@@ -304,6 +320,10 @@ impl Sessions {
             Event::Closed(conn) => {
                 self.close_now(conn);
                 Flow::Stop
+            }
+            Event::RemoveDevice { user, device } => {
+                self.remove_device(now, user, device);
+                Flow::Next
             }
             Event::WriteShut(conn) => {
                 if let Some(s) = self.slots.get_mut(conn.index()) {
@@ -369,6 +389,22 @@ impl Sessions {
                 Flow::Next
             }
         }
+    }
+
+    /// The user, device and protocol version of `conn` when it is logged
+    /// in and not closing.
+    pub fn logged_in(&self, conn: ConnId) -> Option<(u64, u32, u8)> {
+        let s = self.slots.get(conn.index())?;
+        (s.state == State::Active).then_some((s.user, s.device, s.version))
+    }
+
+    /// Whether every open connection is logged in and not closing: a shard
+    /// carrying its sessions to a successor has then said its last words
+    /// to every other connection.
+    pub fn only_active_left(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| matches!(s.state, State::Free | State::Active))
     }
 
     /// Gives back what the reused action and frame buffers (and the
@@ -650,6 +686,13 @@ impl Sessions {
                 Flow::Next
             }
             (State::Active, Frame::Pong { .. }) => Flow::Next,
+            (State::Active, Frame::DeviceRemove { device }) => {
+                if self.on_device_remove(now, conn, s.user, device) {
+                    Flow::Next
+                } else {
+                    Flow::Stop
+                }
+            }
             (
                 State::Active,
                 frame @ (Frame::Subscribe { .. }
@@ -775,7 +818,12 @@ impl Sessions {
             return Flow::Stop;
         }
         if home == self.id {
-            if !self.install(now, env, conn, user, device, version) {
+            let who = Who {
+                user,
+                device,
+                version,
+            };
+            if !self.install(now, env, conn, who, true) {
                 return Flow::Stop;
             }
             if !rest.is_empty() {
@@ -801,16 +849,14 @@ impl Sessions {
     /// Makes `conn` the session of `device` of `user` on this, its home
     /// shard: it replaces the session of the same device, or joins those of
     /// the user's other devices up to `devices_per_user_max`. Returns false
-    /// (LOGIN_ERR `too_many_devices` sent) past that.
-    fn install(
-        &mut self,
-        now: Now,
-        env: &dyn Env,
-        conn: ConnId,
-        user: u64,
-        device: u32,
-        version: u8,
-    ) -> bool {
+    /// (LOGIN_ERR `too_many_devices` sent) past that. `greet` sends LOGIN_OK
+    /// (not to a session carried from a predecessor).
+    fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, who: Who, greet: bool) -> bool {
+        let Who {
+            user,
+            device,
+            version,
+        } = who;
         let online = self.users.count(user);
         // A user is online while any device is: a joining or replacing
         // device sends no PRESENCE.
@@ -848,14 +894,16 @@ impl Sessions {
         }
         self.stats.users_online.set(self.users.len() as u64);
         self.stats.sessions_online.set(self.users.sessions() as u64);
-        let offline_count = self.store.len(user) as u64;
-        self.write(
-            conn,
-            &Frame::LoginOk {
-                server_time_ms: now.unix_ms,
-                offline_count,
-            },
-        );
+        if greet {
+            let offline_count = self.store.len(user) as u64;
+            self.write(
+                conn,
+                &Frame::LoginOk {
+                    server_time_ms: now.unix_ms,
+                    offline_count,
+                },
+            );
+        }
         for receipt in self.users.take_receipts(user) {
             self.write_receipt(conn, receipt);
         }

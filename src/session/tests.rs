@@ -12,6 +12,7 @@ mod cluster;
 mod dedupe;
 mod presence;
 mod push;
+mod remove;
 
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
@@ -784,6 +785,7 @@ fn a_device_token_names_the_sends_origin_and_travels_with_a_handoff() {
         user: (here + 1..).find(|&u| home_shard(u, 2) == 0).unwrap(),
         device: 7,
         version: proto::VERSION_2,
+        resumed: false,
     });
     let out = h.send(c.0, 4, there, b"y");
     assert!(

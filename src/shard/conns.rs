@@ -11,6 +11,7 @@ use crate::limit::addr::Refusal;
 use crate::proto::{self, ByeReason, ErrorCode, Frame};
 use crate::session::{self, Event, Flow, State};
 use crate::tls::TlsConn;
+use crate::upgrade::{self, state::Carried};
 use crate::ws::{self, WsRx};
 
 use super::{Msg, Shard};
@@ -642,6 +643,120 @@ impl Shard {
                 },
             ),
             Err(e) => log::warn!("shard {}: detach for handoff failed: {e}", self.id),
+        }
+    }
+
+    // ---- live upgrade: carried connections ----------------------------------
+
+    /// An upgrade's shutdown on a backend that carries connections: every
+    /// logged-in plaintext connection is frozen (no more input is read, its
+    /// output still flushes) to go to the successor; every other one gets
+    /// BYE(upgrade) (TLS ones with close_notify, WebSocket ones with a
+    /// close frame: the hand-over format has no place for their state).
+    pub(super) fn freeze_carried(&mut self) {
+        self.carrying_on = true;
+        for i in 0..self.sessions.slots() {
+            let conn = ConnId(i as u32);
+            let plaintext =
+                self.conns.slots.get(i).is_some_and(|s| s.tls.is_none()) && !self.conns.is_ws(conn);
+            if self.sessions.state(conn) == State::Active && plaintext {
+                self.io.set_recv(conn, false);
+                self.carrying.push(conn);
+            } else {
+                self.event(Event::Shutdown(Some(conn)));
+            }
+        }
+        log::info!(
+            "shard {}: upgrade: {} connections frozen for the successor",
+            self.id,
+            self.carrying.len()
+        );
+    }
+
+    /// The last step of an upgrade's shutdown (everything read is committed
+    /// and answered): hands every frozen connection that is still logged
+    /// in, with its partial input and unsent output, to the process.
+    /// One whose state does not fit a hand-over packet is closed (its
+    /// client reconnects).
+    pub(super) fn carry_out(&mut self) {
+        self.flush_output();
+        let mut carried = Vec::with_capacity(self.carrying.len());
+        for conn in std::mem::take(&mut self.carrying) {
+            let Some((user, device, version)) = self.sessions.logged_in(conn) else {
+                continue;
+            };
+            let slot = std::mem::take(&mut self.conns.slots[conn.index()]);
+            let (input, output) = slot
+                .bufs
+                .map_or_else(Default::default, |b| (b.inp, b.out[b.out_sent..].to_vec()));
+            let bytes = 1 + 2 + upgrade::state::RECORD_HEAD_BYTES + input.len() + output.len();
+            if bytes > upgrade::wire::CARRIED_PACKET_BYTES_MAX
+                || output.len() > upgrade::state::OUTPUT_BYTES_MAX
+            {
+                log::info!(
+                    "shard {}: upgrade: user {user} has {bytes} bytes pending, closed not carried",
+                    self.id
+                );
+                continue;
+            }
+            match self.io.detach_socket(conn) {
+                Ok(fd) => carried.push((
+                    fd,
+                    Carried {
+                        user,
+                        device,
+                        version,
+                        input,
+                        output,
+                    },
+                )),
+                Err(e) => log::warn!("shard {}: upgrade: detach failed: {e}", self.id),
+            }
+        }
+        if carried.is_empty() {
+            return;
+        }
+        log::info!(
+            "shard {}: upgrade: {} connections carried",
+            self.id,
+            carried.len()
+        );
+        self.carry
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(&mut carried);
+    }
+
+    /// Installs the connections carried from the predecessor (successor,
+    /// at start): same socket, same session, no second LOGIN_OK; unsent
+    /// output goes first, then whatever the store holds undelivered.
+    pub(super) fn adopt_carried(&mut self) {
+        for (fd, c) in std::mem::take(&mut self.adopt) {
+            let id = match self.io.adopt_socket(fd) {
+                Ok(id) => id,
+                Err(e) => {
+                    log::warn!("shard {}: upgrade: adopting user {}: {e}", self.id, c.user);
+                    continue;
+                }
+            };
+            self.stats.handoffs_in.inc();
+            self.open_conn(id, None, WsMode::No);
+            if !c.output.is_empty() {
+                self.write_bytes(id, &c.output);
+            }
+            self.guarded(id, |shard| {
+                shard.event(Event::HandedOver {
+                    conn: id,
+                    user: c.user,
+                    device: c.device,
+                    version: c.version,
+                    resumed: true,
+                });
+                if !c.input.is_empty() {
+                    shard.on_bytes(id, &c.input);
+                }
+            });
         }
     }
 

@@ -18,6 +18,7 @@
 //! written as plaintext and encrypted at flush (one batch of records per
 //! iteration). Plaintext connections pay 8 bytes for the empty box.
 
+use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,8 +38,10 @@ use crate::store::{shard_dir, Durability, LogStore, Store, StoreError};
 use crate::supervisor::{Fatal, Intensity, ShardState, EXIT_SHARD_DOWN};
 use crate::timer::Wheel;
 use crate::tls::TlsContext;
+use crate::upgrade::state::Carried;
 
 mod admit;
+mod carry;
 mod conns;
 mod operate;
 mod presence;
@@ -47,6 +50,7 @@ mod sync;
 
 #[cfg(debug_assertions)]
 pub use crate::session::{CRASH_USER, PANIC_USER};
+pub use carry::Carry;
 pub use route::{home_shard, ConnRef, Msg};
 
 use admit::Admission;
@@ -128,6 +132,13 @@ pub struct ShardParts {
     /// The operators' commands, bans and drain flag; `None` in the
     /// simulator, which has no stats socket.
     pub ops: Option<Arc<Ops>>,
+    /// Live upgrade, old process: where the shard leaves the connections
+    /// it carries to the successor (poll backend, plaintext, logged in),
+    /// and how the shards agree nothing is in flight first.
+    pub carry: Arc<Carry>,
+    /// Live upgrade, successor: connections carried from the predecessor
+    /// whose users are homed here, installed when the shard starts.
+    pub adopt: Vec<(OwnedFd, Carried)>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -166,6 +177,18 @@ pub struct Shard {
     upgrade: Arc<AtomicBool>,
     /// When graceful shutdown must end, once begun.
     stop_deadline: Option<Instant>,
+    /// See [`ShardParts::carry`].
+    carry: Arc<Carry>,
+    /// Messages taken off the rings and handled, for [`Carry`].
+    popped: u64,
+    /// See [`ShardParts::adopt`]; emptied when the shard starts.
+    adopt: Vec<(OwnedFd, Carried)>,
+    /// An upgrade's shutdown keeps these connections (frozen: not read)
+    /// for the successor instead of saying BYE.
+    carrying: Vec<ConnId>,
+    /// Set when such a shutdown begins (even with nothing to carry: the
+    /// shard still takes part in the waves of [`Carry`]).
+    carrying_on: bool,
     scratch: Vec<u8>,
     frame_buf: Vec<u8>,
     /// TLS: decrypted input of one read (reused).
@@ -245,6 +268,8 @@ impl Shard {
             bridge,
             push,
             ops,
+            carry,
+            adopt,
         } = parts;
         let id = links.id();
         let shards = links.shards();
@@ -278,6 +303,11 @@ impl Shard {
             stop,
             upgrade,
             stop_deadline: None,
+            carry,
+            popped: 0,
+            adopt,
+            carrying: Vec::new(),
+            carrying_on: false,
             scratch: vec![0; SCRATCH_BYTES],
             frame_buf: Vec::new(),
             tls_plain: Vec::new(),
@@ -421,6 +451,7 @@ impl Shard {
     }
 
     fn serve(&mut self) -> std::io::Result<()> {
+        self.adopt_carried();
         loop {
             if let Some(done) = self.iterate() {
                 return done;
@@ -477,7 +508,7 @@ impl Shard {
             self.begin_shutdown();
         }
         if let Some(deadline) = self.stop_deadline {
-            if self.io.is_empty() || self.clock.now() >= deadline {
+            if self.carrying_quiet() || self.clock.now() >= deadline {
                 // Drain: the batch in flight, and the one staged behind it,
                 // are made durable (and answered where a connection is
                 // left) before the shard exits.
@@ -485,6 +516,7 @@ impl Shard {
                     self.synced(done);
                     self.commit();
                 }
+                self.carry_out();
                 self.close_all();
                 let now = self.clock.now();
                 self.presence.flush(&mut self.sessions, now, true);
@@ -792,7 +824,10 @@ impl Shard {
             // At most one ring's worth per source per iteration.
             for _ in 0..self.config.ring_slots {
                 match self.links.pop(src) {
-                    Some(msg) => self.on_msg(msg),
+                    Some(msg) => {
+                        self.on_msg(msg);
+                        self.popped += 1;
+                    }
                     None => break,
                 }
             }
@@ -845,6 +880,7 @@ impl Shard {
                         user,
                         device,
                         version,
+                        resumed: false,
                     });
                     if !leftover.is_empty() {
                         shard.on_bytes(id, &leftover);
@@ -875,6 +911,26 @@ impl Shard {
 
     // ---- shutdown ----------------------------------------------------------
 
+    /// Whether a stopping shard is done: every connection closed, or (an
+    /// upgrade that carries connections) only frozen ones left and every
+    /// shard agreed nothing is in flight between them (see [`Carry`]).
+    fn carrying_quiet(&mut self) -> bool {
+        if !self.carrying_on {
+            return self.io.is_empty();
+        }
+        let idle =
+            self.sessions.only_active_left() && !self.syncer.busy() && !self.outboxes.waiting();
+        self.carry
+            .publish(self.id, self.outboxes.pushed(), self.popped, idle);
+        // Shard 0 runs the waves; the others see their outcome.
+        let quiet = if self.id == 0 {
+            self.carry.detect()
+        } else {
+            self.carry.quiet()
+        };
+        quiet && idle
+    }
+
     fn begin_shutdown(&mut self) {
         log::info!(
             "shard {}: shutting down, {} connections",
@@ -887,6 +943,10 @@ impl Shard {
         if self.upgrade.load(Ordering::Relaxed) {
             self.sessions
                 .set_shutdown_reason(crate::proto::ByeReason::Upgrade);
+            if self.io.carries() {
+                self.freeze_carried();
+                return;
+            }
         }
         self.event(Event::Shutdown(None));
     }

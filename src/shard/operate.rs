@@ -55,6 +55,7 @@ impl Shard {
             let text = match request.cmd {
                 Cmd::ShowUser(user) => self.show_user(user, ops.banned(user, self.now.unix_ms)),
                 Cmd::Kick { user, reason } => self.kick(user, reason),
+                Cmd::RemoveDevice { user, device } => self.remove_device(user, device),
                 Cmd::Conns { sort, limit } => {
                     self.scans.push(Scan {
                         request,
@@ -108,6 +109,14 @@ impl Shard {
             }
             None => line("Online", &"no"),
         }
+        // The ids `device remove` takes.
+        let devices: Vec<String> = self
+            .sessions
+            .devices_of(user)
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        line("Devices_online", &devices.join(" "));
         line("Queued", &queued);
         let oldest_ms = store
             .next_after(user, 0)
@@ -210,6 +219,16 @@ impl Shard {
             self.event(Event::Bye { conn, reason });
         }
         format!("User {user} closed with BYE({reason}).\n")
+    }
+
+    /// Removes device `device` of `user` (see [`Event::RemoveDevice`]).
+    fn remove_device(&mut self, user: u64, device: u64) -> String {
+        // Only online devices are known until the durable registry exists.
+        if self.sessions.device_conn(user, device).is_none() {
+            return format!("Device {device} of user {user} is not online (unknown_device).\n");
+        }
+        self.event(Event::RemoveDevice { user, device });
+        format!("Device {device} of user {user} removed: closed with BYE(device_removed).\n")
     }
 
     /// Closes the sessions due by now in this drain, at most one pass over

@@ -171,6 +171,8 @@ pub enum Msg {
 /// Messages waiting for ring space, per destination shard.
 pub(super) struct Outboxes {
     queues: Vec<VecDeque<Msg>>,
+    /// Messages moved into the rings, ever (for [`super::Carry`]).
+    pushed: u64,
 }
 
 impl Outboxes {
@@ -178,6 +180,7 @@ impl Outboxes {
     pub(super) fn new(shards: usize) -> Outboxes {
         Outboxes {
             queues: (0..shards).map(|_| VecDeque::new()).collect(),
+            pushed: 0,
         }
     }
 
@@ -207,6 +210,11 @@ impl Outboxes {
         }
     }
 
+    /// Messages moved into the rings, ever.
+    pub(super) fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
     pub(super) fn waiting(&self) -> bool {
         self.queues.iter().any(|o| !o.is_empty())
     }
@@ -221,6 +229,7 @@ impl Outboxes {
                     stats.ring_full.inc();
                     break;
                 }
+                self.pushed += 1;
             }
             // A login storm can leave an outbox holding a large allocation
             // for ever; give it back once drained.

@@ -101,12 +101,13 @@ fn malformed(rng: &mut fastrand::Rng) -> (Vec<u8>, ErrorCode) {
     const DELIVERED: u8 = 0x07;
     const PING: u8 = 0x0A;
     match rng.u32(..5) {
-        // "An unknown type byte (0x00, 0x10, 0x11, 0x13..0x17, 0x1D and
-        // above)": 0x12 is SENT, 0x18..=0x1C are the presence frames.
+        // "An unknown type byte (0x00, 0x13..0x17, 0x1D and above)": 0x10
+        // and 0x11 are the device frames, 0x12 is SENT, 0x18..=0x1C are the
+        // presence frames.
         0 => {
             let ty = match rng.u32(..3) {
                 0 => 0,
-                1 => [0x10, 0x11, 0x13, 0x14, 0x15, 0x16, 0x17][rng.usize(..7)],
+                1 => rng.u8(0x13..=0x17),
                 _ => rng.u8(0x1D..),
             };
             let mut out = vec![0, ty];

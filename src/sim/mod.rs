@@ -579,6 +579,8 @@ impl World {
                 owners: None,
                 bridge: None,
                 ops: None,
+                carry: Default::default(),
+                adopt: Vec::new(),
             }));
         }
         disk::set_faults(true);

@@ -220,6 +220,8 @@ shard_stats! {
         Counter redirects,
         /// Cluster: sessions closed with BYE(moved) because this node lost the user's partition.
         Counter moved_closes,
+        /// Devices removed (DEVICE_REMOVE from another device of the user, or `device remove` on the stats socket): their sessions closed with BYE(device_removed).
+        Counter devices_removed,
         /// Logged-in connections moved here from the shard that accepted them.
         Counter handoffs_in,
         /// Logged-in connections moved from here to their user's home shard.

@@ -124,6 +124,11 @@ const COMMANDS: &[(&str, &str)] = &[
         "refuse U's logins (LOGIN_ERR banned) and kick it; kept in <data_dir>/bans",
     ),
     ("unban user U", "lift U's ban"),
+    (
+        "device remove U D",
+        "remove device D of user U: its session gets BYE(device_removed), U's other v2 devices \
+         DEVICE_REMOVED",
+    ),
     ("show bans", "the users banned, with the time left"),
     (
         "trace user U [for DURATION] [bodies]",

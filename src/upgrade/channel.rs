@@ -9,7 +9,10 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::wire::{Message, FDS_PER_MESSAGE_MAX, MESSAGE_BYTES_MAX};
+use super::state::{self, Carried};
+use super::wire::{
+    Message, CARRIED_KIND, CARRIED_PACKET_BYTES_MAX, FDS_PER_MESSAGE_MAX, MESSAGE_BYTES_MAX,
+};
 
 /// One end of the hand-over socket.
 #[derive(Debug)]
@@ -52,13 +55,60 @@ impl Channel {
 
     /// Sends `message` with `fds` attached (at most [`FDS_PER_MESSAGE_MAX`]).
     pub fn send(&self, message: Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(MESSAGE_BYTES_MAX);
+        message.encode(&mut bytes);
+        self.send_packet(&mut bytes, fds)
+    }
+
+    /// Sends one carried connection: its socket and its session state
+    /// (see [`state`]), one packet.
+    pub fn send_carried(&self, carried: &Carried, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut bytes = vec![CARRIED_KIND];
+        state::encode(std::slice::from_ref(carried), &mut bytes);
+        if bytes.len() > CARRIED_PACKET_BYTES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "carried state over the packet limit",
+            ));
+        }
+        self.send_packet(&mut bytes, &[fd])
+    }
+
+    /// Receives one connection sent by [`Channel::send_carried`];
+    /// `input_bytes_max` bounds its partial input (see [`state::decode`]).
+    pub fn recv_carried(
+        &self,
+        input_bytes_max: usize,
+        timeout: Duration,
+    ) -> io::Result<(Carried, OwnedFd)> {
+        let mut bytes = vec![0u8; CARRIED_PACKET_BYTES_MAX + 1];
+        let (got, fds) = self.recv_packet(&mut bytes, timeout)?;
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        if bytes[0] != CARRIED_KIND {
+            return Err(invalid(format!(
+                "expected a carried connection, got kind {}",
+                bytes[0]
+            )));
+        }
+        let mut batch =
+            state::decode(&bytes[1..got], input_bytes_max).map_err(|e| invalid(e.to_string()))?;
+        let mut fds = fds.into_iter();
+        match (batch.len(), fds.next(), fds.next()) {
+            (1, Some(fd), None) => Ok((batch.remove(0), fd)),
+            (n, ..) => Err(invalid(format!(
+                "a carried connection packet with {n} records and not one descriptor"
+            ))),
+        }
+    }
+
+    /// Sends one packet with `fds` attached (at most
+    /// [`FDS_PER_MESSAGE_MAX`]).
+    fn send_packet(&self, bytes: &mut [u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
         assert!(
             fds.len() <= FDS_PER_MESSAGE_MAX,
             "{} descriptors",
             fds.len()
         );
-        let mut bytes = Vec::with_capacity(MESSAGE_BYTES_MAX);
-        message.encode(&mut bytes);
         let mut iov = libc::iovec {
             iov_base: bytes.as_mut_ptr().cast(),
             iov_len: bytes.len(),
@@ -126,8 +176,32 @@ impl Channel {
     /// (it exited), `TimedOut` when nothing came, `InvalidData` for a packet
     /// that is no message or whose descriptors were cut.
     pub fn recv(&self, timeout: Duration) -> io::Result<(Message, Vec<OwnedFd>)> {
-        self.wait_readable(timeout)?;
         let mut bytes = [0u8; MESSAGE_BYTES_MAX + 1];
+        let (got, fds) = self.recv_packet(&mut bytes, timeout)?;
+        let message = Message::decode(&bytes[..got])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let want = match message {
+            Message::Fds { count } => usize::from(count),
+            _ => 0,
+        };
+        if fds.len() != want {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{message:?} came with {} descriptors", fds.len()),
+            ));
+        }
+        Ok((message, fds))
+    }
+
+    /// Waits up to `timeout` for one packet into `bytes` (one byte longer
+    /// than the longest packet expected, so a longer one shows as cut):
+    /// its length, never 0, and its descriptors.
+    fn recv_packet(
+        &self,
+        bytes: &mut [u8],
+        timeout: Duration,
+    ) -> io::Result<(usize, Vec<OwnedFd>)> {
+        self.wait_readable(timeout)?;
         let mut iov = libc::iovec {
             iov_base: bytes.as_mut_ptr().cast(),
             iov_len: bytes.len(),
@@ -184,19 +258,7 @@ impl Channel {
                 "hand-over packet or its descriptors cut",
             ));
         }
-        let message = Message::decode(&bytes[..got])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let want = match message {
-            Message::Fds { count } => usize::from(count),
-            _ => 0,
-        };
-        if fds.len() != want {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{message:?} came with {} descriptors", fds.len()),
-            ));
-        }
-        Ok((message, fds))
+        Ok((got, fds))
     }
 
     /// Receives `n` descriptors sent by [`Channel::send_fds`], waiting up to

@@ -1,8 +1,9 @@
 //! Live upgrade: a new binary takes over the listening sockets and the data
 //! directory without a refused connect or a lost message.
 //!
-//! What is handed over today (the first step of issue 14): the listening
-//! sockets and the data directory. The old process starts the successor
+//! What is handed over: the listening sockets, the data directory, and (poll
+//! backend) every logged-in plaintext connection with its session state
+//! ([`state`]). The old process starts the successor
 //! (`tern serve` with the same arguments, from the same path re-read from
 //! disk or another `--binary`) with one end of a hand-over socket
 //! ([`channel`]); then, in this order:
@@ -15,26 +16,29 @@
 //! 2. The old process sends every listening socket (one per shard, plain
 //!    and TLS). From now on a connect waits in the listen backlog at worst;
 //!    it is never refused, because the successor holds the sockets too.
-//! 3. The old process shuts down like a graceful stop, except that every
-//!    connection gets `BYE(upgrade)` (TLS ones with close_notify after it):
-//!    its last answers are committed and flushed, its logs closed, the data
+//! 3. The old process shuts down like a graceful stop, except that (poll)
+//!    its logged-in plaintext connections are frozen, and once the shards
+//!    agree nothing is in flight between them, sent with their state
+//!    (`Carried`, then one packet each); every other connection gets
+//!    `BYE(upgrade)` (TLS ones with close_notify after it). Its last
+//!    answers are committed and flushed, its logs closed, the data
 //!    directory's lock and the stats socket released. Then it says
 //!    `Released`.
 //! 4. The successor takes the lock, replays the logs (nothing acknowledged
 //!    is lost, no server id is reused), starts its shards on the inherited
-//!    listeners and says `Serving`; the old process exits 0. Clients
-//!    reconnect (the client library does at once) and find their queues.
+//!    listeners, installs the carried connections on their users' home
+//!    shards and says `Serving`; the old process exits 0. Clients that got
+//!    BYE reconnect (the client library does at once) and find their queues.
 //! 5. A successor that fails after `Released` (its store, its stats
 //!    socket, a crash) or stays silent past [`SERVING_WAIT`]: the old
 //!    process kills it if needed and starts serving again on its own copies
 //!    of the listeners (roll back), and logs why.
 //!
-//! Established connections are not carried across yet: they reconnect.
-//! Carrying them (with their session state, and io_uring direct
-//! descriptors installed as real ones in batches) is the next step; see
-//! docs/OPERATIONS.md.
+//! io_uring connections are not carried (they are direct descriptors);
+//! they reconnect. See docs/OPERATIONS.md.
 
 pub mod channel;
+pub mod state;
 pub mod wire;
 
 use std::ffi::OsString;
@@ -48,6 +52,7 @@ use std::time::Duration;
 
 use crate::io::Listeners;
 use channel::Channel;
+use state::Carried;
 use wire::{Message, FORMAT_VERSION};
 
 /// The environment variable naming the successor's end of the hand-over
@@ -256,6 +261,22 @@ impl Successor {
             .map_err(|e| format!("sending the listeners: {e}"))
     }
 
+    /// Sends the carried connections (between the shards' stop and
+    /// `Released`): their sockets and session states. An error means some
+    /// did not go; the caller rolls back (and those clients reconnect).
+    pub fn send_carried(&self, carried: &[(OwnedFd, Carried)]) -> Result<(), String> {
+        let count = carried.len() as u32;
+        self.channel
+            .send(Message::Carried { count }, &[])
+            .map_err(|e| format!("sending Carried: {e}"))?;
+        for (fd, state) in carried {
+            self.channel
+                .send_carried(state, fd.as_fd())
+                .map_err(|e| format!("sending a carried connection: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Says the data directory is free (step 3), then waits for `Serving`
     /// (step 4). An error means the successor failed: it has been killed
     /// (if it still ran) and reaped; the caller rolls back.
@@ -387,11 +408,25 @@ impl Taker {
         Ok((generation, listeners))
     }
 
-    /// Step 3: waits until the old process has released the data
-    /// directory.
-    pub fn released(&self) -> Result<(), String> {
+    /// Step 3: receives the carried connections (their partial input at
+    /// most `input_bytes_max`, this process's `frame_bytes_max`) and waits
+    /// until the old process has released the data directory.
+    pub fn released(&self, input_bytes_max: usize) -> Result<Vec<(OwnedFd, Carried)>, String> {
+        let count = match self.channel.recv(SERVING_WAIT) {
+            Ok((Message::Carried { count }, _)) => count,
+            Ok((other, _)) => return Err(format!("hand-over: expected Carried, got {other:?}")),
+            Err(e) => return Err(format!("hand-over: the old process did not stop: {e}")),
+        };
+        let mut carried = Vec::new();
+        for _ in 0..count {
+            let (state, fd) = self
+                .channel
+                .recv_carried(input_bytes_max, STEP_WAIT)
+                .map_err(|e| format!("hand-over: receiving a carried connection: {e}"))?;
+            carried.push((fd, state));
+        }
         match self.channel.recv(SERVING_WAIT) {
-            Ok((Message::Released, _)) => Ok(()),
+            Ok((Message::Released, _)) => Ok(carried),
             Ok((other, _)) => Err(format!("hand-over: expected Released, got {other:?}")),
             Err(e) => Err(format!("hand-over: the old process did not release: {e}")),
         }

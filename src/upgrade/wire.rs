@@ -10,7 +10,11 @@
 //! | 3    | `Fds`       | `count: u16`, with `count` descriptors (SCM_RIGHTS) | old → new |
 //! | 4    | `Released`  | (none)                                          | old → new |
 //! | 5    | `Serving`   | `pid: u32`                                      | new → old |
+//! | 6    | `Carried`   | `count: u32`: carried connections follow        | old → new |
+//! | 7    | (connection) | one [`super::state`] record, with its socket   | old → new |
 //!
+//! Format 2 added `Carried` and the connection packets (sent between the
+//! shards' stop and `Released`); format 1 had neither.
 //! `format` is [`FORMAT_VERSION`] of the sender; each side refuses a format
 //! it does not know, so binaries of different versions either agree or the
 //! old one keeps serving. Example, a `Hello` of format 1 from pid 4660:
@@ -20,11 +24,22 @@ use std::fmt;
 
 /// The hand-over format this build speaks. A new format gets a new number;
 /// a process refuses a peer whose number it does not know.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Descriptors at most in one `Fds` message: under the kernel's
 /// `SCM_MAX_FD` (253).
 pub const FDS_PER_MESSAGE_MAX: usize = 250;
+
+/// The kind byte of a carried connection's packet (its state and one
+/// descriptor), read by [`super::channel::Channel::recv_carried`], never
+/// by [`Message::decode`].
+pub const CARRIED_KIND: u8 = 7;
+
+/// Bytes of the largest carried connection's packet: a connection whose
+/// partial input and unsent output do not fit is closed instead (its
+/// client reconnects). Under the Unix socket's default send buffer
+/// (208 KiB), so one packet always goes.
+pub const CARRIED_PACKET_BYTES_MAX: usize = 160 * 1024;
 
 /// Bytes of the largest message (`Listeners`).
 pub const MESSAGE_BYTES_MAX: usize = 15;
@@ -63,6 +78,11 @@ pub enum Message {
     Serving {
         /// The successor's process id.
         pid: u32,
+    },
+    /// `count` carried connections follow, one packet each.
+    Carried {
+        /// How many.
+        count: u32,
     },
 }
 
@@ -109,6 +129,10 @@ impl Message {
                 out.push(5);
                 out.extend_from_slice(&pid.to_le_bytes());
             }
+            Message::Carried { count } => {
+                out.push(6);
+                out.extend_from_slice(&count.to_le_bytes());
+            }
         }
     }
 
@@ -146,6 +170,9 @@ impl Message {
             4 => Message::Released,
             5 => Message::Serving {
                 pid: u32_at(take(4)?),
+            },
+            6 => Message::Carried {
+                count: u32_at(take(4)?),
             },
             _ => return Err(Malformed("unknown kind")),
         };
@@ -185,6 +212,8 @@ mod tests {
             },
             Message::Released,
             Message::Serving { pid: u32::MAX },
+            Message::Carried { count: 0 },
+            Message::Carried { count: u32::MAX },
         ];
         for m in all {
             let b = bytes(m);
@@ -212,7 +241,10 @@ mod tests {
     #[test]
     fn bad_kinds_and_counts_are_refused() {
         assert_eq!(Message::decode(&[0]), Err(Malformed("unknown kind")));
-        assert_eq!(Message::decode(&[6]), Err(Malformed("unknown kind")));
+        assert_eq!(
+            Message::decode(&[CARRIED_KIND]),
+            Err(Malformed("unknown kind"))
+        );
         assert_eq!(
             Message::decode(&[3, 0, 0]),
             Err(Malformed("descriptor count out of range"))

@@ -655,6 +655,11 @@ impl Sim {
             7 => Frame::Bye {
                 reason: ByeReason::Shutdown,
             },
+            // Remove device 0, 1 or 2 of the user (a v2 session, else
+            // unknown_type), or one no token names.
+            _ if b % 4 == 3 => Frame::DeviceRemove {
+                device: u64::from(a % 4),
+            },
             _ => Frame::Ack {
                 client_id: 1,
                 server_id: 1,
@@ -813,6 +818,51 @@ mod tests {
             &mut out,
         );
         out
+    }
+
+    /// A device removes another of its user, a message waits for that
+    /// user, and the removed device logs in again: the oracle holds (the
+    /// BYE goes to a connection other than the one whose frame caused it).
+    #[test]
+    fn a_device_removes_another() {
+        let mut remove = Vec::new();
+        proto::encode(&Frame::DeviceRemove { device: 2 }, &mut remove);
+        let mut send = Vec::new();
+        proto::encode(
+            &Frame::Send {
+                client_id: 7,
+                to: 1,
+                body: b"hello",
+            },
+            &mut send,
+        );
+        for shards in 1..=SHARDS_MAX {
+            let mut input = SessionInput::new(shards, false);
+            input.open(0, 0).bytes(0, &login_device(1, 1)).iteration();
+            input.open(1, 0).bytes(1, &login_device(1, 2)).iteration();
+            input.open(2, 0).bytes(2, &login(2)).iteration();
+            input.bytes(2, &send).iteration().iteration();
+            input.bytes(0, &remove).iteration().iteration();
+            input.bytes(0, &remove).iteration();
+            input.close(1).iteration();
+            input.open(1, 0).bytes(1, &login_device(1, 2)).iteration();
+            input
+                .time(5)
+                .close(0)
+                .close(1)
+                .close(2)
+                .time(30)
+                .iteration();
+            let tally = session_tally(&input.into_bytes());
+            assert_eq!(
+                tally.get("LOGIN_OK"),
+                Some(&4),
+                "{shards} shards: {tally:?}"
+            );
+            assert_eq!(tally.get("DEVICE_REMOVED"), Some(&1), "{tally:?}");
+            assert_eq!(tally.get("BYE"), Some(&1), "{tally:?}");
+            assert_eq!(tally.get("ERROR"), Some(&1), "{tally:?}");
+        }
     }
 
     /// Two devices of one user send the same client_id one after the

@@ -130,6 +130,7 @@ impl Sim {
                         user,
                         device,
                         version,
+                        resumed: false,
                     },
                 );
                 if !leftover.is_empty() {
