@@ -100,6 +100,15 @@ pub struct Config {
     /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
     /// Required with `tls_listen`; re-read with `tls_cert`. Default empty.
     pub tls_key: PathBuf,
+    /// Optional WebSocket listener address (RFC 6455, plaintext), beside the
+    /// others: browsers connect here. A port of its own, so the plaintext
+    /// listener never peeks at first bytes to tell the two apart. Port 0
+    /// picks a free port. Default none: no WebSocket.
+    pub ws_listen: Option<SocketAddr>,
+    /// `Origin` values a WebSocket upgrade may carry (exact match, e.g.
+    /// `"https://chat.example.org"`); others get 403. Empty (the default)
+    /// allows any origin, and requests without one.
+    pub ws_origins: Vec<String>,
     /// Optional `ADDR` serving Prometheus metrics over HTTP at `/metrics`. Default none.
     pub metrics_listen: Option<SocketAddr>,
     /// Secret for HMAC-SHA256 login tokens. Default: a development secret (warned about).
@@ -437,6 +446,8 @@ impl Default for Config {
             tls_listen: None,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            ws_listen: None,
+            ws_origins: Vec::new(),
             token_secret: DEV_TOKEN_SECRET.to_string(),
             frame_bytes_max: 65536,
             body_bytes_max: 65000,
@@ -644,6 +655,12 @@ impl Config {
             }
             if self.tls_key.as_os_str().is_empty() {
                 return Err(bad("tls_key", "is required with tls_listen"));
+            }
+        }
+        if let Some(ws) = self.ws_listen {
+            // As for TLS: one port, one protocol.
+            if ws.port() != 0 && (ws == self.listen || Some(ws) == self.tls_listen) {
+                return Err(bad("ws_listen", "must differ from listen and tls_listen"));
             }
         }
         if self.body_bytes_max > crate::store::BODY_BYTES_MAX {
@@ -930,6 +947,18 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.key, "body_bytes_max");
+    }
+
+    #[test]
+    fn ws_listen_needs_a_port_of_its_own() {
+        let e = Config::from_toml("listen = \"127.0.0.1:5222\"\nws_listen = \"127.0.0.1:5222\"")
+            .unwrap_err();
+        assert_eq!(e.key, "ws_listen");
+        let c = Config::from_toml(
+            "ws_listen = \"127.0.0.1:5280\"\nws_origins = [\"https://chat.example\"]",
+        )
+        .unwrap();
+        assert_eq!(c.ws_origins, ["https://chat.example"]);
     }
 
     #[test]

@@ -45,3 +45,4 @@ pub mod timer;
 pub mod tls;
 pub mod token;
 pub mod upgrade;
+pub mod ws;

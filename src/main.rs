@@ -134,6 +134,9 @@ struct Overrides {
     /// TLS listener address (needs --tls-cert and --tls-key).
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
+    /// WebSocket listener address (plaintext, for browsers).
+    #[arg(long)]
+    ws_listen: Option<SocketAddr>,
     /// PEM certificate chain for the TLS listener.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -337,6 +340,9 @@ impl Overrides {
         }
         if self.tls_listen.is_some() {
             c.tls_listen = self.tls_listen;
+        }
+        if self.ws_listen.is_some() {
+            c.ws_listen = self.ws_listen;
         }
         if self.push_url.is_some() {
             c.push_url = self.push_url;

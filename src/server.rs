@@ -57,6 +57,7 @@ type Start = (Links<Msg>, Vec<PeerInfo>, Option<ShardLink>);
 pub struct Server {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
     tls: Option<Arc<TlsContext>>,
     stats_socket: PathBuf,
     stop: Arc<AtomicBool>,
@@ -109,6 +110,9 @@ impl Server {
         let shards = config.shard_count();
 
         let retry = Duration::from_millis(config.listen_retry_ms);
+        // A successor (live upgrade) shares the WebSocket port with its
+        // predecessor, which still listens on it.
+        let upgrading = handover.listeners.is_some();
         let mut inherited = handover.listeners.unwrap_or_default().into_iter();
         if inherited.len() > shards {
             log::warn!(
@@ -171,10 +175,35 @@ impl Server {
                 );
             }
         }
+        // WebSocket: bound like TLS, once per shard. A live upgrade does not
+        // hand these over; the successor binds its own beside its
+        // predecessor's (SO_REUSEPORT), without the claim, which would
+        // find the port in use by a live process.
+        let mut ws_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
+        let mut ws_addr = None;
+        if let Some(want) = config.ws_listen {
+            let claimed = match upgrading {
+                true => Ok(want),
+                false => claim(want, retry, "ws_listen"),
+            };
+            let first = claimed
+                .and_then(|addr| listen(addr, config.listen_backlog))
+                .map_err(|e| format!("cannot listen on {want} (ws_listen): {e}"))?;
+            let bound = first.local_addr()?;
+            ws_addr = Some(bound);
+            ws_listeners[0] = Some(first);
+            for slot in ws_listeners.iter_mut().skip(1) {
+                *slot = Some(
+                    listen(bound, config.listen_backlog)
+                        .map_err(|e| format!("cannot listen on {bound} (ws_listen): {e}"))?,
+                );
+            }
+        }
         let listeners: Vec<Listeners> = plain
             .into_iter()
             .zip(tls_listeners)
-            .map(|(plain, tls)| Listeners { plain, tls })
+            .zip(ws_listeners)
+            .map(|((plain, tls), ws)| Listeners { plain, tls, ws })
             .collect();
         // Copies for a successor; taken before the shards own the sockets.
         let kept = listeners
@@ -388,6 +417,7 @@ impl Server {
         Ok(Server {
             addr,
             tls_addr,
+            ws_addr,
             tls,
             stats_socket: config.stats_socket.clone(),
             stop,
@@ -413,6 +443,11 @@ impl Server {
     /// The TLS listener's address, when `tls_listen` is set.
     pub fn tls_addr(&self) -> Option<SocketAddr> {
         self.tls_addr
+    }
+
+    /// The WebSocket listener's address, when `ws_listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
     }
 
     /// Re-reads the TLS certificate and key (SIGHUP, `reload tls`). New

@@ -5,8 +5,8 @@
 //!
 //! - [`Io::wait`] blocks until something happened (or the timeout passed).
 //! - [`Io::next`] hands out one [`Completion`] at a time: a connection was
-//!   accepted (saying from which [`Listener`]: plaintext or TLS; a shard
-//!   may have both), bytes arrived (copied into the caller's scratch buffer), a
+//!   accepted (saying from which [`Listener`]: plaintext, TLS or WebSocket;
+//!   a shard may have all three), bytes arrived (copied into the caller's scratch buffer), a
 //!   connection can take more output, a connection was closed by the peer, or
 //!   another shard woke us. It never calls back into the shard: the shard
 //!   drains completions in its own loop (no re-entrancy, bounded stack).
@@ -59,17 +59,21 @@ pub enum Listener {
     Plain,
     /// The TLS listener (`tls_listen`): the shard runs a TLS handshake first.
     Tls,
+    /// The WebSocket listener (`ws_listen`): the shard reads an HTTP
+    /// upgrade first.
+    Ws,
 }
 
 impl Listener {
-    /// Both kinds, in index order (`Plain` = 0, `Tls` = 1).
-    pub const ALL: [Listener; 2] = [Listener::Plain, Listener::Tls];
+    /// Every kind, in index order (`Plain` = 0, `Tls` = 1, `Ws` = 2).
+    pub const ALL: [Listener; 3] = [Listener::Plain, Listener::Tls, Listener::Ws];
 
-    /// The listener's index in per-listener arrays, `0..2`.
+    /// The listener's index in per-listener arrays, `0..3`.
     pub fn index(self) -> usize {
         match self {
             Listener::Plain => 0,
             Listener::Tls => 1,
+            Listener::Ws => 2,
         }
     }
 }
@@ -81,6 +85,8 @@ pub struct Listeners {
     pub plain: TcpListener,
     /// The TLS listener, when `tls_listen` is configured.
     pub tls: Option<TcpListener>,
+    /// The WebSocket listener, when `ws_listen` is configured.
+    pub ws: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -89,6 +95,7 @@ impl Listeners {
         Listeners {
             plain: listener,
             tls: None,
+            ws: None,
         }
     }
 
@@ -97,12 +104,13 @@ impl Listeners {
         Ok(Listeners {
             plain: self.plain.try_clone()?,
             tls: self.tls.as_ref().map(TcpListener::try_clone).transpose()?,
+            ws: self.ws.as_ref().map(TcpListener::try_clone).transpose()?,
         })
     }
 
     /// As an array indexed by [`Listener::index`].
-    pub fn into_array(self) -> [Option<TcpListener>; 2] {
-        [Some(self.plain), self.tls]
+    pub fn into_array(self) -> [Option<TcpListener>; 3] {
+        [Some(self.plain), self.tls, self.ws]
     }
 }
 

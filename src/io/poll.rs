@@ -38,8 +38,9 @@ pub const BACKEND_NAME: &str = "poll (kqueue)";
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const TLS_LISTENER: Token = Token(usize::MAX - 3);
+const WS_LISTENER: Token = Token(usize::MAX - 4);
 /// The token of each listener, by [`Listener::index`].
-const LISTENER_TOKENS: [Token; 2] = [LISTENER, TLS_LISTENER];
+const LISTENER_TOKENS: [Token; 3] = [LISTENER, TLS_LISTENER, WS_LISTENER];
 /// Connections accepted per loop iteration at most, so a connection storm
 /// cannot starve established connections.
 const ACCEPT_BATCH_MAX: usize = 256;
@@ -118,9 +119,9 @@ pub struct Io {
     waker: WakeHandle,
     /// The listeners by [`Listener::index`]; `None` when not configured or
     /// after `stop_accepting`.
-    listeners: [Option<TcpListener>; 2],
+    listeners: [Option<TcpListener>; 3],
     /// The listener has connections waiting, by [`Listener::index`].
-    accept_ready: [bool; 2],
+    accept_ready: [bool; 3],
     /// Accepting failed for lack of resources; retry after a pause.
     accept_backoff: bool,
     conns: Slab<Conn>,
@@ -138,7 +139,7 @@ impl Io {
     pub fn new(listeners: Listeners) -> io::Result<Io> {
         let poll = Poll::new()?;
         let waker = WakeHandle(Arc::new(Waker::new(poll.registry(), WAKER)?));
-        let mut registered: [Option<TcpListener>; 2] = [None, None];
+        let mut registered: [Option<TcpListener>; 3] = [None, None, None];
         for (i, listener) in listeners.into_array().into_iter().enumerate() {
             let Some(listener) = listener else { continue };
             listener.set_nonblocking(true)?;
@@ -151,7 +152,7 @@ impl Io {
             poll,
             events: Events::with_capacity(EVENTS_MAX),
             waker,
-            accept_ready: [registered[0].is_some(), registered[1].is_some()],
+            accept_ready: registered.each_ref().map(Option::is_some),
             listeners: registered,
             accept_backoff: false,
             conns: Slab::new(),
@@ -187,12 +188,13 @@ impl Io {
         }
         if self.accept_backoff {
             self.accept_backoff = false;
-            self.accept_ready = [true; 2];
+            self.accept_ready = [true; 3];
         }
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => self.accept_ready[0] = true,
                 TLS_LISTENER => self.accept_ready[1] = true,
+                WS_LISTENER => self.accept_ready[2] = true,
                 WAKER => self.pending.push_back(Completion::Woken),
                 Token(key) => {
                     let Some(conn) = self.conns.get_mut(key) else {
@@ -222,7 +224,7 @@ impl Io {
     fn has_work(&self) -> bool {
         !self.pending.is_empty()
             || !self.ready.is_empty()
-            || (0..2).any(|i| self.accept_ready[i] && self.listeners[i].is_some())
+            || (0..3).any(|i| self.accept_ready[i] && self.listeners[i].is_some())
     }
 
     /// Hands out the next completion, reading into `scratch` for
@@ -319,7 +321,7 @@ impl Io {
                     // EMFILE/ENFILE/ENOBUFS/ENOMEM: out of a resource. The
                     // connection stays in the backlog; pause and retry.
                     log::warn!("accept: {e}; pausing accepts for {ACCEPT_RETRY:?}");
-                    self.accept_ready = [false; 2];
+                    self.accept_ready = [false; 3];
                     self.accept_backoff = true;
                     return None;
                 }
@@ -448,7 +450,7 @@ impl Io {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
         }
-        self.accept_ready = [false; 2];
+        self.accept_ready = [false; 3];
     }
 
     /// Open connections held by this backend.

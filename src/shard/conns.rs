@@ -1,7 +1,8 @@
 //! Connection bookkeeping: the shard's half of every connection (buffers,
 //! TLS), accepting, decoding frames from the bytes the backend handed out,
-//! writing and flushing output, back-pressure and lingering close. The
-//! protocol half of a connection lives in [`crate::session`].
+//! writing and flushing output, back-pressure and lingering close,
+//! WebSocket framing. The protocol half of a connection lives in
+//! [`crate::session`].
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use crate::proto::{self, ByeReason, ErrorCode, Frame};
 use crate::session::{self, Event, Flow, State};
 use crate::tls::TlsConn;
 use crate::upgrade::{self, state::Carried};
+use crate::ws::{self, WsRx};
 
 use super::{Msg, Shard};
 
@@ -25,6 +27,24 @@ struct Bufs {
     plain: Vec<u8>,
     /// Bytes of `out` already sent.
     out_sent: usize,
+    /// WebSocket connections: a partial frame or fragmented message.
+    /// Idle (no allocation) otherwise.
+    ws: WsRx,
+}
+
+/// A connection's WebSocket stage; one byte per connection, kept beside
+/// the slots (the slot has no spare byte).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum WsMode {
+    /// Not a WebSocket connection.
+    #[default]
+    No,
+    /// From the WebSocket listener, reading the HTTP upgrade (in `inp`).
+    Handshake,
+    /// Upgraded: output is wrapped in binary messages.
+    Open,
+    /// A close frame or an HTTP refusal was sent: nothing more may be.
+    Closed,
 }
 
 /// The shard's per-connection slot. Kept small: an idle connection is this
@@ -57,6 +77,9 @@ impl Slot {
 #[derive(Default)]
 pub(super) struct Conns {
     slots: Vec<Slot>,
+    /// Each connection's WebSocket stage, by slot index (grown with
+    /// `slots`).
+    ws: Vec<WsMode>,
     /// Connections with output to flush this iteration (may repeat; the
     /// flush sorts them and drops repeats).
     dirty: Vec<ConnId>,
@@ -92,6 +115,26 @@ impl Conns {
             .is_some_and(|s| s.tls.is_some())
     }
 
+    /// Whether `conn` came through the WebSocket listener.
+    pub(super) fn is_ws(&self, conn: ConnId) -> bool {
+        self.ws_mode(conn) != WsMode::No
+    }
+
+    fn ws_mode(&self, conn: ConnId) -> WsMode {
+        self.ws.get(conn.index()).copied().unwrap_or_default()
+    }
+
+    fn set_ws(&mut self, conn: ConnId, mode: WsMode) {
+        if let Some(m) = self.ws.get_mut(conn.index()) {
+            *m = mode;
+        }
+    }
+
+    /// Puts a handed-over connection's partial WebSocket input back.
+    pub(super) fn set_rx(&mut self, conn: ConnId, rx: WsRx) {
+        self.bufs(conn).ws = rx;
+    }
+
     fn mark_dirty(&mut self, conn: ConnId) {
         if self.dirty.last() != Some(&conn) {
             self.dirty.push(conn);
@@ -108,6 +151,7 @@ impl Conns {
     /// Forgets every connection (after a crash).
     pub(super) fn clear(&mut self) {
         self.slots.clear();
+        self.ws.clear();
         self.dirty.clear();
         self.blocked.clear();
         self.spare.clear();
@@ -129,6 +173,7 @@ impl Conns {
         let bytes = b.inp.capacity() + b.out.capacity() + b.plain.capacity();
         if self.spare.len() < SPARE_BUFS_MAX && bytes <= SPARE_BUF_BYTES_MAX {
             debug_assert!(b.inp.is_empty() && b.out.is_empty() && b.plain.is_empty());
+            debug_assert!(b.ws.is_idle());
             b.out_sent = 0;
             self.spare.push(b);
         }
@@ -203,7 +248,7 @@ impl Shard {
             return;
         }
         let tls = match which {
-            Listener::Plain => None,
+            Listener::Plain | Listener::Ws => None,
             Listener::Tls => match self.tls.as_ref().map(|t| t.accept()) {
                 Some(Ok(tls)) => Some(Box::new(tls)),
                 other => {
@@ -222,7 +267,11 @@ impl Shard {
         if let Some(old) = self.admission.evict(self.now.unix_ms) {
             self.evict(old);
         }
-        self.open_conn(conn, tls);
+        let ws = match which {
+            Listener::Ws => WsMode::Handshake,
+            _ => WsMode::No,
+        };
+        self.open_conn(conn, tls, ws);
         self.admission.pending(conn, ip);
         self.stats.pending.set(self.admission.len() as u64);
     }
@@ -239,8 +288,9 @@ impl Shard {
         self.refuse_frame(conn, which, &frame);
     }
 
-    /// Closes `conn` at accept, after `frame` on plaintext (TLS
-    /// connections are closed without one: there is no session to carry it).
+    /// Closes `conn` at accept, after `frame` on plaintext (TLS and
+    /// WebSocket connections are closed without one: there is no session
+    /// to carry it).
     fn refuse_frame(&mut self, conn: ConnId, which: Listener, frame: &Frame<'_>) {
         if which == Listener::Plain {
             self.frame_buf.clear();
@@ -280,9 +330,11 @@ impl Shard {
 
     /// Takes `conn` (accepted or attached) into a fresh slot, waiting for
     /// its LOGIN.
-    pub(super) fn open_conn(&mut self, conn: ConnId, tls: Option<Box<TlsConn>>) {
+    pub(super) fn open_conn(&mut self, conn: ConnId, tls: Option<Box<TlsConn>>, ws: WsMode) {
         session::grow_slots(&mut self.conns.slots, conn.index());
+        session::grow_slots(&mut self.conns.ws, conn.index());
         self.conns.slots[conn.index()] = Slot { bufs: None, tls };
+        self.conns.ws[conn.index()] = ws;
         self.event(Event::Opened(conn));
     }
 
@@ -294,9 +346,114 @@ impl Shard {
             .get_mut(conn.index())
             .and_then(|s| s.tls.take());
         match tls {
+            None if self.conns.is_ws(conn) => self.on_ws_bytes(conn, data),
             None => self.on_bytes(conn, data),
             Some(tls) => self.on_tls_bytes(conn, tls, data),
         }
+    }
+
+    /// Bytes arrived on a WebSocket connection: the HTTP upgrade first,
+    /// then frames, whose payload goes to [`Shard::on_bytes`].
+    fn on_ws_bytes(&mut self, conn: ConnId, data: &[u8]) {
+        let state = self.sessions.state(conn);
+        if state == State::Free || state.is_closing() {
+            return; // read and drop what a closing peer still sends
+        }
+        match self.conns.ws_mode(conn) {
+            WsMode::Handshake => self.ws_upgrade(conn, data),
+            WsMode::Open => self.ws_frames(conn, data),
+            WsMode::Closed | WsMode::No => {}
+        }
+    }
+
+    /// Reads the HTTP upgrade request (at most
+    /// [`ws::HANDSHAKE_BYTES_MAX`]; its time is bounded by the login
+    /// timeout, which runs from accept), then answers it.
+    fn ws_upgrade(&mut self, conn: ConnId, data: &[u8]) {
+        let bufs = self.conns.bufs(conn);
+        bufs.inp.extend_from_slice(data);
+        match ws::handshake(&bufs.inp, &self.config.ws_origins) {
+            ws::Handshake::Incomplete => {}
+            ws::Handshake::Refuse { status, response } => {
+                bufs.inp = Vec::new();
+                self.stats.protocol_errors.inc();
+                log::debug!(
+                    "shard {}: WebSocket upgrade on connection {} refused: {status}",
+                    self.id,
+                    conn.0
+                );
+                self.write_records(conn, &response);
+                self.conns.set_ws(conn, WsMode::Closed);
+                self.event(Event::Failed(conn));
+            }
+            ws::Handshake::Accept { response, used } => {
+                let rest = bufs.inp.split_off(used);
+                bufs.inp = Vec::new();
+                self.write_records(conn, &response);
+                self.conns.set_ws(conn, WsMode::Open);
+                if !rest.is_empty() {
+                    self.ws_frames(conn, &rest);
+                }
+            }
+        }
+    }
+
+    /// WebSocket frames arrived: control frames are answered, binary
+    /// payload goes to [`Shard::on_bytes`]. The receive state is back in
+    /// the connection's buffers before any frame is handled (a LOGIN may
+    /// hand the connection to another shard).
+    fn ws_frames(&mut self, conn: ConnId, data: &[u8]) {
+        let mut rx = self.conns.slots[conn.index()]
+            .bufs
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.ws))
+            .unwrap_or_default();
+        let mut plain = std::mem::take(&mut self.tls_plain);
+        plain.clear();
+        let mut control = Vec::new();
+        // One message holds at most one largest frame with its prefix.
+        let message_bytes_max = self.config.frame_bytes_max + proto::LEN_PREFIX_BYTES_MAX;
+        let result = rx.read(data, message_bytes_max, &mut plain, &mut control);
+        if !rx.is_idle() {
+            self.conns.bufs(conn).ws = rx;
+        } else if self.conns.slots[conn.index()]
+            .bufs
+            .as_ref()
+            .is_some_and(|b| b.inp.is_empty() && b.out.is_empty() && b.plain.is_empty())
+        {
+            // The partial frame that kept the buffers is complete.
+            self.conns.recycle(conn);
+        }
+        if !control.is_empty() {
+            self.write_records(conn, &control);
+        }
+        match result {
+            Err(code) => {
+                self.stats.protocol_errors.inc();
+                log::debug!(
+                    "shard {}: WebSocket connection {} closed with {code}",
+                    self.id,
+                    conn.0
+                );
+                self.conns.set_ws(conn, WsMode::Closed);
+                self.event(Event::Failed(conn));
+            }
+            Ok(outcome) => {
+                let gen = self.sessions.gen(conn);
+                if !plain.is_empty() {
+                    self.on_bytes(conn, &plain);
+                }
+                if outcome.peer_closed
+                    && self.sessions.gen(conn) == gen
+                    && self.sessions.state(conn) != State::Free
+                {
+                    // The answering close is in `out`; nothing may follow it.
+                    self.conns.set_ws(conn, WsMode::Closed);
+                    self.event(Event::Failed(conn));
+                }
+            }
+        }
+        self.tls_plain = plain;
     }
 
     /// Ciphertext arrived on a TLS connection: handshake records are
@@ -454,18 +611,22 @@ impl Shard {
     ) {
         let leftover = leftover.to_vec();
         let mut slot = std::mem::take(&mut self.conns.slots[conn.index()]);
-        // TLS records (session tickets) may wait to be sent; frames may not.
+        let ws_mode = std::mem::take(&mut self.conns.ws[conn.index()]);
+        // TLS records (session tickets) or WebSocket ones (the upgrade
+        // answer, a pong) may wait to be sent; frames may not.
         debug_assert!(
             slot.bufs.as_ref().is_none_or(|b| b.plain.is_empty()),
             "nothing is written before LOGIN_OK"
         );
-        debug_assert!(slot.tls.is_some() || slot.out_pending() == 0);
-        let out = slot
+        debug_assert!(slot.tls.is_some() || ws_mode != WsMode::No || slot.out_pending() == 0);
+        let (out, rx) = slot
             .bufs
             .take()
-            .map(|b| b.out[b.out_sent..].to_vec())
+            .map(|mut b| (b.out[b.out_sent..].to_vec(), std::mem::take(&mut b.ws)))
             .unwrap_or_default();
         let tls = slot.tls.take();
+        let ws = ws_mode != WsMode::No;
+        let ws_rx = (!rx.is_idle()).then(|| Box::new(rx));
         match self.io.detach(conn, home) {
             Ok(detached) => self.outboxes.push(
                 home,
@@ -476,6 +637,8 @@ impl Shard {
                     version,
                     leftover,
                     tls,
+                    ws,
+                    ws_rx,
                     out,
                 },
             ),
@@ -488,12 +651,14 @@ impl Shard {
     /// An upgrade's shutdown on a backend that carries connections: every
     /// logged-in plaintext connection is frozen (no more input is read, its
     /// output still flushes) to go to the successor; every other one gets
-    /// BYE(upgrade) (TLS ones with close_notify).
+    /// BYE(upgrade) (TLS ones with close_notify, WebSocket ones with a
+    /// close frame: the hand-over format has no place for their state).
     pub(super) fn freeze_carried(&mut self) {
         self.carrying_on = true;
         for i in 0..self.sessions.slots() {
             let conn = ConnId(i as u32);
-            let plaintext = self.conns.slots.get(i).is_some_and(|s| s.tls.is_none());
+            let plaintext =
+                self.conns.slots.get(i).is_some_and(|s| s.tls.is_none()) && !self.conns.is_ws(conn);
             if self.sessions.state(conn) == State::Active && plaintext {
                 self.io.set_recv(conn, false);
                 self.carrying.push(conn);
@@ -576,7 +741,7 @@ impl Shard {
                 }
             };
             self.stats.handoffs_in.inc();
-            self.open_conn(id, None);
+            self.open_conn(id, None, WsMode::No);
             if !c.output.is_empty() {
                 self.write_bytes(id, &c.output);
             }
@@ -606,9 +771,9 @@ impl Shard {
         if !self.traced.is_empty() {
             self.trace_out(conn, bytes);
         }
-        let tls = self.conns.slots[conn.index()].tls.is_some();
+        let wrapped = self.conns.slots[conn.index()].tls.is_some() || self.conns.is_ws(conn);
         let bufs = self.conns.bufs(conn);
-        if tls {
+        if wrapped {
             bufs.plain.extend_from_slice(bytes);
         } else {
             bufs.out.extend_from_slice(bytes);
@@ -616,7 +781,8 @@ impl Shard {
         self.conns.mark_dirty(conn);
     }
 
-    /// Queues TLS records (handshake, tickets, alerts) as they are.
+    /// Queues TLS records (handshake, tickets, alerts) or WebSocket
+    /// control frames and HTTP answers as they are.
     pub(super) fn write_records(&mut self, conn: ConnId, records: &[u8]) {
         let state = self.sessions.state(conn);
         if state == State::Free || state == State::Shut {
@@ -643,6 +809,7 @@ impl Shard {
         if let Some(s) = self.conns.slots.get_mut(conn.index()) {
             *s = Slot::default();
         }
+        self.conns.set_ws(conn, WsMode::No);
         self.io.close(conn);
     }
 
@@ -665,9 +832,11 @@ impl Shard {
         if state == State::Free {
             return;
         }
-        let Some(s) = self.conns.slots.get_mut(conn.index()) else {
+        let Conns { slots, ws, .. } = &mut self.conns;
+        let Some(s) = slots.get_mut(conn.index()) else {
             return;
         };
+        let ws_mode = ws.get_mut(conn.index());
         let Some(bufs) = s.bufs.as_mut() else {
             if state == State::Closing {
                 self.io.shutdown_write(conn);
@@ -686,8 +855,12 @@ impl Shard {
                         return;
                     }
                 }
+                None if ws_mode.as_deref() == Some(&WsMode::Open) => {
+                    ws::put_binary(&bufs.plain, &mut bufs.out);
+                }
                 // Frames for a TLS connection whose handshake did not finish
-                // (a BYE at shutdown): nothing can carry them.
+                // (a BYE at shutdown), or a WebSocket one not upgraded or
+                // already closed: nothing can carry them.
                 _ => {}
             }
             bufs.plain.clear();
@@ -696,6 +869,11 @@ impl Shard {
             // Last frames are encrypted above; the TLS stream ends before the FIN.
             if let Some(tls) = s.tls.as_mut() {
                 tls.close_notify(&mut bufs.out);
+            }
+            // Likewise a WebSocket's close frame.
+            if let Some(mode @ WsMode::Open) = ws_mode {
+                ws::put_close(ws::close::NORMAL, &mut bufs.out);
+                *mode = WsMode::Closed;
             }
         }
         if bufs.out_sent < bufs.out.len() {
@@ -716,7 +894,7 @@ impl Shard {
         if pending == 0 {
             bufs.out.clear();
             bufs.out_sent = 0;
-            idle = bufs.inp.is_empty();
+            idle = bufs.inp.is_empty() && bufs.ws.is_idle();
             if state == State::Closing {
                 shut = true;
                 self.io.shutdown_write(conn);

@@ -852,6 +852,8 @@ impl Shard {
             version,
             leftover,
             tls,
+            ws,
+            ws_rx,
             out,
         } = msg
         else {
@@ -861,7 +863,14 @@ impl Shard {
         match self.io.attach(conn) {
             Ok(id) => {
                 self.stats.handoffs_in.inc();
-                self.open_conn(id, tls);
+                let ws_mode = match ws {
+                    true => conns::WsMode::Open,
+                    false => conns::WsMode::No,
+                };
+                self.open_conn(id, tls, ws_mode);
+                if let Some(rx) = ws_rx {
+                    self.conns.set_rx(id, *rx);
+                }
                 if !out.is_empty() {
                     self.write_records(id, &out);
                 }

@@ -53,6 +53,11 @@ pub enum Msg {
         leftover: Vec<u8>,
         /// TLS connections: their TLS state.
         tls: Option<Box<TlsConn>>,
+        /// The connection is an upgraded WebSocket one.
+        ws: bool,
+        /// WebSocket connections with a partial frame: their receive
+        /// state (`None` when idle, the usual case: no allocation).
+        ws_rx: Option<Box<crate::ws::WsRx>>,
         /// TLS connections: records not yet sent (e.g. session tickets
         /// that rode with the LOGIN's handshake flight).
         out: Vec<u8>,

@@ -401,6 +401,8 @@ impl Taker {
             .map(|fd| Listeners {
                 plain: TcpListener::from(fd),
                 tls: tls_fds.next().map(TcpListener::from),
+                // Not handed over: the successor binds its own.
+                ws: None,
             })
             .collect();
         Ok((generation, listeners))

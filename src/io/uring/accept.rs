@@ -86,6 +86,8 @@ impl Io {
             let mut flags = flag::FROM_ACCEPT;
             if i == Listener::Tls.index() {
                 flags |= flag::FROM_TLS;
+            } else if i == Listener::Ws.index() {
+                flags |= flag::FROM_WS;
             }
             let key = self.new_conn(0, slot, flags, State::Live);
             self.make_home(key);

@@ -238,6 +238,8 @@ mod flag {
     pub const SHUTDOWN_INFLIGHT: u32 = 1 << 16;
     /// Closed while a SHUTDOWN was in flight: cancel and CLOSE once it is done.
     pub const CLOSE_AFTER_SHUTDOWN: u32 = 1 << 17;
+    /// Accepted from the WebSocket listener (kept for the connection's life).
+    pub const FROM_WS: u32 = 1 << 18;
 }
 
 /// One connection. Kept small: an idle connection costs this plus its slab
@@ -274,6 +276,16 @@ impl Conn {
     }
     fn clear(&mut self, f: u32) {
         self.flags &= !f;
+    }
+    /// The listener the connection was accepted from.
+    fn listener(&self) -> Listener {
+        if self.has(flag::FROM_TLS) {
+            Listener::Tls
+        } else if self.has(flag::FROM_WS) {
+            Listener::Ws
+        } else {
+            Listener::Plain
+        }
     }
 }
 
@@ -314,9 +326,9 @@ pub struct Io {
     accept_margin_slots: u32,
     /// The listeners by [`Listener::index`]; `None` when not configured or
     /// after `stop_accepting`.
-    listeners: [Option<TcpListener>; 2],
+    listeners: [Option<TcpListener>; 3],
     /// Each listener's multishot accept, by [`Listener::index`].
-    accept: [Accept; 2],
+    accept: [Accept; 3],
     wake: WakeHandle,
     /// The eventfd READ lands here (kept at a stable address while in flight).
     wake_buf: Box<u64>,
@@ -344,7 +356,7 @@ pub struct Io {
     peer_query: bool,
     /// Bytes of the listener's socket address, by [`Listener::index`]: what
     /// getsockopt(SO_PEERNAME) is asked for.
-    peer_lens: [u32; 2],
+    peer_lens: [u32; 3],
     /// Source addresses of accepted connections, until [`Io::peer_ip`]
     /// takes them (right after Accepted).
     peer_ips: HashMap<u32, std::net::IpAddr>,
@@ -499,11 +511,7 @@ impl Io {
                 Event::Woken => return Some(Completion::Woken),
                 Event::Accepted(key, gen) => {
                     if let Some(c) = self.visible_conn(key, gen) {
-                        let which = if c.has(flag::FROM_TLS) {
-                            Listener::Tls
-                        } else {
-                            Listener::Plain
-                        };
+                        let which = c.listener();
                         return Some(Completion::Accepted(ConnId(key), which));
                     }
                 }

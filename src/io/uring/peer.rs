@@ -25,7 +25,7 @@ const SOCKADDR_IN6_BYTES: u32 = 28;
 /// The socket address size of each listener's family, by
 /// [`Listener::index`]: SO_PEERNAME refuses a buffer longer than the
 /// address, so the query asks for exactly this.
-pub(super) fn lens(listeners: &[Option<TcpListener>; 2]) -> [u32; 2] {
+pub(super) fn lens(listeners: &[Option<TcpListener>; 3]) -> [u32; 3] {
     listeners
         .each_ref()
         .map(|l| match l.as_ref().and_then(|l| l.local_addr().ok()) {
@@ -69,11 +69,7 @@ impl Io {
     /// Asks for the source address of `key`, accepted and in its final ring.
     pub(super) fn submit_peer(&mut self, key: u32) {
         let c = &mut self.conns[key as usize];
-        let which = if c.has(flag::FROM_TLS) {
-            Listener::Tls
-        } else {
-            Listener::Plain
-        };
+        let which = c.listener();
         let len = self.peer_lens[which.index()];
         // The connection is not visible yet, so its send buffer is free to
         // hold the answer until the final completion (zombies keep it too).

@@ -105,6 +105,7 @@ fn two_listeners_tag_their_accepts() {
         let listeners = Listeners {
             plain,
             tls: Some(tls),
+            ws: None,
         };
         let mut io = match Io::new(listeners, &options(200, ring_slots_max)) {
             Ok(io) => io,
