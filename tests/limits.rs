@@ -25,9 +25,9 @@ fn malformed_cases() -> Vec<Case> {
     let big_body = vec![b'b'; 65_001];
     vec![
         Case {
-            name: "unknown type 0x10",
+            name: "unknown type 0x13",
             login: true,
-            bytes: vec![0x01, 0x10],
+            bytes: vec![0x01, 0x13],
             code: ErrorCode::UnknownType,
         },
         Case {
