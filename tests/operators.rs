@@ -330,4 +330,23 @@ fn a_ban_kicks_every_device_of_the_user() {
         Err(ClientError::LoginRejected { code, .. }) => assert_eq!(code, ErrorCode::Banned),
         other => panic!("a banned user's device logged in: {:?}", other.map(|c| c.1)),
     }
+    // Both kicks and the refused login are counted (docs/OPERATIONS.md).
+    let metrics = server.query("show metrics");
+    assert_eq!(
+        metric_sum(&metrics, "tern_kicks_total{", ""),
+        2.0,
+        "{metrics}"
+    );
+    let banned = "tern_login_failures_total{";
+    assert_eq!(metric_sum(&metrics, banned, "reason=\"banned\""), 1.0);
+}
+
+/// The sum over shards of the samples of `family` (up to its `{`) whose
+/// labels contain `label` ("" for all).
+fn metric_sum(metrics: &str, family: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -778,6 +778,7 @@ impl Sessions {
         };
         if env.banned(user, now.unix_ms) {
             self.stats.logins_failed.inc();
+            self.stats.login_failures_banned.inc();
             let text = format!("user {user} is banned by the operator");
             self.login_err(now, conn, ErrorCode::Banned, &text);
             return Flow::Stop;
@@ -874,6 +875,7 @@ impl Sessions {
             self.close_after_flush(now, old);
         } else if online >= self.config.devices_per_user_max {
             self.stats.logins_failed.inc();
+            self.stats.login_failures_too_many_devices.inc();
             let text = format!(
                 "user {user} has {online} devices online, the most this server allows \
                  (devices_per_user_max)"

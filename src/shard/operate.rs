@@ -207,6 +207,7 @@ impl Shard {
     fn kick(&mut self, user: u64, reason: ByeReason) -> String {
         // Every online device of the user: a ban must leave none connected.
         let conns = self.sessions.conns_of(user);
+        let conns_len = conns.len();
         if conns.is_empty() {
             return format!("User {user} is not online.\n");
         }
@@ -217,6 +218,9 @@ impl Shard {
         );
         for conn in conns {
             self.event(Event::Bye { conn, reason });
+        }
+        if reason == ByeReason::Kicked {
+            self.stats.kicks.add(conns_len as u64);
         }
         format!("User {user} closed with BYE({reason}).\n")
     }

@@ -184,6 +184,10 @@ shard_stats! {
         Labelled login_failures_token_expired,
         /// Failed logins asking for a protocol version this server does not speak (reason bad_version).
         Labelled login_failures_bad_version,
+        /// Failed logins of a user the operator banned (reason banned).
+        Labelled login_failures_banned,
+        /// Failed logins past devices_per_user_max devices online (reason too_many_devices).
+        Labelled login_failures_too_many_devices,
         /// SEND frames accepted.
         Counter msgs_in,
         /// DELIVER frames written.
@@ -222,6 +226,8 @@ shard_stats! {
         Counter moved_closes,
         /// Devices removed (DEVICE_REMOVE from another device of the user, or `device remove` on the stats socket): their sessions closed with BYE(device_removed).
         Counter devices_removed,
+        /// Sessions an operator closed with BYE(kicked): `kick user`, or `ban user` while online.
+        Counter kicks,
         /// Logged-in connections moved here from the shard that accepted them.
         Counter handoffs_in,
         /// Logged-in connections moved from here to their user's home shard.

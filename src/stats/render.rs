@@ -657,12 +657,14 @@ type Members = &'static [(&'static str, Getter)];
 /// fields are [`Kind::Labelled`].
 const LABELLED: &[(&str, &str, &str, Members)] = &[(
     "tern_login_failures_total",
-    "Failed logins by reason (bad_token: malformed or bad signature; token_expired; bad_version: protocol version not spoken).",
+    "Failed logins by reason (bad_token: malformed or bad signature; token_expired; bad_version: protocol version not spoken; banned: by the operator; too_many_devices: devices_per_user_max online).",
     "reason",
     &[
         ("bad_token", |s| &s.login_failures_bad_token),
         ("token_expired", |s| &s.login_failures_token_expired),
         ("bad_version", |s| &s.login_failures_bad_version),
+        ("banned", |s| &s.login_failures_banned),
+        ("too_many_devices", |s| &s.login_failures_too_many_devices),
     ],
 )];
 
@@ -1142,14 +1144,14 @@ pub(crate) mod tests {
             );
             assert_eq!(name.ends_with("_total"), kind == "counter", "{name}");
         }
-        // The two windowed percentiles are not exported and the three
+        // The two windowed percentiles are not exported and the five
         // login failure reasons are one family; the five histograms, three
         // process gauges and build_info come on top.
         let exported = ShardStats::FIELDS
             .iter()
             .filter(|f| f.kind == Kind::Gauge || f.kind == Kind::Counter)
             .count();
-        assert_eq!(exported, ShardStats::FIELDS.len() - 5);
+        assert_eq!(exported, ShardStats::FIELDS.len() - 7);
         assert_eq!(types.len(), exported + 12);
         // Histograms: merged over shards, cumulative buckets ending in +Inf
         // that equal _count.
@@ -1186,7 +1188,7 @@ pub(crate) mod tests {
             .iter()
             .filter(|(_, l, _)| l.contains_key("shard"))
             .count();
-        assert_eq!(per_shard, (exported + 3) * 2);
+        assert_eq!(per_shard, (exported + LABELLED[0].3.len()) * 2);
         let failures = samples
             .iter()
             .find(|(n, l, _)| {
