@@ -24,13 +24,7 @@ use tern_client::Client;
 
 /// Logs `device` of `user` in with protocol `version`.
 fn login_device(addr: SocketAddr, user: u64, device: u32, version: u8) -> Client {
-    let token = tern::token::mint_device(
-        SECRET.as_bytes(),
-        user,
-        device,
-        tern::token::now_unix_s() + 3600,
-    );
-    Client::login_version(addr, &token, version)
+    Client::login_version(addr, &device_token(user, device), version)
         .unwrap_or_else(|e| panic!("login of user {user} device {device}: {e}"))
         .0
 }

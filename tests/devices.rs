@@ -31,16 +31,6 @@ use common::*;
 use tern::proto::{self, ByeReason, ErrorCode, Frame, OwnedFrame, ReceiptKind};
 use tern_client::Client;
 
-/// A token for `device` of `user`, valid for an hour.
-fn device_token(user: u64, device: u32) -> String {
-    tern::token::mint_device(
-        SECRET.as_bytes(),
-        user,
-        device,
-        tern::token::now_unix_s() + 3600,
-    )
-}
-
 /// Logs `device` of `user` in with protocol version 2.
 fn login_device(addr: SocketAddr, user: u64, device: u32) -> Client {
     Client::login_version(addr, &device_token(user, device), proto::VERSION_2)

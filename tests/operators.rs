@@ -296,16 +296,6 @@ fn drain_refuses_new_connections_closes_sessions_and_keeps_messages() {
     assert_eq!(user["Queued"], acked.len().to_string());
 }
 
-/// A token for `device` of `user` (docs/PROTOCOL.md, "Login tokens").
-fn device_token(user: u64, device: u32) -> String {
-    tern::token::mint_device(
-        SECRET.as_bytes(),
-        user,
-        device,
-        tern::token::now_unix_s() + 3600,
-    )
-}
-
 #[test]
 fn a_ban_kicks_every_device_of_the_user() {
     let server = TestServer::start();

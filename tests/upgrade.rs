@@ -625,15 +625,13 @@ fn carried_devices_keep_their_device_and_resend_window() {
     }
     let (user, peer) = cross_pair();
     let login = |device| {
-        let token = tern::token::mint_device(
-            SECRET.as_bytes(),
-            user,
-            device,
-            tern::token::now_unix_s() + 3600,
-        );
-        Client::login_version(old.addr, &token, tern::proto::VERSION_2)
-            .unwrap()
-            .0
+        Client::login_version(
+            old.addr,
+            &device_token(user, device),
+            tern::proto::VERSION_2,
+        )
+        .unwrap()
+        .0
     };
     let (mut phone, mut laptop) = (login(1), login(2));
     let (mut other, _) = Client::login(old.addr, &token(peer)).unwrap();

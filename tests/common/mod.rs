@@ -37,6 +37,17 @@ pub fn token(user: u64) -> String {
     tern::token::mint(SECRET.as_bytes(), user, tern::token::now_unix_s() + 3600)
 }
 
+/// A token for `device` of `user` valid for an hour (docs/PROTOCOL.md,
+/// "Login tokens").
+pub fn device_token(user: u64, device: u32) -> String {
+    tern::token::mint_device(
+        SECRET.as_bytes(),
+        user,
+        device,
+        tern::token::now_unix_s() + 3600,
+    )
+}
+
 /// The first `n` user ids (from 1 up) whose home is `shard` of `shards`.
 pub fn users_on(shard: usize, shards: usize, n: usize) -> Vec<u64> {
     let users: Vec<u64> = (1..100_000u64)
