@@ -365,3 +365,38 @@ fn last_seen_and_privacy_move_with_their_users_to_another_shard_count() {
     );
     check(&child);
 }
+
+#[test]
+fn each_device_has_its_own_subscriptions() {
+    let srv = TestServer::start();
+    let watched = users_on(0, SHARDS, 2);
+    let user = users_on(1, SHARDS, 1)[0];
+    let login = |device| {
+        Client::login_version(srv.addr, &device_token(user, device), VERSION_2)
+            .unwrap()
+            .0
+    };
+    let (mut phone, mut laptop) = (login(1), login(2));
+    for device in [&mut phone, &mut laptop] {
+        subscribe(device, watched[0]);
+        assert_eq!(presence(device).0, watched[0]);
+    }
+    subscribe(&mut laptop, watched[1]);
+    assert_eq!(presence(&mut laptop).0, watched[1]);
+    // The phone leaving ends its subscriptions, not the laptop's; the
+    // laptop's UNSUBSCRIBE then ends its own.
+    drop(phone);
+    srv.wait_metric("tern_presence_subs", |n| n == 2);
+    laptop
+        .send_frame(&Frame::Unsubscribe { user: watched[0] })
+        .unwrap();
+    pong_next(&mut laptop, 1);
+    srv.wait_metric("tern_presence_subs", |n| n == 1);
+    // Pushes from one shard arrive in order: none for the first.
+    let _w0 = srv.login(watched[0]);
+    let _w1 = srv.login(watched[1]);
+    assert_eq!(
+        presence(&mut laptop),
+        (watched[1], PresenceState::Online, 0)
+    );
+}

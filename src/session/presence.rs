@@ -32,9 +32,10 @@ pub(super) struct Presence {
     watchers: HashMap<u64, Vec<ConnRef>>,
     /// Entries of `watchers`, all users.
     watchers_len: usize,
-    /// Online users homed here: the users each watches (its session's
-    /// subscriptions), at most `presence_subs_max`.
-    subs: HashMap<u64, Vec<u64>>,
+    /// Sessions here: the users each watches (its subscriptions), at most
+    /// `presence_subs_max`. Per connection, not per user: each device of a
+    /// user has its own.
+    subs: HashMap<ConnId, Vec<u64>>,
     /// Users homed here seen offline at least once, or hidden.
     seen: std::collections::HashMap<u64, Seen>,
     /// Records changed since the last [`Sessions::take_presence_records`].
@@ -148,7 +149,7 @@ impl Sessions {
             return;
         }
         for (user, sub) in std::mem::take(&mut self.presence.gone) {
-            for watched in self.presence.subs.remove(&user).unwrap_or_default() {
+            for watched in self.presence.subs.remove(&sub.conn).unwrap_or_default() {
                 self.route(
                     now,
                     env,
@@ -202,13 +203,13 @@ impl Sessions {
             return false;
         }
         match frame {
-            Frame::Subscribe { user: watched } => self.subscribe(now, env, conn, user, watched),
+            Frame::Subscribe { user: watched } => self.subscribe(now, env, conn, watched),
             Frame::Unsubscribe { user: watched } => {
-                let list = self.presence.subs.entry(user).or_default();
+                let list = self.presence.subs.entry(conn).or_default();
                 if let Some(at) = list.iter().position(|&w| w == watched) {
                     list.swap_remove(at);
                     if list.is_empty() {
-                        self.presence.subs.remove(&user);
+                        self.presence.subs.remove(&conn);
                     }
                     let sub = ConnRef {
                         shard: self.id as u16,
@@ -218,7 +219,7 @@ impl Sessions {
                     let dst = home_shard(watched, self.shards);
                     self.route(now, env, dst, Msg::Unwatch { user: watched, sub });
                 } else if list.is_empty() {
-                    self.presence.subs.remove(&user);
+                    self.presence.subs.remove(&conn);
                 }
             }
             Frame::Privacy { hidden } => {
@@ -250,13 +251,13 @@ impl Sessions {
         true
     }
 
-    fn subscribe(&mut self, now: Now, env: &dyn Env, conn: ConnId, user: u64, watched: u64) {
+    fn subscribe(&mut self, now: Now, env: &dyn Env, conn: ConnId, watched: u64) {
         let home = home_shard(watched, self.shards);
-        let list_len = self.presence.subs.get(&user).map_or(0, Vec::len);
+        let list_len = self.presence.subs.get(&conn).map_or(0, Vec::len);
         let known = self
             .presence
             .subs
-            .get(&user)
+            .get(&conn)
             .is_some_and(|l| l.contains(&watched));
         let refused = if env.owner(watched) != Owner::Here {
             Some((
@@ -289,7 +290,7 @@ impl Sessions {
             return;
         }
         if !known {
-            self.presence.subs.entry(user).or_default().push(watched);
+            self.presence.subs.entry(conn).or_default().push(watched);
         }
         let sub = ConnRef {
             shard: self.id as u16,
