@@ -144,3 +144,48 @@ fn a_wrong_origin_fails_the_upgrade() {
     server.shutdown();
     server.join();
 }
+
+/// A storm over WebSocket: every connection is reset and upgrades and
+/// logs in again, on each engine.
+#[test]
+fn storm_over_websocket_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let ws = server.ws_addr().expect("ws listener").to_string();
+    for (i, engine) in engines().into_iter().enumerate() {
+        let json = dir.path().join(format!("storm-{engine}.json"));
+        let base = (44_000_000 + i * 1_000_000).to_string();
+        let (status, r) = loadgen(
+            &[
+                "storm",
+                "--ws",
+                "--ws-origin",
+                ORIGIN,
+                "--server",
+                &ws,
+                "--engine",
+                engine,
+                "--conns",
+                "100",
+                "--rate",
+                "2000/s",
+                "--hold",
+                "200ms",
+                "--jitter",
+                "300ms",
+                "--rounds",
+                "1",
+                "--user-base",
+                &base,
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "{engine}: {r:#}");
+        let round = &r["storm"]["rounds"][0];
+        assert_eq!(round["recovered"], true, "{engine}: {r:#}");
+        assert_eq!(u(round, &["up"]), 100);
+        assert_eq!(u(&r, &["counters", "login_ok"]), 200, "{engine}");
+    }
+    server.shutdown();
+    server.join();
+}
