@@ -142,6 +142,13 @@ pub struct Common {
     /// Name the server's certificate must carry.
     #[arg(long, default_value = "localhost")]
     pub tls_server_name: String,
+    /// Speak WebSocket to the server (its `ws_listen` port): the HTTP
+    /// upgrade, then Tern frames in masked binary messages.
+    #[arg(long, conflicts_with = "tls")]
+    pub ws: bool,
+    /// `Origin` header of the WebSocket upgrade (none without it).
+    #[arg(long, requires = "ws")]
+    pub ws_origin: Option<String>,
     /// Token secret (default: the server's development secret).
     #[arg(long, default_value = tern::config::DEV_TOKEN_SECRET, env = "TERN_TOKEN_SECRET")]
     pub secret: String,

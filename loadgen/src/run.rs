@@ -183,6 +183,18 @@ impl Run {
         } else {
             None
         };
+        if common.ws && !login {
+            return Err("--ws needs logins (not --raw)".into());
+        }
+        let ws = common.ws.then(|| crate::engine::ws::WsSettings {
+            host: common
+                .server
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            origin: common.ws_origin.clone(),
+        });
         let mut txs = Vec::new();
         let mut handles = Vec::new();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
@@ -201,10 +213,10 @@ impl Run {
                 sq_entries: 1024,
             };
             let (plan, shared, ready) = (plan.clone(), shared.clone(), ready_tx.clone());
-            let tls = tls.clone();
+            let (tls, ws) = (tls.clone(), ws.clone());
             let h = std::thread::Builder::new()
                 .name(format!("loadgen-{w}"))
-                .spawn(move || worker_main(w, engine, cfg, tls, plan, shared, rx, ready))?;
+                .spawn(move || worker_main(w, engine, cfg, tls, ws, plan, shared, rx, ready))?;
             handles.push(h);
         }
         drop(ready_tx);
@@ -744,6 +756,7 @@ fn worker_main(
     engine: EngineKind,
     cfg: EngineConfig,
     tls: Option<TlsSettings>,
+    ws: Option<crate::engine::ws::WsSettings>,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Cmd>,
@@ -755,13 +768,19 @@ fn worker_main(
             match $e {
                 Ok(engine) => {
                     let _ = ready.send(Ok(()));
-                    match tls {
-                        Some((config, name)) => {
+                    // `--tls` and `--ws` exclude each other (no `wss` listener).
+                    match (tls, ws) {
+                        (Some((config, name)), _) => {
                             let engine =
                                 crate::engine::tls::TlsEngine::new(engine, conns, config, name);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
-                        None => Worker::new(w, plan, shared, rx, engine).run(),
+                        (None, Some(ws)) => {
+                            let seed = (u64::from(plan.run_id) << 16) ^ w as u64;
+                            let engine = crate::engine::ws::WsEngine::new(engine, conns, ws, seed);
+                            Worker::new(w, plan, shared, rx, engine).run()
+                        }
+                        (None, None) => Worker::new(w, plan, shared, rx, engine).run(),
                     }
                 }
                 Err(e) => {

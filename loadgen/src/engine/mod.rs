@@ -38,6 +38,7 @@ pub mod poll;
 pub mod tls;
 #[cfg(target_os = "linux")]
 pub mod uring;
+pub mod ws;
 
 /// Something that happened to a connection slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +170,7 @@ pub fn errno_name(errno: i32) -> String {
         libc::EPERM => "EPERM",
         libc::EACCES => "EACCES",
         libc::ENOTCONN => "ENOTCONN",
+        libc::EPROTO => "EPROTO",
         _ => return format!("errno{errno}"),
     };
     name.to_string()

@@ -1,0 +1,191 @@
+//! `--ws`: the load generator over the server's WebSocket listener
+//! (`ws_listen`), started in this process on loopback. Only counts are
+//! asserted, no timings.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use tern::config::{Config, DEV_TOKEN_SECRET};
+use tern::server::Server;
+
+mod common;
+use common::{engines, test_backend, u};
+
+const ORIGIN: &str = "https://chat.example";
+
+/// A server with a WebSocket listener that allows only [`ORIGIN`].
+fn start(dir: &Path) -> Server {
+    Server::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ws_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ws_origins: vec![ORIGIN.to_string()],
+        shards: 2,
+        stats_socket: dir.join("tern.sock"),
+        data_dir: dir.join("data"),
+        io: test_backend(),
+        ..Default::default()
+    })
+    .expect("server starts")
+}
+
+/// Runs the load generator with `args`; the exit status and its JSON report.
+fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
+        .args(args)
+        .args([
+            "--secret",
+            DEV_TOKEN_SECRET,
+            "--source",
+            "127.0.0.1",
+            "--quiet",
+        ])
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("tern-loadgen runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let text = std::fs::read_to_string(json)
+        .unwrap_or_else(|e| panic!("no report ({e})\nstdout:\n{stdout}\nstderr:\n{stderr}"));
+    let status = out.status.code().unwrap_or(-1);
+    if status != 0 {
+        eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    }
+    (status, serde_json::from_str(&text).expect("report is JSON"))
+}
+
+/// Users chat over WebSocket with every engine: all logged in, every
+/// message ACKed, delivered and receipted, none lost.
+#[test]
+fn chat_over_websocket_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let ws = server.ws_addr().expect("ws listener").to_string();
+    for (i, engine) in engines().into_iter().enumerate() {
+        let json = dir.path().join(format!("chat-{engine}.json"));
+        let base = (40_000_000 + i * 1_000_000).to_string();
+        let (status, r) = loadgen(
+            &[
+                "chat",
+                "--ws",
+                "--ws-origin",
+                ORIGIN,
+                "--server",
+                &ws,
+                "--engine",
+                engine,
+                "--conns",
+                "200",
+                "--rate",
+                "2000/s",
+                "--msg-rate",
+                "400/s",
+                "--duration",
+                "1s",
+                "--drain",
+                "20s",
+                "--user-base",
+                &base,
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "{engine}: exit status");
+        assert_eq!(u(&r, &["connections", "failed"]), 0, "{engine}: {r:#}");
+        assert_eq!(u(&r, &["counters", "login_ok"]), 200);
+        let scheduled = u(&r, &["messages", "scheduled"]);
+        assert_eq!(scheduled, 400);
+        for field in ["sent", "acked", "delivered", "receipted"] {
+            assert_eq!(u(&r, &["messages", field]), scheduled, "{engine}: {field}");
+        }
+        for field in ["lost", "duplicates", "out_of_order", "foreign"] {
+            assert_eq!(u(&r, &["messages", field]), 0, "{engine}: {field}");
+        }
+    }
+    server.shutdown();
+    server.join();
+}
+
+/// An `Origin` outside the server's allow-list is refused at the upgrade:
+/// every connection fails as `connect:EPROTO`, none logs in.
+#[test]
+fn a_wrong_origin_fails_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let ws = server.ws_addr().expect("ws listener").to_string();
+    let json = dir.path().join("origin.json");
+    let (status, r) = loadgen(
+        &[
+            "connect",
+            "--ws",
+            "--ws-origin",
+            "https://evil.example",
+            "--server",
+            &ws,
+            "--conns",
+            "5",
+            "--hold",
+            "0s",
+            "--user-base",
+            "43000000",
+        ],
+        &json,
+    );
+    assert_eq!(status, 3, "{r:#}");
+    assert_eq!(u(&r, &["connections", "failed"]), 5, "{r:#}");
+    assert_eq!(
+        u(&r, &["connections", "failures", "connect:EPROTO"]),
+        5,
+        "{r:#}"
+    );
+    assert_eq!(u(&r, &["counters", "login_ok"]), 0);
+    server.shutdown();
+    server.join();
+}
+
+/// A storm over WebSocket: every connection is reset and upgrades and
+/// logs in again, on each engine.
+#[test]
+fn storm_over_websocket_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let ws = server.ws_addr().expect("ws listener").to_string();
+    for (i, engine) in engines().into_iter().enumerate() {
+        let json = dir.path().join(format!("storm-{engine}.json"));
+        let base = (44_000_000 + i * 1_000_000).to_string();
+        let (status, r) = loadgen(
+            &[
+                "storm",
+                "--ws",
+                "--ws-origin",
+                ORIGIN,
+                "--server",
+                &ws,
+                "--engine",
+                engine,
+                "--conns",
+                "100",
+                "--rate",
+                "2000/s",
+                "--hold",
+                "200ms",
+                "--jitter",
+                "300ms",
+                "--rounds",
+                "1",
+                "--user-base",
+                &base,
+            ],
+            &json,
+        );
+        assert_eq!(status, 0, "{engine}: {r:#}");
+        let round = &r["storm"]["rounds"][0];
+        assert_eq!(round["recovered"], true, "{engine}: {r:#}");
+        assert_eq!(u(round, &["up"]), 100);
+        assert_eq!(u(&r, &["counters", "login_ok"]), 200, "{engine}");
+    }
+    server.shutdown();
+    server.join();
+}
