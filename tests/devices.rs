@@ -466,3 +466,31 @@ fn v1_clients_see_the_same_bytes() {
     assert_eq!(got, expected);
     assert_eq!(recv_deliver(&mut b1).server_id, sid);
 }
+
+#[test]
+fn a_device_answers_only_for_what_it_was_sent() {
+    let srv = TestServer::start();
+    let (sender, user) = cross_pair();
+    let mut a = srv.login(sender);
+    let mut phone = login_device(srv.addr, user, 1);
+    a.send_msg(1, user, b"for the phone").unwrap();
+    let server_id = recv_ack(&mut a, 1);
+    let d = recv_deliver(&mut phone);
+    assert_eq!(d.server_id, server_id);
+    phone.send_delivered(server_id).unwrap();
+    expect_receipt(&mut a, ReceiptKind::Delivered, server_id, user);
+    // The laptop logs in after: the message left the queue, it never got
+    // it, so its READ is refused and nothing reaches the sender.
+    let mut laptop = login_device(srv.addr, user, 2);
+    laptop.send_read(server_id, sender).unwrap();
+    match laptop.recv_until(|f| matches!(f, OwnedFrame::Error { .. })) {
+        Ok(OwnedFrame::Error {
+            code: ErrorCode::UnknownMessage,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // The phone's READ goes through: the only receipt the sender sees.
+    phone.send_read(server_id, sender).unwrap();
+    expect_receipt(&mut a, ReceiptKind::Read, server_id, user);
+}

@@ -201,7 +201,7 @@ impl Sessions {
     pub(super) fn on_read(&mut self, conn: ConnId, user: u64, server_id: u64, from: u64) {
         // A planted bug only a simulation sets: skip the check.
         let unchecked = crate::sim::planted(crate::sim::Planted::RelayForgedRead);
-        if !unchecked && !self.guard.was_delivered(user, server_id, Some(from)) {
+        if !unchecked && !self.guard.was_delivered(conn, server_id, Some(from)) {
             self.unknown_message(conn, "READ");
             return;
         }
@@ -239,7 +239,7 @@ impl Sessions {
             None
         };
         let Some(msg) = removed else {
-            if !self.guard.was_delivered(user, server_id, None) {
+            if !self.guard.was_delivered(conn, server_id, None) {
                 self.unknown_message(conn, "DELIVERED");
             }
             return;
@@ -489,7 +489,7 @@ impl Sessions {
                 held = true;
                 return false;
             }
-            guard.delivered(user, m.server_id, m.from);
+            guard.delivered(conn, m.server_id, m.from);
             on.sent_upto = m.server_id;
             on.inflight += 1;
             on.inflight_bytes += len as u32;

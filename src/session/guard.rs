@@ -7,9 +7,10 @@
 //!   than `rate_refusals_max` times within `rate_refusals_window_ms` is
 //!   closed with `BYE(rate_limited)`.
 //! - **receipts only for what was delivered:** the last
-//!   `delivered_recent_max` messages sent to each online user as DELIVER in
-//!   this login (server id and sender). A READ is relayed only for one of
-//!   them (and only to the sender named); a DELIVERED removes a message
+//!   `delivered_recent_max` messages sent as DELIVER to each session (one
+//!   device's connection; server id and sender). A READ is relayed only for
+//!   one of them, from that connection (and only to the sender named); a
+//!   DELIVERED removes a message
 //!   only if it is in the user's queue and was already sent to this
 //!   connection. Anything else is `ERROR(unknown_message)`: nothing is
 //!   relayed or removed.
@@ -18,8 +19,8 @@
 //! an idle connection pays nothing here: a user's buckets exist only after
 //! it sent a limited frame, and are dropped once full again (at its idle
 //! timer, or when the table has doubled since the last sweep); its
-//! delivered messages exist only after a DELIVER, and are dropped when it
-//! goes offline.
+//! delivered messages exist only after a DELIVER, and are dropped when its
+//! connection closes.
 
 use std::collections::VecDeque;
 
@@ -59,7 +60,7 @@ struct Rates {
     window_ms: u32,
 }
 
-/// The last messages delivered to one online user: (server id, sender),
+/// The last messages delivered to one session: (server id, sender),
 /// oldest first, at most `delivered_recent_max`.
 #[derive(Debug, Default)]
 struct Recent(VecDeque<(u64, u64)>);
@@ -76,7 +77,9 @@ pub(super) struct Guard {
     rates: HashMap<u64, Rates>,
     /// Size of `rates` after its last sweep.
     rates_swept: usize,
-    recent: HashMap<u64, Recent>,
+    /// Per connection, not per user: a device may answer only for what
+    /// it was sent itself.
+    recent: HashMap<ConnId, Recent>,
 }
 
 /// What to do with a frame that may be over its rate.
@@ -198,12 +201,12 @@ impl Guard {
         self.rates_swept = self.rates.len();
     }
 
-    /// A DELIVER of `server_id` from `from` was written to `user`.
-    pub(super) fn delivered(&mut self, user: u64, server_id: u64, from: u64) {
+    /// A DELIVER of `server_id` from `from` was written to `conn`.
+    pub(super) fn delivered(&mut self, conn: ConnId, server_id: u64, from: u64) {
         if self.recent_max == 0 {
             return;
         }
-        let recent = &mut self.recent.entry(user).or_default().0;
+        let recent = &mut self.recent.entry(conn).or_default().0;
         if recent.len() >= self.recent_max {
             recent.pop_front();
         }
@@ -211,22 +214,23 @@ impl Guard {
     }
 
     /// Whether `server_id` (from `from`, if given) is among the last
-    /// messages delivered to `user` in this login. Always true with the
+    /// messages delivered to the session on `conn`. Always true with the
     /// check off (`delivered_recent_max = 0`).
-    pub(super) fn was_delivered(&self, user: u64, server_id: u64, from: Option<u64>) -> bool {
+    pub(super) fn was_delivered(&self, conn: ConnId, server_id: u64, from: Option<u64>) -> bool {
         if self.recent_max == 0 {
             return true;
         }
-        self.recent.get(&user).is_some_and(|r| {
+        self.recent.get(&conn).is_some_and(|r| {
             r.0.iter()
                 .rev()
                 .any(|&(id, f)| id == server_id && from.is_none_or(|from| from == f))
         })
     }
 
-    /// `user` went offline: what was delivered to it is forgotten.
-    pub(super) fn offline(&mut self, user: u64) {
-        self.recent.remove(&user);
+    /// The session on `conn` ended: what was delivered to it is forgotten
+    /// (the slot may serve another user next).
+    pub(super) fn forget(&mut self, conn: ConnId) {
+        self.recent.remove(&conn);
         crate::memory::shrink_map(&mut self.recent);
     }
 
@@ -401,27 +405,34 @@ mod tests {
     }
 
     #[test]
-    fn delivered_messages_are_remembered_bounded_and_per_login() {
+    fn delivered_messages_are_remembered_bounded_and_per_connection() {
+        let (c1, c2) = (ConnId(1), ConnId(2));
         let mut g = guard(|c| c.delivered_recent_max = 3);
-        assert!(!g.was_delivered(1, 10, Some(7)));
+        assert!(!g.was_delivered(c1, 10, Some(7)));
         for id in 10..15 {
-            g.delivered(1, id, 7);
+            g.delivered(c1, id, 7);
         }
-        assert!(!g.was_delivered(1, 11, Some(7)), "pushed out by newer ones");
-        assert!(g.was_delivered(1, 12, Some(7)));
-        assert!(g.was_delivered(1, 14, None));
-        assert!(!g.was_delivered(1, 14, Some(8)), "another sender");
-        assert!(!g.was_delivered(2, 14, Some(7)), "another user");
-        g.offline(1);
-        assert!(!g.was_delivered(1, 14, Some(7)));
+        assert!(
+            !g.was_delivered(c1, 11, Some(7)),
+            "pushed out by newer ones"
+        );
+        assert!(g.was_delivered(c1, 12, Some(7)));
+        assert!(g.was_delivered(c1, 14, None));
+        assert!(!g.was_delivered(c1, 14, Some(8)), "another sender");
+        assert!(
+            !g.was_delivered(c2, 14, Some(7)),
+            "another connection (another device, or another user)"
+        );
+        g.forget(c1);
+        assert!(!g.was_delivered(c1, 14, Some(7)));
         assert_eq!(g.sizes(), (0, 0));
     }
 
     #[test]
     fn zero_recent_turns_the_check_off() {
         let mut g = guard(|c| c.delivered_recent_max = 0);
-        g.delivered(1, 10, 7);
-        assert!(g.was_delivered(1, 99, Some(3)));
+        g.delivered(ConnId(1), 10, 7);
+        assert!(g.was_delivered(ConnId(1), 99, Some(3)));
         assert_eq!(g.sizes(), (0, 0));
     }
 

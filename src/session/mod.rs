@@ -1028,12 +1028,10 @@ impl Sessions {
         if user == 0 {
             return;
         }
+        self.guard.forget(conn);
         if let Some(lane) = self.users.go_offline(user, conn) {
             self.release_lane(user, lane);
             self.presence_gone(user, conn, gen);
-            if self.users.count(user) == 0 {
-                self.guard.offline(user);
-            }
             self.stats.users_online.set(self.users.len() as u64);
             self.stats.sessions_online.set(self.users.sessions() as u64);
         }
