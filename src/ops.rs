@@ -342,6 +342,12 @@ impl Ops {
         &self.bans
     }
 
+    /// Users banned now (bans that ran out not counted): `show info`'s
+    /// `Bans` and the `tern_bans` gauge.
+    pub fn bans_now(&self) -> usize {
+        self.bans.list(unix_ms()).len()
+    }
+
     /// Whether `user` is banned at `now_ms` (Unix milliseconds).
     pub fn banned(&self, user: u64, now_ms: u64) -> bool {
         self.bans.is_banned(user, now_ms)

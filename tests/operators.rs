@@ -89,6 +89,26 @@ fn show_user_then_kick_loses_nothing() {
     assert_eq!(online["Queued"], "20");
     assert_eq!(online["Tls"], "no");
     assert_eq!(online["Banned"], "no");
+    // One Session line per device online: the poll backend names the
+    // client's address, io_uring keeps none ("-").
+    let session = &online["Session"];
+    assert!(
+        session.starts_with("device=0 conn=") && session.contains(" transport=tcp "),
+        "{session}"
+    );
+    assert!(
+        session.ends_with(" delivers_in_flight=20 out_pending_bytes=0"),
+        "{session}"
+    );
+    let peer = session
+        .split(' ')
+        .find_map(|w| w.strip_prefix("peer="))
+        .unwrap();
+    match server.info()["Backend"].as_str() {
+        b if b.starts_with("poll") => assert!(peer.starts_with("127.0.0.1:"), "{session}"),
+        _ => assert_eq!(peer, "-", "{session}"),
+    }
+    assert!(!online.contains_key("Last_seen_unix_ms"), "{online:?}");
 
     // show conns: the recipient's 20 waiting messages put it first.
     let conns = server.query("show conns sort by queue limit 1");
@@ -120,6 +140,15 @@ fn show_user_then_kick_loses_nothing() {
         server.query(&format!("kick user {recipient}")),
         format!("User {recipient} is not online.\n")
     );
+    // Offline now: when it left is its last seen.
+    let kicked_at = tern::token::now_unix_s() * 1000;
+    let gone = fields(&server.query(&format!("show user {recipient}")));
+    assert!(!gone.contains_key("Session"), "{gone:?}");
+    let seen: u64 = gone["Last_seen_unix_ms"].parse().unwrap();
+    assert!(
+        seen + 60_000 > kicked_at && seen <= kicked_at + 1000,
+        "{gone:?}"
+    );
     // The sender is untouched, and the recipient gets all 20 again.
     let _to = receive_all(server.addr, recipient, &acked);
     from.send_msg(99, recipient, b"still here").unwrap();
@@ -149,6 +178,10 @@ fn ban_refuses_logins_kicks_and_unban_lifts_it() {
     let acked = send_acked(&mut from, recipient, 5);
     let bans = server.query("show bans");
     assert!(bans.starts_with("Bans: 1 (at most 100000)\n"), "{bans}");
+    assert_eq!(server.info()["Bans"], "1");
+    let metrics = server.query("show metrics");
+    assert!(metrics.contains("\ntern_bans 1\n"), "{metrics}");
+    assert!(metrics.contains("\ntern_draining 0\n"), "{metrics}");
     assert!(
         bans.contains(&format!("\n{recipient} 3600 s left\n")),
         "{bans}"
@@ -162,6 +195,7 @@ fn ban_refuses_logins_kicks_and_unban_lifts_it() {
         format!("User {recipient} unbanned.\n")
     );
     assert!(server.query("show bans").starts_with("Bans: 0 "));
+    assert_eq!(server.info()["Bans"], "0");
     let _to = receive_all(server.addr, recipient, &acked);
 }
 
@@ -294,6 +328,33 @@ fn drain_refuses_new_connections_closes_sessions_and_keeps_messages() {
     let user = fields(&server.query(&format!("show user {recipient}")));
     assert_eq!(user["Online"], "no");
     assert_eq!(user["Queued"], acked.len().to_string());
+}
+
+#[test]
+fn drain_closes_idle_sessions_before_busy_ones() {
+    let server = TestServer::start();
+    let (busy, idle) = same_pair();
+    let sender = users_on(0, SHARDS, 1)[0];
+    // The busy session logs in first: closing in slot order would take it
+    // first.
+    let mut busy_client = server.login(busy);
+    let mut idle_client = server.login(idle);
+    let mut from = server.login(sender);
+    // Three DELIVERs to `busy` stay unanswered: it is in the middle of
+    // something.
+    send_acked(&mut from, busy, 3);
+    for _ in 0..3 {
+        recv_deliver(&mut busy_client);
+    }
+    // Over 60 s, one of the two sessions of `busy`'s shard is due at once
+    // and the second only after 30 s: the first must be the idle one.
+    let answer = server.query("drain for 60s");
+    assert!(answer.starts_with("Draining"), "{answer}");
+    expect_bye_then_close(&mut idle_client, ByeReason::Moving);
+    expect_bye_then_close(&mut from, ByeReason::Moving);
+    let user = fields(&server.query(&format!("show user {busy}")));
+    assert_eq!(user["Online"], "yes", "{user:?}");
+    assert_eq!(user["Delivers_in_flight"], "3", "{user:?}");
 }
 
 #[test]

@@ -350,6 +350,19 @@ impl Io {
         each!(self, io => io.peer_ip(conn))
     }
 
+    /// The remote address of open connection `conn`, for `show user`: the
+    /// poll backend asks its descriptor; io_uring's direct descriptors
+    /// have none and their address is not kept after accept (it would
+    /// cost every idle connection 18 bytes), so `None` there.
+    pub fn peer_addr(&self, conn: ConnId) -> Option<std::net::SocketAddr> {
+        match self {
+            Io::Poll(io) => io.peer_addr(conn),
+            #[cfg(target_os = "linux")]
+            Io::Uring(_) => None,
+            Io::Sim(_) => None,
+        }
+    }
+
     /// The connection stays on this shard (logged in on its home shard).
     pub fn established(&mut self, conn: ConnId) {
         each!(self, io => io.established(conn))

@@ -461,6 +461,11 @@ impl Io {
     /// Nothing to do: a readiness backend arms nothing per connection.
     pub fn established(&mut self, _conn: ConnId) {}
 
+    /// The remote address of `id`, asked of its descriptor.
+    pub fn peer_addr(&self, id: ConnId) -> Option<std::net::SocketAddr> {
+        self.conns.get(id.index())?.stream.peer_addr().ok()
+    }
+
     /// The source address of `id` (IPv4-mapped addresses as IPv4).
     pub fn peer_ip(&mut self, id: ConnId) -> Option<IpAddr> {
         let conn = self.conns.get(id.index())?;

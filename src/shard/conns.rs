@@ -108,6 +108,14 @@ impl Conns {
         self.slots.get(conn.index()).map_or(0, Slot::out_pending)
     }
 
+    /// Whether `conn` holds buffers: a partial frame read or output not
+    /// yet sent (an idle connection holds none).
+    pub(super) fn has_bufs(&self, conn: ConnId) -> bool {
+        self.slots
+            .get(conn.index())
+            .is_some_and(|s| s.bufs.is_some())
+    }
+
     /// Whether `conn` came through the TLS listener.
     pub(super) fn is_tls(&self, conn: ConnId) -> bool {
         self.slots

@@ -25,9 +25,12 @@ pub(super) struct Scan {
     cursor: usize,
 }
 
-/// This shard's progress through a drain: its sessions are closed in slot
-/// order, at an even pace, so that clients spread their reconnects over
-/// the drain's duration instead of all coming back at once.
+/// This shard's progress through a drain: its sessions are closed at an
+/// even pace, so that clients spread their reconnects over the drain's
+/// duration instead of all coming back at once. Idle sessions go first (a
+/// pass over the slots closing those with nothing in flight either way),
+/// then the rest in slot order: a client in the middle of a conversation
+/// keeps its connection the longest.
 #[derive(Debug)]
 pub(super) struct Draining {
     /// When this shard saw the drain begin.
@@ -40,6 +43,9 @@ pub(super) struct Draining {
     closed: usize,
     /// The next session slot to look at.
     cursor: usize,
+    /// Whether the pass over idle sessions is through and every session
+    /// left is closed now, busy or not.
+    busy_pass: bool,
 }
 
 impl Shard {
@@ -117,6 +123,38 @@ impl Shard {
             .map(u32::to_string)
             .collect();
         line("Devices_online", &devices.join(" "));
+        // One line per session (device) online, in the order they joined.
+        for (conn, device) in self.sessions.conns_of(user).into_iter().zip(devices) {
+            let (inflight, _) = self.sessions.window_of(user, conn).unwrap_or((0, 0));
+            let peer = self
+                .io
+                .peer_addr(conn)
+                .map_or_else(|| "-".to_string(), |a| a.to_string());
+            let transport = match (self.conns.is_tls(conn), self.conns.is_ws(conn)) {
+                (true, _) => "tls",
+                (false, true) => "ws",
+                (false, false) => "tcp",
+            };
+            line(
+                "Session",
+                &format_args!(
+                    "device={device} conn={} transport={transport} peer={peer} \
+                     delivers_in_flight={inflight} out_pending_bytes={}",
+                    conn.0,
+                    self.conns.out_pending(conn)
+                ),
+            );
+        }
+        if self.sessions.conn_of(user).is_none() {
+            // Last seen (presence): when the user's last device went
+            // offline, kept durably; 0 = not seen offline by this server.
+            let seen = self
+                .sessions
+                .presence_state()
+                .get(&user)
+                .map_or(0, |s| s.last_seen_ms);
+            line("Last_seen_unix_ms", &seen);
+        }
         line("Queued", &queued);
         let oldest_ms = store
             .next_after(user, 0)
@@ -257,16 +295,26 @@ impl Shard {
                     total,
                     closed: 0,
                     cursor: 0,
+                    busy_pass: false,
                 })
             }
         };
         let due = due(draining, now);
-        let (mut closed, mut cursor) = (draining.closed, draining.cursor);
+        let (mut closed, mut cursor, mut busy_pass) =
+            (draining.closed, draining.cursor, draining.busy_pass);
         let slots = self.sessions.slots();
-        while closed < due && cursor < slots {
+        while closed < due {
+            if cursor >= slots {
+                if busy_pass {
+                    break;
+                }
+                busy_pass = true;
+                cursor = 0;
+                continue;
+            }
             let conn = ConnId(cursor as u32);
             cursor += 1;
-            if open(self.sessions.state(conn)) {
+            if open(self.sessions.state(conn)) && (busy_pass || self.is_idle(conn)) {
                 closed += 1;
                 self.event(Event::Bye {
                     conn,
@@ -277,6 +325,18 @@ impl Shard {
         let draining = self.drain.as_mut().expect("set above");
         draining.closed = closed;
         draining.cursor = cursor;
+        draining.busy_pass = busy_pass;
+    }
+
+    /// Whether `conn` has nothing under way: no DELIVER unanswered, no
+    /// output unsent, no partial frame read (a drain closes these first).
+    fn is_idle(&self, conn: ConnId) -> bool {
+        let inflight = self
+            .sessions
+            .user_of(conn)
+            .and_then(|user| self.sessions.window_of(user, conn))
+            .map_or(0, |w| w.0);
+        inflight == 0 && !self.conns.has_bufs(conn)
     }
 }
 
@@ -317,6 +377,7 @@ mod tests {
             total: 1000,
             closed: 0,
             cursor: 0,
+            busy_pass: false,
         };
         assert_eq!(due(&d, t0), 1);
         assert_eq!(due(&d, t0 + Duration::from_secs(1)), 100);

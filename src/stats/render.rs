@@ -109,7 +109,8 @@ const COMMANDS: &[(&str, &str)] = &[
     ),
     (
         "show user U",
-        "user U: online or not, shard, connection, DELIVERs in flight, queue and its oldest age, ban",
+        "user U: online or not, shard, one Session line per device (transport, address, DELIVERs in \
+         flight, unsent bytes), queue and its oldest age, last seen, ban",
     ),
     (
         "show conns [sort by queue|age|bytes] [limit N]",
@@ -140,7 +141,8 @@ const COMMANDS: &[(&str, &str)] = &[
     ),
     (
         "drain [for DURATION]",
-        "refuse new connections with BYE(moving), close sessions evenly over DURATION (60s)",
+        "refuse new connections with BYE(moving), close sessions evenly over DURATION (60s), idle \
+         ones first",
     ),
 ];
 
@@ -266,6 +268,8 @@ fn render_info(view: &StatsView, process: Process) -> String {
     if let Some(ops) = &view.ops {
         let draining = if ops.draining() { "yes" } else { "no" };
         let _ = writeln!(out, "Draining: {draining}");
+        let banned = ops.bans_now();
+        let _ = writeln!(out, "Bans: {banned}");
     }
     out
 }
@@ -605,7 +609,22 @@ fn render_metrics(view: &StatsView, process: Process) -> String {
     let fds = fds
         .into_iter()
         .filter_map(|(name, help, v)| v.map(|v| (name, help, v.to_string())));
-    for (name, help, value) in process_gauges.into_iter().chain(fds) {
+    let ops = view.ops.iter().flat_map(|ops| {
+        let banned = ops.bans_now();
+        [
+            (
+                "tern_bans",
+                "Users banned now (ban user; bans that ran out are not counted).",
+                banned.to_string(),
+            ),
+            (
+                "tern_draining",
+                "1 while the server is draining (taken out of service), else 0.",
+                u8::from(ops.draining()).to_string(),
+            ),
+        ]
+    });
+    for (name, help, value) in process_gauges.into_iter().chain(fds).chain(ops) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} gauge");
         let _ = writeln!(out, "{name} {value}");
