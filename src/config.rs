@@ -120,11 +120,18 @@ pub struct Config {
     pub body_bytes_max: usize,
     /// Messages held per user (offline plus not yet acknowledged by the device). Default 1000.
     pub queue_len_max: usize,
-    /// Devices of one user that may be online at once (each with its own
-    /// session and delivery window); a LOGIN of one more gets LOGIN_ERR
-    /// `too_many_devices`. Default 4; 1 to 32 (a message's unanswered
-    /// devices are a 32-bit mask).
+    /// Devices registered to one user (online or not, each with its own
+    /// session and delivery window while online); a LOGIN of one more
+    /// device gets LOGIN_ERR `too_many_devices` until one is removed or
+    /// expires. Default 4; 1 to 32 (a message's answering devices are a
+    /// 32-bit mask).
     pub devices_per_user_max: usize,
+    /// Days a registered device may stay offline: past it, it is dropped
+    /// from the registry with its copies of the messages (as a removal),
+    /// checked about once a second over a bounded slice of the users.
+    /// Fractional days are taken (0.0001 days is 8.64 s, for tests); 0 =
+    /// never. Default 30.
+    pub device_idle_days_max: f64,
     /// Bytes of unsent output a connection may hold before it is closed with
     /// `BYE(slow)`. Default 262144 (256 KiB).
     pub conn_out_bytes_max: usize,
@@ -453,6 +460,7 @@ impl Default for Config {
             body_bytes_max: 65000,
             queue_len_max: 1000,
             devices_per_user_max: 4,
+            device_idle_days_max: 30.0,
             conn_out_bytes_max: 256 * 1024,
             deliver_inflight_max: 4096,
             idle_timeout_ms: 300_000,
@@ -603,6 +611,12 @@ impl Config {
             return Err(bad(
                 "devices_per_user_max",
                 format!("must be 1 to {DEVICES_PER_USER_MAX}"),
+            ));
+        }
+        if !(self.device_idle_days_max.is_finite() && self.device_idle_days_max >= 0.0) {
+            return Err(bad(
+                "device_idle_days_max",
+                "must be 0 or a positive number of days",
             ));
         }
         if self.conn_out_bytes_max < self.frame_bytes_max + 16 {
@@ -844,6 +858,11 @@ impl Config {
             .saturating_mul(1u64 << n.saturating_sub(1).min(20))
             .min(SHARD_RESTART_BACKOFF_MS_MAX);
         Duration::from_millis(ms)
+    }
+
+    /// `device_idle_days_max` in milliseconds; 0 = never.
+    pub fn device_idle_ms(&self) -> u64 {
+        (self.device_idle_days_max * 86_400_000.0) as u64
     }
 
     /// `idle_timeout_ms` as a duration.

@@ -215,6 +215,8 @@ impl DataDir {
             // Last seen and privacy settings are homed like messages: a
             // hidden user must not turn visible because the count changed.
             let moved = dir.rehome_presence(config.shards)?;
+            // So are registered devices and the receipts waiting for them.
+            dir.rehome_devices(config.shards)?;
             if moved > 0 {
                 log::info!(
                     "data_dir {}: last seen and privacy of {moved} users moved to their home \
@@ -272,6 +274,39 @@ impl DataDir {
             }
         }
         Ok(users)
+    }
+
+    /// Before a start with another shard count (no message queued, so no
+    /// marks): moves every user's registered devices and waiting receipts
+    /// to its home shard of `shards`, as [`DataDir::rehome_presence`] does
+    /// with presence.
+    fn rehome_devices(&self, shards: usize) -> Result<(), String> {
+        use crate::store::devices::{self, DeviceLog, State};
+        let old = self.shard_dirs()?;
+        let mut homed = vec![State::default(); shards];
+        for &k in &old {
+            let path = store::shard_dir(&self.path, k);
+            let (state, ..) = devices::read(&path)
+                .map_err(|e| format!("device log in {}: {e}", path.display()))?;
+            state.rehome(&mut homed, |user| crate::shard::home_shard(user, shards));
+        }
+        if homed.iter().all(State::is_empty) {
+            return Ok(());
+        }
+        for (j, state) in homed.iter().enumerate() {
+            let path = store::shard_dir(&self.path, j);
+            DeviceLog::create(&path, state)
+                .map_err(|e| format!("device log in {}: {e}", path.display()))?;
+        }
+        for k in old.into_iter().filter(|&k| k >= shards) {
+            let path = store::shard_dir(&self.path, k).join(devices::FILE_NAME);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("remove {}: {e}", path.display())),
+            }
+        }
+        Ok(())
     }
 
     /// Creates `shard-0` to `shard-<shards - 1>` (0700) where missing.

@@ -15,8 +15,9 @@
 //!    dedupe window entry moves with it). The dedupe window entries whose
 //!    messages are gone (idempotent SEND) go to every new log, their
 //!    recipient being unknown. Each user's last seen and privacy setting
-//!    (the shard's presence log, `presence.rec`) goes to its new home
-//!    shard's directory. The new logs continue their ids above
+//!    (the shard's presence log, `presence.rec`) and its registered
+//!    devices, marks and waiting receipts (the device log, `devices.rec`)
+//!    go to its new home shard's directory. The new logs continue their ids above
 //!    every id the old logs handed out. Everything is fsynced (files,
 //!    `reshard.new`, the data directory). The old logs are not changed
 //!    (beyond what any start does: a torn tail cut, the id watermark).
@@ -50,7 +51,9 @@ use std::time::{Duration, Instant};
 use crate::datadir::{self, DataDir, Meta, RETIRED_DIR, STAGING_DIR};
 use crate::privacy;
 use crate::shard::home_shard;
-use crate::store::{self, presence, Durability, LogOptions, LogStore, PushError, Store, Stored};
+use crate::store::{
+    self, devices, presence, Durability, LogOptions, LogStore, PushError, Store, Stored,
+};
 
 /// Messages pushed into a new log per `commit` (one fsync each).
 const COMMIT_EVERY_MESSAGES: usize = 4096;
@@ -170,6 +173,9 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
     let mut old = Vec::new();
     // Last seen and privacy, per new shard (each user is in one old log).
     let mut seen = vec![std::collections::HashMap::new(); shards];
+    // Registered devices, marks and waiting receipts, per new shard (server
+    // ids are kept, so marks still name their messages).
+    let mut registry = vec![devices::State::default(); shards];
     for k in dir.shard_dirs()? {
         let path = store::shard_dir(dir.path(), k);
         let (log, recovery) = LogStore::open(&path, options.clone())
@@ -181,6 +187,9 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         for (user, s) in state {
             seen[home_shard(user, shards)].insert(user, s);
         }
+        let (state, ..) =
+            devices::read(&path).map_err(|e| format!("old device log {}: {e}", path.display()))?;
+        state.rehome(&mut registry, |user| home_shard(user, shards));
     }
     // New ids continue above every id any old log handed out, so no id is
     // ever reused for a user (clients drop duplicates by id).
@@ -238,6 +247,7 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         commit(&mut log, &path)?;
         assert_eq!(log.total(), messages.len(), "every message pushed once");
         presence::PresenceLog::create(&path, &seen[j]).map_err(|e| failed(&path, e))?;
+        devices::DeviceLog::create(&path, &registry[j]).map_err(|e| failed(&path, e))?;
         // The log's own files are synced by its commits; make sure of their
         // directory entries too before the commit point.
         datadir::sync_dir(&path)?;

@@ -5,8 +5,9 @@
 //!   BYE(`device_removed`) and is closed, the user's other version 2
 //!   devices get DEVICE_REMOVED, a version 1 device hears nothing new, and
 //!   messages keep reaching the devices that stay;
-//! - a device that is not online is refused with ERROR(`unknown_device`)
-//!   carrying its id, and the connection stays;
+//! - a device that is not registered (removed already, or never logged
+//!   in) is refused with ERROR(`unknown_device`) carrying its id, and the
+//!   connection stays (offline devices: tests/device_registry.rs);
 //! - the operator's `device remove U D` on the stats socket does the same,
 //!   counted in `tern_devices_removed_total`;
 //! - a version 1 session that sends type 0x10 gets ERROR(`unknown_type`)
@@ -116,7 +117,7 @@ fn the_operator_removes_a_device() {
     expect_bye_then_close(&mut d5, ByeReason::DeviceRemoved);
     expect_removed(&mut d0, 5);
     let answer = srv.query(&format!("device remove {a} 5"));
-    assert!(answer.contains("not online"), "{answer}");
+    assert!(answer.contains("not registered"), "{answer}");
     let shown = parse_info(&srv.query(&format!("show user {a}")));
     assert_eq!(shown["Devices_online"], "0", "{shown:?}");
     let answer = srv.query(&format!("device remove {a} five"));

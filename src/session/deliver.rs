@@ -8,7 +8,6 @@ use crate::shard::{home_shard, ConnRef, Msg};
 use crate::store::{Origin, PushError, Stored};
 
 use super::dedupe::deliver_client_id;
-use super::users::PendingReceipt;
 use super::{Action, Env, Flow, Now, Sessions};
 use crate::cluster::Owner;
 
@@ -221,17 +220,22 @@ impl Sessions {
 
     /// DELIVERED from `user`'s device on `conn`: removes the message from
     /// its queue and relays a delivery receipt, if it was sent to this
-    /// connection. A message sent to several devices of the user leaves the
-    /// queue when the last of them answers, and the receipt goes at the
-    /// first. A repeat for a message delivered recently is ignored
-    /// (idempotent); anything else is refused and removes nothing.
+    /// connection. A message for a user with several registered devices
+    /// leaves the queue when the last of them answers, and the receipt goes
+    /// at the first (`registry.rs`). A repeat for a message delivered
+    /// recently is ignored (idempotent); anything else is refused and
+    /// removes nothing.
     pub(super) fn on_delivered(&mut self, env: &dyn Env, conn: ConnId, user: u64, server_id: u64) {
         let (sent, lane) = self
             .users
             .get_mut(user, conn)
             .map_or((false, 0), |on| (server_id <= on.sent_upto, on.lane));
-        if sent && self.delivered_owed(env, conn, user, server_id, lane) {
-            return;
+        if sent {
+            let all = self.registered(user);
+            if all & !(1 << lane) != 0 {
+                self.delivered_marked(env, conn, user, server_id, lane, all);
+                return;
+            }
         }
         let removed = if sent {
             self.store.remove(user, server_id)
@@ -244,6 +248,7 @@ impl Sessions {
             }
             return;
         };
+        self.forget_mark(user, server_id);
         self.answered(conn, user, &msg);
         if self.config.cluster.is_some() {
             // JetStream may delete it now.
@@ -255,59 +260,9 @@ impl Sessions {
         self.pump_one(env, user, conn, false, None);
     }
 
-    /// DELIVERED from the device on `lane` for a message several devices
-    /// were sent; false if `server_id` is not such a message.
-    fn delivered_owed(
-        &mut self,
-        env: &dyn Env,
-        conn: ConnId,
-        user: u64,
-        server_id: u64,
-        lane: u8,
-    ) -> bool {
-        let Some(o) = self
-            .users
-            .owed_mut(user)
-            .and_then(|owed| owed.get_mut(&server_id))
-        else {
-            return false;
-        };
-        if o.lanes & (1 << lane) == 0 {
-            return true; // this device answered it already
-        }
-        o.lanes &= !(1 << lane);
-        let first = !o.delivered;
-        o.delivered = true;
-        let last = o.lanes == 0;
-        if last {
-            if let Some(owed) = self.users.owed_mut(user) {
-                owed.remove(&server_id);
-            }
-            self.users.owed_tidy(user);
-        }
-        let msg = match self.store.next_after(user, server_id - 1) {
-            Some(m) if m.server_id == server_id => m.clone(),
-            // Gone from the queue another way: nothing left to answer.
-            _ => return true,
-        };
-        self.answered(conn, user, &msg);
-        if first {
-            self.delivery_receipt(user, server_id, msg.from);
-        }
-        if last {
-            self.store.remove(user, server_id);
-            if self.config.cluster.is_some() {
-                self.actions
-                    .push(Action::Cluster(Msg::Done { user, server_id }));
-            }
-        }
-        self.pump_one(env, user, conn, false, None);
-        true
-    }
-
     /// `msg`, sent to `user`'s device on `conn`, was answered: it leaves
     /// that device's delivery window.
-    fn answered(&mut self, conn: ConnId, user: u64, msg: &Stored) {
+    pub(super) fn answered(&mut self, conn: ConnId, user: u64, msg: &Stored) {
         let version = self.slots[conn.index()].version;
         if let Some(on) = self.users.get_mut(user, conn) {
             if msg.server_id <= on.sent_upto {
@@ -328,7 +283,7 @@ impl Sessions {
 
     /// RECEIPT(delivered) of `server_id` for its sender `from`, after the
     /// next commit.
-    fn delivery_receipt(&mut self, user: u64, server_id: u64, from: u64) {
+    pub(super) fn delivery_receipt(&mut self, user: u64, server_id: u64, from: u64) {
         self.replies.push((
             home_shard(from, self.shards),
             Msg::Receipt {
@@ -338,78 +293,6 @@ impl Sessions {
                 peer: user,
             },
         ));
-    }
-
-    /// A further device of `user` came online on `lane`: every message
-    /// already sent to another of its devices and still queued is owed by
-    /// it too (its pump sends them, from the start of the queue).
-    pub(super) fn owe_joined(&mut self, user: u64, lane: u8) {
-        let mut ids = std::mem::take(&mut self.sent_ids);
-        ids.clear();
-        let users = &self.users;
-        // Queue order is id order: the walk stops at the first message no
-        // device was sent, so it is bounded by the devices' windows.
-        self.store.each_after(user, 0, &mut |m| {
-            if users.any_sent(user, m.server_id) {
-                ids.push(m.server_id);
-                true
-            } else {
-                false
-            }
-        });
-        for &id in &ids {
-            // Sent while the user had one device: owed by those sent it.
-            let mut had = 0;
-            for i in 0..self.users.count(user) {
-                let c = self.users.nth_conn(user, i);
-                let on = self.users.get_mut(user, c).expect("a session of user");
-                if on.lane != lane && on.sent_upto >= id {
-                    had |= 1 << on.lane;
-                }
-            }
-            let o = self
-                .users
-                .owed_entry(user)
-                .entry(id)
-                .or_insert(super::users::Owed {
-                    lanes: had,
-                    delivered: false,
-                });
-            o.lanes |= 1 << lane;
-        }
-        ids.clear();
-        self.sent_ids = ids;
-    }
-
-    /// The device on `lane` of `user` went offline: it owes nothing any
-    /// more. A message it was the last to owe leaves the queue if another
-    /// device had it; if none did, it stays queued as never sent.
-    pub(super) fn release_lane(&mut self, user: u64, lane: u8) {
-        let Some(owed) = self.users.owed_mut(user) else {
-            return;
-        };
-        let mut done = std::mem::take(&mut self.sent_ids);
-        done.clear();
-        owed.retain(|&id, o| {
-            o.lanes &= !(1 << lane);
-            if o.lanes != 0 {
-                return true;
-            }
-            if o.delivered {
-                done.push(id);
-            }
-            false
-        });
-        self.users.owed_tidy(user);
-        for &server_id in &done {
-            self.store.remove(user, server_id);
-            if self.config.cluster.is_some() {
-                self.actions
-                    .push(Action::Cluster(Msg::Done { user, server_id }));
-            }
-        }
-        done.clear();
-        self.sent_ids = done;
     }
 
     /// Sends queued messages to `user`'s device on `conn`, up to its
@@ -431,8 +314,8 @@ impl Sessions {
     /// `written`: what this event already wrote to the connection, when the
     /// caller knows it (else the event's actions are counted).
     ///
-    /// Sent to a user with several devices online, a message becomes owed
-    /// by all of them: it stays queued until each answered or went offline.
+    /// A message this device answered already (while others of its user
+    /// have not: a mark) is skipped.
     pub(super) fn pump_one(
         &mut self,
         env: &dyn Env,
@@ -449,20 +332,23 @@ impl Sessions {
         let written = written.unwrap_or_else(|| self.written(conn));
         let pending = env.out_pending(conn) + written;
         let version = self.slots[conn.index()].version;
-        let several = self.users.count(user) > 1;
-        let lanes = self.users.lanes(user);
+        let marks = self.registry.marks.get(&user);
         let Some(on) = self.users.get_mut(user, conn) else {
             return;
         };
+        let bit = 1u32 << on.lane;
         let budget = !live || on.held;
         let at = self.wire.len();
         let mut sent = 0;
         // Whether a committed message is left unsent when the walk stops.
         let mut held = false;
         let (config, wire, guard) = (&self.config, &mut self.wire, &mut self.guard);
-        let ids = &mut self.sent_ids;
-        ids.clear();
         self.store.each_after(user, on.sent_upto, &mut |m| {
+            if marks.is_some_and(|mk| mk.get(&m.server_id).is_some_and(|&b| b & bit != 0)) {
+                // Answered by this device: not sent again.
+                on.sent_upto = m.server_id;
+                return true;
+            }
             if on.inflight as usize >= config.deliver_inflight_max {
                 held = true;
                 return false;
@@ -494,21 +380,9 @@ impl Sessions {
             on.inflight += 1;
             on.inflight_bytes += len as u32;
             sent += 1;
-            if several {
-                ids.push(m.server_id);
-            }
             true
         });
         on.held = held;
-        if several {
-            let owed = self.users.owed_entry(user);
-            for &id in &self.sent_ids {
-                owed.entry(id).or_insert(super::users::Owed {
-                    lanes,
-                    delivered: false,
-                });
-            }
-        }
         if sent > 0 {
             self.stats.msgs_out.add(sent);
             self.actions.push(Action::Write {
@@ -663,29 +537,7 @@ impl Sessions {
                 server_id,
                 peer,
             } => {
-                let receipt = PendingReceipt {
-                    kind,
-                    server_id,
-                    peer,
-                };
-                match self.users.count(user) {
-                    // To every online device of the sender.
-                    n @ 1.. => {
-                        for i in 0..n {
-                            let conn = self.users.nth_conn(user, i);
-                            self.write_receipt(conn, receipt);
-                        }
-                    }
-                    0 => {
-                        // Kept for the sender's next login, within the queue limit.
-                        if !self
-                            .users
-                            .keep_receipt(user, receipt, self.config.queue_len_max)
-                        {
-                            self.stats.receipts_dropped.inc();
-                        }
-                    }
-                }
+                self.on_receipt(user, kind, server_id, peer);
             }
         }
     }
@@ -713,14 +565,20 @@ impl Sessions {
         }
     }
 
-    pub(super) fn write_receipt(&mut self, conn: ConnId, r: PendingReceipt) {
+    pub(super) fn write_receipt(
+        &mut self,
+        conn: ConnId,
+        kind: ReceiptKind,
+        server_id: u64,
+        peer: u64,
+    ) {
         self.stats.receipts.inc();
         self.write(
             conn,
             &Frame::Receipt {
-                kind: r.kind,
-                server_id: r.server_id,
-                peer: r.peer,
+                kind,
+                server_id,
+                peer,
             },
         );
     }
@@ -770,16 +628,16 @@ impl Sessions {
             }
         }
         for user in fresh.drain(..) {
-            let count = self.users.count(user);
-            if count == 0 {
-                // Offline: wake the device through its push service.
-                if let Some(oldest) = self.store.next_after(user, 0) {
-                    let (waiting, oldest_ms) = (self.store.len(user), oldest.time_ms);
-                    self.queued_offline(user, 0, waiting, oldest_ms);
+            // Registered devices that are offline: woken through their
+            // push service, each with what waits for it.
+            if self.push.is_some() {
+                for (device, lane) in self.offline_devices(user) {
+                    if let Some((waiting, oldest_ms)) = self.waiting_for(user, lane) {
+                        self.queued_offline(user, device, waiting, oldest_ms);
+                    }
                 }
-                continue;
             }
-            for i in 0..count {
+            for i in 0..self.users.count(user) {
                 let conn = self.users.nth_conn(user, i);
                 let w = written.get(&conn).copied().unwrap_or(0);
                 self.pump_one(env, user, conn, true, Some(w));

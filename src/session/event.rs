@@ -125,16 +125,21 @@ pub enum Event<'a> {
     },
     /// `conn` is gone (peer closed, send failed) or must go now.
     Closed(ConnId),
-    /// An operator removes device `device` of `user` (homed here): its
-    /// session gets BYE(`device_removed`), the user's other version 2
-    /// devices DEVICE_REMOVED. Nothing happens if it is not online (see
-    /// [`Sessions::device_conn`]).
+    /// An operator removes device `device` of `user` (homed here), online
+    /// or not: its session (if any) gets BYE(`device_removed`), the user's
+    /// other version 2 devices DEVICE_REMOVED, and it leaves the registry
+    /// with its copies. Nothing happens if it is not registered (see
+    /// [`Sessions::registered_devices`]).
     RemoveDevice {
         /// The user.
         user: u64,
         /// The device its token names.
         device: u64,
     },
+    /// Periodic (about once a second): one bounded pass of the
+    /// `device_idle_days_max` expiry over at most this many users of the
+    /// device registry.
+    ExpireDevices(usize),
     /// A closing `conn`'s output is flushed and its write side shut.
     WriteShut(ConnId),
     /// The store wrote the batch of everything staged so far and its sync

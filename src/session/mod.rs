@@ -38,6 +38,7 @@ mod event;
 mod guard;
 mod presence;
 mod push;
+mod registry;
 mod remove;
 #[cfg(test)]
 mod tests;
@@ -142,6 +143,10 @@ pub struct Sessions {
     limits: proto::Limits,
     slots: Vec<Slot>,
     users: Users,
+    /// Registered devices, marks and waiting receipts (`registry.rs`).
+    registry: registry::Registry,
+    /// Wall-clock ms of the event being handled (`Now::unix_ms`).
+    now_ms: u64,
     /// Rate limits and the delivered messages READs may name.
     guard: guard::Guard,
     /// Presence subscriptions, last seen and privacy (`presence.rs`).
@@ -218,6 +223,8 @@ impl Sessions {
             },
             slots: Vec::new(),
             users: Users::default(),
+            registry: registry::Registry::default(),
+            now_ms: 0,
             guard: guard::Guard::new(&config),
             presence: presence::Presence::default(),
             next_seq: (store.max_server_id() >> 10) + 1,
@@ -248,6 +255,7 @@ impl Sessions {
     pub fn on_event(&mut self, now: Now, env: &dyn Env, event: Event<'_>) -> Flow {
         self.actions.clear();
         self.wire.clear();
+        self.now_ms = now.unix_ms;
         let flow = self.handle(now, env, event);
         self.settle_presence(now, env);
         flow
@@ -323,6 +331,10 @@ impl Sessions {
             }
             Event::RemoveDevice { user, device } => {
                 self.remove_device(now, user, device);
+                Flow::Next
+            }
+            Event::ExpireDevices(budget) => {
+                self.expire_devices(now, budget);
                 Flow::Next
             }
             Event::WriteShut(conn) => {
@@ -501,11 +513,6 @@ impl Sessions {
             .collect()
     }
 
-    /// Receipts kept for `user` while it is offline.
-    pub fn receipts_kept(&self, user: u64) -> usize {
-        self.users.receipts_of(user)
-    }
-
     /// Users with rate buckets, and online users with delivered messages
     /// remembered for READ checks: what the abuse guard holds.
     pub fn guard_sizes(&self) -> (usize, usize) {
@@ -558,6 +565,11 @@ impl Sessions {
     pub fn reset(&mut self, now: Now, env: &dyn Env, kept_store: bool) {
         self.actions.clear();
         self.wire.clear();
+        self.now_ms = now.unix_ms;
+        // Registrations kept in sessions only (a user online alone) move to
+        // the registry; a durable store's shard then restores the registry
+        // from its log instead.
+        self.registry_keep_online();
         self.slots.clear();
         self.users.clear();
         self.copies.clear();
@@ -849,8 +861,9 @@ impl Sessions {
 
     /// Makes `conn` the session of `device` of `user` on this, its home
     /// shard: it replaces the session of the same device, or joins those of
-    /// the user's other devices up to `devices_per_user_max`. Returns false
-    /// (LOGIN_ERR `too_many_devices` sent) past that. `greet` sends LOGIN_OK
+    /// the user's other devices; a new device is registered, up to
+    /// `devices_per_user_max` registered devices. Returns false (LOGIN_ERR
+    /// `too_many_devices` sent) past that. `greet` sends LOGIN_OK
     /// (not to a session carried from a predecessor).
     fn install(&mut self, now: Now, env: &dyn Env, conn: ConnId, who: Who, greet: bool) -> bool {
         let Who {
@@ -873,16 +886,20 @@ impl Sessions {
                 },
             );
             self.close_after_flush(now, old);
-        } else if online >= self.config.devices_per_user_max {
-            self.stats.logins_failed.inc();
-            self.stats.login_failures_too_many_devices.inc();
-            let text = format!(
-                "user {user} has {online} devices online, the most this server allows \
-                 (devices_per_user_max)"
-            );
-            self.login_err(now, conn, ErrorCode::TooManyDevices, &text);
-            return false;
         }
+        let lane = match self.login_lane(user, device) {
+            Ok(lane) => lane,
+            Err(registered) => {
+                self.stats.logins_failed.inc();
+                self.stats.login_failures_too_many_devices.inc();
+                let text = format!(
+                    "user {user} has {registered} devices registered, the most this server \
+                     allows (devices_per_user_max); remove one with DEVICE_REMOVE"
+                );
+                self.login_err(now, conn, ErrorCode::TooManyDevices, &text);
+                return false;
+            }
+        };
         self.stats.logins_ok.inc();
         self.actions.push(Action::Established(conn));
         let s = &mut self.slots[conn.index()];
@@ -890,14 +907,12 @@ impl Sessions {
         s.device = device;
         s.state = State::Active;
         s.version = version;
-        let lane = self.users.go_online(user, conn);
-        if self.users.count(user) > 1 {
-            self.owe_joined(user, lane);
-        }
+        self.users.go_online(user, conn, lane);
         self.stats.users_online.set(self.users.len() as u64);
         self.stats.sessions_online.set(self.users.sessions() as u64);
         if greet {
-            let offline_count = self.store.len(user) as u64;
+            // What waits for this device (others may have answered some).
+            let offline_count = self.waiting_for(user, lane).map_or(0, |(n, _)| n as u64);
             self.write(
                 conn,
                 &Frame::LoginOk {
@@ -906,9 +921,7 @@ impl Sessions {
                 },
             );
         }
-        for receipt in self.users.take_receipts(user) {
-            self.write_receipt(conn, receipt);
-        }
+        self.give_receipts(user, conn, lane);
         if !replacing {
             self.presence_online(now, env, user);
         }
@@ -1017,20 +1030,20 @@ impl Sessions {
         });
     }
 
-    /// Takes `conn`'s session of its user offline, if it is one: what
-    /// its device owed is let go, and once the user's last device leaves,
-    /// what was delivered to it is forgotten.
+    /// Takes `conn`'s session of its user offline, if it is one: its
+    /// device stays registered and owes what it owed; once the user's last
+    /// device leaves, what was delivered to it is forgotten.
     fn go_offline(&mut self, conn: ConnId) {
         let Some(s) = self.slots.get(conn.index()) else {
             return;
         };
-        let (user, gen) = (s.user, s.gen);
+        let (user, gen, device) = (s.user, s.gen, s.device);
         if user == 0 {
             return;
         }
         self.guard.forget(conn);
         if let Some(lane) = self.users.go_offline(user, conn) {
-            self.release_lane(user, lane);
+            self.registry_offline(user, device, lane);
             self.presence_gone(user, conn, gen);
             self.stats.users_online.set(self.users.len() as u64);
             self.stats.sessions_online.set(self.users.sessions() as u64);

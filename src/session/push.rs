@@ -1,6 +1,6 @@
 //! The session layer's side of push notices (`crate::push`): when a
-//! message is queued for a device that is offline, one [`Notice`] is
-//! offered to the push thread. Offering never blocks; the push thread
+//! message is queued for a registered device that is offline, one
+//! [`Notice`] per such device is offered to the push thread. Offering never blocks; the push thread
 //! spaces and batches the POSTs.
 
 use crate::push::{Notice, Notices};
@@ -17,9 +17,10 @@ impl Sessions {
     /// The hook: messages were queued (and committed) for `device` of
     /// `user`, which is offline; `waiting` messages wait for it, the oldest
     /// since `oldest_ms` (Unix ms). Called once per commit per device, not
-    /// per message. Until devices land every user is device 0; the devices
-    /// work calls this once per registered offline device, with that
-    /// device's own counts.
+    /// per message: once per registered device of `user` that is offline
+    /// (whether or not another of its devices is online), with what waits
+    /// for that device (messages it has not answered). A user with no
+    /// registered device is named as device 0.
     pub(super) fn queued_offline(
         &mut self,
         user: u64,

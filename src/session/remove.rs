@@ -1,11 +1,10 @@
 //! Removing a device of a user (issue 11): DEVICE_REMOVE from another of
 //! its devices, or `device remove` by an operator ([`Event::RemoveDevice`]).
 //!
-//! Without the durable device registry (not built yet), the devices a user
-//! has are the ones online here, on its home shard: removing one closes
-//! its session with BYE(`device_removed`) and tells the user's other
-//! version 2 devices online with DEVICE_REMOVED. What was queued for the
-//! user stays queued, exactly as when that device goes offline.
+//! Any registered device can be removed, online or not (`registry.rs`):
+//! its session, if any, is closed with BYE(`device_removed`), the user's
+//! other version 2 devices online get DEVICE_REMOVED, and it leaves the
+//! registry durably: what only it still owed leaves the queue.
 
 use super::*;
 
@@ -46,7 +45,7 @@ impl Sessions {
             // A device may remove itself: its own BYE was just written.
             return u64::from(s.device) != device;
         }
-        let text = format!("device {device} of user {user} is not online");
+        let text = format!("device {device} of user {user} is not registered");
         self.write(
             conn,
             &Frame::Error {
@@ -59,22 +58,25 @@ impl Sessions {
     }
 
     /// Removes device `device` of `user`: BYE(`device_removed`) to its
-    /// session and DEVICE_REMOVED to the user's other version 2 devices
-    /// online. `false` (and nothing done) if that device is not online.
+    /// session if online, out of the registry with its copies, and
+    /// DEVICE_REMOVED to the user's other version 2 devices online.
+    /// `false` (and nothing done) if that device is not registered.
     pub(super) fn remove_device(&mut self, now: Now, user: u64, device: u64) -> bool {
-        let Some(gone) = self.device_conn(user, device) else {
+        let registered = u32::try_from(device)
+            .is_ok_and(|d| self.registered_devices(user).binary_search(&d).is_ok());
+        if !registered {
             return false;
-        };
+        }
+        if let Some(gone) = self.device_conn(user, device) {
+            // Closing first takes it out of the user's sessions (into the
+            // registry's entry), so the notice below goes to the others.
+            self.bye(now, gone, ByeReason::DeviceRemoved);
+        }
+        let removed = self.unregister(user, device).is_some();
+        debug_assert!(removed, "a registered device has a registry entry offline");
         log::info!("shard {}: device {device} of user {user} removed", self.id);
         self.stats.devices_removed.inc();
-        // Closing first takes it out of the user's sessions, so the notice
-        // below goes to the others only.
-        self.bye(now, gone, ByeReason::DeviceRemoved);
-        for conn in self.conns_of(user) {
-            if self.slots[conn.index()].version >= proto::VERSION_2 {
-                self.write(conn, &Frame::DeviceRemoved { device });
-            }
-        }
+        self.tell_removed(user, device);
         true
     }
 }

@@ -12,6 +12,7 @@ mod cluster;
 mod dedupe;
 mod presence;
 mod push;
+mod registry;
 mod remove;
 
 use super::*;
@@ -967,7 +968,7 @@ fn login_device(h: &mut Harness, conn: u32, user: u64, device: u32) -> Out {
 }
 
 #[test]
-fn a_message_to_two_devices_stays_until_both_answered_or_left() {
+fn a_message_to_two_devices_stays_until_both_answered() {
     let mut h = Harness::one();
     login_device(&mut h, 0, 7, 1);
     login_device(&mut h, 1, 7, 2);
@@ -997,25 +998,33 @@ fn a_message_to_two_devices_stays_until_both_answered_or_left() {
     assert_eq!(h.s.window_of(7, A), Some((0, 0)));
     assert_eq!(h.s.window_of(7, B), Some((0, 0)));
 
-    // B leaves owing a message A answered: it is let go.
+    // B leaves owing a message A answered: it stays for B, registered.
     h.send(2, 2, 7, b"two");
     let out = h.commit(&[]);
-    let id = deliver_ids(&out.to(A))[0];
-    h.frame(A, Frame::Delivered { server_id: id });
+    let two = deliver_ids(&out.to(A))[0];
+    h.frame(A, Frame::Delivered { server_id: two });
     assert_eq!(h.s.store().len(7), 1);
     h.step(Event::Closed(B));
-    assert_eq!(h.s.store().len(7), 0);
+    assert_eq!(h.s.store().len(7), 1);
     assert_eq!((h.s.users_online(), h.s.sessions_online()), (2, 2));
+    assert_eq!(h.s.registered_devices(7), [1, 2]);
+    // Back on another connection, B gets it, and its answer lets it go.
+    let out = login_device(&mut h, 3, 7, 2);
+    assert_eq!(deliver_ids(&out.to(ConnId(3))), [two]);
+    h.frame(ConnId(3), Frame::Delivered { server_id: two });
+    assert_eq!(h.s.store().len(7), 0);
 
-    // A device joining while A has one in flight gets it too.
+    // A device registering while A has one in flight owes it too.
     h.send(2, 3, 7, b"three");
     let out = h.commit(&[]);
     let id = deliver_ids(&out.to(A))[0];
-    let out = login_device(&mut h, 3, 7, 2);
     assert_eq!(deliver_ids(&out.to(ConnId(3))), [id]);
+    let out = login_device(&mut h, 4, 7, 5);
+    assert_eq!(deliver_ids(&out.to(ConnId(4))), [id]);
     h.frame(A, Frame::Delivered { server_id: id });
-    assert_eq!(h.s.store().len(7), 1);
     h.frame(ConnId(3), Frame::Delivered { server_id: id });
+    assert_eq!(h.s.store().len(7), 1);
+    h.frame(ConnId(4), Frame::Delivered { server_id: id });
     assert_eq!(h.s.store().len(7), 0);
 }
 

@@ -1,9 +1,7 @@
 //! The users logged in on this, their home shard: the session of each of
-//! their online devices (which connection, its delivery window), the
-//! messages several devices still owe a DELIVERED for, and receipts waiting
-//! for users who are offline.
-
-use std::collections::BTreeMap;
+//! their online devices (which connection, its delivery window). What
+//! outlives a session (registered devices, marks, receipts waiting for a
+//! device) is the registry's (`registry.rs`).
 
 // foldhash, not std's SipHash: these maps are looked up for every frame,
 // and SipHash was ~13 % of a pipelined message's CPU
@@ -11,7 +9,6 @@ use std::collections::BTreeMap;
 use foldhash::HashMap;
 
 use crate::io::ConnId;
-use crate::proto::ReceiptKind;
 
 /// One online device of a user on its home shard: its session.
 #[derive(Debug)]
@@ -27,9 +24,8 @@ pub(super) struct Online {
     /// Queued messages were left unsent by the last pump (in-flight cap or
     /// output budget): the connection is catching up on a backlog.
     pub(super) held: bool,
-    /// This session's bit (0..32) among its user's online devices: the
-    /// devices that still owe a DELIVERED for a message are a mask of them.
-    /// Also in the padding.
+    /// This session's device's lane (0..32) in its user's registry: its
+    /// bit in the masks of marks and receipts. Also in the padding.
     pub(super) lane: u8,
 }
 
@@ -50,28 +46,10 @@ impl Online {
     }
 }
 
-/// A message sent to several online devices of its user and not yet
-/// answered by all of them: it stays queued until it is.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Owed {
-    /// Lanes of the online devices that still owe its DELIVERED.
-    pub(super) lanes: u32,
-    /// A device answered it: the delivery receipt has gone to the sender.
-    pub(super) delivered: bool,
-}
-
-/// A delivery or read receipt waiting for its (offline) recipient.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct PendingReceipt {
-    pub(super) kind: ReceiptKind,
-    pub(super) server_id: u64,
-    pub(super) peer: u64,
-}
-
-/// Who is online on this shard, and what waits for those who are not.
+/// Who is online on this shard.
 ///
 /// A user with one device online costs one `online` entry, as before
-/// devices; only users with several online have `more` and `owed` entries.
+/// devices; only users with several online have a `more` entry.
 #[derive(Default)]
 pub(super) struct Users {
     /// Each online user's first session.
@@ -79,13 +57,8 @@ pub(super) struct Users {
     /// The sessions of further devices, for users with several online (at
     /// most `devices_per_user_max - 1` each).
     more: HashMap<u64, Vec<Online>>,
-    /// Per user: messages sent to several of its devices that some still
-    /// owe a DELIVERED for, by server id.
-    owed: HashMap<u64, BTreeMap<u64, Owed>>,
     /// Sessions online: `online` plus every `more` entry.
     sessions: usize,
-    /// Receipts for users who were offline when they came, sent at login.
-    receipts: HashMap<u64, Vec<PendingReceipt>>,
 }
 
 impl Users {
@@ -136,15 +109,6 @@ impl Users {
         self.online.get(&user)
     }
 
-    /// Whether any session of `user` was sent `server_id` already.
-    pub(super) fn any_sent(&self, user: u64, server_id: u64) -> bool {
-        self.online
-            .get(&user)
-            .into_iter()
-            .chain(self.more.get(&user).into_iter().flatten())
-            .any(|o| o.sent_upto >= server_id)
-    }
-
     /// The lanes of `user`'s online sessions.
     pub(super) fn lanes(&self, user: u64) -> u32 {
         self.online
@@ -154,13 +118,16 @@ impl Users {
             .fold(0, |m, o| m | 1 << o.lane)
     }
 
-    /// Adds `conn` as a session of `user` (the caller checked the device
-    /// limit and replaced a session of the same device); returns its lane.
-    pub(super) fn go_online(&mut self, user: u64, conn: ConnId) -> u8 {
+    /// Adds `conn` as a session of `user`, its device registered on `lane`
+    /// (the caller checked the device limit and replaced a session of the
+    /// same device).
+    pub(super) fn go_online(&mut self, user: u64, conn: ConnId, lane: u8) {
         self.sessions += 1;
         let taken = self.lanes(user);
-        let lane = (!taken).trailing_zeros() as u8;
-        debug_assert!(lane < 32, "user {user} has 32 sessions");
+        debug_assert!(
+            taken & (1 << lane) == 0,
+            "lane {lane} of {user} online twice"
+        );
         if taken == 0 {
             self.online.insert(user, Online::new(conn, lane));
         } else {
@@ -170,7 +137,6 @@ impl Users {
             more.reserve_exact(1);
             more.push(Online::new(conn, lane));
         }
-        lane
     }
 
     /// Takes `conn`'s session of `user` offline; returns its lane if `conn`
@@ -203,23 +169,9 @@ impl Users {
         Some(lane)
     }
 
-    /// The messages several of `user`'s devices were sent and some still
-    /// owe a DELIVERED for, if any.
-    pub(super) fn owed_mut(&mut self, user: u64) -> Option<&mut BTreeMap<u64, Owed>> {
-        self.owed.get_mut(&user)
-    }
-
-    /// `user`'s owed messages, made if it has none.
-    pub(super) fn owed_entry(&mut self, user: u64) -> &mut BTreeMap<u64, Owed> {
-        self.owed.entry(user).or_default()
-    }
-
-    /// Forgets `user`'s owed messages if none is left.
-    pub(super) fn owed_tidy(&mut self, user: u64) {
-        if self.owed.get(&user).is_some_and(BTreeMap::is_empty) {
-            self.owed.remove(&user);
-            crate::memory::shrink_map(&mut self.owed);
-        }
+    /// Every online user with its first session's connection and lane.
+    pub(super) fn firsts(&self) -> impl Iterator<Item = (u64, ConnId, u8)> + '_ {
+        self.online.iter().map(|(&u, o)| (u, o.conn, o.lane))
     }
 
     /// The first session's DELIVERs in flight and their bytes, if online.
@@ -239,35 +191,10 @@ impl Users {
         self.sessions
     }
 
-    /// The receipts kept for `user` while it was offline.
-    pub(super) fn take_receipts(&mut self, user: u64) -> Vec<PendingReceipt> {
-        let taken = self.receipts.remove(&user).unwrap_or_default();
-        crate::memory::shrink_map(&mut self.receipts);
-        taken
-    }
-
-    /// Keeps a receipt for offline `user`, at most `len_max` of them;
-    /// returns false (dropped) past that.
-    pub(super) fn keep_receipt(&mut self, user: u64, r: PendingReceipt, len_max: usize) -> bool {
-        let pending = self.receipts.entry(user).or_default();
-        if pending.len() < len_max {
-            pending.push(r);
-            return true;
-        }
-        false
-    }
-
-    /// Receipts kept for `user`.
-    pub(super) fn receipts_of(&self, user: u64) -> usize {
-        self.receipts.get(&user).map_or(0, Vec::len)
-    }
-
     /// Forgets everyone (after a crash).
     pub(super) fn clear(&mut self) {
         self.online.clear();
         self.more.clear();
-        self.owed.clear();
         self.sessions = 0;
-        self.receipts.clear();
     }
 }

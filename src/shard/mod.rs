@@ -43,6 +43,7 @@ use crate::upgrade::state::Carried;
 mod admit;
 mod carry;
 mod conns;
+mod devices;
 mod operate;
 mod presence;
 mod route;
@@ -55,6 +56,7 @@ pub use route::{home_shard, ConnRef, Msg};
 
 use admit::Admission;
 use conns::Conns;
+use devices::DeviceWriter;
 use presence::PresenceWriter;
 use route::{Outboxes, Peers};
 use sync::Syncer;
@@ -64,6 +66,10 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// What a buffer reused across loop iterations keeps of its capacity at
 /// each `memory_release_ms`, in bytes (a quiet iteration needs far less).
 const REUSED_KEEP_BYTES: usize = 1024;
+/// Users of the device registry one `device_idle_days_max` pass looks at
+/// (about once a second): a million registered users are all checked
+/// within about four minutes, at a few microseconds per pass.
+const EXPIRE_USERS_PER_PASS: usize = 4096;
 /// Poll timeout while an outbox waits for ring space.
 const OUTBOX_RETRY: Duration = Duration::from_millis(1);
 
@@ -205,6 +211,8 @@ pub struct Shard {
     memory_released: Instant,
     /// Writes last seen and privacy changes to the presence log.
     presence: PresenceWriter,
+    /// Writes the device registry's changes to the device log.
+    devices: DeviceWriter,
     ops: Option<Arc<Ops>>,
     /// Operator requests being served (reused).
     requests: Vec<Request>,
@@ -277,6 +285,7 @@ impl Shard {
         let mut sessions = Sessions::new(config.clone(), id, shards, store, stats.clone());
         sessions.set_push(push);
         let presence = PresenceWriter::open(&config, id, &mut sessions, clock.now());
+        let devices = DeviceWriter::open(&config, id, &mut sessions);
         Shard {
             id,
             syncer: Syncer::new(&io, id),
@@ -286,6 +295,7 @@ impl Shard {
             peers: Peers::new(id, peers),
             sessions,
             presence,
+            devices,
             conns: Conns::default(),
             admission: Admission::new(&config, shards),
             refused: Vec::new(),
@@ -403,6 +413,8 @@ impl Shard {
         if self.config.store_durability() != Durability::Memory {
             let store = open_store(&self.config, self.id, self.clock.clone())?;
             self.sessions.replace_store(store);
+            self.devices
+                .reopen(&self.config, self.id, &mut self.sessions);
         }
         Ok(())
     }
@@ -514,8 +526,10 @@ impl Shard {
                 // left) before the shard exits.
                 while let Some(done) = self.syncer.poll(true) {
                     self.synced(done);
+                    self.devices.flush(&mut self.sessions);
                     self.commit();
                 }
+                self.devices.flush(&mut self.sessions);
                 self.carry_out();
                 self.close_all();
                 let now = self.clock.now();
@@ -553,6 +567,7 @@ impl Shard {
         if self.sessions.crash_requested() {
             panic!("injected shard crash (debug hook)");
         }
+        self.devices.flush(&mut self.sessions);
         self.commit();
         self.presence
             .flush(&mut self.sessions, self.clock.now(), false);
@@ -566,6 +581,7 @@ impl Shard {
         let now = self.clock.now();
         if self.loop_timer.record(now - started, now, &self.stats) {
             self.admission.sweep(self.now.unix_ms);
+            self.event(Event::ExpireDevices(EXPIRE_USERS_PER_PASS));
             self.publish_gauges();
             self.release_memory(now);
         }

@@ -123,6 +123,13 @@ impl Shard {
             .map(u32::to_string)
             .collect();
         line("Devices_online", &devices.join(" "));
+        let registered: Vec<String> = self
+            .sessions
+            .registered_devices(user)
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        line("Devices_registered", &registered.join(" "));
         // One line per session (device) online, in the order they joined.
         for (conn, device) in self.sessions.conns_of(user).into_iter().zip(devices) {
             let (inflight, _) = self.sessions.window_of(user, conn).unwrap_or((0, 0));
@@ -265,12 +272,18 @@ impl Shard {
 
     /// Removes device `device` of `user` (see [`Event::RemoveDevice`]).
     fn remove_device(&mut self, user: u64, device: u64) -> String {
-        // Only online devices are known until the durable registry exists.
-        if self.sessions.device_conn(user, device).is_none() {
-            return format!("Device {device} of user {user} is not online (unknown_device).\n");
+        let registered = u32::try_from(device)
+            .is_ok_and(|d| self.sessions.registered_devices(user).contains(&d));
+        if !registered {
+            return format!("Device {device} of user {user} is not registered (unknown_device).\n");
         }
+        let online = self.sessions.device_conn(user, device).is_some();
         self.event(Event::RemoveDevice { user, device });
-        format!("Device {device} of user {user} removed: closed with BYE(device_removed).\n")
+        if online {
+            format!("Device {device} of user {user} removed: closed with BYE(device_removed).\n")
+        } else {
+            format!("Device {device} of user {user} removed (it was offline).\n")
+        }
     }
 
     /// Closes the sessions due by now in this drain, at most one pass over

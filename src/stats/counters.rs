@@ -226,6 +226,12 @@ shard_stats! {
         Counter moved_closes,
         /// Devices removed (DEVICE_REMOVE from another device of the user, or `device remove` on the stats socket): their sessions closed with BYE(device_removed).
         Counter devices_removed,
+        /// Registered devices dropped with their copies after device_idle_days_max offline.
+        Counter devices_expired,
+        /// Device log records made durable (registrations, last online times, marks of messages some devices answered, receipts kept and handed out).
+        Counter device_records,
+        /// Receipts waiting (durably) for a device of their user that is offline.
+        Gauge receipts_waiting,
         /// Sessions an operator closed with BYE(kicked): `kick user`, or `ban user` while online.
         Counter kicks,
         /// Logged-in connections moved here from the shard that accepted them.

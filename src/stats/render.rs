@@ -216,7 +216,7 @@ fn render_help() -> String {
 fn render_info(view: &StatsView, process: Process) -> String {
     let conns = view.sum(|s| &s.conns);
     let bytes_per_conn = process.rss_bytes.checked_div(conns).unwrap_or(0);
-    let lines: [(&str, String); 19] = [
+    let lines: [(&str, String); 21] = [
         ("Version", view.version.to_string()),
         ("Pid", view.upgrade.pid.to_string()),
         ("Generation", view.upgrade.generation.to_string()),
@@ -240,6 +240,14 @@ fn render_info(view: &StatsView, process: Process) -> String {
         ("Msgs_out", view.sum(|s| &s.msgs_out).to_string()),
         ("Panics", view.sum(|s| &s.panics).to_string()),
         ("Restarts", view.sum(|s| &s.restarts).to_string()),
+        (
+            "Devices_expired",
+            view.sum(|s| &s.devices_expired).to_string(),
+        ),
+        (
+            "Receipts_waiting",
+            view.sum(|s| &s.receipts_waiting).to_string(),
+        ),
         ("Rss_bytes", process.rss_bytes.to_string()),
         ("Bytes_per_conn", bytes_per_conn.to_string()),
     ];
@@ -932,6 +940,8 @@ pub(crate) mod tests {
             ("Msgs_out", "3000"),
             ("Panics", "1"),
             ("Restarts", "0"),
+            ("Devices_expired", "0"),
+            ("Receipts_waiting", "0"),
             ("Rss_bytes", "7000"),
             ("Bytes_per_conn", "1000"),
             ("Generation", "0"),

@@ -38,6 +38,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod devices;
 pub mod fault;
 mod files;
 pub mod log;
