@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use tern::config::Config;
 use tern::server::{Handover, Server};
+use tern::shard::Next;
 use tern::upgrade::{Successor, Taker, UpgradeInfo};
 
 mod demo;
@@ -475,7 +476,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             // data directory, then start on them.
             let began = Instant::now();
             let (generation, listeners) = taker.hello()?;
-            let carried = taker.released(config.frame_bytes_max)?;
+            taker.released()?;
             // SAFETY: getppid has no preconditions.
             let parent = unsafe { libc::getppid() };
             let info = UpgradeInfo::taken_over(
@@ -491,9 +492,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             let handover = Handover {
                 listeners: Some(listeners),
                 info: Arc::new(info),
-                carried,
             };
-            (handover, Some(taker))
+            (handover, Some((taker, parent, began)))
         }
     };
     let info = handover.info.clone();
@@ -502,10 +502,35 @@ fn serve(args: ServeArgs) -> Result<()> {
     // may take `upgrade` at once.
     info.enable_signal();
     let rollback_config = config.clone();
+    let frame_bytes_max = config.frame_bytes_max;
     let mut server = Server::start_with(config, handover)?;
-    if let Some(taker) = taker {
-        taker.serving()?;
-        log::info!("upgrade: generation {} serving", info.generation);
+    if let Some((taker, parent, began)) = taker {
+        // Serving already: the carried connections come in now, each
+        // installed on its user's home shard as it arrives.
+        let generation = info.generation;
+        let carried = taker.take_carried(frame_bytes_max, |fd, c| server.adopt(fd, c));
+        let last = match carried {
+            Ok(n) => format!(
+                "took over from pid {parent} (generation {}) in {} ms, {n} connections carried",
+                generation - 1,
+                began.elapsed().as_millis()
+            ),
+            Err(why) => {
+                // The old process is gone or failed: this one serves on;
+                // the connections that did not come reconnect.
+                log::error!("upgrade: {why}");
+                format!(
+                    "took over from pid {parent} (generation {}), carrying failed: {why}",
+                    generation - 1
+                )
+            }
+        };
+        log::info!("upgrade: {last}");
+        info.end(last);
+        if let Err(why) = taker.serving() {
+            log::error!("upgrade: {why}");
+        }
+        log::info!("upgrade: generation {generation} serving");
     }
     // A shard that gives up past its restart intensity ends the wait below.
     let handle = signals.handle();
@@ -535,7 +560,6 @@ fn serve(args: ServeArgs) -> Result<()> {
                             let handover = Handover {
                                 listeners: Some(listeners),
                                 info: info.clone(),
-                                carried: Vec::new(),
                             };
                             let server = Server::start_with(rollback_config.clone(), handover)?;
                             let closer = handle.clone();
@@ -623,18 +647,45 @@ fn hand_over(
         "upgrade: pid {} has the listeners; stopping the shards",
         successor.pid
     );
-    let carried = server.carried();
     server.shutdown_for_upgrade();
-    server.join();
-    let carried = std::mem::take(&mut *carried.out.lock().unwrap_or_else(|p| p.into_inner()));
-    log::info!("upgrade: carrying {} connections", carried.len());
-    if let Err(why) = successor.send_carried(&carried) {
+    let released = server.release();
+    if let Err(why) = successor.release() {
+        released.carry.abort();
+        released.join();
         let why = successor.abandon(why);
         return Err(Box::new((Kept::Listeners(listeners), why)));
     }
-    // Our copies close here: the successor holds the carried sockets.
-    drop(carried);
-    match successor.release() {
+    // The successor opens the data directory and serves while the kept
+    // connections go, a batch at a time.
+    let mut count: u32 = 0;
+    let failed = loop {
+        match released
+            .carry
+            .next(released.shards, tern::upgrade::STEP_WAIT)
+        {
+            Next::Batch(batch) => {
+                let n = batch.len();
+                if let Err(why) = successor.send_carried(&batch) {
+                    break Some(why);
+                }
+                // Our copies close here: the successor holds them.
+                drop(batch);
+                released.carry.sent(n);
+                count = count.saturating_add(n as u32);
+            }
+            Next::Done => break None,
+            Next::TimedOut => break Some("the shards queued nothing in time".to_string()),
+        }
+    };
+    if let Some(why) = failed {
+        released.carry.abort();
+        released.join();
+        let why = successor.abandon(why);
+        return Err(Box::new((Kept::Listeners(listeners), why)));
+    }
+    released.join();
+    log::info!("upgrade: {count} connections carried");
+    match successor.finish(count) {
         Ok(pid) => {
             log::info!(
                 "upgrade: hand-over to pid {pid} took {} ms",

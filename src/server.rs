@@ -27,7 +27,7 @@ use crate::io::{Io, IoOptions, Listeners, PeerInfo, WakeHandle};
 use crate::ops::{Bans, Ops};
 use crate::push::Pusher;
 use crate::ring::{self, Links};
-use crate::shard::{open_store, Msg, Shard, ShardParts};
+use crate::shard::{open_store, Adopt, Msg, Shard, ShardParts};
 use crate::stats::{Health, ShardStats, SocketAccess, StatsServer, StatsView};
 use crate::supervisor::Fatal;
 use crate::tls::TlsContext;
@@ -44,9 +44,6 @@ pub struct Handover {
     pub listeners: Option<Vec<Listeners>>,
     /// The process's generation and upgrade state (shown by `show info`).
     pub info: Arc<UpgradeInfo>,
-    /// Connections carried from the predecessor with their session state;
-    /// each goes to its user's home shard.
-    pub carried: Vec<(OwnedFd, Carried)>,
 }
 
 /// What a shard waits for once every shard has reported: its ends of the
@@ -75,6 +72,8 @@ pub struct Server {
     upgrade: Arc<AtomicBool>,
     /// Where the shards leave the connections they carry.
     carried_out: Arc<crate::shard::Carry>,
+    /// Where connections carried from a predecessor wait for their shards.
+    adopt: Arc<Adopt>,
     /// Copies of every shard's listening sockets, handed to a successor
     /// (or started on again when it fails). Dropped when shutdown begins:
     /// a stopping server refuses connects (an upgrading one has handed
@@ -212,11 +211,7 @@ impl Server {
             .collect::<IoResult<Vec<_>>>()?;
         let upgrade = Arc::new(AtomicBool::new(false));
         let carried_out = Arc::new(crate::shard::Carry::new(shards));
-        let mut adopt: Vec<Vec<(OwnedFd, Carried)>> = (0..shards).map(|_| Vec::new()).collect();
-        for (fd, c) in handover.carried {
-            adopt[crate::shard::home_shard(c.user, shards)].push((fd, c));
-        }
-        let mut adopt = adopt.into_iter();
+        let adopt = Arc::new(Adopt::new(shards));
         // Each shard builds its backend on its own thread (an io_uring ring
         // belongs to the thread that submits to it), reports how to wake it,
         // then waits for its ends of the ring mesh.
@@ -263,7 +258,7 @@ impl Server {
             let stop = stop.clone();
             let upgrade = upgrade.clone();
             let carried_out = carried_out.clone();
-            let adopt = adopt.next().unwrap_or_default();
+            let adopt = adopt.clone();
             let config = config.clone();
             let tls = tls.clone();
             let owners = owners.clone();
@@ -310,13 +305,17 @@ impl Server {
                         bridge,
                         push,
                         ops: Some(ops),
-                        carry: carried_out,
+                        carry: carried_out.clone(),
                         adopt,
                     };
                     match Shard::new(parts).run() {
-                        Ok(()) => log::debug!("shard {id} stopped"),
+                        // Live upgrade: the store is closed; the kept
+                        // connections go to the main thread from here.
+                        Ok(Some(out)) => return carried_out.stream(out),
+                        Ok(None) => log::debug!("shard {id} stopped"),
                         Err(e) => log::error!("shard {id} failed: {e}"),
                     }
+                    carried_out.leave();
                 })?;
             threads.push(thread);
         }
@@ -384,6 +383,7 @@ impl Server {
             ops: Some(ops.clone()),
         });
         ops.set_wakers(wakers.clone());
+        adopt.set_wakers(wakers.clone());
         let stats = match StatsServer::spawn(
             &config.stats_socket,
             stats_access,
@@ -429,6 +429,7 @@ impl Server {
             fatal,
             upgrade,
             carried_out,
+            adopt,
             listeners: std::sync::Mutex::new(kept),
             health,
             _data_dir: data_dir,
@@ -508,28 +509,55 @@ impl Server {
         kept.iter().map(Listeners::try_clone).collect()
     }
 
-    /// [`Server::shutdown`] for a live upgrade: on the poll backend every
-    /// logged-in plaintext connection is frozen and left in
-    /// [`Server::carried`]; every other connection gets BYE(upgrade)
-    /// instead of BYE(shutdown), so its client reconnects at once.
+    /// [`Server::shutdown`] for a live upgrade: every logged-in plaintext
+    /// connection is frozen and kept for the successor (where the backend
+    /// [carries](crate::io::Io::carries)); every other connection gets
+    /// BYE(upgrade) instead of BYE(shutdown), so its client reconnects at
+    /// once. Then [`Server::release`].
     pub fn shutdown_for_upgrade(&self) {
         self.upgrade.store(true, Ordering::Relaxed);
         self.shutdown();
     }
 
-    /// After [`Server::shutdown_for_upgrade`] and [`Server::join`]: the
-    /// connections the shards carry to the successor (poll backend).
-    pub fn carried(&self) -> Arc<crate::shard::Carry> {
-        self.carried_out.clone()
+    /// Live upgrade, successor: queues a connection carried from the
+    /// predecessor for its user's home shard, first waiting while
+    /// [`ADOPT_QUEUED_MAX`](crate::shard::ADOPT_QUEUED_MAX) are queued.
+    pub fn adopt(&self, fd: OwnedFd, carried: Carried) {
+        let home = crate::shard::home_shard(carried.user, self.wakers.len());
+        self.adopt.push(home, fd, carried);
+    }
+
+    /// After [`Server::shutdown_for_upgrade`]: waits until every shard has
+    /// closed its store, then releases the stats socket and the data
+    /// directory's lock. The shards go on queueing their kept connections
+    /// ([`Carry::next`](crate::shard::Carry::next) on
+    /// [`Released::carry`]); join them with [`Released::join`].
+    pub fn release(mut self) -> Released {
+        let shards = self.wakers.len();
+        self.carried_out.wait_released(shards);
+        self.stop_services();
+        Released {
+            carry: self.carried_out.clone(),
+            shards,
+            threads: std::mem::take(&mut self.threads),
+        }
+        // The data directory's lock goes with `self`.
     }
 
     /// Waits for every shard to finish, then closes the stats socket.
+    /// Connections kept for a successor that was never released to are
+    /// closed.
     pub fn join(mut self) {
+        self.carried_out.abort();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 log::error!("a shard thread panicked");
             }
         }
+        self.stop_services();
+    }
+
+    fn stop_services(&mut self) {
         if let Some(stats) = self.stats.take() {
             stats.stop();
         }
@@ -539,6 +567,28 @@ impl Server {
         // The shards are gone, and their ends of the push queue with them.
         if let Some(pusher) = self.pusher.take() {
             pusher.join();
+        }
+    }
+}
+
+/// A server released for a live upgrade ([`Server::release`]): its shard
+/// threads still send the connections they kept.
+pub struct Released {
+    /// Where the shards queue their kept connections.
+    pub carry: Arc<crate::shard::Carry>,
+    /// How many shards queue.
+    pub shards: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Released {
+    /// Waits for every shard thread to end (after the last batch was
+    /// taken, or [`crate::shard::Carry::abort`]).
+    pub fn join(self) {
+        for t in self.threads {
+            if t.join().is_err() {
+                log::error!("a shard thread panicked");
+            }
         }
     }
 }

@@ -1,12 +1,15 @@
 //! Live upgrade (issue 14) with the real binary, over real sockets, on the
 //! suite's backend:
 //!
-//! - chatting clients (the self-healing client library) across three
-//!   upgrades in a row to the same binary: every message sent is shown
-//!   once, in each sender's order, nothing is refused at connect, the port
-//!   stays the same and the generation counts up; on the poll backend no
-//!   client connection ever drops (carried: same socket, no BYE), on
-//!   io_uring each gets BYE(upgrade) and reconnects;
+//! - chatting clients (the self-healing client library) and 2,000 more
+//!   logged-in connections chatting in rounds, across three upgrades in a
+//!   row to the same binary: every message sent is shown once, in each
+//!   sender's order, nothing is refused at connect, the port stays the same
+//!   and the generation counts up, and no client connection ever drops
+//!   (carried: same socket, no BYE), on both backends;
+//! - an upgrade to a successor on the other backend and back: the
+//!   connections stay (the socket goes as a process descriptor either way);
+//! - a successor that speaks an unknown hand-over format is refused;
 //! - a successor that exits at once (`/bin/false`) and one with a bad
 //!   configuration: the old process never stops serving, its connections
 //!   stay open and chat on, and it says why;
@@ -14,7 +17,8 @@
 //!   handed-over port;
 //! - a successor that fails after the old one released the data directory
 //!   (its metrics port is taken): the old process starts again on the same
-//!   listeners, and what was queued is still there;
+//!   listeners, and what was queued is still there (the carried
+//!   connections died with the successor: their clients reconnect);
 //! - a second upgrade while one runs is refused, and so is one under
 //!   systemd (the shipped unit would stop the successor).
 //!
@@ -22,7 +26,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -51,6 +55,8 @@ fn io_flag() -> String {
 fn start(dir: &Path, extra: &[&str]) -> TernChild {
     let io = io_flag();
     let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2", "--io", &io]);
+    // The crowd below logs in 2,000 connections from one address at once.
+    cmd.args(["--addr-conns-per-s-max", "0"]);
     cmd.arg("--data-dir")
         .arg(dir.join("data"))
         .arg("--stats-socket")
@@ -180,11 +186,60 @@ fn recipient(addr: SocketAddr, user: u64, from: u64, want: Arc<AtomicU64>) -> (V
     (shown, drops)
 }
 
-/// Whether the server on `sock` carries logged-in plaintext connections
-/// across an upgrade (poll backend; also what `auto` picks on a kernel
-/// without io_uring) or ends them with BYE(upgrade) (io_uring).
-fn carries(sock: &Path) -> bool {
-    info(sock)["Backend"] == tern::io::poll::BACKEND_NAME
+/// Logged-in raw connections chatting in rounds around the upgrades:
+/// before each upgrade every sender sends its next message and nobody
+/// reads; after it each sender reads its ACK and each recipient its
+/// DELIVER, on the same sockets.
+struct Crowd {
+    /// (sender, its client, recipient, its client, server ids seen).
+    pairs: Vec<(u64, Client, u64, Client, HashSet<u64>)>,
+    /// Rounds sent so far.
+    rounds: u64,
+}
+
+impl Crowd {
+    /// `n` pairs (`2n` connections), users from 100,001 up.
+    fn login(addr: SocketAddr, n: u64) -> Crowd {
+        let pairs = (0..n)
+            .map(|i| {
+                let (from, to) = (100_001 + 2 * i, 100_002 + 2 * i);
+                let a = Client::login(addr, &token(from)).expect("crowd login").0;
+                let b = Client::login(addr, &token(to)).expect("crowd login").0;
+                (from, a, to, b, HashSet::new())
+            })
+            .collect();
+        Crowd { pairs, rounds: 0 }
+    }
+
+    /// Every sender sends round `rounds` (left unread).
+    fn send(&mut self) {
+        for (_, a, to, _, _) in &mut self.pairs {
+            a.send_msg(self.rounds + 1, *to, &self.rounds.to_le_bytes())
+                .expect("the crowd's socket is open");
+        }
+        self.rounds += 1;
+    }
+
+    /// Every sender gets its ACK and every recipient the round's message:
+    /// the next one in order; a DELIVER seen before (its DELIVERED was not
+    /// in yet when the connection moved) is the only duplicate allowed, and
+    /// only with its server id.
+    fn read(&mut self) {
+        let round = self.rounds - 1;
+        for (from, a, _, b, seen) in &mut self.pairs {
+            recv_ack(a, round + 1);
+            loop {
+                let d = recv_deliver(b);
+                assert_eq!(d.from, *from);
+                if !seen.insert(d.server_id) {
+                    continue; // re-delivered: the protocol's duplicate
+                }
+                assert_eq!(d.body, round.to_le_bytes(), "user {from}'s round {round}");
+                b.send_delivered(d.server_id).unwrap();
+                break;
+            }
+        }
+    }
 }
 
 #[test]
@@ -197,6 +252,7 @@ fn chatting_clients_survive_three_upgrades() {
     let _reaper = Reaper(sock.clone());
     let addr = old.addr;
     let first_pid = info(&sock)["Pid"].clone();
+    let mut crowd = Crowd::login(addr, 1000);
 
     // Senders 1..=PAIRS write to recipients 1001..; each body is its index.
     let done = Arc::new(AtomicBool::new(false));
@@ -235,11 +291,16 @@ fn chatting_clients_survive_three_upgrades() {
     for _ in 0..UPGRADES {
         // Let some messages flow first (pacing, not a measurement).
         std::thread::sleep(Duration::from_millis(300));
+        crowd.send();
         let (ok, text) = upgrade(&sock, None);
         assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
         assert!(text.starts_with("upgraded: pid"), "{text}");
+        crowd.read();
     }
     std::thread::sleep(Duration::from_millis(300));
+    // One more round on the third successor, over the same 2,000 sockets.
+    crowd.send();
+    crowd.read();
     done.store(true, Ordering::Release);
     prober.join().unwrap();
     let sent: Vec<Sent> = senders.into_iter().map(|t| t.join().unwrap()).collect();
@@ -261,23 +322,25 @@ fn chatting_clients_survive_three_upgrades() {
         let want: Vec<u64> = (0..s.count).collect();
         assert_eq!(got, &want, "sender {}", i + 1);
     }
-    if carries(&sock) {
-        // Poll: every connection was carried, three times: the same
-        // socket all along, no BYE, no reconnect.
-        assert!(sent.iter().all(|s| s.drops == 0 && s.byes == 0));
-        assert!(recipient_drops.iter().all(|&d| d == 0));
-    } else {
-        // io_uring: the upgrades ended every sender's connection (usually
-        // once per upgrade; a reconnect can land on a shard of the old
-        // process that has not begun its shutdown yet and be ended again,
-        // and under load a reconnect may wait in the backlog right through
-        // an upgrade).
-        assert!(sent.iter().all(|s| s.drops >= 1));
-        assert!(
-            sent.iter().any(|s| s.byes > 0),
-            "no sender read BYE(upgrade)"
-        );
-    }
+    // Every connection was carried, three times: the same socket all
+    // along, no BYE, no reconnect.
+    assert!(sent.iter().all(|s| s.drops == 0 && s.byes == 0));
+    assert!(recipient_drops.iter().all(|&d| d == 0));
+    // Each old process carried at least the crowd (the log is shared: the
+    // successors inherit it).
+    let log = old.log_text();
+    let carried: Vec<u64> = log
+        .lines()
+        .filter_map(|l| {
+            l.split("upgrade: ")
+                .nth(1)?
+                .strip_suffix(" connections carried")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(carried.len() as u64, UPGRADES, "{log}");
+    assert!(carried.iter().all(|&n| n >= 2000), "{carried:?}");
     assert_eq!(refused.load(Ordering::Relaxed), 0, "a connect was refused");
     assert!(probes.load(Ordering::Relaxed) > 0);
     // Three successors in a row, on the same port.
@@ -373,22 +436,19 @@ fn a_successor_failing_after_the_release_is_rolled_back() {
 
     let (ok, text) = upgrade(&sock, Some(&script));
     assert!(!ok, "{text}");
-    assert!(text.contains("no Serving"), "{text}");
-    if carries(&sock) {
-        // Alice's socket went to the successor, which died with it: a
-        // close without BYE; her client reconnects (to the old process).
-        let frames = alice.wait_closed(WAIT).expect("closed");
-        assert!(
-            !frames
-                .iter()
-                .any(|f| matches!(f, tern::proto::OwnedFrame::Bye { .. })),
-            "{frames:?}"
-        );
-    } else {
-        // The old process said BYE(upgrade), then came back on the same
-        // port.
-        expect_bye_then_close(&mut alice, ByeReason::Upgrade);
-    }
+    // It died while its connections came, or after: either way the old
+    // process saw it go.
+    assert!(text.contains("(successor exit status: 1)"), "{text}");
+    // Alice's socket was kept for the successor, which died with it (or
+    // the old process closed it when the successor failed): a close
+    // without BYE; her client reconnects (to the old process).
+    let frames = alice.wait_closed(WAIT).expect("closed");
+    assert!(
+        !frames
+            .iter()
+            .any(|f| matches!(f, tern::proto::OwnedFrame::Bye { .. })),
+        "{frames:?}"
+    );
     let now = info(&sock);
     assert_eq!(now["Pid"], old.pid().to_string());
     assert!(now["Last_upgrade"].starts_with("failed: "), "{now:?}");
@@ -567,9 +627,6 @@ fn a_carried_connection_keeps_its_partial_frame_and_undelivered_messages() {
     let sock = dir.path().join("s.sock");
     let old = start(dir.path(), &[]);
     let _reaper = Reaper(sock.clone());
-    if !carries(&sock) {
-        return; // io_uring says BYE(upgrade): the tests above
-    }
     let (a, b) = cross_pair();
     let (mut alice, _) = Client::login(old.addr, &token(a)).unwrap();
     let (mut bob, _) = Client::login(old.addr, &token(b)).unwrap();
@@ -620,9 +677,6 @@ fn carried_devices_keep_their_device_and_resend_window() {
     let sock = dir.path().join("s.sock");
     let old = start(dir.path(), &[]);
     let _reaper = Reaper(sock.clone());
-    if !carries(&sock) {
-        return; // io_uring says BYE(upgrade): the tests above
-    }
     let (user, peer) = cross_pair();
     let login = |device| {
         Client::login_version(
@@ -667,4 +721,102 @@ fn carried_devices_keep_their_device_and_resend_window() {
             "{got:?}"
         );
     }
+}
+
+/// A script that runs tern with `--io` switched to `io`.
+fn other_backend_script(dir: &Path, io: &str) -> PathBuf {
+    let script = dir.join(format!("successor-{io}.sh"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/bash\nargs=(); prev=\nfor a in \"$@\"; do\n  if [ \"$prev\" = --io ]; then a={io}; fi\n  \
+             args+=(\"$a\"); prev=$a\ndone\nexec {TERN} \"${{args[@]}}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+#[test]
+fn connections_are_carried_to_the_other_backend_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    let first = info(&sock)["Backend"].clone();
+    let other = if first == tern::io::poll::BACKEND_NAME {
+        "uring"
+    } else {
+        "poll"
+    };
+    let (a, b) = cross_pair();
+    let (mut alice, _) = Client::login(old.addr, &token(a)).unwrap();
+    let (mut bob, _) = Client::login(old.addr, &token(b)).unwrap();
+    let mut round = 0u64;
+    let mut seen = HashSet::new();
+    for io in [other.to_string(), io_flag()] {
+        // A message in flight across the switch: sent, not yet read.
+        round += 1;
+        alice.send_msg(round, b, &round.to_le_bytes()).unwrap();
+        let script = other_backend_script(dir.path(), &io);
+        let (ok, text) = upgrade(&sock, Some(&script));
+        assert!(ok, "{text}\n{}", old.log_text());
+        frames_until(
+            &mut alice,
+            1,
+            |f| matches!(f, tern::proto::OwnedFrame::Ack { client_id, .. } if *client_id == round),
+        );
+        // The message of the round before may come again, with its server
+        // id (its DELIVERED had not been handled when the connection
+        // moved): the protocol's duplicate.
+        loop {
+            let got = frames_until(&mut bob, 1, |f| {
+                matches!(f, tern::proto::OwnedFrame::Deliver { .. })
+            });
+            let Some(tern::proto::OwnedFrame::Deliver {
+                server_id, body, ..
+            }) = got.last()
+            else {
+                panic!("{got:?}");
+            };
+            if !seen.insert(*server_id) {
+                continue;
+            }
+            assert_eq!(body, &round.to_le_bytes());
+            bob.send_delivered(*server_id).unwrap();
+            break;
+        }
+    }
+    // There and back: the backends were the other one, then the first.
+    let now = info(&sock);
+    assert_eq!(now["Generation"], "2");
+    assert_eq!(now["Backend"], first);
+}
+
+#[test]
+fn a_successor_speaking_an_unknown_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    // A successor whose Hello says format 99 (kind 1, format 99, pid 1),
+    // one packet on the hand-over socket; then it waits to be killed.
+    let script = dir.path().join("format99.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/bash\nprintf '\\001\\143\\000\\001\\000\\000\\000' >&$TERN_UPGRADE_FD\nexec sleep 30\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pid = info(&sock)["Pid"].clone();
+    chat_survives(old.addr, || {
+        let (ok, text) = upgrade(&sock, Some(&script));
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains("the successor speaks hand-over format 99, this process only 3"),
+            "{text}"
+        );
+    });
+    assert_eq!(info(&sock)["Pid"], pid);
 }

@@ -37,6 +37,7 @@ pub mod uring;
 
 use std::io;
 use std::net::{IpAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -196,6 +197,16 @@ pub enum Detached {
     Uring(uring::Detached),
     /// A simulated socket.
     Sim(sim::Detached),
+}
+
+/// A connection kept for a successor process ([`Io::keep`]).
+#[derive(Debug)]
+pub enum Kept {
+    /// The socket itself.
+    Poll(OwnedFd),
+    /// Still a direct descriptor in its ring.
+    #[cfg(target_os = "linux")]
+    Uring(uring::Kept),
 }
 
 /// Wakes a shard's [`Io::wait`] from another thread.
@@ -378,28 +389,63 @@ impl Io {
         each!(self, io => io.close(conn))
     }
 
-    /// Whether [`Io::detach_socket`] works: only the poll backend's
-    /// connections are process descriptors a successor can take (live
-    /// upgrade); io_uring's are direct descriptors, the simulator's none.
+    /// Whether connections can be carried to a successor process (live
+    /// upgrade): poll always; io_uring where the kernel has
+    /// FIXED_FD_INSTALL (Linux 6.8); the simulator never.
     pub fn carries(&self) -> bool {
-        matches!(self, Io::Poll(_))
-    }
-
-    /// Takes a connection out of this backend as a process descriptor, for
-    /// a successor process. Only where [`Io::carries`].
-    pub fn detach_socket(&mut self, conn: ConnId) -> io::Result<std::os::fd::OwnedFd> {
         match self {
-            Io::Poll(io) => io.detach(conn).map(poll::Detached::into_fd),
-            _ => unreachable!("only the poll backend carries connections"),
+            Io::Poll(_) => true,
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => io.carries(),
+            Io::Sim(_) => false,
         }
     }
 
+    /// Takes a logged-in connection, its receive paused, out of the
+    /// shard's hands for a successor process. Only where [`Io::carries`].
+    pub fn keep(&mut self, conn: ConnId) -> io::Result<Kept> {
+        match self {
+            Io::Poll(io) => io.detach(conn).map(|d| Kept::Poll(d.into_fd())),
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => io.keep(conn).map(Kept::Uring),
+            Io::Sim(_) => unreachable!("the simulator carries no connections"),
+        }
+    }
+
+    /// Process descriptors of kept connections, in order, each with the
+    /// bytes that arrived after its receive was paused (io_uring installs
+    /// them now: call it a batch at a time, so the process holds few).
+    /// An error means that connection is closed, not carried.
+    pub fn carry_fds(&mut self, kept: Vec<Kept>) -> Vec<io::Result<(OwnedFd, Vec<u8>)>> {
+        #[cfg(target_os = "linux")]
+        if let Io::Uring(io) = self {
+            let keys = kept
+                .into_iter()
+                .map(|k| match k {
+                    Kept::Uring(k) => k,
+                    Kept::Poll(_) => unreachable!("kept by this backend"),
+                })
+                .collect();
+            return io.carry_fds(keys);
+        }
+        kept.into_iter()
+            .map(|k| match k {
+                Kept::Poll(fd) => Ok((fd, Vec::new())),
+                #[cfg(target_os = "linux")]
+                Kept::Uring(_) => unreachable!("kept by this backend"),
+            })
+            .collect()
+    }
+
     /// Adopts a connection carried from a predecessor process (a socket
-    /// from [`Io::detach_socket`]); it is read at once.
-    pub fn adopt_socket(&mut self, fd: std::os::fd::OwnedFd) -> io::Result<ConnId> {
+    /// from [`Io::carry_fds`] of either backend); it is read at once
+    /// (io_uring: once its fixed slot is known).
+    pub fn adopt_socket(&mut self, fd: OwnedFd) -> io::Result<ConnId> {
         match self {
             Io::Poll(io) => io.attach(poll::Detached::from_fd(fd)),
-            _ => unreachable!("only the poll backend adopts carried connections"),
+            #[cfg(target_os = "linux")]
+            Io::Uring(io) => io.adopt(fd),
+            Io::Sim(_) => unreachable!("the simulator adopts no connections"),
         }
     }
 

@@ -1,20 +1,45 @@
-//! Live upgrade, poll backend: what the shards share while they carry
-//! their connections to a successor, and how they agree that nothing is in
-//! flight between them any more.
+//! Live upgrade: what the shards share while they carry their connections
+//! to a successor (old process) or adopt them from a predecessor (the
+//! successor), and how they agree that nothing is in flight between them
+//! first.
 //!
 //! Frozen shards read no client input, but work may still travel: a SEND
 //! read just before the freeze goes to the recipient's home shard, whose
 //! ACK comes back. A shard that left before that ACK arrived would lose
-//! it. So a shard carries out only once every shard is idle (nothing to
-//! commit, nothing waiting for ring room, no connection but the frozen
-//! ones) and every message pushed onto a ring has been taken off: the
-//! four-counter method (Mattern), two waves of the same counts in a row.
+//! it. So a shard keeps its connections only once every shard is idle
+//! (nothing to commit, nothing waiting for ring room, no connection but the
+//! frozen ones) and every message pushed onto a ring has been taken off:
+//! the four-counter method (Mattern), two waves of the same counts in a
+//! row.
+//!
+//! Then each shard closes its store and streams its kept connections to
+//! the process in batches ([`Carry::stream`]), holding at most
+//! [`HELD_FDS_MAX`] of them as process descriptors together (io_uring's
+//! are direct descriptors until then), while the main thread sends them.
+//! The successor's main thread queues what it receives per home shard
+//! ([`Adopt`]), at most [`ADOPT_QUEUED_MAX`] at once.
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-use crate::upgrade::state::Carried;
+use crate::io::{Io, Kept, WakeHandle};
+use crate::upgrade::state::{self, Carried};
+use crate::upgrade::wire::{CARRIED_PACKET_BYTES_MAX, FDS_PER_MESSAGE_MAX};
+
+/// Carried connections the old process holds at most as process
+/// descriptors at once, over all shards (installed, not yet sent): far
+/// under an open-files limit of 20,000, with room for what the Unix socket
+/// holds in flight (its buffer: a few thousand) and the successor's own.
+pub const HELD_FDS_MAX: usize = 2048;
+
+/// Carried connections the successor holds at most as process descriptors
+/// at once (received, not yet in a shard's backend).
+pub const ADOPT_QUEUED_MAX: usize = 2048;
+
+const _: () = assert!(FDS_PER_MESSAGE_MAX <= HELD_FDS_MAX);
 
 /// One shard's published counts (written only by that shard).
 #[derive(Debug, Default)]
@@ -27,16 +52,59 @@ struct Counts {
     idle: AtomicBool,
 }
 
+/// The batches on their way from the shards to the main thread.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Batches ready to send, in order per shard.
+    batches: VecDeque<Vec<(OwnedFd, Carried)>>,
+    /// Descriptors in `batches` or being installed, `0..=HELD_FDS_MAX`
+    /// (a poll shard's may exceed it: they are process descriptors
+    /// already).
+    held: usize,
+    /// Shards whose store is closed (streaming or done).
+    released: usize,
+    /// Shards with nothing more to queue.
+    done: usize,
+    /// The main thread gave up (the successor failed): queue nothing more.
+    aborted: bool,
+}
+
+/// What the main thread gets next from [`Carry::next`].
+#[derive(Debug)]
+pub enum Next {
+    /// A batch to send; [`Carry::sent`] once it went.
+    Batch(Vec<(OwnedFd, Carried)>),
+    /// Every shard is done and every batch was taken.
+    Done,
+    /// Nothing came in time.
+    TimedOut,
+}
+
+/// What an upgrading shard leaves once its loop ended: its backend, still
+/// holding the kept connections, and their session states.
+pub struct Outgoing {
+    /// The shard's backend.
+    pub io: Io,
+    /// The kept connections, with their states.
+    pub kept: Vec<(Kept, Carried)>,
+    /// The shard's id, for the log.
+    pub shard: usize,
+    /// `frame_bytes_max`: a connection whose input grew past it (bytes
+    /// that arrived after the pause) is closed, not carried.
+    pub input_bytes_max: usize,
+}
+
 /// Shared by every shard of one server.
 #[derive(Debug, Default)]
 pub struct Carry {
-    /// The connections the shards carry, left for the process.
-    pub out: Mutex<Vec<(OwnedFd, Carried)>>,
     counts: Vec<Counts>,
     /// The previous wave's sums (pushed, popped), all idle; detector only.
     last: Mutex<Option<(u64, u64)>>,
-    /// Set once quiet: every shard carries out and stops.
+    /// Set once quiet: every shard keeps its connections and stops.
     quiet: AtomicBool,
+    queue: Mutex<Queue>,
+    /// Signalled on every change of `queue`.
+    changed: Condvar,
 }
 
 impl Carry {
@@ -83,6 +151,222 @@ impl Carry {
     /// Whether the shards agreed nothing is in flight.
     pub fn quiet(&self) -> bool {
         self.quiet.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits on `changed` until `until` (a bounded wait in steps, so a
+    /// missed notification costs at most one step).
+    fn wait<'a>(&self, q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
+        self.changed
+            .wait_timeout(q, Duration::from_millis(50))
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+
+    /// A shard thread that carries nothing has ended (or failed): its
+    /// store is closed and it queues nothing.
+    pub fn leave(&self) {
+        let mut q = self.lock();
+        q.released += 1;
+        q.done += 1;
+        self.changed.notify_all();
+    }
+
+    /// Runs on an upgrading shard's thread once its loop ended and its
+    /// store is closed: installs the kept connections as process
+    /// descriptors a batch at a time (never more than [`HELD_FDS_MAX`]
+    /// held over all shards) and queues them for the main thread. What is
+    /// left when the main thread gives up closes with the backend.
+    pub fn stream(&self, out: Outgoing) {
+        let Outgoing {
+            mut io,
+            kept,
+            shard,
+            input_bytes_max,
+        } = out;
+        {
+            let mut q = self.lock();
+            q.released += 1;
+            self.changed.notify_all();
+        }
+        let total = kept.len();
+        let mut queued = 0;
+        let mut rest = kept.into_iter().peekable();
+        while rest.peek().is_some() {
+            let want = FDS_PER_MESSAGE_MAX;
+            let granted = {
+                let mut q = self.lock();
+                while !q.aborted && q.held + want > HELD_FDS_MAX && q.held > 0 {
+                    q = self.wait(q);
+                }
+                if q.aborted {
+                    break;
+                }
+                q.held += want;
+                want
+            };
+            let chunk: Vec<(Kept, Carried)> = rest.by_ref().take(granted).collect();
+            let (keys, states): (Vec<Kept>, Vec<Carried>) = chunk.into_iter().unzip();
+            let mut batch = Vec::with_capacity(keys.len());
+            for (result, mut c) in io.carry_fds(keys).into_iter().zip(states) {
+                match result {
+                    Ok((fd, held)) => {
+                        c.input.extend_from_slice(&held);
+                        if c.input.len() > input_bytes_max
+                            || state::packet_bytes(&c) > CARRIED_PACKET_BYTES_MAX
+                        {
+                            log::info!(
+                                "shard {shard}: upgrade: user {} has {} bytes of input pending, \
+                                 closed not carried",
+                                c.user,
+                                c.input.len()
+                            );
+                            continue;
+                        }
+                        batch.push((fd, c));
+                    }
+                    Err(e) => log::info!(
+                        "shard {shard}: upgrade: user {} closed not carried: {e}",
+                        c.user
+                    ),
+                }
+            }
+            queued += batch.len();
+            let mut q = self.lock();
+            q.held -= granted - batch.len();
+            if q.aborted {
+                q.held -= batch.len();
+                break;
+            }
+            if !batch.is_empty() {
+                q.batches.push_back(batch);
+            }
+            self.changed.notify_all();
+        }
+        log::info!("shard {shard}: upgrade: {queued} of {total} connections carried");
+        let mut q = self.lock();
+        q.done += 1;
+        self.changed.notify_all();
+        drop(q);
+        // The backend closes here what was not carried.
+        drop(io);
+    }
+
+    /// Main thread: waits until every one of `shards` shards has closed
+    /// its store (the data directory may go to the successor).
+    pub fn wait_released(&self, shards: usize) {
+        let mut q = self.lock();
+        while q.released < shards {
+            q = self.wait(q);
+        }
+    }
+
+    /// Main thread: the next batch to send, waiting up to `timeout`.
+    pub fn next(&self, shards: usize, timeout: Duration) -> Next {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.lock();
+        loop {
+            if let Some(batch) = q.batches.pop_front() {
+                return Next::Batch(batch);
+            }
+            if q.done >= shards {
+                return Next::Done;
+            }
+            if Instant::now() >= deadline {
+                return Next::TimedOut;
+            }
+            q = self.wait(q);
+        }
+    }
+
+    /// Main thread: a batch of `n` went (and its descriptors are closed).
+    pub fn sent(&self, n: usize) {
+        let mut q = self.lock();
+        q.held = q.held.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    /// Main thread: the successor failed; the shards stop streaming and
+    /// what is queued closes.
+    pub fn abort(&self) {
+        let mut q = self.lock();
+        q.aborted = true;
+        q.batches.clear();
+        q.held = 0;
+        self.changed.notify_all();
+    }
+}
+
+/// The successor's carried connections on their way to their home shards'
+/// backends: queued by the main thread as they arrive, taken by each shard
+/// in its loop.
+#[derive(Debug)]
+pub struct Adopt {
+    queues: Vec<Mutex<Vec<(OwnedFd, Carried)>>>,
+    /// Connections in `queues`, `0..=ADOPT_QUEUED_MAX`.
+    queued: Mutex<usize>,
+    /// Signalled when a shard took some.
+    taken: Condvar,
+    /// The shards' wake handles, set once they run.
+    wakers: OnceLock<Vec<WakeHandle>>,
+}
+
+impl Adopt {
+    /// For `shards` shards.
+    pub fn new(shards: usize) -> Adopt {
+        Adopt {
+            queues: (0..shards).map(|_| Mutex::default()).collect(),
+            queued: Mutex::new(0),
+            taken: Condvar::new(),
+            wakers: OnceLock::new(),
+        }
+    }
+
+    /// The shards' wake handles, once they run.
+    pub fn set_wakers(&self, wakers: Vec<WakeHandle>) {
+        let _ = self.wakers.set(wakers);
+    }
+
+    /// Main thread: queues a connection for shard `shard`, first waiting
+    /// while [`ADOPT_QUEUED_MAX`] are queued.
+    pub fn push(&self, shard: usize, fd: OwnedFd, carried: Carried) {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        while *queued >= ADOPT_QUEUED_MAX {
+            queued = self
+                .taken
+                .wait_timeout(queued, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *queued += 1;
+        drop(queued);
+        let mut q = self.queues[shard].lock().unwrap_or_else(|p| p.into_inner());
+        let was_empty = q.is_empty();
+        q.push((fd, carried));
+        drop(q);
+        if was_empty {
+            if let Some(w) = self.wakers.get().and_then(|w| w.get(shard)) {
+                w.wake();
+            }
+        }
+    }
+
+    /// Shard `shard`: takes up to `max` queued connections.
+    pub fn take(&self, shard: usize, max: usize) -> Vec<(OwnedFd, Carried)> {
+        let mut q = self.queues[shard].lock().unwrap_or_else(|p| p.into_inner());
+        if q.is_empty() {
+            return Vec::new();
+        }
+        let n = q.len().min(max);
+        let taken: Vec<_> = q.drain(..n).collect();
+        drop(q);
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        *queued -= taken.len();
+        self.taken.notify_all();
+        taken
     }
 }
 

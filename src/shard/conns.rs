@@ -97,6 +97,9 @@ pub(super) struct Conns {
 
 /// Most drained buffer sets kept for reuse per shard.
 const SPARE_BUFS_MAX: usize = 32;
+/// Carried connections a shard installs at most per loop iteration
+/// (live upgrade, successor).
+const ADOPT_PER_ITERATION: usize = 256;
 /// Largest capacity (input, output and TLS plaintext together) of a buffer
 /// set kept for reuse, bytes: so the spares hold at most 1 MiB per shard,
 /// and a burst's large buffers are freed, not kept.
@@ -682,13 +685,12 @@ impl Shard {
     }
 
     /// The last step of an upgrade's shutdown (everything read is committed
-    /// and answered): hands every frozen connection that is still logged
-    /// in, with its partial input and unsent output, to the process.
-    /// One whose state does not fit a hand-over packet is closed (its
-    /// client reconnects).
+    /// and answered): keeps every frozen connection that is still logged
+    /// in, with its partial input and unsent output, for the successor
+    /// ([`super::Outgoing`]). One whose state does not fit a hand-over
+    /// packet is closed (its client reconnects).
     pub(super) fn carry_out(&mut self) {
         self.flush_output();
-        let mut carried = Vec::with_capacity(self.carrying.len());
         for conn in std::mem::take(&mut self.carrying) {
             let Some((user, device, version)) = self.sessions.logged_in(conn) else {
                 continue;
@@ -697,9 +699,16 @@ impl Shard {
             let (input, output) = slot
                 .bufs
                 .map_or_else(Default::default, |b| (b.inp, b.out[b.out_sent..].to_vec()));
-            let bytes = 1 + 2 + upgrade::state::RECORD_HEAD_BYTES + input.len() + output.len();
+            let carried = Carried {
+                user,
+                device,
+                version,
+                input,
+                output,
+            };
+            let bytes = upgrade::state::packet_bytes(&carried);
             if bytes > upgrade::wire::CARRIED_PACKET_BYTES_MAX
-                || output.len() > upgrade::state::OUTPUT_BYTES_MAX
+                || carried.output.len() > upgrade::state::OUTPUT_BYTES_MAX
             {
                 log::info!(
                     "shard {}: upgrade: user {user} has {bytes} bytes pending, closed not carried",
@@ -707,40 +716,25 @@ impl Shard {
                 );
                 continue;
             }
-            match self.io.detach_socket(conn) {
-                Ok(fd) => carried.push((
-                    fd,
-                    Carried {
-                        user,
-                        device,
-                        version,
-                        input,
-                        output,
-                    },
-                )),
-                Err(e) => log::warn!("shard {}: upgrade: detach failed: {e}", self.id),
+            match self.io.keep(conn) {
+                Ok(kept) => self.kept.push((kept, carried)),
+                Err(e) => log::warn!("shard {}: upgrade: keeping user {user}: {e}", self.id),
             }
         }
-        if carried.is_empty() {
-            return;
-        }
         log::info!(
-            "shard {}: upgrade: {} connections carried",
+            "shard {}: upgrade: {} connections kept for the successor",
             self.id,
-            carried.len()
+            self.kept.len()
         );
-        self.carry
-            .out
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .append(&mut carried);
     }
 
-    /// Installs the connections carried from the predecessor (successor,
-    /// at start): same socket, same session, no second LOGIN_OK; unsent
-    /// output goes first, then whatever the store holds undelivered.
+    /// Installs connections carried from the predecessor (successor, as
+    /// they arrive): same socket, same session, no second LOGIN_OK; unsent
+    /// output goes first, then whatever the store holds undelivered. At
+    /// most [`ADOPT_PER_ITERATION`] per loop iteration, so the loop's other
+    /// work goes on during a long hand-over.
     pub(super) fn adopt_carried(&mut self) {
-        for (fd, c) in std::mem::take(&mut self.adopt) {
+        for (fd, c) in self.adopt.take(self.id, ADOPT_PER_ITERATION) {
             let id = match self.io.adopt_socket(fd) {
                 Ok(id) => id,
                 Err(e) => {

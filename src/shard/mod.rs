@@ -18,7 +18,6 @@
 //! written as plaintext and encrypted at flush (one batch of records per
 //! iteration). Plaintext connections pay 8 bytes for the empty box.
 
-use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,7 +50,7 @@ mod sync;
 
 #[cfg(debug_assertions)]
 pub use crate::session::{CRASH_USER, PANIC_USER};
-pub use carry::Carry;
+pub use carry::{Adopt, Carry, Next, Outgoing, ADOPT_QUEUED_MAX, HELD_FDS_MAX};
 pub use route::{home_shard, ConnRef, Msg};
 
 use admit::Admission;
@@ -142,9 +141,9 @@ pub struct ShardParts {
     /// it carries to the successor (poll backend, plaintext, logged in),
     /// and how the shards agree nothing is in flight first.
     pub carry: Arc<Carry>,
-    /// Live upgrade, successor: connections carried from the predecessor
-    /// whose users are homed here, installed when the shard starts.
-    pub adopt: Vec<(OwnedFd, Carried)>,
+    /// Live upgrade, successor: connections carried from the predecessor,
+    /// queued per home shard as they arrive; each shard installs its own.
+    pub adopt: Arc<Adopt>,
 }
 
 /// A shard's state. Created on, and used by, its own thread.
@@ -187,8 +186,11 @@ pub struct Shard {
     carry: Arc<Carry>,
     /// Messages taken off the rings and handled, for [`Carry`].
     popped: u64,
-    /// See [`ShardParts::adopt`]; emptied when the shard starts.
-    adopt: Vec<(OwnedFd, Carried)>,
+    /// See [`ShardParts::adopt`].
+    adopt: Arc<Adopt>,
+    /// The connections an upgrade's shutdown kept for the successor, with
+    /// their states; they leave with the backend in [`Outgoing`].
+    kept: Vec<(crate::io::Kept, Carried)>,
     /// An upgrade's shutdown keeps these connections (frozen: not read)
     /// for the successor instead of saying BYE.
     carrying: Vec<ConnId>,
@@ -316,6 +318,7 @@ impl Shard {
             carry,
             popped: 0,
             adopt,
+            kept: Vec::new(),
             carrying: Vec::new(),
             carrying_on: false,
             scratch: vec![0; SCRATCH_BYTES],
@@ -351,14 +354,18 @@ impl Shard {
     /// after the next backoff. Past `shard_restarts_max` restarts within
     /// `shard_restart_period_ms` the shard gives up: its state becomes down,
     /// the process-wide [`Fatal`] is set, and this returns an error.
-    pub fn run(mut self) -> std::io::Result<()> {
+    ///
+    /// After an upgrade's shutdown that kept connections for the successor
+    /// it returns the backend holding them ([`Outgoing`]); everything else
+    /// of the shard, its store first, is closed by then.
+    pub fn run(mut self) -> std::io::Result<Option<Outgoing>> {
         let mut intensity = Intensity::new(
             self.config.shard_restarts_max,
             Duration::from_millis(self.config.shard_restart_period_ms),
         );
         loop {
             let panic = match catch_unwind(AssertUnwindSafe(|| self.serve())) {
-                Ok(result) => return result,
+                Ok(result) => return result.map(|()| self.outgoing()),
                 Err(panic) => panic,
             };
             // The state first: whoever sees the restart counted sees it too.
@@ -462,8 +469,28 @@ impl Shard {
         self.scratch.resize(SCRATCH_BYTES, 0);
     }
 
+    /// What the shard leaves for the successor, if it kept connections;
+    /// the rest of it (its store, its links) is dropped here.
+    fn outgoing(self) -> Option<Outgoing> {
+        if !self.carrying_on {
+            return None;
+        }
+        let Shard {
+            io,
+            kept,
+            id,
+            config,
+            ..
+        } = self;
+        Some(Outgoing {
+            io,
+            kept,
+            shard: id,
+            input_bytes_max: config.frame_bytes_max,
+        })
+    }
+
     fn serve(&mut self) -> std::io::Result<()> {
-        self.adopt_carried();
         loop {
             if let Some(done) = self.iterate() {
                 return done;
@@ -554,6 +581,7 @@ impl Shard {
         self.tick();
         self.drain_io();
         self.drain_rings();
+        self.adopt_carried();
         self.fence();
         self.serve_ops();
         let mut fired = std::mem::take(&mut self.fired);

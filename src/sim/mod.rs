@@ -549,6 +549,7 @@ impl World {
         let peers: Arc<[Arc<ShardStats>]> = self.stats.clone().into();
         let fatal = Fatal::new();
         let stop = Arc::new(AtomicBool::new(false));
+        let adopt = Arc::new(crate::shard::Adopt::new(n));
         let ios: Vec<Io> = (0..n)
             .map(|i| Io::Sim(crate::io::sim::Io::new(self.net.clone(), i)))
             .collect();
@@ -580,7 +581,7 @@ impl World {
                 bridge: None,
                 ops: None,
                 carry: Default::default(),
-                adopt: Vec::new(),
+                adopt: adopt.clone(),
             }));
         }
         disk::set_faults(true);

@@ -60,45 +60,78 @@ impl Channel {
         self.send_packet(&mut bytes, fds)
     }
 
-    /// Sends one carried connection: its socket and its session state
-    /// (see [`state`]), one packet.
-    pub fn send_carried(&self, carried: &Carried, fd: BorrowedFd<'_>) -> io::Result<()> {
-        let mut bytes = vec![CARRIED_KIND];
-        state::encode(std::slice::from_ref(carried), &mut bytes);
-        if bytes.len() > CARRIED_PACKET_BYTES_MAX {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "carried state over the packet limit",
-            ));
+    /// Sends carried connections (their sockets and session states, see
+    /// [`state`]) in as few packets as fit: at most
+    /// [`FDS_PER_MESSAGE_MAX`] connections and [`CARRIED_PACKET_BYTES_MAX`]
+    /// bytes each. A connection too large for a packet of its own is an
+    /// error (the caller checks [`state::packet_bytes`] first).
+    pub fn send_carried(&self, carried: &[(OwnedFd, Carried)]) -> io::Result<()> {
+        let mut rest = carried;
+        let mut bytes = Vec::new();
+        while !rest.is_empty() {
+            // The longest prefix that fits one packet.
+            let mut n = 0;
+            let mut size = 1 + 2;
+            while n < rest.len() && n < FDS_PER_MESSAGE_MAX {
+                let more =
+                    state::RECORD_HEAD_BYTES + rest[n].1.input.len() + rest[n].1.output.len();
+                if size + more > CARRIED_PACKET_BYTES_MAX {
+                    break;
+                }
+                size += more;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "carried state over the packet limit",
+                ));
+            }
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            let states: Vec<Carried> = batch.iter().map(|(_, c)| c.clone()).collect();
+            bytes.clear();
+            bytes.push(CARRIED_KIND);
+            state::encode(&states, &mut bytes);
+            debug_assert_eq!(bytes.len(), size);
+            let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(fd, _)| fd.as_fd()).collect();
+            self.send_packet(&mut bytes, &fds)?;
         }
-        self.send_packet(&mut bytes, &[fd])
+        Ok(())
     }
 
-    /// Receives one connection sent by [`Channel::send_carried`];
-    /// `input_bytes_max` bounds its partial input (see [`state::decode`]).
+    /// Receives the next packet of carried connections sent by
+    /// [`Channel::send_carried`], or the `Carried` message that ends them
+    /// (`Err` of its count). `input_bytes_max` bounds each one's partial
+    /// input (see [`state::decode`]).
     pub fn recv_carried(
         &self,
         input_bytes_max: usize,
         timeout: Duration,
-    ) -> io::Result<(Carried, OwnedFd)> {
+    ) -> io::Result<Result<Vec<(OwnedFd, Carried)>, u32>> {
         let mut bytes = vec![0u8; CARRIED_PACKET_BYTES_MAX + 1];
         let (got, fds) = self.recv_packet(&mut bytes, timeout)?;
         let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
         if bytes[0] != CARRIED_KIND {
+            return match Message::decode(&bytes[..got]) {
+                Ok(Message::Carried { count }) if fds.is_empty() => Ok(Err(count)),
+                Ok(other) => Err(invalid(format!(
+                    "expected carried connections, got {other:?} with {} descriptors",
+                    fds.len()
+                ))),
+                Err(e) => Err(invalid(e.to_string())),
+            };
+        }
+        let batch =
+            state::decode(&bytes[1..got], input_bytes_max).map_err(|e| invalid(e.to_string()))?;
+        if batch.len() != fds.len() {
             return Err(invalid(format!(
-                "expected a carried connection, got kind {}",
-                bytes[0]
+                "a packet of {} carried connections with {} descriptors",
+                batch.len(),
+                fds.len()
             )));
         }
-        let mut batch =
-            state::decode(&bytes[1..got], input_bytes_max).map_err(|e| invalid(e.to_string()))?;
-        let mut fds = fds.into_iter();
-        match (batch.len(), fds.next(), fds.next()) {
-            (1, Some(fd), None) => Ok((batch.remove(0), fd)),
-            (n, ..) => Err(invalid(format!(
-                "a carried connection packet with {n} records and not one descriptor"
-            ))),
-        }
+        Ok(Ok(fds.into_iter().zip(batch).collect()))
     }
 
     /// Sends one packet with `fds` attached (at most
@@ -346,6 +379,66 @@ mod tests {
             (&*peer).read_exact(&mut buf).unwrap();
             assert_eq!(u32::from_le_bytes(buf), i as u32);
         }
+    }
+
+    #[test]
+    fn carried_connections_cross_in_packed_batches_then_their_count() {
+        let (a, b) = Channel::pair().unwrap();
+        let state = |user: u64, output: usize| Carried {
+            user,
+            device: 0,
+            version: 2,
+            input: vec![1; 3],
+            output: vec![2; output],
+        };
+        // 600 small ones (250, 250, then 100 with the next), then 3 with
+        // 60 KiB of output each (2 fit beside the 100, the third goes alone).
+        let pairs: Vec<(UnixStream, UnixStream)> =
+            (0..603).map(|_| UnixStream::pair().unwrap()).collect();
+        let sent: Vec<(OwnedFd, Carried)> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (x, _))| {
+                let output = if i >= 600 { 60 * 1024 } else { 0 };
+                (
+                    x.as_fd().try_clone_to_owned().unwrap(),
+                    state(i as u64 + 1, output),
+                )
+            })
+            .collect();
+        // The receiver runs beside: 200 KiB of packets exceed the socket's
+        // buffer.
+        let receiver = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut packets = 0;
+            loop {
+                match b.recv_carried(16, WAIT).unwrap() {
+                    Ok(batch) => {
+                        assert!(!batch.is_empty() && batch.len() <= FDS_PER_MESSAGE_MAX);
+                        packets += 1;
+                        got.extend(batch);
+                    }
+                    Err(count) => return (got, packets, count),
+                }
+            }
+        });
+        a.send_carried(&sent).unwrap();
+        a.send(Message::Carried { count: 603 }, &[]).unwrap();
+        let (got, packets, count) = receiver.join().unwrap();
+        assert_eq!((got.len(), packets, count), (603, 4, 603));
+        for (i, ((fd, c), (_, peer))) in got.into_iter().zip(&pairs).enumerate() {
+            assert_eq!(c, sent[i].1);
+            let mut ours = UnixStream::from(fd);
+            ours.write_all(&(i as u32).to_le_bytes()).unwrap();
+            let mut buf = [0u8; 4];
+            (&*peer).read_exact(&mut buf).unwrap();
+            assert_eq!(u32::from_le_bytes(buf), i as u32);
+        }
+        // One too large for a packet of its own is refused, not cut.
+        let (x, _y) = UnixStream::pair().unwrap();
+        let huge = state(1, CARRIED_PACKET_BYTES_MAX);
+        let err = a.send_carried(&[(x.into(), huge)]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

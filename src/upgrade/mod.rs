@@ -1,9 +1,9 @@
 //! Live upgrade: a new binary takes over the listening sockets and the data
 //! directory without a refused connect or a lost message.
 //!
-//! What is handed over: the listening sockets, the data directory, and (poll
-//! backend) every logged-in plaintext connection with its session state
-//! ([`state`]). The old process starts the successor
+//! What is handed over: the listening sockets, the data directory, and
+//! every logged-in plaintext connection with its session state ([`state`]),
+//! on either backend. The old process starts the successor
 //! (`tern serve` with the same arguments, from the same path re-read from
 //! disk or another `--binary`) with one end of a hand-over socket
 //! ([`channel`]); then, in this order:
@@ -16,26 +16,31 @@
 //! 2. The old process sends every listening socket (one per shard, plain
 //!    and TLS). From now on a connect waits in the listen backlog at worst;
 //!    it is never refused, because the successor holds the sockets too.
-//! 3. The old process shuts down like a graceful stop, except that (poll)
-//!    its logged-in plaintext connections are frozen, and once the shards
-//!    agree nothing is in flight between them, sent with their state
-//!    (`Carried`, then one packet each); every other connection gets
-//!    `BYE(upgrade)` (TLS ones with close_notify after it). Its last
-//!    answers are committed and flushed, its logs closed, the data
-//!    directory's lock and the stats socket released. Then it says
-//!    `Released`.
+//! 3. The old process shuts down like a graceful stop, except that its
+//!    logged-in plaintext connections are frozen (no more input read) and
+//!    kept once the shards agree nothing is in flight between them; every
+//!    other connection gets `BYE(upgrade)` (TLS ones with close_notify
+//!    after it, WebSocket ones with a close frame). Its last answers are
+//!    committed and flushed, its logs closed, the data directory's lock and
+//!    the stats socket released. Then it says `Released`.
 //! 4. The successor takes the lock, replays the logs (nothing acknowledged
-//!    is lost, no server id is reused), starts its shards on the inherited
-//!    listeners, installs the carried connections on their users' home
-//!    shards and says `Serving`; the old process exits 0. Clients that got
-//!    BYE reconnect (the client library does at once) and find their queues.
+//!    is lost, no server id is reused) and starts its shards on the
+//!    inherited listeners. Meanwhile the old process sends the kept
+//!    connections in batches (io_uring: each batch's direct descriptors
+//!    installed as process descriptors just before, closed just after, so
+//!    a million connections pass an open-files limit of 20,000), then
+//!    `Carried` with their count. The successor installs each on its
+//!    user's home shard as it comes (same socket, same session, no second
+//!    LOGIN_OK) and, once all came, says `Serving`; the old process exits
+//!    0. Clients that got BYE reconnect (the client library does at once)
+//!    and find their queues.
 //! 5. A successor that fails after `Released` (its store, its stats
 //!    socket, a crash) or stays silent past [`SERVING_WAIT`]: the old
 //!    process kills it if needed and starts serving again on its own copies
-//!    of the listeners (roll back), and logs why.
+//!    of the listeners (roll back), and logs why. Carried connections are
+//!    lost then (their clients reconnect).
 //!
-//! io_uring connections are not carried (they are direct descriptors);
-//! they reconnect. See docs/OPERATIONS.md.
+//! See docs/OPERATIONS.md.
 
 pub mod channel;
 pub mod state;
@@ -261,30 +266,31 @@ impl Successor {
             .map_err(|e| format!("sending the listeners: {e}"))
     }
 
-    /// Sends the carried connections (between the shards' stop and
-    /// `Released`): their sockets and session states. An error means some
-    /// did not go; the caller rolls back (and those clients reconnect).
-    pub fn send_carried(&self, carried: &[(OwnedFd, Carried)]) -> Result<(), String> {
-        let count = carried.len() as u32;
+    /// Says the data directory is free (step 3): the successor opens it and
+    /// starts serving while the carried connections follow.
+    pub fn release(&self) -> Result<(), String> {
         self.channel
-            .send(Message::Carried { count }, &[])
-            .map_err(|e| format!("sending Carried: {e}"))?;
-        for (fd, state) in carried {
-            self.channel
-                .send_carried(state, fd.as_fd())
-                .map_err(|e| format!("sending a carried connection: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Says the data directory is free (step 3), then waits for `Serving`
-    /// (step 4). An error means the successor failed: it has been killed
-    /// (if it still ran) and reaped; the caller rolls back.
-    pub fn release(mut self) -> Result<u32, String> {
-        let result = self
-            .channel
             .send(Message::Released, &[])
             .map_err(|e| format!("sending Released: {e}"))
+    }
+
+    /// Sends carried connections (after [`Successor::release`]): their
+    /// sockets and session states. An error means they did not all go;
+    /// the caller rolls back (and those clients reconnect).
+    pub fn send_carried(&self, carried: &[(OwnedFd, Carried)]) -> Result<(), String> {
+        self.channel
+            .send_carried(carried)
+            .map_err(|e| format!("sending carried connections: {e}"))
+    }
+
+    /// Says the carried connections are over (`count` of them, step 4),
+    /// then waits for `Serving`. An error means the successor failed: it
+    /// has been killed (if it still ran) and reaped; the caller rolls back.
+    pub fn finish(mut self, count: u32) -> Result<u32, String> {
+        let result = self
+            .channel
+            .send(Message::Carried { count }, &[])
+            .map_err(|e| format!("sending Carried: {e}"))
             .and_then(|()| match self.channel.recv(SERVING_WAIT) {
                 Ok((Message::Serving { pid }, _)) => Ok(pid),
                 Ok((other, _)) => Err(format!("expected Serving, got {other:?}")),
@@ -408,27 +414,47 @@ impl Taker {
         Ok((generation, listeners))
     }
 
-    /// Step 3: receives the carried connections (their partial input at
-    /// most `input_bytes_max`, this process's `frame_bytes_max`) and waits
-    /// until the old process has released the data directory.
-    pub fn released(&self, input_bytes_max: usize) -> Result<Vec<(OwnedFd, Carried)>, String> {
-        let count = match self.channel.recv(SERVING_WAIT) {
-            Ok((Message::Carried { count }, _)) => count,
-            Ok((other, _)) => return Err(format!("hand-over: expected Carried, got {other:?}")),
-            Err(e) => return Err(format!("hand-over: the old process did not stop: {e}")),
-        };
-        let mut carried = Vec::new();
-        for _ in 0..count {
-            let (state, fd) = self
-                .channel
-                .recv_carried(input_bytes_max, STEP_WAIT)
-                .map_err(|e| format!("hand-over: receiving a carried connection: {e}"))?;
-            carried.push((fd, state));
-        }
+    /// Step 3: waits until the old process has released the data
+    /// directory.
+    pub fn released(&self) -> Result<(), String> {
         match self.channel.recv(SERVING_WAIT) {
-            Ok((Message::Released, _)) => Ok(carried),
+            Ok((Message::Released, _)) => Ok(()),
             Ok((other, _)) => Err(format!("hand-over: expected Released, got {other:?}")),
             Err(e) => Err(format!("hand-over: the old process did not release: {e}")),
+        }
+    }
+
+    /// Step 4, once this process serves: receives the carried connections
+    /// (their partial input at most `input_bytes_max`, this process's
+    /// `frame_bytes_max`) and gives each to `adopt`, which may block until
+    /// there is room for more. Returns how many came; an error says why the
+    /// rest did not (their clients reconnect).
+    pub fn take_carried(
+        &self,
+        input_bytes_max: usize,
+        mut adopt: impl FnMut(OwnedFd, Carried),
+    ) -> Result<u32, String> {
+        let mut taken: u32 = 0;
+        loop {
+            match self.channel.recv_carried(input_bytes_max, STEP_WAIT) {
+                Ok(Ok(batch)) => {
+                    for (fd, state) in batch {
+                        taken = taken.saturating_add(1);
+                        adopt(fd, state);
+                    }
+                }
+                Ok(Err(count)) if count == taken => return Ok(taken),
+                Ok(Err(count)) => {
+                    return Err(format!(
+                        "hand-over: {taken} connections came, the old process sent {count}"
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "hand-over: receiving carried connections ({taken} so far): {e}"
+                    ))
+                }
+            }
         }
     }
 
@@ -442,5 +468,65 @@ impl Taker {
                 &[],
             )
             .map_err(|e| format!("hand-over: sending Serving: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_successor_refuses_an_old_process_of_another_format() {
+        let (old, new) = Channel::pair().unwrap();
+        let taker = Taker { channel: new };
+        let old = std::thread::spawn(move || {
+            let (hello, _) = old.recv(STEP_WAIT).unwrap();
+            assert!(matches!(
+                hello,
+                Message::Hello {
+                    format: FORMAT_VERSION,
+                    ..
+                }
+            ));
+            // An old process of format 2 (which sent its carried
+            // connections before Released).
+            let listeners = Message::Listeners {
+                format: 2,
+                generation: 0,
+                plain: 0,
+                tls: 0,
+            };
+            old.send(listeners, &[]).unwrap();
+            old
+        });
+        let err = taker.hello().unwrap_err();
+        assert!(
+            err.contains("the old process speaks format 2, this binary only 3"),
+            "{err}"
+        );
+        drop(old.join().unwrap());
+    }
+
+    #[test]
+    fn a_wrong_carried_count_is_an_error() {
+        let (old, new) = Channel::pair().unwrap();
+        let taker = Taker { channel: new };
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        let state = Carried {
+            user: 7,
+            device: 0,
+            version: 1,
+            input: Vec::new(),
+            output: Vec::new(),
+        };
+        old.send_carried(&[(x.into(), state.clone())]).unwrap();
+        old.send(Message::Carried { count: 2 }, &[]).unwrap();
+        let mut got = Vec::new();
+        let err = taker.take_carried(16, |_, c| got.push(c)).unwrap_err();
+        assert_eq!(got, [state]);
+        assert!(
+            err.contains("1 connections came, the old process sent 2"),
+            "{err}"
+        );
     }
 }

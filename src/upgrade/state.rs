@@ -1,9 +1,9 @@
 //! The session state of carried connections, pure: bytes in, records out.
 //!
-//! The hand-over sends one record per packet, with the connection's socket
-//! attached ([`super::channel::Channel::send_carried`]); a batch holds at
-//! most [`FDS_PER_MESSAGE_MAX`] records, the `i`-th for the `i`-th
-//! descriptor.
+//! The hand-over sends the records in batches, one packet each with the
+//! connections' sockets attached
+//! ([`super::channel::Channel::send_carried`]); a batch holds at most
+//! [`FDS_PER_MESSAGE_MAX`] records, the `i`-th for the `i`-th descriptor.
 //!
 //! What travels for a plaintext, logged-in connection, and why only this:
 //!
@@ -17,6 +17,12 @@
 //! - `output`: bytes written but not sent (answers, DELIVERs), at most
 //!   [`OUTPUT_BYTES_MAX`]; a connection with more pending gets BYE(upgrade)
 //!   instead of being carried.
+//!
+//! On io_uring the connection's socket is a direct descriptor: the old
+//! process installs it as a process descriptor just before sending
+//! (IORING_OP_FIXED_FD_INSTALL) and closes that at once; the successor
+//! registers it into its own fixed-file table (IORING_OP_FILES_UPDATE)
+//! and closes it too. Either process may run either backend.
 //!
 //! DELIVERs sent and not yet DELIVERED are not carried: they are in the
 //! store, which the successor replays, and its session re-delivers them
@@ -56,6 +62,12 @@ pub struct Carried {
     pub input: Vec<u8>,
     /// Written and not yet sent.
     pub output: Vec<u8>,
+}
+
+/// Bytes of a packet holding `carried` alone: more than
+/// [`super::wire::CARRIED_PACKET_BYTES_MAX`] and it cannot be carried.
+pub fn packet_bytes(carried: &Carried) -> usize {
+    1 + 2 + RECORD_HEAD_BYTES + carried.input.len() + carried.output.len()
 }
 
 /// A state payload that does not decode.

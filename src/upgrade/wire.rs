@@ -10,11 +10,17 @@
 //! | 3    | `Fds`       | `count: u16`, with `count` descriptors (SCM_RIGHTS) | old → new |
 //! | 4    | `Released`  | (none)                                          | old → new |
 //! | 5    | `Serving`   | `pid: u32`                                      | new → old |
-//! | 6    | `Carried`   | `count: u32`: carried connections follow        | old → new |
-//! | 7    | (connection) | one [`super::state`] record, with its socket   | old → new |
+//! | 6    | `Carried`   | `count: u32`: that many connections were sent   | old → new |
+//! | 7    | (connections) | a [`super::state`] batch, with its sockets    | old → new |
 //!
-//! Format 2 added `Carried` and the connection packets (sent between the
-//! shards' stop and `Released`); format 1 had neither.
+//! In format 3 the carried connections come after `Released`, in batches
+//! (kind 7: 1 to [`FDS_PER_MESSAGE_MAX`] records, the `i`-th for the `i`-th
+//! descriptor), while the successor already serves; `Carried` ends them
+//! and says how many there were. So neither process ever holds more
+//! than a few batches of them as process descriptors (a million
+//! connections pass an open-files limit of 20,000). Format 2 sent
+//! `Carried` first, then one connection per packet, all before
+//! `Released`; format 1 carried none.
 //! `format` is [`FORMAT_VERSION`] of the sender; each side refuses a format
 //! it does not know, so binaries of different versions either agree or the
 //! old one keeps serving. Example, a `Hello` of format 1 from pid 4660:
@@ -24,19 +30,19 @@ use std::fmt;
 
 /// The hand-over format this build speaks. A new format gets a new number;
 /// a process refuses a peer whose number it does not know.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// Descriptors at most in one `Fds` message: under the kernel's
 /// `SCM_MAX_FD` (253).
 pub const FDS_PER_MESSAGE_MAX: usize = 250;
 
-/// The kind byte of a carried connection's packet (its state and one
-/// descriptor), read by [`super::channel::Channel::recv_carried`], never
+/// The kind byte of a packet of carried connections (their states and
+/// descriptors), read by [`super::channel::Channel::recv_carried`], never
 /// by [`Message::decode`].
 pub const CARRIED_KIND: u8 = 7;
 
-/// Bytes of the largest carried connection's packet: a connection whose
-/// partial input and unsent output do not fit is closed instead (its
+/// Bytes of the largest packet of carried connections: a connection whose
+/// partial input and unsent output do not fit alone is closed instead (its
 /// client reconnects). Under the Unix socket's default send buffer
 /// (208 KiB), so one packet always goes.
 pub const CARRIED_PACKET_BYTES_MAX: usize = 160 * 1024;
@@ -79,7 +85,8 @@ pub enum Message {
         /// The successor's process id.
         pid: u32,
     },
-    /// `count` carried connections follow, one packet each.
+    /// The carried connections' packets are over: `count` connections
+    /// were sent (the successor checks it took as many).
     Carried {
         /// How many.
         count: u32,

@@ -220,6 +220,7 @@ impl Drop for Io {
                 std::mem::forget(ring.bufs.take());
             }
             std::mem::forget(std::mem::take(&mut self.conns));
+            std::mem::forget(std::mem::take(&mut self.installs));
             std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
         }
     }

@@ -22,7 +22,7 @@ impl Io {
 
     /// The data ring with the most free slots, creating one if all are full
     /// and the budget allows.
-    fn pick_data_ring(&mut self) -> Option<usize> {
+    pub(super) fn pick_data_ring(&mut self) -> Option<usize> {
         let best = (1..self.rings.len())
             .filter(|&r| self.rings[r].slots_free() > 0)
             .max_by_key(|&r| self.rings[r].slots_free());
@@ -103,7 +103,7 @@ impl Io {
     }
 
     /// The descriptor is in its final ring: report, flush and arm.
-    fn on_live(&mut self, key: u32) {
+    pub(super) fn on_live(&mut self, key: u32) {
         let c = &mut self.conns[key as usize];
         c.state = State::Live;
         c.retries = 0;

@@ -73,6 +73,7 @@
 
 mod accept;
 mod bufs;
+mod carry;
 mod close;
 mod handoff;
 mod layout;
@@ -99,6 +100,8 @@ use ring::{Chain, Cqe, Ring};
 use tag::{Op, Tag};
 
 use accept::{accept_tag, Accept};
+use carry::Install;
+pub use carry::Kept;
 pub use handoff::{Detached, PeerInfo};
 use handoff::{HandoffIn, HandoffOut};
 use send::SendBuf;
@@ -240,6 +243,9 @@ mod flag {
     pub const CLOSE_AFTER_SHUTDOWN: u32 = 1 << 17;
     /// Accepted from the WebSocket listener (kept for the connection's life).
     pub const FROM_WS: u32 = 1 << 18;
+    /// Kept for a successor process (live upgrade): invisible, in its ring
+    /// until `carry_fds`; bytes that still arrive are held.
+    pub const KEPT: u32 = 1 << 19;
 }
 
 /// One connection. Kept small: an idle connection costs this plus its slab
@@ -368,6 +374,14 @@ pub struct Io {
     // the box saves its allocation too.
     #[allow(clippy::vec_box)]
     spare_sends: Vec<Box<SendBuf>>,
+    /// Whether the kernel has FIXED_FD_INSTALL and FILES_UPDATE: live
+    /// upgrade carries connections (`carry.rs`).
+    carry_ops: bool,
+    /// Kept connections whose FIXED_FD_INSTALL is in flight (`None`) or
+    /// done (the descriptor or -errno), by key.
+    installed: HashMap<u32, Option<i32>>,
+    /// Adopted connections whose FILES_UPDATE is in flight, by key.
+    installs: HashMap<u32, Install>,
 }
 
 impl Io {
@@ -661,6 +675,8 @@ impl Io {
             }
             Op::Misc => {}
             Op::Peer => self.on_peer(t, res),
+            Op::FdInstall => self.on_fd_install(t, res),
+            Op::FilesUpdate => self.on_files_update(ring, t, res),
             Op::HandoffIn | Op::HandoffFail => unreachable!(),
         }
     }

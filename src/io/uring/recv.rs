@@ -204,11 +204,14 @@ impl Io {
             c.ops = c.ops.saturating_sub(1);
         }
         let live = c.state == State::Live && c.has(flag::VISIBLE);
+        let kept = c.state == State::Live && c.has(flag::KEPT);
         let established = c.has(flag::ESTABLISHED);
         let (key, gen) = (t.key, c.gen);
         if res > 0 {
             let bid = bid.expect("a receive with buffer select names its buffer");
-            if live {
+            if kept {
+                self.hold_kept(ring, key, bid, res as usize);
+            } else if live {
                 self.events.push_back(Event::Data {
                     key,
                     gen,

@@ -62,7 +62,7 @@ impl Io {
             RECV_BUF_BYTES,
             (!one_ring).then(|| efd.as_raw_fd()),
         )?;
-        probe(&ring0)?;
+        let carry_ops = probe(&ring0)?;
         let batch_wait = if options.batch_wait.is_zero() || ring0.has_min_wait() {
             options.batch_wait
         } else {
@@ -129,6 +129,9 @@ impl Io {
             peer_ips: HashMap::new(),
             recv_no_buffers: 0,
             spare_sends: Vec::new(),
+            carry_ops,
+            installed: HashMap::new(),
+            installs: HashMap::new(),
         };
         if !one_ring {
             // One data ring up front: fail now rather than on the first accept.
@@ -186,8 +189,9 @@ fn check_kernel() -> io::Result<()> {
     Ok(())
 }
 
-/// Checks that ring 0's kernel knows every opcode we use.
-fn probe(ring: &Ring) -> io::Result<()> {
+/// Checks that ring 0's kernel knows every opcode we use; true when it
+/// also has those that carry connections across a live upgrade.
+fn probe(ring: &Ring) -> io::Result<bool> {
     let mut probe = io_uring::Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -210,7 +214,10 @@ fn probe(ring: &Ring) -> io::Result<()> {
             ));
         }
     }
-    Ok(())
+    // FIXED_FD_INSTALL came with Linux 6.8: without it, live upgrade ends
+    // this backend's connections with BYE(upgrade) instead.
+    Ok(probe.is_supported(opcode::FixedFdInstall::CODE)
+        && probe.is_supported(opcode::FilesUpdate::CODE))
 }
 
 /// TCP_NODELAY on the listener: accepted sockets inherit it (small frames,

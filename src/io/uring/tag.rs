@@ -5,7 +5,7 @@
 //!
 //! | bits    | field | range                                  |
 //! |---------|-------|----------------------------------------|
-//! | 63..59  | op    | [`Op`], 1..=16 (0 is never used)       |
+//! | 63..59  | op    | [`Op`], 1..=18 (0 is never used)       |
 //! | 58..50  | ring  | `0..RINGS_MAX`                         |
 //! | 49..32  | gen   | `0..=GEN_MASK` (wraps; 0 is skipped)   |
 //! | 31..0   | key   | the connection's slab key, or a slot   |
@@ -70,6 +70,10 @@ pub(super) enum Op {
     /// getsockopt(SO_PEERNAME) of a just-accepted connection (its source
     /// address, for the per-address limits).
     Peer = 16,
+    /// FIXED_FD_INSTALL of a connection kept for a successor process.
+    FdInstall = 17,
+    /// FILES_UPDATE installing a connection carried from a predecessor.
+    FilesUpdate = 18,
 }
 
 impl Op {
@@ -91,6 +95,8 @@ impl Op {
             14 => Op::CloseRaw,
             15 => Op::Misc,
             16 => Op::Peer,
+            17 => Op::FdInstall,
+            18 => Op::FilesUpdate,
             _ => return None,
         })
     }
