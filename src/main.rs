@@ -15,6 +15,7 @@ use tern::shard::Next;
 use tern::upgrade::{Successor, Taker, UpgradeInfo};
 
 mod demo;
+mod demo_web;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -101,8 +102,14 @@ struct ServeArgs {
     print_config: bool,
     /// After start-up, run two built-in clients through a message exchange
     /// and print the ticks, to show the server working. It keeps serving.
+    /// With --demo, and also a WebSocket listener (`--ws-listen`, default
+    /// 127.0.0.1:5280 in demo mode): serve the web chat page at this address,
+    /// with a DEMO-ONLY endpoint that mints tokens for users 1001-1004.
     #[arg(long)]
     demo: bool,
+    /// Where --demo serves the web chat page (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:5380", requires = "demo")]
+    demo_http: SocketAddr,
     #[command(flatten)]
     overrides: Overrides,
 }
@@ -443,6 +450,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     let taker = Taker::from_env()?;
     let mut config = load(args.config.as_deref())?;
     args.overrides.apply(&mut config);
+    if args.demo && config.ws_listen.is_none() {
+        // The demo page needs a WebSocket listener.
+        config.ws_listen = Some(SocketAddr::from(([127, 0, 0, 1], 5280)));
+    }
     config.validate()?;
     if args.print_config {
         print!("{}", config.to_toml());
@@ -538,6 +549,10 @@ fn serve(args: ServeArgs) -> Result<()> {
     server.on_fatal(move || closer.close());
     if args.demo {
         let addr = server.local_addr();
+        if let Some(ws_addr) = server.ws_addr() {
+            let page = demo_web::spawn(args.demo_http, secret.as_bytes(), ws_addr.port())?;
+            log::info!("demo chat page at http://{page}/ (open it in two browser windows)");
+        }
         std::thread::spawn(move || demo::run(addr, secret.as_bytes()));
     }
     for signal in signals.forever() {

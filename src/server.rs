@@ -414,6 +414,11 @@ impl Server {
         if let Some(tls_addr) = tls_addr {
             log::info!("TLS 1.3 listening on {tls_addr}");
         }
+        if let Some(ws_addr) = ws_addr {
+            // "at", not "on": scripts take the first "listening on" line as
+            // the client listener.
+            log::info!("WebSocket listening at ws://{ws_addr}/");
+        }
         Ok(Server {
             addr,
             tls_addr,

@@ -39,6 +39,9 @@ pub(super) enum WsMode {
     /// Not a WebSocket connection.
     #[default]
     No,
+    /// From the TLS listener, nothing decrypted yet: the first plaintext
+    /// bytes tell a WebSocket upgrade (wss) from a Tern LOGIN.
+    Detect,
     /// From the WebSocket listener, reading the HTTP upgrade (in `inp`).
     Handshake,
     /// Upgraded: output is wrapped in binary messages.
@@ -126,9 +129,10 @@ impl Conns {
             .is_some_and(|s| s.tls.is_some())
     }
 
-    /// Whether `conn` came through the WebSocket listener.
+    /// Whether `conn` speaks WebSocket (from the WebSocket listener, or an
+    /// upgrade on the TLS listener).
     pub(super) fn is_ws(&self, conn: ConnId) -> bool {
-        self.ws_mode(conn) != WsMode::No
+        !matches!(self.ws_mode(conn), WsMode::No | WsMode::Detect)
     }
 
     fn ws_mode(&self, conn: ConnId) -> WsMode {
@@ -280,7 +284,8 @@ impl Shard {
         }
         let ws = match which {
             Listener::Ws => WsMode::Handshake,
-            _ => WsMode::No,
+            Listener::Tls => WsMode::Detect,
+            Listener::Plain => WsMode::No,
         };
         self.open_conn(conn, tls, ws);
         self.admission.pending(conn, ip);
@@ -373,7 +378,39 @@ impl Shard {
         match self.conns.ws_mode(conn) {
             WsMode::Handshake => self.ws_upgrade(conn, data),
             WsMode::Open => self.ws_frames(conn, data),
-            WsMode::Closed | WsMode::No => {}
+            WsMode::Closed | WsMode::No | WsMode::Detect => {}
+        }
+    }
+
+    /// Plaintext from a TLS connection: Tern frames or, after a WebSocket
+    /// upgrade (wss), WebSocket frames. The first two bytes decide: an HTTP
+    /// request starts with `GE` (`GET`), a Tern client with LOGIN, whose
+    /// second byte is its type `01` (a length prefix of `47`, `G`, is one
+    /// byte long), so no Tern client is ever taken for a WebSocket one.
+    fn on_tls_plain(&mut self, conn: ConnId, data: &[u8]) {
+        match self.conns.ws_mode(conn) {
+            WsMode::No => self.on_bytes(conn, data),
+            WsMode::Detect => {
+                // A lone first byte waits in `inp`, where both paths look.
+                let seen = self.conns.slots[conn.index()]
+                    .bufs
+                    .as_ref()
+                    .map_or(&[][..], |b| &b.inp[..]);
+                let mut head = seen.iter().chain(data).take(2).copied();
+                match (head.next(), head.next()) {
+                    (None, _) => {}
+                    (Some(b'G'), None) => self.conns.bufs(conn).inp.extend_from_slice(data),
+                    (Some(b'G'), Some(b'E')) => {
+                        self.conns.set_ws(conn, WsMode::Handshake);
+                        self.ws_upgrade(conn, data);
+                    }
+                    _ => {
+                        self.conns.set_ws(conn, WsMode::No);
+                        self.on_bytes(conn, data);
+                    }
+                }
+            }
+            WsMode::Handshake | WsMode::Open | WsMode::Closed => self.on_ws_bytes(conn, data),
         }
     }
 
@@ -393,14 +430,14 @@ impl Shard {
                     self.id,
                     conn.0
                 );
-                self.write_records(conn, &response);
+                self.write_ws(conn, &response);
                 self.conns.set_ws(conn, WsMode::Closed);
                 self.event(Event::Failed(conn));
             }
             ws::Handshake::Accept { response, used } => {
                 let rest = bufs.inp.split_off(used);
                 bufs.inp = Vec::new();
-                self.write_records(conn, &response);
+                self.write_ws(conn, &response);
                 self.conns.set_ws(conn, WsMode::Open);
                 if !rest.is_empty() {
                     self.ws_frames(conn, &rest);
@@ -436,7 +473,7 @@ impl Shard {
             self.conns.recycle(conn);
         }
         if !control.is_empty() {
-            self.write_records(conn, &control);
+            self.write_ws(conn, &control);
         }
         match result {
             Err(code) => {
@@ -509,7 +546,7 @@ impl Shard {
                     self.stats.tls_handshakes.inc();
                 }
                 if !plain.is_empty() {
-                    self.on_bytes(conn, &plain);
+                    self.on_tls_plain(conn, &plain);
                 }
                 if outcome.peer_closed
                     && self.sessions.gen(conn) == gen
@@ -636,7 +673,7 @@ impl Shard {
             .map(|mut b| (b.out[b.out_sent..].to_vec(), std::mem::take(&mut b.ws)))
             .unwrap_or_default();
         let tls = slot.tls.take();
-        let ws = ws_mode != WsMode::No;
+        let ws = !matches!(ws_mode, WsMode::No | WsMode::Detect);
         let ws_rx = (!rx.is_idle()).then(|| Box::new(rx));
         match self.io.detach(conn, home) {
             Ok(detached) => self.outboxes.push(
@@ -794,6 +831,32 @@ impl Shard {
         self.conns.mark_dirty(conn);
     }
 
+    /// Queues WebSocket-level bytes (an HTTP answer, control frames) as
+    /// they are, or encrypted on a wss connection. They may pass frames
+    /// written before and not flushed yet: WebSocket lets control frames
+    /// come between messages, and the upgrade answer precedes any frame.
+    fn write_ws(&mut self, conn: ConnId, bytes: &[u8]) {
+        if !self.conns.is_tls(conn) {
+            return self.write_records(conn, bytes);
+        }
+        let state = self.sessions.state(conn);
+        if state == State::Free || state == State::Shut {
+            return;
+        }
+        self.conns.bufs(conn);
+        let slot = &mut self.conns.slots[conn.index()];
+        let (Some(tls), Some(bufs)) = (slot.tls.as_mut(), slot.bufs.as_mut()) else {
+            return;
+        };
+        if let Err(e) = tls.encrypt(bytes, &mut bufs.out) {
+            log::debug!("shard {}: TLS encrypt: {e}", self.id);
+            self.stats.tls_failures.inc();
+            self.event(Event::Closed(conn));
+            return;
+        }
+        self.conns.mark_dirty(conn);
+    }
+
     /// The session layer closes `conn` after its output: unread input is
     /// dropped, the flush shuts the write side, and reading goes on (to
     /// notice the peer's close).
@@ -846,11 +909,23 @@ impl Shard {
             }
             return;
         };
+        let mode = ws_mode.as_deref().copied().unwrap_or_default();
         if !bufs.plain.is_empty() {
             match s.tls.as_mut() {
                 Some(tls) if tls.is_handshaken() => {
                     let Bufs { plain, out, .. } = &mut **bufs;
-                    if let Err(e) = tls.encrypt(plain, out) {
+                    let result = match mode {
+                        WsMode::No | WsMode::Detect => tls.encrypt(plain, out),
+                        // wss: a binary message, encrypted.
+                        WsMode::Open => {
+                            let mut message = Vec::with_capacity(plain.len() + 10);
+                            ws::put_binary(plain, &mut message);
+                            tls.encrypt(&message, out)
+                        }
+                        // Not upgraded yet or closed: nothing can carry them.
+                        WsMode::Handshake | WsMode::Closed => Ok(()),
+                    };
+                    if let Err(e) = result {
                         log::debug!("shard {}: TLS encrypt: {e}", self.id);
                         self.stats.tls_failures.inc();
                         self.event(Event::Closed(conn));
@@ -868,14 +943,22 @@ impl Shard {
             bufs.plain.clear();
         }
         if state == State::Closing {
-            // Last frames are encrypted above; the TLS stream ends before the FIN.
+            // After the last frames, a WebSocket's close frame (encrypted
+            // on wss), then the TLS stream ends before the FIN.
+            if let Some(mode @ WsMode::Open) = ws_mode {
+                match s.tls.as_mut() {
+                    Some(tls) => {
+                        let mut close = Vec::with_capacity(4);
+                        ws::put_close(ws::close::NORMAL, &mut close);
+                        // An error means the TLS stream is closed already.
+                        let _ = tls.encrypt(&close, &mut bufs.out);
+                    }
+                    None => ws::put_close(ws::close::NORMAL, &mut bufs.out),
+                }
+                *mode = WsMode::Closed;
+            }
             if let Some(tls) = s.tls.as_mut() {
                 tls.close_notify(&mut bufs.out);
-            }
-            // Likewise a WebSocket's close frame.
-            if let Some(mode @ WsMode::Open) = ws_mode {
-                ws::put_close(ws::close::NORMAL, &mut bufs.out);
-                *mode = WsMode::Closed;
             }
         }
         if bufs.out_sent < bufs.out.len() {

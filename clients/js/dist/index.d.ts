@@ -1,0 +1,3 @@
+export * from "./codec.js";
+export * from "./state.js";
+export * from "./client.js";

@@ -1,0 +1,515 @@
+// The Tern wire codec (docs/PROTOCOL.md), byte for byte the same as the
+// server's src/proto.rs. Pure: bytes in, frames out, no I/O. Integers are
+// bigint because the protocol's ids are u64 (a JS number holds 53 bits).
+
+/** Protocol version 1 (LOGIN version byte). */
+export const VERSION_1 = 1;
+/** Protocol version 2: idempotent SEND, DELIVER with client id, presence, devices. */
+export const VERSION_2 = 2;
+
+/** Longest varint (a u64) and so longest length prefix, in bytes. */
+export const VARINT_BYTES_MAX = 10;
+
+const U64_MAX = (1n << 64n) - 1n;
+
+/** The frame type bytes. */
+export const Type = {
+  LOGIN: 0x01,
+  LOGIN_OK: 0x02,
+  LOGIN_ERR: 0x03,
+  SEND: 0x04,
+  ACK: 0x05,
+  DELIVER: 0x06,
+  DELIVERED: 0x07,
+  READ: 0x08,
+  RECEIPT: 0x09,
+  PING: 0x0a,
+  PONG: 0x0b,
+  ERROR: 0x0c,
+  BYE: 0x0d,
+  DELIVER_V2: 0x0e,
+  REDIRECT: 0x0f,
+  DEVICE_REMOVE: 0x10,
+  DEVICE_REMOVED: 0x11,
+  SENT: 0x12,
+  SUBSCRIBE: 0x18,
+  UNSUBSCRIBE: 0x19,
+  PRESENCE: 0x1a,
+  PRIVACY: 0x1b,
+  TYPING: 0x1c,
+} as const;
+
+/** Error codes (LOGIN_ERR and ERROR), by name; the numbers never change. */
+export const ErrorCode = {
+  malformed: 1,
+  unknown_type: 2,
+  too_large: 3,
+  not_logged_in: 4,
+  queue_full: 5,
+  bad_version: 6,
+  bad_token: 7,
+  token_expired: 8,
+  rate_limited: 9,
+  internal: 10,
+  already_logged_in: 11,
+  bad_recipient: 12,
+  server_full: 13,
+  bad_state: 14,
+  storage_full: 15,
+  unavailable: 16,
+  unknown_message: 17,
+  stale_client_id: 18,
+  other_node: 19,
+  too_many_devices: 20,
+  unknown_device: 21,
+  presence_subs_full: 25,
+  banned: 30,
+} as const;
+
+/** Receipt kinds. */
+export const ReceiptKind = { delivered: 1, read: 2 } as const;
+
+/** Bye reasons. */
+export const ByeReason = {
+  shutdown: 1,
+  replaced: 2,
+  slow: 3,
+  idle: 4,
+  error: 5,
+  rate_limited: 6,
+  moved: 7,
+  device_removed: 8,
+  kicked: 10,
+  moving: 11,
+  upgrade: 13,
+} as const;
+
+/** Presence states. */
+export const PresenceState = { online: 1, offline: 2, hidden: 3 } as const;
+
+function invert(table: Record<string, number>): Map<number, string> {
+  return new Map(Object.entries(table).map(([name, n]) => [n, name]));
+}
+const ERROR_NAMES = invert(ErrorCode);
+const RECEIPT_NAMES = invert(ReceiptKind);
+const BYE_NAMES = invert(ByeReason);
+const PRESENCE_NAMES = invert(PresenceState);
+
+/** The name of an error code (`"queue_full"`), or `"code N"` if unknown. */
+export function errorName(code: number): string {
+  return ERROR_NAMES.get(code) ?? `code ${code}`;
+}
+/** The name of a bye reason (`"replaced"`), or `"reason N"` if unknown. */
+export function byeName(reason: number): string {
+  return BYE_NAMES.get(reason) ?? `reason ${reason}`;
+}
+
+/** One frame, either direction. Ids, users and times are u64 as bigint. */
+export type Frame =
+  | { type: "login"; version: number; token: Uint8Array }
+  | { type: "login_ok"; serverTimeMs: bigint; offlineCount: bigint }
+  | { type: "login_err"; code: number; text: string }
+  | { type: "send"; clientId: bigint; to: bigint; body: Uint8Array }
+  | { type: "ack"; clientId: bigint; serverId: bigint; serverTimeMs: bigint }
+  /** `clientId` is null for the version 1 DELIVER (0x06), set for 0x0E. */
+  | {
+      type: "deliver";
+      serverId: bigint;
+      from: bigint;
+      serverTimeMs: bigint;
+      clientId: bigint | null;
+      body: Uint8Array;
+    }
+  | { type: "delivered"; serverId: bigint }
+  | { type: "read"; serverId: bigint; from: bigint }
+  | { type: "receipt"; kind: number; serverId: bigint; peer: bigint }
+  | { type: "ping"; nonce: bigint }
+  | { type: "pong"; nonce: bigint }
+  | { type: "error"; code: number; clientId: bigint; text: string }
+  | { type: "bye"; reason: number }
+  | { type: "redirect"; addr: string }
+  | { type: "device_remove"; device: bigint }
+  | { type: "device_removed"; device: bigint }
+  | {
+      type: "sent";
+      serverId: bigint;
+      to: bigint;
+      serverTimeMs: bigint;
+      clientId: bigint;
+      body: Uint8Array;
+    }
+  | { type: "subscribe"; user: bigint }
+  | { type: "unsubscribe"; user: bigint }
+  | { type: "presence"; user: bigint; state: number; lastSeenMs: bigint }
+  | { type: "privacy"; hidden: boolean }
+  | { type: "typing"; user: bigint };
+
+/** Size limits the decoder enforces (the server's defaults). */
+export interface Limits {
+  /** Largest `L` (type byte plus fields) accepted. */
+  frameBytesMax: number;
+  /** Largest SEND, DELIVER or SENT body accepted. */
+  bodyBytesMax: number;
+}
+
+/** The server's default limits. */
+export const DEFAULT_LIMITS: Limits = { frameBytesMax: 65536, bodyBytesMax: 65000 };
+
+/** Why bytes could not be decoded; fatal for the connection. */
+export class DecodeError extends Error {
+  /** The error code a peer would report: malformed, too_large or unknown_type. */
+  readonly code: "malformed" | "too_large" | "unknown_type";
+  constructor(code: "malformed" | "too_large" | "unknown_type", message: string) {
+    super(message);
+    this.name = "DecodeError";
+    this.code = code;
+  }
+}
+
+const utf8 = new TextEncoder();
+const utf8Strict = new TextDecoder("utf-8", { fatal: true });
+
+/** Appends `v` (0..2^64-1) as an unsigned LEB128 varint. */
+export function putVarint(out: number[], v: bigint): void {
+  if (v < 0n || v > U64_MAX) {
+    throw new RangeError(`varint out of u64 range: ${v}`);
+  }
+  while (v >= 0x80n) {
+    out.push(Number(v & 0x7fn) | 0x80);
+    v >>= 7n;
+  }
+  out.push(Number(v));
+}
+
+/** Outcome of reading a varint. */
+type Varint =
+  | { kind: "done"; value: bigint; len: number }
+  | { kind: "incomplete" }
+  | { kind: "too_large"; valueMin: bigint };
+
+/** Reads a minimal varint at `at`, rejecting values above `max` as early as
+ * the bytes seen allow (as src/proto.rs does for the length prefix). */
+function readVarint(buf: Uint8Array, at: number, max: bigint): Varint {
+  let value = 0n;
+  for (let i = 0; i < VARINT_BYTES_MAX; i++) {
+    if (at + i >= buf.length) {
+      return { kind: "incomplete" };
+    }
+    const byte = buf[at + i];
+    const more = (byte & 0x80) !== 0;
+    const bits = BigInt(byte & 0x7f);
+    if (i === VARINT_BYTES_MAX - 1) {
+      // The tenth byte holds bit 63 only.
+      if (more) break;
+      if (bits > 1n) throw new DecodeError("malformed", "varint overflows u64");
+    }
+    value |= bits << BigInt(7 * i);
+    if (!more) {
+      if (byte === 0 && i > 0) throw new DecodeError("malformed", "non-minimal varint");
+      if (value > max) return { kind: "too_large", valueMin: value };
+      return { kind: "done", value, len: i + 1 };
+    }
+    // A minimal encoding ends in a non-zero byte: at least this much.
+    const valueMin = value + (1n << BigInt(7 * (i + 1)));
+    if (valueMin > max) return { kind: "too_large", valueMin };
+  }
+  throw new DecodeError("malformed", "varint longer than 10 bytes");
+}
+
+/** Encodes one frame with its length prefix. */
+export function encode(frame: Frame): Uint8Array {
+  const p: number[] = [];
+  let rest: Uint8Array | null = null;
+  switch (frame.type) {
+    case "login":
+      p.push(Type.LOGIN, frame.version & 0xff);
+      rest = frame.token;
+      break;
+    case "login_ok":
+      p.push(Type.LOGIN_OK);
+      putVarint(p, frame.serverTimeMs);
+      putVarint(p, frame.offlineCount);
+      break;
+    case "login_err":
+      p.push(Type.LOGIN_ERR);
+      putVarint(p, BigInt(frame.code));
+      rest = utf8.encode(frame.text);
+      break;
+    case "send":
+      p.push(Type.SEND);
+      putVarint(p, frame.clientId);
+      putVarint(p, frame.to);
+      rest = frame.body;
+      break;
+    case "ack":
+      p.push(Type.ACK);
+      putVarint(p, frame.clientId);
+      putVarint(p, frame.serverId);
+      putVarint(p, frame.serverTimeMs);
+      break;
+    case "deliver":
+      p.push(frame.clientId === null ? Type.DELIVER : Type.DELIVER_V2);
+      putVarint(p, frame.serverId);
+      putVarint(p, frame.from);
+      putVarint(p, frame.serverTimeMs);
+      if (frame.clientId !== null) putVarint(p, frame.clientId);
+      rest = frame.body;
+      break;
+    case "delivered":
+      p.push(Type.DELIVERED);
+      putVarint(p, frame.serverId);
+      break;
+    case "read":
+      p.push(Type.READ);
+      putVarint(p, frame.serverId);
+      putVarint(p, frame.from);
+      break;
+    case "receipt":
+      p.push(Type.RECEIPT);
+      putVarint(p, BigInt(frame.kind));
+      putVarint(p, frame.serverId);
+      putVarint(p, frame.peer);
+      break;
+    case "ping":
+    case "pong":
+      p.push(frame.type === "ping" ? Type.PING : Type.PONG);
+      putVarint(p, frame.nonce);
+      break;
+    case "error":
+      p.push(Type.ERROR);
+      putVarint(p, BigInt(frame.code));
+      putVarint(p, frame.clientId);
+      rest = utf8.encode(frame.text);
+      break;
+    case "bye":
+      p.push(Type.BYE);
+      putVarint(p, BigInt(frame.reason));
+      break;
+    case "redirect":
+      p.push(Type.REDIRECT);
+      rest = utf8.encode(frame.addr);
+      break;
+    case "device_remove":
+    case "device_removed":
+      p.push(frame.type === "device_remove" ? Type.DEVICE_REMOVE : Type.DEVICE_REMOVED);
+      putVarint(p, frame.device);
+      break;
+    case "sent":
+      p.push(Type.SENT);
+      putVarint(p, frame.serverId);
+      putVarint(p, frame.to);
+      putVarint(p, frame.serverTimeMs);
+      putVarint(p, frame.clientId);
+      rest = frame.body;
+      break;
+    case "subscribe":
+    case "unsubscribe":
+    case "typing":
+      p.push(
+        frame.type === "subscribe"
+          ? Type.SUBSCRIBE
+          : frame.type === "unsubscribe"
+            ? Type.UNSUBSCRIBE
+            : Type.TYPING,
+      );
+      putVarint(p, frame.user);
+      break;
+    case "presence":
+      p.push(Type.PRESENCE);
+      putVarint(p, frame.user);
+      putVarint(p, BigInt(frame.state));
+      putVarint(p, frame.lastSeenMs);
+      break;
+    case "privacy":
+      p.push(Type.PRIVACY, frame.hidden ? 1 : 0);
+      break;
+  }
+  const restLen = rest === null ? 0 : rest.length;
+  const prefix: number[] = [];
+  putVarint(prefix, BigInt(p.length + restLen));
+  const out = new Uint8Array(prefix.length + p.length + restLen);
+  out.set(prefix, 0);
+  out.set(p, prefix.length);
+  if (rest !== null) out.set(rest, prefix.length + p.length);
+  return out;
+}
+
+/** Cursor over one complete payload: running out is malformed, not incomplete. */
+class Fields {
+  private at: number;
+  constructor(
+    private readonly buf: Uint8Array,
+    at: number,
+    private readonly end: number,
+  ) {
+    this.at = at;
+  }
+  byte(what: string): number {
+    if (this.at >= this.end) throw new DecodeError("malformed", what);
+    return this.buf[this.at++];
+  }
+  varint(): bigint {
+    const r = readVarint(this.buf.subarray(0, this.end), this.at, U64_MAX);
+    if (r.kind !== "done") throw new DecodeError("malformed", "truncated field");
+    this.at += r.len;
+    return r.value;
+  }
+  /** A varint that must name one of `names`' numbers. */
+  known(names: Map<number, string>, what: string): number {
+    const v = this.varint();
+    if (v > 0xffffn || !names.has(Number(v))) throw new DecodeError("malformed", what);
+    return Number(v);
+  }
+  rest(): Uint8Array {
+    const r = this.buf.slice(this.at, this.end);
+    this.at = this.end;
+    return r;
+  }
+  text(): string {
+    try {
+      return utf8Strict.decode(this.rest());
+    } catch {
+      throw new DecodeError("malformed", "invalid utf-8");
+    }
+  }
+  body(limits: Limits): Uint8Array {
+    const b = this.rest();
+    if (b.length > limits.bodyBytesMax) {
+      throw new DecodeError("too_large", `message body of ${b.length} bytes exceeds body_bytes_max`);
+    }
+    return b;
+  }
+  done(): boolean {
+    return this.at === this.end;
+  }
+}
+
+/**
+ * Decodes the first frame in `buf`: null while `buf` holds only part of one
+ * (nothing consumed), else the frame and the bytes it used. Throws
+ * DecodeError when the stream is bad; the length prefix is checked against
+ * `limits.frameBytesMax` byte by byte, before the frame's bytes arrive.
+ */
+export function decode(
+  buf: Uint8Array,
+  limits: Limits = DEFAULT_LIMITS,
+): { frame: Frame; used: number } | null {
+  const prefix = readVarint(buf, 0, BigInt(limits.frameBytesMax));
+  if (prefix.kind === "incomplete") return null;
+  if (prefix.kind === "too_large") {
+    throw new DecodeError("too_large", `frame of ${prefix.valueMin} bytes exceeds frame_bytes_max`);
+  }
+  if (prefix.value === 0n) throw new DecodeError("malformed", "empty frame");
+  const len = Number(prefix.value);
+  const start = prefix.len;
+  if (buf.length - start < len) return null;
+  const end = start + len;
+  const r = new Fields(buf, start + 1, end);
+  const t = buf[start];
+  let frame: Frame;
+  switch (t) {
+    case Type.LOGIN:
+      frame = { type: "login", version: r.byte("missing version byte"), token: r.rest() };
+      break;
+    case Type.LOGIN_OK:
+      frame = { type: "login_ok", serverTimeMs: r.varint(), offlineCount: r.varint() };
+      break;
+    case Type.LOGIN_ERR:
+      frame = { type: "login_err", code: r.known(ERROR_NAMES, "unknown error code"), text: r.text() };
+      break;
+    case Type.SEND:
+      frame = { type: "send", clientId: r.varint(), to: r.varint(), body: r.body(limits) };
+      break;
+    case Type.ACK:
+      frame = { type: "ack", clientId: r.varint(), serverId: r.varint(), serverTimeMs: r.varint() };
+      break;
+    case Type.DELIVER:
+    case Type.DELIVER_V2:
+      frame = {
+        type: "deliver",
+        serverId: r.varint(),
+        from: r.varint(),
+        serverTimeMs: r.varint(),
+        clientId: t === Type.DELIVER_V2 ? r.varint() : null,
+        body: r.body(limits),
+      };
+      break;
+    case Type.SENT:
+      frame = {
+        type: "sent",
+        serverId: r.varint(),
+        to: r.varint(),
+        serverTimeMs: r.varint(),
+        clientId: r.varint(),
+        body: r.body(limits),
+      };
+      break;
+    case Type.DELIVERED:
+      frame = { type: "delivered", serverId: r.varint() };
+      break;
+    case Type.READ:
+      frame = { type: "read", serverId: r.varint(), from: r.varint() };
+      break;
+    case Type.RECEIPT:
+      frame = {
+        type: "receipt",
+        kind: r.known(RECEIPT_NAMES, "unknown receipt kind"),
+        serverId: r.varint(),
+        peer: r.varint(),
+      };
+      break;
+    case Type.PING:
+      frame = { type: "ping", nonce: r.varint() };
+      break;
+    case Type.PONG:
+      frame = { type: "pong", nonce: r.varint() };
+      break;
+    case Type.ERROR:
+      frame = {
+        type: "error",
+        code: r.known(ERROR_NAMES, "unknown error code"),
+        clientId: r.varint(),
+        text: r.text(),
+      };
+      break;
+    case Type.BYE:
+      frame = { type: "bye", reason: r.known(BYE_NAMES, "unknown bye reason") };
+      break;
+    case Type.REDIRECT:
+      frame = { type: "redirect", addr: r.text() };
+      break;
+    case Type.SUBSCRIBE:
+      frame = { type: "subscribe", user: r.varint() };
+      break;
+    case Type.UNSUBSCRIBE:
+      frame = { type: "unsubscribe", user: r.varint() };
+      break;
+    case Type.PRESENCE:
+      frame = {
+        type: "presence",
+        user: r.varint(),
+        state: r.known(PRESENCE_NAMES, "unknown presence state"),
+        lastSeenMs: r.varint(),
+      };
+      break;
+    case Type.PRIVACY: {
+      const hidden = r.varint();
+      if (hidden > 1n) throw new DecodeError("malformed", "unknown privacy mode");
+      frame = { type: "privacy", hidden: hidden === 1n };
+      break;
+    }
+    case Type.TYPING:
+      frame = { type: "typing", user: r.varint() };
+      break;
+    case Type.DEVICE_REMOVE:
+      frame = { type: "device_remove", device: r.varint() };
+      break;
+    case Type.DEVICE_REMOVED:
+      frame = { type: "device_removed", device: r.varint() };
+      break;
+    default:
+      throw new DecodeError("unknown_type", `unknown frame type 0x${t.toString(16).padStart(2, "0")}`);
+  }
+  if (!r.done()) throw new DecodeError("malformed", "trailing bytes");
+  return { frame, used: end };
+}

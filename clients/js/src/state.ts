@@ -1,0 +1,186 @@
+// The bookkeeping of a protocol version 2 session, without I/O (like the
+// Rust client's session_state): the outbox of messages not yet ACKed, the
+// client id counter, and the duplicate filter for what arrives. The driver
+// (client.ts) feeds it events and writes the frames it returns.
+
+import { ErrorCode, type Frame } from "./codec.js";
+
+/** A message handed to `send` and not yet ACKed by the server. */
+export interface Outgoing {
+  clientId: bigint;
+  to: bigint;
+  body: Uint8Array;
+}
+
+/** What to do with an incoming DELIVER. */
+export type Incoming =
+  /** New: show it to the app, which calls `accept` once it stored it. */
+  | "show"
+  /** Already accepted (a re-delivery): answer DELIVERED again, show nothing. */
+  | "answer_delivered"
+  /** Shown and not yet accepted: the app's `accept` will answer it. */
+  | "ignore";
+
+/** SEND refusals that take nothing and may succeed later with the same client id. */
+const RETRYABLE = new Set<number>([
+  ErrorCode.queue_full,
+  ErrorCode.storage_full,
+  ErrorCode.unavailable,
+  ErrorCode.rate_limited,
+  ErrorCode.internal,
+]);
+
+/** SEND refusals that are final for that message. */
+const FINAL = new Set<number>([
+  ErrorCode.bad_recipient,
+  ErrorCode.stale_client_id,
+]);
+
+/** True when an ERROR with this code and a client id answers a SEND. */
+export function isSendRefusal(code: number): boolean {
+  return RETRYABLE.has(code) || FINAL.has(code);
+}
+
+/** True when a refused SEND may be sent again later with the same client id. */
+export function isRetryable(code: number): boolean {
+  return RETRYABLE.has(code);
+}
+
+/**
+ * A bounded set of recent keys, oldest evicted first. Holds at most
+ * `capacity` keys.
+ */
+class Recent<V> {
+  private readonly map = new Map<string, V>();
+  constructor(private readonly capacity: number) {}
+  get(key: string): V | undefined {
+    return this.map.get(key);
+  }
+  set(key: string, value: V): void {
+    if (this.capacity === 0) return;
+    if (!this.map.has(key) && this.map.size >= this.capacity) {
+      // Maps iterate in insertion order: the first key is the oldest.
+      const oldest = this.map.keys().next().value as string;
+      this.map.delete(oldest);
+    }
+    this.map.set(key, value);
+  }
+  get size(): number {
+    return this.map.size;
+  }
+}
+
+/** Per message shown: accepted by the app yet? */
+interface Seen {
+  accepted: boolean;
+}
+
+/** Outbox, client ids and duplicate filter of one device's session. */
+export class SessionState {
+  private readonly outbox = new Map<bigint, Outgoing>();
+  private lastClientId: bigint;
+  /** By server id: messages shown to the app (the last `dedupeWindow`). */
+  private readonly byServerId: Recent<Seen>;
+  /** By "from/clientId": the server id a (sender, client id) pair was shown under. */
+  private readonly byPair: Recent<bigint>;
+  /** SENT copies already reported, by server id. */
+  private readonly sentSeen: Recent<true>;
+
+  /**
+   * @param dedupeWindow how many recent messages the duplicate filter
+   *   remembers (default 4096).
+   * @param nowUs the clock in microseconds: the first client id is above it,
+   *   so ids keep increasing across restarts of the app, as version 2 needs.
+   */
+  constructor(dedupeWindow = 4096, nowUs: () => bigint = () => BigInt(Date.now()) * 1000n) {
+    this.byServerId = new Recent(dedupeWindow);
+    this.byPair = new Recent(dedupeWindow);
+    this.sentSeen = new Recent(dedupeWindow);
+    this.nowUs = nowUs;
+    this.lastClientId = 0n;
+  }
+  private readonly nowUs: () => bigint;
+
+  /** Keeps a new message until ACKed; returns it with its client id. */
+  send(to: bigint, body: Uint8Array): Outgoing {
+    const now = this.nowUs();
+    this.lastClientId = now > this.lastClientId ? now : this.lastClientId + 1n;
+    const msg = { clientId: this.lastClientId, to, body };
+    this.outbox.set(msg.clientId, msg);
+    return msg;
+  }
+
+  /** The SEND frames to write after a login: the whole outbox, in order. */
+  resend(): Frame[] {
+    return this.pending().map((m) => sendFrame(m));
+  }
+
+  /** Messages not yet ACKed, oldest first. */
+  pending(): Outgoing[] {
+    return [...this.outbox.values()].sort((a, b) =>
+      a.clientId < b.clientId ? -1 : a.clientId > b.clientId ? 1 : 0,
+    );
+  }
+
+  /** The message with this client id, if it is still waiting. */
+  get(clientId: bigint): Outgoing | undefined {
+    return this.outbox.get(clientId);
+  }
+
+  /** An ACK: the message leaves the outbox. False if it was not in it. */
+  onAck(clientId: bigint): boolean {
+    return this.outbox.delete(clientId);
+  }
+
+  /**
+   * An ERROR naming `clientId`: "retry" keeps the message (send it again
+   * later), "final" drops it, "none" means it was not ours.
+   */
+  onRefused(clientId: bigint, code: number): "retry" | "final" | "none" {
+    if (!this.outbox.has(clientId) || !isSendRefusal(code)) return "none";
+    if (isRetryable(code)) return "retry";
+    this.outbox.delete(clientId);
+    return "final";
+  }
+
+  /** Classifies a DELIVER (see {@link Incoming}). */
+  onDeliver(serverId: bigint, from: bigint, clientId: bigint | null): Incoming {
+    const seen = this.byServerId.get(serverId.toString());
+    if (seen !== undefined) return seen.accepted ? "answer_delivered" : "ignore";
+    // Client id 0 (a v1 sender) names nothing.
+    if (clientId !== null && clientId !== 0n) {
+      const pair = `${from}/${clientId}`;
+      const earlier = this.byPair.get(pair);
+      if (earlier !== undefined && earlier !== serverId) {
+        // The same message under another server id: a copy, stored already
+        // (or about to be, with the first one).
+        this.byServerId.set(serverId.toString(), { accepted: true });
+        return "answer_delivered";
+      }
+      this.byPair.set(pair, serverId);
+    }
+    this.byServerId.set(serverId.toString(), { accepted: false });
+    return "show";
+  }
+
+  /** The app stored a shown message; true if it was one (answer DELIVERED). */
+  accept(serverId: bigint): boolean {
+    const seen = this.byServerId.get(serverId.toString());
+    if (seen === undefined) return false;
+    seen.accepted = true;
+    return true;
+  }
+
+  /** A SENT copy: true the first time this server id is seen. */
+  onSent(serverId: bigint): boolean {
+    const key = serverId.toString();
+    if (this.sentSeen.get(key) !== undefined) return false;
+    this.sentSeen.set(key, true);
+    return true;
+  }
+}
+
+/** The SEND frame of an outgoing message. */
+export function sendFrame(m: Outgoing): Frame {
+  return { type: "send", clientId: m.clientId, to: m.to, body: m.body };
+}
