@@ -2572,7 +2572,8 @@ mod tests {
         });
         let entries = prop::collection::vec((arb_u64(), any::<bool>()), 0..4).prop_map(|es| {
             let mut out = Vec::new();
-            es.iter().for_each(|&(u, a)| group::put_entry(u, a, &mut out));
+            es.iter()
+                .for_each(|&(u, a)| group::put_entry(u, a, &mut out));
             out
         });
         let (u, b) = (arb_u64, arb_bytes);

@@ -715,15 +715,24 @@ mod tests {
                 group: 1025,
                 user: 42,
             },
-            GroupFrame::Leave { req: 4, group: 1025 },
+            GroupFrame::Leave {
+                req: 4,
+                group: 1025,
+            },
             GroupFrame::Admin {
                 req: 5,
                 group: 1025,
                 user: 42,
                 admin: true,
             },
-            GroupFrame::Members { req: 6, group: 1025 },
-            GroupFrame::Ok { req: 1, group: 1025 },
+            GroupFrame::Members {
+                req: 6,
+                group: 1025,
+            },
+            GroupFrame::Ok {
+                req: 1,
+                group: 1025,
+            },
             GroupFrame::List {
                 req: 6,
                 group: 1025,
@@ -802,7 +811,10 @@ mod tests {
             text: "admin",
         };
         assert!(DOC.contains(&hex(&enc(&err))));
-        assert_eq!(list_entries(&list).collect::<Vec<_>>(), [(17, true), (42, false)]);
+        assert_eq!(
+            list_entries(&list).collect::<Vec<_>>(),
+            [(17, true), (42, false)]
+        );
         assert_eq!(list_users(&members).collect::<Vec<_>>(), [42, 43, 300]);
         assert_eq!(entry_len(300), 3);
     }
@@ -812,7 +824,10 @@ mod tests {
         for v in 1..=6 {
             let e = GroupEvent::from_u64(v).unwrap();
             assert_eq!(e as u64, v);
-            assert!(DOC.contains(&format!("| {v}     | `{}`", e.as_str())), "{e:?}");
+            assert!(
+                DOC.contains(&format!("| {v}     | `{}`", e.as_str())),
+                "{e:?}"
+            );
         }
         assert_eq!(GroupEvent::from_u64(0), None);
         assert_eq!(GroupEvent::from_u64(7), None);
