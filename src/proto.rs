@@ -725,7 +725,7 @@ impl Frame<'_> {
     }
 
     /// The type byte that starts the frame's payload.
-    fn type_byte(&self) -> u8 {
+    pub fn type_byte(&self) -> u8 {
         match self {
             Frame::Login { .. } => TYPE_LOGIN,
             Frame::LoginOk { .. } => TYPE_LOGIN_OK,

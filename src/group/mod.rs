@@ -371,18 +371,22 @@ impl Groups {
         subject: u64,
         gone: Option<u64>,
     ) -> Change {
-        let (msg, mut audience) = match self.groups.get_mut(&group) {
-            Some(g) => {
-                g.last_msg += 1;
-                (g.last_msg, g.members.keys().copied().collect::<Vec<_>>())
-            }
-            // The last member left: the group is gone, its number with it.
-            None => (0, Vec::new()),
+        let Some(g) = self.groups.get_mut(&group) else {
+            // The last member left: the group is gone, nobody to tell.
+            return Change {
+                group,
+                event: None,
+                actor,
+                subject,
+                audience: Vec::new(),
+            };
         };
+        g.last_msg += 1;
+        let mut audience: Vec<u64> = g.members.keys().copied().collect();
         audience.extend(gone);
         Change {
             group,
-            event: Some((event, msg)),
+            event: Some((event, g.last_msg)),
             actor,
             subject,
             audience,

@@ -43,6 +43,7 @@ use crate::upgrade::state::Carried;
 mod admit;
 mod carry;
 mod conns;
+mod groups;
 mod operate;
 mod presence;
 mod route;
@@ -51,10 +52,11 @@ mod sync;
 #[cfg(debug_assertions)]
 pub use crate::session::{CRASH_USER, PANIC_USER};
 pub use carry::Carry;
-pub use route::{home_shard, ConnRef, Msg};
+pub use route::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
 
 use admit::Admission;
 use conns::Conns;
+use groups::GroupWriter;
 use presence::PresenceWriter;
 use route::{Outboxes, Peers};
 use sync::Syncer;
@@ -205,6 +207,8 @@ pub struct Shard {
     memory_released: Instant,
     /// Writes last seen and privacy changes to the presence log.
     presence: PresenceWriter,
+    /// Writes group changes and messages to the group log.
+    groups: GroupWriter,
     ops: Option<Arc<Ops>>,
     /// Operator requests being served (reused).
     requests: Vec<Request>,
@@ -277,6 +281,7 @@ impl Shard {
         let mut sessions = Sessions::new(config.clone(), id, shards, store, stats.clone());
         sessions.set_push(push);
         let presence = PresenceWriter::open(&config, id, &mut sessions, clock.now());
+        let groups = GroupWriter::open(&config, id, &mut sessions);
         Shard {
             id,
             syncer: Syncer::new(&io, id),
@@ -286,6 +291,7 @@ impl Shard {
             peers: Peers::new(id, peers),
             sessions,
             presence,
+            groups,
             conns: Conns::default(),
             admission: Admission::new(&config, shards),
             refused: Vec::new(),
@@ -404,6 +410,13 @@ impl Shard {
             let store = open_store(&self.config, self.id, self.clock.clone())?;
             self.sessions.replace_store(store);
         }
+        self.groups
+            .reopen(&self.config, self.id, &mut self.sessions)
+            .map_err(|source| StoreError::Io {
+                path: shard_dir(&self.config.data_dir, self.id),
+                op: "open group log",
+                source,
+            })?;
         Ok(())
     }
 
@@ -676,6 +689,8 @@ impl Shard {
     /// cannot commit otherwise (a failed write or sync) crashes the shard:
     /// the restart replays what is really on disk.
     fn commit(&mut self) {
+        // Group changes first: their answers wait for this commit.
+        self.groups.flush(&mut self.sessions);
         if self.syncer.busy() {
             match self.syncer.poll(false) {
                 Some(done) => self.synced(done),

@@ -322,10 +322,10 @@ impl GroupLog {
         Ok((log, records))
     }
 
-    /// Appends `records` and makes them durable. After an error the log
-    /// takes nothing more: what was staged may or may not be on disk, so
-    /// the caller restarts from a replay.
-    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
+    /// Appends `records`, and (`sync`, with fsync durability) makes them
+    /// durable. After an error the log takes nothing more: what was staged
+    /// may or may not be on disk, so the caller restarts from a replay.
+    pub fn append(&mut self, records: &[Record], sync: bool) -> io::Result<()> {
         let Some(file) = &self.file else {
             return Err(io::Error::other("the group log failed before"));
         };
@@ -334,7 +334,7 @@ impl GroupLog {
             r.encode(&mut self.buf);
         }
         let written = files::write(file, &self.path, &self.buf).and_then(|()| {
-            if self.fsync {
+            if self.fsync && sync {
                 files::sync(file, &self.path, true)
             } else {
                 Ok(())
@@ -352,8 +352,8 @@ impl GroupLog {
         }
     }
 
-    /// Whether the file holds more than twice the `live_bytes` a rewrite
-    /// would write (and at least [`REWRITE_BYTES_MIN`]).
+    /// Whether the file holds more than twice `live_bytes` (what it held
+    /// after its last rewrite) and at least [`REWRITE_BYTES_MIN`].
     pub fn wants_rewrite(&self, live_bytes: u64) -> bool {
         self.bytes > (2 * live_bytes).max(REWRITE_BYTES_MIN)
     }
@@ -468,8 +468,8 @@ mod tests {
         let (mut log, records) = GroupLog::open(dir.path(), true).unwrap();
         assert!(records.is_empty());
         let all = samples();
-        log.append(&all[..3]).unwrap();
-        log.append(&all[3..]).unwrap();
+        log.append(&all[..3], true).unwrap();
+        log.append(&all[3..], false).unwrap();
         assert_eq!(log.bytes(), records_bytes(&all));
         drop(log);
         let path = dir.path().join(FILE_NAME);
@@ -490,14 +490,15 @@ mod tests {
     fn a_rewrite_replaces_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, _) = GroupLog::open(dir.path(), false).unwrap();
-        log.append(&samples()).unwrap();
+        log.append(&samples(), true).unwrap();
         assert!(!log.wants_rewrite(0), "below REWRITE_BYTES_MIN");
         let kept = [Record::Created {
             group: 3,
             creator: 17,
         }];
         log.rewrite(&kept).unwrap();
-        log.append(&[Record::Added { group: 3, user: 5 }]).unwrap();
+        log.append(&[Record::Added { group: 3, user: 5 }], true)
+            .unwrap();
         drop(log);
         let (_, again) = GroupLog::open(dir.path(), false).unwrap();
         assert_eq!(
