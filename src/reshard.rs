@@ -16,7 +16,9 @@
 //!    messages are gone (idempotent SEND) go to every new log, their
 //!    recipient being unknown. Each user's last seen and privacy setting
 //!    (the shard's presence log, `presence.rec`) goes to its new home
-//!    shard's directory. The new logs continue their ids above
+//!    shard's directory, and so does each group (the group log,
+//!    `groups.rec`: members, admins, order, and the messages still waiting
+//!    for their fan-out, sent again to the members of now). The new logs continue their ids above
 //!    every id the old logs handed out. Everything is fsynced (files,
 //!    `reshard.new`, the data directory). The old logs are not changed
 //!    (beyond what any start does: a torn tail cut, the id watermark).
@@ -50,7 +52,9 @@ use std::time::{Duration, Instant};
 use crate::datadir::{self, DataDir, Meta, RETIRED_DIR, STAGING_DIR};
 use crate::privacy;
 use crate::shard::home_shard;
-use crate::store::{self, presence, Durability, LogOptions, LogStore, PushError, Store, Stored};
+use crate::store::{
+    self, groups, presence, Durability, LogOptions, LogStore, PushError, Store, Stored,
+};
 
 /// Messages pushed into a new log per `commit` (one fsync each).
 const COMMIT_EVERY_MESSAGES: usize = 4096;
@@ -170,6 +174,8 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
     let mut old = Vec::new();
     // Last seen and privacy, per new shard (each user is in one old log).
     let mut seen = vec![std::collections::HashMap::new(); shards];
+    // The groups of every old shard, re-homed below.
+    let mut old_groups = Vec::new();
     for k in dir.shard_dirs()? {
         let path = store::shard_dir(dir.path(), k);
         let (log, recovery) = LogStore::open(&path, options.clone())
@@ -181,7 +187,11 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         for (user, s) in state {
             seen[home_shard(user, shards)].insert(user, s);
         }
+        let (records, ..) =
+            groups::read(&path).map_err(|e| format!("old group log {}: {e}", path.display()))?;
+        old_groups.push(records);
     }
+    let new_groups = groups::rehome(&old_groups, shards);
     // New ids continue above every id any old log handed out, so no id is
     // ever reused for a user (clients drop duplicates by id).
     let id_floor = old.iter().map(LogStore::max_server_id).max().unwrap_or(0);
@@ -238,6 +248,7 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         commit(&mut log, &path)?;
         assert_eq!(log.total(), messages.len(), "every message pushed once");
         presence::PresenceLog::create(&path, &seen[j]).map_err(|e| failed(&path, e))?;
+        groups::create(&path, &new_groups[j]).map_err(|e| failed(&path, e))?;
         // The log's own files are synced by its commits; make sure of their
         // directory entries too before the commit point.
         datadir::sync_dir(&path)?;

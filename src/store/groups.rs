@@ -385,6 +385,53 @@ impl GroupLog {
     }
 }
 
+/// Writes `records` as the whole group log of shard directory `dir` (a
+/// reshard moving groups to their new home shards).
+pub fn create(dir: &Path, records: &[Record]) -> io::Result<()> {
+    let (mut log, _) = GroupLog::open(dir, true)?;
+    log.rewrite(records)
+}
+
+/// The group logs of other shard directories, re-homed for `shards`
+/// shards: per new shard, the records that rebuild each group homed there
+/// (members, admins, order) and then the messages still waiting for their
+/// fan-out (sent again, to the members of now, after the start), and a
+/// mark of the highest group id ever given, so none is given twice.
+pub fn rehome(old: &[Vec<Record>], shards: usize) -> Vec<Vec<Record>> {
+    use crate::group::Groups;
+    let mut out = vec![Vec::new(); shards];
+    let mut id_max = 0;
+    for records in old {
+        // Limits do not apply to what was accepted before.
+        let mut state = Groups::new(0, 1, usize::MAX, usize::MAX);
+        let mut waiting: Vec<Record> = Vec::new();
+        for r in records {
+            state.apply(r);
+            id_max = id_max.max(r.group());
+            match *r {
+                Record::Message { .. } => waiting.push(r.clone()),
+                Record::FannedOut { group, msg } => waiting.retain(|w| {
+                    !matches!(*w, Record::Message { group: g, msg: m, .. } if (g, m) == (group, msg))
+                }),
+                _ => {}
+            }
+        }
+        let mut snap = Vec::new();
+        state.snapshot(&mut snap);
+        for r in snap.into_iter().chain(waiting) {
+            let home = crate::shard::home_shard(r.group(), shards);
+            out[home].push(r);
+        }
+    }
+    for records in &mut out {
+        records.push(Record::Order {
+            group: id_max,
+            last_msg: 0,
+        });
+    }
+    out
+}
+
 /// Bytes `records` take encoded.
 pub fn records_bytes(records: &[Record]) -> u64 {
     records.iter().map(|r| r.encoded_len() as u64).sum()
@@ -484,6 +531,55 @@ mod tests {
         // Rewritten from the valid records: the torn half is gone.
         assert_eq!(log.bytes(), std::fs::metadata(&path).unwrap().len());
         assert_eq!(log.bytes(), records_bytes(&all));
+    }
+
+    #[test]
+    fn rehome_moves_each_group_to_its_new_home_with_what_waits() {
+        use crate::group::Groups;
+        use crate::shard::home_shard;
+        // Two old shards, each homing groups with members; one message of
+        // group `a` still waits for its fan-out.
+        let mut old = vec![Vec::new(), Vec::new()];
+        let mut made = Vec::new();
+        for (k, records) in old.iter_mut().enumerate() {
+            let mut g = Groups::new(k, 2, 16, 16);
+            for creator in [10, 20, 30] {
+                let id = g.create(creator, records).unwrap().group;
+                g.add(id, creator, creator + 1, records).unwrap();
+                made.push((id, creator));
+            }
+        }
+        let (a, a_creator) = made[0];
+        old[0].push(Record::Message {
+            group: a,
+            msg: 9,
+            from: a_creator,
+            time_ms: 1,
+            client_id: 1,
+            event: None,
+            subject: 0,
+            body: Arc::from(&b"waiting"[..]),
+        });
+        let new = rehome(&old, 3);
+        let id_max = made.iter().map(|&(id, _)| id).max().unwrap();
+        for (j, records) in new.iter().enumerate() {
+            let mut g = Groups::new(j, 3, 16, 16);
+            records.iter().for_each(|r| g.apply(r));
+            for &(id, creator) in &made {
+                let here = g.get(id);
+                assert_eq!(here.is_some(), home_shard(id, 3) == j, "group {id}");
+                if let Some(grp) = here {
+                    let members: Vec<_> = grp.members().collect();
+                    assert_eq!(members, [(creator, true), (creator + 1, false)]);
+                }
+            }
+            // No id is given twice.
+            assert!(g.create(99, &mut Vec::new()).unwrap().group > id_max);
+            let waits = records
+                .iter()
+                .any(|r| matches!(r, Record::Message { group, .. } if *group == a));
+            assert_eq!(waits, home_shard(a, 3) == j);
+        }
     }
 
     #[test]
