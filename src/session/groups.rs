@@ -151,6 +151,29 @@ impl Sessions {
             self.fail(now, conn, ErrorCode::UnknownType, 0, &text);
             return Flow::Stop;
         }
+        if self.config.cluster.is_some() {
+            // A group's home is a shard of one node; between the nodes of
+            // a cluster nothing orders it yet.
+            let id = match g {
+                GroupFrame::Send { client_id, .. } => client_id,
+                GroupFrame::Create { req }
+                | GroupFrame::Add { req, .. }
+                | GroupFrame::Remove { req, .. }
+                | GroupFrame::Leave { req, .. }
+                | GroupFrame::Admin { req, .. }
+                | GroupFrame::Members { req, .. } => req,
+                _ => 0,
+            };
+            self.write(
+                conn,
+                &Frame::Error {
+                    code: ErrorCode::Unavailable,
+                    client_id: id,
+                    text: "groups are not served in a cluster yet",
+                },
+            );
+            return Flow::Next;
+        }
         let reply = ConnRef {
             shard: self.id as u16,
             conn,
