@@ -44,6 +44,9 @@ const RATE_BURST_MAX: u32 = 4_000_000;
 
 /// Largest `delivered_recent_max`.
 const DELIVERED_RECENT_MAX: usize = 1 << 16;
+/// Largest `group_members_max`: a group's member list crosses a ring per
+/// message, and GROUP_MEMBERS lists them all.
+const GROUP_MEMBERS_MAX: usize = 1 << 16;
 /// Largest `presence_subs_max`: a subscriber's list is scanned per SUBSCRIBE.
 const PRESENCE_SUBS_MAX: usize = 1 << 16;
 
@@ -317,6 +320,14 @@ pub struct Config {
     /// one more gets `ERROR(presence_subs_full)`. 0 = presence off (every
     /// SUBSCRIBE refused). Default 512; at most 65536.
     pub presence_subs_max: usize,
+    /// Members a group may have (protocol v2 groups); a GROUP_ADD past it
+    /// gets `ERROR(group_full)`. Default 1024; 1 to 65536.
+    pub group_members_max: usize,
+    /// Groups homed on one shard a user may be a member of (the
+    /// server-wide bound is this times `shards`); a GROUP_CREATE or
+    /// GROUP_ADD past it gets `ERROR(too_many_groups)`. Default 256; at
+    /// least 1.
+    pub groups_per_user_max: usize,
     /// Least time between two durable writes of one user's last seen, s:
     /// a user going offline is written at the next flush, flushes being at
     /// most one per this period per shard, so a crash loses at most this
@@ -511,6 +522,8 @@ impl Default for Config {
             push_retry_backoff_ms: 500,
             push_timeout_ms: 5000,
             presence_subs_max: 512,
+            group_members_max: 1024,
+            groups_per_user_max: 256,
             last_seen_write_s: 60,
             presence_frames_per_s_max: 20,
             presence_frames_burst_max: 1024,
@@ -748,6 +761,15 @@ impl Config {
                 "presence_subs_max",
                 format!("must be at most {PRESENCE_SUBS_MAX}"),
             ));
+        }
+        if !(1..=GROUP_MEMBERS_MAX).contains(&self.group_members_max) {
+            return Err(bad(
+                "group_members_max",
+                format!("must be between 1 and {GROUP_MEMBERS_MAX}"),
+            ));
+        }
+        if self.groups_per_user_max == 0 {
+            return Err(bad("groups_per_user_max", "must be at least 1"));
         }
         if self.delivered_recent_max > DELIVERED_RECENT_MAX {
             return Err(bad(

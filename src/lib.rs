@@ -8,7 +8,7 @@
 //! [`store`] the store-and-forward queues, [`supervisor`] the restart rules of a crashed
 //! shard, [`memory`] how drained structures and the allocator give memory
 //! back, [`datadir`] the data directory as a whole (lock, privacy, recorded
-//! shard count), [`reshard`] re-homing its messages for another shard count,
+//! shard count), [`group`] the groups a shard homes and their rules, [`reshard`] re-homing its messages for another shard count,
 //! [`privacy`] the mode checks on private files, [`push`] the push notices
 //! for offline devices and their thread, [`stats`] the counters and
 //! the stats socket, [`ops`] the operators' runtime commands on it
@@ -25,6 +25,7 @@ pub mod config;
 pub mod datadir;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group;
 pub mod io;
 pub mod limit;
 pub mod memory;

@@ -285,6 +285,12 @@ struct Overrides {
     /// Connections not logged in, whole process (0 = no limit).
     #[arg(long)]
     pending_max: Option<usize>,
+    /// Members a group may have.
+    #[arg(long)]
+    group_members_max: Option<usize>,
+    /// Groups homed on one shard a user may be a member of.
+    #[arg(long)]
+    groups_per_user_max: Option<usize>,
 }
 
 impl Overrides {
@@ -302,6 +308,8 @@ impl Overrides {
             frame_bytes_max,
             body_bytes_max,
             queue_len_max,
+            group_members_max,
+            groups_per_user_max,
             conn_out_bytes_max,
             deliver_inflight_max,
             idle_timeout_ms,

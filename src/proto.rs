@@ -30,6 +30,10 @@
 
 use std::fmt;
 
+pub mod group;
+
+pub use group::{GroupEvent, GroupFrame};
+
 /// Protocol version a client puts in LOGIN. The codec decodes any version
 /// byte; rejecting other versions (`bad_version`) is the session's job.
 pub const VERSION: u8 = 1;
@@ -60,7 +64,8 @@ const TYPE_ERROR: u8 = 0x0C;
 const TYPE_BYE: u8 = 0x0D;
 const TYPE_DELIVER_V2: u8 = 0x0E;
 const TYPE_REDIRECT: u8 = 0x0F;
-// 0x10..=0x17 are device frames; presence uses 0x18..=0x1F.
+// 0x10..=0x17 are device frames; presence uses 0x18..=0x1F; groups
+// 0x20..=0x2F (`group.rs`).
 const TYPE_DEVICE_REMOVE: u8 = 0x10;
 const TYPE_DEVICE_REMOVED: u8 = 0x11;
 const TYPE_SUBSCRIBE: u8 = 0x18;
@@ -153,6 +158,20 @@ pub enum ErrorCode {
     /// the login is refused even with a valid token, until unbanned or the
     /// ban's time is up.
     Banned = 30,
+    /// 40 (protocol v2, groups): the group named does not exist (never created, or its last member left).
+    UnknownGroup = 40,
+    /// 41 (protocol v2, groups): the caller is not a member of the group.
+    NotMember = 41,
+    /// 42 (protocol v2, groups): a change only an admin of the group may make.
+    NotAdmin = 42,
+    /// 43 (protocol v2, groups): a GROUP_ADD past `group_members_max` members.
+    GroupFull = 43,
+    /// 44 (protocol v2, groups): the user would be in more than `groups_per_user_max` groups homed on one shard.
+    TooManyGroups = 44,
+    /// 45 (protocol v2, groups): GROUP_REMOVE or GROUP_ADMIN names a user who is not a member.
+    NoSuchMember = 45,
+    /// 46 (protocol v2, groups): the group's last admin may not leave (others remain) or step down.
+    LastAdmin = 46,
 }
 
 impl ErrorCode {
@@ -182,6 +201,13 @@ impl ErrorCode {
             20 => ErrorCode::TooManyDevices,
             21 => ErrorCode::UnknownDevice,
             30 => ErrorCode::Banned,
+            40 => ErrorCode::UnknownGroup,
+            41 => ErrorCode::NotMember,
+            42 => ErrorCode::NotAdmin,
+            43 => ErrorCode::GroupFull,
+            44 => ErrorCode::TooManyGroups,
+            45 => ErrorCode::NoSuchMember,
+            46 => ErrorCode::LastAdmin,
             _ => return None,
         })
     }
@@ -212,6 +238,13 @@ impl ErrorCode {
             ErrorCode::TooManyDevices => "too_many_devices",
             ErrorCode::UnknownDevice => "unknown_device",
             ErrorCode::Banned => "banned",
+            ErrorCode::UnknownGroup => "unknown_group",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::NotAdmin => "not_admin",
+            ErrorCode::GroupFull => "group_full",
+            ErrorCode::TooManyGroups => "too_many_groups",
+            ErrorCode::NoSuchMember => "no_such_member",
+            ErrorCode::LastAdmin => "last_admin",
         }
     }
 }
@@ -547,6 +580,8 @@ pub enum Frame<'a> {
         /// Message body (rest of the frame).
         body: &'a [u8],
     },
+    /// 0x20..=0x2C, protocol v2: a group frame (docs/PROTOCOL.md, "Groups").
+    Group(GroupFrame<&'a [u8]>),
 }
 
 impl Frame<'_> {
@@ -656,6 +691,7 @@ impl Frame<'_> {
                 client_id,
                 body: body.to_vec(),
             },
+            Frame::Group(ref g) => OwnedFrame::Group(g.to_vec()),
         }
     }
 
@@ -684,11 +720,12 @@ impl Frame<'_> {
             Frame::Sent { .. } => "SENT",
             Frame::DeviceRemove { .. } => "DEVICE_REMOVE",
             Frame::DeviceRemoved { .. } => "DEVICE_REMOVED",
+            Frame::Group(g) => g.name(),
         }
     }
 
     /// The type byte that starts the frame's payload.
-    fn type_byte(&self) -> u8 {
+    pub fn type_byte(&self) -> u8 {
         match self {
             Frame::Login { .. } => TYPE_LOGIN,
             Frame::LoginOk { .. } => TYPE_LOGIN_OK,
@@ -717,6 +754,7 @@ impl Frame<'_> {
             Frame::Sent { .. } => TYPE_SENT,
             Frame::DeviceRemove { .. } => TYPE_DEVICE_REMOVE,
             Frame::DeviceRemoved { .. } => TYPE_DEVICE_REMOVED,
+            Frame::Group(g) => g.type_byte(),
         }
     }
 
@@ -790,6 +828,7 @@ impl Frame<'_> {
                     + varint_len(client_id)
                     + body.len()
             }
+            Frame::Group(ref g) => g.fields_len(),
         };
         1 + fields
     }
@@ -953,6 +992,8 @@ pub enum OwnedFrame {
         /// Message body.
         body: Vec<u8>,
     },
+    /// See [`Frame::Group`].
+    Group(GroupFrame<Vec<u8>>),
 }
 
 impl OwnedFrame {
@@ -1051,6 +1092,7 @@ impl OwnedFrame {
                 client_id,
                 body,
             },
+            OwnedFrame::Group(ref g) => Frame::Group(g.as_ref()),
         }
     }
 }
@@ -1247,6 +1289,7 @@ fn decode_payload<'a>(payload: &'a [u8], limits: &Limits) -> Result<Frame<'a>, D
         TYPE_DEVICE_REMOVED => Frame::DeviceRemoved {
             device: r.varint()?,
         },
+        t if group::is_group_type(t) => Frame::Group(group::decode(t, &mut r, limits)?),
         other => return Err(DecodeError::UnknownType(other)),
     };
     // Frames ending in a rest field have consumed everything already.
@@ -1360,8 +1403,8 @@ fn read_varint(buf: &[u8], value_max: u64) -> Varint {
 }
 
 /// Longest part of a frame before its rest field (body, token or text): the
-/// type byte and at most four varints (DELIVER v2) of up to 10 bytes.
-const HEAD_BYTES_MAX: usize = 1 + 4 * LEN_PREFIX_BYTES_MAX;
+/// type byte and at most seven varints (GROUP_EVENT) of up to 10 bytes.
+const HEAD_BYTES_MAX: usize = 1 + 7 * LEN_PREFIX_BYTES_MAX;
 
 /// The type byte and fixed fields of one frame, written once on the stack so
 /// that the length prefix can be computed from what was written instead of in
@@ -1540,6 +1583,7 @@ pub fn encode(frame: &Frame<'_>, out: &mut Vec<u8>) {
             head.varint(client_id);
             body
         }
+        Frame::Group(ref g) => g.encode_head(&mut head),
     };
     let payload_len = head.len + rest.len();
     let mut prefix = [0; LEN_PREFIX_BYTES_MAX];
@@ -1609,7 +1653,7 @@ mod tests {
         }
     }
 
-    const ALL_ERROR_CODES: [ErrorCode; 23] = [
+    const ALL_ERROR_CODES: [ErrorCode; 30] = [
         ErrorCode::Malformed,
         ErrorCode::UnknownType,
         ErrorCode::TooLarge,
@@ -1633,6 +1677,13 @@ mod tests {
         ErrorCode::UnknownDevice,
         ErrorCode::PresenceSubsFull,
         ErrorCode::Banned,
+        ErrorCode::UnknownGroup,
+        ErrorCode::NotMember,
+        ErrorCode::NotAdmin,
+        ErrorCode::GroupFull,
+        ErrorCode::TooManyGroups,
+        ErrorCode::NoSuchMember,
+        ErrorCode::LastAdmin,
     ];
     const ALL_PRESENCE_STATES: [PresenceState; 3] = [
         PresenceState::Online,
@@ -1946,7 +1997,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for t in [0x00, 0x13, 0x17, 0x1d, 0x1f, 0x20, 0x7f, 0xff] {
+        for t in [0x00, 0x13, 0x17, 0x1d, 0x1f, 0x2d, 0x7f, 0xff] {
             assert_eq!(dec(&framed(&[t])), Err(DecodeError::UnknownType(t)));
             assert_eq!(
                 dec(&framed(&[t, 1, 2, 3])),
@@ -2307,11 +2358,13 @@ mod tests {
     fn enums_from_u64_as_str_display() {
         // 1..=19 in order, then the ops range from 30.
         for (i, code) in ALL_ERROR_CODES.iter().enumerate() {
-            // 1..=19, then devices' 20 and 21, presence's 25, ops' 30.
+            // 1..=19, then devices' 20 and 21, presence's 25, ops' 30,
+            // groups' 40..=46.
             let want = match i {
                 0..=20 => i as u64 + 1,
                 21 => 25,
-                _ => 30,
+                22 => 30,
+                _ => i as u64 + 17,
             };
             assert_eq!(*code as u64, want);
             assert_eq!(ErrorCode::from_u64(*code as u64), Some(*code));
@@ -2507,6 +2560,84 @@ mod tests {
                     body,
                 }
             ),
+            arb_group_frame().prop_map(OwnedFrame::Group),
+        ]
+    }
+
+    fn arb_group_frame() -> impl Strategy<Value = GroupFrame<Vec<u8>>> {
+        let users = prop::collection::vec(arb_u64(), 1..4).prop_map(|us| {
+            let mut out = Vec::new();
+            us.iter().for_each(|&u| put_varint(u, &mut out));
+            out
+        });
+        let entries = prop::collection::vec((arb_u64(), any::<bool>()), 0..4).prop_map(|es| {
+            let mut out = Vec::new();
+            es.iter()
+                .for_each(|&(u, a)| group::put_entry(u, a, &mut out));
+            out
+        });
+        let (u, b) = (arb_u64, arb_bytes);
+        prop_oneof![
+            u().prop_map(|req| GroupFrame::Create { req }),
+            (u(), u(), u()).prop_map(|(req, group, user)| GroupFrame::Add { req, group, user }),
+            (u(), u(), u()).prop_map(|(req, group, user)| GroupFrame::Remove { req, group, user }),
+            (u(), u()).prop_map(|(req, group)| GroupFrame::Leave { req, group }),
+            (u(), u(), u(), any::<bool>()).prop_map(|(req, group, user, admin)| {
+                GroupFrame::Admin {
+                    req,
+                    group,
+                    user,
+                    admin,
+                }
+            }),
+            (u(), u()).prop_map(|(req, group)| GroupFrame::Members { req, group }),
+            (u(), u()).prop_map(|(req, group)| GroupFrame::Ok { req, group }),
+            (u(), u(), u(), entries).prop_map(|(req, group, left, entries)| GroupFrame::List {
+                req,
+                group,
+                left,
+                entries,
+            }),
+            (u(), u(), b()).prop_map(|(client_id, group, body)| GroupFrame::Send {
+                client_id,
+                group,
+                body,
+            }),
+            (u(), u(), u(), u(), u(), u(), b()).prop_map(
+                |(server_id, group, msg, from, server_time_ms, client_id, body)| {
+                    GroupFrame::Deliver {
+                        server_id,
+                        group,
+                        msg,
+                        from,
+                        server_time_ms,
+                        client_id,
+                        body,
+                    }
+                }
+            ),
+            (u(), u(), u(), u(), u(), 1u64..=6, u()).prop_map(
+                |(server_id, group, msg, actor, server_time_ms, event, subject)| {
+                    GroupFrame::Event {
+                        server_id,
+                        group,
+                        msg,
+                        actor,
+                        server_time_ms,
+                        event: GroupEvent::from_u64(event).expect("1..=6"),
+                        subject,
+                    }
+                }
+            ),
+            (u(), u(), u()).prop_map(|(group, msg, from)| GroupFrame::Read { group, msg, from }),
+            (1u64..=2, u(), u(), users).prop_map(|(kind, group, msg, members)| {
+                GroupFrame::Receipt {
+                    kind: ReceiptKind::from_u64(kind).expect("1..=2"),
+                    group,
+                    msg,
+                    members,
+                }
+            }),
         ]
     }
 

@@ -17,7 +17,10 @@
 //!    recipient being unknown. Each user's last seen and privacy setting
 //!    (the shard's presence log, `presence.rec`) and its registered
 //!    devices, marks and waiting receipts (the device log, `devices.rec`)
-//!    go to its new home shard's directory. The new logs continue their ids above
+//!    go to its new home shard's directory, and so does each group (the
+//!    group log, `groups.rec`: members, admins, order, and the messages
+//!    still waiting for their fan-out, sent again to the members of now).
+//!    The new logs continue their ids above
 //!    every id the old logs handed out. Everything is fsynced (files,
 //!    `reshard.new`, the data directory). The old logs are not changed
 //!    (beyond what any start does: a torn tail cut, the id watermark).
@@ -52,7 +55,7 @@ use crate::datadir::{self, DataDir, Meta, RETIRED_DIR, STAGING_DIR};
 use crate::privacy;
 use crate::shard::home_shard;
 use crate::store::{
-    self, devices, presence, Durability, LogOptions, LogStore, PushError, Store, Stored,
+    self, devices, groups, presence, Durability, LogOptions, LogStore, PushError, Store, Stored,
 };
 
 /// Messages pushed into a new log per `commit` (one fsync each).
@@ -176,6 +179,8 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
     // Registered devices, marks and waiting receipts, per new shard (server
     // ids are kept, so marks still name their messages).
     let mut registry = vec![devices::State::default(); shards];
+    // The groups of every old shard, re-homed below.
+    let mut old_groups = Vec::new();
     for k in dir.shard_dirs()? {
         let path = store::shard_dir(dir.path(), k);
         let (log, recovery) = LogStore::open(&path, options.clone())
@@ -190,7 +195,11 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         let (state, ..) =
             devices::read(&path).map_err(|e| format!("old device log {}: {e}", path.display()))?;
         state.rehome(&mut registry, |user| home_shard(user, shards));
+        let (records, ..) =
+            groups::read(&path).map_err(|e| format!("old group log {}: {e}", path.display()))?;
+        old_groups.push(records);
     }
+    let new_groups = groups::rehome(&old_groups, shards);
     // New ids continue above every id any old log handed out, so no id is
     // ever reused for a user (clients drop duplicates by id).
     let id_floor = old.iter().map(LogStore::max_server_id).max().unwrap_or(0);
@@ -248,6 +257,7 @@ fn build(dir: &DataDir, shards: usize, repair: bool) -> Result<(usize, usize), S
         assert_eq!(log.total(), messages.len(), "every message pushed once");
         presence::PresenceLog::create(&path, &seen[j]).map_err(|e| failed(&path, e))?;
         devices::DeviceLog::create(&path, &registry[j]).map_err(|e| failed(&path, e))?;
+        groups::create(&path, &new_groups[j]).map_err(|e| failed(&path, e))?;
         // The log's own files are synced by its commits; make sure of their
         // directory entries too before the commit point.
         datadir::sync_dir(&path)?;

@@ -31,6 +31,18 @@ fn malformed_cases() -> Vec<Case> {
             code: ErrorCode::UnknownType,
         },
         Case {
+            name: "unknown type 0x2d (after the group types)",
+            login: true,
+            bytes: vec![0x01, 0x2d],
+            code: ErrorCode::UnknownType,
+        },
+        Case {
+            name: "GROUP_RECEIPT with no member (malformed list)",
+            login: true,
+            bytes: vec![0x04, 0x2c, 0x01, 0x01, 0x01],
+            code: ErrorCode::Malformed,
+        },
+        Case {
             name: "unknown type 0x00",
             login: true,
             bytes: vec![0x02, 0x00, 0x00],

@@ -1332,8 +1332,10 @@ impl<E: Engine> Worker<E> {
                     self.follow_redirect(l, addr);
                 }
             }
-            // Client-to-server frames never come from a server.
-            Frame::Login { .. }
+            // Client-to-server frames never come from a server, and no
+            // scenario joins a group.
+            Frame::Group(_)
+            | Frame::Login { .. }
             | Frame::Send { .. }
             | Frame::Delivered { .. }
             | Frame::Read { .. }

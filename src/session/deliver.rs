@@ -7,9 +7,10 @@ use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, Msg};
 use crate::store::{Origin, PushError, Stored};
 
-use super::dedupe::deliver_client_id;
+use super::groups::with_delivery;
 use super::{Action, Env, Flow, Now, Sessions};
 use crate::cluster::Owner;
+use crate::group::envelope::GROUP_SENDER;
 
 impl Sessions {
     pub(super) fn on_send(
@@ -256,7 +257,7 @@ impl Sessions {
                 .push(Action::Cluster(Msg::Done { user, server_id }));
         }
         // The receipt waits for the commit that holds the tombstone.
-        self.delivery_receipt(user, server_id, msg.from);
+        self.delivery_receipt(user, &msg);
         self.pump_one(env, user, conn, false, None);
     }
 
@@ -266,24 +267,21 @@ impl Sessions {
         let version = self.slots[conn.index()].version;
         if let Some(on) = self.users.get_mut(user, conn) {
             if msg.server_id <= on.sent_upto {
-                let frame = Frame::Deliver {
-                    server_id: msg.server_id,
-                    from: msg.from,
-                    server_time_ms: msg.time_ms,
-                    client_id: deliver_client_id(version, msg),
-                    body: &msg.body,
-                };
+                let len = with_delivery(version, msg, proto::encoded_len);
                 on.inflight = on.inflight.saturating_sub(1);
-                on.inflight_bytes = on
-                    .inflight_bytes
-                    .saturating_sub(proto::encoded_len(&frame) as u32);
+                on.inflight_bytes = on.inflight_bytes.saturating_sub(len as u32);
             }
         }
     }
 
-    /// RECEIPT(delivered) of `server_id` for its sender `from`, after the
-    /// next commit.
-    pub(super) fn delivery_receipt(&mut self, user: u64, server_id: u64, from: u64) {
+    /// RECEIPT(delivered) of `msg` for its sender, after the next commit
+    /// (a group copy's goes as a group receipt).
+    pub(super) fn delivery_receipt(&mut self, user: u64, msg: &Stored) {
+        if msg.from == crate::group::envelope::GROUP_SENDER {
+            self.group_delivery_receipt(user, msg);
+            return;
+        }
+        let (server_id, from) = (msg.server_id, msg.from);
         self.replies.push((
             home_shard(from, self.shards),
             Msg::Receipt {
@@ -353,17 +351,10 @@ impl Sessions {
                 held = true;
                 return false;
             }
-            let frame = Frame::Deliver {
-                server_id: m.server_id,
-                from: m.from,
-                server_time_ms: m.time_ms,
-                client_id: deliver_client_id(version, m),
-                body: &m.body,
-            };
             // Encoded first and taken back if over a limit: one pass over
             // the fields per DELIVER sent, and the rare refusal pays a copy.
             let out = wire.len() - at;
-            proto::encode(&frame, wire);
+            with_delivery(version, m, |frame| proto::encode(frame, wire));
             let len = wire.len() - at - out;
             // With nothing in flight one DELIVER always goes, so a DELIVERED
             // will come back to continue.
@@ -376,6 +367,9 @@ impl Sessions {
                 return false;
             }
             guard.delivered(conn, m.server_id, m.from);
+            if m.from == GROUP_SENDER {
+                Sessions::group_delivered(guard, conn, m);
+            }
             on.sent_upto = m.server_id;
             on.inflight += 1;
             on.inflight_bytes += len as u32;
@@ -401,10 +395,11 @@ impl Sessions {
             self.actions.push(Action::Cluster(msg));
         } else if dst == self.id {
             self.on_msg(now, env, msg);
-        } else if env.up(dst) || matches!(msg, Msg::Send { .. }) {
+        } else if env.up(dst) || matches!(msg, Msg::Send { .. } | Msg::GroupFan { .. }) {
             // SENDs to a shard that is not up are refused before they get
-            // here (those queued earlier wait, bounded); the rest would pile
-            // up for connections that are gone.
+            // here (those queued earlier wait, bounded), and a group's
+            // acknowledged fan-out waits for the shard to come back; the
+            // rest would pile up for connections that are gone.
             self.actions.push(Action::Route { dst, msg });
         } else if matches!(msg, Msg::Receipt { .. }) {
             self.stats.receipts_dropped.inc();
@@ -422,6 +417,12 @@ impl Sessions {
             | Msg::Unwatch { .. }
             | Msg::Presence { .. }
             | Msg::Typing { .. }) => self.on_presence_msg(now, env, msg),
+            msg @ (Msg::GroupOp { .. }
+            | Msg::GroupSend { .. }
+            | Msg::GroupDone { .. }
+            | Msg::GroupFan { .. }
+            | Msg::GroupStored { .. }
+            | Msg::GroupReceipt { .. }) => self.on_group_msg(now, msg),
             Msg::Send {
                 from,
                 reply,
@@ -594,6 +595,7 @@ impl Sessions {
     /// (pushes it rolled back answered `storage_full` instead of ACK), and
     /// the new messages are sent to their recipients' connections.
     pub(super) fn on_committed(&mut self, now: Now, env: &dyn Env, refused: &[u64]) {
+        self.batch_group_receipts();
         for (dst, mut msg) in std::mem::take(&mut self.replies) {
             if let Msg::Ack {
                 reply,

@@ -30,7 +30,7 @@ use foldhash::HashMap;
 use crate::config::Config;
 use crate::io::ConnId;
 use crate::limit::bucket::{Bucket, Rate};
-use crate::proto::{ByeReason, ErrorCode, Frame};
+use crate::proto::{ByeReason, ErrorCode, Frame, GroupFrame};
 
 use super::{Env, Flow, Now, Sessions};
 
@@ -270,6 +270,20 @@ impl Sessions {
             | Frame::Unsubscribe { .. }
             | Frame::Privacy { .. }
             | Frame::Typing { .. } => (Kind::Presence, 0),
+            // Group requests and GROUP_SEND count as SENDs (GROUP_READ as a
+            // receipt), once: one that will wait for ring space is counted
+            // when it goes.
+            Frame::Group(ref g) if self.group_blocks(env, g) => return None,
+            Frame::Group(GroupFrame::Read { .. }) => (Kind::Receipt, 0),
+            Frame::Group(
+                GroupFrame::Create { req }
+                | GroupFrame::Add { req, .. }
+                | GroupFrame::Remove { req, .. }
+                | GroupFrame::Leave { req, .. }
+                | GroupFrame::Admin { req, .. }
+                | GroupFrame::Members { req, .. },
+            ) => (Kind::Send, req),
+            Frame::Group(GroupFrame::Send { client_id, .. }) => (Kind::Send, client_id),
             _ => return None,
         };
         let verdict = self.guard.admit(user, kind, now.unix_ms);

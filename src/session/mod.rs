@@ -35,6 +35,7 @@ use crate::token;
 mod dedupe;
 mod deliver;
 mod event;
+mod groups;
 mod guard;
 mod presence;
 mod push;
@@ -151,6 +152,8 @@ pub struct Sessions {
     guard: guard::Guard,
     /// Presence subscriptions, last seen and privacy (`presence.rs`).
     presence: presence::Presence,
+    /// The groups homed here and their staged changes (`groups.rs`).
+    groups: groups::GroupState,
     store: Box<dyn Store + Send>,
     /// Answers (ACK, refusals) to messages stored in this iteration, and
     /// receipts for messages removed in it: they leave only once the store
@@ -227,6 +230,12 @@ impl Sessions {
             now_ms: 0,
             guard: guard::Guard::new(&config),
             presence: presence::Presence::default(),
+            groups: groups::GroupState::new(
+                id,
+                shards,
+                config.group_members_max,
+                config.groups_per_user_max,
+            ),
             next_seq: (store.max_server_id() >> 10) + 1,
             store,
             replies: Vec::new(),
@@ -593,6 +602,23 @@ impl Sessions {
                     client_id,
                     code: ErrorCode::Internal,
                 },
+                // Groups: a change or message may not be in the group log
+                // (the log replayed says); what is there goes out again
+                // from the replay, the rest is refused.
+                Msg::GroupDone { reply, answer } if !kept_store => Msg::GroupDone {
+                    reply,
+                    answer: groups::lost(answer),
+                },
+                Msg::GroupFan { .. } if !kept_store => continue,
+                // Copies not committed here: their home sends them again.
+                Msg::GroupStored {
+                    group, msg, shard, ..
+                } if !kept_store => Msg::GroupStored {
+                    group,
+                    msg,
+                    shard,
+                    stored: false,
+                },
                 other => other,
             };
             self.route(now, env, dst, msg);
@@ -719,6 +745,7 @@ impl Sessions {
                     Flow::Stop
                 }
             }
+            (State::Active, Frame::Group(g)) => self.on_group_frame(now, env, conn, s.user, g),
             (State::Active, Frame::Login { .. }) => {
                 self.stats.protocol_errors.inc();
                 self.fail(

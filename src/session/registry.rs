@@ -360,7 +360,7 @@ impl Sessions {
         let marks = before | bit;
         self.answered(conn, user, &msg);
         if before == 0 {
-            self.delivery_receipt(user, server_id, msg.from);
+            self.delivery_receipt(user, &msg);
         }
         if marks & all == all {
             self.forget_mark(user, server_id);

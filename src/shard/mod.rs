@@ -43,6 +43,7 @@ mod admit;
 mod carry;
 mod conns;
 mod devices;
+mod groups;
 mod operate;
 mod presence;
 mod route;
@@ -51,11 +52,12 @@ mod sync;
 #[cfg(debug_assertions)]
 pub use crate::session::{CRASH_USER, PANIC_USER};
 pub use carry::{Adopt, Carry, Next, Outgoing, ADOPT_QUEUED_MAX, HELD_FDS_MAX};
-pub use route::{home_shard, ConnRef, Msg};
+pub use route::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
 
 use admit::Admission;
 use conns::Conns;
 use devices::DeviceWriter;
+use groups::GroupWriter;
 use presence::PresenceWriter;
 use route::{Outboxes, Peers};
 use sync::Syncer;
@@ -215,6 +217,8 @@ pub struct Shard {
     presence: PresenceWriter,
     /// Writes the device registry's changes to the device log.
     devices: DeviceWriter,
+    /// Writes group changes and messages to the group log.
+    groups: GroupWriter,
     ops: Option<Arc<Ops>>,
     /// Operator requests being served (reused).
     requests: Vec<Request>,
@@ -288,6 +292,7 @@ impl Shard {
         sessions.set_push(push);
         let presence = PresenceWriter::open(&config, id, &mut sessions, clock.now());
         let devices = DeviceWriter::open(&config, id, &mut sessions);
+        let groups = GroupWriter::open(&config, id, &mut sessions);
         Shard {
             id,
             syncer: Syncer::new(&io, id),
@@ -298,6 +303,7 @@ impl Shard {
             sessions,
             presence,
             devices,
+            groups,
             conns: Conns::default(),
             admission: Admission::new(&config, shards),
             refused: Vec::new(),
@@ -423,6 +429,13 @@ impl Shard {
             self.devices
                 .reopen(&self.config, self.id, &mut self.sessions);
         }
+        self.groups
+            .reopen(&self.config, self.id, &mut self.sessions)
+            .map_err(|source| StoreError::Io {
+                path: shard_dir(&self.config.data_dir, self.id),
+                op: "open group log",
+                source,
+            })?;
         Ok(())
     }
 
@@ -720,6 +733,8 @@ impl Shard {
     /// cannot commit otherwise (a failed write or sync) crashes the shard:
     /// the restart replays what is really on disk.
     fn commit(&mut self) {
+        // Group changes first: their answers wait for this commit.
+        self.groups.flush(&mut self.sessions);
         if self.syncer.busy() {
             match self.syncer.poll(false) {
                 Some(done) => self.synced(done),

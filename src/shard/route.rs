@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::io::{ConnId, Detached};
-use crate::proto::{ErrorCode, PresenceState, ReceiptKind};
+use crate::proto::{ErrorCode, GroupEvent, PresenceState, ReceiptKind};
 use crate::ring::Links;
 use crate::stats::ShardStats;
 use crate::store::{Origin, Stored};
@@ -158,6 +158,93 @@ pub enum Msg {
         /// The peer.
         to: u64,
     },
+    /// Groups: a request about `group` for its home shard (the receiving
+    /// one), from `actor`'s connection `reply`.
+    GroupOp {
+        /// The requester's connection, for the answer.
+        reply: ConnRef,
+        /// Who asks.
+        actor: u64,
+        /// The request's id, echoed in the answer.
+        req: u64,
+        /// What is asked.
+        op: GroupOp,
+    },
+    /// Groups: a GROUP_SEND for the group's home shard (the receiving one).
+    GroupSend {
+        /// The sender's connection, for the ACK.
+        reply: ConnRef,
+        /// The sender.
+        from: u64,
+        /// The sender's id for the message.
+        client_id: u64,
+        /// The group.
+        group: u64,
+        /// The body.
+        body: Box<[u8]>,
+        /// When the GROUP_SEND was decoded, for the latency histograms.
+        sent_ns: u64,
+    },
+    /// Groups: the answer to a group request, for the requester's shard
+    /// (the receiving one), once the change is durable.
+    GroupDone {
+        /// The requester's connection.
+        reply: ConnRef,
+        /// The answer.
+        answer: GroupAnswer,
+    },
+    /// Groups: a message (or event) the home shard `home` ordered, for the
+    /// members homed on the receiving shard: one ring message per shard
+    /// and message, whatever the number of members there.
+    GroupFan {
+        /// The group's home shard, told once the copies are durable.
+        home: u16,
+        /// The group.
+        group: u64,
+        /// Its number in the group's order.
+        msg: u64,
+        /// The sender (an event's actor).
+        from: u64,
+        /// When the home shard took it.
+        time_ms: u64,
+        /// The sender's client_id (0 for an event).
+        client_id: u64,
+        /// `None`: a message; else a membership event.
+        event: Option<GroupEvent>,
+        /// An event's subject.
+        subject: u64,
+        /// The body, shared by every shard's copy of this message.
+        body: Arc<[u8]>,
+        /// The recipients homed on the receiving shard.
+        members: Arc<[u64]>,
+    },
+    /// Groups: the receiving shard (the group's home) learns that shard
+    /// `shard` holds its copies of `msg` durably, or (`stored` false) that
+    /// it restarted before it did: the home sends them again.
+    GroupStored {
+        /// The group.
+        group: u64,
+        /// The message.
+        msg: u64,
+        /// The members' shard.
+        shard: u16,
+        /// Durable there; `false`: send again.
+        stored: bool,
+    },
+    /// Groups: members `peers` got (or read) `msg` of `group`, sent by
+    /// `user`, homed on the receiving shard; batched.
+    GroupReceipt {
+        /// The sender, who gets the receipt.
+        user: u64,
+        /// Delivered or read.
+        kind: ReceiptKind,
+        /// The group.
+        group: u64,
+        /// The message.
+        msg: u64,
+        /// The members it is about.
+        peers: Vec<u64>,
+    },
     /// Cluster, shard to bridge: `user`'s device acknowledged `server_id`,
     /// so JetStream may delete it.
     Done {
@@ -165,6 +252,86 @@ pub enum Msg {
         user: u64,
         /// The message.
         server_id: u64,
+    },
+}
+
+/// A request about a group, for its home shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupOp {
+    /// GROUP_ADD.
+    Add {
+        /// The group.
+        group: u64,
+        /// The user added.
+        user: u64,
+    },
+    /// GROUP_REMOVE.
+    Remove {
+        /// The group.
+        group: u64,
+        /// The user removed.
+        user: u64,
+    },
+    /// GROUP_LEAVE.
+    Leave {
+        /// The group.
+        group: u64,
+    },
+    /// GROUP_ADMIN.
+    Admin {
+        /// The group.
+        group: u64,
+        /// The member.
+        user: u64,
+        /// Make (or revoke).
+        admin: bool,
+    },
+    /// GROUP_MEMBERS.
+    Members {
+        /// The group.
+        group: u64,
+    },
+}
+
+/// The answer to a group request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupAnswer {
+    /// GROUP_OK(`req`, `group`).
+    Ok {
+        /// The request's id.
+        req: u64,
+        /// The group.
+        group: u64,
+    },
+    /// ACK of a GROUP_SEND: `msg` is the message's number in the group.
+    Ack {
+        /// The GROUP_SEND's client_id.
+        client_id: u64,
+        /// The message's number in the group's order.
+        msg: u64,
+        /// When the home shard took it.
+        time_ms: u64,
+        /// When the GROUP_SEND was decoded.
+        sent_ns: u64,
+    },
+    /// ERROR(`code`, `id`): `id` is the request's `req` or the
+    /// GROUP_SEND's `client_id`.
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The request's id.
+        id: u64,
+        /// The ERROR's text.
+        text: &'static str,
+    },
+    /// The member list, for GROUP_LIST frames.
+    List {
+        /// The request's id.
+        req: u64,
+        /// The group.
+        group: u64,
+        /// Members and their admin flag.
+        members: Vec<(u64, bool)>,
     },
 }
 

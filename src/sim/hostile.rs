@@ -101,14 +101,15 @@ fn malformed(rng: &mut fastrand::Rng) -> (Vec<u8>, ErrorCode) {
     const DELIVERED: u8 = 0x07;
     const PING: u8 = 0x0A;
     match rng.u32(..5) {
-        // "An unknown type byte (0x00, 0x13..0x17, 0x1D and above)": 0x10
-        // and 0x11 are the device frames, 0x12 is SENT, 0x18..=0x1C are the
-        // presence frames.
+        // "An unknown type byte (0x00, 0x13..0x17, 0x1D..0x1F, 0x2D and
+        // above)": 0x10 and 0x11 are the device frames, 0x12 is SENT,
+        // 0x18..=0x1C are the presence frames, 0x20..=0x2C the group ones.
         0 => {
-            let ty = match rng.u32(..3) {
+            let ty = match rng.u32(..4) {
                 0 => 0,
                 1 => rng.u8(0x13..=0x17),
-                _ => rng.u8(0x1D..),
+                2 => rng.u8(0x1D..=0x1F),
+                _ => rng.u8(0x2D..),
             };
             let mut out = vec![0, ty];
             out.extend((0..rng.usize(..8)).map(|_| rng.u8(..)));

@@ -41,6 +41,7 @@ use std::sync::Arc;
 pub mod devices;
 pub mod fault;
 mod files;
+pub mod groups;
 pub mod log;
 // Crate-visible for the fuzzing oracles (src/fuzzing.rs).
 pub mod presence;
