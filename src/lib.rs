@@ -28,6 +28,7 @@ pub mod fuzzing;
 pub mod io;
 pub mod limit;
 pub mod memory;
+pub mod mqtt;
 pub mod ops;
 pub mod privacy;
 pub mod proto;
