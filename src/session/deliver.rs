@@ -446,9 +446,17 @@ impl Sessions {
         if env.owner(user) != Owner::Here {
             return;
         }
+        if self.slots[conn.index()].paused {
+            return;
+        }
         let written = written.unwrap_or_else(|| self.written(conn));
         let pending = env.out_pending(conn) + written;
         let version = self.slots[conn.index()].version;
+        let inflight_max = env
+            .inflight_max(conn)
+            .map_or(self.config.deliver_inflight_max, |n| {
+                n.min(self.config.deliver_inflight_max)
+            });
         let several = self.users.count(user) > 1;
         let lanes = self.users.lanes(user);
         let Some(on) = self.users.get_mut(user, conn) else {
@@ -463,7 +471,7 @@ impl Sessions {
         let ids = &mut self.sent_ids;
         ids.clear();
         self.store.each_after(user, on.sent_upto, &mut |m| {
-            if on.inflight as usize >= config.deliver_inflight_max {
+            if on.inflight as usize >= inflight_max {
                 held = true;
                 return false;
             }
