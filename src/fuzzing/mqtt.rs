@@ -29,7 +29,7 @@ pub fn mqtt(data: &[u8]) {
         frame_bytes_max: 65536,
         body_bytes_max: 65000,
     };
-    let mut mode = Mode::default();
+    let mut mode = Mode::accepted();
     let mut inflight = Inflight::default();
     let (mut tern, mut out) = (Vec::new(), Vec::new());
     let mut rest = stream;

@@ -13,18 +13,23 @@ use super::codec::{
 };
 use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
 
-/// A connection's MQTT state: what its CONNECT and SUBSCRIBEs said.
+/// A connection's MQTT state: what its CONNECT and SUBSCRIBEs said. The
+/// default is "not an MQTT connection"; [`Mode::accepted`] is one whose
+/// CONNECT has not come yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Mode {
     flags: u8,
     /// Keepalive the server holds the client to, seconds; 0 = the
     /// server's idle timeout.
     keepalive_s: u16,
+    /// 5.0 Receive Maximum: most PUBLISHes unanswered; 0 = no limit of
+    /// its own.
+    receive_max: u16,
 }
 
-/// Bytes of [`Mode`]: what MQTT adds to every MQTT connection.
+/// Bytes of [`Mode`]: what MQTT adds per connection.
 pub const MODE_BYTES: usize = std::mem::size_of::<Mode>();
-const _: () = assert!(MODE_BYTES <= 4);
+const _: () = assert!(MODE_BYTES <= 6);
 
 mod flag {
     /// The CONNECT was taken (a LOGIN went to the session layer).
@@ -41,11 +46,32 @@ mod flag {
     pub const RECEIPTS: u8 = 1 << 5;
     /// The server keepalive differs from the client's (5.0: tell it).
     pub const SERVER_KEEPALIVE: u8 = 1 << 6;
+    /// An MQTT connection at all (set from accept on).
+    pub const MQTT: u8 = 1 << 7;
 }
 
 impl Mode {
+    /// A connection from the MQTT listener, its CONNECT not yet taken.
+    pub fn accepted() -> Mode {
+        Mode {
+            flags: flag::MQTT,
+            ..Mode::default()
+        }
+    }
+
+    /// Whether this is an MQTT connection.
+    pub fn is_mqtt(self) -> bool {
+        self.has(flag::MQTT)
+    }
+
     fn has(self, f: u8) -> bool {
         self.flags & f != 0
+    }
+
+    /// The most deliveries the client takes unanswered (5.0 Receive
+    /// Maximum), when it said.
+    pub fn inflight_max(self) -> Option<usize> {
+        (self.receive_max > 0).then_some(usize::from(self.receive_max))
     }
 
     /// The connection's protocol level, once its CONNECT was taken.
@@ -359,7 +385,7 @@ fn on_connect(
         Version::V311 => !c.clean,
         Version::V5 => !c.clean && c.props.int(prop::SESSION_EXPIRY).unwrap_or(0) > 0,
     };
-    let mut flags = flag::CONNECTED;
+    let mut flags = flag::MQTT | flag::CONNECTED;
     if v == Version::V5 {
         flags |= flag::V5;
     }
@@ -377,7 +403,15 @@ fn on_connect(
             .unwrap_or(u16::MAX)
             .max(1);
     }
-    *mode = Mode { flags, keepalive_s };
+    let receive_max = c
+        .props
+        .int(prop::RECEIVE_MAXIMUM)
+        .map_or(0, |n| u16::try_from(n).unwrap_or(u16::MAX));
+    *mode = Mode {
+        flags,
+        keepalive_s,
+        receive_max,
+    };
     put_frame(&Frame::Login { version: 1, token }, tern);
     Step::Next
 }

@@ -51,7 +51,7 @@ fn frames(tern: &[u8]) -> Vec<Frame<'_>> {
 
 /// A connected mode for `v` (the LOGIN taken).
 fn connected(v: Version, clean: bool) -> Mode {
-    let mut mode = Mode::default();
+    let mut mode = Mode::accepted();
     let (mut tern, mut out) = (Vec::new(), Vec::new());
     let c = connect_packet(v, clean, Some("7"));
     let step = on_packet(
@@ -120,7 +120,7 @@ fn a_5_0_persistent_session_needs_a_session_expiry() {
     let mut pb = PropsBuf::default();
     pb.u32(prop::SESSION_EXPIRY, 3600);
     for (props, persistent) in [(Props::default(), false), (pb.props(), true)] {
-        let mut mode = Mode::default();
+        let mut mode = Mode::accepted();
         let mut c = connect_packet(Version::V5, false, None);
         c.props = props;
         let (step, tern, _) = packet(&mut mode, &mut Inflight::default(), Packet::Connect(c));
@@ -150,7 +150,7 @@ fn connect_refusals_answer_connack_and_close() {
             reason::BAD_LOGIN,
         ),
     ] {
-        let mut mode = Mode::default();
+        let mut mode = Mode::accepted();
         let v = c.version;
         let (step, tern, out) = packet(&mut mode, &mut Inflight::default(), Packet::Connect(c));
         assert_eq!(step, Step::Close);
@@ -165,7 +165,7 @@ fn connect_refusals_answer_connack_and_close() {
 
 #[test]
 fn packets_before_connect_close_unanswered() {
-    let mut mode = Mode::default();
+    let mut mode = Mode::accepted();
     let (step, tern, out) = packet(&mut mode, &mut Inflight::default(), Packet::PingReq);
     assert_eq!((step, tern.len(), out.len()), (Step::Close, 0, 0));
 }
@@ -496,14 +496,14 @@ fn ping_pong_bye_and_disconnect() {
 fn keepalive_is_one_and_a_half_times_and_5_0_is_told_the_servers() {
     let m = connected(Version::V311, true);
     assert_eq!(m.silence_ms_max(), Some(15_000));
-    let mut mode = Mode::default();
+    let mut mode = Mode::accepted();
     let mut c = connect_packet(Version::V311, true, None);
     c.keepalive_s = 0;
     packet(&mut mode, &mut Inflight::default(), Packet::Connect(c));
     assert_eq!(mode.silence_ms_max(), None);
     // 5.0 with keepalive 0 or over the idle timeout: Server Keep Alive.
     for k in [0u16, 65535] {
-        let mut mode = Mode::default();
+        let mut mode = Mode::accepted();
         let mut c = connect_packet(Version::V5, true, None);
         c.keepalive_s = k;
         packet(&mut mode, &mut Inflight::default(), Packet::Connect(c));
@@ -524,10 +524,10 @@ fn keepalive_is_one_and_a_half_times_and_5_0_is_told_the_servers() {
 #[test]
 fn bad_level_is_answered_connack_0x01() {
     let mut out = Vec::new();
-    refused(Mode::default(), codec::Error::BadLevel(3), &mut out);
+    refused(Mode::accepted(), codec::Error::BadLevel(3), &mut out);
     assert_eq!(out, [0x20, 2, 0, 1]);
     let mut out = Vec::new();
-    refused(Mode::default(), codec::Error::BadProtocolName, &mut out);
+    refused(Mode::accepted(), codec::Error::BadProtocolName, &mut out);
     assert!(out.is_empty());
 }
 
