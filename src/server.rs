@@ -415,6 +415,9 @@ impl Server {
         if let Some(tls_addr) = tls_addr {
             log::info!("TLS 1.3 listening on {tls_addr}");
         }
+        if let Some(mqtt_addr) = mqtt_addr {
+            log::info!("MQTT listening on {mqtt_addr}");
+        }
         Ok(Server {
             addr,
             tls_addr,
