@@ -101,6 +101,8 @@ pub mod reason {
     pub const PROTOCOL_ERROR: u8 = 0x82;
     /// Unsupported protocol version (5.0 CONNACK).
     pub const UNSUPPORTED_VERSION: u8 = 0x84;
+    /// Client identifier not valid (5.0 CONNACK).
+    pub const CLIENT_ID_INVALID: u8 = 0x85;
     /// Bad user name or password.
     pub const BAD_LOGIN: u8 = 0x86;
     /// Not authorized.
@@ -117,8 +119,12 @@ pub mod reason {
     pub const KEEPALIVE_TIMEOUT: u8 = 0x8D;
     /// Session taken over.
     pub const TAKEN_OVER: u8 = 0x8E;
+    /// Bad authentication method (5.0 CONNACK).
+    pub const BAD_AUTH_METHOD: u8 = 0x8C;
     /// Topic name invalid.
     pub const TOPIC_INVALID: u8 = 0x90;
+    /// Topic alias invalid.
+    pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     /// Packet too large.
     pub const PACKET_TOO_LARGE: u8 = 0x95;
     /// Message rate too high.
@@ -795,6 +801,9 @@ fn decode_body(first: u8, body: &[u8], version: Option<Version>) -> Result<Packe
                 _ => {}
             }
             let topic = r.str()?;
+            if topic.len() > TOPIC_BYTES_MAX {
+                return Err(Error::Malformed("topic name too long"));
+            }
             if topic.contains(['+', '#']) {
                 return Err(Error::Malformed("wildcard in a topic name"));
             }
@@ -909,6 +918,9 @@ fn filters<'a>(
         let f = r.str()?;
         if f.is_empty() {
             return Err(Error::Malformed("empty topic filter"));
+        }
+        if f.len() > TOPIC_BYTES_MAX {
+            return Err(Error::Malformed("topic filter too long"));
         }
         if with_options {
             let o = r.u8()?;

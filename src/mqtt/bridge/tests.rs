@@ -548,3 +548,18 @@ fn inbox_topics_are_canonical() {
     assert_eq!(token_user(b"v2.42.3.99.mac"), Some(42));
     assert_eq!(token_user(b"v3.42"), None);
 }
+
+#[test]
+fn a_5_0_receive_maximum_is_the_connections_window() {
+    let mut pb = PropsBuf::default();
+    pb.u16(prop::RECEIVE_MAXIMUM, 20);
+    let mut mode = Mode::accepted();
+    let c = Connect {
+        props: pb.props(),
+        ..connect_packet(Version::V5, true, None)
+    };
+    packet(&mut mode, &mut Inflight::default(), Packet::Connect(c));
+    assert_eq!(mode.inflight_max(), Some(20));
+    assert_eq!(connected(Version::V5, true).inflight_max(), None);
+    assert!(mode.is_mqtt() && !Mode::default().is_mqtt());
+}
