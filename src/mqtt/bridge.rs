@@ -348,17 +348,17 @@ fn on_connect(
         connack_refusal(
             v,
             connack311::ID_REJECTED,
-            0x85,
+            reason::CLIENT_ID_INVALID,
             "empty client identifier",
             out,
         );
         return Step::Close;
     }
-    if v == Version::V5 && c.props.has(0x15) {
+    if v == Version::V5 && c.props.has(prop::AUTHENTICATION_METHOD) {
         connack_refusal(
             v,
             connack311::NOT_AUTHORIZED,
-            0x8C,
+            reason::BAD_AUTH_METHOD,
             "no enhanced authentication",
             out,
         );
@@ -424,7 +424,12 @@ fn on_publish(
     out: &mut Vec<u8>,
 ) -> Step {
     if p.props.has(prop::TOPIC_ALIAS) {
-        disconnect(Some(v), 0x94, "topic aliases are not used", out);
+        disconnect(
+            Some(v),
+            reason::TOPIC_ALIAS_INVALID,
+            "topic aliases are not used",
+            out,
+        );
         return Step::Close;
     }
     if p.payload.len() > ctx.body_bytes_max {

@@ -165,6 +165,8 @@ pub mod prop {
     pub const ASSIGNED_CLIENT_ID: u8 = 0x12;
     /// Server Keep Alive, u16 seconds.
     pub const SERVER_KEEP_ALIVE: u8 = 0x13;
+    /// Authentication Method, string.
+    pub const AUTHENTICATION_METHOD: u8 = 0x15;
     /// Reason String, string.
     pub const REASON_STRING: u8 = 0x1F;
     /// Receive Maximum, u16.
