@@ -572,6 +572,74 @@ fn malformed_packets_get_the_specs_answer_or_a_clean_close() {
     assert_eq!(&d.body[..], b"still here");
 }
 
+#[test]
+fn pipelined_packets_after_connect_follow_it_to_the_home_shard() {
+    let srv = mqtt_server();
+    let addr = mqtt_addr(&srv);
+    let (a, _) = cross_pair();
+    let mut tern = srv.login(a);
+    // CONNECT, SUBSCRIBE and PUBLISH in one write, from users homed on
+    // either shard: whichever shard accepts, the packets after the CONNECT
+    // go with its LOGIN to the home shard and are answered in order.
+    for user in users_on(0, SHARDS, 4)
+        .into_iter()
+        .chain(users_on(1, SHARDS, 4))
+    {
+        if user == a {
+            continue;
+        }
+        let mut bytes = connect_bytes(Version::V311, user, 30);
+        let inbox = format!("u/{user}");
+        let mut fbuf = Vec::new();
+        let sub = codec::Subscribe {
+            pid: 1,
+            props: Props::default(),
+            filters: codec::Filters::build(&[(&inbox, 1)], true, &mut fbuf),
+        };
+        codec::encode(&Packet::Subscribe(sub), Version::V311, &mut bytes);
+        let to = format!("u/{a}");
+        let body = user.to_string();
+        let publish = Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: &to,
+            pid: 2,
+            props: Props::default(),
+            payload: body.as_bytes(),
+        };
+        codec::encode(&Packet::Publish(publish), Version::V311, &mut bytes);
+        let mut s = raw(addr);
+        s.write_all(&bytes).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while packets_complete(&got) < 3 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "user {user}: closed after {got:02x?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let p = packets(&got, Version::V311);
+        assert!(
+            matches!(p[..], [Packet::ConnAck(c), Packet::SubAck(sa), Packet::PubAck(pa)]
+                if c.code == 0 && sa.codes == [1] && pa.pid == 2),
+            "user {user}: {p:?}"
+        );
+        let d = recv_deliver(&mut tern);
+        assert_eq!((d.from, d.body), (user, body.into_bytes()));
+    }
+}
+
+/// How many whole packets `bytes` holds.
+fn packets_complete(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    let mut n = 0;
+    while let Ok(Some((_, used))) = codec::decode(&bytes[at..], Some(Version::V311), usize::MAX) {
+        at += used;
+        n += 1;
+    }
+    n
+}
+
 // ---- kill -9 ---------------------------------------------------------------
 
 fn serve_mqtt(dir: &Path) -> (TernChild, SocketAddr) {
