@@ -2,7 +2,7 @@
 # Short, bounded fuzz runs (CI): builds the cargo-fuzz targets in fuzz/ once,
 # then runs each for FUZZ_SECONDS seconds (default 30) or FUZZ_RUNS
 # executions (default 100000), whichever comes first, starting from the
-# committed seeds: with five targets, at most 2.5 minutes after the build. Installs the nightly toolchain and cargo-fuzz if missing.
+# committed seeds: with six targets, at most 3 minutes after the build. Installs the nightly toolchain and cargo-fuzz if missing.
 # Exits non-zero on the first crash and names the reproducer.
 # Long runs: see fuzz/README.md.
 set -euo pipefail

@@ -108,6 +108,11 @@ pub struct Config {
     /// listener never peeks at first bytes to tell the two apart. Port 0
     /// picks a free port. Default none: no WebSocket.
     pub ws_listen: Option<SocketAddr>,
+    /// Optional MQTT 3.1.1 / 5.0 listener address (plaintext), beside the
+    /// others: MQTT clients connect here, user name = user id, password =
+    /// a Tern token (docs/MQTT.md). Port 0 picks a free port. Default
+    /// none: no MQTT.
+    pub mqtt_listen: Option<SocketAddr>,
     /// `Origin` values a WebSocket upgrade may carry (exact match, e.g.
     /// `"https://chat.example.org"`); others get 403. Empty (the default)
     /// allows any origin, and requests without one.
@@ -465,6 +470,7 @@ impl Default for Config {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             ws_listen: None,
+            mqtt_listen: None,
             ws_origins: Vec::new(),
             token_secret: DEV_TOKEN_SECRET.to_string(),
             frame_bytes_max: 65536,
@@ -688,6 +694,22 @@ impl Config {
             // As for TLS: one port, one protocol.
             if ws.port() != 0 && (ws == self.listen || Some(ws) == self.tls_listen) {
                 return Err(bad("ws_listen", "must differ from listen and tls_listen"));
+            }
+        }
+        if let Some(mqtt) = self.mqtt_listen {
+            let taken = [Some(self.listen), self.tls_listen, self.ws_listen];
+            if mqtt.port() != 0 && taken.contains(&Some(mqtt)) {
+                return Err(bad(
+                    "mqtt_listen",
+                    "must differ from listen, tls_listen and ws_listen",
+                ));
+            }
+            // An MQTT packet id is 16 bits: the window must leave ids free.
+            if self.deliver_inflight_max > usize::from(u16::MAX) - 1 {
+                return Err(bad(
+                    "deliver_inflight_max",
+                    "must be below 65535 with mqtt_listen (MQTT packet ids are 16 bits)",
+                ));
             }
         }
         if self.body_bytes_max > crate::store::BODY_BYTES_MAX {

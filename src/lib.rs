@@ -29,6 +29,7 @@ pub mod group;
 pub mod io;
 pub mod limit;
 pub mod memory;
+pub mod mqtt;
 pub mod ops;
 pub mod privacy;
 pub mod proto;

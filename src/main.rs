@@ -145,6 +145,9 @@ struct Overrides {
     /// WebSocket listener address (plaintext, for browsers).
     #[arg(long)]
     ws_listen: Option<SocketAddr>,
+    /// MQTT 3.1.1/5.0 listener address (plaintext; docs/MQTT.md).
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
     /// PEM certificate chain for the TLS listener.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -359,6 +362,9 @@ impl Overrides {
         }
         if self.ws_listen.is_some() {
             c.ws_listen = self.ws_listen;
+        }
+        if self.mqtt_listen.is_some() {
+            c.mqtt_listen = self.mqtt_listen;
         }
         if self.push_url.is_some() {
             c.push_url = self.push_url;

@@ -55,6 +55,7 @@ pub struct Server {
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
+    mqtt_addr: Option<SocketAddr>,
     tls: Option<Arc<TlsContext>>,
     stats_socket: PathBuf,
     stop: Arc<AtomicBool>,
@@ -174,35 +175,35 @@ impl Server {
                 );
             }
         }
-        // WebSocket: bound like TLS, once per shard. A live upgrade does not
-        // hand these over; the successor binds its own beside its
-        // predecessor's (SO_REUSEPORT), without the claim, which would
-        // find the port in use by a live process.
-        let mut ws_listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
-        let mut ws_addr = None;
-        if let Some(want) = config.ws_listen {
-            let claimed = match upgrading {
-                true => Ok(want),
-                false => claim(want, retry, "ws_listen"),
-            };
-            let first = claimed
-                .and_then(|addr| listen(addr, config.listen_backlog))
-                .map_err(|e| format!("cannot listen on {want} (ws_listen): {e}"))?;
-            let bound = first.local_addr()?;
-            ws_addr = Some(bound);
-            ws_listeners[0] = Some(first);
-            for slot in ws_listeners.iter_mut().skip(1) {
-                *slot = Some(
-                    listen(bound, config.listen_backlog)
-                        .map_err(|e| format!("cannot listen on {bound} (ws_listen): {e}"))?,
-                );
-            }
-        }
+        // WebSocket and MQTT: bound like TLS, once per shard, not handed
+        // over by a live upgrade (see `per_shard`).
+        let (ws_listeners, ws_addr) = per_shard(
+            config.ws_listen,
+            "ws_listen",
+            shards,
+            upgrading,
+            retry,
+            &config,
+        )?;
+        let (mqtt_listeners, mqtt_addr) = per_shard(
+            config.mqtt_listen,
+            "mqtt_listen",
+            shards,
+            upgrading,
+            retry,
+            &config,
+        )?;
         let listeners: Vec<Listeners> = plain
             .into_iter()
             .zip(tls_listeners)
             .zip(ws_listeners)
-            .map(|((plain, tls), ws)| Listeners { plain, tls, ws })
+            .zip(mqtt_listeners)
+            .map(|(((plain, tls), ws), mqtt)| Listeners {
+                plain,
+                tls,
+                ws,
+                mqtt,
+            })
             .collect();
         // Copies for a successor; taken before the shards own the sockets.
         let kept = listeners
@@ -419,10 +420,14 @@ impl Server {
             // the client listener.
             log::info!("WebSocket listening at ws://{ws_addr}/");
         }
+        if let Some(mqtt_addr) = mqtt_addr {
+            log::info!("MQTT listening on {mqtt_addr}");
+        }
         Ok(Server {
             addr,
             tls_addr,
             ws_addr,
+            mqtt_addr,
             tls,
             stats_socket: config.stats_socket.clone(),
             stop,
@@ -454,6 +459,11 @@ impl Server {
     /// The WebSocket listener's address, when `ws_listen` is set.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
         self.ws_addr
+    }
+
+    /// The MQTT listener's address, when `mqtt_listen` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
     }
 
     /// Re-reads the TLS certificate and key (SIGHUP, `reload tls`). New
@@ -596,6 +606,41 @@ impl Released {
             }
         }
     }
+}
+
+/// One listener per shard on `want` (the `key` listener: `ws_listen`,
+/// `mqtt_listen`), bound like TLS's. A live upgrade does not hand these
+/// over; the successor binds its own beside its predecessor's
+/// (SO_REUSEPORT), without the claim, which would find the port in use by
+/// a live process. Returns them and the bound address.
+fn per_shard(
+    want: Option<SocketAddr>,
+    key: &str,
+    shards: usize,
+    upgrading: bool,
+    retry: Duration,
+    config: &Config,
+) -> Result<(Vec<Option<TcpListener>>, Option<SocketAddr>), String> {
+    let mut listeners: Vec<Option<TcpListener>> = (0..shards).map(|_| None).collect();
+    let Some(want) = want else {
+        return Ok((listeners, None));
+    };
+    let claimed = match upgrading {
+        true => Ok(want),
+        false => claim(want, retry, key),
+    };
+    let first = claimed
+        .and_then(|addr| listen(addr, config.listen_backlog))
+        .map_err(|e| format!("cannot listen on {want} ({key}): {e}"))?;
+    let bound = first.local_addr().map_err(|e| format!("{key}: {e}"))?;
+    listeners[0] = Some(first);
+    for slot in listeners.iter_mut().skip(1) {
+        *slot = Some(
+            listen(bound, config.listen_backlog)
+                .map_err(|e| format!("cannot listen on {bound} ({key}): {e}"))?,
+        );
+    }
+    Ok((listeners, Some(bound)))
 }
 
 /// A listening socket that other shards can bind beside.

@@ -20,8 +20,10 @@ use crate::store::record::{self, Decoded, HEADER_BYTES, PAYLOAD_BYTES_MAX};
 use crate::store::segment::{has_zero_sector, Scanner, Step};
 use crate::store::{Durability, LogOptions, LogStore, Store, StoreError, Stored};
 
+mod mqtt;
 mod session;
 
+pub use mqtt::mqtt;
 pub use session::{session, session_tally, SessionInput};
 
 /// Most prefixes of one frame or record checked for consistency, so one

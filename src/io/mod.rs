@@ -63,18 +63,27 @@ pub enum Listener {
     /// The WebSocket listener (`ws_listen`): the shard reads an HTTP
     /// upgrade first.
     Ws,
+    /// The MQTT listener (`mqtt_listen`): the shard speaks MQTT
+    /// (docs/MQTT.md).
+    Mqtt,
 }
 
-impl Listener {
-    /// Every kind, in index order (`Plain` = 0, `Tls` = 1, `Ws` = 2).
-    pub const ALL: [Listener; 3] = [Listener::Plain, Listener::Tls, Listener::Ws];
+/// How many kinds of listener there are.
+pub const LISTENERS: usize = 4;
 
-    /// The listener's index in per-listener arrays, `0..3`.
+impl Listener {
+    /// Every kind, in index order (`Plain` = 0, `Tls` = 1, `Ws` = 2,
+    /// `Mqtt` = 3).
+    pub const ALL: [Listener; LISTENERS] =
+        [Listener::Plain, Listener::Tls, Listener::Ws, Listener::Mqtt];
+
+    /// The listener's index in per-listener arrays, `0..LISTENERS`.
     pub fn index(self) -> usize {
         match self {
             Listener::Plain => 0,
             Listener::Tls => 1,
             Listener::Ws => 2,
+            Listener::Mqtt => 3,
         }
     }
 }
@@ -88,6 +97,8 @@ pub struct Listeners {
     pub tls: Option<TcpListener>,
     /// The WebSocket listener, when `ws_listen` is configured.
     pub ws: Option<TcpListener>,
+    /// The MQTT listener, when `mqtt_listen` is configured.
+    pub mqtt: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -97,6 +108,7 @@ impl Listeners {
             plain: listener,
             tls: None,
             ws: None,
+            mqtt: None,
         }
     }
 
@@ -106,12 +118,13 @@ impl Listeners {
             plain: self.plain.try_clone()?,
             tls: self.tls.as_ref().map(TcpListener::try_clone).transpose()?,
             ws: self.ws.as_ref().map(TcpListener::try_clone).transpose()?,
+            mqtt: self.mqtt.as_ref().map(TcpListener::try_clone).transpose()?,
         })
     }
 
     /// As an array indexed by [`Listener::index`].
-    pub fn into_array(self) -> [Option<TcpListener>; 3] {
-        [Some(self.plain), self.tls, self.ws]
+    pub fn into_array(self) -> [Option<TcpListener>; LISTENERS] {
+        [Some(self.plain), self.tls, self.ws, self.mqtt]
     }
 }
 

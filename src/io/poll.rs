@@ -26,7 +26,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::{Completion, ConnId, Listener, Listeners};
+use super::{Completion, ConnId, Listener, Listeners, LISTENERS};
 
 /// Backend name for `show info`.
 #[cfg(target_os = "linux")]
@@ -39,8 +39,9 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 const TLS_LISTENER: Token = Token(usize::MAX - 3);
 const WS_LISTENER: Token = Token(usize::MAX - 4);
+const MQTT_LISTENER: Token = Token(usize::MAX - 5);
 /// The token of each listener, by [`Listener::index`].
-const LISTENER_TOKENS: [Token; 3] = [LISTENER, TLS_LISTENER, WS_LISTENER];
+const LISTENER_TOKENS: [Token; LISTENERS] = [LISTENER, TLS_LISTENER, WS_LISTENER, MQTT_LISTENER];
 /// Connections accepted per loop iteration at most, so a connection storm
 /// cannot starve established connections.
 const ACCEPT_BATCH_MAX: usize = 256;
@@ -119,9 +120,9 @@ pub struct Io {
     waker: WakeHandle,
     /// The listeners by [`Listener::index`]; `None` when not configured or
     /// after `stop_accepting`.
-    listeners: [Option<TcpListener>; 3],
+    listeners: [Option<TcpListener>; LISTENERS],
     /// The listener has connections waiting, by [`Listener::index`].
-    accept_ready: [bool; 3],
+    accept_ready: [bool; LISTENERS],
     /// Accepting failed for lack of resources; retry after a pause.
     accept_backoff: bool,
     conns: Slab<Conn>,
@@ -139,7 +140,7 @@ impl Io {
     pub fn new(listeners: Listeners) -> io::Result<Io> {
         let poll = Poll::new()?;
         let waker = WakeHandle(Arc::new(Waker::new(poll.registry(), WAKER)?));
-        let mut registered: [Option<TcpListener>; 3] = [None, None, None];
+        let mut registered: [Option<TcpListener>; LISTENERS] = Default::default();
         for (i, listener) in listeners.into_array().into_iter().enumerate() {
             let Some(listener) = listener else { continue };
             listener.set_nonblocking(true)?;
@@ -188,13 +189,14 @@ impl Io {
         }
         if self.accept_backoff {
             self.accept_backoff = false;
-            self.accept_ready = [true; 3];
+            self.accept_ready = [true; LISTENERS];
         }
         for event in self.events.iter() {
             match event.token() {
                 LISTENER => self.accept_ready[0] = true,
                 TLS_LISTENER => self.accept_ready[1] = true,
                 WS_LISTENER => self.accept_ready[2] = true,
+                MQTT_LISTENER => self.accept_ready[3] = true,
                 WAKER => self.pending.push_back(Completion::Woken),
                 Token(key) => {
                     let Some(conn) = self.conns.get_mut(key) else {
@@ -224,7 +226,7 @@ impl Io {
     fn has_work(&self) -> bool {
         !self.pending.is_empty()
             || !self.ready.is_empty()
-            || (0..3).any(|i| self.accept_ready[i] && self.listeners[i].is_some())
+            || (0..LISTENERS).any(|i| self.accept_ready[i] && self.listeners[i].is_some())
     }
 
     /// Hands out the next completion, reading into `scratch` for
@@ -321,7 +323,7 @@ impl Io {
                     // EMFILE/ENFILE/ENOBUFS/ENOMEM: out of a resource. The
                     // connection stays in the backlog; pause and retry.
                     log::warn!("accept: {e}; pausing accepts for {ACCEPT_RETRY:?}");
-                    self.accept_ready = [false; 3];
+                    self.accept_ready = [false; LISTENERS];
                     self.accept_backoff = true;
                     return None;
                 }
@@ -450,7 +452,7 @@ impl Io {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
         }
-        self.accept_ready = [false; 3];
+        self.accept_ready = [false; LISTENERS];
     }
 
     /// Open connections held by this backend.

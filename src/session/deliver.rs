@@ -327,10 +327,18 @@ impl Sessions {
         if env.owner(user) != Owner::Here {
             return;
         }
+        if self.slots[conn.index()].paused {
+            return;
+        }
         let written = written.unwrap_or_else(|| self.written(conn));
         let pending = env.out_pending(conn) + written;
         let version = self.slots[conn.index()].version;
         let marks = self.registry.marks.get(&user);
+        let inflight_max = env
+            .inflight_max(conn)
+            .map_or(self.config.deliver_inflight_max, |n| {
+                n.min(self.config.deliver_inflight_max)
+            });
         let Some(on) = self.users.get_mut(user, conn) else {
             return;
         };
@@ -347,7 +355,7 @@ impl Sessions {
                 on.sent_upto = m.server_id;
                 return true;
             }
-            if on.inflight as usize >= config.deliver_inflight_max {
+            if on.inflight as usize >= inflight_max {
                 held = true;
                 return false;
             }

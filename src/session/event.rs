@@ -40,6 +40,16 @@ pub trait Env {
     fn banned(&self, _user: u64, _now_ms: u64) -> bool {
         false
     }
+    /// How long `conn` may stay silent once logged in, milliseconds, when
+    /// not `idle_timeout_ms` (an MQTT connection: 1.5 times its keepalive).
+    fn silence_ms_max(&self, _conn: ConnId) -> Option<u64> {
+        None
+    }
+    /// The most DELIVERs `conn` may have unanswered, when fewer than
+    /// `deliver_inflight_max` (an MQTT 5 client's Receive Maximum).
+    fn inflight_max(&self, _conn: ConnId) -> Option<usize> {
+        None
+    }
 }
 
 /// An [`Env`] where every shard is up, every outbox has room and output
@@ -111,6 +121,16 @@ pub enum Event<'a> {
     Msg(Msg),
     /// A connection's timer fired.
     Timer(Entry),
+    /// Deliveries to `conn` stop (`on: false`; what was sent still waits
+    /// for its DELIVERED) or go on (`on: true`: what waits is sent now).
+    /// A connection starts with them on. The MQTT listener turns them off
+    /// at accept and on when the client subscribes to its inbox.
+    Deliveries {
+        /// The connection.
+        conn: ConnId,
+        /// Whether messages are sent to it.
+        on: bool,
+    },
     /// `conn`'s unsent output passed `conn_out_bytes_max` after a flush.
     Slow(ConnId),
     /// `conn` failed below the protocol (TLS): flush what it has, close.

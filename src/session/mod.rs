@@ -124,6 +124,9 @@ struct Slot {
     /// Protocol version of its LOGIN (0 before LOGIN): 2 makes its SENDs
     /// idempotent and its DELIVERs carry the sender's client_id.
     version: u8,
+    /// Nothing is delivered to it until [`Event::Deliveries`] turns them
+    /// on: an MQTT connection that has not subscribed to its inbox.
+    paused: bool,
 }
 
 /// Who a new session is: what its LOGIN (or the hand-over that brought
@@ -273,7 +276,7 @@ impl Sessions {
     fn handle(&mut self, now: Now, env: &dyn Env, event: Event<'_>) -> Flow {
         match event {
             Event::Opened(conn) => {
-                self.open(now, conn);
+                self.open(now, env, conn);
                 Flow::Next
             }
             Event::HandedOver {
@@ -308,7 +311,22 @@ impl Sessions {
                 Flow::Next
             }
             Event::Timer(entry) => {
-                self.on_timer(now, entry);
+                self.on_timer(now, env, entry);
+                Flow::Next
+            }
+            Event::Deliveries { conn, on } => {
+                let Some(s) = self.slots.get_mut(conn.index()) else {
+                    return Flow::Next;
+                };
+                if s.state == State::Free {
+                    return Flow::Next;
+                }
+                let resume = s.paused && on;
+                s.paused = !on;
+                if resume && s.state == State::Active {
+                    let user = s.user;
+                    self.pump_one(env, user, conn, false, None);
+                }
                 Flow::Next
             }
             Event::Slow(conn) => {
@@ -634,7 +652,7 @@ impl Sessions {
 
     // ---- connections -------------------------------------------------------
 
-    fn open(&mut self, now: Now, conn: ConnId) {
+    fn open(&mut self, now: Now, env: &dyn Env, conn: ConnId) {
         grow_slots(&mut self.slots, conn.index());
         let gen = self.next_gen;
         self.next_gen = self.next_gen.checked_add(1).unwrap_or(1);
@@ -647,12 +665,17 @@ impl Sessions {
             user: 0,
             device: 0,
             version: 0,
+            paused: false,
         };
         // The one timer entry must fire by whichever deadline can come
         // first: the login deadline now, or the idle deadline if the LOGIN
         // succeeds. `on_timer` re-arms it at the real deadline of the state
         // it finds, so firing early is harmless but firing late is not.
-        let deadline = now.tick + self.login_ticks.min(self.idle_ticks);
+        // (An MQTT connection handed over with a short keepalive: its own.)
+        let silence = env.silence_ms_max(conn).map_or(self.idle_ticks, |ms| {
+            timer::ticks(Duration::from_millis(ms))
+        });
+        let deadline = now.tick + self.login_ticks.min(silence);
         self.actions.push(Action::Arm {
             entry: Entry { key: conn.0, gen },
             deadline,
@@ -956,7 +979,7 @@ impl Sessions {
         true
     }
 
-    fn on_timer(&mut self, now: Now, entry: Entry) {
+    fn on_timer(&mut self, now: Now, env: &dyn Env, entry: Entry) {
         let conn = ConnId(entry.key);
         let Some(s) = self.slots.get(conn.index()) else {
             return;
@@ -967,7 +990,9 @@ impl Sessions {
         let ticks = match s.state {
             State::Free => return,
             State::Login => self.login_ticks,
-            State::Active => self.idle_ticks,
+            State::Active => env.silence_ms_max(conn).map_or(self.idle_ticks, |ms| {
+                timer::ticks(Duration::from_millis(ms))
+            }),
             State::Closing | State::Shut => self.linger_ticks,
         };
         let deadline = s.last_rx + ticks;

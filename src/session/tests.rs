@@ -29,6 +29,10 @@ struct TestEnv {
     room: Cell<bool>,
     /// Cluster tests: the partition table; `None` is standalone.
     owners: Option<crate::cluster::Owners>,
+    /// Every connection's silence limit and window, when set (as the
+    /// MQTT listener sets them).
+    silence_ms: Cell<Option<u64>>,
+    inflight: Cell<Option<usize>>,
 }
 
 impl Env for TestEnv {
@@ -48,6 +52,12 @@ impl Env for TestEnv {
     }
     fn bridge_has_room(&self) -> bool {
         self.room.get()
+    }
+    fn silence_ms_max(&self, _conn: ConnId) -> Option<u64> {
+        self.silence_ms.get()
+    }
+    fn inflight_max(&self, _conn: ConnId) -> Option<usize> {
+        self.inflight.get()
     }
 }
 
@@ -112,6 +122,8 @@ impl Harness {
                 down: Cell::new(None),
                 room: Cell::new(true),
                 owners: None,
+                silence_ms: Cell::new(None),
+                inflight: Cell::new(None),
             },
             now: Now {
                 tick: 0,
@@ -625,6 +637,82 @@ fn timers_expire_login_idle_and_linger() {
     h.now.tick += h.s.linger_ticks;
     assert!(h.step(Event::Timer(entry)).closes_now(A));
     assert_eq!(h.s.state(A), State::Free);
+}
+
+#[test]
+fn deliveries_turned_off_wait_until_turned_on() {
+    let mut h = Harness::one();
+    h.login(0, 1);
+    // B is paused from its accept, as an MQTT connection is.
+    h.step(Event::Opened(B));
+    h.step(Event::Deliveries { conn: B, on: false });
+    let token = h.token(2);
+    let out = h.frame(
+        B,
+        Frame::Login {
+            version: 1,
+            token: token.as_bytes(),
+        },
+    );
+    assert!(
+        matches!(out.to(B)[..], [OwnedFrame::LoginOk { .. }]),
+        "{out:?}"
+    );
+    h.send(0, 1, 2, b"one");
+    let out = h.commit(&[]);
+    assert!(out.to(B).is_empty(), "paused: {out:?}");
+    // Turned on: what waits is sent, in order; new messages follow.
+    let out = h.step(Event::Deliveries { conn: B, on: true });
+    assert!(
+        matches!(out.to(B)[..], [OwnedFrame::Deliver { body, .. }] if body == b"one"),
+        "{out:?}"
+    );
+    h.send(0, 2, 2, b"two");
+    let out = h.commit(&[]);
+    assert!(
+        matches!(out.to(B)[..], [OwnedFrame::Deliver { body, .. }] if body == b"two"),
+        "{out:?}"
+    );
+    // Off again: the next one waits; on twice sends it once.
+    h.step(Event::Deliveries { conn: B, on: false });
+    h.send(0, 3, 2, b"three");
+    assert!(h.commit(&[]).to(B).is_empty());
+    let out = h.step(Event::Deliveries { conn: B, on: true });
+    assert_eq!(out.to(B).len(), 1, "{out:?}");
+    assert!(h
+        .step(Event::Deliveries { conn: B, on: true })
+        .to(B)
+        .is_empty());
+}
+
+#[test]
+fn a_connections_own_silence_limit_and_window() {
+    let mut h = Harness::one();
+    h.env.silence_ms.set(Some(1500));
+    h.env.inflight.set(Some(1));
+    h.login(0, 1);
+    h.login(1, 2);
+    for i in 1..=2 {
+        h.send(0, i, 2, b"m");
+    }
+    let out = h.commit(&[]);
+    assert_eq!(deliver_ids(&out.to(B)).len(), 1, "a window of 1: {out:?}");
+    // Silent for 1.5 s (not idle_timeout_ms): BYE(idle).
+    let entry = Entry {
+        key: B.0,
+        gen: h.s.gen(B),
+    };
+    h.now.tick += timer::ticks(Duration::from_millis(1500));
+    let out = h.step(Event::Timer(entry));
+    assert!(
+        matches!(
+            out.to(B)[..],
+            [OwnedFrame::Bye {
+                reason: ByeReason::Idle
+            }]
+        ),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::io::{ConnId, Listener};
 use crate::limit::addr::Refusal;
+use crate::mqtt::bridge::{Inflight, Mode as MqttMode};
 use crate::proto::{self, ByeReason, ErrorCode, Frame};
 use crate::session::{self, Event, Flow, State};
 use crate::tls::TlsConn;
@@ -19,7 +20,7 @@ use super::{Msg, Shard};
 /// Buffers of one connection; held only while a frame is partial or
 /// output is pending, given back to [`Conns`]'s spares when drained.
 #[derive(Default)]
-struct Bufs {
+pub(super) struct Bufs {
     inp: Vec<u8>,
     out: Vec<u8>,
     /// TLS connections: plaintext written since the last flush; encrypted
@@ -30,6 +31,21 @@ struct Bufs {
     /// WebSocket connections: a partial frame or fragmented message.
     /// Idle (no allocation) otherwise.
     ws: WsRx,
+    /// MQTT connections: input not yet mapped (a partial packet, or
+    /// packets held back while the connection is blocked).
+    pub(super) mqtt_in: Vec<u8>,
+    /// MQTT connections: deliveries waiting for their PUBACK.
+    pub(super) inflight: Inflight,
+}
+
+impl Bufs {
+    /// Whether nothing but drained buffers is left (they may go).
+    fn is_idle(&self) -> bool {
+        self.inp.is_empty()
+            && self.ws.is_idle()
+            && self.mqtt_in.is_empty()
+            && self.inflight.is_empty()
+    }
 }
 
 /// A connection's WebSocket stage; one byte per connection, kept beside
@@ -83,6 +99,10 @@ pub(super) struct Conns {
     /// Each connection's WebSocket stage, by slot index (grown with
     /// `slots`).
     ws: Vec<WsMode>,
+    /// Each MQTT connection's state, by slot index (grown only as far as
+    /// the highest slot an MQTT connection took; the default is "not
+    /// MQTT").
+    mqtt: Vec<MqttMode>,
     /// Connections with output to flush this iteration (may repeat; the
     /// flush sorts them and drops repeats).
     dirty: Vec<ConnId>,
@@ -139,6 +159,51 @@ impl Conns {
         self.ws.get(conn.index()).copied().unwrap_or_default()
     }
 
+    /// `conn`'s MQTT state, if it came through the MQTT listener.
+    pub(super) fn mqtt_mode(&self, conn: ConnId) -> Option<MqttMode> {
+        self.mqtt.get(conn.index()).copied().filter(|m| m.is_mqtt())
+    }
+
+    /// Whether `conn` came through the MQTT listener.
+    pub(super) fn is_mqtt(&self, conn: ConnId) -> bool {
+        self.mqtt_mode(conn).is_some()
+    }
+
+    /// Sets `conn`'s MQTT state (the default: not MQTT).
+    pub(super) fn set_mqtt(&mut self, conn: ConnId, mode: MqttMode) {
+        if mode.is_mqtt() {
+            session::grow_slots(&mut self.mqtt, conn.index());
+        }
+        if let Some(m) = self.mqtt.get_mut(conn.index()) {
+            *m = mode;
+        }
+    }
+
+    /// Whether `conn` has decoded input waiting (blocked by back-pressure).
+    pub(super) fn frames_waiting(&self, conn: ConnId) -> bool {
+        self.bufs_of(conn).is_some_and(|b| !b.inp.is_empty())
+    }
+
+    /// `conn`'s buffers, if it has some.
+    pub(super) fn bufs_of(&self, conn: ConnId) -> Option<&Bufs> {
+        self.slots.get(conn.index())?.bufs.as_deref()
+    }
+
+    /// `conn`'s buffers, made when it has none.
+    pub(super) fn bufs_mut(&mut self, conn: ConnId) -> &mut Bufs {
+        self.bufs(conn)
+    }
+
+    /// Takes `conn`'s deliveries waiting for PUBACK (to put back with
+    /// `bufs_mut` when some are left).
+    pub(super) fn take_inflight(&mut self, conn: ConnId) -> Inflight {
+        self.slots
+            .get_mut(conn.index())
+            .and_then(|s| s.bufs.as_mut())
+            .map(|b| std::mem::take(&mut b.inflight))
+            .unwrap_or_default()
+    }
+
     fn set_ws(&mut self, conn: ConnId, mode: WsMode) {
         if let Some(m) = self.ws.get_mut(conn.index()) {
             *m = mode;
@@ -167,6 +232,7 @@ impl Conns {
     pub(super) fn clear(&mut self) {
         self.slots.clear();
         self.ws.clear();
+        self.mqtt.clear();
         self.dirty.clear();
         self.blocked.clear();
         self.spare.clear();
@@ -187,8 +253,7 @@ impl Conns {
         };
         let bytes = b.inp.capacity() + b.out.capacity() + b.plain.capacity();
         if self.spare.len() < SPARE_BUFS_MAX && bytes <= SPARE_BUF_BYTES_MAX {
-            debug_assert!(b.inp.is_empty() && b.out.is_empty() && b.plain.is_empty());
-            debug_assert!(b.ws.is_idle());
+            debug_assert!(b.is_idle() && b.out.is_empty() && b.plain.is_empty());
             b.out_sent = 0;
             self.spare.push(b);
         }
@@ -263,7 +328,7 @@ impl Shard {
             return;
         }
         let tls = match which {
-            Listener::Plain | Listener::Ws => None,
+            Listener::Plain | Listener::Ws | Listener::Mqtt => None,
             Listener::Tls => match self.tls.as_ref().map(|t| t.accept()) {
                 Some(Ok(tls)) => Some(Box::new(tls)),
                 other => {
@@ -285,9 +350,13 @@ impl Shard {
         let ws = match which {
             Listener::Ws => WsMode::Handshake,
             Listener::Tls => WsMode::Detect,
-            Listener::Plain => WsMode::No,
+            Listener::Plain | Listener::Mqtt => WsMode::No,
         };
-        self.open_conn(conn, tls, ws);
+        let mqtt = match which {
+            Listener::Mqtt => MqttMode::accepted(),
+            _ => MqttMode::default(),
+        };
+        self.open_conn(conn, tls, ws, mqtt);
         self.admission.pending(conn, ip);
         self.stats.pending.set(self.admission.len() as u64);
     }
@@ -345,13 +414,24 @@ impl Shard {
     }
 
     /// Takes `conn` (accepted or attached) into a fresh slot, waiting for
-    /// its LOGIN.
-    pub(super) fn open_conn(&mut self, conn: ConnId, tls: Option<Box<TlsConn>>, ws: WsMode) {
+    /// its LOGIN. An MQTT connection's deliveries wait for its inbox
+    /// subscription (docs/MQTT.md).
+    pub(super) fn open_conn(
+        &mut self,
+        conn: ConnId,
+        tls: Option<Box<TlsConn>>,
+        ws: WsMode,
+        mqtt: MqttMode,
+    ) {
         session::grow_slots(&mut self.conns.slots, conn.index());
         session::grow_slots(&mut self.conns.ws, conn.index());
         self.conns.slots[conn.index()] = Slot { bufs: None, tls };
         self.conns.ws[conn.index()] = ws;
+        self.conns.set_mqtt(conn, mqtt);
         self.event(Event::Opened(conn));
+        if mqtt.is_mqtt() && !mqtt.inbox() {
+            self.event(Event::Deliveries { conn, on: false });
+        }
     }
 
     /// Bytes arrived for `conn`: TLS connections decrypt them first.
@@ -363,6 +443,7 @@ impl Shard {
             .and_then(|s| s.tls.take());
         match tls {
             None if self.conns.is_ws(conn) => self.on_ws_bytes(conn, data),
+            None if self.conns.is_mqtt(conn) => self.on_mqtt_bytes(conn, data),
             None => self.on_bytes(conn, data),
             Some(tls) => self.on_tls_bytes(conn, tls, data),
         }
@@ -640,7 +721,13 @@ impl Shard {
         for conn in std::mem::take(&mut self.conns.blocked) {
             if self.sessions.state(conn) == State::Active {
                 self.io.set_recv(conn, true);
-                self.guarded(conn, |shard| shard.process_buffered(conn));
+                self.guarded(conn, |shard| {
+                    shard.process_buffered(conn);
+                    // MQTT packets held back behind the blocked frames.
+                    if shard.conns.is_mqtt(conn) && !shard.conns.frames_waiting(conn) {
+                        shard.on_mqtt_bytes(conn, &[]);
+                    }
+                });
             }
         }
     }
@@ -657,7 +744,13 @@ impl Shard {
         home: usize,
         leftover: &[u8],
     ) {
-        let leftover = leftover.to_vec();
+        let mqtt = self.conns.mqtt_mode(conn);
+        // An MQTT connection's leftover is the MQTT input after its CONNECT.
+        let leftover = match mqtt {
+            Some(_) => std::mem::take(&mut self.mqtt_rest),
+            None => leftover.to_vec(),
+        };
+        self.conns.set_mqtt(conn, MqttMode::default());
         let mut slot = std::mem::take(&mut self.conns.slots[conn.index()]);
         let ws_mode = std::mem::take(&mut self.conns.ws[conn.index()]);
         // TLS records (session tickets) or WebSocket ones (the upgrade
@@ -687,6 +780,7 @@ impl Shard {
                     tls,
                     ws,
                     ws_rx,
+                    mqtt,
                     out,
                 },
             ),
@@ -705,8 +799,9 @@ impl Shard {
         self.carrying_on = true;
         for i in 0..self.sessions.slots() {
             let conn = ConnId(i as u32);
-            let plaintext =
-                self.conns.slots.get(i).is_some_and(|s| s.tls.is_none()) && !self.conns.is_ws(conn);
+            let plaintext = self.conns.slots.get(i).is_some_and(|s| s.tls.is_none())
+                && !self.conns.is_ws(conn)
+                && !self.conns.is_mqtt(conn);
             if self.sessions.state(conn) == State::Active && plaintext {
                 self.io.set_recv(conn, false);
                 self.carrying.push(conn);
@@ -780,7 +875,7 @@ impl Shard {
                 }
             };
             self.stats.handoffs_in.inc();
-            self.open_conn(id, None, WsMode::No);
+            self.open_conn(id, None, WsMode::No, MqttMode::default());
             if !c.output.is_empty() {
                 self.write_bytes(id, &c.output);
             }
@@ -809,6 +904,10 @@ impl Shard {
         }
         if !self.traced.is_empty() {
             self.trace_out(conn, bytes);
+        }
+        if let Some(mode) = self.conns.mqtt_mode(conn) {
+            self.mqtt_write(conn, mode, bytes);
+            return;
         }
         let wrapped = self.conns.slots[conn.index()].tls.is_some() || self.conns.is_ws(conn);
         let bufs = self.conns.bufs(conn);
@@ -863,6 +962,7 @@ impl Shard {
     pub(super) fn closing(&mut self, conn: ConnId) {
         if let Some(b) = self.conns.slots[conn.index()].bufs.as_mut() {
             b.inp = Vec::new();
+            b.mqtt_in = Vec::new();
         }
         self.conns.mark_dirty(conn);
         self.io.set_recv(conn, true);
@@ -875,6 +975,7 @@ impl Shard {
             *s = Slot::default();
         }
         self.conns.set_ws(conn, WsMode::No);
+        self.conns.set_mqtt(conn, MqttMode::default());
         self.io.close(conn);
     }
 
@@ -979,7 +1080,7 @@ impl Shard {
         if pending == 0 {
             bufs.out.clear();
             bufs.out_sent = 0;
-            idle = bufs.inp.is_empty() && bufs.ws.is_idle();
+            idle = bufs.is_idle();
             if state == State::Closing {
                 shut = true;
                 self.io.shutdown_write(conn);

@@ -44,6 +44,7 @@ mod carry;
 mod conns;
 mod devices;
 mod groups;
+mod mqtt;
 mod operate;
 mod presence;
 mod route;
@@ -201,6 +202,14 @@ pub struct Shard {
     carrying_on: bool,
     scratch: Vec<u8>,
     frame_buf: Vec<u8>,
+    /// MQTT: the input after a CONNECT, while its LOGIN is handled (a
+    /// handoff takes it along).
+    mqtt_rest: Vec<u8>,
+    /// MQTT: scratch for the packets mapped from the session's frames.
+    mqtt_out: Vec<u8>,
+    /// MQTT connections to close once the actions are done (generation
+    /// checked): refusals 3.1.1 cannot say.
+    mqtt_close: Vec<(ConnId, u32)>,
     /// TLS: decrypted input of one read (reused).
     tls_plain: Vec<u8>,
     tls: Option<Arc<TlsContext>>,
@@ -260,6 +269,12 @@ impl Env for View<'_> {
     }
     fn banned(&self, user: u64, now_ms: u64) -> bool {
         self.ops.is_some_and(|ops| ops.banned(user, now_ms))
+    }
+    fn silence_ms_max(&self, conn: ConnId) -> Option<u64> {
+        self.conns.mqtt_mode(conn)?.silence_ms_max()
+    }
+    fn inflight_max(&self, conn: ConnId) -> Option<usize> {
+        self.conns.mqtt_mode(conn)?.inflight_max()
     }
 }
 
@@ -329,6 +344,9 @@ impl Shard {
             carrying_on: false,
             scratch: vec![0; SCRATCH_BYTES],
             frame_buf: Vec::new(),
+            mqtt_rest: Vec::new(),
+            mqtt_out: Vec::new(),
+            mqtt_close: Vec::new(),
             tls_plain: Vec::new(),
             tls,
             conns_max: config.conns_max.div_ceil(shards),
@@ -721,6 +739,9 @@ impl Shard {
         }
         self.actions = actions;
         self.wire = wire;
+        if !self.mqtt_close.is_empty() {
+            self.mqtt_settle();
+        }
     }
 
     /// The group commit, pipelined: once the batch in flight is synced, its
@@ -913,6 +934,7 @@ impl Shard {
             tls,
             ws,
             ws_rx,
+            mqtt,
             out,
         } = msg
         else {
@@ -926,7 +948,7 @@ impl Shard {
                     true => conns::WsMode::Open,
                     false => conns::WsMode::No,
                 };
-                self.open_conn(id, tls, ws_mode);
+                self.open_conn(id, tls, ws_mode, mqtt.unwrap_or_default());
                 if let Some(rx) = ws_rx {
                     self.conns.set_rx(id, *rx);
                 }
@@ -941,7 +963,11 @@ impl Shard {
                         version,
                         resumed: false,
                     });
-                    if !leftover.is_empty() {
+                    if mqtt.is_some() {
+                        if !leftover.is_empty() {
+                            shard.on_mqtt_bytes(id, &leftover);
+                        }
+                    } else if !leftover.is_empty() {
                         shard.on_bytes(id, &leftover);
                     }
                 });

@@ -58,6 +58,9 @@ pub enum Msg {
         /// WebSocket connections with a partial frame: their receive
         /// state (`None` when idle, the usual case: no allocation).
         ws_rx: Option<Box<crate::ws::WsRx>>,
+        /// MQTT connections: their state after the CONNECT (`leftover` is
+        /// then the MQTT input that followed it).
+        mqtt: Option<crate::mqtt::bridge::Mode>,
         /// TLS connections: records not yet sent (e.g. session tickets
         /// that rode with the LOGIN's handshake flight).
         out: Vec<u8>,

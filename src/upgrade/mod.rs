@@ -409,6 +409,7 @@ impl Taker {
                 tls: tls_fds.next().map(TcpListener::from),
                 // Not handed over: the successor binds its own.
                 ws: None,
+                mqtt: None,
             })
             .collect();
         Ok((generation, listeners))

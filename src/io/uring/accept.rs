@@ -88,6 +88,8 @@ impl Io {
                 flags |= flag::FROM_TLS;
             } else if i == Listener::Ws.index() {
                 flags |= flag::FROM_WS;
+            } else if i == Listener::Mqtt.index() {
+                flags |= flag::FROM_MQTT;
             }
             let key = self.new_conn(0, slot, flags, State::Live);
             self.make_home(key);

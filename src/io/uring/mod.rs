@@ -95,7 +95,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::{Completion, ConnId, IoGauges, IoOptions, Listener, Listeners};
+use super::{Completion, ConnId, IoGauges, IoOptions, Listener, Listeners, LISTENERS};
 use ring::{Chain, Cqe, Ring};
 use tag::{Op, Tag};
 
@@ -246,6 +246,8 @@ mod flag {
     /// Kept for a successor process (live upgrade): invisible, in its ring
     /// until `carry_fds`; bytes that still arrive are held.
     pub const KEPT: u32 = 1 << 19;
+    /// Accepted from the MQTT listener (kept for the connection's life).
+    pub const FROM_MQTT: u32 = 1 << 20;
 }
 
 /// One connection. Kept small: an idle connection costs this plus its slab
@@ -289,6 +291,8 @@ impl Conn {
             Listener::Tls
         } else if self.has(flag::FROM_WS) {
             Listener::Ws
+        } else if self.has(flag::FROM_MQTT) {
+            Listener::Mqtt
         } else {
             Listener::Plain
         }
@@ -332,9 +336,9 @@ pub struct Io {
     accept_margin_slots: u32,
     /// The listeners by [`Listener::index`]; `None` when not configured or
     /// after `stop_accepting`.
-    listeners: [Option<TcpListener>; 3],
+    listeners: [Option<TcpListener>; LISTENERS],
     /// Each listener's multishot accept, by [`Listener::index`].
-    accept: [Accept; 3],
+    accept: [Accept; LISTENERS],
     wake: WakeHandle,
     /// The eventfd READ lands here (kept at a stable address while in flight).
     wake_buf: Box<u64>,
@@ -362,7 +366,7 @@ pub struct Io {
     peer_query: bool,
     /// Bytes of the listener's socket address, by [`Listener::index`]: what
     /// getsockopt(SO_PEERNAME) is asked for.
-    peer_lens: [u32; 3],
+    peer_lens: [u32; LISTENERS],
     /// Source addresses of accepted connections, until [`Io::peer_ip`]
     /// takes them (right after Accepted).
     peer_ips: HashMap<u32, std::net::IpAddr>,

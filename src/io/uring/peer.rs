@@ -25,7 +25,7 @@ const SOCKADDR_IN6_BYTES: u32 = 28;
 /// The socket address size of each listener's family, by
 /// [`Listener::index`]: SO_PEERNAME refuses a buffer longer than the
 /// address, so the query asks for exactly this.
-pub(super) fn lens(listeners: &[Option<TcpListener>; 3]) -> [u32; 3] {
+pub(super) fn lens(listeners: &[Option<TcpListener>; LISTENERS]) -> [u32; LISTENERS] {
     listeners
         .each_ref()
         .map(|l| match l.as_ref().and_then(|l| l.local_addr().ok()) {

@@ -106,6 +106,7 @@ fn two_listeners_tag_their_accepts() {
             plain,
             tls: Some(tls),
             ws: None,
+            mqtt: None,
         };
         let mut io = match Io::new(listeners, &options(200, ring_slots_max)) {
             Ok(io) => io,
