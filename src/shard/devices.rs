@@ -79,7 +79,13 @@ impl DeviceWriter {
             self.records.clear();
             return;
         };
-        if let Err(e) = log.append(&self.records) {
+        // A batch of last online times alone (logins and logouts) needs no
+        // fsync of its own: a login storm costs a write per iteration.
+        let sync = self
+            .records
+            .iter()
+            .any(|r| !matches!(r, Record::Seen { .. }));
+        if let Err(e) = log.append(&self.records, sync) {
             panic!("device log write failed: {e}");
         }
         sessions.count_device_records(self.records.len());

@@ -532,6 +532,8 @@ impl Shard {
                 self.devices.flush(&mut self.sessions);
                 self.carry_out();
                 self.close_all();
+                // The last online times of the sessions just closed.
+                self.devices.flush(&mut self.sessions);
                 let now = self.clock.now();
                 self.presence.flush(&mut self.sessions, now, true);
                 return Some(Ok(()));
