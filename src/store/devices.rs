@@ -532,14 +532,25 @@ impl DeviceLog {
                 Ok(())
             }
             Err(e) => {
-                self.file = None;
+                // A partial write (a full disk writes part of it) is cut
+                // away, so the same records can be appended again; if even
+                // that fails, the next append rewrites the file first.
+                if files::truncate(file, &self.path, self.bytes).is_err() {
+                    self.file = None;
+                }
                 Err(e)
             }
         }
     }
 
+    /// Whether the file must be rewritten before the next append (a write
+    /// failed and could not be cut back).
+    pub fn broken(&self) -> bool {
+        self.file.is_none()
+    }
+
     /// Whether the file should be rewritten: it grew past twice its size
-    /// after the last rewrite, or a write failed.
+    /// after the last rewrite, or it is [`broken`](DeviceLog::broken).
     pub fn wants_rewrite(&self) -> bool {
         self.file.is_none() || self.bytes > (2 * self.rewritten).max(REWRITE_BYTES_MIN)
     }
