@@ -428,6 +428,7 @@ impl Sessions {
         trim_vec(&mut self.actions, keep_bytes);
         trim_vec(&mut self.fresh, keep_bytes);
         trim_vec(&mut self.fresh_sent, keep_bytes);
+        trim_vec(&mut self.registry.records, keep_bytes);
         crate::memory::shrink_map(&mut self.copies);
         self.store.trim(keep_bytes);
     }

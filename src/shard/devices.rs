@@ -78,6 +78,12 @@ impl DeviceWriter {
         }
     }
 
+    /// Gives back what a burst grew the record buffers to.
+    pub(super) fn trim(&mut self, keep_bytes: usize) {
+        crate::memory::trim_vec(&mut self.taken, keep_bytes);
+        crate::memory::trim_vec(&mut self.records, keep_bytes);
+    }
+
     /// Writes what the session layer changed since the last call (and
     /// what a full disk kept back before). A full disk (ENOSPC, EDQUOT)
     /// keeps the records for the next call, last online times dropped (a

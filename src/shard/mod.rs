@@ -754,6 +754,7 @@ impl Shard {
         self.conns.trim(REUSED_KEEP_BYTES);
         self.outboxes.trim();
         self.sessions.trim(REUSED_KEEP_BYTES);
+        self.devices.trim(REUSED_KEEP_BYTES);
     }
 
     /// Every `memory_release_ms`: the allocator returns what this shard
