@@ -807,3 +807,41 @@ fn reshard_rerun_refuses_a_layout_changed_by_hand() {
         "{stderr}"
     );
 }
+
+#[test]
+fn registered_devices_and_waiting_receipts_move_with_the_shard_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Users homed on shard 1 of 2: at 3 shards some live elsewhere.
+    let users = users_on(1, 2, 4);
+    let registered = |server: &Server, user: u64| {
+        let text = tern::stats::query(server.stats_socket(), &format!("show user {user}")).unwrap();
+        parse_info(&text)["Devices_registered"].clone()
+    };
+    let server = start_on(dir.path(), &data, 2, |_| {}).unwrap();
+    let addr = server.local_addr();
+    for &user in &users {
+        for device in [1, 2] {
+            let token = device_token(user, device);
+            drop(Client::login_version(addr, &token, tern::proto::VERSION_2).unwrap());
+        }
+    }
+    for &user in &users {
+        assert_eq!(registered(&server, user), "1 2", "user {user}");
+    }
+    stop(server);
+
+    // A start with another count (nothing queued) moves them ...
+    let server = start_on(dir.path(), &data, 3, |_| {}).unwrap();
+    for &user in &users {
+        assert_eq!(registered(&server, user), "1 2", "user {user}");
+    }
+    stop(server);
+    // ... and so does `tern store reshard`.
+    reshard_ok(&data, 1);
+    let server = start_on(dir.path(), &data, 1, |_| {}).unwrap();
+    for &user in &users {
+        assert_eq!(registered(&server, user), "1 2", "user {user}");
+    }
+    stop(server);
+}

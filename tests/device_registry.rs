@@ -9,7 +9,7 @@
 //! - kill -9 of the real binary with several devices, marks and receipts
 //!   waiting for offline devices: after the restart each device gets what
 //!   it had not answered, in order, and each of the sender's devices gets
-//!   every receipt;
+//!   every receipt; the same after a graceful restart;
 //! - `devices_per_user_max` counts registered devices: one more is refused
 //!   while the others are offline, and gets in once one is removed;
 //! - an offline device is removed by DEVICE_REMOVE or by the operator:
@@ -359,4 +359,58 @@ fn marks_and_receipts_survive_kill_9() {
     let queued = || child_metric(dir.path(), "tern_queued");
     assert!(wait_for(|| queued() == 0), "queued: {}", queued());
     nothing_before_pong(&mut b1, 9);
+}
+
+#[test]
+fn the_registry_and_waiting_receipts_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = || tern::server::Server::start(test_config(dir.path())).expect("server starts");
+    let query = |srv: &tern::server::Server, command: &str| {
+        tern::stats::query(srv.stats_socket(), command).unwrap()
+    };
+    let (a, b) = cross_pair();
+    let srv = start();
+    let addr = srv.local_addr();
+    let (mut a1, _) = login_device(addr, a, 1);
+    drop(login_device(addr, a, 2).0);
+    let (mut bc, _) = Client::login(addr, &token(b)).unwrap();
+    bc.send_msg(1, a, b"kept for device 2").unwrap();
+    let sid = recv_ack(&mut bc, 1);
+    drop(bc);
+    assert_eq!(recv_deliver(&mut a1).server_id, sid);
+    a1.send_delivered(sid).unwrap();
+    a1.send_read(sid, b).unwrap();
+    nothing_before_pong(&mut a1, 1);
+    let waiting = || metric_sum(&query(&srv, "show metrics"), "tern_receipts_waiting");
+    assert!(
+        wait_for(|| waiting() == 2),
+        "receipts waiting: {}",
+        waiting()
+    );
+    drop(a1);
+    srv.shutdown();
+    srv.join();
+
+    let srv = start();
+    let addr = srv.local_addr();
+    let shown = parse_info(&query(&srv, &format!("show user {a}")));
+    assert_eq!(shown["Devices_registered"], "1 2", "{shown:?}");
+    assert_eq!(shown["Queued"], "1", "{shown:?}");
+    let (mut a1, info) = login_device(addr, a, 1);
+    assert_eq!(info.offline_count, 0);
+    nothing_before_pong(&mut a1, 2);
+    let (mut a2, info) = login_device(addr, a, 2);
+    assert_eq!(info.offline_count, 1);
+    assert_eq!(delivers_before_pong(&mut a2, 3), [sid]);
+    let (mut bc, _) = Client::login(addr, &token(b)).unwrap();
+    assert_eq!(
+        receipts_before_pong(&mut bc, 4),
+        [
+            (ReceiptKind::Delivered, sid, a),
+            (ReceiptKind::Read, sid, a)
+        ]
+    );
+    drop((a1, a2, bc));
+    srv.shutdown();
+    srv.join();
 }

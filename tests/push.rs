@@ -254,3 +254,31 @@ fn push_keys_are_checked_at_start() {
     let srv = TestServer::start();
     assert!(!srv.info().contains_key("Push_sent"));
 }
+
+#[test]
+fn each_registered_offline_device_is_named_while_another_is_online() {
+    let gateway = Gateway::start();
+    let srv = server(gateway.url(), |_| {});
+    let login = |device| {
+        Client::login_version(srv.addr, &device_token(2, device), tern::proto::VERSION_2)
+            .unwrap()
+            .0
+    };
+    // User 2 registers devices 1, 2 and 3; only device 1 stays online.
+    let mut phone = login(1);
+    for device in [2, 3] {
+        drop(login(device));
+    }
+    let online = || parse_info(&srv.query("show user 2"))["Devices_online"].clone();
+    assert!(wait_for(|| online() == "1"), "{}", online());
+    let mut alice = srv.login(1);
+    let time_ms = send_acked(&mut alice, 1, 2, b"x");
+    let mut named = Vec::new();
+    while named.len() < 2 {
+        named.extend(gateway.next().notices());
+    }
+    named.sort_unstable();
+    assert_eq!(named, [(2, 2, 1, time_ms), (2, 3, 1, time_ms)]);
+    // The online device has its message at once.
+    assert_eq!(recv_deliver(&mut phone).body, b"x");
+}

@@ -173,9 +173,8 @@ pub struct Sessions {
     /// user, recipient and body, sent to those devices as SENT with the
     /// ACK (`deliver.rs`, `keep_copy`).
     copies: foldhash::HashMap<CopyKey, SentCopy>,
-    /// Scratch of `pump`: the server ids one pump sent to a device of a
-    /// user with several online (they become owed by all of them).
-    sent_ids: Vec<u64>,
+    /// Scratch of the registry: the server ids a device's removal lets go.
+    done_ids: Vec<u64>,
     /// Scratch of `on_committed`: bytes written per connection by this
     /// commit's answers; kept between commits so it does not allocate.
     written: foldhash::HashMap<ConnId, usize>,
@@ -245,7 +244,7 @@ impl Sessions {
             fresh: Vec::new(),
             fresh_sent: Vec::new(),
             copies: foldhash::HashMap::default(),
-            sent_ids: Vec::new(),
+            done_ids: Vec::new(),
             written: foldhash::HashMap::default(),
             sealed: None,
             next_gen: 1,
@@ -455,6 +454,7 @@ impl Sessions {
         trim_vec(&mut self.actions, keep_bytes);
         trim_vec(&mut self.fresh, keep_bytes);
         trim_vec(&mut self.fresh_sent, keep_bytes);
+        trim_vec(&mut self.registry.records, keep_bytes);
         crate::memory::shrink_map(&mut self.copies);
         self.store.trim(keep_bytes);
     }

@@ -291,7 +291,7 @@ impl Sessions {
                 r.receipts.insert(user, kept);
             }
         }
-        let mut done = std::mem::take(&mut self.sent_ids);
+        let mut done = std::mem::take(&mut self.done_ids);
         done.clear();
         if left == 0 {
             // Nobody left to deliver to: what waited was for it alone.
@@ -321,7 +321,7 @@ impl Sessions {
             }
         }
         done.clear();
-        self.sent_ids = done;
+        self.done_ids = done;
         Some(gone.lane)
     }
 

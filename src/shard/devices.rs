@@ -8,14 +8,20 @@
 use crate::config::Config;
 use crate::session::Sessions;
 use crate::store::devices::{DeviceLog, Record};
-use crate::store::{shard_dir, Durability};
+use crate::store::{fault, shard_dir, Durability};
 
 /// The shard's device log.
 pub(super) struct DeviceWriter {
     /// `None` with durability memory (the registry lives in memory, kept
     /// across a shard restart with the in-memory store).
     log: Option<DeviceLog>,
+    /// Records not yet written (kept back by a full disk).
     records: Vec<Record>,
+    /// Scratch: the session layer's new records.
+    taken: Vec<Record>,
+    /// The last write found the disk full.
+    full: bool,
+    id: usize,
 }
 
 impl DeviceWriter {
@@ -46,6 +52,9 @@ impl DeviceWriter {
         DeviceWriter {
             log,
             records: Vec::new(),
+            taken: Vec::new(),
+            full: false,
+            id,
         }
     }
 
@@ -62,16 +71,28 @@ impl DeviceWriter {
             Ok((log, state)) => {
                 sessions.restore_devices(state);
                 self.log = Some(log);
+                // What the crash kept back is as lost as the staged batch.
+                self.records.clear();
             }
             Err(e) => panic!("device log in {} not reopened: {e}", dir.display()),
         }
     }
 
-    /// Writes what the session layer changed since the last call. A write
-    /// that fails leaves the file in an unknown state: the shard crashes
+    /// Gives back what a burst grew the record buffers to.
+    pub(super) fn trim(&mut self, keep_bytes: usize) {
+        crate::memory::trim_vec(&mut self.taken, keep_bytes);
+        crate::memory::trim_vec(&mut self.records, keep_bytes);
+    }
+
+    /// Writes what the session layer changed since the last call (and
+    /// what a full disk kept back before). A full disk (ENOSPC, EDQUOT)
+    /// keeps the records for the next call, last online times dropped (a
+    /// hint, and the only kind a quiet shard keeps making); any other
+    /// write error leaves the file in an unknown state: the shard crashes
     /// and replays, as for a failed message log write.
     pub(super) fn flush(&mut self, sessions: &mut Sessions) {
-        sessions.take_device_records(&mut self.records);
+        sessions.take_device_records(&mut self.taken);
+        self.records.append(&mut self.taken);
         if self.records.is_empty() {
             return;
         }
@@ -79,21 +100,51 @@ impl DeviceWriter {
             self.records.clear();
             return;
         };
-        if let Err(e) = log.append(&self.records) {
-            panic!("device log write failed: {e}");
+        let store = sessions.store();
+        let queued = |user: u64, id: u64| {
+            store
+                .next_after(user, id.saturating_sub(1))
+                .is_some_and(|m| m.server_id == id)
+        };
+        // A batch of last online times alone (logins and logouts) needs no
+        // fsync of its own: a login storm costs a write per iteration.
+        let sync = self
+            .records
+            .iter()
+            .any(|r| !matches!(r, Record::Seen { .. }));
+        let written = if log.broken() {
+            log.compact(queued)
+        } else {
+            Ok(())
         }
-        sessions.count_device_records(self.records.len());
-        self.records.clear();
-        if log.wants_rewrite() {
-            let store = sessions.store();
-            let queued = |user: u64, id: u64| {
-                store
-                    .next_after(user, id.saturating_sub(1))
-                    .is_some_and(|m| m.server_id == id)
-            };
-            if let Err(e) = log.compact(queued) {
-                panic!("device log rewrite failed: {e}");
+        .and_then(|()| log.append(&self.records, sync))
+        .and_then(|()| {
+            if log.wants_rewrite() {
+                log.compact(queued)
+            } else {
+                Ok(())
             }
+        });
+        match written {
+            Ok(()) => {
+                let n = self.records.len();
+                self.records.clear();
+                sessions.count_device_records(n);
+            }
+            Err(e) if fault::is_no_space(&e) => {
+                if !self.full {
+                    log::warn!(
+                        "shard {}: device log write found the disk full; retried each \
+                         iteration: {e}",
+                        self.id
+                    );
+                }
+                self.full = true;
+                self.records.retain(|r| !matches!(r, Record::Seen { .. }));
+                return;
+            }
+            Err(e) => panic!("device log write failed: {e}"),
         }
+        self.full = false;
     }
 }

@@ -590,6 +590,8 @@ impl Shard {
                 self.devices.flush(&mut self.sessions);
                 self.carry_out();
                 self.close_all();
+                // The last online times of the sessions just closed.
+                self.devices.flush(&mut self.sessions);
                 let now = self.clock.now();
                 self.presence.flush(&mut self.sessions, now, true);
                 return Some(Ok(()));
@@ -816,6 +818,7 @@ impl Shard {
         self.conns.trim(REUSED_KEEP_BYTES);
         self.outboxes.trim();
         self.sessions.trim(REUSED_KEEP_BYTES);
+        self.devices.trim(REUSED_KEEP_BYTES);
     }
 
     /// Every `memory_release_ms`: the allocator returns what this shard

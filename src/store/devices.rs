@@ -507,8 +507,11 @@ impl DeviceLog {
         log.rewrite(state)
     }
 
-    /// Appends `records` (and makes them durable as configured).
-    pub fn append(&mut self, records: &[Record]) -> io::Result<()> {
+    /// Appends `records`, and makes them durable as configured unless
+    /// `sync` is false (last online times only: they ride the next sync,
+    /// and a power loss before it makes a device look idle since its
+    /// previous one).
+    pub fn append(&mut self, records: &[Record], sync: bool) -> io::Result<()> {
         self.buf.clear();
         for r in records {
             r.encode(&mut self.buf);
@@ -517,7 +520,7 @@ impl DeviceLog {
             return Err(io::Error::other("device log needs a rewrite"));
         };
         let written = files::write(file, &self.path, &self.buf).and_then(|()| {
-            if self.fsync {
+            if self.fsync && sync {
                 files::sync(file, &self.path, true)
             } else {
                 Ok(())
@@ -529,14 +532,25 @@ impl DeviceLog {
                 Ok(())
             }
             Err(e) => {
-                self.file = None;
+                // A partial write (a full disk writes part of it) is cut
+                // away, so the same records can be appended again; if even
+                // that fails, the next append rewrites the file first.
+                if files::truncate(file, &self.path, self.bytes).is_err() {
+                    self.file = None;
+                }
                 Err(e)
             }
         }
     }
 
+    /// Whether the file must be rewritten before the next append (a write
+    /// failed and could not be cut back).
+    pub fn broken(&self) -> bool {
+        self.file.is_none()
+    }
+
     /// Whether the file should be rewritten: it grew past twice its size
-    /// after the last rewrite, or a write failed.
+    /// after the last rewrite, or it is [`broken`](DeviceLog::broken).
     pub fn wants_rewrite(&self) -> bool {
         self.file.is_none() || self.bytes > (2 * self.rewritten).max(REWRITE_BYTES_MIN)
     }
@@ -691,12 +705,15 @@ mod tests {
         let (mut log, state) = DeviceLog::open(dir.path(), false).unwrap();
         assert_eq!(state, State::default());
         let records = all_kinds();
-        log.append(&records[..4]).unwrap();
-        log.append(&[Record::Delivered {
-            user: 5,
-            server_id: 7,
-            lane: 3,
-        }])
+        log.append(&records[..4], true).unwrap();
+        log.append(
+            &[Record::Delivered {
+                user: 5,
+                server_id: 7,
+                lane: 3,
+            }],
+            false,
+        )
         .unwrap();
         drop(log);
         let path = dir.path().join(FILE_NAME);
