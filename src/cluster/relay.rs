@@ -171,7 +171,7 @@ impl Relay {
                     from,
                     time_ms,
                     client_id: origin.map_or(0, |o| o.client_id),
-                    body,
+                    body: body.to_vec().into_boxed_slice(),
                 };
                 let mut headers = async_nats::HeaderMap::new();
                 if let Some(o) = origin {
@@ -314,7 +314,7 @@ impl Relay {
                             device: 0,
                             client_id,
                         }),
-                        body,
+                        body: body.into(),
                     };
                     self.pending.insert(sequence, (partition, acker));
                     self.stats.pending_acks.set(self.pending.len() as u64);

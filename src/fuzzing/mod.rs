@@ -380,7 +380,7 @@ pub fn recovery(data: &[u8]) {
             from: 2,
             time_ms: 3,
             origin: None,
-            body: Box::new(*b"fuzz"),
+            body: std::sync::Arc::from(&b"fuzz"[..]),
         };
         if store.push(1, msg.clone()).is_ok() {
             expected.push((1, msg));

@@ -646,19 +646,21 @@ impl Sessions {
     }
 
     /// Queues a copy of `e` for each of `members` (homed here), under one
-    /// new server id of this shard; sent once the commit holds them.
+    /// new server id of this shard, all sharing one body in memory; sent
+    /// once the commit holds them.
     fn fan_in(&mut self, e: &Envelope<'_>, time_ms: u64, members: &[u64]) {
         let server_id = (self.next_seq << 10) | self.id as u64;
         self.next_seq += 1;
         let mut bytes = Vec::with_capacity(e.encoded_len());
         e.encode(&mut bytes);
+        let body: Arc<[u8]> = bytes.into();
         for &user in members {
             let copy = Stored {
                 server_id,
                 from: GROUP_SENDER,
                 time_ms,
                 origin: None,
-                body: bytes.as_slice().into(),
+                body: body.clone(),
             };
             match self.store.push(user, copy) {
                 Ok(()) => self.fresh.push(user),

@@ -78,8 +78,8 @@ pub enum Msg {
         origin: Option<Origin>,
         /// Recipient's user id.
         to: u64,
-        /// Message body.
-        body: Box<[u8]>,
+        /// Message body (shared, as the store keeps it).
+        body: Arc<[u8]>,
         /// When the SEND was decoded ([`Now::mono_ns`](crate::session::Now)), for
         /// the latency histograms.
         sent_ns: u64,

@@ -80,7 +80,7 @@ pub struct Stored {
     /// `None` for a v1 sender.
     pub origin: Option<Origin>,
     /// The opaque message body.
-    pub body: Box<[u8]>,
+    pub body: std::sync::Arc<[u8]>,
 }
 
 /// Why [`Store::push`] refused a message; each variant hands the message
@@ -362,7 +362,7 @@ mod tests {
             from: 9,
             time_ms: 0,
             origin: None,
-            body: Box::new([id as u8]),
+            body: std::sync::Arc::from(&[id as u8][..]),
         }
     }
 
