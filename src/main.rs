@@ -101,10 +101,10 @@ struct ServeArgs {
     #[arg(long)]
     print_config: bool,
     /// After start-up, run two built-in clients through a message exchange
-    /// and print the ticks, to show the server working. It keeps serving.
-    /// With --demo, and also a WebSocket listener (`--ws-listen`, default
-    /// 127.0.0.1:5280 in demo mode): serve the web chat page at this address,
-    /// with a DEMO-ONLY endpoint that mints tokens for users 1001-1004.
+    /// and print the ticks, to show the server working. It keeps serving,
+    /// and serves the web chat page at --demo-http (with a WebSocket
+    /// listener, 127.0.0.1:5280 unless --ws-listen is given, and a
+    /// DEMO-ONLY endpoint that mints tokens for users 1001-1004).
     #[arg(long)]
     demo: bool,
     /// Where --demo serves the web chat page (port 0 picks a free port).

@@ -179,7 +179,12 @@ fn two_browser_pages_chat_with_ticks_and_reconnect() {
     }
     let demo = start_demo();
     let out = Command::new("node")
-        .args(["--test", "--test-reporter=spec", "test/"])
+        .args([
+            "--test",
+            "--test-reporter=spec",
+            "--test-timeout=90000",
+            "test/",
+        ])
         .current_dir(&web)
         .env("TERN_DEMO_URL", format!("http://{}/", demo.page))
         .env("CHROMIUM", chromium())

@@ -82,7 +82,7 @@ export function token(secret, user, device = 0) {
  * ACK is lost); `refuse(true)` closes new connections at once.
  */
 export async function startProxy(target) {
-  const { hostname, port } = new URL(target);
+  const { protocol, hostname, port } = new URL(target);
   const pairs = new Set();
   let dropDown = false;
   let refusing = false;
@@ -112,7 +112,8 @@ export async function startProxy(target) {
   });
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   return {
-    url: `ws://127.0.0.1:${server.address().port}/`,
+    // The same scheme: a wss target gets TLS through the proxy, end to end.
+    url: `${protocol}//127.0.0.1:${server.address().port}/`,
     /** Connections accepted so far. */
     get connections() {
       return connections;

@@ -7,10 +7,18 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 
 import { Client } from "../dist/index.js";
-import { recorder, startProxy, startServer, token, until } from "./helpers.mjs";
+import { recorder, startProxy as newProxy, startServer, token, until } from "./helpers.mjs";
 
 let server;
 const clients = [];
+const proxies = [];
+
+/** A proxy in front of the server, closed after the tests even if one fails. */
+async function startProxy(target) {
+  const proxy = await newProxy(target);
+  proxies.push(proxy);
+  return proxy;
+}
 
 before(async () => {
   server = await startServer();
@@ -18,6 +26,7 @@ before(async () => {
 
 after(async () => {
   for (const c of clients) c.stop();
+  for (const p of proxies) await p.close();
   await server.stop();
 });
 
