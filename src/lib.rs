@@ -41,6 +41,7 @@ pub mod sim;
 pub mod stats;
 pub mod store;
 pub mod supervisor;
+pub mod ticket;
 pub mod timer;
 pub mod tls;
 pub mod token;

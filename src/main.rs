@@ -475,7 +475,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             // The configuration is valid: take the listeners, wait for the
             // data directory, then start on them.
             let began = Instant::now();
-            let (generation, listeners) = taker.hello()?;
+            let (generation, listeners, tickets) = taker.hello()?;
             taker.released()?;
             // SAFETY: getppid has no preconditions.
             let parent = unsafe { libc::getppid() };
@@ -492,6 +492,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let handover = Handover {
                 listeners: Some(listeners),
                 info: Arc::new(info),
+                tickets,
             };
             (handover, Some((taker, parent, began)))
         }
@@ -553,13 +554,15 @@ fn serve(args: ServeArgs) -> Result<()> {
                     log::error!("upgrade to {} failed: {why}", binary.display());
                     server = match kept {
                         Kept::Serving(server) => *server,
-                        Kept::Listeners(listeners) => {
+                        Kept::Listeners(listeners, tickets) => {
                             log::error!("upgrade: starting again on the same listeners");
                             // Carried connections that did not go were
                             // closed: their clients reconnect.
                             let handover = Handover {
                                 listeners: Some(listeners),
                                 info: info.clone(),
+                                // Tickets this process gave out resume.
+                                tickets,
                             };
                             let server = Server::start_with(rollback_config.clone(), handover)?;
                             let closer = handle.clone();
@@ -602,7 +605,8 @@ enum Kept {
     Serving(Box<Server>),
     /// It stopped (and released the data directory) before the successor
     /// failed: the listening sockets to start again on.
-    Listeners(Vec<tern::io::Listeners>),
+    /// The TLS ticket keys go with them, so its tickets still resume.
+    Listeners(Vec<tern::io::Listeners>, Option<tern::ticket::TicketKeys>),
 }
 
 /// Runs a live upgrade (see [`tern::upgrade`]): the successor's pid once it
@@ -639,7 +643,8 @@ fn hand_over(
         Ok(successor) => successor,
         Err(why) => return Err(Box::new((Kept::Serving(Box::new(server)), why))),
     };
-    if let Err(why) = successor.send_listeners(info.generation, &listeners) {
+    let tickets = server.ticket_keys();
+    if let Err(why) = successor.send_listeners(info.generation, &listeners, tickets) {
         let why = successor.abandon(why);
         return Err(Box::new((Kept::Serving(Box::new(server)), why)));
     }
@@ -653,7 +658,7 @@ fn hand_over(
         released.carry.abort();
         released.join();
         let why = successor.abandon(why);
-        return Err(Box::new((Kept::Listeners(listeners), why)));
+        return Err(Box::new((Kept::Listeners(listeners, tickets), why)));
     }
     // The successor opens the data directory and serves while the kept
     // connections go, a batch at a time.
@@ -681,7 +686,7 @@ fn hand_over(
         released.carry.abort();
         released.join();
         let why = successor.abandon(why);
-        return Err(Box::new((Kept::Listeners(listeners), why)));
+        return Err(Box::new((Kept::Listeners(listeners, tickets), why)));
     }
     released.join();
     log::info!("upgrade: {count} connections carried");
@@ -693,7 +698,7 @@ fn hand_over(
             );
             Ok(pid)
         }
-        Err(why) => Err(Box::new((Kept::Listeners(listeners), why))),
+        Err(why) => Err(Box::new((Kept::Listeners(listeners, tickets), why))),
     }
 }
 

@@ -14,7 +14,8 @@
 //!   configuration: the old process never stops serving, its connections
 //!   stay open and chat on, and it says why;
 //! - TLS clients get BYE(upgrade), and the successor serves TLS on the
-//!   handed-over port;
+//!   handed-over port and resumes their sessions (the ticket keys were
+//!   handed over);
 //! - a successor that fails after the old one released the data directory
 //!   (its metrics port is taken): the old process starts again on the same
 //!   listeners, and what was queued is still there (the carried
@@ -480,7 +481,7 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
 /// TLS sessions cannot move: they get BYE(upgrade) over TLS and the end of
 /// the stream, and the successor serves TLS on the same (handed-over) port.
 #[test]
-fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
+fn tls_clients_get_bye_upgrade_and_resume_on_the_same_port() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
     let (cert, key) = self_signed(dir.path());
@@ -528,10 +529,20 @@ fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
         )),
         "{frames:?}"
     );
-    // The successor took the TLS listener: the same port, a new handshake.
+    assert_eq!(
+        alice.tls_handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    // The successor took the TLS listener: the same port; and the ticket
+    // keys, so the client resumes with the old process's ticket.
     let mut alice = Client::login_tls(tls_addr, "localhost", &config, &token(a))
         .unwrap()
         .0;
+    assert_eq!(
+        alice.tls_handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the ticket from the old process did not resume"
+    );
     let mut bob = Client::login(old.addr, &token(b)).unwrap().0;
     alice.send_msg(1, b, b"over tls").unwrap();
     recv_ack(&mut alice, 1);
