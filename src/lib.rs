@@ -28,6 +28,7 @@ pub mod fuzzing;
 pub mod io;
 pub mod limit;
 pub mod memory;
+pub mod notify;
 pub mod ops;
 pub mod privacy;
 pub mod proto;

@@ -528,10 +528,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         log::info!("upgrade: {last}");
         info.end(last);
+        // systemd (Type=notify, NotifyAccess=all) follows the service to
+        // this process before the old one exits.
+        ready(&format!("MAINPID={}\nREADY=1", std::process::id()));
         if let Err(why) = taker.serving() {
             log::error!("upgrade: {why}");
         }
         log::info!("upgrade: generation {generation} serving");
+    } else {
+        ready("READY=1");
     }
     // A shard that gives up past its restart intensity ends the wait below.
     let handle = signals.handle();
@@ -567,6 +572,9 @@ fn serve(args: ServeArgs) -> Result<()> {
                             let server = Server::start_with(rollback_config.clone(), handover)?;
                             let closer = handle.clone();
                             server.on_fatal(move || closer.close());
+                            // The main process again, should the successor
+                            // have said otherwise before it failed.
+                            ready(&format!("MAINPID={}\nREADY=1", std::process::id()));
                             server
                         }
                     };
@@ -586,6 +594,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             continue;
         }
         log::info!("signal {signal}: shutting down");
+        ready("STOPPING=1");
         break;
     }
     server.shutdown();
@@ -597,6 +606,14 @@ fn serve(args: ServeArgs) -> Result<()> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Tells the service manager `state` (`tern::notify`); a failure is only
+/// logged (the server serves either way).
+fn ready(state: &str) {
+    if let Err(e) = tern::notify::notify(state) {
+        log::warn!("sd_notify {state:?}: {e}");
+    }
 }
 
 /// What the old process has left after a failed upgrade.
@@ -618,12 +635,15 @@ fn hand_over(
     info: &UpgradeInfo,
 ) -> std::result::Result<u32, Box<(Kept, String)>> {
     let began = Instant::now();
-    // systemd sets INVOCATION_ID in a unit's processes. Under the shipped
-    // Type=simple unit the old process's exit would end the service and
-    // systemd would stop the successor with it: refuse rather than go down.
-    if std::env::var_os("INVOCATION_ID").is_some() {
+    // systemd sets INVOCATION_ID in a unit's processes. Under a unit that
+    // does not listen for readiness (Type=simple, no NOTIFY_SOCKET) the old
+    // process's exit would end the service and systemd would stop the
+    // successor with it: refuse rather than go down. Under Type=notify the
+    // successor tells systemd its pid first (`tern::notify`).
+    if std::env::var_os("INVOCATION_ID").is_some() && !tern::notify::listening() {
         let why = "refused under systemd: the unit would stop the successor when this process \
-                   exits (Type=simple); use `systemctl restart tern`"
+                   exits (Type=simple); use the shipped Type=notify unit with \
+                   NotifyAccess=all, or `systemctl restart tern`"
             .to_string();
         return Err(Box::new((Kept::Serving(Box::new(server)), why)));
     }

@@ -961,3 +961,40 @@ fn an_upgrade_during_a_reconnect_storm_loses_nothing() {
         }
     }
 }
+
+/// Under a `Type=notify` unit (`NOTIFY_SOCKET` set, as systemd does) the
+/// upgrade runs: the first process says READY=1, its successor says its
+/// own pid (MAINPID=) with READY=1 before the old one exits, so systemd
+/// follows the service to it. The real unit is tested under systemd by
+/// tuning/linux/systemd-test.sh.
+#[test]
+fn under_a_notify_unit_the_successor_tells_its_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let io = io_flag();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2", "--io", &io]);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(&sock)
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .env("NOTIFY_SOCKET", &notify_path);
+    let old = TernChild::expect_start(cmd);
+    let _reaper = Reaper(sock.clone());
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    chat_survives(old.addr, || {
+        let (ok, text) = upgrade(&sock, None);
+        assert!(ok, "{text}\n{}", old.log_text());
+    });
+    let now = info(&sock);
+    assert_ne!(now["Pid"], old.pid().to_string());
+    assert_eq!(next(), format!("MAINPID={}\nREADY=1", now["Pid"]));
+}
