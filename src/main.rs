@@ -500,7 +500,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             // The configuration is valid: take the listeners, wait for the
             // data directory, then start on them.
             let began = Instant::now();
-            let (generation, listeners) = taker.hello()?;
+            let (generation, listeners, tickets) = taker.hello()?;
             taker.released()?;
             // SAFETY: getppid has no preconditions.
             let parent = unsafe { libc::getppid() };
@@ -517,6 +517,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let handover = Handover {
                 listeners: Some(listeners),
                 info: Arc::new(info),
+                tickets,
             };
             (handover, Some((taker, parent, began)))
         }
@@ -552,10 +553,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         log::info!("upgrade: {last}");
         info.end(last);
+        // systemd (Type=notify, NotifyAccess=all) follows the service to
+        // this process before the old one exits.
+        ready(&format!("MAINPID={}\nREADY=1", std::process::id()));
         if let Err(why) = taker.serving() {
             log::error!("upgrade: {why}");
         }
         log::info!("upgrade: generation {generation} serving");
+    } else {
+        ready("READY=1");
     }
     // A shard that gives up past its restart intensity ends the wait below.
     let handle = signals.handle();
@@ -582,17 +588,22 @@ fn serve(args: ServeArgs) -> Result<()> {
                     log::error!("upgrade to {} failed: {why}", binary.display());
                     server = match kept {
                         Kept::Serving(server) => *server,
-                        Kept::Listeners(listeners) => {
+                        Kept::Listeners(listeners, tickets) => {
                             log::error!("upgrade: starting again on the same listeners");
                             // Carried connections that did not go were
                             // closed: their clients reconnect.
                             let handover = Handover {
                                 listeners: Some(listeners),
                                 info: info.clone(),
+                                // Tickets this process gave out resume.
+                                tickets,
                             };
                             let server = Server::start_with(rollback_config.clone(), handover)?;
                             let closer = handle.clone();
                             server.on_fatal(move || closer.close());
+                            // The main process again, should the successor
+                            // have said otherwise before it failed.
+                            ready(&format!("MAINPID={}\nREADY=1", std::process::id()));
                             server
                         }
                     };
@@ -612,6 +623,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             continue;
         }
         log::info!("signal {signal}: shutting down");
+        ready("STOPPING=1");
         break;
     }
     server.shutdown();
@@ -625,13 +637,22 @@ fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Tells the service manager `state` (`tern::notify`); a failure is only
+/// logged (the server serves either way).
+fn ready(state: &str) {
+    if let Err(e) = tern::notify::notify(state) {
+        log::warn!("sd_notify {state:?}: {e}");
+    }
+}
+
 /// What the old process has left after a failed upgrade.
 enum Kept {
     /// It never stopped serving.
     Serving(Box<Server>),
     /// It stopped (and released the data directory) before the successor
     /// failed: the listening sockets to start again on.
-    Listeners(Vec<tern::io::Listeners>),
+    /// The TLS ticket keys go with them, so its tickets still resume.
+    Listeners(Vec<tern::io::Listeners>, Option<tern::ticket::TicketKeys>),
 }
 
 /// Runs a live upgrade (see [`tern::upgrade`]): the successor's pid once it
@@ -643,12 +664,15 @@ fn hand_over(
     info: &UpgradeInfo,
 ) -> std::result::Result<u32, Box<(Kept, String)>> {
     let began = Instant::now();
-    // systemd sets INVOCATION_ID in a unit's processes. Under the shipped
-    // Type=simple unit the old process's exit would end the service and
-    // systemd would stop the successor with it: refuse rather than go down.
-    if std::env::var_os("INVOCATION_ID").is_some() {
+    // systemd sets INVOCATION_ID in a unit's processes. Under a unit that
+    // does not listen for readiness (Type=simple, no NOTIFY_SOCKET) the old
+    // process's exit would end the service and systemd would stop the
+    // successor with it: refuse rather than go down. Under Type=notify the
+    // successor tells systemd its pid first (`tern::notify`).
+    if std::env::var_os("INVOCATION_ID").is_some() && !tern::notify::listening() {
         let why = "refused under systemd: the unit would stop the successor when this process \
-                   exits (Type=simple); use `systemctl restart tern`"
+                   exits (Type=simple); use the shipped Type=notify unit with \
+                   NotifyAccess=all, or `systemctl restart tern`"
             .to_string();
         return Err(Box::new((Kept::Serving(Box::new(server)), why)));
     }
@@ -668,7 +692,8 @@ fn hand_over(
         Ok(successor) => successor,
         Err(why) => return Err(Box::new((Kept::Serving(Box::new(server)), why))),
     };
-    if let Err(why) = successor.send_listeners(info.generation, &listeners) {
+    let tickets = server.ticket_keys();
+    if let Err(why) = successor.send_listeners(info.generation, &listeners, tickets) {
         let why = successor.abandon(why);
         return Err(Box::new((Kept::Serving(Box::new(server)), why)));
     }
@@ -682,7 +707,7 @@ fn hand_over(
         released.carry.abort();
         released.join();
         let why = successor.abandon(why);
-        return Err(Box::new((Kept::Listeners(listeners), why)));
+        return Err(Box::new((Kept::Listeners(listeners, tickets), why)));
     }
     // The successor opens the data directory and serves while the kept
     // connections go, a batch at a time.
@@ -710,7 +735,7 @@ fn hand_over(
         released.carry.abort();
         released.join();
         let why = successor.abandon(why);
-        return Err(Box::new((Kept::Listeners(listeners), why)));
+        return Err(Box::new((Kept::Listeners(listeners, tickets), why)));
     }
     released.join();
     log::info!("upgrade: {count} connections carried");
@@ -722,7 +747,7 @@ fn hand_over(
             );
             Ok(pid)
         }
-        Err(why) => Err(Box::new((Kept::Listeners(listeners), why))),
+        Err(why) => Err(Box::new((Kept::Listeners(listeners, tickets), why))),
     }
 }
 

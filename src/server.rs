@@ -44,6 +44,9 @@ pub struct Handover {
     pub listeners: Option<Vec<Listeners>>,
     /// The process's generation and upgrade state (shown by `show info`).
     pub info: Arc<UpgradeInfo>,
+    /// The predecessor's TLS session ticket keys, so its tickets resume
+    /// here; `None` makes fresh ones.
+    pub tickets: Option<crate::ticket::TicketKeys>,
 }
 
 /// What a shard waits for once every shard has reported: its ends of the
@@ -146,9 +149,10 @@ impl Server {
         // TLS: the certificate is read before anything listens, so a bad
         // file fails the start with an error naming it.
         let tls = match config.tls_listen {
-            Some(_) => Some(Arc::new(TlsContext::load(
+            Some(_) => Some(Arc::new(TlsContext::load_with_keys(
                 &config.tls_cert,
                 &config.tls_key,
+                handover.tickets,
             )?)),
             None => None,
         };
@@ -473,6 +477,11 @@ impl Server {
             Some(tls) => tls.reload(),
             None => Err("TLS is not configured (no tls_listen)".to_string()),
         }
+    }
+
+    /// The TLS session ticket keys now (for a successor), with TLS.
+    pub fn ticket_keys(&self) -> Option<crate::ticket::TicketKeys> {
+        self.tls.as_ref().map(|t| t.ticket_keys())
     }
 
     /// The health flags behind `GET /healthz` and `GET /readyz`:

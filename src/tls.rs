@@ -20,7 +20,8 @@
 //!
 //! **Resumption.** One ticketer per process, kept across reloads: TLS 1.3
 //! tickets stay valid when the certificate changes, so a reconnect storm
-//! after a reload still resumes.
+//! after a reload still resumes. Its keys are ours ([`crate::ticket`]) and
+//! pass to the successor of a live upgrade, so tickets survive that too.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ProducesTickets, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
 use rustls::ServerConfig;
+
+use crate::ticket::{TicketKeys, Ticketer};
 
 /// Plaintext bytes in one TLS record at most (RFC 8446 §5.1).
 const RECORD_PLAIN_BYTES_MAX: usize = 16 * 1024;
@@ -51,7 +54,7 @@ pub struct TlsContext {
     cert_path: PathBuf,
     key_path: PathBuf,
     /// Kept across reloads so tickets issued before one still resume.
-    ticketer: Arc<dyn ProducesTickets>,
+    ticketer: Arc<Ticketer>,
     /// Read once per new TLS connection; replaced whole by `reload`.
     config: RwLock<Arc<ServerConfig>>,
     /// Successful reloads since start.
@@ -70,9 +73,23 @@ impl fmt::Debug for TlsContext {
 
 impl TlsContext {
     /// Reads the certificate chain and key; errors name the file at fault.
+    /// Session tickets use fresh keys.
     pub fn load(cert_path: &Path, key_path: &Path) -> Result<TlsContext, String> {
-        let ticketer = rustls::crypto::ring::Ticketer::new()
-            .map_err(|e| format!("TLS session ticketer: {e}"))?;
+        TlsContext::load_with_keys(cert_path, key_path, None)
+    }
+
+    /// [`TlsContext::load`] with the ticket keys of a predecessor (live
+    /// upgrade), so its tickets resume here; `None` makes fresh ones.
+    pub fn load_with_keys(
+        cert_path: &Path,
+        key_path: &Path,
+        keys: Option<TicketKeys>,
+    ) -> Result<TlsContext, String> {
+        let keys = match keys {
+            Some(keys) => keys,
+            None => TicketKeys::generate()?,
+        };
+        let ticketer = Arc::new(Ticketer::new(keys));
         let config = build_config(cert_path, key_path, &ticketer)?;
         Ok(TlsContext {
             cert_path: cert_path.to_path_buf(),
@@ -93,6 +110,11 @@ impl TlsContext {
             "TLS certificate reloaded from {} (reload {n})",
             self.cert_path.display()
         ))
+    }
+
+    /// The session ticket keys now, for a successor.
+    pub fn ticket_keys(&self) -> TicketKeys {
+        self.ticketer.keys()
     }
 
     /// The configuration new connections start with.
@@ -118,7 +140,7 @@ impl TlsContext {
 fn build_config(
     cert_path: &Path,
     key_path: &Path,
-    ticketer: &Arc<dyn ProducesTickets>,
+    ticketer: &Arc<Ticketer>,
 ) -> Result<ServerConfig, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .map_err(|e| format!("tls_cert {}: {e}", cert_path.display()))?
@@ -146,7 +168,7 @@ fn build_config(
                 key_path.display()
             )
         })?;
-    config.ticketer = ticketer.clone();
+    config.ticketer = ticketer.clone() as Arc<dyn ProducesTickets>;
     config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
     Ok(config)
 }

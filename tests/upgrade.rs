@@ -14,11 +14,15 @@
 //!   configuration: the old process never stops serving, its connections
 //!   stay open and chat on, and it says why;
 //! - TLS clients get BYE(upgrade), and the successor serves TLS on the
-//!   handed-over port;
+//!   handed-over port and resumes their sessions (the ticket keys were
+//!   handed over);
 //! - a successor that fails after the old one released the data directory
 //!   (its metrics port is taken): the old process starts again on the same
 //!   listeners, and what was queued is still there (the carried
 //!   connections died with the successor: their clients reconnect);
+//! - an upgrade during a reconnect storm (clients connecting, logging in,
+//!   sending and resetting over and over): no connect refused, every
+//!   ACKed message delivered once and in order;
 //! - a second upgrade while one runs is refused, and so is one under
 //!   systemd (the shipped unit would stop the successor).
 //!
@@ -480,7 +484,7 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
 /// TLS sessions cannot move: they get BYE(upgrade) over TLS and the end of
 /// the stream, and the successor serves TLS on the same (handed-over) port.
 #[test]
-fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
+fn tls_clients_get_bye_upgrade_and_resume_on_the_same_port() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("s.sock");
     let (cert, key) = self_signed(dir.path());
@@ -528,10 +532,20 @@ fn tls_clients_get_bye_upgrade_and_the_tls_port_stays() {
         )),
         "{frames:?}"
     );
-    // The successor took the TLS listener: the same port, a new handshake.
+    assert_eq!(
+        alice.tls_handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    // The successor took the TLS listener: the same port; and the ticket
+    // keys, so the client resumes with the old process's ticket.
     let mut alice = Client::login_tls(tls_addr, "localhost", &config, &token(a))
         .unwrap()
         .0;
+    assert_eq!(
+        alice.tls_handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the ticket from the old process did not resume"
+    );
     let mut bob = Client::login(old.addr, &token(b)).unwrap().0;
     alice.send_msg(1, b, b"over tls").unwrap();
     recv_ack(&mut alice, 1);
@@ -819,4 +833,168 @@ fn a_successor_speaking_an_unknown_format_is_refused() {
         );
     });
     assert_eq!(info(&sock)["Pid"], pid);
+}
+
+/// What one storming client did: messages ACKed (indices `0..acked`),
+/// connections made, and connects refused.
+struct Stormed {
+    acked: u64,
+    cycles: u64,
+    refused: u64,
+}
+
+/// One client of the storm: connects, logs in (protocol v2), sends its
+/// next message to `to`, waits for the ACK and resets the connection, over
+/// and over until `done` (and at least `min_after` cycles after `upgraded`
+/// was set). A connection that ends before its ACK (BYE(upgrade) to a
+/// client not logged in yet, a close) is simply made again, and the same
+/// message resent under the same client id (the server answers a repeat
+/// with its first ACK and stores nothing twice).
+fn stormer(
+    addr: SocketAddr,
+    user: u64,
+    to: u64,
+    cycles: Arc<AtomicU64>,
+    upgraded: Arc<AtomicBool>,
+    min_after: u64,
+) -> Stormed {
+    let mut out = Stormed {
+        acked: 0,
+        cycles: 0,
+        refused: 0,
+    };
+    let mut after = 0;
+    let deadline = Instant::now() + WAIT * 6;
+    while !(upgraded.load(Ordering::Acquire) && after >= min_after) {
+        assert!(Instant::now() < deadline, "stormer {user} stuck");
+        out.cycles += 1;
+        cycles.fetch_add(1, Ordering::Relaxed);
+        if upgraded.load(Ordering::Acquire) {
+            after += 1;
+        }
+        let mut c = match Client::login_version(addr, &token(user), tern::proto::VERSION_2) {
+            Ok((c, _)) => c,
+            Err(tern_client::ClientError::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                out.refused += 1;
+                continue;
+            }
+            Err(_) => continue, // closed before LOGIN_OK: again
+        };
+        // Reset, not FIN: thousands of cycles leave no TIME_WAIT behind.
+        let _ = socket2::SockRef::from(c.stream()).set_linger(Some(Duration::ZERO));
+        let index = out.acked;
+        if c.send_msg(index + 1, to, &index.to_le_bytes()).is_err() {
+            continue;
+        }
+        let acked = c.recv_until(|f| {
+            matches!(f, tern::proto::OwnedFrame::Ack { client_id, .. } if *client_id == index + 1)
+        });
+        if acked.is_ok() {
+            out.acked += 1;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    out
+}
+
+#[test]
+fn an_upgrade_during_a_reconnect_storm_loses_nothing() {
+    const STORMERS: u64 = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &[]);
+    let _reaper = Reaper(sock.clone());
+    let addr = old.addr;
+    let cycles = Arc::new(AtomicU64::new(0));
+    let upgraded = Arc::new(AtomicBool::new(false));
+    // Users 200,001.. storm; each writes to its own offline recipient.
+    let threads: Vec<_> = (0..STORMERS)
+        .map(|i| {
+            let (cycles, upgraded) = (cycles.clone(), upgraded.clone());
+            std::thread::spawn(move || {
+                stormer(addr, 200_001 + i, 300_001 + i, cycles, upgraded, 20)
+            })
+        })
+        .collect();
+    // The storm is on: every client has cycled a few times.
+    assert!(wait_for(|| cycles.load(Ordering::Relaxed) >= 10 * STORMERS));
+    let during = cycles.load(Ordering::Relaxed);
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "{text}\n{}", old.log_text());
+    upgraded.store(true, Ordering::Release);
+    let stormed: Vec<Stormed> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let total: u64 = stormed.iter().map(|s| s.cycles).sum();
+    eprintln!(
+        "{total} connections ({during} before the upgrade); ACKed per client {:?}",
+        stormed.iter().map(|s| s.acked).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        stormed.iter().map(|s| s.refused).sum::<u64>(),
+        0,
+        "a connect was refused"
+    );
+    assert_eq!(info(&sock)["Generation"], "1");
+    // Every ACKed message is there for its recipient, once, in order; an
+    // unACKed last one may have been stored too (its ACK was lost).
+    for (i, s) in stormed.iter().enumerate() {
+        let (mut r, login) =
+            Client::login_version(addr, &token(300_001 + i as u64), tern::proto::VERSION_2)
+                .unwrap();
+        assert!(
+            login.offline_count >= s.acked,
+            "{login:?} for {} ACKed",
+            s.acked
+        );
+        let mut seen = HashSet::new();
+        let mut next = 0;
+        while next < s.acked {
+            let d = recv_deliver(&mut r);
+            assert_eq!(d.from, 200_001 + i as u64);
+            if !seen.insert(d.server_id) {
+                continue;
+            }
+            assert_eq!(d.body, next.to_le_bytes(), "recipient {i}");
+            r.send_delivered(d.server_id).unwrap();
+            next += 1;
+        }
+    }
+}
+
+/// Under a `Type=notify` unit (`NOTIFY_SOCKET` set, as systemd does) the
+/// upgrade runs: the first process says READY=1, its successor says its
+/// own pid (MAINPID=) with READY=1 before the old one exits, so systemd
+/// follows the service to it. The real unit is tested under systemd by
+/// tuning/linux/systemd-test.sh.
+#[test]
+fn under_a_notify_unit_the_successor_tells_its_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let io = io_flag();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2", "--io", &io]);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(&sock)
+        .env("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+        .env("NOTIFY_SOCKET", &notify_path);
+    let old = TernChild::expect_start(cmd);
+    let _reaper = Reaper(sock.clone());
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    chat_survives(old.addr, || {
+        let (ok, text) = upgrade(&sock, None);
+        assert!(ok, "{text}\n{}", old.log_text());
+    });
+    let now = info(&sock);
+    assert_ne!(now["Pid"], old.pid().to_string());
+    assert_eq!(next(), format!("MAINPID={}\nREADY=1", now["Pid"]));
 }

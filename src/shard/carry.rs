@@ -236,9 +236,10 @@ impl Carry {
             }
             queued += batch.len();
             let mut q = self.lock();
-            q.held -= granted - batch.len();
+            // Saturating: an abort meanwhile reset the count.
+            q.held = q.held.saturating_sub(granted - batch.len());
             if q.aborted {
-                q.held -= batch.len();
+                q.held = q.held.saturating_sub(batch.len());
                 break;
             }
             if !batch.is_empty() {
@@ -404,5 +405,57 @@ mod tests {
         c.publish(0, 2, 2, true);
         assert!(!c.detect());
         assert!(c.detect());
+    }
+
+    fn carried(user: u64) -> (OwnedFd, Carried) {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let c = Carried {
+            user,
+            device: 0,
+            version: 1,
+            input: Vec::new(),
+            output: Vec::new(),
+        };
+        (a.into(), c)
+    }
+
+    #[test]
+    fn shards_that_leave_release_the_directory_and_end_the_stream() {
+        let c = Carry::new(2);
+        c.leave();
+        assert!(matches!(
+            c.next(2, Duration::from_millis(10)),
+            Next::TimedOut
+        ));
+        c.leave();
+        c.wait_released(2);
+        assert!(matches!(c.next(2, Duration::from_secs(1)), Next::Done));
+    }
+
+    #[test]
+    fn the_adoption_queue_is_bounded_and_per_shard() {
+        let adopt = std::sync::Arc::new(Adopt::new(2));
+        for user in 0..ADOPT_QUEUED_MAX as u64 {
+            let (fd, c) = carried(user + 1);
+            adopt.push((user % 2) as usize, fd, c);
+        }
+        // Full: the next push waits until a shard takes some.
+        let pusher = {
+            let adopt = adopt.clone();
+            std::thread::spawn(move || {
+                let (fd, c) = carried(u64::MAX);
+                adopt.push(1, fd, c);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!pusher.is_finished());
+        let taken = adopt.take(0, 10);
+        assert_eq!(taken.len(), 10);
+        assert!(taken.iter().all(|(_, c)| c.user % 2 == 1));
+        pusher.join().unwrap();
+        let rest = adopt.take(1, usize::MAX);
+        assert_eq!(rest.len(), ADOPT_QUEUED_MAX / 2 + 1);
+        assert_eq!(rest.last().unwrap().1.user, u64::MAX);
+        assert!(adopt.take(1, 1).is_empty());
     }
 }

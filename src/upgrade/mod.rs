@@ -56,6 +56,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::io::Listeners;
+use crate::ticket::TicketKeys;
 use channel::Channel;
 use state::Carried;
 use wire::{Message, FORMAT_VERSION};
@@ -250,8 +251,13 @@ impl Successor {
         }
     }
 
-    /// Sends the listening sockets (step 2).
-    pub fn send_listeners(&self, generation: u64, listeners: &[Listeners]) -> Result<(), String> {
+    /// Sends the listening sockets and the TLS ticket keys (step 2).
+    pub fn send_listeners(
+        &self,
+        generation: u64,
+        listeners: &[Listeners],
+        tickets: Option<TicketKeys>,
+    ) -> Result<(), String> {
         let (plain, tls) = listener_fds(listeners);
         let message = Message::Listeners {
             format: FORMAT_VERSION,
@@ -263,6 +269,7 @@ impl Successor {
             .send(message, &[])
             .and_then(|()| self.channel.send_fds(&plain))
             .and_then(|()| self.channel.send_fds(&tls))
+            .and_then(|()| self.channel.send(Message::Tickets { keys: tickets }, &[]))
             .map_err(|e| format!("sending the listeners: {e}"))
     }
 
@@ -362,9 +369,9 @@ impl Taker {
     }
 
     /// Step 1: the configuration is valid; receives the listeners (step
-    /// 2): the old process's generation and one [`Listeners`] per shard it
-    /// ran.
-    pub fn hello(&self) -> Result<(u64, Vec<Listeners>), String> {
+    /// 2): the old process's generation, one [`Listeners`] per shard it
+    /// ran, and its TLS ticket keys (if it had TLS).
+    pub fn hello(&self) -> Result<(u64, Vec<Listeners>, Option<TicketKeys>), String> {
         let hello = Message::Hello {
             format: FORMAT_VERSION,
             pid: std::process::id(),
@@ -412,7 +419,12 @@ impl Taker {
                 mqtt: None,
             })
             .collect();
-        Ok((generation, listeners))
+        let tickets = match self.channel.recv(STEP_WAIT) {
+            Ok((Message::Tickets { keys }, _)) => keys,
+            Ok((other, _)) => return Err(format!("hand-over: expected Tickets, got {other:?}")),
+            Err(e) => return Err(format!("hand-over: no ticket keys: {e}")),
+        };
+        Ok((generation, listeners, tickets))
     }
 
     /// Step 3: waits until the old process has released the data

@@ -12,8 +12,12 @@
 //! | 5    | `Serving`   | `pid: u32`                                      | new → old |
 //! | 6    | `Carried`   | `count: u32`: that many connections were sent   | old → new |
 //! | 7    | (connections) | a [`super::state`] batch, with its sockets    | old → new |
+//! | 8    | `Tickets`   | `present: u8`, then (if 1) the TLS ticket keys ([`crate::ticket::TicketKeys::encode`]) | old → new |
 //!
-//! In format 3 the carried connections come after `Released`, in batches
+//! In format 3 `Tickets` follows the listeners' descriptors: the
+//! successor seals and opens TLS session tickets with the old process's
+//! keys, so TLS clients resume after their BYE(upgrade). The carried
+//! connections come after `Released`, in batches
 //! (kind 7: 1 to [`FDS_PER_MESSAGE_MAX`] records, the `i`-th for the `i`-th
 //! descriptor), while the successor already serves; `Carried` ends them
 //! and says how many there were. So neither process ever holds more
@@ -27,6 +31,8 @@
 //! `01 01 00 34 12 00 00`.
 
 use std::fmt;
+
+use crate::ticket::{TicketKeys, ENCODED_BYTES as TICKET_KEYS_BYTES};
 
 /// The hand-over format this build speaks. A new format gets a new number;
 /// a process refuses a peer whose number it does not know.
@@ -47,8 +53,8 @@ pub const CARRIED_KIND: u8 = 7;
 /// (208 KiB), so one packet always goes.
 pub const CARRIED_PACKET_BYTES_MAX: usize = 160 * 1024;
 
-/// Bytes of the largest message (`Listeners`).
-pub const MESSAGE_BYTES_MAX: usize = 15;
+/// Bytes of the largest message (`Tickets` with keys).
+pub const MESSAGE_BYTES_MAX: usize = 2 + TICKET_KEYS_BYTES;
 
 /// One message of the hand-over protocol; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +90,11 @@ pub enum Message {
     Serving {
         /// The successor's process id.
         pid: u32,
+    },
+    /// The old process's TLS session ticket keys (`None` without TLS).
+    Tickets {
+        /// The keys.
+        keys: Option<TicketKeys>,
     },
     /// The carried connections' packets are over: `count` connections
     /// were sent (the successor checks it took as many).
@@ -140,6 +151,13 @@ impl Message {
                 out.push(6);
                 out.extend_from_slice(&count.to_le_bytes());
             }
+            Message::Tickets { keys } => {
+                out.push(8);
+                out.push(u8::from(keys.is_some()));
+                if let Some(keys) = keys {
+                    keys.encode(out);
+                }
+            }
         }
     }
 
@@ -181,6 +199,16 @@ impl Message {
             6 => Message::Carried {
                 count: u32_at(take(4)?),
             },
+            8 => match take(1)?[0] {
+                0 => Message::Tickets { keys: None },
+                1 => Message::Tickets {
+                    keys: Some(
+                        TicketKeys::decode(take(TICKET_KEYS_BYTES)?)
+                            .map_err(|_| Malformed("bad ticket keys"))?,
+                    ),
+                },
+                _ => return Err(Malformed("bad ticket keys flag")),
+            },
             _ => return Err(Malformed("unknown kind")),
         };
         if !rest.is_empty() {
@@ -221,6 +249,10 @@ mod tests {
             Message::Serving { pid: u32::MAX },
             Message::Carried { count: 0 },
             Message::Carried { count: u32::MAX },
+            Message::Tickets { keys: None },
+            Message::Tickets {
+                keys: Some(TicketKeys::generate().unwrap()),
+            },
         ];
         for m in all {
             let b = bytes(m);

@@ -29,6 +29,11 @@
 #      (Restart=on-failure brings it back); a reboot of the container (the unit
 #      is enabled). A fresh batch is queued before each step, and one batch
 #      queued before the first step is read only after the last.
+#   2d. live upgrade under the unit (Type=notify, NotifyAccess=all):
+#      systemctl reload (SIGUSR2), then tern upgrade: each time the unit's
+#      main PID moves to the successor (its MAINPID=), the unit is not
+#      restarted (same invocation, NRestarts unchanged), the generation
+#      counts up, and a batch queued before is delivered as ACKed.
 #   3. systemctl stop ends within TimeoutStopSec and the server exits 0.
 #   4. (--deb) dpkg -r removes the binary and the unit, keeps the store.
 # Any failure prints the unit's journal and exits 1; bad usage or a missing
@@ -324,6 +329,42 @@ if [ "$rc" -ne 1 ] || ! grep -q "LOST" "$work/negative.log"; then
     fail "ledger check of an already delivered batch: exit $rc, wanted 1 with LOST lines"
 fi
 echo "   ok: checking the same batch again reports its 50 messages LOST (exit 1): the check can fail"
+
+# live_upgrade HOW...: runs HOW (inside the container) to upgrade, then
+# checks the unit followed the service to the successor.
+live_upgrade() {
+    local pid restarts invocation want i info gen new
+    pid=$(prop MainPID)
+    restarts=$(prop NRestarts)
+    invocation=$(prop InvocationID)
+    want=$(($(in_ct tern stats -s /run/tern/tern.sock show info | awk '$1 == "Generation:" { print $2 }') + 1))
+    in_ct "$@" > "$work/upgrade.log" 2>&1 || { cat "$work/upgrade.log" >&2; fail "live upgrade ($*) failed"; }
+    wait_up "$pid"
+    new=$(prop MainPID)
+    for ((i = 0; i < 240; i++)); do
+        info=$(in_ct tern stats -s /run/tern/tern.sock show info 2> /dev/null || true)
+        gen=$(awk '$1 == "Generation:" { print $2 }' <<< "$info")
+        [ "$gen" = "$want" ] && [ "$(awk '$1 == "Pid:" { print $2 }' <<< "$info")" = "$new" ] && break
+        sleep 0.25
+    done
+    [ "$gen" = "$want" ] || fail "live upgrade ($*): generation ${gen:-?}, wanted $want"
+    [ "$(prop NRestarts)" = "$restarts" ] || fail "live upgrade ($*): the unit was restarted"
+    [ "$(prop InvocationID)" = "$invocation" ] || fail "live upgrade ($*): a new invocation of the unit"
+    [ "$(prop ActiveState)" = active ] || fail "live upgrade ($*): unit $(prop ActiveState)"
+    # The old process exits once its successor serves.
+    for ((i = 0; i < 120; i++)); do
+        in_ct kill -0 "$pid" 2> /dev/null || break
+        sleep 0.25
+    done
+    ! in_ct kill -0 "$pid" 2> /dev/null || fail "live upgrade ($*): the old process $pid still runs"
+    check_running "after live upgrade ($*): generation $gen, main PID $pid -> $new"
+}
+
+step "2d. queue, then live upgrades: systemctl reload, then tern upgrade"
+queue upgrade 5001-5010
+live_upgrade systemctl reload tern
+live_upgrade tern upgrade --socket /run/tern/tern.sock
+deliver upgrade
 
 # The package's unit is the same file; kill -9 and reboot are checked by
 # the run without --deb.
