@@ -30,6 +30,9 @@ const HEADERS_MAX: usize = 32;
 /// Longest a client may take to send its request or read the answer.
 const CLIENT_TIME_MAX: Duration = Duration::from_secs(5);
 
+/// Most bytes read away after a 431, so the answer is not lost to a reset.
+const LINGER_BYTES_MAX: usize = 64 * 1024;
+
 /// Connections served at once (a thread each); more are closed at once.
 const CONNS_MAX: usize = 32;
 
@@ -171,7 +174,20 @@ fn serve(mut stream: TcpStream, demo: &Demo) -> io::Result<()> {
     .into_bytes();
     out.extend_from_slice(&body);
     stream.write_all(&out)?;
-    stream.shutdown(std::net::Shutdown::Write)
+    stream.shutdown(std::net::Shutdown::Write)?;
+    if status.starts_with("431") {
+        // The rest of the head is unread: closing now would reset the
+        // connection, and the client might lose the answer. Read it away
+        // (bounded, and within the read timeout) first.
+        let mut left = LINGER_BYTES_MAX;
+        while left > 0 {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn route(req: &httparse::Request<'_, '_>, demo: &Demo) -> Answer {

@@ -143,6 +143,18 @@ fn demo_serves_the_page_and_mints_tokens_for_demo_users_only() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    // A request head past 8 KiB is refused, not buffered on.
+    let mut s = TcpStream::connect(demo.page).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let long = format!("GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(9000));
+    let _ = s.write_all(long.as_bytes());
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 }
 
 #[test]
