@@ -1,6 +1,6 @@
 /** Protocol version 1 (LOGIN version byte). */
 export declare const VERSION_1 = 1;
-/** Protocol version 2: idempotent SEND, DELIVER with client id, presence, devices. */
+/** Protocol version 2: idempotent SEND, DELIVER with client id, presence, devices, groups. */
 export declare const VERSION_2 = 2;
 /** Longest varint (a u64) and so longest length prefix, in bytes. */
 export declare const VARINT_BYTES_MAX = 10;
@@ -29,6 +29,19 @@ export declare const Type: {
     readonly PRESENCE: 26;
     readonly PRIVACY: 27;
     readonly TYPING: 28;
+    readonly GROUP_CREATE: 32;
+    readonly GROUP_ADD: 33;
+    readonly GROUP_REMOVE: 34;
+    readonly GROUP_LEAVE: 35;
+    readonly GROUP_ADMIN: 36;
+    readonly GROUP_MEMBERS: 37;
+    readonly GROUP_OK: 38;
+    readonly GROUP_LIST: 39;
+    readonly GROUP_SEND: 40;
+    readonly GROUP_DELIVER: 41;
+    readonly GROUP_EVENT: 42;
+    readonly GROUP_READ: 43;
+    readonly GROUP_RECEIPT: 44;
 };
 /** Error codes (LOGIN_ERR and ERROR), by name; the numbers never change. */
 export declare const ErrorCode: {
@@ -55,6 +68,13 @@ export declare const ErrorCode: {
     readonly unknown_device: 21;
     readonly presence_subs_full: 25;
     readonly banned: 30;
+    readonly unknown_group: 40;
+    readonly not_member: 41;
+    readonly not_admin: 42;
+    readonly group_full: 43;
+    readonly too_many_groups: 44;
+    readonly no_such_member: 45;
+    readonly last_admin: 46;
 };
 /** Receipt kinds. */
 export declare const ReceiptKind: {
@@ -81,8 +101,22 @@ export declare const PresenceState: {
     readonly offline: 2;
     readonly hidden: 3;
 };
+/** Group events (GROUP_EVENT's `event`): what `actor` did to `subject`. */
+export declare const GroupEvent: {
+    readonly created: 1;
+    readonly added: 2;
+    readonly removed: 3;
+    readonly left: 4;
+    readonly admin: 5;
+    readonly unadmin: 6;
+};
+/** How much smaller than `bodyBytesMax` a GROUP_SEND body must be: room for
+ * the two varints GROUP_DELIVER carries beyond a DELIVER (group, msg). */
+export declare const GROUP_BODY_ROOM_BYTES: number;
 /** The name of an error code (`"queue_full"`), or `"code N"` if unknown. */
 export declare function errorName(code: number): string;
+/** The name of a group event (`"added"`), or `"event N"` if unknown. */
+export declare function groupEventName(event: number): string;
 /** The name of a bye reason (`"replaced"`), or `"reason N"` if unknown. */
 export declare function byeName(reason: number): string;
 /** One frame, either direction. Ids, users and times are u64 as bigint. */
@@ -176,7 +210,90 @@ export type Frame = {
 } | {
     type: "typing";
     user: bigint;
+} | {
+    type: "group_create";
+    req: bigint;
+} | {
+    type: "group_add";
+    req: bigint;
+    group: bigint;
+    user: bigint;
+} | {
+    type: "group_remove";
+    req: bigint;
+    group: bigint;
+    user: bigint;
+} | {
+    type: "group_leave";
+    req: bigint;
+    group: bigint;
+} | {
+    type: "group_admin";
+    req: bigint;
+    group: bigint;
+    user: bigint;
+    admin: boolean;
+} | {
+    type: "group_members";
+    req: bigint;
+    group: bigint;
+} | {
+    type: "group_ok";
+    req: bigint;
+    group: bigint;
+}
+/** Part of a member list; `left` entries follow in later frames (0: last). */
+ | {
+    type: "group_list";
+    req: bigint;
+    group: bigint;
+    left: bigint;
+    entries: GroupMember[];
+} | {
+    type: "group_send";
+    clientId: bigint;
+    group: bigint;
+    body: Uint8Array;
+}
+/** `serverId` is this member's copy in its queue (what DELIVERED names);
+ * `msg` the group's id for the message, the same at every member. */
+ | {
+    type: "group_deliver";
+    serverId: bigint;
+    group: bigint;
+    msg: bigint;
+    from: bigint;
+    serverTimeMs: bigint;
+    clientId: bigint;
+    body: Uint8Array;
+} | {
+    type: "group_event";
+    serverId: bigint;
+    group: bigint;
+    msg: bigint;
+    actor: bigint;
+    serverTimeMs: bigint;
+    event: number;
+    subject: bigint;
+} | {
+    type: "group_read";
+    group: bigint;
+    msg: bigint;
+    from: bigint;
+}
+/** Members (at least one) who got (`kind` delivered) or read message `msg`. */
+ | {
+    type: "group_receipt";
+    kind: number;
+    group: bigint;
+    msg: bigint;
+    members: bigint[];
 };
+/** One GROUP_LIST entry. */
+export interface GroupMember {
+    user: bigint;
+    admin: boolean;
+}
 /** Size limits the decoder enforces (the server's defaults). */
 export interface Limits {
     /** Largest `L` (type byte plus fields) accepted. */

@@ -3,7 +3,7 @@
 // bigint because the protocol's ids are u64 (a JS number holds 53 bits).
 /** Protocol version 1 (LOGIN version byte). */
 export const VERSION_1 = 1;
-/** Protocol version 2: idempotent SEND, DELIVER with client id, presence, devices. */
+/** Protocol version 2: idempotent SEND, DELIVER with client id, presence, devices, groups. */
 export const VERSION_2 = 2;
 /** Longest varint (a u64) and so longest length prefix, in bytes. */
 export const VARINT_BYTES_MAX = 10;
@@ -33,6 +33,19 @@ export const Type = {
     PRESENCE: 0x1a,
     PRIVACY: 0x1b,
     TYPING: 0x1c,
+    GROUP_CREATE: 0x20,
+    GROUP_ADD: 0x21,
+    GROUP_REMOVE: 0x22,
+    GROUP_LEAVE: 0x23,
+    GROUP_ADMIN: 0x24,
+    GROUP_MEMBERS: 0x25,
+    GROUP_OK: 0x26,
+    GROUP_LIST: 0x27,
+    GROUP_SEND: 0x28,
+    GROUP_DELIVER: 0x29,
+    GROUP_EVENT: 0x2a,
+    GROUP_READ: 0x2b,
+    GROUP_RECEIPT: 0x2c,
 };
 /** Error codes (LOGIN_ERR and ERROR), by name; the numbers never change. */
 export const ErrorCode = {
@@ -59,6 +72,13 @@ export const ErrorCode = {
     unknown_device: 21,
     presence_subs_full: 25,
     banned: 30,
+    unknown_group: 40,
+    not_member: 41,
+    not_admin: 42,
+    group_full: 43,
+    too_many_groups: 44,
+    no_such_member: 45,
+    last_admin: 46,
 };
 /** Receipt kinds. */
 export const ReceiptKind = { delivered: 1, read: 2 };
@@ -78,6 +98,18 @@ export const ByeReason = {
 };
 /** Presence states. */
 export const PresenceState = { online: 1, offline: 2, hidden: 3 };
+/** Group events (GROUP_EVENT's `event`): what `actor` did to `subject`. */
+export const GroupEvent = {
+    created: 1,
+    added: 2,
+    removed: 3,
+    left: 4,
+    admin: 5,
+    unadmin: 6,
+};
+/** How much smaller than `bodyBytesMax` a GROUP_SEND body must be: room for
+ * the two varints GROUP_DELIVER carries beyond a DELIVER (group, msg). */
+export const GROUP_BODY_ROOM_BYTES = 2 * VARINT_BYTES_MAX;
 function invert(table) {
     return new Map(Object.entries(table).map(([name, n]) => [n, name]));
 }
@@ -85,9 +117,14 @@ const ERROR_NAMES = invert(ErrorCode);
 const RECEIPT_NAMES = invert(ReceiptKind);
 const BYE_NAMES = invert(ByeReason);
 const PRESENCE_NAMES = invert(PresenceState);
+const GROUP_EVENT_NAMES = invert(GroupEvent);
 /** The name of an error code (`"queue_full"`), or `"code N"` if unknown. */
 export function errorName(code) {
     return ERROR_NAMES.get(code) ?? `code ${code}`;
+}
+/** The name of a group event (`"added"`), or `"event N"` if unknown. */
+export function groupEventName(event) {
+    return GROUP_EVENT_NAMES.get(event) ?? `event ${event}`;
 }
 /** The name of a bye reason (`"replaced"`), or `"reason N"` if unknown. */
 export function byeName(reason) {
@@ -117,6 +154,10 @@ export function putVarint(out, v) {
         v >>= 7n;
     }
     out.push(Number(v));
+}
+function putVarints(out, ...vs) {
+    for (const v of vs)
+        putVarint(out, v);
 }
 /** Reads a minimal varint at `at`, rejecting values above `max` as early as
  * the bytes seen allow (as src/proto.rs does for the length prefix). */
@@ -257,6 +298,58 @@ export function encode(frame) {
         case "privacy":
             p.push(Type.PRIVACY, frame.hidden ? 1 : 0);
             break;
+        case "group_create":
+            p.push(Type.GROUP_CREATE);
+            putVarint(p, frame.req);
+            break;
+        case "group_add":
+        case "group_remove":
+            p.push(frame.type === "group_add" ? Type.GROUP_ADD : Type.GROUP_REMOVE);
+            putVarints(p, frame.req, frame.group, frame.user);
+            break;
+        case "group_leave":
+        case "group_members":
+        case "group_ok":
+            p.push(frame.type === "group_leave"
+                ? Type.GROUP_LEAVE
+                : frame.type === "group_members"
+                    ? Type.GROUP_MEMBERS
+                    : Type.GROUP_OK);
+            putVarints(p, frame.req, frame.group);
+            break;
+        case "group_admin":
+            p.push(Type.GROUP_ADMIN);
+            putVarints(p, frame.req, frame.group, frame.user, frame.admin ? 1n : 0n);
+            break;
+        case "group_list":
+            p.push(Type.GROUP_LIST);
+            putVarints(p, frame.req, frame.group, frame.left);
+            for (const e of frame.entries)
+                putVarints(p, e.user, e.admin ? 1n : 0n);
+            break;
+        case "group_send":
+            p.push(Type.GROUP_SEND);
+            putVarints(p, frame.clientId, frame.group);
+            rest = frame.body;
+            break;
+        case "group_deliver":
+            p.push(Type.GROUP_DELIVER);
+            putVarints(p, frame.serverId, frame.group, frame.msg, frame.from, frame.serverTimeMs);
+            putVarint(p, frame.clientId);
+            rest = frame.body;
+            break;
+        case "group_event":
+            p.push(Type.GROUP_EVENT);
+            putVarints(p, frame.serverId, frame.group, frame.msg, frame.actor, frame.serverTimeMs, BigInt(frame.event), frame.subject);
+            break;
+        case "group_read":
+            p.push(Type.GROUP_READ);
+            putVarints(p, frame.group, frame.msg, frame.from);
+            break;
+        case "group_receipt":
+            p.push(Type.GROUP_RECEIPT);
+            putVarints(p, BigInt(frame.kind), frame.group, frame.msg, ...frame.members);
+            break;
     }
     const restLen = rest === null ? 0 : rest.length;
     const prefix = [];
@@ -316,6 +409,25 @@ class Fields {
             throw new DecodeError("too_large", `message body of ${b.length} bytes exceeds body_bytes_max`);
         }
         return b;
+    }
+    /** A varint that must be 0 or 1. */
+    flag(what) {
+        const v = this.varint();
+        if (v > 1n)
+            throw new DecodeError("malformed", what);
+        return v === 1n;
+    }
+    /** Varints up to the end of the frame; one cut short is malformed. */
+    list() {
+        const out = [];
+        while (this.at < this.end) {
+            const r = readVarint(this.buf.subarray(0, this.end), this.at, U64_MAX);
+            if (r.kind !== "done")
+                throw new DecodeError("malformed", "truncated list");
+            this.at += r.len;
+            out.push(r.value);
+        }
+        return out;
     }
     done() {
         return this.at === this.end;
@@ -445,6 +557,100 @@ export function decode(buf, limits = DEFAULT_LIMITS) {
         case Type.DEVICE_REMOVED:
             frame = { type: "device_removed", device: r.varint() };
             break;
+        case Type.GROUP_CREATE:
+            frame = { type: "group_create", req: r.varint() };
+            break;
+        case Type.GROUP_ADD:
+        case Type.GROUP_REMOVE:
+            frame = {
+                type: t === Type.GROUP_ADD ? "group_add" : "group_remove",
+                req: r.varint(),
+                group: r.varint(),
+                user: r.varint(),
+            };
+            break;
+        case Type.GROUP_LEAVE:
+            frame = { type: "group_leave", req: r.varint(), group: r.varint() };
+            break;
+        case Type.GROUP_ADMIN:
+            frame = {
+                type: "group_admin",
+                req: r.varint(),
+                group: r.varint(),
+                user: r.varint(),
+                admin: r.flag("unknown admin flag"),
+            };
+            break;
+        case Type.GROUP_MEMBERS:
+            frame = { type: "group_members", req: r.varint(), group: r.varint() };
+            break;
+        case Type.GROUP_OK:
+            frame = { type: "group_ok", req: r.varint(), group: r.varint() };
+            break;
+        case Type.GROUP_LIST: {
+            const req = r.varint();
+            const group = r.varint();
+            const left = r.varint();
+            const flat = r.list();
+            if (flat.length % 2 !== 0)
+                throw new DecodeError("malformed", "truncated list");
+            const entries = [];
+            for (let i = 0; i < flat.length; i += 2) {
+                if (flat[i + 1] > 1n)
+                    throw new DecodeError("malformed", "unknown member role");
+                entries.push({ user: flat[i], admin: flat[i + 1] === 1n });
+            }
+            frame = { type: "group_list", req, group, left, entries };
+            break;
+        }
+        case Type.GROUP_SEND: {
+            const clientId = r.varint();
+            const group = r.varint();
+            const body = r.rest();
+            const max = limits.bodyBytesMax - GROUP_BODY_ROOM_BYTES;
+            if (body.length > max) {
+                throw new DecodeError("too_large", `group body of ${body.length} bytes exceeds ${max}`);
+            }
+            frame = { type: "group_send", clientId, group, body };
+            break;
+        }
+        case Type.GROUP_DELIVER:
+            frame = {
+                type: "group_deliver",
+                serverId: r.varint(),
+                group: r.varint(),
+                msg: r.varint(),
+                from: r.varint(),
+                serverTimeMs: r.varint(),
+                clientId: r.varint(),
+                body: r.body(limits),
+            };
+            break;
+        case Type.GROUP_EVENT:
+            frame = {
+                type: "group_event",
+                serverId: r.varint(),
+                group: r.varint(),
+                msg: r.varint(),
+                actor: r.varint(),
+                serverTimeMs: r.varint(),
+                event: r.known(GROUP_EVENT_NAMES, "unknown group event"),
+                subject: r.varint(),
+            };
+            break;
+        case Type.GROUP_READ:
+            frame = { type: "group_read", group: r.varint(), msg: r.varint(), from: r.varint() };
+            break;
+        case Type.GROUP_RECEIPT: {
+            const kind = r.known(RECEIPT_NAMES, "unknown receipt kind");
+            const group = r.varint();
+            const msg = r.varint();
+            const members = r.list();
+            if (members.length === 0)
+                throw new DecodeError("malformed", "empty member list");
+            frame = { type: "group_receipt", kind, group, msg, members };
+            break;
+        }
         default:
             throw new DecodeError("unknown_type", `unknown frame type 0x${t.toString(16).padStart(2, "0")}`);
     }

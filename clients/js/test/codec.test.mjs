@@ -7,7 +7,14 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 
-import { decode, encode, putVarint, DecodeError, DEFAULT_LIMITS } from "../dist/index.js";
+import {
+  decode,
+  encode,
+  putVarint,
+  errorName,
+  DecodeError,
+  DEFAULT_LIMITS,
+} from "../dist/index.js";
 
 const PROTOCOL = readFileSync(
   fileURLToPath(new URL("../../../docs/PROTOCOL.md", import.meta.url)),
@@ -89,6 +96,63 @@ const EXAMPLES = [
   ["09 1a 2a 02 80 d0 ea b6 b7 33", { type: "presence", user: 42n, state: 2, lastSeenMs: 1767225600000n }],
   ["02 1b 01", { type: "privacy", hidden: true }],
   ["02 1c 2a", { type: "typing", user: 42n }],
+  // Groups.
+  ["02 20 01", { type: "group_create", req: 1n }],
+  ["04 26 01 81 08", { type: "group_ok", req: 1n, group: 1025n }],
+  ["05 21 02 81 08 2a", { type: "group_add", req: 2n, group: 1025n, user: 42n }],
+  ["05 22 03 81 08 2a", { type: "group_remove", req: 3n, group: 1025n, user: 42n }],
+  ["04 23 04 81 08", { type: "group_leave", req: 4n, group: 1025n }],
+  ["06 24 05 81 08 2a 01", { type: "group_admin", req: 5n, group: 1025n, user: 42n, admin: true }],
+  ["04 25 06 81 08", { type: "group_members", req: 6n, group: 1025n }],
+  [
+    "09 27 06 81 08 00 11 01 2a 00",
+    {
+      type: "group_list",
+      req: 6n,
+      group: 1025n,
+      left: 0n,
+      entries: [
+        { user: 17n, admin: true },
+        { user: 42n, admin: false },
+      ],
+    },
+  ],
+  [
+    "09 28 07 81 08 68 65 6c 6c 6f",
+    { type: "group_send", clientId: 7n, group: 1025n, body: text("hello") },
+  ],
+  [
+    "14 29 81 10 81 08 81 18 11 fb d0 ea b6 b7 33 07 68 65 6c 6c 6f",
+    {
+      type: "group_deliver",
+      serverId: 2049n,
+      group: 1025n,
+      msg: 3073n,
+      from: 17n,
+      serverTimeMs: 1767225600123n,
+      clientId: 7n,
+      body: text("hello"),
+    },
+  ],
+  [
+    "10 2a 81 10 81 08 81 18 11 fb d0 ea b6 b7 33 02 2a",
+    {
+      type: "group_event",
+      serverId: 2049n,
+      group: 1025n,
+      msg: 3073n,
+      actor: 17n,
+      serverTimeMs: 1767225600123n,
+      event: 2,
+      subject: 42n,
+    },
+  ],
+  ["06 2b 81 08 81 18 11", { type: "group_read", group: 1025n, msg: 3073n, from: 17n }],
+  [
+    "0a 2c 02 81 08 81 18 2a 2b ac 02",
+    { type: "group_receipt", kind: 2, group: 1025n, msg: 3073n, members: [42n, 43n, 300n] },
+  ],
+  ["08 0c 2a 02 61 64 6d 69 6e", { type: "error", code: 42, clientId: 2n, text: "admin" }],
 ];
 
 test("every example encodes to the bytes PROTOCOL.md prints, and decodes back", () => {
@@ -179,7 +243,53 @@ test("malformed input is refused with the code the document gives", () => {
   refused("04 1a 2a 04 00", "malformed"); // unknown presence state
   refused("02 1b 02", "malformed"); // privacy neither 0 nor 1
   refused("04 0c 01 00 ff", "malformed"); // invalid UTF-8 text
-  for (const t of [0x00, 0x13, 0x17, 0x1d, 0xff]) refused(Uint8Array.of(1, t), "unknown_type");
+  for (const t of [0x00, 0x13, 0x17, 0x1d, 0x2d, 0x2f, 0xff]) {
+    refused(Uint8Array.of(1, t), "unknown_type");
+  }
+});
+
+test("malformed group frames are refused as the Groups section says", () => {
+  refused("06 24 05 81 08 2a 02", "malformed"); // admin neither 0 nor 1
+  refused("09 27 06 81 08 00 11 02 2a 00", "malformed"); // member role 2
+  refused("08 27 06 81 08 00 11 01 2a", "malformed"); // entry without its role
+  refused("09 27 06 81 08 00 11 01 2a 80", "malformed"); // list ends inside a varint
+  refused("10 2a 81 10 81 08 81 18 11 fb d0 ea b6 b7 33 07 2a", "malformed"); // event 7
+  refused("10 2a 81 10 81 08 81 18 11 fb d0 ea b6 b7 33 00 2a", "malformed"); // event 0
+  refused("0a 2c 03 81 08 81 18 2a 2b ac 02", "malformed"); // receipt kind 3
+  refused("06 2c 02 81 08 81 18", "malformed"); // no members
+  refused("09 2c 02 81 08 81 18 2a 2b ac", "malformed"); // member cut short
+  refused("03 23 04 81", "malformed"); // GROUP_LEAVE ends inside its group
+  refused("05 23 04 81 08 00", "malformed"); // trailing bytes
+  // Every error code 40..46 decodes by name; 47 is reserved, so unknown.
+  const names = ["unknown_group", "not_member", "not_admin", "group_full"];
+  names.push("too_many_groups", "no_such_member", "last_admin");
+  names.forEach((name, i) => {
+    assert.ok(PROTOCOL.includes("| " + (40 + i) + "   | `" + name + "`"), name);
+    const f = decode(encode({ type: "error", code: 40 + i, clientId: 1n, text: "" })).frame;
+    assert.equal(errorName(f.code), name);
+  });
+  refused("03 0c 2f 01", "malformed");
+});
+
+test("a group body leaves room for GROUP_DELIVER's two extra varints", () => {
+  const small = { frameBytesMax: 200, bodyBytesMax: 100 };
+  const send = (n) =>
+    encode({ type: "group_send", clientId: 1n, group: 2n, body: new Uint8Array(n) });
+  assert.equal(decode(send(80), small).frame.body.length, 80);
+  refused(send(81), "too_large", small);
+  const deliver = (n) =>
+    encode({
+      type: "group_deliver",
+      serverId: 1n,
+      group: 2n,
+      msg: 3n,
+      from: 4n,
+      serverTimeMs: 5n,
+      clientId: 6n,
+      body: new Uint8Array(n),
+    });
+  assert.equal(decode(deliver(100), small).frame.body.length, 100);
+  refused(deliver(101), "too_large", small);
 });
 
 test("too large is refused from the length prefix alone", () => {
