@@ -1,4 +1,4 @@
-import { type Limits } from "./codec.js";
+import { type GroupMember, type Limits } from "./codec.js";
 /** The part of the standard WebSocket API the client uses. */
 export interface WebSocketLike {
     binaryType: string;
@@ -57,13 +57,15 @@ export type ClientEvent =
     reason: string;
     retryInMs: number | null;
 }
-/** The server took a message (one tick). */
+/** The server took a message (one tick). For a group message (`group`
+ * true, `to` the group) `serverId` is its `msg` in the group. */
  | {
     type: "ack";
     clientId: bigint;
     serverId: bigint;
     serverTimeMs: bigint;
     to: bigint;
+    group: boolean;
 }
 /** A new message (duplicates filtered); call `accept` once stored. */
  | {
@@ -107,6 +109,38 @@ export type ClientEvent =
     type: "device_removed";
     device: bigint;
 }
+/** A new group message (duplicates filtered; the sender's own too): call
+ * `accept(serverId)` once stored. `msg` orders it in the group. */
+ | {
+    type: "group_message";
+    serverId: bigint;
+    group: bigint;
+    msg: bigint;
+    from: bigint;
+    serverTimeMs: bigint;
+    clientId: bigint;
+    body: Uint8Array;
+}
+/** A membership change in the group's order: `actor` did `event` to
+ * `subject`. Call `accept(serverId)` once stored, as for a message. */
+ | {
+    type: "group_event";
+    serverId: bigint;
+    group: bigint;
+    msg: bigint;
+    actor: bigint;
+    serverTimeMs: bigint;
+    event: "created" | "added" | "removed" | "left" | "admin" | "unadmin";
+    subject: bigint;
+}
+/** Group `members` got (delivered) or read our group message `msg`. */
+ | {
+    type: "group_receipt";
+    kind: "delivered" | "read";
+    group: bigint;
+    msg: bigint;
+    members: bigint[];
+}
 /** A message was refused for good (it left the outbox). */
  | {
     type: "refused";
@@ -128,6 +162,13 @@ export type ClientEvent =
     text: string;
 };
 type Listener = (event: ClientEvent) => void;
+/** A group request the server refused (ERROR naming it), or one that got
+ * no answer because the connection was not there or ended. */
+export declare class GroupRequestError extends Error {
+    /** The error code's name (`"not_admin"`), or `"disconnected"`. */
+    readonly code: string;
+    constructor(code: string, message: string);
+}
 /**
  * One user's device on a Tern server over WebSocket, protocol version 2.
  *
@@ -143,6 +184,8 @@ export declare class Client {
     private readonly state;
     private readonly listeners;
     private readonly subscriptions;
+    /** Group requests in flight on this connection, by request id. */
+    private readonly requests;
     private ws;
     private loggedIn;
     private stopped;
@@ -175,12 +218,34 @@ export declare class Client {
      * Returns its client id.
      */
     send(to: bigint, body: Uint8Array | string): bigint;
-    /** Messages handed to `send` and not ACKed yet, oldest first. */
+    /**
+     * Sends `body` to every member of `group` (the sender's devices too), with
+     * the outbox and client id of `send`. A GROUP_SEND sent again after a lost
+     * ACK may be taken twice; members' clients drop the copy by (group,
+     * sender, client id). Returns its client id.
+     */
+    sendToGroup(group: bigint, body: Uint8Array | string): bigint;
+    /** Messages handed to `send` or `sendToGroup` and not ACKed yet, oldest first. */
     pending(): {
         clientId: bigint;
         to: bigint;
+        group: boolean;
         body: Uint8Array;
     }[];
+    /** Creates a group whose only member and admin is this user; resolves to its id. */
+    createGroup(): Promise<bigint>;
+    /** Adds `user` to `group` (admins only; adding a member again is fine). */
+    addMember(group: bigint, user: bigint): Promise<void>;
+    /** Removes `user` from `group` (admins only). */
+    removeMember(group: bigint, user: bigint): Promise<void>;
+    /** Leaves `group` (the last member leaving deletes it). */
+    leaveGroup(group: bigint): Promise<void>;
+    /** Makes `user` an admin of `group`, or (`admin` false) revokes it. */
+    setAdmin(group: bigint, user: bigint, admin: boolean): Promise<void>;
+    /** `group`'s members (members only), however many GROUP_LIST frames it takes. */
+    members(group: bigint): Promise<GroupMember[]>;
+    /** The user read group message `msg` from `from` (GROUP_READ). */
+    readGroup(group: bigint, msg: bigint, from: bigint): void;
     /** The app stored message `serverId`: tell the server (DELIVERED). */
     accept(serverId: bigint): void;
     /** The user read message `serverId` from `from` (READ: blue ticks there). */
@@ -196,6 +261,12 @@ export declare class Client {
     /** Removes a device of this user (DEVICE_REMOVED confirms it). */
     removeDevice(device: bigint): void;
     private emit;
+    /**
+     * Sends a group request; resolves on its GROUP_OK (or last GROUP_LIST),
+     * rejects with a GroupRequestError on its ERROR or if the connection is
+     * not there or ends first (not resent: a change may have been made).
+     */
+    private request;
     /** Writes a frame if logged in; false (dropped) otherwise. */
     private write;
     private clearTimers;

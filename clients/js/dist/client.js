@@ -2,8 +2,19 @@
 // what the server has not ACKed, filters duplicates, keeps the connection
 // alive and reconnects with jittered exponential backoff. The bookkeeping
 // itself is in state.ts; the bytes in codec.ts.
-import { ByeReason, byeName, DecodeError, DEFAULT_LIMITS, decode, encode, ErrorCode, errorName, VERSION_2, } from "./codec.js";
+import { ByeReason, byeName, DecodeError, DEFAULT_LIMITS, decode, encode, ErrorCode, errorName, GROUP_BODY_ROOM_BYTES, groupEventName, VERSION_2, } from "./codec.js";
 import { SessionState } from "./state.js";
+/** A group request the server refused (ERROR naming it), or one that got
+ * no answer because the connection was not there or ended. */
+export class GroupRequestError extends Error {
+    /** The error code's name (`"not_admin"`), or `"disconnected"`. */
+    code;
+    constructor(code, message) {
+        super(message);
+        this.name = "GroupRequestError";
+        this.code = code;
+    }
+}
 /** WebSocket readyState OPEN. */
 const OPEN = 1;
 /** Redial attempts counted for the backoff stop growing here (2^16 × min). */
@@ -31,6 +42,8 @@ export class Client {
     state;
     listeners = [];
     subscriptions = new Set();
+    /** Group requests in flight on this connection, by request id. */
+    requests = new Map();
     ws = null;
     loggedIn = false;
     stopped = true;
@@ -117,9 +130,54 @@ export class Client {
             this.write({ type: "send", clientId: msg.clientId, to, body: bytes });
         return msg.clientId;
     }
-    /** Messages handed to `send` and not ACKed yet, oldest first. */
+    /**
+     * Sends `body` to every member of `group` (the sender's devices too), with
+     * the outbox and client id of `send`. A GROUP_SEND sent again after a lost
+     * ACK may be taken twice; members' clients drop the copy by (group,
+     * sender, client id). Returns its client id.
+     */
+    sendToGroup(group, body) {
+        const bytes = typeof body === "string" ? this.encoder.encode(body) : body;
+        const max = this.opts.limits.bodyBytesMax - GROUP_BODY_ROOM_BYTES;
+        if (bytes.length > max) {
+            throw new RangeError(`group body of ${bytes.length} bytes exceeds ${max}`);
+        }
+        const msg = this.state.send(group, bytes, true);
+        if (this.loggedIn)
+            this.write({ type: "group_send", clientId: msg.clientId, group, body: bytes });
+        return msg.clientId;
+    }
+    /** Messages handed to `send` or `sendToGroup` and not ACKed yet, oldest first. */
     pending() {
         return this.state.pending();
+    }
+    /** Creates a group whose only member and admin is this user; resolves to its id. */
+    async createGroup() {
+        return (await this.request((req) => ({ type: "group_create", req }))).group;
+    }
+    /** Adds `user` to `group` (admins only; adding a member again is fine). */
+    async addMember(group, user) {
+        await this.request((req) => ({ type: "group_add", req, group, user }));
+    }
+    /** Removes `user` from `group` (admins only). */
+    async removeMember(group, user) {
+        await this.request((req) => ({ type: "group_remove", req, group, user }));
+    }
+    /** Leaves `group` (the last member leaving deletes it). */
+    async leaveGroup(group) {
+        await this.request((req) => ({ type: "group_leave", req, group }));
+    }
+    /** Makes `user` an admin of `group`, or (`admin` false) revokes it. */
+    async setAdmin(group, user, admin) {
+        await this.request((req) => ({ type: "group_admin", req, group, user, admin }));
+    }
+    /** `group`'s members (members only), however many GROUP_LIST frames it takes. */
+    async members(group) {
+        return (await this.request((req) => ({ type: "group_members", req, group }))).entries;
+    }
+    /** The user read group message `msg` from `from` (GROUP_READ). */
+    readGroup(group, msg, from) {
+        this.write({ type: "group_read", group, msg, from });
     }
     /** The app stored message `serverId`: tell the server (DELIVERED). */
     accept(serverId) {
@@ -162,6 +220,21 @@ export class Client {
                 console.error("tern-client listener threw", e);
             }
         }
+    }
+    /**
+     * Sends a group request; resolves on its GROUP_OK (or last GROUP_LIST),
+     * rejects with a GroupRequestError on its ERROR or if the connection is
+     * not there or ends first (not resent: a change may have been made).
+     */
+    request(make) {
+        return new Promise((resolve, reject) => {
+            const req = this.state.nextId();
+            if (!this.write(make(req))) {
+                reject(new GroupRequestError("disconnected", "not connected"));
+                return;
+            }
+            this.requests.set(req, { resolve, reject, entries: [] });
+        });
     }
     /** Writes a frame if logged in; false (dropped) otherwise. */
     write(frame) {
@@ -265,6 +338,10 @@ export class Client {
         }
         if (was)
             this.attempts = 0;
+        const requests = [...this.requests.values()];
+        this.requests.clear();
+        for (const r of requests)
+            r.reject(new GroupRequestError("disconnected", reason));
         if (final || this.stopped) {
             this.stopped = true;
             this.emit({ type: "disconnected", reason, retryInMs: null });
@@ -341,6 +418,7 @@ export class Client {
                         serverId: f.serverId,
                         serverTimeMs: f.serverTimeMs,
                         to: msg.to,
+                        group: msg.group,
                     });
                 }
                 return;
@@ -388,6 +466,12 @@ export class Client {
                 return;
             case "error": {
                 const code = errorName(f.code);
+                const request = this.requests.get(f.clientId);
+                if (request !== undefined) {
+                    this.requests.delete(f.clientId);
+                    request.reject(new GroupRequestError(code, f.text));
+                    return;
+                }
                 switch (this.state.onRefused(f.clientId, f.code)) {
                     case "retry":
                         this.emit({ type: "retrying", clientId: f.clientId, code });
@@ -425,6 +509,71 @@ export class Client {
                 return;
             case "device_removed":
                 this.emit({ type: "device_removed", device: f.device });
+                return;
+            case "group_ok": {
+                const request = this.requests.get(f.req);
+                this.requests.delete(f.req);
+                request?.resolve({ group: f.group, entries: [] });
+                return;
+            }
+            case "group_list": {
+                const request = this.requests.get(f.req);
+                if (request === undefined)
+                    return;
+                request.entries.push(...f.entries);
+                if (f.left === 0n) {
+                    this.requests.delete(f.req);
+                    request.resolve({ group: f.group, entries: request.entries });
+                }
+                return;
+            }
+            case "group_deliver":
+            case "group_event": {
+                const clientId = f.type === "group_deliver" ? f.clientId : null;
+                const from = f.type === "group_deliver" ? f.from : f.actor;
+                switch (this.state.onGroupDeliver(f.serverId, f.group, f.msg, from, clientId)) {
+                    case "show":
+                        if (f.type === "group_deliver") {
+                            this.emit({
+                                type: "group_message",
+                                serverId: f.serverId,
+                                group: f.group,
+                                msg: f.msg,
+                                from: f.from,
+                                serverTimeMs: f.serverTimeMs,
+                                clientId: f.clientId,
+                                body: f.body,
+                            });
+                        }
+                        else {
+                            this.emit({
+                                type: "group_event",
+                                serverId: f.serverId,
+                                group: f.group,
+                                msg: f.msg,
+                                actor: f.actor,
+                                serverTimeMs: f.serverTimeMs,
+                                event: groupEventName(f.event),
+                                subject: f.subject,
+                            });
+                        }
+                        return;
+                    case "answer_delivered":
+                        this.write({ type: "delivered", serverId: f.serverId });
+                        return;
+                    case "ignore":
+                        return;
+                }
+                return;
+            }
+            case "group_receipt":
+                this.emit({
+                    type: "group_receipt",
+                    kind: f.kind === 1 ? "delivered" : "read",
+                    group: f.group,
+                    msg: f.msg,
+                    members: f.members,
+                });
                 return;
             case "redirect":
                 // A cluster names a TCP address; WebSocket clients go through a

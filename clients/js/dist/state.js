@@ -11,12 +11,14 @@ const RETRYABLE = new Set([
     ErrorCode.rate_limited,
     ErrorCode.internal,
 ]);
-/** SEND refusals that are final for that message. */
+/** SEND and GROUP_SEND refusals that are final for that message. */
 const FINAL = new Set([
     ErrorCode.bad_recipient,
     ErrorCode.stale_client_id,
+    ErrorCode.unknown_group,
+    ErrorCode.not_member,
 ]);
-/** True when an ERROR with this code and a client id answers a SEND. */
+/** True when an ERROR with this code and a client id answers a SEND or GROUP_SEND. */
 export function isSendRefusal(code) {
     return RETRYABLE.has(code) || FINAL.has(code);
 }
@@ -57,7 +59,7 @@ export class SessionState {
     lastClientId;
     /** By server id: messages shown to the app (the last `dedupeWindow`). */
     byServerId;
-    /** By "from/clientId": the server id a (sender, client id) pair was shown under. */
+    /** By "from/clientId" (or a group copy's keys): the server id it was shown under. */
     byPair;
     /** SENT copies already reported, by server id. */
     sentSeen;
@@ -75,13 +77,19 @@ export class SessionState {
         this.lastClientId = 0n;
     }
     nowUs;
-    /** Keeps a new message until ACKed; returns it with its client id. */
-    send(to, body) {
-        const now = this.nowUs();
-        this.lastClientId = now > this.lastClientId ? now : this.lastClientId + 1n;
-        const msg = { clientId: this.lastClientId, to, body };
+    /** Keeps a new message (to a group if `group`) until ACKed; returns it
+     * with its client id. */
+    send(to, body, group = false) {
+        const msg = { clientId: this.nextId(), to, group, body };
         this.outbox.set(msg.clientId, msg);
         return msg;
+    }
+    /** A fresh id, above every earlier one: client ids, and group request
+     * ids (so an ERROR's `client_id` field names one or the other, never both). */
+    nextId() {
+        const now = this.nowUs();
+        this.lastClientId = now > this.lastClientId ? now : this.lastClientId + 1n;
+        return this.lastClientId;
     }
     /** The SEND frames to write after a login: the whole outbox, in order. */
     resend() {
@@ -113,21 +121,38 @@ export class SessionState {
     }
     /** Classifies a DELIVER (see {@link Incoming}). */
     onDeliver(serverId, from, clientId) {
+        // Client id 0 (a v1 sender) names nothing.
+        const keys = clientId !== null && clientId !== 0n ? [`${from}/${clientId}`] : [];
+        return this.classify(serverId, keys);
+    }
+    /**
+     * Classifies a GROUP_DELIVER (`clientId` set) or GROUP_EVENT (null). A copy
+     * is known by (group, msg), which a home shard's restart repeats, and a
+     * message also by (group, sender, client id), which a GROUP_SEND sent
+     * again after a lost ACK repeats under a new `msg`.
+     */
+    onGroupDeliver(serverId, group, msg, from, clientId) {
+        const keys = [`g${group}/${msg}`];
+        if (clientId !== null && clientId !== 0n)
+            keys.push(`g${group}/${from}/${clientId}`);
+        return this.classify(serverId, keys);
+    }
+    /** Seen under this server id, or under another one with one of `keys`? */
+    classify(serverId, keys) {
         const seen = this.byServerId.get(serverId.toString());
         if (seen !== undefined)
             return seen.accepted ? "answer_delivered" : "ignore";
-        // Client id 0 (a v1 sender) names nothing.
-        if (clientId !== null && clientId !== 0n) {
-            const pair = `${from}/${clientId}`;
-            const earlier = this.byPair.get(pair);
+        for (const key of keys) {
+            const earlier = this.byPair.get(key);
             if (earlier !== undefined && earlier !== serverId) {
                 // The same message under another server id: a copy, stored already
                 // (or about to be, with the first one).
                 this.byServerId.set(serverId.toString(), { accepted: true });
                 return "answer_delivered";
             }
-            this.byPair.set(pair, serverId);
         }
+        for (const key of keys)
+            this.byPair.set(key, serverId);
         this.byServerId.set(serverId.toString(), { accepted: false });
         return "show";
     }
@@ -148,7 +173,9 @@ export class SessionState {
         return true;
     }
 }
-/** The SEND frame of an outgoing message. */
+/** The SEND (or GROUP_SEND) frame of an outgoing message. */
 export function sendFrame(m) {
-    return { type: "send", clientId: m.clientId, to: m.to, body: m.body };
+    return m.group
+        ? { type: "group_send", clientId: m.clientId, group: m.to, body: m.body }
+        : { type: "send", clientId: m.clientId, to: m.to, body: m.body };
 }

@@ -13,6 +13,9 @@ import {
   ErrorCode,
   errorName,
   type Frame,
+  GROUP_BODY_ROOM_BYTES,
+  type GroupMember,
+  groupEventName,
   type Limits,
   VERSION_2,
 } from "./codec.js";
@@ -66,8 +69,16 @@ export type ClientEvent =
   | { type: "connected"; serverTimeMs: bigint; offlineCount: bigint }
   /** The connection ended; `retryInMs` is null when the client stopped. */
   | { type: "disconnected"; reason: string; retryInMs: number | null }
-  /** The server took a message (one tick). */
-  | { type: "ack"; clientId: bigint; serverId: bigint; serverTimeMs: bigint; to: bigint }
+  /** The server took a message (one tick). For a group message (`group`
+   * true, `to` the group) `serverId` is its `msg` in the group. */
+  | {
+      type: "ack";
+      clientId: bigint;
+      serverId: bigint;
+      serverTimeMs: bigint;
+      to: bigint;
+      group: boolean;
+    }
   /** A new message (duplicates filtered); call `accept` once stored. */
   | {
       type: "message";
@@ -94,6 +105,38 @@ export type ClientEvent =
   | { type: "typing"; user: bigint }
   /** A device of this user was removed. */
   | { type: "device_removed"; device: bigint }
+  /** A new group message (duplicates filtered; the sender's own too): call
+   * `accept(serverId)` once stored. `msg` orders it in the group. */
+  | {
+      type: "group_message";
+      serverId: bigint;
+      group: bigint;
+      msg: bigint;
+      from: bigint;
+      serverTimeMs: bigint;
+      clientId: bigint;
+      body: Uint8Array;
+    }
+  /** A membership change in the group's order: `actor` did `event` to
+   * `subject`. Call `accept(serverId)` once stored, as for a message. */
+  | {
+      type: "group_event";
+      serverId: bigint;
+      group: bigint;
+      msg: bigint;
+      actor: bigint;
+      serverTimeMs: bigint;
+      event: "created" | "added" | "removed" | "left" | "admin" | "unadmin";
+      subject: bigint;
+    }
+  /** Group `members` got (delivered) or read our group message `msg`. */
+  | {
+      type: "group_receipt";
+      kind: "delivered" | "read";
+      group: bigint;
+      msg: bigint;
+      members: bigint[];
+    }
   /** A message was refused for good (it left the outbox). */
   | { type: "refused"; clientId: bigint; code: string; text: string }
   /** A message was refused for now; it is sent again after a backoff. */
@@ -102,6 +145,29 @@ export type ClientEvent =
   | { type: "error"; code: string; clientId: bigint; text: string };
 
 type Listener = (event: ClientEvent) => void;
+
+/** A group event's name (the decoder admits only these). */
+type GroupEventName = Extract<ClientEvent, { type: "group_event" }>["event"];
+
+/** A group request the server refused (ERROR naming it), or one that got
+ * no answer because the connection was not there or ended. */
+export class GroupRequestError extends Error {
+  /** The error code's name (`"not_admin"`), or `"disconnected"`. */
+  readonly code: string;
+  constructor(code: string, message: string) {
+    super(message);
+    this.name = "GroupRequestError";
+    this.code = code;
+  }
+}
+
+/** A group request waiting for its GROUP_OK (or GROUP_LISTs). */
+interface GroupRequest {
+  resolve: (answer: { group: bigint; entries: GroupMember[] }) => void;
+  reject: (e: GroupRequestError) => void;
+  /** GROUP_LIST entries so far. */
+  entries: GroupMember[];
+}
 
 /** WebSocket readyState OPEN. */
 const OPEN = 1;
@@ -134,6 +200,8 @@ export class Client {
   private readonly state: SessionState;
   private readonly listeners: Listener[] = [];
   private readonly subscriptions = new Set<bigint>();
+  /** Group requests in flight on this connection, by request id. */
+  private readonly requests = new Map<bigint, GroupRequest>();
   private ws: WebSocketLike | null = null;
   private loggedIn = false;
   private stopped = true;
@@ -224,9 +292,61 @@ export class Client {
     return msg.clientId;
   }
 
-  /** Messages handed to `send` and not ACKed yet, oldest first. */
-  pending(): { clientId: bigint; to: bigint; body: Uint8Array }[] {
+  /**
+   * Sends `body` to every member of `group` (the sender's devices too), with
+   * the outbox and client id of `send`. A GROUP_SEND sent again after a lost
+   * ACK may be taken twice; members' clients drop the copy by (group,
+   * sender, client id). Returns its client id.
+   */
+  sendToGroup(group: bigint, body: Uint8Array | string): bigint {
+    const bytes = typeof body === "string" ? this.encoder.encode(body) : body;
+    const max = this.opts.limits.bodyBytesMax - GROUP_BODY_ROOM_BYTES;
+    if (bytes.length > max) {
+      throw new RangeError(`group body of ${bytes.length} bytes exceeds ${max}`);
+    }
+    const msg = this.state.send(group, bytes, true);
+    if (this.loggedIn) this.write({ type: "group_send", clientId: msg.clientId, group, body: bytes });
+    return msg.clientId;
+  }
+
+  /** Messages handed to `send` or `sendToGroup` and not ACKed yet, oldest first. */
+  pending(): { clientId: bigint; to: bigint; group: boolean; body: Uint8Array }[] {
     return this.state.pending();
+  }
+
+  /** Creates a group whose only member and admin is this user; resolves to its id. */
+  async createGroup(): Promise<bigint> {
+    return (await this.request((req) => ({ type: "group_create", req }))).group;
+  }
+
+  /** Adds `user` to `group` (admins only; adding a member again is fine). */
+  async addMember(group: bigint, user: bigint): Promise<void> {
+    await this.request((req) => ({ type: "group_add", req, group, user }));
+  }
+
+  /** Removes `user` from `group` (admins only). */
+  async removeMember(group: bigint, user: bigint): Promise<void> {
+    await this.request((req) => ({ type: "group_remove", req, group, user }));
+  }
+
+  /** Leaves `group` (the last member leaving deletes it). */
+  async leaveGroup(group: bigint): Promise<void> {
+    await this.request((req) => ({ type: "group_leave", req, group }));
+  }
+
+  /** Makes `user` an admin of `group`, or (`admin` false) revokes it. */
+  async setAdmin(group: bigint, user: bigint, admin: boolean): Promise<void> {
+    await this.request((req) => ({ type: "group_admin", req, group, user, admin }));
+  }
+
+  /** `group`'s members (members only), however many GROUP_LIST frames it takes. */
+  async members(group: bigint): Promise<GroupMember[]> {
+    return (await this.request((req) => ({ type: "group_members", req, group }))).entries;
+  }
+
+  /** The user read group message `msg` from `from` (GROUP_READ). */
+  readGroup(group: bigint, msg: bigint, from: bigint): void {
+    this.write({ type: "group_read", group, msg, from });
   }
 
   /** The app stored message `serverId`: tell the server (DELIVERED). */
@@ -275,6 +395,22 @@ export class Client {
         console.error("tern-client listener threw", e);
       }
     }
+  }
+
+  /**
+   * Sends a group request; resolves on its GROUP_OK (or last GROUP_LIST),
+   * rejects with a GroupRequestError on its ERROR or if the connection is
+   * not there or ends first (not resent: a change may have been made).
+   */
+  private request(make: (req: bigint) => Frame): Promise<{ group: bigint; entries: GroupMember[] }> {
+    return new Promise((resolve, reject) => {
+      const req = this.state.nextId();
+      if (!this.write(make(req))) {
+        reject(new GroupRequestError("disconnected", "not connected"));
+        return;
+      }
+      this.requests.set(req, { resolve, reject, entries: [] });
+    });
   }
 
   /** Writes a frame if logged in; false (dropped) otherwise. */
@@ -370,6 +506,9 @@ export class Client {
       }
     }
     if (was) this.attempts = 0;
+    const requests = [...this.requests.values()];
+    this.requests.clear();
+    for (const r of requests) r.reject(new GroupRequestError("disconnected", reason));
     if (final || this.stopped) {
       this.stopped = true;
       this.emit({ type: "disconnected", reason, retryInMs: null });
@@ -443,6 +582,7 @@ export class Client {
             serverId: f.serverId,
             serverTimeMs: f.serverTimeMs,
             to: msg.to,
+            group: msg.group,
           });
         }
         return;
@@ -490,6 +630,12 @@ export class Client {
         return;
       case "error": {
         const code = errorName(f.code);
+        const request = this.requests.get(f.clientId);
+        if (request !== undefined) {
+          this.requests.delete(f.clientId);
+          request.reject(new GroupRequestError(code, f.text));
+          return;
+        }
         switch (this.state.onRefused(f.clientId, f.code)) {
           case "retry":
             this.emit({ type: "retrying", clientId: f.clientId, code });
@@ -526,6 +672,69 @@ export class Client {
         return;
       case "device_removed":
         this.emit({ type: "device_removed", device: f.device });
+        return;
+      case "group_ok": {
+        const request = this.requests.get(f.req);
+        this.requests.delete(f.req);
+        request?.resolve({ group: f.group, entries: [] });
+        return;
+      }
+      case "group_list": {
+        const request = this.requests.get(f.req);
+        if (request === undefined) return;
+        request.entries.push(...f.entries);
+        if (f.left === 0n) {
+          this.requests.delete(f.req);
+          request.resolve({ group: f.group, entries: request.entries });
+        }
+        return;
+      }
+      case "group_deliver":
+      case "group_event": {
+        const clientId = f.type === "group_deliver" ? f.clientId : null;
+        const from = f.type === "group_deliver" ? f.from : f.actor;
+        switch (this.state.onGroupDeliver(f.serverId, f.group, f.msg, from, clientId)) {
+          case "show":
+            if (f.type === "group_deliver") {
+              this.emit({
+                type: "group_message",
+                serverId: f.serverId,
+                group: f.group,
+                msg: f.msg,
+                from: f.from,
+                serverTimeMs: f.serverTimeMs,
+                clientId: f.clientId,
+                body: f.body,
+              });
+            } else {
+              this.emit({
+                type: "group_event",
+                serverId: f.serverId,
+                group: f.group,
+                msg: f.msg,
+                actor: f.actor,
+                serverTimeMs: f.serverTimeMs,
+                event: groupEventName(f.event) as GroupEventName,
+                subject: f.subject,
+              });
+            }
+            return;
+          case "answer_delivered":
+            this.write({ type: "delivered", serverId: f.serverId });
+            return;
+          case "ignore":
+            return;
+        }
+        return;
+      }
+      case "group_receipt":
+        this.emit({
+          type: "group_receipt",
+          kind: f.kind === 1 ? "delivered" : "read",
+          group: f.group,
+          msg: f.msg,
+          members: f.members,
+        });
         return;
       case "redirect":
         // A cluster names a TCP address; WebSocket clients go through a

@@ -5,10 +5,13 @@
 
 import { ErrorCode, type Frame } from "./codec.js";
 
-/** A message handed to `send` and not yet ACKed by the server. */
+/** A message handed to `send` (or `sendToGroup`) and not yet ACKed. */
 export interface Outgoing {
   clientId: bigint;
+  /** The recipient: a user, or a group when `group` is true. */
   to: bigint;
+  /** True for a group message (GROUP_SEND). */
+  group: boolean;
   body: Uint8Array;
 }
 
@@ -30,13 +33,15 @@ const RETRYABLE = new Set<number>([
   ErrorCode.internal,
 ]);
 
-/** SEND refusals that are final for that message. */
+/** SEND and GROUP_SEND refusals that are final for that message. */
 const FINAL = new Set<number>([
   ErrorCode.bad_recipient,
   ErrorCode.stale_client_id,
+  ErrorCode.unknown_group,
+  ErrorCode.not_member,
 ]);
 
-/** True when an ERROR with this code and a client id answers a SEND. */
+/** True when an ERROR with this code and a client id answers a SEND or GROUP_SEND. */
 export function isSendRefusal(code: number): boolean {
   return RETRYABLE.has(code) || FINAL.has(code);
 }
@@ -81,7 +86,7 @@ export class SessionState {
   private lastClientId: bigint;
   /** By server id: messages shown to the app (the last `dedupeWindow`). */
   private readonly byServerId: Recent<Seen>;
-  /** By "from/clientId": the server id a (sender, client id) pair was shown under. */
+  /** By "from/clientId" (or a group copy's keys): the server id it was shown under. */
   private readonly byPair: Recent<bigint>;
   /** SENT copies already reported, by server id. */
   private readonly sentSeen: Recent<true>;
@@ -101,13 +106,20 @@ export class SessionState {
   }
   private readonly nowUs: () => bigint;
 
-  /** Keeps a new message until ACKed; returns it with its client id. */
-  send(to: bigint, body: Uint8Array): Outgoing {
-    const now = this.nowUs();
-    this.lastClientId = now > this.lastClientId ? now : this.lastClientId + 1n;
-    const msg = { clientId: this.lastClientId, to, body };
+  /** Keeps a new message (to a group if `group`) until ACKed; returns it
+   * with its client id. */
+  send(to: bigint, body: Uint8Array, group = false): Outgoing {
+    const msg = { clientId: this.nextId(), to, group, body };
     this.outbox.set(msg.clientId, msg);
     return msg;
+  }
+
+  /** A fresh id, above every earlier one: client ids, and group request
+   * ids (so an ERROR's `client_id` field names one or the other, never both). */
+  nextId(): bigint {
+    const now = this.nowUs();
+    this.lastClientId = now > this.lastClientId ? now : this.lastClientId + 1n;
+    return this.lastClientId;
   }
 
   /** The SEND frames to write after a login: the whole outbox, in order. */
@@ -145,20 +157,43 @@ export class SessionState {
 
   /** Classifies a DELIVER (see {@link Incoming}). */
   onDeliver(serverId: bigint, from: bigint, clientId: bigint | null): Incoming {
+    // Client id 0 (a v1 sender) names nothing.
+    const keys = clientId !== null && clientId !== 0n ? [`${from}/${clientId}`] : [];
+    return this.classify(serverId, keys);
+  }
+
+  /**
+   * Classifies a GROUP_DELIVER (`clientId` set) or GROUP_EVENT (null). A copy
+   * is known by (group, msg), which a home shard's restart repeats, and a
+   * message also by (group, sender, client id), which a GROUP_SEND sent
+   * again after a lost ACK repeats under a new `msg`.
+   */
+  onGroupDeliver(
+    serverId: bigint,
+    group: bigint,
+    msg: bigint,
+    from: bigint,
+    clientId: bigint | null,
+  ): Incoming {
+    const keys = [`g${group}/${msg}`];
+    if (clientId !== null && clientId !== 0n) keys.push(`g${group}/${from}/${clientId}`);
+    return this.classify(serverId, keys);
+  }
+
+  /** Seen under this server id, or under another one with one of `keys`? */
+  private classify(serverId: bigint, keys: string[]): Incoming {
     const seen = this.byServerId.get(serverId.toString());
     if (seen !== undefined) return seen.accepted ? "answer_delivered" : "ignore";
-    // Client id 0 (a v1 sender) names nothing.
-    if (clientId !== null && clientId !== 0n) {
-      const pair = `${from}/${clientId}`;
-      const earlier = this.byPair.get(pair);
+    for (const key of keys) {
+      const earlier = this.byPair.get(key);
       if (earlier !== undefined && earlier !== serverId) {
         // The same message under another server id: a copy, stored already
         // (or about to be, with the first one).
         this.byServerId.set(serverId.toString(), { accepted: true });
         return "answer_delivered";
       }
-      this.byPair.set(pair, serverId);
     }
+    for (const key of keys) this.byPair.set(key, serverId);
     this.byServerId.set(serverId.toString(), { accepted: false });
     return "show";
   }
@@ -180,7 +215,9 @@ export class SessionState {
   }
 }
 
-/** The SEND frame of an outgoing message. */
+/** The SEND (or GROUP_SEND) frame of an outgoing message. */
 export function sendFrame(m: Outgoing): Frame {
-  return { type: "send", clientId: m.clientId, to: m.to, body: m.body };
+  return m.group
+    ? { type: "group_send", clientId: m.clientId, group: m.to, body: m.body }
+    : { type: "send", clientId: m.clientId, to: m.to, body: m.body };
 }

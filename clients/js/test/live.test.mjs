@@ -211,3 +211,94 @@ test("a bad token is refused and the client stops; a bad recipient refuses only 
   assert.deepEqual(a.c.pending(), []);
   assert.throws(() => a.c.send(1n, new Uint8Array(65001)), RangeError);
 });
+
+test("a group: create, add, send; every member gets every message in order, the sender its receipts", async () => {
+  const alice = client(1801n);
+  const bob = client(1802n);
+  const carol = client(1803n);
+  const dave = client(1804n);
+  await Promise.all([alice, bob, carol, dave].map((m) => connected(m.r)));
+  const g = await alice.c.createGroup();
+  assert.ok(g > 0n);
+  await alice.c.addMember(g, 1802n);
+  await alice.c.addMember(g, 1803n);
+  await alice.c.setAdmin(g, 1802n, true);
+  const members = await bob.c.members(g);
+  members.sort((x, y) => (x.user < y.user ? -1 : 1));
+  assert.deepEqual(members, [
+    { user: 1801n, admin: true },
+    { user: 1802n, admin: true },
+    { user: 1803n, admin: false },
+  ]);
+  // Refusals reject the request's promise with the error's name.
+  await assert.rejects(carol.c.addMember(g, 1804n), { code: "not_admin" });
+  await assert.rejects(dave.c.members(g), { code: "not_member" });
+  await assert.rejects(dave.c.addMember(1n << 60n, 1804n), { code: "unknown_group" });
+  const refusedCid = dave.c.sendToGroup(g, "not a member");
+  const refused = await dave.r.wait((e) => e.type === "refused", "refused");
+  assert.equal(refused.clientId, refusedCid);
+  assert.equal(refused.code, "not_member");
+
+  // Every member (the sender too) gets the membership events, in order.
+  const added = await carol.r.wait(
+    (e) => e.type === "group_event" && e.event === "added" && e.subject === 1803n,
+    "carol added",
+  );
+  assert.equal(added.group, g);
+  assert.equal(added.actor, 1801n);
+
+  const cids = [];
+  for (const word of ["one", "two", "three"]) cids.push(alice.c.sendToGroup(g, word));
+  const acks = [];
+  for (const cid of cids) {
+    const ack = await alice.r.wait((e) => e.type === "ack" && e.clientId === cid, "group ack");
+    assert.equal(ack.to, g);
+    assert.equal(ack.group, true);
+    acks.push(ack.serverId);
+  }
+  assert.ok(acks[0] < acks[1] && acks[1] < acks[2], "msg numbers increase");
+  assert.deepEqual(alice.c.pending(), []);
+  for (const m of [alice, bob, carol]) {
+    await until(() => m.r.count((e) => e.type === "group_message") === 3, "three group messages");
+    const got = m.r.events.filter((e) => e.type === "group_message");
+    assert.deepEqual(got.map((e) => text(e.body)), ["one", "two", "three"]);
+    assert.deepEqual(got.map((e) => e.msg), acks);
+    assert.deepEqual(got.map((e) => e.clientId), cids);
+    for (const e of got) {
+      assert.equal(e.group, g);
+      assert.equal(e.from, 1801n);
+    }
+    // Membership events come before the messages in the group's order.
+    const events = m.r.events.filter((e) => e.type === "group_event");
+    assert.ok(events.every((e) => e.msg < acks[0]));
+    for (const e of [...events, ...got]) m.c.accept(e.serverId);
+  }
+  assert.equal(dave.r.count((e) => e.type === "group_message"), 0);
+
+  // The sender gets delivered receipts naming bob and carol for each message.
+  for (const msg of acks) {
+    await until(() => {
+      const who = new Set();
+      for (const e of alice.r.events) {
+        if (e.type === "group_receipt" && e.kind === "delivered" && e.msg === msg) {
+          assert.equal(e.group, g);
+          e.members.forEach((u) => who.add(u));
+        }
+      }
+      return who.has(1802n) && who.has(1803n);
+    }, "delivered receipts from bob and carol");
+  }
+  bob.c.readGroup(g, acks[2], 1801n);
+  const read = await alice.r.wait((e) => e.type === "group_receipt" && e.kind === "read", "read receipt");
+  assert.equal(read.msg, acks[2]);
+  assert.deepEqual(read.members, [1802n]);
+
+  // Carol leaves: the members list no longer names her.
+  await carol.c.leaveGroup(g);
+  const left = await bob.r.wait((e) => e.type === "group_event" && e.event === "left", "carol left");
+  assert.equal(left.subject, 1803n);
+  assert.deepEqual(
+    (await alice.c.members(g)).map((m) => m.user).sort(),
+    [1801n, 1802n],
+  );
+});

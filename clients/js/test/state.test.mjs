@@ -87,3 +87,36 @@ test("SENT copies are reported once per server id", () => {
   assert.equal(s.onSent(9n), false);
   assert.equal(s.onSent(10n), true);
 });
+
+test("group messages share the outbox and ids; their copies are shown once", () => {
+  const s = new SessionState(16, () => 10n);
+  const a = s.send(2n, body);
+  const g = s.send(1025n, body, true);
+  const req = s.nextId();
+  // Requests and client ids come from one counter: an ERROR names one of them.
+  assert.ok(a.clientId < g.clientId && g.clientId < req);
+  assert.deepEqual(
+    s.resend().map((f) => f.type),
+    ["send", "group_send"],
+  );
+  assert.deepEqual(s.resend()[1], { type: "group_send", clientId: g.clientId, group: 1025n, body });
+  assert.equal(s.onRefused(g.clientId, ErrorCode.not_member), "final");
+  assert.equal(s.onRefused(a.clientId, ErrorCode.unknown_group), "final");
+  assert.deepEqual(s.pending(), []);
+
+  // A GROUP_DELIVER: server id 100, group 1025, msg 3, from 7, client id 55.
+  assert.equal(s.onGroupDeliver(100n, 1025n, 3n, 7n, 55n), "show");
+  assert.equal(s.onGroupDeliver(100n, 1025n, 3n, 7n, 55n), "ignore");
+  assert.equal(s.accept(100n), true);
+  // Sent out again after the home shard restarted: same (group, msg).
+  assert.equal(s.onGroupDeliver(101n, 1025n, 3n, 7n, 55n), "answer_delivered");
+  // Taken twice after a lost ACK: a new msg, same (group, sender, client id).
+  assert.equal(s.onGroupDeliver(102n, 1025n, 4n, 7n, 55n), "answer_delivered");
+  // The same client id in another group, or a 1:1 message, is another message.
+  assert.equal(s.onGroupDeliver(103n, 1026n, 3n, 7n, 55n), "show");
+  assert.equal(s.onDeliver(104n, 7n, 55n), "show");
+  // Events are known by (group, msg) alone.
+  assert.equal(s.onGroupDeliver(105n, 1025n, 5n, 7n, null), "show");
+  assert.equal(s.onGroupDeliver(106n, 1025n, 5n, 7n, null), "answer_delivered");
+  assert.equal(s.onGroupDeliver(107n, 1025n, 6n, 7n, null), "show");
+});
