@@ -720,3 +720,54 @@ fn membership_and_acknowledged_messages_survive_kill_9_during_fan_out() {
     ok(&mut ca, &mut sa2, 101);
     assert_eq!(members(&mut ca, &mut sa2, 102, g).len(), 3);
 }
+
+#[test]
+fn the_client_library_speaks_groups() {
+    let srv = TestServer::start();
+    let [a, b, ..] = four_users();
+    let mut ca = login2(srv.addr, a);
+    let mut cb = login2(srv.addr, b);
+    let g = ca.group_request(GroupFrame::Create { req: 1 }).unwrap();
+    let added = ca
+        .group_request(GroupFrame::Add {
+            req: 2,
+            group: g,
+            user: b,
+        })
+        .unwrap();
+    assert_eq!(added, g);
+    let mut m = cb.group_members(3, g).unwrap();
+    m.sort_unstable();
+    let mut want = vec![(a, true), (b, false)];
+    want.sort_unstable();
+    assert_eq!(m, want);
+    // A refusal comes back as the ERROR naming the request.
+    match cb.group_request(GroupFrame::Remove {
+        req: 4,
+        group: g,
+        user: a,
+    }) {
+        Err(tern_client::ClientError::Unexpected(OwnedFrame::Error {
+            code: ErrorCode::NotAdmin,
+            client_id: 4,
+            ..
+        })) => {}
+        other => panic!("expected ERROR(not_admin, 4), got {other:?}"),
+    }
+    cb.group_send(5, g, b"from b").unwrap();
+    let ack = cb
+        .recv_until(|f| matches!(f, OwnedFrame::Ack { client_id: 5, .. }))
+        .unwrap();
+    let OwnedFrame::Ack { server_id: msg, .. } = ack else {
+        unreachable!()
+    };
+    let copy = ca
+        .recv_until(
+            |f| matches!(f, OwnedFrame::Group(GroupFrame::Deliver { msg: m, .. }) if *m == msg),
+        )
+        .unwrap();
+    let OwnedFrame::Group(GroupFrame::Deliver { from, body, .. }) = copy else {
+        unreachable!()
+    };
+    assert_eq!((from, &body[..]), (b, &b"from b"[..]));
+}

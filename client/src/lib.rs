@@ -49,7 +49,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
-use tern::proto::{self, DecodeError, ErrorCode, Frame, Limits, OwnedFrame};
+use tern::proto::{self, DecodeError, ErrorCode, Frame, GroupFrame, Limits, OwnedFrame};
 
 /// How long [`Client::connect`] waits for the TCP handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,6 +91,31 @@ fn resolve(addr: &str) -> io::Result<SocketAddr> {
 /// The shortest wait a read is given, so that a zero timeout still looks at
 /// what the kernel has already received instead of reporting nothing.
 const READ_WAIT_MIN: Duration = Duration::from_millis(1);
+
+/// The `req` of a group request (0 for other group frames).
+fn group_req(frame: &GroupFrame<&[u8]>) -> u64 {
+    match *frame {
+        GroupFrame::Create { req }
+        | GroupFrame::Add { req, .. }
+        | GroupFrame::Remove { req, .. }
+        | GroupFrame::Leave { req, .. }
+        | GroupFrame::Admin { req, .. }
+        | GroupFrame::Members { req, .. } => req,
+        _ => 0,
+    }
+}
+
+/// Whether `f` answers the group request `req`: its GROUP_OK, a GROUP_LIST
+/// of it, or an ERROR naming it.
+fn answers(f: &OwnedFrame, req: u64) -> bool {
+    match f {
+        OwnedFrame::Group(GroupFrame::Ok { req: r, .. } | GroupFrame::List { req: r, .. }) => {
+            *r == req
+        }
+        OwnedFrame::Error { client_id, .. } => *client_id == req,
+        _ => false,
+    }
+}
 
 /// Why a client call failed.
 #[derive(Debug)]
@@ -413,6 +438,56 @@ impl Client {
     /// was shown to the reader.
     pub fn send_read(&mut self, server_id: u64, from: u64) -> io::Result<()> {
         self.send_frame(&Frame::Read { server_id, from })
+    }
+
+    /// Sends a group frame (protocol v2, docs/PROTOCOL.md "Groups"), e.g.
+    /// GROUP_ADD or GROUP_READ; its answer comes like any frame.
+    pub fn send_group(&mut self, frame: GroupFrame<&[u8]>) -> io::Result<()> {
+        self.send_frame(&Frame::Group(frame))
+    }
+
+    /// Sends GROUP_SEND{client_id, group, body}. The server answers with
+    /// ACK{client_id, server_id: the message's number in the group, ..} or
+    /// ERROR{code, client_id, ..}.
+    pub fn group_send(&mut self, client_id: u64, group: u64, body: &[u8]) -> io::Result<()> {
+        self.send_group(GroupFrame::Send {
+            client_id,
+            group,
+            body,
+        })
+    }
+
+    /// Sends the group request `frame` (GROUP_CREATE, GROUP_ADD,
+    /// GROUP_REMOVE, GROUP_LEAVE or GROUP_ADMIN, whose `req` it carries)
+    /// and waits for its answer: the group GROUP_OK names, or
+    /// [`ClientError::Unexpected`] with the ERROR. Frames that come
+    /// meanwhile (group copies, receipts) go to the backlog.
+    pub fn group_request(&mut self, frame: GroupFrame<&[u8]>) -> Result<u64, ClientError> {
+        let req = group_req(&frame);
+        self.send_group(frame)?;
+        match self.recv_until(|f| answers(f, req))? {
+            OwnedFrame::Group(GroupFrame::Ok { group, .. }) => Ok(group),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Sends GROUP_MEMBERS{req, group} and collects its GROUP_LIST frames:
+    /// every member and whether it is an admin, or
+    /// [`ClientError::Unexpected`] with the ERROR.
+    pub fn group_members(&mut self, req: u64, group: u64) -> Result<Vec<(u64, bool)>, ClientError> {
+        self.send_group(GroupFrame::Members { req, group })?;
+        let mut members = Vec::new();
+        loop {
+            match self.recv_until(|f| answers(f, req))? {
+                OwnedFrame::Group(GroupFrame::List { entries, left, .. }) => {
+                    members.extend(proto::group::list_entries(&entries));
+                    if left == 0 {
+                        return Ok(members);
+                    }
+                }
+                other => return Err(ClientError::Unexpected(other)),
+            }
+        }
     }
 
     /// Sends PING{nonce} and waits up to the read timeout for PONG{nonce};

@@ -15,6 +15,7 @@
 mod addr;
 mod driver;
 mod engine;
+mod group;
 mod ledger;
 mod report;
 mod run;
@@ -62,6 +63,8 @@ enum Command {
     Sink(sink::SinkArgs),
     /// Closed loop, window stepped: highest msgs/s with all four ticks under a deliver p99 bound.
     Saturate(saturate::SaturateArgs),
+    /// One sender, one group of --members (protocol v2): msgs/s, delivery p50/p99 and server CPU per delivered copy; --one-to-one for the 1:1 baseline.
+    Group(group::GroupArgs),
 }
 
 /// Which engine drives the sockets.
@@ -309,6 +312,7 @@ fn main() {
         Command::Storm(a) => run::storm(a, &argv),
         Command::Sink(a) => sink::run(a, &argv),
         Command::Saturate(a) => saturate::run(a, &argv).map_err(Into::into),
+        Command::Group(a) => group::run(a),
     };
     let status = match status {
         Ok(s) => s,

@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 
+use crate::group::envelope::{Envelope, GROUP_SENDER};
 use crate::io::ConnId;
-use crate::proto::{self, ByeReason, ErrorCode, Frame, ReceiptKind};
+use crate::proto::{self, ByeReason, ErrorCode, Frame, GroupFrame, ReceiptKind};
 use crate::session::{Action, Event, Flow, State};
 use crate::shard::{home_shard, Msg};
 use crate::token;
 
-use super::{Client, Note, Ring, Sim, SimEnv, ANSWER_BYTES_MAX, CLIENTS, SECRET};
+use super::{Client, Note, Ring, Sim, SimEnv, ANSWER_BYTES_MAX, CLIENTS, GROUP_CLIENT_IDS, SECRET};
 
 impl Sim {
     /// Runs `event` on shard `s`, executes its actions and checks the
@@ -163,6 +164,11 @@ impl Sim {
                         from,
                         known: here == Some(from),
                     },
+                    Frame::Group(GroupFrame::Send { client_id, .. }) => {
+                        Note::GroupSend { client, client_id }
+                    }
+                    Frame::Group(GroupFrame::Create { .. }) => Note::GroupUser(user),
+                    Frame::Group(GroupFrame::Add { user, .. }) => Note::GroupUser(user),
                     _ => Note::None,
                 }
             }
@@ -200,6 +206,15 @@ impl Sim {
                 if known {
                     self.delivered_now.push((user, server_id));
                 }
+            }
+            Note::GroupSend { client, client_id } => {
+                if let Some(c) = self.conn_mut(client) {
+                    c.groups.sends.push(client_id);
+                }
+            }
+            // Walked by `check_store`: its group copies are counted there.
+            Note::GroupUser(user) => {
+                self.recipients.insert(user);
             }
             Note::Read {
                 user,
@@ -356,6 +371,9 @@ impl Sim {
     ) {
         *self.tally.entry(frame.name()).or_default() += 1;
         let user = self.conn(client).and_then(|c| c.user);
+        if self.group_copy(s, client, frame, len) {
+            return;
+        }
         if let Frame::Deliver {
             server_id,
             from,
@@ -392,6 +410,17 @@ impl Sim {
         assert!(len <= ANSWER_BYTES_MAX, "{len}-byte {}", frame.name());
         answers[client] += 1;
         match *frame {
+            Frame::Ack { client_id, .. } if client_id >= GROUP_CLIENT_IDS => {
+                // A GROUP_SEND's: its number is the group's, not a queue's.
+                let c = self.conn_mut(client).expect("an ACK to an open connection");
+                let at = c
+                    .groups
+                    .sends
+                    .iter()
+                    .position(|&id| id == client_id)
+                    .unwrap_or_else(|| panic!("ACK for group client id {client_id}, never sent"));
+                c.groups.sends.swap_remove(at);
+            }
             Frame::Ack {
                 client_id,
                 server_id,
@@ -420,6 +449,59 @@ impl Sim {
 
     /// An ACK answers a SEND of the connection and names a message its
     /// user sent, still queued or delivered.
+    /// A group copy written to `client` (GROUP_DELIVER, GROUP_EVENT, or a
+    /// plain DELIVER of one to a version 1 connection): it is in the
+    /// user's queue as the envelope says, and joins the connection's
+    /// delivery window. False for any other frame.
+    fn group_copy(&mut self, s: usize, client: usize, frame: &Frame<'_>, len: usize) -> bool {
+        let (server_id, shown) = match *frame {
+            Frame::Group(GroupFrame::Deliver {
+                server_id,
+                group,
+                msg,
+                from,
+                body,
+                ..
+            }) => (server_id, Some((group, msg, from, body))),
+            Frame::Group(GroupFrame::Event { server_id, .. })
+            | Frame::Deliver { server_id, .. } => (server_id, None),
+            _ => return false,
+        };
+        let user = self
+            .conn(client)
+            .and_then(|c| c.user)
+            .expect("a copy to a connection not logged in");
+        let Some(queued) = self.shards[s]
+            .sessions
+            .store()
+            .next_after(user, server_id - 1)
+            .filter(|m| m.server_id == server_id && m.from == GROUP_SENDER)
+        else {
+            // Not a group copy: a DELIVER of a message, checked by the caller.
+            assert!(
+                !matches!(frame, Frame::Group(_)),
+                "{} {server_id}: not queued",
+                frame.name()
+            );
+            return false;
+        };
+        let e = Envelope::decode(&queued.body).expect("a group copy's envelope");
+        if let Some((group, msg, from, body)) = shown {
+            assert_eq!((e.group, e.msg, e.from, e.body), (group, msg, from, body));
+        }
+        let (group, msg, from, event) = (e.group, e.msg, e.from, e.event);
+        let c = self.conn_mut(client).expect("an open connection");
+        assert!(
+            c.outstanding.insert(server_id, len).is_none(),
+            "group copy {server_id} twice on one connection"
+        );
+        c.delivered_here.insert(server_id, GROUP_SENDER);
+        if event.is_none() {
+            c.groups.here.insert((group, msg), from);
+        }
+        true
+    }
+
     pub(super) fn check_ack(&mut self, client: usize, client_id: u64, server_id: u64) {
         let c = self.conn_mut(client).expect("an ACK to an open connection");
         let user = c.user;
@@ -473,6 +555,12 @@ impl Sim {
             let mut after = 0;
             let mut len = 0;
             while let Some(m) = store.next_after(user, after) {
+                if m.from == GROUP_SENDER {
+                    // A group copy: the model follows messages of SENDs.
+                    after = m.server_id;
+                    len += 1;
+                    continue;
+                }
                 assert!(
                     now.insert(m.server_id, user).is_none(),
                     "id {} twice",

@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::config::{Config, FRAME_OVERHEAD_BYTES_MAX};
 use crate::io::ConnId;
-use crate::proto::{self, ByeReason, Frame};
+use crate::proto::{self, ByeReason, Frame, GroupFrame};
 use crate::session::{Action, Env, Event, Now, Sessions};
 use crate::shard::Msg;
 use crate::stats::ShardStats;
@@ -260,7 +260,23 @@ struct Conn {
     delivered_here: BTreeMap<u64, u64>,
     /// Client ids of SENDs not answered yet (a multiset).
     sends: Vec<u64>,
+    /// Its group side, boxed: most inputs never use it.
+    groups: Box<ConnGroups>,
 }
+
+/// What the model follows of a connection's groups.
+#[derive(Debug, Default)]
+struct ConnGroups {
+    /// Client ids of GROUP_SENDs not answered yet (a multiset; from
+    /// [`GROUP_CLIENT_IDS`] up, apart from SENDs').
+    sends: Vec<u64>,
+    /// Group messages delivered in this login: (group, msg) -> sender,
+    /// what its GROUP_READs name.
+    here: BTreeMap<(u64, u64), u64>,
+}
+
+/// The vocabulary's GROUP_SEND client ids start here, above every SEND's.
+const GROUP_CLIENT_IDS: u64 = 1 << 32;
 
 impl Conn {
     fn new(shard: usize, id: ConnId, claim: Option<(Claims, u8)>) -> Conn {
@@ -277,6 +293,7 @@ impl Conn {
             outstanding: BTreeMap::new(),
             delivered_here: BTreeMap::new(),
             sends: Vec::new(),
+            groups: Box::default(),
         }
     }
 }
@@ -381,6 +398,14 @@ enum Note {
         from: u64,
         known: bool,
     },
+    /// A GROUP_SEND: answered by an ACK or an ERROR.
+    GroupSend {
+        client: usize,
+        client_id: u64,
+    },
+    /// A group request naming `user` (its creator, or the user added):
+    /// its queue may get group copies.
+    GroupUser(u64),
 }
 
 struct Sim {
@@ -660,6 +685,10 @@ impl Sim {
             _ if b % 4 == 3 => Frame::DeviceRemove {
                 device: u64::from(a % 4),
             },
+            _ if b % 4 == 2 => {
+                self.group_frame(client, a, b, out);
+                return;
+            }
             _ => Frame::Ack {
                 client_id: 1,
                 server_id: 1,
@@ -667,6 +696,45 @@ impl Sim {
             },
         };
         proto::encode(&frame, out);
+    }
+
+    /// Appends a group frame chosen by `a` (the group and user by `b`):
+    /// groups are numbered from 1 on each shard, so small ids name real
+    /// ones.
+    fn group_frame(&mut self, client: usize, a: u8, b: u8, out: &mut Vec<u8>) {
+        let user = USERS[usize::from(b) % USERS.len()];
+        let group = 1 + u64::from(b % 8);
+        let req = u64::from(a);
+        let g = match a % 8 {
+            0 => GroupFrame::Create { req },
+            1 | 2 => GroupFrame::Add { req, group, user },
+            3 => GroupFrame::Remove { req, group, user },
+            4 => GroupFrame::Leave { req, group },
+            5 => GroupFrame::Admin {
+                req,
+                group,
+                user,
+                admin: b & 1 == 0,
+            },
+            6 => GroupFrame::Members { req, group },
+            _ if a & 0x80 != 0 => {
+                // A READ of a group message delivered here, or of one
+                // that was not.
+                let known = self.conn(client).and_then(|c| {
+                    let all: Vec<_> = c.groups.here.iter().collect();
+                    all.get(usize::from(b) % (all.len() + 1))
+                        .map(|(&k, &f)| (k, f))
+                });
+                let ((group, msg), from) = known.unwrap_or(((group, u64::from(b)), user));
+                GroupFrame::Read { group, msg, from }
+            }
+            _ => GroupFrame::Send {
+                client_id: GROUP_CLIENT_IDS + u64::from(b),
+                group,
+                body: &self.bodies[usize::from(b) % self.bodies.len()][..],
+            },
+        };
+        proto::encode(&Frame::Group(g), out);
     }
 
     /// Appends a SEND: (client_id, to, index of its body).
@@ -818,6 +886,108 @@ mod tests {
             &mut out,
         );
         out
+    }
+
+    /// A group is created, gets members on every shard and a message; the
+    /// oracle follows the copies, their DELIVEREDs and the group ACK.
+    #[test]
+    fn a_written_input_exercises_groups() {
+        let enc = |g: GroupFrame<&[u8]>| {
+            let mut out = Vec::new();
+            proto::encode(&Frame::Group(g), &mut out);
+            out
+        };
+        for shards in 1..=SHARDS_MAX {
+            // The creator's home shard gives its first group id.
+            let home = crate::shard::home_shard(1, shards);
+            let group = (1..)
+                .find(|&id| crate::shard::home_shard(id, shards) == home)
+                .unwrap();
+            let mut input = SessionInput::new(shards, false);
+            for (client, user) in [(0u8, 1u64), (1, 2), (2, 3)] {
+                input
+                    .open(client, 0)
+                    .bytes(client, &login_device(user, 0))
+                    .iteration();
+            }
+            input
+                .bytes(0, &enc(GroupFrame::Create { req: 1 }))
+                .iteration();
+            for (req, user) in [(2, 2), (3, 3)] {
+                input
+                    .bytes(0, &enc(GroupFrame::Add { req, group, user }))
+                    .iteration()
+                    .iteration();
+            }
+            let send = enc(GroupFrame::Send {
+                client_id: GROUP_CLIENT_IDS + 1,
+                group,
+                body: b"hi all",
+            });
+            input.bytes(0, &send).iteration().iteration().iteration();
+            // The members answer what they were sent (vocabulary
+            // DELIVEREDs pick ids delivered here).
+            for client in 1..3u8 {
+                for _ in 0..3 {
+                    input.0.extend_from_slice(&[OP_FRAMES, client, 0, 3, 0, 0]);
+                }
+                input.iteration().iteration();
+            }
+            let tally = session_tally(&input.into_bytes());
+            assert_eq!(tally.get("GROUP_OK"), Some(&3), "{shards}: {tally:?}");
+            assert!(
+                tally.get("GROUP_DELIVER").is_some_and(|&n| n >= 3),
+                "{shards}: {tally:?}"
+            );
+            assert!(tally.contains_key("GROUP_EVENT"), "{shards}: {tally:?}");
+            assert!(tally.contains_key("GROUP_RECEIPT"), "{shards}: {tally:?}");
+        }
+    }
+
+    /// Pseudo-random vocabulary steps (group frames among them) after v2
+    /// logins: the oracle holds.
+    #[test]
+    fn pseudo_random_vocabulary_with_groups() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut groups_seen = 0;
+        for i in 0..200u64 {
+            let shards = 1 + (i % SHARDS_MAX as u64) as usize;
+            let mut input = SessionInput::new(shards, i % 5 == 0);
+            for (client, user) in [(0u8, 1u64), (1, 2), (2, 3)] {
+                input
+                    .open(client, (i % 3) as u8)
+                    .bytes(client, &login_device(user, 0))
+                    .iteration();
+            }
+            for _ in 0..60 {
+                let r = next();
+                match r % 4 {
+                    0 => input.iteration(),
+                    // A vocabulary step, group frames twice as often.
+                    _ => {
+                        let what = if r & 0x100 != 0 { 8 } else { (r >> 16) as u8 };
+                        let b = if what == 8 {
+                            ((r >> 24) as u8 & !3) | 2
+                        } else {
+                            (r >> 24) as u8
+                        };
+                        let step = [OP_FRAMES, (r >> 8) as u8 % 3, 0, what, (r >> 32) as u8, b];
+                        input.0.extend_from_slice(&step);
+                        &mut input
+                    }
+                };
+            }
+            input.time(5).iteration().iteration();
+            let tally = session_tally(&input.into_bytes());
+            groups_seen += tally.get("GROUP_OK").copied().unwrap_or(0);
+        }
+        assert!(groups_seen > 0, "no group request succeeded");
     }
 
     /// A device removes another of its user, a message waits for that
