@@ -1025,6 +1025,25 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_listen_needs_a_port_of_its_own_and_16_bit_packet_ids() {
+        for other in ["", "ws_listen = \"127.0.0.1:5280\"\n"] {
+            let mqtt = if other.is_empty() { "5222" } else { "5280" };
+            let e = Config::from_toml(&format!(
+                "listen = \"127.0.0.1:5222\"\n{other}mqtt_listen = \"127.0.0.1:{mqtt}\""
+            ))
+            .unwrap_err();
+            assert_eq!(e.key, "mqtt_listen");
+        }
+        let e = Config::from_toml("mqtt_listen = \"127.0.0.1:1883\"\ndeliver_inflight_max = 65535")
+            .unwrap_err();
+        assert_eq!(e.key, "deliver_inflight_max");
+        let c = Config::from_toml("mqtt_listen = \"127.0.0.1:1883\"").unwrap();
+        assert_eq!(c.mqtt_listen, Some("127.0.0.1:1883".parse().unwrap()));
+        // Without mqtt_listen the window may be larger.
+        Config::from_toml("deliver_inflight_max = 65535").unwrap();
+    }
+
+    #[test]
     fn tls_listen_needs_cert_and_key() {
         let e = Config::from_toml("tls_listen = \"127.0.0.1:0\"").unwrap_err();
         assert_eq!(e.key, "tls_cert");

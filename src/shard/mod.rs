@@ -205,8 +205,11 @@ pub struct Shard {
     /// MQTT: the input after a CONNECT, while its LOGIN is handled (a
     /// handoff takes it along).
     mqtt_rest: Vec<u8>,
-    /// MQTT: scratch for the packets mapped from the session's frames.
+    /// MQTT: scratch for the packets mapped from the session's frames
+    /// and for direct answers.
     mqtt_out: Vec<u8>,
+    /// MQTT: scratch for the Tern frames a packet maps to.
+    mqtt_tern: Vec<u8>,
     /// MQTT connections to close once the actions are done (generation
     /// checked): refusals 3.1.1 cannot say.
     mqtt_close: Vec<(ConnId, u32)>,
@@ -346,6 +349,7 @@ impl Shard {
             frame_buf: Vec::new(),
             mqtt_rest: Vec::new(),
             mqtt_out: Vec::new(),
+            mqtt_tern: Vec::new(),
             mqtt_close: Vec::new(),
             tls_plain: Vec::new(),
             tls,

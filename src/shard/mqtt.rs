@@ -102,7 +102,11 @@ impl Shard {
         let ctx = self.mqtt_ctx(conn);
         let connect = matches!(packet, Packet::Connect(_));
         let mut inflight = self.conns.take_inflight(conn);
-        let (mut tern, mut out) = (Vec::new(), Vec::new());
+        // Scratch kept by the shard: a packet allocates nothing here.
+        let mut tern = std::mem::take(&mut self.mqtt_tern);
+        let mut out = std::mem::take(&mut self.mqtt_out);
+        tern.clear();
+        out.clear();
         let step = bridge::on_packet(&mut mode, &mut inflight, packet, &ctx, &mut tern, &mut out);
         if !inflight.is_empty() {
             self.conns.bufs_mut(conn).inflight = inflight;
@@ -111,19 +115,25 @@ impl Shard {
         if !out.is_empty() {
             self.write_records(conn, &out);
         }
+        self.mqtt_out = out;
         if step == Step::Close {
+            self.mqtt_tern = tern;
             self.event(Event::Failed(conn));
             return false;
         }
         let gen = self.sessions.gen(conn);
-        if !tern.is_empty() {
+        if tern.is_empty() {
+            self.mqtt_tern = tern;
+        } else {
             if connect {
                 // The LOGIN may hand the connection over: the bytes after
                 // the CONNECT go with it.
-                self.mqtt_rest = rest.to_vec();
+                self.mqtt_rest.clear();
+                self.mqtt_rest.extend_from_slice(rest);
             }
             self.on_bytes(conn, &tern);
             self.mqtt_rest.clear();
+            self.mqtt_tern = tern;
             if self.sessions.gen(conn) != gen || self.sessions.state(conn) != State::Active {
                 return false;
             }
