@@ -484,10 +484,8 @@ fn serve(args: ServeArgs) -> Result<()> {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
-                format!(
-                    "took over from pid {parent} (generation {generation}) in {} ms",
-                    began.elapsed().as_millis()
-                ),
+                // Until the carried connections are all in (`info.end` below).
+                format!("{TAKING_OVER} from pid {parent} (generation {generation})"),
             );
             let handover = Handover {
                 listeners: Some(listeners),
@@ -615,6 +613,10 @@ fn ready(state: &str) {
         log::warn!("sd_notify {state:?}: {e}");
     }
 }
+
+/// `Last_upgrade` of a successor that serves while the carried connections
+/// still come in.
+const TAKING_OVER: &str = "taking over";
 
 /// What the old process has left after a failed upgrade.
 enum Kept {
@@ -751,7 +753,9 @@ fn upgrade(args: UpgradeArgs) -> Result<()> {
         };
         let last = info(&now, "Last_upgrade").unwrap_or_default();
         match info(&now, "Pid") {
-            Some(pid) if pid != old_pid => {
+            // The successor serves, but its predecessor's connections
+            // still come: wait for them too.
+            Some(pid) if pid != old_pid && !last.starts_with(TAKING_OVER) => {
                 println!("upgraded: pid {old_pid} -> pid {pid}: {last}");
                 return Ok(());
             }
