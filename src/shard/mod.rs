@@ -182,6 +182,8 @@ pub struct Shard {
     popped: u64,
     /// See [`ShardParts::adopt`].
     adopt: Arc<Adopt>,
+    /// Carried connections this shard could not install (closed).
+    adopt_failed: u64,
     /// The connections an upgrade's shutdown kept for the successor, with
     /// their states; they leave with the backend in [`Outgoing`].
     kept: Vec<(crate::io::Kept, Carried)>,
@@ -308,6 +310,7 @@ impl Shard {
             carry,
             popped: 0,
             adopt,
+            adopt_failed: 0,
             kept: Vec::new(),
             carrying: Vec::new(),
             carrying_on: false,
