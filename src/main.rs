@@ -40,8 +40,9 @@ enum Command {
     /// Live upgrade: the running server hands its listening sockets and
     /// data directory to a new process of BINARY (default: its own path,
     /// re-read from disk), started with the same arguments. Logged-in
-    /// plaintext connections move to it as they are (poll backend); the
-    /// others get BYE(upgrade) and reconnect to it; no connect is
+    /// plaintext connections move to it as they are (either backend; io_uring
+    /// needs Linux 6.8); the others get BYE(upgrade) and reconnect to it
+    /// (TLS ones resume their sessions: the ticket keys pass); no connect is
     /// refused, nothing acknowledged is lost. A successor that fails (bad
     /// configuration, a crash) leaves the old process serving. Waits for
     /// the outcome: exit status 0 once the new process serves, 1 (with the
@@ -509,10 +510,8 @@ fn serve(args: ServeArgs) -> Result<()> {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
-                format!(
-                    "took over from pid {parent} (generation {generation}) in {} ms",
-                    began.elapsed().as_millis()
-                ),
+                // Until the carried connections are all in (`info.end` below).
+                format!("{TAKING_OVER} from pid {parent} (generation {generation})"),
             );
             let handover = Handover {
                 listeners: Some(listeners),
@@ -644,6 +643,10 @@ fn ready(state: &str) {
         log::warn!("sd_notify {state:?}: {e}");
     }
 }
+
+/// `Last_upgrade` of a successor that serves while the carried connections
+/// still come in.
+const TAKING_OVER: &str = "taking over";
 
 /// What the old process has left after a failed upgrade.
 enum Kept {
@@ -780,7 +783,9 @@ fn upgrade(args: UpgradeArgs) -> Result<()> {
         };
         let last = info(&now, "Last_upgrade").unwrap_or_default();
         match info(&now, "Pid") {
-            Some(pid) if pid != old_pid => {
+            // The successor serves, but its predecessor's connections
+            // still come: wait for them too.
+            Some(pid) if pid != old_pid && !last.starts_with(TAKING_OVER) => {
                 println!("upgraded: pid {old_pid} -> pid {pid}: {last}");
                 return Ok(());
             }

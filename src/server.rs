@@ -71,8 +71,8 @@ pub struct Server {
     pusher: Option<Pusher>,
     /// Set when a shard gave up past its restart intensity.
     fatal: Arc<Fatal>,
-    /// Set with `stop` for a live upgrade: the shards say BYE(upgrade), or
-    /// (poll backend) carry their logged-in plaintext connections.
+    /// Set with `stop` for a live upgrade: the shards carry their logged-in
+    /// plaintext connections and say BYE(upgrade) to the others.
     upgrade: Arc<AtomicBool>,
     /// Where the shards leave the connections they carry.
     carried_out: Arc<crate::shard::Carry>,

@@ -81,16 +81,21 @@ server_pid=$!
 for ((i = 0; i < 100; i++)); do [ -S "$sock" ] && break; sleep 0.1; done
 
 hold_secs=$((runs * (chat_secs + 40) + 30))
-printf '%s\n' "tern-loadgen connect --conns $conns --rate 0 --hold ${hold_secs}s --ping-every 0" >>"$out/commands.txt"
+printf '%s\n' "tern-loadgen connect --conns $conns --rate 0 --inflight-max 4000 --hold ${hold_secs}s --ping-every 0" >>"$out/commands.txt"
 "${ns[@]}" timeout --kill-after=15 "$((hold_secs + 400))" "$lg" connect --server "127.0.0.1:$port" \
-    --conns "$conns" --rate 0 --hold "${hold_secs}s" --ping-every 0 --mem-floor 3GiB \
+    --conns "$conns" --rate 0 --inflight-max 4000 --hold "${hold_secs}s" --ping-every 0 --mem-floor 3GiB \
     --max-time "$((hold_secs + 360))s" --json "$out/held.json" >"$out/held.out" 2>"$out/held.err" &
 holder_pid=$!
-deadline=$(($(date +%s) + 360))
+# The ramp ends with CONNS logged in, or (a busy box: some connects time
+# out) with the count flat for 10 s at 90 % of it or more.
+deadline=$(($(date +%s) + 600)) last=-1 flat=0
 while :; do
     c=$(info_field Conns); c=${c:-0}
     [ "$c" -ge "$conns" ] && break
-    [ "$(date +%s)" -lt "$deadline" ] || { log "only $c of $conns connections after 360 s"; exit 1; }
+    if [ "$c" = "$last" ]; then flat=$((flat + 1)); else flat=0; fi
+    last=$c
+    [ "$flat" -ge 5 ] && [ "$c" -ge $((conns * 9 / 10)) ] && break
+    [ "$(date +%s)" -lt "$deadline" ] || { log "only $c of $conns connections after 600 s"; exit 1; }
     kill -0 "$holder_pid" 2>/dev/null || { log "the holder exited"; tail "$out/held.err" >&2; exit 1; }
     sleep 2
 done

@@ -123,6 +123,9 @@ const SPARE_BUFS_MAX: usize = 32;
 /// Carried connections a shard installs at most per loop iteration
 /// (live upgrade, successor).
 const ADOPT_PER_ITERATION: usize = 256;
+/// Carried connections that could not be installed are logged once per
+/// this many.
+const ADOPT_FAILED_LOG_EVERY: u64 = 1024;
 /// Largest capacity (input, output and TLS plaintext together) of a buffer
 /// set kept for reuse, bytes: so the spares hold at most 1 MiB per shard,
 /// and a burst's large buffers are freed, not kept.
@@ -870,7 +873,17 @@ impl Shard {
             let id = match self.io.adopt_socket(fd) {
                 Ok(id) => id,
                 Err(e) => {
-                    log::warn!("shard {}: upgrade: adopting user {}: {e}", self.id, c.user);
+                    // Closed: its client reconnects. Logged once per
+                    // ADOPT_FAILED_LOG_EVERY (a full box fails them all).
+                    self.adopt_failed += 1;
+                    if self.adopt_failed % ADOPT_FAILED_LOG_EVERY == 1 {
+                        log::warn!(
+                            "shard {}: upgrade: adopting user {}: {e}; closed ({} so far)",
+                            self.id,
+                            c.user,
+                            self.adopt_failed
+                        );
+                    }
                     continue;
                 }
             };

@@ -191,6 +191,8 @@ pub struct Shard {
     popped: u64,
     /// See [`ShardParts::adopt`].
     adopt: Arc<Adopt>,
+    /// Carried connections this shard could not install (closed).
+    adopt_failed: u64,
     /// The connections an upgrade's shutdown kept for the successor, with
     /// their states; they leave with the backend in [`Outgoing`].
     kept: Vec<(crate::io::Kept, Carried)>,
@@ -342,6 +344,7 @@ impl Shard {
             carry,
             popped: 0,
             adopt,
+            adopt_failed: 0,
             kept: Vec::new(),
             carrying: Vec::new(),
             carrying_on: false,
@@ -582,7 +585,15 @@ impl Shard {
             self.begin_shutdown();
         }
         if let Some(deadline) = self.stop_deadline {
-            if self.carrying_quiet() || self.clock.now() >= deadline {
+            let quiet = self.carrying_quiet();
+            if !quiet && self.carrying_on && self.clock.now() >= deadline {
+                log::warn!(
+                    "shard {}: upgrade: the shards did not agree nothing is in flight within \
+                     shutdown_grace_ms; keeping the connections anyway",
+                    self.id
+                );
+            }
+            if quiet || self.clock.now() >= deadline {
                 // Drain: the batch in flight, and the one staged behind it,
                 // are made durable (and answered where a connection is
                 // left) before the shard exits.
@@ -1037,6 +1048,12 @@ impl Shard {
                 .set_shutdown_reason(crate::proto::ByeReason::Upgrade);
             if self.io.carries() {
                 self.freeze_carried();
+                // The grace counts from the freeze's end: freezing 500,000
+                // connections took seconds, and a deadline already past
+                // would keep them before the shards agree nothing is in
+                // flight (SENDs read just before would go unanswered).
+                self.stop_deadline =
+                    Some(self.clock.now() + Duration::from_millis(self.config.shutdown_grace_ms));
                 return;
             }
         }

@@ -68,8 +68,10 @@
 //! source address of an accepted connection), `recv`,
 //! `send`, `close` (and teardown at drop), `layout` (data rings, moving
 //! connections between rings, MSG_RING retries), `handoff` (to and from
-//! other shards), over `ring` (one io_uring instance), `bufs` (its provided
-//! buffers) and `tag` (what a completion's user_data says).
+//! other shards), `carry` (live upgrade: connections out as process
+//! descriptors, in from a predecessor), over `ring` (one io_uring
+//! instance), `bufs` (its provided buffers) and `tag` (what a completion's
+//! user_data says).
 
 mod accept;
 mod bufs;
