@@ -97,7 +97,9 @@ impl DeviceWriter {
             return;
         }
         let Some(log) = &mut self.log else {
+            // Nothing to write; the receipts waiting are published anyway.
             self.records.clear();
+            sessions.count_device_records(0);
             return;
         };
         let store = sessions.store();

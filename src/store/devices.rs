@@ -699,6 +699,35 @@ mod tests {
         assert!(s.marks.is_empty() && s.receipts.is_empty());
     }
 
+    #[cfg(any(debug_assertions, feature = "failpoints"))]
+    #[test]
+    fn a_full_disk_cuts_the_partial_append_away() {
+        use crate::store::fault::{self, Op, Rule};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = DeviceLog::open(dir.path(), false).unwrap();
+        let records = all_kinds();
+        log.append(&records[..1], true).unwrap();
+        // The tempdir's unique name keeps the rule to this test.
+        let name = dir.path().to_str().unwrap().to_string();
+        fault::inject(Rule {
+            path_contains: name.clone(),
+            op: Op::Write,
+            skip: 0,
+            times: 1,
+            errno: libc::ENOSPC,
+        });
+        // Half of it was written, then cut away: the same records again
+        // leave no copy behind (a receipt twice would be handed out twice).
+        let full = log.append(&records[4..], true).unwrap_err();
+        assert!(fault::is_no_space(&full), "{full}");
+        assert!(!log.broken());
+        log.append(&records[4..], true).unwrap();
+        fault::clear(&name);
+        drop(log);
+        let (_, state) = DeviceLog::open(dir.path(), false).unwrap();
+        assert_eq!(state.receipts[&42].len(), 1, "{state:?}");
+    }
+
     #[test]
     fn replay_survives_a_torn_tail_and_compaction_drops_dead_marks() {
         let dir = tempfile::tempdir().unwrap();
