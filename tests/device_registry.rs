@@ -311,7 +311,14 @@ fn marks_and_receipts_survive_kill_9() {
     child.kill9();
 
     let child = spawn(dir.path());
-    assert_eq!(child_metric(dir.path(), "tern_receipts_waiting"), 3);
+    // The shards replay their logs after the stats socket answers: wait
+    // for the gauge rather than read it once.
+    let waiting = || child_metric(dir.path(), "tern_receipts_waiting");
+    assert!(
+        wait_for(|| waiting() == 3),
+        "receipts waiting after kill -9: {}",
+        waiting()
+    );
     // Each of a's devices gets what it has not answered, in order.
     let (mut a1, info) = login_device(child.addr, a, 1);
     assert_eq!(info.offline_count, 1);
