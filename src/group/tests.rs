@@ -358,6 +358,9 @@ fn windows_survive_a_replay_and_a_snapshot_bounded() {
         .filter(|r| matches!(r, Record::Sent { .. }))
         .count();
     assert_eq!(sent, WINDOW as usize);
+    // What the documents say an entry costs in memory.
+    let entry = std::mem::size_of::<crate::store::window::Taken<u64>>();
+    assert_eq!(entry, 32);
     let mut again = groups();
     snap.iter().for_each(|r| again.apply(r));
     check(&mut again);
