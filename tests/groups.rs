@@ -771,3 +771,137 @@ fn the_client_library_speaks_groups() {
     };
     assert_eq!((from, &body[..]), (b, &b"from b"[..]));
 }
+
+/// The ACK of GROUP_SEND `client_id`: (server_id, server_time_ms).
+fn ack_of(c: &mut Client, seen: &mut HashMap<u64, Vec<Seen>>, client_id: u64) -> (u64, u64) {
+    match next_answer(c, seen) {
+        OwnedFrame::Ack {
+            client_id: id,
+            server_id,
+            server_time_ms,
+        } if id == client_id => (server_id, server_time_ms),
+        other => panic!("expected ACK({client_id}), got {other:?}"),
+    }
+}
+
+/// The group's messages `c` got up to and including the one whose body
+/// is `last` (a group's messages come in order), as (msg, body).
+fn messages_until(
+    c: &mut Client,
+    seen: &mut HashMap<u64, Vec<Seen>>,
+    group: u64,
+    last: &[u8],
+) -> Vec<(u64, Vec<u8>)> {
+    let got = |seen: &HashMap<u64, Vec<Seen>>| -> Vec<(u64, Vec<u8>)> {
+        seen.get(&group)
+            .into_iter()
+            .flatten()
+            .filter_map(|s| match s {
+                Seen::Message { msg, body, .. } => Some((*msg, body.clone())),
+                Seen::Event { .. } => None,
+            })
+            .collect()
+    };
+    while !got(seen).iter().any(|(_, b)| b == last) {
+        let f = c.recv().expect("a frame");
+        let receipt = matches!(f, OwnedFrame::Group(GroupFrame::Receipt { .. }));
+        assert!(receipt || take_copy(c, &f, seen), "unexpected {f:?}");
+    }
+    got(seen)
+}
+
+#[test]
+fn a_retried_group_send_is_taken_once_and_answered_with_its_first_ack() {
+    let srv = TestServer::start();
+    let [a, b, c, _] = four_users();
+    let mut ca = login2(srv.addr, a);
+    let mut sa = HashMap::new();
+    let g = create(&mut ca, &mut sa, 1);
+    add(&mut ca, &mut sa, 2, g, b);
+    add(&mut ca, &mut sa, 3, g, c);
+    let g2 = create(&mut ca, &mut sa, 4);
+
+    // A retry on the same connection, after the ACK.
+    group_send(&mut ca, 10, g, b"ten");
+    let first = ack_of(&mut ca, &mut sa, 10);
+    group_send(&mut ca, 10, g, b"ten");
+    assert_eq!(ack_of(&mut ca, &mut sa, 10), first);
+    // A retry right behind the first, before its commit: the same ACK.
+    group_send(&mut ca, 11, g, b"eleven");
+    group_send(&mut ca, 11, g, b"eleven");
+    let eleven = ack_of(&mut ca, &mut sa, 11);
+    assert_eq!(ack_of(&mut ca, &mut sa, 11), eleven);
+    assert!(eleven.0 > first.0);
+    // A retry after a reconnect (the first connection gone).
+    drop(ca);
+    let mut ca = login2(srv.addr, a);
+    group_send(&mut ca, 10, g, b"ten");
+    assert_eq!(ack_of(&mut ca, &mut sa, 10), first);
+    // The same client_id for another group is refused, not taken.
+    group_send(&mut ca, 11, g2, b"eleven");
+    refused(&mut ca, &mut sa, 11, ErrorCode::StaleClientId);
+    // 32 or more below the highest taken: stale; the connection stays.
+    group_send(&mut ca, 60, g, b"sixty");
+    let sixty = ack_of(&mut ca, &mut sa, 60);
+    group_send(&mut ca, 11, g, b"eleven");
+    refused(&mut ca, &mut sa, 11, ErrorCode::StaleClientId);
+    group_send(&mut ca, 61, g, b"last");
+    let last = ack_of(&mut ca, &mut sa, 61);
+
+    // Every member (the sender too) got each message once.
+    let want = vec![
+        (first.0, b"ten".to_vec()),
+        (eleven.0, b"eleven".to_vec()),
+        (sixty.0, b"sixty".to_vec()),
+        (last.0, b"last".to_vec()),
+    ];
+    for u in [b, c] {
+        let mut cu = login2(srv.addr, u);
+        let mut su = HashMap::new();
+        assert_eq!(messages_until(&mut cu, &mut su, g, b"last"), want, "{u}");
+    }
+    assert_eq!(messages_until(&mut ca, &mut sa, g, b"last"), want);
+    assert!(!sa.contains_key(&g2) || messages_until_none(&sa, g2));
+}
+
+/// Whether `group` had no message in `seen` (events only).
+fn messages_until_none(seen: &HashMap<u64, Vec<Seen>>, group: u64) -> bool {
+    seen[&group].iter().all(|s| matches!(s, Seen::Event { .. }))
+}
+
+#[test]
+fn a_group_send_retried_after_kill_9_gets_its_original_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let [a, b, _, _] = four_users();
+    let child = spawn(dir.path());
+    let mut ca = login2(child.addr, a);
+    let mut sa = HashMap::new();
+    let g = create(&mut ca, &mut sa, 1);
+    add(&mut ca, &mut sa, 2, g, b);
+    group_send(&mut ca, 5, g, b"five");
+    let five = ack_of(&mut ca, &mut sa, 5);
+    drop(ca);
+    child.kill9();
+
+    let child = spawn(dir.path());
+    let mut ca = login2(child.addr, a);
+    let mut sa = HashMap::new();
+    group_send(&mut ca, 5, g, b"five");
+    assert_eq!(ack_of(&mut ca, &mut sa, 5), five);
+    group_send(&mut ca, 40, g, b"forty");
+    let forty = ack_of(&mut ca, &mut sa, 40);
+    assert!(forty.0 > five.0);
+    group_send(&mut ca, 5, g, b"five");
+    refused(&mut ca, &mut sa, 5, ErrorCode::StaleClientId);
+    // The member got "five" under one number only (a copy sent again
+    // after the restart is the same message), and nothing else but
+    // "forty".
+    let mut cb = login2(child.addr, b);
+    let mut sb = HashMap::new();
+    let mut got = messages_until(&mut cb, &mut sb, g, b"forty");
+    got.dedup();
+    assert_eq!(
+        got,
+        [(five.0, b"five".to_vec()), (forty.0, b"forty".to_vec())]
+    );
+}

@@ -8,6 +8,15 @@
 //! members homed there (cached, what a fan-out carries across the ring).
 //! A user's group count, for `groups_per_user_max`, is kept per shard: the
 //! groups homed on this shard the user is in.
+//!
+//! GROUP_SEND is exactly once: the home shard keeps a dedupe window per
+//! sender device, like a 1:1 SEND's (`store::window`, the same 32 client
+//! ids up to the highest taken, over the GROUP_SENDs to the groups homed
+//! here), each entry naming the group, the message's number and time. A
+//! retry gets the original number and time; below the window it is
+//! refused. Each entry is 32 bytes, so a sender device costs a shard it
+//! sent group messages to about 1 KiB once it sent 32 (and 53 bytes of
+//! `Sent` record per entry in the group log after a rewrite).
 
 pub mod envelope;
 
@@ -19,6 +28,8 @@ use foldhash::HashMap;
 use crate::proto::{ErrorCode, GroupEvent};
 use crate::shard::home_shard;
 use crate::store::groups::Record;
+use crate::store::window::{Taken, Windows};
+use crate::store::{Origin, Seen};
 
 /// One group, on its home shard.
 #[derive(Clone, Debug, Default)]
@@ -129,6 +140,25 @@ pub struct Change {
 /// Why the rules refused a request: the ERROR code and its text.
 pub type Refusal = (ErrorCode, &'static str);
 
+/// A GROUP_SEND the rules allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Taken now as message `msg`: its `Message` and `Sent` records are
+    /// staged (the window entry is in already).
+    New {
+        /// Its number in the group's order.
+        msg: u64,
+    },
+    /// A retry of one taken before: the original ACK's number and time;
+    /// nothing to store or fan out.
+    Again {
+        /// The original number in the group's order.
+        msg: u64,
+        /// The original time, ms since the Unix epoch.
+        time_ms: u64,
+    },
+}
+
 /// The groups homed on one shard, and the limits on them.
 #[derive(Debug)]
 pub struct Groups {
@@ -138,6 +168,10 @@ pub struct Groups {
     per_user: HashMap<u64, u32>,
     /// The highest group id this shard ever gave (ids are never reused).
     last_id: u64,
+    /// Per sender device, the GROUP_SENDs taken among the last
+    /// [`crate::store::WINDOW`] client ids: the message's number as the
+    /// server id, its group as the location.
+    windows: Windows<u64>,
     shard: usize,
     shards: usize,
     members_max: usize,
@@ -153,6 +187,7 @@ impl Groups {
             groups: HashMap::default(),
             per_user: HashMap::default(),
             last_id: 0,
+            windows: Windows::default(),
             shard,
             shards,
             members_max,
@@ -352,13 +387,69 @@ impl Groups {
         Ok(self.changed(group, event, actor, user, None))
     }
 
-    /// GROUP_SEND from `from` to `group`: the message's number in the
-    /// group's order, if `from` is a member.
-    pub fn order(&mut self, group: u64, from: u64) -> Result<u64, Refusal> {
+    /// GROUP_SEND `origin` from `from` to `group` at `time_ms`: new if
+    /// `from` is a member and the client_id was not taken (its records
+    /// staged in `out`), the original answer of a retry, or refused
+    /// (`stale_client_id` below the window, or for a client_id taken by a
+    /// message to another group).
+    pub fn send(
+        &mut self,
+        group: u64,
+        from: u64,
+        origin: Origin,
+        time_ms: u64,
+        body: Arc<[u8]>,
+        out: &mut Vec<Record>,
+    ) -> Result<Sent, Refusal> {
+        // Before the membership: a sender removed since its message was
+        // taken still gets that message's ACK.
+        match self.windows.seen(from, origin) {
+            Seen::New => {}
+            Seen::Taken { server_id, time_ms } => {
+                let taken = self.windows.get(from, origin).map(|t| t.loc);
+                if taken != Some(group) {
+                    return Err((
+                        ErrorCode::StaleClientId,
+                        "client_id already used for another group's message",
+                    ));
+                }
+                return Ok(Sent::Again {
+                    msg: server_id,
+                    time_ms,
+                });
+            }
+            Seen::Stale { .. } => {
+                return Err((
+                    ErrorCode::StaleClientId,
+                    "client_id is 32 or more below the highest taken from this device",
+                ));
+            }
+        }
         self.member(group, from)?;
         let g = self.groups.get_mut(&group).expect("checked");
         g.last_msg += 1;
-        Ok(g.last_msg)
+        let msg = g.last_msg;
+        out.push(Record::Message {
+            group,
+            msg,
+            from,
+            time_ms,
+            client_id: origin.client_id,
+            event: None,
+            subject: 0,
+            body,
+        });
+        let sent = Record::Sent {
+            group,
+            msg,
+            from,
+            time_ms,
+            client_id: origin.client_id,
+            device: origin.device,
+        };
+        self.apply(&sent);
+        out.push(sent);
+        Ok(Sent::New { msg })
     }
 
     /// A change made: its number in the order, and its audience (the
@@ -445,12 +536,30 @@ impl Groups {
                 }
             }
             Record::FannedOut { .. } => {}
+            Record::Sent {
+                group,
+                msg,
+                from,
+                time_ms,
+                client_id,
+                device,
+            } => {
+                let taken = Taken {
+                    client_id,
+                    server_id: msg,
+                    time_ms,
+                    loc: group,
+                };
+                self.windows
+                    .insert(from, Origin { device, client_id }, taken);
+                self.windows.prune(from, device, |_| {});
+            }
         }
     }
 
     /// The records that rebuild the whole state (a rewrite of the log):
     /// per group, its creation by its first admin, its other members, its
-    /// admins, and its order counter.
+    /// admins, and its order counter; then every dedupe window entry.
     pub fn snapshot(&self, out: &mut Vec<Record>) {
         for (&group, g) in &self.groups {
             let Some((&first, _)) = g.members.iter().find(|(_, &a)| a) else {
@@ -480,6 +589,16 @@ impl Groups {
             out.push(Record::Order {
                 group: self.last_id,
                 last_msg: 0,
+            });
+        }
+        for (from, origin, t) in self.windows.iter() {
+            out.push(Record::Sent {
+                group: t.loc,
+                msg: t.server_id,
+                from,
+                time_ms: t.time_ms,
+                client_id: origin.client_id,
+                device: origin.device,
             });
         }
     }

@@ -1,6 +1,7 @@
 //! The rules of groups, without sockets.
 
 use super::*;
+use crate::store::WINDOW;
 
 const SHARDS: usize = 2;
 
@@ -148,18 +149,36 @@ fn the_last_admin_stays_while_others_remain() {
     assert!(next > id);
 }
 
+/// GROUP_SEND `client_id` from device 0 of `from`, at time `client_id`.
+fn send(g: &mut Groups, group: u64, from: u64, client_id: u64) -> Result<Sent, Refusal> {
+    let origin = Origin {
+        device: 0,
+        client_id,
+    };
+    let body: Arc<[u8]> = Arc::from(&b"hi"[..]);
+    g.send(group, from, origin, client_id, body, &mut Vec::new())
+}
+
+fn order(g: &mut Groups, group: u64, from: u64) -> Result<u64, Refusal> {
+    let cid = 1000 + g.get(group).map_or(0, Group::last_msg);
+    match send(g, group, from, cid)? {
+        Sent::New { msg } => Ok(msg),
+        again => panic!("{again:?}"),
+    }
+}
+
 #[test]
 fn order_numbers_messages_and_events_together() {
     let mut g = groups();
     let mut out = Vec::new();
     let id = with_three(&mut g, &mut out);
     assert_eq!(g.get(id).unwrap().last_msg(), 3);
-    assert_eq!(g.order(id, 2), Ok(4));
-    assert_eq!(g.order(id, 9).unwrap_err().0, ErrorCode::NotMember);
+    assert_eq!(order(&mut g, id, 2), Ok(4));
+    assert_eq!(order(&mut g, id, 9).unwrap_err().0, ErrorCode::NotMember);
     let c = g.remove(id, 1, 2, &mut out).unwrap();
     assert_eq!(c.event, Some((GroupEvent::Removed, 5)));
-    assert_eq!(g.order(id, 2).unwrap_err().0, ErrorCode::NotMember);
-    assert_eq!(g.order(id, 3), Ok(6));
+    assert_eq!(order(&mut g, id, 2).unwrap_err().0, ErrorCode::NotMember);
+    assert_eq!(order(&mut g, id, 3), Ok(6));
 }
 
 #[test]
@@ -194,7 +213,7 @@ fn replaying_the_records_or_a_snapshot_rebuilds_the_state() {
     g.add(b, 2, 1, &mut out).unwrap();
     g.set_admin(a, 1, 3, true, &mut out).unwrap();
     g.remove(a, 3, 2, &mut out).unwrap();
-    g.order(a, 1).unwrap();
+    order(&mut g, a, 1).unwrap();
     out.push(Record::Order {
         group: a,
         last_msg: g.get(a).unwrap().last_msg(),
@@ -224,4 +243,125 @@ fn replaying_the_records_or_a_snapshot_rebuilds_the_state() {
     check(&again);
     // The deleted group's id is not given again.
     assert!(again.create(7, &mut out).unwrap().group > c);
+}
+
+#[test]
+fn a_retried_send_gets_its_original_number_and_time() {
+    let mut g = groups();
+    let mut out = Vec::new();
+    let a = with_three(&mut g, &mut out);
+    let b = g.create(2, &mut out).unwrap().group;
+    let mut staged = Vec::new();
+    let o = |device, client_id| Origin { device, client_id };
+    let body: Arc<[u8]> = Arc::from(&b"x"[..]);
+    let first = g.send(a, 2, o(1, 50), 7, body.clone(), &mut staged);
+    assert_eq!(first, Ok(Sent::New { msg: 4 }));
+    assert!(matches!(
+        staged[..],
+        [
+            Record::Message { msg: 4, .. },
+            Record::Sent {
+                msg: 4,
+                device: 1,
+                client_id: 50,
+                ..
+            }
+        ]
+    ));
+    staged.clear();
+    // The retry, later: same number and time, nothing staged, no number.
+    let again = g.send(a, 2, o(1, 50), 99, body.clone(), &mut staged);
+    assert_eq!(again, Ok(Sent::Again { msg: 4, time_ms: 7 }));
+    assert!(staged.is_empty());
+    assert_eq!(g.get(a).unwrap().last_msg(), 4);
+    // Another device of the same user has its own window.
+    assert_eq!(
+        g.send(a, 2, o(2, 50), 8, body.clone(), &mut staged),
+        Ok(Sent::New { msg: 5 })
+    );
+    // The same client_id for another group is refused, not answered
+    // with the first group's ACK.
+    let other = g.send(b, 2, o(1, 50), 9, body.clone(), &mut staged);
+    assert_eq!(other.unwrap_err().0, ErrorCode::StaleClientId);
+    // Below the window: refused; inside it and not taken: new.
+    assert_eq!(
+        g.send(a, 2, o(1, 50 + WINDOW), 10, body.clone(), &mut staged),
+        Ok(Sent::New { msg: 6 })
+    );
+    let stale = g.send(a, 2, o(1, 50), 11, body.clone(), &mut staged);
+    assert_eq!(stale.unwrap_err().0, ErrorCode::StaleClientId);
+    assert_eq!(
+        g.send(a, 2, o(1, 51), 12, body.clone(), &mut staged),
+        Ok(Sent::New { msg: 7 })
+    );
+    // A sender removed since still gets its message's ACK, not a new one.
+    g.remove(a, 1, 2, &mut out).unwrap();
+    assert_eq!(
+        g.send(a, 2, o(1, 51), 13, body.clone(), &mut staged),
+        Ok(Sent::Again {
+            msg: 7,
+            time_ms: 12
+        })
+    );
+    assert_eq!(
+        g.send(a, 2, o(1, 52), 13, body, &mut staged).unwrap_err().0,
+        ErrorCode::NotMember
+    );
+}
+
+#[test]
+fn windows_survive_a_replay_and_a_snapshot_bounded() {
+    let mut g = groups();
+    let mut out = Vec::new();
+    let a = with_three(&mut g, &mut out);
+    let body: Arc<[u8]> = Arc::from(&b"x"[..]);
+    for cid in 1..=100 {
+        let o = Origin {
+            device: 3,
+            client_id: cid,
+        };
+        g.send(a, 2, o, cid * 10, body.clone(), &mut out).unwrap();
+    }
+    let check = |r: &mut Groups| {
+        for cid in [1, 68] {
+            let o = Origin {
+                device: 3,
+                client_id: cid,
+            };
+            let e = r.send(a, 2, o, 0, body.clone(), &mut Vec::new());
+            assert_eq!(e.unwrap_err().0, ErrorCode::StaleClientId, "{cid}");
+        }
+        for cid in [69, 100] {
+            let o = Origin {
+                device: 3,
+                client_id: cid,
+            };
+            let e = r.send(a, 2, o, 0, body.clone(), &mut Vec::new());
+            // Messages 4.. after the three events of with_three.
+            assert_eq!(
+                e,
+                Ok(Sent::Again {
+                    msg: cid + 3,
+                    time_ms: cid * 10
+                })
+            );
+        }
+    };
+    let mut replayed = groups();
+    out.iter().for_each(|r| replayed.apply(r));
+    check(&mut replayed);
+    let mut snap = Vec::new();
+    g.snapshot(&mut snap);
+    // Bounded: one `Sent` per entry of the window, not per message.
+    let sent = snap
+        .iter()
+        .filter(|r| matches!(r, Record::Sent { .. }))
+        .count();
+    assert_eq!(sent, WINDOW as usize);
+    // What the documents say an entry costs in memory.
+    let entry = std::mem::size_of::<crate::store::window::Taken<u64>>();
+    assert_eq!(entry, 32);
+    let mut again = groups();
+    snap.iter().for_each(|r| again.apply(r));
+    check(&mut again);
 }

@@ -14,13 +14,13 @@ use std::sync::Arc;
 use foldhash::HashMap;
 
 use crate::group::envelope::{Envelope, GROUP_SENDER};
-use crate::group::{Change, Groups};
+use crate::group::{Change, Groups, Sent};
 use crate::io::ConnId;
 use crate::proto::group::{entry_len, put_entry, GROUP_BODY_ROOM_BYTES};
 use crate::proto::{self, put_varint, varint_len, ErrorCode, Frame, GroupFrame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
 use crate::store::groups::Record;
-use crate::store::{PushError, Stored};
+use crate::store::{Origin, PushError, Stored};
 
 use super::{Env, Flow, Now, Sessions};
 
@@ -284,7 +284,10 @@ impl Sessions {
                 Msg::GroupSend {
                     reply,
                     from: user,
-                    client_id,
+                    origin: Origin {
+                        device: s.device,
+                        client_id,
+                    },
                     group,
                     body: body.into(),
                     sent_ns: now.mono_ns,
@@ -326,7 +329,7 @@ impl Sessions {
         if !env.up(dst) {
             self.stats.unavailable.inc();
             let id = match msg {
-                Msg::GroupSend { client_id, .. } => client_id,
+                Msg::GroupSend { origin, .. } => origin.client_id,
                 Msg::GroupOp { req, .. } => req,
                 _ => 0,
             };
@@ -378,57 +381,12 @@ impl Sessions {
             Msg::GroupSend {
                 reply,
                 from,
-                client_id,
+                origin,
                 group,
                 body,
                 sent_ns,
             } => {
-                let answer = match self.groups.home.order(group, from) {
-                    Ok(msg) => {
-                        let time_ms = now.unix_ms;
-                        let body: Arc<[u8]> = body.into();
-                        let record = Record::Message {
-                            group,
-                            msg,
-                            from,
-                            time_ms,
-                            client_id,
-                            event: None,
-                            subject: 0,
-                            body: body.clone(),
-                        };
-                        self.stage_group(record);
-                        let lists = self
-                            .groups
-                            .home
-                            .get_mut(group)
-                            .expect("ordered: exists")
-                            .by_shard(self.shards)
-                            .to_vec();
-                        let fan = Fan {
-                            from,
-                            time_ms,
-                            client_id,
-                            event: None,
-                            subject: 0,
-                            body,
-                            lists,
-                            owed: 0,
-                        };
-                        self.fan_out(group, msg, fan);
-                        GroupAnswer::Ack {
-                            client_id,
-                            msg,
-                            time_ms,
-                            sent_ns,
-                        }
-                    }
-                    Err((code, text)) => GroupAnswer::Refused {
-                        code,
-                        id: client_id,
-                        text,
-                    },
-                };
+                let answer = self.group_send(now, from, origin, group, body.into(), sent_ns);
                 self.replies
                     .push((reply.shard as usize, Msg::GroupDone { reply, answer }));
             }
@@ -492,6 +450,75 @@ impl Sessions {
                 peers,
             } => self.group_receipt(user, kind, group, msg, &peers),
             other => unreachable!("not a group message: {other:?}"),
+        }
+    }
+
+    /// A GROUP_SEND to `group`, homed here: ordered, staged and fanned
+    /// out if new; a retry's answer is the original ACK (behind the same
+    /// commit as the first copy's, if that one waits for it still).
+    fn group_send(
+        &mut self,
+        now: Now,
+        from: u64,
+        origin: Origin,
+        group: u64,
+        body: Arc<[u8]>,
+        sent_ns: u64,
+    ) -> GroupAnswer {
+        let client_id = origin.client_id;
+        let mut records = Vec::new();
+        let time_ms = now.unix_ms;
+        let sent = self
+            .groups
+            .home
+            .send(group, from, origin, time_ms, body.clone(), &mut records);
+        match sent {
+            Ok(Sent::New { msg }) => {
+                records.into_iter().for_each(|r| self.stage_group(r));
+                let lists = self
+                    .groups
+                    .home
+                    .get_mut(group)
+                    .expect("ordered: exists")
+                    .by_shard(self.shards)
+                    .to_vec();
+                let fan = Fan {
+                    from,
+                    time_ms,
+                    client_id,
+                    event: None,
+                    subject: 0,
+                    body,
+                    lists,
+                    owed: 0,
+                };
+                self.fan_out(group, msg, fan);
+                GroupAnswer::Ack {
+                    client_id,
+                    msg,
+                    time_ms,
+                    sent_ns,
+                }
+            }
+            Ok(Sent::Again { msg, time_ms }) => {
+                self.stats.sends_deduped.inc();
+                GroupAnswer::Ack {
+                    client_id,
+                    msg,
+                    time_ms,
+                    sent_ns,
+                }
+            }
+            Err((code, text)) => {
+                if code == ErrorCode::StaleClientId {
+                    self.stats.stale_client_ids.inc();
+                }
+                GroupAnswer::Refused {
+                    code,
+                    id: client_id,
+                    text,
+                }
+            }
         }
     }
 

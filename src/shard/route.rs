@@ -179,8 +179,9 @@ pub enum Msg {
         reply: ConnRef,
         /// The sender.
         from: u64,
-        /// The sender's id for the message.
-        client_id: u64,
+        /// The sender's device and its id for the message: what a retry
+        /// is known by.
+        origin: Origin,
         /// The group.
         group: u64,
         /// The body.

@@ -20,6 +20,7 @@
 //!                 event u8 (0: a message), subject, body
 //! FannedOut (21), len 17: group, msg
 //! Order     (22), len 17: group, last_msg
+//! Sent      (23), len 45: group, msg, from, time_ms, client_id, device u32
 //! ```
 //!
 //! Replay applies the records in order, so the members when a `Message`
@@ -52,9 +53,11 @@ const KIND_ADMIN: u8 = 19;
 const KIND_MESSAGE: u8 = 20;
 const KIND_FANNED_OUT: u8 = 21;
 const KIND_ORDER: u8 = 22;
+const KIND_SENT: u8 = 23;
 const PAIR_LEN: usize = 1 + 16;
 const ADMIN_LEN: usize = PAIR_LEN + 1;
 const MESSAGE_FIXED_LEN: usize = 1 + 5 * 8 + 1 + 8;
+const SENT_LEN: usize = 1 + 5 * 8 + 4;
 /// Largest body a `Message` holds (as the message log's).
 const BODY_BYTES_MAX: usize = super::record::BODY_BYTES_MAX;
 
@@ -127,6 +130,24 @@ pub enum Record {
         /// The last number of its order given.
         last_msg: u64,
     },
+    /// Kind 23: GROUP_SEND `client_id` of `from`'s `device` was taken as
+    /// message `msg` of `group` at `time_ms`: an entry of the sender
+    /// device's dedupe window (written right after the message's
+    /// `Message`, and for each window entry by a rewrite).
+    Sent {
+        /// The group.
+        group: u64,
+        /// The message's number in the group's order.
+        msg: u64,
+        /// The sender.
+        from: u64,
+        /// When it was taken (the ACK's time), ms since the Unix epoch.
+        time_ms: u64,
+        /// The sender's client_id.
+        client_id: u64,
+        /// The sender's device.
+        device: u32,
+    },
 }
 
 impl Record {
@@ -139,7 +160,8 @@ impl Record {
             | Record::Admin { group, .. }
             | Record::Message { group, .. }
             | Record::FannedOut { group, .. }
-            | Record::Order { group, .. } => group,
+            | Record::Order { group, .. }
+            | Record::Sent { group, .. } => group,
         }
     }
 
@@ -149,6 +171,7 @@ impl Record {
             + match self {
                 Record::Admin { .. } => ADMIN_LEN,
                 Record::Message { body, .. } => MESSAGE_FIXED_LEN + body.len(),
+                Record::Sent { .. } => SENT_LEN,
                 _ => PAIR_LEN,
             }
     }
@@ -188,6 +211,17 @@ impl Record {
             }
             Record::FannedOut { group, msg } => put(KIND_FANNED_OUT, &[*group, *msg]),
             Record::Order { group, last_msg } => put(KIND_ORDER, &[*group, *last_msg]),
+            Record::Sent {
+                group,
+                msg,
+                from,
+                time_ms,
+                client_id,
+                device,
+            } => {
+                put(KIND_SENT, &[*group, *msg, *from, *time_ms, *client_id]);
+                out.extend_from_slice(&device.to_le_bytes());
+            }
         }
         let crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -252,6 +286,14 @@ pub fn decode(buf: &[u8]) -> Option<(Record, usize)> {
         (KIND_ORDER, PAIR_LEN) => Record::Order {
             group: u(0),
             last_msg: u(1),
+        },
+        (KIND_SENT, SENT_LEN) => Record::Sent {
+            group: u(0),
+            msg: u(1),
+            from: u(2),
+            time_ms: u(3),
+            client_id: u(4),
+            device: u32::from_le_bytes(payload[41..45].try_into().expect("4")),
         },
         _ => return None,
     };
@@ -479,6 +521,14 @@ mod tests {
                 group: 3,
                 last_msg: 5,
             },
+            Record::Sent {
+                group: 3,
+                msg: 4,
+                from: 42,
+                time_ms: 1_767_225_600_123,
+                client_id: 7,
+                device: 0x0102_0304,
+            },
         ]
     }
 
@@ -499,7 +549,7 @@ mod tests {
             }
         }
         // Kinds of the message log and the presence log are not ours.
-        for kind in [1u8, 8, 23] {
+        for kind in [1u8, 8, 24] {
             let mut buf = Vec::new();
             Record::Added { group: 1, user: 2 }.encode(&mut buf);
             buf[8] = kind;
