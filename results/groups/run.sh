@@ -18,11 +18,11 @@ sleep 1
 base=10000000
 for round in 1 2 3; do
   for spec in "one 1 50000 64" "group 10 10000 64" "group 100 2000 16" "group 1000 400 16"; do
-    set -- $spec
+    read -r kind members msgs window <<<"$spec"
     base=$((base + 10000))
-    if [ "$1" = one ]; then mode=--one-to-one; else mode="--members $2"; fi
+    if [ "$kind" = one ]; then mode=(--one-to-one); else mode=(--members "$members"); fi
     echo -n "round=$round "
-    timeout 300 $T/tern-loadgen group --addr $ADDR $mode --msgs "$3" --window "$4" \
+    timeout 300 $T/tern-loadgen group --addr $ADDR "${mode[@]}" --msgs "$msgs" --window "$window" \
       --user-base $base --server-pid $PID | tr '\n' ' '
     echo
   done
