@@ -202,78 +202,30 @@ impl Sessions {
                 req,
                 group,
                 user: u,
-            } => {
-                let op = GroupOp::Add { group, user: u };
-                (
-                    group,
-                    Msg::GroupOp {
-                        reply,
-                        actor: user,
-                        req,
-                        op,
-                    },
-                )
-            }
+            } => op_msg(reply, user, req, GroupOp::Add { group, user: u }),
             GroupFrame::Remove {
                 req,
                 group,
                 user: u,
-            } => {
-                let op = GroupOp::Remove { group, user: u };
-                (
-                    group,
-                    Msg::GroupOp {
-                        reply,
-                        actor: user,
-                        req,
-                        op,
-                    },
-                )
-            }
-            GroupFrame::Leave { req, group } => {
-                let op = GroupOp::Leave { group };
-                (
-                    group,
-                    Msg::GroupOp {
-                        reply,
-                        actor: user,
-                        req,
-                        op,
-                    },
-                )
-            }
+            } => op_msg(reply, user, req, GroupOp::Remove { group, user: u }),
+            GroupFrame::Leave { req, group } => op_msg(reply, user, req, GroupOp::Leave { group }),
             GroupFrame::Admin {
                 req,
                 group,
                 user: u,
                 admin,
-            } => {
-                let op = GroupOp::Admin {
+            } => op_msg(
+                reply,
+                user,
+                req,
+                GroupOp::Admin {
                     group,
                     user: u,
                     admin,
-                };
-                (
-                    group,
-                    Msg::GroupOp {
-                        reply,
-                        actor: user,
-                        req,
-                        op,
-                    },
-                )
-            }
+                },
+            ),
             GroupFrame::Members { req, group } => {
-                let op = GroupOp::Members { group };
-                (
-                    group,
-                    Msg::GroupOp {
-                        reply,
-                        actor: user,
-                        req,
-                        op,
-                    },
-                )
+                op_msg(reply, user, req, GroupOp::Members { group })
             }
             GroupFrame::Send {
                 client_id,
@@ -999,4 +951,25 @@ pub(super) fn lost(a: GroupAnswer) -> GroupAnswer {
         }
         other => other,
     }
+}
+
+/// A membership request `op` from `actor` (request id `req`), for the
+/// group's home shard: the group and the ring message.
+fn op_msg(reply: ConnRef, actor: u64, req: u64, op: GroupOp) -> (u64, Msg) {
+    let group = match op {
+        GroupOp::Add { group, .. }
+        | GroupOp::Remove { group, .. }
+        | GroupOp::Leave { group }
+        | GroupOp::Admin { group, .. }
+        | GroupOp::Members { group } => group,
+    };
+    (
+        group,
+        Msg::GroupOp {
+            reply,
+            actor,
+            req,
+            op,
+        },
+    )
 }
