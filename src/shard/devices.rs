@@ -82,6 +82,9 @@ impl DeviceWriter {
     pub(super) fn trim(&mut self, keep_bytes: usize) {
         crate::memory::trim_vec(&mut self.taken, keep_bytes);
         crate::memory::trim_vec(&mut self.records, keep_bytes);
+        if let Some(log) = &mut self.log {
+            log.trim(keep_bytes);
+        }
     }
 
     /// Writes what the session layer changed since the last call (and

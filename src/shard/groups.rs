@@ -20,6 +20,14 @@ pub(super) struct GroupWriter {
 }
 
 impl GroupWriter {
+    /// Gives back what a burst grew the record buffers to.
+    pub(super) fn trim(&mut self, keep_bytes: usize) {
+        crate::memory::trim_vec(&mut self.records, keep_bytes);
+        if let Some(log) = &mut self.log {
+            log.trim(keep_bytes);
+        }
+    }
+
     /// Opens shard `id`'s group log and gives its groups to `sessions`.
     /// A log that cannot be read stops the shard (its groups and the
     /// messages it acknowledged would be lost): the panic goes to the

@@ -834,6 +834,7 @@ impl Shard {
         self.outboxes.trim();
         self.sessions.trim(REUSED_KEEP_BYTES);
         self.devices.trim(REUSED_KEEP_BYTES);
+        self.groups.trim(REUSED_KEEP_BYTES);
     }
 
     /// Every `memory_release_ms`: the allocator returns what this shard

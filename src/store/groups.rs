@@ -341,6 +341,12 @@ pub struct GroupLog {
 }
 
 impl GroupLog {
+    /// Gives back what a large append or a rewrite grew the encoding
+    /// buffer to, keeping at most `keep_bytes`.
+    pub fn trim(&mut self, keep_bytes: usize) {
+        crate::memory::trim_vec(&mut self.buf, keep_bytes);
+    }
+
     /// Opens (creating if needed) the group log in shard directory `dir`
     /// and reads it; `fsync`: make each append durable against a power
     /// loss, not only a process crash. A file cut short (a torn append) is
