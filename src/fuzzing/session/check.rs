@@ -73,6 +73,7 @@ impl Sim {
         }
         self.check_conns(s);
         self.delivered_now.clear();
+        self.removed_now.clear();
         flow
     }
 
@@ -167,6 +168,7 @@ impl Sim {
                     Frame::Group(GroupFrame::Send { client_id, .. }) => {
                         Note::GroupSend { client, client_id }
                     }
+                    Frame::DeviceRemove { .. } => Note::DeviceRemove { user },
                     Frame::Group(GroupFrame::Create { .. }) => Note::GroupUser(user),
                     Frame::Group(GroupFrame::Add { user, .. }) => Note::GroupUser(user),
                     _ => Note::None,
@@ -207,6 +209,7 @@ impl Sim {
                     self.delivered_now.push((user, server_id));
                 }
             }
+            Note::DeviceRemove { user } => self.removed_now.push(user),
             Note::GroupSend { client, client_id } => {
                 if let Some(c) = self.conn_mut(client) {
                     c.groups.sends.push(client_id);
@@ -612,7 +615,8 @@ impl Sim {
         for (&server_id, &user) in &self.shards[s].stored {
             if !now.contains_key(&server_id) {
                 assert!(
-                    self.delivered_now.contains(&(user, server_id)),
+                    self.delivered_now.contains(&(user, server_id))
+                        || self.removed_now.contains(&user),
                     "message {server_id} left {user}'s queue without a DELIVERED"
                 );
                 self.delivered.insert(server_id);

@@ -391,6 +391,10 @@ enum Note {
         server_id: u64,
         known: bool,
     },
+    /// A DEVICE_REMOVE from a session of `user`.
+    DeviceRemove {
+        user: u64,
+    },
     /// A READ; `known`: of a DELIVER from `from` written to this connection.
     Read {
         user: u64,
@@ -441,6 +445,9 @@ struct Sim {
     reads: BTreeSet<(u64, u64, u64)>,
     /// DELIVEREDs of the current event: (user, server id).
     delivered_now: Vec<(u64, u64)>,
+    /// Users one of whose devices a DEVICE_REMOVE of the current event
+    /// names: what only that device owed may leave their queue.
+    removed_now: Vec<u64>,
     /// A handoff of the current event: (client, user, device, version,
     /// home).
     handoff: Option<(usize, u64, u32, u8, usize)>,
@@ -510,6 +517,7 @@ impl Sim {
             delivered: BTreeSet::new(),
             reads: BTreeSet::new(),
             delivered_now: Vec::new(),
+            removed_now: Vec::new(),
             handoff: None,
             actions: Vec::new(),
             wire: Vec::new(),
