@@ -412,9 +412,19 @@ impl Sim {
         }
         assert!(len <= ANSWER_BYTES_MAX, "{len}-byte {}", frame.name());
         answers[client] += 1;
+        // A GROUP_SEND's ACK: its number is the group's, not a queue's. (A
+        // SEND written as raw bytes may carry a client id as large.)
+        let group_ack = match *frame {
+            Frame::Ack { client_id, .. } => {
+                client_id >= GROUP_CLIENT_IDS
+                    && self
+                        .conn(client)
+                        .is_some_and(|c| c.groups.sends.contains(&client_id))
+            }
+            _ => false,
+        };
         match *frame {
-            Frame::Ack { client_id, .. } if client_id >= GROUP_CLIENT_IDS => {
-                // A GROUP_SEND's: its number is the group's, not a queue's.
+            Frame::Ack { client_id, .. } if group_ack => {
                 let c = self.conn_mut(client).expect("an ACK to an open connection");
                 let at = c
                     .groups
