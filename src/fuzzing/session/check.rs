@@ -204,9 +204,12 @@ impl Sim {
                 if let Some(c) = self.conn_mut(client) {
                     c.outstanding.remove(&server_id);
                 }
-                // Only a DELIVERED of a message delivered here may remove it.
+                // Only a DELIVERED of a message delivered here may remove it;
+                // the first device's DELIVERED is what its delivery receipt
+                // follows (other devices may still owe it).
                 if known {
                     self.delivered_now.push((user, server_id));
+                    self.delivered.insert(server_id);
                 }
             }
             Note::DeviceRemove { user } => self.removed_now.push(user),
