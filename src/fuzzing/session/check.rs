@@ -73,7 +73,6 @@ impl Sim {
         }
         self.check_conns(s);
         self.delivered_now.clear();
-        self.removed_now.clear();
         flow
     }
 

@@ -445,8 +445,9 @@ struct Sim {
     reads: BTreeSet<(u64, u64, u64)>,
     /// DELIVEREDs of the current event: (user, server id).
     delivered_now: Vec<(u64, u64)>,
-    /// Users one of whose devices a DEVICE_REMOVE of the current event
-    /// names: what only that device owed may leave their queue.
+    /// Users a DEVICE_REMOVE came from: what only the removed device owed
+    /// may leave their queue, in that event or later (the removal reaches
+    /// the user's home shard through a ring).
     removed_now: Vec<u64>,
     /// A handoff of the current event: (client, user, device, version,
     /// home).
