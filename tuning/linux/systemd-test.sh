@@ -34,7 +34,8 @@
 #      main PID moves to the successor (its MAINPID=), the unit is not
 #      restarted (same invocation, NRestarts unchanged), the generation
 #      counts up, and a batch queued before is delivered as ACKed.
-#   3. systemctl stop ends within TimeoutStopSec and the server exits 0.
+#   3. systemctl stop, right after the live upgrades (so the main process is
+#      not systemd's child), ends within TimeoutStopSec and the server exits 0.
 #   4. (--deb) dpkg -r removes the binary and the unit, keeps the store.
 # Any failure prints the unit's journal and exits 1; bad usage or a missing
 # tool exits 2. Every wait is bounded; the container (the systemd-nspawn
@@ -360,12 +361,6 @@ live_upgrade() {
     check_running "after live upgrade ($*): generation $gen, main PID $pid -> $new"
 }
 
-step "2d. queue, then live upgrades: systemctl reload, then tern upgrade"
-queue upgrade 5001-5010
-live_upgrade systemctl reload tern
-live_upgrade tern upgrade --socket /run/tern/tern.sock
-deliver upgrade
-
 # The package's unit is the same file; kill -9 and reboot are checked by
 # the run without --deb.
 if [ -z "$deb" ]; then
@@ -394,6 +389,14 @@ if [ -z "$deb" ]; then
     check_running "after reboot (unit enabled)"
     deliver reboot
 fi
+
+# Last before the stop in both runs: after an upgrade the main process is not
+# systemd's child, and the stop must still be graceful.
+step "2d. queue, then live upgrades: systemctl reload, then tern upgrade"
+queue upgrade 5001-5010
+live_upgrade systemctl reload tern
+live_upgrade tern upgrade --socket /run/tern/tern.sock
+deliver upgrade
 deliver kept
 
 step "3. systemctl stop (with a client connection open)"
