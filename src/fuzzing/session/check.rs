@@ -565,7 +565,8 @@ impl Sim {
         // a removal without a push lowers the count. The walk below is most
         // of the oracle's time.
         let counters = (store.total(), store.max_server_id());
-        if counters == (self.shards[s].stored.len(), self.shards[s].max_seen) {
+        // (The count includes group copies, which `stored` leaves out.)
+        if counters == (self.shards[s].total_seen, self.shards[s].max_seen) {
             return;
         }
         let mut now: BTreeMap<u64, u64> = BTreeMap::new();
@@ -639,6 +640,7 @@ impl Sim {
             }
         }
         self.shards[s].stored = now;
+        self.shards[s].total_seen = counters.0;
         self.shards[s].max_seen = counters.1;
     }
 

@@ -337,6 +337,9 @@ struct SimShard {
     events_since_commit: usize,
     /// Messages in the store: server id -> recipient.
     stored: BTreeMap<u64, u64>,
+    /// The store's message count (group copies included) when `stored`
+    /// was taken.
+    total_seen: usize,
     /// The store's highest id when `stored` was taken.
     max_seen: u64,
 }
@@ -474,6 +477,7 @@ impl Sim {
                 owner: BTreeMap::new(),
                 events_since_commit: 0,
                 stored: BTreeMap::new(),
+                total_seen: 0,
                 max_seen: 0,
             })
             .collect();
