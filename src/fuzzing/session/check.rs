@@ -10,7 +10,7 @@ use crate::session::{Action, Event, Flow, State};
 use crate::shard::{home_shard, Msg};
 use crate::token;
 
-use super::{Client, Note, Ring, Sim, SimEnv, ANSWER_BYTES_MAX, CLIENTS, GROUP_CLIENT_IDS, SECRET};
+use super::{Client, Note, Ring, Sim, SimEnv, ANSWER_BYTES_MAX, CLIENTS, SECRET};
 
 impl Sim {
     /// Runs `event` on shard `s`, executes its actions and checks the
@@ -417,15 +417,23 @@ impl Sim {
             assert!(len <= ANSWER_BYTES_MAX, "{len}-byte {}", frame.name());
         }
         answers[client] += 1;
-        // A GROUP_SEND's ACK: its number is the group's, not a queue's. (A
-        // SEND written as raw bytes may carry a client id as large.)
+        // A GROUP_SEND's ACK: its number is the group's, not a queue's.
+        // Raw bytes may give a SEND and a GROUP_SEND the same client id:
+        // then an ACK naming a stored message of this client id is the
+        // SEND's.
         let group_ack = match *frame {
-            Frame::Ack { client_id, .. } => {
-                client_id >= GROUP_CLIENT_IDS
-                    && self
-                        .conn(client)
-                        .is_some_and(|c| c.groups.sends.contains(&client_id))
-            }
+            Frame::Ack {
+                client_id,
+                server_id,
+                ..
+            } => self.conn(client).is_some_and(|c| {
+                let device = c.claim.map_or(0, |c| c.device);
+                c.groups.sends.contains(&client_id)
+                    && !(c.sends.contains(&client_id)
+                        && self.messages.contains_key(&server_id)
+                        && (c.version < proto::VERSION_2
+                            || self.origins.get(&server_id) == Some(&(device, client_id))))
+            }),
             _ => false,
         };
         match *frame {
