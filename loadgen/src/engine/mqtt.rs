@@ -461,3 +461,355 @@ impl<E: Engine> Engine for MqttEngine<E> {
         self.inner.server_index(addr)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The translation, with a scripted inner engine: no sockets.
+
+    use super::*;
+
+    /// An inner engine that records what is sent and replays queued events.
+    #[derive(Default)]
+    struct Script {
+        sent: Vec<(u32, Vec<u8>)>,
+        events: Vec<Event>,
+        bytes: Vec<u8>,
+    }
+
+    impl Engine for Script {
+        fn open(&mut self, _: u32, _: usize, _: usize) -> io::Result<()> {
+            Ok(())
+        }
+        fn send(&mut self, conn: u32, bytes: &[u8]) {
+            self.sent.push((conn, bytes.to_vec()));
+        }
+        fn close(&mut self, conn: u32) {
+            self.events.push(Event::Released(conn));
+        }
+        fn poll(
+            &mut self,
+            _: Duration,
+            events: &mut Vec<Event>,
+            scratch: &mut Vec<u8>,
+        ) -> io::Result<()> {
+            let base = scratch.len();
+            scratch.extend_from_slice(&self.bytes);
+            self.bytes.clear();
+            events.extend(self.events.drain(..).map(|e| match e {
+                Event::Recv(l, s, n) => Event::Recv(l, base + s, n),
+                e => e,
+            }));
+            Ok(())
+        }
+        fn stats(&self) -> EngineStats {
+            EngineStats::default()
+        }
+        fn server_index(&mut self, _: std::net::SocketAddr) -> Option<usize> {
+            Some(0)
+        }
+    }
+
+    fn engine(broker: Broker) -> MqttEngine<Script> {
+        let settings = MqttSettings {
+            broker,
+            keepalive_s: 60,
+        };
+        MqttEngine::new(Script::default(), 2, settings)
+    }
+
+    /// Delivers `bytes` from the broker on slot `l`, `chunk` bytes per
+    /// receive; the Tern frames the driver reads, and whether the slot broke.
+    fn broker_says(
+        e: &mut MqttEngine<Script>,
+        l: u32,
+        bytes: &[u8],
+        chunk: usize,
+    ) -> (Vec<proto::OwnedFrame>, bool) {
+        let (mut frames, mut broken) = (Vec::new(), false);
+        for piece in bytes.chunks(chunk) {
+            e.inner.bytes = piece.to_vec();
+            e.inner.events.push(Event::Recv(l, 0, piece.len()));
+            let (mut events, mut scratch) = (Vec::new(), Vec::new());
+            e.poll(Duration::ZERO, &mut events, &mut scratch).unwrap();
+            for ev in events {
+                match ev {
+                    Event::Recv(_, s, n) => {
+                        let mut at = s;
+                        while at < s + n {
+                            let (f, used) = proto::decode(&scratch[at..s + n], &Limits::default())
+                                .unwrap()
+                                .unwrap();
+                            frames.push(f.to_owned());
+                            at += used;
+                        }
+                    }
+                    Event::PeerClosed(_, errno) => {
+                        assert_eq!(errno, libc::EPROTO);
+                        broken = true;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        (frames, broken)
+    }
+
+    fn server(p: &Packet<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::encode(p, Version::V311, &mut out);
+        out
+    }
+
+    /// The packet the wrapper last sent to the broker.
+    fn last_sent(e: &MqttEngine<Script>) -> Vec<u8> {
+        e.inner.sent.last().expect("something sent").1.clone()
+    }
+
+    fn tern(f: &Frame<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        proto::encode(f, &mut out);
+        out
+    }
+
+    /// TCP up, LOGIN written, CONNACK and SUBACK answered: LOGIN_OK.
+    fn log_in(e: &mut MqttEngine<Script>, l: u32, token: &str) {
+        e.inner.events.push(Event::Connected(l));
+        let mut evs = Vec::new();
+        e.poll(Duration::ZERO, &mut evs, &mut Vec::new()).unwrap();
+        assert_eq!(evs, [Event::Connected(l)]);
+        e.send(
+            l,
+            &tern(&Frame::Login {
+                version: 2,
+                token: token.as_bytes(),
+            }),
+        );
+        let connack = server(&Packet::ConnAck(ConnAck {
+            session_present: false,
+            code: 0,
+            props: Props(&[]),
+        }));
+        let (frames, _) = broker_says(e, l, &connack, usize::MAX);
+        assert!(frames.is_empty());
+        let subscribe = last_sent(e);
+        let Ok(Some((Packet::Subscribe(s), _))) =
+            codec::decode(&subscribe, Some(Version::V311), 1024)
+        else {
+            panic!("not a SUBSCRIBE");
+        };
+        assert_eq!(s.filters.iter().collect::<Vec<_>>(), [("u/42", 1)]);
+        let suback = server(&Packet::SubAck(Ack {
+            pid: s.pid,
+            props: Props(&[]),
+            codes: &[1],
+        }));
+        let (frames, _) = broker_says(e, l, &suback, 1);
+        assert!(
+            matches!(
+                frames[..],
+                [proto::OwnedFrame::LoginOk {
+                    offline_count: 0,
+                    ..
+                }]
+            ),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn token_users() {
+        assert_eq!(token_user(b"v1.42.1700000000.sig"), Some(42));
+        assert_eq!(token_user(b"v2.42.3.1700000000.sig"), Some(42));
+        assert_eq!(token_user(b"v3.42.1"), None);
+        assert_eq!(token_user(b"v1.x.1"), None);
+        assert_eq!(token_user(&[0xff, b'.']), None);
+    }
+
+    #[test]
+    fn the_connect_carries_the_token_only_for_tern() {
+        for (broker, creds) in [(Broker::Tern, true), (Broker::Generic, false)] {
+            let mut e = engine(broker);
+            e.inner.events.push(Event::Connected(1));
+            e.poll(Duration::ZERO, &mut Vec::new(), &mut Vec::new())
+                .unwrap();
+            e.send(
+                1,
+                &tern(&Frame::Login {
+                    version: 2,
+                    token: b"v1.42.9.sig",
+                }),
+            );
+            let bytes = last_sent(&e);
+            let Ok(Some((Packet::Connect(c), _))) = codec::decode(&bytes, None, 1024) else {
+                panic!("not a CONNECT");
+            };
+            assert_eq!(
+                (c.version, c.clean, c.keepalive_s, c.client_id),
+                (Version::V311, true, 60, "tl-42")
+            );
+            assert_eq!(c.username, creds.then_some("42"));
+            assert_eq!(c.password, creds.then_some(&b"v1.42.9.sig"[..]));
+        }
+    }
+
+    #[test]
+    fn a_connack_refusal_is_a_login_error() {
+        for (code, want) in [
+            (4, ErrorCode::BadToken),
+            (5, ErrorCode::Banned),
+            (3, ErrorCode::Unavailable),
+        ] {
+            let mut e = engine(Broker::Tern);
+            e.inner.events.push(Event::Connected(0));
+            e.poll(Duration::ZERO, &mut Vec::new(), &mut Vec::new())
+                .unwrap();
+            e.send(
+                0,
+                &tern(&Frame::Login {
+                    version: 2,
+                    token: b"v1.42.9.sig",
+                }),
+            );
+            let connack = server(&Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+                props: Props(&[]),
+            }));
+            let (frames, broken) = broker_says(&mut e, 0, &connack, usize::MAX);
+            assert!(!broken);
+            assert!(
+                matches!(frames[..], [proto::OwnedFrame::LoginErr { code: c, .. }] if c == want),
+                "{frames:?}"
+            );
+        }
+    }
+
+    /// SENDs become PUBLISHes under distinct packet ids; their PUBACKs come
+    /// back as ACKs for the right client ids (in any order, split anywhere);
+    /// a PUBLISH from the broker is a DELIVER whose DELIVERED is its PUBACK.
+    #[test]
+    fn messages_both_ways() {
+        let mut e = engine(Broker::Tern);
+        log_in(&mut e, 1, "v1.42.9.sig");
+        let mut pids = Vec::new();
+        for (client_id, to) in [(1001u64, 7u64), (1002, 8)] {
+            e.send(
+                1,
+                &tern(&Frame::Send {
+                    client_id,
+                    to,
+                    body: b"hello",
+                }),
+            );
+            let bytes = last_sent(&e);
+            let Ok(Some((Packet::Publish(p), _))) =
+                codec::decode(&bytes, Some(Version::V311), 1024)
+            else {
+                panic!("not a PUBLISH");
+            };
+            assert_eq!(
+                (p.qos, p.topic, p.payload),
+                (1, format!("u/{to}").as_str(), &b"hello"[..])
+            );
+            pids.push(p.pid);
+        }
+        assert_ne!(pids[0], pids[1]);
+        let mut acks = server(&Packet::PubAck(PubAck {
+            pid: pids[1],
+            code: 0,
+            props: Props(&[]),
+        }));
+        acks.extend(server(&Packet::PubAck(PubAck {
+            pid: pids[0],
+            code: 0,
+            props: Props(&[]),
+        })));
+        // An unknown packet id is ignored.
+        acks.extend(server(&Packet::PubAck(PubAck {
+            pid: 999,
+            code: 0,
+            props: Props(&[]),
+        })));
+        let (frames, broken) = broker_says(&mut e, 1, &acks, 3);
+        assert!(!broken);
+        let ids: Vec<u64> = frames
+            .iter()
+            .map(|f| match f {
+                proto::OwnedFrame::Ack { client_id, .. } => *client_id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [1002, 1001]);
+        assert!(e.outbox.is_empty(), "nothing kept once answered");
+
+        let mut body = vec![0u8; 20];
+        body[12..20].copy_from_slice(&7u64.to_le_bytes());
+        let publish = server(&Packet::Publish(Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: "u/42",
+            pid: 33,
+            props: Props(&[]),
+            payload: &body,
+        }));
+        let (frames, _) = broker_says(&mut e, 1, &publish, 2);
+        match &frames[..] {
+            [proto::OwnedFrame::Deliver {
+                server_id: 33,
+                from: 7,
+                body: b,
+                ..
+            }] => assert_eq!(b, &body),
+            other => panic!("{other:?}"),
+        }
+        e.send(1, &tern(&Frame::Delivered { server_id: 33 }));
+        assert_eq!(
+            last_sent(&e),
+            server(&Packet::PubAck(PubAck {
+                pid: 33,
+                code: 0,
+                props: Props(&[])
+            }))
+        );
+        e.send(1, &tern(&Frame::Ping { nonce: 5 }));
+        assert_eq!(last_sent(&e), server(&Packet::PingReq));
+        let (frames, _) = broker_says(&mut e, 1, &server(&Packet::PingResp), 1);
+        assert!(matches!(frames[..], [proto::OwnedFrame::Pong { .. }]));
+    }
+
+    /// Bytes that break MQTT, or a packet a broker does not send (a
+    /// CONNECT), end the connection with `EPROTO`, once.
+    #[test]
+    fn a_broken_broker_closes_the_connection() {
+        let connect = server(&Packet::Connect(Connect {
+            version: Version::V311,
+            clean: true,
+            keepalive_s: 0,
+            props: Props(&[]),
+            client_id: "x",
+            will: None,
+            username: None,
+            password: None,
+        }));
+        for bad in [
+            vec![0x20, 0xff, 0xff, 0xff, 0xff, 0x01],
+            vec![0xf0, 0x00],
+            connect,
+        ] {
+            let mut e = engine(Broker::Generic);
+            log_in(&mut e, 0, "v1.42.9.sig");
+            let (_, broken) = broker_says(&mut e, 0, &bad, usize::MAX);
+            assert!(broken, "{bad:?}");
+            // The inner engine's own close report is not repeated.
+            e.inner.events.push(Event::PeerClosed(0, 0));
+            let mut evs = Vec::new();
+            e.poll(Duration::ZERO, &mut evs, &mut Vec::new()).unwrap();
+            assert!(evs.is_empty());
+            e.close(0);
+            e.poll(Duration::ZERO, &mut evs, &mut Vec::new()).unwrap();
+            assert_eq!(evs, [Event::Released(0)]);
+            assert_eq!(e.phase[0], P_IDLE);
+        }
+    }
+}
