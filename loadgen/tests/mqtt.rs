@@ -256,9 +256,12 @@ impl Drop for Mosquitto {
 /// persistence, no in-flight or queue limits that would drop a message);
 /// `None` when it is not installed (and not required).
 fn mosquitto(dir: &Path) -> Option<Mosquitto> {
-    let bin = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
+    // Debian puts the broker in /usr/sbin, often not on a user's PATH.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let bin = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file());
     let Some(bin) = bin else {
         assert!(
             std::env::var_os("TERN_REQUIRE_MOSQUITTO").is_none(),
