@@ -58,35 +58,42 @@ fn loadgen_with_secret(args: &[&str], secret: &str, json: &Path) -> (i32, Value)
     (status, serde_json::from_str(&text).expect("report is JSON"))
 }
 
-/// A chat of 200 users and 400 messages over MQTT to `server`, on `engine`.
-fn chat(server: &str, broker: &str, engine: &str, base: u64, json: &Path) -> (i32, Value) {
+/// A chat of 200 users and 400 messages over MQTT to `server`, on
+/// `engine`; `extra`: more options.
+fn chat(
+    server: &str,
+    broker: &str,
+    engine: &str,
+    base: u64,
+    extra: &[&str],
+    json: &Path,
+) -> (i32, Value) {
     let base = base.to_string();
-    loadgen(
-        &[
-            "chat",
-            "--protocol",
-            "mqtt",
-            "--broker",
-            broker,
-            "--server",
-            server,
-            "--engine",
-            engine,
-            "--conns",
-            "200",
-            "--rate",
-            "2000/s",
-            "--msg-rate",
-            "400/s",
-            "--duration",
-            "1s",
-            "--drain",
-            "20s",
-            "--user-base",
-            &base,
-        ],
-        json,
-    )
+    let mut args = vec![
+        "chat",
+        "--protocol",
+        "mqtt",
+        "--broker",
+        broker,
+        "--server",
+        server,
+        "--engine",
+        engine,
+        "--conns",
+        "200",
+        "--rate",
+        "2000/s",
+        "--msg-rate",
+        "400/s",
+        "--duration",
+        "1s",
+        "--drain",
+        "20s",
+        "--user-base",
+        &base,
+    ];
+    args.extend_from_slice(extra);
+    loadgen(&args, json)
 }
 
 /// Every message PUBLISHed, PUBACKed and delivered exactly once, in order:
@@ -127,8 +134,62 @@ fn chat_over_tern_mqtt_loses_nothing() {
             "tern",
             engine,
             50_000_000 + i as u64 * 1_000_000,
+            &[],
             &json,
         );
+        assert_chat_lost_nothing(engine, status, &r);
+    }
+    server.shutdown();
+    server.join();
+}
+
+/// `--protocol mqtt --tls`: the same chat over Tern's MQTT-over-TLS
+/// listener (`mqtt_tls_listen`), both engines, with a CA made here.
+#[test]
+fn chat_over_tern_mqtt_tls_loses_nothing() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "loadgen test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca_cert, &ca_key)
+        .unwrap();
+    let (cert_path, key_path, ca_path) = (
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    // The server refuses a private key that group or others can read.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&key_path, private).unwrap();
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let server = Server::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        mqtt_tls_listen: Some("127.0.0.1:0".parse().unwrap()),
+        tls_cert: cert_path,
+        tls_key: key_path,
+        shards: 2,
+        stats_socket: dir.path().join("tern.sock"),
+        data_dir: dir.path().join("data"),
+        io: test_backend(),
+        ..Default::default()
+    })
+    .expect("server starts");
+    let addr = server.mqtt_tls_addr().unwrap().to_string();
+    let ca_arg = ca_path.to_str().unwrap();
+    for (i, engine) in engines().into_iter().enumerate() {
+        let json = dir.path().join(format!("chat-tls-{engine}.json"));
+        let base = 56_000_000 + i as u64 * 1_000_000;
+        let extra = ["--tls", "--tls-ca", ca_arg];
+        let (status, r) = chat(&addr, "tern", engine, base, &extra, &json);
         assert_chat_lost_nothing(engine, status, &r);
     }
     server.shutdown();
@@ -317,6 +378,7 @@ fn chat_over_mosquitto_loses_nothing() {
             "generic",
             engine,
             55_000_000 + i as u64 * 1_000_000,
+            &[],
             &json,
         );
         assert_chat_lost_nothing(engine, status, &r);
