@@ -113,6 +113,11 @@ pub struct Config {
     /// a Tern token (docs/MQTT.md). Port 0 picks a free port. Default
     /// none: no MQTT.
     pub mqtt_listen: Option<SocketAddr>,
+    /// Optional MQTT over TLS listener address (TLS 1.3, the `tls_cert` /
+    /// `tls_key` certificate, also without `tls_listen`): the same MQTT as
+    /// `mqtt_listen` inside TLS (docs/MQTT.md). Port 0 picks a free port.
+    /// Default none.
+    pub mqtt_tls_listen: Option<SocketAddr>,
     /// `Origin` values a WebSocket upgrade may carry (exact match, e.g.
     /// `"https://chat.example.org"`); others get 403. Empty (the default)
     /// allows any origin, and requests without one.
@@ -471,6 +476,7 @@ impl Default for Config {
             tls_key: PathBuf::new(),
             ws_listen: None,
             mqtt_listen: None,
+            mqtt_tls_listen: None,
             ws_origins: Vec::new(),
             token_secret: DEV_TOKEN_SECRET.to_string(),
             frame_bytes_max: 65536,
@@ -704,6 +710,28 @@ impl Config {
                     "must differ from listen, tls_listen and ws_listen",
                 ));
             }
+        }
+        if let Some(mqtt_tls) = self.mqtt_tls_listen {
+            let taken = [
+                Some(self.listen),
+                self.tls_listen,
+                self.ws_listen,
+                self.mqtt_listen,
+            ];
+            if mqtt_tls.port() != 0 && taken.contains(&Some(mqtt_tls)) {
+                return Err(bad(
+                    "mqtt_tls_listen",
+                    "must differ from listen, tls_listen, ws_listen and mqtt_listen",
+                ));
+            }
+            if self.tls_cert.as_os_str().is_empty() {
+                return Err(bad("tls_cert", "is required with mqtt_tls_listen"));
+            }
+            if self.tls_key.as_os_str().is_empty() {
+                return Err(bad("tls_key", "is required with mqtt_tls_listen"));
+            }
+        }
+        if self.mqtt_listen.is_some() || self.mqtt_tls_listen.is_some() {
             // An MQTT packet id is 16 bits: the window must leave ids free.
             if self.deliver_inflight_max > usize::from(u16::MAX) - 1 {
                 return Err(bad(
@@ -1022,6 +1050,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.ws_origins, ["https://chat.example"]);
+    }
+
+    #[test]
+    fn mqtt_tls_listen_needs_the_certificate_and_a_port_of_its_own() {
+        let e = Config::from_toml("mqtt_tls_listen = \"127.0.0.1:8883\"").unwrap_err();
+        assert_eq!(e.key, "tls_cert");
+        let e = Config::from_toml("mqtt_tls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"")
+            .unwrap_err();
+        assert_eq!(e.key, "tls_key");
+        let e = Config::from_toml(
+            "mqtt_listen = \"127.0.0.1:1883\"\nmqtt_tls_listen = \"127.0.0.1:1883\"\n\
+             tls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "mqtt_tls_listen");
+        let c = Config::from_toml(
+            "mqtt_tls_listen = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt_tls_listen, Some("127.0.0.1:8883".parse().unwrap()));
+        assert_eq!(c.tls_listen, None);
     }
 
     #[test]

@@ -149,10 +149,14 @@ struct Overrides {
     /// MQTT 3.1.1/5.0 listener address (plaintext; docs/MQTT.md).
     #[arg(long)]
     mqtt_listen: Option<SocketAddr>,
-    /// PEM certificate chain for the TLS listener.
+    /// MQTT over TLS listener address (TLS 1.3, the --tls-cert and
+    /// --tls-key certificate; docs/MQTT.md).
+    #[arg(long)]
+    mqtt_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
-    /// PEM private key for the TLS listener.
+    /// PEM private key for the TLS listeners.
     #[arg(long)]
     tls_key: Option<PathBuf>,
     /// Token secret (prefer the environment variable).
@@ -366,6 +370,9 @@ impl Overrides {
         }
         if self.mqtt_listen.is_some() {
             c.mqtt_listen = self.mqtt_listen;
+        }
+        if self.mqtt_tls_listen.is_some() {
+            c.mqtt_tls_listen = self.mqtt_tls_listen;
         }
         if self.push_url.is_some() {
             c.push_url = self.push_url;

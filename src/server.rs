@@ -59,6 +59,7 @@ pub struct Server {
     tls_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
+    mqtt_tls_addr: Option<SocketAddr>,
     tls: Option<Arc<TlsContext>>,
     stats_socket: PathBuf,
     stop: Arc<AtomicBool>,
@@ -148,7 +149,8 @@ impl Server {
         }
         // TLS: the certificate is read before anything listens, so a bad
         // file fails the start with an error naming it.
-        let tls = match config.tls_listen {
+        // One certificate for both TLS listeners (Tern's and MQTT's).
+        let tls = match config.tls_listen.or(config.mqtt_tls_listen) {
             Some(_) => Some(Arc::new(TlsContext::load_with_keys(
                 &config.tls_cert,
                 &config.tls_key,
@@ -197,16 +199,26 @@ impl Server {
             retry,
             &config,
         )?;
+        let (mqtt_tls_listeners, mqtt_tls_addr) = per_shard(
+            config.mqtt_tls_listen,
+            "mqtt_tls_listen",
+            shards,
+            upgrading,
+            retry,
+            &config,
+        )?;
         let listeners: Vec<Listeners> = plain
             .into_iter()
             .zip(tls_listeners)
             .zip(ws_listeners)
             .zip(mqtt_listeners)
-            .map(|(((plain, tls), ws), mqtt)| Listeners {
+            .zip(mqtt_tls_listeners)
+            .map(|((((plain, tls), ws), mqtt), mqtt_tls)| Listeners {
                 plain,
                 tls,
                 ws,
                 mqtt,
+                mqtt_tls,
             })
             .collect();
         // Copies for a successor; taken before the shards own the sockets.
@@ -427,11 +439,15 @@ impl Server {
         if let Some(mqtt_addr) = mqtt_addr {
             log::info!("MQTT listening on {mqtt_addr}");
         }
+        if let Some(mqtt_tls_addr) = mqtt_tls_addr {
+            log::info!("MQTT over TLS listening on {mqtt_tls_addr}");
+        }
         Ok(Server {
             addr,
             tls_addr,
             ws_addr,
             mqtt_addr,
+            mqtt_tls_addr,
             tls,
             stats_socket: config.stats_socket.clone(),
             stop,
@@ -470,12 +486,17 @@ impl Server {
         self.mqtt_addr
     }
 
+    /// The MQTT-over-TLS listener's address, when `mqtt_tls_listen` is set.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
+    }
+
     /// Re-reads the TLS certificate and key (SIGHUP, `reload tls`). New
     /// handshakes use them; on error the old ones stay.
     pub fn reload_tls(&self) -> Result<String, String> {
         match &self.tls {
             Some(tls) => tls.reload(),
-            None => Err("TLS is not configured (no tls_listen)".to_string()),
+            None => Err("TLS is not configured (no tls_listen or mqtt_tls_listen)".to_string()),
         }
     }
 
@@ -618,7 +639,7 @@ impl Released {
 }
 
 /// One listener per shard on `want` (the `key` listener: `ws_listen`,
-/// `mqtt_listen`), bound like TLS's. A live upgrade does not hand these
+/// `mqtt_listen`, `mqtt_tls_listen`), bound like TLS's. A live upgrade does not hand these
 /// over; the successor binds its own beside its predecessor's
 /// (SO_REUSEPORT), without the claim, which would find the port in use by
 /// a live process. Returns them and the bound address.

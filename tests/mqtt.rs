@@ -765,3 +765,115 @@ fn kill_9_loses_no_pubacked_message() {
         }
     }
 }
+
+/// A CA (its PEM) and a server certificate and key for `localhost`
+/// (127.0.0.1 too), made with rcgen, written to `dir`: (ca, cert, key).
+fn tls_files(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tern test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    // The server refuses a private key others can read.
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&paths.2, private).unwrap();
+    paths
+}
+
+/// `mqtt_tls_listen` (docs/MQTT.md, "TLS"): mosquitto_pub and
+/// mosquitto_sub with `--cafile` exchange messages with a Tern-protocol
+/// user through it, 3.1.1 and 5.0; a client that does not speak TLS there
+/// gets no MQTT answer.
+#[test]
+fn mosquitto_clients_over_tls() {
+    if !have_mosquitto() {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(files.path());
+    let srv = TestServer::start_with(move |c| {
+        c.mqtt_tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.tls_cert = cert;
+        c.tls_key = key;
+    });
+    let addr = srv
+        .server()
+        .mqtt_tls_addr()
+        .expect("mqtt_tls_listen is set");
+    let (a, b) = cross_pair(); // a: Tern protocol, b: MQTT over TLS
+    let mut tern = srv.login(a);
+    let tls = |tool: &str| {
+        let mut cmd = mosquitto(tool, addr, b);
+        // The certificate names localhost: the client checks it.
+        cmd.args(["-h", "localhost", "--cafile"]).arg(&ca);
+        cmd
+    };
+
+    for v in ["mqttv311", "mqttv5"] {
+        let out =
+            run(tls("mosquitto_pub").args(["-q", "1", "-V", v, "-t", &format!("u/{a}"), "-m", v]));
+        assert!(out.status.success(), "{v}: {out:?}");
+        let d = recv_deliver(&mut tern);
+        assert_eq!((d.from, &d.body[..]), (b, v.as_bytes()));
+        tern.send_delivered(d.server_id).unwrap();
+    }
+
+    tern.send_msg(1, b, b"to mqtt over tls").unwrap();
+    let sid = recv_ack(&mut tern, 1);
+    let out =
+        run(tls("mosquitto_sub").args(["-q", "1", "-t", &format!("u/{b}"), "-C", "1", "-W", "10"]));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "to mqtt over tls"
+    );
+    expect_receipt(&mut tern, ReceiptKind::Delivered, sid, b);
+
+    // Plain MQTT on the TLS port: the CONNECT is no TLS record, so the
+    // server closes without a CONNACK (nothing MQTT comes back).
+    let mut raw = TcpStream::connect(addr).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    let mut connect = Vec::new();
+    let password = token(b);
+    let user = b.to_string();
+    codec::encode(
+        &Packet::Connect(Connect {
+            version: Version::V311,
+            clean: true,
+            keepalive_s: 0,
+            props: Props(&[]),
+            client_id: "plain",
+            will: None,
+            username: Some(&user),
+            password: Some(password.as_bytes()),
+        }),
+        Version::V311,
+        &mut connect,
+    );
+    raw.write_all(&connect).unwrap();
+    let mut got = Vec::new();
+    let _ = raw.read_to_end(&mut got);
+    assert!(
+        codec::decode(&got, Some(Version::V311), 1 << 16)
+            .map_or(true, |p| !matches!(p, Some((Packet::ConnAck(_), _)))),
+        "a CONNACK in the clear: {got:?}"
+    );
+}

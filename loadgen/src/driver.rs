@@ -104,6 +104,9 @@ pub struct Plan {
     pub subscribe: u32,
     /// Connects and logins in progress per worker, at most.
     pub inflight_max: u32,
+    /// The server sends delivery receipts (Tern protocol; not MQTT 3.1.1,
+    /// whose PUBACK names no message): ACKed messages wait for one.
+    pub receipts: bool,
     /// Identifies this run's message bodies.
     pub run_id: u32,
     /// Message `n` of this run is sent with client id `client_id_base + n +
@@ -1210,6 +1213,9 @@ impl<E: Engine> Worker<E> {
                 plan.ledger.mark(n, ACKED);
                 let intended = plan.sched.intended_ns(n);
                 record(&mut self.ivl.ack, now.saturating_sub(intended) / 1000);
+                if !self.plan.receipts {
+                    return;
+                }
                 let peer = self.plan.user(plan.recipient(n));
                 if let Some(at) = self.early_receipts.remove(&(peer, server_id)) {
                     self.receipt_for(&plan, n, at);
@@ -1593,6 +1599,7 @@ mod tests {
                 ping_every: Duration::ZERO,
                 subscribe: 0,
                 inflight_max: 1,
+                receipts: true,
                 run_id: 0,
                 client_id_base: 0,
                 epoch: Instant::now(),

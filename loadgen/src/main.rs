@@ -67,6 +67,16 @@ enum Command {
     Group(group::GroupArgs),
 }
 
+/// The protocol spoken on each connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// Tern's own protocol (docs/PROTOCOL.md), version 2.
+    Tern,
+    /// MQTT 3.1.1, QoS 1: each user publishes to `u/<to>` and subscribes
+    /// to its own `u/<id>` (docs/MQTT.md; loadgen/README.md, "MQTT").
+    Mqtt,
+}
+
 /// Which engine drives the sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineKind {
@@ -152,6 +162,16 @@ pub struct Common {
     /// `Origin` header of the WebSocket upgrade (none without it).
     #[arg(long, requires = "ws")]
     pub ws_origin: Option<String>,
+    /// Protocol spoken to the server: `tern` (its own, `listen`/`tls_listen`
+    /// port) or `mqtt` (MQTT 3.1.1 QoS 1: Tern's `mqtt_listen` port, or any
+    /// MQTT broker with --broker generic). `connect`, `chat` and `storm`.
+    #[arg(long, value_enum, default_value = "tern")]
+    pub protocol: Protocol,
+    /// With --protocol mqtt, the broker: `tern` (user name = user id,
+    /// password = token) or `generic` (no user name or password: a broker
+    /// with authentication off, such as mosquitto with allow_anonymous).
+    #[arg(long, value_enum, default_value = "tern")]
+    pub broker: engine::mqtt::Broker,
     /// Token secret (default: the server's development secret).
     #[arg(long, default_value = tern::config::DEV_TOKEN_SECRET, env = "TERN_TOKEN_SECRET")]
     pub secret: String,

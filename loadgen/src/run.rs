@@ -22,7 +22,7 @@ use crate::report::{fmt_us, p50_p99, HistReport, Hists, Shared, C};
 use crate::sched::{Schedule, NS_PER_S};
 use crate::sysinfo::{self, fmt_bytes};
 use crate::{
-    parse_jitter, ChatArgs, Common, ConnectArgs, EngineKind, OfflineArgs, StormArgs,
+    parse_jitter, ChatArgs, Common, ConnectArgs, EngineKind, OfflineArgs, Protocol, StormArgs,
     EXIT_CONN_FAILED, EXIT_LOST, EXIT_OK,
 };
 
@@ -154,6 +154,7 @@ impl Run {
             servers: servers.len(),
             ping_every: common.ping_every,
             subscribe: common.subscribe,
+            receipts: common.protocol == Protocol::Tern,
             inflight_max: common.inflight_max.max(1),
             run_id: (crate::sched::mix(
                 SystemTime::now()
@@ -186,6 +187,26 @@ impl Run {
         if common.ws && !login {
             return Err("--ws needs logins (not --raw)".into());
         }
+        let mqtt = common.protocol == Protocol::Mqtt;
+        if mqtt {
+            if !login {
+                return Err("--protocol mqtt needs logins (not --raw)".into());
+            }
+            if common.ws {
+                return Err("--protocol mqtt does not take --ws".into());
+            }
+            if devices > 1 {
+                return Err("--protocol mqtt takes one connection per user (no --devices)".into());
+            }
+            if common.subscribe > 0 {
+                return Err("--protocol mqtt has no presence (no --subscribe)".into());
+            }
+        }
+        let mqtt = mqtt.then(|| crate::engine::mqtt::MqttSettings {
+            broker: common.broker,
+            // Twice the PING interval: a broker closes after 1.5 times it.
+            keepalive_s: (common.ping_every.as_secs_f64() * 2.0).ceil().min(65535.0) as u16,
+        });
         let ws = common.ws.then(|| crate::engine::ws::WsSettings {
             host: common
                 .server
@@ -214,9 +235,10 @@ impl Run {
             };
             let (plan, shared, ready) = (plan.clone(), shared.clone(), ready_tx.clone());
             let (tls, ws) = (tls.clone(), ws.clone());
+            let wrap = Wrap { tls, ws, mqtt };
             let h = std::thread::Builder::new()
                 .name(format!("loadgen-{w}"))
-                .spawn(move || worker_main(w, engine, cfg, tls, ws, plan, shared, rx, ready))?;
+                .spawn(move || worker_main(w, engine, cfg, wrap, plan, shared, rx, ready))?;
             handles.push(h);
         }
         drop(ready_tx);
@@ -750,13 +772,19 @@ type TlsSettings = (
     rustls::pki_types::ServerName<'static>,
 );
 
+/// The layers over a worker's engine: TLS, then WebSocket or MQTT.
+struct Wrap {
+    tls: Option<TlsSettings>,
+    ws: Option<crate::engine::ws::WsSettings>,
+    mqtt: Option<crate::engine::mqtt::MqttSettings>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn worker_main(
     w: usize,
     engine: EngineKind,
     cfg: EngineConfig,
-    tls: Option<TlsSettings>,
-    ws: Option<crate::engine::ws::WsSettings>,
+    wrap: Wrap,
     plan: Arc<Plan>,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Cmd>,
@@ -768,19 +796,31 @@ fn worker_main(
             match $e {
                 Ok(engine) => {
                     let _ = ready.send(Ok(()));
-                    // `--tls` and `--ws` exclude each other (no `wss` listener).
-                    match (tls, ws) {
-                        (Some((config, name)), _) => {
+                    // `--tls` and `--ws` exclude each other (no `wss` listener);
+                    // so do `--ws` and `--protocol mqtt`.
+                    let Wrap { tls, ws, mqtt } = wrap;
+                    match (tls, ws, mqtt) {
+                        (Some((config, name)), _, Some(m)) => {
+                            let engine =
+                                crate::engine::tls::TlsEngine::new(engine, conns, config, name);
+                            let engine = crate::engine::mqtt::MqttEngine::new(engine, conns, m);
+                            Worker::new(w, plan, shared, rx, engine).run()
+                        }
+                        (None, _, Some(m)) => {
+                            let engine = crate::engine::mqtt::MqttEngine::new(engine, conns, m);
+                            Worker::new(w, plan, shared, rx, engine).run()
+                        }
+                        (Some((config, name)), _, None) => {
                             let engine =
                                 crate::engine::tls::TlsEngine::new(engine, conns, config, name);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
-                        (None, Some(ws)) => {
+                        (None, Some(ws), None) => {
                             let seed = (u64::from(plan.run_id) << 16) ^ w as u64;
                             let engine = crate::engine::ws::WsEngine::new(engine, conns, ws, seed);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
-                        (None, None) => Worker::new(w, plan, shared, rx, engine).run(),
+                        (None, None, None) => Worker::new(w, plan, shared, rx, engine).run(),
                     }
                 }
                 Err(e) => {
@@ -880,6 +920,7 @@ fn check_body(body_bytes: usize) -> Res<()> {
 /// offline recipients this waits the full `timeout`.
 fn drain(run: &mut Run, plan: &SendPlan, timeout: Duration, deliveries: bool) -> Waited {
     let total = plan.sched.total;
+    let receipts = run.plan.receipts;
     run.wait(timeout, move |s| {
         // Every worker has worked through the schedule (a loaded worker may
         // still be sending when the schedule's last time has passed).
@@ -895,7 +936,7 @@ fn drain(run: &mut Run, plan: &SendPlan, timeout: Duration, deliveries: bool) ->
             return true;
         }
         let firsts = s.get(C::delivers) - s.get(C::delivers_dup) - s.get(C::delivers_foreign);
-        firsts >= s.get(C::acks) && s.get(C::receipts) >= s.get(C::acks)
+        firsts >= s.get(C::acks) && (!receipts || s.get(C::receipts) >= s.get(C::acks))
     })
 }
 
@@ -952,6 +993,14 @@ pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
         return Err("--msg-rate must be at least 1/s".into());
     }
     let total = ((a.msg_rate * a.duration.as_secs_f64()).round() as u64).min(a.msgs_max);
+    let mqtt = a.common.protocol == Protocol::Mqtt;
+    if mqtt && a.cut_rate > 0.0 {
+        return Err("--protocol mqtt does not take --cut-rate".into());
+    }
+    // MQTT has no LOGIN_OK offline count, so a recipient cannot tell when
+    // it has drained its queue: no final drain; what the drain window did
+    // not see delivered is reported unverified, never lost.
+    let final_drain_time = if mqtt { Duration::ZERO } else { a.final_drain };
     let mut run = Run::start(&a.common, a.common.conns, 1, true, true)?;
     let n = a.common.conns;
     let mut plan = None;
@@ -986,7 +1035,7 @@ pub fn chat(a: ChatArgs, argv: &[String]) -> Res<i32> {
             let d = drain(&mut run, &p, a.drain, true);
             run.phase("drain", t1, json!({"complete": d == Waited::Done}));
             if d != Waited::Aborted {
-                final_drain(&mut run, &p, a.final_drain);
+                final_drain(&mut run, &p, final_drain_time);
             }
         }
         plan = Some(p);
@@ -1012,6 +1061,11 @@ pub fn offline(a: OfflineArgs, argv: &[String]) -> Res<i32> {
         return Err("--msg-rate and --per-user must be at least 1".into());
     }
     let total = senders * a.per_user;
+    if a.common.protocol == Protocol::Mqtt {
+        // A clean-session subscriber that never connected has no queue on
+        // a plain broker, and MQTT has no offline count to check.
+        return Err("offline does not take --protocol mqtt".into());
+    }
     let mut run = Run::start(&a.common, 2 * senders, 1, true, true)?;
     let mut plan = None;
     let mut expected_offline = 0;

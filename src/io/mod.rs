@@ -66,16 +66,24 @@ pub enum Listener {
     /// The MQTT listener (`mqtt_listen`): the shard speaks MQTT
     /// (docs/MQTT.md).
     Mqtt,
+    /// The MQTT-over-TLS listener (`mqtt_tls_listen`): a TLS handshake
+    /// first, then MQTT.
+    MqttTls,
 }
 
 /// How many kinds of listener there are.
-pub const LISTENERS: usize = 4;
+pub const LISTENERS: usize = 5;
 
 impl Listener {
     /// Every kind, in index order (`Plain` = 0, `Tls` = 1, `Ws` = 2,
-    /// `Mqtt` = 3).
-    pub const ALL: [Listener; LISTENERS] =
-        [Listener::Plain, Listener::Tls, Listener::Ws, Listener::Mqtt];
+    /// `Mqtt` = 3, `MqttTls` = 4).
+    pub const ALL: [Listener; LISTENERS] = [
+        Listener::Plain,
+        Listener::Tls,
+        Listener::Ws,
+        Listener::Mqtt,
+        Listener::MqttTls,
+    ];
 
     /// The listener's index in per-listener arrays, `0..LISTENERS`.
     pub fn index(self) -> usize {
@@ -84,6 +92,7 @@ impl Listener {
             Listener::Tls => 1,
             Listener::Ws => 2,
             Listener::Mqtt => 3,
+            Listener::MqttTls => 4,
         }
     }
 }
@@ -99,6 +108,8 @@ pub struct Listeners {
     pub ws: Option<TcpListener>,
     /// The MQTT listener, when `mqtt_listen` is configured.
     pub mqtt: Option<TcpListener>,
+    /// The MQTT-over-TLS listener, when `mqtt_tls_listen` is configured.
+    pub mqtt_tls: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -109,6 +120,7 @@ impl Listeners {
             tls: None,
             ws: None,
             mqtt: None,
+            mqtt_tls: None,
         }
     }
 
@@ -119,12 +131,23 @@ impl Listeners {
             tls: self.tls.as_ref().map(TcpListener::try_clone).transpose()?,
             ws: self.ws.as_ref().map(TcpListener::try_clone).transpose()?,
             mqtt: self.mqtt.as_ref().map(TcpListener::try_clone).transpose()?,
+            mqtt_tls: self
+                .mqtt_tls
+                .as_ref()
+                .map(TcpListener::try_clone)
+                .transpose()?,
         })
     }
 
     /// As an array indexed by [`Listener::index`].
     pub fn into_array(self) -> [Option<TcpListener>; LISTENERS] {
-        [Some(self.plain), self.tls, self.ws, self.mqtt]
+        [
+            Some(self.plain),
+            self.tls,
+            self.ws,
+            self.mqtt,
+            self.mqtt_tls,
+        ]
     }
 }
 

@@ -40,8 +40,15 @@ const WAKER: Token = Token(usize::MAX - 2);
 const TLS_LISTENER: Token = Token(usize::MAX - 3);
 const WS_LISTENER: Token = Token(usize::MAX - 4);
 const MQTT_LISTENER: Token = Token(usize::MAX - 5);
+const MQTT_TLS_LISTENER: Token = Token(usize::MAX - 6);
 /// The token of each listener, by [`Listener::index`].
-const LISTENER_TOKENS: [Token; LISTENERS] = [LISTENER, TLS_LISTENER, WS_LISTENER, MQTT_LISTENER];
+const LISTENER_TOKENS: [Token; LISTENERS] = [
+    LISTENER,
+    TLS_LISTENER,
+    WS_LISTENER,
+    MQTT_LISTENER,
+    MQTT_TLS_LISTENER,
+];
 /// Connections accepted per loop iteration at most, so a connection storm
 /// cannot starve established connections.
 const ACCEPT_BATCH_MAX: usize = 256;
@@ -197,6 +204,7 @@ impl Io {
                 TLS_LISTENER => self.accept_ready[1] = true,
                 WS_LISTENER => self.accept_ready[2] = true,
                 MQTT_LISTENER => self.accept_ready[3] = true,
+                MQTT_TLS_LISTENER => self.accept_ready[4] = true,
                 WAKER => self.pending.push_back(Completion::Woken),
                 Token(key) => {
                     let Some(conn) = self.conns.get_mut(key) else {

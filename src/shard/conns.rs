@@ -332,7 +332,7 @@ impl Shard {
         }
         let tls = match which {
             Listener::Plain | Listener::Ws | Listener::Mqtt => None,
-            Listener::Tls => match self.tls.as_ref().map(|t| t.accept()) {
+            Listener::Tls | Listener::MqttTls => match self.tls.as_ref().map(|t| t.accept()) {
                 Some(Ok(tls)) => Some(Box::new(tls)),
                 other => {
                     log::warn!(
@@ -353,10 +353,10 @@ impl Shard {
         let ws = match which {
             Listener::Ws => WsMode::Handshake,
             Listener::Tls => WsMode::Detect,
-            Listener::Plain | Listener::Mqtt => WsMode::No,
+            Listener::Plain | Listener::Mqtt | Listener::MqttTls => WsMode::No,
         };
         let mqtt = match which {
-            Listener::Mqtt => MqttMode::accepted(),
+            Listener::Mqtt | Listener::MqttTls => MqttMode::accepted(),
             _ => MqttMode::default(),
         };
         self.open_conn(conn, tls, ws, mqtt);
@@ -471,7 +471,11 @@ impl Shard {
     /// request starts with `GE` (`GET`), a Tern client with LOGIN, whose
     /// second byte is its type `01` (a length prefix of `47`, `G`, is one
     /// byte long), so no Tern client is ever taken for a WebSocket one.
+    /// On the MQTT-over-TLS listener, it is MQTT.
     fn on_tls_plain(&mut self, conn: ConnId, data: &[u8]) {
+        if self.conns.is_mqtt(conn) {
+            return self.on_mqtt_bytes(conn, data);
+        }
         match self.conns.ws_mode(conn) {
             WsMode::No => self.on_bytes(conn, data),
             WsMode::Detect => {
@@ -941,6 +945,12 @@ impl Shard {
         }
         self.conns.bufs(conn).out.extend_from_slice(records);
         self.conns.mark_dirty(conn);
+    }
+
+    /// Queues MQTT packets as they are, or encrypted on an MQTT-over-TLS
+    /// connection.
+    pub(super) fn write_mqtt(&mut self, conn: ConnId, packets: &[u8]) {
+        self.write_ws(conn, packets);
     }
 
     /// Queues WebSocket-level bytes (an HTTP answer, control frames) as

@@ -75,7 +75,7 @@ impl Shard {
                         log::debug!("shard {}: MQTT connection {} closed: {e}", self.id, conn.0);
                         let mut out = Vec::new();
                         bridge::refused(mode, e, &mut out);
-                        self.write_records(conn, &out);
+                        self.write_mqtt(conn, &out);
                         self.event(Event::Failed(conn));
                         return;
                     }
@@ -113,7 +113,7 @@ impl Shard {
         }
         self.conns.set_mqtt(conn, mode);
         if !out.is_empty() {
-            self.write_records(conn, &out);
+            self.write_mqtt(conn, &out);
         }
         self.mqtt_out = out;
         if step == Step::Close {
@@ -178,7 +178,7 @@ impl Shard {
             self.conns.bufs_mut(conn).inflight = inflight;
         }
         if !out.is_empty() {
-            self.write_records(conn, &out);
+            self.write_mqtt(conn, &out);
         }
         self.mqtt_out = out;
     }

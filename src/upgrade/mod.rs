@@ -417,6 +417,7 @@ impl Taker {
                 // Not handed over: the successor binds its own.
                 ws: None,
                 mqtt: None,
+                mqtt_tls: None,
             })
             .collect();
         let tickets = match self.channel.recv(STEP_WAIT) {

@@ -34,6 +34,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub mod mqtt;
 pub mod poll;
 pub mod tls;
 #[cfg(target_os = "linux")]

@@ -90,6 +90,8 @@ impl Io {
                 flags |= flag::FROM_WS;
             } else if i == Listener::Mqtt.index() {
                 flags |= flag::FROM_MQTT;
+            } else if i == Listener::MqttTls.index() {
+                flags |= flag::FROM_MQTT | flag::FROM_TLS;
             }
             let key = self.new_conn(0, slot, flags, State::Live);
             self.make_home(key);

@@ -248,7 +248,8 @@ mod flag {
     /// Kept for a successor process (live upgrade): invisible, in its ring
     /// until `carry_fds`; bytes that still arrive are held.
     pub const KEPT: u32 = 1 << 19;
-    /// Accepted from the MQTT listener (kept for the connection's life).
+    /// Accepted from the MQTT listener (kept for the connection's life);
+    /// with `FROM_TLS`, from the MQTT-over-TLS one.
     pub const FROM_MQTT: u32 = 1 << 20;
 }
 
@@ -289,7 +290,9 @@ impl Conn {
     }
     /// The listener the connection was accepted from.
     fn listener(&self) -> Listener {
-        if self.has(flag::FROM_TLS) {
+        if self.has(flag::FROM_TLS) && self.has(flag::FROM_MQTT) {
+            Listener::MqttTls
+        } else if self.has(flag::FROM_TLS) {
             Listener::Tls
         } else if self.has(flag::FROM_WS) {
             Listener::Ws

@@ -107,6 +107,7 @@ fn two_listeners_tag_their_accepts() {
             tls: Some(tls),
             ws: None,
             mqtt: None,
+            mqtt_tls: None,
         };
         let mut io = match Io::new(listeners, &options(200, ring_slots_max)) {
             Ok(io) => io,
