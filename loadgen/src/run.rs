@@ -174,7 +174,8 @@ impl Run {
             signal_hook::flag::register(sig, stop_signal.clone())?;
         }
 
-        let tls = if common.tls {
+        let (tls_on, ws_on) = (common.tls || common.wss, common.ws || common.wss);
+        let tls = if tls_on {
             let config =
                 crate::engine::tls::client_config(common.tls_ca.as_deref(), common.tls_insecure)?;
             let name = rustls::pki_types::ServerName::try_from(common.tls_server_name.clone())
@@ -183,10 +184,13 @@ impl Run {
         } else {
             None
         };
-        if common.ws && !login {
+        if ws_on && !login {
             return Err("--ws needs logins (not --raw)".into());
         }
-        let ws = common.ws.then(|| crate::engine::ws::WsSettings {
+        if common.ws_origin.is_some() && !ws_on {
+            return Err("--ws-origin needs --ws or --wss".into());
+        }
+        let ws = ws_on.then(|| crate::engine::ws::WsSettings {
             host: common
                 .server
                 .split(',')
@@ -768,15 +772,21 @@ fn worker_main(
             match $e {
                 Ok(engine) => {
                     let _ = ready.send(Ok(()));
-                    // `--tls` and `--ws` exclude each other (no `wss` listener).
+                    let seed = (u64::from(plan.run_id) << 16) ^ w as u64;
                     match (tls, ws) {
-                        (Some((config, name)), _) => {
+                        // `--wss`: WebSocket on top of TLS on top of TCP.
+                        (Some((config, name)), Some(ws)) => {
+                            let engine =
+                                crate::engine::tls::TlsEngine::new(engine, conns, config, name);
+                            let engine = crate::engine::ws::WsEngine::new(engine, conns, ws, seed);
+                            Worker::new(w, plan, shared, rx, engine).run()
+                        }
+                        (Some((config, name)), None) => {
                             let engine =
                                 crate::engine::tls::TlsEngine::new(engine, conns, config, name);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
                         (None, Some(ws)) => {
-                            let seed = (u64::from(plan.run_id) << 16) ^ w as u64;
                             let engine = crate::engine::ws::WsEngine::new(engine, conns, ws, seed);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
