@@ -54,6 +54,9 @@ Usage: scripts/capacity.sh [OPTIONS]
                          the old value back on any exit, Ctrl-C included
                          (default 0 = leave it)
   --port P               server port (default 7222; below the ephemeral range)
+  --ws                   clients speak WebSocket: the server also listens with
+                         ws_listen on port P+1 and every load generator runs
+                         with --ws against it (the idle figure of issue 13)
   --netns                run server and load generator in a network namespace of
                          our own, with somaxconn/backlog/port range tuned there
   --mem-floor-gib G      never plan a step that would leave MemAvailable below
@@ -73,7 +76,7 @@ EOF
 io=uring target="" steps_csv="" shards=0 durability=memory ramp_rate=0
 msg_rate=1000/s chat_secs=30 chat_runs=3 idle_secs=10 port=7222 use_netns=0
 mem_floor_gib=3 run_secs_max=7200 out="" build=1 quiet_wait_secs=300 quiet_busy_pct=25
-ping_every_secs=0 pin=0 file_max=0 nice_n=0
+ping_every_secs=0 pin=0 file_max=0 nice_n=0 use_ws=0
 server_extra=()
 readonly STEPS_MAX=16          # ladder length cap
 readonly SETTLE_SECS=3         # after the ramp, before sampling
@@ -99,6 +102,7 @@ while [ "$#" -gt 0 ]; do
         --file-max) need_arg "$@"; file_max=$2; shift ;;
         --port) need_arg "$@"; port=$2; shift ;;
         --netns) use_netns=1 ;;
+        --ws) use_ws=1 ;;
         --mem-floor-gib) need_arg "$@"; mem_floor_gib=$2; shift ;;
         --run-secs-max) need_arg "$@"; run_secs_max=$2; shift ;;
         --quiet-wait-secs) need_arg "$@"; quiet_wait_secs=$2; shift ;;
@@ -248,7 +252,7 @@ if [ "$use_netns" = 1 ]; then
     "${ns_exec[@]}" ip link set lo up
     # Only inside the namespace: the host keeps its values.
     "${ns_exec[@]}" sysctl -q -w net.core.somaxconn=65535 net.ipv4.tcp_max_syn_backlog=65535 \
-        "net.ipv4.ip_local_port_range=1024 65535" "net.ipv4.ip_local_reserved_ports=$port" \
+        "net.ipv4.ip_local_port_range=1024 65535" "net.ipv4.ip_local_reserved_ports=$port-$((port + 1))" \
         net.ipv4.tcp_max_tw_buckets=2000000
     server_extra=(--listen-backlog 65535 "${server_extra[@]}")
     log "network namespace $netns: somaxconn 65535, port range 1024-65535, port $port reserved"
@@ -342,6 +346,12 @@ server_cmd=("$tern" serve --io "$io" --shards "$shards" --listen "127.0.0.1:$por
     --addr-conns-per-s-max 0 --addr-pending-max 0 --pending-max 0
     --sends-per-s-max 0 --receipts-per-s-max 0
     "${server_extra[@]}")
+# --ws: the clients go to the WebSocket listener, one port above.
+client_server=(--server "127.0.0.1:$port")
+if [ "$use_ws" = 1 ]; then
+    server_cmd+=(--ws-listen "127.0.0.1:$((port + 1))")
+    client_server=(--ws --server "127.0.0.1:$((port + 1))")
+fi
 {
     echo "# server"
     echo "${ns_exec[*]}${ns_exec[*]:+ }${server_taskset[*]}${server_taskset[*]:+ }tern ${server_cmd[*]:1}"
@@ -372,6 +382,7 @@ log "server pid $server_pid, backend $backend, port $port, conns-max $conns_max;
     echo "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "io=$io"
     echo "backend=$backend"
+    echo "transport=$([ "$use_ws" = 1 ] && echo ws || echo tcp)"
     echo "target=$target"
     echo "steps=${steps[*]}"
     echo "durability=$durability"
@@ -431,7 +442,7 @@ for n in "${steps[@]}"; do
     ramp_s=$((n / 5000 > 60 ? n / 5000 : 60))
     hold_s=$((SETTLE_SECS + idle_secs + quiet_wait_secs + 15))
     LG_MAX_S=$((ramp_s + hold_s + 60))
-    common=(--server "127.0.0.1:$port" --conns "$n" --rate "$ramp_rate" --ping-every "${ping_every_secs}s"
+    common=("${client_server[@]}" --conns "$n" --rate "$ramp_rate" --ping-every "${ping_every_secs}s"
         --ramp-timeout "${ramp_s}s" --mem-floor "${mem_floor_gib}GiB")
 
     # -- 1. connect and hold idle

@@ -388,7 +388,7 @@ def render(d: Path) -> None:
     best = max(measured, key=lambda f: f["users"] or 0) if measured else None
     largest_chat = chatted[-1] if chatted else None
     L = []
-    L.append(f"# Capacity run: {one.get('date_utc', '?')}, {one.get('host', '?')}, backend `{backend}`\n")
+    L.append(f"# Capacity run: {one.get('date_utc', '?')}, {one.get('host', '?')}, backend `{backend}`, clients over {'WebSocket' if one.get('transport') == 'ws' else 'TCP'}\n")
     L.append("Made by `scripts/capacity.sh`; raw load-generator JSON of every run and the "
              "`step-N.json` measurements are in this directory.\n")
     L.append("## Headline\n")

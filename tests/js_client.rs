@@ -100,6 +100,8 @@ fn node_test_suite_passes_against_this_server() {
         &[
             ("TERN_WS_URL", format!("ws://{ws}/")),
             ("TERN_TEST_SECRET", SECRET.to_string()),
+            // test/redirect.test.mjs starts a two-node cluster of its own.
+            ("TERN_BIN", env!("CARGO_BIN_EXE_tern").to_string()),
         ],
     );
     // The suite ran its tests, not zero of them.

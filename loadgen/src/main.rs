@@ -156,11 +156,16 @@ pub struct Common {
     #[arg(long, default_value = "localhost")]
     pub tls_server_name: String,
     /// Speak WebSocket to the server (its `ws_listen` port): the HTTP
-    /// upgrade, then Tern frames in masked binary messages.
-    #[arg(long, conflicts_with = "tls")]
+    /// upgrade, then Tern frames in masked binary messages. With `--tls`,
+    /// WebSocket over TLS (same as `--wss`).
+    #[arg(long)]
     pub ws: bool,
+    /// Speak WebSocket over TLS 1.3 to the server's `tls_listen` port
+    /// (`wss://`): `--ws --tls` in one flag; needs --tls-ca or --tls-insecure.
+    #[arg(long)]
+    pub wss: bool,
     /// `Origin` header of the WebSocket upgrade (none without it).
-    #[arg(long, requires = "ws")]
+    #[arg(long)]
     pub ws_origin: Option<String>,
     /// Protocol spoken to the server: `tern` (its own, `listen`/`tls_listen`
     /// port) or `mqtt` (MQTT 3.1.1 QoS 1: Tern's `mqtt_listen` port, or any

@@ -175,7 +175,8 @@ impl Run {
             signal_hook::flag::register(sig, stop_signal.clone())?;
         }
 
-        let tls = if common.tls {
+        let (tls_on, ws_on) = (common.tls || common.wss, common.ws || common.wss);
+        let tls = if tls_on {
             let config =
                 crate::engine::tls::client_config(common.tls_ca.as_deref(), common.tls_insecure)?;
             let name = rustls::pki_types::ServerName::try_from(common.tls_server_name.clone())
@@ -184,15 +185,18 @@ impl Run {
         } else {
             None
         };
-        if common.ws && !login {
+        if ws_on && !login {
             return Err("--ws needs logins (not --raw)".into());
+        }
+        if common.ws_origin.is_some() && !ws_on {
+            return Err("--ws-origin needs --ws or --wss".into());
         }
         let mqtt = common.protocol == Protocol::Mqtt;
         if mqtt {
             if !login {
                 return Err("--protocol mqtt needs logins (not --raw)".into());
             }
-            if common.ws {
+            if ws_on {
                 return Err("--protocol mqtt does not take --ws".into());
             }
             if devices > 1 {
@@ -207,7 +211,7 @@ impl Run {
             // Twice the PING interval: a broker closes after 1.5 times it.
             keepalive_s: (common.ping_every.as_secs_f64() * 2.0).ceil().min(65535.0) as u16,
         });
-        let ws = common.ws.then(|| crate::engine::ws::WsSettings {
+        let ws = ws_on.then(|| crate::engine::ws::WsSettings {
             host: common
                 .server
                 .split(',')
@@ -796,9 +800,9 @@ fn worker_main(
             match $e {
                 Ok(engine) => {
                     let _ = ready.send(Ok(()));
-                    // `--tls` and `--ws` exclude each other (no `wss` listener);
-                    // so do `--ws` and `--protocol mqtt`.
+                    // `--ws` and `--protocol mqtt` exclude each other.
                     let Wrap { tls, ws, mqtt } = wrap;
+                    let seed = (u64::from(plan.run_id) << 16) ^ w as u64;
                     match (tls, ws, mqtt) {
                         (Some((config, name)), _, Some(m)) => {
                             let engine =
@@ -810,13 +814,19 @@ fn worker_main(
                             let engine = crate::engine::mqtt::MqttEngine::new(engine, conns, m);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
-                        (Some((config, name)), _, None) => {
+                        // `--wss`: WebSocket on top of TLS on top of TCP.
+                        (Some((config, name)), Some(ws), None) => {
+                            let engine =
+                                crate::engine::tls::TlsEngine::new(engine, conns, config, name);
+                            let engine = crate::engine::ws::WsEngine::new(engine, conns, ws, seed);
+                            Worker::new(w, plan, shared, rx, engine).run()
+                        }
+                        (Some((config, name)), None, None) => {
                             let engine =
                                 crate::engine::tls::TlsEngine::new(engine, conns, config, name);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }
                         (None, Some(ws), None) => {
-                            let seed = (u64::from(plan.run_id) << 16) ^ w as u64;
                             let engine = crate::engine::ws::WsEngine::new(engine, conns, ws, seed);
                             Worker::new(w, plan, shared, rx, engine).run()
                         }

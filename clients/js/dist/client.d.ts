@@ -42,14 +42,28 @@ export interface ClientOptions {
     limits?: Limits;
     /** Random numbers in [0, 1) for the backoff jitter (default Math.random). */
     random?: () => number;
+    /** Where to follow a cluster's REDIRECT: the WebSocket URL of the node
+     * named by `addr` (its `public_addr`, `host:port`), given the URL that
+     * answered; null to not follow it (then the client redials `url` after a
+     * backoff). Default {@link sameWsPort}: that host, this URL's scheme,
+     * port and path (nodes serve WebSocket on the same port). */
+    redirectUrl?: (addr: string, url: string) => string | null;
 }
+/**
+ * The default REDIRECT mapping: `url` with its host replaced by the host of
+ * `addr` (`host:port` or `[v6]:port`; its port is the node's TCP port and is
+ * not used). Null when `addr` has no host.
+ */
+export declare function sameWsPort(addr: string, url: string): string | null;
 /** What the client reports, as `{ type, ... }` objects to `on` listeners. */
 export type ClientEvent = 
-/** Logged in; `offlineCount` messages follow as `message` events. */
+/** Logged in at `url` (the configured one, or a node a REDIRECT named);
+ * `offlineCount` messages follow as `message` events. */
 {
     type: "connected";
     serverTimeMs: bigint;
     offlineCount: bigint;
+    url: string;
 }
 /** The connection ended; `retryInMs` is null when the client stopped. */
  | {
@@ -181,6 +195,12 @@ export declare class GroupRequestError extends Error {
  */
 export declare class Client {
     private readonly opts;
+    /** The URL of the connection now (or last dialed). */
+    private url;
+    /** A REDIRECT's URL, dialed next instead of `opts.url`. */
+    private redirectTo;
+    /** REDIRECTs followed since the last login or ordinary redial. */
+    private redirects;
     private readonly state;
     private readonly listeners;
     private readonly subscriptions;
@@ -274,7 +294,8 @@ export declare class Client {
     private backoffMs;
     private dial;
     private login;
-    /** The connection is gone: schedule the next dial unless stopped. */
+    /** The connection is gone: schedule the next dial unless stopped; with
+     * `redirect`, dial that URL at once. */
     private lost;
     private received;
     private handle;

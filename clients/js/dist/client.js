@@ -4,6 +4,20 @@
 // itself is in state.ts; the bytes in codec.ts.
 import { ByeReason, byeName, DecodeError, DEFAULT_LIMITS, decode, encode, ErrorCode, errorName, GROUP_BODY_ROOM_BYTES, groupEventName, VERSION_2, } from "./codec.js";
 import { SessionState } from "./state.js";
+/**
+ * The default REDIRECT mapping: `url` with its host replaced by the host of
+ * `addr` (`host:port` or `[v6]:port`; its port is the node's TCP port and is
+ * not used). Null when `addr` has no host.
+ */
+export function sameWsPort(addr, url) {
+    const colon = addr.lastIndexOf(":");
+    const host = colon < 0 ? addr : addr.slice(0, colon);
+    if (host === "")
+        return null;
+    const u = new URL(url);
+    u.hostname = host;
+    return u.toString();
+}
 /** A group request the server refused (ERROR naming it), or one that got
  * no answer because the connection was not there or ended. */
 export class GroupRequestError extends Error {
@@ -17,6 +31,9 @@ export class GroupRequestError extends Error {
 }
 /** WebSocket readyState OPEN. */
 const OPEN = 1;
+/** REDIRECTs followed in a row at most: while a partition changes owner,
+ * two nodes can briefly name each other (docs/PROTOCOL.md, REDIRECT). */
+const REDIRECTS_MAX = 3;
 /** Redial attempts counted for the backoff stop growing here (2^16 × min). */
 const ATTEMPTS_MAX = 16;
 const NAMES_PRESENCE = ["", "online", "offline", "hidden"];
@@ -39,6 +56,12 @@ const LOGIN_TOKEN = new Set([ErrorCode.bad_token, ErrorCode.token_expired]);
  */
 export class Client {
     opts;
+    /** The URL of the connection now (or last dialed). */
+    url;
+    /** A REDIRECT's URL, dialed next instead of `opts.url`. */
+    redirectTo = null;
+    /** REDIRECTs followed since the last login or ordinary redial. */
+    redirects = 0;
     state;
     listeners = [];
     subscriptions = new Set();
@@ -75,7 +98,9 @@ export class Client {
             dedupeWindow: options.dedupeWindow ?? 4096,
             limits: options.limits ?? DEFAULT_LIMITS,
             random: options.random ?? Math.random,
+            redirectUrl: options.redirectUrl ?? sameWsPort,
         };
+        this.url = options.url;
         this.state = new SessionState(this.opts.dedupeWindow);
     }
     /** Adds a listener for every event; returns a function that removes it. */
@@ -97,6 +122,8 @@ export class Client {
             return;
         this.stopped = false;
         this.attempts = 0;
+        this.redirects = 0;
+        this.redirectTo = null;
         this.dial();
     }
     /** Closes the connection and stops reconnecting. The outbox is kept: a
@@ -270,7 +297,9 @@ export class Client {
             return;
         let ws;
         try {
-            ws = new this.opts.WebSocket(this.opts.url);
+            this.url = this.redirectTo ?? this.opts.url;
+            this.redirectTo = null;
+            ws = new this.opts.WebSocket(this.url);
         }
         catch (e) {
             this.lost(`connect failed: ${String(e)}`);
@@ -318,8 +347,9 @@ export class Client {
             return;
         ws.send(encode({ type: "login", version: VERSION_2, token: this.encoder.encode(token) }));
     }
-    /** The connection is gone: schedule the next dial unless stopped. */
-    lost(reason, final = false) {
+    /** The connection is gone: schedule the next dial unless stopped; with
+     * `redirect`, dial that URL at once. */
+    lost(reason, final = false, redirect = null) {
         const ws = this.ws;
         this.ws = null;
         const was = this.loggedIn;
@@ -347,6 +377,13 @@ export class Client {
             this.emit({ type: "disconnected", reason, retryInMs: null });
             return;
         }
+        if (redirect !== null) {
+            this.redirectTo = redirect;
+            this.emit({ type: "disconnected", reason, retryInMs: 0 });
+            this.redialTimer = setTimeout(() => this.dial(), 0);
+            return;
+        }
+        this.redirects = 0;
         const delay = this.backoffMs();
         this.attempts += 1;
         this.emit({ type: "disconnected", reason, retryInMs: delay });
@@ -394,7 +431,13 @@ export class Client {
                 this.loginTimer = null;
                 this.loggedIn = true;
                 this.attempts = 0;
-                this.emit({ type: "connected", serverTimeMs: f.serverTimeMs, offlineCount: f.offlineCount });
+                this.redirects = 0;
+                this.emit({
+                    type: "connected",
+                    serverTimeMs: f.serverTimeMs,
+                    offlineCount: f.offlineCount,
+                    url: this.url,
+                });
                 // Subscriptions belong to the connection: renew them.
                 for (const user of this.subscriptions)
                     this.write({ type: "subscribe", user });
@@ -575,11 +618,25 @@ export class Client {
                     members: f.members,
                 });
                 return;
-            case "redirect":
-                // A cluster names a TCP address; WebSocket clients go through a
-                // load balancer instead, so there is nothing to follow here.
-                this.lost(`redirected to ${f.addr} (not followed over WebSocket)`);
+            case "redirect": {
+                // Another node serves this user: log in there (the server closes).
+                let to = null;
+                if (this.redirects < REDIRECTS_MAX) {
+                    try {
+                        to = this.opts.redirectUrl(f.addr, this.url);
+                    }
+                    catch {
+                        to = null; // a bad address or URL: not followed
+                    }
+                }
+                if (to === null) {
+                    this.lost(`redirected to ${f.addr} (not followed)`);
+                    return;
+                }
+                this.redirects += 1;
+                this.lost(`redirected to ${f.addr} (${to})`, false, to);
                 return;
+            }
             default:
                 // Client-to-server frames never come from a server.
                 this.lost(`unexpected ${f.type} frame from the server`);

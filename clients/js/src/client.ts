@@ -61,12 +61,33 @@ export interface ClientOptions {
   limits?: Limits;
   /** Random numbers in [0, 1) for the backoff jitter (default Math.random). */
   random?: () => number;
+  /** Where to follow a cluster's REDIRECT: the WebSocket URL of the node
+   * named by `addr` (its `public_addr`, `host:port`), given the URL that
+   * answered; null to not follow it (then the client redials `url` after a
+   * backoff). Default {@link sameWsPort}: that host, this URL's scheme,
+   * port and path (nodes serve WebSocket on the same port). */
+  redirectUrl?: (addr: string, url: string) => string | null;
+}
+
+/**
+ * The default REDIRECT mapping: `url` with its host replaced by the host of
+ * `addr` (`host:port` or `[v6]:port`; its port is the node's TCP port and is
+ * not used). Null when `addr` has no host.
+ */
+export function sameWsPort(addr: string, url: string): string | null {
+  const colon = addr.lastIndexOf(":");
+  const host = colon < 0 ? addr : addr.slice(0, colon);
+  if (host === "") return null;
+  const u = new URL(url);
+  u.hostname = host;
+  return u.toString();
 }
 
 /** What the client reports, as `{ type, ... }` objects to `on` listeners. */
 export type ClientEvent =
-  /** Logged in; `offlineCount` messages follow as `message` events. */
-  | { type: "connected"; serverTimeMs: bigint; offlineCount: bigint }
+  /** Logged in at `url` (the configured one, or a node a REDIRECT named);
+   * `offlineCount` messages follow as `message` events. */
+  | { type: "connected"; serverTimeMs: bigint; offlineCount: bigint; url: string }
   /** The connection ended; `retryInMs` is null when the client stopped. */
   | { type: "disconnected"; reason: string; retryInMs: number | null }
   /** The server took a message (one tick). For a group message (`group`
@@ -172,6 +193,10 @@ interface GroupRequest {
 /** WebSocket readyState OPEN. */
 const OPEN = 1;
 
+/** REDIRECTs followed in a row at most: while a partition changes owner,
+ * two nodes can briefly name each other (docs/PROTOCOL.md, REDIRECT). */
+const REDIRECTS_MAX = 3;
+
 /** Redial attempts counted for the backoff stop growing here (2^16 × min). */
 const ATTEMPTS_MAX = 16;
 
@@ -197,6 +222,12 @@ const LOGIN_TOKEN = new Set<number>([ErrorCode.bad_token, ErrorCode.token_expire
  */
 export class Client {
   private readonly opts: Required<Omit<ClientOptions, "WebSocket">> & { WebSocket: WebSocketCtor };
+  /** The URL of the connection now (or last dialed). */
+  private url: string;
+  /** A REDIRECT's URL, dialed next instead of `opts.url`. */
+  private redirectTo: string | null = null;
+  /** REDIRECTs followed since the last login or ordinary redial. */
+  private redirects = 0;
   private readonly state: SessionState;
   private readonly listeners: Listener[] = [];
   private readonly subscriptions = new Set<bigint>();
@@ -234,7 +265,9 @@ export class Client {
       dedupeWindow: options.dedupeWindow ?? 4096,
       limits: options.limits ?? DEFAULT_LIMITS,
       random: options.random ?? Math.random,
+      redirectUrl: options.redirectUrl ?? sameWsPort,
     };
+    this.url = options.url;
     this.state = new SessionState(this.opts.dedupeWindow);
   }
 
@@ -257,6 +290,8 @@ export class Client {
     if (!this.stopped) return;
     this.stopped = false;
     this.attempts = 0;
+    this.redirects = 0;
+    this.redirectTo = null;
     this.dial();
   }
 
@@ -444,7 +479,9 @@ export class Client {
     if (this.stopped) return;
     let ws: WebSocketLike;
     try {
-      ws = new this.opts.WebSocket(this.opts.url);
+      this.url = this.redirectTo ?? this.opts.url;
+      this.redirectTo = null;
+      ws = new this.opts.WebSocket(this.url);
     } catch (e) {
       this.lost(`connect failed: ${String(e)}`);
       return;
@@ -488,8 +525,9 @@ export class Client {
     ws.send(encode({ type: "login", version: VERSION_2, token: this.encoder.encode(token) }));
   }
 
-  /** The connection is gone: schedule the next dial unless stopped. */
-  private lost(reason: string, final = false): void {
+  /** The connection is gone: schedule the next dial unless stopped; with
+   * `redirect`, dial that URL at once. */
+  private lost(reason: string, final = false, redirect: string | null = null): void {
     const ws = this.ws;
     this.ws = null;
     const was = this.loggedIn;
@@ -514,6 +552,13 @@ export class Client {
       this.emit({ type: "disconnected", reason, retryInMs: null });
       return;
     }
+    if (redirect !== null) {
+      this.redirectTo = redirect;
+      this.emit({ type: "disconnected", reason, retryInMs: 0 });
+      this.redialTimer = setTimeout(() => this.dial(), 0);
+      return;
+    }
+    this.redirects = 0;
     const delay = this.backoffMs();
     this.attempts += 1;
     this.emit({ type: "disconnected", reason, retryInMs: delay });
@@ -559,7 +604,13 @@ export class Client {
         this.loginTimer = null;
         this.loggedIn = true;
         this.attempts = 0;
-        this.emit({ type: "connected", serverTimeMs: f.serverTimeMs, offlineCount: f.offlineCount });
+        this.redirects = 0;
+        this.emit({
+          type: "connected",
+          serverTimeMs: f.serverTimeMs,
+          offlineCount: f.offlineCount,
+          url: this.url,
+        });
         // Subscriptions belong to the connection: renew them.
         for (const user of this.subscriptions) this.write({ type: "subscribe", user });
         for (const frame of this.state.resend()) this.write(frame);
@@ -736,11 +787,24 @@ export class Client {
           members: f.members,
         });
         return;
-      case "redirect":
-        // A cluster names a TCP address; WebSocket clients go through a
-        // load balancer instead, so there is nothing to follow here.
-        this.lost(`redirected to ${f.addr} (not followed over WebSocket)`);
+      case "redirect": {
+        // Another node serves this user: log in there (the server closes).
+        let to: string | null = null;
+        if (this.redirects < REDIRECTS_MAX) {
+          try {
+            to = this.opts.redirectUrl(f.addr, this.url);
+          } catch {
+            to = null; // a bad address or URL: not followed
+          }
+        }
+        if (to === null) {
+          this.lost(`redirected to ${f.addr} (not followed)`);
+          return;
+        }
+        this.redirects += 1;
+        this.lost(`redirected to ${f.addr} (${to})`, false, to);
         return;
+      }
       default:
         // Client-to-server frames never come from a server.
         this.lost(`unexpected ${f.type} frame from the server`);

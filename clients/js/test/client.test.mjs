@@ -147,3 +147,43 @@ test("a bad frame from the server ends the connection, not the client", async ()
   await until(() => sockets.length === 2, "redial");
   c.stop();
 });
+
+test("REDIRECT: followed to the named host on this URL's port, at most 3 in a row, then back to the configured URL", async () => {
+  const { c, events } = newClient({ url: "wss://lb.example:8443/tern" });
+  // Each node sends the client on to another: the 4th REDIRECT in a row is
+  // not followed, and the redial after the backoff goes to the configured URL.
+  const hosts = ["10.0.0.2", "10.0.0.3", "[::1]", "10.0.0.4"];
+  for (const [i, host] of hosts.entries()) {
+    await until(() => sockets.length === i + 1, `dial ${i + 1}`);
+    const ws = sockets[i];
+    ws.open();
+    await until(() => ws.sent.length > 0, "LOGIN sent");
+    ws.deliver({ type: "redirect", addr: `${host}:5222` });
+  }
+  assert.deepEqual(
+    sockets.map((s) => s.url),
+    ["wss://lb.example:8443/tern", "wss://10.0.0.2:8443/tern", "wss://10.0.0.3:8443/tern", "wss://[::1]:8443/tern"],
+  );
+  const ends = events.filter((e) => e.type === "disconnected");
+  assert.deepEqual(
+    ends.map((e) => [e.reason, e.retryInMs]),
+    [
+      ["redirected to 10.0.0.2:5222 (wss://10.0.0.2:8443/tern)", 0],
+      ["redirected to 10.0.0.3:5222 (wss://10.0.0.3:8443/tern)", 0],
+      ["redirected to [::1]:5222 (wss://[::1]:8443/tern)", 0],
+      ["redirected to 10.0.0.4:5222 (not followed)", 2],
+    ],
+  );
+  await until(() => sockets.length === 5, "redial after the backoff");
+  assert.equal(sockets[4].url, "wss://lb.example:8443/tern");
+  // A login resets the count: the next REDIRECT is followed again, and the
+  // connected event names the URL logged in at.
+  sockets[4].open();
+  await until(() => sockets[4].sent.length > 0, "LOGIN sent");
+  sockets[4].deliver({ type: "redirect", addr: "10.0.0.9:5222" });
+  await until(() => sockets.length === 6, "follows again");
+  await loggedIn(sockets[5]);
+  const up = events.find((e) => e.type === "connected");
+  assert.equal(up.url, "wss://10.0.0.9:8443/tern");
+  c.stop();
+});
