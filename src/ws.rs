@@ -206,6 +206,24 @@ impl WsRx {
         self.raw.is_empty() && !self.in_message
     }
 
+    /// Live upgrade: the state in parts, (a fragmented message is open,
+    /// its payload bytes so far, the bytes of a frame not yet complete).
+    pub fn into_parts(self) -> (bool, usize, Vec<u8>) {
+        (self.in_message, self.message_bytes, self.raw)
+    }
+
+    /// Live upgrade: the state of [`WsRx::into_parts`] without its partial
+    /// frame, which is then fed to [`WsRx::read`] with what followed it.
+    /// `message_bytes` must be at most the `message_bytes_max` given to
+    /// `read`.
+    pub fn resume(in_message: bool, message_bytes: usize) -> WsRx {
+        WsRx {
+            raw: Vec::new(),
+            in_message,
+            message_bytes: if in_message { message_bytes } else { 0 },
+        }
+    }
+
     /// Takes `data` from the socket: binary payload bytes (unmasked) are
     /// appended to `plain`, frames to send (pong, close) to `out`. On a
     /// protocol violation a close frame with the code is in `out` and the
@@ -286,7 +304,7 @@ impl WsRx {
         if !control {
             // Checked before the payload is waited for: `raw` stays bounded.
             let so_far = if opcode == 0x0 { self.message_bytes } else { 0 };
-            if len > (message_bytes_max - so_far) as u64 {
+            if len > message_bytes_max.saturating_sub(so_far) as u64 {
                 return Err(close::TOO_BIG);
             }
         }
@@ -364,6 +382,41 @@ mod tests {
     const REQ: &str = "GET /tern HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
         Sec-WebSocket-Version: 13\r\nOrigin: https://chat.example\r\n\r\n";
+
+    #[test]
+    fn a_state_resumed_from_its_parts_reads_on_as_before() {
+        // A fragmented message (first frame whole), then half of the last.
+        let mut bytes = client_frame(0x02, b"hello ");
+        let last = client_frame(0x80, b"world");
+        bytes.extend_from_slice(&last[..4]);
+        let mut rx = WsRx::default();
+        let (mut plain, mut out) = (Vec::new(), Vec::new());
+        rx.read(&bytes, 64, &mut plain, &mut out).unwrap();
+        assert_eq!(plain, b"hello ");
+        let (in_message, message_bytes, raw) = rx.into_parts();
+        assert_eq!((in_message, message_bytes), (true, 6));
+        assert_eq!(raw, last[..4]);
+        // The successor: the partial frame and the rest arrive together.
+        let mut rx = WsRx::resume(in_message, message_bytes);
+        let mut rest = raw;
+        rest.extend_from_slice(&last[4..]);
+        plain.clear();
+        rx.read(&rest, 64, &mut plain, &mut out).unwrap();
+        assert_eq!(plain, b"world");
+        assert!(rx.is_idle() && out.is_empty());
+        // The size limit counts the bytes before the hand-over, and a
+        // state larger than the successor's limit is refused, not a panic.
+        let mut rx = WsRx::resume(true, 60);
+        assert_eq!(
+            rx.read(&client_frame(0x80, b"world"), 64, &mut plain, &mut out),
+            Err(close::TOO_BIG)
+        );
+        let mut rx = WsRx::resume(true, 100);
+        assert_eq!(
+            rx.read(&client_frame(0x80, b"x"), 64, &mut plain, &mut out),
+            Err(close::TOO_BIG)
+        );
+    }
 
     #[test]
     fn accept_key_matches_rfc_example() {

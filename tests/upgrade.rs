@@ -31,7 +31,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,8 +40,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild, TERN};
+use common::paho::{self, Paho};
+use common::ws::{client_frame, tern_bytes, WsClient};
 use common::*;
-use tern::proto::ByeReason;
+use tern::mqtt::codec::{self, Connect, Packet, Props, Publish, Version};
+use tern::proto::{ByeReason, Frame, OwnedFrame};
 use tern_client::session::{Event, Session, SessionConfig};
 use tern_client::Client;
 
@@ -333,16 +336,7 @@ fn chatting_clients_survive_three_upgrades() {
     // Each old process carried at least the crowd (the log is shared: the
     // successors inherit it).
     let log = old.log_text();
-    let carried: Vec<u64> = log
-        .lines()
-        .filter_map(|l| {
-            l.split("upgrade: ")
-                .nth(1)?
-                .strip_suffix(" connections carried")?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let carried = carried_counts(&log);
     assert_eq!(carried.len() as u64, UPGRADES, "{log}");
     assert!(carried.iter().all(|&n| n >= 2000), "{carried:?}");
     assert_eq!(refused.load(Ordering::Relaxed), 0, "a connect was refused");
@@ -357,6 +351,20 @@ fn chatting_clients_survive_three_upgrades() {
     );
     assert!(now["Upgraded_unix_ms"].parse::<u64>().unwrap() > 0);
     Client::login(addr, &token(77)).expect("the same port serves");
+}
+
+/// How many connections each successor took, from the shared log
+/// (`upgrade: N connections carried`), in order.
+fn carried_counts(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| {
+            l.split("upgrade: ")
+                .nth(1)?
+                .strip_suffix(" connections carried")?
+                .parse()
+                .ok()
+        })
+        .collect()
 }
 
 /// A client logged in on the old process, and its partner: both stay
@@ -828,7 +836,7 @@ fn a_successor_speaking_an_unknown_format_is_refused() {
         let (ok, text) = upgrade(&sock, Some(&script));
         assert!(!ok, "{text}");
         assert!(
-            text.contains("the successor speaks hand-over format 99, this process only 3"),
+            text.contains("the successor speaks hand-over format 99, this process only 4"),
             "{text}"
         );
     });
@@ -997,4 +1005,284 @@ fn under_a_notify_unit_the_successor_tells_its_pid() {
     let now = info(&sock);
     assert_ne!(now["Pid"], old.pid().to_string());
     assert_eq!(next(), format!("MAINPID={}\nREADY=1", now["Pid"]));
+}
+
+/// The address a listener's log line gives: the word after `marker`
+/// (WebSocket's ends in `/`).
+fn logged_addr(child: &TernChild, marker: &str) -> SocketAddr {
+    assert!(wait_for(|| child.log_text().contains(marker)), "{marker}");
+    let log = child.log_text();
+    log.lines()
+        .find_map(|l| l.split_once(marker)?.1.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {marker:?} in:\n{log}"))
+        .trim_end_matches('/')
+        .parse()
+        .unwrap()
+}
+
+/// Tern frames from `ws` until one matches `done`; panics on a BYE, a
+/// second LOGIN_OK or an ERROR (a carried session gets none), and on a
+/// close (in [`WsClient::recv_with_pongs`]). Pongs go to `pongs`.
+fn ws_frames_until(
+    ws: &mut WsClient,
+    pongs: &mut Vec<Vec<u8>>,
+    mut done: impl FnMut(&OwnedFrame) -> bool,
+) -> Vec<OwnedFrame> {
+    let mut got = Vec::new();
+    loop {
+        let f = ws.recv_with_pongs(pongs);
+        assert!(
+            !matches!(
+                f,
+                OwnedFrame::Bye { .. } | OwnedFrame::LoginOk { .. } | OwnedFrame::Error { .. }
+            ),
+            "{f:?} after {got:?}"
+        );
+        let end = done(&f);
+        got.push(f);
+        if end {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn websocket_clients_chat_across_three_upgrades_on_the_same_socket() {
+    const PER_ROUND: u64 = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &["--ws-listen", "127.0.0.1:0"]);
+    let _reaper = Reaper(sock.clone());
+    let ws_addr = logged_addr(&old, "WebSocket listening at ws://");
+    let (a, b) = cross_pair();
+    let mut alice = WsClient::upgrade(ws_addr);
+    alice.login(&token(a));
+    let mut bob = WsClient::upgrade(ws_addr);
+    bob.login(&token(b));
+    let mut pongs = Vec::new();
+    let send = |id: u64| {
+        tern_bytes(&[Frame::Send {
+            client_id: id,
+            to: b,
+            body: &indexed_body(id, 8),
+        }])
+    };
+    // Bob's deliveries, each server id once (a message not yet DELIVERED
+    // comes again after an upgrade, with the same server id).
+    let mut seen = HashSet::new();
+    let mut shown = Vec::new();
+    let mut take = |frames: Vec<OwnedFrame>, bob: &mut WsClient, ack_last: bool| {
+        let sids: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                OwnedFrame::Deliver {
+                    server_id, body, ..
+                } => {
+                    if seen.insert(*server_id) {
+                        shown.push(body_index(body));
+                    }
+                    Some(*server_id)
+                }
+                _ => None,
+            })
+            .collect();
+        let n = if ack_last { sids.len() } else { sids.len() - 1 };
+        for &server_id in &sids[..n] {
+            bob.send(&[Frame::Delivered { server_id }]);
+        }
+    };
+    let mut next = 1;
+    for round in 1..=3u64 {
+        // Whole messages; Bob leaves the last one not DELIVERED.
+        for _ in 0..PER_ROUND {
+            alice.send_raw(&client_frame(0x82, &send(next)));
+            next += 1;
+        }
+        let last = next - 1;
+        ws_frames_until(
+            &mut alice,
+            &mut pongs,
+            |f| matches!(f, OwnedFrame::Ack { client_id, .. } if *client_id == last),
+        );
+        let mut delivers = 0;
+        let frames = ws_frames_until(&mut bob, &mut pongs, |f| {
+            delivers += u64::from(matches!(f, OwnedFrame::Deliver { .. }));
+            delivers == PER_ROUND
+        });
+        take(frames, &mut bob, false);
+        // Across the upgrade: a fragmented message whose first fragment
+        // holds a SEND and half of the next (a partial Tern frame in an
+        // open WebSocket message), half of its last fragment (a partial
+        // WebSocket frame), and half of a ping from Bob.
+        let mut message = send(next);
+        message.extend_from_slice(&send(next + 1));
+        let cut = send(next).len() + 5;
+        alice.send_raw(&client_frame(0x02, &message[..cut]));
+        let fin = client_frame(0x80, &message[cut..]);
+        alice.send_raw(&fin[..fin.len() / 2]);
+        let payload = format!("round {round}");
+        let ping = client_frame(0x89, payload.as_bytes());
+        bob.send_raw(&ping[..3]);
+
+        let (ok, text) = upgrade(&sock, None);
+        assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
+        assert_eq!(info(&sock)["Generation"], round.to_string());
+
+        alice.send_raw(&fin[fin.len() / 2..]);
+        bob.send_raw(&ping[3..]);
+        let last = next + 1;
+        next += 2;
+        // The same sockets: Alice's ACKs, Bob's pong and deliveries.
+        ws_frames_until(
+            &mut alice,
+            &mut pongs,
+            |f| matches!(f, OwnedFrame::Ack { client_id, .. } if *client_id == last),
+        );
+        let frames = ws_frames_until(
+            &mut bob,
+            &mut pongs,
+            |f| matches!(f, OwnedFrame::Deliver { body, .. } if body_index(body) == last),
+        );
+        take(frames, &mut bob, true);
+        assert_eq!(pongs, [payload.into_bytes()], "round {round}");
+        pongs.clear();
+    }
+    // Every message once, in Alice's order; both connections carried
+    // each time.
+    assert_eq!(shown, (1..next).collect::<Vec<u64>>());
+    assert_eq!(carried_counts(&old.log_text()), [2, 2, 2]);
+    // Still the same connections, on the third successor.
+    alice.send_raw(&client_frame(0x82, &send(next)));
+    ws_frames_until(
+        &mut alice,
+        &mut pongs,
+        |f| matches!(f, OwnedFrame::Ack { client_id, .. } if *client_id == next),
+    );
+}
+
+/// A raw MQTT 3.1.1 connection's CONNECT for `user`.
+fn mqtt_connect(user: u64) -> Vec<u8> {
+    let tok = token(user);
+    let name = user.to_string();
+    let c = Connect {
+        version: Version::V311,
+        clean: true,
+        keepalive_s: 30,
+        props: Props::default(),
+        client_id: "raw",
+        will: None,
+        username: Some(&name),
+        password: Some(tok.as_bytes()),
+    };
+    let mut out = Vec::new();
+    codec::encode(&Packet::Connect(c), Version::V311, &mut out);
+    out
+}
+
+/// Reads whole MQTT 3.1.1 packets from `s` until one matches `want`.
+fn mqtt_until(s: &mut TcpStream, mut want: impl FnMut(&Packet<'_>) -> bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let mut at = 0;
+        while let Some((p, used)) = codec::decode(&buf[at..], Some(Version::V311), 1 << 20)
+            .expect("packets the codec reads")
+        {
+            if want(&p) {
+                return;
+            }
+            at += used;
+        }
+        buf.drain(..at);
+        let n = s.read(&mut chunk).expect("read within the wait");
+        assert!(n > 0, "the carried MQTT connection was closed");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn mqtt_clients_keep_their_connection_and_subscription_across_an_upgrade() {
+    const EACH: u64 = 20;
+    if !paho::have_paho() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &["--mqtt-listen", "127.0.0.1:0"]);
+    let _reaper = Reaper(sock.clone());
+    let addr = logged_addr(&old, "MQTT listening on ");
+    let (a, b) = cross_pair();
+    // Bob subscribes with MQTT 5.0, Alice publishes with 3.1.1, and Carol
+    // (a raw 3.1.1 client) cuts a PUBLISH in half across the upgrade.
+    let carol = a.max(b) + 1;
+    let (mut sub, rc) = Paho::connect(addr, b, 5);
+    assert_eq!(rc, 0);
+    sub.cmd(&format!("sub u/{b} 1"));
+    assert_eq!(sub.next(), ["suback", "1"]);
+    let (mut publ, rc) = Paho::connect(addr, a, 311);
+    assert_eq!(rc, 0);
+    let mut raw = TcpStream::connect(addr).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(&mqtt_connect(carol)).unwrap();
+    mqtt_until(&mut raw, |p| matches!(p, Packet::ConnAck(c) if c.code == 0));
+    let mut publish = Vec::new();
+    let topic = format!("u/{b}");
+    let p = Publish {
+        dup: false,
+        qos: 1,
+        retain: false,
+        topic: &topic,
+        pid: 9,
+        props: Props::default(),
+        payload: b"raw-half",
+    };
+    codec::encode(&Packet::Publish(p), Version::V311, &mut publish);
+
+    // Publishing before, during (QoS 1 deliveries in flight) and after.
+    for i in 0..EACH {
+        publ.cmd(&format!("pub u/{b} 1 m-{i}"));
+    }
+    raw.write_all(&publish[..publish.len() / 2]).unwrap();
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
+    assert_eq!(info(&sock)["Generation"], "1");
+    raw.write_all(&publish[publish.len() / 2..]).unwrap();
+    for i in EACH..2 * EACH {
+        publ.cmd(&format!("pub u/{b} 1 m-{i}"));
+    }
+    mqtt_until(&mut raw, |p| matches!(p, Packet::PubAck(a) if a.pid == 9));
+
+    // Every PUBLISH acknowledged with success, no reconnect (a
+    // `disconnected` or `connack` line fails here).
+    for _ in 0..2 * EACH {
+        let w = publ.next();
+        assert!(w.len() == 4 && w[0] == "puback" && w[2] == "0", "{w:?}");
+    }
+    // Every message reached the subscriber (QoS 1: a delivery in flight
+    // at the upgrade may come twice), on its one connection.
+    let mut want: HashSet<String> = (0..2 * EACH).map(|i| format!("m-{i}")).collect();
+    want.insert("raw-half".into());
+    while !want.is_empty() {
+        let w = sub.next();
+        assert_eq!(
+            w[..3],
+            ["msg".to_string(), topic.clone(), "1".into()],
+            "{w:?}"
+        );
+        want.remove(&w[3]);
+    }
+    assert_eq!(carried_counts(&old.log_text()), [3]);
+    // The same connections to the end: the next events are the
+    // DISCONNECTs' (a reconnect would have said `connack` first).
+    for p in [&mut publ, &mut sub] {
+        p.cmd("disconnect");
+        loop {
+            let w = p.next();
+            match w[0].as_str() {
+                "disconnected" => break,
+                "msg" => continue, // a repeat of a delivery in flight
+                _ => panic!("{w:?}"),
+            }
+        }
+    }
 }

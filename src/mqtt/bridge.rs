@@ -94,12 +94,34 @@ impl Mode {
     pub fn silence_ms_max(self) -> Option<u64> {
         (self.keepalive_s > 0).then(|| u64::from(self.keepalive_s) * 1500)
     }
+
+    /// Live upgrade: the state as [`MODE_WIRE_BYTES`] bytes, `flags`,
+    /// `keepalive_s` and `receive_max` (little-endian).
+    pub fn to_bytes(self) -> [u8; MODE_WIRE_BYTES] {
+        let [k0, k1] = self.keepalive_s.to_le_bytes();
+        let [r0, r1] = self.receive_max.to_le_bytes();
+        [self.flags, k0, k1, r0, r1]
+    }
+
+    /// Live upgrade: the state of [`Mode::to_bytes`], `None` unless it is
+    /// an MQTT connection whose CONNECT was taken (only those are carried).
+    pub fn from_bytes(b: [u8; MODE_WIRE_BYTES]) -> Option<Mode> {
+        let mode = Mode {
+            flags: b[0],
+            keepalive_s: u16::from_le_bytes([b[1], b[2]]),
+            receive_max: u16::from_le_bytes([b[3], b[4]]),
+        };
+        (mode.is_mqtt() && mode.has(flag::CONNECTED)).then_some(mode)
+    }
 }
+
+/// Bytes of a [`Mode`] carried by a live upgrade.
+pub const MODE_WIRE_BYTES: usize = 5;
 
 /// Deliveries sent and not yet PUBACKed: (packet id, server id), oldest
 /// first. At most `deliver_inflight_max` entries (the session layer's
 /// window), so a packet id is free again long before it wraps.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Inflight(Vec<(u16, u64)>);
 
 impl Inflight {
@@ -108,16 +130,36 @@ impl Inflight {
         self.0.is_empty()
     }
 
-    /// Picks a packet id for `server_id`: the one after the newest in
-    /// flight, skipping 0 and ids still in flight.
-    fn add(&mut self, server_id: u64) -> u16 {
+    /// Live upgrade: the (packet id, server id) pairs, oldest first.
+    pub fn entries(&self) -> &[(u16, u64)] {
+        &self.0
+    }
+
+    /// Live upgrade: the map of [`Inflight::entries`]; `None` when a
+    /// packet id is 0 or repeats, or a server id is 0.
+    pub fn from_entries(entries: Vec<(u16, u64)>) -> Option<Inflight> {
+        let mut pids: Vec<u16> = entries.iter().map(|&(p, _)| p).collect();
+        pids.sort_unstable();
+        let unique = pids.windows(2).all(|w| w[0] != w[1]);
+        let valid = entries.iter().all(|&(p, s)| p != 0 && s != 0);
+        (unique && valid).then_some(Inflight(entries))
+    }
+
+    /// Picks a packet id for `server_id`: the one it already has when it
+    /// is in flight (sent again after a live upgrade: the same id, DUP
+    /// set; true), else the one after the newest in flight, skipping 0 and
+    /// ids still in flight.
+    fn add(&mut self, server_id: u64) -> (u16, bool) {
+        if let Some(&(pid, _)) = self.0.iter().find(|&&(_, s)| s == server_id) {
+            return (pid, true);
+        }
         let mut pid = self.0.last().map_or(1, |&(p, _)| p.wrapping_add(1));
         // Bounded: fewer entries than ids (the window is below 65535).
         while pid == 0 || self.0.iter().any(|&(p, _)| p == pid) {
             pid = pid.wrapping_add(1);
         }
         self.0.push((pid, server_id));
-        pid
+        (pid, false)
     }
 
     /// The server id sent under `pid`, if it is in flight (taken out).
@@ -626,7 +668,7 @@ pub fn on_frame(
             body,
             ..
         } => {
-            let pid = inflight.add(server_id);
+            let (pid, dup) = inflight.add(server_id);
             let mut p = PropsBuf::default();
             if v == Version::V5 {
                 p.user("from", &from.to_string())
@@ -635,7 +677,7 @@ pub fn on_frame(
             }
             let topic = format!("u/{}", ctx.user);
             let publish = Publish {
-                dup: false,
+                dup,
                 qos: 1,
                 retain: false,
                 topic: &topic,

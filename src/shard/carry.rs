@@ -26,7 +26,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::io::{Io, Kept, WakeHandle};
-use crate::upgrade::state::{self, Carried};
+use crate::upgrade::state::{self, Carried, Transport};
 use crate::upgrade::wire::{CARRIED_PACKET_BYTES_MAX, FDS_PER_MESSAGE_MAX};
 
 /// Carried connections the old process holds at most as process
@@ -214,15 +214,21 @@ impl Carry {
             for (result, mut c) in io.carry_fds(keys).into_iter().zip(states) {
                 match result {
                     Ok((fd, held)) => {
-                        c.input.extend_from_slice(&held);
+                        // Socket bytes: a WebSocket or MQTT connection's
+                        // go through that layer first.
+                        match c.transport {
+                            Transport::Tern => c.input.extend_from_slice(&held),
+                            _ => c.raw.extend_from_slice(&held),
+                        }
                         if c.input.len() > input_bytes_max
+                            || c.raw.len() > input_bytes_max + state::RAW_SLACK_BYTES
                             || state::packet_bytes(&c) > CARRIED_PACKET_BYTES_MAX
                         {
                             log::info!(
                                 "shard {shard}: upgrade: user {} has {} bytes of input pending, \
                                  closed not carried",
                                 c.user,
-                                c.input.len()
+                                c.input.len() + c.raw.len()
                             );
                             continue;
                         }
@@ -415,6 +421,8 @@ mod tests {
             version: 1,
             input: Vec::new(),
             output: Vec::new(),
+            transport: Transport::Tern,
+            raw: Vec::new(),
         };
         (a.into(), c)
     }

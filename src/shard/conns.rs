@@ -12,7 +12,10 @@ use crate::mqtt::bridge::{Inflight, Mode as MqttMode};
 use crate::proto::{self, ByeReason, ErrorCode, Frame};
 use crate::session::{self, Event, Flow, State};
 use crate::tls::TlsConn;
-use crate::upgrade::{self, state::Carried};
+use crate::upgrade::{
+    self,
+    state::{Carried, Transport},
+};
 use crate::ws::{self, WsRx};
 
 use super::{Msg, Shard};
@@ -798,17 +801,17 @@ impl Shard {
     // ---- live upgrade: carried connections ----------------------------------
 
     /// An upgrade's shutdown on a backend that carries connections: every
-    /// logged-in plaintext connection is frozen (no more input is read, its
-    /// output still flushes) to go to the successor; every other one gets
-    /// BYE(upgrade) (TLS ones with close_notify, WebSocket ones with a
-    /// close frame: the hand-over format has no place for their state).
+    /// logged-in plaintext connection (Tern, WebSocket, MQTT) is frozen (no
+    /// more input is read, its output still flushes) to go to the
+    /// successor; every other one gets BYE(upgrade) (TLS ones with
+    /// close_notify, wss ones with a close frame too: their keys cannot
+    /// leave this process).
     pub(super) fn freeze_carried(&mut self) {
         self.carrying_on = true;
         for i in 0..self.sessions.slots() {
             let conn = ConnId(i as u32);
             let plaintext = self.conns.slots.get(i).is_some_and(|s| s.tls.is_none())
-                && !self.conns.is_ws(conn)
-                && !self.conns.is_mqtt(conn);
+                && matches!(self.conns.ws_mode(conn), WsMode::No | WsMode::Open);
             if self.sessions.state(conn) == State::Active && plaintext {
                 self.io.set_recv(conn, false);
                 self.carrying.push(conn);
@@ -825,9 +828,9 @@ impl Shard {
 
     /// The last step of an upgrade's shutdown (everything read is committed
     /// and answered): keeps every frozen connection that is still logged
-    /// in, with its partial input and unsent output, for the successor
-    /// ([`super::Outgoing`]). One whose state does not fit a hand-over
-    /// packet is closed (its client reconnects).
+    /// in, with its partial input, unsent output and its WebSocket or MQTT
+    /// state, for the successor ([`super::Outgoing`]). One whose state does
+    /// not fit a hand-over packet is closed (its client reconnects).
     pub(super) fn carry_out(&mut self) {
         self.flush_output();
         for conn in std::mem::take(&mut self.carrying) {
@@ -835,15 +838,39 @@ impl Shard {
                 continue;
             };
             let slot = std::mem::take(&mut self.conns.slots[conn.index()]);
-            let (input, output) = slot
-                .bufs
-                .map_or_else(Default::default, |b| (b.inp, b.out[b.out_sent..].to_vec()));
+            let ws = std::mem::take(&mut self.conns.ws[conn.index()]);
+            let mqtt = self.conns.mqtt_mode(conn);
+            self.conns.set_mqtt(conn, MqttMode::default());
+            let b = slot.bufs.map(|b| *b).unwrap_or_default();
+            // Flushed: a WebSocket's frames were wrapped into `out`.
+            debug_assert!(b.plain.is_empty());
+            let output = b.out[b.out_sent..].to_vec();
+            let (transport, raw) = match (mqtt, ws) {
+                (Some(mode), _) => (
+                    Transport::Mqtt {
+                        mode,
+                        inflight: b.inflight,
+                    },
+                    b.mqtt_in,
+                ),
+                (None, WsMode::Open) => {
+                    let (in_message, message_bytes, raw) = b.ws.into_parts();
+                    let transport = Transport::WebSocket {
+                        in_message,
+                        message_bytes: u32::try_from(message_bytes).unwrap_or(u32::MAX),
+                    };
+                    (transport, raw)
+                }
+                _ => (Transport::Tern, Vec::new()),
+            };
             let carried = Carried {
                 user,
                 device,
                 version,
-                input,
+                input: b.inp,
                 output,
+                transport,
+                raw,
             };
             let bytes = upgrade::state::packet_bytes(&carried);
             if bytes > upgrade::wire::CARRIED_PACKET_BYTES_MAX
@@ -892,20 +919,62 @@ impl Shard {
                 }
             };
             self.stats.handoffs_in.inc();
-            self.open_conn(id, None, WsMode::No, MqttMode::default());
-            if !c.output.is_empty() {
-                self.write_bytes(id, &c.output);
+            let Carried {
+                user,
+                device,
+                version,
+                input,
+                output,
+                transport,
+                raw,
+            } = c;
+            match transport {
+                Transport::Tern => self.open_conn(id, None, WsMode::No, MqttMode::default()),
+                Transport::WebSocket {
+                    in_message,
+                    message_bytes,
+                } => {
+                    self.open_conn(id, None, WsMode::Open, MqttMode::default());
+                    if in_message {
+                        self.conns
+                            .set_rx(id, WsRx::resume(true, message_bytes as usize));
+                    }
+                }
+                Transport::Mqtt { mode, inflight } => {
+                    // Deliveries still waiting for their PUBACK keep their
+                    // packet ids when the session sends them again.
+                    self.open_conn(id, None, WsMode::No, mode);
+                    if !inflight.is_empty() {
+                        self.conns.bufs_mut(id).inflight = inflight;
+                    }
+                }
+            }
+            // Already in the connection's wire form.
+            if !output.is_empty() {
+                self.write_records(id, &output);
             }
             self.guarded(id, |shard| {
                 shard.event(Event::HandedOver {
                     conn: id,
-                    user: c.user,
-                    device: c.device,
-                    version: c.version,
+                    user,
+                    device,
+                    version,
                     resumed: true,
                 });
-                if !c.input.is_empty() {
-                    shard.on_bytes(id, &c.input);
+                let gen = shard.sessions.gen(id);
+                if !input.is_empty() {
+                    shard.on_bytes(id, &input);
+                }
+                if raw.is_empty()
+                    || shard.sessions.gen(id) != gen
+                    || shard.sessions.state(id) != State::Active
+                {
+                    return;
+                }
+                if shard.conns.is_mqtt(id) {
+                    shard.on_mqtt_bytes(id, &raw);
+                } else {
+                    shard.on_ws_bytes(id, &raw);
                 }
             });
         }

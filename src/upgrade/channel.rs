@@ -73,8 +73,7 @@ impl Channel {
             let mut n = 0;
             let mut size = 1 + 2;
             while n < rest.len() && n < FDS_PER_MESSAGE_MAX {
-                let more =
-                    state::RECORD_HEAD_BYTES + rest[n].1.input.len() + rest[n].1.output.len();
+                let more = state::record_bytes(&rest[n].1);
                 if size + more > CARRIED_PACKET_BYTES_MAX {
                     break;
                 }
@@ -346,6 +345,7 @@ impl AsFd for Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upgrade::state::Transport;
     use crate::upgrade::wire::FORMAT_VERSION;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
@@ -390,6 +390,8 @@ mod tests {
             version: 2,
             input: vec![1; 3],
             output: vec![2; output],
+            transport: Transport::Tern,
+            raw: Vec::new(),
         };
         // 600 small ones (250, 250, then 100 with the next), then 3 with
         // 60 KiB of output each (2 fit beside the 100, the third goes alone).

@@ -488,6 +488,7 @@ impl Taker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upgrade::state::Transport;
 
     #[test]
     fn the_successor_refuses_an_old_process_of_another_format() {
@@ -502,10 +503,10 @@ mod tests {
                     ..
                 }
             ));
-            // An old process of format 2 (which sent its carried
-            // connections before Released).
+            // An old process of format 3 (whose carried connections
+            // have no transport).
             let listeners = Message::Listeners {
-                format: 2,
+                format: 3,
                 generation: 0,
                 plain: 0,
                 tls: 0,
@@ -515,7 +516,7 @@ mod tests {
         });
         let err = taker.hello().unwrap_err();
         assert!(
-            err.contains("the old process speaks format 2, this binary only 3"),
+            err.contains("the old process speaks format 3, this binary only 4"),
             "{err}"
         );
         drop(old.join().unwrap());
@@ -532,6 +533,8 @@ mod tests {
             version: 1,
             input: Vec::new(),
             output: Vec::new(),
+            transport: Transport::Tern,
+            raw: Vec::new(),
         };
         old.send_carried(&[(x.into(), state.clone())]).unwrap();
         old.send(Message::Carried { count: 2 }, &[]).unwrap();

@@ -5,18 +5,29 @@
 //! ([`super::channel::Channel::send_carried`]); a batch holds at most
 //! [`FDS_PER_MESSAGE_MAX`] records, the `i`-th for the `i`-th descriptor.
 //!
-//! What travels for a plaintext, logged-in connection, and why only this:
+//! What travels for a plaintext, logged-in connection (Tern, WebSocket
+//! after its upgrade, or MQTT after its CONNECT), and why only this:
 //!
 //! - `user`, `device` and `version`: the successor installs the session
 //!   on the user's home shard of *its own* shard count (it may differ), so
 //!   the old shard is not carried; the device keeps its own
 //!   idempotent-SEND window and its place among the user's sessions.
-//! - `input`: bytes read but not decoded (a partial frame), at most
-//!   `frame_bytes_max` of the successor's configuration, checked before
-//!   allocating.
-//! - `output`: bytes written but not sent (answers, DELIVERs), at most
+//! - `input`: Tern bytes read but not decoded (a partial frame, or frames
+//!   held back by back-pressure), at most `frame_bytes_max` of the
+//!   successor's configuration, checked before allocating.
+//! - `output`: bytes written but not sent (answers, DELIVERs), already in
+//!   the connection's wire form (WebSocket frames, MQTT packets), at most
 //!   [`OUTPUT_BYTES_MAX`]; a connection with more pending gets BYE(upgrade)
 //!   instead of being carried.
+//! - `transport`: how the bytes are wrapped ([`Transport`]) and that
+//!   layer's state: for WebSocket whether a fragmented message is open and
+//!   its size so far; for MQTT its [`Mode`] (protocol level, keepalive,
+//!   Receive Maximum, subscriptions, session flags) and the deliveries
+//!   waiting for their PUBACK (packet id to server id).
+//! - `raw`: WebSocket and MQTT connections: bytes from the socket not yet
+//!   read by that layer (a partial WebSocket frame or MQTT packet, and
+//!   whatever arrived after the freeze), at most `frame_bytes_max` +
+//!   [`RAW_SLACK_BYTES`]. A Tern connection's are in `input`.
 //!
 //! On io_uring the connection's socket is a direct descriptor: the old
 //! process installs it as a process descriptor just before sending
@@ -26,28 +37,87 @@
 //!
 //! DELIVERs sent and not yet DELIVERED are not carried: they are in the
 //! store, which the successor replays, and its session re-delivers them
-//! with the same server id (a duplicate the protocol allows: the client
-//! drops a server id it has seen). TLS connections are never carried
-//! (their keys stay in the old process): they get BYE(upgrade) and
-//! close_notify.
+//! with the same server id (a duplicate the protocol allows: a Tern
+//! client drops a server id it has seen; an MQTT delivery still waiting
+//! for its PUBACK goes again under its packet id with DUP set). TLS
+//! connections (also wss and MQTT over TLS) are never carried (their keys
+//! stay in the old process): they get BYE(upgrade) and close_notify.
 //!
 //! Layout, little-endian: `count: u16`, then `count` records of
-//! `user: u64`, `device: u32`, `version: u8`, `input_len: u32`,
-//! `output_len: u32`, the input bytes, the output bytes. Example, one record
-//! of user 7, device 3, version 1, input `AB`, no output:
-//! `01 00  07 00 00 00 00 00 00 00  03 00 00 00  01  02 00 00 00  00 00 00 00  41 42`.
+//! `user: u64`, `device: u32`, `version: u8`, `transport: u8` (0 Tern,
+//! 1 WebSocket, 2 MQTT), `input_len: u32`, `output_len: u32`,
+//! `raw_len: u32`, the transport's fields (Tern: none; WebSocket:
+//! `in_message: u8`, `message_bytes: u32`; MQTT: the mode's 5 bytes
+//! `flags: u8`, `keepalive_s: u16`, `receive_max: u16`, then
+//! `inflight: u16` and that many `pid: u16`, `server_id: u64`), the input
+//! bytes, the output bytes, the raw bytes. Example, one Tern record of
+//! user 7, device 3, version 1, input `AB`, no output:
+//! `01 00  07 00 00 00 00 00 00 00  03 00 00 00  01  00  02 00 00 00
+//! 00 00 00 00  00 00 00 00  41 42`.
 
 use std::fmt;
 
 use super::wire::FDS_PER_MESSAGE_MAX;
+use crate::mqtt::bridge::{Inflight, Mode, MODE_WIRE_BYTES};
 
 /// Most unsent output bytes a carried connection may have; one with more
 /// is closed with BYE(upgrade) instead (a slow reader, whose backlog is
 /// still in the store).
 pub const OUTPUT_BYTES_MAX: usize = 64 * 1024;
 
-/// Bytes of a record before its input and output.
-pub const RECORD_HEAD_BYTES: usize = 8 + 4 + 1 + 4 + 4;
+/// Raw bytes a carried WebSocket or MQTT connection may have beyond
+/// `frame_bytes_max`: a WebSocket frame's header (14) and the Tern
+/// length prefix inside it, or an MQTT fixed header (5).
+pub const RAW_SLACK_BYTES: usize = 32;
+
+/// Bytes of a record before its transport's fields.
+pub const RECORD_HEAD_BYTES: usize = 8 + 4 + 1 + 1 + 4 + 4 + 4;
+
+/// Bytes of one MQTT in-flight entry: packet id and server id.
+const INFLIGHT_ENTRY_BYTES: usize = 2 + 8;
+
+/// How a carried connection's bytes are wrapped, and that layer's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// Tern frames on the socket.
+    #[default]
+    Tern,
+    /// Binary WebSocket messages (the HTTP upgrade is done).
+    WebSocket {
+        /// A fragmented message is open (its first frame had no FIN).
+        in_message: bool,
+        /// Its payload bytes so far.
+        message_bytes: u32,
+    },
+    /// MQTT packets (the CONNECT was taken).
+    Mqtt {
+        /// What its CONNECT and SUBSCRIBEs said.
+        mode: Mode,
+        /// Deliveries waiting for their PUBACK.
+        inflight: Inflight,
+    },
+}
+
+impl Transport {
+    fn kind(&self) -> u8 {
+        match self {
+            Transport::Tern => 0,
+            Transport::WebSocket { .. } => 1,
+            Transport::Mqtt { .. } => 2,
+        }
+    }
+
+    /// Bytes of its fields in a record.
+    fn bytes(&self) -> usize {
+        match self {
+            Transport::Tern => 0,
+            Transport::WebSocket { .. } => 1 + 4,
+            Transport::Mqtt { inflight, .. } => {
+                MODE_WIRE_BYTES + 2 + INFLIGHT_ENTRY_BYTES * inflight.entries().len()
+            }
+        }
+    }
+}
 
 /// The session state of one carried connection; see the module docs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,16 +128,29 @@ pub struct Carried {
     pub device: u32,
     /// The protocol version of its LOGIN, `1..=proto::VERSION_MAX`.
     pub version: u8,
-    /// Read and not yet decoded (a partial frame).
+    /// Tern bytes read and not yet decoded (a partial frame).
     pub input: Vec<u8>,
-    /// Written and not yet sent.
+    /// Written and not yet sent, in the connection's wire form.
     pub output: Vec<u8>,
+    /// How the bytes are wrapped, and that layer's state.
+    pub transport: Transport,
+    /// WebSocket and MQTT: socket bytes that layer has not read yet.
+    pub raw: Vec<u8>,
 }
 
 /// Bytes of a packet holding `carried` alone: more than
 /// [`super::wire::CARRIED_PACKET_BYTES_MAX`] and it cannot be carried.
 pub fn packet_bytes(carried: &Carried) -> usize {
-    1 + 2 + RECORD_HEAD_BYTES + carried.input.len() + carried.output.len()
+    1 + 2 + record_bytes(carried)
+}
+
+/// Bytes of `carried`'s record in a batch.
+pub fn record_bytes(carried: &Carried) -> usize {
+    RECORD_HEAD_BYTES
+        + carried.transport.bytes()
+        + carried.input.len()
+        + carried.output.len()
+        + carried.raw.len()
 }
 
 /// A state payload that does not decode.
@@ -91,10 +174,33 @@ pub fn encode(batch: &[Carried], out: &mut Vec<u8>) {
         out.extend_from_slice(&c.user.to_le_bytes());
         out.extend_from_slice(&c.device.to_le_bytes());
         out.push(c.version);
+        out.push(c.transport.kind());
         out.extend_from_slice(&(c.input.len() as u32).to_le_bytes());
         out.extend_from_slice(&(c.output.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(c.raw.len() as u32).to_le_bytes());
+        match &c.transport {
+            Transport::Tern => {}
+            Transport::WebSocket {
+                in_message,
+                message_bytes,
+            } => {
+                out.push(u8::from(*in_message));
+                out.extend_from_slice(&message_bytes.to_le_bytes());
+            }
+            Transport::Mqtt { mode, inflight } => {
+                out.extend_from_slice(&mode.to_bytes());
+                let entries = inflight.entries();
+                debug_assert!(entries.len() <= usize::from(u16::MAX));
+                out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+                for &(pid, server_id) in entries {
+                    out.extend_from_slice(&pid.to_le_bytes());
+                    out.extend_from_slice(&server_id.to_le_bytes());
+                }
+            }
+        }
         out.extend_from_slice(&c.input);
         out.extend_from_slice(&c.output);
+        out.extend_from_slice(&c.raw);
     }
 }
 
@@ -115,14 +221,19 @@ pub fn decode(bytes: &[u8], input_bytes_max: usize) -> Result<Vec<Carried>, Malf
     if count == 0 || count > FDS_PER_MESSAGE_MAX {
         return Err(Malformed("record count out of range"));
     }
+    let u32_at = |b: &[u8], at: usize| -> usize {
+        u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes")) as usize
+    };
     let mut batch = Vec::with_capacity(count);
     for _ in 0..count {
         let head = take(RECORD_HEAD_BYTES)?;
         let user = u64::from_le_bytes(head[0..8].try_into().expect("8 bytes"));
         let device = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
         let version = head[12];
-        let input_len = u32::from_le_bytes(head[13..17].try_into().expect("4 bytes")) as usize;
-        let output_len = u32::from_le_bytes(head[17..21].try_into().expect("4 bytes")) as usize;
+        let kind = head[13];
+        let input_len = u32_at(head, 14);
+        let output_len = u32_at(head, 18);
+        let raw_len = u32_at(head, 22);
         if user == 0 {
             return Err(Malformed("user 0 is never logged in"));
         }
@@ -135,14 +246,65 @@ pub fn decode(bytes: &[u8], input_bytes_max: usize) -> Result<Vec<Carried>, Malf
         if output_len > OUTPUT_BYTES_MAX {
             return Err(Malformed("unsent output over the limit"));
         }
+        // The WebSocket limit of a message: a frame and its length prefix.
+        let message_bytes_max = input_bytes_max + crate::proto::LEN_PREFIX_BYTES_MAX;
+        let transport = match kind {
+            0 => Transport::Tern,
+            1 => {
+                let f = take(1 + 4)?;
+                let in_message = match f[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Malformed("bad WebSocket message flag")),
+                };
+                let message_bytes = u32::from_le_bytes(f[1..5].try_into().expect("4 bytes"));
+                if message_bytes as usize > message_bytes_max || (!in_message && message_bytes != 0)
+                {
+                    return Err(Malformed("WebSocket message size out of range"));
+                }
+                Transport::WebSocket {
+                    in_message,
+                    message_bytes,
+                }
+            }
+            2 => {
+                let m: [u8; MODE_WIRE_BYTES] =
+                    take(MODE_WIRE_BYTES)?.try_into().expect("mode bytes");
+                let mode = Mode::from_bytes(m).ok_or(Malformed("bad MQTT state"))?;
+                let n = usize::from(u16::from_le_bytes(take(2)?.try_into().expect("2 bytes")));
+                let entries = take(n * INFLIGHT_ENTRY_BYTES)?
+                    .chunks_exact(INFLIGHT_ENTRY_BYTES)
+                    .map(|e| {
+                        let pid = u16::from_le_bytes([e[0], e[1]]);
+                        (
+                            pid,
+                            u64::from_le_bytes(e[2..10].try_into().expect("8 bytes")),
+                        )
+                    })
+                    .collect();
+                let inflight =
+                    Inflight::from_entries(entries).ok_or(Malformed("bad MQTT packet ids"))?;
+                Transport::Mqtt { mode, inflight }
+            }
+            _ => return Err(Malformed("unknown transport")),
+        };
+        if matches!(transport, Transport::Tern) && raw_len != 0 {
+            return Err(Malformed("raw bytes on a Tern connection"));
+        }
+        if raw_len > input_bytes_max + RAW_SLACK_BYTES {
+            return Err(Malformed("raw input longer than a frame"));
+        }
         let input = take(input_len)?.to_vec();
         let output = take(output_len)?.to_vec();
+        let raw = take(raw_len)?.to_vec();
         batch.push(Carried {
             user,
             device,
             version,
             input,
             output,
+            transport,
+            raw,
         });
     }
     if !rest.is_empty() {
@@ -162,7 +324,15 @@ mod tests {
             version: 1,
             input: input.to_vec(),
             output: output.to_vec(),
+            transport: Transport::Tern,
+            raw: Vec::new(),
         }
+    }
+
+    /// An MQTT 5.0 connection subscribed to its inbox, keepalive 30 s,
+    /// Receive Maximum 2 (flags: MQTT, CONNECTED, V5, INBOX).
+    fn mqtt_mode() -> Mode {
+        Mode::from_bytes([0x80 | 0x01 | 0x02 | 0x10, 30, 0, 2, 0]).expect("a connected mode")
     }
 
     fn bytes(batch: &[Carried]) -> Vec<u8> {
@@ -176,8 +346,8 @@ mod tests {
         assert_eq!(
             bytes(&[carried(7, b"AB", b"")]),
             [
-                0x01, 0x00, 0x07, 0, 0, 0, 0, 0, 0, 0, 0x03, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0, 0,
-                0, 0x41, 0x42
+                0x01, 0x00, 0x07, 0, 0, 0, 0, 0, 0, 0, 0x03, 0, 0, 0, 0x01, 0x00, 0x02, 0, 0, 0, 0,
+                0, 0, 0, 0, 0, 0, 0, 0x41, 0x42
             ]
         );
     }
@@ -194,10 +364,30 @@ mod tests {
                 version: crate::proto::VERSION_MAX,
                 input: vec![9; 16],
                 output: vec![8; OUTPUT_BYTES_MAX],
+                transport: Transport::Tern,
+                raw: Vec::new(),
             },
             carried(1, b"", b""),
         ];
-        for batch in [vec![carried(7, b"", b"")], edges, full] {
+        let transports = vec![
+            Carried {
+                transport: Transport::WebSocket {
+                    in_message: true,
+                    message_bytes: 16 + crate::proto::LEN_PREFIX_BYTES_MAX as u32,
+                },
+                raw: vec![0x82; 16 + RAW_SLACK_BYTES],
+                ..carried(5, b"partial", b"\x82\x01x")
+            },
+            Carried {
+                transport: Transport::Mqtt {
+                    mode: mqtt_mode(),
+                    inflight: Inflight::from_entries(vec![(65535, 9), (1, 10)]).unwrap(),
+                },
+                raw: vec![0x30, 0x05],
+                ..carried(6, b"", b"\x40\x02\x00\x01")
+            },
+        ];
+        for batch in [vec![carried(7, b"", b"")], edges, transports, full] {
             let b = bytes(&batch);
             assert_eq!(decode(&b, 16), Ok(batch.clone()));
             for cut in [0, 1, 2, b.len() / 2, b.len() - 1] {
@@ -206,6 +396,19 @@ mod tests {
             let mut long = b.clone();
             long.push(0);
             assert_eq!(decode(&long, 16), Err(Malformed("trailing bytes")));
+        }
+        // A record alone: its packet is the kind byte and the batch.
+        for c in [
+            carried(7, b"AB", b"C"),
+            Carried {
+                transport: Transport::Mqtt {
+                    mode: mqtt_mode(),
+                    inflight: Inflight::from_entries(vec![(3, 4)]).unwrap(),
+                },
+                ..carried(6, b"", b"")
+            },
+        ] {
+            assert_eq!(packet_bytes(&c), 1 + bytes(std::slice::from_ref(&c)).len());
         }
     }
 
@@ -227,13 +430,22 @@ mod tests {
             bad[14] = v;
             assert_eq!(decode(&bad, 16), Err(Malformed("unknown protocol version")));
         }
+        let mut kind = good.clone();
+        kind[15] = 3;
+        assert_eq!(decode(&kind, 16), Err(Malformed("unknown transport")));
         // An output length past the limit, with no bytes behind it: refused
         // for the length, not read.
         let mut huge = good.clone();
-        huge[19..23].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(
             decode(&huge, 16),
             Err(Malformed("unsent output over the limit"))
+        );
+        let mut raw = good.clone();
+        raw[24..28].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(
+            decode(&raw, 16),
+            Err(Malformed("raw bytes on a Tern connection"))
         );
         assert_eq!(
             decode(&[0, 0], 16),
@@ -244,5 +456,56 @@ mod tests {
             decode(&over, 16),
             Err(Malformed("record count out of range"))
         );
+    }
+
+    #[test]
+    fn bad_websocket_and_mqtt_state_is_refused() {
+        let ws = |in_message, message_bytes, raw: usize| Carried {
+            transport: Transport::WebSocket {
+                in_message,
+                message_bytes,
+            },
+            raw: vec![1; raw],
+            ..carried(5, b"", b"")
+        };
+        let message_max = 16 + crate::proto::LEN_PREFIX_BYTES_MAX as u32;
+        assert_eq!(
+            decode(&bytes(&[ws(true, message_max + 1, 0)]), 16),
+            Err(Malformed("WebSocket message size out of range"))
+        );
+        assert_eq!(
+            decode(&bytes(&[ws(false, 1, 0)]), 16),
+            Err(Malformed("WebSocket message size out of range"))
+        );
+        assert_eq!(
+            decode(&bytes(&[ws(false, 0, 16 + RAW_SLACK_BYTES + 1)]), 16),
+            Err(Malformed("raw input longer than a frame"))
+        );
+        let mut flag = bytes(&[ws(false, 0, 0)]);
+        flag[28] = 2;
+        assert_eq!(
+            decode(&flag, 16),
+            Err(Malformed("bad WebSocket message flag"))
+        );
+        let mqtt = Carried {
+            transport: Transport::Mqtt {
+                mode: mqtt_mode(),
+                inflight: Inflight::from_entries(vec![(3, 4), (5, 6)]).unwrap(),
+            },
+            ..carried(6, b"", b"")
+        };
+        let good = bytes(&[mqtt]);
+        // Not connected (the MQTT flag alone).
+        let mut mode = good.clone();
+        mode[28] = 0x80;
+        assert_eq!(decode(&mode, 16), Err(Malformed("bad MQTT state")));
+        // The second packet id repeats the first.
+        let mut pids = good.clone();
+        pids[45..47].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(decode(&pids, 16), Err(Malformed("bad MQTT packet ids")));
+        // An in-flight count past the bytes there: too short, not read.
+        let mut count = good.clone();
+        count[33..35].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(decode(&count, 16), Err(Malformed("too short")));
     }
 }

@@ -14,6 +14,10 @@
 //! | 7    | (connections) | a [`super::state`] batch, with its sockets    | old → new |
 //! | 8    | `Tickets`   | `present: u8`, then (if 1) the TLS ticket keys ([`crate::ticket::TicketKeys::encode`]) | old → new |
 //!
+//! Format 4 carries WebSocket and MQTT connections too: each record of
+//! kind 7 says its transport and that layer's state ([`super::state`]);
+//! format 3 carried plaintext Tern connections only. Otherwise the
+//! messages are those of format 3.
 //! In format 3 `Tickets` follows the listeners' descriptors: the
 //! successor seals and opens TLS session tickets with the old process's
 //! keys, so TLS clients resume after their BYE(upgrade). The carried
@@ -36,7 +40,7 @@ use crate::ticket::{TicketKeys, ENCODED_BYTES as TICKET_KEYS_BYTES};
 
 /// The hand-over format this build speaks. A new format gets a new number;
 /// a process refuses a peer whose number it does not know.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 
 /// Descriptors at most in one `Fds` message: under the kernel's
 /// `SCM_MAX_FD` (253).

@@ -11,7 +11,9 @@
 pub mod child;
 pub mod cut;
 pub mod gateway;
+pub mod paho;
 pub mod proxy;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -361,10 +361,59 @@ fn packet_ids_skip_zero_and_ids_in_flight() {
     f.0.push((1, 2));
     f.0.push((2, 3));
     // After 2 comes 3; after 65535 wraps past 0 and the ids in flight.
-    assert_eq!(f.add(4), 3);
+    assert_eq!(f.add(4), (3, false));
     let mut g = Inflight(vec![(2, 9), (65535, 1)]);
-    assert_eq!(g.add(5), 1);
-    assert_eq!(g.add(6), 3);
+    assert_eq!(g.add(5), (1, false));
+    assert_eq!(g.add(6), (3, false));
+    // A server id still in flight (sent again after a live upgrade) keeps
+    // its packet id, as a DUP.
+    assert_eq!(g.add(9), (2, true));
+    assert_eq!(g.0.len(), 4);
+}
+
+#[test]
+fn carried_state_round_trips_and_bad_state_is_refused() {
+    let mut mode = Mode::accepted();
+    mode.flags |= flag::CONNECTED | flag::V5 | flag::INBOX;
+    mode.keepalive_s = 30;
+    mode.receive_max = 7;
+    assert_eq!(Mode::from_bytes(mode.to_bytes()), Some(mode));
+    // Not MQTT, or no CONNECT taken yet: never carried.
+    assert_eq!(Mode::from_bytes(Mode::accepted().to_bytes()), None);
+    assert_eq!(Mode::from_bytes([flag::CONNECTED, 0, 0, 0, 0]), None);
+    let f = Inflight(vec![(7, 70), (8, 80)]);
+    assert_eq!(Inflight::from_entries(f.entries().to_vec()), Some(f));
+    assert_eq!(Inflight::from_entries(vec![(7, 70), (7, 80)]), None);
+    assert_eq!(Inflight::from_entries(vec![(0, 70)]), None);
+    assert_eq!(Inflight::from_entries(vec![(1, 0)]), None);
+}
+
+#[test]
+fn a_delivery_sent_again_keeps_its_packet_id_with_dup_set() {
+    let mut mode = Mode::accepted();
+    mode.flags |= flag::CONNECTED | flag::INBOX;
+    let mut inflight = Inflight::default();
+    let deliver = Frame::Deliver {
+        server_id: 42,
+        from: 6,
+        server_time_ms: 1,
+        client_id: None,
+        body: b"hi",
+    };
+    let mut sent = Vec::new();
+    for _ in 0..2 {
+        let mut out = Vec::new();
+        assert_eq!(
+            on_frame(mode, &mut inflight, &deliver, &CTX, &mut out),
+            Step::Next
+        );
+        let Ok(Some((Packet::Publish(p), _))) = decode(&out, Some(Version::V311), 4096) else {
+            panic!("{out:?}")
+        };
+        sent.push((p.pid, p.dup));
+    }
+    assert_eq!(sent, [(1, false), (1, true)]);
+    assert_eq!(inflight.entries(), [(1, 42)]);
 }
 
 fn subscribe<'a>(filters: &[(&str, u8)], buf: &'a mut Vec<u8>) -> Packet<'a> {

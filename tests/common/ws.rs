@@ -1,0 +1,170 @@
+//! A small WebSocket client (RFC 6455) for tests that need one beside
+//! their own: the upgrade, masked binary messages (whole, fragmented or
+//! cut anywhere), ping, and the server's frames read back as Tern frames.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use tern::proto::{self, Frame, Limits, OwnedFrame};
+
+use super::WAIT;
+
+/// The RFC 6455 §1.3 example key; the server must answer with
+/// [`ACCEPT`].
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// One WebSocket client connection.
+pub struct WsClient {
+    s: TcpStream,
+    /// Read from the socket, not yet parsed as WebSocket frames.
+    raw: Vec<u8>,
+    /// Payload of binary messages, not yet decoded as Tern frames.
+    stream: Vec<u8>,
+}
+
+/// A masked client frame: `first` is the FIN/opcode byte.
+pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0xa1, 0x5e, 0x07, 0x3c];
+    let mut f = vec![first];
+    match payload.len() {
+        n if n <= 125 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, &b)| b ^ mask[i & 3]));
+    f
+}
+
+/// `frames` encoded back to back.
+pub fn tern_bytes(frames: &[Frame<'_>]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for f in frames {
+        proto::encode(f, &mut bytes);
+    }
+    bytes
+}
+
+impl WsClient {
+    /// Connects to `addr` and upgrades; panics unless the answer is 101
+    /// with the right accept key.
+    pub fn upgrade(addr: SocketAddr) -> WsClient {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let req = format!(
+            "GET /tern HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before an HTTP answer: {raw:?}");
+            raw.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(raw[..end].to_vec()).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(
+            head.contains(&format!("Sec-WebSocket-Accept: {ACCEPT}\r\n")),
+            "{head}"
+        );
+        raw.drain(..end);
+        WsClient {
+            s,
+            raw,
+            stream: Vec::new(),
+        }
+    }
+
+    /// Sends `bytes` as they are (frames, or a piece of one).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// Sends `frames` in one binary message.
+    pub fn send(&mut self, frames: &[Frame<'_>]) {
+        self.send_raw(&client_frame(0x82, &tern_bytes(frames)));
+    }
+
+    /// The next server frame, (opcode, payload); `None` at end of stream.
+    pub fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.raw.len() >= 2 {
+                assert_eq!(self.raw[0] & 0x80, 0x80, "server frames are whole");
+                assert_eq!(self.raw[1] & 0x80, 0, "server frames are unmasked");
+                let (len, at) = match self.raw[1] & 0x7f {
+                    126 if self.raw.len() >= 4 => {
+                        (u16::from_be_bytes([self.raw[2], self.raw[3]]) as usize, 4)
+                    }
+                    127 if self.raw.len() >= 10 => (
+                        u64::from_be_bytes(self.raw[2..10].try_into().unwrap()) as usize,
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n as usize, 2),
+                };
+                if len != usize::MAX && self.raw.len() >= at + len {
+                    let op = self.raw[0] & 0x0f;
+                    let payload = self.raw[at..at + len].to_vec();
+                    self.raw.drain(..at + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            let n = self.s.read(&mut chunk).expect("read within the wait");
+            if n == 0 {
+                assert!(self.raw.is_empty(), "a partial frame at EOF");
+                return None;
+            }
+            self.raw.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next Tern frame from the binary messages; a pong's payload
+    /// goes to `pongs`. Panics on anything else (a close, the end).
+    pub fn recv_with_pongs(&mut self, pongs: &mut Vec<Vec<u8>>) -> OwnedFrame {
+        loop {
+            if let Some((f, used)) = proto::decode(&self.stream, &Limits::default()).unwrap() {
+                let owned = f.to_owned();
+                self.stream.drain(..used);
+                return owned;
+            }
+            match self.next() {
+                Some((0x2, payload)) => self.stream.extend_from_slice(&payload),
+                Some((0xA, payload)) => pongs.push(payload),
+                other => panic!("expected a binary message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next Tern frame from the binary messages.
+    pub fn recv(&mut self) -> OwnedFrame {
+        let mut pongs = Vec::new();
+        let f = self.recv_with_pongs(&mut pongs);
+        assert!(pongs.is_empty(), "unexpected pong {pongs:?}");
+        f
+    }
+
+    /// LOGIN as `token`; panics unless LOGIN_OK comes.
+    pub fn login(&mut self, token: &str) {
+        self.send(&[Frame::Login {
+            version: proto::VERSION,
+            token: token.as_bytes(),
+        }]);
+        match self.recv() {
+            OwnedFrame::LoginOk { .. } => {}
+            other => panic!("expected LOGIN_OK, got {other:?}"),
+        }
+    }
+}
