@@ -196,6 +196,45 @@ fn chat_over_tern_mqtt_tls_loses_nothing() {
     server.join();
 }
 
+/// `connect` holds MQTT connections with PINGREQ keepalives: the
+/// PINGREQs get their PINGRESPs (PONGs), nothing drops.
+#[test]
+fn connect_holds_with_pingreq_keepalives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mqtt = server.mqtt_addr().expect("mqtt listener").to_string();
+    let json = dir.path().join("hold.json");
+    let (status, r) = loadgen(
+        &[
+            "connect",
+            "--protocol",
+            "mqtt",
+            "--server",
+            &mqtt,
+            "--conns",
+            "50",
+            "--hold",
+            "1s",
+            "--ping-every",
+            "200ms",
+            "--user-base",
+            "57000000",
+        ],
+        &json,
+    );
+    assert_eq!(status, 0, "{r:#}");
+    assert_eq!(u(&r, &["counters", "login_ok"]), 50, "{r:#}");
+    assert_eq!(u(&r, &["connections", "failed"]), 0, "{r:#}");
+    let pings = u(&r, &["counters", "pings"]);
+    assert!(pings >= 50, "every connection pinged at least once: {r:#}");
+    // A PINGREQ written just before the close may miss its PINGRESP: at
+    // most one per connection.
+    let pongs = u(&r, &["counters", "pongs"]);
+    assert!(pongs <= pings && pongs + 50 >= pings, "{r:#}");
+    server.shutdown();
+    server.join();
+}
+
 /// A token signed with another secret: Tern's CONNACK refuses it (0x04,
 /// bad user name or password), which the report counts as a refused login.
 #[test]
