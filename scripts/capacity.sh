@@ -66,6 +66,12 @@ Usage: scripts/capacity.sh [OPTIONS]
                          (default 300) for other people's work on the box to
                          fall under --quiet-busy-pct % of all cores (default 25)
   --server-arg ARG       extra argument for `tern serve` (repeatable)
+  --lg-arg ARG           extra argument for every `tern-loadgen` run (repeatable),
+                         e.g. --lg-arg --inflight-max=2000 on a busy box, so logins
+                         wait in the load generator rather than past the server's
+                         login timeout
+  --ramp-secs-max S      give up a step's ramp after S s (default: a minute, or
+                         N / 5000 s if longer)
   --out DIR              results directory (default results/<date>-<host>-<io>)
   --no-build             use the existing target/release binaries
   -h, --help             this text
@@ -77,7 +83,7 @@ io=uring target="" steps_csv="" shards=0 durability=memory ramp_rate=0
 msg_rate=1000/s chat_secs=30 chat_runs=3 idle_secs=10 port=7222 use_netns=0
 mem_floor_gib=3 run_secs_max=7200 out="" build=1 quiet_wait_secs=300 quiet_busy_pct=25
 ping_every_secs=0 pin=0 file_max=0 nice_n=0 use_ws=0
-server_extra=()
+server_extra=() lg_extra=() ramp_secs_max=0
 readonly STEPS_MAX=16          # ladder length cap
 readonly SETTLE_SECS=3         # after the ramp, before sampling
 readonly DRAIN_SECS_MAX=120    # wait for the server to drop to 0 connections
@@ -108,6 +114,8 @@ while [ "$#" -gt 0 ]; do
         --quiet-wait-secs) need_arg "$@"; quiet_wait_secs=$2; shift ;;
         --quiet-busy-pct) need_arg "$@"; quiet_busy_pct=$2; shift ;;
         --server-arg) need_arg "$@"; server_extra+=("$2"); shift ;;
+        --lg-arg) need_arg "$@"; lg_extra+=("$2"); shift ;;
+        --ramp-secs-max) need_arg "$@"; ramp_secs_max=$2; shift ;;
         --out) need_arg "$@"; out=$2; shift ;;
         --no-build) build=0 ;;
         -h|--help) usage; exit 0 ;;
@@ -123,7 +131,7 @@ case "$durability" in memory|os|fsync) ;; *) echo "capacity.sh: bad --durability
 if [ -z "$target" ]; then
     if [ "$io" = poll ]; then target=19000; else target=1000000; fi
 fi
-for v in file_max target shards chat_secs chat_runs idle_secs ping_every_secs port mem_floor_gib run_secs_max quiet_wait_secs quiet_busy_pct; do
+for v in ramp_secs_max file_max target shards chat_secs chat_runs idle_secs ping_every_secs port mem_floor_gib run_secs_max quiet_wait_secs quiet_busy_pct; do
     is_uint "${!v}" || { echo "capacity.sh: --${v//_/-} must be a whole number" >&2; exit 2; }
 done
 if [ "$target" -lt 1 ] || [ "$chat_runs" -gt 9 ] || [ "$idle_secs" -lt 1 ] || [ "$idle_secs" -gt 300 ]; then
@@ -318,8 +326,8 @@ run_lg_bg() {
     local name=$1 max_s
     shift
     max_s=$LG_MAX_S
-    printf '%s\n' "tern-loadgen $*" >>"$out/commands.txt"
-    "${ns_exec[@]}" timeout --kill-after=15 "$((max_s + 30))" "${lg_taskset[@]}" "$lg" "$@" --max-time "${max_s}s" \
+    printf '%s\n' "tern-loadgen $*${lg_extra[*]:+ ${lg_extra[*]}}" >>"$out/commands.txt"
+    "${ns_exec[@]}" timeout --kill-after=15 "$((max_s + 30))" "${lg_taskset[@]}" "$lg" "$@" "${lg_extra[@]}" --max-time "${max_s}s" \
         --json "$out/$name.json" >"$out/$name.out" 2>"$out/$name.err" &
     lg_pid=$!
 }
@@ -440,6 +448,7 @@ for n in "${steps[@]}"; do
 
     # Ramp timeout: a minute, or 5,000 logins/s at worst, whichever is longer.
     ramp_s=$((n / 5000 > 60 ? n / 5000 : 60))
+    [ "$ramp_secs_max" -gt 0 ] && ramp_s=$ramp_secs_max
     hold_s=$((SETTLE_SECS + idle_secs + quiet_wait_secs + 15))
     LG_MAX_S=$((ramp_s + hold_s + 60))
     common=("${client_server[@]}" --conns "$n" --rate "$ramp_rate" --ping-every "${ping_every_secs}s"

@@ -48,6 +48,11 @@ impl Ws {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         s.write_all(req.as_bytes()).unwrap();
+        Ws::answered(s)
+    }
+
+    /// Reads the HTTP answer's head on `s`, whose request went out.
+    fn answered(mut s: TcpStream) -> (Ws, String) {
         let mut raw = Vec::new();
         let mut chunk = [0u8; 4096];
         let end = loop {
@@ -470,4 +475,68 @@ fn a_live_upgrade_says_bye_to_websocket_connections_not_logged_in() {
         }
     ));
     assert_eq!(ws.close_code(), 1000);
+}
+
+/// The upgrade request is parsed where it lies when it comes whole, and
+/// kept only while partial: a request cut into pieces, and a request with
+/// the masked LOGIN right behind it in the same write, both log in.
+#[test]
+fn an_upgrade_in_pieces_and_one_with_the_login_behind_it_both_log_in() {
+    let srv = ws_server();
+    let addr = ws_addr(&srv);
+    let req = request("");
+
+    // In pieces: the first ends mid-line, the second mid-terminator. The
+    // pauses only make separate reads likely (nothing the server does
+    // before the request is whole can be observed); the test holds either way.
+    let (one, rest) = req.as_bytes().split_at(20);
+    let (two, three) = rest.split_at(rest.len() - 3);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    for piece in [one, two] {
+        s.write_all(piece).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    s.write_all(three).unwrap();
+    let (mut ws, head) = Ws::answered(s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(head.contains(&format!("Sec-WebSocket-Accept: {ACCEPT}\r\n")));
+    let (a, b) = cross_pair();
+    ws.login(a);
+
+    // Request and LOGIN in one write.
+    let mut login = Vec::new();
+    let token = token(b);
+    proto::encode(
+        &Frame::Login {
+            version: proto::VERSION,
+            token: token.as_bytes(),
+        },
+        &mut login,
+    );
+    let mut both = req.into_bytes();
+    let mask = [9u8, 8, 7, 6];
+    both.extend_from_slice(&[0x82, 0x80 | login.len() as u8]);
+    both.extend_from_slice(&mask);
+    both.extend(login.iter().enumerate().map(|(i, &x)| x ^ mask[i & 3]));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&both).unwrap();
+    let (mut ws2, head) = Ws::answered(s);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(matches!(ws2.recv(), OwnedFrame::LoginOk { .. }));
+
+    // They talk.
+    ws.send(&[Frame::Send {
+        client_id: 1,
+        to: b,
+        body: b"in pieces",
+    }]);
+    match ws2.recv_until(|f| matches!(f, OwnedFrame::Deliver { .. })) {
+        OwnedFrame::Deliver { from, body, .. } => {
+            assert_eq!((from, &body[..]), (a, &b"in pieces"[..]))
+        }
+        other => panic!("{other:?}"),
+    }
 }

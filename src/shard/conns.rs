@@ -509,12 +509,28 @@ impl Shard {
     /// [`ws::HANDSHAKE_BYTES_MAX`]; its time is bounded by the login
     /// timeout, which runs from accept), then answers it.
     fn ws_upgrade(&mut self, conn: ConnId, data: &[u8]) {
-        let bufs = self.conns.bufs(conn);
-        bufs.inp.extend_from_slice(data);
-        match ws::handshake(&bufs.inp, &self.config.ws_origins) {
-            ws::Handshake::Incomplete => {}
+        // A request nearly always comes in one read: it is parsed where it
+        // lies and no buffer is made for it. Only a partial one is kept (a
+        // ramp of many upgrades at once would otherwise leave the allocator
+        // holding their buffers' high-water mark, tens of bytes per
+        // connection after they are gone).
+        let held = self
+            .conns
+            .slots
+            .get_mut(conn.index())
+            .and_then(|s| s.bufs.as_mut())
+            .map(|b| std::mem::take(&mut b.inp))
+            .filter(|inp| !inp.is_empty());
+        let joined = held.map(|mut inp| {
+            inp.extend_from_slice(data);
+            inp
+        });
+        let request = joined.as_deref().unwrap_or(data);
+        match ws::handshake(request, &self.config.ws_origins) {
+            ws::Handshake::Incomplete => {
+                self.conns.bufs(conn).inp = joined.unwrap_or_else(|| data.to_vec());
+            }
             ws::Handshake::Refuse { status, response } => {
-                bufs.inp = Vec::new();
                 self.stats.protocol_errors.inc();
                 log::debug!(
                     "shard {}: WebSocket upgrade on connection {} refused: {status}",
@@ -526,12 +542,11 @@ impl Shard {
                 self.event(Event::Failed(conn));
             }
             ws::Handshake::Accept { response, used } => {
-                let rest = bufs.inp.split_off(used);
-                bufs.inp = Vec::new();
+                let rest = &request[used..];
                 self.write_ws(conn, &response);
                 self.conns.set_ws(conn, WsMode::Open);
                 if !rest.is_empty() {
-                    self.ws_frames(conn, &rest);
+                    self.ws_frames(conn, rest);
                 }
             }
         }
