@@ -78,7 +78,7 @@ impl LogStore {
                 if entry.loc != Loc::Segment(c.segment) {
                     continue; // a later copy is the current one
                 }
-                let record = entry_record(&self.bodies, user, &entry.msg);
+                let record = self.entry_record(user, &entry.msg);
                 record.encode(&mut self.buf);
                 copied += record.encoded_len() as u64;
                 self.moves.push((user, server_id));
@@ -141,7 +141,9 @@ impl LogStore {
                 }
                 entry.loc = Loc::Segment(n);
                 moved += 1;
-                moved_bytes += if self.bodies.contains_key(&server_id) {
+                let copy = self.bodies.contains_key(&server_id)
+                    && !self.clashes.contains(&(user, server_id));
+                moved_bytes += if copy {
                     MEMBER_BYTES
                 } else {
                     queued_bytes(&entry.msg)

@@ -131,6 +131,12 @@
 //!   once the segments are read. A copy whose `Body` is not found (lost
 //!   to a repair) is dropped and reported in the log line.
 //! - A rolled back batch takes its bodies and copies out again.
+//! - The replay keeps every body it read until its end (what it makes of
+//!   a record must not depend on older segments, which may be deleted
+//!   first), so it holds the log's delivered bodies for a while too.
+//! - Only a damaged log gives a message and a copy one id: for each user
+//!   the later record is the current one, and a message left under a
+//!   body's id is kept as a message (`clashes`).
 //!
 //! # Recovery
 //!
@@ -274,7 +280,7 @@ use self::error::io_at;
 pub use self::error::StoreError;
 pub use self::options::{Durability, LogOptions};
 pub use self::recovery::{Recovery, Skipped};
-use self::shared::{body_bytes, body_record, entry_record, MEMBER_BYTES};
+use self::shared::{body_bytes, body_record, MEMBER_BYTES};
 
 /// On-disk format version written to and expected in `meta`.
 pub const FORMAT_VERSION: u32 = 1;
@@ -505,6 +511,14 @@ pub struct LogStore {
     bodies: HashMap<u64, Body>,
     /// Replay only: member copies read before their `Body` record.
     unresolved: Vec<(u64, u64)>,
+    /// Replay only: `(user, server_id)` of the queued copies that came from
+    /// `Member` records, so that a damaged log mixing kinds under one id
+    /// never has a copy taken for a message or the other way round.
+    replay_members: foldhash::HashSet<(u64, u64)>,
+    /// `(user, server_id)` of the messages queued under the id of a body
+    /// that are not copies of it: left by the replay of a damaged log that
+    /// mixed kinds under one id; empty otherwise.
+    clashes: foldhash::HashSet<(u64, u64)>,
     /// The dedupe windows of v2 senders (see `store::window`), pruned at
     /// commit (a batch rolled back must not have evicted anything).
     windows: Windows<WLoc>,
@@ -629,6 +643,8 @@ impl LogStore {
             queues: HashMap::default(),
             bodies: HashMap::default(),
             unresolved: Vec::new(),
+            replay_members: Default::default(),
+            clashes: Default::default(),
             windows: Windows::default(),
             total: 0,
             shape: Shape::default(),
@@ -911,7 +927,8 @@ impl LogStore {
         } else {
             crate::memory::shrink_deque(queue);
         }
-        let shared = self.bodies.contains_key(&server_id);
+        let shared = self.is_copy(user, server_id);
+        self.clashes.remove(&(user, server_id));
         let bytes = if shared {
             MEMBER_BYTES
         } else {

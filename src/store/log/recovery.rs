@@ -315,6 +315,11 @@ impl LogStore {
                 body,
             } => {
                 self.server_id_max = self.server_id_max.max(server_id);
+                if self.replay_members.contains(&(user, server_id)) {
+                    // Only a damaged log holds a message where a copy is:
+                    // the later record is the current one.
+                    self.replaced(n, user, server_id, true);
+                }
                 if let Some(origin) = origin {
                     let t = Taken {
                         client_id: origin.client_id,
@@ -422,7 +427,7 @@ impl LogStore {
                         }
                     }
                 }
-                let shared = self.bodies.contains_key(&server_id);
+                let shared = self.replay_members.remove(&(user, server_id));
                 if let Loc::Segment(o) = entry.loc {
                     let from_seg = self.segments.get_mut(&o).expect("replayed");
                     from_seg.live -= 1;

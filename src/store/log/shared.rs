@@ -23,24 +23,25 @@ pub(super) fn body_record(msg: &Stored) -> Record<'_> {
     }
 }
 
-/// The record of `user`'s queued `msg`: a `Member` when its id has a
-/// shared body, else a `Queued`.
-pub(super) fn entry_record<'a>(
-    bodies: &HashMap<u64, Body>,
-    user: u64,
-    msg: &'a Stored,
-) -> Record<'a> {
-    if bodies.contains_key(&msg.server_id) {
-        Record::Member {
-            user,
-            server_id: msg.server_id,
-        }
-    } else {
-        queued_record(user, msg)
-    }
-}
-
 impl LogStore {
+    /// Whether `user`'s queued `server_id` is a copy of a shared body.
+    pub(super) fn is_copy(&self, user: u64, server_id: u64) -> bool {
+        self.bodies.contains_key(&server_id) && !self.clashes.contains(&(user, server_id))
+    }
+
+    /// The record of `user`'s queued `msg`: a `Member` for a copy of a
+    /// shared body, else a `Queued`.
+    pub(super) fn entry_record<'a>(&self, user: u64, msg: &'a Stored) -> Record<'a> {
+        if self.is_copy(user, msg.server_id) {
+            Record::Member {
+                user,
+                server_id: msg.server_id,
+            }
+        } else {
+            queued_record(user, msg)
+        }
+    }
+
     /// A member's copy of body `server_id` left its queue: the body goes
     /// with its last copy (no record: the replay drops a `Body` no copy
     /// names), cancelled if it was still staged.
@@ -113,6 +114,16 @@ impl LogStore {
     /// [`MEMBER_BYTES`]).
     pub(super) fn replay_member(&mut self, n: u32, user: u64, server_id: u64) {
         self.server_id_max = self.server_id_max.max(server_id);
+        let plain = self
+            .queues
+            .get(&user)
+            .is_some_and(|q| find(q, server_id).is_ok())
+            && !self.replay_members.contains(&(user, server_id));
+        if plain {
+            // Only a damaged log holds a copy where a message is: the
+            // later record is the current one.
+            self.replaced(n, user, server_id, false);
+        }
         let queue = self.queues.entry(user).or_default();
         match find(queue, server_id) {
             Ok(at) => {
@@ -141,6 +152,7 @@ impl LogStore {
                     refs: 0,
                 });
                 body.refs += 1;
+                self.replay_members.insert((user, server_id));
                 if body.loc == Loc::Memory {
                     self.unresolved.push((user, server_id));
                 }
@@ -176,6 +188,9 @@ impl LogStore {
             let Ok(at) = find(queue, server_id) else {
                 continue;
             };
+            if !self.replay_members.contains(&(user, server_id)) {
+                continue; // a message took its place
+            }
             if body.loc != Loc::Memory {
                 queue[at].msg = body.msg.clone();
                 continue;
@@ -186,6 +201,7 @@ impl LogStore {
             }
             self.total -= 1;
             lost += 1;
+            self.replay_members.remove(&(user, server_id));
             if let Loc::Segment(o) = entry.loc {
                 let seg = self.segments.get_mut(&o).expect("replayed");
                 seg.live -= 1;
@@ -207,22 +223,75 @@ impl LogStore {
                 seg.live_bytes -= body_bytes(&body.msg);
             }
         }
+        self.note_clashes();
         self.bodies.shrink_to_fit();
         self.unresolved = Vec::new();
+        self.replay_members = Default::default();
         lost
     }
 
-    /// Replays the tombstone of a member's copy of body `server_id`.
+    /// Takes `user`'s entry `server_id` out during the replay because a
+    /// record of the other kind (`copy`: the entry is a copy) came later
+    /// for it, in segment `n`: as a compaction copy would, the later one
+    /// must outlive the earlier (a pin).
+    pub(super) fn replaced(&mut self, n: u32, user: u64, server_id: u64, copy: bool) {
+        let queue = self.queues.get_mut(&user).expect("replayed");
+        let at = find(queue, server_id).expect("replayed");
+        let entry = queue.remove(at).expect("found");
+        if queue.is_empty() {
+            self.queues.remove(&user);
+        }
+        self.total -= 1;
+        if let Some(origin) = entry.msg.origin {
+            // As a delivery: its window entry outlives it.
+            if let Some(t) = self.windows.get_mut(entry.msg.from, origin) {
+                if t.loc.loc == entry.loc {
+                    t.loc.orphan = true;
+                }
+            }
+        }
+        if let Loc::Segment(o) = entry.loc {
+            let seg = self.segments.get_mut(&o).expect("replayed");
+            seg.live -= 1;
+            seg.live_bytes -= if copy {
+                MEMBER_BYTES
+            } else {
+                queued_bytes(&entry.msg)
+            };
+            if o != n {
+                self.segments.get_mut(&n).expect("replaying").pins.insert(o);
+            }
+        }
+        if copy {
+            self.replay_members.remove(&(user, server_id));
+            self.replay_member_gone(server_id);
+        }
+    }
+
+    /// After the replay: the messages queued under the id of a body that
+    /// are not copies of it (a damaged log) go to `clashes`.
+    fn note_clashes(&mut self) {
+        if self.bodies.is_empty() {
+            return;
+        }
+        for (&user, queue) in &self.queues {
+            for e in queue {
+                let id = e.msg.server_id;
+                if self.bodies.contains_key(&id) && !self.replay_members.contains(&(user, id)) {
+                    self.clashes.insert((user, id));
+                }
+            }
+        }
+    }
+
+    /// Replays the tombstone of a member's copy of body `server_id`. The
+    /// body stays until the end of the replay even with no copy left: a
+    /// damaged log may name it again later, and what the replay makes of
+    /// a record must not depend on older segments, which may be deleted
+    /// first. So a replay holds the bodies of the log's delivered group
+    /// messages until it ends (at most the log's dead share).
     pub(super) fn replay_member_gone(&mut self, server_id: u64) {
         let body = self.bodies.get_mut(&server_id).expect("a copy's body");
         body.refs -= 1;
-        if body.refs == 0 {
-            let body = self.bodies.remove(&server_id).expect("found");
-            if let Loc::Segment(n) = body.loc {
-                let seg = self.segments.get_mut(&n).expect("replayed");
-                seg.live -= 1;
-                seg.live_bytes -= body_bytes(&body.msg);
-            }
-        }
     }
 }

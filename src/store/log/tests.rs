@@ -92,7 +92,10 @@ impl LogStore {
             }
             for e in q {
                 let server_id = e.msg.server_id;
-                let shared = self.bodies.get(&server_id);
+                let shared = self
+                    .bodies
+                    .get(&server_id)
+                    .filter(|_| !self.clashes.contains(&(*user, server_id)));
                 if let Some(b) = shared {
                     *copies.entry(server_id).or_default() += 1;
                     assert_eq!(b.msg, e.msg, "a copy is its body's message");
@@ -145,6 +148,10 @@ impl LogStore {
             }
         }
         assert!(copies.is_empty());
+        for &(user, server_id) in &self.clashes {
+            assert!(self.bodies.contains_key(&server_id));
+            assert!(lookup(&self.queues, user, server_id).is_some());
+        }
         // Window entries whose message is gone count in their segment.
         let mut refs: BTreeMap<u32, u64> = BTreeMap::new();
         for (from, origin, t) in self.windows.iter() {
