@@ -721,6 +721,157 @@ fn membership_and_acknowledged_messages_survive_kill_9_during_fan_out() {
     assert_eq!(members(&mut ca, &mut sa2, 102, g).len(), 3);
 }
 
+/// Bytes of the message log's segment files of each shard under `dir`.
+fn segment_bytes(dir: &Path) -> [u64; 2] {
+    let mut out = [0; 2];
+    for (shard, bytes) in out.iter_mut().enumerate() {
+        let shard_dir = dir.join("data").join(format!("shard-{shard}"));
+        for e in std::fs::read_dir(&shard_dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().to_string_lossy().ends_with(".log") {
+                *bytes += e.metadata().unwrap().len();
+            }
+        }
+    }
+    out
+}
+
+/// A message to 40 offline members on both shards is stored with its body
+/// once per shard (docs/PROTOCOL.md, "Groups": a small record per member),
+/// and every member still gets it, body and all, after a kill -9.
+#[test]
+fn a_group_body_is_stored_once_per_shard_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = spawn(dir.path());
+    let a = users_on(0, SHARDS, 1)[0];
+    let offline: Vec<u64> = users_on(0, SHARDS, 21)[1..]
+        .iter()
+        .chain(&users_on(1, SHARDS, 20))
+        .copied()
+        .collect();
+    let mut ca = login2(child.addr, a);
+    let mut sa = HashMap::new();
+    let g = create(&mut ca, &mut sa, 1);
+    for (i, &u) in offline.iter().enumerate() {
+        add(&mut ca, &mut sa, 2 + i as u64, g, u);
+    }
+    const BODY: usize = 4000;
+    let body: Vec<u8> = (0..BODY).map(|i| (i % 251) as u8).collect();
+    group_send(&mut ca, 1, g, &body);
+    let msg = acked(&mut ca, &mut sa, 1);
+    // Each shard's copy of the body reaches its log with its member
+    // records (one write): wait for both.
+    while segment_bytes(dir.path()).iter().any(|&b| b < BODY as u64) {
+        std::thread::yield_now();
+    }
+    // Written per member, the body alone would take 40 * 4000 bytes; once
+    // per shard plus the membership events' copies it is far below half.
+    let total: u64 = segment_bytes(dir.path()).iter().sum();
+    assert!(
+        total < (offline.len() * BODY / 2) as u64,
+        "{total} bytes of log for a {BODY}-byte body to {} members",
+        offline.len()
+    );
+    drop(ca);
+    child.kill9();
+
+    let child = spawn(dir.path());
+    for &u in &offline {
+        let mut cu = login2(child.addr, u);
+        let mut su = HashMap::new();
+        loop {
+            let f = cu.recv().unwrap();
+            assert!(take_copy(&mut cu, &f, &mut su), "{f:?}");
+            let got = su[&g].iter().find_map(|s| match s {
+                Seen::Message { msg: m, from, body } if *m == msg => Some((*from, body.clone())),
+                _ => None,
+            });
+            if let Some((from, got)) = got {
+                assert_eq!((from, got), (a, body.clone()), "member {u}");
+                break;
+            }
+        }
+    }
+}
+
+/// Segment bytes once they stopped changing for 300 ms (the fan-outs of
+/// the last request are all written). A figure, not a test: no assertion
+/// rests on the wait.
+fn settled_segment_bytes(dir: &Path) -> u64 {
+    let mut last = u64::MAX;
+    loop {
+        let now: u64 = segment_bytes(dir).iter().sum();
+        if now == last {
+            return now;
+        }
+        last = now;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+/// Messages queued on the server (`Queued` of `show info`).
+fn queued(dir: &Path) -> u64 {
+    let text = tern::stats::query(&dir.join("s.sock"), "show info").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Queued:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap()
+}
+
+/// The figure in results/groups/README.md ("Disk bytes per copy"): log
+/// bytes a message to a 1000-member group adds, per member copy, with the
+/// members offline (nothing delivered, nothing deleted). Run with
+/// `cargo test -p tern --test groups disk_bytes_per_copy -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn disk_bytes_per_copy_of_a_1000_member_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0", "--shards", "2"]);
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--stats-socket")
+        .arg(dir.path().join("s.sock"))
+        .args(["--durability", "fsync", "--queue-len-max", "100000"]);
+    let child = TernChild::expect_start(cmd);
+    let a = users_on(0, SHARDS, 1)[0];
+    let offline: Vec<u64> = users_on(0, SHARDS, 500)[1..]
+        .iter()
+        .chain(&users_on(1, SHARDS, 500))
+        .copied()
+        .collect();
+    let mut ca = login2(child.addr, a);
+    let mut sa = HashMap::new();
+    let g = create(&mut ca, &mut sa, 1);
+    for (i, &u) in offline.iter().enumerate() {
+        add(&mut ca, &mut sa, 2 + i as u64, g, u);
+    }
+    const MSGS: u64 = 20;
+    let mut client_id = 0;
+    for size in [100usize, 1000, 10000] {
+        let before = settled_segment_bytes(dir.path());
+        let queued_before = queued(dir.path());
+        for _ in 0..MSGS {
+            client_id += 1;
+            group_send(&mut ca, client_id, g, &vec![7u8; size]);
+            acked(&mut ca, &mut sa, client_id);
+        }
+        let copies = MSGS * offline.len() as u64;
+        // Every copy queued (a shard's copies are in one batch), then written.
+        while queued(dir.path()) < queued_before + copies {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let after = settled_segment_bytes(dir.path());
+        println!(
+            "body={size} msgs={MSGS} members={} copies={copies} log_bytes={} bytes_per_copy={:.1}",
+            offline.len() + 1,
+            after - before,
+            (after - before) as f64 / copies as f64
+        );
+    }
+    drop(ca);
+    drop(child);
+}
+
 #[test]
 fn the_client_library_speaks_groups() {
     let srv = TestServer::start();

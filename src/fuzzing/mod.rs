@@ -577,6 +577,47 @@ mod regressions {
         );
     }
 
+    /// Group bodies and copies (kinds 13, 14) under ids that a damaged
+    /// log also gives messages, in every order and across segments: the
+    /// replay keeps one kind per id and queue, and the oracle's restarts,
+    /// deliveries and commits find the same messages each time.
+    #[test]
+    fn group_records_clashing_with_messages() {
+        let rec = |r: Record<'_>| {
+            let mut out = Vec::new();
+            r.encode(&mut out);
+            out
+        };
+        let body = rec(Record::Body {
+            server_id: 5,
+            from: 0,
+            time_ms: 3,
+            body: b"shared",
+        });
+        let member = |user| rec(Record::Member { user, server_id: 5 });
+        let gone = |user| rec(Record::Delivered { user, server_id: 5 });
+        let plain = queued(&[(1, 5, b"plain")]);
+        let parts = [body, member(1), member(2), plain, gone(1), gone(2)];
+        // Orders of the six records (every 11th of the 720, to keep the
+        // test short) in one segment, and split over two.
+        let mut order: Vec<usize> = (0..parts.len()).collect();
+        for round in (0..720).step_by(11) {
+            let mut k = round;
+            for i in (1..order.len()).rev() {
+                order.swap(i, k % (i + 1));
+                k /= i + 1;
+            }
+            let seg: Vec<u8> = order.iter().flat_map(|&i| parts[i].clone()).collect();
+            recovery(&input(0, std::slice::from_ref(&seg)));
+            let cut = parts[order[0]].len() + parts[order[1]].len();
+            recovery(&input(0, &[seg[..cut].to_vec(), seg[cut..].to_vec()]));
+            recovery(&input(
+                0,
+                &[seg[..cut].to_vec(), seg[cut..].to_vec(), Vec::new()],
+            ));
+        }
+    }
+
     /// Found while writing the `recovery` oracle (and an overflow in
     /// `replay_record` under it): a later copy of a message with a longer
     /// body took the copy's length off the earlier segment's live bytes,

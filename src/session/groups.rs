@@ -625,8 +625,8 @@ impl Sessions {
     }
 
     /// Queues a copy of `e` for each of `members` (homed here), under one
-    /// new server id of this shard, all sharing one body in memory; sent
-    /// once the commit holds them.
+    /// new server id of this shard, all sharing one body in memory and on
+    /// disk (`Store::push_shared`); sent once the commit holds them.
     fn fan_in(&mut self, e: &Envelope<'_>, time_ms: u64, members: &[u64]) {
         let server_id = (self.next_seq << 10) | self.id as u64;
         self.next_seq += 1;
@@ -641,7 +641,7 @@ impl Sessions {
                 origin: None,
                 body: body.clone(),
             };
-            match self.store.push(user, copy) {
+            match self.store.push_shared(user, copy) {
                 Ok(()) => self.fresh.push(user),
                 // The copy is lost for this member (documented): the
                 // message was acknowledged to its sender long before.

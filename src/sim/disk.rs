@@ -212,7 +212,13 @@ pub fn flip_cold() -> io::Result<Option<Flip>> {
                         ..
                     } => (Some((user, server_id)), origin.map(|o| (from, o.client_id))),
                     Record::Taken { from, origin, .. } => (None, Some((from, origin.client_id))),
+                    Record::Member {
+                        user, server_id, ..
+                    } => (Some((user, server_id)), None),
                     Record::Delivered { .. } => (None, None),
+                    // A shared body takes every copy naming it: not one
+                    // message a flip can be charged with.
+                    Record::Body { .. } => return None,
                 };
                 Some((offset, len, queued, origin))
             }

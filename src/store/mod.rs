@@ -161,6 +161,16 @@ pub trait Store {
     /// caller asked [`seen`](Store::seen) first and got [`Seen::New`]);
     /// the window outlives the message, durably.
     fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError>;
+    /// [`push`](Store::push) of one copy of a message many users of this
+    /// store get (a group message): every copy with this `server_id` is
+    /// pushed this way, with the same sender, time and body and no
+    /// [`Origin`], and all within one batch. A store may keep the body
+    /// once for all of them (the log writes one Body record and a small
+    /// Member record per copy). Each copy is still removed on its own.
+    /// Default: `push`.
+    fn push_shared(&mut self, user: u64, msg: Stored) -> Result<(), PushError> {
+        self.push(user, msg)
+    }
     /// Whether `from`'s v2 SEND `origin` was taken already (staged pushes
     /// included: a retry that overtakes the commit sees its first copy).
     fn seen(&self, from: u64, origin: Origin) -> Seen;

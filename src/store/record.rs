@@ -28,6 +28,16 @@
 //!     21     8  client_id
 //!     29     8  server_id
 //!     37     8  time_ms
+//! Body (kind 13: the body of a group message, stored once per shard for
+//! all its members homed there), len = 25 + body:
+//!      9     8  server_id  the id every member's copy has
+//!     17     8  from       sender's user id (the group marker)
+//!     25     8  time_ms
+//!     33     …  body
+//! Member (kind 14: a member's copy of the Body with the same server_id;
+//! its tombstone is a Delivered record), len = 17:
+//!      9     8  user
+//!     17     8  server_id
 //! ```
 //!
 //! Kinds 1 and 2 are the whole of format version 1; kinds 3 and 4 came with
@@ -51,6 +61,10 @@ pub(crate) const DELIVERED_BYTES: usize = 1 + 2 * 8;
 pub(crate) const QUEUED_ORIGIN_FIXED_BYTES: usize = QUEUED_FIXED_BYTES + 4 + 8;
 /// Payload bytes of a Taken record.
 pub(crate) const TAKEN_BYTES: usize = 1 + 8 + 4 + 3 * 8;
+/// Payload bytes of a Body record besides its body.
+pub(crate) const BODY_FIXED_BYTES: usize = 1 + 3 * 8;
+/// Payload bytes of a Member record.
+pub(crate) const MEMBER_BYTES: usize = 1 + 2 * 8;
 /// Largest body a record holds: 16 MiB, the largest `frame_bytes_max` the
 /// config accepts, so any body the protocol lets in fits.
 pub const BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -61,6 +75,8 @@ const KIND_QUEUED: u8 = 1;
 const KIND_DELIVERED: u8 = 2;
 const KIND_QUEUED_ORIGIN: u8 = 3;
 const KIND_TAKEN: u8 = 4;
+const KIND_BODY: u8 = 13;
+const KIND_MEMBER: u8 = 14;
 
 // The header's u32 length must be able to express every valid payload.
 const _: () = assert!(PAYLOAD_BYTES_MAX <= u32::MAX as usize);
@@ -68,6 +84,7 @@ const _: () = assert!(DELIVERED_BYTES < QUEUED_FIXED_BYTES);
 // The smallest payload bounds the length check in `decode`; a Taken record
 // is never longer than the Queued record (with origin) it may stand in for.
 const _: () = assert!(DELIVERED_BYTES < TAKEN_BYTES && TAKEN_BYTES <= QUEUED_ORIGIN_FIXED_BYTES);
+const _: () = assert!(DELIVERED_BYTES <= MEMBER_BYTES && BODY_FIXED_BYTES < QUEUED_FIXED_BYTES);
 
 /// One log record, borrowing its body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +108,16 @@ pub(crate) enum Record<'a> {
         server_id: u64,
         time_ms: u64,
     },
+    /// The body of group message `server_id`, shared by the `Member`
+    /// records with that id (a group copy is never from a v2 origin).
+    Body {
+        server_id: u64,
+        from: u64,
+        time_ms: u64,
+        body: &'a [u8],
+    },
+    /// `user`'s copy of the body `server_id` was queued.
+    Member { user: u64, server_id: u64 },
 }
 
 /// What [`decode`] found at the start of a buffer.
@@ -126,6 +153,16 @@ impl Record<'_> {
         HEADER_BYTES + TAKEN_BYTES
     }
 
+    /// Encoded size of a Body record with a `body_len`-byte body.
+    pub(crate) const fn body_bytes(body_len: usize) -> usize {
+        HEADER_BYTES + BODY_FIXED_BYTES + body_len
+    }
+
+    /// Encoded size of a Member record.
+    pub(crate) const fn member_bytes() -> usize {
+        HEADER_BYTES + MEMBER_BYTES
+    }
+
     /// Encoded size, header included.
     pub(crate) fn encoded_len(&self) -> usize {
         match self {
@@ -139,6 +176,8 @@ impl Record<'_> {
             } => Self::queued_origin_bytes(body.len()),
             Record::Delivered { .. } => Self::delivered_bytes(),
             Record::Taken { .. } => Self::taken_bytes(),
+            Record::Body { body, .. } => Self::body_bytes(body.len()),
+            Record::Member { .. } => Self::member_bytes(),
         }
     }
 
@@ -146,8 +185,8 @@ impl Record<'_> {
     /// [`BODY_BYTES_MAX`]. Checked before append and after read-back.
     pub(crate) fn is_valid(&self) -> bool {
         match self {
-            Record::Queued { body, .. } => body.len() <= BODY_BYTES_MAX,
-            Record::Delivered { .. } | Record::Taken { .. } => true,
+            Record::Queued { body, .. } | Record::Body { body, .. } => body.len() <= BODY_BYTES_MAX,
+            Record::Delivered { .. } | Record::Taken { .. } | Record::Member { .. } => true,
         }
     }
 
@@ -199,6 +238,23 @@ impl Record<'_> {
                 out.extend_from_slice(&origin.client_id.to_le_bytes());
                 out.extend_from_slice(&server_id.to_le_bytes());
                 out.extend_from_slice(&time_ms.to_le_bytes());
+            }
+            Record::Body {
+                server_id,
+                from,
+                time_ms,
+                body,
+            } => {
+                out.push(KIND_BODY);
+                out.extend_from_slice(&server_id.to_le_bytes());
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&time_ms.to_le_bytes());
+                out.extend_from_slice(body);
+            }
+            Record::Member { user, server_id } => {
+                out.push(KIND_MEMBER);
+                out.extend_from_slice(&user.to_le_bytes());
+                out.extend_from_slice(&server_id.to_le_bytes());
             }
         }
         let crc = crc32c::crc32c(&out[start + HEADER_BYTES..]);
@@ -293,6 +349,26 @@ pub(crate) fn decode(buf: &[u8]) -> Decoded<'_> {
                 server_id: u64_at(payload, 9),
             }
         }
+        KIND_BODY => {
+            if len < BODY_FIXED_BYTES {
+                return Decoded::Malformed("body record shorter than its fields");
+            }
+            Record::Body {
+                server_id: u64_at(payload, 1),
+                from: u64_at(payload, 9),
+                time_ms: u64_at(payload, 17),
+                body: &payload[BODY_FIXED_BYTES..],
+            }
+        }
+        KIND_MEMBER => {
+            if len != MEMBER_BYTES {
+                return Decoded::Malformed("member record of the wrong length");
+            }
+            Record::Member {
+                user: u64_at(payload, 1),
+                server_id: u64_at(payload, 9),
+            }
+        }
         _ => return Decoded::Malformed("unknown record kind"),
     };
     Decoded::Record(record, HEADER_BYTES + len)
@@ -305,7 +381,7 @@ mod tests {
 
     fn arb_record() -> impl Strategy<Value = (u8, u64, u64, u64, u64, Vec<u8>)> {
         (
-            0u8..4,
+            0u8..6,
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
@@ -331,6 +407,16 @@ mod tests {
                 body,
             },
             1 => Record::Delivered {
+                user: *user,
+                server_id: *server_id,
+            },
+            4 => Record::Body {
+                server_id: *server_id,
+                from: *from,
+                time_ms: *time_ms,
+                body,
+            },
+            5 => Record::Member {
                 user: *user,
                 server_id: *server_id,
             },
@@ -461,6 +547,22 @@ mod tests {
         assert!(matches!(
             decode(&with(KIND_TAKEN, TAKEN_BYTES)),
             Decoded::Record(Record::Taken { .. }, 45)
+        ));
+        assert_eq!(
+            decode(&with(KIND_BODY, BODY_FIXED_BYTES - 1)),
+            Decoded::Malformed("body record shorter than its fields")
+        );
+        assert!(matches!(
+            decode(&with(KIND_BODY, BODY_FIXED_BYTES)),
+            Decoded::Record(Record::Body { body: [], .. }, 33)
+        ));
+        assert_eq!(
+            decode(&with(KIND_MEMBER, MEMBER_BYTES + 1)),
+            Decoded::Malformed("member record of the wrong length")
+        );
+        assert!(matches!(
+            decode(&with(KIND_MEMBER, MEMBER_BYTES)),
+            Decoded::Record(Record::Member { .. }, 25)
         ));
     }
 

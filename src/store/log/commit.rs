@@ -25,7 +25,8 @@ impl LogStore {
                     self.meta_retry_at = Some(now + SPACE_CHECK_SHORT_EVERY);
                     let watermark = self.id_watermark;
                     let beyond = self.staged.iter().any(|s| {
-                        matches!(s, Staged::Queued { server_id, .. } if *server_id >= watermark)
+                        matches!(s, Staged::Queued { server_id, .. } | Staged::Body { server_id }
+                            if *server_id >= watermark)
                     });
                     if beyond {
                         self.roll_back(refused, &e);
@@ -44,6 +45,13 @@ impl LogStore {
                     let entry = lookup(&self.queues, user, server_id)
                         .expect("a staged message is still queued (else it was cancelled)");
                     queued_record(user, &entry.msg).encode(&mut self.buf);
+                }
+                Staged::Body { server_id } => {
+                    let body = &self.bodies[&server_id];
+                    body_record(&body.msg).encode(&mut self.buf);
+                }
+                Staged::Member { user, server_id } => {
+                    Record::Member { user, server_id }.encode(&mut self.buf);
                 }
                 Staged::Delivered {
                     user, server_id, ..
@@ -137,7 +145,14 @@ impl LogStore {
         self.staged_bytes = 0;
         for staged in std::mem::take(&mut self.staged) {
             match staged {
-                Staged::Queued { user, server_id } => {
+                Staged::Body { server_id } => {
+                    // Its copies are all in this batch (`push_shared`),
+                    // after it: they follow it out.
+                    let body = self.bodies.remove(&server_id).expect("a staged body");
+                    debug_assert!(matches!(body.loc, Loc::Staged(_)));
+                    refused.push(server_id);
+                }
+                Staged::Member { user, server_id } | Staged::Queued { user, server_id } => {
                     let queue = self.queues.get_mut(&user).expect("a staged push is queued");
                     let at = find(queue, server_id).expect("a staged push is queued");
                     let before = queue_state(Some(queue), |e| &e.msg);
@@ -154,7 +169,12 @@ impl LogStore {
                         self.queues.remove(&user);
                     }
                     self.total -= 1;
-                    refused.push(server_id);
+                    if matches!(staged, Staged::Queued { .. }) {
+                        refused.push(server_id);
+                    } else if self.bodies.contains_key(&server_id) {
+                        // A copy of a body from an earlier batch.
+                        self.drop_member(server_id);
+                    }
                 }
                 Staged::Delivered { .. } => {
                     self.staged.push(staged);
@@ -241,6 +261,25 @@ impl LogStore {
         let mut touched: Vec<(u64, u32)> = Vec::new();
         for i in 0..self.staged.len() {
             match self.staged[i] {
+                Staged::Body { server_id } => {
+                    let body = self.bodies.get_mut(&server_id).expect("a staged body");
+                    debug_assert_eq!(body.loc, Loc::Staged(i as u32));
+                    body.loc = Loc::Segment(n);
+                    let bytes = body_bytes(&body.msg);
+                    let seg = self.segments.get_mut(&n).expect("active");
+                    seg.live += 1;
+                    seg.live_bytes += bytes;
+                    seg.body_index.push(server_id);
+                }
+                Staged::Member { user, server_id } => {
+                    let entry = lookup_mut(&mut self.queues, user, server_id).expect("staged");
+                    debug_assert_eq!(entry.loc, Loc::Staged(i as u32));
+                    entry.loc = Loc::Segment(n);
+                    let seg = self.segments.get_mut(&n).expect("active");
+                    seg.live += 1;
+                    seg.live_bytes += MEMBER_BYTES;
+                    seg.index.push((user, server_id));
+                }
                 Staged::Queued { user, server_id } => {
                     let entry = lookup_mut(&mut self.queues, user, server_id).expect("staged");
                     debug_assert_eq!(entry.loc, Loc::Staged(i as u32));

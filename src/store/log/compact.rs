@@ -60,29 +60,42 @@ impl LogStore {
     pub(super) fn plan_moves(&mut self) -> Option<usize> {
         self.moves.clear();
         self.orphan_moves.clear();
+        self.body_moves.clear();
         let c = self.compacting?;
         let seg = &self.segments[&c.segment];
-        let end = seg.index.len().min(c.cursor + COMPACT_ENTRIES_PER_COMMIT);
-        let mut cursor = if seg.live == 0 {
-            seg.index.len()
-        } else {
-            c.cursor
-        };
+        // The cursor walks `index`, then `body_index`.
+        let len = seg.index.len() + seg.body_index.len();
+        let end = len.min(c.cursor + COMPACT_ENTRIES_PER_COMMIT);
+        let mut cursor = if seg.live == 0 { len } else { c.cursor };
         let mut copied = 0;
         while cursor < end && copied < self.compact_bytes_per_commit {
-            let (user, server_id) = seg.index[cursor];
+            let at = cursor;
             cursor += 1;
-            let Some(entry) = lookup(&self.queues, user, server_id) else {
-                continue; // delivered
-            };
-            if entry.loc != Loc::Segment(c.segment) {
-                continue; // a later copy is the current one
+            if let Some(&(user, server_id)) = seg.index.get(at) {
+                let Some(entry) = lookup(&self.queues, user, server_id) else {
+                    continue; // delivered
+                };
+                if entry.loc != Loc::Segment(c.segment) {
+                    continue; // a later copy is the current one
+                }
+                let record = self.entry_record(user, &entry.msg);
+                record.encode(&mut self.buf);
+                copied += record.encoded_len() as u64;
+                self.moves.push((user, server_id));
+            } else {
+                let server_id = seg.body_index[at - seg.index.len()];
+                let Some(body) = self.bodies.get(&server_id) else {
+                    continue; // its last copy went
+                };
+                if body.loc != Loc::Segment(c.segment) {
+                    continue;
+                }
+                body_record(&body.msg).encode(&mut self.buf);
+                copied += body_bytes(&body.msg);
+                self.body_moves.push(server_id);
             }
-            queued_record(user, &entry.msg).encode(&mut self.buf);
-            copied += queued_bytes(&entry.msg);
-            self.moves.push((user, server_id));
         }
-        if cursor == seg.index.len() && seg.refs > 0 {
+        if cursor == len && seg.refs > 0 {
             let here = WLoc {
                 loc: Loc::Segment(c.segment),
                 orphan: true,
@@ -102,10 +115,21 @@ impl LogStore {
 
     pub(super) fn apply_moves(&mut self, cursor: usize) -> Result<(), StoreError> {
         let c = self.compacting.expect("planned");
-        if !self.moves.is_empty() {
+        if !self.moves.is_empty() || !self.body_moves.is_empty() {
             let n = self.active_number().expect("copies were written");
             let mut moved_bytes = 0;
             let mut moved = 0;
+            for &server_id in &self.body_moves {
+                let body = self.bodies.get_mut(&server_id).expect("planned");
+                if body.loc != Loc::Segment(c.segment) {
+                    continue; // listed twice (a damaged log)
+                }
+                body.loc = Loc::Segment(n);
+                moved += 1;
+                moved_bytes += body_bytes(&body.msg);
+                let seg = self.segments.get_mut(&n).expect("active");
+                seg.body_index.push(server_id);
+            }
             for &(user, server_id) in &self.moves {
                 let entry = lookup_mut(&mut self.queues, user, server_id).expect("planned");
                 if entry.loc != Loc::Segment(c.segment) {
@@ -117,7 +141,13 @@ impl LogStore {
                 }
                 entry.loc = Loc::Segment(n);
                 moved += 1;
-                moved_bytes += queued_bytes(&entry.msg);
+                let copy = self.bodies.contains_key(&server_id)
+                    && !self.clashes.contains(&(user, server_id));
+                moved_bytes += if copy {
+                    MEMBER_BYTES
+                } else {
+                    queued_bytes(&entry.msg)
+                };
                 if let Some(origin) = entry.msg.origin {
                     // The window entry lives in the message's record.
                     if let Some(t) = self.windows.get_mut(entry.msg.from, origin) {
@@ -177,7 +207,7 @@ impl LogStore {
             self.compacting = None;
             self.victim_done = Some(c.segment);
         } else {
-            debug_assert!(cursor < victim.index.len() || victim.refs > 0);
+            debug_assert!(cursor < victim.index.len() + victim.body_index.len() || victim.refs > 0);
             self.compacting = Some(Compaction {
                 segment: c.segment,
                 cursor,

@@ -18,7 +18,8 @@
 //! Kinds: `Queued { user, server_id, from, time_ms, origin, body }` when a
 //! message is stored (kind 3 with a v2 sender's origin, else kind 1),
 //! `Delivered { user, server_id }`, its tombstone, and `Taken`, a dedupe
-//! window entry that outlived its message (see "Dedupe windows"). `meta` holds
+//! window entry that outlived its message (see "Dedupe windows"), and for
+//! group messages `Body` and `Member` (see "Shared bodies"). `meta` holds
 //! the format version and the id watermark (below); it is replaced atomically
 //! (write `meta.tmp`, rename).
 //!
@@ -103,6 +104,39 @@
 //! evicted entries), and an entry pruned frees its segment. Recovery
 //! rebuilds the windows from the `Queued` (kind 3) and `Taken` records, then
 //! prunes them and counts the refs.
+//!
+//! # Shared bodies
+//!
+//! A group message reaches a shard once for all its members homed there,
+//! every copy under one server id and one body ([`Store::push_shared`]).
+//! The log writes that body once, as a `Body` record (kind 13), and per
+//! member a 25-byte `Member` record (kind 14) naming it; a member's copy
+//! is tombstoned by a `Delivered` record like any message. In memory the
+//! store keeps, per such id, the body's location and how many member
+//! copies are queued (`bodies`): a copy is a group copy exactly when its
+//! id is there.
+//!
+//! - A `Member` record is a message for the segment bookkeeping (live
+//!   count, bytes, index, pins by its tombstone); the `Body` record counts
+//!   as one more live record of its segment as long as any member copy is
+//!   queued, so its file outlives every live `Member` record naming it.
+//! - When the last copy goes, the body needs no record: a `Body` no queued
+//!   copy names is dropped by the replay. Nothing comes back, since each
+//!   member's copy has its own tombstone, pinned as any other.
+//! - Staged and removed before the commit (the skip rule), a copy writes
+//!   nothing; the body is not written when all its copies went so.
+//! - Compaction copies live `Member` records and then live `Body` records,
+//!   so after a compaction a `Member` may come before its `Body` in the
+//!   replay order: the replay counts copies by id and fills in their body
+//!   once the segments are read. A copy whose `Body` is not found (lost
+//!   to a repair) is dropped and reported in the log line.
+//! - A rolled back batch takes its bodies and copies out again.
+//! - The replay keeps every body it read until its end (what it makes of
+//!   a record must not depend on older segments, which may be deleted
+//!   first), so it holds the log's delivered bodies for a while too.
+//! - Only a damaged log gives a message and a copy one id: for each user
+//!   the later record is the current one, and a message left under a
+//!   body's id is kept as a message (`clashes`).
 //!
 //! # Recovery
 //!
@@ -239,12 +273,14 @@ mod error;
 mod meta;
 mod options;
 mod recovery;
+mod shared;
 mod space;
 
 use self::error::io_at;
 pub use self::error::StoreError;
 pub use self::options::{Durability, LogOptions};
 pub use self::recovery::{Recovery, Skipped};
+use self::shared::{body_bytes, body_record, MEMBER_BYTES};
 
 /// On-disk format version written to and expected in `meta`.
 pub const FORMAT_VERSION: u32 = 1;
@@ -315,6 +351,19 @@ struct Entry {
     loc: Loc,
 }
 
+/// A group message's body, kept once for its member copies on this shard
+/// (see "Shared bodies").
+#[derive(Debug)]
+struct Body {
+    /// The fields every copy has (its `server_id`, sender, time, body).
+    msg: Stored,
+    /// Where its `Body` record is; during a replay, `Memory` until that
+    /// record is read.
+    loc: Loc,
+    /// Member copies queued.
+    refs: u32,
+}
+
 /// Where a dedupe window entry's durable copy is: its message's record
 /// while the message is queued (`orphan` false, same `loc`), else a record
 /// of its own (`orphan`: a `Queued` record whose message is gone, or a
@@ -345,6 +394,10 @@ enum Staged {
     /// The same for a message with an origin: its dedupe window entry is
     /// written as a `Taken` record instead.
     Taken { from: u64, origin: Origin },
+    /// A shared body, encoded from `LogStore::bodies` at commit time.
+    Body { server_id: u64 },
+    /// A member's copy of a shared body.
+    Member { user: u64, server_id: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -359,6 +412,9 @@ struct Segment {
     /// order, live or not: what compaction walks. 16 bytes per record, freed
     /// with the segment.
     index: Vec<(u64, u64)>,
+    /// `server_id` of every `Body` record in the file, in file order, live
+    /// or not: what compaction walks after `index`.
+    body_index: Vec<u64>,
     /// Older segments that must be deleted before this one (see the module
     /// docs). Never contains this segment's own number.
     pins: BTreeSet<u32>,
@@ -450,6 +506,19 @@ pub struct LogStore {
     opts: LogOptions,
     dir: PathBuf,
     queues: HashMap<u64, VecDeque<Entry>>,
+    /// The shared bodies of group copies, by server id (see "Shared
+    /// bodies"); empty with `Durability::Memory`.
+    bodies: HashMap<u64, Body>,
+    /// Replay only: member copies read before their `Body` record.
+    unresolved: Vec<(u64, u64)>,
+    /// Replay only: `(user, server_id)` of the queued copies that came from
+    /// `Member` records, so that a damaged log mixing kinds under one id
+    /// never has a copy taken for a message or the other way round.
+    replay_members: foldhash::HashSet<(u64, u64)>,
+    /// `(user, server_id)` of the messages queued under the id of a body
+    /// that are not copies of it: left by the replay of a damaged log that
+    /// mixed kinds under one id; empty otherwise.
+    clashes: foldhash::HashSet<(u64, u64)>,
     /// The dedupe windows of v2 senders (see `store::window`), pruned at
     /// commit (a batch rolled back must not have evicted anything).
     windows: Windows<WLoc>,
@@ -479,6 +548,8 @@ pub struct LogStore {
     moves: Vec<(u64, u64)>,
     /// Window entries copied by it (as `Taken` records).
     orphan_moves: Vec<(u64, Origin)>,
+    /// Shared bodies copied by it.
+    body_moves: Vec<u64>,
     compacting: Option<Compaction>,
     /// Something may have become deletable or compactable since the last
     /// look (a sealed segment lost a live message, a roll, a deletion).
@@ -570,6 +641,10 @@ impl LogStore {
         let mut store = LogStore {
             dir: dir.as_ref().to_path_buf(),
             queues: HashMap::default(),
+            bodies: HashMap::default(),
+            unresolved: Vec::new(),
+            replay_members: Default::default(),
+            clashes: Default::default(),
             windows: Windows::default(),
             total: 0,
             shape: Shape::default(),
@@ -583,6 +658,7 @@ impl LogStore {
             buf: Vec::new(),
             moves: Vec::new(),
             orphan_moves: Vec::new(),
+            body_moves: Vec::new(),
             compacting: None,
             maintenance: true,
             server_id_max: 0,
@@ -737,8 +813,10 @@ impl LogStore {
     }
 }
 
-impl Store for LogStore {
-    fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError> {
+impl LogStore {
+    /// `push` and `push_shared`: with `shared` (and a durable store),
+    /// the copy's body goes into `bodies` and its record is a `Member`.
+    fn push_inner(&mut self, user: u64, msg: Stored, shared: bool) -> Result<(), PushError> {
         if self.queues.get(&user).map_or(0, VecDeque::len) >= self.opts.queue_len_max {
             return Err(PushError::QueueFull(msg));
         }
@@ -750,7 +828,15 @@ impl Store for LogStore {
             msg.body.len()
         );
         let durable = self.opts.durability != Durability::Memory;
-        let bytes = queued_bytes(&msg);
+        // A group copy is never from a v2 origin; one with an origin (the
+        // contract broken) is stored as a plain message.
+        let shared = shared && durable && msg.origin.is_none();
+        let new_body = shared && !self.bodies.contains_key(&msg.server_id);
+        let bytes = match (shared, new_body) {
+            (false, _) => queued_bytes(&msg),
+            (true, false) => MEMBER_BYTES,
+            (true, true) => MEMBER_BYTES + body_bytes(&msg),
+        };
         if durable
             && self.opts.disk_bytes_max > 0
             && self.disk_bytes + self.staged_bytes + bytes > self.opts.disk_bytes_max
@@ -779,10 +865,26 @@ impl Store for LogStore {
         debug_assert!(queued_record(user, &msg).is_valid());
         self.server_id_max = self.server_id_max.max(msg.server_id);
         let loc = if durable {
+            let server_id = msg.server_id;
+            if new_body {
+                let at = u32::try_from(self.staged.len()).expect("a batch under 2^32 records");
+                self.staged.push(Staged::Body { server_id });
+                self.staged_records += 1;
+                let body = Body {
+                    msg: msg.clone(),
+                    loc: Loc::Staged(at),
+                    refs: 0,
+                };
+                self.bodies.insert(server_id, body);
+            }
+            if let Some(body) = self.bodies.get_mut(&server_id).filter(|_| shared) {
+                body.refs += 1;
+            }
             let at = u32::try_from(self.staged.len()).expect("a batch under 2^32 records");
-            self.staged.push(Staged::Queued {
-                user,
-                server_id: msg.server_id,
+            self.staged.push(if shared {
+                Staged::Member { user, server_id }
+            } else {
+                Staged::Queued { user, server_id }
             });
             self.staged_records += 1;
             self.staged_bytes += bytes;
@@ -810,11 +912,8 @@ impl Store for LogStore {
         Ok(())
     }
 
-    fn seen(&self, from: u64, origin: Origin) -> Seen {
-        self.windows.seen(from, origin)
-    }
-
-    fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored> {
+    /// `remove`, for a message or a member's copy of a shared body.
+    fn remove_inner(&mut self, user: u64, server_id: u64) -> Option<Stored> {
         let queue = self.queues.get_mut(&user)?;
         let at = find(queue, server_id).ok()?;
         let before = queue_state(Some(queue), |e| &e.msg);
@@ -828,7 +927,13 @@ impl Store for LogStore {
         } else {
             crate::memory::shrink_deque(queue);
         }
-        let bytes = queued_bytes(&entry.msg);
+        let shared = self.is_copy(user, server_id);
+        self.clashes.remove(&(user, server_id));
+        let bytes = if shared {
+            MEMBER_BYTES
+        } else {
+            queued_bytes(&entry.msg)
+        };
         // A window entry that lived in this message's record outlives it.
         let from = entry.msg.from;
         let window = entry.msg.origin.and_then(|origin| {
@@ -849,7 +954,9 @@ impl Store for LogStore {
                 // The skip rule: never written, so nothing to write now
                 // (but the window entry, if any).
                 let slot = &mut self.staged[i as usize];
-                debug_assert_eq!(*slot, Staged::Queued { user, server_id });
+                debug_assert!(matches!(*slot,
+                    Staged::Queued { user: u, server_id: id } | Staged::Member { user: u, server_id: id }
+                    if u == user && id == server_id));
                 self.staged_bytes -= bytes;
                 match window {
                     Some(origin) => {
@@ -871,6 +978,7 @@ impl Store for LogStore {
                     // left to copy here; a drained active segment would
                     // otherwise keep 16 bytes per record it ever took.
                     seg.index = Vec::new();
+                    seg.body_index = Vec::new();
                 }
                 if let Some(origin) = window {
                     seg.refs += 1;
@@ -890,7 +998,28 @@ impl Store for LogStore {
                 self.staged_bytes += Record::delivered_bytes() as u64;
             }
         }
+        if shared {
+            self.drop_member(server_id);
+        }
         Some(entry.msg)
+    }
+}
+
+impl Store for LogStore {
+    fn push(&mut self, user: u64, msg: Stored) -> Result<(), PushError> {
+        self.push_inner(user, msg, false)
+    }
+
+    fn push_shared(&mut self, user: u64, msg: Stored) -> Result<(), PushError> {
+        self.push_inner(user, msg, true)
+    }
+
+    fn seen(&self, from: u64, origin: Origin) -> Seen {
+        self.windows.seen(from, origin)
+    }
+
+    fn remove(&mut self, user: u64, server_id: u64) -> Option<Stored> {
+        self.remove_inner(user, server_id)
     }
 
     fn next_after(&self, user: u64, after: u64) -> Option<&Stored> {

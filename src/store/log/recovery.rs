@@ -48,6 +48,9 @@ pub struct Recovery {
     pub cut_at: Option<(PathBuf, u64)>,
     /// Damaged stretches skipped (only with `repair`).
     pub skipped: Vec<Skipped>,
+    /// Group copies dropped because their shared body was not found (only
+    /// after a `repair` skipped it).
+    pub copies_lost: usize,
     /// `meta` was missing and was written anew (only with `repair`).
     pub meta_recreated: bool,
     /// Wall time of the whole `open`.
@@ -67,6 +70,13 @@ impl fmt::Display for Recovery {
             self.messages,
             self.max_server_id
         )?;
+        if self.copies_lost > 0 {
+            write!(
+                f,
+                "; dropped {} group copies whose body was skipped",
+                self.copies_lost
+            )?;
+        }
         if let Some((file, offset)) = &self.cut_at {
             write!(
                 f,
@@ -147,6 +157,7 @@ impl LogStore {
             self.replay_segment(n, i + 1 == numbers.len(), rec)?;
         }
         rec.segments = numbers.len();
+        rec.copies_lost = self.resolve_bodies();
         self.account_windows();
         self.size_after_replay();
         if let (Some(&last), true) = (numbers.last(), self.fsync()) {
@@ -304,6 +315,11 @@ impl LogStore {
                 body,
             } => {
                 self.server_id_max = self.server_id_max.max(server_id);
+                if self.replay_members.contains(&(user, server_id)) {
+                    // Only a damaged log holds a message where a copy is:
+                    // the later record is the current one.
+                    self.replaced(n, user, server_id, true);
+                }
                 if let Some(origin) = origin {
                     let t = Taken {
                         client_id: origin.client_id,
@@ -375,6 +391,22 @@ impl LogStore {
                 let seg = self.segments.get_mut(&n).expect("replaying");
                 seg.index.push((user, server_id));
             }
+            Record::Body {
+                server_id,
+                from,
+                time_ms,
+                body,
+            } => {
+                let msg = Stored {
+                    server_id,
+                    from,
+                    time_ms,
+                    origin: None,
+                    body: body.into(),
+                };
+                self.replay_body(n, msg, len);
+            }
+            Record::Member { user, server_id } => self.replay_member(n, user, server_id),
             Record::Delivered { user, server_id } => {
                 let Some(queue) = self.queues.get_mut(&user) else {
                     return; // Its Queued record went with a deleted segment.
@@ -395,14 +427,22 @@ impl LogStore {
                         }
                     }
                 }
+                let shared = self.replay_members.remove(&(user, server_id));
                 if let Loc::Segment(o) = entry.loc {
                     let from_seg = self.segments.get_mut(&o).expect("replayed");
                     from_seg.live -= 1;
-                    from_seg.live_bytes -= queued_bytes(&entry.msg);
+                    from_seg.live_bytes -= if shared {
+                        MEMBER_BYTES
+                    } else {
+                        queued_bytes(&entry.msg)
+                    };
                     if o != n {
                         let seg = self.segments.get_mut(&n).expect("replaying");
                         seg.pins.insert(o);
                     }
+                }
+                if shared {
+                    self.replay_member_gone(server_id);
                 }
             }
             Record::Taken {
@@ -451,6 +491,10 @@ impl LogStore {
                 lookup(queues, user, server_id).is_some_and(|e| e.loc == Loc::Segment(n))
             });
             seg.index.shrink_to_fit();
+            let bodies = &self.bodies;
+            seg.body_index
+                .retain(|id| bodies.get(id).is_some_and(|b| b.loc == Loc::Segment(n)));
+            seg.body_index.shrink_to_fit();
         }
     }
 

@@ -82,6 +82,8 @@ impl LogStore {
         assert_eq!(self.shape, shape, "the stats' shape follows the queues");
         let mut total = 0;
         let mut live: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        let mut copies: BTreeMap<u64, u32> = BTreeMap::new();
+        assert!(self.unresolved.is_empty());
         for (user, q) in &self.queues {
             assert!(!q.is_empty(), "user {user} has an empty queue");
             total += q.len();
@@ -89,24 +91,67 @@ impl LogStore {
                 assert!(pair[0].msg.server_id < pair[1].msg.server_id);
             }
             for e in q {
+                let server_id = e.msg.server_id;
+                let shared = self
+                    .bodies
+                    .get(&server_id)
+                    .filter(|_| !self.clashes.contains(&(*user, server_id)));
+                if let Some(b) = shared {
+                    *copies.entry(server_id).or_default() += 1;
+                    assert_eq!(b.msg, e.msg, "a copy is its body's message");
+                }
                 match e.loc {
                     Loc::Memory => assert_eq!(self.opts.durability, Durability::Memory),
                     Loc::Staged(i) => assert_eq!(
                         self.staged[i as usize],
-                        Staged::Queued {
-                            user: *user,
-                            server_id: e.msg.server_id
+                        if shared.is_some() {
+                            Staged::Member {
+                                user: *user,
+                                server_id,
+                            }
+                        } else {
+                            Staged::Queued {
+                                user: *user,
+                                server_id,
+                            }
                         }
                     ),
                     Loc::Segment(n) => {
                         let l = live.entry(n).or_default();
                         l.0 += 1;
-                        l.1 += queued_bytes(&e.msg);
+                        l.1 += if shared.is_some() {
+                            MEMBER_BYTES
+                        } else {
+                            queued_bytes(&e.msg)
+                        };
+                        assert!(self.segments[&n].index.contains(&(*user, server_id)));
                     }
                 }
             }
         }
         assert_eq!(total, self.total);
+        // A body lives exactly while copies name it, and counts once.
+        for (&server_id, b) in &self.bodies {
+            assert_eq!(b.refs, copies.remove(&server_id).unwrap_or(0));
+            assert!(b.refs > 0, "body {server_id} without copies");
+            match b.loc {
+                Loc::Memory => panic!("body {server_id} in memory only"),
+                Loc::Staged(i) => {
+                    assert_eq!(self.staged[i as usize], Staged::Body { server_id })
+                }
+                Loc::Segment(n) => {
+                    let l = live.entry(n).or_default();
+                    l.0 += 1;
+                    l.1 += body_bytes(&b.msg);
+                    assert!(self.segments[&n].body_index.contains(&server_id));
+                }
+            }
+        }
+        assert!(copies.is_empty());
+        for &(user, server_id) in &self.clashes {
+            assert!(self.bodies.contains_key(&server_id));
+            assert!(lookup(&self.queues, user, server_id).is_some());
+        }
         // Window entries whose message is gone count in their segment.
         let mut refs: BTreeMap<u32, u64> = BTreeMap::new();
         for (from, origin, t) in self.windows.iter() {
@@ -384,6 +429,124 @@ fn remove_commit_reopen_drops_them() {
     let ids: Vec<u64> = snapshot(&s)[&7].iter().map(|m| m.server_id).collect();
     assert_eq!(ids, [1, 3, 4, 6]);
     assert_eq!(r.records, 8, "6 queued + 2 tombstones");
+}
+
+/// A group message for 1000 members: one `Body` record and a 25-byte
+/// `Member` record per member, not the body 1000 times.
+#[test]
+fn group_copies_share_one_body_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let mut s = reopen(tmp.path(), &o);
+    let m = msg(5 << 10, 1000);
+    for user in 0..1000 {
+        s.push_shared(user, m.clone()).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    let body = Record::body_bytes(1000) as u64;
+    assert_eq!(s.disk_bytes(), body + 1000 * MEMBER_BYTES);
+    assert_eq!(MEMBER_BYTES, 25);
+    drop(s);
+    let (mut s, r) = open(tmp.path(), &o);
+    assert_eq!((r.records, r.messages), (1001, 1000));
+    for user in 0..1000 {
+        assert_eq!(s.next_after(user, 0), Some(&m));
+    }
+    // Half delivered: the body stays for the other half.
+    for user in 0..500 {
+        assert_eq!(s.remove(user, m.server_id), Some(m.clone()));
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    drop(s);
+    let mut s = reopen(tmp.path(), &o);
+    assert_eq!(s.total(), 500);
+    assert_eq!(s.next_after(999, 0), Some(&m));
+    for user in 500..1000 {
+        s.remove(user, m.server_id).unwrap();
+    }
+    s.commit(&mut Vec::new()).unwrap();
+    s.check();
+    assert!(s.bodies.is_empty(), "the body went with its last copy");
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(s.total(), 0, "nothing comes back");
+    assert!(s.bodies.is_empty());
+}
+
+#[test]
+fn group_copies_delivered_before_their_commit_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(Durability::Fsync);
+    let mut s = reopen(tmp.path(), &o);
+    s.push(1, msg(1, 200)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    let size = files(tmp.path());
+    let m = msg(2, 300);
+    for user in 10..13 {
+        s.push_shared(user, m.clone()).unwrap();
+    }
+    s.remove(11, 2).unwrap();
+    s.check();
+    // Two copies left: the body and their records are still staged.
+    assert!(s.has_uncommitted());
+    s.remove(10, 2).unwrap();
+    s.remove(12, 2).unwrap();
+    s.check();
+    assert!(!s.has_uncommitted(), "the body went with its last copy");
+    s.commit(&mut Vec::new()).unwrap();
+    assert_eq!(files(tmp.path()), size);
+    drop(s);
+    assert_eq!(reopen(tmp.path(), &o).total(), 1);
+}
+
+/// Tiny segments and a copy budget of one record per commit: the member
+/// copies move before their body, into other segments, and the original
+/// goes; the replay meets the copies before the body and still gives each
+/// member its message, and no delivered copy comes back.
+#[test]
+fn compaction_moves_copies_and_body_apart_and_replay_joins_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = LogOptions {
+        compact_dead_ratio: 0.0,
+        ..tiny(300)
+    };
+    let mut s = reopen(tmp.path(), &o);
+    s.compact_bytes_per_commit = 1;
+    let m = msg(1 << 10, 250);
+    for user in 0..6 {
+        s.push_shared(user, m.clone()).unwrap();
+    }
+    s.push(50, msg(2 << 10, 10)).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    let first = files(tmp.path())[0].0;
+    s.remove(0, m.server_id).unwrap();
+    for i in 0..40 {
+        // Filler that rolls segments and is delivered, so the first one
+        // is mostly dead and gets compacted.
+        let id = (3 + i) << 10;
+        s.push(60, msg(id, 100)).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+        s.remove(60, id).unwrap();
+        s.commit(&mut Vec::new()).unwrap();
+        s.check();
+    }
+    assert!(
+        files(tmp.path()).iter().all(|&(n, _)| n != first),
+        "the first segment was compacted away: {:?}",
+        files(tmp.path())
+    );
+    s.remove(3, m.server_id).unwrap();
+    s.commit(&mut Vec::new()).unwrap();
+    let before = snapshot(&s);
+    drop(s);
+    let s = reopen(tmp.path(), &o);
+    assert_eq!(snapshot(&s), before);
+    assert_eq!(s.len(0) + s.len(3), 0, "delivered copies stay delivered");
+    for user in [1, 2, 4, 5] {
+        assert_eq!(s.next_after(user, 0), Some(&m));
+    }
 }
 
 #[test]
@@ -1118,6 +1281,8 @@ fn a_failed_commit_fails_every_later_one() {
 #[derive(Clone, Debug)]
 enum Op {
     Push(u8, u8),
+    /// One shared copy for each user in the mask (a group message).
+    Group(u8, u8),
     Remove(u8, u8),
     Commit,
     /// Commit, drop, open.
@@ -1129,6 +1294,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0u8..4, any::<u8>()).prop_map(|(u, b)| Op::Push(u, b)),
+        2 => (1u8..16, any::<u8>()).prop_map(|(m, b)| Op::Group(m, b)),
         4 => (0u8..4, any::<u8>()).prop_map(|(u, n)| Op::Remove(u, n)),
         3 => Just(Op::Commit),
         1 => Just(Op::Reopen),
@@ -1176,6 +1342,19 @@ proptest! {
                     } else {
                         prop_assert_eq!(result, Ok(()));
                         model.entry(user).or_default().push(m);
+                    }
+                }
+                Op::Group(mask, b) => {
+                    let m = msg(next_id, b as usize % 90);
+                    next_id += 1;
+                    for user in (0..4u64).filter(|u| mask & (1 << u) != 0) {
+                        let result = s.push_shared(user, m.clone());
+                        if model.get(&user).map_or(0, Vec::len) >= 4 {
+                            prop_assert_eq!(result, Err(PushError::QueueFull(m.clone())));
+                        } else {
+                            prop_assert_eq!(result, Ok(()));
+                            model.entry(user).or_default().push(m.clone());
+                        }
                     }
                 }
                 Op::Remove(u, n) => {
