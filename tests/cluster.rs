@@ -10,6 +10,8 @@ mod common;
 mod faults;
 #[path = "cluster/nats.rs"]
 mod nats;
+#[path = "cluster/presence.rs"]
+mod presence;
 #[path = "cluster/replicated.rs"]
 mod replicated;
 #[path = "cluster/scale.rs"]
