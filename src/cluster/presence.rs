@@ -12,7 +12,8 @@
 //! partition changes owner, the subscriber's bridge sends the
 //! subscriptions again to the new owner (or to its own home shard when the
 //! partition came here); while nobody serves it, subscribers of a user last
-//! seen online get `offline`.
+//! seen online get `offline`. TYPING to a user another node serves takes
+//! the same subjects.
 
 use std::collections::HashMap;
 
@@ -25,6 +26,7 @@ use super::owners::Owner;
 const KIND_WATCH: u8 = 1;
 const KIND_UNWATCH: u8 = 2;
 const KIND_STATE: u8 = 3;
+const KIND_TYPING: u8 = 4;
 
 /// The plain NATS subject node `node` reads presence records on. Not
 /// under `tern.`: the single stream of the layout before split streams
@@ -69,12 +71,22 @@ pub enum Record {
         /// The owner's node.
         node: String,
     },
+    /// `from`, on node `node`, is typing to `to`, whom the receiving node
+    /// serves. Never stored.
+    Typing {
+        /// The peer.
+        to: u64,
+        /// The typist.
+        from: u64,
+        /// The typist's node.
+        node: String,
+    },
 }
 
 impl Record {
     /// The bytes published: kind, user, the subscriber's shard, connection
     /// and generation as varints, for a state its state and last seen,
-    /// then the node id (the rest).
+    /// then the node id (the rest). Typing: kind, peer, typist, node id.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(48);
         let (kind, user, sub, node) = match self {
@@ -83,6 +95,13 @@ impl Record {
             Record::State {
                 user, sub, node, ..
             } => (KIND_STATE, user, sub, node),
+            Record::Typing { to, from, node } => {
+                out.push(KIND_TYPING);
+                put_varint(*to, &mut out);
+                put_varint(*from, &mut out);
+                out.extend_from_slice(node.as_bytes());
+                return out;
+            }
         };
         out.push(kind);
         for v in [
@@ -116,6 +135,15 @@ impl Record {
             Some(v)
         };
         let user = next()?;
+        if kind == KIND_TYPING {
+            let from = next()?;
+            let node = std::str::from_utf8(rest).ok()?.to_owned();
+            return super::config::valid_node_id(&node).then_some(Record::Typing {
+                to: user,
+                from,
+                node,
+            });
+        }
         let sub = ConnRef {
             shard: u16::try_from(next()?).ok()?,
             conn: ConnId(u32::try_from(next()?).ok()?),
@@ -420,6 +448,11 @@ mod tests {
                 last_seen_ms: 1_767_225_600_000,
                 node: "c".into(),
             },
+            Record::Typing {
+                to: 1,
+                from: 1 << 40,
+                node: "d".into(),
+            },
         ];
         for r in records {
             assert_eq!(Record::decode(&r.encode()), Some(r));
@@ -431,6 +464,7 @@ mod tests {
         assert_eq!(Record::decode(b""), None);
         // No node id.
         assert_eq!(Record::decode(&[KIND_WATCH, 1, 0, 0, 0]), None);
+        assert_eq!(Record::decode(&[KIND_TYPING, 1, 2]), None);
         // Not a node id (a subject wildcard).
         assert_eq!(Record::decode(&[KIND_WATCH, 1, 0, 0, 0, b'>']), None);
         // Unknown kind, unknown state, shard out of range.

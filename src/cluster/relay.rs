@@ -280,6 +280,17 @@ impl Relay {
                 self.watches.unwatch(&self.me, user, sub, &mut out);
                 self.presence_out(out).await;
             }
+            Msg::Typing { from, to } => {
+                if let Owner::Elsewhere { node, .. } = self.owners.of_user(to) {
+                    let record = presence::Record::Typing {
+                        to,
+                        from,
+                        node: self.me.clone(),
+                    };
+                    let node = node.to_owned();
+                    self.publish_presence(&node, &record).await;
+                }
+            }
             Msg::RemotePresence {
                 node,
                 sub,
@@ -361,6 +372,11 @@ impl Relay {
                         sub,
                         on: false,
                     });
+                }
+            }
+            presence::Record::Typing { to, from, .. } => {
+                if self.owners.of_user(to) == Owner::Here {
+                    self.backlog[home_shard(to, shards)].push_back(Msg::Typing { from, to });
                 }
             }
             presence::Record::State {

@@ -243,12 +243,19 @@ impl Sessions {
                     self.push_presence(now, env, user);
                 }
             }
-            Frame::Typing { user: to } => {
-                if to != user && env.owner(to) == Owner::Here {
+            Frame::Typing { user: to } => match env.owner(to) {
+                _ if to == user => {}
+                Owner::Here => {
                     let dst = home_shard(to, self.shards);
                     self.route(now, env, dst, Msg::Typing { from: user, to });
                 }
-            }
+                // Through the bridge to the peer's node.
+                Owner::Elsewhere { .. } => {
+                    self.actions
+                        .push(Action::Cluster(Msg::Typing { from: user, to }));
+                }
+                Owner::Nobody => {}
+            },
             _ => {
                 // PRESENCE goes from server to client only.
                 self.stats.protocol_errors.inc();

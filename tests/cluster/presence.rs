@@ -35,9 +35,17 @@ fn presence(c: &mut Client) -> (u64, PresenceState, u64) {
     }
 }
 
+/// The next TYPING on `c` (other frames skipped): the typist.
+fn typing(c: &mut Client) -> u64 {
+    match c.recv_until(|f| matches!(f, OwnedFrame::Typing { .. })) {
+        Ok(OwnedFrame::Typing { user }) => user,
+        other => panic!("expected TYPING, got {other:?}"),
+    }
+}
+
 /// A subscriber on node a watches a user served by node b: the state now,
-/// online, offline with its last seen, hidden and shown again; UNSUBSCRIBE
-/// ends it on both nodes.
+/// online, offline with its last seen, hidden and shown again; TYPING
+/// both ways; UNSUBSCRIBE ends it on both nodes.
 #[test]
 fn a_user_of_another_node_is_watched_like_a_local_one() {
     let Some(nats) = Nats::start() else { return };
@@ -63,6 +71,11 @@ fn a_user_of_another_node_is_watched_like_a_local_one() {
     // Privacy is the owner's: hidden, then shown (online) again.
     let mut cy = login_v2(a.addr, y);
     assert_eq!(presence(&mut cx), (y, PresenceState::Online, 0));
+    // TYPING crosses nodes both ways.
+    cx.send_frame(&Frame::Typing { user: y }).expect("typing");
+    assert_eq!(typing(&mut cy), x);
+    cy.send_frame(&Frame::Typing { user: x }).expect("typing");
+    assert_eq!(typing(&mut cx), y);
     cy.send_frame(&Frame::Privacy { hidden: true })
         .expect("privacy");
     assert_eq!(presence(&mut cx), (y, PresenceState::Hidden, 0));

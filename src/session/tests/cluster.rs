@@ -363,3 +363,15 @@ fn a_lost_partition_hands_its_local_subscriptions_to_the_bridge() {
         "{out:?}"
     );
 }
+
+#[test]
+fn typing_to_another_nodes_user_goes_to_the_bridge() {
+    let mut h = clustered();
+    let (typist, peer) = (user_in(0), user_in(1));
+    login_frame(&mut h, A, typist, proto::VERSION_2);
+    let out = h.frame(A, Frame::Typing { user: peer });
+    assert!(
+        matches!(to_bridge(&out)[..], [Msg::Typing { from, to }] if *from == typist && *to == peer),
+        "{out:?}"
+    );
+}
