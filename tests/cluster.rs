@@ -8,6 +8,8 @@ mod chat;
 mod common;
 #[path = "cluster/faults.rs"]
 mod faults;
+#[path = "cluster/groups.rs"]
+mod groups;
 #[path = "cluster/nats.rs"]
 mod nats;
 #[path = "cluster/presence.rs"]
