@@ -257,25 +257,17 @@ impl Watches {
             w.subs.push(sub);
             self.subs += 1;
         }
-        match &w.target {
-            Some(node) => out.push(Out::Publish {
+        // While nobody serves the user, the answer waits for its next
+        // owner ([`Watches::reconcile`]).
+        if let Some(node) = &w.target {
+            out.push(Out::Publish {
                 node: node.clone(),
                 record: Record::Watch {
                     user,
                     sub,
                     node: me.to_owned(),
                 },
-            }),
-            // Answered as a user whose node went away: offline, never seen.
-            None => out.push(Out::Shard {
-                dst: sub.shard as usize,
-                msg: Msg::Presence {
-                    sub,
-                    user,
-                    state: PresenceState::Offline,
-                    last_seen_ms: 0,
-                },
-            }),
+            });
         }
     }
 

@@ -100,6 +100,8 @@ pub struct Relay {
     me: String,
     /// Remote presence subscriptions of this node's connections.
     watches: Watches,
+    /// [`Owners::changes`] when the watches last followed their users.
+    owners_seen: u64,
     /// Other nodes that watch users served here, numbered for the shards
     /// ([`Msg::RemoteWatch`]); append-only, at most [`NODES_MAX`].
     nodes: Vec<String>,
@@ -131,6 +133,7 @@ impl Relay {
             tx,
             me,
             watches: Watches::default(),
+            owners_seen: 0,
             nodes: Vec::new(),
             rx: Some(rx),
         }
@@ -581,6 +584,12 @@ impl Relay {
             self.stats.pending_acks.set(self.pending.len() as u64);
         }
         self.stats.consumers.set(self.consumers.len() as u64);
+        // Read before the pass: a change during it is looked at next time.
+        let changes = self.owners.changes();
+        if changes == self.owners_seen {
+            return;
+        }
+        self.owners_seen = changes;
         let mut out = Vec::new();
         let shards = self.shards();
         let owners = &self.owners;
