@@ -100,8 +100,10 @@ pub struct Relay {
     me: String,
     /// Remote presence subscriptions of this node's connections.
     watches: Watches,
-    /// [`Owners::changes`] when the watches last followed their users.
-    owners_seen: u64,
+    /// [`Owners::changes`] and [`Owners::fencing`] when the watches last
+    /// followed their users (this node's own partitions read as nobody's
+    /// while its leases are unproven, with no entry changed).
+    owners_seen: (u64, u64),
     /// Other nodes that watch users served here, numbered for the shards
     /// ([`Msg::RemoteWatch`]); append-only, at most [`NODES_MAX`].
     nodes: Vec<String>,
@@ -133,7 +135,7 @@ impl Relay {
             tx,
             me,
             watches: Watches::default(),
-            owners_seen: 0,
+            owners_seen: (0, 0),
             nodes: Vec::new(),
             rx: Some(rx),
         }
@@ -585,7 +587,7 @@ impl Relay {
         }
         self.stats.consumers.set(self.consumers.len() as u64);
         // Read before the pass: a change during it is looked at next time.
-        let changes = self.owners.changes();
+        let changes = (self.owners.changes(), self.owners.fencing());
         if changes == self.owners_seen {
             return;
         }
