@@ -8,8 +8,12 @@ mod chat;
 mod common;
 #[path = "cluster/faults.rs"]
 mod faults;
+#[path = "cluster/groups.rs"]
+mod groups;
 #[path = "cluster/nats.rs"]
 mod nats;
+#[path = "cluster/presence.rs"]
+mod presence;
 #[path = "cluster/replicated.rs"]
 mod replicated;
 #[path = "cluster/scale.rs"]

@@ -73,6 +73,9 @@ pub struct ClusterStats {
     /// fewest of any): `stream_replicas`, or 1 against a NATS server
     /// without clustering; 0 until first reached.
     pub stream_replicas: Counter,
+    /// Presence subscriptions of this node's connections to users other
+    /// nodes serve (or nobody, for now).
+    pub presence_watches: Counter,
     /// Milliseconds the last successful lease round took (heartbeat,
     /// renewals, listing, claims); 0 until one succeeded.
     pub lease_round_ms: Counter,
@@ -175,7 +178,13 @@ async fn run(
         }
     };
     let js = jetstream::new(client);
-    let relay = Relay::new(ends, js.clone(), owners.clone(), stats_arc.clone());
+    let relay = Relay::new(
+        config.node_id.clone(),
+        ends,
+        js.clone(),
+        owners.clone(),
+        stats_arc.clone(),
+    );
     tokio::spawn(relay.run(stop.clone()));
     let start = node_start(&config.node_id, config.partitions);
     let mut leases = Leases::new(config.partitions, start);

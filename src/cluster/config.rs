@@ -52,6 +52,16 @@ fn stream_replicas_default() -> u32 {
     3
 }
 
+/// Whether `id` is a node id: 1 to 64 bytes of `A-Za-z0-9_-` (so it is
+/// one token of a NATS subject).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 impl ClusterConfig {
     /// Checks each key; the error names it as `cluster.KEY`.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -59,13 +69,7 @@ impl ClusterConfig {
             key: format!("cluster.{key}"),
             message: message.to_string(),
         };
-        let id_ok = !self.node_id.is_empty()
-            && self.node_id.len() <= 64
-            && self
-                .node_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !id_ok {
+        if !valid_node_id(&self.node_id) {
             return Err(bad("node_id", "must be 1 to 64 bytes of A-Za-z0-9_-"));
         }
         if self.nats_urls.is_empty() || self.nats_urls.iter().any(|u| u.is_empty()) {

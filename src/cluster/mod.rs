@@ -9,6 +9,7 @@ pub mod lease;
 pub mod link;
 pub mod owners;
 pub mod partition;
+pub mod presence;
 pub mod relay;
 pub mod streams;
 pub mod wire;

@@ -53,6 +53,9 @@ pub struct Owners {
     /// Bumped whenever a partition this node owned is no longer its own, so
     /// shards know to close the sessions of users it no longer serves.
     losses: AtomicU64,
+    /// Bumped at every change of a partition's entry, so a reader that
+    /// follows owners (presence subscriptions) looks only after one.
+    changes: AtomicU64,
     /// Base of `proven_until_ms`.
     epoch: Instant,
     /// Milliseconds after `epoch` until which this node's leases are proven
@@ -74,6 +77,7 @@ impl Owners {
             nodes: (0..NODES_MAX).map(|_| OnceLock::new()).collect(),
             known: AtomicU32::new(0),
             losses: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
             epoch: Instant::now(),
             proven_until_ms: AtomicU64::new(u64::MAX),
         }
@@ -145,14 +149,25 @@ impl Owners {
 
     /// Bridge only: this node holds `p`.
     pub fn set_here(&self, p: u32) {
-        self.slots[p as usize].store(HERE, Ordering::Release);
+        if self.slots[p as usize].swap(HERE, Ordering::AcqRel) != HERE {
+            self.changes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// How many times an entry of the table changed so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Bridge only: `p` is held by node `index` (from [`Owners::node_index`]),
     /// or by nobody with `None`. Counts a loss if this node held it.
     pub fn set_other(&self, p: u32, index: Option<u32>) {
         let value = index.map_or(NOBODY, |i| i + 2);
-        if self.slots[p as usize].swap(value, Ordering::AcqRel) == HERE {
+        let was = self.slots[p as usize].swap(value, Ordering::AcqRel);
+        if was != value {
+            self.changes.fetch_add(1, Ordering::AcqRel);
+        }
+        if was == HERE {
             self.losses.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -185,6 +200,19 @@ impl Owners {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_count_entries_that_changed_only() {
+        let owners = Owners::new(4);
+        let b = owners.node_index("b", "10.0.0.2:7333").unwrap();
+        owners.set_here(0);
+        owners.set_here(0);
+        owners.set_other(1, Some(b));
+        owners.set_other(1, Some(b));
+        assert_eq!(owners.changes(), 2);
+        owners.set_other(1, None);
+        assert_eq!(owners.changes(), 3);
+    }
 
     #[test]
     fn a_new_table_owns_nothing() {

@@ -18,8 +18,9 @@ use tokio::task::JoinHandle;
 
 use super::bridge::ClusterStats;
 use super::link::BridgeEnds;
-use super::owners::{Owner, Owners};
+use super::owners::{Owner, Owners, NODES_MAX};
 use super::partition::partition_of;
+use super::presence::{self, Watches};
 use super::streams::{
     message_subject, partition_filter, partition_of_subject, receipt_subject, server_id,
     stream_count, stream_filter, stream_name, stream_of, PARTITIONS_PER_STREAM,
@@ -65,6 +66,8 @@ enum Report {
         taken: Instant,
         result: Result<(), String>,
     },
+    /// A presence record arrived on this node's subject.
+    Presence(Box<[u8]>),
     /// A consumer brought a record.
     Consumed {
         /// The partition it is for (from its subject).
@@ -93,6 +96,17 @@ pub struct Relay {
     /// Per partition: whether it was this node's at the last reconcile.
     here: Vec<bool>,
     tx: mpsc::UnboundedSender<Report>,
+    /// This node's id.
+    me: String,
+    /// Remote presence subscriptions of this node's connections.
+    watches: Watches,
+    /// [`Owners::changes`] and [`Owners::fencing`] when the watches last
+    /// followed their users (this node's own partitions read as nobody's
+    /// while its leases are unproven, with no entry changed).
+    owners_seen: (u64, u64),
+    /// Other nodes that watch users served here, numbered for the shards
+    /// ([`Msg::RemoteWatch`]); append-only, at most [`NODES_MAX`].
+    nodes: Vec<String>,
     /// Taken by [`Relay::run`].
     rx: Option<mpsc::UnboundedReceiver<Report>>,
 }
@@ -101,6 +115,7 @@ impl Relay {
     /// A relay over `ends`, publishing with `js`, consuming the partitions
     /// `owners` says are here.
     pub fn new(
+        me: String,
         ends: BridgeEnds,
         js: jetstream::Context,
         owners: Arc<Owners>,
@@ -118,6 +133,10 @@ impl Relay {
             consumers: HashMap::new(),
             here,
             tx,
+            me,
+            watches: Watches::default(),
+            owners_seen: (0, 0),
+            nodes: Vec::new(),
             rx: Some(rx),
         }
     }
@@ -127,17 +146,23 @@ impl Relay {
         let notify = self.ends.notify.clone();
         let mut rx = self.rx.take().expect("run once");
         let mut tick = tokio::time::interval(RECONCILE);
+        let listen = tokio::spawn(listen_presence(
+            self.js.client(),
+            presence::subject(&self.me),
+            self.tx.clone(),
+        ));
         while !stop.load(Ordering::Relaxed) {
             tokio::select! {
                 () = notify.notified() => self.take_from_shards().await,
-                Some(report) = rx.recv() => self.on_report(report),
-                _ = tick.tick() => self.reconcile(),
+                Some(report) = rx.recv() => self.on_report(report).await,
+                _ = tick.tick() => self.reconcile().await,
             }
             self.flush_to_shards();
         }
         for (_, task) in self.consumers.drain() {
             task.abort();
         }
+        listen.abort();
     }
 
     fn shards(&self) -> usize {
@@ -247,12 +272,150 @@ impl Relay {
                     });
                 }
             }
+            Msg::Watch { user, sub } => {
+                let mut out = Vec::new();
+                let owner = self.owners.of_user(user);
+                let shards = self.shards();
+                self.watches
+                    .watch(&self.me, shards, user, sub, owner, &mut out);
+                self.presence_out(out).await;
+            }
+            Msg::Unwatch { user, sub } => {
+                let mut out = Vec::new();
+                self.watches.unwatch(&self.me, user, sub, &mut out);
+                self.presence_out(out).await;
+            }
+            Msg::Typing { from, to } => {
+                if let Owner::Elsewhere { node, .. } = self.owners.of_user(to) {
+                    let record = presence::Record::Typing {
+                        to,
+                        from,
+                        node: self.me.clone(),
+                    };
+                    let node = node.to_owned();
+                    self.publish_presence(&node, &record).await;
+                }
+            }
+            Msg::RemotePresence {
+                node,
+                sub,
+                user,
+                state,
+                last_seen_ms,
+            } => {
+                if let Some(to) = self.nodes.get(node as usize) {
+                    let record = presence::Record::State {
+                        user,
+                        sub,
+                        state,
+                        last_seen_ms,
+                        node: self.me.clone(),
+                    };
+                    let to = to.clone();
+                    self.publish_presence(&to, &record).await;
+                }
+            }
             other => log::error!("cluster relay: shards never send {other:?}"),
+        }
+        self.stats.presence_watches.set(self.watches.len() as u64);
+    }
+
+    /// Does what [`Watches`] asked.
+    async fn presence_out(&mut self, out: Vec<presence::Out>) {
+        for o in out {
+            match o {
+                presence::Out::Publish { node, record } => {
+                    self.publish_presence(&node, &record).await;
+                }
+                presence::Out::Shard { dst, msg } => self.backlog[dst].push_back(msg),
+            }
         }
     }
 
-    fn on_report(&mut self, report: Report) {
+    /// Publishes `record` on node `node`'s presence subject: plain NATS,
+    /// no JetStream, so nothing waits for an answer; a record lost with a
+    /// connection is made good by the next change or SUBSCRIBE.
+    async fn publish_presence(&mut self, node: &str, record: &presence::Record) {
+        let client = self.js.client();
+        if let Err(e) = client
+            .publish(presence::subject(node), record.encode().into())
+            .await
+        {
+            log::warn!("cluster relay: presence record for node {node} not sent: {e}");
+        }
+    }
+
+    /// A presence record from another node.
+    async fn on_presence(&mut self, bytes: &[u8]) {
+        let Some(record) = presence::Record::decode(bytes) else {
+            log::warn!("cluster relay: a presence record that is not ours, dropped");
+            return;
+        };
+        let shards = self.shards();
+        match record {
+            presence::Record::Watch { user, sub, node } => {
+                // Not served here (any more): the subscriber's node sends
+                // it to the new owner once it knows.
+                if self.owners.of_user(user) != Owner::Here {
+                    return;
+                }
+                let Some(node) = self.node_number(&node) else {
+                    return;
+                };
+                self.backlog[home_shard(user, shards)].push_back(Msg::RemoteWatch {
+                    user,
+                    node,
+                    sub,
+                    on: true,
+                });
+            }
+            presence::Record::Unwatch { user, sub, node } => {
+                if let Some(node) = self.nodes.iter().position(|n| *n == node) {
+                    self.backlog[home_shard(user, shards)].push_back(Msg::RemoteWatch {
+                        user,
+                        node: node as u16,
+                        sub,
+                        on: false,
+                    });
+                }
+            }
+            presence::Record::Typing { to, from, .. } => {
+                if self.owners.of_user(to) == Owner::Here {
+                    self.backlog[home_shard(to, shards)].push_back(Msg::Typing { from, to });
+                }
+            }
+            presence::Record::State {
+                user,
+                sub,
+                state,
+                last_seen_ms,
+                node,
+            } => {
+                let mut out = Vec::new();
+                self.watches
+                    .state(&self.me, &node, user, sub, (state, last_seen_ms), &mut out);
+                self.presence_out(out).await;
+            }
+        }
+    }
+
+    /// `node`'s number for the shards, given one if new (`None` past
+    /// [`NODES_MAX`] nodes: its subscriptions are not served).
+    fn node_number(&mut self, node: &str) -> Option<u16> {
+        if let Some(i) = self.nodes.iter().position(|n| n == node) {
+            return Some(i as u16);
+        }
+        if self.nodes.len() >= NODES_MAX {
+            log::error!("cluster relay: more than {NODES_MAX} nodes watch presence here");
+            return None;
+        }
+        self.nodes.push(node.to_owned());
+        Some((self.nodes.len() - 1) as u16)
+    }
+
+    async fn on_report(&mut self, report: Report) {
         match report {
+            Report::Presence(bytes) => self.on_presence(&bytes).await,
             Report::Published {
                 reply,
                 client_id,
@@ -379,7 +542,7 @@ impl Relay {
     /// stream shared with other nodes. Forgets the pending acks of the
     /// partitions no longer here: their messages stay in JetStream for the
     /// new owner.
-    fn reconcile(&mut self) {
+    async fn reconcile(&mut self) {
         let partitions = self.owners.partitions();
         let mut lost = false;
         for p in 0..partitions {
@@ -423,6 +586,49 @@ impl Relay {
             self.stats.pending_acks.set(self.pending.len() as u64);
         }
         self.stats.consumers.set(self.consumers.len() as u64);
+        // Read before the pass: a change during it is looked at next time.
+        let changes = (self.owners.changes(), self.owners.fencing());
+        if changes == self.owners_seen {
+            return;
+        }
+        self.owners_seen = changes;
+        let mut out = Vec::new();
+        let shards = self.shards();
+        let owners = &self.owners;
+        self.watches.reconcile(
+            &self.me,
+            shards,
+            unix_ms(),
+            |user| owners.of_user(user),
+            &mut out,
+        );
+        self.presence_out(out).await;
+        self.stats.presence_watches.set(self.watches.len() as u64);
+    }
+}
+
+/// Reads this node's presence subject and reports every record. Starts
+/// over after an error; ends with the runtime.
+async fn listen_presence(
+    client: async_nats::Client,
+    subject: String,
+    tx: mpsc::UnboundedSender<Report>,
+) {
+    loop {
+        match client.subscribe(subject.clone()).await {
+            Ok(mut records) => {
+                while let Some(m) = records.next().await {
+                    if tx
+                        .send(Report::Presence(m.payload.to_vec().into()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(e) => log::warn!("cluster relay: cannot read {subject}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

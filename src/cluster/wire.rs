@@ -115,7 +115,7 @@ impl Record {
 }
 
 /// A LEB128 varint at the front of `b`: its value and length.
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
+pub(super) fn varint(b: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, &byte) in b.iter().enumerate().take(10) {
         v |= u64::from(byte & 0x7f).checked_shl(7 * i as u32)?;

@@ -424,7 +424,11 @@ impl Sessions {
             msg @ (Msg::Watch { .. }
             | Msg::Unwatch { .. }
             | Msg::Presence { .. }
-            | Msg::Typing { .. }) => self.on_presence_msg(now, env, msg),
+            | Msg::Typing { .. }
+            | Msg::RemoteWatch { .. }) => self.on_presence_msg(now, env, msg),
+            Msg::RemotePresence { .. } => {
+                panic!("remote presence goes to the bridge, not to shards")
+            }
             msg @ (Msg::GroupOp { .. }
             | Msg::GroupSend { .. }
             | Msg::GroupDone { .. }

@@ -416,6 +416,10 @@ impl Sessions {
                         self.bye(now, ConnId(i as u32), ByeReason::Moved);
                     }
                 }
+                // Their subscribers see them go offline first; then the
+                // subscriptions follow the users to their new node.
+                self.settle_presence(now, env);
+                self.presence_moved(env);
                 Flow::Next
             }
             Event::Shutdown(None) => {

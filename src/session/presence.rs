@@ -23,14 +23,17 @@ use crate::proto::{ErrorCode, Frame, PresenceState};
 use crate::shard::{home_shard, ConnRef, Msg};
 use crate::store::presence::{Record, Seen};
 
-use super::{Env, Now, Sessions, State};
+use super::{Action, Env, Now, Sessions, State};
 
 /// The presence state of one shard.
 #[derive(Default)]
 pub(super) struct Presence {
     /// Watched users homed here: the connections watching each.
     watchers: HashMap<u64, Vec<ConnRef>>,
-    /// Entries of `watchers`, all users.
+    /// Cluster: watched users homed here, the connections of other nodes
+    /// watching each, with their node as the bridge numbers nodes.
+    remote: HashMap<u64, Vec<(u16, ConnRef)>>,
+    /// Entries of `watchers` and `remote`, all users.
     watchers_len: usize,
     /// Sessions here: the users each watches (its subscriptions), at most
     /// `presence_subs_max`. Per connection, not per user: each device of a
@@ -54,6 +57,7 @@ impl Presence {
     /// gone). Last seen and privacy are kept: they are not per connection.
     pub(super) fn clear(&mut self) {
         self.watchers.clear();
+        self.remote.clear();
         self.watchers_len = 0;
         self.subs.clear();
         self.gone.clear();
@@ -104,11 +108,22 @@ impl Sessions {
 
     /// Sends `user`'s state now to every connection watching it.
     fn push_presence(&mut self, now: Now, env: &dyn Env, user: u64) {
+        let (state, last_seen_ms) = self.presence_of(user);
+        if let Some(remote) = self.presence.remote.get(&user) {
+            for &(node, sub) in remote {
+                self.actions.push(Action::Cluster(Msg::RemotePresence {
+                    node,
+                    sub,
+                    user,
+                    state,
+                    last_seen_ms,
+                }));
+            }
+        }
         let Some(subs) = self.presence.watchers.get(&user) else {
             return;
         };
         let subs = subs.clone();
-        let (state, last_seen_ms) = self.presence_of(user);
         for sub in subs {
             let msg = Msg::Presence {
                 sub,
@@ -150,12 +165,7 @@ impl Sessions {
         }
         for (user, sub) in std::mem::take(&mut self.presence.gone) {
             for watched in self.presence.subs.remove(&sub.conn).unwrap_or_default() {
-                self.route(
-                    now,
-                    env,
-                    home_shard(watched, self.shards),
-                    Msg::Unwatch { user: watched, sub },
-                );
+                self.unwatch(now, env, watched, sub);
             }
             if self.users.count(user) > 0 {
                 continue; // replaced, or another device: still online
@@ -216,8 +226,7 @@ impl Sessions {
                         conn,
                         gen: s.gen,
                     };
-                    let dst = home_shard(watched, self.shards);
-                    self.route(now, env, dst, Msg::Unwatch { user: watched, sub });
+                    self.unwatch(now, env, watched, sub);
                 } else if list.is_empty() {
                     self.presence.subs.remove(&conn);
                 }
@@ -234,12 +243,19 @@ impl Sessions {
                     self.push_presence(now, env, user);
                 }
             }
-            Frame::Typing { user: to } => {
-                if to != user && env.owner(to) == Owner::Here {
+            Frame::Typing { user: to } => match env.owner(to) {
+                _ if to == user => {}
+                Owner::Here => {
                     let dst = home_shard(to, self.shards);
                     self.route(now, env, dst, Msg::Typing { from: user, to });
                 }
-            }
+                // Through the bridge to the peer's node.
+                Owner::Elsewhere { .. } => {
+                    self.actions
+                        .push(Action::Cluster(Msg::Typing { from: user, to }));
+                }
+                Owner::Nobody => {}
+            },
             _ => {
                 // PRESENCE goes from server to client only.
                 self.stats.protocol_errors.inc();
@@ -259,12 +275,13 @@ impl Sessions {
             .subs
             .get(&conn)
             .is_some_and(|l| l.contains(&watched));
-        let refused = if env.owner(watched) != Owner::Here {
+        let owner = env.owner(watched);
+        let refused = if owner == Owner::Nobody {
             Some((
                 ErrorCode::Unavailable,
-                "presence of users served by another node is not supported",
+                "no node serves the watched user right now, retry later",
             ))
-        } else if !env.up(home) {
+        } else if owner == Owner::Here && !env.up(home) {
             Some((
                 ErrorCode::Unavailable,
                 "the watched user's home shard is restarting, retry later",
@@ -298,7 +315,54 @@ impl Sessions {
             gen: self.slots[conn.index()].gen,
         };
         // Also when known: the answer is the state now, as for the first.
-        self.route(now, env, home, Msg::Watch { user: watched, sub });
+        let msg = Msg::Watch { user: watched, sub };
+        if owner == Owner::Here {
+            self.route(now, env, home, msg);
+        } else {
+            // Served by another node: through the bridge, which sends it
+            // to the owner and follows the user from node to node.
+            self.actions.push(Action::Cluster(msg));
+        }
+    }
+
+    /// `sub` stops watching `user`. In a cluster also the bridge is told:
+    /// the subscription went there if another node served the user when
+    /// it was made, or when this node lost the user's partition since.
+    fn unwatch(&mut self, now: Now, env: &dyn Env, user: u64, sub: ConnRef) {
+        let msg = Msg::Unwatch { user, sub };
+        if self.config.cluster.is_some() {
+            self.actions
+                .push(Action::Cluster(Msg::Unwatch { user, sub }));
+        }
+        self.route(now, env, home_shard(user, self.shards), msg);
+    }
+
+    /// Cluster, after this node stopped serving some users (`Event::Moved`,
+    /// their sessions closed and their subscribers told `offline`): local
+    /// subscriptions to them go to the bridge, which sends them to the new
+    /// owner; other nodes' subscriptions are forgotten (their nodes send
+    /// them to the new owner).
+    pub(super) fn presence_moved(&mut self, env: &dyn Env) {
+        let gone: Vec<u64> = self
+            .presence
+            .watchers
+            .keys()
+            .chain(self.presence.remote.keys())
+            .copied()
+            .filter(|&user| env.owner(user) != Owner::Here)
+            .collect();
+        for user in gone {
+            if let Some(remote) = self.presence.remote.remove(&user) {
+                self.presence.watchers_len -= remote.len();
+            }
+            for sub in self.presence.watchers.remove(&user).unwrap_or_default() {
+                self.presence.watchers_len -= 1;
+                self.actions.push(Action::Cluster(Msg::Watch { user, sub }));
+            }
+        }
+        self.stats
+            .presence_subs
+            .set(self.presence.watchers_len as u64);
     }
 
     /// A presence message from a shard (or this one).
@@ -321,6 +385,44 @@ impl Sessions {
                     last_seen_ms,
                 };
                 self.route(now, env, sub.shard as usize, msg);
+            }
+            Msg::RemoteWatch {
+                user,
+                node,
+                sub,
+                on,
+            } => {
+                let list = self.presence.remote.entry(user).or_default();
+                let at = list.iter().position(|&r| r == (node, sub));
+                match (on, at) {
+                    (true, None) => {
+                        list.push((node, sub));
+                        self.presence.watchers_len += 1;
+                    }
+                    (false, Some(at)) => {
+                        list.swap_remove(at);
+                        self.presence.watchers_len -= 1;
+                    }
+                    _ => {}
+                }
+                if list.is_empty() {
+                    self.presence.remote.remove(&user);
+                }
+                self.stats
+                    .presence_subs
+                    .set(self.presence.watchers_len as u64);
+                // A user this node no longer serves is the new owner's to
+                // answer (the subscriber's node sends it there).
+                if on && env.owner(user) == Owner::Here {
+                    let (state, last_seen_ms) = self.presence_of(user);
+                    self.actions.push(Action::Cluster(Msg::RemotePresence {
+                        node,
+                        sub,
+                        user,
+                        state,
+                        last_seen_ms,
+                    }));
+                }
             }
             Msg::Unwatch { user, sub } => {
                 if let Some(list) = self.presence.watchers.get_mut(&user) {
@@ -355,10 +457,7 @@ impl Sessions {
                 }
                 // Gone without its Unwatch (its shard restarted): undo the
                 // subscription from this side.
-                None => {
-                    let dst = home_shard(user, self.shards);
-                    self.route(now, env, dst, Msg::Unwatch { user, sub });
-                }
+                None => self.unwatch(now, env, user, sub),
             },
             Msg::Typing { from, to } => {
                 // Every online version 2 device of the peer.

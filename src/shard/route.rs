@@ -249,6 +249,33 @@ pub enum Msg {
         /// The members it is about.
         peers: Vec<u64>,
     },
+    /// Cluster, bridge to `user`'s home shard (the receiving one): the
+    /// connection `sub` on another node, known to the bridge as node
+    /// number `node`, starts (`on`) or stops watching `user`.
+    RemoteWatch {
+        /// The watched user.
+        user: u64,
+        /// The subscriber's node, as the bridge numbers nodes.
+        node: u16,
+        /// The subscriber's connection on its node.
+        sub: ConnRef,
+        /// Starts (else stops) watching.
+        on: bool,
+    },
+    /// Cluster, home shard to bridge: `user`'s state for the connection
+    /// `sub` of node number `node` ([`Msg::RemoteWatch`]).
+    RemotePresence {
+        /// The subscriber's node, as the bridge numbers nodes.
+        node: u16,
+        /// The subscriber's connection on its node.
+        sub: ConnRef,
+        /// The watched user.
+        user: u64,
+        /// Online, offline or hidden.
+        state: PresenceState,
+        /// Offline: last seen, ms since the Unix epoch (0: never); else 0.
+        last_seen_ms: u64,
+    },
     /// Cluster, shard to bridge: `user`'s device acknowledged `server_id`,
     /// so JetStream may delete it.
     Done {

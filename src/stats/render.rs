@@ -345,6 +345,11 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             c.publishes_in_flight.get(),
         ),
         (
+            "Cluster_presence_watches",
+            "Presence subscriptions of this node's connections to users another node serves (or nobody, for now).",
+            c.presence_watches.get(),
+        ),
+        (
             "Cluster_stream_replicas",
             "Copies JetStream keeps of the message streams TERN_<g>, the fewest of any (1 on a NATS server without clustering).",
             c.stream_replicas.get(),

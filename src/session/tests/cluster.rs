@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::cluster::{partition_of, ClusterConfig, Owners};
+use crate::proto::PresenceState;
 use crate::store::Stored;
 
 /// Two partitions: 0 here, 1 on node "b" at `B_ADDR`.
@@ -250,5 +251,127 @@ fn once_this_nodes_leases_go_unproven_it_takes_and_delivers_nothing_for_them() {
         [&OwnedFrame::Bye {
             reason: ByeReason::Moved
         }]
+    );
+}
+
+#[test]
+fn a_subscription_to_another_nodes_user_goes_to_the_bridge_and_its_end_too() {
+    let mut h = clustered();
+    login_frame(&mut h, A, user_in(0), proto::VERSION_2);
+    let watched = user_in(1);
+    let out = h.frame(A, Frame::Subscribe { user: watched });
+    assert!(out.to(A).is_empty(), "answered by the owner: {out:?}");
+    let sub = match to_bridge(&out)[..] {
+        [Msg::Watch { user, sub }] if *user == watched => *sub,
+        ref other => panic!("{other:?}"),
+    };
+    // The owner's state comes back through the bridge as a PRESENCE.
+    let out = h.step(Event::Msg(Msg::Presence {
+        sub,
+        user: watched,
+        state: PresenceState::Online,
+        last_seen_ms: 0,
+    }));
+    assert_eq!(
+        out.to(A)[..],
+        [&OwnedFrame::Presence {
+            user: watched,
+            state: PresenceState::Online,
+            last_seen_ms: 0
+        }]
+    );
+    let out = h.frame(A, Frame::Unsubscribe { user: watched });
+    assert!(
+        matches!(to_bridge(&out)[..], [Msg::Unwatch { user, .. }] if *user == watched),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_subscription_to_a_user_nobody_serves_is_unavailable() {
+    let mut h = clustered();
+    login_frame(&mut h, A, user_in(0), proto::VERSION_2);
+    h.env.owners.as_ref().unwrap().set_other(1, None);
+    let watched = user_in(1);
+    let out = h.frame(A, Frame::Subscribe { user: watched });
+    assert!(
+        matches!(
+            out.to(A)[..],
+            [OwnedFrame::Error { code: ErrorCode::Unavailable, client_id, .. }] if *client_id == watched
+        ),
+        "{out:?}"
+    );
+    assert!(to_bridge(&out).is_empty());
+}
+
+#[test]
+fn another_nodes_subscriber_gets_the_state_now_and_every_change() {
+    let mut h = clustered();
+    let watched = user_in(0);
+    let sub = ConnRef {
+        shard: 3,
+        conn: ConnId(9),
+        gen: 2,
+    };
+    let on = |on| {
+        Event::Msg(Msg::RemoteWatch {
+            user: watched,
+            node: 4,
+            sub,
+            on,
+        })
+    };
+    let states = |out: &Out| -> Vec<(u16, PresenceState)> {
+        to_bridge(out)
+            .into_iter()
+            .filter_map(|m| match m {
+                Msg::RemotePresence {
+                    node,
+                    sub: s,
+                    user,
+                    state,
+                    ..
+                } if *s == sub && *user == watched => Some((*node, *state)),
+                _ => None,
+            })
+            .collect()
+    };
+    let out = h.step(on(true));
+    assert_eq!(states(&out), [(4, PresenceState::Offline)]);
+    let out = login_frame(&mut h, A, watched, proto::VERSION_2);
+    assert_eq!(states(&out), [(4, PresenceState::Online)]);
+    h.step(on(false));
+    let out = h.step(Event::Closed(A));
+    assert!(states(&out).is_empty(), "unwatched: {out:?}");
+}
+
+#[test]
+fn a_lost_partition_hands_its_local_subscriptions_to_the_bridge() {
+    let mut h = clustered();
+    let owners = h.env.owners.as_ref().unwrap();
+    owners.set_here(1);
+    let (subscriber, watched) = (user_in(0), user_in(1));
+    login_frame(&mut h, A, subscriber, proto::VERSION_2);
+    let out = h.frame(A, Frame::Subscribe { user: watched });
+    assert!(to_bridge(&out).is_empty(), "served here: {out:?}");
+    let owners = h.env.owners.as_ref().unwrap();
+    let b = owners.node_index("b", B_ADDR).unwrap();
+    owners.set_other(1, Some(b));
+    let out = h.step(Event::Moved);
+    assert!(
+        matches!(to_bridge(&out)[..], [Msg::Watch { user, .. }] if *user == watched),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn typing_to_another_nodes_user_goes_to_the_bridge() {
+    let mut h = clustered();
+    let (typist, peer) = (user_in(0), user_in(1));
+    login_frame(&mut h, A, typist, proto::VERSION_2);
+    let out = h.frame(A, Frame::Typing { user: peer });
+    assert!(
+        matches!(to_bridge(&out)[..], [Msg::Typing { from, to }] if *from == typist && *to == peer),
+        "{out:?}"
     );
 }
