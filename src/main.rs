@@ -40,8 +40,9 @@ enum Command {
     /// Live upgrade: the running server hands its listening sockets and
     /// data directory to a new process of BINARY (default: its own path,
     /// re-read from disk), started with the same arguments. Logged-in
-    /// plaintext connections move to it as they are (either backend; io_uring
-    /// needs Linux 6.8); the others get BYE(upgrade) and reconnect to it
+    /// plaintext connections (Tern, WebSocket, MQTT) move to it as they
+    /// are (either backend; io_uring needs Linux 6.8); the others get
+    /// BYE(upgrade) and reconnect to it
     /// (TLS ones resume their sessions: the ticket keys pass); no connect is
     /// refused, nothing acknowledged is lost. A successor that fails (bad
     /// configuration, a crash) leaves the old process serving. Waits for

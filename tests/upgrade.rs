@@ -1179,24 +1179,58 @@ fn mqtt_connect(user: u64) -> Vec<u8> {
     out
 }
 
-/// Reads whole MQTT 3.1.1 packets from `s` until one matches `want`.
-fn mqtt_until(s: &mut TcpStream, mut want: impl FnMut(&Packet<'_>) -> bool) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let mut at = 0;
-        while let Some((p, used)) = codec::decode(&buf[at..], Some(Version::V311), 1 << 20)
-            .expect("packets the codec reads")
-        {
-            if want(&p) {
-                return;
+/// A raw MQTT 3.1.1 client: what it read and has not looked at yet.
+struct RawMqtt {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// What a PUBLISH to a [`RawMqtt`] said: packet id, DUP, payload.
+type Delivery = (u16, bool, Vec<u8>);
+
+impl RawMqtt {
+    /// Connects as `user`; panics unless the CONNACK accepts.
+    fn connect(addr: SocketAddr, user: u64) -> RawMqtt {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut c = RawMqtt { s, buf: Vec::new() };
+        c.send(&mqtt_connect(user));
+        c.until(|p| matches!(p, Packet::ConnAck(a) if a.code == 0));
+        c
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).unwrap();
+    }
+
+    /// Reads whole packets until `done` says so; returns the PUBLISHes
+    /// read meanwhile. Panics at the end of the stream.
+    fn until(&mut self, mut done: impl FnMut(&Packet<'_>) -> bool) -> Vec<Delivery> {
+        let mut delivered = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let mut at = 0;
+            let mut end = false;
+            while let Some((p, used)) = codec::decode(&self.buf[at..], Some(Version::V311), 1 << 20)
+                .expect("packets the codec reads")
+            {
+                at += used;
+                if let Packet::Publish(p) = &p {
+                    delivered.push((p.pid, p.dup, p.payload.to_vec()));
+                }
+                if done(&p) {
+                    end = true;
+                    break;
+                }
             }
-            at += used;
+            self.buf.drain(..at);
+            if end {
+                return delivered;
+            }
+            let n = self.s.read(&mut chunk).expect("read within the wait");
+            assert!(n > 0, "the carried MQTT connection was closed");
+            self.buf.extend_from_slice(&chunk[..n]);
         }
-        buf.drain(..at);
-        let n = s.read(&mut chunk).expect("read within the wait");
-        assert!(n > 0, "the carried MQTT connection was closed");
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -1212,8 +1246,9 @@ fn mqtt_clients_keep_their_connection_and_subscription_across_an_upgrade() {
     let _reaper = Reaper(sock.clone());
     let addr = logged_addr(&old, "MQTT listening on ");
     let (a, b) = cross_pair();
-    // Bob subscribes with MQTT 5.0, Alice publishes with 3.1.1, and Carol
-    // (a raw 3.1.1 client) cuts a PUBLISH in half across the upgrade.
+    // Bob subscribes with MQTT 5.0, Alice publishes with 3.1.1 (and takes
+    // her receipts), and Carol (a raw 3.1.1 client) has a delivery in
+    // flight and a PUBLISH cut in half across the upgrade.
     let carol = a.max(b) + 1;
     let (mut sub, rc) = Paho::connect(addr, b, 5);
     assert_eq!(rc, 0);
@@ -1221,10 +1256,26 @@ fn mqtt_clients_keep_their_connection_and_subscription_across_an_upgrade() {
     assert_eq!(sub.next(), ["suback", "1"]);
     let (mut publ, rc) = Paho::connect(addr, a, 311);
     assert_eq!(rc, 0);
-    let mut raw = TcpStream::connect(addr).unwrap();
-    raw.set_read_timeout(Some(WAIT)).unwrap();
-    raw.write_all(&mqtt_connect(carol)).unwrap();
-    mqtt_until(&mut raw, |p| matches!(p, Packet::ConnAck(c) if c.code == 0));
+    publ.cmd(&format!("sub u/{a}/receipts 0"));
+    assert_eq!(publ.next(), ["suback", "0"]);
+    let mut raw = RawMqtt::connect(addr, carol);
+    // Carol takes a delivery and does not PUBACK it before the upgrade.
+    let inbox = format!("u/{carol}");
+    let mut fbuf = Vec::new();
+    let mut subscribe = Vec::new();
+    let s = codec::Subscribe {
+        pid: 1,
+        props: Props::default(),
+        filters: codec::Filters::build(&[(&inbox, 1)], true, &mut fbuf),
+    };
+    codec::encode(&Packet::Subscribe(s), Version::V311, &mut subscribe);
+    raw.send(&subscribe);
+    raw.until(|p| matches!(p, Packet::SubAck(_)));
+    publ.cmd(&format!("pub {inbox} 1 to-carol"));
+    let first = raw.until(|p| matches!(p, Packet::Publish(_)));
+    assert_eq!(first.len(), 1);
+    let (pid, dup, ref body) = first[0];
+    assert_eq!((dup, &body[..]), (false, &b"to-carol"[..]));
     let mut publish = Vec::new();
     let topic = format!("u/{b}");
     let p = Publish {
@@ -1242,21 +1293,53 @@ fn mqtt_clients_keep_their_connection_and_subscription_across_an_upgrade() {
     for i in 0..EACH {
         publ.cmd(&format!("pub u/{b} 1 m-{i}"));
     }
-    raw.write_all(&publish[..publish.len() / 2]).unwrap();
+    raw.send(&publish[..publish.len() / 2]);
     let (ok, text) = upgrade(&sock, None);
     assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
     assert_eq!(info(&sock)["Generation"], "1");
-    raw.write_all(&publish[publish.len() / 2..]).unwrap();
+    raw.send(&publish[publish.len() / 2..]);
     for i in EACH..2 * EACH {
         publ.cmd(&format!("pub u/{b} 1 m-{i}"));
     }
-    mqtt_until(&mut raw, |p| matches!(p, Packet::PubAck(a) if a.pid == 9));
+    // Carol's half PUBLISH is answered, and the delivery she did not
+    // PUBACK comes again under its packet id, DUP set: her in-flight map
+    // came along.
+    let (mut acked, mut again) = (false, false);
+    let got = raw.until(|p| {
+        match p {
+            Packet::PubAck(a) if a.pid == 9 => acked = true,
+            Packet::Publish(d) if d.payload == b"to-carol" => again = true,
+            _ => {}
+        }
+        acked && again
+    });
+    assert_eq!(got, [(pid, true, b"to-carol".to_vec())]);
+    // Her PUBACK of the old process's PUBLISH is the DELIVERED: Alice
+    // gets its receipt.
+    let mut puback = Vec::new();
+    let ack = codec::PubAck {
+        pid,
+        code: 0,
+        props: Props::default(),
+    };
+    codec::encode(&Packet::PubAck(ack), Version::V311, &mut puback);
+    raw.send(&puback);
 
-    // Every PUBLISH acknowledged with success, no reconnect (a
-    // `disconnected` or `connack` line fails here).
-    for _ in 0..2 * EACH {
+    // Every PUBLISH acknowledged with success, and the receipt, no
+    // reconnect (a `disconnected` or `connack` line fails here).
+    let (mut pubacks, mut receipt) = (0, false);
+    while pubacks < 2 * EACH + 1 || !receipt {
         let w = publ.next();
-        assert!(w.len() == 4 && w[0] == "puback" && w[2] == "0", "{w:?}");
+        match w[0].as_str() {
+            "puback" => {
+                assert!(w.len() == 4 && w[2] == "0", "{w:?}");
+                pubacks += 1;
+            }
+            "msg" if w[1] == format!("u/{a}/receipts") => {
+                receipt |= w[3] == "delivered" && w[5] == carol.to_string();
+            }
+            _ => panic!("{w:?}"),
+        }
     }
     // Every message reached the subscriber (QoS 1: a delivery in flight
     // at the upgrade may come twice), on its one connection.

@@ -825,8 +825,13 @@ impl Shard {
         self.carrying_on = true;
         for i in 0..self.sessions.slots() {
             let conn = ConnId(i as u32);
+            // An MQTT connection is logged in once its CONNECT was taken.
             let plaintext = self.conns.slots.get(i).is_some_and(|s| s.tls.is_none())
-                && matches!(self.conns.ws_mode(conn), WsMode::No | WsMode::Open);
+                && matches!(self.conns.ws_mode(conn), WsMode::No | WsMode::Open)
+                && self
+                    .conns
+                    .mqtt_mode(conn)
+                    .is_none_or(|m| m.version().is_some());
             if self.sessions.state(conn) == State::Active && plaintext {
                 self.io.set_recv(conn, false);
                 self.carrying.push(conn);

@@ -384,14 +384,36 @@ mod tests {
     #[test]
     fn carried_connections_cross_in_packed_batches_then_their_count() {
         let (a, b) = Channel::pair().unwrap();
-        let state = |user: u64, output: usize| Carried {
-            user,
-            device: 0,
-            version: 2,
-            input: vec![1; 3],
-            output: vec![2; output],
-            transport: Transport::Tern,
-            raw: Vec::new(),
+        // Tern, WebSocket and MQTT ones in turn (their records differ in
+        // size: the packing counts each whole).
+        let state = |user: u64, output: usize| {
+            let (transport, raw) = match user % 3 {
+                0 => (Transport::Tern, Vec::new()),
+                1 => (
+                    Transport::WebSocket {
+                        in_message: true,
+                        message_bytes: 5,
+                    },
+                    vec![0x80; 4],
+                ),
+                _ => (
+                    Transport::Mqtt {
+                        mode: crate::mqtt::bridge::Mode::from_bytes([0x81, 30, 0, 0, 0]).unwrap(),
+                        inflight: crate::mqtt::bridge::Inflight::from_entries(vec![(1, user)])
+                            .unwrap(),
+                    },
+                    vec![0x30; 2],
+                ),
+            };
+            Carried {
+                user,
+                device: 0,
+                version: 2,
+                input: vec![1; 3],
+                output: vec![2; output],
+                transport,
+                raw,
+            }
         };
         // 600 small ones (250, 250, then 100 with the next), then 3 with
         // 60 KiB of output each (2 fit beside the 100, the third goes alone).

@@ -17,10 +17,11 @@
 //!    and TLS). From now on a connect waits in the listen backlog at worst;
 //!    it is never refused, because the successor holds the sockets too.
 //! 3. The old process shuts down like a graceful stop, except that its
-//!    logged-in plaintext connections are frozen (no more input read) and
-//!    kept once the shards agree nothing is in flight between them; every
-//!    other connection gets `BYE(upgrade)` (TLS ones with close_notify
-//!    after it, WebSocket ones with a close frame). Its last answers are
+//!    logged-in plaintext connections (Tern, WebSocket, MQTT) are frozen
+//!    (no more input read) and kept once the shards agree nothing is in
+//!    flight between them; every other connection gets `BYE(upgrade)` (TLS
+//!    ones with close_notify after it, wss ones with a close frame before
+//!    that). Its last answers are
 //!    committed and flushed, its logs closed, the data directory's lock and
 //!    the stats socket released. Then it says `Released`.
 //! 4. The successor takes the lock, replays the logs (nothing acknowledged

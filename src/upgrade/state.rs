@@ -459,6 +459,39 @@ mod tests {
     }
 
     #[test]
+    fn any_byte_changed_decodes_or_is_refused_never_panics() {
+        let batch = [
+            carried(5, b"AB", b"C"),
+            Carried {
+                transport: Transport::WebSocket {
+                    in_message: true,
+                    message_bytes: 3,
+                },
+                raw: vec![0x80, 0x81],
+                ..carried(6, b"D", b"")
+            },
+            Carried {
+                transport: Transport::Mqtt {
+                    mode: mqtt_mode(),
+                    inflight: Inflight::from_entries(vec![(1, 2), (3, 4)]).unwrap(),
+                },
+                raw: vec![0x30],
+                ..carried(7, b"", b"E")
+            },
+        ];
+        let good = bytes(&batch);
+        for at in 0..good.len() {
+            for v in [0, 1, 2, 0x7f, 0xff] {
+                let mut b = good.clone();
+                b[at] = v;
+                if let Ok(got) = decode(&b, 16) {
+                    assert!(got.iter().all(|c| c.input.len() <= 16 && c.user != 0));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn bad_websocket_and_mqtt_state_is_refused() {
         let ws = |in_message, message_bytes, raw: usize| Carried {
             transport: Transport::WebSocket {
