@@ -114,9 +114,6 @@ impl Server {
         let shards = config.shard_count();
 
         let retry = Duration::from_millis(config.listen_retry_ms);
-        // A successor (live upgrade) shares the WebSocket port with its
-        // predecessor, which still listens on it.
-        let upgrading = handover.listeners.is_some();
         let mut inherited = handover.listeners.unwrap_or_default().into_iter();
         if inherited.len() > shards {
             log::warn!(
@@ -126,10 +123,15 @@ impl Server {
             );
         }
         let mut inherited_tls = Vec::new();
+        let (mut inherited_ws, mut inherited_mqtt, mut inherited_mqtt_tls) =
+            (Vec::new(), Vec::new(), Vec::new());
         let mut plain = Vec::with_capacity(shards);
         for listeners in inherited.by_ref().take(shards) {
             plain.push(listeners.plain);
             inherited_tls.push(listeners.tls);
+            inherited_ws.push(listeners.ws);
+            inherited_mqtt.push(listeners.mqtt);
+            inherited_mqtt_tls.push(listeners.mqtt_tls);
         }
         let first = match plain.first() {
             Some(_) => None,
@@ -181,13 +183,13 @@ impl Server {
                 );
             }
         }
-        // WebSocket and MQTT: bound like TLS, once per shard, not handed
-        // over by a live upgrade (see `per_shard`).
+        // WebSocket and MQTT: bound like TLS, once per shard, or taken
+        // over from a live upgrade's predecessor (see `per_shard`).
         let (ws_listeners, ws_addr) = per_shard(
             config.ws_listen,
             "ws_listen",
             shards,
-            upgrading,
+            inherited_ws,
             retry,
             &config,
         )?;
@@ -195,7 +197,7 @@ impl Server {
             config.mqtt_listen,
             "mqtt_listen",
             shards,
-            upgrading,
+            inherited_mqtt,
             retry,
             &config,
         )?;
@@ -203,7 +205,7 @@ impl Server {
             config.mqtt_tls_listen,
             "mqtt_tls_listen",
             shards,
-            upgrading,
+            inherited_mqtt_tls,
             retry,
             &config,
         )?;
@@ -639,15 +641,15 @@ impl Released {
 }
 
 /// One listener per shard on `want` (the `key` listener: `ws_listen`,
-/// `mqtt_listen`, `mqtt_tls_listen`), bound like TLS's. A live upgrade does not hand these
-/// over; the successor binds its own beside its predecessor's
-/// (SO_REUSEPORT), without the claim, which would find the port in use by
-/// a live process. Returns them and the bound address.
+/// `mqtt_listen`, `mqtt_tls_listen`), bound like TLS's: `inherited[i]`
+/// (a live upgrade's predecessor's, so no connection attempt is refused
+/// while the processes change) where there is one, else a new one beside
+/// the first. Returns them and the bound address.
 fn per_shard(
     want: Option<SocketAddr>,
     key: &str,
     shards: usize,
-    upgrading: bool,
+    mut inherited: Vec<Option<TcpListener>>,
     retry: Duration,
     config: &Config,
 ) -> Result<(Vec<Option<TcpListener>>, Option<SocketAddr>), String> {
@@ -655,16 +657,19 @@ fn per_shard(
     let Some(want) = want else {
         return Ok((listeners, None));
     };
-    let claimed = match upgrading {
-        true => Ok(want),
-        false => claim(want, retry, key),
+    let first = match inherited.first_mut().and_then(Option::take) {
+        Some(first) => first,
+        None => claim(want, retry, key)
+            .and_then(|addr| listen(addr, config.listen_backlog))
+            .map_err(|e| format!("cannot listen on {want} ({key}): {e}"))?,
     };
-    let first = claimed
-        .and_then(|addr| listen(addr, config.listen_backlog))
-        .map_err(|e| format!("cannot listen on {want} ({key}): {e}"))?;
     let bound = first.local_addr().map_err(|e| format!("{key}: {e}"))?;
     listeners[0] = Some(first);
-    for slot in listeners.iter_mut().skip(1) {
+    for (i, slot) in listeners.iter_mut().enumerate().skip(1) {
+        if let Some(kept) = inherited.get_mut(i).and_then(Option::take) {
+            *slot = Some(kept);
+            continue;
+        }
         *slot = Some(
             listen(bound, config.listen_backlog)
                 .map_err(|e| format!("cannot listen on {bound} ({key}): {e}"))?,

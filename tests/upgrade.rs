@@ -1158,6 +1158,11 @@ fn websocket_clients_chat_across_three_upgrades_on_the_same_socket() {
         &mut pongs,
         |f| matches!(f, OwnedFrame::Ack { client_id, .. } if *client_id == next),
     );
+    // The listener was handed over too: the port 0 the first process got
+    // still takes new WebSocket connections (a successor binding its own
+    // would have another port).
+    let mut carol = WsClient::upgrade(ws_addr);
+    carol.login(&token(a + 2));
 }
 
 /// A raw MQTT 3.1.1 connection's CONNECT for `user`.

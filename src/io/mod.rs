@@ -139,6 +139,17 @@ impl Listeners {
         })
     }
 
+    /// The listener of kind `kind`, if there is one.
+    pub fn get(&self, kind: Listener) -> Option<&TcpListener> {
+        match kind {
+            Listener::Plain => Some(&self.plain),
+            Listener::Tls => self.tls.as_ref(),
+            Listener::Ws => self.ws.as_ref(),
+            Listener::Mqtt => self.mqtt.as_ref(),
+            Listener::MqttTls => self.mqtt_tls.as_ref(),
+        }
+    }
+
     /// As an array indexed by [`Listener::index`].
     pub fn into_array(self) -> [Option<TcpListener>; LISTENERS] {
         [

@@ -56,7 +56,7 @@ use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::io::Listeners;
+use crate::io::{Listener, Listeners, LISTENERS};
 use crate::ticket::TicketKeys;
 use channel::Channel;
 use state::Carried;
@@ -189,13 +189,13 @@ impl Default for UpgradeInfo {
 }
 
 /// The listening sockets one process hands to the next, per shard.
-pub fn listener_fds(listeners: &[Listeners]) -> (Vec<BorrowedFd<'_>>, Vec<BorrowedFd<'_>>) {
-    let plain = listeners.iter().map(|l| l.plain.as_fd()).collect();
-    let tls = listeners
-        .iter()
-        .filter_map(|l| l.tls.as_ref().map(AsFd::as_fd))
-        .collect();
-    (plain, tls)
+pub fn listener_fds(listeners: &[Listeners]) -> [Vec<BorrowedFd<'_>>; LISTENERS] {
+    Listener::ALL.map(|kind| {
+        listeners
+            .iter()
+            .filter_map(|l| l.get(kind).map(AsFd::as_fd))
+            .collect()
+    })
 }
 
 /// The old process's side: the successor it started.
@@ -259,18 +259,17 @@ impl Successor {
         listeners: &[Listeners],
         tickets: Option<TicketKeys>,
     ) -> Result<(), String> {
-        let (plain, tls) = listener_fds(listeners);
+        let fds = listener_fds(listeners);
         let message = Message::Listeners {
             format: FORMAT_VERSION,
             generation,
-            plain: plain.len() as u16,
-            tls: tls.len() as u16,
+            counts: fds.each_ref().map(|kind| kind.len() as u16),
         };
-        self.channel
+        let sent = self
+            .channel
             .send(message, &[])
-            .and_then(|()| self.channel.send_fds(&plain))
-            .and_then(|()| self.channel.send_fds(&tls))
-            .and_then(|()| self.channel.send(Message::Tickets { keys: tickets }, &[]))
+            .and_then(|()| fds.iter().try_for_each(|kind| self.channel.send_fds(kind)));
+        sent.and_then(|()| self.channel.send(Message::Tickets { keys: tickets }, &[]))
             .map_err(|e| format!("sending the listeners: {e}"))
     }
 
@@ -380,13 +379,12 @@ impl Taker {
         self.channel
             .send(hello, &[])
             .map_err(|e| format!("hand-over: sending Hello: {e}"))?;
-        let (generation, plain, tls) = match self.channel.recv(STEP_WAIT) {
+        let (generation, counts) = match self.channel.recv(STEP_WAIT) {
             Ok((
                 Message::Listeners {
                     format,
                     generation,
-                    plain,
-                    tls,
+                    counts,
                 },
                 _,
             )) => {
@@ -396,29 +394,30 @@ impl Taker {
                          {FORMAT_VERSION}"
                     ));
                 }
-                (generation, usize::from(plain), usize::from(tls))
+                (generation, counts)
             }
             Ok((other, _)) => return Err(format!("hand-over: expected Listeners, got {other:?}")),
             Err(e) => return Err(format!("hand-over: no listeners: {e}")),
         };
-        let plain_fds = self
-            .channel
-            .recv_fds(plain, STEP_WAIT)
-            .map_err(|e| format!("hand-over: receiving listeners: {e}"))?;
-        let mut tls_fds = self
-            .channel
-            .recv_fds(tls, STEP_WAIT)
-            .map_err(|e| format!("hand-over: receiving TLS listeners: {e}"))?
-            .into_iter();
-        let listeners = plain_fds
-            .into_iter()
-            .map(|fd| Listeners {
-                plain: TcpListener::from(fd),
-                tls: tls_fds.next().map(TcpListener::from),
-                // Not handed over: the successor binds its own.
-                ws: None,
-                mqtt: None,
-                mqtt_tls: None,
+        // Kind after kind: one per shard of each configured listener.
+        let mut kinds = Vec::with_capacity(LISTENERS);
+        for (kind, count) in Listener::ALL.into_iter().zip(counts) {
+            let fds = self
+                .channel
+                .recv_fds(usize::from(count), STEP_WAIT)
+                .map_err(|e| format!("hand-over: receiving {kind:?} listeners: {e}"))?;
+            kinds.push(fds.into_iter().map(TcpListener::from));
+        }
+        let [plain, tls, ws, mqtt, mqtt_tls]: [_; LISTENERS] =
+            kinds.try_into().expect("one per kind");
+        let (mut tls, mut ws, mut mqtt, mut mqtt_tls) = (tls, ws, mqtt, mqtt_tls);
+        let listeners = plain
+            .map(|plain| Listeners {
+                plain,
+                tls: tls.next(),
+                ws: ws.next(),
+                mqtt: mqtt.next(),
+                mqtt_tls: mqtt_tls.next(),
             })
             .collect();
         let tickets = match self.channel.recv(STEP_WAIT) {
@@ -509,8 +508,7 @@ mod tests {
             let listeners = Message::Listeners {
                 format: 3,
                 generation: 0,
-                plain: 0,
-                tls: 0,
+                counts: [0; LISTENERS],
             };
             old.send(listeners, &[]).unwrap();
             old

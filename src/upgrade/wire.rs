@@ -6,7 +6,7 @@
 //! | kind | message     | fields                                          | direction |
 //! |------|-------------|-------------------------------------------------|-----------|
 //! | 1    | `Hello`     | `format: u16`, `pid: u32`                       | new → old |
-//! | 2    | `Listeners` | `format: u16`, `generation: u64`, `plain: u16`, `tls: u16` | old → new |
+//! | 2    | `Listeners` | `format: u16`, `generation: u64`, `counts: [u16; 5]` (plain, TLS, WebSocket, MQTT, MQTT over TLS) | old → new |
 //! | 3    | `Fds`       | `count: u16`, with `count` descriptors (SCM_RIGHTS) | old → new |
 //! | 4    | `Released`  | (none)                                          | old → new |
 //! | 5    | `Serving`   | `pid: u32`                                      | new → old |
@@ -16,7 +16,11 @@
 //!
 //! Format 4 carries WebSocket and MQTT connections too: each record of
 //! kind 7 says its transport and that layer's state ([`super::state`]);
-//! format 3 carried plaintext Tern connections only. Otherwise the
+//! format 3 carried plaintext Tern connections only. Format 4's
+//! `Listeners` counts every kind of listener (all are handed over, so no
+//! connection attempt on any port is refused during an upgrade); format
+//! 3's counted plain and TLS only (a shorter packet, read with the missing
+//! counts 0, so the successor can name the old format). Otherwise the
 //! messages are those of format 3.
 //! In format 3 `Tickets` follows the listeners' descriptors: the
 //! successor seals and opens TLS session tickets with the old process's
@@ -36,6 +40,7 @@
 
 use std::fmt;
 
+use crate::io::LISTENERS;
 use crate::ticket::{TicketKeys, ENCODED_BYTES as TICKET_KEYS_BYTES};
 
 /// The hand-over format this build speaks. A new format gets a new number;
@@ -70,17 +75,16 @@ pub enum Message {
         /// Its process id.
         pid: u32,
     },
-    /// The listening sockets follow, in `Fds` messages: `plain` of the
-    /// plaintext listener (one per shard), then `tls` of the TLS one.
+    /// The listening sockets follow, in `Fds` messages: `counts[k]` of
+    /// listener kind `k` ([`crate::io::Listener::ALL`] order: one per shard, or none
+    /// when that listener is not configured), kind after kind.
     Listeners {
         /// The old process's hand-over format.
         format: u16,
         /// The old process's generation; the successor's is one more.
         generation: u64,
-        /// Plaintext listeners (one per shard).
-        plain: u16,
-        /// TLS listeners (one per shard, or none).
-        tls: u16,
+        /// Listeners of each kind, in [`crate::io::Listener::ALL`] order.
+        counts: [u16; LISTENERS],
     },
     /// `count` descriptors travel with this packet.
     Fds {
@@ -132,14 +136,15 @@ impl Message {
             Message::Listeners {
                 format,
                 generation,
-                plain,
-                tls,
+                counts,
             } => {
                 out.push(2);
                 out.extend_from_slice(&format.to_le_bytes());
                 out.extend_from_slice(&generation.to_le_bytes());
-                out.extend_from_slice(&plain.to_le_bytes());
-                out.extend_from_slice(&tls.to_le_bytes());
+                let kinds = if format < 4 { 2 } else { LISTENERS };
+                for count in &counts[..kinds] {
+                    out.extend_from_slice(&count.to_le_bytes());
+                }
             }
             Message::Fds { count } => {
                 debug_assert!((1..=FDS_PER_MESSAGE_MAX).contains(&usize::from(count)));
@@ -183,12 +188,22 @@ impl Message {
                 format: u16_at(take(2)?),
                 pid: u32_at(take(4)?),
             },
-            2 => Message::Listeners {
-                format: u16_at(take(2)?),
-                generation: u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")),
-                plain: u16_at(take(2)?),
-                tls: u16_at(take(2)?),
-            },
+            2 => {
+                let format = u16_at(take(2)?);
+                let generation = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+                // Formats up to 3 counted plain and TLS only: the rest
+                // read as 0 (the successor then names the old format).
+                let kinds = if format < 4 { 2 } else { LISTENERS };
+                let mut counts = [0u16; LISTENERS];
+                for count in &mut counts[..kinds] {
+                    *count = u16_at(take(2)?);
+                }
+                Message::Listeners {
+                    format,
+                    generation,
+                    counts,
+                }
+            }
             3 => {
                 let count = u16_at(take(2)?);
                 if count == 0 || usize::from(count) > FDS_PER_MESSAGE_MAX {
@@ -233,6 +248,24 @@ mod tests {
     }
 
     #[test]
+    fn a_format_3_listeners_packet_reads_with_the_missing_counts_zero() {
+        // kind 2, format 3, generation 7, plain 2, TLS 2: no more counts.
+        let mut packet = vec![2, 3, 0];
+        packet.extend_from_slice(&7u64.to_le_bytes());
+        packet.extend_from_slice(&[2, 0, 2, 0]);
+        assert_eq!(
+            Message::decode(&packet),
+            Ok(Message::Listeners {
+                format: 3,
+                generation: 7,
+                counts: [2, 2, 0, 0, 0],
+            })
+        );
+        // Without the TLS count it is too short.
+        assert!(Message::decode(&packet[..packet.len() - 2]).is_err());
+    }
+
+    #[test]
     fn every_message_round_trips_and_fits() {
         let all = [
             Message::Hello {
@@ -242,8 +275,7 @@ mod tests {
             Message::Listeners {
                 format: FORMAT_VERSION,
                 generation: u64::MAX,
-                plain: 1024,
-                tls: 0,
+                counts: [1024, 0, 1024, 1024, 0],
             },
             Message::Fds { count: 1 },
             Message::Fds {
