@@ -150,7 +150,7 @@ fn mqtt_over_websocket_and_a_tern_user_message_each_other() {
     expect_receipt(&mut tern, ReceiptKind::Delivered, sid, b);
 
     // PINGREQ is answered inside a binary message; DISCONNECT ends the
-    // connection (the server closes it, MQTT 3.1.1 §3.14.4).
+    // connection with a normal WebSocket close.
     ws.send_raw(&client_frame(0x82, &encode(&Packet::PingReq)));
     next_packet(&mut ws, |p| assert_eq!(p, Packet::PingResp));
     ws.send_raw(&client_frame(
@@ -161,13 +161,14 @@ fn mqtt_over_websocket_and_a_tern_user_message_each_other() {
         })),
     ));
     match ws.next() {
-        Some((0x8, _)) | None => {}
-        other => panic!("expected the end, got {other:?}"),
+        Some((0x8, payload)) => assert_eq!(payload, 1000u16.to_be_bytes()),
+        other => panic!("expected a close frame, got {other:?}"),
     }
+    assert_eq!(ws.next(), None);
 }
 
 #[test]
-fn without_the_subprotocol_it_is_tern_and_bad_mqtt_is_closed() {
+fn without_the_subprotocol_it_is_tern_and_bad_mqtt_is_refused() {
     let srv = ws_server();
     let (a, b) = cross_pair();
     // No subprotocol (or another one): Tern frames, none chosen.
@@ -183,17 +184,34 @@ fn without_the_subprotocol_it_is_tern_and_bad_mqtt_is_closed() {
     let d = recv_deliver(&mut tern);
     assert_eq!((d.from, &d.body[..]), (a, &b"tern over ws"[..]));
 
-    // With it, a packet before CONNECT closes the connection cleanly
-    // (binary message, then a close frame), never a crash.
+    // With it, a CONNECT whose token is not its user's is refused with
+    // CONNACK 0x04 (bad user name or password) in a binary message, then
+    // a close.
+    let mut ws = mqtt_ws(ws_addr(&srv));
+    let tok = token(a);
+    let name = b.to_string();
+    ws.send_raw(&client_frame(
+        0x82,
+        &encode(&Packet::Connect(Connect {
+            version: Version::V311,
+            clean: true,
+            keepalive_s: 0,
+            props: Props::default(),
+            client_id: "",
+            will: None,
+            username: Some(&name),
+            password: Some(tok.as_bytes()),
+        })),
+    ));
+    next_packet(&mut ws, |p| match p {
+        Packet::ConnAck(c) => assert_eq!(c.code, 4),
+        other => panic!("expected CONNACK, got {other:?}"),
+    });
+    assert_eq!(ws.next().map(|(op, _)| op), Some(0x8));
+    // A packet before CONNECT closes the connection cleanly, never a crash.
     let mut ws = mqtt_ws(ws_addr(&srv));
     ws.send_raw(&client_frame(0x82, &encode(&Packet::PingReq)));
-    loop {
-        match ws.next() {
-            Some((0x2, _)) => {}
-            Some((0x8, _)) | None => break,
-            other => panic!("{other:?}"),
-        }
-    }
+    assert_eq!(ws.next().map(|(op, _)| op), Some(0x8));
     // And a text message is refused as on any WebSocket connection.
     let mut ws = mqtt_ws(ws_addr(&srv));
     ws.send_raw(&client_frame(0x81, b"hello"));

@@ -1132,6 +1132,14 @@ impl Shard {
         if state == State::Free {
             return;
         }
+        if state == State::Closing
+            && self.conns.ws_mode(conn) == WsMode::Open
+            && conn.index() < self.conns.slots.len()
+        {
+            // A WebSocket's close frame goes out even with nothing else
+            // pending (an MQTT DISCONNECT).
+            self.conns.bufs(conn);
+        }
         let Conns { slots, ws, .. } = &mut self.conns;
         let Some(s) = slots.get_mut(conn.index()) else {
             return;
