@@ -31,6 +31,9 @@ const CONTROL_PAYLOAD_BYTES_MAX: usize = 125;
 /// Largest frame header: 2 bytes, 8 of extended length, 4 of mask.
 const HEADER_BYTES_MAX: usize = 14;
 
+/// The WebSocket subprotocol that makes a connection an MQTT one.
+pub const MQTT_SUBPROTOCOL: &str = "mqtt";
+
 /// Close codes the server sends (RFC 6455 §7.4.1).
 pub mod close {
     /// Normal closure: the server ends the connection (after a BYE) or
@@ -57,6 +60,9 @@ pub enum Handshake {
         response: Vec<u8>,
         /// Bytes of the request.
         used: usize,
+        /// The client offered the `mqtt` subprotocol and it was chosen:
+        /// the payload stream is MQTT, not Tern frames (docs/MQTT.md).
+        mqtt: bool,
     },
     /// The request is refused: send `response` (an HTTP error) and close.
     Refuse {
@@ -143,13 +149,31 @@ pub fn handshake(buf: &[u8], origins: &[String]) -> Handshake {
             return refuse(403, "Forbidden", "");
         }
     }
+    // MQTT over WebSocket (MQTT 3.1.1 §6, 5.0 §6): the client offers
+    // `mqtt` among its subprotocols. The header may repeat; subprotocol
+    // names are case-sensitive (RFC 6455 §4.1), the answer must match.
+    let mqtt = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Protocol"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| t.trim_ascii() == MQTT_SUBPROTOCOL.as_bytes());
+    let protocol = if mqtt {
+        "Sec-WebSocket-Protocol: mqtt\r\n"
+    } else {
+        ""
+    };
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {}\r\n\r\n",
+         Sec-WebSocket-Accept: {}\r\n{protocol}\r\n",
         accept_key(key)
     )
     .into_bytes();
-    Handshake::Accept { response, used }
+    Handshake::Accept {
+        response,
+        used,
+        mqtt,
+    }
 }
 
 /// Appends a frame header for an unmasked server frame (FIN set).
@@ -419,6 +443,36 @@ mod tests {
     }
 
     #[test]
+    fn the_mqtt_subprotocol_is_chosen_when_offered() {
+        let with = |protocols: &str| {
+            let req = REQ.replacen(
+                "\r\n\r\n",
+                &format!("\r\nSec-WebSocket-Protocol: {protocols}\r\n\r\n"),
+                1,
+            );
+            match handshake(req.as_bytes(), &[]) {
+                Handshake::Accept { response, mqtt, .. } => {
+                    (mqtt, String::from_utf8(response).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        for offer in ["mqtt", "chat, mqtt", "mqttv3.1 ,mqtt"] {
+            let (mqtt, text) = with(offer);
+            assert!(mqtt, "{offer}");
+            assert!(
+                text.contains("\r\nSec-WebSocket-Protocol: mqtt\r\n"),
+                "{text}"
+            );
+            assert!(text.ends_with("\r\n\r\n"));
+        }
+        // Other subprotocols only: Tern frames, and none is chosen.
+        let (mqtt, text) = with("mqttv3.1, MQTT, chat");
+        assert!(!mqtt);
+        assert!(!text.contains("Sec-WebSocket-Protocol"), "{text}");
+    }
+
+    #[test]
     fn accept_key_matches_rfc_example() {
         // RFC 6455 §1.3's example key and answer.
         assert_eq!(
@@ -429,13 +483,20 @@ mod tests {
 
     #[test]
     fn handshake_accepts_refuses_and_waits() {
-        let Handshake::Accept { response, used } = handshake(REQ.as_bytes(), &[]) else {
+        let Handshake::Accept {
+            response,
+            used,
+            mqtt,
+        } = handshake(REQ.as_bytes(), &[])
+        else {
             panic!()
         };
         assert_eq!(used, REQ.len());
+        assert!(!mqtt);
         let text = String::from_utf8(response).unwrap();
         assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
         assert!(text.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(!text.contains("Sec-WebSocket-Protocol"), "{text}");
         assert_eq!(handshake(&REQ.as_bytes()[..40], &[]), Handshake::Incomplete);
         let status = |req: &[u8], origins: &[String]| match handshake(req, origins) {
             Handshake::Refuse { status, .. } => status,

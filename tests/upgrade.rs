@@ -1374,3 +1374,38 @@ fn mqtt_clients_keep_their_connection_and_subscription_across_an_upgrade() {
         }
     }
 }
+
+#[test]
+fn mqtt_over_websocket_is_closed_not_carried_and_tern_over_websocket_is_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let old = start(dir.path(), &["--ws-listen", "127.0.0.1:0"]);
+    let _reaper = Reaper(sock.clone());
+    let ws_addr = logged_addr(&old, "WebSocket listening at ws://");
+    let (a, b) = cross_pair();
+    let mut tern = WsClient::upgrade(ws_addr);
+    tern.login(&token(a));
+    let (mut mqtt, head) = WsClient::upgrade_with(ws_addr, "Sec-WebSocket-Protocol: mqtt\r\n");
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: mqtt\r\n"),
+        "{head}"
+    );
+    mqtt.send_raw(&client_frame(0x82, &mqtt_connect(b)));
+    loop {
+        let stream = mqtt.recv_stream();
+        if let Some((p, _)) = codec::decode(stream, Some(Version::V311), 1 << 20).unwrap() {
+            assert!(matches!(p, Packet::ConnAck(c) if c.code == 0), "{p:?}");
+            break;
+        }
+    }
+    let (ok, text) = upgrade(&sock, None);
+    assert!(ok, "tern upgrade failed: {text}\nlog:\n{}", old.log_text());
+    // MQTT over WebSocket has no hand-over form: a close frame, the end.
+    let (op, payload) = mqtt.next().expect("a close frame");
+    assert_eq!((op, &payload[..]), (0x8, &1000u16.to_be_bytes()[..]));
+    assert_eq!(mqtt.next(), None);
+    // The Tern one goes on, on the same socket.
+    assert_eq!(carried_counts(&old.log_text()), [1]);
+    tern.send(&[Frame::Ping { nonce: 5 }]);
+    assert!(matches!(tern.recv(), OwnedFrame::Pong { nonce: 5 }));
+}

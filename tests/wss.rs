@@ -2,7 +2,8 @@
 //! upgrade from a Tern client by the first two plaintext bytes: both kinds
 //! of client on one port, messages between them, a Tern LOGIN whose first
 //! byte is `G` (and arrives alone in its own TLS record), refused upgrades,
-//! close codes, ping/pong, and the close frame after a BYE, all encrypted.
+//! close codes, ping/pong, and the close frame after a BYE, all encrypted;
+//! MQTT over wss (the `mqtt` subprotocol) beside a TLS Tern client.
 
 mod common;
 
@@ -13,6 +14,9 @@ use std::sync::Arc;
 
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use tern::mqtt::codec::{
+    self, Connect, Disconnect, Filters, Packet, Props, Publish, Subscribe, Version,
+};
 use tern::proto::{self, Frame, Limits, OwnedFrame};
 use tern_client::rustls::pki_types::ServerName;
 use tern_client::rustls::{ClientConfig, ClientConnection, StreamOwned};
@@ -306,4 +310,107 @@ fn wss_refusals_and_close_codes_are_encrypted_too() {
     assert!(matches!(first.recv(), OwnedFrame::Bye { .. }));
     assert_eq!(first.close_code(), 1000);
     assert_eq!(first.next(), None);
+}
+
+/// The next MQTT 3.1.1 packet from the binary messages, handed to `f`.
+fn next_mqtt<T>(ws: &mut WsClient, f: impl FnOnce(Packet<'_>) -> T) -> T {
+    loop {
+        if let Some((_, used)) = codec::decode(&ws.stream, Some(Version::V311), usize::MAX).unwrap()
+        {
+            let bytes: Vec<u8> = ws.stream.drain(..used).collect();
+            let (p, _) = codec::decode(&bytes, Some(Version::V311), usize::MAX)
+                .unwrap()
+                .unwrap();
+            return f(p);
+        }
+        let (op, payload) = ws.next().expect("a frame before the end");
+        assert_eq!(op, 2, "binary message, got opcode {op}");
+        ws.stream.extend_from_slice(&payload);
+    }
+}
+
+fn mqtt_bytes(p: &Packet<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    codec::encode(p, Version::V311, &mut out);
+    out
+}
+
+#[test]
+fn mqtt_over_wss_messages_a_tern_client_on_the_same_port() {
+    let w = wss_server();
+    let (a, b) = cross_pair(); // a: Tern over TLS, b: MQTT over wss
+    let mut tern = Client::login_tls(w.srv.tls_addr.unwrap(), "localhost", &w.config, &token(a))
+        .unwrap()
+        .0;
+    let (mut ws, head) = WsClient::open(&w, &request("Sec-WebSocket-Protocol: mqtt\r\n"));
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains("\r\nSec-WebSocket-Protocol: mqtt\r\n"),
+        "{head}"
+    );
+    let (tok, name) = (token(b), b.to_string());
+    let connect = mqtt_bytes(&Packet::Connect(Connect {
+        version: Version::V311,
+        clean: true,
+        keepalive_s: 60,
+        props: Props::default(),
+        client_id: "",
+        will: None,
+        username: Some(&name),
+        password: Some(tok.as_bytes()),
+    }));
+    // Short frames only here: the CONNECT in two messages.
+    let (one, two) = connect.split_at(connect.len() / 2);
+    ws.frame(0x82, one, true);
+    ws.frame(0x82, two, true);
+    next_mqtt(&mut ws, |p| {
+        assert!(matches!(p, Packet::ConnAck(c) if c.code == 0), "{p:?}")
+    });
+    let mut fbuf = Vec::new();
+    let inbox = format!("u/{b}");
+    ws.frame(
+        0x82,
+        &mqtt_bytes(&Packet::Subscribe(Subscribe {
+            pid: 1,
+            props: Props::default(),
+            filters: Filters::build(&[(&inbox, 1)], true, &mut fbuf),
+        })),
+        true,
+    );
+    next_mqtt(&mut ws, |p| {
+        assert!(matches!(p, Packet::SubAck(s) if s.codes == [1]), "{p:?}")
+    });
+    let to = format!("u/{a}");
+    ws.frame(
+        0x82,
+        &mqtt_bytes(&Packet::Publish(Publish {
+            dup: false,
+            qos: 1,
+            retain: false,
+            topic: &to,
+            pid: 9,
+            props: Props::default(),
+            payload: b"over wss",
+        })),
+        true,
+    );
+    next_mqtt(&mut ws, |p| {
+        assert!(matches!(p, Packet::PubAck(x) if x.pid == 9), "{p:?}")
+    });
+    let d = recv_deliver(&mut tern);
+    assert_eq!((d.from, &d.body[..]), (b, &b"over wss"[..]));
+    tern.send_msg(2, b, b"back over wss").unwrap();
+    next_mqtt(&mut ws, |p| match p {
+        Packet::Publish(p) => assert_eq!((p.topic, p.payload), (&inbox[..], &b"back over wss"[..])),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    });
+    ws.frame(
+        0x82,
+        &mqtt_bytes(&Packet::Disconnect(Disconnect {
+            code: 0,
+            props: Props::default(),
+        })),
+        true,
+    );
+    assert_eq!(ws.close_code(), 1000);
 }

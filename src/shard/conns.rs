@@ -474,9 +474,10 @@ impl Shard {
     /// request starts with `GE` (`GET`), a Tern client with LOGIN, whose
     /// second byte is its type `01` (a length prefix of `47`, `G`, is one
     /// byte long), so no Tern client is ever taken for a WebSocket one.
-    /// On the MQTT-over-TLS listener, it is MQTT.
+    /// On the MQTT-over-TLS listener, it is MQTT (over wss, MQTT comes out
+    /// of the WebSocket frames).
     fn on_tls_plain(&mut self, conn: ConnId, data: &[u8]) {
-        if self.conns.is_mqtt(conn) {
+        if self.conns.is_mqtt(conn) && !self.conns.is_ws(conn) {
             return self.on_mqtt_bytes(conn, data);
         }
         match self.conns.ws_mode(conn) {
@@ -541,10 +542,20 @@ impl Shard {
                 self.conns.set_ws(conn, WsMode::Closed);
                 self.event(Event::Failed(conn));
             }
-            ws::Handshake::Accept { response, used } => {
+            ws::Handshake::Accept {
+                response,
+                used,
+                mqtt,
+            } => {
                 let rest = &request[used..];
                 self.write_ws(conn, &response);
                 self.conns.set_ws(conn, WsMode::Open);
+                if mqtt {
+                    // MQTT over WebSocket: from here on the payload stream
+                    // is MQTT, exactly as on the MQTT listener.
+                    self.conns.set_mqtt(conn, MqttMode::accepted());
+                    self.event(Event::Deliveries { conn, on: false });
+                }
                 if !rest.is_empty() {
                     self.ws_frames(conn, rest);
                 }
@@ -573,9 +584,10 @@ impl Shard {
         } else if self.conns.slots[conn.index()]
             .bufs
             .as_ref()
-            .is_some_and(|b| b.inp.is_empty() && b.out.is_empty() && b.plain.is_empty())
+            .is_some_and(|b| b.is_idle() && b.out.is_empty() && b.plain.is_empty())
         {
-            // The partial frame that kept the buffers is complete.
+            // The partial frame that kept the buffers is complete (and no
+            // partial MQTT packet or unanswered delivery keeps them).
             self.conns.recycle(conn);
         }
         if !control.is_empty() {
@@ -595,7 +607,11 @@ impl Shard {
             Ok(outcome) => {
                 let gen = self.sessions.gen(conn);
                 if !plain.is_empty() {
-                    self.on_bytes(conn, &plain);
+                    if self.conns.is_mqtt(conn) {
+                        self.on_mqtt_bytes(conn, &plain);
+                    } else {
+                        self.on_bytes(conn, &plain);
+                    }
                 }
                 if outcome.peer_closed
                     && self.sessions.gen(conn) == gen
@@ -825,13 +841,15 @@ impl Shard {
         self.carrying_on = true;
         for i in 0..self.sessions.slots() {
             let conn = ConnId(i as u32);
-            // An MQTT connection is logged in once its CONNECT was taken.
+            // An MQTT connection is logged in once its CONNECT was taken;
+            // MQTT over WebSocket has no hand-over form: it gets the BYE.
             let plaintext = self.conns.slots.get(i).is_some_and(|s| s.tls.is_none())
                 && matches!(self.conns.ws_mode(conn), WsMode::No | WsMode::Open)
                 && self
                     .conns
                     .mqtt_mode(conn)
-                    .is_none_or(|m| m.version().is_some());
+                    .is_none_or(|m| m.version().is_some())
+                && !(self.conns.is_ws(conn) && self.conns.is_mqtt(conn));
             if self.sessions.state(conn) == State::Active && plaintext {
                 self.io.set_recv(conn, false);
                 self.carrying.push(conn);
@@ -1037,9 +1055,18 @@ impl Shard {
     }
 
     /// Queues MQTT packets as they are, or encrypted on an MQTT-over-TLS
-    /// connection.
+    /// connection; over WebSocket they are wrapped in a binary message by
+    /// the flush, like Tern frames.
     pub(super) fn write_mqtt(&mut self, conn: ConnId, packets: &[u8]) {
-        self.write_ws(conn, packets);
+        if !self.conns.is_ws(conn) {
+            return self.write_ws(conn, packets);
+        }
+        let state = self.sessions.state(conn);
+        if state == State::Free || state == State::Shut {
+            return;
+        }
+        self.conns.bufs(conn).plain.extend_from_slice(packets);
+        self.conns.mark_dirty(conn);
     }
 
     /// Queues WebSocket-level bytes (an HTTP answer, control frames) as
@@ -1109,6 +1136,14 @@ impl Shard {
         let state = self.sessions.state(conn);
         if state == State::Free {
             return;
+        }
+        if state == State::Closing
+            && self.conns.ws_mode(conn) == WsMode::Open
+            && conn.index() < self.conns.slots.len()
+        {
+            // A WebSocket's close frame goes out even with nothing else
+            // pending (an MQTT DISCONNECT).
+            self.conns.bufs(conn);
         }
         let Conns { slots, ws, .. } = &mut self.conns;
         let Some(s) = slots.get_mut(conn.index()) else {

@@ -56,11 +56,18 @@ impl WsClient {
     /// Connects to `addr` and upgrades; panics unless the answer is 101
     /// with the right accept key.
     pub fn upgrade(addr: SocketAddr) -> WsClient {
+        WsClient::upgrade_with(addr, "").0
+    }
+
+    /// Upgrades with `extra` header lines (each ending in CRLF); returns
+    /// the client and the head of the 101 answer.
+    pub fn upgrade_with(addr: SocketAddr, extra: &str) -> (WsClient, String) {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let req = format!(
             "GET /tern HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+             {extra}\r\n"
         );
         s.write_all(req.as_bytes()).unwrap();
         let mut raw = Vec::new();
@@ -80,11 +87,28 @@ impl WsClient {
             "{head}"
         );
         raw.drain(..end);
-        WsClient {
+        let client = WsClient {
             s,
             raw,
             stream: Vec::new(),
+        };
+        (client, head)
+    }
+
+    /// The payload stream of the binary messages so far plus the next
+    /// one's (for protocols other than Tern's); panics on anything but a
+    /// binary message.
+    pub fn recv_stream(&mut self) -> &mut Vec<u8> {
+        match self.next() {
+            Some((0x2, payload)) => self.stream.extend_from_slice(&payload),
+            other => panic!("expected a binary message, got {other:?}"),
         }
+        &mut self.stream
+    }
+
+    /// The payload bytes received and not yet used.
+    pub fn stream(&mut self) -> &mut Vec<u8> {
+        &mut self.stream
     }
 
     /// Sends `bytes` as they are (frames, or a piece of one).
