@@ -97,7 +97,14 @@ fn one_post_per_device_per_interval_later_messages_fold_into_the_next() {
     let seen = gateway.until_user(3);
     let for_2: Vec<_> = seen.iter().filter(|r| r.users().contains(&2)).collect();
     assert_eq!(for_2.len(), 1, "{seen:?}");
-    srv.wait_info("Push_pending", |n| n == 1);
+    // What that one POST said: a push thread slower than the five ACKs
+    // (a busy box) folds them all into it; else the later ones wait.
+    let posted = for_2[0].notices().iter().find(|n| n.0 == 2).unwrap().2;
+    if posted == 5 {
+        assert_eq!(srv.info_u64("Push_pending"), 0);
+    } else {
+        srv.wait_info("Push_pending", |n| n == 1);
+    }
 
     // With a short interval the folded count arrives in a later POST.
     drop(srv);
