@@ -566,7 +566,6 @@ fn serve(args: ServeArgs) -> Result<()> {
         if let Err(why) = taker.serving() {
             log::error!("upgrade: {why}");
         }
-        tern::notify::main_pid_again_when_orphaned(parent as u32);
         log::info!("upgrade: generation {generation} serving");
     } else {
         ready("READY=1");

@@ -30,45 +30,6 @@ pub fn notify(state: &str) -> io::Result<bool> {
     }
 }
 
-/// How long [`main_pid_again_when_orphaned`] waits for the predecessor to
-/// exit; it exits right after the hand-over, so this only bounds a hang.
-const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// After a live upgrade: once the predecessor `parent` has exited, says
-/// `MAINPID=<this pid>` once more (on a short-lived thread).
-///
-/// systemd decides whether a unit's main process is its own child when it
-/// is told the pid. The successor says it while its parent (the old
-/// process) still runs, so systemd takes it for a process it did not fork,
-/// and at `systemctl stop` it does not wait for such a process to exit: it
-/// goes on to SIGKILL at once, with no graceful shutdown. When the old
-/// process exits, this one is re-parented to the manager (pid 1); told again
-/// then, systemd treats it as its own child and waits for it as usual.
-pub fn main_pid_again_when_orphaned(parent: u32) {
-    if !listening() {
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("tern-notify".into())
-        .spawn(move || {
-            let began = std::time::Instant::now();
-            // SAFETY: getppid has no preconditions.
-            while unsafe { libc::getppid() } as u32 == parent {
-                if began.elapsed() > ORPHAN_WAIT {
-                    log::warn!("sd_notify: pid {parent} still runs; MAINPID not repeated");
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            if let Err(e) = notify(&format!("MAINPID={}", std::process::id())) {
-                log::warn!("sd_notify MAINPID again: {e}");
-            }
-        });
-    if let Err(e) = spawned {
-        log::warn!("sd_notify: no thread to repeat MAINPID: {e}");
-    }
-}
-
 /// Sends `state` to the socket `path` (a file, or `@name` in the abstract
 /// namespace).
 fn send(path: &std::ffi::OsStr, state: &str) -> io::Result<()> {
