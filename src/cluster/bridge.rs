@@ -18,7 +18,7 @@ use super::config::ClusterConfig;
 use super::lease::{node_key, partition_key, Leases, Listing};
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners};
-use super::relay::Relay;
+use super::relay::{Relay, Replay};
 use super::streams;
 use crate::stats::{Counter, Histogram};
 
@@ -79,6 +79,13 @@ pub struct ClusterStats {
     /// Milliseconds the last successful lease round took (heartbeat,
     /// renewals, listing, claims); 0 until one succeeded.
     pub lease_round_ms: Counter,
+    /// User states published to the state streams `TERNS_<g>`.
+    pub states_published: Counter,
+    /// User states not kept: the publish failed, or the user's partition
+    /// was no longer this node's.
+    pub state_publish_failures: Counter,
+    /// User states read from the state streams on claims.
+    pub states_replayed: Counter,
 }
 
 /// The running bridge thread.
@@ -178,12 +185,14 @@ async fn run(
         }
     };
     let js = jetstream::new(client);
+    let (replays, replay_rx) = tokio::sync::mpsc::unbounded_channel();
     let relay = Relay::new(
         config.node_id.clone(),
         ends,
         js.clone(),
         owners.clone(),
         stats_arc.clone(),
+        replay_rx,
     );
     tokio::spawn(relay.run(stop.clone()));
     let start = node_start(&config.node_id, config.partitions);
@@ -192,6 +201,8 @@ async fn run(
     let mut store: Option<kv::Store> = None;
     // Other nodes' partitions the last listing did not show.
     let mut unlisted = BTreeSet::new();
+    // Partitions claimed whose users' states are not in the shards yet.
+    let mut unready = BTreeSet::new();
     loop {
         let round = async {
             if store.is_none() {
@@ -204,7 +215,13 @@ async fn run(
                 store = Some(kv);
             }
             let kv = store.as_ref().expect("just set");
-            lease_round(kv, &config, &mut leases, &mut unlisted, &owners, stats).await
+            let round = Round {
+                config: &config,
+                owners: &owners,
+                stats,
+                replays: &replays,
+            };
+            lease_round(kv, &round, &mut leases, &mut unlisted, &mut unready).await
         };
         match round.await {
             Ok(()) => {
@@ -277,16 +294,32 @@ async fn bucket(
     Ok(js.get_key_value(LEASE_BUCKET).await?)
 }
 
+/// What a lease round works with.
+struct Round<'a> {
+    config: &'a ClusterConfig,
+    owners: &'a Owners,
+    stats: &'a ClusterStats,
+    /// Where claimed partitions' states are replayed (the relay).
+    replays: &'a tokio::sync::mpsc::UnboundedSender<Replay>,
+}
+
 /// One heartbeat, renewal and claim round. `unlisted` carries, from one
-/// round to the next, the partitions of other nodes the listing missed.
+/// round to the next, the partitions of other nodes the listing missed;
+/// `unready` the partitions claimed whose users' states were not replayed
+/// into the shards yet (not served until they are).
 async fn lease_round(
     kv: &kv::Store,
-    config: &ClusterConfig,
+    round: &Round<'_>,
     leases: &mut Leases,
     unlisted: &mut BTreeSet<u32>,
-    owners: &Owners,
-    stats: &ClusterStats,
+    unready: &mut BTreeSet<u32>,
 ) -> Result<(), async_nats::Error> {
+    let Round {
+        config,
+        owners,
+        stats,
+        replays,
+    } = *round;
     let started = Instant::now();
     let value = format!("{} {}", config.node_id, config.public_addr);
     kv.put(node_key(&config.node_id), value.clone().into())
@@ -389,7 +422,7 @@ async fn lease_round(
         match result {
             Ok(revision) => {
                 leases.held(p, revision);
-                owners.set_here(p);
+                unready.insert(p);
                 claimed += 1;
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
@@ -403,6 +436,7 @@ async fn lease_round(
             listing.live_nodes()
         );
     }
+    serve_replayed(leases, unready, owners, replays, config.lease_s).await;
     if let Some(e) = failed {
         return Err(e.into());
     }
@@ -410,6 +444,43 @@ async fn lease_round(
         .lease_round_ms
         .set(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
     Ok(())
+}
+
+/// Serves the partitions of `unready` still held once the relay replayed
+/// their users' states into the shards (docs/CLUSTER.md, "Per-user state
+/// across nodes"): until then LOGIN answers `unavailable` and no consumer
+/// runs for them. Waits at most a third of a lease; what is not done is
+/// tried again next round.
+async fn serve_replayed(
+    leases: &Leases,
+    unready: &mut BTreeSet<u32>,
+    owners: &Owners,
+    replays: &tokio::sync::mpsc::UnboundedSender<Replay>,
+    lease_s: u32,
+) {
+    unready.retain(|&p| leases.owns(p));
+    if unready.is_empty() {
+        return;
+    }
+    let partitions: Vec<u32> = unready.iter().copied().collect();
+    let (done, replayed) = tokio::sync::oneshot::channel();
+    let asked = replays.send(Replay {
+        partitions: partitions.clone(),
+        done,
+    });
+    let wait = Duration::from_secs(lease_s.into()) / 3;
+    if asked.is_err() || !matches!(tokio::time::timeout(wait, replayed).await, Ok(Ok(()))) {
+        log::warn!(
+            "cluster bridge: states of {} claimed partitions not replayed yet; tried again \
+             next round",
+            partitions.len()
+        );
+        return;
+    }
+    for p in partitions {
+        owners.set_here(p);
+        unready.remove(&p);
+    }
 }
 
 /// Follows every write to the lease bucket and records in `owners` which

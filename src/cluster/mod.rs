@@ -11,6 +11,7 @@ pub mod owners;
 pub mod partition;
 pub mod presence;
 pub mod relay;
+pub mod state;
 pub mod streams;
 pub mod wire;
 

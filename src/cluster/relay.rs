@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, consumer, message::Acker};
 use futures_util::{StreamExt, TryStreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::bridge::ClusterStats;
@@ -21,6 +21,7 @@ use super::link::BridgeEnds;
 use super::owners::{Owner, Owners, NODES_MAX};
 use super::partition::partition_of;
 use super::presence::{self, Watches};
+use super::state::{self, UserState};
 use super::streams::{
     message_subject, partition_filter, partition_of_subject, receipt_subject, server_id,
     stream_count, stream_filter, stream_name, stream_of, PARTITIONS_PER_STREAM,
@@ -79,6 +80,21 @@ enum Report {
         message: Box<async_nats::Message>,
         acker: Box<Acker>,
     },
+    /// The states of a replay's partitions were read (or not).
+    StatesRead {
+        result: Result<Vec<(u64, UserState)>, String>,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A request of the lease round: replay the states of `partitions`, just
+/// claimed, into the shards; `done` is answered once every shard holds
+/// them (dropped if they could not be read).
+pub struct Replay {
+    /// The partitions.
+    pub partitions: Vec<u32>,
+    /// Answered when the shards hold the states.
+    pub done: oneshot::Sender<()>,
 }
 
 /// The relay task's state.
@@ -109,6 +125,13 @@ pub struct Relay {
     nodes: Vec<String>,
     /// Taken by [`Relay::run`].
     rx: Option<mpsc::UnboundedReceiver<Report>>,
+    /// Replays asked by the lease round; taken by [`Relay::run`].
+    replay_rx: Option<mpsc::UnboundedReceiver<Replay>>,
+    /// Replays whose end went to the shards: shards yet to answer, and
+    /// whom to tell then.
+    replays: HashMap<u64, (usize, oneshot::Sender<()>)>,
+    /// The next replay's token.
+    replay_next: u64,
 }
 
 impl Relay {
@@ -120,6 +143,7 @@ impl Relay {
         js: jetstream::Context,
         owners: Arc<Owners>,
         stats: Arc<ClusterStats>,
+        replay_rx: mpsc::UnboundedReceiver<Replay>,
     ) -> Relay {
         let (tx, rx) = mpsc::unbounded_channel();
         let here = vec![false; owners.partitions() as usize];
@@ -138,6 +162,9 @@ impl Relay {
             owners_seen: (0, 0),
             nodes: Vec::new(),
             rx: Some(rx),
+            replay_rx: Some(replay_rx),
+            replays: HashMap::new(),
+            replay_next: 0,
         }
     }
 
@@ -145,6 +172,7 @@ impl Relay {
     pub async fn run(mut self, stop: Arc<AtomicBool>) {
         let notify = self.ends.notify.clone();
         let mut rx = self.rx.take().expect("run once");
+        let mut replay_rx = self.replay_rx.take().expect("run once");
         let mut tick = tokio::time::interval(RECONCILE);
         let listen = tokio::spawn(listen_presence(
             self.js.client(),
@@ -155,6 +183,7 @@ impl Relay {
             tokio::select! {
                 () = notify.notified() => self.take_from_shards().await,
                 Some(report) = rx.recv() => self.on_report(report).await,
+                Some(replay) = replay_rx.recv() => self.read_states(replay),
                 _ = tick.tick() => self.reconcile().await,
             }
             self.flush_to_shards();
@@ -315,9 +344,83 @@ impl Relay {
                     self.publish_presence(&to, &record).await;
                 }
             }
+            Msg::State { user, bytes } => self.publish_state(user, bytes).await,
+            Msg::Replayed { token } => {
+                if let Some((left, _)) = self.replays.get_mut(&token) {
+                    *left -= 1;
+                    if *left == 0 {
+                        let (_, done) = self.replays.remove(&token).expect("just seen");
+                        let _ = done.send(());
+                    }
+                }
+            }
             other => log::error!("cluster relay: shards never send {other:?}"),
         }
         self.stats.presence_watches.set(self.watches.len() as u64);
+    }
+
+    /// Keeps `user`'s state (`bytes`) in its state stream, while this node
+    /// serves its partition (a node that lost it must not overwrite what
+    /// the new owner writes). The publish is not waited for: a failure is
+    /// counted and logged, and the user's next change writes it whole.
+    async fn publish_state(&mut self, user: u64, bytes: Vec<u8>) {
+        let partition = partition_of(user, self.owners.partitions());
+        if self.owners.of(partition) != Owner::Here {
+            self.stats.state_publish_failures.inc();
+            return;
+        }
+        let published = self
+            .js
+            .publish(state::subject(partition, user), bytes.into())
+            .await;
+        self.stats.states_published.inc();
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            let result = match published {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = result {
+                stats.state_publish_failures.inc();
+                log::warn!("cluster relay: state of user {user} not kept: {e}");
+            }
+        });
+    }
+
+    /// Reads the states of a replay's partitions in a task of its own (the
+    /// relay goes on carrying messages meanwhile).
+    fn read_states(&mut self, replay: Replay) {
+        let js = self.js.clone();
+        let tx = self.tx.clone();
+        let total = self.owners.partitions();
+        tokio::spawn(async move {
+            let result = state::replay(&js, &replay.partitions, total)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Report::StatesRead {
+                result,
+                done: replay.done,
+            });
+        });
+    }
+
+    /// Hands the states read to their users' home shards, then the
+    /// replay's end to every shard.
+    fn states_read(&mut self, states: Vec<(u64, UserState)>, done: oneshot::Sender<()>) {
+        let shards = self.shards();
+        self.stats.states_replayed.add(states.len() as u64);
+        for (user, state) in states {
+            self.backlog[home_shard(user, shards)].push_back(Msg::Restore {
+                user,
+                state: Box::new(state),
+            });
+        }
+        let token = self.replay_next;
+        self.replay_next += 1;
+        for backlog in &mut self.backlog {
+            backlog.push_back(Msg::Replayed { token });
+        }
+        self.replays.insert(token, (shards, done));
     }
 
     /// Does what [`Watches`] asked.
@@ -416,6 +519,10 @@ impl Relay {
     async fn on_report(&mut self, report: Report) {
         match report {
             Report::Presence(bytes) => self.on_presence(&bytes).await,
+            Report::StatesRead { result, done } => match result {
+                Ok(states) => self.states_read(states, done),
+                Err(e) => log::warn!("cluster relay: states not read, claim retried: {e}"),
+            },
             Report::Published {
                 reply,
                 client_id,

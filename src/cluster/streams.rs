@@ -93,7 +93,7 @@ pub fn server_id(p: u32, sequence: u64) -> u64 {
 
 /// Makes every message stream of a cluster of `partitions` exist with
 /// `replicas` copies: subjects `tern.<g>.>`, kept until acked (work-queue
-/// retention), on disk. Returns the fewest copies any stream has (see
+/// retention), on disk; and every state stream `TERNS_<g>` likewise. Returns the fewest copies any stream has (see
 /// [`ensure`]). Refuses while the old single stream `TERN` still holds
 /// records; an empty one is deleted (docs/CLUSTER.md, "Upgrading").
 pub async fn ensure_messages(
@@ -102,14 +102,21 @@ pub async fn ensure_messages(
     replicas: usize,
 ) -> Result<usize, async_nats::Error> {
     retire_old_stream(js).await?;
-    let copies: Vec<usize> = futures_util::stream::iter(0..stream_count(partitions))
-        .map(|g| {
-            let config = stream::Config {
-                name: stream_name(g),
-                subjects: vec![stream_filter(g)],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                ..Default::default()
+    let groups = stream_count(partitions);
+    // Each group's message stream, then its state stream (the per-user
+    // state of `super::state`, with as many copies).
+    let copies: Vec<usize> = futures_util::stream::iter(0..2 * groups)
+        .map(|i| {
+            let config = if i < groups {
+                stream::Config {
+                    name: stream_name(i),
+                    subjects: vec![stream_filter(i)],
+                    retention: stream::RetentionPolicy::WorkQueue,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                }
+            } else {
+                super::state::stream_config(i - groups)
             };
             ensure(js, config, replicas)
         })

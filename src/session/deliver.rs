@@ -420,6 +420,9 @@ impl Sessions {
                 panic!("a handoff is the shard's to attach, not a session event")
             }
             Msg::Done { .. } => panic!("DELIVERED acks go to the bridge, not to shards"),
+            Msg::State { .. } => panic!("user states go to the bridge, not to shards"),
+            Msg::Restore { user, state } => self.restore_user(user, *state),
+            Msg::Replayed { token } => self.replayed(token),
             Msg::Incoming { to, msg } => self.incoming(to, msg),
             msg @ (Msg::Watch { .. }
             | Msg::Unwatch { .. }

@@ -41,6 +41,7 @@ mod presence;
 mod push;
 mod registry;
 mod remove;
+mod state;
 #[cfg(test)]
 mod tests;
 mod users;

@@ -40,7 +40,7 @@ pub(super) struct Presence {
     /// user has its own.
     subs: HashMap<ConnId, Vec<u64>>,
     /// Users homed here seen offline at least once, or hidden.
-    seen: std::collections::HashMap<u64, Seen>,
+    pub(super) seen: std::collections::HashMap<u64, Seen>,
     /// Records changed since the last [`Sessions::take_presence_records`].
     dirty: Vec<Record>,
     /// A privacy change is among `dirty`: flush it without waiting for

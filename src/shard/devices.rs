@@ -22,6 +22,12 @@ pub(super) struct DeviceWriter {
     /// The last write found the disk full.
     full: bool,
     id: usize,
+    /// Cluster: keep the changed users' states in JetStream instead.
+    cluster: bool,
+    /// Cluster: users whose registry changed (a device registered or
+    /// removed, a receipt kept or handed out) since the shard last
+    /// published their states; taken by [`DeviceWriter::take_changed`].
+    changed: Vec<u64>,
 }
 
 impl DeviceWriter {
@@ -55,7 +61,14 @@ impl DeviceWriter {
             taken: Vec::new(),
             full: false,
             id,
+            cluster: config.cluster.is_some(),
+            changed: Vec::new(),
         }
+    }
+
+    /// Cluster: moves the users changed since the last call into `out`.
+    pub(super) fn take_changed(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.changed);
     }
 
     /// Replays the log again after a crash (the store was reopened): what
@@ -100,7 +113,20 @@ impl DeviceWriter {
             return;
         }
         let Some(log) = &mut self.log else {
-            // Nothing to write; the receipts waiting are published anyway.
+            // Nothing to write here. A cluster keeps each changed user's
+            // state in JetStream; last online times alone (every login and
+            // logout) and marks do not make a user changed: they ride with
+            // its next change (docs/CLUSTER.md, "Per-user state across
+            // nodes").
+            if self.cluster {
+                self.changed.extend(self.records.iter().filter_map(|r| match *r {
+                    Record::Registered { user, .. }
+                    | Record::Removed { user, .. }
+                    | Record::Receipt { user, .. }
+                    | Record::ReceiptsGot { user, .. } => Some(user),
+                    Record::Seen { .. } | Record::Delivered { .. } => None,
+                }));
+            }
             self.records.clear();
             sessions.count_device_records(0);
             return;

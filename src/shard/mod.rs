@@ -222,6 +222,8 @@ pub struct Shard {
     accept_window: (Instant, u32),
     loop_timer: LoopTimer,
     owners: Option<Arc<Owners>>,
+    /// Scratch for [`Shard::publish_states`].
+    changed_users: Vec<u64>,
     /// [`Owners::fencing`] as last acted on.
     owner_losses: u64,
     bridge: Option<ShardLink>,
@@ -360,6 +362,7 @@ impl Shard {
             accept_window: (clock.now(), 0),
             loop_timer: LoopTimer::new(clock.now()),
             owner_losses: owners.as_ref().map_or(0, |o| o.fencing()),
+            changed_users: Vec::new(),
             owners,
             bridge,
             memory_released: clock.now(),
@@ -647,6 +650,7 @@ impl Shard {
         self.commit();
         self.presence
             .flush(&mut self.sessions, self.clock.now(), false);
+        self.publish_states();
         self.outboxes.flush(&mut self.links, &self.stats);
         if let Some(bridge) = &mut self.bridge {
             bridge.flush();
@@ -662,6 +666,25 @@ impl Shard {
             self.release_memory(now);
         }
         None
+    }
+
+    /// Cluster: hands the state of every user whose registry, last seen or
+    /// privacy changed in this iteration to the bridge, which keeps it in
+    /// JetStream (docs/CLUSTER.md, "Per-user state across nodes").
+    fn publish_states(&mut self) {
+        let Some(bridge) = &mut self.bridge else {
+            return;
+        };
+        let mut users = std::mem::take(&mut self.changed_users);
+        self.devices.take_changed(&mut users);
+        self.presence.take_changed(&mut users);
+        users.sort_unstable();
+        users.dedup();
+        for user in users.drain(..) {
+            let bytes = self.sessions.user_state(user).encode(user);
+            bridge.send(Msg::State { user, bytes });
+        }
+        self.changed_users = users;
     }
 
     /// Cluster: once the bridge reports lost partitions, or this node's

@@ -21,6 +21,11 @@ pub(super) struct PresenceWriter {
     /// The last flush failed: the next one rewrites the file whole.
     failed: bool,
     records: Vec<Record>,
+    /// Cluster: keep the changed users' states in JetStream instead.
+    cluster: bool,
+    /// Cluster: users whose last seen or privacy changed since the shard
+    /// last published their states.
+    changed: Vec<u64>,
 }
 
 impl PresenceWriter {
@@ -51,7 +56,14 @@ impl PresenceWriter {
             flushed: now,
             failed: false,
             records: Vec::new(),
+            cluster: config.cluster.is_some(),
+            changed: Vec::new(),
         }
+    }
+
+    /// Cluster: moves the users changed since the last call into `out`.
+    pub(super) fn take_changed(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.changed);
     }
 
     /// Writes what changed if it is due (`force`: whatever the period).
@@ -66,6 +78,12 @@ impl PresenceWriter {
         self.flushed = now;
         sessions.take_presence_records(&mut self.records);
         let Some(log) = &mut self.log else {
+            // A cluster keeps them in JetStream, at the same pace.
+            if self.cluster {
+                self.changed.extend(self.records.iter().map(|r| match *r {
+                    Record::LastSeen { user, .. } | Record::Privacy { user, .. } => user,
+                }));
+            }
             return;
         };
         match log.flush(&self.records, sessions.presence_state()) {

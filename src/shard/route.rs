@@ -284,6 +284,32 @@ pub enum Msg {
         /// The message.
         server_id: u64,
     },
+    /// Cluster, home shard to bridge: `user`'s state changed; `bytes` is
+    /// its whole state ([`crate::cluster::state::UserState::encode`]),
+    /// published to its state subject.
+    State {
+        /// The user.
+        user: u64,
+        /// Its encoded state.
+        bytes: Vec<u8>,
+    },
+    /// Cluster, bridge to `user`'s home shard (the receiving one): the
+    /// state a partition's previous owner left for `user`, replayed on
+    /// claim before this node answers a LOGIN for the partition.
+    Restore {
+        /// The user.
+        user: u64,
+        /// Its state.
+        state: Box<crate::cluster::state::UserState>,
+    },
+    /// Cluster: the end of a replay. Bridge to every shard after the
+    /// replay's [`Msg::Restore`]s; each shard sends it back once it applied
+    /// them (ring order), and the bridge serves the partitions once every
+    /// shard answered.
+    Replayed {
+        /// The replay.
+        token: u64,
+    },
 }
 
 /// A request about a group, for its home shard.
