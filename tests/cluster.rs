@@ -6,6 +6,8 @@
 #[path = "cluster/chat.rs"]
 mod chat;
 mod common;
+#[path = "cluster/devices.rs"]
+mod devices;
 #[path = "cluster/faults.rs"]
 mod faults;
 #[path = "cluster/groups.rs"]

@@ -79,8 +79,12 @@ pub struct ClusterStats {
     /// Milliseconds the last successful lease round took (heartbeat,
     /// renewals, listing, claims); 0 until one succeeded.
     pub lease_round_ms: Counter,
-    /// User states published to the state streams `TERNS_<g>`.
+    /// User states published to the state streams `TERNS_<g>` and
+    /// acknowledged there.
     pub states_published: Counter,
+    /// User states published whose publish ack (or failure) has not come
+    /// back yet.
+    pub states_in_flight: Counter,
     /// User states not kept: the publish failed, or the user's partition
     /// was no longer this node's.
     pub state_publish_failures: Counter,

@@ -373,17 +373,21 @@ impl Relay {
             .js
             .publish(state::subject(partition, user), bytes.into())
             .await;
-        self.stats.states_published.inc();
+        self.stats.states_in_flight.inc();
         let stats = self.stats.clone();
         tokio::spawn(async move {
             let result = match published {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            if let Err(e) = result {
-                stats.state_publish_failures.inc();
-                log::warn!("cluster relay: state of user {user} not kept: {e}");
+            match result {
+                Ok(()) => stats.states_published.inc(),
+                Err(e) => {
+                    stats.state_publish_failures.inc();
+                    log::warn!("cluster relay: state of user {user} not kept: {e}");
+                }
             }
+            stats.states_in_flight.sub(1);
         });
     }
 

@@ -683,6 +683,7 @@ impl Shard {
         for user in users.drain(..) {
             let bytes = self.sessions.user_state(user).encode(user);
             bridge.send(Msg::State { user, bytes });
+            self.stats.states_handed.inc();
         }
         self.changed_users = users;
     }

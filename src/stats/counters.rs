@@ -232,6 +232,8 @@ shard_stats! {
         Counter device_records,
         /// Receipts waiting (durably) for a device of their user that is offline.
         Gauge receipts_waiting,
+        /// Cluster: user states (registered devices, waiting receipts, last seen, privacy) handed to the bridge for the state streams TERNS_<g>.
+        Counter states_handed,
         /// Sessions an operator closed with BYE(kicked): `kick user`, or `ban user` while online.
         Counter kicks,
         /// Logged-in connections moved here from the shard that accepted them.

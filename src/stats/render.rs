@@ -350,6 +350,26 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
             c.presence_watches.get(),
         ),
         (
+            "Cluster_states_published",
+            "User states (registered devices, waiting receipts, last seen, privacy) stored in the state streams TERNS_<g> (publish acknowledged).",
+            c.states_published.get(),
+        ),
+        (
+            "Cluster_states_in_flight",
+            "User states published to the state streams whose publish ack has not come back yet.",
+            c.states_in_flight.get(),
+        ),
+        (
+            "Cluster_state_publish_failures",
+            "User states not kept: publish failed, or the user's partition was no longer this node's.",
+            c.state_publish_failures.get(),
+        ),
+        (
+            "Cluster_states_replayed",
+            "User states read from the state streams when this node claimed partitions.",
+            c.states_replayed.get(),
+        ),
+        (
             "Cluster_stream_replicas",
             "Copies JetStream keeps of the message streams TERN_<g>, the fewest of any (1 on a NATS server without clustering).",
             c.stream_replicas.get(),
