@@ -347,7 +347,10 @@ mod tests {
         assert_eq!(filters(&whole, 4096), vec![(1, "terns.1.>".to_string())]);
         assert_eq!(
             filters(&[3, 64], 4096),
-            vec![(0, "terns.0.3.*".to_string()), (1, "terns.1.64.*".to_string())]
+            vec![
+                (0, "terns.0.3.*".to_string()),
+                (1, "terns.1.64.*".to_string())
+            ]
         );
         // A cluster of 16 partitions: one stream of 16.
         let all: Vec<u32> = (0..16).collect();

@@ -82,7 +82,6 @@ impl Sessions {
     /// A replay's end reached this shard: everything it restored before
     /// is in place; tell the bridge.
     pub(super) fn replayed(&mut self, token: u64) {
-        self.actions
-            .push(Action::Cluster(Msg::Replayed { token }));
+        self.actions.push(Action::Cluster(Msg::Replayed { token }));
     }
 }

@@ -119,13 +119,14 @@ impl DeviceWriter {
             // its next change (docs/CLUSTER.md, "Per-user state across
             // nodes").
             if self.cluster {
-                self.changed.extend(self.records.iter().filter_map(|r| match *r {
-                    Record::Registered { user, .. }
-                    | Record::Removed { user, .. }
-                    | Record::Receipt { user, .. }
-                    | Record::ReceiptsGot { user, .. } => Some(user),
-                    Record::Seen { .. } | Record::Delivered { .. } => None,
-                }));
+                self.changed
+                    .extend(self.records.iter().filter_map(|r| match *r {
+                        Record::Registered { user, .. }
+                        | Record::Removed { user, .. }
+                        | Record::Receipt { user, .. }
+                        | Record::ReceiptsGot { user, .. } => Some(user),
+                        Record::Seen { .. } | Record::Delivered { .. } => None,
+                    }));
             }
             self.records.clear();
             sessions.count_device_records(0);

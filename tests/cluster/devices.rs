@@ -87,7 +87,10 @@ fn states_kept(node: &TestServer) {
         );
         last.0 > 0 && last.0 == last.1 && node.info_u64("Cluster_states_in_flight") == 0
     });
-    assert!(kept, "(handed, published, failed) states stayed at {last:?}");
+    assert!(
+        kept,
+        "(handed, published, failed) states stayed at {last:?}"
+    );
 }
 
 /// A user of node b with two registered devices, one offline, a receipt
@@ -157,7 +160,11 @@ fn devices_receipts_last_seen_and_privacy_move_with_the_partition() {
     // Device 1, offline through the move, still gets what device 2 took,
     // and the receipt that waited for y.
     let mut y1 = login_device(a.addr, y, 1);
-    assert_eq!(y1.peer_addr().expect("peer"), a.addr, "y is served by a now");
+    assert_eq!(
+        y1.peer_addr().expect("peer"),
+        a.addr,
+        "y is served by a now"
+    );
     let (mut receipt, mut deliver) = (None, None);
     while receipt.is_none() || deliver.is_none() {
         match y1.recv() {
@@ -175,5 +182,8 @@ fn devices_receipts_last_seen_and_privacy_move_with_the_partition() {
     }
     assert_eq!(receipt, Some((ReceiptKind::Delivered, s1, x)));
     assert_eq!(deliver, Some((m2, x)));
-    assert!(a.info_u64("Cluster_states_replayed") >= 2, "y's and w's states");
+    assert!(
+        a.info_u64("Cluster_states_replayed") >= 2,
+        "y's and w's states"
+    );
 }
