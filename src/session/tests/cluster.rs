@@ -375,3 +375,76 @@ fn typing_to_another_nodes_user_goes_to_the_bridge() {
         "{out:?}"
     );
 }
+
+/// A user's state replayed on claim (docs/CLUSTER.md, "Per-user state
+/// across nodes"): its devices, waiting receipts, last seen and privacy
+/// are in place, read back whole for the next publish, and the replay's
+/// end goes back to the bridge.
+#[test]
+fn a_replayed_user_state_is_installed_and_read_back_whole() {
+    use crate::cluster::state::UserState;
+    use crate::store::devices::{Dev, Kept};
+    use crate::store::presence::Seen;
+
+    let mut h = clustered();
+    let user = user_in(0);
+    let state = UserState {
+        devices: vec![
+            Dev {
+                device: 1,
+                lane: 0,
+                last_ms: T0_MS - 5,
+            },
+            Dev {
+                device: 2,
+                lane: 1,
+                last_ms: T0_MS - 9,
+            },
+        ],
+        receipts: vec![Kept {
+            kind: 1,
+            server_id: 40,
+            peer: 3,
+            lanes: 0b11,
+        }],
+        seen: Seen {
+            last_seen_ms: T0_MS - 5,
+            hidden: true,
+        },
+    };
+    h.step(Event::Msg(Msg::Restore {
+        user,
+        state: Box::new(state.clone()),
+    }));
+    assert_eq!(h.s.registered_devices(user), vec![1, 2]);
+    assert_eq!(h.s.receipts_kept(user), 1);
+    assert_eq!(h.s.user_state(user), state);
+    assert_eq!(h.s.stats.receipts_waiting.get(), 1);
+    let out = h.step(Event::Msg(Msg::Replayed { token: 5 }));
+    assert!(
+        matches!(to_bridge(&out)[..], [Msg::Replayed { token: 5 }]),
+        "{out:?}"
+    );
+    // Device 1 gets the receipt that waited for it at its login.
+    let out = super::login_device(&mut h, 1, user, 1);
+    assert!(
+        out.to(ConnId(1)).iter().any(|f| matches!(
+            f,
+            OwnedFrame::Receipt {
+                kind: ReceiptKind::Delivered,
+                server_id: 40,
+                peer: 3
+            }
+        )),
+        "{out:?}"
+    );
+    // Replayed again (the partition came back), with nothing: forgotten.
+    h.step(Event::Closed(ConnId(1)));
+    h.step(Event::Msg(Msg::Restore {
+        user,
+        state: Box::default(),
+    }));
+    assert_eq!(h.s.registered_devices(user), Vec::<u32>::new());
+    assert_eq!(h.s.receipts_kept(user), 0);
+    assert_eq!(h.s.user_state(user), UserState::default());
+}
