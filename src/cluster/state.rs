@@ -247,30 +247,47 @@ pub async fn replay(
                 ..Default::default()
             })
             .await?;
-        let mut left = consumer.info().await?.num_pending;
-        if left == 0 {
-            continue;
-        }
-        let mut messages = consumer.messages().await?;
-        while left > 0 {
-            let message = tokio::time::timeout(REPLAY_WAIT, messages.next())
-                .await
-                .map_err(|_| format!("state replay of {}: records missing", stream_name(g)))?
-                .ok_or("state replay: consumer ended")??;
-            left = message.info()?.pending;
-            match parse_subject(&message.subject)
-                .filter(|&(p, _)| sorted.binary_search(&p).is_ok())
-                .and_then(|(_, user)| Some((user, UserState::decode(user, &message.payload)?)))
-            {
-                Some(got) => out.push(got),
-                None => log::warn!(
-                    "cluster: state record on {} not understood, skipped",
-                    message.subject
-                ),
-            }
-        }
+        let read = read_consumer(&mut consumer, &sorted, &mut out, g).await;
+        // Gone by itself after `inactive_threshold`; deleted now so a claim
+        // of many partitions leaves no pile of them on the servers.
+        let name = consumer.cached_info().name.clone();
+        let _ = stream.delete_consumer(&name).await;
+        read?;
     }
     Ok(out)
+}
+
+/// Reads every record `consumer` has (the latest per subject) into `out`,
+/// keeping those of `partitions` (sorted) that parse.
+async fn read_consumer(
+    consumer: &mut consumer::PullConsumer,
+    partitions: &[u32],
+    out: &mut Vec<(u64, UserState)>,
+    g: u32,
+) -> Result<(), async_nats::Error> {
+    let mut left = consumer.info().await?.num_pending;
+    if left == 0 {
+        return Ok(());
+    }
+    let mut messages = consumer.messages().await?;
+    while left > 0 {
+        let message = tokio::time::timeout(REPLAY_WAIT, messages.next())
+            .await
+            .map_err(|_| format!("state replay of {}: records missing", stream_name(g)))?
+            .ok_or("state replay: consumer ended")??;
+        left = message.info()?.pending;
+        match parse_subject(&message.subject)
+            .filter(|&(p, _)| partitions.binary_search(&p).is_ok())
+            .and_then(|(_, user)| Some((user, UserState::decode(user, &message.payload)?)))
+        {
+            Some(got) => out.push(got),
+            None => log::warn!(
+                "cluster: state record on {} not understood, skipped",
+                message.subject
+            ),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
