@@ -173,7 +173,19 @@ pub async fn ensure(
 ) -> Result<usize, async_nats::Error> {
     let name = config.name.clone();
     for _ in 0..ATTEMPTS {
-        let error = match js.get_stream(&name).await {
+        let found = js.get_stream(&name).await;
+        // A server answered: its INFO is known. One without clustering can
+        // keep one copy; asked for more, nats-server 2.9 refuses a create
+        // but may take an update and report the copies asked for (a node
+        // that found the streams another node had just created reported 3
+        // on a single server, tests/cluster/scale.rs).
+        let replicas = if replicas > 1 && js.client().server_info().cluster.is_none() {
+            warn_single(&name, replicas);
+            1
+        } else {
+            replicas
+        };
+        let error = match found {
             Ok(stream) => return update(js, stream.cached_info().config.clone(), replicas).await,
             Err(e) => e,
         };
