@@ -361,7 +361,8 @@ impl Relay {
 
     /// Keeps `user`'s state (`bytes`) in its state stream, while this node
     /// serves its partition (a node that lost it must not overwrite what
-    /// the new owner writes). The publish is not waited for: a failure is
+    /// the new owner writes; the shard checked too, this catches a loss in
+    /// between). The publish is not waited for: a failure is
     /// counted and logged, and the user's next change writes it whole.
     async fn publish_state(&mut self, user: u64, bytes: Vec<u8>) {
         let partition = partition_of(user, self.owners.partitions());

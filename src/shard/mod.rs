@@ -612,6 +612,13 @@ impl Shard {
                 self.devices.flush(&mut self.sessions);
                 let now = self.clock.now();
                 self.presence.flush(&mut self.sessions, now, true);
+                // Cluster: the last seen of the sessions just closed, for
+                // the partitions' next owner (the bridge stops after the
+                // shards).
+                self.publish_states();
+                if let Some(bridge) = &mut self.bridge {
+                    bridge.flush();
+                }
                 return Some(Ok(()));
             }
         }
@@ -680,7 +687,13 @@ impl Shard {
         self.presence.take_changed(&mut users);
         users.sort_unstable();
         users.dedup();
+        let owners = self.owners.as_deref();
         for user in users.drain(..) {
+            // Users of a partition this node gave up (their sessions just
+            // closed with BYE(moved)): the new owner keeps their state now.
+            if owners.is_some_and(|o| o.of_user(user) != Owner::Here) {
+                continue;
+            }
             let bytes = self.sessions.user_state(user).encode(user);
             bridge.send(Msg::State { user, bytes });
             self.stats.states_handed.inc();
