@@ -329,6 +329,15 @@ mod tests {
     }
 
     #[test]
+    fn a_record_costs_77_bytes_with_one_device_30_per_more_38_per_receipt() {
+        let mut state = sample();
+        assert_eq!(state.encode(1).len(), 77 + 30 + 38);
+        state.devices.truncate(1);
+        state.receipts.clear();
+        assert_eq!(state.encode(1).len(), 77);
+    }
+
+    #[test]
     fn another_user_s_record_or_garbage_is_refused() {
         let bytes = sample().encode(42);
         assert_eq!(UserState::decode(43, &bytes), None);
