@@ -5,6 +5,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod groups;
 pub mod lease;
 pub mod link;
 pub mod owners;
