@@ -76,8 +76,8 @@ pub fn copy_msg_id(group: u64, msg: u64, member: u64) -> String {
 }
 
 /// What a group message or event is, as the home ordered it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ordered<'a> {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ordered {
     /// The group.
     pub group: u64,
     /// Its number in the group's order.
@@ -92,14 +92,14 @@ pub struct Ordered<'a> {
     pub event: Option<GroupEvent>,
     /// The event's subject (0 for a message).
     pub subject: u64,
-    /// A message's body.
-    pub body: &'a [u8],
+    /// A message's body (empty for an event).
+    pub body: Box<[u8]>,
 }
 
 /// `member`'s copy of `m`: the message record published to the member's
 /// partition, its sender user 0 and its body the group envelope (what the
 /// member's shard delivers as GROUP_DELIVER or GROUP_EVENT).
-pub fn copy_for(member: u64, m: &Ordered<'_>) -> wire::Record {
+pub fn copy_for(member: u64, m: &Ordered) -> wire::Record {
     let envelope = Envelope {
         group: m.group,
         msg: m.msg,
@@ -107,7 +107,7 @@ pub fn copy_for(member: u64, m: &Ordered<'_>) -> wire::Record {
         client_id: m.client_id,
         event: m.event,
         subject: m.subject,
-        body: m.body,
+        body: &m.body,
     };
     let mut body = Vec::with_capacity(envelope.encoded_len());
     envelope.encode(&mut body);
@@ -462,7 +462,7 @@ mod tests {
             client_id: 9,
             event: None,
             subject: 0,
-            body: b"hi all",
+            body: b"hi all".to_vec().into(),
         };
         let record = copy_for(12, &m);
         let wire::Record::Message {
@@ -496,8 +496,8 @@ mod tests {
             event: Some(GroupEvent::Removed),
             subject: 12,
             client_id: 0,
-            body: b"",
-            ..m
+            body: Box::default(),
+            ..m.clone()
         };
         let wire::Record::Message { body, .. } = copy_for(12, &event) else {
             panic!();
