@@ -30,9 +30,10 @@
 //!   [`Receipt`] record (kind 4) per batch of members.
 
 use crate::group::envelope::{Envelope, GROUP_SENDER};
-use crate::proto::{put_varint, GroupEvent, ReceiptKind};
+use crate::proto::{put_varint, ErrorCode, GroupEvent, ReceiptKind};
 use crate::store::groups::{self as log, Record as LogRecord};
 
+use super::group_home::Answer;
 use super::wire::{self, varint};
 
 /// The JetStream KV bucket holding every group's state.
@@ -43,6 +44,8 @@ const KIND_OP: u8 = 3;
 /// Record kind of a batch of group receipts on the sender's partition's
 /// receipt subject.
 const KIND_RECEIPT: u8 = 4;
+/// Record kind of a home's answer on the actor's node's subject.
+const KIND_REPLY: u8 = 5;
 /// First byte of a [`State`] value: its layout's version.
 const STATE_VERSION: u8 = 1;
 /// Most members one [`Receipt`] names (a bound on what a decoder takes).
@@ -67,6 +70,12 @@ pub fn home_of(group: u64, partitions: u32) -> u32 {
 /// it homes with one key filter (`g.<home>.*`).
 pub fn state_key(group: u64, partitions: u32) -> String {
     format!("g.{}.{group}", home_of(group, partitions))
+}
+
+/// The plain NATS subject on which `node` takes the answers to its
+/// actors' group requests.
+pub fn reply_subject(node: &str) -> String {
+    format!("terng.{node}")
 }
 
 /// The `Nats-Msg-Id` of `member`'s copy of message `msg` of `group`: the
@@ -172,7 +181,7 @@ impl Request {
 /// A group request on its way to the group's home (record kind 3):
 ///
 /// ```text
-/// 03 actor device group id reply_shard reply_conn reply_gen code
+/// 03 actor device group id reply_shard reply_conn reply_gen sent_ns code
 ///    [user: codes 2, 3, 5, 6] node_len node [body: code 7, rest]
 /// ```
 ///
@@ -198,6 +207,9 @@ pub struct Op {
     /// The actor's connection on its node: shard, connection slot and
     /// generation, echoed in the answer.
     pub reply: (u16, u32, u32),
+    /// When the actor's node decoded the request (its monotonic clock),
+    /// echoed in the answer for its latency figures.
+    pub sent_ns: u64,
     /// The actor's node id (`[cluster] node_id`).
     pub node: Box<str>,
     /// What it asks.
@@ -217,6 +229,7 @@ impl Op {
             u64::from(shard),
             u64::from(conn),
             u64::from(gen),
+            self.sent_ns,
             u64::from(self.request.code()),
         ] {
             put_varint(v, &mut out);
@@ -251,6 +264,7 @@ impl Op {
         let shard = u16::try_from(next()?).ok()?;
         let conn = u32::try_from(next()?).ok()?;
         let gen = u32::try_from(next()?).ok()?;
+        let sent_ns = next()?;
         let code = next()?;
         let request = match code {
             1 => Request::Create,
@@ -286,6 +300,7 @@ impl Op {
             group,
             id,
             reply: (shard, conn, gen),
+            sent_ns,
             node,
             request,
         })
@@ -357,6 +372,145 @@ impl Receipt {
             group,
             msg,
             peers,
+        })
+    }
+}
+
+/// Texts of the ERRORs a home answers: a reply names one by its place
+/// here, and the actor's node writes the same text as one box would.
+const TEXTS: [&str; 15] = [
+    "no such group",
+    "not a member of the group",
+    "only an admin may do this",
+    "in too many groups",
+    "that group id is taken",
+    "user 0 does not exist",
+    "the group is full (group_members_max)",
+    "the user is in too many groups",
+    "the user is not a member",
+    "the group's last admin stays",
+    "the last admin may not leave: make another member admin first",
+    "client_id already used for another group's message",
+    "client_id is 32 or more below the highest taken from this device",
+    "no group id left",
+    "the group's home refused it",
+];
+
+/// A home's answer to one request, on its way to the actor's node over
+/// plain NATS ([`reply_subject`], record kind 5):
+///
+/// ```text
+/// 05 shard conn gen id sent_ns code
+///    1 ok: group | 2 ack: msg time_ms | 3 refused: error text_index
+///    | 4 list: group count (user admin)...
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// The actor's connection, as its request named it.
+    pub reply: (u16, u32, u32),
+    /// The request's `req`, or a GROUP_SEND's client_id.
+    pub id: u64,
+    /// As the request carried it.
+    pub sent_ns: u64,
+    /// The answer.
+    pub answer: Answer,
+}
+
+impl Reply {
+    /// The answer to `op`.
+    pub fn to(op: &Op, answer: Answer) -> Reply {
+        Reply {
+            reply: op.reply,
+            id: op.id,
+            sent_ns: op.sent_ns,
+            answer,
+        }
+    }
+
+    /// The bytes published.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![KIND_REPLY];
+        let (shard, conn, gen) = self.reply;
+        for v in [
+            u64::from(shard),
+            u64::from(conn),
+            u64::from(gen),
+            self.id,
+            self.sent_ns,
+        ] {
+            put_varint(v, &mut out);
+        }
+        let mut put = |vs: &[u64]| vs.iter().for_each(|&v| put_varint(v, &mut out));
+        match &self.answer {
+            Answer::Ok { group } => put(&[1, *group]),
+            Answer::Ack { msg, time_ms } => put(&[2, *msg, *time_ms]),
+            Answer::Refused { code, text } => {
+                let at = TEXTS
+                    .iter()
+                    .position(|t| t == text)
+                    .unwrap_or(TEXTS.len() - 1);
+                put(&[3, *code as u64, at as u64]);
+            }
+            Answer::List { group, members } => {
+                put(&[4, *group, members.len() as u64]);
+                for &(user, admin) in members {
+                    put(&[user, u64::from(admin)]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Parses a record of kind 5; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Reply> {
+        let (&KIND_REPLY, mut rest) = bytes.split_first()? else {
+            return None;
+        };
+        let mut next = || -> Option<u64> {
+            let (v, used) = varint(rest)?;
+            rest = &rest[used..];
+            Some(v)
+        };
+        let shard = u16::try_from(next()?).ok()?;
+        let conn = u32::try_from(next()?).ok()?;
+        let gen = u32::try_from(next()?).ok()?;
+        let (id, sent_ns) = (next()?, next()?);
+        let answer = match next()? {
+            1 => Answer::Ok { group: next()? },
+            2 => Answer::Ack {
+                msg: next()?,
+                time_ms: next()?,
+            },
+            3 => Answer::Refused {
+                code: ErrorCode::from_u64(next()?)?,
+                text: TEXTS.get(usize::try_from(next()?).ok()?)?,
+            },
+            4 => {
+                let group = next()?;
+                let count = usize::try_from(next()?).ok()?;
+                // Two bytes at least per member: nothing reserved for more.
+                if count > bytes.len() {
+                    return None;
+                }
+                let mut members = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let user = next()?;
+                    let admin = match next()? {
+                        0 => false,
+                        1 => true,
+                        _ => return None,
+                    };
+                    members.push((user, admin));
+                }
+                Answer::List { group, members }
+            }
+            _ => return None,
+        };
+        rest.is_empty().then_some(Reply {
+            reply: (shard, conn, gen),
+            id,
+            sent_ns,
+            answer,
         })
     }
 }
@@ -513,6 +667,7 @@ mod tests {
             group,
             id: 300,
             reply: (1, 70_000, u32::MAX),
+            sent_ns: u64::MAX,
             node: "node-a".into(),
             request,
         }
@@ -580,13 +735,66 @@ mod tests {
             None
         );
         assert_eq!(
-            Op::decode(&[KIND_OP, 1, 0x80, 0x80, 0x80, 0x80, 0x10, 1, 1, 0, 0, 0, 4, 1, b'a']),
+            Op::decode(&[KIND_OP, 1, 0x80, 0x80, 0x80, 0x80, 0x10, 1, 1, 0, 0, 0, 0, 4, 1, b'a']),
             None
         );
-        assert_eq!(Op::decode(&[KIND_OP, 1, 0, 1, 1, 0, 0, 0, 4, 0]), None);
+        assert_eq!(Op::decode(&[KIND_OP, 1, 0, 1, 1, 0, 0, 0, 0, 4, 0]), None);
         // A node id that is not UTF-8.
         assert_eq!(
             Op::decode(&[KIND_OP, 1, 0, 1, 1, 0, 0, 0, 4, 1, 0xff]),
+            None
+        );
+    }
+
+    #[test]
+    fn replies_round_trip_with_the_texts_of_one_box() {
+        let answers = [
+            Answer::Ok { group: 4097 },
+            Answer::Ack {
+                msg: u64::MAX,
+                time_ms: 1_767_225_600_123,
+            },
+            Answer::Refused {
+                code: ErrorCode::NotMember,
+                text: "not a member of the group",
+            },
+            Answer::List {
+                group: 4097,
+                members: vec![(1, true), (u64::MAX, false)],
+            },
+        ];
+        for answer in answers {
+            let r = Reply {
+                reply: (3, 70_000, 9),
+                id: 300,
+                sent_ns: 12,
+                answer,
+            };
+            let bytes = r.encode();
+            assert_eq!(Reply::decode(&bytes), Some(r.clone()));
+            for cut in 0..bytes.len() {
+                assert_eq!(Reply::decode(&bytes[..cut]), None, "{cut}");
+            }
+            assert_eq!(Op::decode(&bytes), None);
+        }
+        // Every text a home answers with is in the table.
+        for text in TEXTS {
+            let r = Reply {
+                reply: (0, 0, 0),
+                id: 1,
+                sent_ns: 0,
+                answer: Answer::Refused {
+                    code: ErrorCode::NotAdmin,
+                    text,
+                },
+            };
+            assert_eq!(Reply::decode(&r.encode()), Some(r));
+        }
+        // Unknown answer code, text index, admin flag.
+        assert_eq!(Reply::decode(&[KIND_REPLY, 0, 0, 0, 1, 0, 9]), None);
+        assert_eq!(Reply::decode(&[KIND_REPLY, 0, 0, 0, 1, 0, 3, 1, 99]), None);
+        assert_eq!(
+            Reply::decode(&[KIND_REPLY, 0, 0, 0, 1, 0, 4, 1, 1, 5, 2]),
             None
         );
     }

@@ -17,6 +17,7 @@ fn op(actor: u64, group: u64, id: u64, request: Request) -> Op {
         group,
         id,
         reply: (0, 1, 1),
+        sent_ns: 0,
         node: "a".into(),
         request,
     }
