@@ -1,58 +1,247 @@
-//! Groups on a cluster node (docs/CLUSTER.md, "Groups and the device
-//! registry across nodes"): not served yet. Every group request and
-//! GROUP_SEND of a version 2 client gets ERROR(`unavailable`) naming it,
-//! nothing is taken, and the connection goes on with 1:1 messages.
+//! Groups across cluster nodes (docs/CLUSTER.md, "Groups across nodes:
+//! the design"): a group homed by one node's partition, members served by
+//! both nodes, messages from a member of the other node; every member
+//! gets every message in the group's order, the sender gets receipts
+//! naming the members, an offline member gets them at login.
 
-use tern::proto::{ErrorCode, Frame, GroupFrame, OwnedFrame};
+use std::collections::HashSet;
 
-use super::common::{indexed_body, recv_ack, recv_deliver};
+use tern::proto::group::list_users;
+use tern::proto::{Frame, GroupEvent, GroupFrame, OwnedFrame, ReceiptKind};
+use tern_client::{Client, ClientError};
+
 use super::nats::Nats;
-use super::{login_v2, reachable_node, settle_halves, user_on_each};
+use super::{login_v2, login_v2_here, reachable_node, retry_unavailable, settle_halves};
 
-#[test]
-fn group_frames_on_a_cluster_are_unavailable_and_the_connection_stays() {
-    let Some(nats) = Nats::start() else { return };
-    let a = reachable_node(&nats, "a", 16);
-    let b = reachable_node(&nats, "b", 16);
-    settle_halves(&a, &b, 16);
-    let (x, y) = user_on_each(&a);
-    let mut cx = login_v2(a.addr, x);
-    let mut cy = login_v2(a.addr, y);
-    let requests = [
-        (1, GroupFrame::Create { req: 1 }),
-        (
-            2,
-            GroupFrame::Add {
-                req: 2,
-                group: 7,
-                user: y,
-            },
-        ),
-        (3, GroupFrame::Members { req: 3, group: 7 }),
-        (4, GroupFrame::Leave { req: 4, group: 7 }),
-        (
-            5,
-            GroupFrame::Send {
-                client_id: 5,
-                group: 7,
-                body: &b"hello"[..],
-            },
-        ),
-    ];
-    for (id, g) in requests {
-        cx.send_frame(&Frame::Group(g)).expect("group frame");
-        match cx.recv() {
-            Ok(OwnedFrame::Error {
-                code: ErrorCode::Unavailable,
-                client_id,
-                ..
-            }) => assert_eq!(client_id, id, "the ERROR names the request"),
-            other => panic!("expected ERROR(unavailable, {id}), got {other:?}"),
+const PARTITIONS: u32 = 16;
+
+/// Two users served by each node (by where a LOGIN at `a` ends up).
+fn two_on_each(a: &super::TestServer) -> ([u64; 2], [u64; 2]) {
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for user in 1..=64u64 {
+        match retry_unavailable(|| login_v2_here(a.addr, user)) {
+            Ok(_) => on_a.push(user),
+            Err(ClientError::Redirected { .. }) => on_b.push(user),
+            Err(e) => panic!("user {user} at a: {e}"),
         }
     }
-    // The connection stays and 1:1 messages cross nodes as before.
-    cx.send_msg(9, y, &indexed_body(1, 0)).expect("send");
-    let id = recv_ack(&mut cx, 9);
-    let got = recv_deliver(&mut cy);
-    assert_eq!((got.server_id, got.from), (id, x));
+    assert!(on_a.len() >= 2 && on_b.len() >= 2, "{on_a:?} {on_b:?}");
+    ([on_a[0], on_a[1]], [on_b[0], on_b[1]])
+}
+
+/// One copy seen: its number, `None` for a message or the event and its
+/// subject, the sender (actor), the body.
+type Copy = (u64, Option<(GroupEvent, u64)>, u64, Vec<u8>);
+
+/// What a member has seen of the group: its messages and events in order.
+#[derive(Default)]
+struct Member {
+    seen: Vec<Copy>,
+    /// Receipts got: (kind, msg, member).
+    receipts: HashSet<(ReceiptKind, u64, u64)>,
+}
+
+impl Member {
+    /// Takes one frame: a copy (answered DELIVERED) or a receipt; false
+    /// for anything else.
+    fn take(&mut self, c: &mut Client, f: &OwnedFrame) -> bool {
+        match f {
+            OwnedFrame::Group(GroupFrame::Deliver {
+                server_id,
+                msg,
+                from,
+                body,
+                ..
+            }) => {
+                c.send_delivered(*server_id).unwrap();
+                self.seen.push((*msg, None, *from, body.clone()));
+            }
+            OwnedFrame::Group(GroupFrame::Event {
+                server_id,
+                msg,
+                actor,
+                event,
+                subject,
+                ..
+            }) => {
+                c.send_delivered(*server_id).unwrap();
+                self.seen
+                    .push((*msg, Some((*event, *subject)), *actor, Vec::new()));
+            }
+            OwnedFrame::Group(GroupFrame::Receipt {
+                kind, msg, members, ..
+            }) => {
+                for m in list_users(members) {
+                    self.receipts.insert((*kind, *msg, m));
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The next frame that is not a copy or a receipt.
+    fn answer(&mut self, c: &mut Client) -> OwnedFrame {
+        loop {
+            let f = c.recv().expect("a frame");
+            if !self.take(c, &f) {
+                return f;
+            }
+        }
+    }
+
+    /// Frames until `done` holds.
+    fn until(&mut self, c: &mut Client, mut done: impl FnMut(&Member) -> bool) {
+        while !done(self) {
+            let f = c.recv().expect("a frame");
+            assert!(self.take(c, &f), "unexpected {f:?}");
+        }
+    }
+
+    /// The numbers of the messages (not events) seen, in order.
+    fn messages(&self) -> Vec<(u64, u64, Vec<u8>)> {
+        self.seen
+            .iter()
+            .filter(|s| s.1.is_none())
+            .map(|s| (s.0, s.2, s.3.clone()))
+            .collect()
+    }
+}
+
+fn send(c: &mut Client, g: GroupFrame<&[u8]>) {
+    c.send_frame(&Frame::Group(g)).unwrap();
+}
+
+fn ok(c: &mut Client, m: &mut Member, req: u64) -> u64 {
+    match m.answer(c) {
+        OwnedFrame::Group(GroupFrame::Ok { req: r, group }) if r == req => group,
+        other => panic!("expected GROUP_OK({req}), got {other:?}"),
+    }
+}
+
+fn acked(c: &mut Client, m: &mut Member, client_id: u64) -> u64 {
+    match m.answer(c) {
+        OwnedFrame::Ack {
+            client_id: id,
+            server_id,
+            ..
+        } if id == client_id => server_id,
+        other => panic!("expected ACK({client_id}), got {other:?}"),
+    }
+}
+
+#[test]
+fn a_group_spans_nodes_in_one_order_with_receipts_and_offline_members() {
+    let Some(nats) = Nats::start() else { return };
+    let a = reachable_node(&nats, "a", PARTITIONS);
+    let b = reachable_node(&nats, "b", PARTITIONS);
+    settle_halves(&a, &b, PARTITIONS.into());
+    let ([a1, a2], [b1, b2]) = two_on_each(&a);
+    let mut ca1 = login_v2(a.addr, a1);
+    let mut ca2 = login_v2(a.addr, a2);
+    let mut cb1 = login_v2(b.addr, b1);
+    let [mut ma1, mut ma2, mut mb1, mut mb2] = [(); 4].map(|()| Member::default());
+    let (ma1, ma2, mb1, mb2) = (&mut ma1, &mut ma2, &mut mb1, &mut mb2);
+
+    // Created on a; members served by both nodes; b2 offline.
+    send(&mut ca1, GroupFrame::Create { req: 1 });
+    let group = ok(&mut ca1, ma1, 1);
+    for (req, user) in [(2, a2), (3, b1), (4, b2)] {
+        send(&mut ca1, GroupFrame::Add { req, group, user });
+        assert_eq!(ok(&mut ca1, ma1, req), group);
+    }
+    // Messages from b1 (served by b) and a1, each ACKed with its number.
+    let mut numbers = Vec::new();
+    for (client_id, body) in [(1, &b"one"[..]), (2, b"two"), (3, b"three")] {
+        send(
+            &mut cb1,
+            GroupFrame::Send {
+                client_id,
+                group,
+                body,
+            },
+        );
+        numbers.push(acked(&mut cb1, mb1, client_id));
+    }
+    send(
+        &mut ca1,
+        GroupFrame::Send {
+            client_id: 9,
+            group,
+            body: b"four",
+        },
+    );
+    let four = acked(&mut ca1, ma1, 9);
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+    assert!(four > numbers[2]);
+
+    // Every online member gets the four messages in one order.
+    let expected: Vec<(u64, u64, Vec<u8>)> = numbers
+        .iter()
+        .zip([b"one".to_vec(), b"two".to_vec(), b"three".to_vec()])
+        .map(|(&n, body)| (n, b1, body))
+        .chain([(four, a1, b"four".to_vec())])
+        .collect();
+    for (c, m) in [
+        (&mut ca1, &mut *ma1),
+        (&mut ca2, &mut *ma2),
+        (&mut cb1, &mut *mb1),
+    ] {
+        m.until(c, |m| m.messages().len() >= 4);
+        assert_eq!(m.messages(), expected);
+    }
+    // a1 saw the group made and its three members added, in order, first.
+    let events: Vec<_> = ma1.seen.iter().filter_map(|s| s.1).collect();
+    assert_eq!(
+        events,
+        [
+            (GroupEvent::Created, a1),
+            (GroupEvent::Added, a2),
+            (GroupEvent::Added, b1),
+            (GroupEvent::Added, b2)
+        ]
+    );
+    // b1 hears that a1 and a2 got each of its messages (b2 is offline).
+    let wanted: HashSet<_> = numbers
+        .iter()
+        .flat_map(|&n| [a1, a2].map(|u| (ReceiptKind::Delivered, n, u)))
+        .collect();
+    mb1.until(&mut cb1, |m| wanted.is_subset(&m.receipts));
+
+    // b2 logs in (at a, redirected to b) and gets what was ordered after
+    // it was added, in the same order.
+    let mut cb2 = login_v2(a.addr, b2);
+    mb2.until(&mut cb2, |m| m.messages().len() >= 4);
+    assert_eq!(mb2.messages(), expected);
+    assert_eq!(mb2.seen[0].1, Some((GroupEvent::Added, b2)));
+    // And b1 hears it.
+    mb1.until(&mut cb1, |m| {
+        numbers
+            .iter()
+            .all(|&n| m.receipts.contains(&(ReceiptKind::Delivered, n, b2)))
+    });
+
+    // The member list, asked on b, is the one a made.
+    send(&mut cb1, GroupFrame::Members { req: 5, group });
+    let mut listed = Vec::new();
+    loop {
+        match mb1.answer(&mut cb1) {
+            OwnedFrame::Group(GroupFrame::List {
+                req: 5,
+                left,
+                entries,
+                ..
+            }) => {
+                listed.extend(tern::proto::group::list_entries(&entries));
+                if left == 0 {
+                    break;
+                }
+            }
+            other => panic!("expected GROUP_LIST, got {other:?}"),
+        }
+    }
+    listed.sort_unstable();
+    let mut want = vec![(a1, true), (a2, false), (b1, false), (b2, false)];
+    want.sort_unstable();
+    assert_eq!(listed, want);
 }
