@@ -5,21 +5,24 @@
 //! naming the members, an offline member gets them at login.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use tern::proto::group::list_users;
 use tern::proto::{Frame, GroupEvent, GroupFrame, OwnedFrame, ReceiptKind};
 use tern_client::{Client, ClientError};
 
+use super::faults::Node;
 use super::nats::Nats;
-use super::{login_v2, login_v2_here, reachable_node, retry_unavailable, settle_halves};
+use super::{login_v2, login_v2_here, reachable_node, retry_unavailable, settle, settle_halves};
 
 const PARTITIONS: u32 = 16;
 
 /// Two users served by each node (by where a LOGIN at `a` ends up).
-fn two_on_each(a: &super::TestServer) -> ([u64; 2], [u64; 2]) {
+fn two_on_each(a: SocketAddr) -> ([u64; 2], [u64; 2]) {
     let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
     for user in 1..=64u64 {
-        match retry_unavailable(|| login_v2_here(a.addr, user)) {
+        match retry_unavailable(|| login_v2_here(a, user)) {
             Ok(_) => on_a.push(user),
             Err(ClientError::Redirected { .. }) => on_b.push(user),
             Err(e) => panic!("user {user} at a: {e}"),
@@ -136,7 +139,7 @@ fn a_group_spans_nodes_in_one_order_with_receipts_and_offline_members() {
     let a = reachable_node(&nats, "a", PARTITIONS);
     let b = reachable_node(&nats, "b", PARTITIONS);
     settle_halves(&a, &b, PARTITIONS.into());
-    let ([a1, a2], [b1, b2]) = two_on_each(&a);
+    let ([a1, a2], [b1, b2]) = two_on_each(a.addr);
     let mut ca1 = login_v2(a.addr, a1);
     let mut ca2 = login_v2(a.addr, a2);
     let mut cb1 = login_v2(b.addr, b1);
@@ -222,26 +225,106 @@ fn a_group_spans_nodes_in_one_order_with_receipts_and_offline_members() {
     });
 
     // The member list, asked on b, is the one a made.
-    send(&mut cb1, GroupFrame::Members { req: 5, group });
+    let mut want = vec![(a1, true), (a2, false), (b1, false), (b2, false)];
+    want.sort_unstable();
+    assert_eq!(members(&mut cb1, mb1, 5, group), want);
+}
+
+/// GROUP_MEMBERS of `group`, sorted.
+fn members(c: &mut Client, m: &mut Member, req: u64, group: u64) -> Vec<(u64, bool)> {
+    send(c, GroupFrame::Members { req, group });
     let mut listed = Vec::new();
     loop {
-        match mb1.answer(&mut cb1) {
+        match m.answer(c) {
             OwnedFrame::Group(GroupFrame::List {
-                req: 5,
+                req: r,
                 left,
                 entries,
                 ..
-            }) => {
+            }) if r == req => {
                 listed.extend(tern::proto::group::list_entries(&entries));
                 if left == 0 {
                     break;
                 }
             }
-            other => panic!("expected GROUP_LIST, got {other:?}"),
+            other => panic!("expected GROUP_LIST({req}), got {other:?}"),
         }
     }
     listed.sort_unstable();
+    listed
+}
+
+/// `kill -9` of the node that homes a group: once the other node took its
+/// partitions over, the membership is intact (read from JetStream, the
+/// store of record), every message ACKed before the kill reaches every
+/// member, the killed node's members included, and the group goes on.
+#[test]
+fn the_group_s_home_killed_loses_no_member_and_no_acked_message() {
+    let Some(nats) = Nats::start() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Node::start_with(&nats, dir.path(), "a", 3, PARTITIONS.into());
+    let b = Node::start_with(&nats, dir.path(), "b", 3, PARTITIONS.into());
+    let half = u64::from(PARTITIONS) / 2;
+    let split = settle(|| {
+        [&a, &b].iter().all(|n| {
+            (
+                n.info("Cluster_partitions_owned"),
+                n.info("Cluster_partitions_unowned"),
+            ) == (half, 0)
+        })
+    });
+    assert!(split, "the nodes never split the partitions");
+    let ([a1, a2], [b1, b2]) = two_on_each(a.child.addr);
+    let mut ca1 = login_v2(a.child.addr, a1);
+    let mut cb1 = login_v2(b.child.addr, b1);
+    let [mut ma1, mut mb1, mut ma2, mut mb2] = [(); 4].map(|()| Member::default());
+    // Homed by a's partition (its creator's).
+    send(&mut ca1, GroupFrame::Create { req: 1 });
+    let group = ok(&mut ca1, &mut ma1, 1);
+    for (req, user) in [(2, a2), (3, b1), (4, b2)] {
+        send(&mut ca1, GroupFrame::Add { req, group, user });
+        assert_eq!(ok(&mut ca1, &mut ma1, req), group);
+    }
+    let mut numbers = Vec::new();
+    for (client_id, body) in [(1, &b"one"[..]), (2, b"two")] {
+        send(
+            &mut cb1,
+            GroupFrame::Send {
+                client_id,
+                group,
+                body,
+            },
+        );
+        numbers.push(acked(&mut cb1, &mut mb1, client_id));
+    }
+    a.child.kill9();
+    drop(ca1);
+
+    // b takes a's partitions over; the request waits in JetStream for it.
+    cb1.set_read_timeout(Duration::from_secs(40));
     let mut want = vec![(a1, true), (a2, false), (b1, false), (b2, false)];
     want.sort_unstable();
-    assert_eq!(listed, want);
+    assert_eq!(members(&mut cb1, &mut mb1, 5, group), want);
+    // The group goes on, ordered by its new home.
+    send(
+        &mut cb1,
+        GroupFrame::Send {
+            client_id: 3,
+            group,
+            body: b"three",
+        },
+    );
+    numbers.push(acked(&mut cb1, &mut mb1, 3));
+    let expected: Vec<(u64, u64, Vec<u8>)> = numbers
+        .iter()
+        .zip([b"one".to_vec(), b"two".to_vec(), b"three".to_vec()])
+        .map(|(&n, body)| (n, b1, body))
+        .collect();
+    // a2 (served by a, offline through the kill) and b2 (offline) log in
+    // at b and get all three in order; so does a1.
+    for (user, m) in [(a2, &mut ma2), (b2, &mut mb2), (a1, &mut ma1)] {
+        let mut c = login_v2(b.child.addr, user);
+        m.until(&mut c, |m| m.messages().len() >= 3);
+        assert_eq!(m.messages(), expected, "user {user}");
+    }
 }
