@@ -281,9 +281,9 @@ async fn bucket(
     Ok(js.get_key_value(LEASE_BUCKET).await?)
 }
 
-/// The groups' state bucket (docs/CLUSTER.md, "Groups across nodes: the
-/// design"), created if missing like the lease bucket, with `replicas`
-/// copies and no max age: a group's state lives as long as the group.
+/// The groups' state bucket (docs/CLUSTER.md, "Groups across nodes"),
+/// created if missing like the lease bucket, with `replicas` copies and no
+/// max age: a group's state lives as long as the group.
 async fn groups_bucket(js: &jetstream::Context, replicas: usize) -> Result<(), async_nats::Error> {
     let config = jetstream::stream::Config {
         name: format!("KV_{}", super::groups::BUCKET),

@@ -2,7 +2,7 @@
 //! (docs/CLUSTER.md, "Groups across nodes"): the pure step from one
 //! request record, in stream order, to what the node must do about it.
 //! The rules are those of one box (`crate::group::Groups`); what this
-//! adds is the cluster's crash story. Not wired yet.
+//! adds is the cluster's crash story.
 //!
 //! The node takes a group's requests one at a time, and for each does,
 //! in this order: write [`Outcome::write`] to the bucket with the

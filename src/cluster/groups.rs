@@ -1,9 +1,7 @@
 //! Groups across cluster nodes (docs/CLUSTER.md, "Groups across nodes"):
-//! the pure parts of the design, with no NATS in them. Not wired yet: a
-//! cluster node still answers every group frame ERROR(`unavailable`), and
-//! nothing here is published; the relay's consumer drops (and acks) any
-//! record kind it does not know, so these kinds must be understood there
-//! before anything publishes them.
+//! the records, ids and keys, with no NATS in them (the relay publishes
+//! and consumes them, `relay/groups.rs`; the home's step is
+//! `group_home`).
 //!
 //! - **Ids.** A group hashes to a partition like a user, its *home*; the
 //!   owner of that partition orders the group. A cluster-wide unique id
@@ -26,6 +24,8 @@
 //!   in a member's queue on one node, published to the member's partition
 //!   with the id [`copy_msg_id`]: a home that crashed after ordering a
 //!   message and publishes its copies again is deduplicated by JetStream.
+//! - **Answers** go to the actor's node over plain NATS as a [`Reply`]
+//!   (kind 5, [`reply_subject`]).
 //! - **Receipts** of members flow back to the sender's partition as one
 //!   [`Receipt`] record (kind 4) per batch of members.
 

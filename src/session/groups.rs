@@ -160,7 +160,7 @@ impl Sessions {
         let (group, msg) = match g {
             // A cluster's group is homed by a partition's owner: the
             // bridge publishes the request there (docs/CLUSTER.md,
-            // "Groups across nodes: the design").
+            // "Groups across nodes").
             GroupFrame::Create { req } if cluster => op_msg(reply, user, req, GroupOp::Create),
             GroupFrame::Create { req } => {
                 let mut records = Vec::new();

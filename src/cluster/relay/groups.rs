@@ -1,5 +1,5 @@
 //! The relay's part in groups across nodes (docs/CLUSTER.md, "Groups
-//! across nodes: the design"): publishes its actors' requests to their
+//! across nodes"): publishes its actors' requests to their
 //! groups' home partitions and its members' receipts to their senders'
 //! partitions; as a home, takes each group's requests one at a time
 //! through `group_home::Home` and does what it says (write the state with
