@@ -102,6 +102,11 @@ impl Home {
         self.applied.insert(group, state.applied_seq);
     }
 
+    /// Whether `group` is homed here (its state read, and not deleted).
+    pub fn has(&self, group: u64) -> bool {
+        self.groups.get(group).is_some()
+    }
+
     /// Groups homed here (tombstones not counted).
     pub fn len(&self) -> usize {
         self.groups.len()

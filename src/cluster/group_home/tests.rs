@@ -70,6 +70,7 @@ fn with_three(h: &mut Home, bucket: &mut HashMap<u64, State>) -> u64 {
 fn a_message_goes_to_the_members_in_order_and_is_written_first() {
     let (mut h, mut bucket) = (home(), HashMap::default());
     let group = with_three(&mut h, &mut bucket);
+    assert!(h.has(group) && !h.has(group + 64));
     let out = step(&mut h, &mut bucket, 13, &send(2, group, 7, b"hi"));
     assert_eq!(
         out.answer,
@@ -258,7 +259,7 @@ fn the_last_member_leaving_leaves_a_tombstone() {
     let (_, tomb) = left.write.unwrap();
     assert!(tomb.records.is_empty());
     assert_eq!(tomb.applied_seq, 11);
-    assert!(h.is_empty());
+    assert!(h.is_empty() && !h.has(group));
     // The create redelivered after that does not make it again, on this
     // node or on one that read the tombstone.
     assert_eq!(

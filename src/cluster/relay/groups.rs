@@ -380,6 +380,13 @@ impl Relay {
                 if let Some(r) = revision {
                     gh.loaded.insert(group, Some(r));
                 }
+                let homed = gh.homes.get(&partition).is_some_and(|h| h.has(group));
+                if !homed {
+                    // Never made, or deleted: not kept in memory (requests
+                    // naming made-up ids would grow it), read again if
+                    // asked again.
+                    gh.loaded.remove(&group);
+                }
                 self.group_next(group);
             }
             Err((e, retry)) => {
