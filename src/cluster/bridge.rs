@@ -187,6 +187,7 @@ async fn run(
         owners.clone(),
         stats_arc.clone(),
         group_limits,
+        lease,
     );
     tokio::spawn(relay.run(stop.clone()));
     let start = node_start(&config.node_id, config.partitions);

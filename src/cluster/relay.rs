@@ -142,7 +142,8 @@ pub struct Relay {
 impl Relay {
     /// A relay over `ends`, publishing with `js`, consuming the partitions
     /// `owners` says are here; the groups it homes have the limits
-    /// `group_members_max` and `groups_per_user_max` of `group_limits`.
+    /// `group_members_max` and `groups_per_user_max` of `group_limits`;
+    /// leases last `lease`.
     pub fn new(
         me: String,
         ends: BridgeEnds,
@@ -150,6 +151,7 @@ impl Relay {
         owners: Arc<Owners>,
         stats: Arc<ClusterStats>,
         group_limits: (usize, usize),
+        lease: Duration,
     ) -> Relay {
         let (tx, rx) = mpsc::unbounded_channel();
         let here = vec![false; owners.partitions() as usize];
@@ -168,7 +170,7 @@ impl Relay {
             owners_seen: (0, 0),
             nodes: Vec::new(),
             rx: Some(rx),
-            groups: groups::GroupHomes::new(group_limits.0, group_limits.1),
+            groups: groups::GroupHomes::new(group_limits.0, group_limits.1, lease),
         }
     }
 

@@ -28,6 +28,15 @@ use crate::shard::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
 /// A stream sequence inside a server id (`g × 2^48 + sequence`).
 const SEQ_MASK: u64 = (1 << 48) - 1;
 
+/// Leases an actor's node waits for a home's answer before it answers the
+/// request `unavailable` itself: a takeover of the home (about a lease)
+/// fits, with room.
+const ANSWER_WAIT_LEASES: u32 = 5;
+
+/// A request of one of this node's connections: its connection (shard,
+/// slot, generation) and its `req` or client_id.
+type Asked = (u16, u32, u32, u64);
+
 /// A group's state as read: the bucket, and the state with its key's
 /// revision if the key exists.
 pub(super) type Loaded = (kv::Store, Option<(State, u64)>);
@@ -54,13 +63,23 @@ pub(super) struct GroupHomes {
     /// Per group, its requests in stream order.
     queues: HashMap<u64, VecDeque<Waiting>>,
     kv: Option<kv::Store>,
+    /// This node's requests waiting for their answer, since when.
+    asked: HashMap<Asked, std::time::Instant>,
+    /// How long an answer is waited for.
+    answer_wait: std::time::Duration,
 }
 
 impl GroupHomes {
     /// None yet, with the limits `group_members_max` and
-    /// `groups_per_user_max`.
-    pub(super) fn new(members_max: usize, per_user_max: usize) -> GroupHomes {
+    /// `groups_per_user_max`, on a cluster with leases of `lease`.
+    pub(super) fn new(
+        members_max: usize,
+        per_user_max: usize,
+        lease: std::time::Duration,
+    ) -> GroupHomes {
         GroupHomes {
+            asked: HashMap::new(),
+            answer_wait: lease * ANSWER_WAIT_LEASES,
             members_max,
             per_user_max,
             homes: HashMap::new(),
@@ -153,6 +172,10 @@ impl Relay {
             node: self.me.as_str().into(),
             request,
         };
+        self.groups.asked.insert(
+            (reply.shard, reply.conn.0, reply.gen, id),
+            std::time::Instant::now(),
+        );
         let published = self
             .js
             .publish(message_subject(home), op.encode().into())
@@ -176,6 +199,10 @@ impl Relay {
 
     /// A group request's publish failed: the actor retries.
     pub(super) fn group_publish_failed(&mut self, reply: ConnRef, id: u64, e: &str) {
+        let asked = (reply.shard, reply.conn.0, reply.gen, id);
+        if self.groups.asked.remove(&asked).is_none() {
+            return; // answered `unavailable` already
+        }
         self.stats.publish_failures.inc();
         log::warn!("cluster relay: group request not published: {e}");
         self.backlog[reply.shard as usize].push_back(Msg::GroupDone {
@@ -419,6 +446,33 @@ impl Relay {
         for group in waiting {
             self.group_next(group);
         }
+        // Requests whose answer did not come (lost with a NATS server, or
+        // a home stuck): answered here, so every request is; a later
+        // answer is dropped. A retry finds what the state says.
+        let wait = self.groups.answer_wait;
+        let late: Vec<Asked> = self
+            .groups
+            .asked
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= wait)
+            .map(|(&k, _)| k)
+            .collect();
+        for (shard, conn, gen, id) in late {
+            self.groups.asked.remove(&(shard, conn, gen, id));
+            let reply = ConnRef {
+                shard,
+                conn: ConnId(conn),
+                gen,
+            };
+            self.backlog[shard as usize].push_back(Msg::GroupDone {
+                reply,
+                answer: GroupAnswer::Refused {
+                    code: ErrorCode::Unavailable,
+                    id,
+                    text: "no answer from the group's home in time, retry later",
+                },
+            });
+        }
     }
 
     /// An answer from a group's home for one of this node's connections.
@@ -428,7 +482,14 @@ impl Relay {
             return;
         };
         let (shard, conn, gen) = r.reply;
-        if shard as usize >= self.shards() {
+        if self
+            .groups
+            .asked
+            .remove(&(shard, conn, gen, r.id))
+            .is_none()
+        {
+            // Answered already: a request done again after a crash of its
+            // home, or one given up on.
             return;
         }
         let reply = ConnRef {
