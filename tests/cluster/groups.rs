@@ -228,6 +228,38 @@ fn a_group_spans_nodes_in_one_order_with_receipts_and_offline_members() {
     let mut want = vec![(a1, true), (a2, false), (b1, false), (b2, false)];
     want.sort_unstable();
     assert_eq!(members(&mut cb1, mb1, 5, group), want);
+
+    // A retried GROUP_SEND (same client_id) gets its first ACK and no
+    // member a second copy: the next message follows the four directly.
+    send(
+        &mut cb1,
+        GroupFrame::Send {
+            client_id: 1,
+            group,
+            body: b"one",
+        },
+    );
+    assert_eq!(acked(&mut cb1, mb1, 1), numbers[0]);
+    send(
+        &mut ca1,
+        GroupFrame::Send {
+            client_id: 10,
+            group,
+            body: b"five",
+        },
+    );
+    let five = acked(&mut ca1, ma1, 10);
+    let mut expected = expected;
+    expected.push((five, a1, b"five".to_vec()));
+    for (c, m) in [
+        (&mut ca1, &mut *ma1),
+        (&mut ca2, &mut *ma2),
+        (&mut cb1, &mut *mb1),
+        (&mut cb2, &mut *mb2),
+    ] {
+        m.until(c, |m| m.messages().len() >= 5);
+        assert_eq!(m.messages(), expected);
+    }
 }
 
 /// GROUP_MEMBERS of `group`, sorted.
