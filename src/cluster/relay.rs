@@ -94,6 +94,11 @@ enum Report {
     },
     /// A group home's answer arrived on this node's subject.
     GroupReply(Box<[u8]>),
+    /// Every group state of a partition was read (or not).
+    PartitionLoaded {
+        partition: u32,
+        result: Result<Box<groups::PartitionStates>, String>,
+    },
     /// A consumer brought a record.
     Consumed {
         /// The partition it is for (from its subject).
@@ -485,6 +490,9 @@ impl Relay {
                 result,
             } => self.group_stepped(group, partition, result),
             Report::GroupReply(bytes) => self.group_reply(&bytes),
+            Report::PartitionLoaded { partition, result } => {
+                self.partition_loaded(partition, result)
+            }
             Report::Published {
                 reply,
                 client_id,

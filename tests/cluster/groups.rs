@@ -8,12 +8,13 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tern::cluster::ClusterConfig;
 use tern::proto::group::list_users;
-use tern::proto::{Frame, GroupEvent, GroupFrame, OwnedFrame, ReceiptKind};
+use tern::proto::{ErrorCode, Frame, GroupEvent, GroupFrame, OwnedFrame, ReceiptKind};
 use tern_client::{Client, ClientError};
 
 use super::faults::Node;
-use super::nats::Nats;
+use super::nats::{free_port, Nats};
 use super::{login_v2, login_v2_here, reachable_node, retry_unavailable, settle, settle_halves};
 
 const PARTITIONS: u32 = 16;
@@ -359,4 +360,75 @@ fn the_group_s_home_killed_loses_no_member_and_no_acked_message() {
         m.until(&mut c, |m| m.messages().len() >= 3);
         assert_eq!(m.messages(), expected, "user {user}");
     }
+}
+
+/// A reachable node (16 partitions, 3 s leases) whose users may be in at
+/// most 2 groups of one partition.
+fn limited_node(nats: &Nats, id: &str) -> super::TestServer {
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let cluster = ClusterConfig {
+        node_id: id.into(),
+        nats_urls: nats.urls(),
+        public_addr: addr.to_string(),
+        partitions: PARTITIONS,
+        lease_s: 3,
+        stream_replicas: 1,
+    };
+    super::TestServer::start_with(|c| {
+        c.listen = addr;
+        c.groups_per_user_max = 2;
+        c.cluster = Some(cluster);
+    })
+}
+
+fn too_many(c: &mut Client, m: &mut Member, req: u64) {
+    match m.answer(c) {
+        OwnedFrame::Error {
+            code: ErrorCode::TooManyGroups,
+            client_id,
+            ..
+        } if client_id == req => {}
+        other => panic!("expected ERROR(too_many_groups, {req}), got {other:?}"),
+    }
+}
+
+/// `groups_per_user_max` still holds after the groups' home moved to
+/// another node: the new home reads every group of the partition before
+/// its first request, not only the group asked about.
+#[test]
+fn the_per_user_group_limit_holds_after_a_takeover() {
+    let Some(nats) = Nats::start() else { return };
+    let a = limited_node(&nats, "a");
+    let b = limited_node(&nats, "b");
+    settle_halves(&a, &b, PARTITIONS.into());
+    let ([a1, _], _) = two_on_each(a.addr);
+    let mut c = login_v2(a.addr, a1);
+    let mut m = Member::default();
+    let mut groups = Vec::new();
+    for req in [1, 2] {
+        send(&mut c, GroupFrame::Create { req });
+        groups.push(ok(&mut c, &mut m, req));
+    }
+    send(&mut c, GroupFrame::Create { req: 3 });
+    too_many(&mut c, &mut m, 3);
+    drop(c);
+    let b_addr = b.addr;
+    drop(a);
+    let took = settle(|| b.info_u64("Cluster_partitions_owned") == u64::from(PARTITIONS));
+    assert!(took, "b never took a's partitions over");
+    let mut c = login_v2(b_addr, a1);
+    c.set_read_timeout(Duration::from_secs(40));
+    send(&mut c, GroupFrame::Create { req: 4 });
+    too_many(&mut c, &mut m, 4);
+    // Leaving one makes room again.
+    send(
+        &mut c,
+        GroupFrame::Leave {
+            req: 5,
+            group: groups[0],
+        },
+    );
+    assert_eq!(ok(&mut c, &mut m, 5), groups[0]);
+    send(&mut c, GroupFrame::Create { req: 6 });
+    ok(&mut c, &mut m, 6);
 }

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use async_nats::jetstream::{self, kv, message::Acker};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
 use super::{unix_ms, Relay, Report};
@@ -41,6 +41,10 @@ type Asked = (u16, u32, u32, u64);
 /// revision if the key exists.
 pub(super) type Loaded = (kv::Store, Option<(State, u64)>);
 
+/// A partition's group states as read: the bucket, and per group its
+/// state and its key's revision.
+pub(super) type PartitionStates = (kv::Store, Vec<(u64, State, u64)>);
+
 /// A request waiting for its group's turn.
 pub(super) struct Waiting {
     partition: u32,
@@ -60,6 +64,8 @@ pub(super) struct GroupHomes {
     loaded: HashMap<u64, Option<u64>>,
     /// Groups with a load or a step under way.
     busy: HashSet<u64>,
+    /// Partitions whose groups are being read (see [`load_partition`]).
+    loading: HashSet<u32>,
     /// Per group, its requests in stream order.
     queues: HashMap<u64, VecDeque<Waiting>>,
     kv: Option<kv::Store>,
@@ -85,6 +91,7 @@ impl GroupHomes {
             homes: HashMap::new(),
             loaded: HashMap::new(),
             busy: HashSet::new(),
+            loading: HashSet::new(),
             queues: HashMap::new(),
             kv: None,
         }
@@ -325,6 +332,19 @@ impl Relay {
         let kv = gh.kv.clone();
         let js = self.js.clone();
         let tx = self.tx.clone();
+        if !gh.homes.contains_key(&partition) {
+            // Every group of the partition first, so that a user's groups
+            // there count against `groups_per_user_max` after a takeover.
+            if gh.loading.insert(partition) {
+                tokio::spawn(async move {
+                    let result = load_partition(&js, kv, partition, partitions)
+                        .await
+                        .map(Box::new);
+                    let _ = tx.send(Report::PartitionLoaded { partition, result });
+                });
+            }
+            return;
+        }
         gh.busy.insert(group);
         if !gh.loaded.contains_key(&group) {
             tokio::spawn(async move {
@@ -360,6 +380,46 @@ impl Relay {
                 result: result.map_err(|e| (e, retry)),
             });
         });
+    }
+
+    /// Every group of `partition` was read (or not).
+    pub(super) fn partition_loaded(
+        &mut self,
+        partition: u32,
+        result: Result<Box<PartitionStates>, String>,
+    ) {
+        let gh = &mut self.groups;
+        gh.loading.remove(&partition);
+        let (kv, states) = match result {
+            Ok(loaded) => *loaded,
+            Err(e) => {
+                // Tried again at the next reconcile.
+                log::warn!("cluster relay: groups of partition {partition} not read: {e}");
+                return;
+            }
+        };
+        if self.owners.of(partition) != Owner::Here {
+            return;
+        }
+        gh.kv = Some(kv);
+        let partitions = self.owners.partitions();
+        let mut home = Home::new(partition, partitions, gh.members_max, gh.per_user_max);
+        for (group, state, revision) in &states {
+            home.load(*group, state);
+            if home.has(*group) {
+                gh.loaded.insert(*group, Some(*revision));
+            }
+        }
+        gh.homes.insert(partition, home);
+        let waiting: Vec<u64> = gh
+            .queues
+            .keys()
+            .copied()
+            .filter(|&g| home_of(g, partitions) == partition)
+            .collect();
+        for group in waiting {
+            self.group_next(group);
+        }
     }
 
     /// A group's state was read (or not).
@@ -518,6 +578,51 @@ impl Relay {
         };
         self.backlog[shard as usize].push_back(Msg::GroupDone { reply, answer });
     }
+}
+
+/// Reads every group state of `partition` (keys `g.<partition>.*`, listed
+/// with one stream info request, as the lease keys are: `kv.keys()` would
+/// create a consumer), with the bucket (opened if `kv` is not yet).
+async fn load_partition(
+    js: &jetstream::Context,
+    kv: Option<kv::Store>,
+    partition: u32,
+    partitions: u32,
+) -> Result<PartitionStates, String> {
+    let kv = match kv {
+        Some(kv) => kv,
+        None => js.get_key_value(BUCKET).await.map_err(|e| e.to_string())?,
+    };
+    let prefix = format!("{}.g.{partition}.", kv.prefix.trim_end_matches('.'));
+    let mut groups = Vec::new();
+    {
+        let mut subjects = kv
+            .stream
+            .info_with_subjects(format!("{prefix}*"))
+            .await
+            .map_err(|e| e.to_string())?;
+        while let Some((subject, _)) = subjects.try_next().await.map_err(|e| e.to_string())? {
+            if let Some(group) = subject.strip_prefix(&prefix).and_then(|g| g.parse().ok()) {
+                groups.push(group);
+            }
+        }
+    }
+    let mut states = Vec::with_capacity(groups.len());
+    for group in groups {
+        if home_of(group, partitions) != partition {
+            continue;
+        }
+        let entry = kv
+            .entry(state_key(group, partitions))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(e) = entry.filter(|e| e.operation == kv::Operation::Put) {
+            let state = State::decode(&e.value)
+                .ok_or_else(|| format!("the state of group {group} is not one"))?;
+            states.push((group, state, e.revision));
+        }
+    }
+    Ok((kv, states))
 }
 
 /// Reads `group`'s state: the bucket (opened if `kv` is not yet), and the
