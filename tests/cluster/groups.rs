@@ -432,3 +432,84 @@ fn the_per_user_group_limit_holds_after_a_takeover() {
     send(&mut c, GroupFrame::Create { req: 6 });
     ok(&mut c, &mut m, 6);
 }
+
+/// Figure, not a check (results/cluster-groups/README.md): ACK latency of
+/// a GROUP_SEND from a member served by one node to a group of
+/// `TERN_FIG_MEMBERS` (default 10) homed by the other, members offline
+/// (their copies wait in JetStream), against a 1:1 SEND between the same
+/// two nodes, `TERN_FIG_MSGS` (default 200) of each, one at a time.
+#[test]
+#[ignore = "a figure: cargo test --release -p tern --test cluster group_ack_figure -- --ignored --nocapture"]
+fn group_ack_figure() {
+    let Some(nats) = Nats::start() else { return };
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (members_n, msgs) = (
+        env("TERN_FIG_MEMBERS", 10),
+        env("TERN_FIG_MSGS", 200) as u64,
+    );
+    let a = reachable_node(&nats, "a", PARTITIONS);
+    let b = reachable_node(&nats, "b", PARTITIONS);
+    settle_halves(&a, &b, PARTITIONS.into());
+    let ([a1, _], [b1, _]) = two_on_each(a.addr);
+    let mut ca1 = login_v2(a.addr, a1);
+    let mut cb1 = login_v2(b.addr, b1);
+    let mut m = Member::default();
+    send(&mut ca1, GroupFrame::Create { req: 1 });
+    let group = ok(&mut ca1, &mut m, 1);
+    send(
+        &mut ca1,
+        GroupFrame::Add {
+            req: 2,
+            group,
+            user: b1,
+        },
+    );
+    ok(&mut ca1, &mut m, 2);
+    // Offline members, served by either node.
+    for (i, user) in (1000u64..).take(members_n.saturating_sub(2)).enumerate() {
+        let req = 3 + i as u64;
+        send(&mut ca1, GroupFrame::Add { req, group, user });
+        ok(&mut ca1, &mut m, req);
+    }
+    let pct = |mut v: Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    let mut group_ms = Vec::new();
+    for client_id in 1..=msgs {
+        let t = std::time::Instant::now();
+        send(
+            &mut cb1,
+            GroupFrame::Send {
+                client_id,
+                group,
+                body: &[7u8; 100],
+            },
+        );
+        acked(&mut cb1, &mut m, client_id);
+        group_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // 1:1 to an offline user served by a.
+    drop(ca1);
+    let mut one_ms = Vec::new();
+    for i in 0..msgs {
+        let client_id = msgs + 1 + i;
+        let t = std::time::Instant::now();
+        cb1.send_msg(client_id, a1, &[7u8; 100]).unwrap();
+        acked(&mut cb1, &mut m, client_id);
+        one_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "group of {members_n} across nodes: ACK p50 {:.2} ms p99 {:.2} ms; \
+         1:1 across nodes: ACK p50 {:.2} ms p99 {:.2} ms ({msgs} each)",
+        pct(group_ms.clone(), 0.5),
+        pct(group_ms, 0.99),
+        pct(one_ms.clone(), 0.5),
+        pct(one_ms, 0.99)
+    );
+}
