@@ -225,6 +225,19 @@ fn a_group_spans_nodes_in_one_order_with_receipts_and_offline_members() {
             .all(|&n| m.receipts.contains(&(ReceiptKind::Delivered, n, b2)))
     });
 
+    // a2 (on a) reads b1's first message: b1 (on b) hears it.
+    send(
+        &mut ca2,
+        GroupFrame::Read {
+            group,
+            msg: numbers[0],
+            from: b1,
+        },
+    );
+    mb1.until(&mut cb1, |m| {
+        m.receipts.contains(&(ReceiptKind::Read, numbers[0], a2))
+    });
+
     // The member list, asked on b, is the one a made.
     let mut want = vec![(a1, true), (a2, false), (b1, false), (b2, false)];
     want.sort_unstable();
