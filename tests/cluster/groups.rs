@@ -274,6 +274,56 @@ fn a_group_spans_nodes_in_one_order_with_receipts_and_offline_members() {
         m.until(c, |m| m.messages().len() >= 5);
         assert_eq!(m.messages(), expected);
     }
+
+    // a2 (on a) removed, then a message from b1, then a2 added back and
+    // another: a2 gets its removal, not the message ordered while it was
+    // out, then its addition and the next one.
+    send(
+        &mut ca1,
+        GroupFrame::Remove {
+            req: 20,
+            group,
+            user: a2,
+        },
+    );
+    assert_eq!(ok(&mut ca1, ma1, 20), group);
+    let mut bodies = Vec::new();
+    for (client_id, body) in [(20, &b"six"[..]), (21, b"seven")] {
+        send(
+            &mut cb1,
+            GroupFrame::Send {
+                client_id,
+                group,
+                body,
+            },
+        );
+        bodies.push((acked(&mut cb1, mb1, client_id), b1, body.to_vec()));
+        if client_id == 20 {
+            send(
+                &mut ca1,
+                GroupFrame::Add {
+                    req: 21,
+                    group,
+                    user: a2,
+                },
+            );
+            assert_eq!(ok(&mut ca1, ma1, 21), group);
+        }
+    }
+    ma2.until(&mut ca2, |m| m.messages().len() >= 6);
+    let mut wanted = expected.clone();
+    wanted.push(bodies[1].clone());
+    assert_eq!(
+        ma2.messages(),
+        wanted,
+        "a2 got only what was ordered while a member"
+    );
+    let tail: Vec<_> = ma2.seen.iter().rev().take(3).filter_map(|s| s.1).collect();
+    assert_eq!(tail, [(GroupEvent::Added, a2), (GroupEvent::Removed, a2)]);
+    let mut all = expected;
+    all.extend(bodies);
+    mb2.until(&mut cb2, |m| m.messages().len() >= 7);
+    assert_eq!(mb2.messages(), all);
 }
 
 /// GROUP_MEMBERS of `group`, sorted.
