@@ -383,6 +383,7 @@ impl Server {
                     cluster.clone(),
                     owners.clone().expect("made with the cluster section"),
                     ends,
+                    (config.group_members_max, config.groups_per_user_max),
                 )?)
             }
             None => None,

@@ -110,6 +110,7 @@ impl Bridge {
         config: ClusterConfig,
         owners: Arc<Owners>,
         ends: BridgeEnds,
+        group_limits: (usize, usize),
     ) -> std::io::Result<Bridge> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ClusterStats::default());
@@ -128,7 +129,7 @@ impl Bridge {
                             return;
                         }
                     };
-                    runtime.block_on(run(config, owners, ends, stop, stats));
+                    runtime.block_on(run(config, owners, ends, stop, stats, group_limits));
                 })?
         };
         Ok(Bridge {
@@ -169,6 +170,7 @@ async fn run(
     ends: BridgeEnds,
     stop: Arc<AtomicBool>,
     stats: Arc<ClusterStats>,
+    group_limits: (usize, usize),
 ) {
     let stats_arc = stats;
     let stats = &*stats_arc;
@@ -189,15 +191,16 @@ async fn run(
         }
     };
     let js = jetstream::new(client);
-    let (replays, replay_rx) = tokio::sync::mpsc::unbounded_channel();
     let relay = Relay::new(
         config.node_id.clone(),
         ends,
         js.clone(),
         owners.clone(),
         stats_arc.clone(),
-        replay_rx,
+        group_limits,
+        lease,
     );
+    let replays = relay.replays();
     tokio::spawn(relay.run(stop.clone()));
     let start = node_start(&config.node_id, config.partitions);
     let mut leases = Leases::new(config.partitions, start);
@@ -215,6 +218,7 @@ async fn run(
                     .stream_replicas
                     .set(streams::ensure_messages(&js, config.partitions, replicas).await? as u64);
                 let kv = bucket(&js, lease, replicas).await?;
+                groups_bucket(&js, replicas).await?;
                 tokio::spawn(watch(kv.clone(), owners.clone(), config.node_id.clone()));
                 store = Some(kv);
             }
@@ -296,6 +300,25 @@ async fn bucket(
     // Another node may have created it first, with its own lease_s: kept.
     streams::ensure(js, config, replicas).await?;
     Ok(js.get_key_value(LEASE_BUCKET).await?)
+}
+
+/// The groups' state bucket (docs/CLUSTER.md, "Groups across nodes"),
+/// created if missing like the lease bucket, with `replicas` copies and no
+/// max age: a group's state lives as long as the group.
+async fn groups_bucket(js: &jetstream::Context, replicas: usize) -> Result<(), async_nats::Error> {
+    let config = jetstream::stream::Config {
+        name: format!("KV_{}", super::groups::BUCKET),
+        subjects: vec![format!("$KV.{}.>", super::groups::BUCKET)],
+        max_messages_per_subject: 1,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    streams::ensure(js, config, replicas).await?;
+    Ok(())
 }
 
 /// What a lease round works with.

@@ -5,6 +5,8 @@
 
 pub mod bridge;
 pub mod config;
+pub mod group_home;
+pub mod groups;
 pub mod lease;
 pub mod link;
 pub mod owners;

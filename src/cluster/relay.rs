@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::bridge::ClusterStats;
+use super::groups::reply_subject;
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners, NODES_MAX};
 use super::partition::partition_of;
@@ -28,6 +29,8 @@ use super::streams::{
 };
 use super::wire::Record;
 use crate::proto::ErrorCode;
+
+mod groups;
 use crate::shard::{home_shard, ConnRef, Msg};
 use crate::store::{Origin, Stored};
 
@@ -69,6 +72,34 @@ enum Report {
     },
     /// A presence record arrived on this node's subject.
     Presence(Box<[u8]>),
+    /// A group request's publish was acknowledged (`Ok`) or failed.
+    GroupPublished {
+        reply: ConnRef,
+        id: u64,
+        taken: Instant,
+        result: Result<(), String>,
+    },
+    /// A group's state was read from the bucket (or not).
+    GroupLoaded {
+        partition: u32,
+        group: u64,
+        // Boxed: a bucket handle is far larger than the other reports.
+        result: Result<Box<groups::Loaded>, String>,
+    },
+    /// A group's request was done (its key's new revision, if written),
+    /// or failed part way (the request, to take again).
+    GroupStepped {
+        group: u64,
+        partition: u32,
+        result: Result<Option<u64>, (String, Option<groups::Waiting>)>,
+    },
+    /// A group home's answer arrived on this node's subject.
+    GroupReply(Box<[u8]>),
+    /// Every group state of a partition was read (or not).
+    PartitionLoaded {
+        partition: u32,
+        result: Result<Box<groups::PartitionStates>, String>,
+    },
     /// A consumer brought a record.
     Consumed {
         /// The partition it is for (from its subject).
@@ -127,25 +158,33 @@ pub struct Relay {
     rx: Option<mpsc::UnboundedReceiver<Report>>,
     /// Replays asked by the lease round; taken by [`Relay::run`].
     replay_rx: Option<mpsc::UnboundedReceiver<Replay>>,
+    /// Where the lease round asks for them ([`Relay::replays`]).
+    replay_tx: mpsc::UnboundedSender<Replay>,
     /// Replays whose end went to the shards: shards yet to answer, and
     /// whom to tell then.
     replays: HashMap<u64, (usize, oneshot::Sender<()>)>,
     /// The next replay's token.
     replay_next: u64,
+    /// The groups homed by this node's partitions.
+    groups: groups::GroupHomes,
 }
 
 impl Relay {
     /// A relay over `ends`, publishing with `js`, consuming the partitions
-    /// `owners` says are here.
+    /// `owners` says are here; the groups it homes have the limits
+    /// `group_members_max` and `groups_per_user_max` of `group_limits`;
+    /// leases last `lease`.
     pub fn new(
         me: String,
         ends: BridgeEnds,
         js: jetstream::Context,
         owners: Arc<Owners>,
         stats: Arc<ClusterStats>,
-        replay_rx: mpsc::UnboundedReceiver<Replay>,
+        group_limits: (usize, usize),
+        lease: Duration,
     ) -> Relay {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (replay_tx, replay_rx) = mpsc::unbounded_channel();
         let here = vec![false; owners.partitions() as usize];
         Relay {
             backlog: ends.to_shards.iter().map(|_| VecDeque::new()).collect(),
@@ -163,9 +202,17 @@ impl Relay {
             nodes: Vec::new(),
             rx: Some(rx),
             replay_rx: Some(replay_rx),
+            replay_tx,
             replays: HashMap::new(),
             replay_next: 0,
+            groups: groups::GroupHomes::new(group_limits.0, group_limits.1, lease),
         }
+    }
+
+    /// Where the lease round asks for the states of claimed partitions to
+    /// be replayed into the shards.
+    pub fn replays(&self) -> mpsc::UnboundedSender<Replay> {
+        self.replay_tx.clone()
     }
 
     /// Runs until `stop` is raised.
@@ -177,6 +224,11 @@ impl Relay {
         let listen = tokio::spawn(listen_presence(
             self.js.client(),
             presence::subject(&self.me),
+            self.tx.clone(),
+        ));
+        let replies = tokio::spawn(groups::listen_replies(
+            self.js.client(),
+            reply_subject(&self.me),
             self.tx.clone(),
         ));
         while !stop.load(Ordering::Relaxed) {
@@ -192,6 +244,7 @@ impl Relay {
             task.abort();
         }
         listen.abort();
+        replies.abort();
     }
 
     fn shards(&self) -> usize {
@@ -289,6 +342,14 @@ impl Relay {
                     });
                 });
             }
+            msg @ (Msg::GroupOp { .. } | Msg::GroupSend { .. }) => self.group_request(msg).await,
+            Msg::GroupReceipt {
+                user,
+                kind,
+                group,
+                msg,
+                peers,
+            } => self.group_receipt_out(user, kind, group, msg, peers).await,
             Msg::Done { server_id, .. } => {
                 if let Some((_, acker)) = self.pending.remove(&server_id) {
                     self.stats.pending_acks.set(self.pending.len() as u64);
@@ -528,6 +589,31 @@ impl Relay {
                 Ok(states) => self.states_read(states, done),
                 Err(e) => log::warn!("cluster relay: states not read, claim retried: {e}"),
             },
+            Report::GroupPublished {
+                reply,
+                id,
+                taken,
+                result,
+            } => {
+                self.publish_answered(taken);
+                if let Err(e) = result {
+                    self.group_publish_failed(reply, id, &e);
+                }
+            }
+            Report::GroupLoaded {
+                partition,
+                group,
+                result,
+            } => self.group_loaded(partition, group, result),
+            Report::GroupStepped {
+                group,
+                partition,
+                result,
+            } => self.group_stepped(group, partition, result),
+            Report::GroupReply(bytes) => self.group_reply(&bytes),
+            Report::PartitionLoaded { partition, result } => {
+                self.partition_loaded(partition, result)
+            }
             Report::Published {
                 reply,
                 client_id,
@@ -573,53 +659,70 @@ impl Relay {
                 sequence,
                 message,
                 acker,
-            } => match Record::decode(&message.payload) {
-                Some(Record::Message {
-                    to,
+            } => {
+                let Some(acker) = self.group_consumed(partition, sequence, &message.payload, acker)
+                else {
+                    return;
+                };
+                self.on_record(partition, sequence, &message, acker)
+            }
+        }
+    }
+
+    /// A consumed message or receipt record (kinds 1 and 2).
+    fn on_record(
+        &mut self,
+        partition: u32,
+        sequence: u64,
+        message: &async_nats::Message,
+        acker: Box<Acker>,
+    ) {
+        match Record::decode(&message.payload) {
+            Some(Record::Message {
+                to,
+                from,
+                time_ms,
+                client_id,
+                body,
+            }) => {
+                let msg = Stored {
+                    server_id: sequence,
                     from,
                     time_ms,
-                    client_id,
-                    body,
-                }) => {
-                    let msg = Stored {
-                        server_id: sequence,
-                        from,
-                        time_ms,
-                        origin: (client_id != 0).then_some(Origin {
-                            device: 0,
-                            client_id,
-                        }),
-                        body: body.into(),
-                    };
-                    self.pending.insert(sequence, (partition, acker));
-                    self.stats.pending_acks.set(self.pending.len() as u64);
-                    let dst = home_shard(to, self.shards());
-                    self.backlog[dst].push_back(Msg::Incoming { to, msg });
-                }
-                Some(Record::Receipt {
+                    origin: (client_id != 0).then_some(Origin {
+                        device: 0,
+                        client_id,
+                    }),
+                    body: body.into(),
+                };
+                self.pending.insert(sequence, (partition, acker));
+                self.stats.pending_acks.set(self.pending.len() as u64);
+                let dst = home_shard(to, self.shards());
+                self.backlog[dst].push_back(Msg::Incoming { to, msg });
+            }
+            Some(Record::Receipt {
+                user,
+                kind,
+                server_id,
+                peer,
+            }) => {
+                let dst = home_shard(user, self.shards());
+                self.backlog[dst].push_back(Msg::Receipt {
                     user,
                     kind,
                     server_id,
                     peer,
-                }) => {
-                    let dst = home_shard(user, self.shards());
-                    self.backlog[dst].push_back(Msg::Receipt {
-                        user,
-                        kind,
-                        server_id,
-                        peer,
-                    });
-                    tokio::spawn(async move {
-                        let _ = acker.ack().await;
-                    });
-                }
-                None => {
-                    log::warn!("cluster relay: record {sequence} is not ours, dropped");
-                    tokio::spawn(async move {
-                        let _ = acker.ack().await;
-                    });
-                }
-            },
+                });
+                tokio::spawn(async move {
+                    let _ = acker.ack().await;
+                });
+            }
+            None => {
+                log::warn!("cluster relay: record {sequence} is not ours, dropped");
+                tokio::spawn(async move {
+                    let _ = acker.ack().await;
+                });
+            }
         }
     }
 
@@ -698,6 +801,7 @@ impl Relay {
             self.stats.pending_acks.set(self.pending.len() as u64);
         }
         self.stats.consumers.set(self.consumers.len() as u64);
+        self.groups_reconcile();
         // Read before the pass: a change during it is looked at next time.
         let changes = (self.owners.changes(), self.owners.fencing());
         if changes == self.owners_seen {

@@ -254,14 +254,29 @@ impl Groups {
     /// admin. The id is the next one above every id given whose home is
     /// this shard (about `shards` tries).
     pub fn create(&mut self, creator: u64, out: &mut Vec<Record>) -> Result<Change, Refusal> {
-        if self.count_of(creator) >= self.per_user_max {
-            return Err((ErrorCode::TooManyGroups, "in too many groups"));
-        }
         let mut id = self.last_id + 1;
         // Bounded: a hash spreads consecutive ids over the shards, so one
         // of about `shards` is ours; a 64-bit space never runs out here.
         while home_shard(id, self.shards) != self.shard {
             id += 1;
+        }
+        self.create_as(id, creator, out)
+    }
+
+    /// GROUP_CREATE by `creator` of the group `id`, given by the caller
+    /// (a cluster node's, unique in the cluster: `cluster::groups`). An
+    /// id already in use here is refused.
+    pub fn create_as(
+        &mut self,
+        id: u64,
+        creator: u64,
+        out: &mut Vec<Record>,
+    ) -> Result<Change, Refusal> {
+        if self.count_of(creator) >= self.per_user_max {
+            return Err((ErrorCode::TooManyGroups, "in too many groups"));
+        }
+        if id == 0 || self.groups.contains_key(&id) {
+            return Err((ErrorCode::UnknownGroup, "that group id is taken"));
         }
         let record = Record::Created { group: id, creator };
         self.apply(&record);
@@ -562,26 +577,7 @@ impl Groups {
     /// admins, and its order counter; then every dedupe window entry.
     pub fn snapshot(&self, out: &mut Vec<Record>) {
         for (&group, g) in &self.groups {
-            let Some((&first, _)) = g.members.iter().find(|(_, &a)| a) else {
-                continue; // never: a group with members has an admin
-            };
-            out.push(Record::Created {
-                group,
-                creator: first,
-            });
-            for (&user, &admin) in &g.members {
-                if user == first {
-                    continue;
-                }
-                out.push(Record::Added { group, user });
-                if admin {
-                    out.push(Record::Admin { group, user, admin });
-                }
-            }
-            out.push(Record::Order {
-                group,
-                last_msg: g.last_msg,
-            });
+            Self::group_records(group, g, out);
         }
         if self.last_id > 0 && !self.groups.contains_key(&self.last_id) {
             // A deleted group's id stays given: an `Order` record of a
@@ -601,6 +597,54 @@ impl Groups {
                 device: origin.device,
             });
         }
+    }
+
+    /// The records that rebuild `group` alone (nothing if it does not
+    /// exist): as [`Groups::snapshot`] writes it, then the dedupe window
+    /// entries of messages to it. A cluster node keeps each group's state
+    /// apart (`cluster::groups::State`).
+    pub fn snapshot_group(&self, group: u64, out: &mut Vec<Record>) {
+        let Some(g) = self.groups.get(&group) else {
+            return;
+        };
+        Self::group_records(group, g, out);
+        for (from, origin, t) in self.windows.iter() {
+            if t.loc == group {
+                out.push(Record::Sent {
+                    group,
+                    msg: t.server_id,
+                    from,
+                    time_ms: t.time_ms,
+                    client_id: origin.client_id,
+                    device: origin.device,
+                });
+            }
+        }
+    }
+
+    /// `group`'s creation by its first admin, its other members, its
+    /// admins, and its order counter.
+    fn group_records(group: u64, g: &Group, out: &mut Vec<Record>) {
+        let Some((&first, _)) = g.members.iter().find(|(_, &a)| a) else {
+            return; // never: a group with members has an admin
+        };
+        out.push(Record::Created {
+            group,
+            creator: first,
+        });
+        for (&user, &admin) in &g.members {
+            if user == first {
+                continue;
+            }
+            out.push(Record::Added { group, user });
+            if admin {
+                out.push(Record::Admin { group, user, admin });
+            }
+        }
+        out.push(Record::Order {
+            group,
+            last_msg: g.last_msg,
+        });
     }
 }
 

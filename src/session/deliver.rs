@@ -398,7 +398,9 @@ impl Sessions {
     /// left as an [`Action::Route`].
     pub(super) fn route(&mut self, now: Now, env: &dyn Env, dst: usize, msg: Msg) {
         debug_assert!(!matches!(msg, Msg::Handoff { .. }));
-        if self.config.cluster.is_some() && matches!(msg, Msg::Receipt { .. }) {
+        if self.config.cluster.is_some()
+            && matches!(msg, Msg::Receipt { .. } | Msg::GroupReceipt { .. })
+        {
             // To the sender's node, through JetStream.
             self.actions.push(Action::Cluster(msg));
         } else if dst == self.id {

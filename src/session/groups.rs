@@ -22,7 +22,7 @@ use crate::shard::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
 use crate::store::groups::Record;
 use crate::store::{Origin, PushError, Stored};
 
-use super::{Env, Flow, Now, Sessions};
+use super::{Action, Env, Flow, Now, Sessions};
 
 /// Most bytes of a GROUP_LIST or GROUP_RECEIPT frame besides its list:
 /// the type byte and three varints.
@@ -151,35 +151,17 @@ impl Sessions {
             self.fail(now, conn, ErrorCode::UnknownType, 0, &text);
             return Flow::Stop;
         }
-        if self.config.cluster.is_some() {
-            // A group's home is a shard of one node; between the nodes of
-            // a cluster nothing orders it yet.
-            let id = match g {
-                GroupFrame::Send { client_id, .. } => client_id,
-                GroupFrame::Create { req }
-                | GroupFrame::Add { req, .. }
-                | GroupFrame::Remove { req, .. }
-                | GroupFrame::Leave { req, .. }
-                | GroupFrame::Admin { req, .. }
-                | GroupFrame::Members { req, .. } => req,
-                _ => 0,
-            };
-            self.write(
-                conn,
-                &Frame::Error {
-                    code: ErrorCode::Unavailable,
-                    client_id: id,
-                    text: "groups are not served in a cluster yet",
-                },
-            );
-            return Flow::Next;
-        }
         let reply = ConnRef {
             shard: self.id as u16,
             conn,
             gen: s.gen,
         };
+        let cluster = self.config.cluster.is_some();
         let (group, msg) = match g {
+            // A cluster's group is homed by a partition's owner: the
+            // bridge publishes the request there (docs/CLUSTER.md,
+            // "Groups across nodes").
+            GroupFrame::Create { req } if cluster => op_msg(reply, user, req, GroupOp::Create),
             GroupFrame::Create { req } => {
                 let mut records = Vec::new();
                 let answer = match self.groups.home.create(user, &mut records) {
@@ -277,6 +259,16 @@ impl Sessions {
                 return Flow::Stop;
             }
         };
+        if cluster {
+            if !env.bridge_has_room() {
+                return Flow::Blocked;
+            }
+            if matches!(msg, Msg::GroupSend { .. }) {
+                self.stats.msgs_in.inc();
+            }
+            self.actions.push(Action::Cluster(msg));
+            return Flow::Next;
+        }
         let dst = home_shard(group, self.shards);
         if !env.up(dst) {
             self.stats.unavailable.inc();
@@ -315,8 +307,15 @@ impl Sessions {
             | GroupFrame::Admin { group, .. }
             | GroupFrame::Members { group, .. }
             | GroupFrame::Send { group, .. } => group,
+            GroupFrame::Create { .. } => 0,
             _ => return false,
         };
+        if self.config.cluster.is_some() {
+            return !env.bridge_has_room();
+        }
+        if matches!(g, GroupFrame::Create { .. }) {
+            return false;
+        }
         let dst = home_shard(group, self.shards);
         dst != self.id && env.up(dst) && !env.has_room(dst)
     }
@@ -479,6 +478,7 @@ impl Sessions {
         let mut records = Vec::new();
         let home = &mut self.groups.home;
         let done = match op {
+            GroupOp::Create => home.create(actor, &mut records),
             GroupOp::Add { group, user } => home.add(group, actor, user, &mut records),
             GroupOp::Remove { group, user } => home.remove(group, actor, user, &mut records),
             GroupOp::Leave { group } => home.leave(group, actor, &mut records),
@@ -957,6 +957,7 @@ pub(super) fn lost(a: GroupAnswer) -> GroupAnswer {
 /// group's home shard: the group and the ring message.
 fn op_msg(reply: ConnRef, actor: u64, req: u64, op: GroupOp) -> (u64, Msg) {
     let group = match op {
+        GroupOp::Create => 0,
         GroupOp::Add { group, .. }
         | GroupOp::Remove { group, .. }
         | GroupOp::Leave { group }

@@ -315,6 +315,9 @@ pub enum Msg {
 /// A request about a group, for its home shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupOp {
+    /// GROUP_CREATE (on a cluster node, for the bridge; one box creates
+    /// in the requester's shard).
+    Create,
     /// GROUP_ADD.
     Add {
         /// The group.
