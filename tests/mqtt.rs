@@ -8,14 +8,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::child::{serve_command, TernChild};
+use common::paho::{self, Paho};
 use common::*;
 use tern::mqtt::codec::{self, Connect, Packet, Props, PropsBuf, Publish, Version};
 use tern::proto::{OwnedFrame, ReceiptKind};
@@ -50,14 +51,6 @@ fn have_mosquitto() -> bool {
         "mosquitto_sub",
         Command::new("mosquitto_sub").arg("--help"),
         false,
-    )
-}
-
-fn have_paho() -> bool {
-    have(
-        "paho-mqtt",
-        Command::new("python3").args(["-c", "import paho.mqtt.client"]),
-        true,
     )
 }
 
@@ -102,91 +95,6 @@ fn mosquitto(tool: &str, addr: SocketAddr, user: u64) -> Command {
     cmd.args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
         .args(["-u", &user.to_string(), "-P", &token(user)]);
     cmd
-}
-
-/// The paho driver (`tests/mqtt_paho.py`): commands in, event lines out.
-struct Paho {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Paho {
-    fn start() -> Paho {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mqtt_paho.py");
-        let mut child = Command::new("python3")
-            .arg("-u")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn python3");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Paho {
-            child,
-            stdin,
-            lines,
-        }
-    }
-
-    /// Connects as `user`; returns the CONNACK's (code, session present).
-    fn connect(
-        addr: SocketAddr,
-        user: u64,
-        version: u16,
-        clean: bool,
-        extra: &str,
-    ) -> (Paho, u32, bool) {
-        let mut p = Paho::start();
-        p.cmd(&format!(
-            "connect 127.0.0.1 {} {user} {} {version} {} 30 {extra}",
-            addr.port(),
-            token(user),
-            u8::from(clean)
-        ));
-        let w = p.expect("connack");
-        (p, w[1].parse().unwrap(), w[2] == "1")
-    }
-
-    fn cmd(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("write to paho");
-        self.stdin.flush().unwrap();
-    }
-
-    /// The next event line, split in words.
-    fn next(&mut self) -> Vec<String> {
-        let line = self
-            .lines
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("paho said nothing ({e})"));
-        assert!(!line.starts_with("error"), "paho: {line}");
-        line.split(' ').map(str::to_string).collect()
-    }
-
-    /// The next event, which must be `what`.
-    fn expect(&mut self, what: &str) -> Vec<String> {
-        let w = self.next();
-        assert_eq!(w[0], what, "{w:?}");
-        w
-    }
-}
-
-impl Drop for Paho {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -361,14 +269,14 @@ fn mosquitto_refusals_for_foreign_topics() {
 
 #[test]
 fn paho_qos1_puback_after_commit_user_properties_and_receipts() {
-    if !have_paho() {
+    if !paho::have_paho() {
         return;
     }
     let srv = mqtt_server();
     let addr = mqtt_addr(&srv);
     let (a, b) = cross_pair();
     let mut tern = srv.login(a);
-    let (mut p, rc, present) = Paho::connect(addr, b, 5, true, "");
+    let (mut p, rc, present) = Paho::connect_with(addr, b, 5, true, "");
     assert_eq!((rc, present), (0, false));
     p.cmd(&format!("sub u/{b}/receipts 0"));
     p.cmd(&format!("sub u/{b} 1"));
@@ -424,7 +332,7 @@ fn paho_qos1_puback_after_commit_user_properties_and_receipts() {
 
 #[test]
 fn paho_persistent_session_is_the_offline_queue() {
-    if !have_paho() {
+    if !paho::have_paho() {
         return;
     }
     let srv = mqtt_server();
@@ -434,7 +342,7 @@ fn paho_persistent_session_is_the_offline_queue() {
     // A user per round: the last message's PUBACK may not leave before
     // paho's DISCONNECT, and then it is rightly sent again next time.
     for (b, v, extra) in [(b, 311u16, ""), (b + 1000, 5, "3600")] {
-        let (mut p, _, _) = Paho::connect(addr, b, v, false, extra);
+        let (mut p, _, _) = Paho::connect_with(addr, b, v, false, extra);
         p.cmd(&format!("sub u/{b} 1"));
         p.expect("suback");
         p.cmd("disconnect");
@@ -445,7 +353,7 @@ fn paho_persistent_session_is_the_offline_queue() {
             recv_ack(&mut tern, i + 1);
         }
         // Back, no SUBSCRIBE: session present, and the five, in order.
-        let (mut p, rc, present) = Paho::connect(addr, b, v, false, extra);
+        let (mut p, rc, present) = Paho::connect_with(addr, b, v, false, extra);
         assert_eq!((rc, present), (0, true), "MQTT {v}");
         for i in 0..5u64 {
             let w = p.expect("msg");
@@ -715,13 +623,13 @@ fn serve_mqtt(dir: &Path) -> (TernChild, SocketAddr) {
 
 #[test]
 fn kill_9_loses_no_pubacked_message() {
-    if !have_paho() {
+    if !paho::have_paho() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let (serve, addr) = serve_mqtt(dir.path());
     let (a, b) = cross_pair();
-    let (mut p, rc, _) = Paho::connect(addr, b, 311, true, "");
+    let (mut p, rc, _) = Paho::connect_with(addr, b, 311, true, "");
     assert_eq!(rc, 0);
     // Under the default send rate burst: a 3.1.1 client over it is closed.
     p.cmd(&format!("pubmany u/{a} 500"));
@@ -740,7 +648,7 @@ fn kill_9_loses_no_pubacked_message() {
     assert!(!acked.is_empty(), "no PUBACK before the close");
     serve.kill9();
     // Whatever else paho printed before it saw the close was PUBACKed too.
-    while let Ok(line) = p.lines.recv_timeout(Duration::from_millis(500)) {
+    while let Some(line) = p.line_within(Duration::from_millis(500)) {
         if let Some(body) = line.strip_prefix("published ") {
             acked.push(body.to_string());
         }

@@ -7,6 +7,12 @@ use std::time::Duration;
 
 use tern::sim::{self, Faults, Options, Planted};
 
+#[path = "common/pass.rs"]
+mod pass;
+
+/// Why the README's second pass does not repeat these tests.
+const NO_BACKEND: &str = "the simulator has its own simulated network and no I/O backend";
+
 fn small(seed: u64) -> Options {
     Options {
         clients: 40,
@@ -23,6 +29,9 @@ fn assert_clean(opts: &Options) {
 
 #[test]
 fn swarm_seeds_run_clean() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     for seed in 1000..1012 {
         assert_clean(&small(seed));
     }
@@ -30,6 +39,9 @@ fn swarm_seeds_run_clean() {
 
 #[test]
 fn same_seed_same_run() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let a = sim::run(&small(77));
     let b = sim::run(&small(77));
     assert_eq!(a.trace, b.trace, "{a}\n{b}");
@@ -44,6 +56,9 @@ fn same_seed_same_run() {
 
 #[test]
 fn every_fault_at_once_runs_clean() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let mut faults = Faults::swarm(5);
     faults.net.partial_per_million = 300_000;
     faults.net.out_buffer_bytes = (256, 4096);
@@ -70,6 +85,9 @@ fn every_fault_at_once_runs_clean() {
 /// shows it.
 #[test]
 fn planted_skip_fsync_is_found() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let mut found = None;
     for seed in 1..=10 {
         // Whatever else the seed's swarm mix has, the process crashes.
@@ -109,6 +127,9 @@ fn planted_skip_fsync_is_found() {
 /// Seeds that once failed, kept as regressions (see results/sim/README.md).
 #[test]
 fn regression_seeds() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     // 2: a send cut short with room left never became writable again (a
     // bug of the simulated backend), leaving LOGIN_OK unsent.
     // 3: the end-of-run gauge check returned before the gauges were due.
@@ -160,6 +181,9 @@ fn regression_seeds() {
 /// running on, so a runaway seed cannot hang a swarm.
 #[test]
 fn a_runaway_seed_fails_at_its_deliver_budget() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let report = sim::run(&Options {
         delivers_max: 50,
         ..small(1)
@@ -180,6 +204,9 @@ fn flipping(seed: u64) -> Faults {
 /// the flipped records, and only the messages those queued may be lost.
 #[test]
 fn flipped_bytes_are_detected_and_repaired() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let mut repairs = 0;
     for seed in 1..=10 {
         let report = sim::run(&Options {
@@ -203,6 +230,9 @@ fn flipped_bytes_are_detected_and_repaired() {
 /// each (`unknown_message`, `bad_token`) and relays no receipt.
 #[test]
 fn forged_receipts_are_refused() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let mut faults = Faults::swarm(5);
     faults.forgers_per_million = 300_000;
     let report = sim::run(&Options {
@@ -231,6 +261,9 @@ fn v2_retrying(seed: u64) -> Options {
 /// (sender, client_id) names one server id.
 #[test]
 fn v2_retries_are_stored_once() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     let report = sim::run(&v2_retrying(3));
     assert!(report.failure.is_none(), "{report}");
     assert_eq!(report.v2_clients, 40, "{report}");
@@ -242,6 +275,9 @@ fn v2_retries_are_stored_once() {
 /// id, which the checker sees on the second ACK or DELIVER.
 #[test]
 fn planted_dedupe_off_is_found() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     for seed in 1..=10 {
         let report = sim::run(&Options {
             planted: Planted::DedupeOff,
@@ -261,6 +297,9 @@ fn planted_dedupe_off_is_found() {
 /// still delivered.
 #[test]
 fn hostile_clients_get_their_documented_answers() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     for seed in [5, 6] {
         let mut faults = Faults::swarm(seed);
         faults.hostile_per_million = 300_000;
@@ -279,6 +318,9 @@ fn hostile_clients_get_their_documented_answers() {
 /// sender as a read receipt the recipient did not send.
 #[test]
 fn planted_relay_forged_read_is_found() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     for seed in 1..=10 {
         let mut faults = Faults::swarm(seed);
         faults.forgers_per_million = 300_000;
@@ -297,6 +339,9 @@ fn planted_relay_forged_read_is_found() {
 
 #[test]
 fn planted_skip_checksum_is_found() {
+    if pass::first_pass_only(NO_BACKEND) {
+        return;
+    }
     for seed in 1..=10 {
         let report = sim::run(&Options {
             planted: Planted::SkipChecksum,

@@ -9,7 +9,7 @@ use tern::config::{Config, DEV_TOKEN_SECRET};
 use tern::server::Server;
 
 mod common;
-use common::{engines, test_backend, u};
+use common::{engines, loadgen, loadgen_out, server_config, start_server, test_backend, u};
 
 struct TestServer {
     server: Option<Server>,
@@ -19,15 +19,7 @@ struct TestServer {
 impl TestServer {
     fn start() -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            shards: 2,
-            stats_socket: dir.path().join("tern.sock"),
-            data_dir: dir.path().join("data"),
-            io: test_backend(),
-            ..Default::default()
-        })
-        .expect("server starts");
+        let server = start_server(server_config(dir.path()));
         TestServer {
             server: Some(server),
             _dir: dir,
@@ -46,40 +38,6 @@ impl Drop for TestServer {
             s.join();
         }
     }
-}
-
-/// Runs the load generator with `args` plus a JSON path; returns the exit
-/// status and the parsed report.
-fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
-    let (status, r, _) = loadgen_out(args, json);
-    (status, r)
-}
-
-/// Like [`loadgen`], also returning the summary it printed.
-fn loadgen_out(args: &[&str], json: &Path) -> (i32, Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
-        .args(args)
-        .args([
-            "--secret",
-            DEV_TOKEN_SECRET,
-            "--source",
-            "127.0.0.1",
-            "--quiet",
-        ])
-        .arg("--json")
-        .arg(json)
-        .output()
-        .expect("tern-loadgen runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let text = std::fs::read_to_string(json)
-        .unwrap_or_else(|e| panic!("no report ({e})\nstdout:\n{stdout}\nstderr:\n{stderr}"));
-    let v: Value = serde_json::from_str(&text).expect("report is JSON");
-    let status = out.status.code().unwrap_or(-1);
-    if status != 0 {
-        eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    }
-    (status, v, stdout.into_owned())
 }
 
 #[test]
@@ -407,18 +365,12 @@ fn chat_over_tls_loses_nothing() {
     )
     .unwrap();
     std::fs::write(&ca_path, ca_cert.pem()).unwrap();
-    let server = Server::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    let server = start_server(Config {
         tls_listen: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert: cert_path,
         tls_key: key_path,
-        shards: 2,
-        stats_socket: dir.path().join("tern.sock"),
-        data_dir: dir.path().join("data"),
-        io: test_backend(),
-        ..Default::default()
-    })
-    .expect("server starts");
+        ..server_config(dir.path())
+    });
     let tls_addr = server.tls_addr().unwrap().to_string();
     let ca_arg = ca_path.to_str().unwrap().to_string();
     for (i, engine) in engines().into_iter().enumerate() {

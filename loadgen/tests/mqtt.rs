@@ -11,51 +11,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tern::config::{Config, DEV_TOKEN_SECRET};
+use tern::config::Config;
 use tern::server::Server;
 
 mod common;
-use common::{engines, test_backend, u};
+use common::{engines, loadgen, loadgen_with_secret, server_config, start_server, test_backend, u};
 
 /// A server with an MQTT listener.
 fn start(dir: &Path) -> Server {
-    Server::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    start_server(Config {
         mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
-        shards: 2,
-        stats_socket: dir.join("tern.sock"),
-        data_dir: dir.join("data"),
-        io: test_backend(),
-        ..Default::default()
+        ..server_config(dir)
     })
-    .expect("server starts")
-}
-
-/// Runs the load generator with `args` and the development secret.
-fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
-    loadgen_with_secret(args, DEV_TOKEN_SECRET, json)
-}
-
-/// Runs the load generator with `args`; the exit status and its JSON report.
-fn loadgen_with_secret(args: &[&str], secret: &str, json: &Path) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
-        .args(args)
-        .args(["--secret", secret, "--source", "127.0.0.1", "--quiet"])
-        .arg("--json")
-        .arg(json)
-        .output()
-        .expect("tern-loadgen runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    let text = std::fs::read_to_string(json)
-        .unwrap_or_else(|e| panic!("no report ({e})\nstdout:\n{stdout}\nstderr:\n{stderr}"));
-    let status = out.status.code().unwrap_or(-1);
-    if status != 0 {
-        eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    }
-    (status, serde_json::from_str(&text).expect("report is JSON"))
 }
 
 /// A chat of 200 users and 400 messages over MQTT to `server`, on
@@ -243,7 +210,7 @@ fn a_bad_token_is_refused_at_connack() {
     let server = start(dir.path());
     let mqtt = server.mqtt_addr().expect("mqtt listener").to_string();
     let json = dir.path().join("bad.json");
-    let (status, r) = loadgen_with_secret(
+    let (status, r, _) = loadgen_with_secret(
         &[
             "connect",
             "--protocol",

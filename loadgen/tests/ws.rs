@@ -3,58 +3,21 @@
 //! asserted, no timings.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use serde_json::Value;
-use tern::config::{Config, DEV_TOKEN_SECRET};
+use tern::config::Config;
 use tern::server::Server;
 
 mod common;
-use common::{engines, test_backend, u};
+use common::{engines, loadgen, server_config, start_server, u};
 
 const ORIGIN: &str = "https://chat.example";
 
 /// A server with a WebSocket listener that allows only [`ORIGIN`].
 fn start(dir: &Path) -> Server {
-    Server::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    start_server(Config {
         ws_listen: Some("127.0.0.1:0".parse().unwrap()),
         ws_origins: vec![ORIGIN.to_string()],
-        shards: 2,
-        stats_socket: dir.join("tern.sock"),
-        data_dir: dir.join("data"),
-        io: test_backend(),
-        ..Default::default()
+        ..server_config(dir)
     })
-    .expect("server starts")
-}
-
-/// Runs the load generator with `args`; the exit status and its JSON report.
-fn loadgen(args: &[&str], json: &Path) -> (i32, Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern-loadgen"))
-        .args(args)
-        .args([
-            "--secret",
-            DEV_TOKEN_SECRET,
-            "--source",
-            "127.0.0.1",
-            "--quiet",
-        ])
-        .arg("--json")
-        .arg(json)
-        .output()
-        .expect("tern-loadgen runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    let text = std::fs::read_to_string(json)
-        .unwrap_or_else(|e| panic!("no report ({e})\nstdout:\n{stdout}\nstderr:\n{stderr}"));
-    let status = out.status.code().unwrap_or(-1);
-    if status != 0 {
-        eprintln!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    }
-    (status, serde_json::from_str(&text).expect("report is JSON"))
 }
 
 /// Users chat over WebSocket with every engine: all logged in, every
@@ -229,19 +192,13 @@ fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 fn chat_over_wss_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (tls_cert, tls_key, ca) = certificates(dir.path());
-    let server = Server::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    let server = start_server(Config {
         tls_listen: Some("127.0.0.1:0".parse().unwrap()),
         tls_cert,
         tls_key,
         ws_origins: vec![ORIGIN.to_string()],
-        shards: 2,
-        stats_socket: dir.path().join("tern.sock"),
-        data_dir: dir.path().join("data"),
-        io: test_backend(),
-        ..Default::default()
-    })
-    .expect("server starts");
+        ..server_config(dir.path())
+    });
     let tls = server.tls_addr().expect("tls listener").to_string();
     let ca = ca.to_str().unwrap().to_string();
     for (i, engine) in engines().into_iter().enumerate() {

@@ -100,6 +100,9 @@ fn settle_even(nodes: &[&Node]) {
 /// message is delivered in per-sender order.
 #[test]
 fn a_node_killed_under_load_loses_nothing_acked() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(nats) = Nats::start_cluster() else {
         return;
     };
@@ -131,6 +134,9 @@ fn a_node_killed_under_load_loses_nothing_acked() {
 /// every ACKed message is delivered in per-sender order.
 #[test]
 fn a_nats_server_killed_under_load_loses_nothing_acked() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(mut nats) = Nats::start_cluster() else {
         return;
     };

@@ -109,6 +109,9 @@ fn a_user_of_another_node_is_watched_like_a_local_one() {
 /// there and shows it online when it logs in again.
 #[test]
 fn a_node_going_away_shows_its_users_offline_and_the_watch_follows_them() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(nats) = Nats::start() else { return };
     let a = reachable_node(&nats, "a", 16);
     let b = reachable_node(&nats, "b", 16);

@@ -121,6 +121,9 @@ pub(super) fn chat_across(nodes: &[&TestServer], users: std::ops::Range<u64>) {
 /// keeping 3 copies of everything.
 #[test]
 fn two_then_three_nodes_chat_across_three_nats_servers() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(nats) = Nats::start_cluster() else {
         return;
     };
@@ -149,6 +152,9 @@ fn two_then_three_nodes_chat_across_three_nats_servers() {
 /// node starts; the count a node configures is what it reports.
 #[test]
 fn an_existing_stream_is_brought_to_the_configured_replicas() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(nats) = Nats::start_cluster() else {
         return;
     };

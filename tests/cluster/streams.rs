@@ -31,6 +31,9 @@ fn state(nodes: &[&TestServer]) -> Vec<(u64, u64, u64)> {
 
 #[test]
 fn nodes_hold_whole_streams_with_one_consumer_each() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(nats) = Nats::start_cluster() else {
         return;
     };
@@ -71,6 +74,9 @@ fn nodes_hold_whole_streams_with_one_consumer_each() {
 /// consumer each, and every ACKed message delivered in per-sender order.
 #[test]
 fn a_killed_node_s_stream_is_taken_over_whole() {
+    if super::common::pass::first_pass_only(super::ABOVE_THE_BACKEND) {
+        return;
+    }
     let Some(nats) = Nats::start_cluster() else {
         return;
     };

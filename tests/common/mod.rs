@@ -12,6 +12,7 @@ pub mod child;
 pub mod cut;
 pub mod gateway;
 pub mod paho;
+pub mod pass;
 pub mod proxy;
 pub mod ws;
 

@@ -1,7 +1,6 @@
 //! The paho-mqtt driver (`tests/mqtt_paho.py`, commands in, event lines
-//! out) for tests beside tests/mqtt.rs. A missing paho skips the test with
-//! a printed reason, unless `TERN_REQUIRE_MQTT_CLIENTS=1` (set by .ci/run):
-//! then it fails.
+//! out). A missing paho skips the test with a printed reason, unless
+//! `TERN_REQUIRE_MQTT_CLIENTS=1` (set by .ci/run): then it fails.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -44,6 +43,21 @@ impl Paho {
     /// Connects as `user` (MQTT `version` 311 or 5, clean session),
     /// keepalive 30 s; returns the client and the CONNACK's code.
     pub fn connect(addr: SocketAddr, user: u64, version: u16) -> (Paho, u32) {
+        let (p, rc, _) = Paho::connect_with(addr, user, version, true, "");
+        (p, rc)
+    }
+
+    /// Connects as `user` (MQTT `version` 311 or 5), keepalive 30 s, with
+    /// `clean` session or not and `extra` words for the driver (see
+    /// `tests/mqtt_paho.py`); returns the client and the CONNACK's (code,
+    /// session present).
+    pub fn connect_with(
+        addr: SocketAddr,
+        user: u64,
+        version: u16,
+        clean: bool,
+        extra: &str,
+    ) -> (Paho, u32, bool) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mqtt_paho.py");
         let mut child = Command::new("python3")
             .arg("-u")
@@ -70,14 +84,13 @@ impl Paho {
             lines,
         };
         p.cmd(&format!(
-            "connect 127.0.0.1 {} {user} {} {version} 1 30",
+            "connect 127.0.0.1 {} {user} {} {version} {} 30 {extra}",
             addr.port(),
             token(user),
+            u8::from(clean)
         ));
-        let w = p.next();
-        assert_eq!(w[0], "connack", "{w:?}");
-        let rc = w[1].parse().unwrap();
-        (p, rc)
+        let w = p.expect("connack");
+        (p, w[1].parse().unwrap(), w[2] == "1")
     }
 
     /// Sends one command line.
@@ -93,11 +106,23 @@ impl Paho {
             .unwrap_or_else(|| panic!("paho said nothing within {WAIT:?}"))
     }
 
+    /// The next event, which must be `what`.
+    pub fn expect(&mut self, what: &str) -> Vec<String> {
+        let w = self.next();
+        assert_eq!(w[0], what, "{w:?}");
+        w
+    }
+
     /// The next event line within `wait`, if one came.
     pub fn next_within(&mut self, wait: Duration) -> Option<Vec<String>> {
-        let line = self.lines.recv_timeout(wait).ok()?;
+        let line = self.line_within(wait)?;
         assert!(!line.starts_with("error"), "paho: {line}");
         Some(line.split(' ').map(str::to_string).collect())
+    }
+
+    /// The next line as it is within `wait`, an `error` line too.
+    pub fn line_within(&mut self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
     }
 }
 

@@ -12,7 +12,7 @@ use super::WAIT;
 /// The RFC 6455 §1.3 example key; the server must answer with
 /// [`ACCEPT`].
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+pub const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
 /// One WebSocket client connection.
 pub struct WsClient {
@@ -25,22 +25,44 @@ pub struct WsClient {
 
 /// A masked client frame: `first` is the FIN/opcode byte.
 pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0xa1, 0x5e, 0x07, 0x3c];
+    ws_frame(first, payload, true)
+}
+
+/// A frame with a client's mask or, to test the refusal, without one.
+pub fn ws_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let m = if masked { 0x80 } else { 0 };
     let mut f = vec![first];
     match payload.len() {
-        n if n <= 125 => f.push(0x80 | n as u8),
+        n if n <= 125 => f.push(m | n as u8),
         n if n <= 0xffff => {
-            f.push(0x80 | 126);
+            f.push(m | 126);
             f.extend_from_slice(&(n as u16).to_be_bytes());
         }
         n => {
-            f.push(0x80 | 127);
+            f.push(m | 127);
             f.extend_from_slice(&(n as u64).to_be_bytes());
         }
     }
-    f.extend_from_slice(&mask);
+    let mask = if masked {
+        [0xa1, 0x5e, 0x07, 0x3c]
+    } else {
+        [0; 4]
+    };
+    if masked {
+        f.extend_from_slice(&mask);
+    }
     f.extend(payload.iter().enumerate().map(|(i, &b)| b ^ mask[i & 3]));
     f
+}
+
+/// An upgrade request for `/tern` with `extra` header lines (each ending
+/// in CRLF).
+pub fn request(extra: &str) -> String {
+    format!(
+        "GET /tern HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
+         {extra}\r\n"
+    )
 }
 
 /// `frames` encoded back to back.
@@ -62,14 +84,26 @@ impl WsClient {
     /// Upgrades with `extra` header lines (each ending in CRLF); returns
     /// the client and the head of the 101 answer.
     pub fn upgrade_with(addr: SocketAddr, extra: &str) -> (WsClient, String) {
+        let (client, head) = WsClient::open(addr, &request(extra));
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        assert!(
+            head.contains(&format!("Sec-WebSocket-Accept: {ACCEPT}\r\n")),
+            "{head}"
+        );
+        (client, head)
+    }
+
+    /// Connects, sends `req` as it is and reads the HTTP answer's head,
+    /// whatever it is; returns the client and the head.
+    pub fn open(addr: SocketAddr, req: &str) -> (WsClient, String) {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
-        let req = format!(
-            "GET /tern HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\
-             {extra}\r\n"
-        );
         s.write_all(req.as_bytes()).unwrap();
+        WsClient::answered(s)
+    }
+
+    /// Reads the HTTP answer's head on `s`, whose request went out.
+    pub fn answered(mut s: TcpStream) -> (WsClient, String) {
         let mut raw = Vec::new();
         let mut chunk = [0u8; 4096];
         let end = loop {
@@ -81,11 +115,6 @@ impl WsClient {
             raw.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8(raw[..end].to_vec()).unwrap();
-        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-        assert!(
-            head.contains(&format!("Sec-WebSocket-Accept: {ACCEPT}\r\n")),
-            "{head}"
-        );
         raw.drain(..end);
         let client = WsClient {
             s,
@@ -93,6 +122,20 @@ impl WsClient {
             stream: Vec::new(),
         };
         (client, head)
+    }
+
+    /// Reads to EOF (the server closes); returns what came.
+    pub fn read_to_end(mut self) -> Vec<u8> {
+        let mut rest = self.raw;
+        self.s
+            .read_to_end(&mut rest)
+            .expect("closed within the wait");
+        rest
+    }
+
+    /// Sends one frame, masked or not: `first` is the FIN/opcode byte.
+    pub fn frame(&mut self, first: u8, payload: &[u8], masked: bool) {
+        self.send_raw(&ws_frame(first, payload, masked));
     }
 
     /// The payload stream of the binary messages so far plus the next
@@ -178,6 +221,30 @@ impl WsClient {
         let f = self.recv_with_pongs(&mut pongs);
         assert!(pongs.is_empty(), "unexpected pong {pongs:?}");
         f
+    }
+
+    /// The next Tern frame matching `want`, skipping others.
+    pub fn recv_until(&mut self, want: impl Fn(&OwnedFrame) -> bool) -> OwnedFrame {
+        loop {
+            let f = self.recv();
+            if want(&f) {
+                return f;
+            }
+        }
+    }
+
+    /// Reads to the end: the close code the server sent, then EOF.
+    pub fn close_code(&mut self) -> u16 {
+        loop {
+            match self.next() {
+                Some((0x8, p)) => {
+                    assert_eq!(self.next(), None, "nothing after the close frame");
+                    return u16::from_be_bytes([p[0], p[1]]);
+                }
+                Some(_) => continue,
+                None => panic!("no close frame before EOF"),
+            }
+        }
     }
 
     /// LOGIN as `token`; panics unless LOGIN_OK comes.
