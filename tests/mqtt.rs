@@ -604,9 +604,6 @@ fn serve_mqtt(dir: &Path) -> (TernChild, SocketAddr) {
         .arg("--stats-socket")
         .arg(dir.join("s.sock"))
         .args(["--shards", "2", "--durability", "fsync"]);
-    if let Ok(io) = std::env::var("TERN_TEST_IO") {
-        cmd.args(["--io", &io]);
-    }
     let child = TernChild::expect_start(cmd);
     let deadline = Instant::now() + WAIT;
     let mqtt = loop {

@@ -21,7 +21,9 @@ pub struct TernChild {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// `tern serve` with the test secret and no inherited secret, and `args`.
+/// `tern serve` with the test secret and no inherited secret, and `args`;
+/// on the suite's I/O backend ([`super::test_backend`]) unless `args` name
+/// one, so the poll pass runs child processes on poll too.
 pub fn serve_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(TERN);
     cmd.env_remove("TERN_TOKEN_SECRET")
@@ -32,6 +34,9 @@ pub fn serve_command(args: &[&str]) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if !args.contains(&"--io") {
+        cmd.args(["--io", &format!("{:?}", super::test_backend()).to_lowercase()]);
+    }
     cmd
 }
 
