@@ -237,6 +237,7 @@ impl Relay {
                 kind,
                 server_id,
                 peer,
+                ..
             } => {
                 let record = Record::Receipt {
                     user,
@@ -491,11 +492,14 @@ impl Relay {
                     peer,
                 }) => {
                     let dst = home_shard(user, self.shards());
+                    // JetStream holds it: no outbox to answer.
                     self.backlog[dst].push_back(Msg::Receipt {
                         user,
                         kind,
                         server_id,
                         peer,
+                        src: 0,
+                        seq: 0,
                     });
                     tokio::spawn(async move {
                         let _ = acker.ack().await;

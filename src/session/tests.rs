@@ -18,6 +18,7 @@ mod remove;
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
 use crate::shard::ConnRef;
+use crate::store::devices::Record;
 use crate::store::{MemStore, Origin};
 
 /// Wall clock of the tests: any fixed time works, tokens are minted for it.
@@ -958,21 +959,28 @@ fn a_send_from_another_shard_is_acked_there_after_the_commit() {
     assert!(
         matches!(
             routes[..],
-            [Action::Route {
-                dst: 1,
-                msg: Msg::Reject {
-                    client_id: 2,
-                    code: ErrorCode::Internal,
-                    ..
+            [
+                Action::Route {
+                    dst: 1,
+                    msg: Msg::Reject {
+                        client_id: 2,
+                        code: ErrorCode::Internal,
+                        ..
+                    }
+                },
+                // Receipts taken and lost with the crash come again.
+                Action::Route {
+                    dst: 1,
+                    msg: Msg::ReceiptsResend { shard: 0 }
                 }
-            }]
+            ]
         ),
         "{routes:?}"
     );
 }
 
 #[test]
-fn receipts_to_a_down_shard_are_dropped() {
+fn receipts_to_a_down_shard_wait_in_the_outbox_until_taken() {
     // A READ of a message never delivered: the check is off here.
     let config = Config {
         delivered_recent_max: 0,
@@ -991,8 +999,25 @@ fn receipts_to_a_down_shard_are_dropped() {
     );
     h.env.down.set(Some(1));
     let out = h.commit(&[]);
-    assert!(out.routes().is_empty(), "{out:?}");
-    assert_eq!(h.s.stats.receipts_dropped.get(), 1);
+    let seq = match out.routes()[..] {
+        [(1, Msg::Receipt { src: 0, seq, .. })] => *seq,
+        _ => panic!("{out:?}"),
+    };
+    assert_eq!(h.s.stats.receipts_dropped.get(), 0);
+    assert_eq!(h.s.outbox_len(), 1);
+    let mut records = Vec::new();
+    h.s.take_device_records(&mut records);
+    assert!(
+        matches!(records[..], [.., Record::Outbox { seq: s, .. }] if s == seq),
+        "{records:?}"
+    );
+    // Its shard has it: it leaves the outbox, once.
+    for _ in 0..2 {
+        h.step(Event::Msg(Msg::ReceiptsTaken { seqs: vec![seq] }));
+    }
+    assert_eq!(h.s.outbox_len(), 0);
+    h.s.take_device_records(&mut records);
+    assert!(matches!(records[..], [Record::OutboxDone { seq: s }] if s == seq));
 }
 
 #[cfg(debug_assertions)]

@@ -112,11 +112,12 @@ impl DeviceWriter {
                 .is_some_and(|m| m.server_id == id)
         };
         // A batch of last online times alone (logins and logouts) needs no
-        // fsync of its own: a login storm costs a write per iteration.
+        // fsync of its own: a login storm costs a write per iteration. Nor
+        // does an outbox receipt's end: a lost one sends the receipt again.
         let sync = self
             .records
             .iter()
-            .any(|r| !matches!(r, Record::Seen { .. }));
+            .any(|r| !matches!(r, Record::Seen { .. } | Record::OutboxDone { .. }));
         let written = if log.broken() {
             log.compact(queued)
         } else {

@@ -195,7 +195,7 @@ fn a_message_from_jetstream_is_delivered_once_and_acked_to_the_bridge_on_deliver
     assert!(
         matches!(
             to_bridge(&out)[..],
-            [Msg::Receipt { user, kind: ReceiptKind::Delivered, server_id: 77, peer }] if *user == from && *peer == to
+            [Msg::Receipt { user, kind: ReceiptKind::Delivered, server_id: 77, peer, .. }] if *user == from && *peer == to
         ),
         "{out:?}"
     );
