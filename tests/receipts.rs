@@ -1,0 +1,308 @@
+//! Durable receipts over real sockets (docs/PROTOCOL.md, "Receipts are
+//! durable"): group receipts wait for a sender with no device online, and
+//! a receipt on its way between two shards when the process is killed
+//! still arrives (the receipt outbox, docs/ARCHITECTURE.md). The server is
+//! the real binary, so it can be killed with SIGKILL.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::Command;
+
+use common::child::{serve_command, TernChild, TERN};
+use common::*;
+use tern::proto::group::list_users;
+use tern::proto::{Frame, GroupFrame, OwnedFrame, ReceiptKind, VERSION_2};
+use tern_client::Client;
+
+/// `tern serve` on `dir` with `shards` shards, fsync durability and the
+/// suite's I/O backend.
+fn spawn(dir: &Path, shards: usize) -> TernChild {
+    let mut cmd = serve_command(&["--listen", "127.0.0.1:0"]);
+    cmd.args(["--shards", &shards.to_string()])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--stats-socket")
+        .arg(dir.join("s.sock"))
+        .args(["--durability", "fsync"]);
+    if let Ok(io) = std::env::var("TERN_TEST_IO") {
+        cmd.args(["--io", &io]);
+    }
+    TernChild::expect_start(cmd)
+}
+
+fn login2(addr: std::net::SocketAddr, user: u64) -> Client {
+    Client::login_version(addr, &token(user), VERSION_2)
+        .unwrap_or_else(|e| panic!("v2 login of {user} failed: {e}"))
+        .0
+}
+
+fn group(c: &mut Client, g: GroupFrame<&[u8]>) {
+    c.send_frame(&Frame::Group(g)).unwrap();
+}
+
+/// `show user U` of the server on `dir`, as a map.
+fn show_user(dir: &Path, user: u64) -> HashMap<String, String> {
+    let text = tern::stats::query(&dir.join("s.sock"), &format!("show user {user}"))
+        .unwrap_or_else(|e| panic!("show user {user}: {e}"));
+    parse_info(&text)
+}
+
+/// Waits until `user` has no device online and `pending` receipts wait
+/// for it.
+fn wait_offline_with(dir: &Path, user: u64, pending: u64) {
+    let mut last = HashMap::new();
+    let ok = wait_for(|| {
+        last = show_user(dir, user);
+        last.get("Devices_online").is_some_and(|d| d.is_empty())
+            && last.get("Receipts_pending").and_then(|p| p.parse().ok()) == Some(pending)
+    });
+    assert!(
+        ok,
+        "user {user} never offline with {pending} receipts: {last:?}"
+    );
+}
+
+/// The next frame other than a group copy, which is answered DELIVERED
+/// (the group's number of each message copy, not event, put in `msgs`).
+fn next_not_copy(c: &mut Client, msgs: &mut Vec<u64>) -> OwnedFrame {
+    loop {
+        match c.recv().expect("a frame") {
+            OwnedFrame::Group(GroupFrame::Deliver { server_id, msg, .. }) => {
+                c.send_delivered(server_id).unwrap();
+                msgs.push(msg);
+            }
+            OwnedFrame::Group(GroupFrame::Event { server_id, .. }) => {
+                c.send_delivered(server_id).unwrap();
+            }
+            f => return f,
+        }
+    }
+}
+
+/// Reads (answering copies) until the copy of message `msg` came.
+fn until_copy(c: &mut Client, msg: u64) {
+    let mut msgs = Vec::new();
+    let mut nonce = 100;
+    while !msgs.contains(&msg) {
+        nonce += 1;
+        c.send_frame(&Frame::Ping { nonce }).unwrap();
+        match next_not_copy(c, &mut msgs) {
+            OwnedFrame::Pong { nonce: n } if n == nonce => {}
+            f => panic!("unexpected {f:?}"),
+        }
+        if !msgs.contains(&msg) {
+            // Not there yet: it crosses a ring.
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Sends a PING and reads up to its PONG; the GROUP_RECEIPT frames read
+/// on the way, as (kind, group, msg, members).
+fn receipts_until_pong(c: &mut Client, nonce: u64) -> Vec<(ReceiptKind, u64, u64, Vec<u64>)> {
+    receipts_and_copies(c, nonce, &mut Vec::new())
+}
+
+/// [`receipts_until_pong`], putting the group's numbers of the message
+/// copies read on the way in `msgs`.
+fn receipts_and_copies(
+    c: &mut Client,
+    nonce: u64,
+    msgs: &mut Vec<u64>,
+) -> Vec<(ReceiptKind, u64, u64, Vec<u64>)> {
+    c.send_frame(&Frame::Ping { nonce }).unwrap();
+    let mut out = Vec::new();
+    loop {
+        match next_not_copy(c, msgs) {
+            OwnedFrame::Pong { nonce: n } if n == nonce => return out,
+            OwnedFrame::Group(GroupFrame::Receipt {
+                kind,
+                group,
+                msg,
+                members,
+            }) => out.push((kind, group, msg, list_users(&members).collect())),
+            f => panic!("unexpected {f:?}"),
+        }
+    }
+}
+
+#[test]
+fn group_receipts_wait_for_an_offline_sender_through_kill_9_and_reshard() {
+    let dir = tempfile::tempdir().unwrap();
+    // The sender on shard 0, members on both shards.
+    let a = users_on(0, 2, 2);
+    let b = users_on(1, 2, 2);
+    let (sender, members) = (a[0], [b[0], a[1], b[1]]);
+    let child = spawn(dir.path(), 2);
+    let mut ca = login2(child.addr, sender);
+    let mut copies = Vec::new();
+    group(&mut ca, GroupFrame::Create { req: 1 });
+    let g = match next_not_copy(&mut ca, &mut copies) {
+        OwnedFrame::Group(GroupFrame::Ok { req: 1, group }) => group,
+        f => panic!("{f:?}"),
+    };
+    for (i, &u) in members.iter().enumerate() {
+        let req = 2 + i as u64;
+        group(
+            &mut ca,
+            GroupFrame::Add {
+                req,
+                group: g,
+                user: u,
+            },
+        );
+        match next_not_copy(&mut ca, &mut copies) {
+            OwnedFrame::Group(GroupFrame::Ok { req: r, .. }) if r == req => {}
+            f => panic!("{f:?}"),
+        }
+    }
+    group(
+        &mut ca,
+        GroupFrame::Send {
+            client_id: 10,
+            group: g,
+            body: b"while you were away",
+        },
+    );
+    match next_not_copy(&mut ca, &mut copies) {
+        OwnedFrame::Ack { client_id: 10, .. } => {}
+        f => panic!("{f:?}"),
+    }
+    // Its own copy carries the group's number of the message.
+    while copies.is_empty() {
+        assert!(receipts_and_copies(&mut ca, 1, &mut copies).is_empty());
+    }
+    let msg = copies[0];
+    drop(ca);
+    wait_offline_with(dir.path(), sender, 0);
+
+    // Each member takes the message (DELIVERED) and reads it, while the
+    // sender has no device online.
+    for &u in &members {
+        let mut cu = login2(child.addr, u);
+        until_copy(&mut cu, msg);
+        group(
+            &mut cu,
+            GroupFrame::Read {
+                group: g,
+                msg,
+                from: sender,
+            },
+        );
+        assert!(receipts_until_pong(&mut cu, 2).is_empty());
+    }
+    // Three members, delivered and read: six receipts wait, durably.
+    wait_offline_with(dir.path(), sender, 6);
+    child.kill9();
+
+    // Moved to 3 shards on the way: the receipts move with their user.
+    let status = Command::new(TERN)
+        .args(["store", "reshard", "--shards", "3", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .status()
+        .expect("run tern store reshard");
+    assert!(status.success(), "reshard failed: {status}");
+    let child = spawn(dir.path(), 3);
+    let mut ca = login2(child.addr, sender);
+    // Right after LOGIN_OK, once, batched: a frame per kind naming all
+    // three members.
+    let mut got = receipts_until_pong(&mut ca, 3);
+    got.sort_by_key(|r| r.0 as u8);
+    let mut want: Vec<u64> = members.to_vec();
+    want.sort_unstable();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for (r, kind) in got
+        .iter_mut()
+        .zip([ReceiptKind::Delivered, ReceiptKind::Read])
+    {
+        r.3.sort_unstable();
+        assert_eq!(*r, (kind, g, msg, want.clone()));
+    }
+    drop(ca);
+    wait_offline_with(dir.path(), sender, 0);
+    let mut ca = login2(child.addr, sender);
+    assert!(receipts_until_pong(&mut ca, 4).is_empty(), "given once");
+}
+
+/// Delivery receipts for `sender` read from `c` until a PONG, into `got`
+/// (the server ids).
+fn delivery_receipts(c: &mut Client, nonce: u64, got: &mut BTreeSet<u64>) {
+    c.send_frame(&Frame::Ping { nonce }).unwrap();
+    loop {
+        match c.recv().expect("a frame") {
+            OwnedFrame::Pong { nonce: n } if n == nonce => return,
+            OwnedFrame::Receipt {
+                kind: ReceiptKind::Delivered,
+                server_id,
+                ..
+            } => {
+                got.insert(server_id);
+            }
+            f => panic!("unexpected {f:?}"),
+        }
+    }
+}
+
+#[test]
+fn receipts_crossing_shards_at_a_kill_9_still_arrive() {
+    const ROUNDS: u64 = 4;
+    const PER_ROUND: u64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    // The sender on shard 0, the recipient on shard 1: every receipt
+    // crosses a ring.
+    let (a, b) = cross_pair();
+    let mut sent = BTreeSet::new();
+    let mut got = BTreeSet::new();
+    let mut child = spawn(dir.path(), 2);
+    for round in 0..ROUNDS {
+        // The sender gets what waited, sends a batch, and goes offline.
+        let mut ca = login2(child.addr, a);
+        delivery_receipts(&mut ca, 1, &mut got);
+        for k in 0..PER_ROUND {
+            let client_id = round * PER_ROUND + k + 1;
+            ca.send_msg(client_id, b, &client_id.to_be_bytes()).unwrap();
+        }
+        let this_round: BTreeSet<u64> = (0..PER_ROUND)
+            .map(|k| recv_ack(&mut ca, round * PER_ROUND + k + 1))
+            .collect();
+        sent.extend(&this_round);
+        drop(ca);
+        assert!(wait_for(|| show_user(dir.path(), a)
+            .get("Devices_online")
+            .is_some_and(|d| d.is_empty())));
+        // The recipient answers everything it gets, and the server is
+        // killed right after the last DELIVERED is written: some receipts
+        // are on their way from shard 1 to shard 0.
+        let mut cb = login2(child.addr, b);
+        let mut left: BTreeSet<u64> = this_round;
+        while !left.is_empty() {
+            let d = recv_deliver(&mut cb);
+            cb.send_delivered(d.server_id).unwrap();
+            left.remove(&d.server_id);
+        }
+        child.kill9();
+        child = spawn(dir.path(), 2);
+    }
+    // Whatever was not answered before a kill comes again: answered now.
+    let mut cb = login2(child.addr, b);
+    cb.send_frame(&Frame::Ping { nonce: 9 }).unwrap();
+    loop {
+        match cb.recv().expect("a frame") {
+            OwnedFrame::Pong { nonce: 9 } => break,
+            OwnedFrame::Deliver { server_id, .. } => cb.send_delivered(server_id).unwrap(),
+            f => panic!("unexpected {f:?}"),
+        }
+    }
+    // Every message has its delivery receipt (duplicates allowed).
+    let mut ca = login2(child.addr, a);
+    let mut nonce = 10;
+    let done = wait_for(|| {
+        nonce += 1;
+        delivery_receipts(&mut ca, nonce, &mut got);
+        sent.is_subset(&got)
+    });
+    let lost: Vec<_> = sent.difference(&got).collect();
+    assert!(done, "{} receipts lost: {lost:?}", lost.len());
+}
