@@ -123,6 +123,8 @@ fn receipts_and_copies(
                 msg,
                 members,
             }) => out.push((kind, group, msg, list_users(&members).collect())),
+            // 1:1 receipts: not what these callers count.
+            OwnedFrame::Receipt { .. } => {}
             f => panic!("unexpected {f:?}"),
         }
     }
@@ -305,4 +307,168 @@ fn receipts_crossing_shards_at_a_kill_9_still_arrive() {
     });
     let lost: Vec<_> = sent.difference(&got).collect();
     assert!(done, "{} receipts lost: {lost:?}", lost.len());
+}
+
+/// Bytes of each shard's device log under `dir` once it stopped growing
+/// (sampled until two reads agree). A figure, not a test: no assertion
+/// rests on the wait.
+fn settled_device_logs(dir: &Path, shards: usize) -> Vec<u64> {
+    let read = || -> Vec<u64> {
+        (0..shards)
+            .map(|k| {
+                let path = dir
+                    .join("data")
+                    .join(format!("shard-{k}"))
+                    .join("devices.rec");
+                std::fs::metadata(path).map_or(0, |m| m.len())
+            })
+            .collect()
+    };
+    let mut last = read();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = read();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// The figures in results/receipts/README.md: device log bytes per
+/// receipt waiting for an offline sender (on the sender's shard) and per
+/// receipt that went through the outbox (on the recipient's shard), for
+/// 1:1 receipts and for group receipts, members answering one at a time
+/// and all online at once. Run with
+/// `cargo test -p tern --test receipts log_bytes -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn log_bytes_per_waiting_receipt() {
+    const N: u64 = 200;
+    const MEMBERS: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let child = spawn(dir.path(), 2);
+    let (a, b) = cross_pair();
+    // 1:1: N messages from a (then offline) to b, delivered and read.
+    let mut ca = login2(child.addr, a);
+    for k in 1..=N {
+        ca.send_msg(k, b, b"x").unwrap();
+        recv_ack(&mut ca, k);
+    }
+    drop(ca);
+    wait_offline_with(dir.path(), a, 0);
+    let before = settled_device_logs(dir.path(), 2);
+    let mut cb = login2(child.addr, b);
+    for _ in 0..N {
+        let d = recv_deliver(&mut cb);
+        cb.send_delivered(d.server_id).unwrap();
+        cb.send_read(d.server_id, a).unwrap();
+    }
+    wait_offline_with(dir.path(), a, 2 * N);
+    let after = settled_device_logs(dir.path(), 2);
+    println!(
+        "1:1 receipts={} sender_shard_bytes_per_receipt={:.1} recipient_shard_outbox_bytes_per_receipt={:.1}",
+        2 * N,
+        (after[0] - before[0]) as f64 / (2 * N) as f64,
+        (after[1] - before[1]) as f64 / (2 * N) as f64
+    );
+    drop(cb);
+    // Groups: MEMBERS members on shard 1, answering one after another
+    // (each receipt alone), then all online when the message comes.
+    let members = users_on(1, 2, MEMBERS + 1)[1..].to_vec();
+    let mut ca = login2(child.addr, a);
+    // What waited from the 1:1 part, handed out.
+    receipts_until_pong(&mut ca, 4);
+    let mut msgs = Vec::new();
+    group(&mut ca, GroupFrame::Create { req: 1 });
+    let g = match next_not_copy(&mut ca, &mut msgs) {
+        OwnedFrame::Group(GroupFrame::Ok { req: 1, group }) => group,
+        f => panic!("{f:?}"),
+    };
+    for (i, &u) in members.iter().enumerate() {
+        let req = 2 + i as u64;
+        group(
+            &mut ca,
+            GroupFrame::Add {
+                req,
+                group: g,
+                user: u,
+            },
+        );
+        match next_not_copy(&mut ca, &mut msgs) {
+            OwnedFrame::Group(GroupFrame::Ok { req: r, .. }) if r == req => {}
+            f => panic!("{f:?}"),
+        }
+    }
+    drop(ca);
+    let mut clients: Vec<Client> = Vec::new();
+    for (round, online) in [(1u64, false), (2, true)] {
+        if online {
+            clients = members.iter().map(|&u| login2(child.addr, u)).collect();
+            for c in &mut clients {
+                receipts_until_pong(c, 5);
+            }
+        }
+        let mut ca = login2(child.addr, a);
+        receipts_until_pong(&mut ca, 4);
+        let client_id = 100 + round;
+        group(
+            &mut ca,
+            GroupFrame::Send {
+                client_id,
+                group: g,
+                body: b"x",
+            },
+        );
+        match next_not_copy(&mut ca, &mut msgs) {
+            OwnedFrame::Ack { client_id: id, .. } if id == client_id => {}
+            f => panic!("{f:?}"),
+        }
+        msgs.clear();
+        while msgs.is_empty() {
+            receipts_and_copies(&mut ca, 6, &mut msgs);
+        }
+        let msg = msgs[0];
+        drop(ca);
+        wait_offline_with(dir.path(), a, 0);
+        let before = settled_device_logs(dir.path(), 2);
+        if online {
+            for c in &mut clients {
+                until_copy(c, msg);
+            }
+            for c in &mut clients {
+                group(
+                    c,
+                    GroupFrame::Read {
+                        group: g,
+                        msg,
+                        from: a,
+                    },
+                );
+            }
+        } else {
+            for &u in &members {
+                let mut c = login2(child.addr, u);
+                until_copy(&mut c, msg);
+                group(
+                    &mut c,
+                    GroupFrame::Read {
+                        group: g,
+                        msg,
+                        from: a,
+                    },
+                );
+                receipts_until_pong(&mut c, 7);
+            }
+        }
+        wait_offline_with(dir.path(), a, 2 * MEMBERS as u64);
+        let after = settled_device_logs(dir.path(), 2);
+        println!(
+            "group members={MEMBERS} answering={} receipts={} sender_shard_bytes_per_receipt={:.1} member_shard_outbox_bytes_per_receipt={:.1}",
+            if online { "together" } else { "one_at_a_time" },
+            2 * MEMBERS,
+            (after[0] - before[0]) as f64 / (2 * MEMBERS) as f64,
+            (after[1] - before[1]) as f64 / (2 * MEMBERS) as f64
+        );
+    }
 }
