@@ -62,11 +62,11 @@ use super::files;
 pub const FILE_NAME: &str = "devices.rec";
 /// A rewrite in progress; left by a crash before its rename, it is ignored.
 const NEW_NAME: &str = "devices.rec.new";
-/// The file is never rewritten below this size: every receipt passes
-/// through the outbox (67 bytes), so a busy shard reaches it every 15 000
-/// or so receipts, and a rewrite (a read and a synced write of what is
-/// live) costs that often.
-pub const REWRITE_BYTES_MIN: u64 = 1024 * 1024;
+/// The file is never rewritten below this size. Every receipt passes
+/// through the outbox (67 bytes), so a busy shard gets there every 1000 or
+/// so receipts: a rewrite (a read of the file, a synced write of what is
+/// live, small then) that often, against a smaller file on a small disk.
+pub const REWRITE_BYTES_MIN: u64 = 64 * 1024;
 /// Lanes per user: the width of the masks.
 pub const LANES: usize = 32;
 
