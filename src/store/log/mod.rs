@@ -1102,7 +1102,11 @@ impl Store for LogStore {
         match self.unsynced.take() {
             Some((file, path)) => {
                 self.syncing_upto = Some(self.server_id_max);
-                Ok(Some(SyncJob { file, path }))
+                Ok(Some(SyncJob {
+                    file,
+                    path,
+                    before: None,
+                }))
             }
             None => {
                 // Nothing written: every push so far is durable, was
