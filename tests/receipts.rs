@@ -352,6 +352,137 @@ fn receipts_crossing_shards_at_a_kill_9_still_arrive() {
     }
 }
 
+/// Frames from the sender `c` up to the ACK of `client_id` (its `msg`):
+/// own copies answered, GROUP_RECEIPT(delivered) members `peer` put in
+/// `got` by msg.
+fn group_ack_keeping_receipts(
+    c: &mut Client,
+    client_id: u64,
+    peer: u64,
+    got: &mut BTreeSet<u64>,
+) -> u64 {
+    let mut msgs = Vec::new();
+    loop {
+        match next_not_copy(c, &mut msgs) {
+            OwnedFrame::Ack {
+                client_id: id,
+                server_id,
+                ..
+            } if id == client_id => return server_id,
+            OwnedFrame::Group(GroupFrame::Receipt {
+                kind: ReceiptKind::Delivered,
+                msg,
+                members,
+                ..
+            }) => {
+                if list_users(&members).any(|m| m == peer) {
+                    got.insert(msg);
+                }
+            }
+            f => panic!("expected ACK({client_id}), got {f:?}"),
+        }
+    }
+}
+
+#[test]
+fn group_receipts_crossing_shards_at_a_kill_9_still_arrive() {
+    const ROUNDS: u64 = 3;
+    const PER_ROUND: u64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    // The sender (and the group's home) on shard 0, the member on shard 1.
+    let (a, b) = cross_pair();
+    let mut child = spawn(dir.path(), 2);
+    let mut ca = login2(child.addr, a);
+    let mut msgs = Vec::new();
+    group(&mut ca, GroupFrame::Create { req: 1 });
+    let g = match next_not_copy(&mut ca, &mut msgs) {
+        OwnedFrame::Group(GroupFrame::Ok { req: 1, group }) => group,
+        f => panic!("{f:?}"),
+    };
+    group(
+        &mut ca,
+        GroupFrame::Add {
+            req: 2,
+            group: g,
+            user: b,
+        },
+    );
+    match next_not_copy(&mut ca, &mut msgs) {
+        OwnedFrame::Group(GroupFrame::Ok { req: 2, .. }) => {}
+        f => panic!("{f:?}"),
+    }
+    drop(ca);
+    let mut sent = BTreeSet::new();
+    let mut got = BTreeSet::new();
+    for round in 0..ROUNDS {
+        let mut ca = login2(child.addr, a);
+        let mut this_round = BTreeSet::new();
+        for k in 0..PER_ROUND {
+            let client_id = round * PER_ROUND + k + 1;
+            group(
+                &mut ca,
+                GroupFrame::Send {
+                    client_id,
+                    group: g,
+                    body: &client_id.to_be_bytes(),
+                },
+            );
+            this_round.insert(group_ack_keeping_receipts(&mut ca, client_id, b, &mut got));
+        }
+        sent.extend(&this_round);
+        drop(ca);
+        assert!(wait_for(|| show_user(dir.path(), a)
+            .get("Devices_online")
+            .is_some_and(|d| d.is_empty())));
+        // The member answers its copies; killed right after the last
+        // DELIVERED is written.
+        let mut cb = login2(child.addr, b);
+        let mut left = this_round;
+        while !left.is_empty() {
+            match cb.recv().expect("a frame") {
+                OwnedFrame::Group(GroupFrame::Deliver { server_id, msg, .. }) => {
+                    cb.send_delivered(server_id).unwrap();
+                    left.remove(&msg);
+                }
+                OwnedFrame::Group(GroupFrame::Event { server_id, .. }) => {
+                    cb.send_delivered(server_id).unwrap();
+                }
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+        child.kill9();
+        child = spawn(dir.path(), 2);
+    }
+    // Whatever was not answered before a kill comes again: answered now.
+    let mut cb = login2(child.addr, b);
+    assert!(receipts_until_pong(&mut cb, 9).is_empty());
+    // Every message has its receipt naming the member (repeats allowed).
+    let mut ca = login2(child.addr, a);
+    while !sent.is_subset(&got) {
+        match ca.recv_timeout(WAIT) {
+            Ok(Some(OwnedFrame::Group(GroupFrame::Receipt {
+                kind: ReceiptKind::Delivered,
+                msg,
+                members,
+                ..
+            }))) => {
+                if list_users(&members).any(|m| m == b) {
+                    got.insert(msg);
+                }
+            }
+            // Its own copies, not answered before a kill.
+            Ok(Some(OwnedFrame::Group(GroupFrame::Deliver { server_id, .. }))) => {
+                ca.send_delivered(server_id).unwrap();
+            }
+            Ok(Some(f)) => panic!("unexpected {f:?}"),
+            Ok(None) | Err(_) => {
+                let lost: Vec<_> = sent.difference(&got).collect();
+                panic!("{} group receipts lost: {lost:?}", lost.len());
+            }
+        }
+    }
+}
+
 /// Bytes of each shard's device log under `dir` once it stopped growing
 /// (sampled until two reads agree). A figure, not a test: no assertion
 /// rests on the wait.
