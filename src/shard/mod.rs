@@ -796,17 +796,10 @@ impl Shard {
                     refused.is_empty(),
                     "a batch rolled back has nothing to sync"
                 );
-                // Receipts of the outbox written this iteration leave with
-                // the batch's answers: the same sync job makes them durable.
-                let job = match self.devices.owed_sync() {
-                    Some(file) => job.sync_first(file),
-                    None => job,
-                };
                 self.event(Event::Sealed);
                 self.syncer.start(job);
             }
             None => {
-                self.devices.sync_owed();
                 self.tick();
                 self.event(Event::Committed { refused: &refused });
             }

@@ -55,7 +55,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::files;
 
@@ -656,12 +655,7 @@ pub struct DeviceLog {
     dir: PathBuf,
     path: PathBuf,
     /// `None` after a failed write: the next append rewrites the file whole.
-    /// Shared with a [`SyncJob`](crate::store::SyncJob) that syncs it off
-    /// the loop (see [`DeviceLog::owed_sync`]).
-    file: Option<Arc<File>>,
-    /// Records appended without their sync whose answers must wait for one
-    /// (the receipt outbox's): the next commit's sync job syncs the file.
-    owed: bool,
+    file: Option<File>,
     /// Bytes in the file.
     bytes: u64,
     /// Bytes right after the last rewrite: twice this (at least
@@ -688,14 +682,13 @@ impl DeviceLog {
             dir: dir.to_path_buf(),
             path: dir.join(FILE_NAME),
             file: None,
-            owed: false,
             bytes: valid,
             rewritten: valid,
             fsync,
             buf: Vec::new(),
         };
         if whole && valid > 0 {
-            log.file = Some(Arc::new(files::open_append(&log.path)?));
+            log.file = Some(files::open_append(&log.path)?);
         } else {
             // New, or cut short: start over from the state replayed.
             log.rewrite(&state)?;
@@ -710,7 +703,6 @@ impl DeviceLog {
             dir: dir.to_path_buf(),
             path: dir.join(FILE_NAME),
             file: None,
-            owed: false,
             bytes: 0,
             rewritten: 0,
             fsync: true,
@@ -720,10 +712,9 @@ impl DeviceLog {
     }
 
     /// Appends `records`, and makes them durable as configured unless
-    /// `sync` is false (last online times and outbox ends: they ride the
-    /// next sync; a power loss before it makes a device look idle since its
-    /// previous one, or sends a receipt again). Outbox receipts are
-    /// appended with `sync` false and then [`owe_sync`](DeviceLog::owe_sync).
+    /// `sync` is false (last online times only: they ride the next sync,
+    /// and a power loss before it makes a device look idle since its
+    /// previous one).
     pub fn append(&mut self, records: &[Record], sync: bool) -> io::Result<()> {
         self.buf.clear();
         for r in records {
@@ -753,30 +744,6 @@ impl DeviceLog {
                 }
                 Err(e)
             }
-        }
-    }
-
-    /// The records appended last must be durable before their answers go:
-    /// the caller syncs the file ([`owed_sync`](DeviceLog::owed_sync))
-    /// before it lets them go. Nothing with durability other than fsync.
-    pub fn owe_sync(&mut self) {
-        self.owed |= self.fsync;
-    }
-
-    /// The file to sync, if some records wait for a sync
-    /// ([`owe_sync`](DeviceLog::owe_sync)); the debt is handed over with it.
-    pub fn owed_sync(&mut self) -> Option<(Arc<File>, PathBuf)> {
-        if !std::mem::take(&mut self.owed) {
-            return None;
-        }
-        Some((self.file.clone()?, self.path.clone()))
-    }
-
-    /// Syncs the file now if records wait for it.
-    pub fn sync_owed(&mut self) -> io::Result<()> {
-        match self.owed_sync() {
-            Some((file, path)) => files::sync(&file, &path, true),
-            None => Ok(()),
         }
     }
 
@@ -827,9 +794,7 @@ impl DeviceLog {
         files::sync_dir(&self.dir)?;
         self.bytes = self.buf.len() as u64;
         self.rewritten = self.bytes;
-        self.file = Some(Arc::new(files::open_append(&self.path)?));
-        // Everything in it was synced above.
-        self.owed = false;
+        self.file = Some(files::open_append(&self.path)?);
         Ok(())
     }
 }

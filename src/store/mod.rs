@@ -131,19 +131,9 @@ pub struct Space {
 pub struct SyncJob {
     file: Arc<File>,
     path: PathBuf,
-    /// Another file synced first, with the batch (the device log's receipt
-    /// outbox: docs/ARCHITECTURE.md, "Durable receipts").
-    before: Option<(Arc<File>, PathBuf)>,
 }
 
 impl SyncJob {
-    /// Makes the job sync `file` (at `path`) too, before the batch's
-    /// segment: the answers that wait for the batch wait for it as well.
-    pub fn sync_first(mut self, file: (Arc<File>, PathBuf)) -> SyncJob {
-        self.before = Some(file);
-        self
-    }
-
     /// Calls `fdatasync` on the batch's segment. An error leaves the file in
     /// an unknown state (see "Errors" in [`log`]).
     pub fn run(&self) -> io::Result<()> {
@@ -151,15 +141,6 @@ impl SyncJob {
         // simulation runs its jobs on its own thread.
         if crate::sim::planted(crate::sim::Planted::SkipFsync) {
             return Ok(());
-        }
-        if let Some((file, path)) = &self.before {
-            files::sync(file, path, true).map_err(|source| {
-                io::Error::from(StoreError::Io {
-                    path: path.clone(),
-                    op: "sync device log",
-                    source,
-                })
-            })?;
         }
         files::sync(&self.file, &self.path, true).map_err(|source| {
             io::Error::from(StoreError::Io {

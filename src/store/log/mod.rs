@@ -1102,11 +1102,7 @@ impl Store for LogStore {
         match self.unsynced.take() {
             Some((file, path)) => {
                 self.syncing_upto = Some(self.server_id_max);
-                Ok(Some(SyncJob {
-                    file,
-                    path,
-                    before: None,
-                }))
+                Ok(Some(SyncJob { file, path }))
             }
             None => {
                 // Nothing written: every push so far is durable, was
