@@ -59,9 +59,15 @@ fn no_space_write_is_rolled_back(errno: i32) {
     // Its tombstone is committed before the fault is armed (PONG follows).
     yc.ping(1).unwrap();
 
-    // y's shard finds its disk full at the next write.
+    // y's shard finds its disk full at the next write of its message log
+    // (segments are named by number; the device log, where the first
+    // receipt's outbox entry may still be closing, keeps its records
+    // through a full disk on its own).
     let data = data_dir(&srv);
-    fault::inject(rule(&data, 1, Op::Write, 0, 1, errno));
+    fault::inject(Rule {
+        path_contains: format!("{}/shard-1/0", data.display()),
+        ..rule(&data, 1, Op::Write, 0, 1, errno)
+    });
     xc.send_msg(2, y, b"lost to a full disk").unwrap();
     assert_eq!(ack_or_error(&mut xc, 2), Err(ErrorCode::StorageFull));
     srv.wait_metric("tern_store_rollbacks_total", |n| n >= 1);

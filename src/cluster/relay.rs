@@ -319,6 +319,7 @@ impl Relay {
                 kind,
                 server_id,
                 peer,
+                ..
             } => {
                 let record = Record::Receipt {
                     user,
@@ -343,12 +344,14 @@ impl Relay {
                 });
             }
             msg @ (Msg::GroupOp { .. } | Msg::GroupSend { .. }) => self.group_request(msg).await,
+            // No outbox in a cluster (src, seqs): JetStream carries it.
             Msg::GroupReceipt {
                 user,
                 kind,
                 group,
                 msg,
                 peers,
+                ..
             } => self.group_receipt_out(user, kind, group, msg, peers).await,
             Msg::Done { server_id, .. } => {
                 if let Some((_, acker)) = self.pending.remove(&server_id) {
@@ -712,6 +715,9 @@ impl Relay {
                     kind,
                     server_id,
                     peer,
+                    // JetStream holds it: no outbox to answer.
+                    src: 0,
+                    seq: 0,
                 });
                 tokio::spawn(async move {
                     let _ = acker.ack().await;

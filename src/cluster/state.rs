@@ -12,9 +12,9 @@
 //! codecs (`store::devices`, `store::presence`):
 //!
 //! ```text
-//! 01 devices u8  receipts u16 LE
+//! 01 devices u8  receipts u16 LE  group_receipts u16 LE
 //!    Registered records (kind 5) × devices, Receipt records (kind 11) × receipts,
-//!    LastSeen (kind 8), Privacy (kind 9)
+//!    GroupKept records (kind 15) × group_receipts, LastSeen (kind 8), Privacy (kind 9)
 //! ```
 //!
 //! A record whose user has nothing left (no device, no receipt, never
@@ -27,14 +27,14 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 
 use super::streams::{stream_of, PARTITIONS_PER_STREAM};
-use crate::store::devices::{self, Dev, Kept, LANES};
+use crate::store::devices::{self, Dev, Kept, KeptGroup, LANES};
 use crate::store::presence::{self, Seen};
 
 const VERSION: u8 = 1;
 
-/// The receipts one record carries at most: the rest (the oldest) are
-/// dropped from the durable copy, as a full receipt list drops them in
-/// memory.
+/// The receipts (and, apart, the group receipts) one record carries at
+/// most: the rest (the oldest) are dropped from the durable copy, as a
+/// full receipt list drops them in memory.
 pub const RECEIPTS_MAX: usize = u16::MAX as usize;
 
 /// How long a replay waits for the records JetStream said it holds.
@@ -47,6 +47,8 @@ pub struct UserState {
     pub devices: Vec<Dev>,
     /// Receipts waiting for some of its devices, oldest first.
     pub receipts: Vec<Kept>,
+    /// Group receipts waiting for some of its devices, oldest first.
+    pub group_receipts: Vec<KeptGroup>,
     /// Its last seen and privacy setting.
     pub seen: Seen,
 }
@@ -57,10 +59,13 @@ impl UserState {
         let devices = &self.devices[..self.devices.len().min(LANES)];
         let skip = self.receipts.len().saturating_sub(RECEIPTS_MAX);
         let receipts = &self.receipts[skip..];
-        let mut out = Vec::with_capacity(4 + 30 * devices.len() + 38 * receipts.len() + 44);
+        let skip = self.group_receipts.len().saturating_sub(RECEIPTS_MAX);
+        let group_receipts = &self.group_receipts[skip..];
+        let mut out = Vec::with_capacity(6 + 30 * devices.len() + 38 * receipts.len() + 44);
         out.push(VERSION);
         out.push(devices.len() as u8);
         out.extend_from_slice(&(receipts.len() as u16).to_le_bytes());
+        out.extend_from_slice(&(group_receipts.len() as u16).to_le_bytes());
         for d in devices {
             devices::Record::Registered {
                 user,
@@ -72,6 +77,13 @@ impl UserState {
         }
         for &kept in receipts {
             devices::Record::Receipt { user, kept }.encode(&mut out);
+        }
+        for kept in group_receipts {
+            devices::Record::GroupKept {
+                user,
+                kept: kept.clone(),
+            }
+            .encode(&mut out);
         }
         presence::Record::LastSeen {
             user,
@@ -90,17 +102,19 @@ impl UserState {
     /// newer version, another user's record, garbage). Never panics.
     pub fn decode(user: u64, bytes: &[u8]) -> Option<UserState> {
         let (&version, rest) = bytes.split_first()?;
-        if version != VERSION || rest.len() < 3 {
+        if version != VERSION || rest.len() < 5 {
             return None;
         }
         let devices_len = rest[0] as usize;
         let receipts_len = u16::from_le_bytes([rest[1], rest[2]]) as usize;
+        let groups_len = u16::from_le_bytes([rest[3], rest[4]]) as usize;
         if devices_len > LANES {
             return None;
         }
-        let mut at = &rest[3..];
+        let mut at = &rest[5..];
         let mut state = UserState::default();
-        for i in 0..devices_len + receipts_len {
+        let receipts_end = devices_len + receipts_len;
+        for i in 0..receipts_end + groups_len {
             let (record, used) = devices::decode(at)?;
             at = &at[used..];
             match record {
@@ -114,8 +128,13 @@ impl UserState {
                     lane,
                     last_ms: at_ms,
                 }),
-                devices::Record::Receipt { user: u, kept } if u == user && i >= devices_len => {
+                devices::Record::Receipt { user: u, kept }
+                    if u == user && (devices_len..receipts_end).contains(&i) =>
+                {
                     state.receipts.push(kept)
+                }
+                devices::Record::GroupKept { user: u, kept } if u == user && i >= receipts_end => {
+                    state.group_receipts.push(kept)
                 }
                 _ => return None,
             }
@@ -314,6 +333,13 @@ mod tests {
                 peer: 77,
                 lanes: 0b1000,
             }],
+            group_receipts: vec![KeptGroup {
+                kind: 2,
+                lanes: 0b1001,
+                group: 1 << 40,
+                msg: 12,
+                members: vec![5, 6, 7].into(),
+            }],
             seen: Seen {
                 last_seen_ms: 1_767_225_600_000,
                 hidden: true,
@@ -329,12 +355,14 @@ mod tests {
     }
 
     #[test]
-    fn a_record_costs_77_bytes_with_one_device_30_per_more_38_per_receipt() {
+    fn a_record_costs_79_bytes_with_one_device_30_per_more_38_per_receipt() {
         let mut state = sample();
-        assert_eq!(state.encode(1).len(), 77 + 30 + 38);
+        // The group receipt: 38 bytes and 8 per member.
+        assert_eq!(state.encode(1).len(), 79 + 30 + 38 + 38 + 3 * 8);
         state.devices.truncate(1);
         state.receipts.clear();
-        assert_eq!(state.encode(1).len(), 77);
+        state.group_receipts.clear();
+        assert_eq!(state.encode(1).len(), 79);
     }
 
     #[test]
@@ -350,7 +378,7 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[10] ^= 1;
         assert_eq!(UserState::decode(42, &flipped), None);
-        assert_eq!(UserState::decode(42, &[2, 0, 0, 0]), None);
+        assert_eq!(UserState::decode(42, &[2, 0, 0, 0, 0, 0]), None);
         assert_eq!(UserState::decode(42, &[]), None);
         // Two devices on one lane.
         let mut twin = sample();

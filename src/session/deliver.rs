@@ -5,9 +5,24 @@
 use crate::io::ConnId;
 use crate::proto::{self, ErrorCode, Frame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, Msg};
+use crate::store::devices::Out;
 use crate::store::{Origin, PushError, Stored};
 
 use super::groups::with_delivery;
+
+/// Whether `msg` waits for a shard that is down (in the outbox towards it)
+/// rather than being dropped: SENDs (refused before they get here when the
+/// shard is down, so only those queued earlier), a group's acknowledged
+/// fan-out, and the receipts of a receipt outbox and their answers, which
+/// their outbox sends again anyway but need not.
+fn waits_for_shard(msg: &Msg) -> bool {
+    match msg {
+        Msg::Send { .. } | Msg::GroupFan { .. } | Msg::ReceiptsTaken { .. } => true,
+        Msg::Receipt { seq, .. } => *seq != 0,
+        Msg::GroupReceipt { seqs, .. } => !seqs.is_empty(),
+        _ => false,
+    }
+}
 use super::{Action, Env, Flow, Now, Sessions};
 use crate::cluster::Owner;
 use crate::group::envelope::GROUP_SENDER;
@@ -207,15 +222,7 @@ impl Sessions {
         }
         if from != 0 {
             // Behind the delivery receipt, which waits for a commit.
-            self.replies.push((
-                home_shard(from, self.shards),
-                Msg::Receipt {
-                    user: from,
-                    kind: ReceiptKind::Read,
-                    server_id,
-                    peer: user,
-                },
-            ));
+            self.receipt_out(from, ReceiptKind::Read, server_id, user);
         }
     }
 
@@ -281,14 +288,28 @@ impl Sessions {
             self.group_delivery_receipt(user, msg);
             return;
         }
-        let (server_id, from) = (msg.server_id, msg.from);
+        self.receipt_out(msg.from, ReceiptKind::Delivered, msg.server_id, user);
+    }
+
+    /// A receipt for `to` (the sender of `server_id`) from `peer`: kept in
+    /// the outbox (`outbox.rs`) and sent after the next commit.
+    fn receipt_out(&mut self, to: u64, kind: ReceiptKind, server_id: u64, peer: u64) {
+        let seq = self.outbox_keep(Out {
+            user: to,
+            kind: kind as u8,
+            group: 0,
+            id: server_id,
+            peer,
+        });
         self.replies.push((
-            home_shard(from, self.shards),
+            home_shard(to, self.shards),
             Msg::Receipt {
-                user: from,
-                kind: ReceiptKind::Delivered,
+                user: to,
+                kind,
                 server_id,
-                peer: user,
+                peer,
+                src: self.id as u16,
+                seq,
             },
         ));
     }
@@ -405,11 +426,12 @@ impl Sessions {
             self.actions.push(Action::Cluster(msg));
         } else if dst == self.id {
             self.on_msg(now, env, msg);
-        } else if env.up(dst) || matches!(msg, Msg::Send { .. } | Msg::GroupFan { .. }) {
+        } else if env.up(dst) || waits_for_shard(&msg) {
             // SENDs to a shard that is not up are refused before they get
             // here (those queued earlier wait, bounded), and a group's
-            // acknowledged fan-out waits for the shard to come back; the
-            // rest would pile up for connections that are gone.
+            // acknowledged fan-out and the receipts of the outbox (and
+            // their answers) wait for the shard to come back; the rest
+            // would pile up for connections that are gone.
             self.actions.push(Action::Route { dst, msg });
         } else if matches!(msg, Msg::Receipt { .. }) {
             self.stats.receipts_dropped.inc();
@@ -554,9 +576,16 @@ impl Sessions {
                 kind,
                 server_id,
                 peer,
+                src,
+                seq,
             } => {
                 self.on_receipt(user, kind, server_id, peer);
+                if seq != 0 {
+                    self.receipt_taken(src.into(), vec![seq]);
+                }
             }
+            Msg::ReceiptsTaken { seqs } => self.outbox_taken(&seqs),
+            Msg::ReceiptsResend { shard } => self.outbox_resend(Some(shard.into())),
         }
     }
 

@@ -19,6 +19,7 @@ use crate::io::ConnId;
 use crate::proto::group::{entry_len, put_entry, GROUP_BODY_ROOM_BYTES};
 use crate::proto::{self, put_varint, varint_len, ErrorCode, Frame, GroupFrame, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
+use crate::store::devices::Out;
 use crate::store::groups::Record;
 use crate::store::{Origin, PushError, Stored};
 
@@ -236,16 +237,7 @@ impl Sessions {
                     return Flow::Next;
                 }
                 // Behind the delivery receipts, which wait for a commit.
-                self.replies.push((
-                    home_shard(from, self.shards),
-                    Msg::GroupReceipt {
-                        user: from,
-                        kind: ReceiptKind::Read,
-                        group,
-                        msg,
-                        peers: vec![user],
-                    },
-                ));
+                self.group_receipt_out(from, ReceiptKind::Read, group, msg, user);
                 return Flow::Next;
             }
             other @ (GroupFrame::Ok { .. }
@@ -399,7 +391,12 @@ impl Sessions {
                 group,
                 msg,
                 peers,
-            } => self.group_receipt(user, kind, group, msg, &peers),
+                src,
+                seqs,
+            } => {
+                self.group_receipt(user, kind, group, msg, &peers);
+                self.receipt_taken(src.into(), seqs);
+            }
             other => unreachable!("not a group message: {other:?}"),
         }
     }
@@ -728,17 +725,30 @@ impl Sessions {
 
     /// Receipts for `user`'s message `msg` of `group`: GROUP_RECEIPT frames
     /// (as many members per frame as fit) to each of its version 2
-    /// devices online; none online: dropped, counted.
+    /// devices online, and kept durably for its registered devices that
+    /// are offline (`registry.rs`).
     fn group_receipt(&mut self, user: u64, kind: ReceiptKind, group: u64, msg: u64, peers: &[u64]) {
         let count = self.users.count(user);
         let conns: Vec<ConnId> = (0..count)
             .map(|i| self.users.nth_conn(user, i))
             .filter(|c| self.slots[c.index()].version >= proto::VERSION_2)
             .collect();
-        if conns.is_empty() {
-            self.stats.receipts_dropped.add(peers.len() as u64);
-            return;
+        for conn in conns {
+            self.write_group_receipts(conn, kind, group, msg, peers);
         }
+        self.keep_group_receipt(user, kind, group, msg, peers);
+    }
+
+    /// GROUP_RECEIPT frames naming `peers` to `conn`, as many members per
+    /// frame as fit in `frame_bytes_max`.
+    pub(super) fn write_group_receipts(
+        &mut self,
+        conn: ConnId,
+        kind: ReceiptKind,
+        group: u64,
+        msg: u64,
+        peers: &[u64],
+    ) {
         let room = self
             .config
             .frame_bytes_max
@@ -753,16 +763,14 @@ impl Sessions {
                 put_varint(peers[at], &mut list);
                 at += 1;
             }
-            for &conn in &conns {
-                self.stats.receipts.inc();
-                let frame = GroupFrame::Receipt {
-                    kind,
-                    group,
-                    msg,
-                    members: &list[..],
-                };
-                self.write(conn, &Frame::Group(frame));
-            }
+            self.stats.receipts.inc();
+            let frame = GroupFrame::Receipt {
+                kind,
+                group,
+                msg,
+                members: &list[..],
+            };
+            self.write(conn, &Frame::Group(frame));
         }
     }
 
@@ -775,14 +783,30 @@ impl Sessions {
         if e.event.is_some() || e.from == user {
             return; // nobody to tell, or the sender's own copy
         }
+        self.group_receipt_out(e.from, ReceiptKind::Delivered, e.group, e.msg, user);
+    }
+
+    /// A receipt for `to`, the sender of `msg` of `group`, naming member
+    /// `peer`: kept in the outbox (`outbox.rs`) and sent after the next
+    /// commit (merged with the others of the commit for the same message).
+    fn group_receipt_out(&mut self, to: u64, kind: ReceiptKind, group: u64, msg: u64, peer: u64) {
+        let seq = self.outbox_keep(Out {
+            user: to,
+            kind: kind as u8,
+            group,
+            id: msg,
+            peer,
+        });
         self.replies.push((
-            home_shard(e.from, self.shards),
+            home_shard(to, self.shards),
             Msg::GroupReceipt {
-                user: e.from,
-                kind: ReceiptKind::Delivered,
-                group: e.group,
-                msg: e.msg,
-                peers: vec![user],
+                user: to,
+                kind,
+                group,
+                msg,
+                peers: vec![peer],
+                src: self.id as u16,
+                seqs: if seq == 0 { Vec::new() } else { vec![seq] },
             },
         ));
     }
@@ -817,11 +841,22 @@ impl Sessions {
                 group,
                 msg: id,
                 ref peers,
+                ref seqs,
+                ..
             } = msg
             {
                 if let Some(&i) = at.get(&(user, kind, group, id)) {
-                    if let (_, Msg::GroupReceipt { peers: into, .. }) = &mut out[i] {
+                    if let (
+                        _,
+                        Msg::GroupReceipt {
+                            peers: into,
+                            seqs: seqs_into,
+                            ..
+                        },
+                    ) = &mut out[i]
+                    {
                         into.extend_from_slice(peers);
+                        seqs_into.extend_from_slice(seqs);
                     }
                     continue;
                 }

@@ -37,6 +37,7 @@ mod deliver;
 mod event;
 mod groups;
 mod guard;
+mod outbox;
 mod presence;
 mod push;
 mod registry;
@@ -633,6 +634,9 @@ impl Sessions {
                     answer: groups::lost(answer),
                 },
                 Msg::GroupFan { .. } if !kept_store => continue,
+                // Receipts this shard said it has may not be in its device
+                // log: their outboxes send them again (asked below).
+                Msg::ReceiptsTaken { .. } if !kept_store => continue,
                 // Copies not committed here: their home sends them again.
                 Msg::GroupStored {
                     group, msg, shard, ..
@@ -645,6 +649,16 @@ impl Sessions {
                 other => other,
             };
             self.route(now, env, dst, msg);
+        }
+        if !kept_store && self.config.cluster.is_none() {
+            // Receipts taken from the rings and not yet written are lost
+            // with the crash: every other shard sends its outbox's for
+            // users homed here again (this shard's own, its replay does).
+            let me = self.id;
+            for dst in (0..self.shards).filter(|&d| d != me) {
+                let shard = me as u16;
+                self.route(now, env, dst, Msg::ReceiptsResend { shard });
+            }
         }
         self.crash = false;
         self.fresh.clear();

@@ -23,7 +23,9 @@ use foldhash::HashMap;
 use crate::io::ConnId;
 use crate::proto::{self, Frame, ReceiptKind};
 use crate::shard::Msg;
-use crate::store::devices::{Dev, Kept, Record, State, LANES};
+use crate::store::devices::{
+    Dev, Kept, KeptGroup, Out, Record, State, GROUP_KEPT_MEMBERS_MAX, LANES,
+};
 
 use super::{Action, Env, Now, Sessions};
 
@@ -37,8 +39,18 @@ pub(super) struct Registry {
     pub(super) marks: HashMap<u64, BTreeMap<u64, u32>>,
     /// Per user: receipts waiting for some of its devices, in order.
     pub(super) receipts: HashMap<u64, Vec<Kept>>,
-    /// Receipts in `receipts`, all users.
+    /// Per user: group receipts waiting for some of its devices, in order.
+    pub(super) group_receipts: HashMap<u64, Vec<KeptGroup>>,
+    /// Receipts waiting, all users: those in `receipts` and the members
+    /// named in `group_receipts` (one receipt each).
     pub(super) receipts_len: usize,
+    /// The receipt outbox (`outbox.rs`): receipts this shard took on their
+    /// way to their users' home shards, by number.
+    pub(super) outbox: BTreeMap<u64, Out>,
+    /// The highest outbox number handed out; kept across a crash's replay
+    /// (a late answer to a number lost with the crash must not match a
+    /// new receipt).
+    pub(super) out_seq: u64,
     /// Changes not yet handed to the device log.
     pub(super) records: Vec<Record>,
     /// Where the next expiry pass starts in `devices`' iteration order.
@@ -69,11 +81,22 @@ impl Sessions {
             devices,
             marks,
             receipts,
+            group_receipts,
+            outbox,
+            out_seq,
         } = state;
         let r = &mut self.registry;
         r.devices = devices.into_iter().collect();
-        r.receipts_len = receipts.values().map(Vec::len).sum();
+        r.receipts_len = receipts.values().map(Vec::len).sum::<usize>()
+            + group_receipts
+                .values()
+                .flatten()
+                .map(|k| k.members.len())
+                .sum::<usize>();
         r.receipts = receipts.into_iter().collect();
+        r.group_receipts = group_receipts.into_iter().collect();
+        r.outbox = outbox;
+        r.out_seq = r.out_seq.max(out_seq);
         r.records.clear();
         r.cursor = 0;
         r.marks.clear();
@@ -106,6 +129,8 @@ impl Sessions {
         self.stats
             .receipts_waiting
             .set(self.registry.receipts_len as u64);
+        // Receipts the crash (or stop) caught on their way go again.
+        self.outbox_resend(None);
     }
 
     /// Moves the device log records staged since the last call into `out`.
@@ -133,9 +158,18 @@ impl Sessions {
         ids
     }
 
-    /// Receipts waiting for some device of `user`.
+    /// Receipts waiting for some device of `user` (a group receipt counts
+    /// once per member it names).
     pub fn receipts_kept(&self, user: u64) -> usize {
-        self.registry.receipts.get(&user).map_or(0, Vec::len)
+        self.registry.receipts.get(&user).map_or(0, Vec::len) + self.group_receipts_kept(user)
+    }
+
+    /// Members named by the group receipts waiting for `user`.
+    fn group_receipts_kept(&self, user: u64) -> usize {
+        self.registry
+            .group_receipts
+            .get(&user)
+            .map_or(0, |g| g.iter().map(|k| k.members.len()).sum())
     }
 
     /// The lanes of `user`'s registered devices.
@@ -291,6 +325,18 @@ impl Sessions {
                 r.receipts.insert(user, kept);
             }
         }
+        if let Some(mut kept) = r.group_receipts.remove(&user) {
+            kept.retain_mut(|k| {
+                k.lanes &= !bit;
+                if k.lanes == 0 {
+                    r.receipts_len -= k.members.len();
+                }
+                k.lanes != 0
+            });
+            if !kept.is_empty() {
+                r.group_receipts.insert(user, kept);
+            }
+        }
         let mut done = std::mem::take(&mut self.done_ids);
         done.clear();
         if left == 0 {
@@ -414,18 +460,28 @@ impl Sessions {
         if lanes == 0 {
             return;
         }
-        let r = &mut self.registry;
-        let kept = r.receipts.entry(user).or_default();
-        if kept.len() >= self.config.queue_len_max {
-            self.stats.receipts_dropped.inc();
-            return;
-        }
         let k = Kept {
             kind: kind as u8,
             server_id,
             peer,
             lanes,
         };
+        let groups = self.group_receipts_kept(user);
+        let r = &mut self.registry;
+        let kept = r.receipts.entry(user).or_default();
+        if kept
+            .iter()
+            .any(|h| (h.kind, h.server_id, h.peer) == (k.kind, server_id, peer))
+        {
+            return; // sent again by its outbox: held already
+        }
+        if kept.len() + groups >= self.config.queue_len_max {
+            self.stats.receipts_dropped.inc();
+            if kept.is_empty() {
+                r.receipts.remove(&user);
+            }
+            return;
+        }
         kept.push(k);
         r.receipts_len += 1;
         r.records.push(Record::Receipt { user, kept: k });
@@ -434,28 +490,138 @@ impl Sessions {
     /// The device on `lane` of `user` logged in on `conn`: it gets the
     /// receipts that waited for it.
     pub(super) fn give_receipts(&mut self, user: u64, conn: ConnId, lane: u8) {
-        let Some(mut kept) = self.registry.receipts.remove(&user) else {
-            return;
-        };
         let bit = 1u32 << lane;
-        let before = kept.len();
+        let mut got = false;
+        if let Some(mut kept) = self.registry.receipts.remove(&user) {
+            let before = kept.len();
+            for k in kept.iter_mut().filter(|k| k.lanes & bit != 0) {
+                got = true;
+                k.lanes &= !bit;
+                let kind = ReceiptKind::from_u64(k.kind.into()).expect("checked when kept");
+                self.write_receipt(conn, kind, k.server_id, k.peer);
+            }
+            kept.retain(|k| k.lanes != 0);
+            let r = &mut self.registry;
+            r.receipts_len -= before - kept.len();
+            if kept.is_empty() {
+                crate::memory::shrink_map(&mut r.receipts);
+            } else {
+                r.receipts.insert(user, kept);
+            }
+        }
+        got |= self.give_group_receipts(user, conn, bit);
+        if got {
+            self.registry
+                .records
+                .push(Record::ReceiptsGot { user, lane });
+        }
+    }
+
+    /// The group receipts waiting for the device with lane mask `bit` of
+    /// `user`, now on `conn`: merged per message and kind (in the order of
+    /// each one's first receipt) into GROUP_RECEIPT frames of as many
+    /// members as fit. A version 1 device cannot take them: they are
+    /// dropped for it. Whether any waited for it.
+    fn give_group_receipts(&mut self, user: u64, conn: ConnId, bit: u32) -> bool {
+        let Some(mut kept) = self.registry.group_receipts.remove(&user) else {
+            return false;
+        };
+        let v2 = self.slots[conn.index()].version >= proto::VERSION_2;
+        let mut merged: Vec<((u8, u64, u64), Vec<u64>)> = Vec::new();
         let mut got = false;
         for k in kept.iter_mut().filter(|k| k.lanes & bit != 0) {
             got = true;
             k.lanes &= !bit;
-            let kind = ReceiptKind::from_u64(k.kind.into()).expect("checked when kept");
-            self.write_receipt(conn, kind, k.server_id, k.peer);
+            if !v2 {
+                continue;
+            }
+            let key = (k.kind, k.group, k.msg);
+            match merged.iter_mut().find(|(m, _)| *m == key) {
+                Some((_, members)) => members.extend_from_slice(&k.members),
+                None => merged.push((key, k.members.to_vec())),
+            }
         }
-        kept.retain(|k| k.lanes != 0);
         let r = &mut self.registry;
-        r.receipts_len -= before - kept.len();
-        if got {
-            r.records.push(Record::ReceiptsGot { user, lane });
+        kept.retain(|k| {
+            if k.lanes == 0 {
+                r.receipts_len -= k.members.len();
+            }
+            k.lanes != 0
+        });
+        if kept.is_empty() {
+            crate::memory::shrink_map(&mut r.group_receipts);
+        } else {
+            r.group_receipts.insert(user, kept);
+        }
+        for ((kind, group, msg), members) in merged {
+            let kind = ReceiptKind::from_u64(kind.into()).expect("checked when kept");
+            self.write_group_receipts(conn, kind, group, msg, &members);
+        }
+        got
+    }
+
+    /// A group receipt for `user` (homed here) naming `peers`, already
+    /// written to its version 2 devices online: kept (durably) for its
+    /// registered devices that are offline, up to `queue_len_max` receipts
+    /// (one per member) per user with the 1:1 ones. Members kept already
+    /// for the same message and kind (sent again by an outbox) are not
+    /// kept twice.
+    pub(super) fn keep_group_receipt(
+        &mut self,
+        user: u64,
+        kind: ReceiptKind,
+        group: u64,
+        msg: u64,
+        peers: &[u64],
+    ) {
+        let all = self.registered(user);
+        let lanes = if all == 0 {
+            1
+        } else {
+            all & !self.users.lanes(user)
+        };
+        if lanes == 0 || peers.is_empty() {
+            return;
+        }
+        let held = self.receipts_kept(user);
+        let kind = kind as u8;
+        let r = &mut self.registry;
+        let kept = r.group_receipts.entry(user).or_default();
+        let same: Vec<&KeptGroup> = kept
+            .iter()
+            .filter(|k| (k.kind, k.group, k.msg) == (kind, group, msg))
+            .collect();
+        let mut fresh: Vec<u64> = if same.is_empty() {
+            peers.to_vec()
+        } else {
+            let had: std::collections::HashSet<u64> = same
+                .iter()
+                .flat_map(|k| k.members.iter().copied())
+                .collect();
+            peers.iter().copied().filter(|p| !had.contains(p)).collect()
+        };
+        let room = self.config.queue_len_max.saturating_sub(held);
+        if fresh.len() > room {
+            self.stats.receipts_dropped.add((fresh.len() - room) as u64);
+            fresh.truncate(room);
+        }
+        for members in fresh.chunks(GROUP_KEPT_MEMBERS_MAX) {
+            let k = KeptGroup {
+                kind,
+                lanes,
+                group,
+                msg,
+                members: members.into(),
+            };
+            r.receipts_len += members.len();
+            r.records.push(Record::GroupKept {
+                user,
+                kept: k.clone(),
+            });
+            kept.push(k);
         }
         if kept.is_empty() {
-            crate::memory::shrink_map(&mut r.receipts);
-        } else {
-            r.receipts.insert(user, kept);
+            r.group_receipts.remove(&user);
         }
     }
 

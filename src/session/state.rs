@@ -4,7 +4,7 @@
 
 use crate::cluster::state::UserState;
 use crate::shard::Msg;
-use crate::store::devices::Dev;
+use crate::store::devices::{Dev, KeptGroup};
 
 use super::{Action, Sessions};
 
@@ -36,6 +36,12 @@ impl Sessions {
                 .get(&user)
                 .cloned()
                 .unwrap_or_default(),
+            group_receipts: self
+                .registry
+                .group_receipts
+                .get(&user)
+                .cloned()
+                .unwrap_or_default(),
             seen: self.presence.seen.get(&user).copied().unwrap_or_default(),
         }
     }
@@ -53,6 +59,7 @@ impl Sessions {
         let UserState {
             devices,
             receipts,
+            group_receipts,
             seen,
         } = state;
         let r = &mut self.registry;
@@ -62,12 +69,19 @@ impl Sessions {
         } else {
             r.devices.insert(user, devices);
         }
-        let before = r.receipts.get(&user).map_or(0, Vec::len);
-        r.receipts_len = r.receipts_len - before + receipts.len();
+        let members = |kept: &[KeptGroup]| kept.iter().map(|k| k.members.len()).sum::<usize>();
+        let before = r.receipts.get(&user).map_or(0, Vec::len)
+            + r.group_receipts.get(&user).map_or(0, |k| members(k));
+        r.receipts_len = r.receipts_len - before + receipts.len() + members(&group_receipts);
         if receipts.is_empty() {
             r.receipts.remove(&user);
         } else {
             r.receipts.insert(user, receipts);
+        }
+        if group_receipts.is_empty() {
+            r.group_receipts.remove(&user);
+        } else {
+            r.group_receipts.insert(user, group_receipts);
         }
         if seen == Default::default() {
             self.presence.seen.remove(&user);

@@ -18,6 +18,7 @@ mod remove;
 use super::*;
 use crate::proto::{OwnedFrame, ReceiptKind};
 use crate::shard::ConnRef;
+use crate::store::devices::Record;
 use crate::store::{MemStore, Origin};
 
 /// Wall clock of the tests: any fixed time works, tokens are minted for it.
@@ -958,21 +959,28 @@ fn a_send_from_another_shard_is_acked_there_after_the_commit() {
     assert!(
         matches!(
             routes[..],
-            [Action::Route {
-                dst: 1,
-                msg: Msg::Reject {
-                    client_id: 2,
-                    code: ErrorCode::Internal,
-                    ..
+            [
+                Action::Route {
+                    dst: 1,
+                    msg: Msg::Reject {
+                        client_id: 2,
+                        code: ErrorCode::Internal,
+                        ..
+                    }
+                },
+                // Receipts taken and lost with the crash come again.
+                Action::Route {
+                    dst: 1,
+                    msg: Msg::ReceiptsResend { shard: 0 }
                 }
-            }]
+            ]
         ),
         "{routes:?}"
     );
 }
 
 #[test]
-fn receipts_to_a_down_shard_are_dropped() {
+fn receipts_to_a_down_shard_wait_in_the_outbox_until_taken() {
     // A READ of a message never delivered: the check is off here.
     let config = Config {
         delivered_recent_max: 0,
@@ -991,8 +999,25 @@ fn receipts_to_a_down_shard_are_dropped() {
     );
     h.env.down.set(Some(1));
     let out = h.commit(&[]);
-    assert!(out.routes().is_empty(), "{out:?}");
-    assert_eq!(h.s.stats.receipts_dropped.get(), 1);
+    let seq = match out.routes()[..] {
+        [(1, Msg::Receipt { src: 0, seq, .. })] => *seq,
+        _ => panic!("{out:?}"),
+    };
+    assert_eq!(h.s.stats.receipts_dropped.get(), 0);
+    assert_eq!(h.s.outbox_len(), 1);
+    let mut records = Vec::new();
+    h.s.take_device_records(&mut records);
+    assert!(
+        matches!(records[..], [.., Record::Outbox { seq: s, .. }] if s == seq),
+        "{records:?}"
+    );
+    // Its shard has it: it leaves the outbox, once.
+    for _ in 0..2 {
+        h.step(Event::Msg(Msg::ReceiptsTaken { seqs: vec![seq] }));
+    }
+    assert_eq!(h.s.outbox_len(), 0);
+    h.s.take_device_records(&mut records);
+    assert!(matches!(records[..], [Record::OutboxDone { seq: s }] if s == seq));
 }
 
 #[cfg(debug_assertions)]
@@ -1153,4 +1178,113 @@ fn a_device_over_the_limit_gets_too_many_devices() {
         "{out:?}"
     );
     assert_eq!(h.s.conns_of(7), [A, ConnId(3)]);
+}
+
+#[test]
+fn group_receipts_for_an_offline_sender_wait_and_come_merged_at_login() {
+    let mut h = Harness::one();
+    let receipt = |kind, peers: &[u64]| {
+        Event::Msg(Msg::GroupReceipt {
+            user: 1,
+            kind,
+            group: 5,
+            msg: 3,
+            peers: peers.to_vec(),
+            src: 0,
+            seqs: Vec::new(),
+        })
+    };
+    h.step(receipt(ReceiptKind::Delivered, &[7, 8]));
+    h.step(Event::Msg(Msg::Receipt {
+        user: 1,
+        kind: ReceiptKind::Delivered,
+        server_id: 1024,
+        peer: 9,
+        src: 0,
+        seq: 0,
+    }));
+    h.step(receipt(ReceiptKind::Read, &[7]));
+    // Sent again by an outbox: member 8 is kept already.
+    h.step(receipt(ReceiptKind::Delivered, &[9, 8]));
+    assert_eq!(h.s.receipts_kept(1), 5);
+    let mut records = Vec::new();
+    h.s.take_device_records(&mut records);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| matches!(r, Record::GroupKept { .. }))
+            .count(),
+        3,
+        "{records:?}"
+    );
+    h.step(Event::Opened(A));
+    let token = h.token(1);
+    let out = h.frame(
+        A,
+        Frame::Login {
+            version: proto::VERSION_2,
+            token: token.as_bytes(),
+        },
+    );
+    let group = |kind, members: &[u64]| {
+        let mut list = Vec::new();
+        for &m in members {
+            proto::put_varint(m, &mut list);
+        }
+        OwnedFrame::Group(proto::GroupFrame::Receipt {
+            kind,
+            group: 5,
+            msg: 3,
+            members: list,
+        })
+    };
+    let want = [
+        &OwnedFrame::Receipt {
+            kind: ReceiptKind::Delivered,
+            server_id: 1024,
+            peer: 9,
+        },
+        &group(ReceiptKind::Delivered, &[7, 8, 9]),
+        &group(ReceiptKind::Read, &[7]),
+    ];
+    let got = out.to(A);
+    assert!(matches!(got[0], OwnedFrame::LoginOk { .. }), "{got:?}");
+    assert_eq!(
+        got[1..],
+        want,
+        "1:1 first, then merged per message and kind"
+    );
+    assert_eq!(h.s.receipts_kept(1), 0);
+    h.s.take_device_records(&mut records);
+    assert!(records.contains(&Record::ReceiptsGot { user: 1, lane: 0 }));
+}
+
+#[test]
+fn a_restarted_shard_gets_the_outbox_for_its_users_again() {
+    let config = Config {
+        delivered_recent_max: 0,
+        ..Config::default()
+    };
+    let mut h = Harness::new(config, 0, 2);
+    let me = (1..).find(|&u| home_shard(u, 2) == 0).unwrap();
+    let there = (1..).find(|&u| home_shard(u, 2) == 1).unwrap();
+    let here = (me + 1..).find(|&u| home_shard(u, 2) == 0).unwrap();
+    h.login(0, me);
+    for from in [there, here] {
+        h.frame(A, Frame::Read { server_id: 1, from });
+    }
+    let out = h.commit(&[]);
+    // The receipt for a user homed here is taken here at once.
+    assert!(
+        matches!(out.routes()[..], [(1, Msg::Receipt { seq: 1, .. })]),
+        "{out:?}"
+    );
+    assert_eq!(h.s.outbox_len(), 1);
+    // Shard 1 crashed and came back: its receipt goes again, nothing else.
+    h.step(Event::Msg(Msg::ReceiptsResend { shard: 1 }));
+    let out = h.commit(&[]);
+    assert!(
+        matches!(out.routes()[..], [(1, Msg::Receipt { seq: 1, user, .. })] if *user == there),
+        "{out:?}"
+    );
 }

@@ -117,6 +117,26 @@ pub enum Msg {
         server_id: u64,
         /// Who received or read it.
         peer: u64,
+        /// The shard whose receipt outbox holds it (the one that took the
+        /// DELIVERED or READ), to answer [`Msg::ReceiptsTaken`].
+        src: u16,
+        /// Its number in that outbox; 0: not kept there (a cluster's
+        /// receipt, from JetStream), nothing to answer.
+        seq: u64,
+    },
+    /// The receipts `seqs` of the receiving shard's receipt outbox reached
+    /// their user's home shard (written to its online devices, or kept
+    /// durably for its offline ones): they leave the outbox.
+    ReceiptsTaken {
+        /// Their numbers in the outbox.
+        seqs: Vec<u64>,
+    },
+    /// Shard `shard` restarted after a crash and may have lost receipts it
+    /// had taken but not yet made durable: the receiving shard sends it
+    /// again every receipt of its outbox for a user homed there.
+    ReceiptsResend {
+        /// The shard that restarted.
+        shard: u16,
     },
     /// Cluster, bridge to shard: a message consumed from JetStream for
     /// `to`, homed on the receiving shard; its server id is its stream
@@ -248,6 +268,11 @@ pub enum Msg {
         msg: u64,
         /// The members it is about.
         peers: Vec<u64>,
+        /// The shard whose receipt outbox holds them (the members' shard).
+        src: u16,
+        /// Their numbers in that outbox (one per member; none for a
+        /// receipt not kept there).
+        seqs: Vec<u64>,
     },
     /// Cluster, bridge to `user`'s home shard (the receiving one): the
     /// connection `sub` on another node, known to the bridge as node

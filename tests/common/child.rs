@@ -35,7 +35,10 @@ pub fn serve_command(args: &[&str]) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if !args.contains(&"--io") {
-        cmd.args(["--io", &format!("{:?}", super::test_backend()).to_lowercase()]);
+        cmd.args([
+            "--io",
+            &format!("{:?}", super::test_backend()).to_lowercase(),
+        ]);
     }
     cmd
 }

@@ -299,6 +299,9 @@ impl Relay {
                 group: r.group,
                 msg: r.msg,
                 peers: r.peers,
+                // JetStream holds it: no outbox to answer.
+                src: 0,
+                seqs: Vec::new(),
             });
             tokio::spawn(async move {
                 let _ = acker.ack().await;

@@ -195,7 +195,7 @@ fn a_message_from_jetstream_is_delivered_once_and_acked_to_the_bridge_on_deliver
     assert!(
         matches!(
             to_bridge(&out)[..],
-            [Msg::Receipt { user, kind: ReceiptKind::Delivered, server_id: 77, peer }] if *user == from && *peer == to
+            [Msg::Receipt { user, kind: ReceiptKind::Delivered, server_id: 77, peer, .. }] if *user == from && *peer == to
         ),
         "{out:?}"
     );
@@ -383,7 +383,7 @@ fn typing_to_another_nodes_user_goes_to_the_bridge() {
 #[test]
 fn a_replayed_user_state_is_installed_and_read_back_whole() {
     use crate::cluster::state::UserState;
-    use crate::store::devices::{Dev, Kept};
+    use crate::store::devices::{Dev, Kept, KeptGroup};
     use crate::store::presence::Seen;
 
     let mut h = clustered();
@@ -407,6 +407,13 @@ fn a_replayed_user_state_is_installed_and_read_back_whole() {
             peer: 3,
             lanes: 0b11,
         }],
+        group_receipts: vec![KeptGroup {
+            kind: 2,
+            lanes: 0b10,
+            group: 9,
+            msg: 4,
+            members: vec![3, 5].into(),
+        }],
         seen: Seen {
             last_seen_ms: T0_MS - 5,
             hidden: true,
@@ -417,9 +424,10 @@ fn a_replayed_user_state_is_installed_and_read_back_whole() {
         state: Box::new(state.clone()),
     }));
     assert_eq!(h.s.registered_devices(user), vec![1, 2]);
-    assert_eq!(h.s.receipts_kept(user), 1);
+    // One 1:1 receipt and a group receipt naming two members.
+    assert_eq!(h.s.receipts_kept(user), 3);
     assert_eq!(h.s.user_state(user), state);
-    assert_eq!(h.s.stats.receipts_waiting.get(), 1);
+    assert_eq!(h.s.stats.receipts_waiting.get(), 3);
     let out = h.step(Event::Msg(Msg::Replayed { token: 5 }));
     assert!(
         matches!(to_bridge(&out)[..], [Msg::Replayed { token: 5 }]),

@@ -13,7 +13,7 @@ fn replay(h: &mut Harness, state: &mut State) -> Vec<Record> {
     let mut records = Vec::new();
     h.s.take_device_records(&mut records);
     for r in &records {
-        state.apply(*r);
+        state.apply(r.clone());
     }
     records
 }
