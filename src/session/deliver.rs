@@ -581,7 +581,7 @@ impl Sessions {
             } => {
                 self.on_receipt(user, kind, server_id, peer);
                 if seq != 0 {
-                    self.receipt_taken(src.into(), vec![seq]);
+                    self.receipt_taken(src.into(), &[seq]);
                 }
             }
             Msg::ReceiptsTaken { seqs } => self.outbox_taken(&seqs),

@@ -395,7 +395,7 @@ impl Sessions {
                 seqs,
             } => {
                 self.group_receipt(user, kind, group, msg, &peers);
-                self.receipt_taken(src.into(), seqs);
+                self.receipt_taken(src.into(), &seqs);
             }
             other => unreachable!("not a group message: {other:?}"),
         }

@@ -461,6 +461,7 @@ impl Sessions {
         trim_vec(&mut self.fresh, keep_bytes);
         trim_vec(&mut self.fresh_sent, keep_bytes);
         trim_vec(&mut self.registry.records, keep_bytes);
+        self.registry.outbox.trim();
         crate::memory::shrink_map(&mut self.copies);
         self.store.trim(keep_bytes);
     }

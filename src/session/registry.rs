@@ -23,9 +23,7 @@ use foldhash::HashMap;
 use crate::io::ConnId;
 use crate::proto::{self, Frame, ReceiptKind};
 use crate::shard::Msg;
-use crate::store::devices::{
-    Dev, Kept, KeptGroup, Out, Record, State, GROUP_KEPT_MEMBERS_MAX, LANES,
-};
+use crate::store::devices::{Dev, Kept, KeptGroup, Record, State, GROUP_KEPT_MEMBERS_MAX, LANES};
 
 use super::{Action, Env, Now, Sessions};
 
@@ -46,7 +44,7 @@ pub(super) struct Registry {
     pub(super) receipts_len: usize,
     /// The receipt outbox (`outbox.rs`): receipts this shard took on their
     /// way to their users' home shards, by number.
-    pub(super) outbox: BTreeMap<u64, Out>,
+    pub(super) outbox: super::outbox::Outbox,
     /// The highest outbox number handed out; kept across a crash's replay
     /// (a late answer to a number lost with the crash must not match a
     /// new receipt).
@@ -95,7 +93,7 @@ impl Sessions {
                 .sum::<usize>();
         r.receipts = receipts.into_iter().collect();
         r.group_receipts = group_receipts.into_iter().collect();
-        r.outbox = outbox;
+        r.outbox = outbox.into();
         r.out_seq = r.out_seq.max(out_seq);
         r.records.clear();
         r.cursor = 0;
