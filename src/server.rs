@@ -303,6 +303,14 @@ impl Server {
                             return;
                         }
                     };
+                    let groups = match crate::shard::open_group_log(&config, id) {
+                        Ok(groups) => groups,
+                        Err(e) => {
+                            let why = format!("group log not opened: {e}");
+                            let _ = ready_tx.send((id, Err(std::io::Error::other(why))));
+                            return;
+                        }
+                    };
                     let _ = ready_tx.send((id, Ok((io.wake_handle(), io.peer_info(), io.name()))));
                     let Ok(Some((links, peers, bridge))) = start_rx.recv() else {
                         return; // another shard failed to start
@@ -316,6 +324,7 @@ impl Server {
                         upgrade,
                         config,
                         store,
+                        groups,
                         tls,
                         peers: all_stats,
                         fatal,

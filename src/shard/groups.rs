@@ -9,6 +9,23 @@ use crate::session::Sessions;
 use crate::store::groups::{records_bytes, GroupLog, Record};
 use crate::store::{shard_dir, Durability};
 
+/// A shard's group log as opened, with the records it holds; `None`
+/// with durability memory (groups live in memory only).
+pub type OpenedGroupLog = Option<(GroupLog, Vec<Record>)>;
+
+/// Opens shard `id`'s group log. The server does it before the shard
+/// reports ready, next to the message store, so a log that cannot be read
+/// fails the start with its reason (a shard thread that panicked while
+/// starting would leave the process up with a dead shard).
+pub fn open_group_log(config: &Config, id: usize) -> std::io::Result<OpenedGroupLog> {
+    let durability = config.store_durability();
+    if durability == Durability::Memory {
+        return Ok(None);
+    }
+    let dir = shard_dir(&config.data_dir, id);
+    GroupLog::open(&dir, durability == Durability::Fsync).map(Some)
+}
+
 /// The shard's group log.
 pub(super) struct GroupWriter {
     /// `None` with durability memory (groups live in memory only).
@@ -28,19 +45,14 @@ impl GroupWriter {
         }
     }
 
-    /// Opens shard `id`'s group log and gives its groups to `sessions`.
-    /// A log that cannot be read stops the shard (its groups and the
-    /// messages it acknowledged would be lost): the panic goes to the
-    /// supervisor, which retries within its restart limits.
-    pub(super) fn open(config: &Config, id: usize, sessions: &mut Sessions) -> GroupWriter {
+    /// Gives the groups of `opened` (see [`open_group_log`]) to `sessions`.
+    pub(super) fn open(opened: OpenedGroupLog, sessions: &mut Sessions) -> GroupWriter {
         let mut writer = GroupWriter {
             log: None,
             live_bytes: 0,
             records: Vec::new(),
         };
-        if let Err(e) = writer.reopen(config, id, sessions) {
-            panic!("shard {id}: group log not opened: {e}");
-        }
+        writer.install(opened, sessions);
         writer
     }
 
@@ -52,17 +64,20 @@ impl GroupWriter {
         id: usize,
         sessions: &mut Sessions,
     ) -> std::io::Result<()> {
-        let durability = config.store_durability();
-        if durability == Durability::Memory {
-            // Nothing on disk: the groups in memory are all there is.
-            return Ok(());
-        }
-        let dir = shard_dir(&config.data_dir, id);
-        let (log, records) = GroupLog::open(&dir, durability == Durability::Fsync)?;
-        sessions.restore_groups(&records);
-        self.live_bytes = log.bytes();
-        self.log = Some(log);
+        let opened = open_group_log(config, id)?;
+        self.install(opened, sessions);
         Ok(())
+    }
+
+    /// Takes `opened` as the log and its groups as the shard's; with
+    /// nothing on disk (durability memory) the groups in memory are all
+    /// there is.
+    fn install(&mut self, opened: OpenedGroupLog, sessions: &mut Sessions) {
+        if let Some((log, records)) = opened {
+            sessions.restore_groups(&records);
+            self.live_bytes = log.bytes();
+            self.log = Some(log);
+        }
     }
 
     /// Writes what the session layer staged (synced when any of it is a

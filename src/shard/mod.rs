@@ -53,6 +53,7 @@ mod sync;
 #[cfg(debug_assertions)]
 pub use crate::session::{CRASH_USER, PANIC_USER};
 pub use carry::{Adopt, Carry, Next, Outgoing, ADOPT_QUEUED_MAX, HELD_FDS_MAX};
+pub use groups::{open_group_log, OpenedGroupLog};
 pub use route::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
 
 use admit::Admission;
@@ -121,6 +122,8 @@ pub struct ShardParts {
     pub config: Arc<Config>,
     /// Its message store, already recovered.
     pub store: Box<dyn Store + Send>,
+    /// Its group log, already read ([`open_group_log`]).
+    pub groups: OpenedGroupLog,
     /// TLS settings, when the server has a TLS listener.
     pub tls: Option<Arc<TlsContext>>,
     /// Every shard's counters, by shard id: their `state` says whether a
@@ -296,6 +299,7 @@ impl Shard {
             upgrade,
             config,
             store,
+            groups,
             tls,
             peers,
             fatal,
@@ -314,7 +318,7 @@ impl Shard {
         sessions.set_push(push);
         let presence = PresenceWriter::open(&config, id, &mut sessions, clock.now());
         let devices = DeviceWriter::open(&config, id, &mut sessions);
-        let groups = GroupWriter::open(&config, id, &mut sessions);
+        let groups = GroupWriter::open(groups, &mut sessions);
         Shard {
             id,
             syncer: Syncer::new(&io, id),

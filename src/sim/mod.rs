@@ -564,8 +564,11 @@ impl World {
                 Err(e @ StoreError::Corrupt { .. }) => self.repair(id, clock.clone(), &e)?,
                 Err(e) => return Err(format!("shard {id}: recovery failed: {e}")),
             };
+            let groups = crate::shard::open_group_log(&self.config, id)
+                .map_err(|e| format!("shard {id}: group log not opened: {e}"))?;
             self.shards.push(Shard::new(ShardParts {
                 push: None,
+                groups,
                 io,
                 links,
                 stats: self.stats[id].clone(),
