@@ -730,9 +730,13 @@ impl DeviceLog {
                 Ok(())
             }
         });
+        let len = self.buf.len() as u64;
+        // Emptied after use so that `trim` can give back what a burst grew
+        // it to (it keeps a buffer that holds anything).
+        self.buf.clear();
         match written {
             Ok(()) => {
-                self.bytes += self.buf.len() as u64;
+                self.bytes += len;
                 Ok(())
             }
             Err(e) => {
@@ -783,16 +787,19 @@ impl DeviceLog {
         for r in state.records() {
             r.encode(&mut self.buf);
         }
+        let len = self.buf.len() as u64;
         let new = self.dir.join(NEW_NAME);
-        let file = files::create(&new)?;
-        files::write(&file, &new, &self.buf)?;
-        // Always synced before the rename: a rename that lands before the
-        // data would leave an empty file in place of the old state.
-        files::sync(&file, &new, true)?;
-        drop(file);
+        let written = files::create(&new).and_then(|file| {
+            files::write(&file, &new, &self.buf)?;
+            // Always synced before the rename: a rename that lands before
+            // the data would leave an empty file in place of the old state.
+            files::sync(&file, &new, true)
+        });
+        self.buf.clear();
+        written?;
         files::rename(&new, &self.path)?;
         files::sync_dir(&self.dir)?;
-        self.bytes = self.buf.len() as u64;
+        self.bytes = len;
         self.rewritten = self.bytes;
         self.file = Some(files::open_append(&self.path)?);
         Ok(())
