@@ -26,9 +26,6 @@ fn spawn(dir: &Path, shards: usize) -> TernChild {
         .arg("--stats-socket")
         .arg(dir.join("s.sock"))
         .args(["--durability", "fsync"]);
-    if let Ok(io) = std::env::var("TERN_TEST_IO") {
-        cmd.args(["--io", &io]);
-    }
     TernChild::expect_start(cmd)
 }
 

@@ -21,9 +21,7 @@ pub struct TernChild {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// `tern serve` with the test secret and no inherited secret, and `args`;
-/// on the suite's I/O backend ([`super::test_backend`]) unless `args` name
-/// one, so the poll pass runs child processes on poll too.
+/// `tern serve` with the test secret and no inherited secret, and `args`.
 pub fn serve_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(TERN);
     cmd.env_remove("TERN_TOKEN_SECRET")
@@ -34,19 +32,19 @@ pub fn serve_command(args: &[&str]) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if !args.contains(&"--io") {
-        cmd.args([
-            "--io",
-            &format!("{:?}", super::test_backend()).to_lowercase(),
-        ]);
-    }
     cmd
 }
 
 impl TernChild {
     /// Runs `cmd` (see [`serve_command`]) and waits until it listens.
     /// `Err((status, log))` if it exits first.
+    /// It runs on the suite's I/O backend ([`super::test_backend`]) unless
+    /// `cmd` names one, so the poll pass runs child processes on poll too.
     pub fn start(mut cmd: Command) -> Result<TernChild, (ExitStatus, String)> {
+        if !cmd.get_args().any(|a| a == "--io") {
+            let io = format!("{:?}", super::test_backend()).to_lowercase();
+            cmd.args(["--io", &io]);
+        }
         let mut child = cmd.spawn().expect("spawn tern serve");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
