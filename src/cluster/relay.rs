@@ -221,15 +221,17 @@ impl Relay {
         let mut rx = self.rx.take().expect("run once");
         let mut replay_rx = self.replay_rx.take().expect("run once");
         let mut tick = tokio::time::interval(RECONCILE);
-        let listen = tokio::spawn(listen_presence(
+        let presence = tokio::spawn(listen(
             self.js.client(),
             presence::subject(&self.me),
             self.tx.clone(),
+            |record: Vec<u8>| Report::Presence(record.into()),
         ));
-        let replies = tokio::spawn(groups::listen_replies(
+        let replies = tokio::spawn(listen(
             self.js.client(),
             reply_subject(&self.me),
             self.tx.clone(),
+            |record: Vec<u8>| Report::GroupReply(record.into()),
         ));
         while !stop.load(Ordering::Relaxed) {
             tokio::select! {
@@ -243,7 +245,7 @@ impl Relay {
         for (_, task) in self.consumers.drain() {
             task.abort();
         }
-        listen.abort();
+        presence.abort();
         replies.abort();
     }
 
@@ -829,21 +831,20 @@ impl Relay {
     }
 }
 
-/// Reads this node's presence subject and reports every record. Starts
-/// over after an error; ends with the runtime.
-async fn listen_presence(
+/// Reads one of this node's plain NATS subjects (presence, group
+/// answers) and reports every record as `report` makes it. Starts over
+/// after an error; ends with the runtime.
+async fn listen(
     client: async_nats::Client,
     subject: String,
     tx: mpsc::UnboundedSender<Report>,
+    report: fn(Vec<u8>) -> Report,
 ) {
     loop {
         match client.subscribe(subject.clone()).await {
             Ok(mut records) => {
                 while let Some(m) = records.next().await {
-                    if tx
-                        .send(Report::Presence(m.payload.to_vec().into()))
-                        .is_err()
-                    {
+                    if tx.send(report(m.payload.to_vec())).is_err() {
                         return;
                     }
                 }

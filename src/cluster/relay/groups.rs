@@ -9,8 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use async_nats::jetstream::{self, kv, message::Acker};
-use futures_util::{StreamExt, TryStreamExt};
-use tokio::sync::mpsc;
+use futures_util::TryStreamExt;
 
 use super::{unix_ms, Relay, Report};
 use crate::cluster::group_home::{Answer, Home, Outcome};
@@ -703,29 +702,4 @@ async fn step(
             .await;
     }
     Ok(written)
-}
-
-/// Reads this node's answer subject and reports every record. Starts over
-/// after an error; ends with the runtime.
-pub(super) async fn listen_replies(
-    client: async_nats::Client,
-    subject: String,
-    tx: mpsc::UnboundedSender<Report>,
-) {
-    loop {
-        match client.subscribe(subject.clone()).await {
-            Ok(mut records) => {
-                while let Some(m) = records.next().await {
-                    if tx
-                        .send(Report::GroupReply(m.payload.to_vec().into()))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            Err(e) => log::warn!("cluster relay: cannot read {subject}: {e}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
 }
