@@ -5,12 +5,15 @@
 
 use std::net::SocketAddr;
 
-use tern::cluster::ClusterConfig;
+use async_nats::jetstream::stream;
+use tern::cluster::streams::stream_of;
+use tern::cluster::{partition_of, state, ClusterConfig};
 use tern::proto::{Frame, OwnedFrame, PresenceState, ReceiptKind, VERSION_2};
 use tern_client::{Client, ClientError};
 
 use super::common::{device_token, expect_receipt, recv_ack, recv_deliver, TestServer};
 use super::nats::{free_port, Nats};
+use super::scale::with_jetstream;
 use super::{login_v2, retry_unavailable, settle, settle_halves};
 
 const PARTITIONS: u32 = 16;
@@ -185,5 +188,134 @@ fn devices_receipts_last_seen_and_privacy_move_with_the_partition() {
     assert!(
         a.info_u64("Cluster_states_replayed") >= 2,
         "y's and w's states"
+    );
+}
+
+/// Makes every state publish to state stream `TERNS_<g>` fail, as a
+/// stream gone or out of reach would: its subjects are moved off
+/// `terns.<g>.>` (JetStream then answers such a publish with "no
+/// responders"), its records kept. Returns the configuration to put back
+/// with [`restore_state_stream`].
+fn break_state_stream(nats: &Nats, g: u32) -> stream::Config {
+    with_jetstream(&nats.url(), async |js| {
+        let name = state::stream_name(g);
+        let mut found = js.get_stream(&name).await.expect("state stream");
+        let kept = found.info().await.expect("stream info").config.clone();
+        let broken = stream::Config {
+            subjects: vec![format!("fault.{name}")],
+            ..kept.clone()
+        };
+        js.update_stream(&broken).await.expect("subjects moved");
+        kept
+    })
+}
+
+/// Puts back a state stream's configuration kept by
+/// [`break_state_stream`].
+fn restore_state_stream(nats: &Nats, kept: &stream::Config) {
+    with_jetstream(&nats.url(), async |js| {
+        js.update_stream(kept).await.expect("subjects restored");
+    });
+}
+
+/// The next `n` RECEIPTs on `c` as (kind, server id, peer), sorted; an
+/// error (a read timeout) if they do not come.
+fn receipts(c: &mut Client, n: usize) -> Result<Vec<(ReceiptKind, u64, u64)>, ClientError> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        if let OwnedFrame::Receipt {
+            kind,
+            server_id,
+            peer,
+        } = c.recv()?
+        {
+            got.push((kind, server_id, peer));
+        }
+    }
+    got.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+    Ok(got)
+}
+
+/// A receipt consumed from JetStream whose state publish failed is not
+/// lost with its node (README, issue 11; docs/CLUSTER.md, "What may be
+/// lost"): y, served by b, sends to x on a and goes offline; x's DELIVERED
+/// and READ travel to b as records, b keeps them for y, but publishing y's
+/// state fails (the state stream takes no publish). The state stream comes
+/// back, b stops, a takes the partitions over: y, logging in at a, gets
+/// both receipts.
+#[test]
+fn a_receipt_whose_state_publish_failed_survives_the_node() {
+    let Some(nats) = Nats::start() else { return };
+    let a = node(&nats, "a");
+    let b = node(&nats, "b");
+    settle_halves(&a, &b, u64::from(PARTITIONS));
+    let (on_a, on_b) = users_by_node(&a, 1);
+    let (x, y) = (on_a[0], on_b[0]);
+    let g = stream_of(partition_of(y, PARTITIONS));
+
+    // y's device 1 sends to x, offline, and goes offline too; its state
+    // (the device, its last seen) is kept before the fault.
+    let mut y1 = login_device(a.addr, y, 1);
+    assert_eq!(y1.peer_addr().expect("peer"), b.addr, "y is served by b");
+    y1.send_msg(1, x, b"from y").expect("send");
+    let id = recv_ack(&mut y1, 1);
+    states_kept(&b);
+    let handed = b.metric_sum("tern_states_handed_total");
+    drop(y1);
+    b.wait_info("Users_online", |n| n == 0);
+    // The logout writes y's last seen.
+    b.wait_metric("tern_states_handed_total", |n| n > handed);
+    states_kept(&b);
+
+    let kept = break_state_stream(&nats, g);
+    let failures = b.info_u64("Cluster_state_publish_failures");
+
+    // x answers; both receipts reach b, which keeps them for y and fails
+    // to publish y's state.
+    let mut cx = login_device(a.addr, x, 0);
+    assert_eq!(cx.peer_addr().expect("peer"), a.addr, "x is served by a");
+    assert_eq!(recv_deliver(&mut cx).server_id, id);
+    cx.send_delivered(id).expect("delivered");
+    cx.send_read(id, y).expect("read");
+    let mut last = (0, 0, 0);
+    let failed = settle(|| {
+        last = (
+            b.metric_sum("tern_receipts_waiting"),
+            b.info_u64("Cluster_state_publish_failures"),
+            b.info_u64("Cluster_states_in_flight"),
+        );
+        last.0 == 2 && last.1 > failures && last.2 == 0
+    });
+    assert!(
+        failed,
+        "(receipts waiting, state publish failures, states in flight) on b stayed at {last:?}, \
+         {failures} failures before the fault"
+    );
+    let records = nats.message_records();
+
+    // The state stream is back; b stops, a takes its partitions over.
+    restore_state_stream(&nats, &kept);
+    drop(b);
+    let all = settle(|| {
+        a.info_u64("Cluster_partitions_owned") == u64::from(PARTITIONS)
+            && a.info_u64("Cluster_partitions_unowned") == 0
+    });
+    assert!(all, "a never took b's partitions over");
+
+    let mut y1 = login_device(a.addr, y, 1);
+    assert_eq!(
+        y1.peer_addr().expect("peer"),
+        a.addr,
+        "y is served by a now"
+    );
+    let got = receipts(&mut y1, 2).unwrap_or_else(|e| {
+        panic!(
+            "y got no receipts after b stopped ({e}): they were kept only in b's memory \
+             (records left in the message streams when b failed to keep them: {records:?})"
+        )
+    });
+    assert_eq!(
+        got,
+        [(ReceiptKind::Delivered, id, x), (ReceiptKind::Read, id, x)]
     );
 }

@@ -82,7 +82,10 @@ fn two_nodes_split_the_default_partitions_and_carry_messages() {
 
 /// Runs `f` against JetStream at `url` on a runtime of its own, as an
 /// operator's tool would.
-fn with_jetstream<T>(url: &str, f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T) -> T {
+pub(super) fn with_jetstream<T>(
+    url: &str,
+    f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T,
+) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
