@@ -51,6 +51,10 @@ const GAP_CHECK: Duration = Duration::from_secs(2);
 /// Longest wait between two checks of a quiet consumer.
 const GAP_CHECK_MAX: Duration = Duration::from_secs(64);
 
+/// How long after a failed state publish that kept receipt records their
+/// consumer starts over to bring them again.
+const START_OVER_AFTER: Duration = Duration::from_secs(1);
+
 /// What the relay's helper tasks report.
 enum Report {
     /// A SEND's publish was acknowledged (`Ok(server id)`) or failed.
@@ -69,6 +73,11 @@ enum Report {
         /// When the bridge took the receipt off its shard's ring.
         taken: Instant,
         result: Result<(), String>,
+    },
+    /// A user's state, keeping receipt records not acked, was not stored.
+    StateFailed {
+        /// The user's partition.
+        partition: u32,
     },
     /// A presence record arrived on this node's subject.
     Presence(Box<[u8]>),
@@ -139,6 +148,14 @@ pub struct Relay {
     /// Messages handed to their recipients' shards, not yet DELIVERED, by
     /// server id, with their partition: acked in JetStream on [`Msg::Done`].
     pending: HashMap<u64, (u32, Box<Acker>)>,
+    /// Receipt records handed to their users' shards, by this relay's
+    /// number for them (the shard's token), with their partition: acked
+    /// in JetStream once written to every device of their user
+    /// ([`Msg::ReceiptsTaken`]) or once the user's state that keeps them is
+    /// stored ([`Msg::State`]).
+    receipts: HashMap<u64, (u32, Box<Acker>)>,
+    /// The next receipt record's number (never 0: 0 means "no token").
+    receipt_next: u64,
     consumers: HashMap<Scope, JoinHandle<()>>,
     /// Per partition: whether it was this node's at the last reconcile.
     here: Vec<bool>,
@@ -193,6 +210,8 @@ impl Relay {
             owners,
             stats,
             pending: HashMap::new(),
+            receipts: HashMap::new(),
+            receipt_next: 0,
             consumers: HashMap::new(),
             here,
             tx,
@@ -357,7 +376,7 @@ impl Relay {
             } => self.group_receipt_out(user, kind, group, msg, peers).await,
             Msg::Done { server_id, .. } => {
                 if let Some((_, acker)) = self.pending.remove(&server_id) {
-                    self.stats.pending_acks.set(self.pending.len() as u64);
+                    self.count_pending();
                     tokio::spawn(async move {
                         if let Err(e) = acker.ack().await {
                             // It stays in JetStream: delivered once more
@@ -410,7 +429,21 @@ impl Relay {
                     self.publish_presence(&to, &record).await;
                 }
             }
-            Msg::State { user, bytes } => self.publish_state(user, bytes).await,
+            Msg::State {
+                user,
+                bytes,
+                receipts,
+            } => self.publish_state(user, bytes, &receipts).await,
+            Msg::ReceiptsTaken { seqs } => {
+                for token in seqs {
+                    if let Some((_, acker)) = self.receipts.remove(&token) {
+                        tokio::spawn(async move {
+                            let _ = acker.ack().await;
+                        });
+                    }
+                }
+                self.count_pending();
+            }
             Msg::Replayed { token } => {
                 if let Some((left, _)) = self.replays.get_mut(&token) {
                     *left -= 1;
@@ -428,11 +461,21 @@ impl Relay {
     /// Keeps `user`'s state (`bytes`) in its state stream, while this node
     /// serves its partition (a node that lost it must not overwrite what
     /// the new owner writes; the shard checked too, this catches a loss in
-    /// between). The publish is not waited for: a failure is
-    /// counted and logged, and the user's next change writes it whole.
-    async fn publish_state(&mut self, user: u64, bytes: Vec<u8>) {
+    /// between), then acks the receipt records it keeps (`receipts`). The
+    /// publish is not waited for: a failure is counted and logged, and the
+    /// user's next change writes it whole; the records it kept are not
+    /// acked, and their consumer starts over so they come again (each
+    /// makes its user's state go again).
+    async fn publish_state(&mut self, user: u64, bytes: Vec<u8>, receipts: &[u64]) {
         let partition = partition_of(user, self.owners.partitions());
+        let ackers: Vec<Box<Acker>> = receipts
+            .iter()
+            .filter_map(|token| self.receipts.remove(token))
+            .map(|(_, acker)| acker)
+            .collect();
+        self.count_pending();
         if self.owners.of(partition) != Owner::Here {
+            // Not acked: the new owner's consumer brings them.
             self.stats.state_publish_failures.inc();
             return;
         }
@@ -442,20 +485,48 @@ impl Relay {
             .await;
         self.stats.states_in_flight.inc();
         let stats = self.stats.clone();
+        let tx = self.tx.clone();
         tokio::spawn(async move {
             let result = match published {
                 Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match result {
-                Ok(()) => stats.states_published.inc(),
+                Ok(()) => {
+                    stats.states_published.inc();
+                    for acker in ackers {
+                        let _ = acker.ack().await;
+                    }
+                }
                 Err(e) => {
                     stats.state_publish_failures.inc();
                     log::warn!("cluster relay: state of user {user} not kept: {e}");
+                    if !ackers.is_empty() {
+                        // Not at once: a stream that refuses every write
+                        // would have the consumer start over in a loop.
+                        tokio::time::sleep(START_OVER_AFTER).await;
+                        let _ = tx.send(Report::StateFailed { partition });
+                    }
                 }
             }
             stats.states_in_flight.sub(1);
         });
+    }
+
+    /// Numbers a receipt record of `partition` handed to a shard; its
+    /// `acker` waits for the shard's word ([`Relay::receipts`]).
+    fn hold_receipt(&mut self, partition: u32, acker: Box<Acker>) -> u64 {
+        self.receipt_next += 1;
+        let token = self.receipt_next;
+        self.receipts.insert(token, (partition, acker));
+        self.count_pending();
+        token
+    }
+
+    /// Records handed to shards whose JetStream acks wait.
+    fn count_pending(&self) {
+        let n = self.pending.len() + self.receipts.len();
+        self.stats.pending_acks.set(n as u64);
     }
 
     /// Reads the states of a replay's partitions in a task of its own (the
@@ -590,6 +661,7 @@ impl Relay {
     async fn on_report(&mut self, report: Report) {
         match report {
             Report::Presence(bytes) => self.on_presence(&bytes).await,
+            Report::StateFailed { partition } => self.start_over(partition),
             Report::StatesRead { result, done } => match result {
                 Ok(states) => self.states_read(states, done),
                 Err(e) => log::warn!("cluster relay: states not read, claim retried: {e}"),
@@ -701,7 +773,7 @@ impl Relay {
                     body: body.into(),
                 };
                 self.pending.insert(sequence, (partition, acker));
-                self.stats.pending_acks.set(self.pending.len() as u64);
+                self.count_pending();
                 let dst = home_shard(to, self.shards());
                 self.backlog[dst].push_back(Msg::Incoming { to, msg });
             }
@@ -712,17 +784,14 @@ impl Relay {
                 peer,
             }) => {
                 let dst = home_shard(user, self.shards());
+                let seq = self.hold_receipt(partition, acker);
                 self.backlog[dst].push_back(Msg::Receipt {
                     user,
                     kind,
                     server_id,
                     peer,
-                    // JetStream holds it: no outbox to answer.
                     src: 0,
-                    seq: 0,
-                });
-                tokio::spawn(async move {
-                    let _ = acker.ack().await;
+                    seq,
                 });
             }
             None => {
@@ -756,6 +825,22 @@ impl Relay {
             }
             if pushed {
                 self.ends.wakers[dst].wake();
+            }
+        }
+    }
+
+    /// Stops the consumer that reads `partition` (its stream's, or its
+    /// own); the next reconcile starts it again, from the oldest record
+    /// not acked, so receipt records whose state was not stored come
+    /// again (what the shards hold comes as copies, dropped).
+    fn start_over(&mut self, partition: u32) {
+        for scope in [
+            Scope::Stream(stream_of(partition)),
+            Scope::Partition(partition),
+        ] {
+            if let Some(task) = self.consumers.remove(&scope) {
+                task.abort();
+                log::info!("cluster relay: consumer {} starts over", scope.name());
             }
         }
     }
@@ -806,7 +891,8 @@ impl Relay {
         if lost {
             let here = &self.here;
             self.pending.retain(|_, (p, _)| here[*p as usize]);
-            self.stats.pending_acks.set(self.pending.len() as u64);
+            self.receipts.retain(|_, (p, _)| here[*p as usize]);
+            self.count_pending();
         }
         self.stats.consumers.set(self.consumers.len() as u64);
         self.groups_reconcile();

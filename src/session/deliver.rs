@@ -580,7 +580,9 @@ impl Sessions {
                 seq,
             } => {
                 self.on_receipt(user, kind, server_id, peer);
-                if seq != 0 {
+                if seq != 0 && self.config.cluster.is_some() {
+                    self.bridge_receipts_taken(user, &[seq]);
+                } else if seq != 0 {
                     self.receipt_taken(src.into(), &[seq]);
                 }
             }

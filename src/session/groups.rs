@@ -395,7 +395,11 @@ impl Sessions {
                 seqs,
             } => {
                 self.group_receipt(user, kind, group, msg, &peers);
-                self.receipt_taken(src.into(), &seqs);
+                if self.config.cluster.is_some() {
+                    self.bridge_receipts_taken(user, &seqs);
+                } else {
+                    self.receipt_taken(src.into(), &seqs);
+                }
             }
             other => unreachable!("not a group message: {other:?}"),
         }

@@ -48,6 +48,7 @@ mod tests;
 mod users;
 
 pub use event::{Action, Env, Event, Flow, Now, OpenEnv};
+pub use outbox::BridgeReceipt;
 use users::Users;
 
 /// In debug builds, a SEND to this user panics inside the session handler, so
@@ -183,6 +184,10 @@ pub struct Sessions {
     /// `Some` between [`Event::Sealed`] and [`Event::Committed`]: the
     /// answers, fresh users and fresh messages of the batch being synced.
     sealed: Option<Sealed>,
+    /// Cluster: receipt records from JetStream taken this iteration, for
+    /// the shard to tell the bridge when each may be acked
+    /// ([`Sessions::take_bridge_receipts`]).
+    bridge_receipts: Vec<BridgeReceipt>,
     next_gen: u32,
     next_seq: u64,
     /// Set by the debug crash hook; the shard panics outside connection
@@ -249,6 +254,7 @@ impl Sessions {
             done_ids: Vec::new(),
             written: foldhash::HashMap::default(),
             sealed: None,
+            bridge_receipts: Vec::new(),
             next_gen: 1,
             crash: false,
             stats,
@@ -607,6 +613,9 @@ impl Sessions {
         self.slots.clear();
         self.users.clear();
         self.copies.clear();
+        // Cluster: their records stay unacked in JetStream (safe: they come
+        // again when the partition's consumer starts over).
+        self.bridge_receipts.clear();
         self.guard.clear();
         self.presence.clear();
         // Senders on this shard lose their connection and resend anyway;

@@ -17,6 +17,12 @@
 //! bytes) in the device log per receipt, and a 56-byte entry in the
 //! [`Outbox`] queue while it is on its way; nothing at all while no
 //! receipt is: an idle shard writes nothing.
+//!
+//! In a cluster JetStream is the outbox: a receipt is a record in the
+//! sender's partition's stream, and the sender's node acks it only once it
+//! is written to the sender's online devices or its user's state (which
+//! keeps it for the offline ones) is stored in JetStream
+//! ([`BridgeReceipt`]; docs/CLUSTER.md, "Per-user state across nodes").
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -93,7 +99,41 @@ impl From<BTreeMap<u64, Out>> for Outbox {
     }
 }
 
+/// Cluster: a receipt record from JetStream (numbered `token` by the
+/// bridge) was taken for `user`. With `held`, some registered device of
+/// the user is offline, so the receipt is kept in (or was already in) the
+/// user's state: the record may be acked once that state is stored in
+/// JetStream. Without, it was written to every device of the user: it may
+/// be acked at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BridgeReceipt {
+    /// The user the receipt is for (the original sender).
+    pub user: u64,
+    /// The bridge's number for the record.
+    pub token: u64,
+    /// Whether the user's state holds it.
+    pub held: bool,
+}
+
 impl Sessions {
+    /// Cluster: receipt records `tokens` for `user` were taken (written to
+    /// its online devices, kept for its offline ones).
+    pub(super) fn bridge_receipts_taken(&mut self, user: u64, tokens: &[u64]) {
+        let held = self.waiting_lanes(user) != 0;
+        self.bridge_receipts
+            .extend(
+                tokens
+                    .iter()
+                    .map(|&token| BridgeReceipt { user, token, held }),
+            );
+    }
+
+    /// Cluster: moves the receipt records taken since the last call into
+    /// `out`.
+    pub fn take_bridge_receipts(&mut self, out: &mut Vec<BridgeReceipt>) {
+        out.append(&mut self.bridge_receipts);
+    }
+
     /// Keeps `out` in the outbox until its user's shard has it: its
     /// number there (0 in a cluster, where JetStream keeps receipts).
     pub(super) fn outbox_keep(&mut self, out: Out) -> u64 {

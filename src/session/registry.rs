@@ -441,20 +441,24 @@ impl Sessions {
 
     /// A receipt for `user` (homed here): written to its online devices,
     /// kept (durably) for its registered devices that are offline.
+    /// The lanes of `user`'s registered devices that are offline: those a
+    /// receipt for it waits for. Nobody registered (a registration lost
+    /// with its log, or every device removed): lane 0, which the next
+    /// device to register takes.
+    pub(super) fn waiting_lanes(&self, user: u64) -> u32 {
+        match self.registered(user) {
+            0 => 1,
+            all => all & !self.users.lanes(user),
+        }
+    }
+
     pub(super) fn on_receipt(&mut self, user: u64, kind: ReceiptKind, server_id: u64, peer: u64) {
         let n = self.users.count(user);
         for i in 0..n {
             let conn = self.users.nth_conn(user, i);
             self.write_receipt(conn, kind, server_id, peer);
         }
-        let all = self.registered(user);
-        // Nobody registered (a registration lost with its log, or every
-        // device removed): the next device to register takes lane 0.
-        let lanes = if all == 0 {
-            1
-        } else {
-            all & !self.users.lanes(user)
-        };
+        let lanes = self.waiting_lanes(user);
         if lanes == 0 {
             return;
         }
@@ -572,12 +576,7 @@ impl Sessions {
         msg: u64,
         peers: &[u64],
     ) {
-        let all = self.registered(user);
-        let lanes = if all == 0 {
-            1
-        } else {
-            all & !self.users.lanes(user)
-        };
+        let lanes = self.waiting_lanes(user);
         if lanes == 0 || peers.is_empty() {
             return;
         }

@@ -31,7 +31,7 @@ use crate::io::{Completion, ConnId, Io};
 use crate::ops::{Ops, Request, Trace};
 use crate::proto::ByeReason;
 use crate::ring::Links;
-use crate::session::{Action, Env, Event, Flow, Now, Sessions, State};
+use crate::session::{Action, BridgeReceipt, Env, Event, Flow, Now, Sessions, State};
 use crate::stats::{LoopTimer, ShardStats};
 use crate::store::{shard_dir, Durability, LogStore, Store, StoreError};
 use crate::supervisor::{Fatal, Intensity, ShardState, EXIT_SHARD_DOWN};
@@ -227,6 +227,8 @@ pub struct Shard {
     owners: Option<Arc<Owners>>,
     /// Scratch for [`Shard::publish_states`].
     changed_users: Vec<u64>,
+    /// Scratch for [`Shard::publish_states`].
+    bridge_receipts: Vec<BridgeReceipt>,
     /// [`Owners::fencing`] as last acted on.
     owner_losses: u64,
     bridge: Option<ShardLink>,
@@ -367,6 +369,7 @@ impl Shard {
             loop_timer: LoopTimer::new(clock.now()),
             owner_losses: owners.as_ref().map_or(0, |o| o.fencing()),
             changed_users: Vec::new(),
+            bridge_receipts: Vec::new(),
             owners,
             bridge,
             memory_released: clock.now(),
@@ -681,27 +684,52 @@ impl Shard {
 
     /// Cluster: hands the state of every user whose registry, last seen or
     /// privacy changed in this iteration to the bridge, which keeps it in
-    /// JetStream (docs/CLUSTER.md, "Per-user state across nodes").
+    /// JetStream (docs/CLUSTER.md, "Per-user state across nodes"), with
+    /// the receipt records it keeps; the records of receipts written to
+    /// every device of their user are acked at once.
     fn publish_states(&mut self) {
         let Some(bridge) = &mut self.bridge else {
             return;
         };
         let mut users = std::mem::take(&mut self.changed_users);
+        let mut taken = std::mem::take(&mut self.bridge_receipts);
         self.devices.take_changed(&mut users);
         self.presence.take_changed(&mut users);
+        self.sessions.take_bridge_receipts(&mut taken);
+        let written: Vec<u64> = taken.iter().filter(|r| !r.held).map(|r| r.token).collect();
+        if !written.is_empty() {
+            bridge.send(Msg::ReceiptsTaken { seqs: written });
+        }
+        // A held receipt's user goes even if nothing changed: a record that
+        // came again (its first state publish failed) finds the receipt
+        // held already, and only a stored state lets it be acked.
+        taken.retain(|r| r.held);
+        taken.sort_unstable_by_key(|r| r.user);
+        users.extend(taken.iter().map(|r| r.user));
         users.sort_unstable();
         users.dedup();
         let owners = self.owners.as_deref();
+        let mut at = 0;
         for user in users.drain(..) {
+            let n = taken[at..].iter().take_while(|r| r.user == user).count();
+            let receipts: Vec<u64> = taken[at..at + n].iter().map(|r| r.token).collect();
+            at += n;
             // Users of a partition this node gave up (their sessions just
-            // closed with BYE(moved)): the new owner keeps their state now.
+            // closed with BYE(moved)): the new owner keeps their state now,
+            // and takes their receipt records, unacked, from JetStream.
             if owners.is_some_and(|o| o.of_user(user) != Owner::Here) {
                 continue;
             }
             let bytes = self.sessions.user_state(user).encode(user);
-            bridge.send(Msg::State { user, bytes });
+            bridge.send(Msg::State {
+                user,
+                bytes,
+                receipts,
+            });
             self.stats.states_handed.inc();
         }
+        taken.clear();
+        self.bridge_receipts = taken;
         self.changed_users = users;
     }
 

@@ -120,13 +120,16 @@ pub enum Msg {
         /// The shard whose receipt outbox holds it (the one that took the
         /// DELIVERED or READ), to answer [`Msg::ReceiptsTaken`].
         src: u16,
-        /// Its number in that outbox; 0: not kept there (a cluster's
-        /// receipt, from JetStream), nothing to answer.
+        /// Its number in that outbox, 0 if not kept there. In a cluster,
+        /// from the bridge: the bridge's number for the JetStream record
+        /// ([`crate::session::BridgeReceipt`]).
         seq: u64,
     },
     /// The receipts `seqs` of the receiving shard's receipt outbox reached
     /// their user's home shard (written to its online devices, or kept
-    /// durably for its offline ones): they leave the outbox.
+    /// durably for its offline ones): they leave the outbox. In a cluster,
+    /// shard to bridge: the receipt records `seqs` were written to every
+    /// device of their users, to be acked in JetStream.
     ReceiptsTaken {
         /// Their numbers in the outbox.
         seqs: Vec<u64>,
@@ -271,7 +274,8 @@ pub enum Msg {
         /// The shard whose receipt outbox holds them (the members' shard).
         src: u16,
         /// Their numbers in that outbox (one per member; none for a
-        /// receipt not kept there).
+        /// receipt not kept there). In a cluster, from the bridge: the
+        /// bridge's number for the JetStream record.
         seqs: Vec<u64>,
     },
     /// Cluster, bridge to `user`'s home shard (the receiving one): the
@@ -317,6 +321,9 @@ pub enum Msg {
         user: u64,
         /// Its encoded state.
         bytes: Vec<u8>,
+        /// The bridge's numbers of the receipt records this state keeps:
+        /// acked in JetStream once it is stored.
+        receipts: Vec<u64>,
     },
     /// Cluster, bridge to `user`'s home shard (the receiving one): the
     /// state a partition's previous owner left for `user`, replayed on

@@ -292,18 +292,15 @@ impl Relay {
         }
         if let Some(r) = Receipt::decode(payload) {
             let dst = home_shard(r.sender, self.shards());
+            let token = self.hold_receipt(partition, acker);
             self.backlog[dst].push_back(Msg::GroupReceipt {
                 user: r.sender,
                 kind: r.kind,
                 group: r.group,
                 msg: r.msg,
                 peers: r.peers,
-                // JetStream holds it: no outbox to answer.
                 src: 0,
-                seqs: Vec::new(),
-            });
-            tokio::spawn(async move {
-                let _ = acker.ack().await;
+                seqs: vec![token],
             });
             return None;
         }

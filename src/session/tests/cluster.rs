@@ -456,3 +456,68 @@ fn a_replayed_user_state_is_installed_and_read_back_whole() {
     assert_eq!(h.s.receipts_kept(user), 0);
     assert_eq!(h.s.user_state(user), UserState::default());
 }
+
+/// A receipt record from JetStream for `user`, numbered
+/// `token` by the bridge.
+fn bridge_receipt(user: u64, token: u64) -> Event<'static> {
+    Event::Msg(Msg::Receipt {
+        user,
+        kind: ReceiptKind::Delivered,
+        server_id: 1024,
+        peer: 9,
+        src: 0,
+        seq: token,
+    })
+}
+
+#[test]
+fn a_receipt_record_is_acked_when_written_or_once_its_state_is_kept() {
+    let mut h = clustered();
+    let user = user_in(0);
+    login_device(&mut h, 1, user, 0);
+    login_device(&mut h, 2, user, 1);
+    let mut taken = Vec::new();
+
+    // Every device online: written to both, the record may go at once.
+    let out = h.step(bridge_receipt(user, 11));
+    assert_eq!(out.to(ConnId(1)).len() + out.to(ConnId(2)).len(), 2);
+    h.s.take_bridge_receipts(&mut taken);
+    let written = BridgeReceipt {
+        user,
+        token: 11,
+        held: false,
+    };
+    assert_eq!(taken, [written]);
+
+    // Device 1 offline: the receipt is kept for it, so the record waits
+    // for the user's state; the same record again (a failed state publish
+    // had its consumer start over) is still held, so the state goes again.
+    h.step(Event::Closed(ConnId(2)));
+    taken.clear();
+    h.step(bridge_receipt(user, 12));
+    h.step(bridge_receipt(user, 13));
+    h.s.take_bridge_receipts(&mut taken);
+    let held = |token| BridgeReceipt {
+        user,
+        token,
+        held: true,
+    };
+    assert_eq!(taken, [held(12), held(13)]);
+    assert_eq!(h.s.receipts_kept(user), 1, "the copy is not kept twice");
+
+    // A group receipt likewise.
+    taken.clear();
+    h.step(Event::Msg(Msg::GroupReceipt {
+        user,
+        kind: ReceiptKind::Read,
+        group: 5,
+        msg: 3,
+        peers: vec![7],
+        src: 0,
+        seqs: vec![14],
+    }));
+    h.s.take_bridge_receipts(&mut taken);
+    assert_eq!(taken, [held(14)]);
+    // Nothing goes to an outbox in a cluster.
+    assert_eq!(h.s.outbox_len(), 0);
+}
