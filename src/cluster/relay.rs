@@ -434,6 +434,17 @@ impl Relay {
                 bytes,
                 receipts,
             } => self.publish_state(user, bytes, &receipts).await,
+            Msg::ReceiptsResend { shard } => {
+                // Which records that shard held is not known here: every
+                // consumer starts over, and what the shards hold comes as
+                // copies (a receipt held already makes its state go again).
+                log::warn!("cluster relay: shard {shard} restarted, consumers start over");
+                self.receipts.clear();
+                self.count_pending();
+                for (_, task) in self.consumers.drain() {
+                    task.abort();
+                }
+            }
             Msg::ReceiptsTaken { seqs } => {
                 for token in seqs {
                     if let Some((_, acker)) = self.receipts.remove(&token) {

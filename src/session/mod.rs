@@ -613,8 +613,8 @@ impl Sessions {
         self.slots.clear();
         self.users.clear();
         self.copies.clear();
-        // Cluster: their records stay unacked in JetStream (safe: they come
-        // again when the partition's consumer starts over).
+        // Cluster: receipt records taken and not yet answered; the bridge
+        // hears below that they are lost.
         self.bridge_receipts.clear();
         self.guard.clear();
         self.presence.clear();
@@ -660,7 +660,14 @@ impl Sessions {
             };
             self.route(now, env, dst, msg);
         }
-        if !kept_store && self.config.cluster.is_none() {
+        if self.config.cluster.is_some() {
+            // Receipt records taken and not yet written (the crash closed
+            // every connection) or kept in a stored state are lost: the
+            // bridge has JetStream bring them again.
+            let shard = self.id as u16;
+            self.actions
+                .push(Action::Cluster(Msg::ReceiptsResend { shard }));
+        } else if !kept_store {
             // Receipts taken from the rings and not yet written are lost
             // with the crash: every other shard sends its outbox's for
             // users homed here again (this shard's own, its replay does).

@@ -136,7 +136,9 @@ pub enum Msg {
     },
     /// Shard `shard` restarted after a crash and may have lost receipts it
     /// had taken but not yet made durable: the receiving shard sends it
-    /// again every receipt of its outbox for a user homed there.
+    /// again every receipt of its outbox for a user homed there. In a
+    /// cluster, shard to bridge: the receipt records it took and did not
+    /// answer are lost, for JetStream to bring again.
     ReceiptsResend {
         /// The shard that restarted.
         shard: u16,

@@ -520,4 +520,20 @@ fn a_receipt_record_is_acked_when_written_or_once_its_state_is_kept() {
     assert_eq!(taken, [held(14)]);
     // Nothing goes to an outbox in a cluster.
     assert_eq!(h.s.outbox_len(), 0);
+
+    // A shard crash loses what it took and did not answer: the bridge
+    // hears it, to have JetStream bring those records again.
+    h.step(bridge_receipt(user, 15));
+    h.s.reset(h.now, &h.env, true);
+    let (mut actions, mut wire) = (Vec::new(), Vec::new());
+    h.s.take_actions(&mut actions, &mut wire);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Cluster(Msg::ReceiptsResend { shard: 0 }))),
+        "{actions:?}"
+    );
+    taken.clear();
+    h.s.take_bridge_receipts(&mut taken);
+    assert_eq!(taken, []);
 }
