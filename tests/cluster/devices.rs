@@ -240,8 +240,8 @@ fn receipts(c: &mut Client, n: usize) -> Result<Vec<(ReceiptKind, u64, u64)>, Cl
 /// lost with its node (README, issue 11; docs/CLUSTER.md, "What may be
 /// lost"): y, served by b, sends to x on a and goes offline; x's DELIVERED
 /// and READ travel to b as records, b keeps them for y, but publishing y's
-/// state fails (the state stream takes no publish). The state stream comes
-/// back, b stops, a takes the partitions over: y, logging in at a, gets
+/// state fails (the state stream takes no publish). b stops so, the state
+/// stream comes back, a takes the partitions over: y, logging in at a, gets
 /// both receipts.
 #[test]
 fn a_receipt_whose_state_publish_failed_survives_the_node() {
@@ -293,9 +293,10 @@ fn a_receipt_whose_state_publish_failed_survives_the_node() {
     );
     let records = nats.message_records();
 
-    // The state stream is back; b stops, a takes its partitions over.
-    restore_state_stream(&nats, &kept);
+    // b stops with the receipts kept only in its memory; the state stream
+    // comes back before a takes b's partitions over (a lease later).
     drop(b);
+    restore_state_stream(&nats, &kept);
     let all = settle(|| {
         a.info_u64("Cluster_partitions_owned") == u64::from(PARTITIONS)
             && a.info_u64("Cluster_partitions_unowned") == 0
