@@ -3,15 +3,17 @@
 //! sender, last seen and privacy are kept in JetStream and replayed by a
 //! partition's new owner before it serves the partition.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use async_nats::jetstream::stream;
-use tern::cluster::streams::stream_of;
+use async_nats::jetstream::{consumer, stream};
+use tern::cluster::streams::{self, stream_of};
 use tern::cluster::{partition_of, state, ClusterConfig};
-use tern::proto::{Frame, OwnedFrame, PresenceState, ReceiptKind, VERSION_2};
+use tern::proto::{Frame, GroupFrame, OwnedFrame, PresenceState, ReceiptKind, VERSION_2};
 use tern_client::{Client, ClientError};
 
 use super::common::{device_token, expect_receipt, recv_ack, recv_deliver, TestServer};
+use super::groups::{acked, ok, send, Member};
 use super::nats::{free_port, Nats};
 use super::scale::with_jetstream;
 use super::{login_v2, retry_unavailable, settle, settle_halves};
@@ -218,31 +220,67 @@ fn restore_state_stream(nats: &Nats, kept: &stream::Config) {
     });
 }
 
-/// The next `n` RECEIPTs on `c` as (kind, server id, peer), sorted; an
-/// error (a read timeout) if they do not come.
-fn receipts(c: &mut Client, n: usize) -> Result<Vec<(ReceiptKind, u64, u64)>, ClientError> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        if let OwnedFrame::Receipt {
-            kind,
-            server_id,
-            peer,
-        } = c.recv()?
-        {
-            got.push((kind, server_id, peer));
-        }
-    }
-    got.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
-    Ok(got)
+/// Whether b's consumer of partition `p` (16 partitions split 8/8: one
+/// consumer per partition, `p<p>`) has delivered every record of it that
+/// JetStream holds.
+fn all_delivered(nats: &Nats, p: u32) -> bool {
+    with_jetstream(&nats.url(), async |js| {
+        let Ok(stream) = js.get_stream(streams::stream_name(stream_of(p))).await else {
+            return false;
+        };
+        let consumer = stream
+            .get_consumer::<consumer::pull::Config>(&format!("p{p}"))
+            .await;
+        // Missing while the relay recreates it.
+        consumer.is_ok_and(|c| c.cached_info().num_pending == 0)
+    })
 }
 
-/// A receipt consumed from JetStream whose state publish failed is not
-/// lost with its node (README, issue 11; docs/CLUSTER.md, "What may be
-/// lost"): y, served by b, sends to x on a and goes offline; x's DELIVERED
-/// and READ travel to b as records, b keeps them for y, but publishing y's
-/// state fails (the state stream takes no publish). b stops so, the state
-/// stream comes back, a takes the partitions over: y, logging in at a, gets
-/// both receipts.
+/// What reached the sender y at the end: its RECEIPTs, sorted, and its
+/// group receipts.
+type Got = (Vec<(ReceiptKind, u64, u64)>, Vec<(ReceiptKind, u64, u64)>);
+
+/// Frames on `c` until `n` RECEIPTs and `want_group` group receipts came
+/// (copies and events answered DELIVERED); what came if a read fails (a
+/// timeout), with the error.
+fn receipts(
+    c: &mut Client,
+    n: usize,
+    want_group: &HashSet<(ReceiptKind, u64, u64)>,
+) -> Result<Got, (Got, ClientError)> {
+    let mut member = Member::default();
+    let mut got = Vec::new();
+    let sorted = |got: &[(ReceiptKind, u64, u64)], member: &Member| {
+        let mut got = got.to_vec();
+        got.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+        let mut group: Vec<_> = member.receipts.iter().copied().collect();
+        group.sort_by_key(|&(kind, id, peer)| (kind as u8, id, peer));
+        (got, group)
+    };
+    while got.len() < n || !want_group.is_subset(&member.receipts) {
+        match c.recv() {
+            Ok(OwnedFrame::Receipt {
+                kind,
+                server_id,
+                peer,
+            }) => got.push((kind, server_id, peer)),
+            Ok(f) => {
+                member.take(c, &f);
+            }
+            Err(e) => return Err((sorted(&got, &member), e)),
+        }
+    }
+    Ok(sorted(&got, &member))
+}
+
+/// Receipts consumed from JetStream whose state publish failed are not
+/// lost with their node (README, issue 11; docs/CLUSTER.md, "Receipts are
+/// acked only once kept"): y, served by b, sends to x on a, and to a group
+/// of the two, and goes offline; x's DELIVERED and READ of both travel to
+/// b as records, b keeps them for y, but publishing y's state fails (the
+/// state stream takes no publish). b stops so, the state stream comes
+/// back, a takes the partitions over: y, logging in at a, gets every
+/// receipt.
 #[test]
 fn a_receipt_whose_state_publish_failed_survives_the_node() {
     let Some(nats) = Nats::start() else { return };
@@ -251,14 +289,36 @@ fn a_receipt_whose_state_publish_failed_survives_the_node() {
     settle_halves(&a, &b, u64::from(PARTITIONS));
     let (on_a, on_b) = users_by_node(&a, 1);
     let (x, y) = (on_a[0], on_b[0]);
-    let g = stream_of(partition_of(y, PARTITIONS));
+    let p = partition_of(y, PARTITIONS);
 
-    // y's device 1 sends to x, offline, and goes offline too; its state
-    // (the device, its last seen) is kept before the fault.
+    // y's device 1 makes a group with x, sends to x and to the group, and
+    // goes offline; x is offline. y's state (the device, its last seen) is
+    // kept before the fault.
     let mut y1 = login_device(a.addr, y, 1);
     assert_eq!(y1.peer_addr().expect("peer"), b.addr, "y is served by b");
+    let mut my = Member::default();
+    send(&mut y1, GroupFrame::Create { req: 1 });
+    let group = ok(&mut y1, &mut my, 1);
+    send(
+        &mut y1,
+        GroupFrame::Add {
+            req: 2,
+            group,
+            user: x,
+        },
+    );
+    assert_eq!(ok(&mut y1, &mut my, 2), group);
     y1.send_msg(1, x, b"from y").expect("send");
-    let id = recv_ack(&mut y1, 1);
+    let id = acked(&mut y1, &mut my, 1);
+    send(
+        &mut y1,
+        GroupFrame::Send {
+            client_id: 2,
+            group,
+            body: b"to the group",
+        },
+    );
+    let n = acked(&mut y1, &mut my, 2);
     states_kept(&b);
     let handed = b.metric_sum("tern_states_handed_total");
     drop(y1);
@@ -266,30 +326,56 @@ fn a_receipt_whose_state_publish_failed_survives_the_node() {
     // The logout writes y's last seen.
     b.wait_metric("tern_states_handed_total", |n| n > handed);
     states_kept(&b);
+    a.wait_info("Cluster_publishes_in_flight", |n| n == 0);
+    let published = super::publish_count(&a);
 
-    let kept = break_state_stream(&nats, g);
+    let kept = break_state_stream(&nats, stream_of(p));
     let failures = b.info_u64("Cluster_state_publish_failures");
 
-    // x answers; both receipts reach b, which keeps them for y and fails
-    // to publish y's state.
+    // x reads both: four receipt records (DELIVERED and READ, one to one
+    // and group) reach b, which keeps them for y and fails to publish
+    // y's state.
     let mut cx = login_device(a.addr, x, 0);
     assert_eq!(cx.peer_addr().expect("peer"), a.addr, "x is served by a");
-    assert_eq!(recv_deliver(&mut cx).server_id, id);
+    let mut mx = Member::default();
+    let mut delivered = false;
+    while !delivered || mx.messages().is_empty() {
+        match cx.recv().expect("x's copies") {
+            OwnedFrame::Deliver { server_id, .. } => {
+                assert_eq!(server_id, id);
+                delivered = true;
+            }
+            // The group copy answered DELIVERED.
+            f => assert!(mx.take(&mut cx, &f), "x got {f:?}"),
+        }
+    }
+    assert_eq!(mx.messages(), [(n, y, b"to the group".to_vec())]);
     cx.send_delivered(id).expect("delivered");
     cx.send_read(id, y).expect("read");
-    let mut last = (0, 0, 0);
+    send(
+        &mut cx,
+        GroupFrame::Read {
+            group,
+            msg: n,
+            from: y,
+        },
+    );
+    let mut last = (0, 0, 0, 0, false);
     let failed = settle(|| {
         last = (
+            super::publish_count(&a) - published,
             b.metric_sum("tern_receipts_waiting"),
             b.info_u64("Cluster_state_publish_failures"),
             b.info_u64("Cluster_states_in_flight"),
+            all_delivered(&nats, p),
         );
-        last.0 == 2 && last.1 > failures && last.2 == 0
+        last.0 == 4 && last.1 == 4 && last.2 > failures && last.3 == 0 && last.4
     });
     assert!(
         failed,
-        "(receipts waiting, state publish failures, states in flight) on b stayed at {last:?}, \
-         {failures} failures before the fault"
+        "(receipts published by a, receipts waiting on b (a group receipt counts per member), state publish failures on b, states \
+         in flight on b, all delivered to b) stayed at {last:?}, {failures} failures before the \
+         fault"
     );
     let records = nats.message_records();
 
@@ -309,14 +395,14 @@ fn a_receipt_whose_state_publish_failed_survives_the_node() {
         a.addr,
         "y is served by a now"
     );
-    let got = receipts(&mut y1, 2).unwrap_or_else(|e| {
+    let want = [(ReceiptKind::Delivered, id, x), (ReceiptKind::Read, id, x)];
+    let want_group = [(ReceiptKind::Delivered, n, x), (ReceiptKind::Read, n, x)];
+    let got = receipts(&mut y1, 2, &want_group.into()).unwrap_or_else(|(got, e)| {
         panic!(
-            "y got no receipts after b stopped ({e}): they were kept only in b's memory \
-             (records left in the message streams when b failed to keep them: {records:?})"
+            "y got only (receipts, group receipts) {got:?} after b stopped ({e}), not \
+             {want:?}, {want_group:?}: the rest was kept only in b's memory (records left in \
+             the message streams when b failed to keep them: {records:?})"
         )
     });
-    assert_eq!(
-        got,
-        [(ReceiptKind::Delivered, id, x), (ReceiptKind::Read, id, x)]
-    );
+    assert_eq!(got, (want.to_vec(), want_group.to_vec()));
 }

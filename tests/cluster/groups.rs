@@ -39,16 +39,16 @@ type Copy = (u64, Option<(GroupEvent, u64)>, u64, Vec<u8>);
 
 /// What a member has seen of the group: its messages and events in order.
 #[derive(Default)]
-struct Member {
+pub(super) struct Member {
     seen: Vec<Copy>,
     /// Receipts got: (kind, msg, member).
-    receipts: HashSet<(ReceiptKind, u64, u64)>,
+    pub(super) receipts: HashSet<(ReceiptKind, u64, u64)>,
 }
 
 impl Member {
     /// Takes one frame: a copy (answered DELIVERED) or a receipt; false
     /// for anything else.
-    fn take(&mut self, c: &mut Client, f: &OwnedFrame) -> bool {
+    pub(super) fn take(&mut self, c: &mut Client, f: &OwnedFrame) -> bool {
         match f {
             OwnedFrame::Group(GroupFrame::Deliver {
                 server_id,
@@ -103,7 +103,7 @@ impl Member {
     }
 
     /// The numbers of the messages (not events) seen, in order.
-    fn messages(&self) -> Vec<(u64, u64, Vec<u8>)> {
+    pub(super) fn messages(&self) -> Vec<(u64, u64, Vec<u8>)> {
         self.seen
             .iter()
             .filter(|s| s.1.is_none())
@@ -112,18 +112,23 @@ impl Member {
     }
 }
 
-fn send(c: &mut Client, g: GroupFrame<&[u8]>) {
+/// Sends group frame `g`.
+pub(super) fn send(c: &mut Client, g: GroupFrame<&[u8]>) {
     c.send_frame(&Frame::Group(g)).unwrap();
 }
 
-fn ok(c: &mut Client, m: &mut Member, req: u64) -> u64 {
+/// The GROUP_OK answering `req` (copies and receipts before it taken):
+/// its group.
+pub(super) fn ok(c: &mut Client, m: &mut Member, req: u64) -> u64 {
     match m.answer(c) {
         OwnedFrame::Group(GroupFrame::Ok { req: r, group }) if r == req => group,
         other => panic!("expected GROUP_OK({req}), got {other:?}"),
     }
 }
 
-fn acked(c: &mut Client, m: &mut Member, client_id: u64) -> u64 {
+/// The ACK of `client_id` (copies and receipts before it taken): its
+/// server id.
+pub(super) fn acked(c: &mut Client, m: &mut Member, client_id: u64) -> u64 {
     match m.answer(c) {
         OwnedFrame::Ack {
             client_id: id,
