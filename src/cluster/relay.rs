@@ -318,13 +318,9 @@ impl Relay {
                 self.stats.published.inc();
                 self.stats.publishes_in_flight.inc();
                 tokio::spawn(async move {
-                    let result = match published {
-                        Ok(ack) => ack
-                            .await
-                            .map(|a| server_id(partition, a.sequence))
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
+                    let result = acked(published)
+                        .await
+                        .map(|a| server_id(partition, a.sequence));
                     let _ = tx.send(Report::Published {
                         reply,
                         client_id,
@@ -348,21 +344,7 @@ impl Relay {
                     server_id,
                     peer,
                 };
-                let subject = receipt_subject(partition_of(user, self.owners.partitions()));
-                let published = self.js.publish(subject, record.encode().into()).await;
-                let tx = self.tx.clone();
-                self.stats.publishes_in_flight.inc();
-                tokio::spawn(async move {
-                    let result = match published {
-                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let _ = tx.send(Report::ReceiptPublished {
-                        user,
-                        taken,
-                        result,
-                    });
-                });
+                self.publish_receipt(user, record.encode(), taken).await;
             }
             msg @ (Msg::GroupOp { .. } | Msg::GroupSend { .. }) => self.group_request(msg).await,
             // No outbox in a cluster (src, seqs): JetStream carries it.
@@ -498,10 +480,7 @@ impl Relay {
         let stats = self.stats.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let result = match published {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            let result = acked(published).await.map(|_| ());
             match result {
                 Ok(()) => {
                     stats.states_published.inc();
@@ -521,6 +500,24 @@ impl Relay {
                 }
             }
             stats.states_in_flight.sub(1);
+        });
+    }
+
+    /// Publishes a receipt record (`bytes`) for `user`, taken off a shard's
+    /// ring at `taken`, to its partition's receipt subject; a failure is
+    /// counted ([`Report::ReceiptPublished`]).
+    async fn publish_receipt(&mut self, user: u64, bytes: Vec<u8>, taken: Instant) {
+        let subject = receipt_subject(partition_of(user, self.owners.partitions()));
+        let published = self.js.publish(subject, bytes.into()).await;
+        let tx = self.tx.clone();
+        self.stats.publishes_in_flight.inc();
+        tokio::spawn(async move {
+            let result = acked(published).await.map(|_| ());
+            let _ = tx.send(Report::ReceiptPublished {
+                user,
+                taken,
+                result,
+            });
         });
     }
 
@@ -1121,6 +1118,16 @@ async fn consume_once(
         if tx.send(report).is_err() {
             return Ok(());
         }
+    }
+}
+
+/// What became of a publish: JetStream's ack, or why there is none.
+pub(super) async fn acked(
+    published: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+) -> Result<jetstream::publish::PublishAck, String> {
+    match published {
+        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use async_nats::jetstream::{self, kv, message::Acker};
 use futures_util::TryStreamExt;
 
-use super::{unix_ms, Relay, Report};
+use super::{acked, unix_ms, Relay, Report};
 use crate::cluster::group_home::{Answer, Home, Outcome};
 use crate::cluster::groups::{
     copy_for, copy_msg_id, group_id, home_of, reply_subject, state_key, Op, Receipt, Reply,
@@ -19,7 +19,7 @@ use crate::cluster::groups::{
 };
 use crate::cluster::owners::Owner;
 use crate::cluster::partition::partition_of;
-use crate::cluster::streams::{message_subject, receipt_subject};
+use crate::cluster::streams::message_subject;
 use crate::io::ConnId;
 use crate::proto::{ErrorCode, ReceiptKind};
 use crate::shard::{home_shard, ConnRef, GroupAnswer, GroupOp, Msg};
@@ -190,10 +190,7 @@ impl Relay {
         self.stats.publishes_in_flight.inc();
         let taken = std::time::Instant::now();
         tokio::spawn(async move {
-            let result = match published {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            let result = acked(published).await.map(|_| ());
             let _ = tx.send(Report::GroupPublished {
                 reply,
                 id,
@@ -231,7 +228,7 @@ impl Relay {
         msg: u64,
         peers: Vec<u64>,
     ) {
-        let subject = receipt_subject(partition_of(user, self.owners.partitions()));
+        let taken = std::time::Instant::now();
         for chunk in peers.chunks(RECEIPT_PEERS_MAX) {
             let record = Receipt {
                 sender: user,
@@ -240,24 +237,7 @@ impl Relay {
                 msg,
                 peers: chunk.to_vec(),
             };
-            let published = self
-                .js
-                .publish(subject.clone(), record.encode().into())
-                .await;
-            let tx = self.tx.clone();
-            self.stats.publishes_in_flight.inc();
-            let taken = std::time::Instant::now();
-            tokio::spawn(async move {
-                let result = match published {
-                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = tx.send(Report::ReceiptPublished {
-                    user,
-                    taken,
-                    result,
-                });
-            });
+            self.publish_receipt(user, record.encode(), taken).await;
         }
     }
 
