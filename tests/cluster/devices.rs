@@ -9,9 +9,11 @@ use std::net::SocketAddr;
 use async_nats::jetstream::{consumer, stream};
 use tern::cluster::streams::{self, stream_of};
 use tern::cluster::{partition_of, state, ClusterConfig};
+use tern::config::Config;
 use tern::proto::{Frame, GroupFrame, OwnedFrame, PresenceState, ReceiptKind, VERSION_2};
 use tern_client::{Client, ClientError};
 
+use super::common::gateway::Gateway;
 use super::common::{device_token, expect_receipt, recv_ack, recv_deliver, TestServer};
 use super::groups::{acked, ok, send, Member};
 use super::nats::{free_port, Nats};
@@ -23,6 +25,11 @@ const PARTITIONS: u32 = 16;
 /// A reachable node that writes last seen at once (`last_seen_write_s`
 /// 0), so the test need not wait a period for it.
 fn node(nats: &Nats, id: &str) -> TestServer {
+    node_with(nats, id, |_| {})
+}
+
+/// [`node`], changed by `tweak`.
+fn node_with(nats: &Nats, id: &str, tweak: impl FnOnce(&mut Config)) -> TestServer {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let cluster = ClusterConfig {
         node_id: id.into(),
@@ -36,6 +43,7 @@ fn node(nats: &Nats, id: &str) -> TestServer {
         c.listen = addr;
         c.last_seen_write_s = 0;
         c.cluster = Some(cluster);
+        tweak(c);
     })
 }
 
@@ -405,4 +413,51 @@ fn a_receipt_whose_state_publish_failed_survives_the_node() {
         )
     });
     assert_eq!(got, (want.to_vec(), want_group.to_vec()));
+}
+
+/// Push for offline devices works across nodes: a message sent through
+/// node a for a user served by node b, whose registered device is offline,
+/// is queued on b, and b posts the notice (user, device, waiting count,
+/// never the body) to its push gateway; a has nothing to post. The device
+/// then logs in and gets the message.
+#[test]
+fn a_message_from_another_node_wakes_the_offline_device_through_push() {
+    let Some(nats) = Nats::start() else { return };
+    let gateway = Gateway::start();
+    let pushing = |c: &mut Config| {
+        c.push_url = Some(gateway.url());
+        c.push_secret = Some("push-secret-0123456789".into());
+        c.push_retry_backoff_ms = 10;
+    };
+    let a = node_with(&nats, "a", pushing);
+    let b = node_with(&nats, "b", pushing);
+    settle_halves(&a, &b, u64::from(PARTITIONS));
+    let (on_a, on_b) = users_by_node(&a, 1);
+    let (x, y) = (on_a[0], on_b[0]);
+    // y registers devices 0 and 3 (at b, through a's REDIRECT) and both
+    // go offline.
+    drop(login_device(a.addr, y, 0));
+    drop(login_device(a.addr, y, 3));
+    b.wait_info("Users_online", |n| n == 0);
+    let mut cx = login_v2(a.addr, x);
+    cx.send_msg(1, y, b"a secret body").expect("send");
+    let id = recv_ack(&mut cx, 1);
+
+    let mut devices = HashSet::new();
+    while devices.len() < 2 {
+        let r = gateway.next();
+        let body = String::from_utf8(r.body.clone()).expect("UTF-8 JSON");
+        assert!(!body.contains("secret"), "the body leaked: {body}");
+        for (user, device, waiting, _) in r.notices() {
+            assert_eq!((user, waiting), (y, 1), "{body}");
+            devices.insert(device);
+        }
+    }
+    assert_eq!(devices, HashSet::from([0, 3]));
+    assert_eq!(a.info_u64("Push_posts"), 0, "a queued nothing for y");
+
+    let mut y3 = login_device(a.addr, y, 3);
+    assert_eq!(y3.peer_addr().expect("peer"), b.addr, "y is served by b");
+    let m = recv_deliver(&mut y3);
+    assert_eq!((m.server_id, &m.body[..]), (id, &b"a secret body"[..]));
 }
