@@ -6,7 +6,7 @@
 //! The bridge and its relay (and the NATS parts of `streams` and `state`)
 //! are built with the `cluster` feature only (Cargo.toml, on by default);
 //! the plain types the session layer uses are in every build. Without the
-//! feature, [`absent::Bridge`] stands in for the bridge: it cannot be
+//! feature, `absent::Bridge` stands in for the bridge: it cannot be
 //! started, and a `[cluster]` section is refused when the configuration is
 //! validated.
 

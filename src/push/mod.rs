@@ -13,7 +13,7 @@
 //! Messages themselves never depend on a push: they wait in the store.
 //!
 //! The push thread and its HTTP client are built with the `push` feature
-//! only (Cargo.toml, on by default). Without it, [`absent::Pusher`] stands
+//! only (Cargo.toml, on by default). Without it, `absent::Pusher` stands
 //! in: it starts only when no `push_url` is set (and then is `None`), and a
 //! `push_url` is refused when the configuration is validated.
 
