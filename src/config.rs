@@ -837,6 +837,11 @@ impl Config {
         }
         self.validate_push()?;
         if let Some(cluster) = &self.cluster {
+            // A build without the NATS client cannot run the section: refused
+            // here, before anything binds (Cargo.toml, `cluster` feature).
+            if !cfg!(feature = "cluster") {
+                return Err(bad("cluster", crate::cluster::NO_CLUSTER));
+            }
             cluster.validate()?;
         }
         Ok(())
@@ -846,6 +851,10 @@ impl Config {
     /// bad value fails at boot, not when the URL is added.
     fn validate_push(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.push_url {
+            // Likewise without the HTTP client (`push` feature).
+            if !cfg!(feature = "push") {
+                return Err(bad("push_url", crate::push::NO_PUSH));
+            }
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(bad("push_url", "must start with http:// or https://"));
             }
@@ -1184,6 +1193,34 @@ mod tests {
         assert!(e.message.contains("Set shards = 256 or less"), "{e}");
         let e = check_shards_per_port(0, 300, Some(256)).unwrap_err();
         assert!(e.message.contains("one per core, 300 here"), "{e}");
+    }
+
+    /// A build without the network clients (`cargo build
+    /// --no-default-features`) refuses at start what needs them, naming the
+    /// feature; a default build takes the same text.
+    #[test]
+    fn cluster_and_push_url_need_their_features() {
+        let cluster = "[cluster]\nnode_id = \"a\"\nnats_urls = [\"nats://127.0.0.1:4222\"]\n\
+                       public_addr = \"127.0.0.1:5222\"";
+        let result = Config::from_toml(cluster);
+        if cfg!(feature = "cluster") {
+            assert_eq!(result.unwrap().cluster.unwrap().node_id, "a");
+        } else {
+            assert_eq!(
+                result.unwrap_err().to_string(),
+                "`cluster`: this build has no cluster support: rebuild with --features cluster"
+            );
+        }
+        let push = "push_url = \"http://127.0.0.1:8080/push\"\npush_secret = \"0123456789abcdef\"";
+        let result = Config::from_toml(push);
+        if cfg!(feature = "push") {
+            assert!(result.unwrap().push_url.is_some());
+        } else {
+            assert_eq!(
+                result.unwrap_err().to_string(),
+                "`push_url`: this build has no push support: rebuild with --features push"
+            );
+        }
     }
 
     /// The cap is enforced by `validate` on FreeBSD only.

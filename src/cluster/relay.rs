@@ -16,13 +16,13 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::bridge::ClusterStats;
 use super::groups::reply_subject;
 use super::link::BridgeEnds;
 use super::owners::{Owner, Owners, NODES_MAX};
 use super::partition::partition_of;
 use super::presence::{self, Watches};
 use super::state::{self, UserState};
+use super::stats::ClusterStats;
 use super::streams::{
     message_subject, partition_filter, partition_of_subject, receipt_subject, server_id,
     stream_count, stream_filter, stream_name, stream_of, PARTITIONS_PER_STREAM,

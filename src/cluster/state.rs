@@ -21,10 +21,6 @@
 //! seen, not hidden) is still published: it replaces the older one.
 
 use std::collections::HashMap;
-use std::time::Duration;
-
-use async_nats::jetstream::{self, consumer, stream};
-use futures_util::StreamExt;
 
 use super::streams::{stream_of, PARTITIONS_PER_STREAM};
 use crate::store::devices::{self, Dev, Kept, KeptGroup, LANES};
@@ -36,9 +32,6 @@ const VERSION: u8 = 1;
 /// most: the rest (the oldest) are dropped from the durable copy, as a
 /// full receipt list drops them in memory.
 pub const RECEIPTS_MAX: usize = u16::MAX as usize;
-
-/// How long a replay waits for the records JetStream said it holds.
-const REPLAY_WAIT: Duration = Duration::from_secs(10);
 
 /// A user's state, as kept in its state stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -187,7 +180,7 @@ fn partition_filter(p: u32) -> String {
 }
 
 /// The user and partition a state subject names.
-fn parse_subject(subject: &str) -> Option<(u32, u64)> {
+pub fn parse_subject(subject: &str) -> Option<(u32, u64)> {
     let mut parts = subject.split('.');
     match (
         parts.next(),
@@ -203,23 +196,10 @@ fn parse_subject(subject: &str) -> Option<(u32, u64)> {
     }
 }
 
-/// The configuration of state stream `g`: the latest record per subject,
-/// on disk, never expiring.
-pub fn stream_config(g: u32) -> stream::Config {
-    stream::Config {
-        name: stream_name(g),
-        subjects: vec![stream_filter(g)],
-        retention: stream::RetentionPolicy::Limits,
-        max_messages_per_subject: 1,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    }
-}
-
 /// The filters that read the states of `partitions` (sorted): a whole
 /// stream's filter where all its partitions are asked for, else one per
 /// partition.
-fn filters(partitions: &[u32], total: u32) -> Vec<(u32, String)> {
+pub fn filters(partitions: &[u32], total: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < partitions.len() {
@@ -241,73 +221,12 @@ fn filters(partitions: &[u32], total: u32) -> Vec<(u32, String)> {
     out
 }
 
-/// Reads the latest state of every user of `partitions` (of a cluster of
-/// `total`) from the state streams. A record that does not parse is
-/// logged and skipped.
-pub async fn replay(
-    js: &jetstream::Context,
-    partitions: &[u32],
-    total: u32,
-) -> Result<Vec<(u64, UserState)>, async_nats::Error> {
-    let mut sorted = partitions.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out = Vec::new();
-    for (g, filter) in filters(&sorted, total) {
-        let stream = js.get_stream(stream_name(g)).await?;
-        let mut consumer: consumer::PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                filter_subject: filter,
-                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-                ack_policy: consumer::AckPolicy::None,
-                memory_storage: true,
-                num_replicas: 1,
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await?;
-        let read = read_consumer(&mut consumer, &sorted, &mut out, g).await;
-        // Gone by itself after `inactive_threshold`; deleted now so a claim
-        // of many partitions leaves no pile of them on the servers.
-        let name = consumer.cached_info().name.clone();
-        let _ = stream.delete_consumer(&name).await;
-        read?;
-    }
-    Ok(out)
-}
-
-/// Reads every record `consumer` has (the latest per subject) into `out`,
-/// keeping those of `partitions` (sorted) that parse.
-async fn read_consumer(
-    consumer: &mut consumer::PullConsumer,
-    partitions: &[u32],
-    out: &mut Vec<(u64, UserState)>,
-    g: u32,
-) -> Result<(), async_nats::Error> {
-    let mut left = consumer.info().await?.num_pending;
-    if left == 0 {
-        return Ok(());
-    }
-    let mut messages = consumer.messages().await?;
-    while left > 0 {
-        let message = tokio::time::timeout(REPLAY_WAIT, messages.next())
-            .await
-            .map_err(|_| format!("state replay of {}: records missing", stream_name(g)))?
-            .ok_or("state replay: consumer ended")??;
-        left = message.info()?.pending;
-        match parse_subject(&message.subject)
-            .filter(|&(p, _)| partitions.binary_search(&p).is_ok())
-            .and_then(|(_, user)| Some((user, UserState::decode(user, &message.payload)?)))
-        {
-            Some(got) => out.push(got),
-            None => log::warn!(
-                "cluster: state record on {} not understood, skipped",
-                message.subject
-            ),
-        }
-    }
-    Ok(())
-}
+// The state streams on NATS: their configuration and the replay, the
+// bridge's part, built with the `cluster` feature only (Cargo.toml).
+#[cfg(feature = "cluster")]
+mod replay;
+#[cfg(feature = "cluster")]
+pub use replay::{replay, stream_config};
 
 #[cfg(test)]
 mod tests {

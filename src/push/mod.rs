@@ -11,8 +11,17 @@
 //! HMAC-SHA256 (`wire.rs`), and retries a failed POST with a doubling
 //! backoff up to `push_retries_max` times before dropping it (counted).
 //! Messages themselves never depend on a push: they wait in the store.
+//!
+//! The push thread and its HTTP client are built with the `push` feature
+//! only (Cargo.toml, on by default). Without it, `absent::Pusher` stands
+//! in: it starts only when no `push_url` is set (and then is `None`), and a
+//! `push_url` is refused when the configuration is validated.
 
+#[cfg(not(feature = "push"))]
+pub mod absent;
+#[cfg(feature = "push")]
 mod gateway;
+#[cfg(feature = "push")]
 mod table;
 mod wire;
 
@@ -20,8 +29,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
+#[cfg(not(feature = "push"))]
+pub use absent::Pusher;
+#[cfg(feature = "push")]
 pub use gateway::Pusher;
 pub use wire::{body_json, signature, SIGNATURE_HEADER};
+
+/// Why a build without the `push` feature refuses a `push_url`.
+pub const NO_PUSH: &str = "this build has no push support: rebuild with --features push";
 
 /// What a POST says about one device: the messages waiting for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
