@@ -191,6 +191,54 @@ fn a_shard_that_cannot_reopen_its_store_makes_the_server_give_up() {
     fault::clear(&data.display().to_string());
 }
 
+/// A shard whose device log cannot be opened again after a crash (the disk
+/// that crashed it still failing) is restarted within the restart intensity
+/// and then given up, with the reason, as one whose message store cannot
+/// be: the reopen's error is an error, not a panic outside the supervisor
+/// (found by the simulator, seed 7247: the panic took the shard's thread).
+#[test]
+fn a_shard_that_cannot_reopen_its_device_log_makes_the_server_give_up() {
+    let (_, y) = cross_pair();
+    let srv = TestServer::start_with(|c| {
+        c.shard_restarts_max = 2;
+        c.shard_restart_backoff_ms = 10;
+    });
+    let data = data_dir(&srv);
+    let log = format!("{}/shard-1/devices.rec", data.display());
+    let fail = |op, times, errno| Rule {
+        path_contains: log.clone(),
+        op,
+        skip: 0,
+        times,
+        errno,
+    };
+    // The shard opens its device log once running (an empty one is
+    // written anew through `devices.rec.new`).
+    assert!(wait_for(|| Path::new(&log).exists()), "no device log");
+    // Shard 1's next device log write fills the disk half way and cannot be
+    // cut back, so the log must be written anew, which fails from now on:
+    // the shard crashes, and each reopen finds a torn log it cannot write
+    // anew either.
+    fault::inject(fail(Op::Write, 1, libc::ENOSPC));
+    fault::inject(fail(Op::Truncate, u32::MAX, libc::EIO));
+    fault::inject(fail(Op::Create, u32::MAX, libc::EIO));
+    // y's device registers and goes offline: a device log record on shard 1.
+    drop(
+        Client::login_version(srv.addr, &device_token(y, 1), tern::proto::VERSION_2)
+            .expect("login"),
+    );
+    assert!(
+        wait_for(|| srv.server().fatal().is_some()),
+        "the server never gave up"
+    );
+    let reason = srv.server().fatal().unwrap();
+    assert!(reason.contains("shard 1"), "{reason}");
+    assert!(reason.contains("open device log"), "{reason}");
+    assert!(reason.contains("shard_restarts_max"), "{reason}");
+    assert!(srv.query("show shards").contains("down"));
+    fault::clear(&data.display().to_string());
+}
+
 #[test]
 fn the_binary_exits_70_when_a_shard_gives_up() {
     let dir = tempfile::tempdir().unwrap();

@@ -97,6 +97,25 @@ fn main() -> ExitCode {
     // Faults injected over all seeds: crashes, shard restarts, resets,
     // ENOSPC, EIO (writes and fsyncs), torn files, flipped bytes, repairs.
     let mut injected = [0u64; 8];
+    // The command that runs `seed` again with these options.
+    let replay = |seed: u64| {
+        format!(
+            "replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}{}",
+            args.shards,
+            args.clients,
+            args.traffic_s,
+            args.drain_s,
+            if args.delivers_max > 0 {
+                format!(" --delivers-max {}", args.delivers_max)
+            } else {
+                String::new()
+            },
+            args.plant
+                .as_deref()
+                .map(|p| format!(" --plant {p}"))
+                .unwrap_or_default()
+        )
+    };
     for i in 0..count {
         if limit.is_some_and(|l| started.elapsed() >= l) {
             break;
@@ -111,8 +130,28 @@ fn main() -> ExitCode {
             delivers_max: args.delivers_max,
             ..Options::new(seed)
         };
-        let report = sim::run(&opts);
         ran += 1;
+        // A panic that escapes the run (not a shard's, which its simulated
+        // supervisor restarts) fails the seed with its message: the hook
+        // above keeps every panic quiet.
+        let report =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim::run(&opts))) {
+                Ok(report) => report,
+                Err(panic) => {
+                    failed += 1;
+                    let text = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".into());
+                    println!("seed {seed} FAILED: a panic escaped the simulation: {text}");
+                    println!("{}", replay(seed));
+                    if !args.keep_going {
+                        break;
+                    }
+                    continue;
+                }
+            };
         client_s += f64::from(report.clients) * report.sim_time.as_secs_f64();
         cpu += report.cpu;
         let d = report.disk;
@@ -131,22 +170,7 @@ fn main() -> ExitCode {
         if report.failure.is_some() {
             failed += 1;
             println!("{report}");
-            println!(
-                "replay: tern-sim --seed {seed} --shards {} --clients {} --traffic-s {} --drain-s {}{}{}",
-                args.shards,
-                args.clients,
-                args.traffic_s,
-                args.drain_s,
-                if args.delivers_max > 0 {
-                    format!(" --delivers-max {}", args.delivers_max)
-                } else {
-                    String::new()
-                },
-                args.plant
-                    .as_deref()
-                    .map(|p| format!(" --plant {p}"))
-                    .unwrap_or_default()
-            );
+            println!("{}", replay(seed));
             if !args.keep_going {
                 break;
             }

@@ -73,22 +73,26 @@ impl DeviceWriter {
 
     /// Replays the log again after a crash (the store was reopened): what
     /// the crashed iteration changed and did not write is gone, as from
-    /// the message log.
-    pub(super) fn reopen(&mut self, config: &Config, id: usize, sessions: &mut Sessions) {
+    /// the message log. An error (the disk that crashed the shard may
+    /// still fail) leaves everything as it was, for the supervisor to try
+    /// again within the restart intensity.
+    pub(super) fn reopen(
+        &mut self,
+        config: &Config,
+        id: usize,
+        sessions: &mut Sessions,
+    ) -> std::io::Result<()> {
         if self.log.is_none() {
-            return;
+            return Ok(());
         }
         let durability = config.store_durability();
         let dir = shard_dir(&config.data_dir, id);
-        match DeviceLog::open(&dir, durability == Durability::Fsync) {
-            Ok((log, state)) => {
-                sessions.restore_devices(state);
-                self.log = Some(log);
-                // What the crash kept back is as lost as the staged batch.
-                self.records.clear();
-            }
-            Err(e) => panic!("device log in {} not reopened: {e}", dir.display()),
-        }
+        let (log, state) = DeviceLog::open(&dir, durability == Durability::Fsync)?;
+        sessions.restore_devices(state);
+        self.log = Some(log);
+        // What the crash kept back is as lost as the staged batch.
+        self.records.clear();
+        Ok(())
     }
 
     /// Gives back what a burst grew the record buffers to.

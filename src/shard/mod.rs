@@ -462,7 +462,12 @@ impl Shard {
             let store = open_store(&self.config, self.id, self.clock.clone())?;
             self.sessions.replace_store(store);
             self.devices
-                .reopen(&self.config, self.id, &mut self.sessions);
+                .reopen(&self.config, self.id, &mut self.sessions)
+                .map_err(|source| StoreError::Io {
+                    path: shard_dir(&self.config.data_dir, self.id),
+                    op: "open device log",
+                    source,
+                })?;
         }
         self.groups
             .reopen(&self.config, self.id, &mut self.sessions)
