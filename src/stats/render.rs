@@ -331,7 +331,7 @@ fn cluster_gauges(view: &StatsView) -> Vec<(&'static str, &'static str, u64)> {
         ),
         (
             "Cluster_pending_acks",
-            "Messages handed to recipients on this node and not yet DELIVERED (JetStream ack waiting).",
+            "Records handed to this node's shards whose JetStream ack waits: messages not yet DELIVERED, receipts not yet written to every device of their user or kept in a stored user state.",
             c.pending_acks.get(),
         ),
         (
